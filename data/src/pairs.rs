@@ -1,0 +1,361 @@
+//! Preference-pair files (JSON lines): text pairs `{"prompt","chosen","rejected"}`
+//! and pre-tokenized pairs `{"prompt_ids","chosen_ids","rejected_ids"}` (TRL's
+//! column names). A file is validated whole before anything uses it; the first bad
+//! line is reported as `file:line: reason`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::tokenizer::TextTokenizer;
+
+/// Which pair format a file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PairFormat {
+    /// Decided by the keys of the first record; every record must agree.
+    #[default]
+    Auto,
+    Text,
+    Tokens,
+}
+
+impl FromStr for PairFormat {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(PairFormat::Auto),
+            "text" => Ok(PairFormat::Text),
+            "tokens" | "pretokenized" => Ok(PairFormat::Tokens),
+            other => Err(format!(
+                "unknown pair format {other:?} (expected auto, text or tokens)"
+            )),
+        }
+    }
+}
+
+/// One preference pair as it appears in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pair {
+    Text {
+        prompt: String,
+        chosen: String,
+        rejected: String,
+    },
+    Tokens {
+        prompt: Vec<u32>,
+        chosen: Vec<u32>,
+        rejected: Vec<u32>,
+    },
+}
+
+/// A value with the 1-based line it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record<T> {
+    pub line: usize,
+    pub value: T,
+}
+
+/// A pair as token ids, ready for the model: `prompt ++ chosen` and
+/// `prompt ++ rejected` are the two sequences; only response tokens are scored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenizedPair {
+    pub line: usize,
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+}
+
+fn line_err(path: &Path, line: usize, reason: impl Into<String>) -> Error {
+    Error::Line {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.into(),
+    }
+}
+
+fn detect(obj: &Map<String, Value>) -> std::result::Result<PairFormat, String> {
+    if obj.contains_key("prompt_ids") || obj.contains_key("chosen_ids") {
+        return Ok(PairFormat::Tokens);
+    }
+    match obj.get("prompt") {
+        Some(Value::String(_)) => Ok(PairFormat::Text),
+        Some(Value::Array(_)) => Err(
+            "conversational pairs (lists of {role, content} messages) are not supported here yet; \
+             render them to text first"
+                .into(),
+        ),
+        Some(other) => Err(format!("\"prompt\" must be a string, found {}", kind(other))),
+        None => Err(
+            "not a preference pair: expected keys prompt/chosen/rejected or \
+             prompt_ids/chosen_ids/rejected_ids"
+                .into(),
+        ),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn text_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<String, String> {
+    match obj.get(key) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("\"{key}\" must be a string, found {}", kind(other))),
+        None => Err(format!("missing key \"{key}\"")),
+    }
+}
+
+fn ids_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<Vec<u32>, String> {
+    let list = match obj.get(key) {
+        Some(Value::Array(a)) => a,
+        Some(other) => return Err(format!("\"{key}\" must be a list of token ids, found {}", kind(other))),
+        None => return Err(format!("missing key \"{key}\"")),
+    };
+    list.iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(|| format!("\"{key}\"[{i}] is not a token id (found {v})"))
+        })
+        .collect()
+}
+
+fn parse_pair(obj: &Map<String, Value>, format: PairFormat) -> std::result::Result<Pair, String> {
+    Ok(match format {
+        PairFormat::Tokens => Pair::Tokens {
+            prompt: ids_field(obj, "prompt_ids")?,
+            chosen: ids_field(obj, "chosen_ids")?,
+            rejected: ids_field(obj, "rejected_ids")?,
+        },
+        PairFormat::Text | PairFormat::Auto => Pair::Text {
+            prompt: text_field(obj, "prompt")?,
+            chosen: text_field(obj, "chosen")?,
+            rejected: text_field(obj, "rejected")?,
+        },
+    })
+}
+
+/// Reads every pair of a JSON-lines file. Blank lines are skipped; any other line
+/// that is not a valid pair of the file's format fails the whole read.
+pub fn read_pairs(path: &Path, format: PairFormat) -> Result<Vec<Record<Pair>>> {
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut format = format;
+    let mut format_line = 0usize;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => line_err(path, n, "not valid UTF-8"),
+            _ => io(e),
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(&line)
+            .map_err(|e| line_err(path, n, format!("invalid JSON: {e}")))?;
+        let Value::Object(obj) = value else {
+            return Err(line_err(path, n, format!("expected a JSON object, found {}", kind(&value))));
+        };
+        let detected = detect(&obj).map_err(|r| line_err(path, n, r))?;
+        match format {
+            PairFormat::Auto => {
+                format = detected;
+                format_line = n;
+            }
+            f if f != detected => {
+                let what = |f: PairFormat| match f {
+                    PairFormat::Tokens => "pre-tokenized",
+                    _ => "text",
+                };
+                let since = if format_line > 0 {
+                    format!(" like line {format_line}")
+                } else {
+                    " as requested".to_string()
+                };
+                return Err(line_err(
+                    path,
+                    n,
+                    format!("expected a {} pair{since}, found a {} pair", what(f), what(detected)),
+                ));
+            }
+            _ => {}
+        }
+        let pair = parse_pair(&obj, format).map_err(|r| line_err(path, n, r))?;
+        out.push(Record { line: n, value: pair });
+    }
+    if out.is_empty() {
+        return Err(Error::File {
+            path: path.to_path_buf(),
+            reason: "no pairs in file".into(),
+        });
+    }
+    Ok(out)
+}
+
+/// Turns pairs into token ids. Text pairs need `tokenizer`; pre-tokenized pairs are
+/// used exactly as given. Every pair must end with a non-empty prompt (the first
+/// response token needs a position to be predicted from) and non-empty responses.
+pub fn tokenize_pairs(
+    path: &Path,
+    records: Vec<Record<Pair>>,
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<Vec<TokenizedPair>> {
+    let path: PathBuf = path.to_path_buf();
+    records
+        .into_iter()
+        .map(|Record { line, value }| {
+            let (prompt, chosen, rejected) = match value {
+                Pair::Tokens {
+                    prompt,
+                    chosen,
+                    rejected,
+                } => (prompt, chosen, rejected),
+                Pair::Text {
+                    prompt,
+                    chosen,
+                    rejected,
+                } => {
+                    let tok = tokenizer.ok_or_else(|| {
+                        line_err(&path, line, "a text pair needs a tokenizer")
+                    })?;
+                    let at_line = |e: Error| line_err(&path, line, e.to_string());
+                    (
+                        tok.encode_prompt(&prompt).map_err(at_line)?,
+                        tok.encode_response(&chosen).map_err(at_line)?,
+                        tok.encode_response(&rejected).map_err(at_line)?,
+                    )
+                }
+            };
+            if prompt.is_empty() {
+                return Err(line_err(
+                    &path,
+                    line,
+                    "the prompt has no tokens, so the first response token has nothing to be predicted from",
+                ));
+            }
+            for (name, ids) in [("chosen", &chosen), ("rejected", &rejected)] {
+                if ids.is_empty() {
+                    return Err(line_err(&path, line, format!("the {name} response has no tokens")));
+                }
+            }
+            Ok(TokenizedPair {
+                line,
+                prompt,
+                chosen,
+                rejected,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(lines: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(lines.as_bytes()).expect("write");
+        f
+    }
+
+    fn err(lines: &str, format: PairFormat) -> String {
+        let f = file(lines);
+        let e = read_pairs(f.path(), format).expect_err("must fail").to_string();
+        let prefix = format!("{}:", f.path().display());
+        assert!(e.starts_with(&prefix), "error names the file: {e}");
+        e[prefix.len()..].to_string()
+    }
+
+    #[test]
+    fn reads_both_formats_and_skips_blank_lines() {
+        let f = file("{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\",\"extra\":1}\n\n{\"prompt\":\"d\",\"chosen\":\"e\",\"rejected\":\"f\"}\n");
+        let pairs = read_pairs(f.path(), PairFormat::Auto).expect("valid");
+        assert_eq!(pairs.len(), 2);
+        assert_eq!(pairs[1].line, 3);
+        assert_eq!(
+            pairs[1].value,
+            Pair::Text {
+                prompt: "d".into(),
+                chosen: "e".into(),
+                rejected: "f".into()
+            }
+        );
+        let f = file("{\"prompt_ids\":[1,2],\"chosen_ids\":[3],\"rejected_ids\":[4,5]}\n");
+        let pairs = read_pairs(f.path(), PairFormat::Auto).expect("valid");
+        assert_eq!(
+            pairs[0].value,
+            Pair::Tokens {
+                prompt: vec![1, 2],
+                chosen: vec![3],
+                rejected: vec![4, 5]
+            }
+        );
+    }
+
+    #[test]
+    fn bad_lines_name_line_and_reason() {
+        let ok = "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n";
+        assert_eq!(
+            err(&format!("{ok}{{\"prompt\": \"a\", \"chosen\": \n"), PairFormat::Auto)
+                .split(" at ")
+                .next(),
+            Some("2: invalid JSON: EOF while parsing a value")
+        );
+        assert_eq!(
+            err(&format!("{ok}{ok}{{\"prompt\":\"a\",\"chosen\":\"b\"}}\n"), PairFormat::Auto),
+            "3: missing key \"rejected\""
+        );
+        assert_eq!(
+            err(&format!("{ok}{{\"prompt\":\"a\",\"chosen\":7,\"rejected\":\"c\"}}\n"), PairFormat::Auto),
+            "2: \"chosen\" must be a string, found a number"
+        );
+        assert_eq!(
+            err(&format!("{ok}{{\"prompt_ids\":[1],\"chosen_ids\":[2],\"rejected_ids\":[3]}}\n"), PairFormat::Auto),
+            "2: expected a text pair like line 1, found a pre-tokenized pair"
+        );
+        assert_eq!(
+            err("{\"prompt_ids\":[1],\"chosen_ids\":[2,-1],\"rejected_ids\":[3]}\n", PairFormat::Auto),
+            "1: \"chosen_ids\"[1] is not a token id (found -1)"
+        );
+        assert_eq!(err("[1,2]\n", PairFormat::Auto), "1: expected a JSON object, found a list");
+        assert_eq!(
+            err(ok, PairFormat::Tokens),
+            "1: expected a pre-tokenized pair as requested, found a text pair"
+        );
+        assert!(err("{\"prompt\":[{\"role\":\"user\",\"content\":\"x\"}]}\n", PairFormat::Auto)
+            .starts_with("1: conversational pairs"));
+    }
+
+    #[test]
+    fn empty_file_and_empty_responses_are_rejected() {
+        let f = file("\n\n");
+        let e = read_pairs(f.path(), PairFormat::Auto).expect_err("empty").to_string();
+        assert!(e.ends_with("no pairs in file"), "{e}");
+
+        let f = file("{\"prompt_ids\":[1],\"chosen_ids\":[],\"rejected_ids\":[3]}\n");
+        let pairs = read_pairs(f.path(), PairFormat::Auto).expect("parses");
+        let e = tokenize_pairs(f.path(), pairs, None).expect_err("empty chosen").to_string();
+        assert!(e.ends_with(":1: the chosen response has no tokens"), "{e}");
+
+        let f = file("{\"prompt_ids\":[],\"chosen_ids\":[2],\"rejected_ids\":[3]}\n");
+        let pairs = read_pairs(f.path(), PairFormat::Auto).expect("parses");
+        let e = tokenize_pairs(f.path(), pairs, None).expect_err("empty prompt").to_string();
+        assert!(e.contains(":1: the prompt has no tokens"), "{e}");
+    }
+}

@@ -1,0 +1,147 @@
+//! The model's tokenizer (`tokenizer.json`) with the special-token rules of
+//! `tokenizer_config.json`, applied the way TRL builds preference sequences:
+//! prompt and response are tokenized separately without special tokens, the prompt
+//! gets BOS once when the tokenizer asks for it, every response gets EOS.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// A tokenizer plus the special tokens sequences are built with.
+#[derive(Debug, Clone)]
+pub struct TextTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    bos_id: Option<u32>,
+    eos_id: Option<u32>,
+    add_bos: bool,
+}
+
+/// `"<s>"` or `{"content": "<s>", ...}` as tokenizer configs spell special tokens.
+fn special_token(config: &Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(Error::File {
+                path,
+                reason: "not found (text datasets need the model's tokenizer.json)".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::File {
+            path: path.clone(),
+            reason: format!("cannot load tokenizer: {e}"),
+        })?;
+        let config_path = dir.join("tokenizer_config.json");
+        let config: Value = if config_path.exists() {
+            let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+                path: config_path.clone(),
+                source,
+            })?;
+            serde_json::from_str(&text).map_err(|e| Error::File {
+                path: config_path.clone(),
+                reason: format!("invalid JSON: {e}"),
+            })?
+        } else {
+            Value::Null
+        };
+        let id_of = |key: &str| -> Result<Option<u32>> {
+            let Some(token) = special_token(&config, key) else {
+                return Ok(None);
+            };
+            inner.token_to_id(&token).map(Some).ok_or_else(|| Error::File {
+                path: config_path.clone(),
+                reason: format!("{key} {token:?} is not in the vocabulary of {}", path.display()),
+            })
+        };
+        let bos_id = id_of("bos_token")?;
+        let eos_id = id_of("eos_token")?;
+        let add_bos = match config.get("add_bos_token").and_then(Value::as_bool) {
+            Some(flag) => flag && bos_id.is_some(),
+            // No explicit flag (Llama 3 style): BOS is wanted when the tokenizer's own
+            // post-processor puts it in front of a sequence.
+            None => match bos_id {
+                Some(bos) => inner
+                    .encode("a", true)
+                    .map(|e| e.get_ids().first() == Some(&bos))
+                    .unwrap_or(false),
+                None => false,
+            },
+        };
+        tracing::debug!(path = %path.display(), ?bos_id, ?eos_id, add_bos, "loaded tokenizer");
+        Ok(TextTokenizer {
+            inner,
+            path,
+            bos_id,
+            eos_id,
+            add_bos,
+        })
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_id
+    }
+
+    /// Whether prompts get a BOS token in front.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
+    /// Size of the vocabulary including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Token ids of `text` with no special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::File {
+                path: self.path.clone(),
+                reason: format!("tokenization failed: {e}"),
+            })
+    }
+
+    /// A prompt: BOS once (if the tokenizer asks for it and the text does not
+    /// already start with it), then the text.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.encode(text)?;
+        match self.bos_id {
+            Some(bos) if self.add_bos && ids.first() != Some(&bos) => {
+                let mut with_bos = Vec::with_capacity(ids.len() + 1);
+                with_bos.push(bos);
+                with_bos.extend(ids);
+                Ok(with_bos)
+            }
+            _ => Ok(ids),
+        }
+    }
+
+    /// A response: the text, then EOS.
+    pub fn encode_response(&self, text: &str) -> Result<Vec<u32>> {
+        let eos = self.eos_id.ok_or_else(|| Error::File {
+            path: self.path.clone(),
+            reason: "the tokenizer has no eos_token, so a text response cannot be terminated \
+                     (set eos_token in tokenizer_config.json)"
+                .into(),
+        })?;
+        let mut ids = self.encode(text)?;
+        ids.push(eos);
+        Ok(ids)
+    }
+}

@@ -1,0 +1,36 @@
+//! dpo-cluster's worker: the Llama-family causal LM on libtorch, per-sequence
+//! log-probabilities, and the `score` pipeline. Training and cluster membership
+//! build on these.
+
+pub mod error;
+pub mod logps;
+pub mod model;
+pub mod score;
+
+pub use error::{Error, Result};
+
+use tch::{Device, Kind};
+
+/// Parses a dtype name as run specs and flags spell it.
+pub fn parse_kind(s: &str) -> std::result::Result<Kind, String> {
+    match s {
+        "f32" | "float32" => Ok(Kind::Float),
+        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
+        "f16" | "float16" => Ok(Kind::Half),
+        other => Err(format!("unknown dtype {other:?} (expected f32, bf16 or f16)")),
+    }
+}
+
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
+    match s {
+        "auto" => Ok(Device::cuda_if_available()),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device {other:?} (expected auto, cpu, cuda or cuda:N)")),
+    }
+}

@@ -1,0 +1,322 @@
+//! Hugging Face checkpoints: `model.safetensors`, or shards listed by
+//! `model.safetensors.index.json`, read into a [`CausalLm`] and written back in the
+//! same layout, bit for bit.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde_json::Value;
+use tch::{Device, Kind, Tensor};
+
+use super::config::ModelConfig;
+use super::llama::CausalLm;
+use crate::error::{Error, Result, TorchContext, io_err};
+
+const INDEX: &str = "model.safetensors.index.json";
+const SINGLE: &str = "model.safetensors";
+
+/// Files besides the weights that a checkpoint directory carries along.
+const SIDE_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+/// Loads `dir` (config, then weights) as dtype `kind` on `device`.
+pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
+    let config = ModelConfig::from_dir(dir)?;
+    let model = CausalLm::new(config, kind, device)?;
+    load_weights(&model, dir)?;
+    Ok(model)
+}
+
+/// The weight files of a checkpoint directory, in a stable order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join(INDEX);
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let json: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: index.clone(),
+            source,
+        })?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| Error::Config {
+                path: index.clone(),
+                reason: "missing object weight_map".into(),
+            })?;
+        let mut files = Vec::new();
+        let mut seen = HashSet::new();
+        for (name, file) in map {
+            let file = file.as_str().ok_or_else(|| Error::Config {
+                path: index.clone(),
+                reason: format!("weight_map.{name} must be a file name"),
+            })?;
+            if file.contains('/') || file.contains("..") {
+                return Err(Error::Config {
+                    path: index.clone(),
+                    reason: format!("weight_map.{name}: {file:?} is not a file in the checkpoint directory"),
+                });
+            }
+            if seen.insert(file.to_string()) {
+                files.push(dir.join(file));
+            }
+        }
+        files.sort();
+        return Ok(files);
+    }
+    let single = dir.join(SINGLE);
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    Err(Error::Config {
+        path: dir.to_path_buf(),
+        reason: format!("no {SINGLE} or {INDEX} in this directory"),
+    })
+}
+
+fn kind_of(dtype: Dtype) -> Option<Kind> {
+    Some(match dtype {
+        Dtype::F32 => Kind::Float,
+        Dtype::F16 => Kind::Half,
+        Dtype::BF16 => Kind::BFloat16,
+        Dtype::F64 => Kind::Double,
+        _ => return None,
+    })
+}
+
+fn dtype_of(kind: Kind) -> Option<Dtype> {
+    Some(match kind {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        _ => return None,
+    })
+}
+
+/// Copies every tensor of the checkpoint in `dir` into the model's parameters,
+/// converting dtypes. Every parameter must be present with its exact shape, and
+/// every tensor in the files must be a parameter (stale rotary buffers and a tied
+/// `lm_head.weight` excepted, as transformers does).
+pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
+    let params = model.var_store().variables();
+    let model_type = model.config().architecture.name();
+    let mut loaded: HashSet<String> = HashSet::new();
+    let _guard = tch::no_grad_guard();
+    for path in weight_files(dir)? {
+        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+        let file = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        for (name, view) in file.iter() {
+            let Some(param) = params.get(name) else {
+                let ignorable = name.ends_with("rotary_emb.inv_freq")
+                    || (name == "lm_head.weight" && model.config().tie_word_embeddings);
+                if ignorable {
+                    continue;
+                }
+                return Err(Error::UnexpectedTensor {
+                    path: path.clone(),
+                    name: name.to_string(),
+                    model_type: model_type.to_string(),
+                });
+            };
+            let found: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let expected = param.size();
+            if found != expected {
+                return Err(Error::TensorShape {
+                    path: path.clone(),
+                    name: name.to_string(),
+                    expected,
+                    found,
+                });
+            }
+            let kind = kind_of(view.dtype()).ok_or_else(|| Error::Safetensors {
+                path: path.clone(),
+                reason: format!("tensor {name}: unsupported dtype {:?}", view.dtype()),
+            })?;
+            let src = Tensor::f_from_data_size(view.data(), &found, kind).op("reading tensor")?;
+            let mut dst = param.shallow_clone();
+            dst.f_copy_(&src).op("copying tensor into parameter")?;
+            loaded.insert(name.to_string());
+        }
+    }
+    let mut missing: Vec<&String> = params.keys().filter(|k| !loaded.contains(*k)).collect();
+    missing.sort();
+    if let Some(name) = missing.first() {
+        return Err(Error::MissingTensor {
+            dir: dir.to_path_buf(),
+            name: (*name).clone(),
+        });
+    }
+    tracing::debug!(dir = %dir.display(), tensors = loaded.len(), "loaded checkpoint");
+    Ok(())
+}
+
+/// A tensor's bytes, ready for serialisation.
+struct Bytes {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Bytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn tensor_bytes(name: &str, t: &Tensor) -> Result<Bytes> {
+    let kind = t.f_kind().op("saving: dtype")?;
+    let dtype = dtype_of(kind).ok_or_else(|| Error::Input {
+        context: format!("saving {name}"),
+        reason: format!("dtype {kind:?} cannot be written"),
+    })?;
+    let t = t
+        .f_detach()
+        .and_then(|t| t.f_to_device(Device::Cpu))
+        .and_then(|t| t.f_contiguous())
+        .op("saving: copy to host")?;
+    let numel = t.numel();
+    let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
+    t.f_copy_data_u8(&mut data, numel).op("saving: read tensor bytes")?;
+    Ok(Bytes {
+        dtype,
+        shape: t.size().iter().map(|&d| d as usize).collect(),
+        data,
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory,
+/// fsynced, then renamed over `path`: a crash leaves the old file or the new one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
+}
+
+fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Half => "float16",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Double => "float64",
+        _ => "float32",
+    }
+}
+
+/// Saves the model to `dir` in Hugging Face format: `config.json` (with the saved
+/// dtype), weights as one `model.safetensors` or, past `max_shard_bytes`, numbered
+/// shards with an index; the tokenizer files of `source_dir` are copied along.
+pub fn save(model: &CausalLm, dir: &Path, source_dir: Option<&Path>, max_shard_bytes: u64) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let vars = model.var_store().variables();
+    let mut tensors: BTreeMap<String, Bytes> = BTreeMap::new();
+    for (name, t) in &vars {
+        tensors.insert(name.clone(), tensor_bytes(name, t)?);
+    }
+    let total: u64 = tensors.values().map(|b| b.data.len() as u64).sum();
+
+    // Greedy sharding in name order, as transformers does it.
+    let mut shards: Vec<Vec<&str>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (name, b) in &tensors {
+        let size = b.data.len() as u64;
+        let last = shards.last().map_or(0, Vec::len);
+        if last > 0 && current + size > max_shard_bytes {
+            shards.push(Vec::new());
+            current = 0;
+        }
+        current += size;
+        if let Some(shard) = shards.last_mut() {
+            shard.push(name);
+        }
+    }
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, names) in shards.iter().enumerate() {
+        let file_name = if n == 1 {
+            SINGLE.to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
+        };
+        let views = names.iter().map(|name| (*name, &tensors[*name]));
+        let path = dir.join(&file_name);
+        let bytes = safetensors::tensor::serialize(views, metadata.clone()).map_err(|e| {
+            Error::Safetensors {
+                path: path.clone(),
+                reason: e.to_string(),
+            }
+        })?;
+        write_atomically(&path, &bytes)?;
+        for name in names {
+            weight_map.insert(name.to_string(), Value::String(file_name.clone()));
+        }
+    }
+    let stale_index = dir.join(INDEX);
+    if n > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": total},
+            "weight_map": weight_map,
+        });
+        write_json(&stale_index, &index)?;
+    } else if stale_index.exists() {
+        std::fs::remove_file(&stale_index).map_err(io_err(&stale_index))?;
+    }
+
+    let mut config = model.config().raw.clone();
+    if let Some(obj) = config.as_object_mut() {
+        let name = Value::String(dtype_name(model.kind()).to_string());
+        let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+        obj.insert(key.to_string(), name);
+    }
+    write_json(&dir.join("config.json"), &config)?;
+
+    if let Some(src) = source_dir {
+        for name in SIDE_FILES {
+            let from = src.join(name);
+            if from.exists() && src != dir {
+                let bytes = std::fs::read(&from).map_err(io_err(&from))?;
+                write_atomically(&dir.join(name), &bytes)?;
+            }
+        }
+    }
+    tracing::info!(dir = %dir.display(), shards = n, bytes = total, "saved checkpoint");
+    Ok(())
+}
+
+fn write_json(path: &Path, value: &Value) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.push('\n');
+    write_atomically(path, text.as_bytes())
+}

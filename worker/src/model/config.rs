@@ -1,0 +1,444 @@
+//! `config.json` of a Llama-family checkpoint, read as transformers writes it.
+//!
+//! Both spellings of the rotary settings are accepted: the classic `rope_theta` +
+//! `rope_scaling` (with `type` or `rope_type`) and transformers 5's `rope_parameters`.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result, io_err};
+
+/// The architectures this crate implements. They share one decoder; they differ in
+/// defaults (biases, windows) that `config.json` spells out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Architecture {
+    pub fn name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        }
+    }
+}
+
+/// How rotary frequencies are rescaled for long context.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Position interpolation: every frequency divided by `factor`.
+    Linear { factor: f64 },
+    /// Llama 3.1's wavelength-dependent rescaling.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+}
+
+/// A validated model configuration.
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    pub head_dim: i64,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: i64,
+    pub tie_word_embeddings: bool,
+    /// Bias on q, k and v projections (Qwen2, or Llama's `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on the output projection (Llama's `attention_bias` covers it too).
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// Per layer: `Some(w)` when that layer attends to the last `w` positions only.
+    pub sliding_windows: Vec<Option<i64>>,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_ids: Vec<i64>,
+    /// The parsed `config.json`, kept so a saved checkpoint carries every key.
+    pub raw: Value,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: Option<i64>,
+    hidden_size: Option<i64>,
+    intermediate_size: Option<i64>,
+    num_hidden_layers: Option<i64>,
+    num_attention_heads: Option<i64>,
+    num_key_value_heads: Option<i64>,
+    head_dim: Option<i64>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<i64>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    hidden_act: Option<String>,
+    sliding_window: Option<i64>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<i64>,
+    layer_types: Option<Vec<String>>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+}
+
+impl ModelConfig {
+    /// Reads and validates `dir/config.json`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        Self::from_json(&text, &path)
+    }
+
+    /// Parses a `config.json` body; `path` is only used in error messages.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let raw_value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let raw: RawConfig =
+            serde_json::from_value(raw_value.clone()).map_err(|e| Error::Config {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let bad = |reason: String| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let model_type = raw
+            .model_type
+            .clone()
+            .ok_or_else(|| bad("missing key model_type".into()))?;
+        let architecture = match model_type.as_str() {
+            "llama" => Architecture::Llama,
+            "mistral" => Architecture::Mistral,
+            "qwen2" => Architecture::Qwen2,
+            _ => {
+                return Err(Error::UnsupportedModel {
+                    path: path.to_path_buf(),
+                    model_type,
+                });
+            }
+        };
+        let need = |v: Option<i64>, key: &str| -> Result<i64> {
+            match v {
+                Some(v) if v > 0 => Ok(v),
+                Some(v) => Err(bad(format!("{key} must be positive, found {v}"))),
+                None => Err(bad(format!("missing key {key}"))),
+            }
+        };
+        let vocab_size = need(raw.vocab_size, "vocab_size")?;
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let intermediate_size = need(raw.intermediate_size, "intermediate_size")?;
+        let num_hidden_layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_key_value_heads = need(
+            raw.num_key_value_heads.or(Some(num_attention_heads)),
+            "num_key_value_heads",
+        )?;
+        if num_attention_heads % num_key_value_heads != 0 {
+            return Err(bad(format!(
+                "num_attention_heads ({num_attention_heads}) is not a multiple of \
+                 num_key_value_heads ({num_key_value_heads})"
+            )));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => need(Some(d), "head_dim")?,
+            None if hidden_size % num_attention_heads == 0 => hidden_size / num_attention_heads,
+            None => {
+                return Err(bad(format!(
+                    "hidden_size ({hidden_size}) is not a multiple of num_attention_heads \
+                     ({num_attention_heads}) and head_dim is not given"
+                )));
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(bad(format!(
+                "head_dim must be even for rotary embeddings, found {head_dim}"
+            )));
+        }
+        if let Some(act) = raw.hidden_act.as_deref()
+            && act != "silu"
+        {
+            return Err(bad(format!(
+                "hidden_act {act:?} is not supported (only silu)"
+            )));
+        }
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps > 0.0) {
+            return Err(bad(format!(
+                "rms_norm_eps must be positive, found {rms_norm_eps}"
+            )));
+        }
+
+        let (rope_theta, rope_scaling) =
+            parse_rope(raw.rope_theta, raw.rope_scaling.clone(), raw.rope_parameters.clone()).map_err(bad)?;
+
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (qkv_bias, o_bias) = match architecture {
+            // Qwen2 always has q/k/v biases and never an output bias.
+            Architecture::Qwen2 => (true, false),
+            Architecture::Llama | Architecture::Mistral => (attention_bias, attention_bias),
+        };
+        let sliding_windows = sliding_windows(architecture, &raw, num_hidden_layers).map_err(bad)?;
+
+        Ok(ModelConfig {
+            architecture,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            rms_norm_eps,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias,
+            o_bias,
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            sliding_windows,
+            bos_token_id: raw.bos_token_id.as_ref().and_then(Value::as_i64),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            raw: raw_value,
+        })
+    }
+
+    /// Number of parameters, counting a tied embedding once.
+    pub fn num_parameters(&self) -> i64 {
+        let h = self.hidden_size;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let q = self.num_attention_heads * self.head_dim;
+        let attn = h * q + 2 * h * kv + q * h
+            + if self.qkv_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { h } else { 0 };
+        let mlp = 3 * h * self.intermediate_size
+            + if self.mlp_bias {
+                2 * self.intermediate_size + h
+            } else {
+                0
+            };
+        let layer = attn + mlp + 2 * h;
+        let embed = self.vocab_size * h;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        embed + self.num_hidden_layers * layer + h + head
+    }
+}
+
+fn token_ids(v: Option<&Value>) -> Vec<i64> {
+    match v {
+        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_i64).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_rope(
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+) -> std::result::Result<(f64, RopeScaling), String> {
+    // transformers 5 folds rope_theta into rope_parameters; older files keep them apart.
+    let (params, key) = match (rope_parameters, rope_scaling) {
+        (Some(p @ Value::Object(_)), _) => (Some(p), "rope_parameters"),
+        (_, Some(s @ Value::Object(_))) => (Some(s), "rope_scaling"),
+        (_, Some(Value::Null)) | (_, None) => (None, "rope_scaling"),
+        (Some(Value::Null), _) => (None, "rope_parameters"),
+        (Some(other), _) | (None, Some(other)) => {
+            return Err(format!("rope settings must be an object, found {other}"));
+        }
+    };
+    let get = |name: &str| params.as_ref().and_then(|p| p.get(name));
+    let num = |name: &str| -> std::result::Result<Option<f64>, String> {
+        match get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| format!("{key}.{name} must be a number, found {v}")),
+        }
+    };
+    let theta = num("rope_theta")?.or(rope_theta).unwrap_or(10000.0);
+    if !(theta > 0.0) {
+        return Err(format!("rope_theta must be positive, found {theta}"));
+    }
+    let kind = get("rope_type")
+        .or_else(|| get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let factor = || -> std::result::Result<f64, String> {
+        match num("factor")? {
+            Some(f) if f > 0.0 => Ok(f),
+            Some(f) => Err(format!("{key}.factor must be positive, found {f}")),
+            None => Err(format!("{key}.factor is required for rope_type {kind:?}")),
+        }
+    };
+    let scaling = match kind {
+        "default" => RopeScaling::None,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "llama3" => {
+            let field = |name: &str| -> std::result::Result<f64, String> {
+                num(name)?.ok_or_else(|| format!("{key}.{name} is required for rope_type llama3"))
+            };
+            let low = field("low_freq_factor")?;
+            let high = field("high_freq_factor")?;
+            if !(high > low) {
+                return Err(format!(
+                    "{key}: high_freq_factor ({high}) must exceed low_freq_factor ({low})"
+                ));
+            }
+            RopeScaling::Llama3 {
+                factor: factor()?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: field("original_max_position_embeddings")?,
+            }
+        }
+        other => {
+            return Err(format!(
+                "{key}: rope_type {other:?} is not supported (default, linear, llama3)"
+            ));
+        }
+    };
+    Ok((theta, scaling))
+}
+
+fn sliding_windows(
+    arch: Architecture,
+    raw: &RawConfig,
+    layers: i64,
+) -> std::result::Result<Vec<Option<i64>>, String> {
+    let n = layers as usize;
+    if let Some(types) = &raw.layer_types {
+        if types.len() != n {
+            return Err(format!(
+                "layer_types has {} entries, num_hidden_layers is {layers}",
+                types.len()
+            ));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                "full_attention" => Ok(None),
+                "sliding_attention" => raw
+                    .sliding_window
+                    .map(Some)
+                    .ok_or_else(|| "layer_types names sliding_attention but sliding_window is null".to_string()),
+                other => Err(format!("layer_types: unsupported layer type {other:?}")),
+            })
+            .collect();
+    }
+    Ok(match arch {
+        Architecture::Mistral => vec![raw.sliding_window; n],
+        Architecture::Qwen2 if raw.use_sliding_window.unwrap_or(false) => {
+            // Older Qwen2 configs: layers from max_window_layers on use the window.
+            let first = raw.max_window_layers.unwrap_or(layers);
+            (0..layers)
+                .map(|i| if i >= first { raw.sliding_window } else { None })
+                .collect()
+        }
+        Architecture::Qwen2 | Architecture::Llama => vec![None; n],
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json(json, Path::new("m/config.json"))
+    }
+
+    const BASE: &str = r#""vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 2"#;
+
+    #[test]
+    fn legacy_and_v5_rope_spellings_agree() {
+        let legacy = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "rope_theta": 500000.0,
+            "rope_scaling": {{"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}}}"#
+        ))
+        .expect("legacy config parses");
+        let v5 = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "rope_parameters": {{"rope_type": "llama3",
+            "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}}}"#
+        ))
+        .expect("v5 config parses");
+        assert_eq!(legacy.rope_theta, 500000.0);
+        assert_eq!(legacy.rope_theta, v5.rope_theta);
+        assert_eq!(legacy.rope_scaling, v5.rope_scaling);
+        assert!(matches!(legacy.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        assert_eq!(legacy.num_key_value_heads, 2, "defaults to the head count");
+        assert_eq!(legacy.head_dim, 4);
+    }
+
+    #[test]
+    fn unsupported_model_type_is_named() {
+        let err = parse(&format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("m/config.json") && msg.contains("\"gpt2\""), "{msg}");
+    }
+
+    #[test]
+    fn missing_and_bad_keys_are_named() {
+        let msg = parse(r#"{"model_type": "llama", "vocab_size": 10}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("missing key hidden_size"), "{msg}");
+        let msg = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "num_key_value_heads": 3}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("not a multiple of num_key_value_heads"), "{msg}");
+        let msg = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "rope_scaling": {{"type": "yarn", "factor": 4.0}}}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(msg.contains("\"yarn\" is not supported"), "{msg}");
+        let msg = parse("{not json").unwrap_err().to_string();
+        assert!(msg.starts_with("m/config.json: invalid JSON"), "{msg}");
+    }
+
+    #[test]
+    fn qwen2_has_qkv_bias_and_layer_windows() {
+        let c = parse(&format!(
+            r#"{{"model_type": "qwen2", {BASE}, "sliding_window": 4,
+            "layer_types": ["full_attention", "sliding_attention"]}}"#
+        ))
+        .expect("qwen2 parses");
+        assert!(c.qkv_bias && !c.o_bias);
+        assert_eq!(c.sliding_windows, vec![None, Some(4)]);
+    }
+
+    #[test]
+    fn parameter_count_matches_hand_count() {
+        let c = parse(&format!(r#"{{"model_type": "llama", {BASE}, "tie_word_embeddings": true}}"#))
+            .expect("parses");
+        // embed 80 + 2 layers * (attn 4*64 + mlp 3*128 + norms 16) + final norm 8
+        assert_eq!(c.num_parameters(), 80 + 2 * (256 + 384 + 16) + 8);
+    }
+}

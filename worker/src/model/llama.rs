@@ -1,0 +1,370 @@
+//! The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5) on libtorch.
+//!
+//! One implementation serves the three: they differ only in what `config.json`
+//! declares (biases, tied embeddings, sliding windows). Parameter paths equal the
+//! safetensors names (`model.layers.0.self_attn.q_proj.weight`), so checkpoints load
+//! and save without renaming. Activations follow transformers' dtype conventions
+//! (RMSNorm in f32, RoPE angles in f32) so that results agree with it.
+
+use tch::nn::{Path, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use super::config::ModelConfig;
+use super::rope::{self, Rope};
+use crate::error::{Result, TorchContext};
+
+type TchResult<T> = std::result::Result<T, tch::TchError>;
+
+/// Registers a parameter of the given shape (zero-filled until a checkpoint is loaded).
+fn param(p: &Path, name: &str, dims: &[i64], kind: Kind) -> TchResult<Tensor> {
+    let t = Tensor::f_zeros(dims, (kind, p.device()))?;
+    Ok(p.add(name, t, true))
+}
+
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(p: Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> TchResult<Self> {
+        Ok(Linear {
+            weight: param(&p, "weight", &[out_dim, in_dim], kind)?,
+            bias: if bias {
+                Some(param(&p, "bias", &[out_dim], kind)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
+        xs.f_linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(p: Path, dim: i64, eps: f64, kind: Kind) -> TchResult<Self> {
+        Ok(RmsNorm {
+            weight: param(&p, "weight", &[dim], kind)?,
+            eps,
+        })
+    }
+
+    /// Normalises in f32 and casts back before scaling, as transformers does.
+    fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
+        let kind = xs.f_kind()?;
+        let x = xs.f_to_kind(Kind::Float)?;
+        let variance = x.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
+        let normed = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        self.weight.f_mul(&normed.f_to_kind(kind)?)
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: i64,
+    num_kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn new(p: Path, cfg: &ModelConfig, kind: Kind) -> TchResult<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let q_dim = cfg.num_attention_heads * d;
+        let kv_dim = cfg.num_key_value_heads * d;
+        Ok(Attention {
+            q_proj: Linear::new(&p / "q_proj", h, q_dim, cfg.qkv_bias, kind)?,
+            k_proj: Linear::new(&p / "k_proj", h, kv_dim, cfg.qkv_bias, kind)?,
+            v_proj: Linear::new(&p / "v_proj", h, kv_dim, cfg.qkv_bias, kind)?,
+            o_proj: Linear::new(&p / "o_proj", q_dim, h, cfg.o_bias, kind)?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+        let (b, l, _) = xs.size3().op("attention: input shape")?;
+        let heads = |t: TchResult<Tensor>, n: i64| -> TchResult<Tensor> {
+            t?.f_view([b, l, n, self.head_dim])?.f_transpose(1, 2)
+        };
+        let q = heads(self.q_proj.forward(xs), self.num_heads).op("attention: q")?;
+        let k = heads(self.k_proj.forward(xs), self.num_kv_heads).op("attention: k")?;
+        let v = heads(self.v_proj.forward(xs), self.num_kv_heads).op("attention: v")?;
+        let q = rope::apply(&q, cos, sin)?;
+        let k = rope::apply(&k, cos, sin)?;
+        let n_rep = self.num_heads / self.num_kv_heads;
+        let repeat = |t: Tensor| -> TchResult<Tensor> {
+            if n_rep == 1 {
+                return Ok(t);
+            }
+            t.f_unsqueeze(2)?
+                .f_expand([b, self.num_kv_heads, n_rep, l, self.head_dim], false)?
+                .f_reshape([b, self.num_heads, l, self.head_dim])
+        };
+        let k = repeat(k).op("attention: repeat kv")?;
+        let v = repeat(v).op("attention: repeat kv")?;
+        let out = match mask {
+            AttentionMask::Causal => Tensor::f_scaled_dot_product_attention(
+                &q, &k, &v, None::<&Tensor>, 0.0, true, None, false,
+            ),
+            AttentionMask::Explicit(m) => Tensor::f_scaled_dot_product_attention(
+                &q, &k, &v, Some(m), 0.0, false, None, false,
+            ),
+        }
+        .op("attention: scaled_dot_product_attention")?;
+        let out = out
+            .f_transpose(1, 2)
+            .and_then(|t| t.f_reshape([b, l, self.num_heads * self.head_dim]))
+            .op("attention: merge heads")?;
+        self.o_proj.forward(&out).op("attention: o_proj")
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(p: Path, cfg: &ModelConfig, kind: Kind) -> TchResult<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Mlp {
+            gate_proj: Linear::new(&p / "gate_proj", h, i, bias, kind)?,
+            up_proj: Linear::new(&p / "up_proj", h, i, bias, kind)?,
+            down_proj: Linear::new(&p / "down_proj", i, h, bias, kind)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
+        let gate = self.gate_proj.forward(xs)?.f_silu()?;
+        self.down_proj.forward(&gate.f_mul(&self.up_proj.forward(xs)?)?)
+    }
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+    sliding_window: Option<i64>,
+}
+
+impl DecoderLayer {
+    fn new(p: Path, cfg: &ModelConfig, index: usize, kind: Kind) -> TchResult<Self> {
+        Ok(DecoderLayer {
+            self_attn: Attention::new(&p / "self_attn", cfg, kind)?,
+            mlp: Mlp::new(&p / "mlp", cfg, kind)?,
+            input_layernorm: RmsNorm::new(&p / "input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, kind)?,
+            post_attention_layernorm: RmsNorm::new(
+                &p / "post_attention_layernorm",
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                kind,
+            )?,
+            sliding_window: cfg.sliding_windows.get(index).copied().flatten(),
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, masks: &Masks) -> Result<Tensor> {
+        let mask = match self.sliding_window {
+            Some(_) => &masks.windowed,
+            None => &masks.full,
+        };
+        let normed = self.input_layernorm.forward(xs).op("input_layernorm")?;
+        let h = xs
+            .f_add(&self.self_attn.forward(&normed, cos, sin, mask)?)
+            .op("attention residual")?;
+        let normed = self.post_attention_layernorm.forward(&h).op("post_attention_layernorm")?;
+        h.f_add(&self.mlp.forward(&normed).op("mlp")?).op("mlp residual")
+    }
+}
+
+/// What each query position may attend to.
+#[derive(Debug)]
+enum AttentionMask {
+    /// Plain causal attention over an unpadded batch: SDPA's `is_causal` fast path.
+    Causal,
+    /// Boolean `[batch, 1, seq, seq]`, true where attention is allowed.
+    Explicit(Tensor),
+}
+
+#[derive(Debug)]
+struct Masks {
+    full: AttentionMask,
+    windowed: AttentionMask,
+}
+
+/// A causal language model of the Llama family.
+#[derive(Debug)]
+pub struct CausalLm {
+    config: ModelConfig,
+    kind: Kind,
+    vs: VarStore,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rope: Rope,
+}
+
+impl CausalLm {
+    /// Builds the model with zero-filled parameters of dtype `kind` on `device`;
+    /// `checkpoint::load` fills them.
+    pub fn new(config: ModelConfig, kind: Kind, device: Device) -> Result<Self> {
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let build = || -> TchResult<(Tensor, Vec<DecoderLayer>, RmsNorm, Tensor)> {
+            let model = &root / "model";
+            let embed_tokens = param(
+                &(&model / "embed_tokens"),
+                "weight",
+                &[config.vocab_size, config.hidden_size],
+                kind,
+            )?;
+            let layers = (0..config.num_hidden_layers as usize)
+                .map(|i| DecoderLayer::new(&model / "layers" / i, &config, i, kind))
+                .collect::<TchResult<Vec<_>>>()?;
+            let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps, kind)?;
+            let lm_head = if config.tie_word_embeddings {
+                embed_tokens.shallow_clone()
+            } else {
+                param(
+                    &(&root / "lm_head"),
+                    "weight",
+                    &[config.vocab_size, config.hidden_size],
+                    kind,
+                )?
+            };
+            Ok((embed_tokens, layers, norm, lm_head))
+        };
+        let (embed_tokens, layers, norm, lm_head) = build().op("allocating parameters")?;
+        let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling, device)?;
+        Ok(CausalLm {
+            config,
+            kind,
+            vs,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    pub fn var_store_mut(&mut self) -> &mut VarStore {
+        &mut self.vs
+    }
+
+    /// Logits `[batch, seq, vocab]` in the model's dtype.
+    ///
+    /// `attention_mask` (`[batch, seq]`, 1 = token, 0 = padding) may pad on either side;
+    /// positions count real tokens only, as transformers derives them for padded
+    /// batches. Without a mask every token is real.
+    pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let hidden = self.hidden_states(input_ids, attention_mask)?;
+        hidden.f_linear(&self.lm_head, None::<&Tensor>).op("lm_head")
+    }
+
+    /// Final hidden states `[batch, seq, hidden]` (after the last norm).
+    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, l) = input_ids.size2().op("forward: input_ids must be [batch, seq]")?;
+        let device = self.device();
+        let positions = match attention_mask {
+            Some(m) => m
+                .f_to_kind(Kind::Int64)
+                .and_then(|m| m.f_cumsum(-1, Kind::Int64))
+                .and_then(|c| c.f_sub_scalar(1))
+                .and_then(|c| c.f_clamp_min(0))
+                .op("forward: positions")?,
+            None => Tensor::f_arange(l, (Kind::Int64, device))
+                .and_then(|p| p.f_unsqueeze(0))
+                .and_then(|p| p.f_expand([b, l], false))
+                .op("forward: positions")?,
+        };
+        let masks = self.masks(b, l, attention_mask).op("forward: attention mask")?;
+        let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
+        let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)
+            .op("embed_tokens")?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &cos, &sin, &masks)?;
+        }
+        self.norm.forward(&xs).op("norm")
+    }
+
+    fn masks(&self, b: i64, l: i64, attention_mask: Option<&Tensor>) -> TchResult<Masks> {
+        let window = self
+            .config
+            .sliding_windows
+            .iter()
+            .flatten()
+            .copied()
+            .min()
+            .filter(|&w| w < l);
+        if attention_mask.is_none() && window.is_none() {
+            return Ok(Masks {
+                full: AttentionMask::Causal,
+                windowed: AttentionMask::Causal,
+            });
+        }
+        let device = self.device();
+        let idx = Tensor::f_arange(l, (Kind::Int64, device))?;
+        let q = idx.f_view([l, 1])?;
+        let k = idx.f_view([1, l])?;
+        let causal = k.f_le_tensor(&q)?;
+        let full = match attention_mask {
+            Some(m) => {
+                let keys = m.f_to_kind(Kind::Bool)?.f_view([b, 1, 1, l])?;
+                // A query may always see itself, so padding rows never become fully
+                // masked (which would turn their outputs, and gradients, into NaN).
+                causal
+                    .f_logical_and(&keys)?
+                    .f_logical_or(&Tensor::f_eye(l, (Kind::Bool, device))?)?
+            }
+            None => causal.f_view([1, 1, l, l])?.f_expand([b, 1, l, l], false)?,
+        };
+        let windowed = match window {
+            Some(w) => {
+                // Key j is visible from query i when i - j < w (transformers' convention).
+                let recent = q.f_sub(&k)?.f_lt(w)?;
+                AttentionMask::Explicit(full.f_logical_and(&recent)?)
+            }
+            None => AttentionMask::Explicit(full.shallow_clone()),
+        };
+        Ok(Masks {
+            full: AttentionMask::Explicit(full),
+            windowed,
+        })
+    }
+}
