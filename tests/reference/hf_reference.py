@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Independent reference numbers for dpo-cluster's tests, computed with transformers.
+
+    hf_reference.py fixtures OUT   build the tiny test checkpoints and their references
+    hf_reference.py logits MODEL INPUTS OUT
+                                   logits of each sequence in INPUTS (a safetensors file
+                                   with input_ids.N tensors), one sequence at a time
+
+Log-probabilities follow TRL's conventions: prompt and response tokenized separately,
+the prompt with the tokenizer's own special tokens (BOS where configured), the
+response without, plus EOS; the sum of log p(token) over response tokens, one pair at
+a time with no padding. Nothing here shares code with the Rust implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from types import SimpleNamespace
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "examples"))
+import tiny_model  # noqa: E402
+
+# name -> tiny_model arguments
+FIXTURES = {
+    # Llama 3 style: llama3 rope scaling, GQA, classic config spelling, sharded weights.
+    "llama": dict(arch="llama", rope_scaling="llama3", legacy_config=True, shard_size="40KB"),
+    # A second Llama with other weights and the same tokenizer: the reference model.
+    "llama-ref": dict(arch="llama", seed=1),
+    # Qwen2: q/k/v biases, tied embeddings, no BOS, transformers 5 config spelling.
+    "qwen2": dict(arch="qwen2", tie=True),
+    # Mistral: multi-query attention and a sliding window shorter than the inputs.
+    "mistral": dict(arch="mistral", kv_heads=1, sliding_window=6, rope_scaling="linear"),
+    # bf16 weights, attention biases, tied embeddings.
+    "llama-bf16": dict(arch="llama", dtype="bfloat16", attention_bias=True, tie=True, seed=2),
+}
+
+SEQ_LENGTHS = [7, 13, 20]
+
+
+def fixture_args(out: str, overrides: dict) -> SimpleNamespace:
+    args = tiny_model.parser().parse_args(["--out", out])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def load(model_dir: str, dtype=torch.float32):
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def logits_of(model, sequences: list[list[int]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, ids in enumerate(sequences):
+        x = torch.tensor([ids], dtype=torch.long)
+        out[f"logits.{i}"] = model(input_ids=x).logits[0].contiguous()
+    return out
+
+
+@torch.no_grad()
+def response_logps(model, prompt: list[int], response: list[int]) -> float:
+    ids = torch.tensor([prompt + response], dtype=torch.long)
+    logits = model(input_ids=ids).logits[0, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    targets = ids[0, 1:]
+    per_token = logp.gather(-1, targets[:, None])[:, 0]
+    return float(per_token[len(prompt) - 1 :].sum())
+
+
+def text_pairs(rng: random.Random, n: int) -> list[dict]:
+    words = tiny_model.WORDS
+    pairs = []
+    for i in range(n):
+        sentence = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+        pairs.append(
+            {
+                "prompt": f"question {i}: {sentence(rng.randint(1, 6))}?",
+                "chosen": " " + sentence(rng.randint(1, 5)),
+                "rejected": " " + sentence(rng.randint(1, 7)) + "!",
+                "source": "synthetic",  # extra columns are ignored
+            }
+        )
+    pairs.append({"prompt": "a", "chosen": "", "rejected": " 1 + 1 = 3"})  # empty text response: EOS only
+    return pairs
+
+
+def token_pairs(rng: random.Random, n: int, vocab: int) -> list[dict]:
+    ids = lambda k: [rng.randrange(vocab) for _ in range(k)]  # noqa: E731
+    return [
+        {"prompt_ids": ids(rng.randint(1, 9)), "chosen_ids": ids(rng.randint(1, 8)), "rejected_ids": ids(rng.randint(1, 8))}
+        for _ in range(n)
+    ]
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def fixtures(out: str) -> None:
+    os.makedirs(os.path.join(out, "ref"), exist_ok=True)
+    rng = random.Random(1234)
+    for name, overrides in FIXTURES.items():
+        tiny_model.make_model(fixture_args(os.path.join(out, name), overrides))
+
+    vocab = transformers.AutoConfig.from_pretrained(os.path.join(out, "llama")).vocab_size
+    sequences = [[rng.randrange(vocab) for _ in range(n)] for n in SEQ_LENGTHS]
+    inputs = {f"input_ids.{i}": torch.tensor(s, dtype=torch.long) for i, s in enumerate(sequences)}
+    save_file(inputs, os.path.join(out, "ref", "inputs.safetensors"))
+
+    write_jsonl(os.path.join(out, "pairs_text.jsonl"), text_pairs(rng, 10))
+    write_jsonl(os.path.join(out, "pairs_tokens.jsonl"), token_pairs(rng, 12, vocab))
+
+    for name, overrides in FIXTURES.items():
+        model_dir = os.path.join(out, name)
+        dtype = torch.bfloat16 if overrides.get("dtype") == "bfloat16" else torch.float32
+        model = load(model_dir, dtype)
+        save_file(logits_of(model, sequences), os.path.join(out, "ref", f"{name}.logits.safetensors"))
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+        for kind in ("text", "tokens"):
+            rows = []
+            with open(os.path.join(out, f"pairs_{kind}.jsonl")) as f:
+                for line in f:
+                    pair = json.loads(line)
+                    if kind == "text":
+                        prompt = tok(pair["prompt"])["input_ids"]
+                        chosen = tok(pair["chosen"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                        rejected = tok(pair["rejected"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                    else:
+                        prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
+                    rows.append(
+                        {
+                            "prompt_ids": prompt,
+                            "chosen_logps": response_logps(model, prompt, chosen),
+                            "rejected_logps": response_logps(model, prompt, rejected),
+                            "chosen_tokens": len(chosen),
+                            "rejected_tokens": len(rejected),
+                        }
+                    )
+            write_jsonl(os.path.join(out, "ref", f"{name}.{kind}.jsonl"), rows)
+
+
+def logits(model_dir: str, inputs: str, out: str) -> None:
+    tensors = load_file(inputs)
+    sequences = [tensors[f"input_ids.{i}"].tolist() for i in range(len(tensors))]
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    dtype = getattr(config, "dtype", None) or torch.float32
+    save_file(logits_of(load(model_dir, dtype), sequences), out)
+
+
+if __name__ == "__main__":
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    command, *rest = sys.argv[1:] or ["help"]
+    if command == "fixtures" and len(rest) == 1:
+        fixtures(rest[0])
+    elif command == "logits" and len(rest) == 3:
+        logits(*rest)
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,84 @@
+//! Shared set-up for the worker's integration tests: the Python interpreter of the
+//! test venv and the tiny checkpoints (with transformers' reference outputs) that
+//! `tests/reference/hf_reference.py` builds.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("worker/ has a parent")
+        .to_path_buf()
+}
+
+/// The venv python with torch and transformers (set up by `scripts/setup.sh`).
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("DPO_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let home = std::env::var_os("HOME").expect("HOME is set");
+            PathBuf::from(home).join(".cache/dpo-cluster/venv/bin/python")
+        });
+    assert!(
+        path.exists(),
+        "{} not found: run `make test` (or scripts/setup.sh) to create the test venv",
+        path.display()
+    );
+    path
+}
+
+/// Runs the reference script; panics with its stderr on failure.
+pub fn reference(args: &[&str]) {
+    let script = repo_root().join("tests/reference/hf_reference.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .args(args)
+        .output()
+        .expect("python starts");
+    assert!(
+        out.status.success(),
+        "hf_reference.py {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The fixture directory, built once per test binary.
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "hf-fixtures-{}",
+            std::env::current_exe()
+                .ok()
+                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .unwrap_or_default()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        reference(&["fixtures", dir.to_str().expect("utf-8 path")]);
+        dir
+    })
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    fixtures().join(name)
+}
+
+/// A fresh temporary directory under the target dir.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("dpo-test-")
+        .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
+        .expect("temp dir")
+}
+
+pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("valid JSON line"))
+        .collect()
+}
