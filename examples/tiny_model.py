@@ -79,6 +79,9 @@ def train_tokenizer(arch: str, vocab_size: int, out: str) -> int:
 def build_config(arch: str, vocab: int, args, tok_ids: dict):
     import transformers
 
+    # Like many real checkpoints, the embedding may be larger than the tokenizer.
+    vocab = max(vocab, args.model_vocab or 0)
+
     common = dict(
         vocab_size=vocab,
         hidden_size=args.hidden,
@@ -156,6 +159,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--arch", choices=sorted(ARCH_TOKENS), default="llama")
     p.add_argument("--vocab", type=int, default=384, help="BPE vocabulary size to train")
+    p.add_argument("--model-vocab", type=int, default=None, help="pad the embedding to this many rows")
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--intermediate", type=int, default=160)
     p.add_argument("--layers", type=int, default=2)

@@ -87,7 +87,10 @@ fn detect(obj: &Map<String, Value>) -> std::result::Result<PairFormat, String> {
              render them to text first"
                 .into(),
         ),
-        Some(other) => Err(format!("\"prompt\" must be a string, found {}", kind(other))),
+        Some(other) => Err(format!(
+            "\"prompt\" must be a string, found {}",
+            kind(other)
+        )),
         None => Err(
             "not a preference pair: expected keys prompt/chosen/rejected or \
              prompt_ids/chosen_ids/rejected_ids"
@@ -118,7 +121,12 @@ fn text_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<String
 fn ids_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<Vec<u32>, String> {
     let list = match obj.get(key) {
         Some(Value::Array(a)) => a,
-        Some(other) => return Err(format!("\"{key}\" must be a list of token ids, found {}", kind(other))),
+        Some(other) => {
+            return Err(format!(
+                "\"{key}\" must be a list of token ids, found {}",
+                kind(other)
+            ));
+        }
         None => return Err(format!("missing key \"{key}\"")),
     };
     list.iter()
@@ -169,7 +177,11 @@ pub fn read_pairs(path: &Path, format: PairFormat) -> Result<Vec<Record<Pair>>> 
         let value: Value = serde_json::from_str(&line)
             .map_err(|e| line_err(path, n, format!("invalid JSON: {e}")))?;
         let Value::Object(obj) = value else {
-            return Err(line_err(path, n, format!("expected a JSON object, found {}", kind(&value))));
+            return Err(line_err(
+                path,
+                n,
+                format!("expected a JSON object, found {}", kind(&value)),
+            ));
         };
         let detected = detect(&obj).map_err(|r| line_err(path, n, r))?;
         match format {
@@ -190,13 +202,20 @@ pub fn read_pairs(path: &Path, format: PairFormat) -> Result<Vec<Record<Pair>>> 
                 return Err(line_err(
                     path,
                     n,
-                    format!("expected a {} pair{since}, found a {} pair", what(f), what(detected)),
+                    format!(
+                        "expected a {} pair{since}, found a {} pair",
+                        what(f),
+                        what(detected)
+                    ),
                 ));
             }
             _ => {}
         }
         let pair = parse_pair(&obj, format).map_err(|r| line_err(path, n, r))?;
-        out.push(Record { line: n, value: pair });
+        out.push(Record {
+            line: n,
+            value: pair,
+        });
     }
     if out.is_empty() {
         return Err(Error::File {
@@ -276,7 +295,9 @@ mod tests {
 
     fn err(lines: &str, format: PairFormat) -> String {
         let f = file(lines);
-        let e = read_pairs(f.path(), format).expect_err("must fail").to_string();
+        let e = read_pairs(f.path(), format)
+            .expect_err("must fail")
+            .to_string();
         let prefix = format!("{}:", f.path().display());
         assert!(e.starts_with(&prefix), "error names the file: {e}");
         e[prefix.len()..].to_string()
@@ -284,7 +305,9 @@ mod tests {
 
     #[test]
     fn reads_both_formats_and_skips_blank_lines() {
-        let f = file("{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\",\"extra\":1}\n\n{\"prompt\":\"d\",\"chosen\":\"e\",\"rejected\":\"f\"}\n");
+        let f = file(
+            "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\",\"extra\":1}\n\n{\"prompt\":\"d\",\"chosen\":\"e\",\"rejected\":\"f\"}\n",
+        );
         let pairs = read_pairs(f.path(), PairFormat::Auto).expect("valid");
         assert_eq!(pairs.len(), 2);
         assert_eq!(pairs[1].line, 3);
@@ -312,50 +335,79 @@ mod tests {
     fn bad_lines_name_line_and_reason() {
         let ok = "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\"}\n";
         assert_eq!(
-            err(&format!("{ok}{{\"prompt\": \"a\", \"chosen\": \n"), PairFormat::Auto)
-                .split(" at ")
-                .next(),
+            err(
+                &format!("{ok}{{\"prompt\": \"a\", \"chosen\": \n"),
+                PairFormat::Auto
+            )
+            .split(" at ")
+            .next(),
             Some("2: invalid JSON: EOF while parsing a value")
         );
         assert_eq!(
-            err(&format!("{ok}{ok}{{\"prompt\":\"a\",\"chosen\":\"b\"}}\n"), PairFormat::Auto),
+            err(
+                &format!("{ok}{ok}{{\"prompt\":\"a\",\"chosen\":\"b\"}}\n"),
+                PairFormat::Auto
+            ),
             "3: missing key \"rejected\""
         );
         assert_eq!(
-            err(&format!("{ok}{{\"prompt\":\"a\",\"chosen\":7,\"rejected\":\"c\"}}\n"), PairFormat::Auto),
+            err(
+                &format!("{ok}{{\"prompt\":\"a\",\"chosen\":7,\"rejected\":\"c\"}}\n"),
+                PairFormat::Auto
+            ),
             "2: \"chosen\" must be a string, found a number"
         );
         assert_eq!(
-            err(&format!("{ok}{{\"prompt_ids\":[1],\"chosen_ids\":[2],\"rejected_ids\":[3]}}\n"), PairFormat::Auto),
+            err(
+                &format!("{ok}{{\"prompt_ids\":[1],\"chosen_ids\":[2],\"rejected_ids\":[3]}}\n"),
+                PairFormat::Auto
+            ),
             "2: expected a text pair like line 1, found a pre-tokenized pair"
         );
         assert_eq!(
-            err("{\"prompt_ids\":[1],\"chosen_ids\":[2,-1],\"rejected_ids\":[3]}\n", PairFormat::Auto),
+            err(
+                "{\"prompt_ids\":[1],\"chosen_ids\":[2,-1],\"rejected_ids\":[3]}\n",
+                PairFormat::Auto
+            ),
             "1: \"chosen_ids\"[1] is not a token id (found -1)"
         );
-        assert_eq!(err("[1,2]\n", PairFormat::Auto), "1: expected a JSON object, found a list");
+        assert_eq!(
+            err("[1,2]\n", PairFormat::Auto),
+            "1: expected a JSON object, found a list"
+        );
         assert_eq!(
             err(ok, PairFormat::Tokens),
             "1: expected a pre-tokenized pair as requested, found a text pair"
         );
-        assert!(err("{\"prompt\":[{\"role\":\"user\",\"content\":\"x\"}]}\n", PairFormat::Auto)
-            .starts_with("1: conversational pairs"));
+        assert!(
+            err(
+                "{\"prompt\":[{\"role\":\"user\",\"content\":\"x\"}]}\n",
+                PairFormat::Auto
+            )
+            .starts_with("1: conversational pairs")
+        );
     }
 
     #[test]
     fn empty_file_and_empty_responses_are_rejected() {
         let f = file("\n\n");
-        let e = read_pairs(f.path(), PairFormat::Auto).expect_err("empty").to_string();
+        let e = read_pairs(f.path(), PairFormat::Auto)
+            .expect_err("empty")
+            .to_string();
         assert!(e.ends_with("no pairs in file"), "{e}");
 
         let f = file("{\"prompt_ids\":[1],\"chosen_ids\":[],\"rejected_ids\":[3]}\n");
         let pairs = read_pairs(f.path(), PairFormat::Auto).expect("parses");
-        let e = tokenize_pairs(f.path(), pairs, None).expect_err("empty chosen").to_string();
+        let e = tokenize_pairs(f.path(), pairs, None)
+            .expect_err("empty chosen")
+            .to_string();
         assert!(e.ends_with(":1: the chosen response has no tokens"), "{e}");
 
         let f = file("{\"prompt_ids\":[],\"chosen_ids\":[2],\"rejected_ids\":[3]}\n");
         let pairs = read_pairs(f.path(), PairFormat::Auto).expect("parses");
-        let e = tokenize_pairs(f.path(), pairs, None).expect_err("empty prompt").to_string();
+        let e = tokenize_pairs(f.path(), pairs, None)
+            .expect_err("empty prompt")
+            .to_string();
         assert!(e.contains(":1: the prompt has no tokens"), "{e}");
     }
 }

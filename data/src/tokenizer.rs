@@ -59,10 +59,16 @@ impl TextTokenizer {
             let Some(token) = special_token(&config, key) else {
                 return Ok(None);
             };
-            inner.token_to_id(&token).map(Some).ok_or_else(|| Error::File {
-                path: config_path.clone(),
-                reason: format!("{key} {token:?} is not in the vocabulary of {}", path.display()),
-            })
+            inner
+                .token_to_id(&token)
+                .map(Some)
+                .ok_or_else(|| Error::File {
+                    path: config_path.clone(),
+                    reason: format!(
+                        "{key} {token:?} is not in the vocabulary of {}",
+                        path.display()
+                    ),
+                })
         };
         let bos_id = id_of("bos_token")?;
         let eos_id = id_of("eos_token")?;

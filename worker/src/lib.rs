@@ -17,7 +17,9 @@ pub fn parse_kind(s: &str) -> std::result::Result<Kind, String> {
         "f32" | "float32" => Ok(Kind::Float),
         "bf16" | "bfloat16" => Ok(Kind::BFloat16),
         "f16" | "float16" => Ok(Kind::Half),
-        other => Err(format!("unknown dtype {other:?} (expected f32, bf16 or f16)")),
+        other => Err(format!(
+            "unknown dtype {other:?} (expected f32, bf16 or f16)"
+        )),
     }
 }
 
@@ -31,6 +33,8 @@ pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
             .map(Device::Cuda)
-            .ok_or_else(|| format!("unknown device {other:?} (expected auto, cpu, cuda or cuda:N)")),
+            .ok_or_else(|| {
+                format!("unknown device {other:?} (expected auto, cpu, cuda or cuda:N)")
+            }),
     }
 }

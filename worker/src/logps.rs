@@ -25,7 +25,11 @@ pub struct SequenceBatch {
 impl SequenceBatch {
     /// Builds the batch from `(prompt, response)` pieces.
     pub fn new(seqs: &[(&[u32], &[u32])], device: Device) -> Result<Self> {
-        let len = seqs.iter().map(|(p, r)| p.len() + r.len()).max().unwrap_or(0);
+        let len = seqs
+            .iter()
+            .map(|(p, r)| p.len() + r.len())
+            .max()
+            .unwrap_or(0);
         let n = seqs.len();
         let mut ids = vec![0i64; n * len];
         let mut attn = vec![0i64; n * len];
@@ -56,7 +60,11 @@ impl SequenceBatch {
         let seqs: Vec<(&[u32], &[u32])> = pairs
             .iter()
             .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
-            .chain(pairs.iter().map(|p| (p.prompt.as_slice(), p.rejected.as_slice())))
+            .chain(
+                pairs
+                    .iter()
+                    .map(|p| (p.prompt.as_slice(), p.rejected.as_slice())),
+            )
             .collect();
         Self::new(&seqs, device)
     }
@@ -67,7 +75,9 @@ impl SequenceBatch {
 pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let f = || -> std::result::Result<Tensor, tch::TchError> {
         let logits = logits.f_to_kind(Kind::Float)?;
-        let picked = logits.f_gather(-1, &targets.f_unsqueeze(-1)?, false)?.f_squeeze_dim(-1)?;
+        let picked = logits
+            .f_gather(-1, &targets.f_unsqueeze(-1)?, false)?
+            .f_squeeze_dim(-1)?;
         picked.f_sub(&logits.f_logsumexp(&[-1i64][..], false)?)
     };
     f().op("token log-probabilities")

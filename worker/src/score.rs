@@ -74,7 +74,9 @@ pub fn load_pairs(
         {
             return Err(Error::Input {
                 context: format!("{}:{}", data.display(), p.line),
-                reason: format!("token id {id} is out of range for a model with vocab_size {vocab_size}"),
+                reason: format!(
+                    "token id {id} is out of range for a model with vocab_size {vocab_size}"
+                ),
             });
         }
     }
@@ -122,7 +124,10 @@ fn score_line(s: &PairScore, beta: f64) -> serde_json::Value {
         obj.insert("ref_rejected_logps".into(), json!(rr));
         obj.insert("chosen_reward".into(), json!(chosen_reward));
         obj.insert("rejected_reward".into(), json!(rejected_reward));
-        obj.insert("reward_margin".into(), json!(chosen_reward - rejected_reward));
+        obj.insert(
+            "reward_margin".into(),
+            json!(chosen_reward - rejected_reward),
+        );
     }
     line
 }

@@ -39,7 +39,11 @@ fn score_fails(model: &Path, data: &Path) -> String {
         .expect("dpo-worker starts");
     let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
     assert!(!result.status.success(), "must fail; stderr: {stderr}");
-    assert_eq!(result.status.code(), Some(1), "an error exit, not a crash: {stderr}");
+    assert_eq!(
+        result.status.code(),
+        Some(1),
+        "an error exit, not a crash: {stderr}"
+    );
     assert!(!stderr.contains("panicked"), "no panic: {stderr}");
     assert!(!out.exists(), "no output on failure");
     stderr
@@ -54,7 +58,10 @@ fn missing_config_is_named() {
     let dir = tempdir();
     let err = score_fails(dir.path(), &good_data());
     let config = dir.path().join("config.json");
-    assert!(err.contains(&format!("{}: No such file", config.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}: No such file", config.display())),
+        "{err}"
+    );
 }
 
 #[test]
@@ -63,7 +70,10 @@ fn unsupported_model_type_is_named() {
     copy_dir(&fixture("qwen2"), dir.path());
     edit_config(dir.path(), |c| c["model_type"] = "gpt2".into());
     let err = score_fails(dir.path(), &good_data());
-    assert!(err.contains("config.json: unsupported model_type \"gpt2\""), "{err}");
+    assert!(
+        err.contains("config.json: unsupported model_type \"gpt2\""),
+        "{err}"
+    );
 }
 
 #[test]
@@ -73,8 +83,14 @@ fn wrong_tensor_shape_names_tensor_and_file() {
     edit_config(dir.path(), |c| c["intermediate_size"] = 96.into());
     let err = score_fails(dir.path(), &good_data());
     let file = dir.path().join("model.safetensors");
-    assert!(err.contains(&format!("{}: tensor model.layers.", file.display())), "{err}");
-    assert!(err.contains("expected shape [") && err.contains("96") && err.contains("160"), "{err}");
+    assert!(
+        err.contains(&format!("{}: tensor model.layers.", file.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains("expected shape [") && err.contains("96") && err.contains("160"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -84,7 +100,10 @@ fn missing_tensor_is_named() {
     // An untied model needs lm_head.weight, which a tied checkpoint does not have.
     edit_config(dir.path(), |c| c["tie_word_embeddings"] = false.into());
     let err = score_fails(dir.path(), &good_data());
-    assert!(err.contains("checkpoint has no tensor lm_head.weight"), "{err}");
+    assert!(
+        err.contains("checkpoint has no tensor lm_head.weight"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -92,9 +111,16 @@ fn malformed_json_line_names_file_and_line() {
     let dir = tempdir();
     let data = dir.path().join("pairs.jsonl");
     let good = r#"{"prompt": "a", "chosen": " b", "rejected": " c"}"#;
-    std::fs::write(&data, format!("{good}\n{good}\n{{\"prompt\": \"a\", \"chosen\"\n")).expect("write");
+    std::fs::write(
+        &data,
+        format!("{good}\n{good}\n{{\"prompt\": \"a\", \"chosen\"\n"),
+    )
+    .expect("write");
     let err = score_fails(&fixture("llama"), &data);
-    assert!(err.contains(&format!("{}:3: invalid JSON", data.display())), "{err}");
+    assert!(
+        err.contains(&format!("{}:3: invalid JSON", data.display())),
+        "{err}"
+    );
 }
 
 #[test]
@@ -108,7 +134,10 @@ fn out_of_vocabulary_token_names_line() {
     .expect("write");
     let err = score_fails(&fixture("llama"), &data);
     assert!(
-        err.contains(&format!("{}:2: token id 99999 is out of range", data.display())),
+        err.contains(&format!(
+            "{}:2: token id 99999 is out of range",
+            data.display()
+        )),
         "{err}"
     );
 }

@@ -60,18 +60,26 @@ fn check_logits(name: &str, kind: Kind, tolerance: f64) {
         }
         let shape = [seqs.len() as i64, longest as i64];
         let logits = model
-            .forward(&Tensor::from_slice(&ids).view(shape), Some(&Tensor::from_slice(&mask).view(shape)))
+            .forward(
+                &Tensor::from_slice(&ids).view(shape),
+                Some(&Tensor::from_slice(&mask).view(shape)),
+            )
             .expect("padded forward");
         for (row, s) in seqs.iter().enumerate() {
             let offset = if left { longest - s.len() } else { 0 };
-            let got = logits.get(row as i64).narrow(0, offset as i64, s.len() as i64);
+            let got = logits
+                .get(row as i64)
+                .narrow(0, offset as i64, s.len() as i64);
             worst = worst.max(max_abs_diff(&got, &expected[&format!("logits.{row}")]));
         }
     }
     let scale = expected["logits.0"].abs().max().double_value(&[]);
     eprintln!("{name} {kind:?}: max abs logit error {worst:.3e} (logit scale {scale:.2})");
     assert!(scale > 1.0, "fixture logits are not trivially small");
-    assert!(worst <= tolerance, "{name} {kind:?}: max abs logit error {worst} > {tolerance}");
+    assert!(
+        worst <= tolerance,
+        "{name} {kind:?}: max abs logit error {worst} > {tolerance}"
+    );
 }
 
 #[test]
@@ -109,7 +117,12 @@ fn score(args: &[&str]) -> std::process::Output {
         .expect("dpo-worker starts")
 }
 
-fn run_score(model: &Path, data: &Path, reference: Option<&Path>, batch: &str) -> Vec<serde_json::Value> {
+fn run_score(
+    model: &Path,
+    data: &Path,
+    reference: Option<&Path>,
+    batch: &str,
+) -> Vec<serde_json::Value> {
     let dir = tempdir();
     let out = dir.path().join("scores.jsonl");
     let mut args = vec![
@@ -135,7 +148,9 @@ fn run_score(model: &Path, data: &Path, reference: Option<&Path>, batch: &str) -
 }
 
 fn f(v: &serde_json::Value, key: &str) -> f64 {
-    v[key].as_f64().unwrap_or_else(|| panic!("{key} missing in {v}"))
+    v[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 #[test]
@@ -150,7 +165,11 @@ fn score_matches_transformers_for_text_and_token_pairs() {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 for key in ["chosen_logps", "rejected_logps"] {
                     let (a, b) = (f(g, key), f(w, key));
-                    assert!((a - b).abs() <= 1e-4, "{name} {kind} line {}: {key} {a} vs transformers {b}", i + 1);
+                    assert!(
+                        (a - b).abs() <= 1e-4,
+                        "{name} {kind} line {}: {key} {a} vs transformers {b}",
+                        i + 1
+                    );
                 }
                 for key in ["chosen_tokens", "rejected_tokens"] {
                     assert_eq!(g[key], w[key], "{name} {kind} line {}: {key}", i + 1);
@@ -159,7 +178,8 @@ fn score_matches_transformers_for_text_and_token_pairs() {
             if kind == "text" {
                 // The token ids themselves agree with transformers' tokenizer (BOS once
                 // for Llama, none for Qwen2).
-                let model = checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).expect("loads");
+                let model =
+                    checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).expect("loads");
                 let pairs = dpo_worker::score::load_pairs(
                     &data,
                     dpo_data::PairFormat::Auto,
@@ -243,7 +263,8 @@ fn checkpoints_round_trip_bit_exactly_and_load_in_transformers() {
     assert_same_tensors(&fixture("llama"), &sharded);
 
     // bf16 stays bf16.
-    let bf16 = checkpoint::load(&fixture("llama-bf16"), Kind::BFloat16, Device::Cpu).expect("loads");
+    let bf16 =
+        checkpoint::load(&fixture("llama-bf16"), Kind::BFloat16, Device::Cpu).expect("loads");
     let out = dir.path().join("bf16");
     checkpoint::save(&bf16, &out, Some(&fixture("llama-bf16")), u64::MAX).expect("saves");
     assert_same_tensors(&fixture("llama-bf16"), &out);
@@ -271,10 +292,20 @@ fn tokenizer_adds_bos_once_and_eos_to_responses() {
     let plain = llama.encode_prompt("one two").expect("encodes");
     assert_eq!(plain[0], bos);
     assert_eq!(plain.iter().filter(|&&t| t == bos).count(), 1);
-    assert_eq!(llama.encode_prompt("<s>one two").expect("encodes"), plain, "no double BOS");
-    assert_eq!(llama.encode_response(" two").expect("encodes").last(), Some(&eos));
+    assert_eq!(
+        llama.encode_prompt("<s>one two").expect("encodes"),
+        plain,
+        "no double BOS"
+    );
+    assert_eq!(
+        llama.encode_response(" two").expect("encodes").last(),
+        Some(&eos)
+    );
 
     let qwen = dpo_data::TextTokenizer::from_dir(&fixture("qwen2")).expect("tokenizer");
     assert!(qwen.bos_id().is_none() && !qwen.adds_bos());
-    assert_eq!(qwen.encode_prompt("one two").expect("encodes"), qwen.encode("one two").expect("encodes"));
+    assert_eq!(
+        qwen.encode_prompt("one two").expect("encodes"),
+        qwen.encode("one two").expect("encodes")
+    );
 }

@@ -99,9 +99,11 @@ fn main() -> anyhow::Result<()> {
             // Hidden automatically when stderr is not a terminal.
             let bar = ProgressBar::new(0);
             bar.set_style(
-                ProgressStyle::with_template("{spinner} scoring [{bar:30}] {pos}/{len} pairs {per_sec} eta {eta}")
-                    .context("progress bar template")?
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{spinner} scoring [{bar:30}] {pos}/{len} pairs {per_sec} eta {eta}",
+                )
+                .context("progress bar template")?
+                .progress_chars("=> "),
             );
             let summary = score::run(&req, &mut |done, total| {
                 bar.set_length(total as u64);
@@ -116,8 +118,11 @@ fn main() -> anyhow::Result<()> {
                 summary.mean_chosen_logps,
                 summary.mean_rejected_logps
             );
-            if let (Some(acc), Some(margin)) = (summary.reward_accuracy, summary.mean_reward_margin) {
-                line.push_str(&format!(", reward accuracy {acc:.3}, mean margin {margin:.4}"));
+            if let (Some(acc), Some(margin)) = (summary.reward_accuracy, summary.mean_reward_margin)
+            {
+                line.push_str(&format!(
+                    ", reward accuracy {acc:.3}, mean margin {margin:.4}"
+                ));
             }
             eprintln!("{line}");
         }

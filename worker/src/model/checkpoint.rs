@@ -62,7 +62,9 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             if file.contains('/') || file.contains("..") {
                 return Err(Error::Config {
                     path: index.clone(),
-                    reason: format!("weight_map.{name}: {file:?} is not a file in the checkpoint directory"),
+                    reason: format!(
+                        "weight_map.{name}: {file:?} is not a file in the checkpoint directory"
+                    ),
                 });
             }
             if seen.insert(file.to_string()) {
@@ -197,7 +199,8 @@ fn tensor_bytes(name: &str, t: &Tensor) -> Result<Bytes> {
         .op("saving: copy to host")?;
     let numel = t.numel();
     let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut data, numel).op("saving: read tensor bytes")?;
+    t.f_copy_data_u8(&mut data, numel)
+        .op("saving: read tensor bytes")?;
     Ok(Bytes {
         dtype,
         shape: t.size().iter().map(|&d| d as usize).collect(),
@@ -234,7 +237,12 @@ fn dtype_name(kind: Kind) -> &'static str {
 /// Saves the model to `dir` in Hugging Face format: `config.json` (with the saved
 /// dtype), weights as one `model.safetensors` or, past `max_shard_bytes`, numbered
 /// shards with an index; the tokenizer files of `source_dir` are copied along.
-pub fn save(model: &CausalLm, dir: &Path, source_dir: Option<&Path>, max_shard_bytes: u64) -> Result<()> {
+pub fn save(
+    model: &CausalLm,
+    dir: &Path,
+    source_dir: Option<&Path>,
+    max_shard_bytes: u64,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let vars = model.var_store().variables();
     let mut tensors: BTreeMap<String, Bytes> = BTreeMap::new();
@@ -294,7 +302,11 @@ pub fn save(model: &CausalLm, dir: &Path, source_dir: Option<&Path>, max_shard_b
     let mut config = model.config().raw.clone();
     if let Some(obj) = config.as_object_mut() {
         let name = Value::String(dtype_name(model.kind()).to_string());
-        let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+        let key = if obj.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
         obj.insert(key.to_string(), name);
     }
     write_json(&dir.join("config.json"), &config)?;

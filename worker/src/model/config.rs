@@ -34,7 +34,9 @@ impl Architecture {
 pub enum RopeScaling {
     None,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's wavelength-dependent rescaling.
     Llama3 {
         factor: f64,
@@ -183,14 +185,18 @@ impl ModelConfig {
             )));
         }
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
-        if !(rms_norm_eps > 0.0) {
+        if !positive(rms_norm_eps) {
             return Err(bad(format!(
                 "rms_norm_eps must be positive, found {rms_norm_eps}"
             )));
         }
 
-        let (rope_theta, rope_scaling) =
-            parse_rope(raw.rope_theta, raw.rope_scaling.clone(), raw.rope_parameters.clone()).map_err(bad)?;
+        let (rope_theta, rope_scaling) = parse_rope(
+            raw.rope_theta,
+            raw.rope_scaling.clone(),
+            raw.rope_parameters.clone(),
+        )
+        .map_err(bad)?;
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
@@ -198,7 +204,8 @@ impl ModelConfig {
             Architecture::Qwen2 => (true, false),
             Architecture::Llama | Architecture::Mistral => (attention_bias, attention_bias),
         };
-        let sliding_windows = sliding_windows(architecture, &raw, num_hidden_layers).map_err(bad)?;
+        let sliding_windows =
+            sliding_windows(architecture, &raw, num_hidden_layers).map_err(bad)?;
 
         Ok(ModelConfig {
             architecture,
@@ -229,7 +236,9 @@ impl ModelConfig {
         let h = self.hidden_size;
         let kv = self.num_key_value_heads * self.head_dim;
         let q = self.num_attention_heads * self.head_dim;
-        let attn = h * q + 2 * h * kv + q * h
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
             + if self.qkv_bias { q + 2 * kv } else { 0 }
             + if self.o_bias { h } else { 0 };
         let mlp = 3 * h * self.intermediate_size
@@ -243,6 +252,11 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + self.num_hidden_layers * layer + h + head
     }
+}
+
+/// True for finite numbers above zero (false for NaN).
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
 }
 
 fn token_ids(v: Option<&Value>) -> Vec<i64> {
@@ -279,7 +293,7 @@ fn parse_rope(
         }
     };
     let theta = num("rope_theta")?.or(rope_theta).unwrap_or(10000.0);
-    if !(theta > 0.0) {
+    if !positive(theta) {
         return Err(format!("rope_theta must be positive, found {theta}"));
     }
     let kind = get("rope_type")
@@ -302,7 +316,7 @@ fn parse_rope(
             };
             let low = field("low_freq_factor")?;
             let high = field("high_freq_factor")?;
-            if !(high > low) {
+            if !positive(high - low) {
                 return Err(format!(
                     "{key}: high_freq_factor ({high}) must exceed low_freq_factor ({low})"
                 ));
@@ -340,10 +354,9 @@ fn sliding_windows(
             .iter()
             .map(|t| match t.as_str() {
                 "full_attention" => Ok(None),
-                "sliding_attention" => raw
-                    .sliding_window
-                    .map(Some)
-                    .ok_or_else(|| "layer_types names sliding_attention but sliding_window is null".to_string()),
+                "sliding_attention" => raw.sliding_window.map(Some).ok_or_else(|| {
+                    "layer_types names sliding_attention but sliding_window is null".to_string()
+                }),
                 other => Err(format!("layer_types: unsupported layer type {other:?}")),
             })
             .collect();
@@ -396,30 +409,36 @@ mod tests {
 
     #[test]
     fn unsupported_model_type_is_named() {
-        let err = parse(&format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).unwrap_err();
+        let err = parse(&format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).expect_err("must be rejected");
         let msg = err.to_string();
-        assert!(msg.contains("m/config.json") && msg.contains("\"gpt2\""), "{msg}");
+        assert!(
+            msg.contains("m/config.json") && msg.contains("\"gpt2\""),
+            "{msg}"
+        );
     }
 
     #[test]
     fn missing_and_bad_keys_are_named() {
         let msg = parse(r#"{"model_type": "llama", "vocab_size": 10}"#)
-            .unwrap_err()
+            .expect_err("must be rejected")
             .to_string();
         assert!(msg.contains("missing key hidden_size"), "{msg}");
         let msg = parse(&format!(
             r#"{{"model_type": "llama", {BASE}, "num_key_value_heads": 3}}"#
         ))
-        .unwrap_err()
+        .expect_err("must be rejected")
         .to_string();
-        assert!(msg.contains("not a multiple of num_key_value_heads"), "{msg}");
+        assert!(
+            msg.contains("not a multiple of num_key_value_heads"),
+            "{msg}"
+        );
         let msg = parse(&format!(
             r#"{{"model_type": "llama", {BASE}, "rope_scaling": {{"type": "yarn", "factor": 4.0}}}}"#
         ))
-        .unwrap_err()
+        .expect_err("must be rejected")
         .to_string();
         assert!(msg.contains("\"yarn\" is not supported"), "{msg}");
-        let msg = parse("{not json").unwrap_err().to_string();
+        let msg = parse("{not json").expect_err("must be rejected").to_string();
         assert!(msg.starts_with("m/config.json: invalid JSON"), "{msg}");
     }
 
@@ -436,8 +455,10 @@ mod tests {
 
     #[test]
     fn parameter_count_matches_hand_count() {
-        let c = parse(&format!(r#"{{"model_type": "llama", {BASE}, "tie_word_embeddings": true}}"#))
-            .expect("parses");
+        let c = parse(&format!(
+            r#"{{"model_type": "llama", {BASE}, "tie_word_embeddings": true}}"#
+        ))
+        .expect("parses");
         // embed 80 + 2 layers * (attn 4*64 + mlp 3*128 + norms 16) + final norm 8
         assert_eq!(c.num_parameters(), 80 + 2 * (256 + 384 + 16) + 8);
     }

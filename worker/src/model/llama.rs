@@ -62,7 +62,9 @@ impl RmsNorm {
     fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
         let kind = xs.f_kind()?;
         let x = xs.f_to_kind(Kind::Float)?;
-        let variance = x.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
+        let variance = x
+            .f_pow_tensor_scalar(2)?
+            .f_mean_dim(-1, true, Kind::Float)?;
         let normed = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
         self.weight.f_mul(&normed.f_to_kind(kind)?)
     }
@@ -95,7 +97,13 @@ impl Attention {
         })
     }
 
-    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &AttentionMask,
+    ) -> Result<Tensor> {
         let (b, l, _) = xs.size3().op("attention: input shape")?;
         let heads = |t: TchResult<Tensor>, n: i64| -> TchResult<Tensor> {
             t?.f_view([b, l, n, self.head_dim])?.f_transpose(1, 2)
@@ -118,11 +126,18 @@ impl Attention {
         let v = repeat(v).op("attention: repeat kv")?;
         let out = match mask {
             AttentionMask::Causal => Tensor::f_scaled_dot_product_attention(
-                &q, &k, &v, None::<&Tensor>, 0.0, true, None, false,
+                &q,
+                &k,
+                &v,
+                None::<&Tensor>,
+                0.0,
+                true,
+                None,
+                false,
             ),
-            AttentionMask::Explicit(m) => Tensor::f_scaled_dot_product_attention(
-                &q, &k, &v, Some(m), 0.0, false, None, false,
-            ),
+            AttentionMask::Explicit(m) => {
+                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
+            }
         }
         .op("attention: scaled_dot_product_attention")?;
         let out = out
@@ -152,7 +167,8 @@ impl Mlp {
 
     fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
         let gate = self.gate_proj.forward(xs)?.f_silu()?;
-        self.down_proj.forward(&gate.f_mul(&self.up_proj.forward(xs)?)?)
+        self.down_proj
+            .forward(&gate.f_mul(&self.up_proj.forward(xs)?)?)
     }
 }
 
@@ -170,7 +186,12 @@ impl DecoderLayer {
         Ok(DecoderLayer {
             self_attn: Attention::new(&p / "self_attn", cfg, kind)?,
             mlp: Mlp::new(&p / "mlp", cfg, kind)?,
-            input_layernorm: RmsNorm::new(&p / "input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, kind)?,
+            input_layernorm: RmsNorm::new(
+                &p / "input_layernorm",
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+                kind,
+            )?,
             post_attention_layernorm: RmsNorm::new(
                 &p / "post_attention_layernorm",
                 cfg.hidden_size,
@@ -190,8 +211,12 @@ impl DecoderLayer {
         let h = xs
             .f_add(&self.self_attn.forward(&normed, cos, sin, mask)?)
             .op("attention residual")?;
-        let normed = self.post_attention_layernorm.forward(&h).op("post_attention_layernorm")?;
-        h.f_add(&self.mlp.forward(&normed).op("mlp")?).op("mlp residual")
+        let normed = self
+            .post_attention_layernorm
+            .forward(&h)
+            .op("post_attention_layernorm")?;
+        h.f_add(&self.mlp.forward(&normed).op("mlp")?)
+            .op("mlp residual")
     }
 }
 
@@ -240,7 +265,12 @@ impl CausalLm {
             let layers = (0..config.num_hidden_layers as usize)
                 .map(|i| DecoderLayer::new(&model / "layers" / i, &config, i, kind))
                 .collect::<TchResult<Vec<_>>>()?;
-            let norm = RmsNorm::new(&model / "norm", config.hidden_size, config.rms_norm_eps, kind)?;
+            let norm = RmsNorm::new(
+                &model / "norm",
+                config.hidden_size,
+                config.rms_norm_eps,
+                kind,
+            )?;
             let lm_head = if config.tie_word_embeddings {
                 embed_tokens.shallow_clone()
             } else {
@@ -254,7 +284,12 @@ impl CausalLm {
             Ok((embed_tokens, layers, norm, lm_head))
         };
         let (embed_tokens, layers, norm, lm_head) = build().op("allocating parameters")?;
-        let rope = Rope::new(config.head_dim, config.rope_theta, &config.rope_scaling, device)?;
+        let rope = Rope::new(
+            config.head_dim,
+            config.rope_theta,
+            &config.rope_scaling,
+            device,
+        )?;
         Ok(CausalLm {
             config,
             kind,
@@ -294,12 +329,20 @@ impl CausalLm {
     /// batches. Without a mask every token is real.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask)?;
-        hidden.f_linear(&self.lm_head, None::<&Tensor>).op("lm_head")
+        hidden
+            .f_linear(&self.lm_head, None::<&Tensor>)
+            .op("lm_head")
     }
 
     /// Final hidden states `[batch, seq, hidden]` (after the last norm).
-    pub fn hidden_states(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let (b, l) = input_ids.size2().op("forward: input_ids must be [batch, seq]")?;
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, l) = input_ids
+            .size2()
+            .op("forward: input_ids must be [batch, seq]")?;
         let device = self.device();
         let positions = match attention_mask {
             Some(m) => m
@@ -313,7 +356,9 @@ impl CausalLm {
                 .and_then(|p| p.f_expand([b, l], false))
                 .op("forward: positions")?,
         };
-        let masks = self.masks(b, l, attention_mask).op("forward: attention mask")?;
+        let masks = self
+            .masks(b, l, attention_mask)
+            .op("forward: attention mask")?;
         let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
         let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)
             .op("embed_tokens")?;

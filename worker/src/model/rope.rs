@@ -21,7 +21,9 @@ pub fn inverse_frequencies(head_dim: i64, theta: f64, scaling: &RopeScaling) -> 
         .collect();
     match *scaling {
         RopeScaling::None => base.iter().map(|&f| f as f64).collect(),
-        RopeScaling::Linear { factor } => base.iter().map(|&f| (f / factor as f32) as f64).collect(),
+        RopeScaling::Linear { factor } => {
+            base.iter().map(|&f| (f / factor as f32) as f64).collect()
+        }
         RopeScaling::Llama3 {
             factor,
             low_freq_factor,
@@ -116,7 +118,10 @@ mod tests {
             } else if wavelen > 64.0 {
                 assert!((s - p / 8.0).abs() < 1e-12, "low frequencies are divided");
             } else {
-                assert!(*s < *p && *s > p / 8.0, "medium frequencies are interpolated");
+                assert!(
+                    *s < *p && *s > p / 8.0,
+                    "medium frequencies are interpolated"
+                );
             }
         }
         // The first frequency is always 1 (theta^0) and stays unscaled.

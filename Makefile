@@ -1,0 +1,42 @@
+# dpo-cluster — the two commands a newcomer needs:
+#   make demo   set up (once), build, and run the tiny end-to-end demo
+#   make test   set up (once), build, lint, and run every test
+# Set-up installs what is missing (Debian packages, the PyTorch 2.11.0 venv kept in
+# $(DPO_VENV), reused across checkouts) and is a no-op the second time.
+
+DPO_VENV ?= $(HOME)/.cache/dpo-cluster/venv
+export DPO_VENV
+export VIRTUAL_ENV := $(DPO_VENV)
+export PATH := $(DPO_VENV)/bin:$(PATH)
+export LIBTORCH_USE_PYTORCH := 1
+export DPO_PYTHON := $(DPO_VENV)/bin/python
+
+CARGO ?= cargo
+DEMO_DIR ?= out/demo
+
+.PHONY: setup build test lint demo bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace --all-targets
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: build lint
+	$(CARGO) test --workspace --no-fail-fast
+
+demo: setup
+	$(CARGO) build -p dpo-worker
+	@bash examples/demo.sh $(DEMO_DIR)
+
+bench: setup
+	$(CARGO) build --release -p dpo-worker --example fwd_bwd
+	$(DPO_PYTHON) bench/model_throughput.py
+
+clean:
+	$(CARGO) clean
+	rm -rf out

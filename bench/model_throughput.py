@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Forward+backward tokens/s of dpo-cluster's model against PyTorch eager (transformers).
+
+Same checkpoint (written here by examples/tiny_model.py), same batch of random token
+ids, same loss (next-token cross-entropy), same thread count, f32 on CPU. Each side
+runs `--repeats` times, alternating, and the median is reported with the ratio
+ours / PyTorch (above 1 means faster). Run through `make bench`, which builds
+target/release/examples/fwd_bwd first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def torch_step_seconds(model_dir: str, batch: int, seq: int, steps: int, warmup: int, threads: int) -> float:
+    code = f"""
+import json, time, torch, transformers
+torch.set_num_threads({threads})
+torch.manual_seed(0)
+m = transformers.AutoModelForCausalLM.from_pretrained({model_dir!r}, dtype=torch.float32, attn_implementation="sdpa")
+m.train()
+ids = torch.randint(m.config.vocab_size, ({batch}, {seq}))
+def step():
+    logits = m(input_ids=ids).logits
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+    loss.backward()
+    m.zero_grad(set_to_none=False)
+for _ in range({warmup}):
+    step()
+t = time.perf_counter()
+for _ in range({steps}):
+    step()
+print(json.dumps({{"seconds_per_step": (time.perf_counter() - t) / {steps}}}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds_per_step"]
+
+
+def ours_step_seconds(binary: str, model_dir: str, batch: int, seq: int, steps: int, warmup: int, threads: int) -> float:
+    cmd = [binary, "--model", model_dir, "--batch", str(batch), "--seq", str(seq), "--steps", str(steps),
+           "--warmup", str(warmup), "--threads", str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["seconds_per_step"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "examples", "fwd_bwd"))
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=688)
+    p.add_argument("--model-vocab", type=int, default=4096)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    if not os.path.exists(args.binary):
+        sys.exit(f"{args.binary} not found: run `make bench`")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = os.path.join(tmp, "model")
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "examples", "tiny_model.py"), "--out", model_dir, "--arch", "llama",
+             "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
+             "--kv-heads", str(args.kv_heads), "--intermediate", str(args.intermediate),
+             "--model-vocab", str(args.model_vocab), "--init-std", "0.02"],
+            check=True, capture_output=True,
+        )
+        torch_s, ours_s = [], []
+        for _ in range(args.repeats):
+            torch_s.append(torch_step_seconds(model_dir, args.batch, args.seq, args.steps, args.warmup, args.threads))
+            ours_s.append(ours_step_seconds(args.binary, model_dir, args.batch, args.seq, args.steps, args.warmup, args.threads))
+    tokens = args.batch * args.seq
+    t, o = statistics.median(torch_s), statistics.median(ours_s)
+    print(f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+          f"intermediate={args.intermediate} vocab={args.model_vocab}; batch {args.batch} x {args.seq} tokens; "
+          f"{args.threads} threads; f32 CPU; median of {args.repeats} x {args.steps} steps")
+    print(f"pytorch eager : {tokens / t:10.0f} tokens/s  ({t * 1000:.1f} ms/step)  runs {[round(x * 1000, 1) for x in torch_s]}")
+    print(f"dpo-cluster   : {tokens / o:10.0f} tokens/s  ({o * 1000:.1f} ms/step)  runs {[round(x * 1000, 1) for x in ours_s]}")
+    print(f"ratio (dpo-cluster / pytorch): {t / o:.3f}")
+
+
+if __name__ == "__main__":
+    main()
