@@ -1,0 +1,520 @@
+//! The run spec: everything that defines a training run, read from TOML with
+//! `DPO__SECTION__KEY` environment overrides. Unknown keys are errors, and every
+//! value is checked with a message naming the key and what is allowed.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A run-spec problem, always naming the file and, where there is one, the key.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("{path}: {reason}")]
+    Read { path: PathBuf, reason: String },
+    #[error("{path}: {key}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// Hugging Face model directory.
+    pub path: PathBuf,
+    #[serde(default)]
+    pub dtype: Dtype,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReferenceSpec {
+    /// `"same"` (a frozen copy of the initial policy), a model directory, or
+    /// `"none"` (reference-free).
+    pub path: String,
+    /// Compute reference log-probabilities once before training.
+    pub precompute: bool,
+}
+
+impl Default for ReferenceSpec {
+    fn default() -> Self {
+        ReferenceSpec {
+            path: "same".into(),
+            precompute: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    #[default]
+    Auto,
+    /// `{"prompt","chosen","rejected"}` strings.
+    Text,
+    /// The same keys holding `[{"role","content"}]` lists, rendered with the chat template.
+    Conversational,
+    /// `{"prompt_ids","chosen_ids","rejected_ids"}`.
+    Tokens,
+    /// `{"prompt","completion","id"?,"label"?}` labelled (and negative) examples.
+    Labelled,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    KeepStart,
+    #[default]
+    KeepEnd,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// Training file (JSON lines).
+    pub train: PathBuf,
+    #[serde(default)]
+    pub eval: Option<PathBuf>,
+    /// Negative examples: a file, or `"random"` / `"policy"` to generate them.
+    #[serde(default)]
+    pub negatives: Option<String>,
+    #[serde(default)]
+    pub format: DataFormat,
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default = "default_max_prompt_length")]
+    pub max_prompt_length: usize,
+    #[serde(default)]
+    pub truncation: Truncation,
+    #[serde(default = "default_true")]
+    pub shuffle: bool,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Skip (and count) malformed lines instead of refusing the file.
+    #[serde(default)]
+    pub skip_bad_lines: bool,
+}
+
+fn default_max_length() -> usize {
+    1024
+}
+fn default_max_prompt_length() -> usize {
+    512
+}
+fn default_true() -> bool {
+    true
+}
+fn default_seed() -> u64 {
+    42
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Loss {
+    /// DPO; with `label_smoothing`, conservative DPO.
+    #[default]
+    Sigmoid,
+    Robust,
+    Ipo,
+    Hinge,
+    /// Token NLL of the labelled (chosen) response only.
+    Sft,
+    /// NLL on labelled examples + `negative_weight` × unlikelihood on negatives.
+    Combined,
+}
+
+impl Loss {
+    /// Losses over (chosen, rejected) pairs, which need a reference model.
+    pub fn is_pairwise(self) -> bool {
+        !matches!(self, Loss::Sft | Loss::Combined)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ObjectiveSpec {
+    pub loss: Loss,
+    pub beta: f64,
+    pub label_smoothing: f64,
+    /// RPO: weight of the chosen response's mean token NLL added to a pairwise loss.
+    pub nll_weight: f64,
+    /// `combined`: weight λ of the unlikelihood term.
+    pub negative_weight: f64,
+}
+
+impl Default for ObjectiveSpec {
+    fn default() -> Self {
+        ObjectiveSpec {
+            loss: Loss::Sigmoid,
+            beta: 0.1,
+            label_smoothing: 0.0,
+            nll_weight: 0.0,
+            negative_weight: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerName {
+    #[default]
+    Adamw,
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    #[default]
+    Linear,
+    Cosine,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimSpec {
+    pub name: OptimizerName,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub betas: [f64; 2],
+    pub eps: f64,
+    /// Clip the global gradient norm to this value; 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub schedule: Schedule,
+    pub warmup_steps: u64,
+}
+
+impl Default for OptimSpec {
+    fn default() -> Self {
+        OptimSpec {
+            name: OptimizerName::Adamw,
+            lr: 1e-6,
+            weight_decay: 0.0,
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            max_grad_norm: 1.0,
+            schedule: Schedule::Linear,
+            warmup_steps: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSpec {
+    pub epochs: u64,
+    /// Stop after this many optimizer steps whatever `epochs` says (0 = off).
+    pub max_steps: u64,
+    /// Pairs (or examples) per optimizer step.
+    pub global_batch_size: usize,
+    /// Pairs per forward pass; 0 means the whole global batch.
+    pub micro_batch_size: usize,
+    /// Evaluate every this many steps (0 = only at the end, when there is eval data).
+    pub eval_every: u64,
+    /// Write a checkpoint every this many steps (0 = none before the final model).
+    pub checkpoint_every: u64,
+    /// Stop when eval loss has not improved for this many evaluations (0 = off).
+    pub early_stopping_patience: u64,
+    /// Output directory; relative paths are relative to the spec file.
+    pub output: PathBuf,
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        TrainSpec {
+            epochs: 1,
+            max_steps: 0,
+            global_batch_size: 8,
+            micro_batch_size: 0,
+            eval_every: 0,
+            checkpoint_every: 0,
+            early_stopping_patience: 0,
+            output: PathBuf::from("out"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Auto,
+    Nccl,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSpec {
+    pub min_workers: usize,
+    pub max_workers: usize,
+    pub backend: Backend,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            min_workers: 1,
+            max_workers: 1,
+            backend: Backend::Auto,
+        }
+    }
+}
+
+/// A complete, validated run spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSpec {
+    pub name: String,
+    pub model: ModelSpec,
+    #[serde(default)]
+    pub reference: ReferenceSpec,
+    pub data: DataSpec,
+    #[serde(default)]
+    pub objective: ObjectiveSpec,
+    #[serde(default)]
+    pub optim: OptimSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+}
+
+impl RunSpec {
+    /// Reads `path` (TOML), applies `DPO__SECTION__KEY` overrides from the
+    /// environment, resolves relative paths against the file's directory, validates.
+    pub fn from_file(path: &Path) -> Result<RunSpec, SpecError> {
+        let read_err = |reason: String| SpecError::Read {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if !path.exists() {
+            return Err(read_err("no such file".into()));
+        }
+        let settings = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("DPO")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true)
+                    .list_separator(",")
+                    .with_list_parse_key("optim.betas"),
+            )
+            .build()
+            .map_err(|e| read_err(e.to_string()))?;
+        let mut spec: RunSpec = settings.try_deserialize().map_err(|e| read_err(e.to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        spec.resolve_paths(base);
+        spec.validate().map_err(|(key, reason)| SpecError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        })?;
+        Ok(spec)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.model.path);
+        fix(&mut self.data.train);
+        if let Some(e) = self.data.eval.as_mut() {
+            fix(e);
+        }
+        fix(&mut self.train.output);
+        if !matches!(self.reference.path.as_str(), "same" | "none") && Path::new(&self.reference.path).is_relative() {
+            self.reference.path = base.join(&self.reference.path).to_string_lossy().into_owned();
+        }
+        if let Some(n) = self.data.negatives.as_mut()
+            && !matches!(n.as_str(), "random" | "policy")
+            && Path::new(n.as_str()).is_relative()
+        {
+            *n = base.join(n.as_str()).to_string_lossy().into_owned();
+        }
+    }
+
+    /// The micro-batch size actually used.
+    pub fn micro_batch_size(&self) -> usize {
+        match self.train.micro_batch_size {
+            0 => self.train.global_batch_size,
+            m => m,
+        }
+    }
+
+    /// Checks every value; the error names the key.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        fn check(ok: bool, key: &'static str, reason: impl FnOnce() -> String) -> Result<(), (&'static str, String)> {
+            if ok { Ok(()) } else { Err((key, reason())) }
+        }
+        let finite_pos = |x: f64| x.is_finite() && x > 0.0;
+        let o = &self.objective;
+        let t = &self.train;
+        let p = &self.optim;
+        let d = &self.data;
+        check(!self.name.trim().is_empty(), "name", || "must not be empty".into())?;
+        check(
+            self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            "name",
+            || format!("{:?}: use letters, digits, '-', '_' and '.' only", self.name),
+        )?;
+        check(finite_pos(o.beta), "objective.beta", || format!("must be > 0, found {}", o.beta))?;
+        check(
+            (0.0..0.5).contains(&o.label_smoothing),
+            "objective.label_smoothing",
+            || format!("must be in [0, 0.5), found {}", o.label_smoothing),
+        )?;
+        check(
+            o.label_smoothing == 0.0 || matches!(o.loss, Loss::Sigmoid | Loss::Robust),
+            "objective.label_smoothing",
+            || format!("only applies to the sigmoid and robust losses, not {:?}", o.loss).to_lowercase(),
+        )?;
+        check(o.nll_weight.is_finite() && o.nll_weight >= 0.0, "objective.nll_weight", || {
+            format!("must be >= 0, found {}", o.nll_weight)
+        })?;
+        check(
+            o.nll_weight == 0.0 || o.loss.is_pairwise(),
+            "objective.nll_weight",
+            || "only applies to pairwise losses (sigmoid, robust, ipo, hinge)".into(),
+        )?;
+        check(
+            o.negative_weight.is_finite() && o.negative_weight >= 0.0,
+            "objective.negative_weight",
+            || format!("must be >= 0, found {}", o.negative_weight),
+        )?;
+        check(
+            o.loss != Loss::Combined || d.negatives.is_some() || d.format == DataFormat::Labelled,
+            "data.negatives",
+            || "the combined loss needs negatives: a file, \"random\" or \"policy\" (or one labelled file with \"label\")".into(),
+        )?;
+        check(
+            matches!(self.reference.path.as_str(), "same" | "none") || !self.reference.path.trim().is_empty(),
+            "reference.path",
+            || "must be \"same\", \"none\" or a model directory".into(),
+        )?;
+        check(d.max_length >= 2, "data.max_length", || format!("must be >= 2, found {}", d.max_length))?;
+        check(d.max_prompt_length >= 1, "data.max_prompt_length", || {
+            format!("must be >= 1, found {}", d.max_prompt_length)
+        })?;
+        check(
+            d.max_prompt_length < d.max_length,
+            "data.max_prompt_length",
+            || format!("must be below data.max_length ({}), found {}", d.max_length, d.max_prompt_length),
+        )?;
+        check(finite_pos(p.lr), "optim.lr", || format!("must be > 0, found {}", p.lr))?;
+        check(p.weight_decay.is_finite() && p.weight_decay >= 0.0, "optim.weight_decay", || {
+            format!("must be >= 0, found {}", p.weight_decay)
+        })?;
+        check(
+            p.betas.iter().all(|b| (0.0..1.0).contains(b)),
+            "optim.betas",
+            || format!("both must be in [0, 1), found {:?}", p.betas),
+        )?;
+        check(finite_pos(p.eps), "optim.eps", || format!("must be > 0, found {}", p.eps))?;
+        check(p.max_grad_norm.is_finite() && p.max_grad_norm >= 0.0, "optim.max_grad_norm", || {
+            format!("must be >= 0 (0 = off), found {}", p.max_grad_norm)
+        })?;
+        check(t.global_batch_size >= 1, "train.global_batch_size", || "must be >= 1".into())?;
+        let m = self.micro_batch_size();
+        check(
+            m <= t.global_batch_size && t.global_batch_size % m == 0,
+            "train.micro_batch_size",
+            || format!("{m} must divide train.global_batch_size ({})", t.global_batch_size),
+        )?;
+        check(t.epochs >= 1 || t.max_steps >= 1, "train.epochs", || {
+            "must be >= 1 unless train.max_steps is set".into()
+        })?;
+        check(
+            p.warmup_steps == 0 || t.max_steps == 0 || p.warmup_steps <= t.max_steps,
+            "optim.warmup_steps",
+            || format!("{} exceeds train.max_steps ({})", p.warmup_steps, t.max_steps),
+        )?;
+        let c = &self.cluster;
+        check(c.min_workers >= 1, "cluster.min_workers", || "must be >= 1".into())?;
+        check(c.max_workers >= c.min_workers, "cluster.max_workers", || {
+            format!("must be >= cluster.min_workers ({})", c.min_workers)
+        })?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const MINIMAL: &str = r#"
+name = "tiny"
+[model]
+path = "model"
+[data]
+train = "train.jsonl"
+"#;
+
+    fn load(text: &str) -> Result<RunSpec, SpecError> {
+        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp");
+        f.write_all(text.as_bytes()).expect("write");
+        RunSpec::from_file(f.path())
+    }
+
+    fn err(text: &str) -> String {
+        load(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn minimal_spec_gets_trl_defaults_and_resolved_paths() {
+        let spec = load(MINIMAL).expect("valid");
+        assert_eq!(spec.objective.loss, Loss::Sigmoid);
+        assert_eq!(spec.objective.beta, 0.1);
+        assert_eq!(spec.optim.lr, 1e-6);
+        assert_eq!(spec.optim.schedule, Schedule::Linear);
+        assert_eq!(spec.data.truncation, Truncation::KeepEnd);
+        assert_eq!(spec.micro_batch_size(), 8);
+        assert!(spec.model.path.is_absolute(), "resolved against the spec's directory");
+        assert_eq!(spec.reference.path, "same");
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = err(&format!("{MINIMAL}\n[optim]\nlearning_rate = 0.1\n"));
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = err(&format!("{MINIMAL}\nbogus = 1\n"));
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let cases = [
+            ("[objective]\nbeta = 0.0", "objective.beta: must be > 0"),
+            ("[objective]\nlabel_smoothing = 0.5", "objective.label_smoothing: must be in [0, 0.5)"),
+            ("[objective]\nloss = \"ipo\"\nlabel_smoothing = 0.1", "objective.label_smoothing: only applies"),
+            ("[objective]\nloss = \"combined\"", "data.negatives: the combined loss needs negatives"),
+            ("[train]\nglobal_batch_size = 8\nmicro_batch_size = 3", "train.micro_batch_size: 3 must divide"),
+            ("[optim]\nbetas = [0.9, 1.5]", "optim.betas: both must be in [0, 1)"),
+            ("[optim]\nlr = -1.0", "optim.lr: must be > 0"),
+        ];
+        for (extra, want) in cases {
+            let e = err(&format!("{MINIMAL}\n{extra}\n"));
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
+        let e = err(&format!("{MINIMAL}\n[objective]\nloss = \"kto\"\n"));
+        assert!(e.contains("kto") && e.contains("sigmoid"), "{e}");
+        let e = err(&format!("{MINIMAL}\n[optim]\nlr = \"fast\"\n"));
+        assert!(e.contains("lr") || e.contains("fast"), "{e}");
+    }
+}
