@@ -1,11 +1,15 @@
-//! Datasets for dpo-cluster: reading preference files, validating every line, and
-//! turning text into token ids with the model's own tokenizer — shared by the
-//! coordinator (which tokenizes once) and the worker (which scores and trains).
+//! Datasets for dpo-cluster: reading preference and labelled/negative files,
+//! validating every line, turning text into token ids with the model's own
+//! tokenizer, truncation and data order — shared by the coordinator (which
+//! tokenizes once) and the worker (which scores and trains).
 
 mod error;
+pub mod examples;
 pub mod pairs;
+pub mod rng;
 pub mod tokenizer;
 
 pub use error::{Error, Result};
+pub use examples::{Example, LabelledRecord, Truncation};
 pub use pairs::{Pair, PairFormat, Record, TokenizedPair, read_pairs, tokenize_pairs};
 pub use tokenizer::TextTokenizer;
