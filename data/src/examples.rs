@@ -79,7 +79,9 @@ pub fn read_labelled(path: &Path, skip_bad: bool) -> Result<(Vec<LabelledRecord>
             reason,
         };
         let parsed = match line {
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => Err(bad("not valid UTF-8".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Err(bad("not valid UTF-8".into()))
+            }
             Err(source) => {
                 return Err(Error::Io {
                     path: path.to_path_buf(),
@@ -169,12 +171,18 @@ pub fn join_labelled(
         out.push(Example {
             line: r.line,
             prompt: tokenizer.encode_prompt(&r.prompt).map_err(at(r.line))?,
-            chosen: Some(tokenizer.encode_response(&r.completion).map_err(at(r.line))?),
+            chosen: Some(
+                tokenizer
+                    .encode_response(&r.completion)
+                    .map_err(at(r.line))?,
+            ),
             rejected: Vec::new(),
         });
     }
     for r in negatives {
-        let response = tokenizer.encode_response(&r.completion).map_err(at(r.line))?;
+        let response = tokenizer
+            .encode_response(&r.completion)
+            .map_err(at(r.line))?;
         let key = join_key(r);
         match by_key.get(&key) {
             Some(&i) => out[i].rejected.push(response),
@@ -193,7 +201,10 @@ pub fn join_labelled(
 }
 
 /// Splits one mixed file (`"label": true|false`) into labelled and negatives.
-pub fn split_by_label(path: &Path, records: Vec<LabelledRecord>) -> Result<(Vec<LabelledRecord>, Vec<LabelledRecord>)> {
+pub fn split_by_label(
+    path: &Path,
+    records: Vec<LabelledRecord>,
+) -> Result<(Vec<LabelledRecord>, Vec<LabelledRecord>)> {
     let mut pos = Vec::new();
     let mut neg = Vec::new();
     for r in records {
@@ -323,9 +334,17 @@ mod tests {
         };
         let mut e = ex(6, 3, 6);
         assert!(keep_end.apply(&mut e));
-        assert_eq!(e.prompt, vec![2, 3, 4, 5], "keep_end keeps the prompt's end");
+        assert_eq!(
+            e.prompt,
+            vec![2, 3, 4, 5],
+            "keep_end keeps the prompt's end"
+        );
         assert_eq!(e.chosen, Some(vec![100, 101, 102]), "fits, untouched");
-        assert_eq!(e.rejected, vec![vec![200, 201, 202, 203]], "cut to max_length");
+        assert_eq!(
+            e.rejected,
+            vec![vec![200, 201, 202, 203]],
+            "cut to max_length"
+        );
 
         let keep_start = Truncation {
             keep_end: false,
@@ -349,7 +368,14 @@ mod tests {
     #[test]
     fn random_negatives_are_other_labels() {
         let labelled: Vec<_> = (0..200)
-            .map(|i| rec(i + 1, None, &format!("q{i}"), ["pos", "neg", "neutral"][i % 3]))
+            .map(|i| {
+                rec(
+                    i + 1,
+                    None,
+                    &format!("q{i}"),
+                    ["pos", "neg", "neutral"][i % 3],
+                )
+            })
             .collect();
         let negs = random_negatives(&labelled, 3);
         assert_eq!(negs.len(), 200);

@@ -11,5 +11,7 @@ pub mod tokenizer;
 
 pub use error::{Error, Result};
 pub use examples::{Example, LabelledRecord, Truncation};
-pub use pairs::{Pair, PairFormat, Record, TokenizedPair, read_pairs, tokenize_pairs};
+pub use pairs::{
+    Pair, PairFormat, Record, TokenizedPair, read_pairs, read_pairs_skipping, tokenize_pairs,
+};
 pub use tokenizer::TextTokenizer;

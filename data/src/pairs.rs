@@ -157,6 +157,16 @@ fn parse_pair(obj: &Map<String, Value>, format: PairFormat) -> std::result::Resu
 /// Reads every pair of a JSON-lines file. Blank lines are skipped; any other line
 /// that is not a valid pair of the file's format fails the whole read.
 pub fn read_pairs(path: &Path, format: PairFormat) -> Result<Vec<Record<Pair>>> {
+    read_pairs_skipping(path, format, false).map(|(pairs, _)| pairs)
+}
+
+/// As [`read_pairs`]; with `skip_bad`, malformed lines are returned as errors
+/// beside the valid pairs instead of failing the read.
+pub fn read_pairs_skipping(
+    path: &Path,
+    format: PairFormat,
+    skip_bad: bool,
+) -> Result<(Vec<Record<Pair>>, Vec<Error>)> {
     let io = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -165,16 +175,50 @@ pub fn read_pairs(path: &Path, format: PairFormat) -> Result<Vec<Record<Pair>>> 
     let mut format = format;
     let mut format_line = 0usize;
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {
         let n = i + 1;
-        let line = line.map_err(|e| match e.kind() {
-            std::io::ErrorKind::InvalidData => line_err(path, n, "not valid UTF-8"),
-            _ => io(e),
-        })?;
+        let line = match line {
+            Ok(line) => line,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let e = line_err(path, n, "not valid UTF-8");
+                if skip_bad {
+                    skipped.push(e);
+                    continue;
+                }
+                return Err(e);
+            }
+            Err(e) => return Err(io(e)),
+        };
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(&line)
+        match parse_line(path, n, &line, &mut format, &mut format_line) {
+            Ok(pair) => out.push(Record {
+                line: n,
+                value: pair,
+            }),
+            Err(e) if skip_bad => skipped.push(e),
+            Err(e) => return Err(e),
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::File {
+            path: path.to_path_buf(),
+            reason: "no pairs in file".into(),
+        });
+    }
+    Ok((out, skipped))
+}
+
+fn parse_line(
+    path: &Path,
+    n: usize,
+    line: &str,
+    format: &mut PairFormat,
+    format_line: &mut usize,
+) -> Result<Pair> {
+        let value: Value = serde_json::from_str(line)
             .map_err(|e| line_err(path, n, format!("invalid JSON: {e}")))?;
         let Value::Object(obj) = value else {
             return Err(line_err(
@@ -184,18 +228,18 @@ pub fn read_pairs(path: &Path, format: PairFormat) -> Result<Vec<Record<Pair>>> 
             ));
         };
         let detected = detect(&obj).map_err(|r| line_err(path, n, r))?;
-        match format {
+        match *format {
             PairFormat::Auto => {
-                format = detected;
-                format_line = n;
+                *format = detected;
+                *format_line = n;
             }
             f if f != detected => {
                 let what = |f: PairFormat| match f {
                     PairFormat::Tokens => "pre-tokenized",
                     _ => "text",
                 };
-                let since = if format_line > 0 {
-                    format!(" like line {format_line}")
+                let since = if *format_line > 0 {
+                    format!(" like line {}", *format_line)
                 } else {
                     " as requested".to_string()
                 };
@@ -211,19 +255,8 @@ pub fn read_pairs(path: &Path, format: PairFormat) -> Result<Vec<Record<Pair>>> 
             }
             _ => {}
         }
-        let pair = parse_pair(&obj, format).map_err(|r| line_err(path, n, r))?;
-        out.push(Record {
-            line: n,
-            value: pair,
-        });
+        parse_pair(&obj, *format).map_err(|r| line_err(path, n, r))
     }
-    if out.is_empty() {
-        return Err(Error::File {
-            path: path.to_path_buf(),
-            reason: "no pairs in file".into(),
-        });
-    }
-    Ok(out)
 }
 
 /// Turns pairs into token ids. Text pairs need `tokenizer`; pre-tokenized pairs are

@@ -3,6 +3,6 @@
 pub mod spec;
 
 pub use spec::{
-    ClusterSpec, DataFormat, DataSpec, Dtype, Loss, ModelSpec, ObjectiveSpec, OptimSpec, OptimizerName,
-    ReferenceSpec, RunSpec, Schedule, SpecError, TrainSpec, Truncation,
+    ClusterSpec, DataFormat, DataSpec, Dtype, Loss, ModelSpec, ObjectiveSpec, OptimSpec,
+    OptimizerName, ReferenceSpec, RunSpec, Schedule, SpecError, TrainSpec, Truncation,
 };

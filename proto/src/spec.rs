@@ -320,11 +320,12 @@ impl RunSpec {
             .map_err(|e| read_err(explain(&e.to_string())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         spec.resolve_paths(base);
-        spec.validate().map_err(|(key, reason)| SpecError::Invalid {
-            path: path.to_path_buf(),
-            key,
-            reason,
-        })?;
+        spec.validate()
+            .map_err(|(key, reason)| SpecError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                reason,
+            })?;
         Ok(spec)
     }
 
@@ -340,8 +341,13 @@ impl RunSpec {
             fix(e);
         }
         fix(&mut self.train.output);
-        if !matches!(self.reference.path.as_str(), "same" | "none") && Path::new(&self.reference.path).is_relative() {
-            self.reference.path = base.join(&self.reference.path).to_string_lossy().into_owned();
+        if !matches!(self.reference.path.as_str(), "same" | "none")
+            && Path::new(&self.reference.path).is_relative()
+        {
+            self.reference.path = base
+                .join(&self.reference.path)
+                .to_string_lossy()
+                .into_owned();
         }
         if let Some(n) = self.data.negatives.as_mut()
             && !matches!(n.as_str(), "random" | "policy")
@@ -361,7 +367,11 @@ impl RunSpec {
 
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
-        fn check(ok: bool, key: &'static str, reason: impl FnOnce() -> String) -> Result<(), (&'static str, String)> {
+        fn check(
+            ok: bool,
+            key: &'static str,
+            reason: impl FnOnce() -> String,
+        ) -> Result<(), (&'static str, String)> {
             if ok { Ok(()) } else { Err((key, reason())) }
         }
         let finite_pos = |x: f64| x.is_finite() && x > 0.0;
@@ -369,13 +379,24 @@ impl RunSpec {
         let t = &self.train;
         let p = &self.optim;
         let d = &self.data;
-        check(!self.name.trim().is_empty(), "name", || "must not be empty".into())?;
+        check(!self.name.trim().is_empty(), "name", || {
+            "must not be empty".into()
+        })?;
         check(
-            self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
+            self.name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)),
             "name",
-            || format!("{:?}: use letters, digits, '-', '_' and '.' only", self.name),
+            || {
+                format!(
+                    "{:?}: use letters, digits, '-', '_' and '.' only",
+                    self.name
+                )
+            },
         )?;
-        check(finite_pos(o.beta), "objective.beta", || format!("must be > 0, found {}", o.beta))?;
+        check(finite_pos(o.beta), "objective.beta", || {
+            format!("must be > 0, found {}", o.beta)
+        })?;
         check(
             (0.0..0.5).contains(&o.label_smoothing),
             "objective.label_smoothing",
@@ -384,11 +405,19 @@ impl RunSpec {
         check(
             o.label_smoothing == 0.0 || matches!(o.loss, Loss::Sigmoid | Loss::Robust),
             "objective.label_smoothing",
-            || format!("only applies to the sigmoid and robust losses, not {:?}", o.loss).to_lowercase(),
+            || {
+                format!(
+                    "only applies to the sigmoid and robust losses, not {:?}",
+                    o.loss
+                )
+                .to_lowercase()
+            },
         )?;
-        check(o.nll_weight.is_finite() && o.nll_weight >= 0.0, "objective.nll_weight", || {
-            format!("must be >= 0, found {}", o.nll_weight)
-        })?;
+        check(
+            o.nll_weight.is_finite() && o.nll_weight >= 0.0,
+            "objective.nll_weight",
+            || format!("must be >= 0, found {}", o.nll_weight),
+        )?;
         check(
             o.nll_weight == 0.0 || o.loss.is_pairwise(),
             "objective.nll_weight",
@@ -402,41 +431,66 @@ impl RunSpec {
         check(
             o.loss != Loss::Combined || d.negatives.is_some() || d.format == DataFormat::Labelled,
             "data.negatives",
-            || "the combined loss needs negatives: a file, \"random\" or \"policy\" (or one labelled file with \"label\")".into(),
+            || {
+                "the combined loss needs negatives: a file, \"random\" or \"policy\" (or one labelled file with \"label\")".into()
+            },
         )?;
         check(
-            matches!(self.reference.path.as_str(), "same" | "none") || !self.reference.path.trim().is_empty(),
+            matches!(self.reference.path.as_str(), "same" | "none")
+                || !self.reference.path.trim().is_empty(),
             "reference.path",
             || "must be \"same\", \"none\" or a model directory".into(),
         )?;
-        check(d.max_length >= 2, "data.max_length", || format!("must be >= 2, found {}", d.max_length))?;
+        check(d.max_length >= 2, "data.max_length", || {
+            format!("must be >= 2, found {}", d.max_length)
+        })?;
         check(d.max_prompt_length >= 1, "data.max_prompt_length", || {
             format!("must be >= 1, found {}", d.max_prompt_length)
         })?;
         check(
             d.max_prompt_length < d.max_length,
             "data.max_prompt_length",
-            || format!("must be below data.max_length ({}), found {}", d.max_length, d.max_prompt_length),
+            || {
+                format!(
+                    "must be below data.max_length ({}), found {}",
+                    d.max_length, d.max_prompt_length
+                )
+            },
         )?;
-        check(finite_pos(p.lr), "optim.lr", || format!("must be > 0, found {}", p.lr))?;
-        check(p.weight_decay.is_finite() && p.weight_decay >= 0.0, "optim.weight_decay", || {
-            format!("must be >= 0, found {}", p.weight_decay)
+        check(finite_pos(p.lr), "optim.lr", || {
+            format!("must be > 0, found {}", p.lr)
         })?;
+        check(
+            p.weight_decay.is_finite() && p.weight_decay >= 0.0,
+            "optim.weight_decay",
+            || format!("must be >= 0, found {}", p.weight_decay),
+        )?;
         check(
             p.betas.iter().all(|b| (0.0..1.0).contains(b)),
             "optim.betas",
             || format!("both must be in [0, 1), found {:?}", p.betas),
         )?;
-        check(finite_pos(p.eps), "optim.eps", || format!("must be > 0, found {}", p.eps))?;
-        check(p.max_grad_norm.is_finite() && p.max_grad_norm >= 0.0, "optim.max_grad_norm", || {
-            format!("must be >= 0 (0 = off), found {}", p.max_grad_norm)
+        check(finite_pos(p.eps), "optim.eps", || {
+            format!("must be > 0, found {}", p.eps)
         })?;
-        check(t.global_batch_size >= 1, "train.global_batch_size", || "must be >= 1".into())?;
+        check(
+            p.max_grad_norm.is_finite() && p.max_grad_norm >= 0.0,
+            "optim.max_grad_norm",
+            || format!("must be >= 0 (0 = off), found {}", p.max_grad_norm),
+        )?;
+        check(t.global_batch_size >= 1, "train.global_batch_size", || {
+            "must be >= 1".into()
+        })?;
         let m = self.micro_batch_size();
         check(
             m <= t.global_batch_size && t.global_batch_size % m == 0,
             "train.micro_batch_size",
-            || format!("{m} must divide train.global_batch_size ({})", t.global_batch_size),
+            || {
+                format!(
+                    "{m} must divide train.global_batch_size ({})",
+                    t.global_batch_size
+                )
+            },
         )?;
         check(t.epochs >= 1 || t.max_steps >= 1, "train.epochs", || {
             "must be >= 1 unless train.max_steps is set".into()
@@ -444,13 +498,22 @@ impl RunSpec {
         check(
             p.warmup_steps == 0 || t.max_steps == 0 || p.warmup_steps <= t.max_steps,
             "optim.warmup_steps",
-            || format!("{} exceeds train.max_steps ({})", p.warmup_steps, t.max_steps),
+            || {
+                format!(
+                    "{} exceeds train.max_steps ({})",
+                    p.warmup_steps, t.max_steps
+                )
+            },
         )?;
         let c = &self.cluster;
-        check(c.min_workers >= 1, "cluster.min_workers", || "must be >= 1".into())?;
-        check(c.max_workers >= c.min_workers, "cluster.max_workers", || {
-            format!("must be >= cluster.min_workers ({})", c.min_workers)
+        check(c.min_workers >= 1, "cluster.min_workers", || {
+            "must be >= 1".into()
         })?;
+        check(
+            c.max_workers >= c.min_workers,
+            "cluster.max_workers",
+            || format!("must be >= cluster.min_workers ({})", c.min_workers),
+        )?;
         Ok(())
     }
 }
@@ -475,7 +538,9 @@ fn explain(message: &str) -> String {
         let (value, rest) = rest.split_once(" for key `")?;
         let key = rest.split('`').next()?;
         let allowed = ENUMS.iter().find(|(n, _)| *n == name)?.1;
-        Some(format!("{key}: unknown value {value:?} (expected one of {allowed})"))
+        Some(format!(
+            "{key}: unknown value {value:?} (expected one of {allowed})"
+        ))
     })();
     parsed.unwrap_or_else(|| message.to_string())
 }
@@ -494,7 +559,10 @@ train = "train.jsonl"
 "#;
 
     fn load(text: &str) -> Result<RunSpec, SpecError> {
-        let mut f = tempfile::Builder::new().suffix(".toml").tempfile().expect("temp");
+        let mut f = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp");
         f.write_all(text.as_bytes()).expect("write");
         RunSpec::from_file(f.path())
     }
@@ -512,7 +580,10 @@ train = "train.jsonl"
         assert_eq!(spec.optim.schedule, Schedule::Linear);
         assert_eq!(spec.data.truncation, Truncation::KeepEnd);
         assert_eq!(spec.micro_batch_size(), 8);
-        assert!(spec.model.path.is_absolute(), "resolved against the spec's directory");
+        assert!(
+            spec.model.path.is_absolute(),
+            "resolved against the spec's directory"
+        );
         assert_eq!(spec.reference.path, "same");
     }
 
@@ -528,11 +599,26 @@ train = "train.jsonl"
     fn bad_values_name_the_key() {
         let cases = [
             ("[objective]\nbeta = 0.0", "objective.beta: must be > 0"),
-            ("[objective]\nlabel_smoothing = 0.5", "objective.label_smoothing: must be in [0, 0.5)"),
-            ("[objective]\nloss = \"ipo\"\nlabel_smoothing = 0.1", "objective.label_smoothing: only applies"),
-            ("[objective]\nloss = \"combined\"", "data.negatives: the combined loss needs negatives"),
-            ("[train]\nglobal_batch_size = 8\nmicro_batch_size = 3", "train.micro_batch_size: 3 must divide"),
-            ("[optim]\nbetas = [0.9, 1.5]", "optim.betas: both must be in [0, 1)"),
+            (
+                "[objective]\nlabel_smoothing = 0.5",
+                "objective.label_smoothing: must be in [0, 0.5)",
+            ),
+            (
+                "[objective]\nloss = \"ipo\"\nlabel_smoothing = 0.1",
+                "objective.label_smoothing: only applies",
+            ),
+            (
+                "[objective]\nloss = \"combined\"",
+                "data.negatives: the combined loss needs negatives",
+            ),
+            (
+                "[train]\nglobal_batch_size = 8\nmicro_batch_size = 3",
+                "train.micro_batch_size: 3 must divide",
+            ),
+            (
+                "[optim]\nbetas = [0.9, 1.5]",
+                "optim.betas: both must be in [0, 1)",
+            ),
             ("[optim]\nlr = -1.0", "optim.lr: must be > 0"),
         ];
         for (extra, want) in cases {
@@ -546,6 +632,5 @@ train = "train.jsonl"
         );
         let e = err(&format!("{MINIMAL}\n[optim]\nlr = \"fast\"\n"));
         assert!(e.contains("optim.lr"), "{e}");
-
     }
 }

@@ -5,6 +5,8 @@
 pub mod error;
 pub mod logps;
 pub mod model;
+pub mod objective;
+pub mod optim;
 pub mod score;
 
 pub use error::{Error, Result};

@@ -409,7 +409,8 @@ mod tests {
 
     #[test]
     fn unsupported_model_type_is_named() {
-        let err = parse(&format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).expect_err("must be rejected");
+        let err =
+            parse(&format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).expect_err("must be rejected");
         let msg = err.to_string();
         assert!(
             msg.contains("m/config.json") && msg.contains("\"gpt2\""),
@@ -438,7 +439,9 @@ mod tests {
         .expect_err("must be rejected")
         .to_string();
         assert!(msg.contains("\"yarn\" is not supported"), "{msg}");
-        let msg = parse("{not json").expect_err("must be rejected").to_string();
+        let msg = parse("{not json")
+            .expect_err("must be rejected")
+            .to_string();
         assert!(msg.starts_with("m/config.json: invalid JSON"), "{msg}");
     }
 

@@ -1,0 +1,441 @@
+//! The objective family of DESIGN.md over per-sequence log-probabilities.
+//!
+//! Pairwise losses (`sigmoid`/cDPO, `robust`, `ipo`, `hinge`, each `+ nll_weight`
+//! for RPO) use `Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l))`;
+//! `sft` is the mean token NLL of labelled responses; `combined` adds
+//! `negative_weight` × the token-level unlikelihood `−Σ log(1 − p)` of negatives.
+//!
+//! Every term is normalised over the *global* batch — per-pair losses divided by the
+//! number of pairs in it, token terms by its number of tokens — so that summing the
+//! micro-batch losses (gradient accumulation) gives exactly the loss, and gradient,
+//! of one forward over the whole global batch.
+
+use dpo_data::Example;
+use dpo_proto::{Loss, ObjectiveSpec};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Result, TorchContext};
+use crate::logps::{SequenceBatch, token_logps};
+use crate::model::CausalLm;
+
+type TchResult<T> = std::result::Result<T, tch::TchError>;
+
+/// Smallest `1 − p` the unlikelihood term sees, so a negative token the model is
+/// certain of gives a large but finite loss.
+pub const UNLIKELIHOOD_FLOOR: f64 = 1e-6;
+
+/// A micro-batch laid out as sequences: labelled (chosen) sequences first, then
+/// negative (rejected) ones. For pairwise losses pair `i` is sequences `i` and `n + i`.
+#[derive(Debug)]
+pub struct MicroBatch {
+    pub batch: SequenceBatch,
+    /// Number of examples in the micro-batch.
+    pub examples: usize,
+    /// Sequences `0..chosen` are labelled responses.
+    pub chosen: usize,
+    /// Sequences `chosen..chosen + rejected` are negatives.
+    pub rejected: usize,
+    pub pairwise: bool,
+}
+
+impl MicroBatch {
+    /// `pairwise`: every example must be a pair. Otherwise negatives are included
+    /// only when `with_negatives` (the combined loss).
+    pub fn new(
+        examples: &[&Example],
+        pairwise: bool,
+        with_negatives: bool,
+        device: Device,
+    ) -> Result<Self> {
+        let mut seqs: Vec<(&[u32], &[u32])> = Vec::new();
+        for ex in examples {
+            if let Some(c) = &ex.chosen {
+                seqs.push((&ex.prompt, c));
+            }
+        }
+        let chosen = seqs.len();
+        if pairwise || with_negatives {
+            for ex in examples {
+                let take = if pairwise { 1 } else { ex.rejected.len() };
+                for r in ex.rejected.iter().take(take) {
+                    seqs.push((&ex.prompt, r));
+                }
+            }
+        }
+        let rejected = seqs.len() - chosen;
+        Ok(MicroBatch {
+            batch: SequenceBatch::new(&seqs, device)?,
+            examples: examples.len(),
+            chosen,
+            rejected,
+            pairwise,
+        })
+    }
+}
+
+/// Per-sequence results of one forward pass.
+#[derive(Debug)]
+pub struct SequenceScores {
+    /// Σ log p over response tokens, `[n]`, differentiable.
+    pub sums: Tensor,
+    /// Response tokens per sequence, `[n]` f32.
+    pub counts: Tensor,
+    /// Per-token log-probabilities, zero outside responses, `[n, seq − 1]`.
+    pub token_logps: Tensor,
+    /// 1.0 on response tokens, `[n, seq − 1]`.
+    pub mask: Tensor,
+}
+
+/// Runs `model` on the micro-batch and scores every sequence.
+pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
+    let b = &mb.batch;
+    let logits = model.forward(&b.input_ids, Some(&b.attention_mask))?;
+    let l = b.input_ids.size().get(1).copied().unwrap_or(0);
+    // Position i predicts token i + 1; padding targets are id 0 and masked out.
+    let shifted = logits.f_narrow(1, 0, l - 1).op("shift logits")?;
+    let targets = b.input_ids.f_narrow(1, 1, l - 1).op("shift targets")?;
+    let mask = b
+        .response_mask
+        .f_narrow(1, 1, l - 1)
+        .and_then(|m| m.f_to_kind(Kind::Float))
+        .op("response mask")?;
+    let per_token = token_logps(&shifted, &targets)?
+        .f_mul(&mask)
+        .op("mask log-probabilities")?;
+    let sums = per_token
+        .f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)
+        .op("sum log-probabilities")?;
+    let counts = mask
+        .f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)
+        .op("count tokens")?;
+    Ok(SequenceScores {
+        sums,
+        counts,
+        token_logps: per_token,
+        mask,
+    })
+}
+
+/// Global-batch totals each term is divided by.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Normalizer {
+    /// Pairs (pairwise losses) or examples in the global batch.
+    pub examples: f64,
+    /// Labelled (chosen) response tokens in the global batch.
+    pub chosen_tokens: f64,
+    /// Negative response tokens in the global batch.
+    pub negative_tokens: f64,
+}
+
+impl Normalizer {
+    /// Totals of a global batch as the objective will see it.
+    pub fn of(examples: &[&Example], objective: &Objective) -> Self {
+        let mut n = Normalizer {
+            examples: examples.len() as f64,
+            ..Default::default()
+        };
+        for ex in examples {
+            n.chosen_tokens += ex.chosen.as_ref().map_or(0, Vec::len) as f64;
+            if objective.loss == Loss::Combined {
+                n.negative_tokens += ex.rejected.iter().map(Vec::len).sum::<usize>() as f64;
+            }
+        }
+        n
+    }
+}
+
+/// Sums for the metrics of a step, accumulated over micro-batches.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// The objective's value (micro-batch contributions already normalised).
+    pub loss: f64,
+    pub pairs: f64,
+    pub chosen_rewards: f64,
+    pub rejected_rewards: f64,
+    pub correct: f64,
+    pub margins: f64,
+    pub chosen_seqs: f64,
+    pub rejected_seqs: f64,
+    pub chosen_logps: f64,
+    pub rejected_logps: f64,
+    /// Σ token NLL of labelled responses and their token count.
+    pub nll: f64,
+    pub nll_tokens: f64,
+    /// Σ token unlikelihood of negatives and their token count.
+    pub unlikelihood: f64,
+    pub unlikelihood_tokens: f64,
+    /// All tokens processed (prompt + responses, no padding).
+    pub tokens: f64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.loss += o.loss;
+        self.pairs += o.pairs;
+        self.chosen_rewards += o.chosen_rewards;
+        self.rejected_rewards += o.rejected_rewards;
+        self.correct += o.correct;
+        self.margins += o.margins;
+        self.chosen_seqs += o.chosen_seqs;
+        self.rejected_seqs += o.rejected_seqs;
+        self.chosen_logps += o.chosen_logps;
+        self.rejected_logps += o.rejected_logps;
+        self.nll += o.nll;
+        self.nll_tokens += o.nll_tokens;
+        self.unlikelihood += o.unlikelihood;
+        self.unlikelihood_tokens += o.unlikelihood_tokens;
+        self.tokens += o.tokens;
+    }
+
+    /// TRL's metric names and values.
+    pub fn metrics(&self, objective: &Objective) -> Vec<(&'static str, f64)> {
+        let mean = |s: f64, n: f64| if n > 0.0 { s / n } else { 0.0 };
+        let mut m = vec![("loss", self.loss)];
+        if objective.loss.is_pairwise() {
+            m.extend([
+                ("rewards/chosen", mean(self.chosen_rewards, self.pairs)),
+                ("rewards/rejected", mean(self.rejected_rewards, self.pairs)),
+                ("rewards/accuracies", mean(self.correct, self.pairs)),
+                ("rewards/margins", mean(self.margins, self.pairs)),
+            ]);
+        }
+        m.push(("logps/chosen", mean(self.chosen_logps, self.chosen_seqs)));
+        if self.rejected_seqs > 0.0 {
+            m.push((
+                "logps/rejected",
+                mean(self.rejected_logps, self.rejected_seqs),
+            ));
+        }
+        if self.nll_tokens > 0.0 {
+            m.push(("nll_loss", mean(self.nll, self.nll_tokens)));
+        }
+        if self.unlikelihood_tokens > 0.0 {
+            m.push((
+                "unlikelihood_loss",
+                mean(self.unlikelihood, self.unlikelihood_tokens),
+            ));
+        }
+        m
+    }
+}
+
+/// A configured objective.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Objective {
+    pub loss: Loss,
+    pub beta: f64,
+    pub label_smoothing: f64,
+    pub nll_weight: f64,
+    pub negative_weight: f64,
+}
+
+impl Objective {
+    pub fn from_spec(spec: &ObjectiveSpec) -> Self {
+        Objective {
+            loss: spec.loss,
+            beta: spec.beta,
+            label_smoothing: spec.label_smoothing,
+            nll_weight: spec.nll_weight,
+            negative_weight: spec.negative_weight,
+        }
+    }
+
+    /// Pairwise losses compare against a reference model.
+    pub fn needs_reference(&self) -> bool {
+        self.loss.is_pairwise()
+    }
+
+    /// IPO works on log-probabilities averaged over response tokens (as TRL).
+    pub fn length_normalized(&self) -> bool {
+        self.loss == Loss::Ipo
+    }
+
+    /// Per-pair loss from `x = Δ` (policy minus reference log-ratio), `[n]`.
+    pub fn pair_losses(&self, x: &Tensor) -> TchResult<Tensor> {
+        let (b, e) = (self.beta, self.label_smoothing);
+        let bx = x.f_mul_scalar(b)?;
+        let logsig_pos = bx.f_log_sigmoid()?;
+        let logsig_neg = bx.f_neg()?.f_log_sigmoid()?;
+        match self.loss {
+            Loss::Sigmoid => logsig_pos
+                .f_mul_scalar(-(1.0 - e))?
+                .f_sub(&logsig_neg.f_mul_scalar(e)?),
+            Loss::Robust => logsig_pos
+                .f_mul_scalar(-(1.0 - e))?
+                .f_add(&logsig_neg.f_mul_scalar(e)?)?
+                .f_div_scalar(1.0 - 2.0 * e),
+            Loss::Ipo => x.f_sub_scalar(1.0 / (2.0 * b))?.f_square(),
+            Loss::Hinge => bx.f_neg()?.f_add_scalar(1.0)?.f_relu(),
+            Loss::Sft | Loss::Combined => x.f_zeros_like(),
+        }
+    }
+
+    /// The micro-batch's share of the global-batch loss (differentiable) and its
+    /// metric sums. `reference` holds reference Σ log p per sequence (`[n]`, no grad),
+    /// or `None` for reference-free training.
+    pub fn micro_batch_loss(
+        &self,
+        mb: &MicroBatch,
+        scores: &SequenceScores,
+        reference: Option<&Tensor>,
+        norm: &Normalizer,
+    ) -> Result<(Tensor, Stats)> {
+        let f = || -> TchResult<(Tensor, Stats)> {
+            let dev = scores.sums.device();
+            let mut stats = Stats {
+                tokens: mb
+                    .batch
+                    .attention_mask
+                    .f_sum(Kind::Float)?
+                    .f_double_value(&[])?,
+                ..Default::default()
+            };
+            let mut loss = Tensor::f_zeros([], (Kind::Float, dev))?;
+            let (c, r) = (mb.chosen as i64, mb.rejected as i64);
+            let chosen_sums = scores.sums.f_narrow(0, 0, c)?;
+            let rejected_sums = scores.sums.f_narrow(0, c, r)?;
+            stats.chosen_seqs = c as f64;
+            stats.rejected_seqs = r as f64;
+            stats.chosen_logps = chosen_sums.f_sum(Kind::Float)?.f_double_value(&[])?;
+            stats.rejected_logps = rejected_sums.f_sum(Kind::Float)?.f_double_value(&[])?;
+
+            // NLL of labelled tokens: needed by sft/combined and by RPO.
+            let chosen_nll = chosen_sums.f_sum(Kind::Float)?.f_neg()?;
+            if c > 0 && (!self.loss.is_pairwise() || self.nll_weight > 0.0) {
+                stats.nll = chosen_nll.f_double_value(&[])?;
+                stats.nll_tokens = scores
+                    .counts
+                    .f_narrow(0, 0, c)?
+                    .f_sum(Kind::Float)?
+                    .f_double_value(&[])?;
+            }
+
+            if self.loss.is_pairwise() {
+                let per_seq = if self.length_normalized() {
+                    scores.sums.f_div(&scores.counts)?
+                } else {
+                    scores.sums.shallow_clone()
+                };
+                let ref_seq = match reference {
+                    Some(t) if self.length_normalized() => t.f_div(&scores.counts)?,
+                    Some(t) => t.shallow_clone(),
+                    None => per_seq.f_zeros_like()?,
+                };
+                let pc = per_seq.f_narrow(0, 0, c)?;
+                let pr = per_seq.f_narrow(0, c, r)?;
+                let rc = ref_seq.f_narrow(0, 0, c)?;
+                let rr = ref_seq.f_narrow(0, c, r)?;
+                let chosen_logratio = pc.f_sub(&rc)?;
+                let rejected_logratio = pr.f_sub(&rr)?;
+                let delta = chosen_logratio.f_sub(&rejected_logratio)?;
+                let losses = self.pair_losses(&delta)?;
+                loss = loss.f_add(&losses.f_sum(Kind::Float)?.f_div_scalar(norm.examples)?)?;
+                if self.nll_weight > 0.0 && norm.chosen_tokens > 0.0 {
+                    loss = loss
+                        .f_add(&chosen_nll.f_mul_scalar(self.nll_weight / norm.chosen_tokens)?)?;
+                }
+                let cr = chosen_logratio.f_detach()?.f_mul_scalar(self.beta)?;
+                let rj = rejected_logratio.f_detach()?.f_mul_scalar(self.beta)?;
+                stats.pairs = c as f64;
+                stats.chosen_rewards = cr.f_sum(Kind::Float)?.f_double_value(&[])?;
+                stats.rejected_rewards = rj.f_sum(Kind::Float)?.f_double_value(&[])?;
+                stats.correct = cr
+                    .f_gt_tensor(&rj)?
+                    .f_sum(Kind::Float)?
+                    .f_double_value(&[])?;
+                stats.margins = cr.f_sub(&rj)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+                if self.length_normalized() {
+                    // logps/* follow the values the loss used, as TRL reports them.
+                    stats.chosen_logps = pc.f_sum(Kind::Float)?.f_double_value(&[])?;
+                    stats.rejected_logps = pr.f_sum(Kind::Float)?.f_double_value(&[])?;
+                }
+            } else {
+                if norm.chosen_tokens > 0.0 {
+                    loss = loss.f_add(&chosen_nll.f_div_scalar(norm.chosen_tokens)?)?;
+                }
+                if self.loss == Loss::Combined && r > 0 && norm.negative_tokens > 0.0 {
+                    // −Σ log(1 − p) over negative tokens.
+                    let neg_logps = scores.token_logps.f_narrow(0, c, r)?;
+                    let neg_mask = scores.mask.f_narrow(0, c, r)?;
+                    let one_minus_p = neg_logps
+                        .f_exp()?
+                        .f_neg()?
+                        .f_add_scalar(1.0)?
+                        .f_clamp_min(UNLIKELIHOOD_FLOOR)?;
+                    let ul = one_minus_p
+                        .f_log()?
+                        .f_mul(&neg_mask)?
+                        .f_sum(Kind::Float)?
+                        .f_neg()?;
+                    stats.unlikelihood = ul.f_double_value(&[])?;
+                    stats.unlikelihood_tokens = neg_mask.f_sum(Kind::Float)?.f_double_value(&[])?;
+                    loss =
+                        loss.f_add(&ul.f_mul_scalar(self.negative_weight / norm.negative_tokens)?)?;
+                }
+            }
+            stats.loss = loss.f_double_value(&[])?;
+            Ok((loss, stats))
+        };
+        f().op("objective")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(loss: Loss, beta: f64, eps: f64) -> Objective {
+        Objective {
+            loss,
+            beta,
+            label_smoothing: eps,
+            nll_weight: 0.0,
+            negative_weight: 1.0,
+        }
+    }
+
+    fn ls(x: f64) -> f64 {
+        // log σ(x)
+        -(1.0 + (-x).exp()).ln()
+    }
+
+    /// Each pairwise loss against its formula evaluated by hand.
+    #[test]
+    fn pair_losses_match_the_papers_formulas() {
+        let xs = [-3.0, -0.5, 0.0, 0.7, 4.0];
+        let x = Tensor::from_slice(&xs).to_kind(Kind::Float);
+        let (b, e) = (0.3, 0.1);
+        let cases: Vec<(Objective, Box<dyn Fn(f64) -> f64>)> = vec![
+            (obj(Loss::Sigmoid, b, 0.0), Box::new(move |d| -ls(b * d))),
+            (
+                obj(Loss::Sigmoid, b, e),
+                Box::new(move |d| -(1.0 - e) * ls(b * d) - e * ls(-b * d)),
+            ),
+            (
+                obj(Loss::Robust, b, e),
+                Box::new(move |d| (-(1.0 - e) * ls(b * d) + e * ls(-b * d)) / (1.0 - 2.0 * e)),
+            ),
+            (
+                obj(Loss::Ipo, b, 0.0),
+                Box::new(move |d| (d - 1.0 / (2.0 * b)).powi(2)),
+            ),
+            (
+                obj(Loss::Hinge, b, 0.0),
+                Box::new(move |d| (1.0 - b * d).max(0.0)),
+            ),
+        ];
+        for (o, formula) in cases {
+            let got = Vec::<f64>::try_from(o.pair_losses(&x).expect("loss").to_kind(Kind::Double))
+                .expect("vec");
+            for (d, g) in xs.iter().zip(got) {
+                let want = formula(*d);
+                assert!(
+                    (g - want).abs() < 1e-5,
+                    "{:?} eps {} at Δ={d}: {g} vs {want}",
+                    o.loss,
+                    o.label_smoothing
+                );
+            }
+        }
+    }
+}
