@@ -218,45 +218,44 @@ fn parse_line(
     format: &mut PairFormat,
     format_line: &mut usize,
 ) -> Result<Pair> {
-        let value: Value = serde_json::from_str(line)
-            .map_err(|e| line_err(path, n, format!("invalid JSON: {e}")))?;
-        let Value::Object(obj) = value else {
+    let value: Value =
+        serde_json::from_str(line).map_err(|e| line_err(path, n, format!("invalid JSON: {e}")))?;
+    let Value::Object(obj) = value else {
+        return Err(line_err(
+            path,
+            n,
+            format!("expected a JSON object, found {}", kind(&value)),
+        ));
+    };
+    let detected = detect(&obj).map_err(|r| line_err(path, n, r))?;
+    match *format {
+        PairFormat::Auto => {
+            *format = detected;
+            *format_line = n;
+        }
+        f if f != detected => {
+            let what = |f: PairFormat| match f {
+                PairFormat::Tokens => "pre-tokenized",
+                _ => "text",
+            };
+            let since = if *format_line > 0 {
+                format!(" like line {}", *format_line)
+            } else {
+                " as requested".to_string()
+            };
             return Err(line_err(
                 path,
                 n,
-                format!("expected a JSON object, found {}", kind(&value)),
+                format!(
+                    "expected a {} pair{since}, found a {} pair",
+                    what(f),
+                    what(detected)
+                ),
             ));
-        };
-        let detected = detect(&obj).map_err(|r| line_err(path, n, r))?;
-        match *format {
-            PairFormat::Auto => {
-                *format = detected;
-                *format_line = n;
-            }
-            f if f != detected => {
-                let what = |f: PairFormat| match f {
-                    PairFormat::Tokens => "pre-tokenized",
-                    _ => "text",
-                };
-                let since = if *format_line > 0 {
-                    format!(" like line {}", *format_line)
-                } else {
-                    " as requested".to_string()
-                };
-                return Err(line_err(
-                    path,
-                    n,
-                    format!(
-                        "expected a {} pair{since}, found a {} pair",
-                        what(f),
-                        what(detected)
-                    ),
-                ));
-            }
-            _ => {}
         }
-        parse_pair(&obj, *format).map_err(|r| line_err(path, n, r))
+        _ => {}
     }
+    parse_pair(&obj, *format).map_err(|r| line_err(path, n, r))
 }
 
 /// Turns pairs into token ids. Text pairs need `tokenizer`; pre-tokenized pairs are
