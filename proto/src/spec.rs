@@ -429,13 +429,6 @@ impl RunSpec {
             || format!("must be >= 0, found {}", o.negative_weight),
         )?;
         check(
-            o.loss != Loss::Combined || d.negatives.is_some() || d.format == DataFormat::Labelled,
-            "data.negatives",
-            || {
-                "the combined loss needs negatives: a file, \"random\" or \"policy\" (or one labelled file with \"label\")".into()
-            },
-        )?;
-        check(
             matches!(self.reference.path.as_str(), "same" | "none")
                 || !self.reference.path.trim().is_empty(),
             "reference.path",
@@ -606,10 +599,6 @@ train = "train.jsonl"
             (
                 "[objective]\nloss = \"ipo\"\nlabel_smoothing = 0.1",
                 "objective.label_smoothing: only applies",
-            ),
-            (
-                "[objective]\nloss = \"combined\"",
-                "data.negatives: the combined loss needs negatives",
             ),
             (
                 "[train]\nglobal_batch_size = 8\nmicro_batch_size = 3",

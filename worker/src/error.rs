@@ -51,6 +51,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Data(#[from] dpo_data::Error),
+    #[error("halted after step {step} (fault injection)")]
+    Halted { step: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -2,12 +2,14 @@
 //! log-probabilities, and the `score` pipeline. Training and cluster membership
 //! build on these.
 
+pub mod dataset;
 pub mod error;
 pub mod logps;
 pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod score;
+pub mod train;
 
 pub use error::{Error, Result};
 

@@ -1,4 +1,5 @@
-//! `dpo-worker`: the worker binary. Today: `score` (offline log-probabilities).
+//! `dpo-worker`: the worker binary — `train` (standalone training from a run
+//! spec) and `score` (offline log-probabilities).
 
 use std::path::PathBuf;
 
@@ -22,6 +23,27 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Train on one machine from a run spec (TOML; DPO__SECTION__KEY variables
+    /// override its keys). Writes metrics.jsonl, eval.jsonl, checkpoints/ and final/
+    /// under train.output.
+    Train {
+        /// The run spec.
+        #[arg(long)]
+        config: PathBuf,
+        /// Continue from the newest checkpoint under train.output.
+        #[arg(long)]
+        resume: bool,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto", value_parser = dpo_worker::parse_device)]
+        device: Device,
+        /// Print one JSON summary line at the end instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Fault injection for tests: exit with status 86, as if killed, right after
+        /// this step (and its checkpoint) is written.
+        #[arg(long, hide = true)]
+        halt_after_step: Option<u64>,
+    },
     /// Compute log-probabilities of preference pairs: one JSON line per input pair
     /// with chosen_logps, rejected_logps (sums over response tokens), chosen_tokens,
     /// rejected_tokens; with --reference also ref_*_logps and implicit rewards.
@@ -74,6 +96,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     match cli.command {
+        Command::Train {
+            config,
+            resume,
+            device,
+            json,
+            halt_after_step,
+        } => train(&config, resume, device, json, halt_after_step)?,
         Command::Score {
             model,
             data,
@@ -126,6 +155,125 @@ fn main() -> anyhow::Result<()> {
             }
             eprintln!("{line}");
         }
+    }
+    Ok(())
+}
+
+fn metric(m: &[(String, f64)], key: &str) -> Option<f64> {
+    m.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
+}
+
+fn train(
+    config: &std::path::Path,
+    resume: bool,
+    device: Device,
+    json: bool,
+    halt_after_step: Option<u64>,
+) -> anyhow::Result<()> {
+    use dpo_worker::train::{Event, TrainOptions, Trainer};
+
+    let spec = dpo_proto::RunSpec::from_file(config)?;
+    tracing::info!(run = %spec.name, loss = ?spec.objective.loss, output = %spec.train.output.display(), "starting");
+    let opts = TrainOptions {
+        resume,
+        device,
+        halt_after_step,
+    };
+    let mut trainer =
+        Trainer::new(spec, &opts).with_context(|| format!("preparing run {}", config.display()))?;
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    let log_every = std::cell::Cell::new(1u64);
+    let result = trainer.run(&mut |event| match event {
+        Event::Started {
+            start_step,
+            total_steps,
+            train,
+            eval,
+        } => {
+            bar.set_length(total_steps);
+            bar.set_position(start_step);
+            log_every.set((total_steps / 20).max(1));
+            tracing::info!(
+                examples = train.examples,
+                eval_examples = eval.map_or(0, |e| e.examples),
+                start_step,
+                total_steps,
+                "training"
+            );
+        }
+        Event::Step { step, metrics, .. } => {
+            bar.set_position(step);
+            let loss = metric(metrics, "loss").unwrap_or(f64::NAN);
+            let msg = match metric(metrics, "rewards/accuracies") {
+                Some(acc) => format!("loss {loss:.4} acc {acc:.2}"),
+                None => format!("loss {loss:.4}"),
+            };
+            bar.set_message(msg);
+            if bar.is_hidden() && step % log_every.get() == 0 {
+                tracing::info!(step, loss, "step");
+            }
+        }
+        Event::Eval { step, metrics } => {
+            let loss = metric(metrics, "eval_loss").unwrap_or(f64::NAN);
+            bar.suspend(|| tracing::info!(step, eval_loss = loss, "eval"));
+        }
+        Event::Checkpoint { step, path } => {
+            bar.suspend(|| tracing::info!(step, path = %path.display(), "checkpoint"));
+        }
+    });
+    bar.finish_and_clear();
+    let summary = match result {
+        Err(dpo_worker::Error::Halted { step }) => {
+            eprintln!("halted after step {step} (fault injection)");
+            std::process::exit(86);
+        }
+        other => other?,
+    };
+    if json {
+        let as_obj = |m: &[(String, f64)]| {
+            serde_json::Value::Object(
+                m.iter()
+                    .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+                    .collect(),
+            )
+        };
+        let line = serde_json::json!({
+            "steps": summary.steps,
+            "seconds": summary.seconds,
+            "stopped_early": summary.stopped_early,
+            "output": summary.output,
+            "last": as_obj(&summary.last),
+            "eval": summary.eval.as_deref().map(as_obj),
+        });
+        println!("{line}");
+        return Ok(());
+    }
+    println!(
+        "trained {} steps in {:.1}s -> {}",
+        summary.steps,
+        summary.seconds,
+        summary.output.join("final").display()
+    );
+    let show = |m: &[(String, f64)]| {
+        m.iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "step" | "epoch" | "generation" | "world_size"))
+            .map(|(k, v)| format!("  {k:<24} {v:.6}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    println!("last step:\n{}", show(&summary.last));
+    if let Some(e) = &summary.eval {
+        println!("eval:\n{}", show(e));
+    }
+    if summary.stopped_early {
+        println!(
+            "stopped early: eval loss did not improve for train.early_stopping_patience evaluations"
+        );
     }
     Ok(())
 }

@@ -324,7 +324,42 @@ pub fn save(
     Ok(())
 }
 
-fn write_json(path: &Path, value: &Value) -> Result<()> {
+/// Writes named tensors as one safetensors file, atomically.
+pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut bytes: BTreeMap<&str, Bytes> = BTreeMap::new();
+    for (name, t) in tensors {
+        bytes.insert(name, tensor_bytes(name, t)?);
+    }
+    let metadata = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
+    let data = safetensors::tensor::serialize(bytes.iter().map(|(n, b)| (*n, b)), metadata)
+        .map_err(|e| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    write_atomically(path, &data)
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let mut out = BTreeMap::new();
+    for (name, view) in file.iter() {
+        let kind = kind_of(view.dtype()).ok_or_else(|| Error::Safetensors {
+            path: path.to_path_buf(),
+            reason: format!("tensor {name}: unsupported dtype {:?}", view.dtype()),
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        let t = Tensor::f_from_data_size(view.data(), &shape, kind).op("reading tensor")?;
+        out.insert(name.to_string(), t);
+    }
+    Ok(out)
+}
+
+pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
     let mut text = serde_json::to_string_pretty(value).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,

@@ -71,6 +71,9 @@ pub struct ModelConfig {
     pub sliding_windows: Vec<Option<i64>>,
     pub bos_token_id: Option<i64>,
     pub eos_token_ids: Vec<i64>,
+    /// transformers builds the embedding with `padding_idx = pad_token_id`: that
+    /// row receives no gradient from the input side. We do the same.
+    pub pad_token_id: Option<i64>,
     /// The parsed `config.json`, kept so a saved checkpoint carries every key.
     pub raw: Value,
 }
@@ -100,6 +103,7 @@ struct RawConfig {
     layer_types: Option<Vec<String>>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+    pad_token_id: Option<Value>,
 }
 
 impl ModelConfig {
@@ -227,6 +231,11 @@ impl ModelConfig {
             sliding_windows,
             bos_token_id: raw.bos_token_id.as_ref().and_then(Value::as_i64),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            pad_token_id: raw
+                .pad_token_id
+                .as_ref()
+                .and_then(Value::as_i64)
+                .filter(|&id| (0..vocab_size).contains(&id)),
             raw: raw_value,
         })
     }

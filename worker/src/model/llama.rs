@@ -360,7 +360,8 @@ impl CausalLm {
             .masks(b, l, attention_mask)
             .op("forward: attention mask")?;
         let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
-        let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, -1, false, false)
+        let padding_idx = self.config.pad_token_id.unwrap_or(-1);
+        let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
             .op("embed_tokens")?;
         for layer in &self.layers {
             xs = layer.forward(&xs, &cos, &sin, &masks)?;

@@ -1,0 +1,239 @@
+//! Assembles the train and eval examples of a run from its spec: detects or forces
+//! the file format, tokenizes, joins labelled examples with their negatives (a file,
+//! or generated), shapes examples for the objective, truncates, and checks every
+//! token id against the model's vocabulary. Whatever is dropped is counted.
+
+use std::path::Path;
+
+use dpo_data::examples::{self, Example, Truncation as Cut};
+use dpo_data::{PairFormat, TextTokenizer};
+use dpo_proto::{DataFormat, Loss, RunSpec, Truncation};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// What happened to one data file on its way to examples.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct DataReport {
+    pub file: String,
+    pub format: String,
+    /// Examples ready for training.
+    pub examples: usize,
+    /// Malformed lines skipped (only with `data.skip_bad_lines`).
+    pub skipped_lines: usize,
+    /// Examples the objective cannot use (e.g. no negative for a pairwise loss).
+    pub unusable: usize,
+    /// Examples left with no response token after truncation.
+    pub truncated_away: usize,
+}
+
+fn peek_format(path: &Path) -> Result<DataFormat> {
+    use std::io::BufRead;
+    let file = std::fs::File::open(path).map_err(crate::error::io_err(path))?;
+    for line in std::io::BufReader::new(file).lines() {
+        let Ok(line) = line else { break };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Ok(serde_json::Value::Object(obj)) = serde_json::from_str::<serde_json::Value>(&line)
+        else {
+            break;
+        };
+        if obj.contains_key("completion") {
+            return Ok(DataFormat::Labelled);
+        }
+        if obj.contains_key("prompt_ids") {
+            return Ok(DataFormat::Tokens);
+        }
+        if matches!(obj.get("prompt"), Some(serde_json::Value::Array(_))) {
+            return Ok(DataFormat::Conversational);
+        }
+        return Ok(DataFormat::Text);
+    }
+    // Unreadable or empty: let the pair reader report it with its line.
+    Ok(DataFormat::Text)
+}
+
+fn format_name(f: DataFormat) -> &'static str {
+    match f {
+        DataFormat::Auto => "auto",
+        DataFormat::Text => "text",
+        DataFormat::Conversational => "conversational",
+        DataFormat::Tokens => "tokens",
+        DataFormat::Labelled => "labelled",
+    }
+}
+
+/// Loads one data file (`train` or `eval`) of the run as examples.
+pub fn load(
+    spec: &RunSpec,
+    path: &Path,
+    tokenizer: Option<&TextTokenizer>,
+    vocab_size: i64,
+    is_train: bool,
+) -> Result<(Vec<Example>, DataReport)> {
+    let format = match spec.data.format {
+        DataFormat::Auto => peek_format(path)?,
+        f => f,
+    };
+    let mut report = DataReport {
+        file: path.display().to_string(),
+        format: format_name(format).into(),
+        ..Default::default()
+    };
+    let skip = spec.data.skip_bad_lines;
+    let need_tokenizer = || {
+        tokenizer.ok_or_else(|| Error::Input {
+            context: path.display().to_string(),
+            reason: "text data needs the model's tokenizer.json".into(),
+        })
+    };
+    let mut examples: Vec<Example> = match format {
+        DataFormat::Conversational => {
+            return Err(Error::Input {
+                context: path.display().to_string(),
+                reason: "conversational data (message lists) is not supported yet; render it to text pairs".into(),
+            });
+        }
+        DataFormat::Text | DataFormat::Tokens | DataFormat::Auto => {
+            let forced = match format {
+                DataFormat::Text => PairFormat::Text,
+                DataFormat::Tokens => PairFormat::Tokens,
+                _ => PairFormat::Auto,
+            };
+            let (records, skipped) = dpo_data::read_pairs_skipping(path, forced, skip)?;
+            log_skipped(&skipped);
+            report.skipped_lines = skipped.len();
+            let has_text = records
+                .iter()
+                .any(|r| matches!(r.value, dpo_data::Pair::Text { .. }));
+            let tok = if has_text {
+                Some(need_tokenizer()?)
+            } else {
+                None
+            };
+            dpo_data::tokenize_pairs(path, records, tok)?
+                .into_iter()
+                .map(Example::from)
+                .collect()
+        }
+        DataFormat::Labelled => {
+            let tok = need_tokenizer()?;
+            let (records, skipped) = examples::read_labelled(path, skip)?;
+            log_skipped(&skipped);
+            report.skipped_lines = skipped.len();
+            let mixed = records.iter().any(|r| r.label.is_some());
+            let (labelled, mut negatives) = if mixed {
+                examples::split_by_label(path, records)?
+            } else {
+                (records, Vec::new())
+            };
+            match spec.data.negatives.as_deref() {
+                None => {}
+                Some("random") => {
+                    negatives.extend(examples::random_negatives(&labelled, spec.data.seed))
+                }
+                Some("policy") => {
+                    return Err(Error::Input {
+                        context: "data.negatives".into(),
+                        reason: "\"policy\" (negatives sampled from the reference model) is not supported yet; use a file or \"random\"".into(),
+                    });
+                }
+                Some(file) => {
+                    let (neg, skipped) = examples::read_labelled(Path::new(file), skip)?;
+                    log_skipped(&skipped);
+                    report.skipped_lines += skipped.len();
+                    negatives.extend(neg);
+                }
+            }
+            let mut joined = examples::join_labelled(path, &labelled, &negatives, tok)?;
+            if !is_train {
+                // Negatives of the train split that matched no eval example stay out of eval.
+                joined.retain(|e| e.chosen.is_some());
+            }
+            joined
+        }
+    };
+
+    // Shape for the objective.
+    let before = examples.len();
+    match spec.objective.loss {
+        l if l.is_pairwise() => {
+            let (pairs, unusable) = examples::into_pairs(examples);
+            examples = pairs;
+            report.unusable = unusable;
+        }
+        Loss::Sft => {
+            examples.retain(|e| e.chosen.is_some());
+            report.unusable = before - examples.len();
+        }
+        _ => {}
+    }
+
+    let cut = Cut {
+        max_length: spec.data.max_length,
+        max_prompt_length: spec.data.max_prompt_length,
+        keep_end: spec.data.truncation == Truncation::KeepEnd,
+    };
+    let before = examples.len();
+    examples.retain_mut(|e| cut.apply(e));
+    if spec.objective.loss.is_pairwise() {
+        // A pair whose rejected response was truncated away is no longer a pair.
+        examples.retain(Example::is_pair);
+    }
+    report.truncated_away = before - examples.len();
+
+    for e in &examples {
+        if let Some(id) = e.ids().find(|&t| i64::from(t) >= vocab_size) {
+            return Err(Error::Input {
+                context: format!("{}:{}", path.display(), e.line),
+                reason: format!(
+                    "token id {id} is out of range for a model with vocab_size {vocab_size}"
+                ),
+            });
+        }
+    }
+    if spec.objective.loss == Loss::Combined
+        && is_train
+        && examples.iter().all(|e| e.rejected.is_empty())
+    {
+        return Err(Error::Input {
+            context: "data.negatives".into(),
+            reason: format!(
+                "the combined loss needs negative examples and {} has none: give preference pairs, \
+                 a negatives file, \"random\", or labelled lines with \"label\": false",
+                path.display()
+            ),
+        });
+    }
+    report.examples = examples.len();
+    if examples.is_empty() {
+        return Err(Error::Input {
+            context: path.display().to_string(),
+            reason: format!(
+                "no usable examples for the {:?} loss ({} unusable, {} truncated away)",
+                spec.objective.loss, report.unusable, report.truncated_away
+            )
+            .to_lowercase(),
+        });
+    }
+    if report.unusable > 0 || report.truncated_away > 0 || report.skipped_lines > 0 {
+        tracing::warn!(
+            file = %path.display(),
+            unusable = report.unusable,
+            truncated_away = report.truncated_away,
+            skipped_lines = report.skipped_lines,
+            "examples dropped"
+        );
+    }
+    Ok((examples, report))
+}
+
+fn log_skipped(skipped: &[dpo_data::Error]) {
+    for e in skipped.iter().take(5) {
+        tracing::warn!("skipped: {e}");
+    }
+    if skipped.len() > 5 {
+        tracing::warn!("skipped {} more bad lines", skipped.len() - 5);
+    }
+}

@@ -1,0 +1,717 @@
+//! The standalone trainer behind `dpo-worker train --config run.toml`.
+//!
+//! One optimizer step consumes exactly `global_batch_size` examples, taken in the
+//! seeded per-epoch order; they are split into micro-batches whose losses are
+//! normalised over the global batch, so accumulation equals one big batch. Chosen
+//! and rejected sequences of a micro-batch go through the model in one forward.
+//! Checkpoints hold everything needed to continue bit-exactly: weights, optimizer
+//! moments, step (which fixes the data cursor, since the order is a function of seed
+//! and epoch) and early-stopping state, with a checksummed manifest, written under a
+//! temporary name, fsynced and renamed.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dpo_data::{Example, TextTokenizer};
+use dpo_proto::{Dtype, Loss, RunSpec};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind, Tensor};
+
+use crate::dataset::{self, DataReport};
+use crate::error::{Error, Result, TorchContext, io_err};
+use crate::model::{CausalLm, checkpoint};
+use crate::objective::{self, MicroBatch, Normalizer, Objective, Stats};
+use crate::optim::{Optimizer, learning_rate};
+
+/// Shards above this size are split, as transformers does by default.
+const MAX_SHARD_BYTES: u64 = 5 * 1024 * 1024 * 1024;
+
+/// Named metric values in the order they are reported.
+pub type Metrics = Vec<(String, f64)>;
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint under `train.output`.
+    pub resume: bool,
+    pub device: Device,
+    /// Fault injection for tests: stop like a crash (no final model) once this step
+    /// and its checkpoint are written.
+    pub halt_after_step: Option<u64>,
+}
+
+/// Progress reported to the caller (progress bar, logs).
+#[derive(Debug)]
+pub enum Event<'a> {
+    Started {
+        start_step: u64,
+        total_steps: u64,
+        train: &'a DataReport,
+        eval: Option<&'a DataReport>,
+    },
+    Step {
+        step: u64,
+        total_steps: u64,
+        metrics: &'a Metrics,
+    },
+    Eval {
+        step: u64,
+        metrics: &'a Metrics,
+    },
+    Checkpoint {
+        step: u64,
+        path: &'a Path,
+    },
+}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub last: Metrics,
+    pub eval: Option<Metrics>,
+    pub stopped_early: bool,
+    pub output: PathBuf,
+    pub seconds: f64,
+}
+
+/// Reference log-probabilities per sequence.
+enum Reference {
+    /// Reference-free: log π_ref = 0.
+    Free,
+    /// A frozen model scored alongside the policy.
+    Model(CausalLm),
+    /// Precomputed `[chosen, rejected]` sums per example of each split.
+    Cached {
+        train: Vec<[f64; 2]>,
+        eval: Vec<[f64; 2]>,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Train,
+    Eval,
+}
+
+fn kind_of(d: Dtype) -> Kind {
+    match d {
+        Dtype::F32 => Kind::Float,
+        Dtype::Bf16 => Kind::BFloat16,
+        Dtype::F16 => Kind::Half,
+    }
+}
+
+/// A run being trained.
+pub struct Trainer {
+    spec: RunSpec,
+    halt_after_step: Option<u64>,
+    objective: Objective,
+    policy: CausalLm,
+    reference: Reference,
+    optimizer: Optimizer,
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    train_report: DataReport,
+    eval_report: Option<DataReport>,
+    steps_per_epoch: u64,
+    total_steps: u64,
+    start_step: u64,
+    best_eval: Option<f64>,
+    bad_evals: u64,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("run", &self.spec.name)
+            .field("start_step", &self.start_step)
+            .field("total_steps", &self.total_steps)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// Loads the model(s) and data, prepares the output directory, and restores the
+    /// newest checkpoint when `opts.resume`.
+    pub fn new(spec: RunSpec, opts: &TrainOptions) -> Result<Self> {
+        let kind = kind_of(spec.model.dtype);
+        let objective = Objective::from_spec(&spec.objective);
+        let policy = checkpoint::load(&spec.model.path, kind, opts.device)?;
+        let vocab = policy.config().vocab_size;
+        let tokenizer = match TextTokenizer::from_dir(&spec.model.path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::debug!("no tokenizer: {e}");
+                None
+            }
+        };
+        let (train, train_report) =
+            dataset::load(&spec, &spec.data.train, tokenizer.as_ref(), vocab, true)?;
+        let (eval, eval_report) = match &spec.data.eval {
+            Some(path) => {
+                let (e, r) = dataset::load(&spec, path, tokenizer.as_ref(), vocab, false)?;
+                (e, Some(r))
+            }
+            None => (Vec::new(), None),
+        };
+        let g = spec.train.global_batch_size as u64;
+        let steps_per_epoch = train.len() as u64 / g;
+        if steps_per_epoch == 0 {
+            return Err(Error::Input {
+                context: "train.global_batch_size".into(),
+                reason: format!(
+                    "{g} exceeds the {} usable training examples of {}",
+                    train.len(),
+                    spec.data.train.display()
+                ),
+            });
+        }
+        let total_steps = match spec.train.max_steps {
+            0 => spec.train.epochs * steps_per_epoch,
+            n => n,
+        };
+
+        let reference = if !objective.needs_reference() || spec.reference.path == "none" {
+            Reference::Free
+        } else {
+            let dir = match spec.reference.path.as_str() {
+                "same" => spec.model.path.clone(),
+                other => PathBuf::from(other),
+            };
+            let model = checkpoint::load(&dir, kind, opts.device)?;
+            if model.config().vocab_size != vocab {
+                return Err(Error::Config {
+                    path: dir.join("config.json"),
+                    reason: "the reference model's vocab_size differs from the policy's".into(),
+                });
+            }
+            Reference::Model(model)
+        };
+
+        let mut params: Vec<(String, Tensor)> =
+            policy.var_store().variables().into_iter().collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let optimizer = Optimizer::new(&spec.optim, params);
+
+        let mut trainer = Trainer {
+            spec,
+            halt_after_step: opts.halt_after_step,
+            objective,
+            policy,
+            reference,
+            optimizer,
+            train,
+            eval,
+            train_report,
+            eval_report,
+            steps_per_epoch,
+            total_steps,
+            start_step: 0,
+            best_eval: None,
+            bad_evals: 0,
+        };
+        trainer.prepare_output(opts.resume)?;
+        if trainer.spec.reference.precompute {
+            trainer.precompute_reference()?;
+        }
+        Ok(trainer)
+    }
+
+    fn output(&self) -> &Path {
+        &self.spec.train.output
+    }
+
+    fn checkpoints_dir(&self) -> PathBuf {
+        self.output().join("checkpoints")
+    }
+
+    /// Creates the output directory, refusing to mix two runs in one directory.
+    fn prepare_output(&mut self, resume: bool) -> Result<()> {
+        let out = self.output().to_path_buf();
+        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        let latest = latest_checkpoint(&self.checkpoints_dir())?;
+        let metrics = out.join("metrics.jsonl");
+        if resume {
+            if let Some((step, dir)) = latest {
+                self.restore(step, &dir)?;
+                truncate_jsonl(&metrics, step)?;
+                truncate_jsonl(&out.join("eval.jsonl"), step)?;
+                tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
+            } else {
+                tracing::info!("no checkpoint to resume from; starting at step 0");
+                remove_if_exists(&metrics)?;
+                remove_if_exists(&out.join("eval.jsonl"))?;
+            }
+        } else if latest.is_some() || metrics.exists() {
+            return Err(Error::Input {
+                context: out.display().to_string(),
+                reason: "this output directory already holds a run: pass --resume to continue it, or set train.output to a new directory".into(),
+            });
+        }
+        let run = json!({
+            "spec": serde_json::to_value(&self.spec).unwrap_or(Value::Null),
+            "data": {"train": &self.train_report, "eval": &self.eval_report},
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+        });
+        checkpoint::write_json(&out.join("run.json"), &run)
+    }
+
+    fn restore(&mut self, step: u64, dir: &Path) -> Result<()> {
+        verify_manifest(dir)?;
+        checkpoint::load_weights(&self.policy, &dir.join("model"))?;
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
+        let state: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: state_path.clone(),
+            source,
+        })?;
+        let optim_path = dir.join("optimizer.safetensors");
+        let tensors = checkpoint::read_tensors(&optim_path)?;
+        let device = self.policy.device();
+        let tensors = tensors
+            .into_iter()
+            .map(|(k, t)| t.f_to_device(device).map(|t| (k, t)))
+            .collect::<std::result::Result<BTreeMap<_, _>, _>>()
+            .op("optimizer state to device")?;
+        self.optimizer.load_state(step, tensors)?;
+        self.start_step = step;
+        self.best_eval = state.get("best_eval_loss").and_then(Value::as_f64);
+        self.bad_evals = state
+            .get("evals_without_improvement")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        Ok(())
+    }
+
+    /// Scores every train and eval example once with the reference model.
+    fn precompute_reference(&mut self) -> Result<()> {
+        let Reference::Model(model) = &self.reference else {
+            return Ok(());
+        };
+        let m = self.spec.micro_batch_size();
+        let score_all = |examples: &[Example]| -> Result<Vec<[f64; 2]>> {
+            let _guard = tch::no_grad_guard();
+            let mut out = Vec::with_capacity(examples.len());
+            for chunk in examples.chunks(m) {
+                let refs: Vec<&Example> = chunk.iter().collect();
+                let mb = MicroBatch::new(&refs, true, false, model.device())?;
+                let sums = objective::score(model, &mb)?.sums;
+                let v = Vec::<f64>::try_from(sums.f_to_kind(Kind::Double).op("reference")?)
+                    .op("reference")?;
+                let n = chunk.len();
+                out.extend((0..n).map(|i| [v[i], v[n + i]]));
+            }
+            Ok(out)
+        };
+        let t = Instant::now();
+        let train = score_all(&self.train)?;
+        let eval = score_all(&self.eval)?;
+        tracing::info!(
+            examples = train.len() + eval.len(),
+            seconds = t.elapsed().as_secs_f64(),
+            "precomputed reference log-probabilities"
+        );
+        self.reference = Reference::Cached { train, eval };
+        Ok(())
+    }
+
+    /// Reference sums for the micro-batch, laid out as its sequences.
+    fn reference_sums(
+        &self,
+        mb: &MicroBatch,
+        split: Split,
+        idx: &[usize],
+    ) -> Result<Option<Tensor>> {
+        match &self.reference {
+            Reference::Free => Ok(None),
+            Reference::Model(model) => {
+                let _guard = tch::no_grad_guard();
+                Ok(Some(objective::score(model, mb)?.sums))
+            }
+            Reference::Cached { train, eval } => {
+                let cache = if split == Split::Train { train } else { eval };
+                let v: Vec<f32> = idx
+                    .iter()
+                    .map(|&i| cache[i][0] as f32)
+                    .chain(idx.iter().map(|&i| cache[i][1] as f32))
+                    .collect();
+                Ok(Some(
+                    Tensor::f_from_slice(&v)
+                        .and_then(|t| t.f_to_device(self.policy.device()))
+                        .op("cached reference")?,
+                ))
+            }
+        }
+    }
+
+    /// Runs the examples `idx` of `split` as one global batch in micro-batches;
+    /// with `backward`, accumulates gradients.
+    fn run_batch(&self, split: Split, idx: &[usize], backward: bool) -> Result<Stats> {
+        let pool = if split == Split::Train {
+            &self.train
+        } else {
+            &self.eval
+        };
+        let examples: Vec<&Example> = idx.iter().map(|&i| &pool[i]).collect();
+        let norm = Normalizer::of(&examples, &self.objective);
+        let pairwise = self.objective.loss.is_pairwise();
+        let with_negatives = self.objective.loss == Loss::Combined;
+        let mut stats = Stats::default();
+        let m = self.spec.micro_batch_size();
+        for (chunk, chunk_idx) in examples.chunks(m).zip(idx.chunks(m)) {
+            let mb = MicroBatch::new(chunk, pairwise, with_negatives, self.policy.device())?;
+            let reference = self.reference_sums(&mb, split, chunk_idx)?;
+            let (loss, s) = if backward {
+                let scores = objective::score(&self.policy, &mb)?;
+                let (loss, s) =
+                    self.objective
+                        .micro_batch_loss(&mb, &scores, reference.as_ref(), &norm)?;
+                loss.f_backward().op("backward")?;
+                (loss, s)
+            } else {
+                let _guard = tch::no_grad_guard();
+                let scores = objective::score(&self.policy, &mb)?;
+                self.objective
+                    .micro_batch_loss(&mb, &scores, reference.as_ref(), &norm)?
+            };
+            drop(loss);
+            stats.add(&s);
+        }
+        Ok(stats)
+    }
+
+    fn evaluate(&self) -> Result<Option<Metrics>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let idx: Vec<usize> = (0..self.eval.len()).collect();
+        let stats = self.run_batch(Split::Eval, &idx, false)?;
+        Ok(Some(
+            stats
+                .metrics(&self.objective)
+                .into_iter()
+                .map(|(k, v)| (format!("eval_{k}"), v))
+                .collect(),
+        ))
+    }
+
+    /// Trains to the end (or early stop), reporting through `on_event`.
+    pub fn run(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
+        let started = Instant::now();
+        on_event(Event::Started {
+            start_step: self.start_step,
+            total_steps: self.total_steps,
+            train: &self.train_report,
+            eval: self.eval_report.as_ref(),
+        });
+        let out = self.output().to_path_buf();
+        let mut metrics_file = append(&out.join("metrics.jsonl"))?;
+        let mut eval_file = append(&out.join("eval.jsonl"))?;
+        let g = self.spec.train.global_batch_size;
+        let (seed, shuffle) = (self.spec.data.seed, self.spec.data.shuffle);
+        let mut order: Option<(u64, Vec<usize>)> = None;
+        let mut last: Metrics = Vec::new();
+        let mut last_eval = None;
+        let mut stopped_early = false;
+        let mut step = self.start_step;
+        while step < self.total_steps {
+            let t = Instant::now();
+            let epoch = step / self.steps_per_epoch;
+            let k = (step % self.steps_per_epoch) as usize;
+            if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+                order = Some((
+                    epoch,
+                    dpo_data::rng::epoch_order(self.train.len(), seed, epoch, shuffle),
+                ));
+            }
+            let idx: Vec<usize> = match &order {
+                Some((_, o)) => o[k * g..(k + 1) * g].to_vec(),
+                None => Vec::new(),
+            };
+            self.optimizer.zero_grad()?;
+            let stats = self.run_batch(Split::Train, &idx, true)?;
+            let grad_norm = self
+                .optimizer
+                .clip_grad_norm(self.spec.optim.max_grad_norm)?;
+            let o = &self.spec.optim;
+            let lr = learning_rate(o.schedule, o.lr, o.warmup_steps, step, self.total_steps);
+            self.optimizer.apply(lr)?;
+            step += 1;
+            if !stats.loss.is_finite() {
+                return Err(Error::Input {
+                    context: format!("step {step}"),
+                    reason: format!(
+                        "the loss is {} — lower optim.lr or check the data",
+                        stats.loss
+                    ),
+                });
+            }
+
+            let secs = t.elapsed().as_secs_f64();
+            let mut m: Metrics = vec![
+                ("step".into(), step as f64),
+                ("epoch".into(), step as f64 / self.steps_per_epoch as f64),
+                ("generation".into(), 0.0),
+                ("world_size".into(), 1.0),
+            ];
+            m.extend(
+                stats
+                    .metrics(&self.objective)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v)),
+            );
+            m.extend([
+                ("grad_norm".into(), grad_norm),
+                ("learning_rate".into(), lr),
+                ("tokens_per_second".into(), stats.tokens / secs.max(1e-9)),
+            ]);
+            write_line(&mut metrics_file, &out.join("metrics.jsonl"), &m)?;
+            on_event(Event::Step {
+                step,
+                total_steps: self.total_steps,
+                metrics: &m,
+            });
+            last = m;
+
+            let every = self.spec.train.eval_every;
+            if (every > 0 && step % every == 0) || step == self.total_steps {
+                if let Some(mut e) = self.evaluate()? {
+                    e.insert(0, ("step".into(), step as f64));
+                    write_line(&mut eval_file, &out.join("eval.jsonl"), &e)?;
+                    on_event(Event::Eval { step, metrics: &e });
+                    let loss = e.iter().find(|(k, _)| k == "eval_loss").map(|(_, v)| *v);
+                    if let Some(loss) = loss {
+                        if self.best_eval.is_none_or(|b| loss < b) {
+                            self.best_eval = Some(loss);
+                            self.bad_evals = 0;
+                        } else {
+                            self.bad_evals += 1;
+                        }
+                    }
+                    last_eval = Some(e);
+                    let patience = self.spec.train.early_stopping_patience;
+                    if patience > 0 && self.bad_evals >= patience && step < self.total_steps {
+                        tracing::info!(step, patience, best = ?self.best_eval, "early stopping: eval loss stopped improving");
+                        stopped_early = true;
+                    }
+                }
+            }
+            let ck = self.spec.train.checkpoint_every;
+            if ck > 0 && step % ck == 0 && step < self.total_steps && !stopped_early {
+                let dir = self.write_checkpoint(step)?;
+                on_event(Event::Checkpoint { step, path: &dir });
+            }
+            if stopped_early {
+                break;
+            }
+            if self.halt_after_step == Some(step) {
+                return Err(Error::Halted { step });
+            }
+        }
+        let final_dir = out.join("final");
+        checkpoint::save(
+            &self.policy,
+            &final_dir,
+            Some(&self.spec.model.path),
+            MAX_SHARD_BYTES,
+        )?;
+        Ok(Summary {
+            steps: step,
+            last,
+            eval: last_eval,
+            stopped_early,
+            output: out,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// Writes `checkpoints/step-N`: model, optimizer moments, trainer state and a
+    /// manifest of SHA-256 checksums — under a temporary name, fsynced, renamed.
+    fn write_checkpoint(&self, step: u64) -> Result<PathBuf> {
+        let root = self.checkpoints_dir();
+        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let tmp = root.join(format!(".step-{step}.tmp-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        checkpoint::save(
+            &self.policy,
+            &tmp.join("model"),
+            Some(&self.spec.model.path),
+            MAX_SHARD_BYTES,
+        )?;
+        checkpoint::write_tensors(&tmp.join("optimizer.safetensors"), &self.optimizer.state())?;
+        let epoch = step / self.steps_per_epoch;
+        let state = json!({
+            "step": step,
+            "data_cursor": {"epoch": epoch, "batch_in_epoch": step % self.steps_per_epoch, "seed": self.spec.data.seed},
+            "best_eval_loss": self.best_eval,
+            "evals_without_improvement": self.bad_evals,
+        });
+        checkpoint::write_json(&tmp.join("trainer_state.json"), &state)?;
+        let mut files = serde_json::Map::new();
+        for rel in list_files(&tmp)? {
+            files.insert(rel.clone(), Value::String(sha256_file(&tmp.join(&rel))?));
+        }
+        checkpoint::write_json(
+            &tmp.join("manifest.json"),
+            &json!({"step": step, "files": files}),
+        )?;
+        sync_dir(&tmp.join("model"))?;
+        sync_dir(&tmp)?;
+        let dir = root.join(format!("step-{step}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        sync_dir(&root)?;
+        tracing::info!(step, dir = %dir.display(), "checkpoint written");
+        Ok(dir)
+    }
+}
+
+fn remove_if_exists(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+fn append(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+fn write_line(file: &mut File, path: &Path, m: &Metrics) -> Result<()> {
+    let mut obj = serde_json::Map::new();
+    for (k, v) in m {
+        let value = if matches!(k.as_str(), "step" | "generation" | "world_size") {
+            json!(*v as u64)
+        } else {
+            json!(v)
+        };
+        obj.insert(k.clone(), value);
+    }
+    let mut line = Value::Object(obj).to_string();
+    line.push('\n');
+    file.write_all(line.as_bytes()).map_err(io_err(path))?;
+    file.flush().map_err(io_err(path))
+}
+
+/// Keeps only the lines of a metrics file whose `step` is at most `step`.
+fn truncate_jsonl(path: &Path, step: u64) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let file = File::open(path).map_err(io_err(path))?;
+    let mut kept = String::new();
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(io_err(path))?;
+        let keep = serde_json::from_str::<Value>(&line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(Value::as_u64))
+            .is_some_and(|s| s <= step);
+        if keep {
+            kept.push_str(&line);
+            kept.push('\n');
+        }
+    }
+    checkpoint::write_atomically(path, kept.as_bytes())
+}
+
+/// The newest `checkpoints/step-N` directory.
+pub fn latest_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
+    if !root.exists() {
+        return Ok(None);
+    }
+    let mut best: Option<(u64, PathBuf)> = None;
+    for entry in std::fs::read_dir(root).map_err(io_err(root))? {
+        let entry = entry.map_err(io_err(root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name
+            .strip_prefix("step-")
+            .and_then(|n| n.parse::<u64>().ok())
+            && best.as_ref().is_none_or(|(b, _)| n > *b)
+        {
+            best = Some((n, entry.path()));
+        }
+    }
+    Ok(best)
+}
+
+fn list_files(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).map_err(io_err(&d))? {
+            let path = entry.map_err(io_err(&d))?.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(rel) = path.strip_prefix(dir) {
+                out.push(rel.to_string_lossy().into_owned());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Checks every file listed in a checkpoint's manifest against its checksum.
+pub fn verify_manifest(dir: &Path) -> Result<()> {
+    let path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let manifest: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
+    let files = manifest
+        .get("files")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::Config {
+            path: path.clone(),
+            reason: "missing object files".into(),
+        })?;
+    for (rel, want) in files {
+        let got = sha256_file(&dir.join(rel))?;
+        if Some(got.as_str()) != want.as_str() {
+            return Err(Error::Config {
+                path: dir.join(rel),
+                reason: "checksum does not match the checkpoint manifest (corrupt or partial checkpoint)".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}

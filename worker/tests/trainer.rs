@@ -1,0 +1,420 @@
+//! `dpo-worker train` against an independent PyTorch implementation of every loss,
+//! exact resume after a crash, and run-spec errors.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{fixture, fixtures, python, read_jsonl, repo_root, tempdir};
+use dpo_worker::model::checkpoint::read_tensors;
+use serde_json::json;
+use tch::{Kind, Tensor};
+
+fn train(config: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(config)
+        .args(extra)
+        .output()
+        .expect("dpo-worker starts")
+}
+
+fn train_ok(config: &Path, extra: &[&str]) {
+    let out = train(config, extra);
+    assert!(
+        out.status.success(),
+        "dpo-worker train {} failed:\n{}",
+        config.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// One comparison case: our TOML sections and the reference script's parameters.
+struct Case {
+    name: &'static str,
+    loss: &'static str,
+    beta: f64,
+    label_smoothing: f64,
+    nll_weight: f64,
+    optimizer: &'static str,
+    lr: f64,
+    weight_decay: f64,
+    max_grad_norm: f64,
+    warmup_steps: u64,
+    schedule: &'static str,
+    reference: &'static str,
+    precompute: bool,
+}
+
+const BASE: Case = Case {
+    name: "",
+    loss: "sigmoid",
+    beta: 0.1,
+    label_smoothing: 0.0,
+    nll_weight: 0.0,
+    optimizer: "sgd",
+    lr: 2.0,
+    weight_decay: 0.0,
+    max_grad_norm: 0.0,
+    warmup_steps: 0,
+    schedule: "constant",
+    reference: "same",
+    precompute: false,
+};
+
+const STEPS: u64 = 3;
+const GLOBAL: usize = 4;
+
+fn write_spec(dir: &Path, model: &Path, data: &Path, c: &Case) -> PathBuf {
+    let spec = format!(
+        r#"name = "{name}"
+[model]
+path = "{model}"
+[reference]
+path = "{reference}"
+precompute = {precompute}
+[data]
+train = "{data}"
+shuffle = false
+max_length = 512
+max_prompt_length = 256
+[objective]
+loss = "{loss}"
+beta = {beta}
+label_smoothing = {ls}
+nll_weight = {nll}
+negative_weight = 0.5
+[optim]
+name = "{opt}"
+lr = {lr}
+weight_decay = {wd}
+max_grad_norm = {clip}
+schedule = "{schedule}"
+warmup_steps = {warmup}
+[train]
+max_steps = {STEPS}
+global_batch_size = {GLOBAL}
+micro_batch_size = 2
+output = "{out}"
+"#,
+        name = c.name,
+        model = model.display(),
+        reference = c.reference,
+        precompute = c.precompute,
+        data = data.display(),
+        loss = c.loss,
+        beta = c.beta,
+        ls = c.label_smoothing,
+        nll = c.nll_weight,
+        opt = c.optimizer,
+        lr = c.lr,
+        wd = c.weight_decay,
+        clip = c.max_grad_norm,
+        schedule = c.schedule,
+        warmup = c.warmup_steps,
+        out = dir.join(c.name).display(),
+    );
+    let path = dir.join(format!("{}.toml", c.name));
+    std::fs::write(&path, spec).expect("write spec");
+    path
+}
+
+fn max_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "same tensors"
+    );
+    a.iter()
+        .map(|(k, x)| {
+            (x.to_kind(Kind::Double) - b[k].to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn every_loss_matches_the_pytorch_reference() {
+    let model = fixture("qwen2"); // biases (no weight decay) and tied embeddings
+    let data = fixtures().join("pairs_tokens.jsonl");
+    let cases = [
+        Case {
+            name: "dpo",
+            ..BASE
+        },
+        Case {
+            name: "cdpo",
+            label_smoothing: 0.2,
+            ..BASE
+        },
+        Case {
+            name: "robust",
+            loss: "robust",
+            label_smoothing: 0.2,
+            ..BASE
+        },
+        Case {
+            name: "ipo",
+            loss: "ipo",
+            lr: 0.05,
+            ..BASE
+        },
+        Case {
+            name: "hinge",
+            loss: "hinge",
+            ..BASE
+        },
+        Case {
+            name: "rpo",
+            nll_weight: 0.5,
+            lr: 0.5,
+            ..BASE
+        },
+        Case {
+            name: "sft",
+            loss: "sft",
+            lr: 0.5,
+            ..BASE
+        },
+        Case {
+            name: "combined",
+            loss: "combined",
+            lr: 0.5,
+            ..BASE
+        },
+        Case {
+            name: "reference-free",
+            reference: "none",
+            ..BASE
+        },
+        Case {
+            name: "adamw",
+            optimizer: "adamw",
+            lr: 1e-3,
+            weight_decay: 0.1,
+            max_grad_norm: 0.5,
+            warmup_steps: 1,
+            schedule: "linear",
+            precompute: true,
+            ..BASE
+        },
+        Case {
+            name: "cosine-sgd-clip",
+            max_grad_norm: 0.05,
+            warmup_steps: 1,
+            schedule: "cosine",
+            weight_decay: 0.01,
+            precompute: true,
+            ..BASE
+        },
+    ];
+    let dir = tempdir();
+    let mut py_cases = Vec::new();
+    for c in &cases {
+        let spec = write_spec(dir.path(), &model, &data, c);
+        train_ok(&spec, &[]);
+        py_cases.push(json!({
+            "name": c.name, "loss": c.loss, "beta": c.beta, "label_smoothing": c.label_smoothing,
+            "nll_weight": c.nll_weight, "negative_weight": 0.5, "optimizer": c.optimizer, "lr": c.lr,
+            "weight_decay": c.weight_decay, "max_grad_norm": c.max_grad_norm,
+            "warmup_steps": c.warmup_steps,
+            "schedule": if c.schedule == "constant" { "constant_with_warmup" } else { c.schedule },
+            "steps": STEPS, "global_batch_size": GLOBAL, "reference_free": c.reference == "none",
+            "out": dir.path().join(format!("{}.reference.safetensors", c.name)),
+        }));
+    }
+    let cases_json = dir.path().join("cases.json");
+    std::fs::write(
+        &cases_json,
+        json!({"model": model, "data": data, "cases": py_cases}).to_string(),
+    )
+    .expect("write");
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/reference/dpo_reference.py"))
+        .arg(&cases_json)
+        .output()
+        .expect("python starts");
+    assert!(
+        out.status.success(),
+        "reference failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let initial = read_tensors(&model.join("model.safetensors")).expect("initial weights");
+    let ours = |name: &str| {
+        read_tensors(&dir.path().join(name).join("final/model.safetensors")).expect("weights")
+    };
+    // The added terms matter: unlikelihood changes SFT, the NLL term changes DPO.
+    assert!(max_diff(&ours("combined"), &ours("sft")) > 1e-4);
+    assert!(max_diff(&ours("rpo"), &ours("dpo")) > 1e-4);
+    assert!(max_diff(&ours("reference-free"), &ours("dpo")) > 1e-4);
+    for c in &cases {
+        let ours = read_tensors(&dir.path().join(c.name).join("final/model.safetensors"))
+            .expect("our weights");
+        let theirs = read_tensors(&dir.path().join(format!("{}.reference.safetensors", c.name)))
+            .expect("reference");
+        let moved = max_diff(&ours, &initial);
+        let diff = max_diff(&ours, &theirs);
+        eprintln!(
+            "{:>16}: weights moved {moved:.2e}, max |ours - pytorch| {diff:.2e}",
+            c.name
+        );
+        assert!(
+            moved > 1e-3,
+            "{}: training must move the weights well beyond the tolerance",
+            c.name
+        );
+        assert!(
+            diff <= 1e-5,
+            "{}: max weight difference {diff} > 1e-5",
+            c.name
+        );
+    }
+}
+
+fn metrics_steps(path: &Path) -> Vec<u64> {
+    read_jsonl(path)
+        .iter()
+        .map(|m| m["step"].as_u64().expect("step"))
+        .collect()
+}
+
+#[test]
+fn a_run_killed_after_a_checkpoint_resumes_to_the_same_weights() {
+    let model = fixture("llama");
+    let data = fixtures().join("pairs_tokens.jsonl");
+    let dir = tempdir();
+    let spec = |name: &str| {
+        let c = Case {
+            name: "x",
+            optimizer: "adamw",
+            lr: 1e-3,
+            weight_decay: 0.1,
+            max_grad_norm: 1.0,
+            warmup_steps: 1,
+            schedule: "linear",
+            ..BASE
+        };
+        let path = write_spec(dir.path(), &model, &data, &c);
+        // Shuffled, two epochs of three steps, checkpoints every two steps.
+        let text = std::fs::read_to_string(&path)
+            .expect("read")
+            .replace("shuffle = false", "shuffle = true\nseed = 5")
+            .replace(&format!("max_steps = {STEPS}"), "epochs = 2")
+            .replace(
+                "micro_batch_size = 2",
+                "micro_batch_size = 2\ncheckpoint_every = 2\neval_every = 2",
+            )
+            .replace(
+                &format!("\"{}\"", dir.path().join("x").display()),
+                &format!("\"{}\"", dir.path().join(name).display()),
+            );
+        let text = text.replacen(
+            "[data]\n",
+            &format!("[data]\neval = \"{}\"\n", data.display()),
+            1,
+        );
+        let p = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    let whole = spec("whole");
+    train_ok(&whole, &[]);
+
+    let crashed = spec("crashed");
+    let out = train(&crashed, &["--halt-after-step", "5"]);
+    assert_eq!(
+        out.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out_dir = dir.path().join("crashed");
+    assert!(
+        !out_dir.join("final").exists(),
+        "a crashed run has no final model"
+    );
+    assert_eq!(
+        metrics_steps(&out_dir.join("metrics.jsonl")),
+        vec![1, 2, 3, 4, 5]
+    );
+
+    // Without --resume the directory is refused rather than overwritten.
+    let out = train(&crashed, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("pass --resume"));
+
+    train_ok(&crashed, &["--resume"]);
+    assert_eq!(
+        metrics_steps(&out_dir.join("metrics.jsonl")),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(metrics_steps(&out_dir.join("eval.jsonl")), vec![2, 4, 6]);
+
+    let a = read_tensors(&dir.path().join("whole/final/model.safetensors")).expect("whole");
+    let b = read_tensors(&out_dir.join("final/model.safetensors")).expect("resumed");
+    for (name, t) in &a {
+        assert!(
+            t.equal(&b[name]),
+            "{name}: resumed weights differ from the uninterrupted run"
+        );
+    }
+    // Same metrics, step for step.
+    let ma = read_jsonl(&dir.path().join("whole/metrics.jsonl"));
+    let mb = read_jsonl(&out_dir.join("metrics.jsonl"));
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(x["loss"], y["loss"], "step {}", x["step"]);
+    }
+
+    // A corrupted checkpoint is detected, not silently loaded.
+    let ck = out_dir.join("checkpoints/step-4/optimizer.safetensors");
+    let mut bytes = std::fs::read(&ck).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xFF;
+    std::fs::write(&ck, bytes).expect("write");
+    std::fs::remove_dir_all(out_dir.join("checkpoints/step-6")).ok();
+    let out = train(&crashed, &["--resume"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("checksum does not match"), "{stderr}");
+}
+
+#[test]
+fn spec_errors_name_the_key() {
+    let dir = tempdir();
+    let base = format!(
+        "name = \"t\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\n",
+        fixture("qwen2").display(),
+        fixtures().join("pairs_tokens.jsonl").display()
+    );
+    let run = |extra: &str, env: &[(&str, &str)]| {
+        let path = dir.path().join("spec.toml");
+        std::fs::write(&path, format!("{base}{extra}")).expect("write");
+        let out = Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+            .args(["train", "--device", "cpu", "--config"])
+            .arg(&path)
+            .envs(env.iter().copied())
+            .output()
+            .expect("starts");
+        assert_eq!(out.status.code(), Some(1));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run("[train]\nbatch_size = 4\n", &[]);
+    assert!(
+        e.contains("unknown field `batch_size`") && e.contains("for key `train`"),
+        "{e}"
+    );
+    let e = run("[objective]\nloss = \"dpo\"\n", &[]);
+    assert!(e.contains("objective.loss: unknown value \"dpo\""), "{e}");
+    let e = run("", &[("DPO__OPTIM__LR", "-0.5")]);
+    assert!(e.contains("optim.lr: must be > 0, found -0.5"), "{e}");
+    let e = run("[train]\nglobal_batch_size = 64\n", &[]);
+    assert!(
+        e.contains("train.global_batch_size: 64 exceeds the 12 usable training examples"),
+        "{e}"
+    );
+}
