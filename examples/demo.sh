@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: a tiny Llama (tokenizer trained on the spot, random
-# weights), a synthetic preference set, and dpo-worker scoring it against itself as
-# reference. Run through make, which sets up the venv and builds the binary.
+# weights), a synthetic preference task with a learnable rule, DPO training with
+# `dpo-worker train` (progress bar, metrics, checkpoints, summary), then the trained
+# policy scored on held-out prompts against the initial model as reference.
+# Run it through make, which sets up the venv and builds the binary.
 set -euo pipefail
 out=${1:-out/demo}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -14,11 +16,14 @@ if [ ! -f "$out/model/config.json" ]; then
     "$py" "$root/examples/tiny_model.py" --out "$out/model" --arch llama --hidden 64 --layers 2 >/dev/null
 fi
 if [ ! -f "$out/data/train.jsonl" ]; then
-    echo "==> writing synthetic preference pairs to $out/data"
-    "$py" "$root/examples/make_pairs.py" --out "$out/data" --n 400 --eval-n 100
+    echo "==> writing synthetic preference pairs to $out/data (rule: answer with the prompt's first word)"
+    "$py" "$root/examples/make_pairs.py" --task copy --out "$out/data" --n 512 --eval-n 100
 fi
-echo "==> dpo-worker score (the model against itself as reference: every reward is 0)"
-"$bin" score --model "$out/model" --reference "$out/model" --data "$out/data/eval.jsonl" \
+# The demo run starts fresh each time (a real run would continue with --resume).
+rm -rf "$out/dpo"
+echo "==> dpo-worker train --config examples/runs/dpo.toml"
+"$bin" train --config "$root/examples/runs/dpo.toml" --device cpu
+echo "==> dpo-worker score: the trained policy on held-out prompts, initial model as reference"
+"$bin" score --model "$out/dpo/final" --reference "$out/model" --data "$out/data/eval.jsonl" \
     --out "$out/eval_scores.jsonl" --device cpu
-echo "==> first scored pairs:"
-head -n 3 "$out/eval_scores.jsonl"
+echo "==> outputs: $out/dpo/{metrics.jsonl,eval.jsonl,checkpoints/,final/}, $out/eval_scores.jsonl"

@@ -332,7 +332,7 @@ impl RunSpec {
     fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base.join(&*p));
             }
         };
         fix(&mut self.model.path);
@@ -353,7 +353,9 @@ impl RunSpec {
             && !matches!(n.as_str(), "random" | "policy")
             && Path::new(n.as_str()).is_relative()
         {
-            *n = base.join(n.as_str()).to_string_lossy().into_owned();
+            *n = normalize(&base.join(n.as_str()))
+                .to_string_lossy()
+                .into_owned();
         }
     }
 
@@ -509,6 +511,25 @@ impl RunSpec {
         )?;
         Ok(())
     }
+}
+
+/// Removes `.` and `..` components lexically (`a/b/../c` → `a/c`), so paths in
+/// logs read the way the user thinks of them.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// The values each enum-typed key accepts, for error messages.

@@ -405,7 +405,8 @@ mod tests {
         let xs = [-3.0, -0.5, 0.0, 0.7, 4.0];
         let x = Tensor::from_slice(&xs).to_kind(Kind::Float);
         let (b, e) = (0.3, 0.1);
-        let cases: Vec<(Objective, Box<dyn Fn(f64) -> f64>)> = vec![
+        type Formula = Box<dyn Fn(f64) -> f64>;
+        let cases: Vec<(Objective, Formula)> = vec![
             (obj(Loss::Sigmoid, b, 0.0), Box::new(move |d| -ls(b * d))),
             (
                 obj(Loss::Sigmoid, b, e),

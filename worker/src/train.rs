@@ -84,7 +84,7 @@ enum Reference {
     /// Reference-free: log π_ref = 0.
     Free,
     /// A frozen model scored alongside the policy.
-    Model(CausalLm),
+    Model(Box<CausalLm>),
     /// Precomputed `[chosen, rejected]` sums per example of each split.
     Cached {
         train: Vec<[f64; 2]>,
@@ -190,7 +190,7 @@ impl Trainer {
                     reason: "the reference model's vocab_size differs from the policy's".into(),
                 });
             }
-            Reference::Model(model)
+            Reference::Model(Box::new(model))
         };
 
         let mut params: Vec<(String, Tensor)> =
