@@ -34,8 +34,10 @@ demo: setup
 	@bash examples/demo.sh $(DEMO_DIR)
 
 bench: setup
-	$(CARGO) build --release -p dpo-worker --example fwd_bwd
+	$(DPO_PYTHON) -m pip install -q -r bench/requirements.txt
+	$(CARGO) build --release -p dpo-worker --bin dpo-worker --example fwd_bwd
 	$(DPO_PYTHON) bench/model_throughput.py
+	$(DPO_PYTHON) bench/dpo_step_time.py
 
 clean:
 	$(CARGO) clean
