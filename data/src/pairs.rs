@@ -20,6 +20,8 @@ pub enum PairFormat {
     Auto,
     Text,
     Tokens,
+    /// Message lists rendered with the model's chat template.
+    Chat,
 }
 
 impl FromStr for PairFormat {
@@ -29,8 +31,9 @@ impl FromStr for PairFormat {
             "auto" => Ok(PairFormat::Auto),
             "text" => Ok(PairFormat::Text),
             "tokens" | "pretokenized" => Ok(PairFormat::Tokens),
+            "conversational" | "chat" => Ok(PairFormat::Chat),
             other => Err(format!(
-                "unknown pair format {other:?} (expected auto, text or tokens)"
+                "unknown pair format {other:?} (expected auto, text, conversational or tokens)"
             )),
         }
     }
@@ -48,6 +51,12 @@ pub enum Pair {
         prompt: Vec<u32>,
         chosen: Vec<u32>,
         rejected: Vec<u32>,
+    },
+    /// Lists of `{"role", "content"}` messages.
+    Chat {
+        prompt: Value,
+        chosen: Value,
+        rejected: Value,
     },
 }
 
@@ -82,11 +91,7 @@ fn detect(obj: &Map<String, Value>) -> std::result::Result<PairFormat, String> {
     }
     match obj.get("prompt") {
         Some(Value::String(_)) => Ok(PairFormat::Text),
-        Some(Value::Array(_)) => Err(
-            "conversational pairs (lists of {role, content} messages) are not supported here yet; \
-             render them to text first"
-                .into(),
-        ),
+        Some(Value::Array(_)) => Ok(PairFormat::Chat),
         Some(other) => Err(format!(
             "\"prompt\" must be a string, found {}",
             kind(other)
@@ -146,6 +151,20 @@ fn parse_pair(obj: &Map<String, Value>, format: PairFormat) -> std::result::Resu
             chosen: ids_field(obj, "chosen_ids")?,
             rejected: ids_field(obj, "rejected_ids")?,
         },
+        PairFormat::Chat => {
+            let field = |key: &str| -> std::result::Result<Value, String> {
+                let v = obj
+                    .get(key)
+                    .ok_or_else(|| format!("missing key \"{key}\""))?;
+                crate::chat::validate_messages(v, key)?;
+                Ok(v.clone())
+            };
+            Pair::Chat {
+                prompt: field("prompt")?,
+                chosen: field("chosen")?,
+                rejected: field("rejected")?,
+            }
+        }
         PairFormat::Text | PairFormat::Auto => Pair::Text {
             prompt: text_field(obj, "prompt")?,
             chosen: text_field(obj, "chosen")?,
@@ -276,6 +295,31 @@ pub fn tokenize_pairs(
                     chosen,
                     rejected,
                 } => (prompt, chosen, rejected),
+                Pair::Chat {
+                    prompt,
+                    chosen,
+                    rejected,
+                } => {
+                    let tok = tokenizer
+                        .ok_or_else(|| line_err(&path, line, "a conversational pair needs a tokenizer"))?;
+                    let template = tok.chat_template().ok_or_else(|| {
+                        line_err(
+                            &path,
+                            line,
+                            "a conversational pair needs the model's chat template (chat_template.jinja, or \
+                             chat_template in tokenizer_config.json), and this model has none",
+                        )
+                    })?;
+                    let (p, r) = template
+                        .render_pair(&prompt, &[&chosen, &rejected])
+                        .map_err(|reason| line_err(&path, line, reason))?;
+                    let at_line = |e: Error| line_err(&path, line, e.to_string());
+                    (
+                        tok.encode_prompt(&p).map_err(at_line)?,
+                        tok.encode_chat_response(&r[0]).map_err(at_line)?,
+                        tok.encode_chat_response(&r[1]).map_err(at_line)?,
+                    )
+                }
                 Pair::Text {
                     prompt,
                     chosen,
@@ -411,12 +455,12 @@ mod tests {
             err(ok, PairFormat::Tokens),
             "1: expected a pre-tokenized pair as requested, found a text pair"
         );
-        assert!(
+        assert_eq!(
             err(
-                "{\"prompt\":[{\"role\":\"user\",\"content\":\"x\"}]}\n",
+                "{\"prompt\":[{\"role\":\"user\",\"content\":\"x\"}],\"chosen\":\"y\",\"rejected\":[]}\n",
                 PairFormat::Auto
-            )
-            .starts_with("1: conversational pairs")
+            ),
+            "1: \"chosen\" must be a list of messages"
         );
     }
 

@@ -4,9 +4,11 @@
 //! gets BOS once when the tokenizer asks for it, every response gets EOS.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 
 /// A tokenizer plus the special tokens sequences are built with.
@@ -17,6 +19,7 @@ pub struct TextTokenizer {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     add_bos: bool,
+    chat: Option<Arc<ChatTemplate>>,
 }
 
 /// `"<s>"` or `{"content": "<s>", ...}` as tokenizer configs spell special tokens.
@@ -72,6 +75,13 @@ impl TextTokenizer {
         };
         let bos_id = id_of("bos_token")?;
         let eos_id = id_of("eos_token")?;
+        let chat = ChatTemplate::from_dir(
+            dir,
+            &config,
+            special_token(&config, "bos_token").as_deref(),
+            special_token(&config, "eos_token").as_deref(),
+        )?
+        .map(Arc::new);
         let add_bos = match config.get("add_bos_token").and_then(Value::as_bool) {
             Some(flag) => flag && bos_id.is_some(),
             // No explicit flag (Llama 3 style): BOS is wanted when the tokenizer's own
@@ -91,6 +101,7 @@ impl TextTokenizer {
             bos_id,
             eos_id,
             add_bos,
+            chat,
         })
     }
 
@@ -135,6 +146,21 @@ impl TextTokenizer {
                 Ok(with_bos)
             }
             _ => Ok(ids),
+        }
+    }
+
+    /// The model's chat template, if it has one.
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat.as_deref()
+    }
+
+    /// A response rendered by the chat template: EOS is appended unless the
+    /// template already ended it with EOS (no double EOS).
+    pub fn encode_chat_response(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.encode(text)?;
+        match (self.eos_id, ids.last()) {
+            (Some(eos), Some(&last)) if last == eos => Ok(ids),
+            _ => self.encode_response(text),
         }
     }
 

@@ -43,6 +43,15 @@ FIXTURES = {
 
 SEQ_LENGTHS = [7, 13, 20]
 
+# Chat templates given to fixtures: ChatML (Qwen2 style, no BOS) and one that writes
+# the BOS token itself (Llama 3 style), which must not end up doubled.
+CHAT_TEMPLATES = {
+    "qwen2": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "llama": "{{ bos_token }}{% for m in messages %}[{{ m['role'] | upper }}] {{ m['content'].strip() }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}[ASSISTANT] {% endif %}",
+}
+
 
 def fixture_args(out: str, overrides: dict) -> SimpleNamespace:
     args = tiny_model.parser().parse_args(["--out", out])
@@ -101,6 +110,43 @@ def token_pairs(rng: random.Random, n: int, vocab: int) -> list[dict]:
     ]
 
 
+def chat_pairs(rng: random.Random, n: int) -> list[dict]:
+    words = tiny_model.WORDS
+    sentence = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
+    rows = []
+    for _ in range(n):
+        prompt = [{"role": "user", "content": sentence(rng.randint(2, 6))}]
+        if rng.random() < 0.5:
+            prompt = [{"role": "system", "content": sentence(3)}] + prompt
+        rows.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": sentence(rng.randint(1, 5))}],
+                "rejected": [{"role": "assistant", "content": " " + sentence(rng.randint(1, 5)) + " "}],
+            }
+        )
+    return rows
+
+
+def encode_chat(tok, pair: dict) -> tuple[list[int], list[int], list[int]]:
+    """TRL's split of a conversation: the prompt rendered with the generation prompt,
+    each response the rest of prompt + response; BOS once, EOS unless already there."""
+    prompt_text = tok.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+    prompt = tok(prompt_text, add_special_tokens=False)["input_ids"]
+    wants_bos = tok.bos_token_id is not None and tok("a")["input_ids"][0] == tok.bos_token_id
+    if wants_bos and prompt[:1] != [tok.bos_token_id]:
+        prompt = [tok.bos_token_id] + prompt
+    responses = []
+    for key in ("chosen", "rejected"):
+        full = tok.apply_chat_template(pair["prompt"] + pair[key], tokenize=False)
+        assert full.startswith(prompt_text)
+        ids = tok(full[len(prompt_text) :], add_special_tokens=False)["input_ids"]
+        if ids[-1:] != [tok.eos_token_id]:
+            ids = ids + [tok.eos_token_id]
+        responses.append(ids)
+    return prompt, responses[0], responses[1]
+
+
 def write_jsonl(path: str, rows: list[dict]) -> None:
     with open(path, "w") as f:
         for row in rows:
@@ -112,6 +158,10 @@ def fixtures(out: str) -> None:
     rng = random.Random(1234)
     for name, overrides in FIXTURES.items():
         tiny_model.make_model(fixture_args(os.path.join(out, name), overrides))
+        if name in CHAT_TEMPLATES:
+            tok = transformers.AutoTokenizer.from_pretrained(os.path.join(out, name))
+            tok.chat_template = CHAT_TEMPLATES[name]
+            tok.save_pretrained(os.path.join(out, name))
 
     vocab = transformers.AutoConfig.from_pretrained(os.path.join(out, "llama")).vocab_size
     sequences = [[rng.randrange(vocab) for _ in range(n)] for n in SEQ_LENGTHS]
@@ -120,6 +170,7 @@ def fixtures(out: str) -> None:
 
     write_jsonl(os.path.join(out, "pairs_text.jsonl"), text_pairs(rng, 10))
     write_jsonl(os.path.join(out, "pairs_tokens.jsonl"), token_pairs(rng, 12, vocab))
+    write_jsonl(os.path.join(out, "pairs_chat.jsonl"), chat_pairs(rng, 8))
 
     for name, overrides in FIXTURES.items():
         model_dir = os.path.join(out, name)
@@ -127,7 +178,9 @@ def fixtures(out: str) -> None:
         model = load(model_dir, dtype)
         save_file(logits_of(model, sequences), os.path.join(out, "ref", f"{name}.logits.safetensors"))
         tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-        for kind in ("text", "tokens"):
+        for kind in ("text", "tokens", "chat"):
+            if kind == "chat" and name not in CHAT_TEMPLATES:
+                continue
             rows = []
             with open(os.path.join(out, f"pairs_{kind}.jsonl")) as f:
                 for line in f:
@@ -136,6 +189,8 @@ def fixtures(out: str) -> None:
                         prompt = tok(pair["prompt"])["input_ids"]
                         chosen = tok(pair["chosen"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                         rejected = tok(pair["rejected"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+                    elif kind == "chat":
+                        prompt, chosen, rejected = encode_chat(tok, pair)
                     else:
                         prompt, chosen, rejected = pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"]
                     rows.append(

@@ -89,16 +89,11 @@ pub fn load(
         })
     };
     let mut examples: Vec<Example> = match format {
-        DataFormat::Conversational => {
-            return Err(Error::Input {
-                context: path.display().to_string(),
-                reason: "conversational data (message lists) is not supported yet; render it to text pairs".into(),
-            });
-        }
-        DataFormat::Text | DataFormat::Tokens | DataFormat::Auto => {
+        DataFormat::Text | DataFormat::Tokens | DataFormat::Conversational | DataFormat::Auto => {
             let forced = match format {
                 DataFormat::Text => PairFormat::Text,
                 DataFormat::Tokens => PairFormat::Tokens,
+                DataFormat::Conversational => PairFormat::Chat,
                 _ => PairFormat::Auto,
             };
             let (records, skipped) = dpo_data::read_pairs_skipping(path, forced, skip)?;

@@ -60,7 +60,7 @@ pub fn load_pairs(
     let records = dpo_data::read_pairs(data, format)?;
     let needs_tokenizer = records
         .iter()
-        .any(|r| matches!(r.value, dpo_data::Pair::Text { .. }));
+        .any(|r| !matches!(r.value, dpo_data::Pair::Tokens { .. }));
     let tokenizer = if needs_tokenizer {
         Some(TextTokenizer::from_dir(model_dir)?)
     } else {

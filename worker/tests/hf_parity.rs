@@ -156,7 +156,7 @@ fn f(v: &serde_json::Value, key: &str) -> f64 {
 #[test]
 fn score_matches_transformers_for_text_and_token_pairs() {
     for name in ["llama", "qwen2"] {
-        for kind in ["text", "tokens"] {
+        for kind in ["text", "tokens", "chat"] {
             let data = fixtures().join(format!("pairs_{kind}.jsonl"));
             let want = read_jsonl(&fixtures().join(format!("ref/{name}.{kind}.jsonl")));
             // Odd batch size: batches mix lengths and the last one is short.
@@ -175,7 +175,7 @@ fn score_matches_transformers_for_text_and_token_pairs() {
                     assert_eq!(g[key], w[key], "{name} {kind} line {}: {key}", i + 1);
                 }
             }
-            if kind == "text" {
+            if kind != "tokens" {
                 // The token ids themselves agree with transformers' tokenizer (BOS once
                 // for Llama, none for Qwen2).
                 let model =

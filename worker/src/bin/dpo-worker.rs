@@ -51,7 +51,8 @@ enum Command {
         /// Hugging Face model directory (config.json, *.safetensors, tokenizer.json).
         #[arg(long)]
         model: PathBuf,
-        /// JSON-lines pairs: {"prompt","chosen","rejected"} or
+        /// JSON-lines pairs: {"prompt","chosen","rejected"} as text or as message
+        /// lists (rendered with the model's chat template), or
         /// {"prompt_ids","chosen_ids","rejected_ids"}.
         #[arg(long)]
         data: PathBuf,
@@ -61,7 +62,7 @@ enum Command {
         /// Output JSON-lines file (written atomically).
         #[arg(long)]
         out: PathBuf,
-        /// Pair format; auto detects it from the first line.
+        /// Pair format: auto (detected from the first line), text, conversational, tokens.
         #[arg(long, default_value = "auto", value_parser = |s: &str| s.parse::<PairFormat>())]
         format: PairFormat,
         /// Pairs per forward pass.

@@ -50,14 +50,26 @@ pub fn reference(args: &[&str]) {
 pub fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "hf-fixtures-{}",
-            std::env::current_exe()
-                .ok()
-                .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .unwrap_or_default()
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
+        // One directory per test binary (`hf_parity-<hash>`); those of older builds
+        // of the same test are removed.
+        let stem = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_default();
+        let test = stem
+            .rsplit_once('-')
+            .map_or(stem.as_str(), |(t, _)| t)
+            .to_string();
+        let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
+        if let Ok(entries) = std::fs::read_dir(tmp) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with(&format!("hf-fixtures-{test}-")) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+        let dir = tmp.join(format!("hf-fixtures-{stem}"));
         reference(&["fixtures", dir.to_str().expect("utf-8 path")]);
         dir
     })
