@@ -110,6 +110,16 @@ def token_pairs(rng: random.Random, n: int, vocab: int) -> list[dict]:
     ]
 
 
+@torch.no_grad()
+def greedy(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens, each from a full forward of the whole sequence (no cache)."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
 def chat_pairs(rng: random.Random, n: int) -> list[dict]:
     words = tiny_model.WORDS
     sentence = lambda k: " ".join(rng.choice(words) for _ in range(k))  # noqa: E731
@@ -177,6 +187,8 @@ def fixtures(out: str) -> None:
         dtype = torch.bfloat16 if overrides.get("dtype") == "bfloat16" else torch.float32
         model = load(model_dir, dtype)
         save_file(logits_of(model, sequences), os.path.join(out, "ref", f"{name}.logits.safetensors"))
+        with open(os.path.join(out, "ref", f"{name}.greedy.json"), "w") as f:
+            json.dump({"prompt": sequences[1], "tokens": greedy(model, sequences[1], 12)}, f)
         tok = transformers.AutoTokenizer.from_pretrained(model_dir)
         for kind in ("text", "tokens", "chat"):
             if kind == "chat" and name not in CHAT_TEMPLATES:

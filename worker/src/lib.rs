@@ -4,6 +4,7 @@
 
 pub mod dataset;
 pub mod error;
+pub mod generate;
 pub mod logps;
 pub mod model;
 pub mod objective;

@@ -309,3 +309,71 @@ fn tokenizer_adds_bos_once_and_eos_to_responses() {
         qwen.encode("one two").expect("encodes")
     );
 }
+
+#[test]
+fn cached_generation_matches_full_forward_and_transformers_greedy() {
+    use dpo_worker::generate::{Sampling, generate};
+    let _guard = tch::no_grad_guard();
+    // Mistral's window (6) is shorter than the prompt (13): prefill and decoding
+    // both have to apply it.
+    for name in ["llama", "qwen2", "mistral"] {
+        let model = checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).expect("loads");
+        let want: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures().join(format!("ref/{name}.greedy.json")))
+                .expect("read"),
+        )
+        .expect("json");
+        let ids = |k: &str| -> Vec<u32> {
+            want[k]
+                .as_array()
+                .expect("list")
+                .iter()
+                .map(|v| v.as_u64().expect("id") as u32)
+                .collect()
+        };
+        let (prompt, tokens) = (ids("prompt"), ids("tokens"));
+        let mut rng = dpo_data::rng::SplitMix64::new(0);
+        let got = generate(
+            &model,
+            &prompt,
+            tokens.len(),
+            &[],
+            Sampling::Greedy,
+            &mut rng,
+        )
+        .expect("generates");
+        assert_eq!(
+            got, tokens,
+            "{name}: greedy tokens differ from transformers"
+        );
+
+        // Step by step, the cached logits equal a full forward over the sequence.
+        let all: Vec<i64> = prompt
+            .iter()
+            .chain(&tokens)
+            .map(|&t| i64::from(t))
+            .collect();
+        let full = model
+            .forward(&Tensor::from_slice(&all).unsqueeze(0), None)
+            .expect("forward")
+            .squeeze_dim(0);
+        let mut cache = model.new_cache();
+        let p = prompt.len() as i64;
+        let first = model
+            .forward_cached(
+                &Tensor::from_slice(&all[..prompt.len()]).unsqueeze(0),
+                &mut cache,
+            )
+            .expect("prefill")
+            .squeeze_dim(0);
+        let mut worst = max_abs_diff(&first, &full.narrow(0, 0, p));
+        for (i, &t) in all.iter().enumerate().skip(prompt.len()) {
+            let step = model
+                .forward_cached(&Tensor::from_slice(&[t]).unsqueeze(0), &mut cache)
+                .expect("decode")
+                .squeeze_dim(0);
+            worst = worst.max(max_abs_diff(&step, &full.narrow(0, i as i64, 1)));
+        }
+        assert!(worst <= 1e-4, "{name}: cached logits differ by {worst}");
+    }
+}

@@ -103,6 +103,8 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         mask: &AttentionMask,
+        cache: Option<&mut LayerCache>,
+        window: Option<i64>,
     ) -> Result<Tensor> {
         let (b, l, _) = xs.size3().op("attention: input shape")?;
         let heads = |t: TchResult<Tensor>, n: i64| -> TchResult<Tensor> {
@@ -112,19 +114,46 @@ impl Attention {
         let k = heads(self.k_proj.forward(xs), self.num_kv_heads).op("attention: k")?;
         let v = heads(self.v_proj.forward(xs), self.num_kv_heads).op("attention: v")?;
         let q = rope::apply(&q, cos, sin)?;
-        let k = rope::apply(&k, cos, sin)?;
+        let mut k = rope::apply(&k, cos, sin)?;
+        let mut v = v;
+        if let Some(cache) = cache {
+            // Generation: keys and values of earlier positions come from the cache.
+            if let (Some(ck), Some(cv)) = (&cache.k, &cache.v) {
+                k = Tensor::f_cat(&[ck, &k], 2).op("kv cache: append k")?;
+                v = Tensor::f_cat(&[cv, &v], 2).op("kv cache: append v")?;
+            }
+            cache.k = Some(k.shallow_clone());
+            cache.v = Some(v.shallow_clone());
+            // A single new query sees everything cached, or the last `window` keys.
+            let total = k.size()[2];
+            if let Some(w) = window.filter(|&w| l == 1 && total > w) {
+                k = k.f_narrow(2, total - w, w).op("kv cache: window")?;
+                v = v.f_narrow(2, total - w, w).op("kv cache: window")?;
+            }
+        }
+        let kv_len = k.size()[2];
         let n_rep = self.num_heads / self.num_kv_heads;
         let repeat = |t: Tensor| -> TchResult<Tensor> {
             if n_rep == 1 {
                 return Ok(t);
             }
             t.f_unsqueeze(2)?
-                .f_expand([b, self.num_kv_heads, n_rep, l, self.head_dim], false)?
-                .f_reshape([b, self.num_heads, l, self.head_dim])
+                .f_expand([b, self.num_kv_heads, n_rep, kv_len, self.head_dim], false)?
+                .f_reshape([b, self.num_heads, kv_len, self.head_dim])
         };
         let k = repeat(k).op("attention: repeat kv")?;
         let v = repeat(v).op("attention: repeat kv")?;
         let out = match mask {
+            AttentionMask::All => Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                None::<&Tensor>,
+                0.0,
+                false,
+                None,
+                false,
+            ),
             AttentionMask::Causal => Tensor::f_scaled_dot_product_attention(
                 &q,
                 &k,
@@ -202,15 +231,23 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, cos: &Tensor, sin: &Tensor, masks: &Masks) -> Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        masks: &Masks,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
         let mask = match self.sliding_window {
             Some(_) => &masks.windowed,
             None => &masks.full,
         };
         let normed = self.input_layernorm.forward(xs).op("input_layernorm")?;
-        let h = xs
-            .f_add(&self.self_attn.forward(&normed, cos, sin, mask)?)
-            .op("attention residual")?;
+        let attn = self
+            .self_attn
+            .forward(&normed, cos, sin, mask, cache, self.sliding_window)?;
+        let h = xs.f_add(&attn).op("attention residual")?;
         let normed = self
             .post_attention_layernorm
             .forward(&h)
@@ -220,9 +257,26 @@ impl DecoderLayer {
     }
 }
 
+/// Keys and values of the positions generated so far, for one layer.
+#[derive(Debug, Default)]
+pub struct LayerCache {
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+}
+
+/// The KV cache of one sequence being generated.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    /// Positions already in the cache.
+    pub len: i64,
+}
+
 /// What each query position may attend to.
 #[derive(Debug)]
 enum AttentionMask {
+    /// Every key (a single new query against the cache).
+    All,
     /// Plain causal attention over an unpadded batch: SDPA's `is_causal` fast path.
     Causal,
     /// Boolean `[batch, 1, seq, seq]`, true where attention is allowed.
@@ -364,9 +418,58 @@ impl CausalLm {
         let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
             .op("embed_tokens")?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &cos, &sin, &masks)?;
+            xs = layer.forward(&xs, &cos, &sin, &masks, None)?;
         }
         self.norm.forward(&xs).op("norm")
+    }
+
+    /// An empty KV cache for [`CausalLm::forward_cached`].
+    pub fn new_cache(&self) -> KvCache {
+        KvCache {
+            layers: self.layers.iter().map(|_| LayerCache::default()).collect(),
+            len: 0,
+        }
+    }
+
+    /// Logits `[1, n, vocab]` of `input_ids` (`[1, n]`) continuing the sequence held
+    /// in `cache`: the whole prompt first (any `n`), then one token at a time.
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, n) = input_ids
+            .size2()
+            .op("forward_cached: input_ids must be [1, seq]")?;
+        if b != 1 || (cache.len > 0 && n != 1) {
+            return Err(crate::error::Error::Input {
+                context: "forward_cached".into(),
+                reason: format!(
+                    "expects one sequence, then one token per call; got [{b}, {n}] after {} cached positions",
+                    cache.len
+                ),
+            });
+        }
+        let positions =
+            Tensor::f_arange_start(cache.len, cache.len + n, (Kind::Int64, self.device()))
+                .and_then(|p| p.f_unsqueeze(0))
+                .op("forward_cached: positions")?;
+        let masks = if cache.len == 0 {
+            self.masks(1, n, None).op("forward_cached: mask")?
+        } else {
+            Masks {
+                full: AttentionMask::All,
+                windowed: AttentionMask::All,
+            }
+        };
+        let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
+        let padding_idx = self.config.pad_token_id.unwrap_or(-1);
+        let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
+            .op("embed_tokens")?;
+        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            xs = layer.forward(&xs, &cos, &sin, &masks, Some(lc))?;
+        }
+        cache.len += n;
+        let hidden = self.norm.forward(&xs).op("norm")?;
+        hidden
+            .f_linear(&self.lm_head, None::<&Tensor>)
+            .op("lm_head")
     }
 
     fn masks(&self, b: i64, l: i64, attention_mask: Option<&Tensor>) -> TchResult<Masks> {
