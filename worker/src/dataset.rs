@@ -64,13 +64,18 @@ fn format_name(f: DataFormat) -> &'static str {
     }
 }
 
-/// Loads one data file (`train` or `eval`) of the run as examples.
+/// Produces a negative response for a labelled example (`None`: could not).
+pub type NegativeSampler<'a> = dyn FnMut(&Example) -> Result<Option<Vec<u32>>> + 'a;
+
+/// Loads one data file (`train` or `eval`) of the run as examples. `sampler`
+/// provides the negatives when `data.negatives = "policy"`.
 pub fn load(
     spec: &RunSpec,
     path: &Path,
     tokenizer: Option<&TextTokenizer>,
     vocab_size: i64,
     is_train: bool,
+    sampler: Option<&mut NegativeSampler<'_>>,
 ) -> Result<(Vec<Example>, DataReport)> {
     let format = match spec.data.format {
         DataFormat::Auto => peek_format(path)?,
@@ -128,12 +133,8 @@ pub fn load(
                 Some("random") => {
                     negatives.extend(examples::random_negatives(&labelled, spec.data.seed))
                 }
-                Some("policy") => {
-                    return Err(Error::Input {
-                        context: "data.negatives".into(),
-                        reason: "\"policy\" (negatives sampled from the reference model) is not supported yet; use a file or \"random\"".into(),
-                    });
-                }
+                // Sampled below, once labelled examples are token ids.
+                Some("policy") => {}
                 Some(file) => {
                     let (neg, skipped) = examples::read_labelled(Path::new(file), skip)?;
                     log_skipped(&skipped);
@@ -142,6 +143,26 @@ pub fn load(
                 }
             }
             let mut joined = examples::join_labelled(path, &labelled, &negatives, tok)?;
+            if spec.data.negatives.as_deref() == Some("policy") {
+                let sampler = sampler.ok_or_else(|| Error::Input {
+                    context: "data.negatives".into(),
+                    reason: "\"policy\" needs a model to sample from".into(),
+                })?;
+                let t = std::time::Instant::now();
+                let mut made = 0usize;
+                for e in joined.iter_mut().filter(|e| e.chosen.is_some()) {
+                    if let Some(negative) = sampler(e)? {
+                        e.rejected.push(negative);
+                        made += 1;
+                    }
+                }
+                tracing::info!(
+                    file = %path.display(),
+                    negatives = made,
+                    seconds = t.elapsed().as_secs_f64(),
+                    "sampled policy negatives from the reference model"
+                );
+            }
             if !is_train {
                 // Negatives of the train split that matched no eval example stay out of eval.
                 joined.retain(|e| e.chosen.is_some());

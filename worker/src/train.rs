@@ -23,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::dataset::{self, DataReport};
 use crate::error::{Error, Result, TorchContext, io_err};
+use crate::generate::{Sampling, generate};
 use crate::model::{CausalLm, checkpoint};
 use crate::objective::{self, MicroBatch, Normalizer, Objective, Stats};
 use crate::optim::{Optimizer, learning_rate};
@@ -150,11 +151,77 @@ impl Trainer {
                 None
             }
         };
-        let (train, train_report) =
-            dataset::load(&spec, &spec.data.train, tokenizer.as_ref(), vocab, true)?;
+        // The reference model, when the objective uses one or when negatives are
+        // sampled from it; "same" and "none" sample from the initial policy.
+        let reference_dir = match spec.reference.path.as_str() {
+            "same" | "none" => None,
+            other => Some(PathBuf::from(other)),
+        };
+        let wants_reference = objective.needs_reference() && spec.reference.path != "none";
+        let samples_policy = spec.data.negatives.as_deref() == Some("policy");
+        let reference_model = match &reference_dir {
+            Some(dir) if wants_reference || samples_policy => {
+                let model = checkpoint::load(dir, kind, opts.device)?;
+                if model.config().vocab_size != vocab {
+                    return Err(Error::Config {
+                        path: dir.join("config.json"),
+                        reason: "the reference model's vocab_size differs from the policy's".into(),
+                    });
+                }
+                Some(model)
+            }
+            _ => None,
+        };
+        let mut stop: Vec<u32> = policy
+            .config()
+            .eos_token_ids
+            .iter()
+            .filter_map(|&id| u32::try_from(id).ok())
+            .collect();
+        stop.extend(tokenizer.as_ref().and_then(TextTokenizer::eos_id));
+        let sampling_model = reference_model.as_ref().unwrap_or(&policy);
+        let mut rng = dpo_data::rng::SplitMix64::new(spec.data.seed ^ 0x706F_6C69_6379);
+        let max_length = spec.data.max_length;
+        let mut sampler = |e: &Example| -> Result<Option<Vec<u32>>> {
+            let Some(label) = &e.chosen else {
+                return Ok(None);
+            };
+            let room = max_length.saturating_sub(e.prompt.len());
+            let budget = (2 * label.len()).max(16).min(room);
+            // Sampled at temperature 1; a sample equal to the label is drawn again.
+            for _ in 0..4 {
+                let sample = generate(
+                    sampling_model,
+                    &e.prompt,
+                    budget,
+                    &stop,
+                    Sampling::Temperature(1.0),
+                    &mut rng,
+                )?;
+                if !sample.is_empty() && sample != *label {
+                    return Ok(Some(sample));
+                }
+            }
+            Ok(None)
+        };
+        let (train, train_report) = dataset::load(
+            &spec,
+            &spec.data.train,
+            tokenizer.as_ref(),
+            vocab,
+            true,
+            Some(&mut sampler),
+        )?;
         let (eval, eval_report) = match &spec.data.eval {
             Some(path) => {
-                let (e, r) = dataset::load(&spec, path, tokenizer.as_ref(), vocab, false)?;
+                let (e, r) = dataset::load(
+                    &spec,
+                    path,
+                    tokenizer.as_ref(),
+                    vocab,
+                    false,
+                    Some(&mut sampler),
+                )?;
                 (e, Some(r))
             }
             None => (Vec::new(), None),
@@ -176,21 +243,17 @@ impl Trainer {
             n => n,
         };
 
-        let reference = if !objective.needs_reference() || spec.reference.path == "none" {
+        let reference = if !wants_reference {
             Reference::Free
         } else {
-            let dir = match spec.reference.path.as_str() {
-                "same" => spec.model.path.clone(),
-                other => PathBuf::from(other),
-            };
-            let model = checkpoint::load(&dir, kind, opts.device)?;
-            if model.config().vocab_size != vocab {
-                return Err(Error::Config {
-                    path: dir.join("config.json"),
-                    reason: "the reference model's vocab_size differs from the policy's".into(),
-                });
+            match reference_model {
+                Some(model) => Reference::Model(Box::new(model)),
+                None => Reference::Model(Box::new(checkpoint::load(
+                    &spec.model.path,
+                    kind,
+                    opts.device,
+                )?)),
             }
-            Reference::Model(Box::new(model))
         };
 
         let mut params: Vec<(String, Tensor)> =

@@ -418,3 +418,111 @@ fn spec_errors_name_the_key() {
         "{e}"
     );
 }
+
+#[test]
+fn policy_negatives_are_sampled_deterministically_and_train_dpo() {
+    let dir = tempdir();
+    let data = dir.path().join("labelled.jsonl");
+    let rows: String = (0..24)
+        .map(|i| {
+            let kind = ["colour", "animal", "number"][i % 3];
+            format!("{{\"prompt\": \"kind of word {i} ?\", \"completion\": \" {kind}\"}}\n")
+        })
+        .collect();
+    std::fs::write(&data, rows).expect("write");
+    let spec = |name: &str| {
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"p\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\nnegatives = \"policy\"\nseed = 9\n\
+                 [optim]\nlr = 1e-3\n[train]\nglobal_batch_size = 8\noutput = \"{}\"\n",
+                fixture("llama-ref").display(),
+                data.display(),
+                dir.path().join(name).display()
+            ),
+        )
+        .expect("write");
+        path
+    };
+    train_ok(&spec("a"), &[]);
+    train_ok(&spec("b"), &[]);
+    let run: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("a/run.json")).expect("run.json"),
+    )
+    .expect("json");
+    let report = &run["data"]["train"];
+    assert_eq!(report["format"], "labelled");
+    assert_eq!(
+        report["examples"].as_u64(),
+        Some(24),
+        "every labelled example got a negative: {report}"
+    );
+    let a = read_jsonl(&dir.path().join("a/metrics.jsonl"));
+    let b = read_jsonl(&dir.path().join("b/metrics.jsonl"));
+    assert_eq!(a.len(), 3);
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x["loss"], y["loss"], "same seed, same negatives, same run");
+        assert_eq!(x["logps/rejected"], y["logps/rejected"]);
+    }
+    // The sampled negatives are not the labels: the rejected log-probabilities differ
+    // from the chosen ones.
+    assert_ne!(a[0]["logps/chosen"], a[0]["logps/rejected"]);
+}
+
+#[test]
+fn early_stopping_ends_the_run_when_eval_loss_stops_improving() {
+    let dir = tempdir();
+    // Evaluate on the training pairs with chosen and rejected swapped: the better the
+    // policy fits the training preferences, the worse its eval loss.
+    let train_file = fixtures().join("pairs_tokens.jsonl");
+    let swapped: String = read_jsonl(&train_file)
+        .iter()
+        .map(|p| {
+            json!({"prompt_ids": p["prompt_ids"], "chosen_ids": p["rejected_ids"], "rejected_ids": p["chosen_ids"]})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    let eval_file = dir.path().join("swapped.jsonl");
+    std::fs::write(&eval_file, swapped).expect("write");
+    let spec = dir.path().join("spec.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"es\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\neval = \"{}\"\n[optim]\nname = \"sgd\"\nlr = 1.0\n\
+             schedule = \"constant\"\n[train]\nepochs = 10\nglobal_batch_size = 4\neval_every = 1\n\
+             early_stopping_patience = 2\noutput = \"{}\"\n",
+            fixture("qwen2").display(),
+            train_file.display(),
+            eval_file.display(),
+            dir.path().join("out").display()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+        .args(["train", "--device", "cpu", "--json", "--config"])
+        .arg(&spec)
+        .output()
+        .expect("starts");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json summary");
+    assert_eq!(summary["stopped_early"], true, "{summary}");
+    let evals = read_jsonl(&dir.path().join("out/eval.jsonl"));
+    let losses: Vec<f64> = evals
+        .iter()
+        .map(|e| e["eval_loss"].as_f64().expect("loss"))
+        .collect();
+    // Stopped at the second evaluation in a row without a new best, long before 30 steps.
+    assert_eq!(losses.len(), 3, "{losses:?}");
+    assert!(
+        losses[1] >= losses[0] && losses[2] >= losses[0],
+        "{losses:?}"
+    );
+    assert_eq!(summary["steps"], 3);
+    assert!(dir.path().join("out/final/model.safetensors").exists());
+}
