@@ -1,15 +1,12 @@
-//! Per-sequence log-probabilities: the quantity every preference loss is built on.
+//! Padded sequence batches and token log-probabilities: the pieces every
+//! per-sequence log-probability (`objective::score`) is built from.
 //!
 //! A sequence is `prompt ++ response`; its log-probability is the sum over response
 //! tokens of `log p(token | everything before it)`, with prompt and padding masked.
-//! Chosen and rejected sequences of a batch of pairs go through the model in one
-//! forward pass (chosen first, then rejected), as TRL's concatenated forward does.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{Error, Result, TorchContext};
-use crate::model::CausalLm;
-use dpo_data::TokenizedPair;
+use crate::error::{Result, TorchContext};
 
 /// Right-padded token sequences with the mask of the tokens to score.
 #[derive(Debug)]
@@ -54,20 +51,6 @@ impl SequenceBatch {
             response_mask: make(Tensor::f_from_slice(&resp))?,
         })
     }
-
-    /// Chosen sequences of `pairs` followed by their rejected sequences.
-    pub fn from_pairs(pairs: &[&TokenizedPair], device: Device) -> Result<Self> {
-        let seqs: Vec<(&[u32], &[u32])> = pairs
-            .iter()
-            .map(|p| (p.prompt.as_slice(), p.chosen.as_slice()))
-            .chain(
-                pairs
-                    .iter()
-                    .map(|p| (p.prompt.as_slice(), p.rejected.as_slice())),
-            )
-            .collect();
-        Self::new(&seqs, device)
-    }
 }
 
 /// `log softmax(logits)[target]` for every position, in f32, without materialising
@@ -81,43 +64,4 @@ pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
         picked.f_sub(&logits.f_logsumexp(&[-1i64][..], false)?)
     };
     f().op("token log-probabilities")
-}
-
-/// Sum of response-token log-probabilities `[batch]` (f32) and the number of
-/// response tokens `[batch]`, from logits `[batch, seq, vocab]`.
-pub fn sequence_logps(logits: &Tensor, batch: &SequenceBatch) -> Result<(Tensor, Tensor)> {
-    let l = batch.input_ids.size().get(1).copied().unwrap_or(0);
-    if l < 2 {
-        return Err(Error::Input {
-            context: "sequence log-probabilities".into(),
-            reason: "sequences need at least two tokens".into(),
-        });
-    }
-    // Position i predicts token i + 1.
-    let shifted = logits.f_narrow(1, 0, l - 1).op("shift logits")?;
-    let targets = batch.input_ids.f_narrow(1, 1, l - 1).op("shift targets")?;
-    let mask = batch.response_mask.f_narrow(1, 1, l - 1).op("shift mask")?;
-    let per_token = token_logps(&shifted, &targets)?;
-    let sums = per_token
-        .f_mul(&mask.f_to_kind(Kind::Float).op("mask")?)
-        .and_then(|t| t.f_sum_dim_intlist(&[-1i64][..], false, Kind::Float))
-        .op("sum log-probabilities")?;
-    let counts = mask
-        .f_sum_dim_intlist(&[-1i64][..], false, Kind::Int64)
-        .op("count response tokens")?;
-    Ok((sums, counts))
-}
-
-/// Scores one batch of pairs: `(chosen_logps, rejected_logps)` per pair.
-pub fn pair_logps(model: &CausalLm, pairs: &[&TokenizedPair]) -> Result<Vec<(f64, f64)>> {
-    let batch = SequenceBatch::from_pairs(pairs, model.device())?;
-    let logits = model.forward(&batch.input_ids, Some(&batch.attention_mask))?;
-    let (sums, _) = sequence_logps(&logits, &batch)?;
-    let sums: Vec<f64> = sums
-        .f_to_kind(Kind::Double)
-        .and_then(|t| t.f_to_device(Device::Cpu))
-        .and_then(|t| Vec::<f64>::try_from(&t))
-        .op("reading log-probabilities")?;
-    let n = pairs.len();
-    Ok((0..n).map(|i| (sums[i], sums[n + i])).collect())
 }

@@ -116,6 +116,20 @@ pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
     })
 }
 
+/// `[chosen, rejected]` Σ log p per pair, one forward over the pairs (no gradient).
+pub fn pair_sums(model: &CausalLm, pairs: &[&Example]) -> Result<Vec<[f64; 2]>> {
+    let _guard = tch::no_grad_guard();
+    let mb = MicroBatch::new(pairs, true, false, model.device())?;
+    let sums = score(model, &mb)?
+        .sums
+        .f_to_kind(Kind::Double)
+        .and_then(|t| t.f_to_device(Device::Cpu))
+        .and_then(|t| Vec::<f64>::try_from(&t))
+        .op("reading log-probabilities")?;
+    let n = pairs.len();
+    Ok((0..n).map(|k| [sums[k], sums[n + k]]).collect())
+}
+
 /// Global-batch totals each term is divided by.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Normalizer {

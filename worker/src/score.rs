@@ -3,13 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
-use dpo_data::{PairFormat, TextTokenizer, TokenizedPair};
+use dpo_data::{Example, PairFormat, TextTokenizer, TokenizedPair};
 use serde_json::json;
 use tch::{Device, Kind};
 
 use crate::error::{Error, Result};
-use crate::logps::pair_logps;
 use crate::model::{CausalLm, checkpoint};
+use crate::objective::pair_sums;
 
 /// What to score and how.
 #[derive(Debug, Clone)]
@@ -91,7 +91,6 @@ pub fn score_pairs(
     batch_size: usize,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Vec<(f64, f64)>> {
-    let _guard = tch::no_grad_guard();
     let mut order: Vec<usize> = (0..pairs.len()).collect();
     // Longest first: batches of similar length waste little on padding, and a
     // memory problem shows up on the first batch rather than the last.
@@ -101,9 +100,13 @@ pub fn score_pairs(
     });
     let mut out = vec![(0.0, 0.0); pairs.len()];
     for chunk in order.chunks(batch_size.max(1)) {
-        let batch: Vec<&TokenizedPair> = chunk.iter().map(|&i| &pairs[i]).collect();
-        for (&i, score) in chunk.iter().zip(pair_logps(model, &batch)?) {
-            out[i] = score;
+        let examples: Vec<Example> = chunk
+            .iter()
+            .map(|&i| Example::from(pairs[i].clone()))
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        for (&i, [c, r]) in chunk.iter().zip(pair_sums(model, &refs)?) {
+            out[i] = (c, r);
         }
         progress(chunk.len());
     }

@@ -359,16 +359,10 @@ impl Trainer {
         };
         let m = self.spec.micro_batch_size();
         let score_all = |examples: &[Example]| -> Result<Vec<[f64; 2]>> {
-            let _guard = tch::no_grad_guard();
             let mut out = Vec::with_capacity(examples.len());
             for chunk in examples.chunks(m) {
                 let refs: Vec<&Example> = chunk.iter().collect();
-                let mb = MicroBatch::new(&refs, true, false, model.device())?;
-                let sums = objective::score(model, &mb)?.sums;
-                let v = Vec::<f64>::try_from(sums.f_to_kind(Kind::Double).op("reference")?)
-                    .op("reference")?;
-                let n = chunk.len();
-                out.extend((0..n).map(|i| [v[i], v[n + i]]));
+                out.extend(objective::pair_sums(model, &refs)?);
             }
             Ok(out)
         };
