@@ -2,6 +2,7 @@
 //! log-probabilities, and the `score` pipeline. Training and cluster membership
 //! build on these.
 
+pub mod collective;
 pub mod dataset;
 pub mod error;
 pub mod generate;

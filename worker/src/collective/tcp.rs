@@ -1,0 +1,427 @@
+//! The `tcp` collective: a ring over TCP. All-reduce is reduce-scatter then
+//! all-gather (each rank sends and receives `2 (W − 1) / W` of the data, the
+//! bandwidth-optimal schedule); every step sends to the next rank while receiving
+//! from the previous one, on two threads, so the ring never deadlocks on full
+//! socket buffers. Connections open with a handshake carrying a magic, the
+//! generation and the rank: a peer of another generation is refused (fencing).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::{Collective, CollectiveError, chunk};
+
+const MAGIC: &[u8; 8] = b"DPOCOLL1";
+
+/// One rank's view of a ring.
+#[derive(Debug)]
+pub struct TcpCollective {
+    rank: usize,
+    world: usize,
+    /// To rank + 1.
+    next: Option<TcpStream>,
+    /// From rank − 1.
+    prev: Option<TcpStream>,
+    aborted: Arc<AtomicBool>,
+    /// Clones of both sockets, for `abort` from another thread.
+    sockets: Vec<TcpStream>,
+}
+
+/// Connection settings.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    /// How long forming the ring may take.
+    pub connect_timeout: Duration,
+    /// How long one receive may wait for a peer before the operation fails.
+    pub io_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    fn default() -> Self {
+        TcpOptions {
+            connect_timeout: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+fn io(rank: usize, op: &'static str) -> impl Fn(std::io::Error) -> CollectiveError {
+    move |source| CollectiveError::Io { rank, op, source }
+}
+
+fn handshake_bytes(generation: u64, rank: usize) -> [u8; 24] {
+    let mut b = [0u8; 24];
+    b[..8].copy_from_slice(MAGIC);
+    b[8..16].copy_from_slice(&generation.to_le_bytes());
+    b[16..24].copy_from_slice(&(rank as u64).to_le_bytes());
+    b
+}
+
+impl TcpCollective {
+    /// Joins the ring of `generation`: listens on `listener` (this rank's address in
+    /// `peers`), connects to the next rank, accepts the previous one.
+    pub fn connect(
+        rank: usize,
+        peers: &[SocketAddr],
+        listener: TcpListener,
+        generation: u64,
+        opts: &TcpOptions,
+    ) -> Result<Self, CollectiveError> {
+        let world = peers.len();
+        if rank >= world {
+            return Err(CollectiveError::Protocol {
+                rank,
+                reason: format!("rank {rank} outside a world of {world}"),
+            });
+        }
+        let aborted = Arc::new(AtomicBool::new(false));
+        if world == 1 {
+            return Ok(TcpCollective {
+                rank,
+                world,
+                next: None,
+                prev: None,
+                aborted,
+                sockets: Vec::new(),
+            });
+        }
+        let deadline = Instant::now() + opts.connect_timeout;
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        // Connect and accept at once: every rank does both.
+        let target = peers[next_rank];
+        let hello = handshake_bytes(generation, rank);
+        let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
+            loop {
+                match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
+                    Ok(mut s) => {
+                        // Introduce ourselves at once: the peer accepts only after it.
+                        s.set_nodelay(true)?;
+                        s.write_all(&hello)?;
+                        return Ok(s);
+                    }
+                    Err(e) if Instant::now() >= deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        listener.set_nonblocking(true).map_err(io(rank, "listen"))?;
+        let prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).map_err(io(rank, "accept"))?;
+                    s.set_read_timeout(Some(opts.io_timeout))
+                        .map_err(io(rank, "accept"))?;
+                    let mut hello = [0u8; 24];
+                    let got = (&s).read_exact(&mut hello);
+                    if got.is_ok() && hello == handshake_bytes(generation, prev_rank) {
+                        break s;
+                    }
+                    // A stranger, a stale generation or the wrong rank: refuse it and
+                    // keep waiting for the real previous rank.
+                    tracing::warn!(
+                        rank,
+                        generation,
+                        "refused a ring connection with a bad handshake"
+                    );
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(CollectiveError::Timeout {
+                            rank,
+                            timeout: opts.connect_timeout,
+                            reason: format!("rank {prev_rank} did not connect"),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(io(rank, "accept")(e)),
+            }
+        };
+        let next = connector
+            .join()
+            .map_err(|_| CollectiveError::Protocol {
+                rank,
+                reason: "connector thread panicked".into(),
+            })?
+            .map_err(|e| CollectiveError::Timeout {
+                rank,
+                timeout: opts.connect_timeout,
+                reason: format!("cannot reach rank {next_rank} at {target}: {e}"),
+            })?;
+        next.set_read_timeout(Some(opts.io_timeout))
+            .map_err(io(rank, "connect"))?;
+        let sockets = vec![
+            next.try_clone().map_err(io(rank, "connect"))?,
+            prev.try_clone().map_err(io(rank, "accept"))?,
+        ];
+        Ok(TcpCollective {
+            rank,
+            world,
+            next: Some(next),
+            prev: Some(prev),
+            aborted,
+            sockets,
+        })
+    }
+
+    fn check(&self) -> Result<(), CollectiveError> {
+        if self.aborted.load(Ordering::SeqCst) {
+            Err(CollectiveError::Aborted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sends `out` to the next rank while receiving `inp.len()` bytes from the previous.
+    fn exchange(&self, out: &[u8], inp: &mut [u8]) -> Result<(), CollectiveError> {
+        self.check()?;
+        let (Some(next), Some(prev)) = (&self.next, &self.prev) else {
+            return Ok(());
+        };
+        let rank = self.rank;
+        let aborted = &self.aborted;
+        let map = |e: std::io::Error, op: &'static str| {
+            if aborted.load(Ordering::SeqCst) {
+                CollectiveError::Aborted
+            } else {
+                io(rank, op)(e)
+            }
+        };
+        std::thread::scope(|scope| {
+            let sender = scope.spawn(move || {
+                let mut w = next;
+                w.write_all(out)
+            });
+            let mut r = prev;
+            let received = r.read_exact(inp).map_err(|e| map(e, "receive"));
+            let sent = sender
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
+                .map_err(|e| map(e, "send"));
+            received.and(sent)
+        })
+    }
+}
+
+impl Collective for TcpCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.check()?;
+        let w = self.world;
+        if w == 1 || data.is_empty() {
+            return Ok(());
+        }
+        let r = self.rank;
+        let n = data.len();
+        let max_chunk = chunk(n, w, 0).1;
+        let mut recv = vec![0u8; max_chunk * 4];
+        // Reduce-scatter: after step s, chunk (r − s − 1) holds s + 2 contributions.
+        for s in 0..w - 1 {
+            let (ss, sl) = chunk(n, w, (r + w - s) % w);
+            let (rs, rl) = chunk(n, w, (r + 2 * w - s - 1) % w);
+            let out: Vec<u8> = bytemuck::cast_slice(&data[ss..ss + sl]).to_vec();
+            self.exchange(&out, &mut recv[..rl * 4])?;
+            let incoming: &[f32] = bytemuck::cast_slice(&recv[..rl * 4]);
+            for (d, x) in data[rs..rs + rl].iter_mut().zip(incoming) {
+                *d += *x;
+            }
+        }
+        // All-gather: rank r owns the finished chunk (r + 1); pass finished chunks on.
+        for s in 0..w - 1 {
+            let (ss, sl) = chunk(n, w, (r + 1 + w - s) % w);
+            let (rs, rl) = chunk(n, w, (r + w - s) % w);
+            let out: Vec<u8> = bytemuck::cast_slice(&data[ss..ss + sl]).to_vec();
+            self.exchange(&out, &mut recv[..rl * 4])?;
+            data[rs..rs + rl].copy_from_slice(bytemuck::cast_slice(&recv[..rl * 4]));
+        }
+        Ok(())
+    }
+
+    fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        self.check()?;
+        let w = self.world;
+        let mut out = vec![Vec::new(); w];
+        out[self.rank] = data.to_vec();
+        // Pass each rank's block around the ring, length-prefixed.
+        let mut carry = self.rank;
+        for _ in 0..w.saturating_sub(1) {
+            let len = (out[carry].len() as u64).to_le_bytes();
+            let mut got = [0u8; 8];
+            self.exchange(&len, &mut got)?;
+            let from = (carry + w - 1) % w;
+            let mut block = vec![0u8; u64::from_le_bytes(got) as usize];
+            let send = out[carry].clone();
+            self.exchange(&send, &mut block)?;
+            out[from] = block;
+            carry = from;
+        }
+        Ok(out)
+    }
+
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        for s in &self.sockets {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Starts a ring of `world` ranks on loopback, one thread each.
+    fn ring(world: usize, generation: u64) -> Vec<TcpCollective> {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let peers: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr"))
+            .collect();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let peers = peers.clone();
+                std::thread::spawn(move || {
+                    TcpCollective::connect(rank, &peers, l, generation, &TcpOptions::default())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread").expect("connects"))
+            .collect()
+    }
+
+    fn on_all<T: Send + 'static>(
+        ranks: Vec<TcpCollective>,
+        f: impl Fn(&mut TcpCollective) -> T + Send + Sync + Copy + 'static,
+    ) -> Vec<T> {
+        let handles: Vec<_> = ranks
+            .into_iter()
+            .map(|mut c| std::thread::spawn(move || f(&mut c)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("thread"))
+            .collect()
+    }
+
+    fn data(rank: usize, n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i * 7 + rank * 13) % 101) as f32 * 0.25 - 3.0)
+            .collect()
+    }
+
+    #[test]
+    fn all_reduce_sums_and_leaves_identical_bits() {
+        for world in [1, 2, 3, 4] {
+            for n in [0, 1, 2, 3, 7, 1000, 100_003] {
+                let results = on_all(ring(world, 1), move |c| {
+                    let mut v = data(c.rank(), n);
+                    c.all_reduce_sum(&mut v).expect("all-reduce");
+                    v
+                });
+                let inputs: Vec<Vec<f32>> = (0..world).map(|r| data(r, n)).collect();
+                for (i, got) in results[0].iter().enumerate() {
+                    let want: f32 = inputs.iter().map(|v| v[i]).sum();
+                    assert!(
+                        (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                        "world {world} n {n} [{i}]: {got} vs {want}"
+                    );
+                }
+                for r in &results[1..] {
+                    assert!(
+                        r.iter()
+                            .zip(&results[0])
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "identical on every rank"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_gather_returns_every_rank_block() {
+        let results = on_all(ring(3, 7), |c| {
+            let mine = vec![c.rank() as u8; c.rank() * 3 + 1];
+            c.all_gather(&mine).expect("gather")
+        });
+        for got in results {
+            for (r, block) in got.iter().enumerate() {
+                assert_eq!(block, &vec![r as u8; r * 3 + 1]);
+            }
+        }
+    }
+
+    #[test]
+    fn abort_unblocks_peers_instead_of_hanging() {
+        let mut ranks = ring(3, 2);
+        let victim = ranks.remove(2);
+        let t = Instant::now();
+        // Rank 2 never joins the all-reduce; it aborts, and ranks 0 and 1 must fail
+        // promptly rather than wait for their I/O timeout.
+        let handle = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            victim.abort();
+            victim
+        });
+        let results = on_all(ranks, |c| {
+            let mut v = vec![1.0f32; 10_000];
+            c.all_reduce_sum(&mut v).is_err()
+        });
+        let victim = handle.join().expect("victim");
+        assert!(results.iter().all(|&failed| failed), "peers fail");
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "promptly: {:?}",
+            t.elapsed()
+        );
+        let mut v = vec![0.0f32; 4];
+        let mut victim = victim;
+        assert!(matches!(
+            victim.all_reduce_sum(&mut v),
+            Err(CollectiveError::Aborted)
+        ));
+    }
+
+    #[test]
+    fn a_peer_of_another_generation_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let other = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peers = vec![
+            listener.local_addr().expect("addr"),
+            other.local_addr().expect("addr"),
+        ];
+        // A stale rank 1 (generation 4) knocks on rank 0 of generation 5.
+        let stale = std::thread::spawn({
+            let addr = peers[0];
+            move || {
+                let mut s = TcpStream::connect(addr).expect("connect");
+                s.write_all(&handshake_bytes(4, 1)).expect("hello");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        let opts = TcpOptions {
+            connect_timeout: Duration::from_millis(800),
+            io_timeout: Duration::from_secs(1),
+        };
+        let err = TcpCollective::connect(0, &peers, listener, 5, &opts).expect_err("no valid peer");
+        assert!(matches!(err, CollectiveError::Timeout { .. }), "{err}");
+        stale.join().expect("stale");
+        drop(other);
+    }
+}
