@@ -51,6 +51,8 @@ pub enum Error {
     },
     #[error(transparent)]
     Data(#[from] dpo_data::Error),
+    #[error("collective: {0}")]
+    Collective(String),
     #[error("halted after step {step} (fault injection)")]
     Halted { step: u64 },
 }

@@ -183,6 +183,49 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// The sums as a flat list, for reducing across ranks.
+    pub fn to_vec(&self) -> Vec<f64> {
+        vec![
+            self.loss,
+            self.pairs,
+            self.chosen_rewards,
+            self.rejected_rewards,
+            self.correct,
+            self.margins,
+            self.chosen_seqs,
+            self.rejected_seqs,
+            self.chosen_logps,
+            self.rejected_logps,
+            self.nll,
+            self.nll_tokens,
+            self.unlikelihood,
+            self.unlikelihood_tokens,
+            self.tokens,
+        ]
+    }
+
+    /// The inverse of [`Stats::to_vec`]; missing entries are zero.
+    pub fn from_slice(v: &[f64]) -> Stats {
+        let g = |i: usize| v.get(i).copied().unwrap_or(0.0);
+        Stats {
+            loss: g(0),
+            pairs: g(1),
+            chosen_rewards: g(2),
+            rejected_rewards: g(3),
+            correct: g(4),
+            margins: g(5),
+            chosen_seqs: g(6),
+            rejected_seqs: g(7),
+            chosen_logps: g(8),
+            rejected_logps: g(9),
+            nll: g(10),
+            nll_tokens: g(11),
+            unlikelihood: g(12),
+            unlikelihood_tokens: g(13),
+            tokens: g(14),
+        }
+    }
+
     pub fn add(&mut self, o: &Stats) {
         self.loss += o.loss;
         self.pairs += o.pairs;

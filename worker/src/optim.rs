@@ -34,6 +34,8 @@ struct Slot {
 pub struct Optimizer {
     spec: OptimSpec,
     slots: Vec<Slot>,
+    /// The same tensors as the slots', for gradient all-reduce.
+    params: Vec<Tensor>,
     /// Optimizer steps taken.
     pub step: u64,
 }
@@ -41,6 +43,7 @@ pub struct Optimizer {
 impl Optimizer {
     /// `params` in a stable order (sorted by name by the caller).
     pub fn new(spec: &OptimSpec, params: Vec<(String, Tensor)>) -> Self {
+        let tensors = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let slots = params
             .into_iter()
             .map(|(name, param)| Slot {
@@ -54,8 +57,14 @@ impl Optimizer {
         Optimizer {
             spec: spec.clone(),
             slots,
+            params: tensors,
             step: 0,
         }
+    }
+
+    /// The parameters, in the optimizer's (name-sorted) order.
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {

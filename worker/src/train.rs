@@ -21,12 +21,16 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
+use crate::collective::{Collective, all_reduce_gradients, chunk};
 use crate::dataset::{self, DataReport};
 use crate::error::{Error, Result, TorchContext, io_err};
 use crate::generate::{Sampling, generate};
 use crate::model::{CausalLm, checkpoint};
 use crate::objective::{self, MicroBatch, Normalizer, Objective, Stats};
 use crate::optim::{Optimizer, learning_rate};
+
+/// How often (in steps) ranks compare parameter hashes.
+const PARAMETER_CHECK_EVERY: u64 = 25;
 
 /// Shards above this size are split, as transformers does by default.
 const MAX_SHARD_BYTES: u64 = 5 * 1024 * 1024 * 1024;
@@ -110,6 +114,8 @@ fn kind_of(d: Dtype) -> Kind {
 /// A run being trained.
 pub struct Trainer {
     spec: RunSpec,
+    /// The ranks training this run together (a world of one standalone).
+    collective: Box<dyn Collective>,
     halt_after_step: Option<u64>,
     objective: Objective,
     policy: CausalLm,
@@ -139,7 +145,11 @@ impl std::fmt::Debug for Trainer {
 impl Trainer {
     /// Loads the model(s) and data, prepares the output directory, and restores the
     /// newest checkpoint when `opts.resume`.
-    pub fn new(spec: RunSpec, opts: &TrainOptions) -> Result<Self> {
+    pub fn new(
+        spec: RunSpec,
+        opts: &TrainOptions,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
         let kind = kind_of(spec.model.dtype);
         let objective = Objective::from_spec(&spec.objective);
         let policy = checkpoint::load(&spec.model.path, kind, opts.device)?;
@@ -263,6 +273,7 @@ impl Trainer {
 
         let mut trainer = Trainer {
             spec,
+            collective,
             halt_after_step: opts.halt_after_step,
             objective,
             policy,
@@ -296,6 +307,13 @@ impl Trainer {
     /// Creates the output directory, refusing to mix two runs in one directory.
     fn prepare_output(&mut self, resume: bool) -> Result<()> {
         let out = self.output().to_path_buf();
+        if self.collective.rank() != 0 {
+            // Rank 0 owns the output directory; the others only read checkpoints.
+            if resume && let Some((step, dir)) = latest_checkpoint(&self.checkpoints_dir())? {
+                self.restore(step, &dir)?;
+            }
+            return Ok(());
+        }
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let latest = latest_checkpoint(&self.checkpoints_dir())?;
         let metrics = out.join("metrics.jsonl");
@@ -409,21 +427,32 @@ impl Trainer {
 
     /// Runs the examples `idx` of `split` as one global batch in micro-batches;
     /// with `backward`, accumulates gradients.
-    fn run_batch(&self, split: Split, idx: &[usize], backward: bool) -> Result<Stats> {
+    /// Runs the global batch `idx` of `split`: this rank takes its contiguous slice,
+    /// every term is still normalised over the whole batch, and (with `backward`)
+    /// gradients are summed across ranks — so any world size computes the gradient
+    /// of the same global batch. Returns the metric sums of the whole batch.
+    fn run_batch(&mut self, split: Split, idx: &[usize], backward: bool) -> Result<Stats> {
         let pool = if split == Split::Train {
             &self.train
         } else {
             &self.eval
         };
-        let examples: Vec<&Example> = idx.iter().map(|&i| &pool[i]).collect();
-        let norm = Normalizer::of(&examples, &self.objective);
+        let all: Vec<&Example> = idx.iter().map(|&i| &pool[i]).collect();
+        let norm = Normalizer::of(&all, &self.objective);
+        let (start, len) = chunk(
+            idx.len(),
+            self.collective.world_size(),
+            self.collective.rank(),
+        );
+        let idx = &idx[start..start + len];
+        let examples = &all[start..start + len];
         let pairwise = self.objective.loss.is_pairwise();
         let with_negatives = self.objective.loss == Loss::Combined;
         let mut stats = Stats::default();
         let m = self.spec.micro_batch_size();
-        for (chunk, chunk_idx) in examples.chunks(m).zip(idx.chunks(m)) {
-            let mb = MicroBatch::new(chunk, pairwise, with_negatives, self.policy.device())?;
-            let reference = self.reference_sums(&mb, split, chunk_idx)?;
+        for (micro, micro_idx) in examples.chunks(m).zip(idx.chunks(m)) {
+            let mb = MicroBatch::new(micro, pairwise, with_negatives, self.policy.device())?;
+            let reference = self.reference_sums(&mb, split, micro_idx)?;
             let (loss, s) = if backward {
                 let scores = objective::score(&self.policy, &mb)?;
                 let (loss, s) =
@@ -440,10 +469,71 @@ impl Trainer {
             drop(loss);
             stats.add(&s);
         }
-        Ok(stats)
+        if backward {
+            all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?;
+        }
+        self.sum_across_ranks(&stats)
     }
 
-    fn evaluate(&self) -> Result<Option<Metrics>> {
+    /// Adds every rank's metric sums, in rank order (so every rank gets the same bits).
+    fn sum_across_ranks(&mut self, stats: &Stats) -> Result<Stats> {
+        if self.collective.world_size() == 1 {
+            return Ok(stats.clone());
+        }
+        let bytes: Vec<u8> = stats
+            .to_vec()
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let blocks = self
+            .collective
+            .all_gather(&bytes)
+            .map_err(|e| Error::Collective(e.to_string()))?;
+        let mut total = vec![0.0f64; stats.to_vec().len()];
+        for block in blocks {
+            for (t, b) in total.iter_mut().zip(block.chunks_exact(8)) {
+                let mut a = [0u8; 8];
+                a.copy_from_slice(b);
+                *t += f64::from_le_bytes(a);
+            }
+        }
+        Ok(Stats::from_slice(&total))
+    }
+
+    /// Fails loudly if the ranks' parameters are no longer identical (compared by a
+    /// hash of their bytes).
+    fn check_parameters_agree(&mut self, step: u64) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for p in self.optimizer.params() {
+            let t = p
+                .f_detach()
+                .and_then(|t| t.f_to_device(tch::Device::Cpu))
+                .and_then(|t| t.f_contiguous())
+                .op("parameter hash")?;
+            let n = t.numel();
+            let mut bytes = vec![0u8; n * t.kind().elt_size_in_bytes()];
+            t.f_copy_data_u8(&mut bytes, n).op("parameter hash")?;
+            for b in bytes {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let hashes = self
+            .collective
+            .all_gather(&hash.to_le_bytes())
+            .map_err(|e| Error::Collective(e.to_string()))?;
+        if hashes.iter().any(|h| h.as_slice() != hash.to_le_bytes()) {
+            return Err(Error::Collective(format!(
+                "step {step}: parameters differ across ranks (hashes {:?}); stopping rather than training on diverged replicas",
+                hashes
+            )));
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self) -> Result<Option<Metrics>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -468,8 +558,17 @@ impl Trainer {
             eval: self.eval_report.as_ref(),
         });
         let out = self.output().to_path_buf();
-        let mut metrics_file = append(&out.join("metrics.jsonl"))?;
-        let mut eval_file = append(&out.join("eval.jsonl"))?;
+        let writer = self.collective.rank() == 0;
+        let mut metrics_file = if writer {
+            Some(append(&out.join("metrics.jsonl"))?)
+        } else {
+            None
+        };
+        let mut eval_file = if writer {
+            Some(append(&out.join("eval.jsonl"))?)
+        } else {
+            None
+        };
         let g = self.spec.train.global_batch_size;
         let (seed, shuffle) = (self.spec.data.seed, self.spec.data.shuffle);
         let mut order: Option<(u64, Vec<usize>)> = None;
@@ -528,7 +627,12 @@ impl Trainer {
                 ("learning_rate".into(), lr),
                 ("tokens_per_second".into(), stats.tokens / secs.max(1e-9)),
             ]);
-            write_line(&mut metrics_file, &out.join("metrics.jsonl"), &m)?;
+            if let Some(f) = metrics_file.as_mut() {
+                write_line(f, &out.join("metrics.jsonl"), &m)?;
+            }
+            if step % PARAMETER_CHECK_EVERY == 0 || step == self.total_steps {
+                self.check_parameters_agree(step)?;
+            }
             on_event(Event::Step {
                 step,
                 total_steps: self.total_steps,
@@ -540,7 +644,9 @@ impl Trainer {
             if (every > 0 && step % every == 0) || step == self.total_steps {
                 if let Some(mut e) = self.evaluate()? {
                     e.insert(0, ("step".into(), step as f64));
-                    write_line(&mut eval_file, &out.join("eval.jsonl"), &e)?;
+                    if let Some(f) = eval_file.as_mut() {
+                        write_line(f, &out.join("eval.jsonl"), &e)?;
+                    }
                     on_event(Event::Eval { step, metrics: &e });
                     let loss = e.iter().find(|(k, _)| k == "eval_loss").map(|(_, v)| *v);
                     if let Some(loss) = loss {
@@ -560,7 +666,7 @@ impl Trainer {
                 }
             }
             let ck = self.spec.train.checkpoint_every;
-            if ck > 0 && step % ck == 0 && step < self.total_steps && !stopped_early {
+            if writer && ck > 0 && step % ck == 0 && step < self.total_steps && !stopped_early {
                 let dir = self.write_checkpoint(step)?;
                 on_event(Event::Checkpoint { step, path: &dir });
             }
@@ -571,13 +677,14 @@ impl Trainer {
                 return Err(Error::Halted { step });
             }
         }
-        let final_dir = out.join("final");
-        checkpoint::save(
-            &self.policy,
-            &final_dir,
-            Some(&self.spec.model.path),
-            MAX_SHARD_BYTES,
-        )?;
+        if writer {
+            checkpoint::save(
+                &self.policy,
+                &out.join("final"),
+                Some(&self.spec.model.path),
+                MAX_SHARD_BYTES,
+            )?;
+        }
         Ok(Summary {
             steps: step,
             last,

@@ -43,6 +43,15 @@ enum Command {
         /// this step (and its checkpoint) is written.
         #[arg(long, hide = true)]
         halt_after_step: Option<u64>,
+        /// Data-parallel training over a static world: every rank's address
+        /// (host:port, comma-separated, rank order). Each rank runs this command
+        /// with its own --rank; rank 0 writes the outputs. (The coordinator hands
+        /// out ranks and addresses itself in cluster mode.)
+        #[arg(long, value_delimiter = ',', requires = "rank")]
+        peers: Vec<String>,
+        /// This process's rank in --peers.
+        #[arg(long, requires = "peers")]
+        rank: Option<usize>,
     },
     /// Compute log-probabilities of preference pairs: one JSON line per input pair
     /// with chosen_logps, rejected_logps (sums over response tokens), chosen_tokens,
@@ -103,7 +112,12 @@ fn main() -> anyhow::Result<()> {
             device,
             json,
             halt_after_step,
-        } => train(&config, resume, device, json, halt_after_step)?,
+            peers,
+            rank,
+        } => {
+            let collective = static_world(&peers, rank)?;
+            train(&config, resume, device, json, halt_after_step, collective)?
+        }
         Command::Score {
             model,
             data,
@@ -164,12 +178,44 @@ fn metric(m: &[(String, f64)], key: &str) -> Option<f64> {
     m.iter().find(|(k, _)| k == key).map(|(_, v)| *v)
 }
 
+/// The collective of `--peers`/`--rank`, or a world of one.
+fn static_world(
+    peers: &[String],
+    rank: Option<usize>,
+) -> anyhow::Result<Box<dyn dpo_worker::collective::Collective>> {
+    use dpo_worker::collective::{Solo, tcp};
+    use std::net::ToSocketAddrs;
+    let Some(rank) = rank else {
+        return Ok(Box::new(Solo));
+    };
+    let addrs = peers
+        .iter()
+        .map(|p| {
+            p.to_socket_addrs()
+                .with_context(|| format!("--peers: cannot resolve {p:?}"))?
+                .next()
+                .with_context(|| format!("--peers: {p:?} has no address"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(
+        rank < addrs.len(),
+        "--rank {rank} is not below the {} --peers",
+        addrs.len()
+    );
+    let listener = std::net::TcpListener::bind(addrs[rank])
+        .with_context(|| format!("binding this rank's address {}", addrs[rank]))?;
+    tracing::info!(rank, world = addrs.len(), "joining the ring");
+    let ring = tcp::TcpCollective::connect(rank, &addrs, listener, 0, &tcp::TcpOptions::default())?;
+    Ok(Box::new(ring))
+}
+
 fn train(
     config: &std::path::Path,
     resume: bool,
     device: Device,
     json: bool,
     halt_after_step: Option<u64>,
+    collective: Box<dyn dpo_worker::collective::Collective>,
 ) -> anyhow::Result<()> {
     use dpo_worker::train::{Event, TrainOptions, Trainer};
 
@@ -180,8 +226,8 @@ fn train(
         device,
         halt_after_step,
     };
-    let mut trainer =
-        Trainer::new(spec, &opts).with_context(|| format!("preparing run {}", config.display()))?;
+    let mut trainer = Trainer::new(spec, &opts, collective)
+        .with_context(|| format!("preparing run {}", config.display()))?;
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")

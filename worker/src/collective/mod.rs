@@ -46,6 +46,98 @@ pub trait Collective: Send {
     fn abort(&self);
 }
 
+/// The collective of a world of one: every operation returns at once.
+#[derive(Debug, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _data: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+    fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        Ok(vec![data.to_vec()])
+    }
+    fn abort(&self) {}
+}
+
+/// Elements per gradient bucket: large enough to amortise a ring pass, small enough
+/// to bound the staging copy.
+pub const BUCKET_ELEMENTS: usize = 4 << 20;
+
+/// Sums the gradients of `params` across ranks, in buckets of flattened f32.
+/// A rank with an empty slice of the batch contributes zeros.
+pub fn all_reduce_gradients(
+    params: &[tch::Tensor],
+    collective: &mut dyn Collective,
+) -> crate::Result<()> {
+    use crate::error::TorchContext;
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    if params.iter().any(|p| !p.grad().defined()) {
+        // This rank had nothing to backpropagate (its slice of the batch is empty):
+        // give every parameter a zero gradient through a no-op backward.
+        let mut touch = tch::Tensor::f_zeros([], (tch::Kind::Float, params[0].device()))
+            .op("zero gradients")?;
+        for p in params {
+            touch = touch
+                .f_add(
+                    &p.f_sum(tch::Kind::Float)
+                        .and_then(|s| s.f_mul_scalar(0.0))
+                        .op("zero gradients")?,
+                )
+                .op("zero gradients")?;
+        }
+        touch.f_backward().op("zero gradients")?;
+    }
+    let _guard = tch::no_grad_guard();
+    let mut start = 0;
+    while start < params.len() {
+        // Gather a bucket of whole parameters.
+        let mut end = start;
+        let mut elements = 0;
+        while end < params.len()
+            && (end == start || elements + params[end].numel() <= BUCKET_ELEMENTS)
+        {
+            elements += params[end].numel();
+            end += 1;
+        }
+        let mut flat: Vec<f32> = Vec::with_capacity(elements);
+        for p in &params[start..end] {
+            let values = Vec::<f32>::try_from(
+                &p.grad()
+                    .f_to_kind(tch::Kind::Float)
+                    .and_then(|g| g.f_to_device(tch::Device::Cpu))
+                    .and_then(|g| g.f_reshape([-1]))
+                    .op("gradient bucket")?,
+            )
+            .op("gradient bucket")?;
+            flat.extend(values);
+        }
+        collective
+            .all_reduce_sum(&mut flat)
+            .map_err(|e| crate::Error::Collective(e.to_string()))?;
+        let mut offset = 0;
+        for p in &params[start..end] {
+            let n = p.numel();
+            let summed = tch::Tensor::f_from_slice(&flat[offset..offset + n])
+                .and_then(|t| t.f_view(p.size().as_slice()))
+                .and_then(|t| t.f_to_device(p.device()))
+                .op("gradient bucket")?;
+            p.grad().f_copy_(&summed).op("gradient bucket")?;
+            offset += n;
+        }
+        start = end;
+    }
+    Ok(())
+}
+
 /// Splits `n` elements into `parts` contiguous chunks whose sizes differ by at most
 /// one: `(start, len)` of chunk `i`.
 pub fn chunk(n: usize, parts: usize, i: usize) -> (usize, usize) {

@@ -1,0 +1,128 @@
+//! Data-parallel training over the tcp collective: W processes, each training its
+//! slice of every global batch, end with the weights and metrics of one process.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+
+use common::{fixture, fixtures, read_jsonl, tempdir};
+use dpo_worker::model::checkpoint::read_tensors;
+use tch::Kind;
+
+fn spec(dir: &Path, name: &str, loss: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"dp\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\neval = \"{}\"\nseed = 3\n\
+             [objective]\nloss = \"{loss}\"\nnll_weight = {nll}\n\
+             [optim]\nname = \"sgd\"\nlr = 1.0\nmax_grad_norm = 1.0\nschedule = \"constant\"\n\
+             [train]\nepochs = 2\nglobal_batch_size = 4\nmicro_batch_size = 1\neval_every = 2\noutput = \"{}\"\n",
+            fixture("qwen2").display(),
+            fixtures().join("pairs_tokens.jsonl").display(),
+            fixtures().join("pairs_tokens.jsonl").display(),
+            dir.join(name).display(),
+            nll = if loss == "sigmoid" { "0.5" } else { "0.0" },
+        ),
+    )
+    .expect("write spec");
+    path
+}
+
+fn free_ports(n: usize) -> Vec<String> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect()
+}
+
+fn worker(spec: &Path, extra: &[String]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(spec)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dpo-worker starts")
+}
+
+fn wait_ok(child: Child) {
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn compare(dir: &Path, a: &str, b: &str) -> f64 {
+    let x = read_tensors(&dir.join(a).join("final/model.safetensors")).expect("weights");
+    let y = read_tensors(&dir.join(b).join("final/model.safetensors")).expect("weights");
+    x.iter()
+        .map(|(k, t)| {
+            (t.to_kind(Kind::Double) - y[k].to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn two_and_three_ranks_train_the_weights_of_one_process() {
+    for loss in ["sigmoid", "combined"] {
+        let dir = tempdir();
+        wait_ok(worker(&spec(dir.path(), "one", loss), &[]));
+        for world in [2usize, 3] {
+            let name = format!("w{world}");
+            let path = spec(dir.path(), &name, loss);
+            let peers = free_ports(world).join(",");
+            // Global batch 4 over 3 ranks: slices of 2, 1 and 1 examples.
+            let children: Vec<Child> = (0..world)
+                .map(|r| {
+                    worker(
+                        &path,
+                        &[
+                            "--peers".into(),
+                            peers.clone(),
+                            "--rank".into(),
+                            r.to_string(),
+                        ],
+                    )
+                })
+                .collect();
+            children.into_iter().for_each(wait_ok);
+            let diff = compare(dir.path(), "one", &name);
+            eprintln!("{loss}, {world} ranks: max |weights - one process| = {diff:.2e}");
+            assert!(diff <= 1e-5, "{loss}, world {world}: {diff}");
+
+            let one = read_jsonl(&dir.path().join("one/metrics.jsonl"));
+            let many = read_jsonl(&dir.path().join(&name).join("metrics.jsonl"));
+            assert_eq!(one.len(), many.len(), "every step logged once, by rank 0");
+            for (x, y) in one.iter().zip(&many) {
+                let (lx, ly) = (
+                    x["loss"].as_f64().expect("loss"),
+                    y["loss"].as_f64().expect("loss"),
+                );
+                assert!(
+                    (lx - ly).abs() <= 1e-5 * lx.abs().max(1.0),
+                    "step {}: loss {lx} vs {ly}",
+                    x["step"]
+                );
+                // Metrics are over the global batch, not one rank's slice.
+                assert_eq!(x["rewards/accuracies"], y["rewards/accuracies"]);
+                assert_eq!(
+                    x["logps/chosen"].as_f64().map(|v| (v * 1e3).round()),
+                    y["logps/chosen"].as_f64().map(|v| (v * 1e3).round())
+                );
+            }
+            let evals = read_jsonl(&dir.path().join(&name).join("eval.jsonl"));
+            assert_eq!(evals.len(), 3, "eval at steps 2, 4, 6");
+        }
+    }
+}
