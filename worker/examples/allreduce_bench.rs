@@ -30,7 +30,10 @@ fn main() -> anyhow::Result<()> {
     let listeners: Vec<TcpListener> = (0..args.world)
         .map(|_| TcpListener::bind("127.0.0.1:0"))
         .collect::<Result<_, _>>()?;
-    let peers: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    let peers: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<_, _>>()?;
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()

@@ -346,12 +346,7 @@ impl Trainer {
     fn restore(&mut self, step: u64, dir: &Path) -> Result<()> {
         verify_manifest(dir)?;
         checkpoint::load_weights(&self.policy, &dir.join("model"))?;
-        let state_path = dir.join("trainer_state.json");
-        let text = std::fs::read_to_string(&state_path).map_err(io_err(&state_path))?;
-        let state: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: state_path.clone(),
-            source,
-        })?;
+        let state = checkpoint::read_json(&dir.join("trainer_state.json"))?;
         let optim_path = dir.join("optimizer.safetensors");
         let tensors = checkpoint::read_tensors(&optim_path)?;
         let device = self.policy.device();
@@ -850,11 +845,7 @@ fn sha256_file(path: &Path) -> Result<String> {
 /// Checks every file listed in a checkpoint's manifest against its checksum.
 pub fn verify_manifest(dir: &Path) -> Result<()> {
     let path = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let manifest: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.clone(),
-        source,
-    })?;
+    let manifest = checkpoint::read_json(&path)?;
     let files = manifest
         .get("files")
         .and_then(Value::as_object)

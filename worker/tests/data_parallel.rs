@@ -6,9 +6,8 @@ mod common;
 use std::path::Path;
 use std::process::{Child, Command};
 
-use common::{fixture, fixtures, read_jsonl, tempdir};
+use common::{fixture, fixtures, max_weight_diff, read_jsonl, tempdir};
 use dpo_worker::model::checkpoint::read_tensors;
-use tch::Kind;
 
 fn spec(dir: &Path, name: &str, loss: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.toml"));
@@ -63,14 +62,7 @@ fn wait_ok(child: Child) {
 fn compare(dir: &Path, a: &str, b: &str) -> f64 {
     let x = read_tensors(&dir.join(a).join("final/model.safetensors")).expect("weights");
     let y = read_tensors(&dir.join(b).join("final/model.safetensors")).expect("weights");
-    x.iter()
-        .map(|(k, t)| {
-            (t.to_kind(Kind::Double) - y[k].to_kind(Kind::Double))
-                .abs()
-                .max()
-                .double_value(&[])
-        })
-        .fold(0.0, f64::max)
+    max_weight_diff(&x, &y)
 }
 
 #[test]

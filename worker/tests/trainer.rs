@@ -3,14 +3,12 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixture, fixtures, python, read_jsonl, repo_root, tempdir};
+use common::{fixture, fixtures, max_weight_diff, python, read_jsonl, repo_root, tempdir};
 use dpo_worker::model::checkpoint::read_tensors;
 use serde_json::json;
-use tch::{Kind, Tensor};
 
 fn train(config: &Path, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
@@ -119,22 +117,6 @@ output = "{out}"
     let path = dir.join(format!("{}.toml", c.name));
     std::fs::write(&path, spec).expect("write spec");
     path
-}
-
-fn max_diff(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
-    assert_eq!(
-        a.keys().collect::<Vec<_>>(),
-        b.keys().collect::<Vec<_>>(),
-        "same tensors"
-    );
-    a.iter()
-        .map(|(k, x)| {
-            (x.to_kind(Kind::Double) - b[k].to_kind(Kind::Double))
-                .abs()
-                .max()
-                .double_value(&[])
-        })
-        .fold(0.0, f64::max)
 }
 
 #[test]
@@ -249,16 +231,16 @@ fn every_loss_matches_the_pytorch_reference() {
         read_tensors(&dir.path().join(name).join("final/model.safetensors")).expect("weights")
     };
     // The added terms matter: unlikelihood changes SFT, the NLL term changes DPO.
-    assert!(max_diff(&ours("combined"), &ours("sft")) > 1e-4);
-    assert!(max_diff(&ours("rpo"), &ours("dpo")) > 1e-4);
-    assert!(max_diff(&ours("reference-free"), &ours("dpo")) > 1e-4);
+    assert!(max_weight_diff(&ours("combined"), &ours("sft")) > 1e-4);
+    assert!(max_weight_diff(&ours("rpo"), &ours("dpo")) > 1e-4);
+    assert!(max_weight_diff(&ours("reference-free"), &ours("dpo")) > 1e-4);
     for c in &cases {
         let ours = read_tensors(&dir.path().join(c.name).join("final/model.safetensors"))
             .expect("our weights");
         let theirs = read_tensors(&dir.path().join(format!("{}.reference.safetensors", c.name)))
             .expect("reference");
-        let moved = max_diff(&ours, &initial);
-        let diff = max_diff(&ours, &theirs);
+        let moved = max_weight_diff(&ours, &initial);
+        let diff = max_weight_diff(&ours, &theirs);
         eprintln!(
             "{:>16}: weights moved {moved:.2e}, max |ours - pytorch| {diff:.2e}",
             c.name

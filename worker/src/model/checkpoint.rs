@@ -40,11 +40,7 @@ pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(INDEX);
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-        let json: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-            path: index.clone(),
-            source,
-        })?;
+        let json = read_json(&index)?;
         let map = json
             .get("weight_map")
             .and_then(Value::as_object)
@@ -357,6 +353,15 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
         out.insert(name.to_string(), t);
     }
     Ok(out)
+}
+
+/// Reads and parses a JSON file; errors name the file.
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {

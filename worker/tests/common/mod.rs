@@ -94,3 +94,23 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("valid JSON line"))
         .collect()
 }
+
+/// Largest absolute difference between two sets of named tensors (same names).
+pub fn max_weight_diff(
+    a: &std::collections::BTreeMap<String, tch::Tensor>,
+    b: &std::collections::BTreeMap<String, tch::Tensor>,
+) -> f64 {
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "same tensors"
+    );
+    a.iter()
+        .map(|(k, x)| {
+            (x.to_kind(tch::Kind::Double) - b[k].to_kind(tch::Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[])
+        })
+        .fold(0.0, f64::max)
+}
