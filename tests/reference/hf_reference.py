@@ -37,6 +37,8 @@ FIXTURES = {
     "qwen2": dict(arch="qwen2", tie=True),
     # Mistral: multi-query attention and a sliding window shorter than the inputs.
     "mistral": dict(arch="mistral", kv_heads=1, sliding_window=6, rope_scaling="linear"),
+    # Qwen2 with the same shapes and other weights.
+    "qwen2-other": dict(arch="qwen2", tie=True, seed=5),
     # bf16 weights, attention biases, tied embeddings.
     "llama-bf16": dict(arch="llama", dtype="bfloat16", attention_bias=True, tie=True, seed=2),
 }

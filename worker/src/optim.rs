@@ -174,6 +174,29 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Every moment tensor, allocating zeros where none exist yet, in parameter
+    /// order — so ranks can exchange optimizer state tensor by tensor.
+    pub fn moments_mut(&mut self) -> Result<Vec<Tensor>> {
+        let mut out = Vec::new();
+        if self.spec.name == OptimizerName::Sgd {
+            return Ok(out);
+        }
+        for s in &mut self.slots {
+            for slot in [&mut s.exp_avg, &mut s.exp_avg_sq] {
+                if slot.is_none() {
+                    let z =
+                        Tensor::f_zeros(s.param.size().as_slice(), (Kind::Float, s.param.device()))
+                            .op("optimizer state")?;
+                    *slot = Some(z);
+                }
+                if let Some(t) = slot {
+                    out.push(t.shallow_clone());
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Moments by `exp_avg.NAME` / `exp_avg_sq.NAME`, for checkpoints.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();

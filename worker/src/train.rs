@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{Collective, all_reduce_gradients, chunk};
+use crate::collective::{Collective, all_reduce_gradients, broadcast_tensors, chunk};
 use crate::dataset::{self, DataReport};
 use crate::error::{Error, Result, TorchContext, io_err};
 use crate::generate::{Sampling, generate};
@@ -543,9 +543,55 @@ impl Trainer {
         ))
     }
 
+    /// Makes this rank's training state that of rank `root`: parameters, optimizer
+    /// moments and step, position in the run and early-stopping state. Every rank of
+    /// a multi-rank run calls it before the first step; it is also how a worker that
+    /// joins a running world catches up.
+    pub fn sync_from(&mut self, root: usize) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let state = json!({
+            "start_step": self.start_step,
+            "optimizer_step": self.optimizer.step,
+            "best_eval": self.best_eval,
+            "bad_evals": self.bad_evals,
+        })
+        .to_string();
+        let got = self
+            .collective
+            .broadcast(state.as_bytes(), root)
+            .map_err(|e| Error::Collective(e.to_string()))?;
+        let state: Value = serde_json::from_slice(&got)
+            .map_err(|e| Error::Collective(format!("state from rank {root}: {e}")))?;
+        self.start_step = state["start_step"].as_u64().unwrap_or(0);
+        self.optimizer.step = state["optimizer_step"].as_u64().unwrap_or(0);
+        self.best_eval = state["best_eval"].as_f64();
+        self.bad_evals = state["bad_evals"].as_u64().unwrap_or(0);
+        let params: Vec<Tensor> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(Tensor::shallow_clone)
+            .collect();
+        broadcast_tensors(&params, root, self.collective.as_mut())?;
+        if self.optimizer.step > 0 {
+            let moments = self.optimizer.moments_mut()?;
+            broadcast_tensors(&moments, root, self.collective.as_mut())?;
+        }
+        tracing::info!(
+            rank = self.collective.rank(),
+            root,
+            step = self.start_step,
+            "synchronised training state"
+        );
+        Ok(())
+    }
+
     /// Trains to the end (or early stop), reporting through `on_event`.
     pub fn run(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
         let started = Instant::now();
+        self.sync_from(0)?;
         on_event(Event::Started {
             start_step: self.start_step,
             total_steps: self.total_steps,
@@ -609,7 +655,7 @@ impl Trainer {
                 ("step".into(), step as f64),
                 ("epoch".into(), step as f64 / self.steps_per_epoch as f64),
                 ("generation".into(), 0.0),
-                ("world_size".into(), 1.0),
+                ("world_size".into(), self.collective.world_size() as f64),
             ];
             m.extend(
                 stats

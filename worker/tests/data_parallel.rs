@@ -118,3 +118,53 @@ fn two_and_three_ranks_train_the_weights_of_one_process() {
         }
     }
 }
+
+#[test]
+fn every_rank_starts_from_rank_zero_state() {
+    // Rank 1 is pointed at a model with other weights (same shapes): the run must
+    // still train rank 0's model, as a joining worker receives rank 0's state.
+    // Reference-free, because a "same" reference is each rank's own initial model
+    // (in a cluster every worker loads the run's model, so they agree).
+    let dir = tempdir();
+    let reference_free = |path: &Path| {
+        let text = std::fs::read_to_string(path).expect("read");
+        assert!(text.contains("[data]"));
+        std::fs::write(
+            path,
+            text.replace("[data]", "[reference]\npath = \"none\"\n[data]"),
+        )
+        .expect("write");
+    };
+    let one = spec(dir.path(), "one", "sigmoid");
+    reference_free(&one);
+    wait_ok(worker(&one, &[]));
+    let rank0 = spec(dir.path(), "two", "sigmoid");
+    reference_free(&rank0);
+    let rank1 = dir.path().join("two-rank1.toml");
+    let text = std::fs::read_to_string(&rank0).expect("read");
+    let other = text.replace(
+        &fixture("qwen2").display().to_string(),
+        &fixture("qwen2-other").display().to_string(),
+    );
+    assert_ne!(text, other, "rank 1 really starts from other weights");
+    std::fs::write(&rank1, other).expect("write");
+    let peers = free_ports(2).join(",");
+    let children = vec![
+        worker(
+            &rank0,
+            &["--peers".into(), peers.clone(), "--rank".into(), "0".into()],
+        ),
+        worker(
+            &rank1,
+            &["--peers".into(), peers, "--rank".into(), "1".into()],
+        ),
+    ];
+    children.into_iter().for_each(wait_ok);
+    let diff = compare(dir.path(), "one", "two");
+    assert!(diff <= 1e-5, "rank 1 trained from rank 0's weights: {diff}");
+    let metrics = read_jsonl(&dir.path().join("two/metrics.jsonl"));
+    assert!(
+        metrics.iter().all(|m| m["world_size"] == 2),
+        "world_size is logged"
+    );
+}

@@ -37,6 +37,8 @@ pub trait Collective: Send {
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
     /// Every rank's bytes, indexed by rank.
     fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
+    /// Rank `root`'s bytes, on every rank (`data` is ignored elsewhere).
+    fn broadcast(&mut self, data: &[u8], root: usize) -> Result<Vec<u8>, CollectiveError>;
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         self.all_gather(&[]).map(|_| ())
@@ -63,7 +65,55 @@ impl Collective for Solo {
     fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
         Ok(vec![data.to_vec()])
     }
+    fn broadcast(&mut self, data: &[u8], _root: usize) -> Result<Vec<u8>, CollectiveError> {
+        Ok(data.to_vec())
+    }
     fn abort(&self) {}
+}
+
+/// Makes every rank's tensors equal to rank `root`'s, in order (same names and
+/// shapes on every rank): how a joining worker receives parameters and optimizer
+/// state from the generation's rank 0.
+pub fn broadcast_tensors(
+    tensors: &[tch::Tensor],
+    root: usize,
+    collective: &mut dyn Collective,
+) -> crate::Result<()> {
+    use crate::error::TorchContext;
+    if collective.world_size() == 1 {
+        return Ok(());
+    }
+    let _guard = tch::no_grad_guard();
+    for t in tensors {
+        let host = t
+            .f_detach()
+            .and_then(|x| x.f_to_device(tch::Device::Cpu))
+            .and_then(|x| x.f_contiguous())
+            .op("broadcast: read")?;
+        let n = host.numel();
+        let kind = host.kind();
+        let mut bytes = vec![0u8; n * kind.elt_size_in_bytes()];
+        if collective.rank() == root {
+            host.f_copy_data_u8(&mut bytes, n).op("broadcast: read")?;
+        }
+        let got = collective
+            .broadcast(&bytes, root)
+            .map_err(|e| crate::Error::Collective(e.to_string()))?;
+        if got.len() != bytes.len() {
+            return Err(crate::Error::Collective(format!(
+                "broadcast: received {} bytes for a tensor of {}",
+                got.len(),
+                bytes.len()
+            )));
+        }
+        if collective.rank() != root {
+            let src = tch::Tensor::f_from_data_size(&got, &host.size(), kind)
+                .and_then(|x| x.f_to_device(t.device()))
+                .op("broadcast: write")?;
+            t.shallow_clone().f_copy_(&src).op("broadcast: write")?;
+        }
+    }
+    Ok(())
 }
 
 /// Elements per gradient bucket: large enough to amortise a ring pass, small enough

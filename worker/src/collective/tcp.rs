@@ -268,6 +268,52 @@ impl Collective for TcpCollective {
         Ok(out)
     }
 
+    fn broadcast(&mut self, data: &[u8], root: usize) -> Result<Vec<u8>, CollectiveError> {
+        self.check()?;
+        let w = self.world;
+        if root >= w {
+            return Err(CollectiveError::Protocol {
+                rank: self.rank,
+                reason: format!("broadcast root {root} outside a world of {w}"),
+            });
+        }
+        if w == 1 {
+            return Ok(data.to_vec());
+        }
+        // Down the ring from the root: each rank receives from the previous and
+        // forwards to the next, except the last, whose next is the root.
+        let r = self.rank;
+        let pos = (r + w - root) % w;
+        let mut block = if pos == 0 { data.to_vec() } else { Vec::new() };
+        let (Some(next), Some(prev)) = (&self.next, &self.prev) else {
+            return Ok(block);
+        };
+        let aborted = &self.aborted;
+        let fail = |e: std::io::Error, op: &'static str| {
+            if aborted.load(Ordering::SeqCst) {
+                CollectiveError::Aborted
+            } else {
+                io(r, op)(e)
+            }
+        };
+        if pos > 0 {
+            let mut prev = prev;
+            let mut len = [0u8; 8];
+            prev.read_exact(&mut len)
+                .map_err(|e| fail(e, "broadcast receive"))?;
+            block = vec![0u8; u64::from_le_bytes(len) as usize];
+            prev.read_exact(&mut block)
+                .map_err(|e| fail(e, "broadcast receive"))?;
+        }
+        if pos < w - 1 {
+            let mut next = next;
+            next.write_all(&(block.len() as u64).to_le_bytes())
+                .and_then(|_| next.write_all(&block))
+                .map_err(|e| fail(e, "broadcast send"))?;
+        }
+        Ok(block)
+    }
+
     fn abort(&self) {
         self.aborted.store(true, Ordering::SeqCst);
         for s in &self.sockets {
@@ -363,6 +409,19 @@ mod tests {
         for got in results {
             for (r, block) in got.iter().enumerate() {
                 assert_eq!(block, &vec![r as u8; r * 3 + 1]);
+            }
+        }
+    }
+
+    #[test]
+    fn broadcast_delivers_the_root_bytes_everywhere() {
+        for root in 0..3 {
+            let results = on_all(ring(3, 11), move |c| {
+                let mine = vec![c.rank() as u8 + 1; 100_000 + c.rank()];
+                c.broadcast(&mine, root).expect("broadcast")
+            });
+            for got in results {
+                assert_eq!(got, vec![root as u8 + 1; 100_000 + root]);
             }
         }
     }
