@@ -168,3 +168,44 @@ fn every_rank_starts_from_rank_zero_state() {
         "world_size is logged"
     );
 }
+
+#[test]
+fn a_dead_rank_makes_the_survivor_fail_at_once_not_hang() {
+    let dir = tempdir();
+    let path = spec(dir.path(), "dead", "sigmoid");
+    let peers = free_ports(2).join(",");
+    let started = std::time::Instant::now();
+    let survivor = worker(
+        &path,
+        &["--peers".into(), peers.clone(), "--rank".into(), "0".into()],
+    );
+    // Rank 1 exits as if killed right after step 2.
+    let victim = worker(
+        &path,
+        &[
+            "--peers".into(),
+            peers,
+            "--rank".into(),
+            "1".into(),
+            "--halt-after-step".into(),
+            "2".into(),
+        ],
+    );
+    let v = victim.wait_with_output().expect("wait");
+    assert_eq!(
+        v.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&v.stderr)
+    );
+    let s = survivor.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&s.stderr);
+    assert_eq!(s.status.code(), Some(1), "the survivor fails: {stderr}");
+    assert!(stderr.contains("collective"), "and says why: {stderr}");
+    // Well before any I/O timeout (300 s): the peer's closed socket is noticed at once.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+}
