@@ -200,14 +200,7 @@ pub fn load(
     report.truncated_away = before - examples.len();
 
     for e in &examples {
-        if let Some(id) = e.ids().find(|&t| i64::from(t) >= vocab_size) {
-            return Err(Error::Input {
-                context: format!("{}:{}", path.display(), e.line),
-                reason: format!(
-                    "token id {id} is out of range for a model with vocab_size {vocab_size}"
-                ),
-            });
-        }
+        check_vocabulary(path, e.line, e.ids(), vocab_size)?;
     }
     if spec.objective.loss == Loss::Combined
         && is_train
@@ -243,6 +236,25 @@ pub fn load(
         );
     }
     Ok((examples, report))
+}
+
+/// Refuses, by `file:line`, a token id the model has no embedding for (libtorch
+/// would otherwise fail deep inside the forward pass).
+pub fn check_vocabulary(
+    path: &Path,
+    line: usize,
+    ids: impl IntoIterator<Item = u32>,
+    vocab_size: i64,
+) -> Result<()> {
+    match ids.into_iter().find(|&t| i64::from(t) >= vocab_size) {
+        Some(id) => Err(Error::Input {
+            context: format!("{}:{line}", path.display()),
+            reason: format!(
+                "token id {id} is out of range for a model with vocab_size {vocab_size}"
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn log_skipped(skipped: &[dpo_data::Error]) {

@@ -68,17 +68,8 @@ pub fn load_pairs(
     };
     let pairs = dpo_data::tokenize_pairs(data, records, tokenizer.as_ref())?;
     for p in &pairs {
-        let max = p.prompt.iter().chain(&p.chosen).chain(&p.rejected).max();
-        if let Some(&id) = max
-            && i64::from(id) >= vocab_size
-        {
-            return Err(Error::Input {
-                context: format!("{}:{}", data.display(), p.line),
-                reason: format!(
-                    "token id {id} is out of range for a model with vocab_size {vocab_size}"
-                ),
-            });
-        }
+        let ids = p.prompt.iter().chain(&p.chosen).chain(&p.rejected).copied();
+        crate::dataset::check_vocabulary(data, p.line, ids, vocab_size)?;
     }
     Ok(pairs)
 }

@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fixture, python, read_jsonl, repo_root, tempdir};
+use common::{fixture, read_jsonl, run_python, tempdir};
 
 fn run(args: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
@@ -23,19 +23,11 @@ fn run(args: &[&str]) {
 }
 
 fn make_data(task: &str, dir: &Path) {
-    let out = Command::new(python())
-        .arg(repo_root().join("examples/make_pairs.py"))
-        .args([
-            "--task", task, "--n", "512", "--eval-n", "100", "--seed", "3", "--out",
-        ])
-        .arg(dir)
-        .output()
-        .expect("python starts");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let dir = p(dir);
+    let args = [
+        "--task", task, "--n", "512", "--eval-n", "100", "--seed", "3", "--out", dir,
+    ];
+    run_python("examples/make_pairs.py", &args);
 }
 
 /// (accuracy, mean p(chosen), mean p(rejected)) of `model` on pairs `data`.

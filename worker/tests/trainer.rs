@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixture, fixtures, max_weight_diff, python, read_jsonl, repo_root, tempdir};
+use common::{fixture, fixtures, max_weight_diff, read_jsonl, run_python, tempdir};
 use dpo_worker::model::checkpoint::read_tensors;
 use serde_json::json;
 
@@ -215,16 +215,7 @@ fn every_loss_matches_the_pytorch_reference() {
         json!({"model": model, "data": data, "cases": py_cases}).to_string(),
     )
     .expect("write");
-    let out = Command::new(python())
-        .arg(repo_root().join("tests/reference/dpo_reference.py"))
-        .arg(&cases_json)
-        .output()
-        .expect("python starts");
-    assert!(
-        out.status.success(),
-        "reference failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_python("tests/reference/dpo_reference.py", &[&cases_json]);
 
     let initial = read_tensors(&model.join("model.safetensors")).expect("initial weights");
     let ours = |name: &str| {

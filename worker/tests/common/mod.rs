@@ -31,19 +31,24 @@ pub fn python() -> PathBuf {
     path
 }
 
-/// Runs the reference script; panics with its stderr on failure.
-pub fn reference(args: &[&str]) {
-    let script = repo_root().join("tests/reference/hf_reference.py");
+/// Runs a Python script of the repository (path relative to its root) with the
+/// test venv; panics with its stderr on failure.
+pub fn run_python<S: AsRef<std::ffi::OsStr>>(script: &str, args: &[S]) {
     let out = Command::new(python())
-        .arg(&script)
+        .arg(repo_root().join(script))
         .args(args)
         .output()
         .expect("python starts");
     assert!(
         out.status.success(),
-        "hf_reference.py {args:?} failed:\n{}",
+        "{script} failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Runs the transformers reference script.
+pub fn reference(args: &[&str]) {
+    run_python("tests/reference/hf_reference.py", args);
 }
 
 /// The fixture directory, built once per test binary.
