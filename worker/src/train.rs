@@ -154,12 +154,12 @@ impl Trainer {
         let objective = Objective::from_spec(&spec.objective);
         let policy = checkpoint::load(&spec.model.path, kind, opts.device)?;
         let vocab = policy.config().vocab_size;
-        let tokenizer = match TextTokenizer::from_dir(&spec.model.path) {
-            Ok(t) => Some(t),
-            Err(e) => {
-                tracing::debug!("no tokenizer: {e}");
-                None
-            }
+        // Pre-tokenized data needs no tokenizer; a tokenizer that is there but
+        // broken is an error all the same.
+        let tokenizer = if spec.model.path.join("tokenizer.json").exists() {
+            Some(TextTokenizer::from_dir(&spec.model.path)?)
+        } else {
+            None
         };
         // The reference model, when the objective uses one or when negatives are
         // sampled from it; "same" and "none" sample from the initial policy.

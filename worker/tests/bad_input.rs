@@ -141,3 +141,36 @@ fn out_of_vocabulary_token_names_line() {
         "{err}"
     );
 }
+
+#[test]
+fn a_broken_tokenizer_config_is_named_when_training() {
+    let dir = tempdir();
+    let model = dir.path().join("model");
+    copy_dir(&fixture("qwen2"), &model);
+    std::fs::write(model.join("tokenizer_config.json"), "{ not json").expect("write");
+    let spec = dir.path().join("run.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"t\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\n[train]\noutput = \"{}\"\n",
+            model.display(),
+            common::fixtures().join("pairs_tokens.jsonl").display(),
+            dir.path().join("out").display()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(&spec)
+        .output()
+        .expect("starts");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: invalid JSON",
+            model.join("tokenizer_config.json").display()
+        )),
+        "{stderr}"
+    );
+}
