@@ -7,7 +7,7 @@ use dpo_data::{Example, PairFormat, TextTokenizer, TokenizedPair};
 use serde_json::json;
 use tch::{Device, Kind};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{CausalLm, checkpoint};
 use crate::objective::pair_sums;
 
@@ -133,16 +133,7 @@ pub fn run(req: &ScoreRequest, progress: &mut dyn FnMut(usize, usize)) -> Result
     let vocab = policy.config().vocab_size;
     let reference = match &req.reference {
         Some(dir) => {
-            let r = checkpoint::load(dir, req.kind, req.device)?;
-            if r.config().vocab_size != vocab {
-                return Err(Error::Config {
-                    path: dir.join("config.json"),
-                    reason: format!(
-                        "reference vocab_size {} differs from the model's {vocab}: they must share a tokenizer",
-                        r.config().vocab_size
-                    ),
-                });
-            }
+            let r = checkpoint::load_reference(dir, req.kind, req.device, vocab)?;
             Some(r)
         }
         None => None,

@@ -171,14 +171,7 @@ impl Trainer {
         let samples_policy = spec.data.negatives.as_deref() == Some("policy");
         let reference_model = match &reference_dir {
             Some(dir) if wants_reference || samples_policy => {
-                let model = checkpoint::load(dir, kind, opts.device)?;
-                if model.config().vocab_size != vocab {
-                    return Err(Error::Config {
-                        path: dir.join("config.json"),
-                        reason: "the reference model's vocab_size differs from the policy's".into(),
-                    });
-                }
-                Some(model)
+                Some(checkpoint::load_reference(dir, kind, opts.device, vocab)?)
             }
             _ => None,
         };

@@ -36,6 +36,22 @@ pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
     Ok(model)
 }
 
+/// Loads a reference model for a policy with `vocab_size` tokens; the two must
+/// share a tokenizer, so a different vocabulary size is refused.
+pub fn load_reference(dir: &Path, kind: Kind, device: Device, vocab_size: i64) -> Result<CausalLm> {
+    let model = load(dir, kind, device)?;
+    let found = model.config().vocab_size;
+    if found != vocab_size {
+        return Err(Error::Config {
+            path: dir.join("config.json"),
+            reason: format!(
+                "reference vocab_size {found} differs from the model's {vocab_size}: they must share a tokenizer"
+            ),
+        });
+    }
+    Ok(model)
+}
+
 /// The weight files of a checkpoint directory, in a stable order.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join(INDEX);

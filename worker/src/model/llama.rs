@@ -372,10 +372,6 @@ impl CausalLm {
         &self.vs
     }
 
-    pub fn var_store_mut(&mut self) -> &mut VarStore {
-        &mut self.vs
-    }
-
     /// Logits `[batch, seq, vocab]` in the model's dtype.
     ///
     /// `attention_mask` (`[batch, seq]`, 1 = token, 0 = padding) may pad on either side;
