@@ -18,6 +18,9 @@ pub enum Error {
     },
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
+    /// A setting and a dataset that do not fit together (names the spec key or file).
+    #[error("{context}: {reason}")]
+    Invalid { context: String, reason: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -40,6 +40,36 @@ impl Example {
     }
 }
 
+/// Global-batch totals each loss term is divided by, so that micro-batches and
+/// ranks add up to the loss of the whole batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Normalizer {
+    /// Pairs (pairwise losses) or examples in the global batch.
+    pub examples: f64,
+    /// Labelled (chosen) response tokens in the global batch.
+    pub chosen_tokens: f64,
+    /// Negative response tokens in the global batch (counted only when the
+    /// objective trains on negatives token by token).
+    pub negative_tokens: f64,
+}
+
+impl Normalizer {
+    /// Totals of a global batch.
+    pub fn of(examples: &[&Example], count_negatives: bool) -> Self {
+        let mut n = Normalizer {
+            examples: examples.len() as f64,
+            ..Default::default()
+        };
+        for ex in examples {
+            n.chosen_tokens += ex.chosen.as_ref().map_or(0, Vec::len) as f64;
+            if count_negatives {
+                n.negative_tokens += ex.rejected.iter().map(Vec::len).sum::<usize>() as f64;
+            }
+        }
+        n
+    }
+}
+
 impl From<TokenizedPair> for Example {
     fn from(p: TokenizedPair) -> Self {
         Example {

@@ -4,12 +4,14 @@
 //! tokenizes once) and the worker (which scores and trains).
 
 pub mod chat;
+pub mod dataset;
 mod error;
 pub mod examples;
 pub mod pairs;
 pub mod rng;
 pub mod tokenizer;
 
+pub use dataset::{DataReport, NegativeSampler, SamplerError, check_vocabulary};
 pub use error::{Error, Result};
 pub use examples::{Example, LabelledRecord, Truncation};
 pub use pairs::{

@@ -1,4 +1,5 @@
-//! Types shared by every dpo-cluster binary. Today: the run spec.
+//! Types shared by every dpo-cluster binary: the run spec and the gRPC API
+//! (`dpo.v1`: the run service for clients, the worker service for workers).
 
 pub mod spec;
 
@@ -6,3 +7,12 @@ pub use spec::{
     ClusterSpec, DataFormat, DataSpec, Dtype, Loss, ModelSpec, ObjectiveSpec, OptimSpec,
     OptimizerName, ReferenceSpec, RunSpec, Schedule, SpecError, TrainSpec, Truncation,
 };
+
+/// The generated `dpo.v1` messages, clients and servers.
+pub mod v1 {
+    #![allow(missing_debug_implementations, clippy::all, clippy::unwrap_used)]
+    tonic::include_proto!("dpo.v1");
+
+    /// Serialized descriptors of `dpo.v1`, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dpo_v1_descriptor");
+}

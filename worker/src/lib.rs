@@ -3,7 +3,6 @@
 //! build on these.
 
 pub mod collective;
-pub mod dataset;
 pub mod error;
 pub mod generate;
 pub mod logps;

@@ -130,33 +130,7 @@ pub fn pair_sums(model: &CausalLm, pairs: &[&Example]) -> Result<Vec<[f64; 2]>> 
     Ok((0..n).map(|k| [sums[k], sums[n + k]]).collect())
 }
 
-/// Global-batch totals each term is divided by.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Normalizer {
-    /// Pairs (pairwise losses) or examples in the global batch.
-    pub examples: f64,
-    /// Labelled (chosen) response tokens in the global batch.
-    pub chosen_tokens: f64,
-    /// Negative response tokens in the global batch.
-    pub negative_tokens: f64,
-}
-
-impl Normalizer {
-    /// Totals of a global batch as the objective will see it.
-    pub fn of(examples: &[&Example], objective: &Objective) -> Self {
-        let mut n = Normalizer {
-            examples: examples.len() as f64,
-            ..Default::default()
-        };
-        for ex in examples {
-            n.chosen_tokens += ex.chosen.as_ref().map_or(0, Vec::len) as f64;
-            if objective.loss == Loss::Combined {
-                n.negative_tokens += ex.rejected.iter().map(Vec::len).sum::<usize>() as f64;
-            }
-        }
-        n
-    }
-}
+pub use dpo_data::examples::Normalizer;
 
 /// Sums for the metrics of a step, accumulated over micro-batches.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -69,7 +69,7 @@ pub fn load_pairs(
     let pairs = dpo_data::tokenize_pairs(data, records, tokenizer.as_ref())?;
     for p in &pairs {
         let ids = p.prompt.iter().chain(&p.chosen).chain(&p.rejected).copied();
-        crate::dataset::check_vocabulary(data, p.line, ids, vocab_size)?;
+        dpo_data::check_vocabulary(data, p.line, ids, vocab_size)?;
     }
     Ok(pairs)
 }

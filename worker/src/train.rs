@@ -22,12 +22,12 @@ use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 use crate::collective::{Collective, all_reduce_gradients, broadcast_tensors, chunk};
-use crate::dataset::{self, DataReport};
 use crate::error::{Error, Result, TorchContext, io_err};
 use crate::generate::{Sampling, generate};
 use crate::model::{CausalLm, checkpoint};
 use crate::objective::{self, MicroBatch, Normalizer, Objective, Stats};
 use crate::optim::{Optimizer, learning_rate};
+use dpo_data::{DataReport, dataset};
 
 /// How often (in steps) ranks compare parameter hashes.
 const PARAMETER_CHECK_EVERY: u64 = 25;
@@ -55,7 +55,7 @@ pub enum Event<'a> {
     Started {
         start_step: u64,
         total_steps: u64,
-        train: &'a DataReport,
+        train: Option<&'a DataReport>,
         eval: Option<&'a DataReport>,
     },
     Step {
@@ -97,8 +97,8 @@ enum Reference {
     },
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Split {
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Split {
     Train,
     Eval,
 }
@@ -111,81 +111,179 @@ fn kind_of(d: Dtype) -> Kind {
     }
 }
 
-/// A run being trained.
-pub struct Trainer {
-    spec: RunSpec,
-    /// The ranks training this run together (a world of one standalone).
-    collective: Box<dyn Collective>,
-    halt_after_step: Option<u64>,
-    objective: Objective,
-    policy: CausalLm,
-    reference: Reference,
-    optimizer: Optimizer,
-    train: Vec<Example>,
-    eval: Vec<Example>,
-    train_report: DataReport,
-    eval_report: Option<DataReport>,
-    steps_per_epoch: u64,
-    total_steps: u64,
-    start_step: u64,
-    best_eval: Option<f64>,
-    bad_evals: u64,
+/// One rank's contiguous share of a global batch.
+#[derive(Debug, Clone, Default)]
+pub struct Slice {
+    pub examples: Vec<Example>,
+    /// Positions of the examples in their split (reference-cache keys).
+    pub indices: Vec<usize>,
+    /// Totals over the whole global batch.
+    pub norm: Normalizer,
 }
 
-impl std::fmt::Debug for Trainer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Trainer")
-            .field("run", &self.spec.name)
-            .field("start_step", &self.start_step)
-            .field("total_steps", &self.total_steps)
-            .finish()
+/// Where global batches come from: the run's own files (standalone) or the
+/// coordinator (cluster). Either way the batch of a step is a function of the run
+/// alone, never of the world size.
+pub trait Batches: Send {
+    /// This rank's slice of the global batch of optimizer step `step` (0-based).
+    fn train(&mut self, step: u64, rank: usize, world: usize) -> Result<Slice>;
+    /// This rank's slice of the whole eval set (`None`: the run has none).
+    fn eval(&mut self, rank: usize, world: usize) -> Result<Option<Slice>>;
+    /// Every example of a split, when they are all held here (for precomputing
+    /// reference log-probabilities).
+    fn all(&self, _split: Split) -> Option<&[Example]> {
+        None
     }
 }
 
-impl Trainer {
-    /// Loads the model(s) and data, prepares the output directory, and restores the
-    /// newest checkpoint when `opts.resume`.
-    pub fn new(
-        spec: RunSpec,
-        opts: &TrainOptions,
-        collective: Box<dyn Collective>,
-    ) -> Result<Self> {
-        let kind = kind_of(spec.model.dtype);
-        let objective = Objective::from_spec(&spec.objective);
-        let policy = checkpoint::load(&spec.model.path, kind, opts.device)?;
-        let vocab = policy.config().vocab_size;
-        // Pre-tokenized data needs no tokenizer; a tokenizer that is there but
-        // broken is an error all the same.
-        let tokenizer = if spec.model.path.join("tokenizer.json").exists() {
-            Some(TextTokenizer::from_dir(&spec.model.path)?)
-        } else {
-            None
-        };
-        // The reference model, when the objective uses one or when negatives are
-        // sampled from it; "same" and "none" sample from the initial policy.
-        let reference_dir = match spec.reference.path.as_str() {
-            "same" | "none" => None,
-            other => Some(PathBuf::from(other)),
-        };
-        let wants_reference = objective.needs_reference() && spec.reference.path != "none";
-        let samples_policy = spec.data.negatives.as_deref() == Some("policy");
-        let reference_model = match &reference_dir {
-            Some(dir) if wants_reference || samples_policy => {
-                Some(checkpoint::load_reference(dir, kind, opts.device, vocab)?)
-            }
-            _ => None,
-        };
-        let mut stop: Vec<u32> = policy
-            .config()
-            .eos_token_ids
-            .iter()
-            .filter_map(|&id| u32::try_from(id).ok())
-            .collect();
-        stop.extend(tokenizer.as_ref().and_then(TextTokenizer::eos_id));
-        let sampling_model = reference_model.as_ref().unwrap_or(&policy);
-        let mut rng = dpo_data::rng::SplitMix64::new(spec.data.seed ^ 0x706F_6C69_6379);
-        let max_length = spec.data.max_length;
-        let mut sampler = |e: &Example| -> Result<Option<Vec<u32>>> {
+/// Batches of examples held in memory, in the seeded per-epoch order.
+#[derive(Debug)]
+pub struct LocalBatches {
+    train: Vec<Example>,
+    eval: Vec<Example>,
+    global_batch: usize,
+    seed: u64,
+    shuffle: bool,
+    count_negatives: bool,
+    order: Option<(u64, Vec<usize>)>,
+}
+
+impl LocalBatches {
+    /// Fails (naming `train.global_batch_size`) when one global batch needs more
+    /// examples than there are.
+    pub fn new(spec: &RunSpec, train: Vec<Example>, eval: Vec<Example>) -> Result<Self> {
+        let g = spec.train.global_batch_size;
+        if g == 0 || train.len() < g {
+            return Err(Error::Input {
+                context: "train.global_batch_size".into(),
+                reason: format!(
+                    "{g} exceeds the {} usable training examples of {}",
+                    train.len(),
+                    spec.data.train.display()
+                ),
+            });
+        }
+        Ok(LocalBatches {
+            train,
+            eval,
+            global_batch: g,
+            seed: spec.data.seed,
+            shuffle: spec.data.shuffle,
+            count_negatives: spec.objective.loss == Loss::Combined,
+            order: None,
+        })
+    }
+
+    /// Optimizer steps in one pass over the training examples.
+    pub fn steps_per_epoch(&self) -> u64 {
+        (self.train.len() / self.global_batch) as u64
+    }
+
+    /// The examples (positions in the split) of the global batch of `step`.
+    pub fn batch_indices(&mut self, step: u64) -> Vec<usize> {
+        let spe = self.steps_per_epoch();
+        let (epoch, k) = (step / spe, (step % spe) as usize);
+        if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
+            self.order = Some((
+                epoch,
+                dpo_data::rng::epoch_order(self.train.len(), self.seed, epoch, self.shuffle),
+            ));
+        }
+        let g = self.global_batch;
+        match &self.order {
+            Some((_, o)) => o[k * g..(k + 1) * g].to_vec(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Rank `rank`'s slice of the examples `idx` of `pool`.
+    pub fn slice_of(
+        pool: &[Example],
+        idx: &[usize],
+        count_negatives: bool,
+        rank: usize,
+        world: usize,
+    ) -> Slice {
+        let all: Vec<&Example> = idx.iter().map(|&i| &pool[i]).collect();
+        let norm = Normalizer::of(&all, count_negatives);
+        let (start, len) = chunk(idx.len(), world, rank);
+        Slice {
+            examples: all[start..start + len].iter().map(|&e| e.clone()).collect(),
+            indices: idx[start..start + len].to_vec(),
+            norm,
+        }
+    }
+
+    pub fn train_examples(&self) -> &[Example] {
+        &self.train
+    }
+
+    pub fn eval_examples(&self) -> &[Example] {
+        &self.eval
+    }
+}
+
+impl Batches for LocalBatches {
+    fn train(&mut self, step: u64, rank: usize, world: usize) -> Result<Slice> {
+        let idx = self.batch_indices(step);
+        Ok(Self::slice_of(
+            &self.train,
+            &idx,
+            self.count_negatives,
+            rank,
+            world,
+        ))
+    }
+
+    fn eval(&mut self, rank: usize, world: usize) -> Result<Option<Slice>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let idx: Vec<usize> = (0..self.eval.len()).collect();
+        Ok(Some(Self::slice_of(
+            &self.eval,
+            &idx,
+            self.count_negatives,
+            rank,
+            world,
+        )))
+    }
+
+    fn all(&self, split: Split) -> Option<&[Example]> {
+        Some(match split {
+            Split::Train => &self.train,
+            Split::Eval => &self.eval,
+        })
+    }
+}
+
+/// Loads the run's train and eval files as examples (negatives sampled from the
+/// reference model, or the initial policy, when `data.negatives = "policy"`).
+fn load_examples(
+    spec: &RunSpec,
+    policy: &CausalLm,
+    reference_model: Option<&CausalLm>,
+) -> Result<(Vec<Example>, DataReport, Vec<Example>, Option<DataReport>)> {
+    let vocab = policy.config().vocab_size;
+    // Pre-tokenized data needs no tokenizer; a tokenizer that is there but
+    // broken is an error all the same.
+    let tokenizer = if spec.model.path.join("tokenizer.json").exists() {
+        Some(TextTokenizer::from_dir(&spec.model.path)?)
+    } else {
+        None
+    };
+    let mut stop: Vec<u32> = policy
+        .config()
+        .eos_token_ids
+        .iter()
+        .filter_map(|&id| u32::try_from(id).ok())
+        .collect();
+    stop.extend(tokenizer.as_ref().and_then(TextTokenizer::eos_id));
+    let sampling_model = reference_model.unwrap_or(policy);
+    let mut rng = dpo_data::rng::SplitMix64::new(spec.data.seed ^ 0x706F_6C69_6379);
+    let max_length = spec.data.max_length;
+    let mut sampler =
+        |e: &Example| -> std::result::Result<Option<Vec<u32>>, dpo_data::SamplerError> {
             let Some(label) = &e.chosen else {
                 return Ok(None);
             };
@@ -207,45 +305,195 @@ impl Trainer {
             }
             Ok(None)
         };
-        let (train, train_report) = dataset::load(
-            &spec,
-            &spec.data.train,
-            tokenizer.as_ref(),
-            vocab,
-            true,
-            Some(&mut sampler),
-        )?;
-        let (eval, eval_report) = match &spec.data.eval {
-            Some(path) => {
-                let (e, r) = dataset::load(
-                    &spec,
-                    path,
-                    tokenizer.as_ref(),
-                    vocab,
-                    false,
-                    Some(&mut sampler),
-                )?;
-                (e, Some(r))
-            }
-            None => (Vec::new(), None),
-        };
-        let g = spec.train.global_batch_size as u64;
-        let steps_per_epoch = train.len() as u64 / g;
-        if steps_per_epoch == 0 {
-            return Err(Error::Input {
-                context: "train.global_batch_size".into(),
-                reason: format!(
-                    "{g} exceeds the {} usable training examples of {}",
-                    train.len(),
-                    spec.data.train.display()
-                ),
-            });
+    let (train, train_report) = dataset::load(
+        spec,
+        &spec.data.train,
+        tokenizer.as_ref(),
+        Some(vocab),
+        true,
+        Some(&mut sampler),
+    )?;
+    let (eval, eval_report) = match &spec.data.eval {
+        Some(path) => {
+            let (e, r) = dataset::load(
+                spec,
+                path,
+                tokenizer.as_ref(),
+                Some(vocab),
+                false,
+                Some(&mut sampler),
+            )?;
+            (e, Some(r))
         }
-        let total_steps = match spec.train.max_steps {
+        None => (Vec::new(), None),
+    };
+    Ok((train, train_report, eval, eval_report))
+}
+
+/// The models of a run: the policy, and the reference when it is a separate directory.
+struct Models {
+    objective: Objective,
+    policy: CausalLm,
+    /// The reference directory's model (when given and needed).
+    reference_model: Option<CausalLm>,
+    wants_reference: bool,
+}
+
+impl Models {
+    fn load(spec: &RunSpec, device: Device) -> Result<Self> {
+        let kind = kind_of(spec.model.dtype);
+        let objective = Objective::from_spec(&spec.objective);
+        let policy = checkpoint::load(&spec.model.path, kind, device)?;
+        let vocab = policy.config().vocab_size;
+        // The reference model, when the objective uses one or when negatives are
+        // sampled from it; "same" and "none" sample from the initial policy.
+        let reference_dir = match spec.reference.path.as_str() {
+            "same" | "none" => None,
+            other => Some(PathBuf::from(other)),
+        };
+        let wants_reference = objective.needs_reference() && spec.reference.path != "none";
+        let samples_policy = spec.data.negatives.as_deref() == Some("policy");
+        let reference_model = match &reference_dir {
+            Some(dir) if wants_reference || samples_policy => {
+                Some(checkpoint::load_reference(dir, kind, device, vocab)?)
+            }
+            _ => None,
+        };
+        Ok(Models {
+            objective,
+            policy,
+            reference_model,
+            wants_reference,
+        })
+    }
+}
+
+/// The shape of a run: how many steps, and whether it evaluates.
+#[derive(Debug, Clone)]
+pub struct RunShape {
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub has_eval: bool,
+    pub train_report: Option<DataReport>,
+    pub eval_report: Option<DataReport>,
+}
+
+impl RunShape {
+    /// `train.max_steps` when set, else `epochs × steps_per_epoch`.
+    pub fn new(spec: &RunSpec, steps_per_epoch: u64) -> (u64, u64) {
+        let total = match spec.train.max_steps {
             0 => spec.train.epochs * steps_per_epoch,
             n => n,
         };
+        (steps_per_epoch, total)
+    }
+}
 
+/// A run being trained.
+pub struct Trainer {
+    spec: RunSpec,
+    /// The ranks training this run together (a world of one standalone).
+    collective: Box<dyn Collective>,
+    /// The generation of the world (0 standalone; set by the coordinator).
+    generation: u64,
+    halt_after_step: Option<u64>,
+    /// Whether rank 0 writes metrics.jsonl and eval.jsonl (standalone); in a
+    /// cluster the coordinator writes them from the ranks' reports.
+    writes_metrics: bool,
+    objective: Objective,
+    policy: CausalLm,
+    reference: Reference,
+    optimizer: Optimizer,
+    batches: Box<dyn Batches>,
+    shape: RunShape,
+    /// Optimizer steps completed.
+    step: u64,
+    best_eval: Option<f64>,
+    bad_evals: u64,
+    stopped_early: bool,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("run", &self.spec.name)
+            .field("step", &self.step)
+            .field("total_steps", &self.shape.total_steps)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// Standalone: loads the model(s) and data, prepares the output directory, and
+    /// restores the newest checkpoint when `opts.resume`.
+    pub fn new(
+        spec: RunSpec,
+        opts: &TrainOptions,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
+        let models = Models::load(&spec, opts.device)?;
+        let (train, train_report, eval, eval_report) =
+            load_examples(&spec, &models.policy, models.reference_model.as_ref())?;
+        let local = LocalBatches::new(&spec, train, eval)?;
+        let (steps_per_epoch, total_steps) = RunShape::new(&spec, local.steps_per_epoch());
+        let shape = RunShape {
+            steps_per_epoch,
+            total_steps,
+            has_eval: eval_report.is_some(),
+            train_report: Some(train_report),
+            eval_report,
+        };
+        let mut trainer = Self::assemble(spec, opts, collective, models, Box::new(local), shape)?;
+        trainer.writes_metrics = true;
+        trainer.prepare_output(opts.resume)?;
+        if trainer.spec.reference.precompute {
+            trainer.precompute_reference()?;
+        }
+        Ok(trainer)
+    }
+
+    /// In a cluster: loads the model(s); batches come from `batches` (the
+    /// coordinator), the run's shape from the coordinator too. Starts at step 0
+    /// with the initial weights; `restore_checkpoint` and `sync_world` move it on.
+    pub fn for_cluster(
+        spec: RunSpec,
+        opts: &TrainOptions,
+        batches: Box<dyn Batches>,
+        shape: RunShape,
+    ) -> Result<Self> {
+        if spec.data.negatives.as_deref() == Some("policy") {
+            return Err(Error::Input {
+                context: "data.negatives".into(),
+                reason: "\"policy\" negatives are sampled by `dpo-worker train` (standalone); the coordinator cannot sample them yet".into(),
+            });
+        }
+        let models = Models::load(&spec, opts.device)?;
+        let out = spec.train.output.clone();
+        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        Self::assemble(
+            spec,
+            opts,
+            Box::new(crate::collective::Solo),
+            models,
+            batches,
+            shape,
+        )
+    }
+
+    fn assemble(
+        spec: RunSpec,
+        opts: &TrainOptions,
+        collective: Box<dyn Collective>,
+        models: Models,
+        batches: Box<dyn Batches>,
+        shape: RunShape,
+    ) -> Result<Self> {
+        let Models {
+            objective,
+            policy,
+            reference_model,
+            wants_reference,
+        } = models;
         let reference = if !wants_reference {
             Reference::Free
         } else {
@@ -253,40 +501,32 @@ impl Trainer {
                 Some(model) => Reference::Model(Box::new(model)),
                 None => Reference::Model(Box::new(checkpoint::load(
                     &spec.model.path,
-                    kind,
+                    kind_of(spec.model.dtype),
                     opts.device,
                 )?)),
             }
         };
-
         let mut params: Vec<(String, Tensor)> =
             policy.var_store().variables().into_iter().collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let optimizer = Optimizer::new(&spec.optim, params);
-
-        let mut trainer = Trainer {
+        Ok(Trainer {
             spec,
             collective,
+            generation: 0,
             halt_after_step: opts.halt_after_step,
+            writes_metrics: false,
             objective,
             policy,
             reference,
             optimizer,
-            train,
-            eval,
-            train_report,
-            eval_report,
-            steps_per_epoch,
-            total_steps,
-            start_step: 0,
+            batches,
+            shape,
+            step: 0,
             best_eval: None,
             bad_evals: 0,
-        };
-        trainer.prepare_output(opts.resume)?;
-        if trainer.spec.reference.precompute {
-            trainer.precompute_reference()?;
-        }
-        Ok(trainer)
+            stopped_early: false,
+        })
     }
 
     fn output(&self) -> &Path {
@@ -295,6 +535,35 @@ impl Trainer {
 
     fn checkpoints_dir(&self) -> PathBuf {
         self.output().join("checkpoints")
+    }
+
+    /// Optimizer steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.shape.total_steps
+    }
+
+    /// Whether early stopping ended the run.
+    pub fn stopped_early(&self) -> bool {
+        self.stopped_early
+    }
+
+    /// Whether the run has nothing left to train.
+    pub fn finished(&self) -> bool {
+        self.step >= self.shape.total_steps || self.stopped_early
+    }
+
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    /// Joins a new world (generation): later collectives go to `collective`.
+    pub fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
+        self.collective = collective;
+        self.generation = generation;
     }
 
     /// Creates the output directory, refusing to mix two runs in one directory.
@@ -329,11 +598,25 @@ impl Trainer {
         }
         let run = json!({
             "spec": serde_json::to_value(&self.spec).unwrap_or(Value::Null),
-            "data": {"train": &self.train_report, "eval": &self.eval_report},
-            "steps_per_epoch": self.steps_per_epoch,
-            "total_steps": self.total_steps,
+            "data": {"train": &self.shape.train_report, "eval": &self.shape.eval_report},
+            "steps_per_epoch": self.shape.steps_per_epoch,
+            "total_steps": self.shape.total_steps,
         });
         checkpoint::write_json(&out.join("run.json"), &run)
+    }
+
+    /// Loads the checkpoint `dir` (weights, optimizer state, step, early-stopping
+    /// state) after verifying its manifest.
+    pub fn restore_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let state = checkpoint::read_json(&dir.join("trainer_state.json"))?;
+        let step = state
+            .get("step")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| Error::Config {
+                path: dir.join("trainer_state.json"),
+                reason: "missing step".into(),
+            })?;
+        self.restore(step, dir)
     }
 
     fn restore(&mut self, step: u64, dir: &Path) -> Result<()> {
@@ -349,7 +632,7 @@ impl Trainer {
             .collect::<std::result::Result<BTreeMap<_, _>, _>>()
             .op("optimizer state to device")?;
         self.optimizer.load_state(step, tensors)?;
-        self.start_step = step;
+        self.step = step;
         self.best_eval = state.get("best_eval_loss").and_then(Value::as_f64);
         self.bad_evals = state
             .get("evals_without_improvement")
@@ -363,6 +646,12 @@ impl Trainer {
         let Reference::Model(model) = &self.reference else {
             return Ok(());
         };
+        let (Some(train_all), Some(eval_all)) = (
+            self.batches.all(Split::Train),
+            self.batches.all(Split::Eval),
+        ) else {
+            return Ok(());
+        };
         let m = self.spec.micro_batch_size();
         let score_all = |examples: &[Example]| -> Result<Vec<[f64; 2]>> {
             let mut out = Vec::with_capacity(examples.len());
@@ -373,8 +662,8 @@ impl Trainer {
             Ok(out)
         };
         let t = Instant::now();
-        let train = score_all(&self.train)?;
-        let eval = score_all(&self.eval)?;
+        let train = score_all(train_all)?;
+        let eval = score_all(eval_all)?;
         tracing::info!(
             examples = train.len() + eval.len(),
             seconds = t.elapsed().as_secs_f64(),
@@ -413,46 +702,47 @@ impl Trainer {
         }
     }
 
-    /// Runs the examples `idx` of `split` as one global batch in micro-batches;
-    /// with `backward`, accumulates gradients.
-    /// Runs the global batch `idx` of `split`: this rank takes its contiguous slice,
-    /// every term is still normalised over the whole batch, and (with `backward`)
-    /// gradients are summed across ranks — so any world size computes the gradient
-    /// of the same global batch. Returns the metric sums of the whole batch.
-    fn run_batch(&mut self, split: Split, idx: &[usize], backward: bool) -> Result<Stats> {
-        let pool = if split == Split::Train {
-            &self.train
-        } else {
-            &self.eval
-        };
-        let all: Vec<&Example> = idx.iter().map(|&i| &pool[i]).collect();
-        let norm = Normalizer::of(&all, &self.objective);
-        let (start, len) = chunk(
-            idx.len(),
-            self.collective.world_size(),
-            self.collective.rank(),
-        );
-        let idx = &idx[start..start + len];
-        let examples = &all[start..start + len];
+    /// Runs this rank's slice of a global batch in micro-batches; every term is
+    /// normalised over the whole batch and (with `backward`) gradients are summed
+    /// across ranks — so any world size computes the gradient of the same global
+    /// batch. Returns the metric sums of the whole batch.
+    fn run_slice(&mut self, split: Split, slice: &Slice, backward: bool) -> Result<Stats> {
+        let vocab = self.policy.config().vocab_size;
+        for e in &slice.examples {
+            let context = match split {
+                Split::Train => &self.spec.data.train,
+                Split::Eval => self
+                    .spec
+                    .data
+                    .eval
+                    .as_ref()
+                    .unwrap_or(&self.spec.data.train),
+            };
+            dpo_data::check_vocabulary(context, e.line, e.ids(), vocab)?;
+        }
         let pairwise = self.objective.loss.is_pairwise();
         let with_negatives = self.objective.loss == Loss::Combined;
         let mut stats = Stats::default();
         let m = self.spec.micro_batch_size();
-        for (micro, micro_idx) in examples.chunks(m).zip(idx.chunks(m)) {
+        let refs: Vec<&Example> = slice.examples.iter().collect();
+        for (micro, micro_idx) in refs.chunks(m).zip(slice.indices.chunks(m)) {
             let mb = MicroBatch::new(micro, pairwise, with_negatives, self.policy.device())?;
             let reference = self.reference_sums(&mb, split, micro_idx)?;
             let (loss, s) = if backward {
                 let scores = objective::score(&self.policy, &mb)?;
-                let (loss, s) =
-                    self.objective
-                        .micro_batch_loss(&mb, &scores, reference.as_ref(), &norm)?;
+                let (loss, s) = self.objective.micro_batch_loss(
+                    &mb,
+                    &scores,
+                    reference.as_ref(),
+                    &slice.norm,
+                )?;
                 loss.f_backward().op("backward")?;
                 (loss, s)
             } else {
                 let _guard = tch::no_grad_guard();
                 let scores = objective::score(&self.policy, &mb)?;
                 self.objective
-                    .micro_batch_loss(&mb, &scores, reference.as_ref(), &norm)?
+                    .micro_batch_loss(&mb, &scores, reference.as_ref(), &slice.norm)?
             };
             drop(loss);
             stats.add(&s);
@@ -488,12 +778,8 @@ impl Trainer {
         Ok(Stats::from_slice(&total))
     }
 
-    /// Fails loudly if the ranks' parameters are no longer identical (compared by a
-    /// hash of their bytes).
-    fn check_parameters_agree(&mut self, step: u64) -> Result<()> {
-        if self.collective.world_size() == 1 {
-            return Ok(());
-        }
+    /// A cheap hash (FNV-1a) of every parameter's bytes.
+    fn parameter_hash(&self) -> Result<u64> {
         let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
         for p in self.optimizer.params() {
             let t = p
@@ -508,6 +794,16 @@ impl Trainer {
                 hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
             }
         }
+        Ok(hash)
+    }
+
+    /// Fails loudly if the ranks' parameters are no longer identical (compared by a
+    /// hash of their bytes).
+    fn check_parameters_agree(&mut self, step: u64) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let hash = self.parameter_hash()?;
         let hashes = self
             .collective
             .all_gather(&hash.to_le_bytes())
@@ -521,34 +817,18 @@ impl Trainer {
         Ok(())
     }
 
-    fn evaluate(&mut self) -> Result<Option<Metrics>> {
-        if self.eval.is_empty() {
-            return Ok(None);
-        }
-        let idx: Vec<usize> = (0..self.eval.len()).collect();
-        let stats = self.run_batch(Split::Eval, &idx, false)?;
-        Ok(Some(
-            stats
-                .metrics(&self.objective)
-                .into_iter()
-                .map(|(k, v)| (format!("eval_{k}"), v))
-                .collect(),
-        ))
-    }
-
     /// Makes this rank's training state that of rank `root`: parameters, optimizer
-    /// moments and step, position in the run and early-stopping state. Every rank of
-    /// a multi-rank run calls it before the first step; it is also how a worker that
-    /// joins a running world catches up.
+    /// moments and step, position in the run and early-stopping state.
     pub fn sync_from(&mut self, root: usize) -> Result<()> {
         if self.collective.world_size() == 1 {
             return Ok(());
         }
         let state = json!({
-            "start_step": self.start_step,
+            "step": self.step,
             "optimizer_step": self.optimizer.step,
             "best_eval": self.best_eval,
             "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early,
         })
         .to_string();
         let got = self
@@ -557,10 +837,11 @@ impl Trainer {
             .map_err(|e| Error::Collective(e.to_string()))?;
         let state: Value = serde_json::from_slice(&got)
             .map_err(|e| Error::Collective(format!("state from rank {root}: {e}")))?;
-        self.start_step = state["start_step"].as_u64().unwrap_or(0);
+        self.step = state["step"].as_u64().unwrap_or(0);
         self.optimizer.step = state["optimizer_step"].as_u64().unwrap_or(0);
         self.best_eval = state["best_eval"].as_f64();
         self.bad_evals = state["bad_evals"].as_u64().unwrap_or(0);
+        self.stopped_early = state["stopped_early"].as_bool().unwrap_or(false);
         let params: Vec<Tensor> = self
             .optimizer
             .params()
@@ -575,10 +856,170 @@ impl Trainer {
         tracing::info!(
             rank = self.collective.rank(),
             root,
-            step = self.start_step,
+            step = self.step,
             "synchronised training state"
         );
         Ok(())
+    }
+
+    /// Brings every rank of a (new) world to the same state: the ranks compare
+    /// (steps completed, parameter hash); if they differ, the lowest rank among those
+    /// furthest ahead sends its state to the others (a joiner, or a survivor that
+    /// missed the last step of a broken generation). Returns that root.
+    pub fn sync_world(&mut self) -> Result<Option<usize>> {
+        if self.collective.world_size() == 1 {
+            return Ok(None);
+        }
+        let mut mine = self.step.to_le_bytes().to_vec();
+        mine.extend(self.parameter_hash()?.to_le_bytes());
+        let all = self
+            .collective
+            .all_gather(&mine)
+            .map_err(|e| Error::Collective(e.to_string()))?;
+        let step_of = |b: &[u8]| -> u64 {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[..8.min(b.len())]);
+            u64::from_le_bytes(a)
+        };
+        if all.iter().any(|b| b.len() != 16) {
+            return Err(Error::Collective(
+                "malformed state summary from a peer".into(),
+            ));
+        }
+        if all.iter().all(|b| *b == all[0]) {
+            return Ok(None);
+        }
+        let max = all.iter().map(|b| step_of(b)).max().unwrap_or(0);
+        let root = all.iter().position(|b| step_of(b) == max).unwrap_or(0);
+        self.sync_from(root)?;
+        Ok(Some(root))
+    }
+
+    /// Trains one optimizer step (the global batch of step `self.step()`) and
+    /// returns its metrics. On an error nothing of the step is applied unless the
+    /// optimizer already stepped (then `step()` says so).
+    pub fn train_step(&mut self) -> Result<Metrics> {
+        let t = Instant::now();
+        let step = self.step;
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let slice = self.batches.train(step, rank, world)?;
+        self.optimizer.zero_grad()?;
+        let stats = self.run_slice(Split::Train, &slice, true)?;
+        let grad_norm = self
+            .optimizer
+            .clip_grad_norm(self.spec.optim.max_grad_norm)?;
+        let o = &self.spec.optim;
+        let lr = learning_rate(
+            o.schedule,
+            o.lr,
+            o.warmup_steps,
+            step,
+            self.shape.total_steps,
+        );
+        self.optimizer.apply(lr)?;
+        self.step = step + 1;
+        let step = self.step;
+        if !stats.loss.is_finite() {
+            return Err(Error::Input {
+                context: format!("step {step}"),
+                reason: format!(
+                    "the loss is {} — lower optim.lr or check the data",
+                    stats.loss
+                ),
+            });
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let spe = self.shape.steps_per_epoch.max(1);
+        let mut m: Metrics = vec![
+            ("step".into(), step as f64),
+            ("epoch".into(), step as f64 / spe as f64),
+            ("generation".into(), self.generation as f64),
+            ("world_size".into(), world as f64),
+        ];
+        m.extend(
+            stats
+                .metrics(&self.objective)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v)),
+        );
+        m.extend([
+            ("grad_norm".into(), grad_norm),
+            ("learning_rate".into(), lr),
+            ("tokens_per_second".into(), stats.tokens / secs.max(1e-9)),
+        ]);
+        if step % PARAMETER_CHECK_EVERY == 0 || step == self.shape.total_steps {
+            self.check_parameters_agree(step)?;
+        }
+        Ok(m)
+    }
+
+    /// Evaluates when the step calls for it (`eval_every`, or the last step) and
+    /// updates the early-stopping state; returns the eval metrics (with `step`).
+    pub fn maybe_evaluate(&mut self) -> Result<Option<Metrics>> {
+        let step = self.step;
+        let every = self.spec.train.eval_every;
+        if !self.shape.has_eval
+            || !((every > 0 && step % every == 0) || step == self.shape.total_steps)
+        {
+            return Ok(None);
+        }
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let Some(slice) = self.batches.eval(rank, world)? else {
+            return Ok(None);
+        };
+        let stats = self.run_slice(Split::Eval, &slice, false)?;
+        let mut e: Metrics = vec![("step".into(), step as f64)];
+        e.extend(
+            stats
+                .metrics(&self.objective)
+                .into_iter()
+                .map(|(k, v)| (format!("eval_{k}"), v)),
+        );
+        let loss = e.iter().find(|(k, _)| k == "eval_loss").map(|(_, v)| *v);
+        if let Some(loss) = loss {
+            if self.best_eval.is_none_or(|b| loss < b) {
+                self.best_eval = Some(loss);
+                self.bad_evals = 0;
+            } else {
+                self.bad_evals += 1;
+            }
+        }
+        let patience = self.spec.train.early_stopping_patience;
+        if patience > 0 && self.bad_evals >= patience && step < self.shape.total_steps {
+            tracing::info!(step, patience, best = ?self.best_eval, "early stopping: eval loss stopped improving");
+            self.stopped_early = true;
+        }
+        Ok(Some(e))
+    }
+
+    /// Rank 0 writes a checkpoint when `checkpoint_every` calls for one.
+    pub fn maybe_checkpoint(&self) -> Result<Option<PathBuf>> {
+        let step = self.step;
+        let ck = self.spec.train.checkpoint_every;
+        if self.collective.rank() == 0
+            && ck > 0
+            && step % ck == 0
+            && step < self.shape.total_steps
+            && !self.stopped_early
+        {
+            return self.write_checkpoint(step).map(Some);
+        }
+        Ok(None)
+    }
+
+    /// Rank 0 writes the final model under `train.output/final`.
+    pub fn save_final(&self) -> Result<Option<PathBuf>> {
+        if self.collective.rank() != 0 {
+            return Ok(None);
+        }
+        let dir = self.output().join("final");
+        checkpoint::save(
+            &self.policy,
+            &dir,
+            Some(&self.spec.model.path),
+            MAX_SHARD_BYTES,
+        )?;
+        Ok(Some(dir))
     }
 
     /// Trains to the end (or early stop), reporting through `on_event`.
@@ -586,13 +1027,13 @@ impl Trainer {
         let started = Instant::now();
         self.sync_from(0)?;
         on_event(Event::Started {
-            start_step: self.start_step,
-            total_steps: self.total_steps,
-            train: &self.train_report,
-            eval: self.eval_report.as_ref(),
+            start_step: self.step,
+            total_steps: self.shape.total_steps,
+            train: self.shape.train_report.as_ref(),
+            eval: self.shape.eval_report.as_ref(),
         });
         let out = self.output().to_path_buf();
-        let writer = self.collective.rank() == 0;
+        let writer = self.collective.rank() == 0 && self.writes_metrics;
         let mut metrics_file = if writer {
             Some(append(&out.join("metrics.jsonl"))?)
         } else {
@@ -603,127 +1044,41 @@ impl Trainer {
         } else {
             None
         };
-        let g = self.spec.train.global_batch_size;
-        let (seed, shuffle) = (self.spec.data.seed, self.spec.data.shuffle);
-        let mut order: Option<(u64, Vec<usize>)> = None;
         let mut last: Metrics = Vec::new();
         let mut last_eval = None;
-        let mut stopped_early = false;
-        let mut step = self.start_step;
-        while step < self.total_steps {
-            let t = Instant::now();
-            let epoch = step / self.steps_per_epoch;
-            let k = (step % self.steps_per_epoch) as usize;
-            if order.as_ref().map(|(e, _)| *e) != Some(epoch) {
-                order = Some((
-                    epoch,
-                    dpo_data::rng::epoch_order(self.train.len(), seed, epoch, shuffle),
-                ));
-            }
-            let idx: Vec<usize> = match &order {
-                Some((_, o)) => o[k * g..(k + 1) * g].to_vec(),
-                None => Vec::new(),
-            };
-            self.optimizer.zero_grad()?;
-            let stats = self.run_batch(Split::Train, &idx, true)?;
-            let grad_norm = self
-                .optimizer
-                .clip_grad_norm(self.spec.optim.max_grad_norm)?;
-            let o = &self.spec.optim;
-            let lr = learning_rate(o.schedule, o.lr, o.warmup_steps, step, self.total_steps);
-            self.optimizer.apply(lr)?;
-            step += 1;
-            if !stats.loss.is_finite() {
-                return Err(Error::Input {
-                    context: format!("step {step}"),
-                    reason: format!(
-                        "the loss is {} — lower optim.lr or check the data",
-                        stats.loss
-                    ),
-                });
-            }
-
-            let secs = t.elapsed().as_secs_f64();
-            let mut m: Metrics = vec![
-                ("step".into(), step as f64),
-                ("epoch".into(), step as f64 / self.steps_per_epoch as f64),
-                ("generation".into(), 0.0),
-                ("world_size".into(), self.collective.world_size() as f64),
-            ];
-            m.extend(
-                stats
-                    .metrics(&self.objective)
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v)),
-            );
-            m.extend([
-                ("grad_norm".into(), grad_norm),
-                ("learning_rate".into(), lr),
-                ("tokens_per_second".into(), stats.tokens / secs.max(1e-9)),
-            ]);
+        let total_steps = self.shape.total_steps;
+        while !self.finished() {
+            let m = self.train_step()?;
+            let step = self.step;
             if let Some(f) = metrics_file.as_mut() {
                 write_line(f, &out.join("metrics.jsonl"), &m)?;
             }
-            if step % PARAMETER_CHECK_EVERY == 0 || step == self.total_steps {
-                self.check_parameters_agree(step)?;
-            }
             on_event(Event::Step {
                 step,
-                total_steps: self.total_steps,
+                total_steps,
                 metrics: &m,
             });
             last = m;
-
-            let every = self.spec.train.eval_every;
-            if (every > 0 && step % every == 0) || step == self.total_steps {
-                if let Some(mut e) = self.evaluate()? {
-                    e.insert(0, ("step".into(), step as f64));
-                    if let Some(f) = eval_file.as_mut() {
-                        write_line(f, &out.join("eval.jsonl"), &e)?;
-                    }
-                    on_event(Event::Eval { step, metrics: &e });
-                    let loss = e.iter().find(|(k, _)| k == "eval_loss").map(|(_, v)| *v);
-                    if let Some(loss) = loss {
-                        if self.best_eval.is_none_or(|b| loss < b) {
-                            self.best_eval = Some(loss);
-                            self.bad_evals = 0;
-                        } else {
-                            self.bad_evals += 1;
-                        }
-                    }
-                    last_eval = Some(e);
-                    let patience = self.spec.train.early_stopping_patience;
-                    if patience > 0 && self.bad_evals >= patience && step < self.total_steps {
-                        tracing::info!(step, patience, best = ?self.best_eval, "early stopping: eval loss stopped improving");
-                        stopped_early = true;
-                    }
+            if let Some(e) = self.maybe_evaluate()? {
+                if let Some(f) = eval_file.as_mut() {
+                    write_line(f, &out.join("eval.jsonl"), &e)?;
                 }
+                on_event(Event::Eval { step, metrics: &e });
+                last_eval = Some(e);
             }
-            let ck = self.spec.train.checkpoint_every;
-            if writer && ck > 0 && step % ck == 0 && step < self.total_steps && !stopped_early {
-                let dir = self.write_checkpoint(step)?;
+            if let Some(dir) = self.maybe_checkpoint()? {
                 on_event(Event::Checkpoint { step, path: &dir });
             }
-            if stopped_early {
-                break;
-            }
-            if self.halt_after_step == Some(step) {
+            if self.halt_after_step == Some(step) && !self.finished() {
                 return Err(Error::Halted { step });
             }
         }
-        if writer {
-            checkpoint::save(
-                &self.policy,
-                &out.join("final"),
-                Some(&self.spec.model.path),
-                MAX_SHARD_BYTES,
-            )?;
-        }
+        self.save_final()?;
         Ok(Summary {
-            steps: step,
+            steps: self.step,
             last,
             eval: last_eval,
-            stopped_early,
+            stopped_early: self.stopped_early,
             output: out,
             seconds: started.elapsed().as_secs_f64(),
         })
@@ -745,10 +1100,10 @@ impl Trainer {
             MAX_SHARD_BYTES,
         )?;
         checkpoint::write_tensors(&tmp.join("optimizer.safetensors"), &self.optimizer.state())?;
-        let epoch = step / self.steps_per_epoch;
+        let epoch = step / self.shape.steps_per_epoch.max(1);
         let state = json!({
             "step": step,
-            "data_cursor": {"epoch": epoch, "batch_in_epoch": step % self.steps_per_epoch, "seed": self.spec.data.seed},
+            "data_cursor": {"epoch": epoch, "batch_in_epoch": step % self.shape.steps_per_epoch.max(1), "seed": self.spec.data.seed},
             "best_eval_loss": self.best_eval,
             "evals_without_improvement": self.bad_evals,
         });

@@ -246,7 +246,7 @@ fn train(
             bar.set_position(start_step);
             log_every.set((total_steps / 20).max(1));
             tracing::info!(
-                examples = train.examples,
+                examples = train.map_or(0, |t| t.examples),
                 eval_examples = eval.map_or(0, |e| e.examples),
                 start_step,
                 total_steps,

@@ -5,15 +5,14 @@
 
 use std::path::Path;
 
-use dpo_data::examples::{self, Example, Truncation as Cut};
-use dpo_data::{PairFormat, TextTokenizer};
 use dpo_proto::{DataFormat, Loss, RunSpec, Truncation};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::examples::{self, Example, Truncation as Cut};
+use crate::{Error, PairFormat, Result, TextTokenizer};
 
 /// What happened to one data file on its way to examples.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct DataReport {
     pub file: String,
     pub format: String,
@@ -29,7 +28,10 @@ pub struct DataReport {
 
 fn peek_format(path: &Path) -> Result<DataFormat> {
     use std::io::BufRead;
-    let file = std::fs::File::open(path).map_err(crate::error::io_err(path))?;
+    let file = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     for line in std::io::BufReader::new(file).lines() {
         let Ok(line) = line else { break };
         if line.trim().is_empty() {
@@ -65,7 +67,11 @@ fn format_name(f: DataFormat) -> &'static str {
 }
 
 /// Produces a negative response for a labelled example (`None`: could not).
-pub type NegativeSampler<'a> = dyn FnMut(&Example) -> Result<Option<Vec<u32>>> + 'a;
+pub type NegativeSampler<'a> =
+    dyn FnMut(&Example) -> std::result::Result<Option<Vec<u32>>, SamplerError> + 'a;
+
+/// Why a negative could not be sampled (the model failed).
+pub type SamplerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Loads one data file (`train` or `eval`) of the run as examples. `sampler`
 /// provides the negatives when `data.negatives = "policy"`.
@@ -73,7 +79,7 @@ pub fn load(
     spec: &RunSpec,
     path: &Path,
     tokenizer: Option<&TextTokenizer>,
-    vocab_size: i64,
+    vocab_size: Option<i64>,
     is_train: bool,
     sampler: Option<&mut NegativeSampler<'_>>,
 ) -> Result<(Vec<Example>, DataReport)> {
@@ -88,7 +94,7 @@ pub fn load(
     };
     let skip = spec.data.skip_bad_lines;
     let need_tokenizer = || {
-        tokenizer.ok_or_else(|| Error::Input {
+        tokenizer.ok_or_else(|| Error::Invalid {
             context: path.display().to_string(),
             reason: "text data needs the model's tokenizer.json".into(),
         })
@@ -101,18 +107,18 @@ pub fn load(
                 DataFormat::Conversational => PairFormat::Chat,
                 _ => PairFormat::Auto,
             };
-            let (records, skipped) = dpo_data::read_pairs_skipping(path, forced, skip)?;
+            let (records, skipped) = crate::read_pairs_skipping(path, forced, skip)?;
             log_skipped(&skipped);
             report.skipped_lines = skipped.len();
             let has_text = records
                 .iter()
-                .any(|r| matches!(r.value, dpo_data::Pair::Text { .. }));
+                .any(|r| matches!(r.value, crate::Pair::Text { .. }));
             let tok = if has_text {
                 Some(need_tokenizer()?)
             } else {
                 None
             };
-            dpo_data::tokenize_pairs(path, records, tok)?
+            crate::tokenize_pairs(path, records, tok)?
                 .into_iter()
                 .map(Example::from)
                 .collect()
@@ -144,14 +150,18 @@ pub fn load(
             }
             let mut joined = examples::join_labelled(path, &labelled, &negatives, tok)?;
             if spec.data.negatives.as_deref() == Some("policy") {
-                let sampler = sampler.ok_or_else(|| Error::Input {
+                let sampler = sampler.ok_or_else(|| Error::Invalid {
                     context: "data.negatives".into(),
                     reason: "\"policy\" needs a model to sample from".into(),
                 })?;
                 let t = std::time::Instant::now();
                 let mut made = 0usize;
                 for e in joined.iter_mut().filter(|e| e.chosen.is_some()) {
-                    if let Some(negative) = sampler(e)? {
+                    let sampled = sampler(e).map_err(|err| Error::Invalid {
+                        context: format!("{}:{}", path.display(), e.line),
+                        reason: format!("sampling a policy negative: {err}"),
+                    })?;
+                    if let Some(negative) = sampled {
                         e.rejected.push(negative);
                         made += 1;
                     }
@@ -199,14 +209,16 @@ pub fn load(
     }
     report.truncated_away = before - examples.len();
 
-    for e in &examples {
-        check_vocabulary(path, e.line, e.ids(), vocab_size)?;
+    if let Some(vocab_size) = vocab_size {
+        for e in &examples {
+            check_vocabulary(path, e.line, e.ids(), vocab_size)?;
+        }
     }
     if spec.objective.loss == Loss::Combined
         && is_train
         && examples.iter().all(|e| e.rejected.is_empty())
     {
-        return Err(Error::Input {
+        return Err(Error::Invalid {
             context: "data.negatives".into(),
             reason: format!(
                 "the combined loss needs negative examples and {} has none: give preference pairs, \
@@ -217,7 +229,7 @@ pub fn load(
     }
     report.examples = examples.len();
     if examples.is_empty() {
-        return Err(Error::Input {
+        return Err(Error::Invalid {
             context: path.display().to_string(),
             reason: format!(
                 "no usable examples for the {:?} loss ({} unusable, {} truncated away)",
@@ -247,8 +259,9 @@ pub fn check_vocabulary(
     vocab_size: i64,
 ) -> Result<()> {
     match ids.into_iter().find(|&t| i64::from(t) >= vocab_size) {
-        Some(id) => Err(Error::Input {
-            context: format!("{}:{line}", path.display()),
+        Some(id) => Err(Error::Line {
+            path: path.to_path_buf(),
+            line,
             reason: format!(
                 "token id {id} is out of range for a model with vocab_size {vocab_size}"
             ),
@@ -257,7 +270,7 @@ pub fn check_vocabulary(
     }
 }
 
-fn log_skipped(skipped: &[dpo_data::Error]) {
+fn log_skipped(skipped: &[Error]) {
     for e in skipped.iter().take(5) {
         tracing::warn!("skipped: {e}");
     }
