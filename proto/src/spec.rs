@@ -367,6 +367,15 @@ impl RunSpec {
         }
     }
 
+    /// Optimizer steps of the run: `train.max_steps` when set, else
+    /// `epochs × steps_per_epoch`.
+    pub fn total_steps(&self, steps_per_epoch: u64) -> u64 {
+        match self.train.max_steps {
+            0 => self.train.epochs * steps_per_epoch,
+            n => n,
+        }
+    }
+
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), (&'static str, String)> {
         fn check(

@@ -257,13 +257,16 @@ impl Batches for LocalBatches {
     }
 }
 
+/// Train examples and report, eval examples and report.
+type LoadedData = (Vec<Example>, DataReport, Vec<Example>, Option<DataReport>);
+
 /// Loads the run's train and eval files as examples (negatives sampled from the
 /// reference model, or the initial policy, when `data.negatives = "policy"`).
 fn load_examples(
     spec: &RunSpec,
     policy: &CausalLm,
     reference_model: Option<&CausalLm>,
-) -> Result<(Vec<Example>, DataReport, Vec<Example>, Option<DataReport>)> {
+) -> Result<LoadedData> {
     let vocab = policy.config().vocab_size;
     // Pre-tokenized data needs no tokenizer; a tokenizer that is there but
     // broken is an error all the same.
@@ -378,17 +381,6 @@ pub struct RunShape {
     pub eval_report: Option<DataReport>,
 }
 
-impl RunShape {
-    /// `train.max_steps` when set, else `epochs × steps_per_epoch`.
-    pub fn new(spec: &RunSpec, steps_per_epoch: u64) -> (u64, u64) {
-        let total = match spec.train.max_steps {
-            0 => spec.train.epochs * steps_per_epoch,
-            n => n,
-        };
-        (steps_per_epoch, total)
-    }
-}
-
 /// A run being trained.
 pub struct Trainer {
     spec: RunSpec,
@@ -435,10 +427,10 @@ impl Trainer {
         let (train, train_report, eval, eval_report) =
             load_examples(&spec, &models.policy, models.reference_model.as_ref())?;
         let local = LocalBatches::new(&spec, train, eval)?;
-        let (steps_per_epoch, total_steps) = RunShape::new(&spec, local.steps_per_epoch());
+        let steps_per_epoch = local.steps_per_epoch();
         let shape = RunShape {
             steps_per_epoch,
-            total_steps,
+            total_steps: spec.total_steps(steps_per_epoch),
             has_eval: eval_report.is_some(),
             train_report: Some(train_report),
             eval_report,
