@@ -3,12 +3,14 @@
 //! tokenizer, truncation and data order — shared by the coordinator (which
 //! tokenizes once) and the worker (which scores and trains).
 
+pub mod batches;
 pub mod chat;
 pub mod dataset;
 mod error;
 pub mod examples;
 pub mod pairs;
 pub mod rng;
+pub mod shard;
 pub mod tokenizer;
 
 pub use dataset::{DataReport, NegativeSampler, SamplerError, check_vocabulary};

@@ -21,12 +21,13 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{Collective, all_reduce_gradients, broadcast_tensors, chunk};
+use crate::collective::{Collective, all_reduce_gradients, broadcast_tensors};
 use crate::error::{Error, Result, TorchContext, io_err};
 use crate::generate::{Sampling, generate};
 use crate::model::{CausalLm, checkpoint};
 use crate::objective::{self, MicroBatch, Normalizer, Objective, Stats};
 use crate::optim::{Optimizer, learning_rate};
+use dpo_data::batches::{EpochPlan, rank_share};
 use dpo_data::{DataReport, dataset};
 
 /// How often (in steps) ranks compare parameter hashes.
@@ -141,11 +142,8 @@ pub trait Batches: Send {
 pub struct LocalBatches {
     train: Vec<Example>,
     eval: Vec<Example>,
-    global_batch: usize,
-    seed: u64,
-    shuffle: bool,
+    plan: EpochPlan,
     count_negatives: bool,
-    order: Option<(u64, Vec<usize>)>,
 }
 
 impl LocalBatches {
@@ -153,79 +151,49 @@ impl LocalBatches {
     /// examples than there are.
     pub fn new(spec: &RunSpec, train: Vec<Example>, eval: Vec<Example>) -> Result<Self> {
         let g = spec.train.global_batch_size;
-        if g == 0 || train.len() < g {
-            return Err(Error::Input {
-                context: "train.global_batch_size".into(),
-                reason: format!(
-                    "{g} exceeds the {} usable training examples of {}",
-                    train.len(),
-                    spec.data.train.display()
-                ),
-            });
-        }
+        let plan =
+            EpochPlan::new(train.len(), g, spec.data.seed, spec.data.shuffle).ok_or_else(|| {
+                Error::Input {
+                    context: "train.global_batch_size".into(),
+                    reason: format!(
+                        "{g} exceeds the {} usable training examples of {}",
+                        train.len(),
+                        spec.data.train.display()
+                    ),
+                }
+            })?;
         Ok(LocalBatches {
             train,
             eval,
-            global_batch: g,
-            seed: spec.data.seed,
-            shuffle: spec.data.shuffle,
+            plan,
             count_negatives: spec.objective.loss == Loss::Combined,
-            order: None,
         })
     }
 
     /// Optimizer steps in one pass over the training examples.
     pub fn steps_per_epoch(&self) -> u64 {
-        (self.train.len() / self.global_batch) as u64
+        self.plan.steps_per_epoch()
     }
 
-    /// The examples (positions in the split) of the global batch of `step`.
-    pub fn batch_indices(&mut self, step: u64) -> Vec<usize> {
-        let spe = self.steps_per_epoch();
-        let (epoch, k) = (step / spe, (step % spe) as usize);
-        if self.order.as_ref().map(|(e, _)| *e) != Some(epoch) {
-            self.order = Some((
-                epoch,
-                dpo_data::rng::epoch_order(self.train.len(), self.seed, epoch, self.shuffle),
-            ));
-        }
-        let g = self.global_batch;
-        match &self.order {
-            Some((_, o)) => o[k * g..(k + 1) * g].to_vec(),
-            None => Vec::new(),
-        }
-    }
-
-    /// Rank `rank`'s slice of the examples `idx` of `pool`.
-    pub fn slice_of(
+    fn slice_of(
         pool: &[Example],
         idx: &[usize],
         count_negatives: bool,
         rank: usize,
         world: usize,
     ) -> Slice {
-        let all: Vec<&Example> = idx.iter().map(|&i| &pool[i]).collect();
-        let norm = Normalizer::of(&all, count_negatives);
-        let (start, len) = chunk(idx.len(), world, rank);
+        let (examples, indices, norm) = rank_share(pool, idx, count_negatives, rank, world);
         Slice {
-            examples: all[start..start + len].iter().map(|&e| e.clone()).collect(),
-            indices: idx[start..start + len].to_vec(),
+            examples,
+            indices,
             norm,
         }
-    }
-
-    pub fn train_examples(&self) -> &[Example] {
-        &self.train
-    }
-
-    pub fn eval_examples(&self) -> &[Example] {
-        &self.eval
     }
 }
 
 impl Batches for LocalBatches {
     fn train(&mut self, step: u64, rank: usize, world: usize) -> Result<Slice> {
-        let idx = self.batch_indices(step);
+        let idx = self.plan.indices(step);
         Ok(Self::slice_of(
             &self.train,
             &idx,

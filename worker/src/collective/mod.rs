@@ -5,6 +5,8 @@
 
 pub mod tcp;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Why a collective operation failed.
@@ -27,6 +29,41 @@ pub enum CollectiveError {
         timeout: Duration,
         reason: String,
     },
+}
+
+/// Aborts a generation's collective from any thread: sets a flag every operation
+/// checks and shuts down the sockets registered with it, so a rank blocked in a
+/// receive (or still forming the ring) returns `Aborted` at once. The coordinator
+/// side of a worker holds a clone; the collective holds another.
+#[derive(Debug, Clone, Default)]
+pub struct AbortSignal {
+    flag: Arc<AtomicBool>,
+    sockets: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl AbortSignal {
+    pub fn abort(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Ok(sockets) = self.sockets.lock() {
+            for s in sockets.iter() {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Shuts `socket` down when the signal fires (at once if it already has).
+    pub fn register(&self, socket: std::net::TcpStream) {
+        if let Ok(mut sockets) = self.sockets.lock() {
+            sockets.push(socket);
+        }
+        if self.is_aborted() {
+            self.abort();
+        }
+    }
 }
 
 /// Operations every rank of a generation calls in the same order.
@@ -191,10 +228,7 @@ pub fn all_reduce_gradients(
 /// Splits `n` elements into `parts` contiguous chunks whose sizes differ by at most
 /// one: `(start, len)` of chunk `i`.
 pub fn chunk(n: usize, parts: usize, i: usize) -> (usize, usize) {
-    let base = n / parts;
-    let extra = n % parts;
-    let start = i * base + i.min(extra);
-    (start, base + usize::from(i < extra))
+    dpo_data::batches::rank_range(n, parts, i)
 }
 
 #[cfg(test)]

@@ -7,11 +7,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Collective, CollectiveError, chunk};
+use super::{AbortSignal, Collective, CollectiveError, chunk};
 
 const MAGIC: &[u8; 8] = b"DPOCOLL1";
 
@@ -24,9 +22,8 @@ pub struct TcpCollective {
     next: Option<TcpStream>,
     /// From rank − 1.
     prev: Option<TcpStream>,
-    aborted: Arc<AtomicBool>,
-    /// Clones of both sockets, for `abort` from another thread.
-    sockets: Vec<TcpStream>,
+    /// Holds clones of both sockets, for `abort` from another thread.
+    signal: AbortSignal,
 }
 
 /// Connection settings.
@@ -36,6 +33,8 @@ pub struct TcpOptions {
     pub connect_timeout: Duration,
     /// How long one receive may wait for a peer before the operation fails.
     pub io_timeout: Duration,
+    /// Fires to give up forming the ring or any later operation.
+    pub abort: AbortSignal,
 }
 
 impl Default for TcpOptions {
@@ -43,6 +42,7 @@ impl Default for TcpOptions {
         TcpOptions {
             connect_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(300),
+            abort: AbortSignal::default(),
         }
     }
 }
@@ -76,15 +76,14 @@ impl TcpCollective {
                 reason: format!("rank {rank} outside a world of {world}"),
             });
         }
-        let aborted = Arc::new(AtomicBool::new(false));
+        let signal = opts.abort.clone();
         if world == 1 {
             return Ok(TcpCollective {
                 rank,
                 world,
                 next: None,
                 prev: None,
-                aborted,
-                sockets: Vec::new(),
+                signal,
             });
         }
         let deadline = Instant::now() + opts.connect_timeout;
@@ -93,8 +92,12 @@ impl TcpCollective {
         // Connect and accept at once: every rank does both.
         let target = peers[next_rank];
         let hello = handshake_bytes(generation, rank);
+        let connect_signal = signal.clone();
         let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
             loop {
+                if connect_signal.is_aborted() {
+                    return Err(std::io::Error::other("aborted"));
+                }
                 match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
                     Ok(mut s) => {
                         // Introduce ourselves at once: the peer accepts only after it.
@@ -128,6 +131,9 @@ impl TcpCollective {
                     );
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if signal.is_aborted() {
+                        return Err(CollectiveError::Aborted);
+                    }
                     if Instant::now() >= deadline {
                         return Err(CollectiveError::Timeout {
                             rank,
@@ -146,29 +152,31 @@ impl TcpCollective {
                 rank,
                 reason: "connector thread panicked".into(),
             })?
-            .map_err(|e| CollectiveError::Timeout {
-                rank,
-                timeout: opts.connect_timeout,
-                reason: format!("cannot reach rank {next_rank} at {target}: {e}"),
+            .map_err(|e| {
+                if signal.is_aborted() {
+                    return CollectiveError::Aborted;
+                }
+                CollectiveError::Timeout {
+                    rank,
+                    timeout: opts.connect_timeout,
+                    reason: format!("cannot reach rank {next_rank} at {target}: {e}"),
+                }
             })?;
         next.set_read_timeout(Some(opts.io_timeout))
             .map_err(io(rank, "connect"))?;
-        let sockets = vec![
-            next.try_clone().map_err(io(rank, "connect"))?,
-            prev.try_clone().map_err(io(rank, "accept"))?,
-        ];
+        signal.register(next.try_clone().map_err(io(rank, "connect"))?);
+        signal.register(prev.try_clone().map_err(io(rank, "accept"))?);
         Ok(TcpCollective {
             rank,
             world,
             next: Some(next),
             prev: Some(prev),
-            aborted,
-            sockets,
+            signal,
         })
     }
 
     fn check(&self) -> Result<(), CollectiveError> {
-        if self.aborted.load(Ordering::SeqCst) {
+        if self.signal.is_aborted() {
             Err(CollectiveError::Aborted)
         } else {
             Ok(())
@@ -182,9 +190,9 @@ impl TcpCollective {
             return Ok(());
         };
         let rank = self.rank;
-        let aborted = &self.aborted;
+        let signal = &self.signal;
         let map = |e: std::io::Error, op: &'static str| {
-            if aborted.load(Ordering::SeqCst) {
+            if signal.is_aborted() {
                 CollectiveError::Aborted
             } else {
                 io(rank, op)(e)
@@ -288,9 +296,9 @@ impl Collective for TcpCollective {
         let (Some(next), Some(prev)) = (&self.next, &self.prev) else {
             return Ok(block);
         };
-        let aborted = &self.aborted;
+        let signal = &self.signal;
         let fail = |e: std::io::Error, op: &'static str| {
-            if aborted.load(Ordering::SeqCst) {
+            if signal.is_aborted() {
                 CollectiveError::Aborted
             } else {
                 io(r, op)(e)
@@ -315,10 +323,7 @@ impl Collective for TcpCollective {
     }
 
     fn abort(&self) {
-        self.aborted.store(true, Ordering::SeqCst);
-        for s in &self.sockets {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
+        self.signal.abort();
     }
 }
 
