@@ -1,0 +1,503 @@
+//! The gRPC face of the coordinator: the run service (clients), the worker
+//! service (workers), health and reflection, a bearer-token check on every call,
+//! and Prometheus `/metrics` on a separate plain-HTTP port.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dpo_proto::RunSpec;
+use dpo_proto::v1::{
+    self, run_service_server::RunService, run_service_server::RunServiceServer,
+    worker_service_server::WorkerService, worker_service_server::WorkerServiceServer,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::state::Coordinator;
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
+type AssignmentStream = Pin<Box<dyn Stream<Item = Result<v1::Assignment, Status>> + Send>>;
+
+/// Largest dataset file a client may stream in one submission.
+const MAX_SUBMIT_BYTES: usize = 4 << 30;
+
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub coordinator: Arc<Coordinator>,
+}
+
+#[tonic::async_trait]
+impl RunService for Api {
+    async fn submit(
+        &self,
+        request: Request<Streaming<v1::SubmitChunk>>,
+    ) -> Result<Response<v1::Run>, Status> {
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty submission"))?;
+        let Some(v1::submit_chunk::Part::Header(header)) = first.part else {
+            return Err(Status::invalid_argument(
+                "a submission starts with its header",
+            ));
+        };
+        let mut spec: RunSpec = serde_json::from_str(&header.spec_json)
+            .map_err(|e| Status::invalid_argument(format!("run spec: {e}")))?;
+        let id = uuid::Uuid::new_v4().to_string();
+        let run_dir = self
+            .coordinator
+            .settings()
+            .data_dir
+            .join("runs")
+            .join(&id)
+            .join("files");
+        let allowed = ["data.train", "data.eval", "data.negatives"];
+        for key in &header.streamed_files {
+            if !allowed.contains(&key.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "streamed file for {key:?}: only {allowed:?} can be streamed"
+                )));
+            }
+        }
+        let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+        let mut total = 0usize;
+        while let Some(chunk) = stream.message().await? {
+            let Some(v1::submit_chunk::Part::File(f)) = chunk.part else {
+                return Err(Status::invalid_argument("a second header"));
+            };
+            if !header.streamed_files.contains(&f.key) {
+                return Err(Status::invalid_argument(format!(
+                    "file chunk for {:?}, which the header did not announce",
+                    f.key
+                )));
+            }
+            total += f.data.len();
+            if total > MAX_SUBMIT_BYTES {
+                return Err(Status::resource_exhausted(
+                    "streamed files exceed 4 GiB; put them where the coordinator can read them",
+                ));
+            }
+            files.entry(f.key).or_default().extend(f.data);
+        }
+        if !header.streamed_files.is_empty() {
+            std::fs::create_dir_all(&run_dir)
+                .map_err(|e| Status::internal(format!("{}: {e}", run_dir.display())))?;
+        }
+        for key in &header.streamed_files {
+            let bytes = files.remove(key).unwrap_or_default();
+            let path: PathBuf = run_dir.join(format!("{}.jsonl", key.replace('.', "_")));
+            std::fs::write(&path, bytes)
+                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
+            match key.as_str() {
+                "data.train" => spec.data.train = path,
+                "data.eval" => spec.data.eval = Some(path),
+                _ => spec.data.negatives = Some(path.display().to_string()),
+            }
+        }
+        Ok(Response::new(self.coordinator.submit(id, spec).await?))
+    }
+
+    async fn get_run(
+        &self,
+        request: Request<v1::GetRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
+        Ok(Response::new(
+            self.coordinator.get(&request.into_inner().run).await?,
+        ))
+    }
+
+    async fn list_runs(
+        &self,
+        _request: Request<v1::ListRunsRequest>,
+    ) -> Result<Response<v1::ListRunsResponse>, Status> {
+        Ok(Response::new(v1::ListRunsResponse {
+            runs: self.coordinator.list().await,
+        }))
+    }
+
+    async fn cancel_run(
+        &self,
+        request: Request<v1::CancelRunRequest>,
+    ) -> Result<Response<v1::Run>, Status> {
+        Ok(Response::new(
+            self.coordinator.cancel(&request.into_inner().run).await?,
+        ))
+    }
+
+    type WatchRunStream = EventStream;
+
+    async fn watch_run(
+        &self,
+        request: Request<v1::WatchRunRequest>,
+    ) -> Result<Response<Self::WatchRunStream>, Status> {
+        let (run, mut rx) = self.coordinator.watch(&request.into_inner().run).await?;
+        let (tx, out) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let state = run.state;
+            let done = is_terminal(state);
+            let first = v1::RunEvent {
+                run: Some(run),
+                event: Some(v1::run_event::Event::State(state)),
+            };
+            if tx.send(Ok(first)).await.is_err() || done {
+                return;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(ev) => {
+                        let end = ev.run.as_ref().is_some_and(|r| is_terminal(r.state));
+                        if tx.send(Ok(ev)).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(skipped = n, "a watcher fell behind");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(out))))
+    }
+
+    async fn list_workers(
+        &self,
+        _request: Request<v1::ListWorkersRequest>,
+    ) -> Result<Response<v1::ListWorkersResponse>, Status> {
+        Ok(Response::new(v1::ListWorkersResponse {
+            workers: self.coordinator.workers().await,
+        }))
+    }
+}
+
+fn is_terminal(state: i32) -> bool {
+    matches!(
+        v1::RunState::try_from(state),
+        Ok(v1::RunState::Succeeded | v1::RunState::Failed | v1::RunState::Cancelled)
+    )
+}
+
+#[tonic::async_trait]
+impl WorkerService for Api {
+    async fn register(
+        &self,
+        request: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        Ok(Response::new(
+            self.coordinator.register(request.into_inner()).await?,
+        ))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::HeartbeatResponse>, Status> {
+        let known = self.coordinator.heartbeat(request.get_ref()).await;
+        Ok(Response::new(v1::HeartbeatResponse { known }))
+    }
+
+    type AssignmentsStream = AssignmentStream;
+
+    async fn assignments(
+        &self,
+        request: Request<v1::AssignmentsRequest>,
+    ) -> Result<Response<Self::AssignmentsStream>, Status> {
+        let worker = request.into_inner().worker_id;
+        let (rx, tx, stream_id) = self.coordinator.open_stream(&worker).await?;
+        let coordinator = self.coordinator.clone();
+        // The stream's receiver is dropped when the worker goes away (its process
+        // died, its connection broke): the worker is lost at that moment.
+        tokio::spawn(async move {
+            tx.closed().await;
+            coordinator.stream_closed(&worker, stream_id).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn publish_bootstrap(
+        &self,
+        request: Request<v1::Bootstrap>,
+    ) -> Result<Response<v1::Ack>, Status> {
+        self.coordinator
+            .publish_bootstrap(request.into_inner())
+            .await?;
+        Ok(Response::new(v1::Ack {}))
+    }
+
+    async fn get_bootstrap(
+        &self,
+        request: Request<v1::GetBootstrapRequest>,
+    ) -> Result<Response<v1::Bootstrap>, Status> {
+        let req = request.into_inner();
+        // Long-poll for up to 30 s: rank 0 publishes soon after the generation forms.
+        for _ in 0..300 {
+            if let Some(data) = self
+                .coordinator
+                .get_bootstrap(&req.run_id, req.generation)
+                .await
+            {
+                return Ok(Response::new(v1::Bootstrap {
+                    run_id: req.run_id,
+                    generation: req.generation,
+                    data,
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(Status::deadline_exceeded(
+            "rank 0 has not published the bootstrap data",
+        ))
+    }
+
+    async fn fetch_batch(
+        &self,
+        request: Request<v1::FetchBatchRequest>,
+    ) -> Result<Response<v1::Batch>, Status> {
+        Ok(Response::new(
+            self.coordinator.fetch_batch(request.get_ref()).await?,
+        ))
+    }
+
+    async fn report_step(
+        &self,
+        request: Request<v1::ReportStepRequest>,
+    ) -> Result<Response<v1::Ack>, Status> {
+        self.coordinator.report_step(request.get_ref()).await?;
+        Ok(Response::new(v1::Ack {}))
+    }
+
+    async fn report_fault(
+        &self,
+        request: Request<v1::ReportFaultRequest>,
+    ) -> Result<Response<v1::Ack>, Status> {
+        self.coordinator.report_fault(request.get_ref()).await?;
+        Ok(Response::new(v1::Ack {}))
+    }
+
+    async fn report_checkpoint(
+        &self,
+        request: Request<v1::ReportCheckpointRequest>,
+    ) -> Result<Response<v1::Ack>, Status> {
+        self.coordinator
+            .report_checkpoint(request.get_ref())
+            .await?;
+        Ok(Response::new(v1::Ack {}))
+    }
+
+    async fn report_done(
+        &self,
+        request: Request<v1::ReportDoneRequest>,
+    ) -> Result<Response<v1::Ack>, Status> {
+        self.coordinator.report_done(request.get_ref()).await?;
+        Ok(Response::new(v1::Ack {}))
+    }
+}
+
+/// Checks `authorization: Bearer <token>` on every call (constant-time compare).
+#[derive(Clone)]
+pub struct TokenCheck {
+    token: Option<Arc<Vec<u8>>>,
+}
+
+impl std::fmt::Debug for TokenCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCheck")
+            .field("enabled", &self.token.is_some())
+            .finish()
+    }
+}
+
+impl TokenCheck {
+    pub fn new(token: Option<String>) -> Self {
+        TokenCheck {
+            token: token.map(|t| Arc::new(t.into_bytes())),
+        }
+    }
+}
+
+/// Equal lengths and bytes, in time that depends on the length only.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(want) = &self.token else {
+            return Ok(request);
+        };
+        let got = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match got {
+            Some(t) if constant_time_eq(t.as_bytes(), want) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong token")),
+            None => Err(Status::unauthenticated(
+                "missing bearer token (set DPO_TOKEN)",
+            )),
+        }
+    }
+}
+
+/// Serves the coordinator's gRPC services on `listener` until `shutdown` resolves;
+/// a background task expires leases every `lease_ttl / 4`.
+pub async fn serve(
+    coordinator: Arc<Coordinator>,
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let api = Api {
+        coordinator: coordinator.clone(),
+    };
+    let check = TokenCheck::new(token);
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_serving::<RunServiceServer<Api>>().await;
+    reporter.set_serving::<WorkerServiceServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let ticker = {
+        let c = coordinator.clone();
+        let period = (c.settings().lease_ttl / 4).max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                if let Err(e) = c.reconcile().await {
+                    tracing::error!(error = %e, "reconcile");
+                }
+            }
+        })
+    };
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            RunServiceServer::new(api.clone()).max_decoding_message_size(64 << 20),
+            check.clone(),
+        ))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            WorkerServiceServer::new(api)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(256 << 20),
+            check,
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    ticker.abort();
+    Ok(result?)
+}
+
+/// Serves Prometheus text metrics at `GET /metrics` on `addr`.
+pub async fn serve_metrics(coordinator: Arc<Coordinator>, addr: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving /metrics");
+    loop {
+        let (mut socket, _) = listener.accept().await?;
+        let c = coordinator.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = socket.read(&mut buf).await.unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if request.starts_with("GET /metrics") {
+                ("200 OK", prometheus_text(&c).await)
+            } else {
+                ("404 Not Found", "not found\n".to_string())
+            };
+            let response = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        });
+    }
+}
+
+async fn prometheus_text(c: &Coordinator) -> String {
+    let (counters, runs, workers, generation) = c.counters().await;
+    let mut s = String::new();
+    let mut metric = |name: &str, help: &str, kind: &str, lines: Vec<(String, f64)>| {
+        s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for (labels, v) in lines {
+            s.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    metric(
+        "dpo_workers",
+        "Registered workers.",
+        "gauge",
+        vec![(String::new(), workers as f64)],
+    );
+    metric(
+        "dpo_generation",
+        "The current generation number.",
+        "gauge",
+        vec![(String::new(), generation as f64)],
+    );
+    metric(
+        "dpo_batches_served_total",
+        "Batches served to workers.",
+        "counter",
+        vec![(String::new(), counters.batches_served as f64)],
+    );
+    metric(
+        "dpo_examples_served_total",
+        "Examples served to workers.",
+        "counter",
+        vec![(String::new(), counters.examples_served as f64)],
+    );
+    metric(
+        "dpo_batch_serve_seconds_total",
+        "Time spent serving batches.",
+        "counter",
+        vec![(String::new(), counters.batch_serve_seconds)],
+    );
+    metric(
+        "dpo_steps_recorded_total",
+        "Optimizer steps recorded.",
+        "counter",
+        vec![(String::new(), counters.steps_recorded as f64)],
+    );
+    metric(
+        "dpo_generations_formed_total",
+        "Generations formed.",
+        "counter",
+        vec![(String::new(), counters.generations_formed as f64)],
+    );
+    metric(
+        "dpo_workers_lost_total",
+        "Workers lost (disconnected or lease lapsed).",
+        "counter",
+        vec![(String::new(), counters.workers_lost as f64)],
+    );
+    metric(
+        "dpo_run_step",
+        "Steps completed by each run.",
+        "gauge",
+        runs.iter()
+            .map(|(name, state, step)| {
+                let state = v1::RunState::try_from(*state)
+                    .map(|s| s.as_str_name())
+                    .unwrap_or("RUN_STATE_UNSPECIFIED");
+                (
+                    format!("{{run=\"{name}\",state=\"{state}\"}}"),
+                    *step as f64,
+                )
+            })
+            .collect(),
+    );
+    s
+}
