@@ -1,6 +1,7 @@
 //! Types shared by every dpo-cluster binary: the run spec and the gRPC API
 //! (`dpo.v1`: the run service for clients, the worker service for workers).
 
+pub mod client;
 pub mod spec;
 
 pub use spec::{

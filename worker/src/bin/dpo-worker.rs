@@ -17,8 +17,24 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
+    /// Join the coordinator at this URL (http://host:port) and train whatever it
+    /// assigns (the default when no subcommand is given).
+    #[arg(long, env = "DPO_COORDINATOR")]
+    coordinator: Option<String>,
+    /// Where to accept collective (ring) connections from peers; port 0 picks one.
+    #[arg(long, default_value = "127.0.0.1:0", env = "DPO_COLLECTIVE_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// The IP peers reach this worker at, when --listen is 0.0.0.0 (e.g. the pod IP).
+    #[arg(long, env = "DPO_ADVERTISE")]
+    advertise: Option<std::net::IpAddr>,
+    /// Device for cluster work: auto, cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = dpo_worker::parse_device)]
+    device: Device,
+    /// This worker's identity (default: a fresh UUID per process).
+    #[arg(long, env = "DPO_WORKER_ID")]
+    worker_id: Option<String>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,7 +121,25 @@ fn init_tracing(format: &str) {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
-    match cli.command {
+    let Some(command) = cli.command else {
+        let Some(coordinator) = cli.coordinator else {
+            anyhow::bail!(
+                "give --coordinator URL to join a cluster, or a subcommand (train, score); see --help"
+            );
+        };
+        let token = dpo_proto::client::BearerToken::from_env().map_err(anyhow::Error::msg)?;
+        return dpo_worker::cluster::join(dpo_worker::cluster::JoinOptions {
+            coordinator,
+            listen: cli.listen,
+            advertise: cli.advertise,
+            device: cli.device,
+            worker_id: cli
+                .worker_id
+                .unwrap_or_else(dpo_worker::cluster::new_worker_id),
+            token,
+        });
+    };
+    match command {
         Command::Train {
             config,
             resume,

@@ -482,10 +482,38 @@ mod tests {
         let opts = TcpOptions {
             connect_timeout: Duration::from_millis(800),
             io_timeout: Duration::from_secs(1),
+            abort: AbortSignal::default(),
         };
         let err = TcpCollective::connect(0, &peers, listener, 5, &opts).expect_err("no valid peer");
         assert!(matches!(err, CollectiveError::Timeout { .. }), "{err}");
         stale.join().expect("stale");
         drop(other);
+    }
+
+    #[test]
+    fn an_abort_stops_forming_the_ring_at_once() {
+        // Rank 1 never shows up; the generation is aborted after 200 ms, long
+        // before the 60 s connect timeout.
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peers = vec![
+            listener.local_addr().expect("addr"),
+            silent.local_addr().expect("addr"),
+        ];
+        let opts = TcpOptions {
+            connect_timeout: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(60),
+            abort: AbortSignal::default(),
+        };
+        let signal = opts.abort.clone();
+        let aborter = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            signal.abort();
+        });
+        let t = Instant::now();
+        let err = TcpCollective::connect(0, &peers, listener, 1, &opts).expect_err("aborted");
+        assert!(matches!(err, CollectiveError::Aborted), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        aborter.join().expect("aborter");
     }
 }

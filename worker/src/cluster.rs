@@ -1,0 +1,652 @@
+//! A worker in a cluster: registers with the coordinator, holds a lease, and
+//! trains its share of every global batch in whatever generation the coordinator
+//! puts it. gRPC runs on a small tokio runtime; training runs on this thread (tch
+//! tensors are `Send`, not `Sync`), and the two talk through a channel and an
+//! abort signal — so a lost peer or a new generation interrupts a blocked
+//! collective at once, and the training state (weights, optimizer moments, step)
+//! survives from one generation to the next without a restart.
+
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use dpo_data::Example;
+use dpo_data::examples::Normalizer;
+use dpo_proto::RunSpec;
+use dpo_proto::client::{BearerToken, channel};
+use dpo_proto::v1::{self, worker_service_client::WorkerServiceClient};
+use tch::Device;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::collective::AbortSignal;
+use crate::collective::tcp::{TcpCollective, TcpOptions};
+use crate::error::{Error, Result};
+use crate::train::{Batches, Metrics, RunShape, Slice, TrainOptions, Trainer};
+
+type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// How to join.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The coordinator, `http://host:port`.
+    pub coordinator: String,
+    /// Where to accept collective (ring) connections; port 0 picks one.
+    pub listen: SocketAddr,
+    /// The address peers use to reach `listen` (default: `listen`).
+    pub advertise: Option<std::net::IpAddr>,
+    pub device: Device,
+    /// Stable identity (default: a fresh UUID).
+    pub worker_id: String,
+    pub token: BearerToken,
+}
+
+/// What the gRPC side tells the training thread.
+#[derive(Debug)]
+enum Command {
+    Work(Box<v1::Work>),
+    Idle(String),
+}
+
+/// The generation this worker is in, shared by both sides.
+#[derive(Debug, Default)]
+struct Current {
+    generation: u64,
+    rank: u32,
+    signal: AbortSignal,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    current: Mutex<Current>,
+    /// Every generation up to this one has been aborted.
+    aborted_up_to: AtomicU64,
+}
+
+impl Shared {
+    fn abort_through(&self, generation: u64) {
+        self.aborted_up_to.fetch_max(generation, Ordering::SeqCst);
+        if let Ok(c) = self.current.lock()
+            && c.generation <= generation
+        {
+            c.signal.abort();
+        }
+    }
+}
+
+fn is_stale(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+}
+
+fn is_transient(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+    )
+}
+
+/// Calls `f` until it succeeds, retrying while the coordinator is unreachable
+/// (it may be restarting) — unless the generation is aborted meanwhile.
+fn call<T, F, Fut>(
+    rt: &tokio::runtime::Handle,
+    signal: &AbortSignal,
+    what: &'static str,
+    mut f: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut warned = false;
+    loop {
+        if signal.is_aborted() {
+            return Err(Error::Collective(format!("{what}: generation aborted")));
+        }
+        match rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(30), f())
+                .await
+                .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in 30 s")))
+        }) {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if is_stale(&s) => {
+                return Err(Error::Collective(format!(
+                    "{what}: generation superseded: {}",
+                    s.message()
+                )));
+            }
+            Err(s) if is_transient(&s) => {
+                if !warned {
+                    tracing::warn!(what, error = %s.message(), "coordinator unreachable; retrying");
+                    warned = true;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            Err(s) => {
+                return Err(Error::Input {
+                    context: what.into(),
+                    reason: format!("the coordinator refused: {}", s.message()),
+                });
+            }
+        }
+    }
+}
+
+/// Batches served by the coordinator.
+struct RemoteBatches {
+    rt: tokio::runtime::Handle,
+    client: Client,
+    worker_id: String,
+    run_id: String,
+    shared: Arc<Shared>,
+    /// The eval slice of the current (generation, rank), fetched once.
+    eval_cache: Option<(u64, Slice)>,
+}
+
+fn from_proto(e: v1::Example) -> Example {
+    Example {
+        line: e.line as usize,
+        prompt: e.prompt,
+        chosen: e.chosen.map(|s| s.ids),
+        rejected: e.rejected.into_iter().map(|s| s.ids).collect(),
+    }
+}
+
+impl RemoteBatches {
+    fn fetch(&mut self, split: v1::Split, step: u64) -> Result<Slice> {
+        let (generation, rank, signal) = {
+            let c = self
+                .shared
+                .current
+                .lock()
+                .map_err(|_| Error::Collective("poisoned".into()))?;
+            (c.generation, c.rank, c.signal.clone())
+        };
+        let req = v1::FetchBatchRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: self.run_id.clone(),
+            generation,
+            rank,
+            step,
+            split: split as i32,
+        };
+        let client = self.client.clone();
+        let batch = call(&self.rt, &signal, "fetch batch", || {
+            let mut c = client.clone();
+            let r = req.clone();
+            async move { c.fetch_batch(r).await }
+        })?;
+        Ok(Slice {
+            examples: batch.examples.into_iter().map(from_proto).collect(),
+            indices: batch.indices.iter().map(|&i| i as usize).collect(),
+            norm: Normalizer {
+                examples: batch.total_examples,
+                chosen_tokens: batch.total_chosen_tokens,
+                negative_tokens: batch.total_negative_tokens,
+            },
+        })
+    }
+}
+
+impl Batches for RemoteBatches {
+    fn train(&mut self, step: u64, _rank: usize, _world: usize) -> Result<Slice> {
+        self.fetch(v1::Split::Train, step)
+    }
+
+    fn eval(&mut self, _rank: usize, _world: usize) -> Result<Option<Slice>> {
+        let generation = self.shared.current.lock().map_or(0, |c| c.generation);
+        if let Some((g, s)) = &self.eval_cache
+            && *g == generation
+        {
+            return Ok(Some(s.clone()));
+        }
+        let slice = self.fetch(v1::Split::Eval, 0)?;
+        self.eval_cache = Some((generation, slice.clone()));
+        Ok(Some(slice))
+    }
+}
+
+fn metrics_proto(m: &Metrics) -> Vec<v1::Metric> {
+    m.iter()
+        .map(|(name, value)| v1::Metric {
+            name: name.clone(),
+            value: *value,
+        })
+        .collect()
+}
+
+struct Worker {
+    rt: tokio::runtime::Handle,
+    client: Client,
+    worker_id: String,
+    device: Device,
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    trainer: Option<(String, Trainer)>,
+    /// The metrics of the newest step this worker completed (re-reported in a new
+    /// generation, in case the old one broke before anyone reported them).
+    last: Option<Metrics>,
+}
+
+impl Worker {
+    fn report(
+        &self,
+        signal: &AbortSignal,
+        run_id: &str,
+        generation: u64,
+        m: &Metrics,
+        eval: bool,
+    ) -> Result<()> {
+        let step = m
+            .iter()
+            .find(|(k, _)| k == "step")
+            .map_or(0, |(_, v)| *v as u64);
+        let req = v1::ReportStepRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: run_id.to_string(),
+            generation,
+            step,
+            metrics: metrics_proto(m),
+            eval,
+        };
+        call(&self.rt, signal, "report step", || {
+            let mut c = self.client.clone();
+            let r = req.clone();
+            async move { c.report_step(r).await }
+        })
+        .map(|_| ())
+    }
+
+    fn report_done(&self, work: &v1::Work, step: u64, error: String, stopped_early: bool) {
+        let req = v1::ReportDoneRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: work.run_id.clone(),
+            generation: work.generation,
+            step,
+            error,
+            stopped_early,
+        };
+        let r = call(&self.rt, &AbortSignal::default(), "report done", || {
+            let mut c = self.client.clone();
+            let r = req.clone();
+            async move { c.report_done(r).await }
+        });
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not report the end of the run");
+        }
+    }
+
+    fn report_fault(&self, work: &v1::Work, reason: String) {
+        let req = v1::ReportFaultRequest {
+            worker_id: self.worker_id.clone(),
+            run_id: work.run_id.clone(),
+            generation: work.generation,
+            reason,
+        };
+        let mut c = self.client.clone();
+        let _ = self.rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), c.report_fault(req)).await
+        });
+    }
+
+    /// Trains in generation `work` until the run is complete (an error: the
+    /// generation ended, broke, or the run cannot go on).
+    fn run_generation(&mut self, work: &v1::Work, signal: &AbortSignal) -> Result<()> {
+        let spec: RunSpec = serde_json::from_str(&work.spec_json).map_err(|e| Error::Input {
+            context: "run spec from the coordinator".into(),
+            reason: e.to_string(),
+        })?;
+        if self
+            .trainer
+            .as_ref()
+            .is_none_or(|(id, _)| *id != work.run_id)
+        {
+            self.trainer = None;
+            self.last = None;
+            let batches = RemoteBatches {
+                rt: self.rt.clone(),
+                client: self.client.clone(),
+                worker_id: self.worker_id.clone(),
+                run_id: work.run_id.clone(),
+                shared: self.shared.clone(),
+                eval_cache: None,
+            };
+            let shape = RunShape {
+                steps_per_epoch: work.steps_per_epoch,
+                total_steps: work.total_steps,
+                has_eval: work.has_eval,
+                train_report: None,
+                eval_report: None,
+            };
+            let opts = TrainOptions {
+                resume: false,
+                device: self.device,
+                halt_after_step: None,
+            };
+            tracing::info!(run = %work.run_id, name = %spec.name, "loading the run's model");
+            let mut trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
+            if !work.resume_checkpoint.is_empty() {
+                trainer.restore_checkpoint(std::path::Path::new(&work.resume_checkpoint))?;
+                tracing::info!(step = trainer.step(), path = %work.resume_checkpoint, "restored the committed checkpoint");
+            }
+            self.trainer = Some((work.run_id.clone(), trainer));
+        }
+        let peers = work
+            .peers
+            .iter()
+            .map(|p| {
+                p.parse::<SocketAddr>().map_err(|e| Error::Input {
+                    context: "peers".into(),
+                    reason: format!("{p}: {e}"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(|e| Error::Collective(format!("listener: {e}")))?;
+        let opts = TcpOptions {
+            connect_timeout: Duration::from_secs(120),
+            io_timeout: Duration::from_secs(300),
+            abort: signal.clone(),
+        };
+        let collective =
+            TcpCollective::connect(work.rank as usize, &peers, listener, work.generation, &opts)
+                .map_err(|e| Error::Collective(e.to_string()))?;
+        let Some((_, trainer)) = self.trainer.as_mut() else {
+            return Err(Error::Collective("no trainer".into()));
+        };
+        trainer.set_collective(Box::new(collective), work.generation);
+        if let Some(root) = trainer.sync_world()? {
+            tracing::info!(
+                root,
+                step = trainer.step(),
+                "took the training state of rank {root}"
+            );
+        }
+        tracing::info!(
+            generation = work.generation,
+            rank = work.rank,
+            world_size = work.world_size,
+            step = trainer.step(),
+            "training"
+        );
+        // Re-report the newest step, in case the old generation broke before any
+        // rank's report of it arrived (the coordinator keeps the first report).
+        let step = trainer.step();
+        if let Some(m) = self.last.clone()
+            && m.iter().any(|(k, v)| k == "step" && *v as u64 == step)
+        {
+            self.report(signal, &work.run_id, work.generation, &m, false)?;
+        }
+        loop {
+            let Some((_, trainer)) = self.trainer.as_mut() else {
+                return Err(Error::Collective("no trainer".into()));
+            };
+            if trainer.finished() {
+                break;
+            }
+            let m = trainer.train_step()?;
+            let eval = trainer.maybe_evaluate()?;
+            let checkpoint = trainer.maybe_checkpoint()?;
+            let step = trainer.step();
+            self.last = Some(m.clone());
+            if step % 10 == 0 || step == 1 {
+                let loss = m
+                    .iter()
+                    .find(|(k, _)| k == "loss")
+                    .map_or(f64::NAN, |(_, v)| *v);
+                tracing::info!(step, loss, "step");
+            }
+            self.report(signal, &work.run_id, work.generation, &m, false)?;
+            if let Some(e) = eval {
+                self.report(signal, &work.run_id, work.generation, &e, true)?;
+            }
+            if let Some(dir) = checkpoint {
+                let req = v1::ReportCheckpointRequest {
+                    worker_id: self.worker_id.clone(),
+                    run_id: work.run_id.clone(),
+                    generation: work.generation,
+                    step,
+                    path: dir.display().to_string(),
+                };
+                call(&self.rt, signal, "report checkpoint", || {
+                    let mut c = self.client.clone();
+                    let r = req.clone();
+                    async move { c.report_checkpoint(r).await }
+                })?;
+            }
+        }
+        let Some((_, trainer)) = self.trainer.as_ref() else {
+            return Err(Error::Collective("no trainer".into()));
+        };
+        if work.rank == 0 {
+            let step = trainer.step();
+            let stopped = trainer.stopped_early();
+            trainer.save_final()?;
+            self.report_done(work, step, String::new(), stopped);
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, work: &v1::Work) {
+        if self.shared.aborted_up_to.load(Ordering::SeqCst) >= work.generation {
+            return; // superseded before it started
+        }
+        let signal = AbortSignal::default();
+        if let Ok(mut c) = self.shared.current.lock() {
+            *c = Current {
+                generation: work.generation,
+                rank: work.rank,
+                signal: signal.clone(),
+            };
+        }
+        if self.shared.aborted_up_to.load(Ordering::SeqCst) >= work.generation {
+            return;
+        }
+        match self.run_generation(work, &signal) {
+            Ok(()) => tracing::info!(run = %work.run_id, "run complete on this worker"),
+            Err(e) if signal.is_aborted() => {
+                tracing::info!(generation = work.generation, reason = %e, "generation ended");
+            }
+            Err(Error::Collective(reason)) => {
+                tracing::warn!(generation = work.generation, %reason, "generation broke");
+                self.report_fault(work, reason);
+            }
+            Err(e) => {
+                let step = self.trainer.as_ref().map_or(0, |(_, t)| t.step());
+                tracing::error!(run = %work.run_id, error = %e, "the run cannot go on");
+                self.report_done(work, step, e.to_string(), false);
+                self.trainer = None;
+            }
+        }
+    }
+}
+
+/// Joins the coordinator and works until the process is stopped.
+pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let listener = TcpListener::bind(opts.listen)?;
+    let mut addr = listener.local_addr()?;
+    if let Some(ip) = opts.advertise {
+        addr.set_ip(ip);
+    }
+    if addr.ip().is_unspecified() {
+        anyhow::bail!(
+            "--listen {}: give --advertise (the address peers reach this worker at)",
+            opts.listen
+        );
+    }
+    let channel = channel(&opts.coordinator).map_err(anyhow::Error::msg)?;
+    let client: Client = WorkerServiceClient::with_interceptor(channel, opts.token.clone())
+        .max_decoding_message_size(256 << 20);
+    let shared = Arc::new(Shared::default());
+    let (tx, rx) = mpsc::channel::<Command>();
+    tracing::info!(worker = %opts.worker_id, collective = %addr, coordinator = %opts.coordinator, "worker starting");
+    rt.spawn(control_loop(
+        client.clone(),
+        opts.worker_id.clone(),
+        addr,
+        format!("{:?}", opts.device),
+        shared.clone(),
+        tx,
+    ));
+    let mut worker = Worker {
+        rt: rt.handle().clone(),
+        client,
+        worker_id: opts.worker_id,
+        device: opts.device,
+        listener,
+        shared,
+        trainer: None,
+        last: None,
+    };
+    while let Ok(mut cmd) = rx.recv() {
+        // Only the newest instruction matters.
+        while let Ok(newer) = rx.try_recv() {
+            cmd = newer;
+        }
+        match cmd {
+            Command::Work(work) => worker.handle(&work),
+            Command::Idle(run) => {
+                if worker.trainer.as_ref().is_some_and(|(id, _)| *id == run) {
+                    tracing::info!(run = %run, "released from the run");
+                    worker.trainer = None;
+                    worker.last = None;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Registers, keeps the lease, and forwards assignments; reconnects whenever the
+/// coordinator goes away (a restarted coordinator picks the worker up again).
+async fn control_loop(
+    client: Client,
+    worker_id: String,
+    addr: SocketAddr,
+    device: String,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+) {
+    let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+    loop {
+        let mut c = client.clone();
+        let reg = c
+            .register(v1::RegisterRequest {
+                worker_id: worker_id.clone(),
+                collective_addr: addr.to_string(),
+                device: device.clone(),
+                hostname: hostname.clone(),
+                run_id: String::new(),
+                step: 0,
+            })
+            .await;
+        let lease = match reg {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                tracing::debug!(error = %e, "register failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let stream = match c
+            .assignments(v1::AssignmentsRequest {
+                worker_id: worker_id.clone(),
+            })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                tracing::warn!(error = %e, "assignment stream refused; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        tracing::info!(
+            lease_ttl_ms = lease.lease_ttl_ms,
+            "registered with the coordinator"
+        );
+        let beat = Duration::from_millis(lease.heartbeat_ms.max(50));
+        let hb = {
+            let mut c = client.clone();
+            let id = worker_id.clone();
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(beat).await;
+                    let generation = shared.current.lock().map_or(0, |c| c.generation);
+                    match c
+                        .heartbeat(v1::HeartbeatRequest {
+                            worker_id: id.clone(),
+                            generation,
+                        })
+                        .await
+                    {
+                        Ok(r) if r.get_ref().known => {}
+                        Ok(_) => return, // forgotten: register again
+                        Err(_) => return,
+                    }
+                }
+            })
+        };
+        let mut stream = stream;
+        let mut hb = hb;
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    match msg {
+                        Ok(Some(a)) => {
+                            if !forward(a, &shared, &tx) {
+                                hb.abort();
+                                return;
+                            }
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+                _ = &mut hb => break,
+            }
+        }
+        hb.abort();
+        tracing::warn!("lost the coordinator; reconnecting");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// Acts on one assignment: aborts what it supersedes, hands work to the trainer.
+/// Returns false once the training thread is gone.
+fn forward(a: v1::Assignment, shared: &Shared, tx: &mpsc::Sender<Command>) -> bool {
+    match a.kind {
+        Some(v1::assignment::Kind::Work(w)) => {
+            tracing::info!(
+                generation = w.generation,
+                rank = w.rank,
+                world_size = w.world_size,
+                "assignment"
+            );
+            shared.abort_through(w.generation.saturating_sub(1));
+            tx.send(Command::Work(Box::new(w))).is_ok()
+        }
+        Some(v1::assignment::Kind::Abort(a)) => {
+            tracing::info!(generation = a.generation, reason = %a.reason, "generation aborted by the coordinator");
+            shared.abort_through(a.generation);
+            true
+        }
+        Some(v1::assignment::Kind::Idle(i)) => {
+            let g = shared.current.lock().map_or(0, |c| c.generation);
+            shared.abort_through(g);
+            tx.send(Command::Idle(i.run_id)).is_ok()
+        }
+        None => true,
+    }
+}
+
+/// A fresh worker id.
+pub fn new_worker_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
