@@ -480,6 +480,8 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
             opts.listen
         );
     }
+    // The channel spawns its connection task on the runtime.
+    let _guard = rt.enter();
     let channel = channel(&opts.coordinator).map_err(anyhow::Error::msg)?;
     let client: Client = WorkerServiceClient::with_interceptor(channel, opts.token.clone())
         .max_decoding_message_size(256 << 20);

@@ -1,0 +1,597 @@
+//! `dpoctl`: run dpo-cluster on this machine (`local`), or drive a coordinator
+//! (`submit`, `status`, `watch`, `list`, `cancel`, `workers`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use dpo_proto::RunSpec;
+use dpo_proto::client::{BearerToken, channel};
+use dpo_proto::v1::{self, RunState, run_service_client::RunServiceClient};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+type Client = RunServiceClient<InterceptedService<Channel, BearerToken>>;
+
+#[derive(Parser, Debug)]
+#[command(name = "dpoctl", version, about = "dpo-cluster command line")]
+struct Cli {
+    /// The coordinator (http://host:port).
+    #[arg(
+        long,
+        global = true,
+        env = "DPO_COORDINATOR",
+        default_value = "http://127.0.0.1:7733"
+    )]
+    coordinator: String,
+    /// text (progress bars, tables) or json (one object per line, for scripts).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    output: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a run on this machine: starts a coordinator (embedded store) and N
+    /// worker processes, submits the run, shows progress, prints a summary, stops.
+    Local {
+        /// The run spec (TOML).
+        spec: PathBuf,
+        /// Worker processes to start.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+        /// The coordinator's data directory (default: a fresh one under train.output).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Submit a run spec. Dataset files that exist here are streamed to the
+    /// coordinator; the model directory must be readable by it and the workers.
+    Submit {
+        spec: PathBuf,
+        /// Keep watching until the run ends.
+        #[arg(long)]
+        watch: bool,
+        /// Send dataset paths as they are (the coordinator reads them itself).
+        #[arg(long)]
+        no_upload: bool,
+    },
+    /// One run's state.
+    Status { run: String },
+    /// Follow a run until it ends.
+    Watch { run: String },
+    /// Every run the coordinator knows.
+    List,
+    /// Cancel a run.
+    Cancel { run: String },
+    /// The registered workers.
+    Workers,
+}
+
+fn state_name(s: i32) -> &'static str {
+    match RunState::try_from(s) {
+        Ok(RunState::Queued) => "queued",
+        Ok(RunState::Preparing) => "preparing",
+        Ok(RunState::Waiting) => "waiting",
+        Ok(RunState::Running) => "running",
+        Ok(RunState::Succeeded) => "succeeded",
+        Ok(RunState::Failed) => "failed",
+        Ok(RunState::Cancelled) => "cancelled",
+        _ => "unknown",
+    }
+}
+
+fn terminal(s: i32) -> bool {
+    matches!(
+        RunState::try_from(s),
+        Ok(RunState::Succeeded | RunState::Failed | RunState::Cancelled)
+    )
+}
+
+fn metrics_json(m: &[v1::Metric]) -> Value {
+    let mut o = serde_json::Map::new();
+    for x in m {
+        o.insert(x.name.clone(), json!(x.value));
+    }
+    Value::Object(o)
+}
+
+fn run_json(r: &v1::Run) -> Value {
+    json!({
+        "id": r.id, "name": r.name, "state": state_name(r.state),
+        "step": r.step, "total_steps": r.total_steps, "generation": r.generation,
+        "world_size": r.world_size, "checkpoint_step": r.checkpoint_step,
+        "output": r.output, "error": r.error,
+        "train_examples": r.train_examples, "eval_examples": r.eval_examples,
+        "metrics": metrics_json(&r.last_metrics), "eval": metrics_json(&r.last_eval),
+    })
+}
+
+fn metric(m: &[v1::Metric], name: &str) -> Option<f64> {
+    m.iter().find(|x| x.name == name).map(|x| x.value)
+}
+
+fn client(url: &str) -> anyhow::Result<Client> {
+    let token = BearerToken::from_env().map_err(anyhow::Error::msg)?;
+    let ch = channel(url).map_err(anyhow::Error::msg)?;
+    Ok(RunServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 << 20))
+}
+
+fn status_err(what: &str, s: tonic::Status) -> anyhow::Error {
+    match s.code() {
+        tonic::Code::Unavailable => {
+            anyhow::anyhow!("{what}: cannot reach the coordinator ({})", s.message())
+        }
+        tonic::Code::Unauthenticated => {
+            anyhow::anyhow!("{what}: {} (check DPO_TOKEN)", s.message())
+        }
+        _ => anyhow::anyhow!("{what}: {}", s.message()),
+    }
+}
+
+/// Streams the spec (as JSON) and the dataset files that exist here.
+async fn submit(
+    c: &mut Client,
+    spec_path: &Path,
+    upload: bool,
+    workers: Option<usize>,
+) -> anyhow::Result<v1::Run> {
+    let mut spec = RunSpec::from_file(spec_path)?;
+    if let Some(n) = workers {
+        // `dpoctl local --workers N` trains on all N.
+        spec.cluster.max_workers = spec.cluster.max_workers.max(n);
+        spec.cluster.min_workers = spec.cluster.min_workers.min(n).max(1);
+    }
+    let mut files: Vec<(&str, PathBuf)> = Vec::new();
+    if upload {
+        files.push(("data.train", spec.data.train.clone()));
+        if let Some(e) = &spec.data.eval {
+            files.push(("data.eval", e.clone()));
+        }
+        if let Some(n) = &spec.data.negatives
+            && !matches!(n.as_str(), "random" | "policy")
+        {
+            files.push(("data.negatives", PathBuf::from(n)));
+        }
+        files.retain(|(_, p)| p.is_file());
+    }
+    let header = v1::SubmitHeader {
+        spec_json: serde_json::to_string(&spec)?,
+        streamed_files: files.iter().map(|(k, _)| k.to_string()).collect(),
+    };
+    let mut chunks = vec![v1::SubmitChunk {
+        part: Some(v1::submit_chunk::Part::Header(header)),
+    }];
+    for (key, path) in &files {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        for piece in bytes.chunks(1 << 20) {
+            chunks.push(v1::SubmitChunk {
+                part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
+                    key: key.to_string(),
+                    data: piece.to_vec(),
+                })),
+            });
+        }
+    }
+    c.submit(tokio_stream::iter(chunks))
+        .await
+        .map(|r| r.into_inner())
+        .map_err(|s| status_err("submit", s))
+}
+
+/// Follows a run to its end with a progress bar (or JSON lines); returns it.
+async fn watch(c: &mut Client, run: &str, json_out: bool) -> anyhow::Result<v1::Run> {
+    let mut stream = c
+        .watch_run(v1::WatchRunRequest { run: run.into() })
+        .await
+        .map_err(|s| status_err("watch", s))?
+        .into_inner();
+    let bar = ProgressBar::new(0);
+    if json_out {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} steps {elapsed_precise} {msg}",
+        )?
+        .progress_chars("=> "),
+    );
+    let mut last: Option<v1::Run> = None;
+    let mut last_state = -1;
+    while let Some(ev) = stream.message().await.map_err(|s| status_err("watch", s))? {
+        let Some(run) = ev.run else { continue };
+        bar.set_length(run.total_steps);
+        bar.set_position(run.step);
+        bar.set_prefix(format!("{} {}", run.name, state_name(run.state)));
+        if json_out {
+            let mut o = json!({"run": run.id, "state": state_name(run.state), "step": run.step});
+            match &ev.event {
+                Some(v1::run_event::Event::Step(s)) => o["metrics"] = metrics_json(&s.metrics),
+                Some(v1::run_event::Event::Eval(s)) => o["eval"] = metrics_json(&s.metrics),
+                _ => {}
+            }
+            println!("{o}");
+        } else {
+            if run.state != last_state {
+                bar.println(format!(
+                    "{}: {} (generation {}, {} workers)",
+                    run.name,
+                    state_name(run.state),
+                    run.generation,
+                    run.world_size
+                ));
+                last_state = run.state;
+            }
+            match &ev.event {
+                Some(v1::run_event::Event::Step(s)) => {
+                    let loss = metric(&s.metrics, "loss").unwrap_or(f64::NAN);
+                    let mut msg = format!("loss {loss:.4}");
+                    if let Some(a) = metric(&s.metrics, "rewards/accuracies") {
+                        msg.push_str(&format!(" acc {a:.2}"));
+                    }
+                    if let Some(t) = metric(&s.metrics, "tokens_per_second") {
+                        msg.push_str(&format!(" {t:.0} tok/s"));
+                    }
+                    if let Some(w) = metric(&s.metrics, "world_size") {
+                        msg.push_str(&format!(" w{w}"));
+                    }
+                    bar.set_message(msg);
+                }
+                Some(v1::run_event::Event::Eval(s)) => {
+                    let parts: Vec<String> = s
+                        .metrics
+                        .iter()
+                        .filter(|m| m.name != "step")
+                        .map(|m| format!("{} {:.4}", m.name, m.value))
+                        .collect();
+                    bar.println(format!("eval @ {}: {}", s.step, parts.join(", ")));
+                }
+                _ => {}
+            }
+        }
+        let end = terminal(run.state);
+        last = Some(run);
+        if end {
+            break;
+        }
+    }
+    bar.finish_and_clear();
+    last.context("the watch stream ended before the run did")
+}
+
+fn print_summary(run: &v1::Run, seconds: Option<f64>, json_out: bool) {
+    if json_out {
+        let mut o = run_json(run);
+        if let Some(s) = seconds {
+            o["seconds"] = json!(s);
+        }
+        println!("{o}");
+        return;
+    }
+    println!(
+        "run {} ({}): {} — {}/{} steps, generation {}, {} workers",
+        run.name,
+        run.id,
+        state_name(run.state),
+        run.step,
+        run.total_steps,
+        run.generation,
+        run.world_size
+    );
+    if !run.error.is_empty() {
+        println!("  error: {}", run.error);
+    }
+    let pick = |m: &[v1::Metric], names: &[&str]| -> String {
+        names
+            .iter()
+            .filter_map(|n| metric(m, n).map(|v| format!("{n} {v:.4}")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let train = pick(
+        &run.last_metrics,
+        &[
+            "loss",
+            "rewards/accuracies",
+            "rewards/margins",
+            "tokens_per_second",
+        ],
+    );
+    if !train.is_empty() {
+        println!("  last step: {train}");
+    }
+    let eval = pick(
+        &run.last_eval,
+        &[
+            "eval_loss",
+            "eval_rewards/accuracies",
+            "eval_rewards/margins",
+        ],
+    );
+    if !eval.is_empty() {
+        println!("  eval: {eval}");
+    }
+    if let Some(s) = seconds {
+        println!("  time: {s:.1} s");
+    }
+    if run.state == RunState::Succeeded as i32 {
+        println!(
+            "  model: {}/final   metrics: {}/metrics.jsonl",
+            run.output, run.output
+        );
+    }
+}
+
+/// A sibling binary of this executable (the workspace's target dir, an install
+/// prefix), else the name for `PATH`.
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Child processes that are killed when this goes out of scope.
+struct Children(Vec<(String, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in self.0.iter_mut().rev() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn local(
+    cli: &Cli,
+    spec_path: &Path,
+    workers: usize,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<bool> {
+    if workers == 0 {
+        bail!("--workers: at least 1");
+    }
+    let spec = RunSpec::from_file(spec_path)?;
+    let out = spec.train.output.clone();
+    if out.join("metrics.jsonl").exists() || out.join("checkpoints").exists() {
+        bail!(
+            "train.output: {} already holds a run; remove it or choose a new directory",
+            out.display()
+        );
+    }
+    let data_dir = data_dir.unwrap_or_else(|| out.join(".dpoctl-local"));
+    std::fs::create_dir_all(&data_dir)?;
+    let logs = data_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let addr_file = data_dir.join("coordinator.addr");
+    let _ = std::fs::remove_file(&addr_file);
+    let log = |name: &str| -> anyhow::Result<Stdio> {
+        Ok(Stdio::from(std::fs::File::create(
+            logs.join(format!("{name}.log")),
+        )?))
+    };
+    let mut children = Children(Vec::new());
+    let coordinator = Process::new(sibling("dpo-coordinator"))
+        .args(["--listen", "127.0.0.1:0", "--lease-ttl-ms", "3000"])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .stdout(Stdio::null())
+        .stderr(log("coordinator")?)
+        .spawn()
+        .context("starting dpo-coordinator (build it, or put it on PATH)")?;
+    children.0.push(("coordinator".into(), coordinator));
+    let started = Instant::now();
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            break a;
+        }
+        if let Some((_, c)) = children.0.first_mut()
+            && let Some(status) = c.try_wait()?
+        {
+            bail!(
+                "dpo-coordinator exited ({status}); see {}",
+                logs.join("coordinator.log").display()
+            );
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("dpo-coordinator did not start within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let url = format!("http://{addr}");
+    for i in 0..workers {
+        let w = Process::new(sibling("dpo-worker"))
+            .args(["--coordinator", &url, "--device", "cpu", "--worker-id"])
+            .arg(format!("local-{i}"))
+            .env("OMP_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(log(&format!("worker-{i}"))?)
+            .spawn()
+            .context("starting dpo-worker (build it, or put it on PATH)")?;
+        children.0.push((format!("worker-{i}"), w));
+    }
+    let json_out = cli.output == "json";
+    if !json_out {
+        eprintln!(
+            "coordinator at {url} with {workers} CPU workers (logs in {})",
+            logs.display()
+        );
+    }
+    let mut c = client(&url)?;
+    let t = Instant::now();
+    let run = submit(&mut c, spec_path, true, Some(workers)).await?;
+    // Watch, but stop if every worker process dies (their logs say why).
+    let monitor = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let mut alive = 0;
+            for (name, child) in children.0.iter_mut() {
+                let running = matches!(child.try_wait(), Ok(None));
+                if name == "coordinator" && !running {
+                    return anyhow::anyhow!(
+                        "dpo-coordinator exited; see {}",
+                        logs.join("coordinator.log").display()
+                    );
+                }
+                alive += usize::from(running && name != "coordinator");
+            }
+            if alive == 0 {
+                return anyhow::anyhow!(
+                    "every worker process exited; see {}",
+                    logs.join("worker-0.log").display()
+                );
+            }
+        }
+    };
+    let run = tokio::select! {
+        r = watch(&mut c, &run.id, json_out) => r?,
+        e = monitor => return Err(e),
+    };
+    print_summary(&run, Some(t.elapsed().as_secs_f64()), json_out);
+    Ok(run.state == RunState::Succeeded as i32)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let json_out = cli.output == "json";
+    let ok = match &cli.command {
+        Command::Local {
+            spec,
+            workers,
+            data_dir,
+        } => local(&cli, spec, *workers, data_dir.clone()).await?,
+        Command::Submit {
+            spec,
+            watch: follow,
+            no_upload,
+        } => {
+            let mut c = client(&cli.coordinator)?;
+            let run = submit(&mut c, spec, !no_upload, None).await?;
+            if *follow {
+                let t = Instant::now();
+                let run = watch(&mut c, &run.id, json_out).await?;
+                print_summary(&run, Some(t.elapsed().as_secs_f64()), json_out);
+                run.state == RunState::Succeeded as i32
+            } else {
+                if json_out {
+                    println!("{}", run_json(&run));
+                } else {
+                    println!(
+                        "submitted {} ({}): {} steps",
+                        run.name, run.id, run.total_steps
+                    );
+                }
+                true
+            }
+        }
+        Command::Status { run } => {
+            let mut c = client(&cli.coordinator)?;
+            let r = c
+                .get_run(v1::GetRunRequest { run: run.clone() })
+                .await
+                .map_err(|s| status_err("status", s))?
+                .into_inner();
+            print_summary(&r, None, json_out);
+            true
+        }
+        Command::Watch { run } => {
+            let mut c = client(&cli.coordinator)?;
+            let r = watch(&mut c, run, json_out).await?;
+            print_summary(&r, None, json_out);
+            r.state == RunState::Succeeded as i32
+        }
+        Command::List => {
+            let mut c = client(&cli.coordinator)?;
+            let runs = c
+                .list_runs(v1::ListRunsRequest {})
+                .await
+                .map_err(|s| status_err("list", s))?
+                .into_inner()
+                .runs;
+            if json_out {
+                for r in &runs {
+                    println!("{}", run_json(r));
+                }
+            } else {
+                println!(
+                    "{:<36}  {:<20}  {:<10}  {:>11}",
+                    "ID", "NAME", "STATE", "STEP"
+                );
+                for r in &runs {
+                    println!(
+                        "{:<36}  {:<20}  {:<10}  {:>5}/{:<5}",
+                        r.id,
+                        r.name,
+                        state_name(r.state),
+                        r.step,
+                        r.total_steps
+                    );
+                }
+            }
+            true
+        }
+        Command::Cancel { run } => {
+            let mut c = client(&cli.coordinator)?;
+            let r = c
+                .cancel_run(v1::CancelRunRequest { run: run.clone() })
+                .await
+                .map_err(|s| status_err("cancel", s))?
+                .into_inner();
+            print_summary(&r, None, json_out);
+            true
+        }
+        Command::Workers => {
+            let ch = channel(&cli.coordinator).map_err(anyhow::Error::msg)?;
+            let token = BearerToken::from_env().map_err(anyhow::Error::msg)?;
+            let mut c = RunServiceClient::with_interceptor(ch, token);
+            let workers = c
+                .list_workers(v1::ListWorkersRequest {})
+                .await
+                .map_err(|s| status_err("workers", s))?
+                .into_inner()
+                .workers;
+            for w in &workers {
+                if json_out {
+                    println!(
+                        "{}",
+                        json!({"id": w.id, "collective_addr": w.collective_addr, "device": w.device,
+                               "run": w.run_id, "generation": w.generation, "rank": w.rank,
+                               "last_seen_ms": w.last_seen_ms})
+                    );
+                } else {
+                    println!(
+                        "{:<36}  {:<21}  {:<6}  run {:<8} gen {:<4} rank {:<3} seen {} ms ago",
+                        w.id,
+                        w.collective_addr,
+                        w.device,
+                        w.run_id.get(..8).unwrap_or(&w.run_id),
+                        w.generation,
+                        w.rank,
+                        w.last_seen_ms
+                    );
+                }
+            }
+            true
+        }
+    };
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
