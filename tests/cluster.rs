@@ -1,0 +1,333 @@
+//! The cluster end to end: a real coordinator, real worker processes on loopback,
+//! `dpoctl` as the client. Each test compares the cluster's final weights with
+//! one `dpo-worker train` process on the same spec — the defining property is
+//! that world size, and workers coming and going, do not change the result.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dpo_e2e::*;
+
+struct Case {
+    dir: tempfile::TempDir,
+    logs: PathBuf,
+}
+
+impl Case {
+    fn new(train_rows: usize) -> Self {
+        let base = root().join("target/tmp");
+        std::fs::create_dir_all(&base).expect("target/tmp");
+        let dir = tempfile::Builder::new()
+            .prefix("e2e-")
+            .tempdir_in(base)
+            .expect("tempdir");
+        fixtures(dir.path(), train_rows).expect("fixtures");
+        let logs = dir.path().join("logs");
+        Case { dir, logs }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn write_spec(&self, name: &str, extra: &str) -> PathBuf {
+        let p = self.path().join(format!("{name}.toml"));
+        std::fs::write(&p, spec(self.path(), name, extra)).expect("spec");
+        p
+    }
+
+    /// Every process log, for a failure message.
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(&self.logs) {
+            for e in rd.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                s.push_str(&format!("\n--- {} ---\n", e.path().display()));
+                for l in tail.into_iter().rev() {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Checks that metrics.jsonl has steps 1..=n, each exactly once; returns its lines.
+fn every_step_once(out: &Path, n: u64) -> Vec<serde_json::Value> {
+    let lines = jsonl(&out.join("metrics.jsonl"));
+    let steps: Vec<u64> = lines
+        .iter()
+        .map(|l| l["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, (1..=n).collect::<Vec<_>>(), "steps in metrics.jsonl");
+    for l in &lines {
+        assert!(l["generation"].as_u64().is_some() && l["world_size"].as_u64().is_some());
+    }
+    lines
+}
+
+#[test]
+fn two_workers_train_the_weights_of_one_process() {
+    let case = Case::new(48);
+    let solo = case.write_spec("solo", "max_steps = 8\nmicro_batch_size = 2");
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec = case.write_spec(
+        "pair",
+        "max_steps = 8\nmicro_batch_size = 2\n[cluster]\nmin_workers = 2\nmax_workers = 2",
+    );
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    let _w1 = worker(port, "w1", &case.logs).expect("w1");
+    let out = dpoctl(port, &["submit", "--watch", &spec.display().to_string()]).expect("dpoctl");
+    assert!(
+        out.status.success(),
+        "dpoctl: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        case.logs()
+    );
+    let lines = every_step_once(&case.path().join("pair"), 8);
+    assert!(lines.iter().all(|l| l["world_size"] == 2), "{lines:?}");
+    let d = max_diff(
+        &case.path().join("solo/final"),
+        &case.path().join("pair/final"),
+    )
+    .expect("weights");
+    let moved = max_diff(&case.path().join("model"), &case.path().join("solo/final")).expect("w");
+    assert!(moved > 1e-3, "training moved the weights by {moved}");
+    eprintln!("max |Δw| vs one process: {d:e}");
+    assert!(d <= 1e-5, "2 workers vs 1 process: max |Δw| = {d}");
+    // The ledger accounts for every step.
+    let ledger = jsonl(&case.path().join("pair/ledger.jsonl"));
+    assert_eq!(ledger.len(), 8);
+}
+
+#[test]
+fn a_killed_worker_and_a_late_joiner_lose_nothing() {
+    let case = Case::new(96);
+    let steps = 60;
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
+    let solo = case.write_spec("solo", &extra);
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec = case.write_spec(
+        "elastic",
+        &format!("{extra}\n[cluster]\nmin_workers = 2\nmax_workers = 3"),
+    );
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let out_dir = case.path().join("elastic");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let mut w0 = worker(port, "w0", &case.logs).expect("w0");
+    let _w1 = worker(port, "w1", &case.logs).expect("w1");
+    let _w2 = worker(port, "w2", &case.logs).expect("w2");
+    // Submit once all three are registered, so the first generation has three.
+    wait_for(Duration::from_secs(30), || {
+        let o = dpoctl(port, &["workers"])?;
+        Ok(String::from_utf8_lossy(&o.stdout).lines().count() == 3)
+    })
+    .expect("three workers");
+    let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    wait_for(Duration::from_secs(120), || Ok(steps_done(&out_dir) >= 10))
+        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    w0.kill(); // kill -9 of rank 0, mid-run
+    let killed_at = steps_done(&out_dir);
+    wait_for(Duration::from_secs(60), || {
+        Ok(steps_done(&out_dir) >= killed_at + 8)
+    })
+    .unwrap_or_else(|e| panic!("no progress after the kill: {e}{}", case.logs()));
+    let _w3 = worker(port, "w3", &case.logs).expect("w3");
+    let watched = dpoctl(port, &["watch", "elastic"]).expect("watch");
+    assert!(
+        watched.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&watched.stdout),
+        case.logs()
+    );
+    let lines = every_step_once(&out_dir, steps);
+    let worlds: Vec<u64> = lines
+        .iter()
+        .map(|l| l["world_size"].as_u64().unwrap_or(0))
+        .collect();
+    let gens: Vec<u64> = lines
+        .iter()
+        .map(|l| l["generation"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(worlds[0], 3, "{worlds:?}");
+    assert!(
+        worlds.contains(&2),
+        "a world of two after the kill: {worlds:?}"
+    );
+    assert!(
+        worlds
+            .iter()
+            .skip_while(|&&w| w == 3)
+            .skip_while(|&&w| w == 2)
+            .any(|&w| w == 3),
+        "the late joiner made the world three again: {worlds:?}"
+    );
+    assert!(gens.windows(2).all(|g| g[0] <= g[1]), "{gens:?}");
+    let d = max_diff(&case.path().join("solo/final"), &out_dir.join("final")).expect("weights");
+    eprintln!("max |Δw| vs one process: {d:e}");
+    assert!(d <= 1e-5, "elastic run vs 1 process: max |Δw| = {d}");
+}
+
+#[test]
+fn a_restarted_coordinator_carries_on() {
+    let case = Case::new(48);
+    let steps = 60;
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1");
+    let solo = case.write_spec("solo", &extra);
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec = case.write_spec(
+        "restart",
+        &format!("{extra}\n[cluster]\nmin_workers = 2\nmax_workers = 2"),
+    );
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let out_dir = case.path().join("restart");
+    let mut c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coord");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    let _w1 = worker(port, "w1", &case.logs).expect("w1");
+    let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    wait_for(Duration::from_secs(120), || Ok(steps_done(&out_dir) >= 10))
+        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    c.kill();
+    let at_kill = steps_done(&out_dir);
+    std::thread::sleep(Duration::from_millis(500));
+    let _c2 = coordinator(port, &data, &case.logs, "coordinator-2", &[], None).expect("restart");
+    let watched = dpoctl(port, &["watch", "restart"]).expect("watch");
+    assert!(
+        watched.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&watched.stdout),
+        case.logs()
+    );
+    assert!(
+        at_kill < steps as usize,
+        "the kill came before the end ({at_kill})"
+    );
+    let lines = every_step_once(&out_dir, steps);
+    let last_gen = lines
+        .last()
+        .and_then(|l| l["generation"].as_u64())
+        .unwrap_or(0);
+    assert!(
+        last_gen >= 2,
+        "a new generation after the restart: {last_gen}"
+    );
+    let d = max_diff(&case.path().join("solo/final"), &out_dir.join("final")).expect("weights");
+    assert!(
+        d <= 1e-5,
+        "restarted coordinator vs 1 process: max |Δw| = {d}"
+    );
+}
+
+#[test]
+fn garbage_stale_generations_and_missing_tokens_are_refused() {
+    use dpo_proto::client::{BearerToken, channel};
+    use dpo_proto::v1::{self, worker_service_client::WorkerServiceClient};
+
+    let case = Case::new(24);
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], Some("s3cret"))
+        .expect("coordinator");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let url = format!("http://127.0.0.1:{port}");
+        let reg = |id: &str, addr: &str| v1::RegisterRequest {
+            worker_id: id.into(),
+            collective_addr: addr.into(),
+            ..Default::default()
+        };
+        // No token, and a wrong one.
+        for token in [None, Some("wrong".to_string())] {
+            let ch = channel(&url).expect("channel");
+            let mut c =
+                WorkerServiceClient::with_interceptor(ch, BearerToken::new(token).expect("t"));
+            let e = c
+                .register(reg("x", "127.0.0.1:9"))
+                .await
+                .expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        }
+        let ch = channel(&url).expect("channel");
+        let mut c = WorkerServiceClient::with_interceptor(
+            ch,
+            BearerToken::new(Some("s3cret".into())).expect("token"),
+        );
+        // Garbage registration.
+        let e = c
+            .register(reg("x", "not an address"))
+            .await
+            .expect_err("garbage");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        let e = c
+            .register(reg("", "127.0.0.1:9"))
+            .await
+            .expect_err("empty id");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        // A registered worker with a generation that does not exist (stale or forged).
+        c.register(reg("w", "127.0.0.1:9")).await.expect("register");
+        let fetch = v1::FetchBatchRequest {
+            worker_id: "w".into(),
+            run_id: "r".into(),
+            generation: 7,
+            rank: 0,
+            step: 0,
+            split: 0,
+        };
+        let e = c.fetch_batch(fetch).await.expect_err("stale");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        let report = v1::ReportStepRequest {
+            worker_id: "w".into(),
+            run_id: "r".into(),
+            generation: 7,
+            step: 1,
+            metrics: vec![],
+            eval: false,
+        };
+        let e = c.report_step(report).await.expect_err("stale");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+    });
+    // Raw garbage on the gRPC port does not take the coordinator down.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        let _ = s.write_all(b"\x00\xffGET / HTTP/1.1\r\n\r\nnot http2 at all");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let spec = case.write_spec("after-garbage", "max_steps = 1");
+    let out = std::process::Command::new(bin("dpoctl"))
+        .args([
+            "--coordinator",
+            &format!("http://127.0.0.1:{port}"),
+            "submit",
+        ])
+        .arg(&spec)
+        .env("DPO_TOKEN", "s3cret")
+        .output()
+        .expect("dpoctl");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        case.logs()
+    );
+}

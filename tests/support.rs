@@ -1,0 +1,300 @@
+//! Helpers for the end-to-end tests: build a tiny model and dataset with the
+//! repo's own generators, start real `dpo-coordinator` / `dpo-worker` processes
+//! on loopback, follow a run through its files, compare saved weights.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Where cargo put the workspace's binaries (next to this test's `deps/`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe
+        .parent()
+        .and_then(|d| {
+            if d.ends_with("deps") {
+                d.parent()
+            } else {
+                Some(d)
+            }
+        })
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    dir.join(name)
+}
+
+pub fn python() -> String {
+    std::env::var("DPO_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A tiny random Llama with its tokenizer, and `copy`-task pairs, under `dir`.
+pub fn fixtures(dir: &Path, train_rows: usize) -> anyhow::Result<()> {
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = Command::new(python())
+            .args(args)
+            .current_dir(root())
+            .output()
+            .context("running python")?;
+        if !out.status.success() {
+            bail!("{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(())
+    };
+    let model = dir.join("model");
+    let data = dir.join("data");
+    run(&[
+        "examples/tiny_model.py",
+        "--out",
+        &model.display().to_string(),
+        "--hidden",
+        "32",
+        "--layers",
+        "2",
+    ])?;
+    run(&[
+        "examples/make_pairs.py",
+        "--task",
+        "copy",
+        "--out",
+        &data.display().to_string(),
+        "--n",
+        &train_rows.to_string(),
+        "--eval-n",
+        "16",
+    ])?;
+    Ok(())
+}
+
+/// A run spec over the fixtures of `dir` (full-batch-per-step SGD by default).
+pub fn spec(dir: &Path, name: &str, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[model]
+path = "{model}"
+[data]
+train = "{train}"
+max_length = 48
+max_prompt_length = 24
+shuffle = true
+seed = 3
+[objective]
+loss = "sigmoid"
+beta = 0.5
+[optim]
+name = "sgd"
+lr = 0.5
+[train]
+global_batch_size = 12
+output = "{out}"
+{extra}
+"#,
+        model = dir.join("model").display(),
+        train = dir.join("data/train.jsonl").display(),
+        out = dir.join(name).display(),
+    )
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process killed (SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command, logs: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(logs)?;
+        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .env("OMP_NUM_THREADS", "1")
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.into(),
+            child,
+        })
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts a coordinator on `port` with its data in `data_dir`; waits until it listens.
+pub fn coordinator(
+    port: u16,
+    data_dir: &Path,
+    logs: &Path,
+    name: &str,
+    extra: &[&str],
+    token: Option<&str>,
+) -> anyhow::Result<Proc> {
+    let addr_file = data_dir.join(format!("{name}.addr"));
+    let _ = std::fs::remove_file(&addr_file);
+    let mut cmd = Command::new(bin("dpo-coordinator"));
+    cmd.args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--lease-ttl-ms", "2000"])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .args(extra)
+        .env_remove("DPO_TOKEN");
+    if let Some(t) = token {
+        cmd.env("DPO_TOKEN", t);
+    }
+    let mut p = Proc::spawn(name, &mut cmd, logs)?;
+    wait_for(Duration::from_secs(30), || {
+        if p.exited() {
+            bail!(
+                "{name} exited; see {}",
+                logs.join(format!("{name}.log")).display()
+            );
+        }
+        Ok(addr_file.exists())
+    })?;
+    Ok(p)
+}
+
+pub fn worker(port: u16, name: &str, logs: &Path) -> anyhow::Result<Proc> {
+    Proc::spawn(
+        name,
+        Command::new(bin("dpo-worker"))
+            .args(["--coordinator", &format!("http://127.0.0.1:{port}")])
+            .args(["--device", "cpu", "--worker-id", name])
+            .env_remove("DPO_TOKEN"),
+        logs,
+    )
+}
+
+/// Polls `f` every 20 ms until it returns true; fails after `timeout`.
+pub fn wait_for(
+    timeout: Duration,
+    mut f: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if f()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("timed out after {timeout:?}")
+}
+
+/// `dpoctl` against the coordinator on `port`, with `--output json`.
+pub fn dpoctl(port: u16, args: &[&str]) -> anyhow::Result<std::process::Output> {
+    Command::new(bin("dpoctl"))
+        .args([
+            "--coordinator",
+            &format!("http://127.0.0.1:{port}"),
+            "--output",
+            "json",
+        ])
+        .args(args)
+        .env_remove("DPO_TOKEN")
+        .output()
+        .context("running dpoctl")
+}
+
+/// The parsed lines of a JSON-lines file (missing file: none).
+pub fn jsonl(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Steps recorded in `metrics.jsonl` so far.
+pub fn steps_done(out: &Path) -> usize {
+    jsonl(&out.join("metrics.jsonl")).len()
+}
+
+/// Every f32/bf16 tensor of a saved model directory (single-file safetensors), as f32.
+pub fn weights(dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<f32>>> {
+    let bytes = std::fs::read(dir.join("model.safetensors"))
+        .with_context(|| format!("{}", dir.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let data = view.data();
+        let v: Vec<f32> = match view.dtype() {
+            safetensors::Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            other => bail!("{name}: dtype {other:?}"),
+        };
+        out.insert(name, v);
+    }
+    Ok(out)
+}
+
+/// Largest absolute difference between two models, and how far `b` moved from `init`.
+pub fn max_diff(a: &Path, b: &Path) -> anyhow::Result<f32> {
+    let (wa, wb) = (weights(a)?, weights(b)?);
+    if wa.keys().ne(wb.keys()) {
+        bail!("different tensor names");
+    }
+    let mut d = 0f32;
+    for (k, va) in &wa {
+        let vb = &wb[k];
+        if va.len() != vb.len() {
+            bail!("{k}: different sizes");
+        }
+        for (x, y) in va.iter().zip(vb) {
+            d = d.max((x - y).abs());
+        }
+    }
+    Ok(d)
+}
+
+/// Trains `spec` standalone (`dpo-worker train`, one process): the reference result.
+pub fn train_standalone(spec_path: &Path, logs: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(logs)?;
+    let out = Command::new(bin("dpo-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(spec_path)
+        .env("OMP_NUM_THREADS", "1")
+        .output()?;
+    std::fs::write(logs.join("standalone.log"), &out.stderr)?;
+    if !out.status.success() {
+        bail!(
+            "standalone training failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
