@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building and testing dpo-cluster needs and is missing, once:
-#   - Debian packages (a C++ compiler for torch-sys, python3-venv),
+#   - Debian packages (a C++ compiler for torch-sys, python3-venv, etcd-server for
+#     the end-to-end tests),
 #   - a Python venv outside the checkout with torch==2.11.0 (libtorch for tch) and the
 #     reference libraries the tests compare against.
 # Idempotent: a second run checks and returns in about a second.
@@ -28,6 +29,8 @@ apt_install() {
 command -v g++ >/dev/null || apt_install g++
 command -v python3 >/dev/null || apt_install python3 python3-venv
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
+# etcd for the end-to-end tests of the etcd store (Debian's etcd-server, 3.4).
+[ -x /usr/bin/etcd ] || command -v etcd >/dev/null || apt_install etcd-server
 command -v cargo >/dev/null || { log "cargo not found: install Rust with rustup first"; exit 1; }
 
 stamp="$venv/.dpo-requirements.sha256"

@@ -9,8 +9,20 @@ use std::time::Duration;
 use dpo_e2e::*;
 
 struct Case {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
     logs: PathBuf,
+}
+
+impl Drop for Case {
+    /// A failed test keeps its directory (logs, outputs) for a look.
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("kept {}", d.keep().display());
+        }
+    }
 }
 
 impl Case {
@@ -23,11 +35,15 @@ impl Case {
             .expect("tempdir");
         fixtures(dir.path(), train_rows).expect("fixtures");
         let logs = dir.path().join("logs");
-        Case { dir, logs }
+        Case {
+            root: dir.path().to_path_buf(),
+            dir: Some(dir),
+            logs,
+        }
     }
 
     fn path(&self) -> &Path {
-        self.dir.path()
+        &self.root
     }
 
     fn write_spec(&self, name: &str, extra: &str) -> PathBuf {
@@ -330,4 +346,86 @@ fn garbage_stale_generations_and_missing_tokens_are_refused() {
         String::from_utf8_lossy(&out.stderr),
         case.logs()
     );
+}
+
+#[test]
+fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
+    let case = Case::new(48);
+    let steps = 60;
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 10");
+    let solo = case.write_spec("solo", &extra);
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec = case.write_spec(
+        "etcd",
+        &format!("{extra}\n[cluster]\nmin_workers = 2\nmax_workers = 2"),
+    );
+    let etcd_port = free_port().expect("port");
+    let etcd_dir = case.path().join("etcd-data");
+    let mut e = etcd(etcd_port, &etcd_dir, &case.logs, "etcd").expect("etcd");
+    let endpoint = format!("http://127.0.0.1:{etcd_port}");
+    let store = ["--store", "etcd", "--etcd", endpoint.as_str()];
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &store, None)
+        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    // A second coordinator on the same etcd stands by: it does not serve.
+    let standby_port = free_port().expect("port");
+    let standby_args: Vec<&str> = store.iter().copied().chain(["--standby"]).collect();
+    let mut standby = coordinator(
+        standby_port,
+        &data,
+        &case.logs,
+        "standby",
+        &standby_args,
+        None,
+    )
+    .expect("standby");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    let _w1 = worker(port, "w1", &case.logs).expect("w1");
+    let out_dir = case.path().join("etcd");
+    let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    wait_for(Duration::from_secs(120), || Ok(steps_done(&out_dir) >= 10))
+        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    assert!(
+        !listening(&data, "standby"),
+        "the standby serves while the leader lives"
+    );
+    // etcd killed and restarted on the same data: the run goes on.
+    e.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    let _e2 = etcd(etcd_port, &etcd_dir, &case.logs, "etcd-2").expect("etcd restart");
+    let watched = dpoctl(port, &["watch", "etcd"]).expect("watch");
+    assert!(
+        watched.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&watched.stdout),
+        case.logs()
+    );
+    every_step_once(&out_dir, steps);
+    let d = max_diff(&case.path().join("solo/final"), &out_dir.join("final")).expect("weights");
+    assert!(d <= 1e-5, "run on etcd vs 1 process: max |Δw| = {d}");
+    // The leader goes away: the standby is elected and serves the runs from etcd.
+    drop(_c);
+    wait_for(Duration::from_secs(30), || {
+        if standby.exited() {
+            bail_standby(&case);
+        }
+        Ok(listening(&data, "standby"))
+    })
+    .unwrap_or_else(|e| panic!("standby never took over: {e}{}", case.logs()));
+    let listed = dpoctl(standby_port, &["list"]).expect("list");
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        text.contains("\"succeeded\"") && text.contains("\"etcd\""),
+        "{text}"
+    );
+}
+
+fn bail_standby(case: &Case) -> ! {
+    panic!("the standby exited{}", case.logs())
 }

@@ -169,12 +169,15 @@ pub fn coordinator(
         .arg(data_dir)
         .arg("--addr-file")
         .arg(&addr_file)
-        .args(extra)
+        .args(extra.iter().filter(|a| **a != "--standby"))
         .env_remove("DPO_TOKEN");
     if let Some(t) = token {
         cmd.env("DPO_TOKEN", t);
     }
     let mut p = Proc::spawn(name, &mut cmd, logs)?;
+    if extra.contains(&"--standby") {
+        return Ok(p);
+    }
     wait_for(Duration::from_secs(30), || {
         if p.exited() {
             bail!(
@@ -185,6 +188,11 @@ pub fn coordinator(
         Ok(addr_file.exists())
     })?;
     Ok(p)
+}
+
+/// Whether a coordinator has written its address file (it listens).
+pub fn listening(data_dir: &Path, name: &str) -> bool {
+    data_dir.join(format!("{name}.addr")).exists()
 }
 
 pub fn worker(port: u16, name: &str, logs: &Path) -> anyhow::Result<Proc> {
@@ -297,4 +305,49 @@ pub fn train_standalone(spec_path: &Path, logs: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Starts etcd (Debian's `etcd-server`) on loopback `port` with its data in
+/// `data_dir`; waits until it answers.
+pub fn etcd(port: u16, data_dir: &Path, logs: &Path, name: &str) -> anyhow::Result<Proc> {
+    let client = format!("http://127.0.0.1:{port}");
+    let peer_port = free_port()?;
+    let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("etcd"));
+    let mut p = Proc::spawn(
+        name,
+        Command::new(etcd)
+            .args(["--name", "e2e"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args([
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+            ])
+            .args([
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+            ])
+            .args([
+                "--initial-cluster",
+                &format!("e2e=http://127.0.0.1:{peer_port}"),
+            ]),
+        logs,
+    )
+    .context("starting etcd (Debian package etcd-server; scripts/setup.sh installs it)")?;
+    wait_for(Duration::from_secs(20), || {
+        if p.exited() {
+            bail!(
+                "etcd exited; see {}",
+                logs.join(format!("{name}.log")).display()
+            );
+        }
+        Ok(std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+    })?;
+    Ok(p)
 }

@@ -34,12 +34,14 @@ pub const GENERATION_KEY: &str = "dpo/generation";
 #[derive(Debug)]
 pub enum Store {
     Embedded(Embedded),
+    Etcd(Box<Etcd>),
 }
 
 impl Store {
     pub async fn get(&self, key: &str) -> Result<Option<String>> {
         match self {
             Store::Embedded(s) => Ok(s.map.lock().await.get(key).cloned()),
+            Store::Etcd(e) => Ok(e.list(key, false).await?.into_iter().next().map(|(_, v)| v)),
         }
     }
 
@@ -54,6 +56,7 @@ impl Store {
                 .take_while(|(k, _)| k.starts_with(prefix))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()),
+            Store::Etcd(e) => e.list(prefix, true).await,
         }
     }
 
@@ -70,6 +73,7 @@ impl Store {
                 map.retain(|k, _| !k.starts_with(prefix));
                 s.persist(&map)
             }
+            Store::Etcd(e) => e.delete_prefix(prefix).await,
         }
     }
 
@@ -98,7 +102,129 @@ impl Store {
                 s.persist(&map)?;
                 Ok(true)
             }
+            Store::Etcd(e) => e.apply(fence, writes).await,
         }
+    }
+}
+
+/// The etcd store: the same keys in an etcd cluster. Every call is retried for a
+/// while, so an etcd restart stalls the coordinator instead of failing runs;
+/// fenced writes are one transaction comparing the generation key.
+#[derive(Clone)]
+pub struct Etcd {
+    client: etcd_client::Client,
+}
+
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd").finish_non_exhaustive()
+    }
+}
+
+/// How long one store call keeps retrying an unreachable etcd.
+const ETCD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl Etcd {
+    pub async fn connect(endpoints: &[String]) -> Result<Self> {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(3))
+            .with_timeout(std::time::Duration::from_secs(5))
+            .with_keep_alive(
+                std::time::Duration::from_secs(5),
+                std::time::Duration::from_secs(5),
+            );
+        let client = etcd_client::Client::connect(endpoints, Some(opts))
+            .await
+            .map_err(|e| StoreError::Etcd(format!("connecting to {endpoints:?}: {e}")))?;
+        Ok(Etcd { client })
+    }
+
+    pub fn client(&self) -> etcd_client::Client {
+        self.client.clone()
+    }
+
+    async fn retry<T, F, Fut>(&self, what: &str, mut f: F) -> Result<T>
+    where
+        F: FnMut(etcd_client::Client) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
+        let start = std::time::Instant::now();
+        let mut warned = false;
+        loop {
+            match f(self.client.clone()).await {
+                Ok(v) => return Ok(v),
+                Err(e) if start.elapsed() < ETCD_PATIENCE => {
+                    if !warned {
+                        tracing::warn!(what, error = %e, "etcd unavailable; retrying");
+                        warned = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(StoreError::Etcd(format!("{what}: {e}"))),
+            }
+        }
+    }
+
+    async fn list(&self, key: &str, prefix: bool) -> Result<Vec<(String, String)>> {
+        let resp = self
+            .retry("get", |mut c| {
+                let key = key.to_string();
+                async move {
+                    let opts = prefix.then(|| etcd_client::GetOptions::new().with_prefix());
+                    c.get(key, opts).await
+                }
+            })
+            .await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let (Ok(k), Ok(v)) = (kv.key_str(), kv.value_str()) else {
+                return Err(StoreError::Etcd(format!("non-UTF-8 data under {key:?}")));
+            };
+            out.push((k.to_string(), v.to_string()));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn delete_prefix(&self, prefix: &str) -> Result<()> {
+        self.retry("delete", |mut c| {
+            let p = prefix.to_string();
+            async move {
+                c.delete(p, Some(etcd_client::DeleteOptions::new().with_prefix()))
+                    .await
+            }
+        })
+        .await
+        .map(|_| ())
+    }
+
+    async fn apply(
+        &self,
+        fence: Option<u64>,
+        writes: Vec<(String, Option<String>)>,
+    ) -> Result<bool> {
+        let resp = self
+            .retry("txn", |mut c| {
+                let ops: Vec<etcd_client::TxnOp> = writes
+                    .iter()
+                    .map(|(k, v)| match v {
+                        Some(v) => etcd_client::TxnOp::put(k.as_str(), v.as_str(), None),
+                        None => etcd_client::TxnOp::delete(k.as_str(), None),
+                    })
+                    .collect();
+                let mut txn = etcd_client::Txn::new();
+                if let Some(g) = fence {
+                    txn = txn.when([etcd_client::Compare::value(
+                        GENERATION_KEY,
+                        etcd_client::CompareOp::Equal,
+                        g.to_string(),
+                    )]);
+                }
+                let txn = txn.and_then(ops);
+                async move { c.txn(txn).await }
+            })
+            .await?;
+        Ok(resp.succeeded())
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 
-use dpo_coordinator::{Coordinator, Embedded, Settings, Store};
+use dpo_coordinator::{Coordinator, Embedded, Etcd, Settings, Store};
 
 #[derive(Parser, Debug)]
 #[command(name = "dpo-coordinator", version, about = "dpo-cluster coordinator")]
@@ -58,6 +58,59 @@ fn read_token(cli: &Cli) -> anyhow::Result<Option<String>> {
     Ok(std::env::var("DPO_TOKEN").ok().filter(|t| !t.is_empty()))
 }
 
+/// Seconds a leader's etcd lease lives without a keep-alive.
+const LEADER_TTL: i64 = 10;
+
+/// Campaigns for leadership under `dpo/leader` (a standby coordinator waits here),
+/// then keeps the lease alive in the background. Losing it ends the process: a
+/// coordinator that may no longer be the leader must not go on (its writes are
+/// fenced by the generation anyway).
+async fn become_leader(mut client: etcd_client::Client, me: &str) -> anyhow::Result<()> {
+    let lease = client.lease_grant(LEADER_TTL, None).await?.id();
+    let keeper_client = client.clone();
+    tokio::spawn(async move {
+        let mut client = keeper_client;
+        let ttl = Duration::from_secs(LEADER_TTL as u64);
+        let mut last_ok = std::time::Instant::now();
+        loop {
+            if let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await {
+                loop {
+                    if keeper.keep_alive().await.is_err() {
+                        break;
+                    }
+                    match stream.message().await {
+                        Ok(Some(r)) if r.ttl() > 0 => last_ok = std::time::Instant::now(),
+                        Ok(Some(_)) => {
+                            tracing::error!("the leadership lease expired; exiting");
+                            std::process::exit(3);
+                        }
+                        _ => break,
+                    }
+                    tokio::time::sleep(ttl / 4).await;
+                }
+            }
+            if last_ok.elapsed() > ttl {
+                tracing::error!("could not renew the leadership lease in time; exiting");
+                std::process::exit(3);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    tracing::info!(lease, "campaigning for leadership (a standby waits here)");
+    // An etcd restart breaks a pending campaign: campaign again (same lease).
+    loop {
+        match client.campaign("dpo/leader", me, lease).await {
+            Ok(_) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "campaign interrupted; campaigning again");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    tracing::info!("elected leader");
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -78,9 +131,18 @@ async fn main() -> anyhow::Result<()> {
             cli.listen
         );
     }
+    std::fs::create_dir_all(&cli.data_dir)
+        .with_context(|| format!("--data-dir {}", cli.data_dir.display()))?;
     let store = match cli.store.as_str() {
         "embedded" => Store::Embedded(Embedded::open(&cli.data_dir)?),
-        other => bail!("--store {other}: not available in this build"),
+        _ => {
+            if cli.etcd.is_empty() {
+                bail!("--store etcd needs --etcd URL[,URL...]");
+            }
+            let etcd = Etcd::connect(&cli.etcd).await?;
+            become_leader(etcd.client(), &cli.listen.to_string()).await?;
+            Store::Etcd(Box::new(etcd))
+        }
     };
     let settings = Settings {
         data_dir: std::path::absolute(&cli.data_dir)?,
@@ -94,8 +156,9 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(%addr, auth = token.is_some(), "coordinator listening");
     if let Some(path) = &cli.addr_file {
         let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, addr.to_string())?;
-        std::fs::rename(&tmp, path)?;
+        std::fs::write(&tmp, addr.to_string())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .with_context(|| format!("--addr-file {}", path.display()))?;
     }
     if let Some(m) = cli.metrics_listen {
         let c = coordinator.clone();
