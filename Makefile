@@ -30,7 +30,7 @@ test: build lint
 	$(CARGO) test --workspace --no-fail-fast
 
 demo: setup
-	$(CARGO) build -p dpo-worker
+	$(CARGO) build -p dpo-worker -p dpo-coordinator -p dpoctl
 	@bash examples/demo.sh $(DEMO_DIR)
 
 bench: setup

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The demo behind `make demo`: a tiny Llama (tokenizer trained on the spot, random
 # weights), a synthetic preference task with a learnable rule, DPO training with
-# `dpo-worker train` (progress bar, metrics, checkpoints, summary), then the trained
-# policy scored on held-out prompts against the initial model as reference.
+# `dpoctl local`: a coordinator (embedded store) and two CPU worker processes training
+# data-parallel (progress bar, metrics, checkpoints, summary), then the trained policy
+# scored on held-out prompts against the initial model as reference.
 # Run it through make, which sets up the venv and builds the binary.
 set -euo pipefail
 out=${1:-out/demo}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${DPO_PYTHON:-python3}
 bin=${DPO_WORKER:-$root/target/debug/dpo-worker}
+ctl=${DPOCTL:-$root/target/debug/dpoctl}
 mkdir -p "$out"
 
 if [ ! -f "$out/model/config.json" ]; then
@@ -21,8 +23,8 @@ if [ ! -f "$out/data/train.jsonl" ]; then
 fi
 # The demo run starts fresh each time (a real run would continue with --resume).
 rm -rf "$out/dpo"
-echo "==> dpo-worker train --config examples/runs/dpo.toml"
-"$bin" train --config "$root/examples/runs/dpo.toml" --device cpu
+echo "==> dpoctl local examples/runs/dpo.toml --workers 2"
+"$ctl" local "$root/examples/runs/dpo.toml" --workers 2
 echo "==> dpo-worker score: the trained policy on held-out prompts, initial model as reference"
 "$bin" score --model "$out/dpo/final" --reference "$out/model" --data "$out/data/eval.jsonl" \
     --out "$out/eval_scores.jsonl" --device cpu

@@ -142,9 +142,9 @@ async fn submit(
 ) -> anyhow::Result<v1::Run> {
     let mut spec = RunSpec::from_file(spec_path)?;
     if let Some(n) = workers {
-        // `dpoctl local --workers N` trains on all N.
+        // `dpoctl local --workers N` starts N workers together: train on all N.
         spec.cluster.max_workers = spec.cluster.max_workers.max(n);
-        spec.cluster.min_workers = spec.cluster.min_workers.min(n).max(1);
+        spec.cluster.min_workers = n.max(1);
     }
     let mut files: Vec<(&str, PathBuf)> = Vec::new();
     if upload {

@@ -96,6 +96,12 @@ enum Reference {
         train: Vec<[f64; 2]>,
         eval: Vec<[f64; 2]>,
     },
+    /// In a cluster: the frozen model, its sums kept per example as they are first
+    /// computed, so later epochs (and evaluations) reuse them.
+    Memo {
+        model: Box<CausalLm>,
+        seen: std::collections::HashMap<(bool, usize), [f32; 2]>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -430,14 +436,25 @@ impl Trainer {
         let models = Models::load(&spec, opts.device)?;
         let out = spec.train.output.clone();
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
-        Self::assemble(
+        let mut trainer = Self::assemble(
             spec,
             opts,
             Box::new(crate::collective::Solo),
             models,
             batches,
             shape,
-        )
+        )?;
+        if trainer.spec.reference.precompute {
+            let reference = std::mem::replace(&mut trainer.reference, Reference::Free);
+            trainer.reference = match reference {
+                Reference::Model(model) => Reference::Memo {
+                    model,
+                    seen: Default::default(),
+                },
+                other => other,
+            };
+        }
+        Ok(trainer)
     }
 
     fn assemble(
@@ -635,16 +652,49 @@ impl Trainer {
 
     /// Reference sums for the micro-batch, laid out as its sequences.
     fn reference_sums(
-        &self,
+        &mut self,
         mb: &MicroBatch,
         split: Split,
         idx: &[usize],
     ) -> Result<Option<Tensor>> {
-        match &self.reference {
+        let device = self.policy.device();
+        match &mut self.reference {
             Reference::Free => Ok(None),
             Reference::Model(model) => {
                 let _guard = tch::no_grad_guard();
                 Ok(Some(objective::score(model, mb)?.sums))
+            }
+            Reference::Memo { model, seen } => {
+                let key = |i: usize| (split == Split::Train, i);
+                let (chosen, rejected): (Vec<f32>, Vec<f32>) =
+                    if idx.iter().all(|&i| seen.contains_key(&key(i))) {
+                        idx.iter()
+                            .filter_map(|&i| seen.get(&key(i)))
+                            .map(|v| (v[0], v[1]))
+                            .unzip()
+                    } else {
+                        let _guard = tch::no_grad_guard();
+                        let sums = objective::score(model, mb)?.sums;
+                        let v = sums
+                            .f_to_kind(Kind::Float)
+                            .and_then(|t| t.f_to_device(Device::Cpu))
+                            .and_then(|t| Vec::<f32>::try_from(&t))
+                            .op("reference sums")?;
+                        let n = idx.len();
+                        if v.len() != 2 * n {
+                            return Ok(Some(sums));
+                        }
+                        for (k, &i) in idx.iter().enumerate() {
+                            seen.insert(key(i), [v[k], v[n + k]]);
+                        }
+                        (v[..n].to_vec(), v[n..].to_vec())
+                    };
+                let v: Vec<f32> = chosen.into_iter().chain(rejected).collect();
+                Ok(Some(
+                    Tensor::f_from_slice(&v)
+                        .and_then(|t| t.f_to_device(device))
+                        .op("cached reference")?,
+                ))
             }
             Reference::Cached { train, eval } => {
                 let cache = if split == Split::Train { train } else { eval };
@@ -655,7 +705,7 @@ impl Trainer {
                     .collect();
                 Ok(Some(
                     Tensor::f_from_slice(&v)
-                        .and_then(|t| t.f_to_device(self.policy.device()))
+                        .and_then(|t| t.f_to_device(device))
                         .op("cached reference")?,
                 ))
             }
