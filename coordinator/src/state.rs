@@ -79,6 +79,10 @@ pub struct RunRecord {
     pub eval_step: u64,
     /// Where the tokenized shards are.
     pub shard_dir: PathBuf,
+    /// Ledger entries recorded since the last committed segment (persisted with the
+    /// record, so a restarted coordinator loses none).
+    #[serde(default)]
+    pub ledger_tail: Vec<LedgerEntry>,
 }
 
 impl RunRecord {
@@ -184,7 +188,6 @@ struct Inner {
     next_stream: u64,
     generation: u64,
     active: Option<Generation>,
-    pending_ledger: HashMap<String, Vec<LedgerEntry>>,
     watchers: HashMap<String, broadcast::Sender<v1::RunEvent>>,
     bootstrap: HashMap<(String, u64), Vec<u8>>,
     counters: Counters,
@@ -323,7 +326,6 @@ impl Coordinator {
                 next_stream: 0,
                 generation,
                 active: None,
-                pending_ledger: HashMap::new(),
                 watchers: HashMap::new(),
                 bootstrap: HashMap::new(),
                 counters: Counters::default(),
@@ -398,6 +400,7 @@ impl Coordinator {
             last_eval: Vec::new(),
             eval_step: 0,
             shard_dir,
+            ledger_tail: Vec::new(),
         };
         std::fs::create_dir_all(&record.spec.train.output).map_err(|e| {
             Refusal::Invalid(format!(
@@ -529,7 +532,7 @@ impl Coordinator {
                 ledger.extend(seg);
             }
         }
-        ledger.extend(inner.pending_ledger.remove(id).unwrap_or_default());
+        ledger.extend(r.ledger_tail.drain(..));
         ledger.sort_by_key(|e| e.step);
         ledger.dedup_by_key(|e| e.step);
         let mut text = String::new();
@@ -1003,11 +1006,9 @@ impl Coordinator {
             generation: metric(&req.metrics, "generation").map_or(req.generation, |g| g as u64),
             world_size: metric(&req.metrics, "world_size").unwrap_or(0.0) as u64,
         };
-        inner
-            .pending_ledger
-            .entry(req.run_id.clone())
-            .or_default()
-            .push(entry);
+        if let Some(r) = inner.runs.get_mut(&req.run_id) {
+            r.ledger_tail.push(entry);
+        }
         inner.counters.steps_recorded += 1;
         self.save(&inner, &req.run_id).await?;
         Self::emit(
@@ -1042,10 +1043,12 @@ impl Coordinator {
                 req.path
             )));
         }
-        let pending = inner.pending_ledger.remove(&req.run_id).unwrap_or_default();
-        let (segment, rest): (Vec<LedgerEntry>, Vec<LedgerEntry>) =
-            pending.into_iter().partition(|e| e.step <= req.step);
         let mut record = inner.runs[&req.run_id].clone();
+        let (segment, rest): (Vec<LedgerEntry>, Vec<LedgerEntry>) = record
+            .ledger_tail
+            .drain(..)
+            .partition(|e| e.step <= req.step);
+        record.ledger_tail = rest;
         record.checkpoint_step = req.step;
         record.checkpoint_path = req.path.clone();
         let writes = vec![
@@ -1054,15 +1057,11 @@ impl Coordinator {
         ];
         let committed = self.store.apply(Some(req.generation), writes).await?;
         if !committed {
-            let mut pending = segment;
-            pending.extend(rest);
-            inner.pending_ledger.insert(req.run_id.clone(), pending);
             return Err(Refusal::Stale(format!(
                 "generation {} was superseded before the checkpoint committed",
                 req.generation
             )));
         }
-        inner.pending_ledger.insert(req.run_id.clone(), rest);
         inner.runs.insert(req.run_id.clone(), record);
         tracing::info!(run = %req.run_id, step = req.step, "checkpoint committed");
         Self::emit(&mut inner, &req.run_id, None);
