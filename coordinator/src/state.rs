@@ -532,7 +532,7 @@ impl Coordinator {
                 ledger.extend(seg);
             }
         }
-        ledger.extend(r.ledger_tail.drain(..));
+        ledger.append(&mut r.ledger_tail);
         ledger.sort_by_key(|e| e.step);
         ledger.dedup_by_key(|e| e.step);
         let mut text = String::new();
