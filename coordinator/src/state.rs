@@ -158,6 +158,8 @@ struct Worker {
     /// Its assignment stream (`None` until it opens one, or after it closed).
     tx: Option<mpsc::Sender<std::result::Result<v1::Assignment, tonic::Status>>>,
     stream_id: u64,
+    /// Its etcd lease (etcd store).
+    lease: Option<i64>,
 }
 
 /// The world training the active run.
@@ -211,12 +213,15 @@ pub struct Coordinator {
 
 const RUN_PREFIX: &str = "dpo/runs/";
 
+/// Where an ended run's record stays (its `dpo/runs/<id>/` prefix is deleted).
+const HISTORY_PREFIX: &str = "dpo/history/";
+
 fn run_key(id: &str) -> String {
-    format!("{RUN_PREFIX}{id}")
+    format!("{RUN_PREFIX}{id}/record")
 }
 
 fn ledger_key(id: &str, step: u64) -> String {
-    format!("dpo/ledger/{id}/{step:020}")
+    format!("{RUN_PREFIX}{id}/ledger/{step:020}")
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String> {
@@ -285,7 +290,15 @@ impl Coordinator {
             .unwrap_or(0);
         let mut runs = BTreeMap::new();
         let mut data = HashMap::new();
-        for (key, value) in store.list(RUN_PREFIX).await? {
+        let mut stored = store.list(HISTORY_PREFIX).await?;
+        stored.extend(
+            store
+                .list(RUN_PREFIX)
+                .await?
+                .into_iter()
+                .filter(|(k, _)| k.ends_with("/record")),
+        );
+        for (key, value) in stored {
             let mut record: RunRecord = match serde_json::from_str(&value) {
                 Ok(r) => r,
                 Err(e) => {
@@ -488,8 +501,20 @@ impl Coordinator {
         }
     }
 
+    /// Persists a run's record; an ended run moves to the history and its working
+    /// prefix (record, ledger segments) is deleted.
     async fn save(&self, inner: &Inner, id: &str) -> Result<()> {
-        if let Some(r) = inner.runs.get(id) {
+        let Some(r) = inner.runs.get(id) else {
+            return Ok(());
+        };
+        if r.terminal() {
+            self.store
+                .put(&format!("{HISTORY_PREFIX}{id}"), to_json(r)?)
+                .await?;
+            self.store
+                .delete_prefix(&format!("{RUN_PREFIX}{id}/"))
+                .await?;
+        } else {
             self.store.put(&run_key(id), to_json(r)?).await?;
         }
         Ok(())
@@ -527,7 +552,11 @@ impl Coordinator {
         let output = r.spec.train.output.clone();
         // The whole ledger (committed segments and the tail) goes to the output dir.
         let mut ledger: Vec<LedgerEntry> = Vec::new();
-        for (_, v) in self.store.list(&format!("dpo/ledger/{id}/")).await? {
+        for (_, v) in self
+            .store
+            .list(&format!("{RUN_PREFIX}{id}/ledger/"))
+            .await?
+        {
             if let Ok(seg) = serde_json::from_str::<Vec<LedgerEntry>>(&v) {
                 ledger.extend(seg);
             }
@@ -544,9 +573,6 @@ impl Coordinator {
             tracing::warn!(run = %id, error = %e, "could not write ledger.jsonl");
         }
         self.set_state(&mut inner, id, state).await?;
-        self.store
-            .delete_prefix(&format!("dpo/ledger/{id}/"))
-            .await?;
         inner.data.remove(id);
         if inner.active.as_ref().is_some_and(|g| g.run_id == id) {
             let members = inner.active.take().map(|g| g.members).unwrap_or_default();
@@ -577,6 +603,15 @@ impl Coordinator {
                 req.collective_addr
             )));
         }
+        let ttl = self.settings.lease_ttl;
+        let lease = self
+            .store
+            .register_worker(
+                &req.worker_id,
+                serde_json::json!({"collective_addr": req.collective_addr, "device": req.device, "hostname": req.hostname}).to_string(),
+                ttl,
+            )
+            .await?;
         let mut inner = self.inner.lock().await;
         let seq = inner.next_seq;
         inner.next_seq += 1;
@@ -594,6 +629,9 @@ impl Coordinator {
             Some(w) => {
                 w.info.collective_addr = info.collective_addr;
                 w.last_seen = Instant::now();
+                if let Some(old) = std::mem::replace(&mut w.lease, lease) {
+                    self.store.revoke(old).await;
+                }
             }
             None => {
                 tracing::info!(worker = %req.worker_id, addr = %info.collective_addr, "worker registered");
@@ -605,11 +643,11 @@ impl Coordinator {
                         last_seen: Instant::now(),
                         tx: None,
                         stream_id: 0,
+                        lease,
                     },
                 );
             }
         }
-        let ttl = self.settings.lease_ttl;
         Ok(v1::RegisterResponse {
             lease_ttl_ms: ttl.as_millis() as u64,
             heartbeat_ms: (ttl.as_millis() as u64 / 4).max(100),
@@ -617,13 +655,31 @@ impl Coordinator {
     }
 
     pub async fn heartbeat(&self, req: &v1::HeartbeatRequest) -> bool {
-        let mut inner = self.inner.lock().await;
-        match inner.workers.get_mut(&req.worker_id) {
-            Some(w) => {
-                w.last_seen = Instant::now();
-                true
+        let lease = {
+            let mut inner = self.inner.lock().await;
+            match inner.workers.get_mut(&req.worker_id) {
+                Some(w) => {
+                    w.last_seen = Instant::now();
+                    w.lease
+                }
+                None => return false,
             }
-            None => false,
+        };
+        if let Some(lease) = lease
+            && let Err(e) = self.store.renew(lease).await
+        {
+            tracing::warn!(worker = %req.worker_id, error = %e, "could not renew the worker's etcd lease");
+        }
+        true
+    }
+
+    /// Drops a worker (and its etcd lease).
+    async fn drop_worker(&self, inner: &mut Inner, id: &str) {
+        if let Some(w) = inner.workers.remove(id) {
+            inner.counters.workers_lost += 1;
+            if let Some(lease) = w.lease {
+                self.store.revoke(lease).await;
+            }
         }
     }
 
@@ -665,8 +721,7 @@ impl Coordinator {
             if !current {
                 return;
             }
-            inner.workers.remove(worker_id);
-            inner.counters.workers_lost += 1;
+            self.drop_worker(&mut inner, worker_id).await;
             tracing::warn!(worker = %worker_id, "worker disconnected");
         }
         if let Err(e) = self.reconcile().await {
@@ -718,8 +773,7 @@ impl Coordinator {
             .collect();
         for id in lapsed {
             tracing::warn!(worker = %id, ttl_ms = ttl.as_millis() as u64, "worker lease lapsed");
-            inner.workers.remove(&id);
-            inner.counters.workers_lost += 1;
+            self.drop_worker(&mut inner, &id).await;
         }
         let ready: Vec<String> = {
             let mut v: Vec<(&String, &Worker)> = inner

@@ -107,6 +107,70 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Records a worker under `dpo/workers/<id>` bound to a lease of `ttl` (etcd):
+    /// the key vanishes by itself when the lease lapses, so a standby coordinator
+    /// and operators see live workers only. Returns the lease (embedded: none; the
+    /// coordinator tracks leases in memory either way).
+    pub async fn register_worker(
+        &self,
+        id: &str,
+        info: String,
+        ttl: std::time::Duration,
+    ) -> Result<Option<i64>> {
+        let Store::Etcd(e) = self else {
+            return Ok(None);
+        };
+        let secs = ttl.as_secs().max(1) as i64;
+        let lease = e
+            .retry("lease grant", |mut c| async move {
+                c.lease_grant(secs, None).await
+            })
+            .await?
+            .id();
+        let key = format!("dpo/workers/{id}");
+        e.retry("put worker", |mut c| {
+            let (key, info) = (key.clone(), info.clone());
+            async move {
+                c.put(
+                    key,
+                    info,
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+                .await
+            }
+        })
+        .await?;
+        Ok(Some(lease))
+    }
+
+    /// Renews a worker's lease once (on its heartbeat).
+    pub async fn renew(&self, lease: i64) -> Result<()> {
+        let Store::Etcd(e) = self else {
+            return Ok(());
+        };
+        let mut c = e.client();
+        let (mut keeper, mut stream) = c
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|err| StoreError::Etcd(format!("lease keep-alive: {err}")))?;
+        keeper
+            .keep_alive()
+            .await
+            .map_err(|err| StoreError::Etcd(format!("lease keep-alive: {err}")))?;
+        let _ = stream.message().await;
+        Ok(())
+    }
+
+    /// Ends a worker's lease (its key goes with it).
+    pub async fn revoke(&self, lease: i64) {
+        if let Store::Etcd(e) = self {
+            let mut c = e.client();
+            let _ = c.lease_revoke(lease).await;
+        }
+    }
+}
+
 /// The etcd store: the same keys in an etcd cluster. Every call is retried for a
 /// while, so an etcd restart stalls the coordinator instead of failing runs;
 /// fenced writes are one transaction comparing the generation key.
