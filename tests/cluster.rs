@@ -330,6 +330,24 @@ fn garbage_stale_generations_and_missing_tokens_are_refused() {
         };
         let e = c.report_step(report).await.expect_err("stale");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        // Collective bootstrap data (the NCCL unique id) for a generation that is
+        // not current is refused too.
+        let boot = v1::Bootstrap {
+            run_id: "r".into(),
+            generation: 7,
+            data: vec![1, 2, 3],
+        };
+        let e = c.publish_bootstrap(boot).await.expect_err("stale");
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        // A heartbeat of an unknown worker tells it to register again.
+        let hb = c
+            .heartbeat(v1::HeartbeatRequest {
+                worker_id: "nobody".into(),
+                generation: 0,
+            })
+            .await
+            .expect("heartbeat");
+        assert!(!hb.get_ref().known);
     });
     // Raw garbage on the gRPC port does not take the coordinator down.
     {
