@@ -52,6 +52,24 @@ impl Case {
         p
     }
 
+    /// Trains `extra` standalone (the reference, under `solo/`) and writes the same
+    /// spec for the cluster as `name` with a `[cluster]` section; returns its path
+    /// and output directory.
+    fn reference_and_spec(&self, name: &str, extra: &str, cluster: &str) -> (PathBuf, PathBuf) {
+        let solo = self.write_spec("solo", extra);
+        train_standalone(&solo, &self.logs).expect("standalone");
+        let spec = self.write_spec(name, &format!("{extra}\n[cluster]\n{cluster}"));
+        (spec, self.path().join(name))
+    }
+
+    /// The cluster's final weights equal the standalone run's (≤ 1e-5).
+    fn assert_same_weights(&self, out_dir: &Path, what: &str) {
+        let d = max_diff(&self.path().join("solo/final"), &out_dir.join("final"))
+            .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
+        eprintln!("{what}: max |Δw| vs one process: {d:e}");
+        assert!(d <= 1e-5, "{what} vs 1 process: max |Δw| = {d}");
+    }
+
     /// Every process log, for a failure message.
     fn logs(&self) -> String {
         let mut s = String::new();
@@ -99,11 +117,10 @@ fn every_step_once(out: &Path, n: u64) -> Vec<serde_json::Value> {
 #[test]
 fn two_workers_train_the_weights_of_one_process() {
     let case = Case::new(48);
-    let solo = case.write_spec("solo", "max_steps = 8\nmicro_batch_size = 2");
-    train_standalone(&solo, &case.logs).expect("standalone");
-    let spec = case.write_spec(
+    let (spec, out_dir) = case.reference_and_spec(
         "pair",
-        "max_steps = 8\nmicro_batch_size = 2\n[cluster]\nmin_workers = 2\nmax_workers = 2",
+        "max_steps = 8\nmicro_batch_size = 2",
+        "min_workers = 2\nmax_workers = 2",
     );
     let port = free_port().expect("port");
     let data = case.path().join("coord");
@@ -117,17 +134,11 @@ fn two_workers_train_the_weights_of_one_process() {
         String::from_utf8_lossy(&out.stderr),
         case.logs()
     );
-    let lines = every_step_once(&case.path().join("pair"), 8);
+    let lines = every_step_once(&out_dir, 8);
     assert!(lines.iter().all(|l| l["world_size"] == 2), "{lines:?}");
-    let d = max_diff(
-        &case.path().join("solo/final"),
-        &case.path().join("pair/final"),
-    )
-    .expect("weights");
     let moved = max_diff(&case.path().join("model"), &case.path().join("solo/final")).expect("w");
     assert!(moved > 1e-3, "training moved the weights by {moved}");
-    eprintln!("max |Δw| vs one process: {d:e}");
-    assert!(d <= 1e-5, "2 workers vs 1 process: max |Δw| = {d}");
+    case.assert_same_weights(&out_dir, "2 workers");
 }
 
 #[test]
@@ -135,15 +146,10 @@ fn a_killed_worker_and_a_late_joiner_lose_nothing() {
     let case = Case::new(96);
     let steps = 60;
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
-    let solo = case.write_spec("solo", &extra);
-    train_standalone(&solo, &case.logs).expect("standalone");
-    let spec = case.write_spec(
-        "elastic",
-        &format!("{extra}\n[cluster]\nmin_workers = 2\nmax_workers = 3"),
-    );
+    let (spec, out_dir) =
+        case.reference_and_spec("elastic", &extra, "min_workers = 2\nmax_workers = 3");
     let port = free_port().expect("port");
     let data = case.path().join("coord");
-    let out_dir = case.path().join("elastic");
     let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
     let mut w0 = worker(port, "w0", &case.logs).expect("w0");
     let _w1 = worker(port, "w1", &case.logs).expect("w1");
@@ -199,9 +205,7 @@ fn a_killed_worker_and_a_late_joiner_lose_nothing() {
         "the late joiner made the world three again: {worlds:?}"
     );
     assert!(gens.windows(2).all(|g| g[0] <= g[1]), "{gens:?}");
-    let d = max_diff(&case.path().join("solo/final"), &out_dir.join("final")).expect("weights");
-    eprintln!("max |Δw| vs one process: {d:e}");
-    assert!(d <= 1e-5, "elastic run vs 1 process: max |Δw| = {d}");
+    case.assert_same_weights(&out_dir, "kill -9 and a late joiner");
 }
 
 #[test]
@@ -209,15 +213,10 @@ fn a_restarted_coordinator_carries_on() {
     let case = Case::new(48);
     let steps = 60;
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1");
-    let solo = case.write_spec("solo", &extra);
-    train_standalone(&solo, &case.logs).expect("standalone");
-    let spec = case.write_spec(
-        "restart",
-        &format!("{extra}\n[cluster]\nmin_workers = 2\nmax_workers = 2"),
-    );
+    let (spec, out_dir) =
+        case.reference_and_spec("restart", &extra, "min_workers = 2\nmax_workers = 2");
     let port = free_port().expect("port");
     let data = case.path().join("coord");
-    let out_dir = case.path().join("restart");
     let mut c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coord");
     let _w0 = worker(port, "w0", &case.logs).expect("w0");
     let _w1 = worker(port, "w1", &case.logs).expect("w1");
@@ -253,11 +252,7 @@ fn a_restarted_coordinator_carries_on() {
         last_gen >= 2,
         "a new generation after the restart: {last_gen}"
     );
-    let d = max_diff(&case.path().join("solo/final"), &out_dir.join("final")).expect("weights");
-    assert!(
-        d <= 1e-5,
-        "restarted coordinator vs 1 process: max |Δw| = {d}"
-    );
+    case.assert_same_weights(&out_dir, "restarted coordinator");
 }
 
 #[test]
@@ -380,12 +375,8 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
     let case = Case::new(48);
     let steps = 60;
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 10");
-    let solo = case.write_spec("solo", &extra);
-    train_standalone(&solo, &case.logs).expect("standalone");
-    let spec = case.write_spec(
-        "etcd",
-        &format!("{extra}\n[cluster]\nmin_workers = 2\nmax_workers = 2"),
-    );
+    let (spec, out_dir) =
+        case.reference_and_spec("etcd", &extra, "min_workers = 2\nmax_workers = 2");
     let etcd_port = free_port().expect("port");
     let etcd_dir = case.path().join("etcd-data");
     let mut e = etcd(etcd_port, &etcd_dir, &case.logs, "etcd").expect("etcd");
@@ -409,7 +400,6 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
     .expect("standby");
     let _w0 = worker(port, "w0", &case.logs).expect("w0");
     let _w1 = worker(port, "w1", &case.logs).expect("w1");
-    let out_dir = case.path().join("etcd");
     let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
     assert!(
         submitted.status.success(),
@@ -434,8 +424,7 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
         case.logs()
     );
     every_step_once(&out_dir, steps);
-    let d = max_diff(&case.path().join("solo/final"), &out_dir.join("final")).expect("weights");
-    assert!(d <= 1e-5, "run on etcd vs 1 process: max |Δw| = {d}");
+    case.assert_same_weights(&out_dir, "etcd restart");
     // The leader goes away: the standby is elected and serves the runs from etcd.
     drop(_c);
     wait_for(Duration::from_secs(30), || {

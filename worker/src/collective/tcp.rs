@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 use super::{AbortSignal, Collective, CollectiveError, chunk};
 
 const MAGIC: &[u8; 8] = b"DPOCOLL1";
+/// The byte a rank answers a valid handshake with.
+const ACK: u8 = 0xA5;
 
 /// One rank's view of a ring.
 #[derive(Debug)]
@@ -100,10 +102,34 @@ impl TcpCollective {
                 }
                 match TcpStream::connect_timeout(&target, Duration::from_millis(500)) {
                     Ok(mut s) => {
-                        // Introduce ourselves at once: the peer accepts only after it.
+                        // Introduce ourselves at once; the peer acknowledges a valid
+                        // handshake with one byte. A peer still forming an older ring
+                        // on the same listener refuses (closes) it: connect again.
                         s.set_nodelay(true)?;
                         s.write_all(&hello)?;
-                        return Ok(s);
+                        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+                        let mut ack = [0u8; 1];
+                        loop {
+                            match (&s).read(&mut ack) {
+                                Ok(1) if ack[0] == ACK => {
+                                    s.set_read_timeout(None)?;
+                                    return Ok(s);
+                                }
+                                Err(e)
+                                    if matches!(
+                                        e.kind(),
+                                        std::io::ErrorKind::WouldBlock
+                                            | std::io::ErrorKind::TimedOut
+                                    ) && !connect_signal.is_aborted()
+                                        && Instant::now() < deadline => {}
+                                // Refused (closed), or out of time.
+                                _ => break,
+                            }
+                        }
+                        if Instant::now() >= deadline {
+                            return Err(std::io::Error::other("the peer never acknowledged"));
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
                     }
                     Err(e) if Instant::now() >= deadline => return Err(e),
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -120,6 +146,7 @@ impl TcpCollective {
                     let mut hello = [0u8; 24];
                     let got = (&s).read_exact(&mut hello);
                     if got.is_ok() && hello == handshake_bytes(generation, prev_rank) {
+                        (&s).write_all(&[ACK]).map_err(io(rank, "accept"))?;
                         break s;
                     }
                     // A stranger, a stale generation or the wrong rank: refuse it and
@@ -488,6 +515,46 @@ mod tests {
         assert!(matches!(err, CollectiveError::Timeout { .. }), "{err}");
         stale.join().expect("stale");
         drop(other);
+    }
+
+    #[test]
+    fn a_connection_refused_by_a_stale_ring_is_retried() {
+        // Rank 1's listener is first drained by a stale formation (an older
+        // generation still forming on the same listener), which refuses rank 0's
+        // connection; rank 0 must connect again rather than wait forever.
+        let l0 = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let l1 = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peers = vec![
+            l0.local_addr().expect("addr"),
+            l1.local_addr().expect("addr"),
+        ];
+        let opts = TcpOptions {
+            connect_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(10),
+            abort: AbortSignal::default(),
+        };
+        let (p0, o0) = (peers.clone(), opts.clone());
+        let rank0 = std::thread::spawn(move || TcpCollective::connect(0, &p0, l0, 5, &o0));
+        let (stale, _) = l1.accept().expect("stale accept");
+        let mut hello = [0u8; 24];
+        (&stale).read_exact(&mut hello).expect("hello");
+        assert_eq!(hello, handshake_bytes(5, 0));
+        drop(stale);
+        let t = Instant::now();
+        let mut c1 = TcpCollective::connect(1, &peers, l1, 5, &opts).expect("rank 1");
+        let mut c0 = rank0.join().expect("rank 0").expect("rank 0 connects");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        let h = std::thread::spawn(move || {
+            let mut v = vec![1.0f32, 2.0];
+            c0.all_reduce_sum(&mut v).map(|()| v)
+        });
+        let mut v = vec![10.0f32, 20.0];
+        c1.all_reduce_sum(&mut v).expect("all-reduce");
+        assert_eq!(v, vec![11.0, 22.0]);
+        assert_eq!(
+            h.join().expect("join").expect("all-reduce"),
+            vec![11.0, 22.0]
+        );
     }
 
     #[test]
