@@ -344,6 +344,32 @@ fn garbage_stale_generations_and_missing_tokens_are_refused() {
             .expect("heartbeat");
         assert!(!hb.get_ref().known);
     });
+    // A dataset with a bad line is refused at submit time, naming the user's file
+    // and line (not the coordinator's copy of the streamed file).
+    let bad = case.path().join("bad.jsonl");
+    let good = std::fs::read_to_string(case.path().join("data/train.jsonl")).expect("train");
+    let mut text: Vec<&str> = good.lines().take(4).collect();
+    text.insert(2, "{\"prompt\": \"x\", \"chosen\": 3}");
+    std::fs::write(&bad, text.join("\n")).expect("bad file");
+    let spec = case.write_spec("bad-data", "max_steps = 1");
+    let spec_text = std::fs::read_to_string(&spec).expect("spec").replace(
+        &case.path().join("data/train.jsonl").display().to_string(),
+        &bad.display().to_string(),
+    );
+    std::fs::write(&spec, spec_text).expect("spec");
+    let out = std::process::Command::new(bin("dpoctl"))
+        .args([
+            "--coordinator",
+            &format!("http://127.0.0.1:{port}"),
+            "submit",
+        ])
+        .arg(&spec)
+        .env("DPO_TOKEN", "s3cret")
+        .output()
+        .expect("dpoctl");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&format!("{}:3", bad.display())), "{err}");
     // Raw garbage on the gRPC port does not take the coordinator down.
     {
         use std::io::Write;

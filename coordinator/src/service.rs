@@ -89,9 +89,22 @@ impl RunService for Api {
             std::fs::create_dir_all(&run_dir)
                 .map_err(|e| Status::internal(format!("{}: {e}", run_dir.display())))?;
         }
+        // Errors about a streamed file name the client's own path, not our copy.
+        let mut renames: Vec<(String, String)> = Vec::new();
         for key in &header.streamed_files {
             let bytes = files.remove(key).unwrap_or_default();
             let path: PathBuf = run_dir.join(format!("{}.jsonl", key.replace('.', "_")));
+            let original = match key.as_str() {
+                "data.train" => spec.data.train.display().to_string(),
+                "data.eval" => spec
+                    .data
+                    .eval
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                _ => spec.data.negatives.clone().unwrap_or_default(),
+            };
+            renames.push((path.display().to_string(), original));
             std::fs::write(&path, bytes)
                 .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
             match key.as_str() {
@@ -100,7 +113,17 @@ impl RunService for Api {
                 _ => spec.data.negatives = Some(path.display().to_string()),
             }
         }
-        Ok(Response::new(self.coordinator.submit(id, spec).await?))
+        match self.coordinator.submit(id, spec).await {
+            Ok(run) => Ok(Response::new(run)),
+            Err(e) => {
+                let status = Status::from(e);
+                let mut message = status.message().to_string();
+                for (ours, theirs) in &renames {
+                    message = message.replace(ours.as_str(), theirs);
+                }
+                Err(Status::new(status.code(), message))
+            }
+        }
     }
 
     async fn get_run(
