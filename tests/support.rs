@@ -164,7 +164,7 @@ pub fn coordinator(
     let _ = std::fs::remove_file(&addr_file);
     let mut cmd = Command::new(bin("dpo-coordinator"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--lease-ttl-ms", "2000"])
+        .args(["--lease-ttl-ms", "4000"])
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--addr-file")
