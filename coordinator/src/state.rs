@@ -4,7 +4,6 @@
 //! commits, all fenced by the generation number.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -228,52 +227,13 @@ fn to_json<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Refusal::Internal(e.to_string()))
 }
 
-/// Appends one JSON line of named metrics (`step`, `generation`, `world_size` as
-/// integers), flushed.
+/// Appends one line to a metrics file (created when missing).
 fn append_metrics(path: &Path, metrics: &[(String, f64)]) -> std::io::Result<()> {
-    let mut obj = serde_json::Map::new();
-    for (k, v) in metrics {
-        let value = if matches!(k.as_str(), "step" | "generation" | "world_size") {
-            serde_json::json!(*v as u64)
-        } else {
-            serde_json::json!(v)
-        };
-        obj.insert(k.clone(), value);
-    }
-    let mut line = serde_json::Value::Object(obj).to_string();
-    line.push('\n');
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)?;
-    f.write_all(line.as_bytes())?;
-    f.flush()
-}
-
-/// Keeps the lines of a metrics file whose `step` is at most `step` (lines written
-/// before a crash that the store never recorded).
-fn truncate_metrics(path: &Path, step: u64) -> std::io::Result<()> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    let mut kept = String::new();
-    for line in text.lines() {
-        let s = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
-        if s.is_some_and(|s| s <= step) {
-            kept.push_str(line);
-            kept.push('\n');
-        }
-    }
-    if kept.len() != text.len() {
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, kept)?;
-        std::fs::rename(&tmp, path)?;
-    }
-    Ok(())
+    dpo_data::metrics_log::append(&mut f, metrics)
 }
 
 fn metric(m: &[v1::Metric], name: &str) -> Option<f64> {
@@ -315,7 +275,7 @@ impl Coordinator {
                             record.state = RunState::Waiting as i32;
                         }
                         let metrics = record.spec.train.output.join("metrics.jsonl");
-                        if let Err(e) = truncate_metrics(&metrics, record.step) {
+                        if let Err(e) = dpo_data::metrics_log::keep_through(&metrics, record.step) {
                             tracing::warn!(path = %metrics.display(), error = %e, "could not trim metrics.jsonl");
                         }
                         tracing::info!(run = %record.id, step = record.step, "resuming run from the store");

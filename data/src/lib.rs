@@ -8,6 +8,7 @@ pub mod chat;
 pub mod dataset;
 mod error;
 pub mod examples;
+pub mod metrics_log;
 pub mod pairs;
 pub mod rng;
 pub mod shard;

@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -1155,40 +1155,12 @@ fn append(path: &Path) -> Result<File> {
 }
 
 fn write_line(file: &mut File, path: &Path, m: &Metrics) -> Result<()> {
-    let mut obj = serde_json::Map::new();
-    for (k, v) in m {
-        let value = if matches!(k.as_str(), "step" | "generation" | "world_size") {
-            json!(*v as u64)
-        } else {
-            json!(v)
-        };
-        obj.insert(k.clone(), value);
-    }
-    let mut line = Value::Object(obj).to_string();
-    line.push('\n');
-    file.write_all(line.as_bytes()).map_err(io_err(path))?;
-    file.flush().map_err(io_err(path))
+    dpo_data::metrics_log::append(file, m).map_err(io_err(path))
 }
 
 /// Keeps only the lines of a metrics file whose `step` is at most `step`.
 fn truncate_jsonl(path: &Path, step: u64) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let file = File::open(path).map_err(io_err(path))?;
-    let mut kept = String::new();
-    for line in BufReader::new(file).lines() {
-        let line = line.map_err(io_err(path))?;
-        let keep = serde_json::from_str::<Value>(&line)
-            .ok()
-            .and_then(|v| v.get("step").and_then(Value::as_u64))
-            .is_some_and(|s| s <= step);
-        if keep {
-            kept.push_str(&line);
-            kept.push('\n');
-        }
-    }
-    checkpoint::write_atomically(path, kept.as_bytes())
+    dpo_data::metrics_log::keep_through(path, step).map_err(io_err(path))
 }
 
 /// The newest `checkpoints/step-N` directory.

@@ -1,0 +1,80 @@
+//! `metrics.jsonl` and `eval.jsonl`: one JSON object per step, metric names in the
+//! order they are reported, `step`, `generation` and `world_size` as integers.
+//! Written by the standalone trainer and by the coordinator alike.
+
+use std::io::Write;
+use std::path::Path;
+
+/// One line (with its newline) for `metrics`.
+pub fn line(metrics: &[(String, f64)]) -> String {
+    let mut obj = serde_json::Map::new();
+    for (k, v) in metrics {
+        let value = if matches!(k.as_str(), "step" | "generation" | "world_size") {
+            serde_json::json!(*v as u64)
+        } else {
+            serde_json::json!(v)
+        };
+        obj.insert(k.clone(), value);
+    }
+    let mut line = serde_json::Value::Object(obj).to_string();
+    line.push('\n');
+    line
+}
+
+/// Appends one line to an open file and flushes it.
+pub fn append(file: &mut impl Write, metrics: &[(String, f64)]) -> std::io::Result<()> {
+    file.write_all(line(metrics).as_bytes())?;
+    file.flush()
+}
+
+/// Keeps only the lines whose `step` is at most `step` (a missing file is fine):
+/// what a resumed run, or a restarted coordinator, has not recorded goes. The file
+/// is replaced atomically (written beside it, fsynced, renamed).
+pub fn keep_through(path: &Path, step: u64) -> std::io::Result<()> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let mut kept = String::new();
+    for line in text.lines() {
+        let s = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+        if s.is_some_and(|s| s <= step) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    if kept.len() == text.len() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(kept.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_stay_integers_and_truncation_keeps_earlier_steps() -> std::io::Result<()> {
+        let m = |s: f64| vec![("step".to_string(), s), ("loss".to_string(), 0.5)];
+        assert_eq!(line(&m(3.0)), "{\"step\":3,\"loss\":0.5}\n");
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("metrics.jsonl");
+        let mut f = std::fs::File::create(&path)?;
+        for s in 1..=5 {
+            append(&mut f, &m(s as f64))?;
+        }
+        keep_through(&path, 3)?;
+        let text = std::fs::read_to_string(&path)?;
+        assert_eq!(text.lines().count(), 3);
+        assert!(text.ends_with("{\"step\":3,\"loss\":0.5}\n"));
+        keep_through(&dir.path().join("missing.jsonl"), 1)?;
+        Ok(())
+    }
+}
