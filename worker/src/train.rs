@@ -141,6 +141,11 @@ pub trait Batches: Send {
     fn all(&self, _split: Split) -> Option<&[Example]> {
         None
     }
+    /// Whether every token id was checked against the model's vocabulary when the
+    /// examples were loaded; otherwise each slice is checked as it arrives.
+    fn ids_checked(&self) -> bool {
+        false
+    }
 }
 
 /// Batches of examples held in memory, in the seeded per-epoch order.
@@ -221,6 +226,11 @@ impl Batches for LocalBatches {
             rank,
             world,
         )))
+    }
+
+    /// `Trainer::new` loads them with the policy's vocabulary size.
+    fn ids_checked(&self) -> bool {
+        true
     }
 
     fn all(&self, split: Split) -> Option<&[Example]> {
@@ -658,58 +668,56 @@ impl Trainer {
         idx: &[usize],
     ) -> Result<Option<Tensor>> {
         let device = self.policy.device();
-        match &mut self.reference {
-            Reference::Free => Ok(None),
+        // Sums of the cached kinds, laid out chosen then rejected.
+        let sums: Vec<f32> = match &mut self.reference {
+            Reference::Free => return Ok(None),
             Reference::Model(model) => {
                 let _guard = tch::no_grad_guard();
-                Ok(Some(objective::score(model, mb)?.sums))
+                return Ok(Some(objective::score(model, mb)?.sums));
             }
             Reference::Memo { model, seen } => {
                 let key = |i: usize| (split == Split::Train, i);
-                let (chosen, rejected): (Vec<f32>, Vec<f32>) =
-                    if idx.iter().all(|&i| seen.contains_key(&key(i))) {
-                        idx.iter()
-                            .filter_map(|&i| seen.get(&key(i)))
-                            .map(|v| (v[0], v[1]))
-                            .unzip()
-                    } else {
-                        let _guard = tch::no_grad_guard();
-                        let sums = objective::score(model, mb)?.sums;
-                        let v = sums
-                            .f_to_kind(Kind::Float)
-                            .and_then(|t| t.f_to_device(Device::Cpu))
-                            .and_then(|t| Vec::<f32>::try_from(&t))
-                            .op("reference sums")?;
-                        let n = idx.len();
-                        if v.len() != 2 * n {
-                            return Ok(Some(sums));
-                        }
-                        for (k, &i) in idx.iter().enumerate() {
-                            seen.insert(key(i), [v[k], v[n + k]]);
-                        }
-                        (v[..n].to_vec(), v[n..].to_vec())
-                    };
-                let v: Vec<f32> = chosen.into_iter().chain(rejected).collect();
-                Ok(Some(
-                    Tensor::f_from_slice(&v)
-                        .and_then(|t| t.f_to_device(device))
-                        .op("cached reference")?,
-                ))
+                if idx.iter().all(|&i| seen.contains_key(&key(i))) {
+                    let hits: Vec<[f32; 2]> = idx
+                        .iter()
+                        .filter_map(|&i| seen.get(&key(i)))
+                        .copied()
+                        .collect();
+                    hits.iter()
+                        .map(|v| v[0])
+                        .chain(hits.iter().map(|v| v[1]))
+                        .collect()
+                } else {
+                    let _guard = tch::no_grad_guard();
+                    let sums = objective::score(model, mb)?.sums;
+                    let v = sums
+                        .f_to_kind(Kind::Float)
+                        .and_then(|t| t.f_to_device(Device::Cpu))
+                        .and_then(|t| Vec::<f32>::try_from(&t))
+                        .op("reference sums")?;
+                    let n = idx.len();
+                    if v.len() != 2 * n {
+                        return Ok(Some(sums));
+                    }
+                    for (k, &i) in idx.iter().enumerate() {
+                        seen.insert(key(i), [v[k], v[n + k]]);
+                    }
+                    v
+                }
             }
             Reference::Cached { train, eval } => {
                 let cache = if split == Split::Train { train } else { eval };
-                let v: Vec<f32> = idx
-                    .iter()
+                idx.iter()
                     .map(|&i| cache[i][0] as f32)
                     .chain(idx.iter().map(|&i| cache[i][1] as f32))
-                    .collect();
-                Ok(Some(
-                    Tensor::f_from_slice(&v)
-                        .and_then(|t| t.f_to_device(device))
-                        .op("cached reference")?,
-                ))
+                    .collect()
             }
-        }
+        };
+        Ok(Some(
+            Tensor::f_from_slice(&sums)
+                .and_then(|t| t.f_to_device(device))
+                .op("cached reference")?,
+        ))
     }
 
     /// Runs this rank's slice of a global batch in micro-batches; every term is
@@ -717,9 +725,9 @@ impl Trainer {
     /// across ranks — so any world size computes the gradient of the same global
     /// batch. Returns the metric sums of the whole batch.
     fn run_slice(&mut self, split: Split, slice: &Slice, backward: bool) -> Result<Stats> {
-        let vocab = self.policy.config().vocab_size;
-        for e in &slice.examples {
-            let context = match split {
+        if !self.batches.ids_checked() {
+            let vocab = self.policy.config().vocab_size;
+            let file = match split {
                 Split::Train => &self.spec.data.train,
                 Split::Eval => self
                     .spec
@@ -728,7 +736,9 @@ impl Trainer {
                     .as_ref()
                     .unwrap_or(&self.spec.data.train),
             };
-            dpo_data::check_vocabulary(context, e.line, e.ids(), vocab)?;
+            for e in &slice.examples {
+                dpo_data::check_vocabulary(file, e.line, e.ids(), vocab)?;
+            }
         }
         let pairwise = self.objective.loss.is_pairwise();
         let with_negatives = self.objective.loss == Loss::Combined;
