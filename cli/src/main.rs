@@ -557,9 +557,7 @@ async fn main() -> anyhow::Result<()> {
             true
         }
         Command::Workers => {
-            let ch = channel(&cli.coordinator).map_err(anyhow::Error::msg)?;
-            let token = BearerToken::from_env().map_err(anyhow::Error::msg)?;
-            let mut c = RunServiceClient::with_interceptor(ch, token);
+            let mut c = client(&cli.coordinator)?;
             let workers = c
                 .list_workers(v1::ListWorkersRequest {})
                 .await

@@ -147,6 +147,24 @@ pub struct RunData {
     pub count_negatives: bool,
 }
 
+impl RunData {
+    /// `None` when one global batch needs more examples than `train` has.
+    fn new(spec: &RunSpec, train: Vec<Example>, eval: Vec<Example>) -> Option<Self> {
+        let plan = EpochPlan::new(
+            train.len(),
+            spec.train.global_batch_size,
+            spec.data.seed,
+            spec.data.shuffle,
+        )?;
+        Some(RunData {
+            train,
+            eval,
+            plan: std::sync::Mutex::new(plan),
+            count_negatives: spec.objective.loss == Loss::Combined,
+        })
+    }
+}
+
 /// A registered worker.
 #[derive(Debug)]
 struct Worker {
@@ -343,10 +361,9 @@ impl Coordinator {
         let shard_dir = self.settings.data_dir.join("runs").join(&id);
         let spec2 = spec.clone();
         let dir2 = shard_dir.clone();
-        let prepared = tokio::task::spawn_blocking(move || prepare(&spec2, &dir2))
+        let data = tokio::task::spawn_blocking(move || prepare(&spec2, &dir2))
             .await
             .map_err(|e| Refusal::Internal(e.to_string()))??;
-        let (data, record_counts) = prepared;
         let steps_per_epoch = data
             .plan
             .lock()
@@ -357,8 +374,8 @@ impl Coordinator {
             name: spec.name.clone(),
             total_steps: spec.total_steps(steps_per_epoch),
             steps_per_epoch,
-            train_examples: record_counts.0,
-            eval_examples: record_counts.1,
+            train_examples: data.train.len() as u64,
+            eval_examples: data.eval.len() as u64,
             spec,
             state: RunState::Queued as i32,
             step: 0,
@@ -1181,7 +1198,7 @@ impl Coordinator {
 }
 
 /// Tokenizes and shards a run's datasets (train and eval) once.
-fn prepare(spec: &RunSpec, shard_dir: &Path) -> Result<(RunData, (u64, u64))> {
+fn prepare(spec: &RunSpec, shard_dir: &Path) -> Result<RunData> {
     if spec.data.negatives.as_deref() == Some("policy") {
         return Err(Refusal::Invalid(
             "data.negatives: \"policy\" negatives need a model to sample from; the cluster does not sample them yet (use `dpo-worker train`)".into(),
@@ -1217,51 +1234,27 @@ fn prepare(spec: &RunSpec, shard_dir: &Path) -> Result<(RunData, (u64, u64))> {
         }
         None => Vec::new(),
     };
-    let g = spec.train.global_batch_size;
-    let plan =
-        EpochPlan::new(train.len(), g, spec.data.seed, spec.data.shuffle).ok_or_else(|| {
-            Refusal::Invalid(format!(
-                "train.global_batch_size: {g} exceeds the {} usable training examples of {}",
-                train.len(),
-                spec.data.train.display()
-            ))
-        })?;
     std::fs::create_dir_all(shard_dir)
         .map_err(|e| Refusal::Internal(format!("{}: {e}", shard_dir.display())))?;
     dpo_data::shard::write(&shard_dir.join("train.shard"), &train)
         .map_err(|e| Refusal::Internal(e.to_string()))?;
     dpo_data::shard::write(&shard_dir.join("eval.shard"), &eval)
         .map_err(|e| Refusal::Internal(e.to_string()))?;
-    let counts = (train.len() as u64, eval.len() as u64);
-    Ok((
-        RunData {
-            train,
-            eval,
-            plan: std::sync::Mutex::new(plan),
-            count_negatives: spec.objective.loss == Loss::Combined,
-        },
-        counts,
-    ))
+    let n = train.len();
+    RunData::new(spec, train, eval).ok_or_else(|| {
+        Refusal::Invalid(format!(
+            "train.global_batch_size: {} exceeds the {n} usable training examples of {}",
+            spec.train.global_batch_size,
+            spec.data.train.display()
+        ))
+    })
 }
 
 fn load_shards(record: &RunRecord) -> std::result::Result<RunData, dpo_data::Error> {
     let train = dpo_data::shard::read(&record.shard_dir.join("train.shard"))?;
     let eval = dpo_data::shard::read(&record.shard_dir.join("eval.shard"))?;
-    let s = &record.spec;
-    let plan = EpochPlan::new(
-        train.len(),
-        s.train.global_batch_size,
-        s.data.seed,
-        s.data.shuffle,
-    )
-    .ok_or_else(|| dpo_data::Error::File {
+    RunData::new(&record.spec, train, eval).ok_or_else(|| dpo_data::Error::File {
         path: record.shard_dir.join("train.shard"),
         reason: "fewer examples than one global batch".into(),
-    })?;
-    Ok(RunData {
-        train,
-        eval,
-        plan: std::sync::Mutex::new(plan),
-        count_negatives: s.objective.loss == Loss::Combined,
     })
 }
