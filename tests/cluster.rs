@@ -70,6 +70,33 @@ impl Case {
         assert!(d <= 1e-5, "{what} vs 1 process: max |Δw| = {d}");
     }
 
+    /// `dpoctl submit SPEC` to the coordinator on `port`, then waits until the run
+    /// has recorded `steps` steps.
+    fn submit_and_wait(&self, port: u16, spec: &Path, out_dir: &Path, steps: usize) {
+        let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
+        assert!(
+            submitted.status.success(),
+            "{}",
+            String::from_utf8_lossy(&submitted.stderr)
+        );
+        wait_for(
+            Duration::from_secs(120),
+            || Ok(steps_done(out_dir) >= steps),
+        )
+        .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
+    }
+
+    /// `dpoctl watch RUN` until it ends; it must have succeeded.
+    fn watch_succeeds(&self, port: u16, run: &str) {
+        let watched = dpoctl(port, &["watch", run]).expect("watch");
+        assert!(
+            watched.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&watched.stdout),
+            self.logs()
+        );
+    }
+
     /// Every process log, for a failure message.
     fn logs(&self) -> String {
         let mut s = String::new();
@@ -160,14 +187,7 @@ fn a_killed_worker_and_a_late_joiner_lose_nothing() {
         Ok(String::from_utf8_lossy(&o.stdout).lines().count() == 3)
     })
     .expect("three workers");
-    let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    wait_for(Duration::from_secs(120), || Ok(steps_done(&out_dir) >= 10))
-        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    case.submit_and_wait(port, &spec, &out_dir, 10);
     w0.kill(); // kill -9 of rank 0, mid-run
     let killed_at = steps_done(&out_dir);
     wait_for(Duration::from_secs(60), || {
@@ -175,13 +195,7 @@ fn a_killed_worker_and_a_late_joiner_lose_nothing() {
     })
     .unwrap_or_else(|e| panic!("no progress after the kill: {e}{}", case.logs()));
     let _w3 = worker(port, "w3", &case.logs).expect("w3");
-    let watched = dpoctl(port, &["watch", "elastic"]).expect("watch");
-    assert!(
-        watched.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&watched.stdout),
-        case.logs()
-    );
+    case.watch_succeeds(port, "elastic");
     let lines = every_step_once(&out_dir, steps);
     let worlds: Vec<u64> = lines
         .iter()
@@ -220,25 +234,12 @@ fn a_restarted_coordinator_carries_on() {
     let mut c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coord");
     let _w0 = worker(port, "w0", &case.logs).expect("w0");
     let _w1 = worker(port, "w1", &case.logs).expect("w1");
-    let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    wait_for(Duration::from_secs(120), || Ok(steps_done(&out_dir) >= 10))
-        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    case.submit_and_wait(port, &spec, &out_dir, 10);
     c.kill();
     let at_kill = steps_done(&out_dir);
     std::thread::sleep(Duration::from_millis(500));
     let _c2 = coordinator(port, &data, &case.logs, "coordinator-2", &[], None).expect("restart");
-    let watched = dpoctl(port, &["watch", "restart"]).expect("watch");
-    assert!(
-        watched.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&watched.stdout),
-        case.logs()
-    );
+    case.watch_succeeds(port, "restart");
     assert!(
         at_kill < steps as usize,
         "the kill came before the end ({at_kill})"
@@ -426,14 +427,7 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
     .expect("standby");
     let _w0 = worker(port, "w0", &case.logs).expect("w0");
     let _w1 = worker(port, "w1", &case.logs).expect("w1");
-    let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
-    assert!(
-        submitted.status.success(),
-        "{}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    wait_for(Duration::from_secs(120), || Ok(steps_done(&out_dir) >= 10))
-        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    case.submit_and_wait(port, &spec, &out_dir, 10);
     assert!(
         !listening(&data, "standby"),
         "the standby serves while the leader lives"
@@ -442,13 +436,7 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
     e.kill();
     std::thread::sleep(Duration::from_millis(1500));
     let _e2 = etcd(etcd_port, &etcd_dir, &case.logs, "etcd-2").expect("etcd restart");
-    let watched = dpoctl(port, &["watch", "etcd"]).expect("watch");
-    assert!(
-        watched.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&watched.stdout),
-        case.logs()
-    );
+    case.watch_succeeds(port, "etcd");
     every_step_once(&out_dir, steps);
     case.assert_same_weights(&out_dir, "etcd restart");
     // The leader goes away: the standby is elected and serves the runs from etcd.
