@@ -411,7 +411,7 @@ impl Coordinator {
     }
 
     /// Finds a run by id, unique id prefix, or name (the newest run of that name).
-    async fn resolve(&self, inner: &Inner, what: &str) -> Result<String> {
+    fn resolve(inner: &Inner, what: &str) -> Result<String> {
         if inner.runs.contains_key(what) {
             return Ok(what.to_string());
         }
@@ -434,7 +434,7 @@ impl Coordinator {
 
     pub async fn get(&self, what: &str) -> Result<v1::Run> {
         let inner = self.inner.lock().await;
-        let id = self.resolve(&inner, what).await?;
+        let id = Self::resolve(&inner, what)?;
         Ok(inner.runs[&id].to_proto())
     }
 
@@ -448,7 +448,7 @@ impl Coordinator {
     pub async fn cancel(&self, what: &str) -> Result<v1::Run> {
         let id = {
             let inner = self.inner.lock().await;
-            self.resolve(&inner, what).await?
+            Self::resolve(&inner, what)?
         };
         self.finish(&id, RunState::Cancelled, "cancelled by the user".into())
             .await?;
@@ -459,7 +459,7 @@ impl Coordinator {
     /// The run's current state, then its events (`None`: no such run).
     pub async fn watch(&self, what: &str) -> Result<(v1::Run, broadcast::Receiver<v1::RunEvent>)> {
         let mut inner = self.inner.lock().await;
-        let id = self.resolve(&inner, what).await?;
+        let id = Self::resolve(&inner, what)?;
         let run = inner.runs[&id].to_proto();
         let rx = inner
             .watchers
