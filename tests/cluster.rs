@@ -3,117 +3,10 @@
 //! one `dpo-worker train` process on the same spec — the defining property is
 //! that world size, and workers coming and going, do not change the result.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use dpo_e2e::*;
-
-struct Case {
-    dir: Option<tempfile::TempDir>,
-    root: PathBuf,
-    logs: PathBuf,
-}
-
-impl Drop for Case {
-    /// A failed test keeps its directory (logs, outputs) for a look.
-    fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(d) = self.dir.take()
-        {
-            eprintln!("kept {}", d.keep().display());
-        }
-    }
-}
-
-impl Case {
-    fn new(train_rows: usize) -> Self {
-        let base = root().join("target/tmp");
-        std::fs::create_dir_all(&base).expect("target/tmp");
-        let dir = tempfile::Builder::new()
-            .prefix("e2e-")
-            .tempdir_in(base)
-            .expect("tempdir");
-        fixtures(dir.path(), train_rows).expect("fixtures");
-        let logs = dir.path().join("logs");
-        Case {
-            root: dir.path().to_path_buf(),
-            dir: Some(dir),
-            logs,
-        }
-    }
-
-    fn path(&self) -> &Path {
-        &self.root
-    }
-
-    fn write_spec(&self, name: &str, extra: &str) -> PathBuf {
-        let p = self.path().join(format!("{name}.toml"));
-        std::fs::write(&p, spec(self.path(), name, extra)).expect("spec");
-        p
-    }
-
-    /// Trains `extra` standalone (the reference, under `solo/`) and writes the same
-    /// spec for the cluster as `name` with a `[cluster]` section; returns its path
-    /// and output directory.
-    fn reference_and_spec(&self, name: &str, extra: &str, cluster: &str) -> (PathBuf, PathBuf) {
-        let solo = self.write_spec("solo", extra);
-        train_standalone(&solo, &self.logs).expect("standalone");
-        let spec = self.write_spec(name, &format!("{extra}\n[cluster]\n{cluster}"));
-        (spec, self.path().join(name))
-    }
-
-    /// The cluster's final weights equal the standalone run's (≤ 1e-5).
-    fn assert_same_weights(&self, out_dir: &Path, what: &str) {
-        let d = max_diff(&self.path().join("solo/final"), &out_dir.join("final"))
-            .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
-        eprintln!("{what}: max |Δw| vs one process: {d:e}");
-        assert!(d <= 1e-5, "{what} vs 1 process: max |Δw| = {d}");
-    }
-
-    /// `dpoctl submit SPEC` to the coordinator on `port`, then waits until the run
-    /// has recorded `steps` steps.
-    fn submit_and_wait(&self, port: u16, spec: &Path, out_dir: &Path, steps: usize) {
-        let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
-        assert!(
-            submitted.status.success(),
-            "{}",
-            String::from_utf8_lossy(&submitted.stderr)
-        );
-        wait_for(
-            Duration::from_secs(120),
-            || Ok(steps_done(out_dir) >= steps),
-        )
-        .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
-    }
-
-    /// `dpoctl watch RUN` until it ends; it must have succeeded.
-    fn watch_succeeds(&self, port: u16, run: &str) {
-        let watched = dpoctl(port, &["watch", run]).expect("watch");
-        assert!(
-            watched.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&watched.stdout),
-            self.logs()
-        );
-    }
-
-    /// Every process log, for a failure message.
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        if let Ok(rd) = std::fs::read_dir(&self.logs) {
-            for e in rd.flatten() {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(25).collect();
-                s.push_str(&format!("\n--- {} ---\n", e.path().display()));
-                for l in tail.into_iter().rev() {
-                    s.push_str(l);
-                    s.push('\n');
-                }
-            }
-        }
-        s
-    }
-}
 
 /// Checks that metrics.jsonl has steps 1..=n, each exactly once; returns its lines.
 fn every_step_once(out: &Path, n: u64) -> Vec<serde_json::Value> {
@@ -279,7 +172,7 @@ fn garbage_stale_generations_and_missing_tokens_are_refused() {
         };
         // No token, and a wrong one.
         for token in [None, Some("wrong".to_string())] {
-            let ch = channel(&url).expect("channel");
+            let ch = channel(&url, &Default::default()).expect("channel");
             let mut c =
                 WorkerServiceClient::with_interceptor(ch, BearerToken::new(token).expect("t"));
             let e = c
@@ -288,7 +181,7 @@ fn garbage_stale_generations_and_missing_tokens_are_refused() {
                 .expect_err("refused");
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
         }
-        let ch = channel(&url).expect("channel");
+        let ch = channel(&url, &Default::default()).expect("channel");
         let mut c = WorkerServiceClient::with_interceptor(
             ch,
             BearerToken::new(Some("s3cret".into())).expect("token"),

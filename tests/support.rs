@@ -351,3 +351,112 @@ pub fn etcd(port: u16, data_dir: &Path, logs: &Path, name: &str) -> anyhow::Resu
     })?;
     Ok(p)
 }
+
+/// One test's directory: fixtures, logs, outputs.
+#[derive(Debug)]
+pub struct Case {
+    dir: Option<tempfile::TempDir>,
+    root: PathBuf,
+    pub logs: PathBuf,
+}
+
+impl Drop for Case {
+    /// A failed test keeps its directory (logs, outputs) for a look.
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(d) = self.dir.take()
+        {
+            eprintln!("kept {}", d.keep().display());
+        }
+    }
+}
+
+impl Case {
+    pub fn new(train_rows: usize) -> Self {
+        let base = root().join("target/tmp");
+        std::fs::create_dir_all(&base).expect("target/tmp");
+        let dir = tempfile::Builder::new()
+            .prefix("e2e-")
+            .tempdir_in(base)
+            .expect("tempdir");
+        fixtures(dir.path(), train_rows).expect("fixtures");
+        let logs = dir.path().join("logs");
+        Case {
+            root: dir.path().to_path_buf(),
+            dir: Some(dir),
+            logs,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn write_spec(&self, name: &str, extra: &str) -> PathBuf {
+        let p = self.path().join(format!("{name}.toml"));
+        std::fs::write(&p, spec(self.path(), name, extra)).expect("spec");
+        p
+    }
+
+    /// Trains `extra` standalone (the reference, under `solo/`) and writes the same
+    /// spec for the cluster as `name` with a `[cluster]` section; returns its path
+    /// and output directory.
+    pub fn reference_and_spec(&self, name: &str, extra: &str, cluster: &str) -> (PathBuf, PathBuf) {
+        let solo = self.write_spec("solo", extra);
+        train_standalone(&solo, &self.logs).expect("standalone");
+        let spec = self.write_spec(name, &format!("{extra}\n[cluster]\n{cluster}"));
+        (spec, self.path().join(name))
+    }
+
+    /// The cluster's final weights equal the standalone run's (≤ 1e-5).
+    pub fn assert_same_weights(&self, out_dir: &Path, what: &str) {
+        let d = max_diff(&self.path().join("solo/final"), &out_dir.join("final"))
+            .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
+        eprintln!("{what}: max |Δw| vs one process: {d:e}");
+        assert!(d <= 1e-5, "{what} vs 1 process: max |Δw| = {d}");
+    }
+
+    /// `dpoctl submit SPEC` to the coordinator on `port`, then waits until the run
+    /// has recorded `steps` steps.
+    pub fn submit_and_wait(&self, port: u16, spec: &Path, out_dir: &Path, steps: usize) {
+        let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
+        assert!(
+            submitted.status.success(),
+            "{}",
+            String::from_utf8_lossy(&submitted.stderr)
+        );
+        wait_for(
+            Duration::from_secs(120),
+            || Ok(steps_done(out_dir) >= steps),
+        )
+        .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
+    }
+
+    /// `dpoctl watch RUN` until it ends; it must have succeeded.
+    pub fn watch_succeeds(&self, port: u16, run: &str) {
+        let watched = dpoctl(port, &["watch", run]).expect("watch");
+        assert!(
+            watched.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&watched.stdout),
+            self.logs()
+        );
+    }
+
+    /// Every process log, for a failure message.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(&self.logs) {
+            for e in rd.flatten() {
+                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                s.push_str(&format!("\n--- {} ---\n", e.path().display()));
+                for l in tail.into_iter().rev() {
+                    s.push_str(l);
+                    s.push('\n');
+                }
+            }
+        }
+        s
+    }
+}
