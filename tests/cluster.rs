@@ -299,7 +299,7 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
         case.reference_and_spec("etcd", &extra, "min_workers = 2\nmax_workers = 2");
     let etcd_port = free_port().expect("port");
     let etcd_dir = case.path().join("etcd-data");
-    let mut e = etcd(etcd_port, &etcd_dir, &case.logs, "etcd").expect("etcd");
+    let mut e = etcd(etcd_port, &etcd_dir, &case.logs, "etcd", None).expect("etcd");
     let endpoint = format!("http://127.0.0.1:{etcd_port}");
     let store = ["--store", "etcd", "--etcd", endpoint.as_str()];
     let port = free_port().expect("port");
@@ -328,7 +328,7 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
     // etcd killed and restarted on the same data: the run goes on.
     e.kill();
     std::thread::sleep(Duration::from_millis(1500));
-    let _e2 = etcd(etcd_port, &etcd_dir, &case.logs, "etcd-2").expect("etcd restart");
+    let _e2 = etcd(etcd_port, &etcd_dir, &case.logs, "etcd-2", None).expect("etcd restart");
     case.watch_succeeds(port, "etcd");
     every_step_once(&out_dir, steps);
     case.assert_same_weights(&out_dir, "etcd restart");

@@ -308,19 +308,36 @@ pub fn train_standalone(spec_path: &Path, logs: &Path) -> anyhow::Result<()> {
 }
 
 /// Starts etcd (Debian's `etcd-server`) on loopback `port` with its data in
-/// `data_dir`; waits until it answers.
-pub fn etcd(port: u16, data_dir: &Path, logs: &Path, name: &str) -> anyhow::Result<Proc> {
-    let client = format!("http://127.0.0.1:{port}");
+/// `data_dir`; waits until it answers. With `tls`, clients must speak TLS and
+/// present a certificate signed by its authority (`--client-cert-auth`).
+pub fn etcd(
+    port: u16,
+    data_dir: &Path,
+    logs: &Path,
+    name: &str,
+    tls: Option<&Pki>,
+) -> anyhow::Result<Proc> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let client = format!("{scheme}://127.0.0.1:{port}");
     let peer_port = free_port()?;
     let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("etcd"));
+    let mut cmd = Command::new(etcd);
+    if let Some(pki) = tls {
+        cmd.arg("--cert-file")
+            .arg(&pki.server_cert)
+            .arg("--key-file")
+            .arg(&pki.server_key)
+            .arg("--trusted-ca-file")
+            .arg(&pki.ca)
+            .arg("--client-cert-auth");
+    }
     let mut p = Proc::spawn(
         name,
-        Command::new(etcd)
-            .args(["--name", "e2e"])
+        cmd.args(["--name", "e2e"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen-client-urls", &client])
@@ -459,4 +476,69 @@ impl Case {
         }
         s
     }
+}
+
+/// Certificates for the TLS tests, as PEM files: an authority, a server
+/// certificate for `localhost`/`127.0.0.1` and a client certificate it signed,
+/// and a second, unrelated authority.
+#[derive(Debug)]
+pub struct Pki {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    pub other_ca: PathBuf,
+}
+
+fn authority(name: &str) -> anyhow::Result<rcgen::CertifiedIssuer<'static, rcgen::KeyPair>> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(rcgen::CertifiedIssuer::self_signed(
+        params,
+        rcgen::KeyPair::generate()?,
+    )?)
+}
+
+/// Writes a fresh [`Pki`] under `dir`.
+pub fn pki(dir: &Path) -> anyhow::Result<Pki> {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku};
+    std::fs::create_dir_all(dir)?;
+    let ca = authority("dpo-e2e CA")?;
+    let other = authority("someone else's CA")?;
+    let leaf = |cn: &str, names: Vec<String>, usages: Vec<Eku>| -> anyhow::Result<_> {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = usages;
+        let cert = params.signed_by(&key, &ca)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    // etcd also dials itself with its server certificate: both usages.
+    let (server_cert, server_key) = leaf(
+        "localhost",
+        vec!["localhost".into(), "127.0.0.1".into()],
+        vec![Eku::ServerAuth, Eku::ClientAuth],
+    )?;
+    let (client_cert, client_key) = leaf("dpo-e2e client", vec![], vec![Eku::ClientAuth])?;
+    let write = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text)?;
+        Ok(p)
+    };
+    Ok(Pki {
+        ca: write("ca.pem", &ca.pem())?,
+        server_cert: write("server.pem", &server_cert)?,
+        server_key: write("server.key", &server_key)?,
+        client_cert: write("client.pem", &client_cert)?,
+        client_key: write("client.key", &client_key)?,
+        other_ca: write("other-ca.pem", &other.pem())?,
+    })
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use dpo_proto::RunSpec;
-use dpo_proto::client::{BearerToken, channel};
+use dpo_proto::client::{BearerToken, ClientTls, channel};
 use dpo_proto::v1::{self, RunState, run_service_client::RunServiceClient};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
@@ -117,7 +117,8 @@ fn metric(m: &[v1::Metric], name: &str) -> Option<f64> {
 
 fn client(url: &str) -> anyhow::Result<Client> {
     let token = BearerToken::from_env().map_err(anyhow::Error::msg)?;
-    let ch = channel(url).map_err(anyhow::Error::msg)?;
+    let tls = ClientTls::from_env().map_err(anyhow::Error::msg)?;
+    let ch = channel(url, &tls).map_err(anyhow::Error::msg)?;
     Ok(RunServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 << 20))
 }
 

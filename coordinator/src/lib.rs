@@ -7,4 +7,4 @@ pub mod state;
 pub mod store;
 
 pub use state::{Coordinator, Settings};
-pub use store::{Embedded, Etcd, Store};
+pub use store::{Embedded, Etcd, EtcdSecurity, Store};

@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
+use tonic_health::server::HealthReporter;
 
 use crate::state::Coordinator;
 
@@ -378,6 +379,7 @@ pub async fn serve(
     coordinator: Arc<Coordinator>,
     listener: tokio::net::TcpListener,
     token: Option<String>,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let api = Api {
@@ -403,7 +405,11 @@ pub async fn serve(
             }
         })
     };
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls)?;
+    }
+    let result = server
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
@@ -422,6 +428,34 @@ pub async fn serve(
         .await;
     ticker.abort();
     Ok(result?)
+}
+
+/// Serves only `grpc.health.v1` on `listener`, in plain text and without a
+/// token, for probes that speak neither TLS nor bearer tokens (the kubelet's
+/// gRPC probe). The server as a whole (service "") answers SERVING from the
+/// start (liveness: the process is up, perhaps waiting as a standby); the
+/// coordinator's services answer NOT_SERVING until [`set_ready`] (readiness: the
+/// store is open and, with etcd, this coordinator is the leader).
+pub async fn spawn_health(listener: tokio::net::TcpListener) -> HealthReporter {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter.set_not_serving::<RunServiceServer<Api>>().await;
+    reporter.set_not_serving::<WorkerServiceServer<Api>>().await;
+    tokio::spawn(async move {
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(TcpListenerStream::new(listener))
+            .await
+        {
+            tracing::error!(error = %e, "health endpoint");
+        }
+    });
+    reporter
+}
+
+/// Marks the coordinator's services SERVING on a [`spawn_health`] endpoint.
+pub async fn set_ready(reporter: &HealthReporter) {
+    reporter.set_serving::<RunServiceServer<Api>>().await;
+    reporter.set_serving::<WorkerServiceServer<Api>>().await;
 }
 
 /// Serves Prometheus text metrics at `GET /metrics` on `addr`.

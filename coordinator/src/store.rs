@@ -171,6 +171,24 @@ impl Store {
     }
 }
 
+/// How to reach a secured etcd: TLS (a CA, optionally a client certificate)
+/// and/or etcd's user authentication.
+#[derive(Clone, Default)]
+pub struct EtcdSecurity {
+    pub tls: Option<etcd_client::TlsOptions>,
+    pub user: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for EtcdSecurity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the password.
+        f.debug_struct("EtcdSecurity")
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.user.as_ref().map(|(u, _)| u))
+            .finish()
+    }
+}
+
 /// The etcd store: the same keys in an etcd cluster. Every call is retried for a
 /// while, so an etcd restart stalls the coordinator instead of failing runs;
 /// fenced writes are one transaction comparing the generation key.
@@ -189,14 +207,22 @@ impl std::fmt::Debug for Etcd {
 const ETCD_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Etcd {
-    pub async fn connect(endpoints: &[String]) -> Result<Self> {
-        let opts = etcd_client::ConnectOptions::new()
+    /// Connects to `endpoints` (`http://`, `https://` or bare `host:port`, which
+    /// means TLS when `security.tls` is set).
+    pub async fn connect(endpoints: &[String], security: EtcdSecurity) -> Result<Self> {
+        let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(3))
             .with_timeout(std::time::Duration::from_secs(5))
             .with_keep_alive(
                 std::time::Duration::from_secs(5),
                 std::time::Duration::from_secs(5),
             );
+        if let Some(tls) = security.tls {
+            opts = opts.with_tls(tls);
+        }
+        if let Some((user, password)) = security.user {
+            opts = opts.with_user(user, password);
+        }
         let client = etcd_client::Client::connect(endpoints, Some(opts))
             .await
             .map_err(|e| StoreError::Etcd(format!("connecting to {endpoints:?}: {e}")))?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Adds `authorization: Bearer <token>` to every request (nothing without a token).
 #[derive(Clone, Default)]
@@ -52,18 +52,120 @@ impl Interceptor for BearerToken {
     }
 }
 
-/// A lazily connecting channel to `url` (`http://host:port`, or `host:port`).
-pub fn channel(url: &str) -> Result<Channel, String> {
+/// TLS settings of a client of the coordinator, from the environment:
+/// `DPO_TLS_CA` (PEM bundle of the authority that signed the coordinator's
+/// certificate; without it, `https://` addresses are checked against the
+/// system's roots), `DPO_TLS_CERT` + `DPO_TLS_KEY` (a client certificate, for a
+/// coordinator that requires one) and `DPO_TLS_DOMAIN` (the name to check the
+/// certificate against when it differs from the address's host).
+#[derive(Clone, Default)]
+pub struct ClientTls {
+    ca: Option<Certificate>,
+    identity: Option<Identity>,
+    domain: Option<String>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("ClientTls")
+            .field("ca", &self.ca.is_some())
+            .field("identity", &self.identity.is_some())
+            .field("domain", &self.domain)
+            .finish()
+    }
+}
+
+fn read_pem(var: &str, path: &str) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("{var}={path}: {e}"))?;
+    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+        return Err(format!("{var}={path}: not a PEM file"));
+    }
+    Ok(bytes)
+}
+
+impl ClientTls {
+    pub fn from_env() -> Result<Self, String> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self::from_files(
+            var("DPO_TLS_CA").as_deref(),
+            var("DPO_TLS_CERT").as_deref(),
+            var("DPO_TLS_KEY").as_deref(),
+            var("DPO_TLS_DOMAIN"),
+        )
+    }
+
+    pub fn from_files(
+        ca: Option<&str>,
+        cert: Option<&str>,
+        key: Option<&str>,
+        domain: Option<String>,
+    ) -> Result<Self, String> {
+        let ca = ca
+            .map(|p| read_pem("DPO_TLS_CA", p).map(Certificate::from_pem))
+            .transpose()?;
+        let identity = match (cert, key) {
+            (Some(c), Some(k)) => Some(Identity::from_pem(
+                read_pem("DPO_TLS_CERT", c)?,
+                read_pem("DPO_TLS_KEY", k)?,
+            )),
+            (None, None) => None,
+            _ => return Err("DPO_TLS_CERT and DPO_TLS_KEY go together".to_string()),
+        };
+        Ok(ClientTls {
+            ca,
+            identity,
+            domain,
+        })
+    }
+
+    /// Whether anything was configured (then a bare `host:port` means TLS).
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.identity.is_some() || self.domain.is_some()
+    }
+
+    fn config(&self) -> ClientTlsConfig {
+        let mut c = ClientTlsConfig::new();
+        match &self.ca {
+            Some(ca) => c = c.ca_certificate(ca.clone()),
+            None => c = c.with_native_roots(),
+        }
+        if let Some(id) = &self.identity {
+            c = c.identity(id.clone());
+        }
+        if let Some(d) = &self.domain {
+            c = c.domain_name(d.clone());
+        }
+        c
+    }
+}
+
+/// A lazily connecting channel to `url`: `https://host:port` (TLS),
+/// `http://host:port` (plain), or a bare `host:port` (TLS when `tls` is set).
+pub fn channel(url: &str, tls: &ClientTls) -> Result<Channel, String> {
     let url = if url.contains("://") {
         url.to_string()
+    } else if tls.is_set() {
+        format!("https://{url}")
     } else {
         format!("http://{url}")
     };
-    let endpoint = Endpoint::from_shared(url.clone())
+    let secure = url.starts_with("https://");
+    if !secure && tls.is_set() {
+        return Err(format!(
+            "coordinator address {url}: TLS is configured (DPO_TLS_*) but the address is not https://"
+        ));
+    }
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| format!("coordinator address {url:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
+    if secure {
+        endpoint = endpoint
+            .tls_config(tls.config())
+            .map_err(|e| format!("coordinator address {url}: TLS: {e}"))?;
+    }
     Ok(endpoint.connect_lazy())
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use dpo_data::Example;
 use dpo_data::examples::Normalizer;
 use dpo_proto::RunSpec;
-use dpo_proto::client::{BearerToken, channel};
+use dpo_proto::client::{BearerToken, ClientTls, channel};
 use dpo_proto::v1::{self, worker_service_client::WorkerServiceClient};
 use tch::Device;
 use tonic::service::interceptor::InterceptedService;
@@ -30,7 +30,7 @@ type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
 /// How to join.
 #[derive(Debug, Clone)]
 pub struct JoinOptions {
-    /// The coordinator, `http://host:port`.
+    /// The coordinator, `http://host:port` or `https://host:port`.
     pub coordinator: String,
     /// Where to accept collective (ring) connections; port 0 picks one.
     pub listen: SocketAddr,
@@ -40,6 +40,8 @@ pub struct JoinOptions {
     /// Stable identity (default: a fresh UUID).
     pub worker_id: String,
     pub token: BearerToken,
+    /// TLS towards the coordinator (`https://` addresses).
+    pub tls: ClientTls,
 }
 
 /// What the gRPC side tells the training thread.
@@ -482,7 +484,7 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
     }
     // The channel spawns its connection task on the runtime.
     let _guard = rt.enter();
-    let channel = channel(&opts.coordinator).map_err(anyhow::Error::msg)?;
+    let channel = channel(&opts.coordinator, &opts.tls).map_err(anyhow::Error::msg)?;
     let client: Client = WorkerServiceClient::with_interceptor(channel, opts.token.clone())
         .max_decoding_message_size(256 << 20);
     let shared = Arc::new(Shared::default());

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 
-use dpo_coordinator::{Coordinator, Embedded, Etcd, Settings, Store};
+use dpo_coordinator::{Coordinator, Embedded, Etcd, EtcdSecurity, Settings, Store};
 
 #[derive(Parser, Debug)]
 #[command(name = "dpo-coordinator", version, about = "dpo-cluster coordinator")]
@@ -19,9 +19,22 @@ struct Cli {
     /// Where the state store keeps its state: embedded (a file in --data-dir) or etcd.
     #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
     store: String,
-    /// etcd endpoints (with --store etcd).
-    #[arg(long, value_delimiter = ',')]
+    /// etcd endpoints (with --store etcd): http://, https:// or host:port (TLS
+    /// when --etcd-ca is given).
+    #[arg(long, value_delimiter = ',', env = "DPO_ETCD_ENDPOINTS")]
     etcd: Vec<String>,
+    /// PEM bundle of the authority that signed etcd's server certificate.
+    #[arg(long, env = "DPO_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd (with --etcd-key), for `--client-cert-auth` etcd.
+    #[arg(long, env = "DPO_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// Private key of --etcd-cert.
+    #[arg(long, env = "DPO_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user (its password from DPO_ETCD_PASSWORD).
+    #[arg(long, env = "DPO_ETCD_USER")]
+    etcd_user: Option<String>,
     /// Runs' tokenized shards, streamed files and the embedded store.
     #[arg(long, default_value = "dpo-data")]
     data_dir: PathBuf,
@@ -37,6 +50,19 @@ struct Cli {
     /// Allow a non-loopback listen address without a token.
     #[arg(long)]
     insecure: bool,
+    /// Serve gRPC over TLS with this certificate chain (PEM; with --tls-key).
+    #[arg(long, env = "DPO_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, env = "DPO_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this authority (PEM; mutual TLS).
+    #[arg(long, env = "DPO_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Also serve grpc.health.v1 alone here, in plain text and without a token
+    /// (for probes that cannot present either, such as the kubelet's).
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
     /// Write the bound address here once listening (for scripts; with port 0).
     #[arg(long)]
     addr_file: Option<PathBuf>,
@@ -56,6 +82,58 @@ fn read_token(cli: &Cli) -> anyhow::Result<Option<String>> {
         return Ok(Some(t));
     }
     Ok(std::env::var("DPO_TOKEN").ok().filter(|t| !t.is_empty()))
+}
+
+fn read_pem(flag: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{flag} {}", path.display()))?;
+    if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
+        bail!("{flag} {}: not a PEM file", path.display());
+    }
+    Ok(bytes)
+}
+
+fn server_tls(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) else {
+        return Ok(None);
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read_pem("--tls-cert", cert)?,
+        read_pem("--tls-key", key)?,
+    );
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &cli.tls_client_ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read_pem(
+            "--tls-client-ca",
+            ca,
+        )?));
+    }
+    Ok(Some(tls))
+}
+
+fn etcd_security(cli: &Cli) -> anyhow::Result<EtcdSecurity> {
+    let mut security = EtcdSecurity::default();
+    if cli.etcd_ca.is_some() || cli.etcd_cert.is_some() {
+        let mut tls = etcd_client::TlsOptions::new();
+        if let Some(ca) = &cli.etcd_ca {
+            tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read_pem(
+                "--etcd-ca",
+                ca,
+            )?));
+        }
+        if let (Some(cert), Some(key)) = (&cli.etcd_cert, &cli.etcd_key) {
+            tls = tls.identity(etcd_client::Identity::from_pem(
+                read_pem("--etcd-cert", cert)?,
+                read_pem("--etcd-key", key)?,
+            ));
+        }
+        security.tls = Some(tls);
+    }
+    if let Some(user) = &cli.etcd_user {
+        let password = std::env::var("DPO_ETCD_PASSWORD")
+            .context("--etcd-user needs DPO_ETCD_PASSWORD in the environment")?;
+        security.user = Some((user.clone(), password));
+    }
+    Ok(security)
 }
 
 /// Seconds a leader's etcd lease lives without a keep-alive.
@@ -131,6 +209,22 @@ async fn main() -> anyhow::Result<()> {
             cli.listen
         );
     }
+    let tls = server_tls(&cli)?;
+    if !cli.listen.ip().is_loopback() && tls.is_none() {
+        tracing::warn!(
+            listen = %cli.listen,
+            "serving without TLS on a non-loopback address: the token crosses the network in clear text (give --tls-cert/--tls-key)"
+        );
+    }
+    let health = match cli.health_listen {
+        Some(h) => {
+            let listener = tokio::net::TcpListener::bind(h)
+                .await
+                .with_context(|| format!("--health-listen {h}"))?;
+            Some(dpo_coordinator::service::spawn_health(listener).await)
+        }
+        None => None,
+    };
     std::fs::create_dir_all(&cli.data_dir)
         .with_context(|| format!("--data-dir {}", cli.data_dir.display()))?;
     let store = match cli.store.as_str() {
@@ -139,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
             if cli.etcd.is_empty() {
                 bail!("--store etcd needs --etcd URL[,URL...]");
             }
-            let etcd = Etcd::connect(&cli.etcd).await?;
+            let etcd = Etcd::connect(&cli.etcd, etcd_security(&cli)?).await?;
             become_leader(etcd.client(), &cli.listen.to_string()).await?;
             Store::Etcd(Box::new(etcd))
         }
@@ -153,12 +247,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cli.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, auth = token.is_some(), "coordinator listening");
+    tracing::info!(%addr, auth = token.is_some(), tls = tls.is_some(), mutual_tls = cli.tls_client_ca.is_some(), "coordinator listening");
     if let Some(path) = &cli.addr_file {
         let tmp = path.with_extension("tmp");
         std::fs::write(&tmp, addr.to_string())
             .and_then(|()| std::fs::rename(&tmp, path))
             .with_context(|| format!("--addr-file {}", path.display()))?;
+    }
+    if let Some(reporter) = &health {
+        dpo_coordinator::service::set_ready(reporter).await;
     }
     if let Some(m) = cli.metrics_listen {
         let c = coordinator.clone();
@@ -172,5 +269,5 @@ async fn main() -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    dpo_coordinator::service::serve(coordinator, listener, token, shutdown).await
+    dpo_coordinator::service::serve(coordinator, listener, token, tls, shutdown).await
 }

@@ -137,6 +137,7 @@ fn main() -> anyhow::Result<()> {
                 .worker_id
                 .unwrap_or_else(dpo_worker::cluster::new_worker_id),
             token,
+            tls: dpo_proto::client::ClientTls::from_env().map_err(anyhow::Error::msg)?,
         });
     };
     match command {
