@@ -179,6 +179,13 @@ struct Worker {
     lease: Option<i64>,
 }
 
+/// 32 random bytes (two v4 UUIDs, 244 random bits) shared by a generation's ranks.
+fn ring_key() -> Vec<u8> {
+    let mut k = uuid::Uuid::new_v4().as_bytes().to_vec();
+    k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    k
+}
+
 /// The world training the active run.
 #[derive(Debug, Clone)]
 struct Generation {
@@ -844,6 +851,7 @@ impl Coordinator {
             resume_checkpoint: record.checkpoint_path.clone(),
             resume_step: record.checkpoint_step,
             has_eval: record.eval_examples > 0,
+            ring_key: ring_key(),
         };
         tracing::info!(run = %run_id, generation = number, world_size = members.len(), "generation formed");
         for (rank, m) in members.iter().enumerate() {

@@ -351,6 +351,7 @@ impl Worker {
             connect_timeout: Duration::from_secs(120),
             io_timeout: Duration::from_secs(300),
             abort: signal.clone(),
+            key: work.ring_key.clone(),
         };
         let collective =
             TcpCollective::connect(work.rank as usize, &peers, listener, work.generation, &opts)

@@ -3,7 +3,12 @@
 //! bandwidth-optimal schedule); every step sends to the next rank while receiving
 //! from the previous one, on two threads, so the ring never deadlocks on full
 //! socket buffers. Connections open with a handshake carrying a magic, the
-//! generation and the rank: a peer of another generation is refused (fencing).
+//! generation, the rank and the generation's ring key (random, handed out by the
+//! coordinator over its authenticated channel): a peer of another generation, or
+//! a stranger without the key, is refused. A connection that does not say hello
+//! within [`HANDSHAKE_TIMEOUT`] is dropped, so a silent stranger cannot stall
+//! the ring's formation. (The ring's data is not encrypted: keep its port on a
+//! private network — the Helm chart's NetworkPolicy admits only workers.)
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -11,7 +16,12 @@ use std::time::{Duration, Instant};
 
 use super::{AbortSignal, Collective, CollectiveError, chunk};
 
-const MAGIC: &[u8; 8] = b"DPOCOLL1";
+const MAGIC: &[u8; 8] = b"DPOCOLL2";
+/// Bytes of the ring key that enter the handshake.
+pub const KEY_LEN: usize = 32;
+const HELLO_LEN: usize = 24 + KEY_LEN;
+/// How long an accepted connection may take to say hello.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The byte a rank answers a valid handshake with.
 const ACK: u8 = 0xA5;
 
@@ -37,6 +47,8 @@ pub struct TcpOptions {
     pub io_timeout: Duration,
     /// Fires to give up forming the ring or any later operation.
     pub abort: AbortSignal,
+    /// The generation's shared secret (up to [`KEY_LEN`] bytes; empty: none).
+    pub key: Vec<u8>,
 }
 
 impl Default for TcpOptions {
@@ -45,6 +57,7 @@ impl Default for TcpOptions {
             connect_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(300),
             abort: AbortSignal::default(),
+            key: Vec::new(),
         }
     }
 }
@@ -53,12 +66,19 @@ fn io(rank: usize, op: &'static str) -> impl Fn(std::io::Error) -> CollectiveErr
     move |source| CollectiveError::Io { rank, op, source }
 }
 
-fn handshake_bytes(generation: u64, rank: usize) -> [u8; 24] {
-    let mut b = [0u8; 24];
+fn handshake_bytes(generation: u64, rank: usize, key: &[u8]) -> [u8; HELLO_LEN] {
+    let mut b = [0u8; HELLO_LEN];
     b[..8].copy_from_slice(MAGIC);
     b[8..16].copy_from_slice(&generation.to_le_bytes());
     b[16..24].copy_from_slice(&(rank as u64).to_le_bytes());
+    let n = key.len().min(KEY_LEN);
+    b[24..24 + n].copy_from_slice(&key[..n]);
     b
+}
+
+/// Compares without stopping at the first difference (the key is a secret).
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl TcpCollective {
@@ -93,7 +113,8 @@ impl TcpCollective {
         let prev_rank = (rank + world - 1) % world;
         // Connect and accept at once: every rank does both.
         let target = peers[next_rank];
-        let hello = handshake_bytes(generation, rank);
+        let hello = handshake_bytes(generation, rank, &opts.key);
+        let expected = handshake_bytes(generation, prev_rank, &opts.key);
         let connect_signal = signal.clone();
         let connector = std::thread::spawn(move || -> std::io::Result<TcpStream> {
             loop {
@@ -141,11 +162,13 @@ impl TcpCollective {
             match listener.accept() {
                 Ok((s, _)) => {
                     s.set_nonblocking(false).map_err(io(rank, "accept"))?;
-                    s.set_read_timeout(Some(opts.io_timeout))
+                    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT.min(opts.io_timeout)))
                         .map_err(io(rank, "accept"))?;
-                    let mut hello = [0u8; 24];
+                    let mut hello = [0u8; HELLO_LEN];
                     let got = (&s).read_exact(&mut hello);
-                    if got.is_ok() && hello == handshake_bytes(generation, prev_rank) {
+                    if got.is_ok() && same(&hello, &expected) {
+                        s.set_read_timeout(Some(opts.io_timeout))
+                            .map_err(io(rank, "accept"))?;
                         (&s).write_all(&[ACK]).map_err(io(rank, "accept"))?;
                         break s;
                     }
@@ -502,7 +525,7 @@ mod tests {
             let addr = peers[0];
             move || {
                 let mut s = TcpStream::connect(addr).expect("connect");
-                s.write_all(&handshake_bytes(4, 1)).expect("hello");
+                s.write_all(&handshake_bytes(4, 1, &[])).expect("hello");
                 std::thread::sleep(Duration::from_millis(300));
             }
         });
@@ -510,11 +533,63 @@ mod tests {
             connect_timeout: Duration::from_millis(800),
             io_timeout: Duration::from_secs(1),
             abort: AbortSignal::default(),
+            key: Vec::new(),
         };
         let err = TcpCollective::connect(0, &peers, listener, 5, &opts).expect_err("no valid peer");
         assert!(matches!(err, CollectiveError::Timeout { .. }), "{err}");
         stale.join().expect("stale");
         drop(other);
+    }
+
+    #[test]
+    fn strangers_without_the_key_or_silent_ones_do_not_join_or_stall_the_ring() {
+        let l0 = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let l1 = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let peers = vec![
+            l0.local_addr().expect("addr"),
+            l1.local_addr().expect("addr"),
+        ];
+        let key = b"0123456789abcdef0123456789abcdef".to_vec();
+        let opts = TcpOptions {
+            connect_timeout: Duration::from_secs(20),
+            io_timeout: Duration::from_secs(60),
+            abort: AbortSignal::default(),
+            key: key.clone(),
+        };
+        // Before rank 1 shows up, rank 0's listener gets a silent connection and
+        // one with the right generation and rank but the wrong key.
+        let silent = TcpStream::connect(peers[0]).expect("silent");
+        let mut forged = TcpStream::connect(peers[0]).expect("forged");
+        forged
+            .write_all(&handshake_bytes(5, 1, b"not the key"))
+            .expect("hello");
+        let (p0, o0) = (peers.clone(), opts.clone());
+        let t = Instant::now();
+        let rank0 = std::thread::spawn(move || TcpCollective::connect(0, &p0, l0, 5, &o0));
+        std::thread::sleep(Duration::from_millis(100));
+        let mut c1 = TcpCollective::connect(1, &peers, l1, 5, &opts).expect("rank 1");
+        let mut c0 = rank0.join().expect("rank 0").expect("rank 0");
+        // Formed within the handshake timeout of the silent one, not io_timeout.
+        assert!(
+            t.elapsed() < HANDSHAKE_TIMEOUT + Duration::from_secs(3),
+            "{:?}",
+            t.elapsed()
+        );
+        // The forged one got no acknowledgement: its connection was closed.
+        forged
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut b = [0u8; 1];
+        assert!(matches!((&forged).read(&mut b), Ok(0) | Err(_)));
+        drop(silent);
+        let h = std::thread::spawn(move || {
+            let mut v = vec![1.0f32];
+            c0.all_reduce_sum(&mut v).map(|()| v)
+        });
+        let mut v = vec![2.0f32];
+        c1.all_reduce_sum(&mut v).expect("all-reduce");
+        assert_eq!(v, vec![3.0]);
+        assert_eq!(h.join().expect("join").expect("all-reduce"), vec![3.0]);
     }
 
     #[test]
@@ -532,13 +607,14 @@ mod tests {
             connect_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(10),
             abort: AbortSignal::default(),
+            key: Vec::new(),
         };
         let (p0, o0) = (peers.clone(), opts.clone());
         let rank0 = std::thread::spawn(move || TcpCollective::connect(0, &p0, l0, 5, &o0));
         let (stale, _) = l1.accept().expect("stale accept");
-        let mut hello = [0u8; 24];
+        let mut hello = [0u8; HELLO_LEN];
         (&stale).read_exact(&mut hello).expect("hello");
-        assert_eq!(hello, handshake_bytes(5, 0));
+        assert_eq!(hello, handshake_bytes(5, 0, &[]));
         drop(stale);
         let t = Instant::now();
         let mut c1 = TcpCollective::connect(1, &peers, l1, 5, &opts).expect("rank 1");
@@ -571,6 +647,7 @@ mod tests {
             connect_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(60),
             abort: AbortSignal::default(),
+            key: Vec::new(),
         };
         let signal = opts.abort.clone();
         let aborter = std::thread::spawn(move || {
