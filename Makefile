@@ -14,7 +14,7 @@ export DPO_PYTHON := $(DPO_VENV)/bin/python
 CARGO ?= cargo
 DEMO_DIR ?= out/demo
 
-.PHONY: setup build test lint demo bench clean
+.PHONY: setup build test chart-test lint demo bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,12 @@ lint: setup
 
 test: build lint
 	$(CARGO) test --workspace --no-fail-fast
+	$(DPO_PYTHON) -m unittest discover -s deploy/tests -v
+
+# The Helm chart and Dockerfiles alone (render, validate, lint; needs built binaries).
+chart-test: setup
+	$(CARGO) build -p dpo-coordinator -p dpo-worker --bins
+	$(DPO_PYTHON) -m unittest discover -s deploy/tests -v
 
 demo: setup
 	$(CARGO) build -p dpo-worker -p dpo-coordinator -p dpoctl
