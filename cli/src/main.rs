@@ -569,14 +569,15 @@ async fn main() -> anyhow::Result<()> {
                 if json_out {
                     println!(
                         "{}",
-                        json!({"id": w.id, "collective_addr": w.collective_addr, "device": w.device,
+                        json!({"id": w.id, "hostname": w.hostname, "collective_addr": w.collective_addr, "device": w.device,
                                "run": w.run_id, "generation": w.generation, "rank": w.rank,
                                "last_seen_ms": w.last_seen_ms})
                     );
                 } else {
                     println!(
-                        "{:<36}  {:<21}  {:<6}  run {:<8} gen {:<4} rank {:<3} seen {} ms ago",
+                        "{:<36}  {:<24}  {:<21}  {:<6}  run {:<8} gen {:<4} rank {:<3} seen {} ms ago",
                         w.id,
+                        w.hostname,
                         w.collective_addr,
                         w.device,
                         w.run_id.get(..8).unwrap_or(&w.run_id),
