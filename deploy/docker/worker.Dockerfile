@@ -37,9 +37,12 @@ FROM ${CUDA_BASE}
 COPY --from=build /opt/torch/torch-lib /opt/torch/torch/lib
 COPY --from=build /opt/torch/nvidia /opt/torch/nvidia
 COPY --from=build /out/dpo-worker /usr/local/bin/dpo-worker
+# The root filesystem is read-only in the chart: caches go to /tmp (an emptyDir).
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    LD_LIBRARY_PATH=/opt/torch/torch/lib
+    LD_LIBRARY_PATH=/opt/torch/torch/lib \
+    HOME=/tmp \
+    CUDA_CACHE_PATH=/tmp/cuda-cache
 RUN groupadd --gid 10001 dpo \
     && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin dpo
 USER 10001:10001
