@@ -298,3 +298,29 @@ fn the_etcd_store_over_tls_with_a_client_certificate() {
     case.watch_succeeds(port, "etcd-tls");
     assert_eq!(steps_done(&case.path().join("etcd-tls")), 4);
 }
+
+#[test]
+fn dpoctl_local_ignores_tls_settings_meant_for_a_remote_cluster() {
+    // A shell set up for a remote TLS cluster (wrong for loopback on purpose)
+    // still runs `dpoctl local` in plain text.
+    let case = Case::new(24);
+    let pki = pki(&case.path().join("pki")).expect("pki");
+    let spec = case.write_spec("local", "max_steps = 2");
+    let out = Command::new(bin("dpoctl"))
+        .args(["--output", "json", "local"])
+        .arg(&spec)
+        .args(["--workers", "1"])
+        .env("DPO_TLS_CA", &pki.other_ca)
+        .env("DPO_TLS_DOMAIN", "elsewhere.example")
+        .env("DPO_SERVER_TLS_CERT", "/nonexistent.pem")
+        .env("DPO_SERVER_TLS_KEY", "/nonexistent.key")
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("dpoctl local");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(steps_done(&case.path().join("local")), 2);
+}

@@ -116,9 +116,12 @@ fn metric(m: &[v1::Metric], name: &str) -> Option<f64> {
 }
 
 fn client(url: &str) -> anyhow::Result<Client> {
+    client_with(url, &ClientTls::from_env().map_err(anyhow::Error::msg)?)
+}
+
+fn client_with(url: &str, tls: &ClientTls) -> anyhow::Result<Client> {
     let token = BearerToken::from_env().map_err(anyhow::Error::msg)?;
-    let tls = ClientTls::from_env().map_err(anyhow::Error::msg)?;
-    let ch = channel(url, &tls).map_err(anyhow::Error::msg)?;
+    let ch = channel(url, tls).map_err(anyhow::Error::msg)?;
     Ok(RunServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 << 20))
 }
 
@@ -349,6 +352,29 @@ impl Drop for Children {
     }
 }
 
+/// The local cluster is plain text on loopback: children must not pick up TLS
+/// settings meant for a remote cluster from this shell.
+trait ClearTls {
+    fn env_clear_tls(&mut self) -> &mut Self;
+}
+
+impl ClearTls for Process {
+    fn env_clear_tls(&mut self) -> &mut Self {
+        for k in [
+            "DPO_TLS_CA",
+            "DPO_TLS_CERT",
+            "DPO_TLS_KEY",
+            "DPO_TLS_DOMAIN",
+            "DPO_SERVER_TLS_CERT",
+            "DPO_SERVER_TLS_KEY",
+            "DPO_SERVER_TLS_CLIENT_CA",
+        ] {
+            self.env_remove(k);
+        }
+        self
+    }
+}
+
 async fn local(
     cli: &Cli,
     spec_path: &Path,
@@ -384,6 +410,7 @@ async fn local(
         .arg(&data_dir)
         .arg("--addr-file")
         .arg(&addr_file)
+        .env_clear_tls()
         .stdout(Stdio::null())
         .stderr(log("coordinator")?)
         .spawn()
@@ -413,6 +440,7 @@ async fn local(
             .args(["--coordinator", &url, "--device", "cpu", "--worker-id"])
             .arg(format!("local-{i}"))
             .env("OMP_NUM_THREADS", "1")
+            .env_clear_tls()
             .stdout(Stdio::null())
             .stderr(log(&format!("worker-{i}"))?)
             .spawn()
@@ -426,7 +454,8 @@ async fn local(
             logs.display()
         );
     }
-    let mut c = client(&url)?;
+    // Plain text on loopback: TLS settings meant for a remote cluster do not apply.
+    let mut c = client_with(&url, &ClientTls::default())?;
     let t = Instant::now();
     let run = submit(&mut c, spec_path, true, Some(workers)).await?;
     // Watch, but stop if every worker process dies (their logs say why).

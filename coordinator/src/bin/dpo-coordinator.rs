@@ -51,13 +51,13 @@ struct Cli {
     #[arg(long)]
     insecure: bool,
     /// Serve gRPC over TLS with this certificate chain (PEM; with --tls-key).
-    #[arg(long, env = "DPO_TLS_CERT", requires = "tls_key")]
+    #[arg(long, env = "DPO_SERVER_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// Private key of --tls-cert (PEM).
-    #[arg(long, env = "DPO_TLS_KEY", requires = "tls_cert")]
+    #[arg(long, env = "DPO_SERVER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Require client certificates signed by this authority (PEM; mutual TLS).
-    #[arg(long, env = "DPO_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(long, env = "DPO_SERVER_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
     /// Also serve grpc.health.v1 alone here, in plain text and without a token
     /// (for probes that cannot present either, such as the kubelet's).
