@@ -229,6 +229,10 @@ pub struct TrainSpec {
     pub early_stopping_patience: u64,
     /// Output directory; relative paths are relative to the spec file.
     pub output: PathBuf,
+    /// Pair-aware packing: each example's prompt once with its responses after
+    /// it (each attending to the prompt and itself), several examples per row of
+    /// up to `2 × data.max_length` tokens, no padding compute. Same log-probs.
+    pub packing: bool,
 }
 
 impl Default for TrainSpec {
@@ -242,6 +246,7 @@ impl Default for TrainSpec {
             checkpoint_every: 0,
             early_stopping_patience: 0,
             output: PathBuf::from("out"),
+            packing: false,
         }
     }
 }

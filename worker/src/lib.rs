@@ -10,6 +10,7 @@ pub mod logps;
 pub mod model;
 pub mod objective;
 pub mod optim;
+pub mod packing;
 pub mod score;
 pub mod train;
 

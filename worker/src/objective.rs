@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Result, TorchContext};
 use crate::logps::{SequenceBatch, token_logps};
 use crate::model::CausalLm;
+use crate::packing::{PackedBatch, Segment};
 
 type TchResult<T> = std::result::Result<T, tch::TchError>;
 
@@ -28,7 +29,9 @@ pub const UNLIKELIHOOD_FLOOR: f64 = 1e-6;
 /// negative (rejected) ones. For pairwise losses pair `i` is sequences `i` and `n + i`.
 #[derive(Debug)]
 pub struct MicroBatch {
-    pub batch: SequenceBatch,
+    pub layout: Layout,
+    /// Σ over sequences of prompt + response tokens (the same for both layouts).
+    pub tokens: f64,
     /// Number of examples in the micro-batch.
     pub examples: usize,
     /// Sequences `0..chosen` are labelled responses.
@@ -41,30 +44,53 @@ pub struct MicroBatch {
 impl MicroBatch {
     /// `pairwise`: every example must be a pair. Otherwise negatives are included
     /// only when `with_negatives` (the combined loss).
+    /// `packing`: pack into rows of this many tokens (pair-aware, see
+    /// [`crate::packing`]) instead of one padded row per sequence.
     pub fn new(
         examples: &[&Example],
         pairwise: bool,
         with_negatives: bool,
+        packing: Option<usize>,
         device: Device,
     ) -> Result<Self> {
+        // Sequences: every chosen response, then the rejected ones, in example
+        // order; each example's segment lists the sequences it holds.
         let mut seqs: Vec<(&[u32], &[u32])> = Vec::new();
-        for ex in examples {
+        let mut segments: Vec<Segment<'_>> = examples
+            .iter()
+            .map(|ex| Segment {
+                prompt: &ex.prompt,
+                responses: Vec::new(),
+            })
+            .collect();
+        for (ex, seg) in examples.iter().zip(segments.iter_mut()) {
             if let Some(c) = &ex.chosen {
+                seg.responses.push((c, seqs.len()));
                 seqs.push((&ex.prompt, c));
             }
         }
         let chosen = seqs.len();
         if pairwise || with_negatives {
-            for ex in examples {
+            for (ex, seg) in examples.iter().zip(segments.iter_mut()) {
                 let take = if pairwise { 1 } else { ex.rejected.len() };
                 for r in ex.rejected.iter().take(take) {
+                    seg.responses.push((r, seqs.len()));
                     seqs.push((&ex.prompt, r));
                 }
             }
         }
         let rejected = seqs.len() - chosen;
+        let tokens = seqs.iter().map(|(p, r)| p.len() + r.len()).sum::<usize>() as f64;
+        let layout = match packing {
+            Some(capacity) => {
+                segments.retain(|s| !s.responses.is_empty());
+                Layout::Packed(PackedBatch::new(&segments, seqs.len(), capacity, device)?)
+            }
+            None => Layout::Padded(SequenceBatch::new(&seqs, device)?),
+        };
         Ok(MicroBatch {
-            batch: SequenceBatch::new(&seqs, device)?,
+            layout,
+            tokens,
             examples: examples.len(),
             chosen,
             rejected,
@@ -86,9 +112,21 @@ pub struct SequenceScores {
     pub mask: Tensor,
 }
 
+/// How a micro-batch's sequences are laid out for the forward pass.
+#[derive(Debug)]
+pub enum Layout {
+    /// One right-padded row per sequence.
+    Padded(SequenceBatch),
+    /// Pair-aware packed rows.
+    Packed(PackedBatch),
+}
+
 /// Runs `model` on the micro-batch and scores every sequence.
 pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
-    let b = &mb.batch;
+    let b = match &mb.layout {
+        Layout::Padded(b) => b,
+        Layout::Packed(p) => return score_packed(model, p),
+    };
     let logits = model.forward(&b.input_ids, Some(&b.attention_mask))?;
     let l = b.input_ids.size().get(1).copied().unwrap_or(0);
     // Position i predicts token i + 1; padding targets are id 0 and masked out.
@@ -116,10 +154,45 @@ pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
     })
 }
 
+/// [`score`] on packed rows: the hidden states that predict response tokens go
+/// through the head; sums and the dense per-token layout are scattered back per
+/// sequence (`token_logps`/`mask` columns index the response's tokens).
+fn score_packed(model: &CausalLm, p: &PackedBatch) -> Result<SequenceScores> {
+    let hidden = model.hidden_states_packed(&p.input_ids, &p.positions, &p.allowed)?;
+    let h = *hidden.size().last().unwrap_or(&0);
+    let picked = hidden
+        .f_reshape([-1, h])
+        .and_then(|x| x.f_index_select(0, &p.sources))
+        .op("packed: scored positions")?;
+    let logits = model.lm_head(&picked)?;
+    let lp = token_logps(&logits, &p.targets)?;
+    let f = || -> TchResult<SequenceScores> {
+        let dev = lp.device();
+        let n = p.sequences as i64;
+        let ones = Tensor::f_ones_like(&lp)?;
+        let sums = Tensor::f_zeros([n], (Kind::Float, dev))?.f_index_add(0, &p.owners, &lp)?;
+        let counts = Tensor::f_zeros([n], (Kind::Float, dev))?.f_index_add(0, &p.owners, &ones)?;
+        let dense = n * p.max_response as i64;
+        let token_logps = Tensor::f_zeros([dense], (Kind::Float, dev))?
+            .f_index_add(0, &p.slots, &lp)?
+            .f_view([n, p.max_response as i64])?;
+        let mask = Tensor::f_zeros([dense], (Kind::Float, dev))?
+            .f_index_add(0, &p.slots, &ones)?
+            .f_view([n, p.max_response as i64])?;
+        Ok(SequenceScores {
+            sums,
+            counts,
+            token_logps,
+            mask,
+        })
+    };
+    f().op("packed log-probabilities")
+}
+
 /// `[chosen, rejected]` Σ log p per pair, one forward over the pairs (no gradient).
 pub fn pair_sums(model: &CausalLm, pairs: &[&Example]) -> Result<Vec<[f64; 2]>> {
     let _guard = tch::no_grad_guard();
-    let mb = MicroBatch::new(pairs, true, false, model.device())?;
+    let mb = MicroBatch::new(pairs, true, false, None, model.device())?;
     let sums = score(model, &mb)?
         .sums
         .f_to_kind(Kind::Double)
@@ -314,11 +387,7 @@ impl Objective {
         let f = || -> TchResult<(Tensor, Stats)> {
             let dev = scores.sums.device();
             let mut stats = Stats {
-                tokens: mb
-                    .batch
-                    .attention_mask
-                    .f_sum(Kind::Float)?
-                    .f_double_value(&[])?,
+                tokens: mb.tokens,
                 ..Default::default()
             };
             let mut loss = Tensor::f_zeros([], (Kind::Float, dev))?;

@@ -660,6 +660,14 @@ impl Trainer {
         Ok(())
     }
 
+    /// Row length for pair-aware packing, when the spec asks for it.
+    fn packing(&self) -> Option<usize> {
+        self.spec
+            .train
+            .packing
+            .then(|| 2 * self.spec.data.max_length)
+    }
+
     /// Reference sums for the micro-batch, laid out as its sequences.
     fn reference_sums(
         &mut self,
@@ -746,7 +754,13 @@ impl Trainer {
         let m = self.spec.micro_batch_size();
         let refs: Vec<&Example> = slice.examples.iter().collect();
         for (micro, micro_idx) in refs.chunks(m).zip(slice.indices.chunks(m)) {
-            let mb = MicroBatch::new(micro, pairwise, with_negatives, self.policy.device())?;
+            let mb = MicroBatch::new(
+                micro,
+                pairwise,
+                with_negatives,
+                self.packing(),
+                self.policy.device(),
+            )?;
             let reference = self.reference_sums(&mb, split, micro_idx)?;
             let (loss, s) = if backward {
                 let scores = objective::score(&self.policy, &mb)?;

@@ -44,6 +44,8 @@ struct Case {
     schedule: &'static str,
     reference: &'static str,
     precompute: bool,
+    /// Pair-aware packing (the PyTorch reference computes unpacked rows).
+    packing: bool,
 }
 
 const BASE: Case = Case {
@@ -60,6 +62,7 @@ const BASE: Case = Case {
     schedule: "constant",
     reference: "same",
     precompute: false,
+    packing: false,
 };
 
 const STEPS: u64 = 3;
@@ -95,6 +98,7 @@ warmup_steps = {warmup}
 max_steps = {STEPS}
 global_batch_size = {GLOBAL}
 micro_batch_size = 2
+packing = {packing}
 output = "{out}"
 "#,
         name = c.name,
@@ -112,6 +116,7 @@ output = "{out}"
         clip = c.max_grad_norm,
         schedule = c.schedule,
         warmup = c.warmup_steps,
+        packing = c.packing,
         out = dir.join(c.name).display(),
     );
     let path = dir.join(format!("{}.toml", c.name));
@@ -166,6 +171,18 @@ fn every_loss_matches_the_pytorch_reference() {
             name: "combined",
             loss: "combined",
             lr: 0.5,
+            ..BASE
+        },
+        Case {
+            name: "dpo-packed",
+            packing: true,
+            ..BASE
+        },
+        Case {
+            name: "combined-packed",
+            loss: "combined",
+            lr: 0.5,
+            packing: true,
             ..BASE
         },
         Case {

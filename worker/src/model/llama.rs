@@ -419,6 +419,55 @@ impl CausalLm {
         self.norm.forward(&xs).op("norm")
     }
 
+    /// Final hidden states `[batch, seq, hidden]` of packed rows, where several
+    /// sequences share a row: `positions` (`[batch, seq]` int64) are each token's
+    /// RoPE positions within its own sequence, and `allowed` (`[batch, seq, seq]`
+    /// bool) says which keys each query may attend to (it must include the query
+    /// itself). Sliding-window layers also drop keys `w` or more positions back,
+    /// measured in `positions`, exactly as in the unpacked sequence.
+    pub fn hidden_states_packed(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        allowed: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, l) = input_ids
+            .size2()
+            .op("forward_packed: input_ids must be [batch, seq]")?;
+        let window = self.config.sliding_windows.iter().flatten().copied().min();
+        let masks = (|| -> TchResult<Masks> {
+            let full = allowed.f_view([b, 1, l, l])?;
+            let windowed = match window {
+                Some(w) => {
+                    let q = positions.f_view([b, 1, l, 1])?;
+                    let k = positions.f_view([b, 1, 1, l])?;
+                    AttentionMask::Explicit(full.f_logical_and(&q.f_sub(&k)?.f_lt(w)?)?)
+                }
+                None => AttentionMask::Explicit(full.shallow_clone()),
+            };
+            Ok(Masks {
+                full: AttentionMask::Explicit(full),
+                windowed,
+            })
+        })()
+        .op("forward_packed: attention mask")?;
+        let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
+        let padding_idx = self.config.pad_token_id.unwrap_or(-1);
+        let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
+            .op("embed_tokens")?;
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &cos, &sin, &masks, None)?;
+        }
+        self.norm.forward(&xs).op("norm")
+    }
+
+    /// Logits of final hidden states (`[..., hidden]` → `[..., vocab]`).
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        hidden
+            .f_linear(&self.lm_head, None::<&Tensor>)
+            .op("lm_head")
+    }
+
     /// An empty KV cache for [`CausalLm::forward_cached`].
     pub fn new_cache(&self) -> KvCache {
         KvCache {
