@@ -10,6 +10,7 @@ mod error;
 pub mod examples;
 pub mod metrics_log;
 pub mod pairs;
+pub mod refcache;
 pub mod rng;
 pub mod shard;
 pub mod tokenizer;

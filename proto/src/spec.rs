@@ -45,6 +45,13 @@ pub struct ReferenceSpec {
     pub path: String,
     /// Compute reference log-probabilities once before training.
     pub precompute: bool,
+    /// Where precomputed reference log-probabilities are kept for later runs
+    /// (standalone; a cluster keeps them in the coordinator's data dir): `""` =
+    /// the user cache (`$DPO_CACHE_DIR/reference`, else
+    /// `$XDG_CACHE_HOME/dpo-cluster/reference`, else
+    /// `~/.cache/dpo-cluster/reference`), `"none"` = recompute every run, or a
+    /// directory (relative to the spec file).
+    pub cache: String,
 }
 
 impl Default for ReferenceSpec {
@@ -52,6 +59,7 @@ impl Default for ReferenceSpec {
         ReferenceSpec {
             path: "same".into(),
             precompute: false,
+            cache: String::new(),
         }
     }
 }
@@ -354,6 +362,13 @@ impl RunSpec {
                 .to_string_lossy()
                 .into_owned();
         }
+        if !matches!(self.reference.cache.as_str(), "" | "none")
+            && Path::new(&self.reference.cache).is_relative()
+        {
+            self.reference.cache = normalize(&base.join(&self.reference.cache))
+                .to_string_lossy()
+                .into_owned();
+        }
         if let Some(n) = self.data.negatives.as_mut()
             && !matches!(n.as_str(), "random" | "policy")
             && Path::new(n.as_str()).is_relative()
@@ -361,6 +376,25 @@ impl RunSpec {
             *n = normalize(&base.join(n.as_str()))
                 .to_string_lossy()
                 .into_owned();
+        }
+    }
+
+    /// The directory of the standalone reference cache (`None`: `"none"`).
+    pub fn reference_cache_dir(&self) -> Option<PathBuf> {
+        match self.reference.cache.as_str() {
+            "none" => None,
+            "" => {
+                let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+                if let Some(d) = env("DPO_CACHE_DIR") {
+                    return Some(PathBuf::from(d).join("reference"));
+                }
+                let base = env("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".cache")))
+                    .unwrap_or_else(|| PathBuf::from(".cache"));
+                Some(base.join("dpo-cluster").join("reference"))
+            }
+            dir => Some(PathBuf::from(dir)),
         }
     }
 

@@ -189,10 +189,15 @@ fn score_packed(model: &CausalLm, p: &PackedBatch) -> Result<SequenceScores> {
     f().op("packed log-probabilities")
 }
 
-/// `[chosen, rejected]` Σ log p per pair, one forward over the pairs (no gradient).
-pub fn pair_sums(model: &CausalLm, pairs: &[&Example]) -> Result<Vec<[f64; 2]>> {
+/// `[chosen, rejected]` Σ log p per pair, one forward over the pairs (no gradient),
+/// packed into rows of `packing` tokens when given.
+pub fn pair_sums(
+    model: &CausalLm,
+    pairs: &[&Example],
+    packing: Option<usize>,
+) -> Result<Vec<[f64; 2]>> {
     let _guard = tch::no_grad_guard();
-    let mb = MicroBatch::new(pairs, true, false, None, model.device())?;
+    let mb = MicroBatch::new(pairs, true, false, packing, model.device())?;
     let sums = score(model, &mb)?
         .sums
         .f_to_kind(Kind::Double)

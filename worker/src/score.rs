@@ -96,7 +96,7 @@ pub fn score_pairs(
             .map(|&i| Example::from(pairs[i].clone()))
             .collect();
         let refs: Vec<&Example> = examples.iter().collect();
-        for (&i, [c, r]) in chunk.iter().zip(pair_sums(model, &refs)?) {
+        for (&i, [c, r]) in chunk.iter().zip(pair_sums(model, &refs, None)?) {
             out[i] = (c, r);
         }
         progress(chunk.len());

@@ -28,6 +28,7 @@ use crate::model::{CausalLm, checkpoint};
 use crate::objective::{self, MicroBatch, Normalizer, Objective, Stats};
 use crate::optim::{Optimizer, learning_rate};
 use dpo_data::batches::{EpochPlan, rank_share};
+use dpo_data::refcache::{self, RefCache};
 use dpo_data::{DataReport, dataset};
 
 /// How often (in steps) ranks compare parameter hashes.
@@ -116,6 +117,25 @@ fn kind_of(d: Dtype) -> Kind {
         Dtype::Bf16 => Kind::BFloat16,
         Dtype::F16 => Kind::Half,
     }
+}
+
+/// The reference cache namespace of a run: its reference weights (the initial
+/// policy for `"same"`), the model's tokenizer, and the compute dtype.
+pub fn reference_namespace(spec: &RunSpec) -> Result<String> {
+    let reference_dir = match spec.reference.path.as_str() {
+        "same" | "none" => spec.model.path.clone(),
+        dir => PathBuf::from(dir),
+    };
+    let dtype = match spec.model.dtype {
+        Dtype::F32 => "f32",
+        Dtype::Bf16 => "bf16",
+        Dtype::F16 => "f16",
+    };
+    Ok(refcache::namespace(
+        &reference_dir,
+        &spec.model.path,
+        dtype,
+    )?)
 }
 
 /// One rank's contiguous share of a global batch.
@@ -628,7 +648,9 @@ impl Trainer {
         Ok(())
     }
 
-    /// Scores every train and eval example once with the reference model.
+    /// Scores every train and eval example once with the reference model — or
+    /// takes the sums from the reference cache, scoring only what it lacks — then
+    /// frees the model.
     fn precompute_reference(&mut self) -> Result<()> {
         let Reference::Model(model) = &self.reference else {
             return Ok(());
@@ -639,22 +661,64 @@ impl Trainer {
         ) else {
             return Ok(());
         };
-        let m = self.spec.micro_batch_size();
-        let score_all = |examples: &[Example]| -> Result<Vec<[f64; 2]>> {
-            let mut out = Vec::with_capacity(examples.len());
-            for chunk in examples.chunks(m) {
-                let refs: Vec<&Example> = chunk.iter().collect();
-                out.extend(objective::pair_sums(model, &refs)?);
-            }
-            Ok(out)
-        };
         let t = Instant::now();
+        let m = self.spec.micro_batch_size();
+        let packing = self.packing();
+        let mut cache = match self.spec.reference_cache_dir() {
+            Some(root) => {
+                let ns = reference_namespace(&self.spec)?;
+                let cache = RefCache::open(&root, &ns)?;
+                tracing::info!(dir = %cache.dir().display(), records = cache.len(), "reference cache");
+                Some(cache)
+            }
+            None => None,
+        };
+        let keys = |e: &Example| -> Option<[refcache::Key; 2]> {
+            Some([
+                refcache::key(&e.prompt, e.chosen.as_deref()?),
+                refcache::key(&e.prompt, e.rejected.first()?),
+            ])
+        };
+        let mut scored = 0usize;
+        let mut score_all = |examples: &[Example]| -> Result<Vec<[f64; 2]>> {
+            let mut out: Vec<Option<[f64; 2]>> = examples
+                .iter()
+                .map(|e| {
+                    let c = cache.as_ref()?;
+                    let [kc, kr] = keys(e)?;
+                    Some([f64::from(c.get(&kc)?), f64::from(c.get(&kr)?)])
+                })
+                .collect();
+            let missing: Vec<usize> = (0..examples.len()).filter(|&i| out[i].is_none()).collect();
+            for chunk in missing.chunks(m) {
+                let refs: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
+                let sums = objective::pair_sums(model, &refs, packing)?;
+                let mut records = Vec::with_capacity(2 * chunk.len());
+                for (&i, s) in chunk.iter().zip(sums) {
+                    if let Some([kc, kr]) = keys(&examples[i]) {
+                        records.push((kc, s[0] as f32));
+                        records.push((kr, s[1] as f32));
+                    }
+                    // What the cache will hand back next time (f32), so a run
+                    // that computes and one that reuses train identically.
+                    out[i] = Some([f64::from(s[0] as f32), f64::from(s[1] as f32)]);
+                }
+                if let Some(c) = cache.as_mut() {
+                    c.insert(&records)?;
+                }
+                scored += chunk.len();
+            }
+            Ok(out.into_iter().map(|s| s.unwrap_or([0.0; 2])).collect())
+        };
         let train = score_all(train_all)?;
         let eval = score_all(eval_all)?;
+        let total = train.len() + eval.len();
         tracing::info!(
-            examples = train.len() + eval.len(),
+            examples = total,
+            scored,
+            from_cache = total - scored,
             seconds = t.elapsed().as_secs_f64(),
-            "precomputed reference log-probabilities"
+            "reference log-probabilities ready; the reference model is freed"
         );
         self.reference = Reference::Cached { train, eval };
         Ok(())

@@ -76,6 +76,7 @@ path = "{model}"
 [reference]
 path = "{reference}"
 precompute = {precompute}
+cache = "{cache}"
 [data]
 train = "{data}"
 shuffle = false
@@ -105,6 +106,7 @@ output = "{out}"
         model = model.display(),
         reference = c.reference,
         precompute = c.precompute,
+        cache = dir.join("reference-cache").display(),
         data = data.display(),
         loss = c.loss,
         beta = c.beta,
@@ -515,4 +517,93 @@ fn early_stopping_ends_the_run_when_eval_loss_stops_improving() {
     );
     assert_eq!(summary["steps"], 3);
     assert!(dir.path().join("out/final/model.safetensors").exists());
+}
+
+/// Total bytes of the cache's segment files (20 bytes a record).
+fn cache_bytes(root: &Path) -> u64 {
+    let mut total = 0;
+    for ns in std::fs::read_dir(root).expect("cache root").flatten() {
+        for seg in std::fs::read_dir(ns.path()).expect("namespace").flatten() {
+            total += seg.metadata().expect("meta").len();
+        }
+    }
+    total
+}
+
+#[test]
+fn the_reference_cache_is_reused_across_runs_and_changes_nothing() {
+    let model = fixture("qwen2");
+    let data = fixtures().join("pairs_tokens.jsonl");
+    let dir = tempdir();
+    let cache = dir.path().join("reference-cache");
+    let weights = |name: &str| {
+        read_tensors(&dir.path().join(name).join("final/model.safetensors")).expect("weights")
+    };
+    // A β = 0.1 DPO run fills the cache: two sums per example (12 pairs).
+    let first = Case {
+        name: "first",
+        precompute: true,
+        ..BASE
+    };
+    train_ok(&write_spec(dir.path(), &model, &data, &first), &[]);
+    assert_eq!(cache_bytes(&cache), 12 * 2 * 20);
+
+    // A β sweep with packing on reuses every sum (nothing appended) and trains
+    // exactly as the same run that recomputes its reference (cache = "none").
+    let sweep = Case {
+        name: "sweep",
+        beta: 0.3,
+        precompute: true,
+        packing: true,
+        ..BASE
+    };
+    train_ok(&write_spec(dir.path(), &model, &data, &sweep), &[]);
+    assert_eq!(cache_bytes(&cache), 12 * 2 * 20, "the sweep scored nothing");
+    let fresh = Case {
+        name: "fresh",
+        ..sweep
+    };
+    let spec = write_spec(dir.path(), &model, &data, &fresh);
+    let text = std::fs::read_to_string(&spec).expect("spec");
+    let text = text.replace(
+        &format!("cache = \"{}\"", cache.display()),
+        "cache = \"none\"",
+    );
+    std::fs::write(&spec, text).expect("spec");
+    train_ok(&spec, &[]);
+    let d = max_weight_diff(&weights("sweep"), &weights("fresh"));
+    // The cached sums were computed unpacked, the fresh ones packed: the same up
+    // to the summation order's rounding (see tests/packing.rs).
+    assert!(d <= 1e-5, "cached and recomputed references differ: {d}");
+    assert!(max_weight_diff(&weights("sweep"), &weights("first")) > 1e-3);
+
+    // The numbers really come from the cache: shifted sums change the training.
+    let ns = std::fs::read_dir(&cache)
+        .expect("root")
+        .flatten()
+        .next()
+        .expect("a namespace")
+        .path();
+    let mut shifted = Vec::new();
+    for seg in std::fs::read_dir(&ns).expect("ns").flatten() {
+        let bytes = std::fs::read(seg.path()).expect("segment");
+        for rec in bytes.chunks_exact(20) {
+            shifted.extend_from_slice(&rec[..16]);
+            let v = f32::from_le_bytes(rec[16..].try_into().expect("4 bytes"));
+            // Chosen and rejected both shift, by different amounts per key.
+            shifted.extend_from_slice(&(v - f32::from(rec[0] % 7)).to_le_bytes());
+        }
+        std::fs::remove_file(seg.path()).expect("remove");
+    }
+    std::fs::write(ns.join("0-edited.seg"), shifted).expect("write");
+    let edited = Case {
+        name: "edited",
+        ..sweep
+    };
+    train_ok(&write_spec(dir.path(), &model, &data, &edited), &[]);
+    assert!(
+        max_weight_diff(&weights("edited"), &weights("sweep")) > 1e-4,
+        "the run ignored the cache"
+    );
+    assert_eq!(cache_bytes(&cache), 12 * 2 * 20);
 }
