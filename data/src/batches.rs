@@ -65,8 +65,38 @@ impl EpochPlan {
     }
 }
 
-/// Rank `rank`'s contiguous share of the examples `idx` of `pool`, with the totals
-/// of the whole batch (for normalising losses): `(examples, indices, totals)`.
+/// Tokens an example costs in a forward pass: its prompt and every response.
+fn cost(e: &Example) -> usize {
+    e.prompt.len()
+        + e.chosen.as_ref().map_or(0, Vec::len)
+        + e.rejected.iter().map(Vec::len).sum::<usize>()
+}
+
+/// The rank of each of `lengths`' elements: longest first, each to the rank with
+/// the fewest tokens so far (ties: the lower rank) — every rank's forward costs
+/// about the same, so no rank waits for a straggler at the all-reduce. With at
+/// least `world` elements every rank gets one.
+pub fn balance(lengths: &[usize], world: usize) -> Vec<usize> {
+    let world = world.max(1);
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+    let mut load = vec![(0usize, 0usize); world]; // (tokens, examples)
+    let mut rank_of = vec![0; lengths.len()];
+    for i in order {
+        let r = (0..world)
+            .min_by_key(|&r| (load[r].0, load[r].1, r))
+            .unwrap_or(0);
+        load[r].0 += lengths[i];
+        load[r].1 += 1;
+        rank_of[i] = r;
+    }
+    rank_of
+}
+
+/// Rank `rank`'s share of the examples `idx` of `pool` (length-balanced across
+/// ranks by [`balance`], in batch order), with the totals of the whole batch (for
+/// normalising losses): `(examples, indices, totals)`. Every term is normalised by
+/// the whole batch's totals, so how the batch is split changes no gradient.
 pub fn rank_share(
     pool: &[Example],
     idx: &[usize],
@@ -74,16 +104,21 @@ pub fn rank_share(
     rank: usize,
     world: usize,
 ) -> (Vec<Example>, Vec<usize>, Normalizer) {
-    let all: Vec<&Example> = idx.iter().filter_map(|&i| pool.get(i)).collect();
+    let picked: Vec<(usize, &Example)> = idx
+        .iter()
+        .filter_map(|&i| pool.get(i).map(|e| (i, e)))
+        .collect();
+    let all: Vec<&Example> = picked.iter().map(|(_, e)| *e).collect();
     let norm = Normalizer::of(&all, count_negatives);
-    let (start, len) = rank_range(all.len(), world, rank);
-    let end = (start + len).min(all.len());
-    let start = start.min(end);
-    (
-        all[start..end].iter().map(|&e| e.clone()).collect(),
-        idx[start..end].to_vec(),
-        norm,
-    )
+    let lengths: Vec<usize> = all.iter().map(|e| cost(e)).collect();
+    let ranks = balance(&lengths, world);
+    let (examples, indices) = picked
+        .iter()
+        .zip(&ranks)
+        .filter(|(_, r)| **r == rank)
+        .map(|((i, e), _)| ((*e).clone(), *i))
+        .unzip();
+    (examples, indices, norm)
 }
 
 #[cfg(test)]
@@ -116,7 +151,10 @@ mod tests {
                     assert_eq!(e.len(), i.len());
                     seen.extend(i);
                 }
-                assert_eq!(seen, idx, "world {world}");
+                seen.sort_unstable();
+                let mut want = idx.clone();
+                want.sort_unstable();
+                assert_eq!(seen, want, "world {world}");
             }
         }
     }
@@ -130,5 +168,30 @@ mod tests {
         first.sort_unstable();
         assert_eq!(first, (0..12).collect::<Vec<_>>());
         assert!(EpochPlan::new(2, 3, 1, true).is_none());
+    }
+
+    #[test]
+    fn shares_balance_tokens_not_counts() {
+        // One long example and several short ones: the long one's rank gets
+        // fewer examples.
+        let lengths = [40, 5, 6, 7, 8, 9, 10, 5];
+        let ranks = balance(&lengths, 2);
+        let tokens = |r: usize| -> usize {
+            lengths
+                .iter()
+                .zip(&ranks)
+                .filter(|(_, x)| **x == r)
+                .map(|(l, _)| l)
+                .sum()
+        };
+        assert_eq!((tokens(0), tokens(1)), (45, 45));
+        assert_eq!(ranks.iter().filter(|&&r| r == 0).count(), 2);
+        // Contiguous halves would have been 58 against 32.
+        // Every rank gets an example when there are enough.
+        let ranks = balance(&[1, 1, 1, 100], 4);
+        let mut sorted = ranks.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, vec![0, 1, 2, 3]);
+        assert_eq!(balance(&[3, 2], 1), vec![0, 0]);
     }
 }
