@@ -352,3 +352,125 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
 fn bail_standby(case: &Case) -> ! {
     panic!("the standby exited{}", case.logs())
 }
+
+/// `scored=N` of every "reference stage complete" line of a worker's log, in order
+/// (ANSI colour codes stripped).
+fn stage_scores(log: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+        .lines()
+        .filter(|l| l.contains("reference stage complete"))
+        .filter_map(|l| {
+            let rest = &l[l.find("scored=")? + "scored=".len()..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Bytes in the coordinator's reference cache (20 per sequence).
+fn cache_bytes(data_dir: &Path) -> u64 {
+    let mut total = 0;
+    for ns in std::fs::read_dir(data_dir.join("reference"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for seg in std::fs::read_dir(ns.path()).into_iter().flatten().flatten() {
+            total += seg.metadata().map_or(0, |m| m.len());
+        }
+    }
+    total
+}
+
+#[test]
+fn the_reference_stage_is_shared_by_the_workers_and_reused_by_later_runs() {
+    let rows = 48;
+    let case = Case::new(rows);
+    // Standalone recomputes its reference (cache "none"); the cluster scores it
+    // once, as a stage split over both workers, into the coordinator's cache.
+    let (spec, out_dir) = case.reference_and_spec(
+        "staged",
+        "max_steps = 6\nmicro_batch_size = 2\n[reference]\nprecompute = true\ncache = \"none\"",
+        "min_workers = 2\nmax_workers = 2",
+    );
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    let _w1 = worker(port, "w1", &case.logs).expect("w1");
+    let out = dpoctl(port, &["submit", "--watch", &spec.display().to_string()]).expect("dpoctl");
+    assert!(
+        out.status.success(),
+        "dpoctl: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        case.logs()
+    );
+    every_step_once(&out_dir, 6);
+    case.assert_same_weights(&out_dir, "reference stage, 2 workers");
+    // Every pair scored exactly once, chosen and rejected, shared by the ranks.
+    assert_eq!(cache_bytes(&data), rows as u64 * 2 * 20, "{}", case.logs());
+    let (s0, s1) = (
+        stage_scores(&case.logs.join("w0.log")),
+        stage_scores(&case.logs.join("w1.log")),
+    );
+    assert_eq!(s0.len(), 1, "{}", case.logs());
+    assert_eq!(s1.len(), 1, "{}", case.logs());
+    assert_eq!(s0[0] + s1[0], rows as u64);
+    assert!(
+        s0[0] > 0 && s1[0] > 0,
+        "both ranks take part: {s0:?} {s1:?}"
+    );
+
+    // A β sweep on the same data reuses every sum: nothing scored, nothing added.
+    let sweep = std::fs::read_to_string(&spec)
+        .expect("spec")
+        .replace("beta = 0.5", "beta = 0.2")
+        .replace("name = \"staged\"", "name = \"sweep\"")
+        .replace(
+            &format!("\"{}\"", out_dir.display()),
+            &format!("\"{}\"", case.path().join("sweep").display()),
+        );
+    let sweep_spec = case.path().join("sweep.toml");
+    std::fs::write(&sweep_spec, sweep).expect("sweep spec");
+    let out = dpoctl(
+        port,
+        &["submit", "--watch", &sweep_spec.display().to_string()],
+    )
+    .expect("dpoctl");
+    assert!(
+        out.status.success(),
+        "dpoctl: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        case.logs()
+    );
+    every_step_once(&case.path().join("sweep"), 6);
+    assert_eq!(cache_bytes(&data), rows as u64 * 2 * 20);
+    let (s0, s1) = (
+        stage_scores(&case.logs.join("w0.log")),
+        stage_scores(&case.logs.join("w1.log")),
+    );
+    assert_eq!(
+        (s0.last(), s1.last()),
+        (Some(&0), Some(&0)),
+        "{}",
+        case.logs()
+    );
+    let moved = max_diff(&out_dir.join("final"), &case.path().join("sweep/final")).expect("w");
+    assert!(moved > 1e-4, "β changed the training: {moved}");
+}

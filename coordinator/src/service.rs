@@ -288,6 +288,23 @@ impl WorkerService for Api {
         ))
     }
 
+    async fn reference_work(
+        &self,
+        request: Request<v1::ReferenceWorkRequest>,
+    ) -> Result<Response<v1::ReferenceWorkResponse>, Status> {
+        Ok(Response::new(
+            self.coordinator.reference_work(request.get_ref()).await?,
+        ))
+    }
+
+    async fn report_reference(
+        &self,
+        request: Request<v1::ReportReferenceRequest>,
+    ) -> Result<Response<v1::Ack>, Status> {
+        self.coordinator.report_reference(request.get_ref()).await?;
+        Ok(Response::new(v1::Ack {}))
+    }
+
     async fn report_step(
         &self,
         request: Request<v1::ReportStepRequest>,

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dpo_data::Example;
 use dpo_data::batches::{EpochPlan, rank_share};
+use dpo_data::refcache::{self, RefCache};
 use dpo_proto::v1::{self, RunState};
 use dpo_proto::{Loss, RunSpec};
 use serde::{Deserialize, Serialize};
@@ -145,6 +146,38 @@ pub struct RunData {
     pub eval: Vec<Example>,
     pub plan: std::sync::Mutex<EpochPlan>,
     pub count_negatives: bool,
+    /// The reference stage's cache (runs with `reference.precompute`).
+    pub reference: Option<ReferenceStage>,
+}
+
+/// The reference log-prob cache of a run's namespace, and the plan of what the
+/// current generation's ranks still score.
+#[derive(Debug)]
+pub struct ReferenceStage {
+    pub cache: std::sync::Mutex<RefCache>,
+    /// (generation, the examples — `(is_eval, index)` — the cache lacked when
+    /// that generation first asked), made once per generation so every rank
+    /// splits the same list.
+    plan: std::sync::Mutex<Option<(u64, Vec<StageItem>)>>,
+}
+
+/// An example of the reference stage: `(is_eval, index in its split)`.
+type StageItem = (bool, usize);
+
+impl ReferenceStage {
+    /// Opens the run's namespace under `root` (when the run precomputes).
+    fn open(spec: &RunSpec, root: &Path) -> std::result::Result<Option<Self>, dpo_data::Error> {
+        if !refcache::precomputes(spec) {
+            return Ok(None);
+        }
+        let ns = refcache::namespace_of(spec)?;
+        let cache = RefCache::open(root, &ns)?;
+        tracing::info!(namespace = %ns, records = cache.len(), "reference cache");
+        Ok(Some(ReferenceStage {
+            cache: std::sync::Mutex::new(cache),
+            plan: std::sync::Mutex::new(None),
+        }))
+    }
 }
 
 impl RunData {
@@ -161,6 +194,7 @@ impl RunData {
             eval,
             plan: std::sync::Mutex::new(plan),
             count_negatives: spec.objective.loss == Loss::Combined,
+            reference: None,
         })
     }
 }
@@ -292,7 +326,7 @@ impl Coordinator {
                 }
             };
             if !record.terminal() {
-                match load_shards(&record) {
+                match load_shards(&record, &settings.data_dir.join("reference")) {
                     Ok(d) => {
                         data.insert(record.id.clone(), Arc::new(d));
                         if record.state() == RunState::Running {
@@ -368,7 +402,8 @@ impl Coordinator {
         let shard_dir = self.settings.data_dir.join("runs").join(&id);
         let spec2 = spec.clone();
         let dir2 = shard_dir.clone();
-        let data = tokio::task::spawn_blocking(move || prepare(&spec2, &dir2))
+        let cache_root = self.settings.data_dir.join("reference");
+        let data = tokio::task::spawn_blocking(move || prepare(&spec2, &dir2, &cache_root))
             .await
             .map_err(|e| Refusal::Internal(e.to_string()))??;
         let steps_per_epoch = data
@@ -949,20 +984,29 @@ impl Coordinator {
             let (e, i, n) = rank_share(&data.train, &idx, data.count_negatives, rank, world);
             (e, i, n, epoch)
         };
-        let batch = v1::Batch {
-            examples: examples
+        // The reference sums of the slice, when the stage has them all.
+        let (mut reference_chosen, mut reference_rejected) = (Vec::new(), Vec::new());
+        if let Some(stage) = &data.reference {
+            let cache = stage
+                .cache
+                .lock()
+                .map_err(|_| Refusal::Internal("poisoned reference cache".into()))?;
+            let sums: Option<Vec<[f32; 2]>> = examples
                 .iter()
-                .map(|e| v1::Example {
-                    line: e.line as u64,
-                    prompt: e.prompt.clone(),
-                    chosen: e.chosen.clone().map(|ids| v1::Sequence { ids }),
-                    rejected: e
-                        .rejected
-                        .iter()
-                        .map(|ids| v1::Sequence { ids: ids.clone() })
-                        .collect(),
+                .map(|e| {
+                    let [c, r] = refcache::pair_keys(e)?;
+                    Some([cache.get(&c)?, cache.get(&r)?])
                 })
-                .collect(),
+                .collect();
+            if let Some(sums) = sums {
+                reference_chosen = sums.iter().map(|s| s[0]).collect();
+                reference_rejected = sums.iter().map(|s| s[1]).collect();
+            }
+        }
+        let batch = v1::Batch {
+            examples: examples.iter().map(to_proto_example).collect(),
+            reference_chosen,
+            reference_rejected,
             indices: indices.iter().map(|&i| i as u64).collect(),
             total_examples: norm.examples,
             total_chosen_tokens: norm.chosen_tokens,
@@ -974,6 +1018,160 @@ impl Coordinator {
         inner.counters.examples_served += examples.len() as u64;
         inner.counters.batch_serve_seconds += started.elapsed().as_secs_f64();
         Ok(batch)
+    }
+
+    /// This rank's chunk of the reference stage: the examples (train, then eval)
+    /// whose sums the cache lacked when this generation first asked, dealt
+    /// round-robin over the ranks, one micro-batch per chunk.
+    pub async fn reference_work(
+        &self,
+        req: &v1::ReferenceWorkRequest,
+    ) -> Result<v1::ReferenceWorkResponse> {
+        let (data, world, micro) = {
+            let inner = self.inner.lock().await;
+            Self::check_member(
+                &inner,
+                &req.worker_id,
+                &req.run_id,
+                req.generation,
+                Some(req.rank),
+            )?;
+            let world = inner.active.as_ref().map_or(1, |g| g.members.len());
+            let data = inner
+                .data
+                .get(&req.run_id)
+                .cloned()
+                .ok_or_else(|| Refusal::NotFound(format!("run {} has no data", req.run_id)))?;
+            let micro = inner.runs[&req.run_id].spec.micro_batch_size().max(1);
+            (data, world, micro)
+        };
+        let Some(stage) = &data.reference else {
+            return Err(Refusal::Invalid(format!(
+                "run {} has no reference stage (reference.precompute is off)",
+                req.run_id
+            )));
+        };
+        let mut plan = stage
+            .plan
+            .lock()
+            .map_err(|_| Refusal::Internal("poisoned reference plan".into()))?;
+        if plan.as_ref().is_none_or(|(g, _)| *g != req.generation) {
+            let cache = stage
+                .cache
+                .lock()
+                .map_err(|_| Refusal::Internal("poisoned reference cache".into()))?;
+            let lacks = |e: &Example| {
+                refcache::pair_keys(e)
+                    .is_some_and(|[c, r]| !cache.contains(&c) || !cache.contains(&r))
+            };
+            let missing: Vec<StageItem> =
+                (data.train.iter().enumerate().map(|(i, e)| (false, i, e)))
+                    .chain(data.eval.iter().enumerate().map(|(i, e)| (true, i, e)))
+                    .filter(|(_, _, e)| lacks(e))
+                    .map(|(eval, i, _)| (eval, i))
+                    .collect();
+            tracing::info!(
+                run = %req.run_id,
+                generation = req.generation,
+                to_score = missing.len(),
+                cached = data.train.len() + data.eval.len() - missing.len(),
+                "reference stage"
+            );
+            *plan = Some((req.generation, missing));
+        }
+        let planned = plan.as_ref().map_or(0, |(_, m)| m.len());
+        let share: Vec<StageItem> = plan
+            .as_ref()
+            .map(|(_, m)| {
+                m.iter()
+                    .skip(req.rank as usize)
+                    .step_by(world)
+                    .copied()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let start = (req.chunk as usize).saturating_mul(micro);
+        if start >= share.len() {
+            return Ok(v1::ReferenceWorkResponse {
+                examples: Vec::new(),
+                done: true,
+                planned: planned as u64,
+            });
+        }
+        let examples = share[start..(start + micro).min(share.len())]
+            .iter()
+            .filter_map(|&(eval, i)| {
+                if eval {
+                    data.eval.get(i)
+                } else {
+                    data.train.get(i)
+                }
+            })
+            .map(to_proto_example)
+            .collect();
+        Ok(v1::ReferenceWorkResponse {
+            examples,
+            done: false,
+            planned: planned as u64,
+        })
+    }
+
+    /// Stores reference sums reported by a member of the current generation.
+    pub async fn report_reference(&self, req: &v1::ReportReferenceRequest) -> Result<()> {
+        let data = {
+            let inner = self.inner.lock().await;
+            Self::check_member(&inner, &req.worker_id, &req.run_id, req.generation, None)?;
+            inner
+                .data
+                .get(&req.run_id)
+                .cloned()
+                .ok_or_else(|| Refusal::NotFound(format!("run {} has no data", req.run_id)))?
+        };
+        if data.reference.is_none() {
+            return Err(Refusal::Invalid(format!(
+                "run {} has no reference stage",
+                req.run_id
+            )));
+        }
+        if req.keys.len() != req.sums.len() {
+            return Err(Refusal::Invalid(format!(
+                "{} keys but {} sums",
+                req.keys.len(),
+                req.sums.len()
+            )));
+        }
+        let mut records = Vec::with_capacity(req.keys.len());
+        for (k, &v) in req.keys.iter().zip(&req.sums) {
+            let key: refcache::Key = k.as_slice().try_into().map_err(|_| {
+                Refusal::Invalid(format!(
+                    "a reference key has {} bytes, not {}",
+                    k.len(),
+                    refcache::KEY_BYTES
+                ))
+            })?;
+            if !v.is_finite() || v > 0.0 {
+                return Err(Refusal::Invalid(format!(
+                    "a reference log-prob sum must be finite and ≤ 0, found {v}"
+                )));
+            }
+            records.push((key, v));
+        }
+        let data2 = data.clone();
+        let added = tokio::task::spawn_blocking(move || -> Result<usize> {
+            let Some(stage) = &data2.reference else {
+                return Ok(0);
+            };
+            stage
+                .cache
+                .lock()
+                .map_err(|_| Refusal::Internal("poisoned reference cache".into()))?
+                .insert(&records)
+                .map_err(|e| Refusal::Internal(e.to_string()))
+        })
+        .await
+        .map_err(|e| Refusal::Internal(e.to_string()))??;
+        tracing::debug!(run = %req.run_id, added, "reference sums stored");
+        Ok(())
     }
 
     /// Records a step's (or an evaluation's) metrics the first time any rank
@@ -1206,7 +1404,7 @@ impl Coordinator {
 }
 
 /// Tokenizes and shards a run's datasets (train and eval) once.
-fn prepare(spec: &RunSpec, shard_dir: &Path) -> Result<RunData> {
+fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunData> {
     if spec.data.negatives.as_deref() == Some("policy") {
         return Err(Refusal::Invalid(
             "data.negatives: \"policy\" negatives need a model to sample from; the cluster does not sample them yet (use `dpo-worker train`)".into(),
@@ -1249,20 +1447,42 @@ fn prepare(spec: &RunSpec, shard_dir: &Path) -> Result<RunData> {
     dpo_data::shard::write(&shard_dir.join("eval.shard"), &eval)
         .map_err(|e| Refusal::Internal(e.to_string()))?;
     let n = train.len();
-    RunData::new(spec, train, eval).ok_or_else(|| {
+    let mut data = RunData::new(spec, train, eval).ok_or_else(|| {
         Refusal::Invalid(format!(
             "train.global_batch_size: {} exceeds the {n} usable training examples of {}",
             spec.train.global_batch_size,
             spec.data.train.display()
         ))
-    })
+    })?;
+    data.reference = ReferenceStage::open(spec, cache_root)
+        .map_err(|e| Refusal::Invalid(format!("reference.precompute: {e}")))?;
+    Ok(data)
 }
 
-fn load_shards(record: &RunRecord) -> std::result::Result<RunData, dpo_data::Error> {
+fn load_shards(
+    record: &RunRecord,
+    cache_root: &Path,
+) -> std::result::Result<RunData, dpo_data::Error> {
     let train = dpo_data::shard::read(&record.shard_dir.join("train.shard"))?;
     let eval = dpo_data::shard::read(&record.shard_dir.join("eval.shard"))?;
-    RunData::new(&record.spec, train, eval).ok_or_else(|| dpo_data::Error::File {
-        path: record.shard_dir.join("train.shard"),
-        reason: "fewer examples than one global batch".into(),
-    })
+    let mut data =
+        RunData::new(&record.spec, train, eval).ok_or_else(|| dpo_data::Error::File {
+            path: record.shard_dir.join("train.shard"),
+            reason: "fewer examples than one global batch".into(),
+        })?;
+    data.reference = ReferenceStage::open(&record.spec, cache_root)?;
+    Ok(data)
+}
+
+fn to_proto_example(e: &Example) -> v1::Example {
+    v1::Example {
+        line: e.line as u64,
+        prompt: e.prompt.clone(),
+        chosen: e.chosen.clone().map(|ids| v1::Sequence { ids }),
+        rejected: e
+            .rejected
+            .iter()
+            .map(|ids| v1::Sequence { ids: ids.clone() })
+            .collect(),
+    }
 }

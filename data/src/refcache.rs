@@ -20,9 +20,11 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+use dpo_proto::{Dtype, RunSpec};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::examples::Example;
 
 /// Bytes of a sequence key.
 pub const KEY_BYTES: usize = 16;
@@ -98,6 +100,27 @@ pub fn namespace(reference_dir: &Path, tokenizer_dir: &Path, dtype: &str) -> Res
         .collect::<String>())
 }
 
+/// The namespace of a run: its reference weights (the initial policy's for
+/// `"same"`), the model's tokenizer, and the compute dtype.
+pub fn namespace_of(spec: &RunSpec) -> Result<String> {
+    let reference_dir = match spec.reference.path.as_str() {
+        "same" | "none" => spec.model.path.clone(),
+        dir => PathBuf::from(dir),
+    };
+    let dtype = match spec.model.dtype {
+        Dtype::F32 => "f32",
+        Dtype::Bf16 => "bf16",
+        Dtype::F16 => "f16",
+    };
+    namespace(&reference_dir, &spec.model.path, dtype)
+}
+
+/// Whether a run scores a reference model once before training (and so uses the
+/// cache): `reference.precompute`, a pairwise loss, and a reference at all.
+pub fn precomputes(spec: &RunSpec) -> bool {
+    spec.reference.precompute && spec.objective.loss.is_pairwise() && spec.reference.path != "none"
+}
+
 /// The key of a (prompt, response) sequence.
 pub fn key(prompt: &[u32], response: &[u32]) -> Key {
     let mut h = Sha256::new();
@@ -111,6 +134,15 @@ pub fn key(prompt: &[u32], response: &[u32]) -> Key {
     let mut k = [0u8; KEY_BYTES];
     k.copy_from_slice(&digest[..KEY_BYTES]);
     k
+}
+
+/// The keys of an example's chosen and first rejected response (`None` when it
+/// is not a pair).
+pub fn pair_keys(e: &Example) -> Option<[Key; 2]> {
+    Some([
+        key(&e.prompt, e.chosen.as_deref()?),
+        key(&e.prompt, e.rejected.first()?),
+    ])
 }
 
 /// One namespace of the cache, loaded in memory, with a segment to append to.

@@ -178,7 +178,20 @@ impl RemoteBatches {
             let r = req.clone();
             async move { c.fetch_batch(r).await }
         })?;
+        let reference = if batch.reference_chosen.len() == batch.examples.len()
+            && batch.reference_rejected.len() == batch.examples.len()
+        {
+            batch
+                .reference_chosen
+                .iter()
+                .zip(&batch.reference_rejected)
+                .map(|(&c, &r)| [c, r])
+                .collect()
+        } else {
+            Vec::new()
+        };
         Ok(Slice {
+            reference,
             examples: batch.examples.into_iter().map(from_proto).collect(),
             indices: batch.indices.iter().map(|&i| i as usize).collect(),
             norm: Normalizer {
@@ -367,6 +380,12 @@ impl Worker {
                 "took the training state of rank {root}"
             );
         }
+        if trainer.reference_staged() {
+            self.reference_stage(work, signal)?;
+        }
+        let Some((_, trainer)) = self.trainer.as_mut() else {
+            return Err(Error::Collective("no trainer".into()));
+        };
         tracing::info!(
             generation = work.generation,
             rank = work.rank,
@@ -429,6 +448,66 @@ impl Worker {
             trainer.save_final()?;
             self.report_done(work, step, String::new(), stopped);
         }
+        Ok(())
+    }
+
+    /// The reference stage of a generation: scores this rank's chunks of what the
+    /// coordinator's cache lacks, reports each as it is done (so a broken
+    /// generation loses at most one chunk per rank), then waits for every rank.
+    /// With a warm cache there is nothing to score and no model is loaded.
+    fn reference_stage(&mut self, work: &v1::Work, signal: &AbortSignal) -> Result<()> {
+        let t = std::time::Instant::now();
+        let mut scored = 0usize;
+        let mut planned = 0u64;
+        for chunk in 0u64.. {
+            let req = v1::ReferenceWorkRequest {
+                worker_id: self.worker_id.clone(),
+                run_id: work.run_id.clone(),
+                generation: work.generation,
+                rank: work.rank,
+                chunk,
+            };
+            let resp = call(&self.rt, signal, "reference work", || {
+                let mut c = self.client.clone();
+                let r = req.clone();
+                async move { c.reference_work(r).await }
+            })?;
+            planned = resp.planned;
+            if resp.done {
+                break;
+            }
+            let examples: Vec<Example> = resp.examples.into_iter().map(from_proto).collect();
+            let Some((_, trainer)) = self.trainer.as_mut() else {
+                return Err(Error::Collective("no trainer".into()));
+            };
+            let records = trainer.score_reference(&examples)?;
+            scored += examples.len();
+            let (keys, sums): (Vec<Vec<u8>>, Vec<f32>) =
+                records.into_iter().map(|(k, v)| (k.to_vec(), v)).unzip();
+            let report = v1::ReportReferenceRequest {
+                worker_id: self.worker_id.clone(),
+                run_id: work.run_id.clone(),
+                generation: work.generation,
+                keys,
+                sums,
+            };
+            call(&self.rt, signal, "report reference", || {
+                let mut c = self.client.clone();
+                let r = report.clone();
+                async move { c.report_reference(r).await }
+            })?;
+        }
+        let Some((_, trainer)) = self.trainer.as_mut() else {
+            return Err(Error::Collective("no trainer".into()));
+        };
+        trainer.finish_reference_stage()?;
+        tracing::info!(
+            generation = work.generation,
+            scored,
+            stage_total = planned,
+            seconds = t.elapsed().as_secs_f64(),
+            "reference stage complete"
+        );
         Ok(())
     }
 

@@ -97,12 +97,11 @@ enum Reference {
         train: Vec<[f64; 2]>,
         eval: Vec<[f64; 2]>,
     },
-    /// In a cluster: the frozen model, its sums kept per example as they are first
-    /// computed, so later epochs (and evaluations) reuse them.
-    Memo {
-        model: Box<CausalLm>,
-        seen: std::collections::HashMap<(bool, usize), [f32; 2]>,
-    },
+    /// In a cluster with `reference.precompute`: the sums come with each batch
+    /// from the coordinator's cache, filled by the reference stage before
+    /// training. The model is held only while this worker scores its share of the
+    /// stage (loaded on demand, freed at the end of it).
+    Staged { model: Option<Box<CausalLm>> },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -119,25 +118,6 @@ fn kind_of(d: Dtype) -> Kind {
     }
 }
 
-/// The reference cache namespace of a run: its reference weights (the initial
-/// policy for `"same"`), the model's tokenizer, and the compute dtype.
-pub fn reference_namespace(spec: &RunSpec) -> Result<String> {
-    let reference_dir = match spec.reference.path.as_str() {
-        "same" | "none" => spec.model.path.clone(),
-        dir => PathBuf::from(dir),
-    };
-    let dtype = match spec.model.dtype {
-        Dtype::F32 => "f32",
-        Dtype::Bf16 => "bf16",
-        Dtype::F16 => "f16",
-    };
-    Ok(refcache::namespace(
-        &reference_dir,
-        &spec.model.path,
-        dtype,
-    )?)
-}
-
 /// One rank's contiguous share of a global batch.
 #[derive(Debug, Clone, Default)]
 pub struct Slice {
@@ -146,6 +126,9 @@ pub struct Slice {
     pub indices: Vec<usize>,
     /// Totals over the whole global batch.
     pub norm: Normalizer,
+    /// `[chosen, rejected]` reference sums per example, when the coordinator's
+    /// reference stage provides them (empty otherwise).
+    pub reference: Vec<[f32; 2]>,
 }
 
 /// Where global batches come from: the run's own files (standalone) or the
@@ -218,6 +201,7 @@ impl LocalBatches {
             examples,
             indices,
             norm,
+            reference: Vec::new(),
         }
     }
 }
@@ -347,7 +331,9 @@ struct Models {
 }
 
 impl Models {
-    fn load(spec: &RunSpec, device: Device) -> Result<Self> {
+    /// `staged`: the reference is scored by the cluster's reference stage, which
+    /// loads it on demand — not here.
+    fn load(spec: &RunSpec, device: Device, staged: bool) -> Result<Self> {
         let kind = kind_of(spec.model.dtype);
         let objective = Objective::from_spec(&spec.objective);
         let policy = checkpoint::load(&spec.model.path, kind, device)?;
@@ -361,7 +347,7 @@ impl Models {
         let wants_reference = objective.needs_reference() && spec.reference.path != "none";
         let samples_policy = spec.data.negatives.as_deref() == Some("policy");
         let reference_model = match &reference_dir {
-            Some(dir) if wants_reference || samples_policy => {
+            Some(dir) if (wants_reference && !staged) || samples_policy => {
                 Some(checkpoint::load_reference(dir, kind, device, vocab)?)
             }
             _ => None,
@@ -427,7 +413,7 @@ impl Trainer {
         opts: &TrainOptions,
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
-        let models = Models::load(&spec, opts.device)?;
+        let models = Models::load(&spec, opts.device, false)?;
         let (train, train_report, eval, eval_report) =
             load_examples(&spec, &models.policy, models.reference_model.as_ref())?;
         let local = LocalBatches::new(&spec, train, eval)?;
@@ -439,7 +425,15 @@ impl Trainer {
             train_report: Some(train_report),
             eval_report,
         };
-        let mut trainer = Self::assemble(spec, opts, collective, models, Box::new(local), shape)?;
+        let mut trainer = Self::assemble(
+            spec,
+            opts,
+            collective,
+            models,
+            Box::new(local),
+            shape,
+            false,
+        )?;
         trainer.writes_metrics = true;
         trainer.prepare_output(opts.resume)?;
         if trainer.spec.reference.precompute {
@@ -463,28 +457,19 @@ impl Trainer {
                 reason: "\"policy\" negatives are sampled by `dpo-worker train` (standalone); the coordinator cannot sample them yet".into(),
             });
         }
-        let models = Models::load(&spec, opts.device)?;
+        let staged = refcache::precomputes(&spec);
+        let models = Models::load(&spec, opts.device, staged)?;
         let out = spec.train.output.clone();
         std::fs::create_dir_all(&out).map_err(io_err(&out))?;
-        let mut trainer = Self::assemble(
+        Self::assemble(
             spec,
             opts,
             Box::new(crate::collective::Solo),
             models,
             batches,
             shape,
-        )?;
-        if trainer.spec.reference.precompute {
-            let reference = std::mem::replace(&mut trainer.reference, Reference::Free);
-            trainer.reference = match reference {
-                Reference::Model(model) => Reference::Memo {
-                    model,
-                    seen: Default::default(),
-                },
-                other => other,
-            };
-        }
-        Ok(trainer)
+            staged,
+        )
     }
 
     fn assemble(
@@ -494,6 +479,7 @@ impl Trainer {
         models: Models,
         batches: Box<dyn Batches>,
         shape: RunShape,
+        staged: bool,
     ) -> Result<Self> {
         let Models {
             objective,
@@ -503,6 +489,8 @@ impl Trainer {
         } = models;
         let reference = if !wants_reference {
             Reference::Free
+        } else if staged {
+            Reference::Staged { model: None }
         } else {
             match reference_model {
                 Some(model) => Reference::Model(Box::new(model)),
@@ -666,7 +654,7 @@ impl Trainer {
         let packing = self.packing();
         let mut cache = match self.spec.reference_cache_dir() {
             Some(root) => {
-                let ns = reference_namespace(&self.spec)?;
+                let ns = refcache::namespace_of(&self.spec)?;
                 let cache = RefCache::open(&root, &ns)?;
                 tracing::info!(dir = %cache.dir().display(), records = cache.len(), "reference cache");
                 Some(cache)
@@ -724,6 +712,76 @@ impl Trainer {
         Ok(())
     }
 
+    /// Whether this trainer takes its reference sums from the coordinator's
+    /// reference stage.
+    pub fn reference_staged(&self) -> bool {
+        matches!(self.reference, Reference::Staged { .. })
+    }
+
+    /// The reference stage: scores `examples` (pairs) with the reference model,
+    /// loading it first if this worker holds none. Returns each sequence's cache
+    /// key and Σ log π_ref, chosen then rejected per example.
+    pub fn score_reference(&mut self, examples: &[Example]) -> Result<Vec<(refcache::Key, f32)>> {
+        let packing = self.packing();
+        let kind = kind_of(self.spec.model.dtype);
+        let device = self.policy.device();
+        let Reference::Staged { model } = &mut self.reference else {
+            return Err(Error::Input {
+                context: "reference.precompute".into(),
+                reason: "this run has no reference stage".into(),
+            });
+        };
+        if model.is_none() {
+            let t = Instant::now();
+            let loaded = match self.spec.reference.path.as_str() {
+                "same" | "none" => checkpoint::load(&self.spec.model.path, kind, device)?,
+                dir => checkpoint::load_reference(
+                    Path::new(dir),
+                    kind,
+                    device,
+                    self.policy.config().vocab_size,
+                )?,
+            };
+            tracing::info!(
+                seconds = t.elapsed().as_secs_f64(),
+                "loaded the reference model for the reference stage"
+            );
+            *model = Some(Box::new(loaded));
+        }
+        let Some(model) = model.as_deref() else {
+            return Ok(Vec::new());
+        };
+        let refs: Vec<&Example> = examples.iter().collect();
+        let mut out = Vec::with_capacity(2 * examples.len());
+        for (e, s) in examples
+            .iter()
+            .zip(objective::pair_sums(model, &refs, packing)?)
+        {
+            let Some([kc, kr]) = refcache::pair_keys(e) else {
+                return Err(Error::Input {
+                    context: "reference stage".into(),
+                    reason: format!("example of line {} is not a pair", e.line),
+                });
+            };
+            out.push((kc, s[0] as f32));
+            out.push((kr, s[1] as f32));
+        }
+        Ok(out)
+    }
+
+    /// Ends this worker's part of the reference stage: frees the model and waits
+    /// for every rank (so nobody trains before every share is stored).
+    pub fn finish_reference_stage(&mut self) -> Result<()> {
+        if let Reference::Staged { model } = &mut self.reference
+            && model.take().is_some()
+        {
+            tracing::info!("reference stage done; the reference model is freed");
+        }
+        self.collective
+            .barrier()
+            .map_err(|e| Error::Collective(e.to_string()))
+    }
+
     /// Row length for pair-aware packing, when the spec asks for it.
     fn packing(&self) -> Option<usize> {
         self.spec
@@ -738,6 +796,7 @@ impl Trainer {
         mb: &MicroBatch,
         split: Split,
         idx: &[usize],
+        given: Option<&[[f32; 2]]>,
     ) -> Result<Option<Tensor>> {
         let device = self.policy.device();
         // Sums of the cached kinds, laid out chosen then rejected.
@@ -747,35 +806,23 @@ impl Trainer {
                 let _guard = tch::no_grad_guard();
                 return Ok(Some(objective::score(model, mb)?.sums));
             }
-            Reference::Memo { model, seen } => {
-                let key = |i: usize| (split == Split::Train, i);
-                if idx.iter().all(|&i| seen.contains_key(&key(i))) {
-                    let hits: Vec<[f32; 2]> = idx
-                        .iter()
-                        .filter_map(|&i| seen.get(&key(i)))
-                        .copied()
-                        .collect();
-                    hits.iter()
-                        .map(|v| v[0])
-                        .chain(hits.iter().map(|v| v[1]))
-                        .collect()
-                } else {
-                    let _guard = tch::no_grad_guard();
-                    let sums = objective::score(model, mb)?.sums;
-                    let v = sums
-                        .f_to_kind(Kind::Float)
-                        .and_then(|t| t.f_to_device(Device::Cpu))
-                        .and_then(|t| Vec::<f32>::try_from(&t))
-                        .op("reference sums")?;
-                    let n = idx.len();
-                    if v.len() != 2 * n {
-                        return Ok(Some(sums));
-                    }
-                    for (k, &i) in idx.iter().enumerate() {
-                        seen.insert(key(i), [v[k], v[n + k]]);
-                    }
-                    v
+            Reference::Staged { .. } => {
+                let given = given.unwrap_or(&[]);
+                if given.len() != idx.len() {
+                    return Err(Error::Input {
+                        context: "reference.precompute".into(),
+                        reason: format!(
+                            "the coordinator sent {} reference sums for {} examples: its reference stage is incomplete",
+                            given.len(),
+                            idx.len()
+                        ),
+                    });
                 }
+                given
+                    .iter()
+                    .map(|v| v[0])
+                    .chain(given.iter().map(|v| v[1]))
+                    .collect()
             }
             Reference::Cached { train, eval } => {
                 let cache = if split == Split::Train { train } else { eval };
@@ -817,7 +864,10 @@ impl Trainer {
         let mut stats = Stats::default();
         let m = self.spec.micro_batch_size();
         let refs: Vec<&Example> = slice.examples.iter().collect();
-        for (micro, micro_idx) in refs.chunks(m).zip(slice.indices.chunks(m)) {
+        for (k, (micro, micro_idx)) in refs.chunks(m).zip(slice.indices.chunks(m)).enumerate() {
+            let given = slice
+                .reference
+                .get(k * m..(k * m + micro.len()).min(slice.reference.len()));
             let mb = MicroBatch::new(
                 micro,
                 pairwise,
@@ -825,7 +875,7 @@ impl Trainer {
                 self.packing(),
                 self.policy.device(),
             )?;
-            let reference = self.reference_sums(&mb, split, micro_idx)?;
+            let reference = self.reference_sums(&mb, split, micro_idx, given)?;
             let (loss, s) = if backward {
                 let scores = objective::score(&self.policy, &mb)?;
                 let (loss, s) = self.objective.micro_batch_loss(
