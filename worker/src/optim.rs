@@ -2,6 +2,11 @@
 //! every step is the documented formula (and matches torch's): AdamW with decoupled
 //! weight decay (none on norms and biases), SGD, global-norm clipping, and the
 //! constant / linear / cosine schedules with linear warmup of transformers.
+//!
+//! Parameters kept in bf16/f16 get f32 *master weights*: the update is computed
+//! and accumulated in f32 and only its rounding is copied into the model, so
+//! updates smaller than a half-precision ulp are not lost (mixed precision as in
+//! PyTorch AMP / DeepSpeed). Moments are always f32.
 
 use std::collections::BTreeMap;
 use std::f64::consts::PI;
@@ -27,6 +32,8 @@ struct Slot {
     /// AdamW moments (f32), allocated on the first step.
     exp_avg: Option<Tensor>,
     exp_avg_sq: Option<Tensor>,
+    /// The f32 master copy of a half-precision parameter (`None` for f32).
+    master: Option<Tensor>,
 }
 
 /// AdamW or SGD over a fixed, named parameter list.
@@ -42,24 +49,27 @@ pub struct Optimizer {
 
 impl Optimizer {
     /// `params` in a stable order (sorted by name by the caller).
-    pub fn new(spec: &OptimSpec, params: Vec<(String, Tensor)>) -> Self {
+    pub fn new(spec: &OptimSpec, params: Vec<(String, Tensor)>) -> Result<Self> {
         let tensors = params.iter().map(|(_, t)| t.shallow_clone()).collect();
         let slots = params
             .into_iter()
-            .map(|(name, param)| Slot {
-                decay: decays(&name),
-                name,
-                param,
-                exp_avg: None,
-                exp_avg_sq: None,
+            .map(|(name, param)| {
+                Ok(Slot {
+                    decay: decays(&name),
+                    master: master_of(&param).op("f32 master weights")?,
+                    name,
+                    param,
+                    exp_avg: None,
+                    exp_avg_sq: None,
+                })
             })
-            .collect();
-        Optimizer {
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Optimizer {
             spec: spec.clone(),
             slots,
             params: tensors,
             step: 0,
-        }
+        })
     }
 
     /// The parameters, in the optimizer's (name-sorted) order.
@@ -125,19 +135,24 @@ impl Optimizer {
                 return Ok(());
             }
             let mut p = s.param.shallow_clone();
-            match spec.name {
+            // The f32 weights the update applies to: the master copy, or the
+            // parameter itself.
+            let current = match &s.master {
+                Some(m) => m.shallow_clone(),
+                None => p.f_to_kind(Kind::Float)?,
+            };
+            let updated = match spec.name {
                 OptimizerName::Sgd => {
                     // torch.optim.SGD: L2 weight decay added to the gradient.
                     let mut d = grad.f_to_kind(Kind::Float)?;
                     if spec.weight_decay != 0.0 && s.decay {
-                        d = d.f_add(&p.f_to_kind(Kind::Float)?.f_mul_scalar(spec.weight_decay)?)?;
+                        d = d.f_add(&current.f_mul_scalar(spec.weight_decay)?)?;
                     }
-                    let updated = p.f_to_kind(Kind::Float)?.f_sub(&d.f_mul_scalar(lr)?)?;
-                    p.f_copy_(&updated)?;
+                    current.f_sub(&d.f_mul_scalar(lr)?)?
                 }
                 OptimizerName::Adamw => {
                     let g = grad.f_to_kind(Kind::Float)?;
-                    let mut w = p.f_to_kind(Kind::Float)?;
+                    let mut w = current;
                     if spec.weight_decay != 0.0 && s.decay {
                         w = w.f_mul_scalar(1.0 - lr * spec.weight_decay)?;
                     }
@@ -161,11 +176,15 @@ impl Optimizer {
                         .f_div_scalar(bc2.sqrt())?
                         .f_add_scalar(spec.eps)?;
                     let w = w.f_sub(&m.f_div(&denom)?.f_mul_scalar(lr / bc1)?)?;
-                    p.f_copy_(&w)?;
                     s.exp_avg = Some(m);
                     s.exp_avg_sq = Some(v);
+                    w
                 }
+            };
+            if let Some(m) = &mut s.master {
+                m.f_copy_(&updated)?;
             }
+            p.f_copy_(&updated)?;
             Ok(())
         };
         for s in &mut self.slots {
@@ -174,13 +193,20 @@ impl Optimizer {
         Ok(())
     }
 
-    /// Every moment tensor, allocating zeros where none exist yet, in parameter
-    /// order — so ranks can exchange optimizer state tensor by tensor.
+    /// Every state tensor — AdamW moments (allocating zeros where none exist yet),
+    /// then the f32 master weights — in parameter order, so ranks can exchange
+    /// optimizer state tensor by tensor.
     pub fn moments_mut(&mut self) -> Result<Vec<Tensor>> {
         let mut out = Vec::new();
+        let masters = self
+            .slots
+            .iter()
+            .filter_map(|s| s.master.as_ref().map(Tensor::shallow_clone));
         if self.spec.name == OptimizerName::Sgd {
+            out.extend(masters);
             return Ok(out);
         }
+        let masters: Vec<Tensor> = masters.collect();
         for s in &mut self.slots {
             for slot in [&mut s.exp_avg, &mut s.exp_avg_sq] {
                 if slot.is_none() {
@@ -194,6 +220,7 @@ impl Optimizer {
                 }
             }
         }
+        out.extend(masters);
         Ok(out)
     }
 
@@ -205,14 +232,25 @@ impl Optimizer {
                 out.push((format!("exp_avg.{}", s.name), m.shallow_clone()));
                 out.push((format!("exp_avg_sq.{}", s.name), v.shallow_clone()));
             }
+            if let Some(m) = &s.master {
+                out.push((format!("master.{}", s.name), m.shallow_clone()));
+            }
         }
         out
     }
 
-    /// Restores moments written by [`Optimizer::state`] and the step count.
+    /// Restores moments and master weights written by [`Optimizer::state`] and the
+    /// step count (call after loading the model's weights: a checkpoint without
+    /// master weights starts them from the parameters).
     pub fn load_state(&mut self, step: u64, mut tensors: BTreeMap<String, Tensor>) -> Result<()> {
         self.step = step;
         for s in &mut self.slots {
+            let saved = tensors.remove(&format!("master.{}", s.name));
+            if let Some(m) = &mut s.master {
+                let _guard = tch::no_grad_guard();
+                let from = saved.as_ref().unwrap_or(&s.param);
+                m.f_copy_(from).op("master weights")?;
+            }
             let m = tensors.remove(&format!("exp_avg.{}", s.name));
             let v = tensors.remove(&format!("exp_avg_sq.{}", s.name));
             match (m, v) {
@@ -238,6 +276,15 @@ impl Optimizer {
         }
         Ok(())
     }
+}
+
+/// An f32 copy of a half-precision parameter (`None` when it is f32 already).
+fn master_of(param: &Tensor) -> TchResult<Option<Tensor>> {
+    if param.kind() == Kind::Float {
+        return Ok(None);
+    }
+    let _guard = tch::no_grad_guard();
+    Ok(Some(param.f_to_kind(Kind::Float)?.f_detach()?))
 }
 
 /// Learning rate of the optimizer step that follows `step` completed steps, out of
@@ -295,7 +342,8 @@ mod tests {
             ..OptimSpec::default()
         };
         let w = Tensor::from_slice(&[1.0f32, -2.0]).set_requires_grad(true);
-        let mut opt = Optimizer::new(&spec, vec![("w.weight".into(), w.shallow_clone())]);
+        let mut opt =
+            Optimizer::new(&spec, vec![("w.weight".into(), w.shallow_clone())]).expect("opt");
         let (b1, b2, eps, lr, wd) = (0.9f64, 0.999f64, 1e-8, 0.1, 0.5);
         let mut want = [1.0f64, -2.0];
         let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
@@ -316,6 +364,55 @@ mod tests {
         let got = Vec::<f64>::try_from(w.to_kind(Kind::Double)).expect("vec");
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+    }
+
+    /// A bf16 weight of 1.0 under steps of 1e-3: each step alone is below half
+    /// a bf16 ulp (2^-8 at 1.0), so without master weights nothing ever moves;
+    /// with them the f32 copy accumulates and the model follows its rounding.
+    #[test]
+    fn half_precision_weights_keep_f32_masters() {
+        for name in [OptimizerName::Sgd, OptimizerName::Adamw] {
+            let spec = OptimSpec {
+                name,
+                lr: 1e-3,
+                weight_decay: 0.0,
+                ..OptimSpec::default()
+            };
+            let w = Tensor::from_slice(&[1.0f32])
+                .to_kind(Kind::BFloat16)
+                .set_requires_grad(true);
+            let mut opt =
+                Optimizer::new(&spec, vec![("w.weight".into(), w.shallow_clone())]).expect("opt");
+            for _ in 0..20 {
+                opt.zero_grad().expect("zero");
+                // d/dw of w is 1: SGD moves by lr, AdamW by ~lr (m̂/√v̂ = 1).
+                w.sum(Kind::Float).backward();
+                opt.apply(1e-3).expect("step");
+            }
+            let state: BTreeMap<String, Tensor> = opt.state().into_iter().collect();
+            let master = state["master.w.weight"].double_value(&[0]);
+            assert!((master - 0.98).abs() < 1e-5, "{name:?}: master {master}");
+            let model = w.double_value(&[0]);
+            assert_eq!(
+                model,
+                Tensor::from(master as f32)
+                    .to_kind(Kind::BFloat16)
+                    .double_value(&[]),
+                "{name:?}: the model holds the master's rounding"
+            );
+            assert!(model < 0.99, "{name:?}: the weight moved ({model})");
+
+            // A restored optimizer continues from the saved masters, not from
+            // the rounded model weights.
+            let w2 = Tensor::from_slice(&[model as f32])
+                .to_kind(Kind::BFloat16)
+                .set_requires_grad(true);
+            let mut restored =
+                Optimizer::new(&spec, vec![("w.weight".into(), w2.shallow_clone())]).expect("opt");
+            restored.load_state(20, state).expect("load");
+            let again: BTreeMap<String, Tensor> = restored.state().into_iter().collect();
+            assert_eq!(again["master.w.weight"].double_value(&[0]), master);
         }
     }
 }

@@ -504,7 +504,7 @@ impl Trainer {
         let mut params: Vec<(String, Tensor)> =
             policy.var_store().variables().into_iter().collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
-        let optimizer = Optimizer::new(&spec.optim, params);
+        let optimizer = Optimizer::new(&spec.optim, params)?;
         Ok(Trainer {
             spec,
             collective,

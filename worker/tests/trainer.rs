@@ -280,7 +280,7 @@ fn a_run_killed_after_a_checkpoint_resumes_to_the_same_weights() {
     let model = fixture("llama");
     let data = fixtures().join("pairs_tokens.jsonl");
     let dir = tempdir();
-    let spec = |name: &str| {
+    let spec_with = |name: &str, dtype: &str| {
         let c = Case {
             name: "x",
             optimizer: "adamw",
@@ -305,15 +305,47 @@ fn a_run_killed_after_a_checkpoint_resumes_to_the_same_weights() {
                 &format!("\"{}\"", dir.path().join("x").display()),
                 &format!("\"{}\"", dir.path().join(name).display()),
             );
-        let text = text.replacen(
-            "[data]\n",
-            &format!("[data]\neval = \"{}\"\n", data.display()),
-            1,
-        );
+        let text = text
+            .replacen(
+                "[data]\n",
+                &format!("[data]\neval = \"{}\"\n", data.display()),
+                1,
+            )
+            .replacen("[model]\n", &format!("[model]\ndtype = \"{dtype}\"\n"), 1);
         let p = dir.path().join(format!("{name}.toml"));
         std::fs::write(&p, text).expect("write");
         p
     };
+    let spec = |name: &str| spec_with(name, "f32");
+
+    // bf16 weights: the checkpoint carries the optimizer's f32 master weights,
+    // so a resumed run continues from them and ends bit-identical too.
+    let whole16 = spec_with("whole16", "bf16");
+    train_ok(&whole16, &[]);
+    let crashed16 = spec_with("crashed16", "bf16");
+    let out = train(&crashed16, &["--halt-after-step", "4"]);
+    assert_eq!(
+        out.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let optim = read_tensors(
+        &dir.path()
+            .join("crashed16/checkpoints/step-4/optimizer.safetensors"),
+    )
+    .expect("optimizer state");
+    assert!(
+        optim.keys().any(|k| k.starts_with("master.")),
+        "no master weights saved"
+    );
+    train_ok(&crashed16, &["--resume"]);
+    let a = read_tensors(&dir.path().join("whole16/final/model.safetensors")).expect("whole");
+    let b = read_tensors(&dir.path().join("crashed16/final/model.safetensors")).expect("resumed");
+    for (name, t) in &a {
+        assert!(t.equal(&b[name]), "bf16 {name}: resumed weights differ");
+    }
+
     let whole = spec("whole");
     train_ok(&whole, &[]);
 
