@@ -353,9 +353,9 @@ fn bail_standby(case: &Case) -> ! {
     panic!("the standby exited{}", case.logs())
 }
 
-/// `scored=N` of every "reference stage complete" line of a worker's log, in order
+/// The values of `key=N` on every line of `log` that contains `marker`, in order
 /// (ANSI colour codes stripped).
-fn stage_scores(log: &Path) -> Vec<u64> {
+fn log_values(log: &Path, marker: &str, key: &str) -> Vec<u64> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut plain = String::with_capacity(text.len());
     let mut chars = text.chars();
@@ -370,17 +370,23 @@ fn stage_scores(log: &Path) -> Vec<u64> {
             plain.push(c);
         }
     }
+    let pat = format!("{key}=");
     plain
         .lines()
-        .filter(|l| l.contains("reference stage complete"))
+        .filter(|l| l.contains(marker))
         .filter_map(|l| {
-            let rest = &l[l.find("scored=")? + "scored=".len()..];
+            let rest = &l[l.find(&pat)? + pat.len()..];
             rest.split(|c: char| !c.is_ascii_digit())
                 .next()?
                 .parse()
                 .ok()
         })
         .collect()
+}
+
+/// `scored=N` of every "reference stage complete" line of a worker's log.
+fn stage_scores(log: &Path) -> Vec<u64> {
+    log_values(log, "reference stage complete", "scored")
 }
 
 /// Bytes in the coordinator's reference cache (20 per sequence).
@@ -473,4 +479,66 @@ fn the_reference_stage_is_shared_by_the_workers_and_reused_by_later_runs() {
     );
     let moved = max_diff(&out_dir.join("final"), &case.path().join("sweep/final")).expect("w");
     assert!(moved > 1e-4, "β changed the training: {moved}");
+}
+
+#[test]
+fn a_worker_lost_mid_stage_costs_only_its_chunk_in_flight() {
+    let rows = 48;
+    let case = Case::new(rows);
+    let (spec, out_dir) = case.reference_and_spec(
+        "staged",
+        "max_steps = 4\nmicro_batch_size = 2\n[reference]\nprecompute = true\ncache = \"none\"",
+        "min_workers = 2\nmax_workers = 2",
+    );
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    // w1 dies (like a crash) right after reporting its first chunk of the stage.
+    let mut w1 = Proc::spawn(
+        "w1",
+        std::process::Command::new(bin("dpo-worker"))
+            .args(["--coordinator", &format!("http://127.0.0.1:{port}")])
+            .args(["--device", "cpu", "--worker-id", "w1"])
+            .args(["--halt-after-reference-chunks", "1"])
+            .env_remove("DPO_TOKEN"),
+        &case.logs,
+    )
+    .expect("w1");
+    let submitted = dpoctl(port, &["submit", &spec.display().to_string()]).expect("submit");
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    wait_for(Duration::from_secs(120), || Ok(w1.exited()))
+        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    // A replacement joins; the new generation re-plans only what is still missing.
+    let _w2 = worker(port, "w2", &case.logs).expect("w2");
+    case.watch_succeeds(port, "staged");
+    every_step_once(&out_dir, 4);
+    case.assert_same_weights(&out_dir, "reference stage with a lost worker");
+    assert_eq!(cache_bytes(&data), rows as u64 * 2 * 20, "{}", case.logs());
+    let plans = log_values(
+        &case.logs.join("coordinator.log"),
+        "reference stage",
+        "to_score",
+    );
+    assert_eq!(
+        plans.first(),
+        Some(&(rows as u64)),
+        "{plans:?}{}",
+        case.logs()
+    );
+    eprintln!("reference stage plans (examples to score per generation): {plans:?}");
+    let last = *plans.last().expect("a plan");
+    assert!(
+        plans.len() >= 2 && last <= rows as u64 - 2,
+        "the replanned stage kept the sums reported before the loss: {plans:?}{}",
+        case.logs()
+    );
+    assert!(
+        stage_scores(&case.logs.join("w1.log")).is_empty(),
+        "w1 never finished its share"
+    );
 }

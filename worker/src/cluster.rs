@@ -42,6 +42,9 @@ pub struct JoinOptions {
     pub token: BearerToken,
     /// TLS towards the coordinator (`https://` addresses).
     pub tls: ClientTls,
+    /// Fault injection for tests: exit like a crash once this many reference-stage
+    /// chunks are reported.
+    pub halt_after_reference_chunks: Option<u64>,
 }
 
 /// What the gRPC side tells the training thread.
@@ -241,6 +244,8 @@ struct Worker {
     /// The metrics of the newest step this worker completed (re-reported in a new
     /// generation, in case the old one broke before anyone reported them).
     last: Option<Metrics>,
+    halt_after_reference_chunks: Option<u64>,
+    reference_chunks_reported: u64,
 }
 
 impl Worker {
@@ -496,6 +501,14 @@ impl Worker {
                 let r = report.clone();
                 async move { c.report_reference(r).await }
             })?;
+            self.reference_chunks_reported += 1;
+            if self.halt_after_reference_chunks == Some(self.reference_chunks_reported) {
+                eprintln!(
+                    "halted after {} reference chunks (fault injection)",
+                    self.reference_chunks_reported
+                );
+                std::process::exit(86);
+            }
         }
         let Some((_, trainer)) = self.trainer.as_mut() else {
             return Err(Error::Collective("no trainer".into()));
@@ -587,6 +600,8 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
         shared,
         trainer: None,
         last: None,
+        halt_after_reference_chunks: opts.halt_after_reference_chunks,
+        reference_chunks_reported: 0,
     };
     while let Ok(mut cmd) = rx.recv() {
         // Only the newest instruction matters.

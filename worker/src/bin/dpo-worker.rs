@@ -33,6 +33,10 @@ struct Cli {
     /// This worker's identity (default: a fresh UUID per process).
     #[arg(long, env = "DPO_WORKER_ID")]
     worker_id: Option<String>,
+    /// Fault injection for tests: exit (86) after reporting this many chunks of
+    /// a reference stage.
+    #[arg(long, hide = true)]
+    halt_after_reference_chunks: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -138,6 +142,7 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(dpo_worker::cluster::new_worker_id),
             token,
             tls: dpo_proto::client::ClientTls::from_env().map_err(anyhow::Error::msg)?,
+            halt_after_reference_chunks: cli.halt_after_reference_chunks,
         });
     };
     match command {
