@@ -1093,6 +1093,7 @@ impl Trainer {
         m.extend([
             ("grad_norm".into(), grad_norm),
             ("learning_rate".into(), lr),
+            ("tokens".into(), stats.tokens),
             ("tokens_per_second".into(), stats.tokens / secs.max(1e-9)),
         ]);
         if step % PARAMETER_CHECK_EVERY == 0 || step == self.shape.total_steps {
