@@ -170,7 +170,7 @@ impl ReferenceStage {
         if !refcache::precomputes(spec) {
             return Ok(None);
         }
-        let ns = refcache::namespace_of(spec)?;
+        let ns = refcache::namespace_of(spec, Some(root))?;
         let cache = RefCache::open(root, &ns)?;
         tracing::info!(namespace = %ns, records = cache.len(), "reference cache");
         Ok(Some(ReferenceStage {

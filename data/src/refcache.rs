@@ -41,7 +41,81 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     }
 }
 
-fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Content digests of files by (path, length, modification time), so a model's
+/// weights are read and hashed once rather than at every run (tens of GB for
+/// large models). Kept as `fingerprints.json` in the cache root; a file whose
+/// length or mtime changed is hashed again.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Fingerprints {
+    files: std::collections::BTreeMap<String, Fingerprint>,
+    #[serde(skip)]
+    changed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+struct Fingerprint {
+    len: u64,
+    mtime_ns: String,
+    sha256: String,
+}
+
+impl Fingerprints {
+    fn path(root: &Path) -> PathBuf {
+        root.join("fingerprints.json")
+    }
+
+    /// An unreadable or corrupt memo is ignored (everything is hashed again).
+    fn load(root: &Path) -> Self {
+        std::fs::read(Self::path(root))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, root: &Path) -> Result<()> {
+        if !self.changed {
+            return Ok(());
+        }
+        std::fs::create_dir_all(root).map_err(io(root))?;
+        let path = Self::path(root);
+        let tmp = root.join(format!(
+            ".fingerprints.{}.tmp",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::File {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))
+    }
+}
+
+/// `(length, SHA-256)` of a file's content, from `memo` when its length and
+/// mtime are unchanged.
+fn digest_file(path: &Path, memo: Option<&mut Fingerprints>) -> Result<(u64, String)> {
+    let meta = std::fs::metadata(path).map_err(io(path))?;
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or_else(String::new, |d| d.as_nanos().to_string());
+    let key = std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .to_string_lossy()
+        .into_owned();
+    if let Some(m) = &memo
+        && let Some(f) = m.files.get(&key)
+        && f.len == meta.len()
+        && f.mtime_ns == mtime_ns
+        && !mtime_ns.is_empty()
+    {
+        return Ok((f.len, f.sha256.clone()));
+    }
     let mut f = File::open(path).map_err(io(path))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut len = 0u64;
@@ -54,15 +128,40 @@ fn hash_file(h: &mut Sha256, path: &Path) -> Result<()> {
         content.update(&buf[..n]);
         len += n as u64;
     }
+    let sha256 = hex(&content.finalize());
+    if let Some(m) = memo {
+        m.files.insert(
+            key,
+            Fingerprint {
+                len,
+                mtime_ns,
+                sha256: sha256.clone(),
+            },
+        );
+        m.changed = true;
+    }
+    Ok((len, sha256))
+}
+
+fn hash_file(h: &mut Sha256, path: &Path, memo: &mut Option<Fingerprints>) -> Result<()> {
+    let (len, sha256) = digest_file(path, memo.as_mut())?;
     h.update(len.to_le_bytes());
-    h.update(content.finalize());
+    h.update(sha256.as_bytes());
     Ok(())
 }
 
 /// The namespace of a reference model: SHA-256 (hex) over the format version,
 /// `dtype`, every `*.safetensors` file of `reference_dir` (sorted by name; name,
-/// length and content), and the tokenizer files of `tokenizer_dir` that exist.
-pub fn namespace(reference_dir: &Path, tokenizer_dir: &Path, dtype: &str) -> Result<String> {
+/// length and content digest), and the tokenizer files of `tokenizer_dir` that
+/// exist. With `memo_root`, file digests are remembered there by (path, length,
+/// mtime) so unchanged weights are not read again.
+pub fn namespace(
+    reference_dir: &Path,
+    tokenizer_dir: &Path,
+    dtype: &str,
+    memo_root: Option<&Path>,
+) -> Result<String> {
+    let mut memo = memo_root.map(Fingerprints::load);
     let mut h = Sha256::new();
     h.update(VERSION.as_bytes());
     h.update([0]);
@@ -83,26 +182,27 @@ pub fn namespace(reference_dir: &Path, tokenizer_dir: &Path, dtype: &str) -> Res
     for w in &weights {
         h.update(w.file_name().map(|n| n.as_encoded_bytes()).unwrap_or(&[]));
         h.update([0]);
-        hash_file(&mut h, w)?;
+        hash_file(&mut h, w, &mut memo)?;
     }
     for name in ["tokenizer.json", "tokenizer_config.json"] {
         let p = tokenizer_dir.join(name);
         h.update(name.as_bytes());
         if p.exists() {
-            hash_file(&mut h, &p)?;
+            hash_file(&mut h, &p, &mut memo)?;
         } else {
             h.update(b"absent");
         }
     }
-    Ok(h.finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>())
+    if let (Some(m), Some(root)) = (&memo, memo_root) {
+        m.save(root)?;
+    }
+    Ok(hex(&h.finalize()))
 }
 
 /// The namespace of a run: its reference weights (the initial policy's for
 /// `"same"`), the model's tokenizer, and the compute dtype.
-pub fn namespace_of(spec: &RunSpec) -> Result<String> {
+/// `memo_root`: where file digests are remembered (see [`namespace`]).
+pub fn namespace_of(spec: &RunSpec, memo_root: Option<&Path>) -> Result<String> {
     let reference_dir = match spec.reference.path.as_str() {
         "same" | "none" => spec.model.path.clone(),
         dir => PathBuf::from(dir),
@@ -112,7 +212,7 @@ pub fn namespace_of(spec: &RunSpec) -> Result<String> {
         Dtype::Bf16 => "bf16",
         Dtype::F16 => "f16",
     };
-    namespace(&reference_dir, &spec.model.path, dtype)
+    namespace(&reference_dir, &spec.model.path, dtype, memo_root)
 }
 
 /// Whether a run scores a reference model once before training (and so uses the
@@ -311,15 +411,58 @@ mod tests {
         let p = d.path();
         std::fs::write(p.join("model.safetensors"), b"weights").expect("w");
         std::fs::write(p.join("tokenizer.json"), b"{}").expect("t");
-        let base = namespace(p, p, "f32").expect("ns");
-        assert_eq!(base, namespace(p, p, "f32").expect("ns"));
-        assert_ne!(base, namespace(p, p, "bf16").expect("ns"));
+        let base = namespace(p, p, "f32", None).expect("ns");
+        assert_eq!(base, namespace(p, p, "f32", None).expect("ns"));
+        assert_ne!(base, namespace(p, p, "bf16", None).expect("ns"));
         std::fs::write(p.join("tokenizer.json"), b"{ }").expect("t");
-        let tok = namespace(p, p, "f32").expect("ns");
+        let tok = namespace(p, p, "f32", None).expect("ns");
         assert_ne!(base, tok);
         std::fs::write(p.join("model.safetensors"), b"weightz").expect("w");
-        assert_ne!(tok, namespace(p, p, "f32").expect("ns"));
+        assert_ne!(tok, namespace(p, p, "f32", None).expect("ns"));
         let empty = tempfile::tempdir().expect("tmp");
-        assert!(namespace(empty.path(), p, "f32").is_err());
+        assert!(namespace(empty.path(), p, "f32", None).is_err());
+    }
+
+    #[test]
+    fn unchanged_weights_are_not_hashed_again() {
+        let d = tempfile::tempdir().expect("tmp");
+        let root = tempfile::tempdir().expect("root");
+        let p = d.path();
+        let w = p.join("model.safetensors");
+        std::fs::write(&w, b"weights-1").expect("w");
+        let first = namespace(p, p, "f32", Some(root.path())).expect("ns");
+        assert_eq!(
+            first,
+            namespace(p, p, "f32", None).expect("ns"),
+            "the memo changes no name"
+        );
+        assert!(root.path().join("fingerprints.json").exists());
+        // Same length, same mtime: the remembered digest is used (the content is
+        // not read — shown by changing it behind the memo's back).
+        let mtime = std::fs::metadata(&w)
+            .and_then(|m| m.modified())
+            .expect("mtime");
+        std::fs::write(&w, b"weights-2").expect("w");
+        let f = OpenOptions::new().write(true).open(&w).expect("open");
+        f.set_modified(mtime).expect("set mtime");
+        drop(f);
+        assert_eq!(
+            namespace(p, p, "f32", Some(root.path())).expect("ns"),
+            first
+        );
+        // A new mtime: hashed again.
+        let f = OpenOptions::new().write(true).open(&w).expect("open");
+        f.set_modified(mtime + std::time::Duration::from_secs(5))
+            .expect("set mtime");
+        drop(f);
+        let second = namespace(p, p, "f32", Some(root.path())).expect("ns");
+        assert_ne!(second, first);
+        assert_eq!(second, namespace(p, p, "f32", None).expect("ns"));
+        // A corrupt memo is ignored.
+        std::fs::write(root.path().join("fingerprints.json"), b"{not json").expect("w");
+        assert_eq!(
+            namespace(p, p, "f32", Some(root.path())).expect("ns"),
+            second
+        );
     }
 }

@@ -654,7 +654,7 @@ impl Trainer {
         let packing = self.packing();
         let mut cache = match self.spec.reference_cache_dir() {
             Some(root) => {
-                let ns = refcache::namespace_of(&self.spec)?;
+                let ns = refcache::namespace_of(&self.spec, Some(&root))?;
                 let cache = RefCache::open(&root, &ns)?;
                 tracing::info!(dir = %cache.dir().display(), records = cache.len(), "reference cache");
                 Some(cache)
