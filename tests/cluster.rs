@@ -442,6 +442,17 @@ fn the_reference_stage_is_shared_by_the_workers_and_reused_by_later_runs() {
         s0[0] > 0 && s1[0] > 0,
         "both ranks take part: {s0:?} {s1:?}"
     );
+    // The run reports the stage's progress (what `dpoctl watch` draws).
+    let status = dpoctl(port, &["status", "staged"]).expect("status");
+    let run: serde_json::Value = serde_json::from_slice(&status.stdout).expect("json");
+    assert_eq!(
+        (
+            run["reference_total"].as_u64(),
+            run["reference_cached"].as_u64()
+        ),
+        (Some(rows as u64), Some(rows as u64)),
+        "{run}"
+    );
 
     // A β sweep on the same data reuses every sum: nothing scored, nothing added.
     let sweep = std::fs::read_to_string(&spec)

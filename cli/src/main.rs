@@ -107,6 +107,7 @@ fn run_json(r: &v1::Run) -> Value {
         "world_size": r.world_size, "checkpoint_step": r.checkpoint_step,
         "output": r.output, "error": r.error,
         "train_examples": r.train_examples, "eval_examples": r.eval_examples,
+        "reference_total": r.reference_total, "reference_cached": r.reference_cached,
         "metrics": metrics_json(&r.last_metrics), "eval": metrics_json(&r.last_eval),
     })
 }
@@ -208,11 +209,23 @@ async fn watch(c: &mut Client, run: &str, json_out: bool) -> anyhow::Result<v1::
     let mut last_state = -1;
     while let Some(ev) = stream.message().await.map_err(|s| status_err("watch", s))? {
         let Some(run) = ev.run else { continue };
-        bar.set_length(run.total_steps);
-        bar.set_position(run.step);
-        bar.set_prefix(format!("{} {}", run.name, state_name(run.state)));
+        let staging = run.step == 0 && run.reference_cached < run.reference_total;
+        if staging {
+            // The reference stage: examples scored so far, of those the run needs.
+            bar.set_length(run.reference_total);
+            bar.set_position(run.reference_cached);
+            bar.set_prefix(format!("{} reference stage", run.name));
+        } else {
+            bar.set_length(run.total_steps);
+            bar.set_position(run.step);
+            bar.set_prefix(format!("{} {}", run.name, state_name(run.state)));
+        }
         if json_out {
             let mut o = json!({"run": run.id, "state": state_name(run.state), "step": run.step});
+            if run.reference_total > 0 {
+                o["reference"] =
+                    json!({"cached": run.reference_cached, "total": run.reference_total});
+            }
             match &ev.event {
                 Some(v1::run_event::Event::Step(s)) => o["metrics"] = metrics_json(&s.metrics),
                 Some(v1::run_event::Event::Eval(s)) => o["eval"] = metrics_json(&s.metrics),
@@ -286,6 +299,12 @@ fn print_summary(run: &v1::Run, seconds: Option<f64>, json_out: bool) {
         run.generation,
         run.world_size
     );
+    if run.reference_total > 0 {
+        println!(
+            "  reference stage: {}/{} examples' reference log-probs cached",
+            run.reference_cached, run.reference_total
+        );
+    }
     if !run.error.is_empty() {
         println!("  error: {}", run.error);
     }

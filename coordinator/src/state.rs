@@ -83,6 +83,11 @@ pub struct RunRecord {
     /// record, so a restarted coordinator loses none).
     #[serde(default)]
     pub ledger_tail: Vec<LedgerEntry>,
+    /// Reference-stage progress (examples needing sums, examples cached).
+    #[serde(default)]
+    pub reference_total: u64,
+    #[serde(default)]
+    pub reference_cached: u64,
 }
 
 impl RunRecord {
@@ -124,6 +129,8 @@ impl RunRecord {
             last_eval: metrics(&self.last_eval),
             train_examples: self.train_examples,
             eval_examples: self.eval_examples,
+            reference_total: self.reference_total,
+            reference_cached: self.reference_cached,
         }
     }
 }
@@ -433,6 +440,8 @@ impl Coordinator {
             eval_step: 0,
             shard_dir,
             ledger_tail: Vec::new(),
+            reference_total: 0,
+            reference_cached: 0,
         };
         std::fs::create_dir_all(&record.spec.train.output).map_err(|e| {
             Refusal::Invalid(format!(
@@ -1051,35 +1060,72 @@ impl Coordinator {
                 req.run_id
             )));
         };
-        let mut plan = stage
+        // (progress when this request made the generation's plan, planned count)
+        let (progress, planned) = {
+            let mut progress = None;
+            let mut plan = stage
+                .plan
+                .lock()
+                .map_err(|_| Refusal::Internal("poisoned reference plan".into()))?;
+            if plan.as_ref().is_none_or(|(g, _)| *g != req.generation) {
+                let cache = stage
+                    .cache
+                    .lock()
+                    .map_err(|_| Refusal::Internal("poisoned reference cache".into()))?;
+                let lacks = |e: &Example| {
+                    refcache::pair_keys(e)
+                        .is_some_and(|[c, r]| !cache.contains(&c) || !cache.contains(&r))
+                };
+                let missing: Vec<StageItem> =
+                    (data.train.iter().enumerate().map(|(i, e)| (false, i, e)))
+                        .chain(data.eval.iter().enumerate().map(|(i, e)| (true, i, e)))
+                        .filter(|(_, _, e)| lacks(e))
+                        .map(|(eval, i, _)| (eval, i))
+                        .collect();
+                let total = data
+                    .train
+                    .iter()
+                    .chain(&data.eval)
+                    .filter(|e| refcache::pair_keys(e).is_some())
+                    .count();
+                tracing::info!(
+                    run = %req.run_id,
+                    generation = req.generation,
+                    to_score = missing.len(),
+                    cached = total - missing.len(),
+                    "reference stage"
+                );
+                progress = Some((total as u64, (total - missing.len()) as u64));
+                *plan = Some((req.generation, missing));
+            }
+            (progress, plan.as_ref().map_or(0, |(_, m)| m.len()))
+        };
+        if let Some((total, cached)) = progress {
+            let mut inner = self.inner.lock().await;
+            if let Some(r) = inner.runs.get_mut(&req.run_id) {
+                r.reference_total = total;
+                r.reference_cached = cached;
+            }
+            Self::emit(&mut inner, &req.run_id, None);
+        }
+        Self::reference_chunk(&data, req, world, micro, planned)
+    }
+
+    /// Chunk `req.chunk` of rank `req.rank`'s share of the current plan.
+    fn reference_chunk(
+        data: &RunData,
+        req: &v1::ReferenceWorkRequest,
+        world: usize,
+        micro: usize,
+        planned: usize,
+    ) -> Result<v1::ReferenceWorkResponse> {
+        let Some(stage) = &data.reference else {
+            return Err(Refusal::Internal("no reference stage".into()));
+        };
+        let plan = stage
             .plan
             .lock()
             .map_err(|_| Refusal::Internal("poisoned reference plan".into()))?;
-        if plan.as_ref().is_none_or(|(g, _)| *g != req.generation) {
-            let cache = stage
-                .cache
-                .lock()
-                .map_err(|_| Refusal::Internal("poisoned reference cache".into()))?;
-            let lacks = |e: &Example| {
-                refcache::pair_keys(e)
-                    .is_some_and(|[c, r]| !cache.contains(&c) || !cache.contains(&r))
-            };
-            let missing: Vec<StageItem> =
-                (data.train.iter().enumerate().map(|(i, e)| (false, i, e)))
-                    .chain(data.eval.iter().enumerate().map(|(i, e)| (true, i, e)))
-                    .filter(|(_, _, e)| lacks(e))
-                    .map(|(eval, i, _)| (eval, i))
-                    .collect();
-            tracing::info!(
-                run = %req.run_id,
-                generation = req.generation,
-                to_score = missing.len(),
-                cached = data.train.len() + data.eval.len() - missing.len(),
-                "reference stage"
-            );
-            *plan = Some((req.generation, missing));
-        }
-        let planned = plan.as_ref().map_or(0, |(_, m)| m.len());
         let share: Vec<StageItem> = plan
             .as_ref()
             .map(|(_, m)| {
@@ -1171,6 +1217,12 @@ impl Coordinator {
         .await
         .map_err(|e| Refusal::Internal(e.to_string()))??;
         tracing::debug!(run = %req.run_id, added, "reference sums stored");
+        let mut inner = self.inner.lock().await;
+        if let Some(r) = inner.runs.get_mut(&req.run_id) {
+            r.reference_cached =
+                (r.reference_cached + req.keys.len() as u64 / 2).min(r.reference_total);
+        }
+        Self::emit(&mut inner, &req.run_id, None);
         Ok(())
     }
 
