@@ -661,19 +661,13 @@ impl Trainer {
             }
             None => None,
         };
-        let keys = |e: &Example| -> Option<[refcache::Key; 2]> {
-            Some([
-                refcache::key(&e.prompt, e.chosen.as_deref()?),
-                refcache::key(&e.prompt, e.rejected.first()?),
-            ])
-        };
         let mut scored = 0usize;
         let mut score_all = |examples: &[Example]| -> Result<Vec<[f64; 2]>> {
             let mut out: Vec<Option<[f64; 2]>> = examples
                 .iter()
                 .map(|e| {
                     let c = cache.as_ref()?;
-                    let [kc, kr] = keys(e)?;
+                    let [kc, kr] = refcache::pair_keys(e)?;
                     Some([f64::from(c.get(&kc)?), f64::from(c.get(&kr)?)])
                 })
                 .collect();
@@ -683,7 +677,7 @@ impl Trainer {
                 let sums = objective::pair_sums(model, &refs, packing)?;
                 let mut records = Vec::with_capacity(2 * chunk.len());
                 for (&i, s) in chunk.iter().zip(sums) {
-                    if let Some([kc, kr]) = keys(&examples[i]) {
+                    if let Some([kc, kr]) = refcache::pair_keys(&examples[i]) {
                         records.push((kc, s[0] as f32));
                         records.push((kr, s[1] as f32));
                     }
