@@ -47,13 +47,7 @@ fn two_workers_train_the_weights_of_one_process() {
     let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
     let _w0 = worker(port, "w0", &case.logs).expect("w0");
     let _w1 = worker(port, "w1", &case.logs).expect("w1");
-    let out = dpoctl(port, &["submit", "--watch", &spec.display().to_string()]).expect("dpoctl");
-    assert!(
-        out.status.success(),
-        "dpoctl: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        case.logs()
-    );
+    case.submit_watch_succeeds(port, &spec);
     let lines = every_step_once(&out_dir, 8);
     assert!(lines.iter().all(|l| l["world_size"] == 2), "{lines:?}");
     let moved = max_diff(&case.path().join("model"), &case.path().join("solo/final")).expect("w");
@@ -420,13 +414,7 @@ fn the_reference_stage_is_shared_by_the_workers_and_reused_by_later_runs() {
     let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
     let _w0 = worker(port, "w0", &case.logs).expect("w0");
     let _w1 = worker(port, "w1", &case.logs).expect("w1");
-    let out = dpoctl(port, &["submit", "--watch", &spec.display().to_string()]).expect("dpoctl");
-    assert!(
-        out.status.success(),
-        "dpoctl: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        case.logs()
-    );
+    case.submit_watch_succeeds(port, &spec);
     every_step_once(&out_dir, 6);
     case.assert_same_weights(&out_dir, "reference stage, 2 workers");
     // Every pair scored exactly once, chosen and rejected, shared by the ranks.
@@ -465,17 +453,7 @@ fn the_reference_stage_is_shared_by_the_workers_and_reused_by_later_runs() {
         );
     let sweep_spec = case.path().join("sweep.toml");
     std::fs::write(&sweep_spec, sweep).expect("sweep spec");
-    let out = dpoctl(
-        port,
-        &["submit", "--watch", &sweep_spec.display().to_string()],
-    )
-    .expect("dpoctl");
-    assert!(
-        out.status.success(),
-        "dpoctl: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        case.logs()
-    );
+    case.submit_watch_succeeds(port, &sweep_spec);
     every_step_once(&case.path().join("sweep"), 6);
     assert_eq!(cache_bytes(&data), rows as u64 * 2 * 20);
     let (s0, s1) = (

@@ -449,6 +449,18 @@ impl Case {
         .unwrap_or_else(|e| panic!("{e}{}", self.logs()));
     }
 
+    /// `dpoctl submit --watch SPEC`; the run must succeed.
+    pub fn submit_watch_succeeds(&self, port: u16, spec: &Path) {
+        let out =
+            dpoctl(port, &["submit", "--watch", &spec.display().to_string()]).expect("dpoctl");
+        assert!(
+            out.status.success(),
+            "dpoctl: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+    }
+
     /// `dpoctl watch RUN` until it ends; it must have succeeded.
     pub fn watch_succeeds(&self, port: u16, run: &str) {
         let watched = dpoctl(port, &["watch", run]).expect("watch");

@@ -952,25 +952,36 @@ impl Coordinator {
         }
     }
 
+    /// For a request of rank `rank` (any rank when `None`) of generation
+    /// `generation` of `run`: the run's data, the world size, and its record's
+    /// total steps and micro-batch size.
+    async fn member_view(
+        &self,
+        worker: &str,
+        run: &str,
+        generation: u64,
+        rank: Option<u32>,
+    ) -> Result<(Arc<RunData>, usize, u64, usize)> {
+        let inner = self.inner.lock().await;
+        Self::check_member(&inner, worker, run, generation, rank)?;
+        let world = inner.active.as_ref().map_or(1, |g| g.members.len());
+        let data = inner
+            .data
+            .get(run)
+            .cloned()
+            .ok_or_else(|| Refusal::NotFound(format!("run {run} has no data")))?;
+        let r = inner
+            .runs
+            .get(run)
+            .ok_or_else(|| Refusal::NotFound(format!("no run {run}")))?;
+        Ok((data, world, r.total_steps, r.spec.micro_batch_size().max(1)))
+    }
+
     pub async fn fetch_batch(&self, req: &v1::FetchBatchRequest) -> Result<v1::Batch> {
         let started = Instant::now();
-        let (data, world, total) = {
-            let inner = self.inner.lock().await;
-            Self::check_member(
-                &inner,
-                &req.worker_id,
-                &req.run_id,
-                req.generation,
-                Some(req.rank),
-            )?;
-            let world = inner.active.as_ref().map_or(1, |g| g.members.len());
-            let data = inner
-                .data
-                .get(&req.run_id)
-                .cloned()
-                .ok_or_else(|| Refusal::NotFound(format!("run {} has no data", req.run_id)))?;
-            (data, world, inner.runs[&req.run_id].total_steps)
-        };
+        let (data, world, total, _) = self
+            .member_view(&req.worker_id, &req.run_id, req.generation, Some(req.rank))
+            .await?;
         let rank = req.rank as usize;
         let (examples, indices, norm, epoch) = if req.split == v1::Split::Eval as i32 {
             let idx: Vec<usize> = (0..data.eval.len()).collect();
@@ -1036,24 +1047,9 @@ impl Coordinator {
         &self,
         req: &v1::ReferenceWorkRequest,
     ) -> Result<v1::ReferenceWorkResponse> {
-        let (data, world, micro) = {
-            let inner = self.inner.lock().await;
-            Self::check_member(
-                &inner,
-                &req.worker_id,
-                &req.run_id,
-                req.generation,
-                Some(req.rank),
-            )?;
-            let world = inner.active.as_ref().map_or(1, |g| g.members.len());
-            let data = inner
-                .data
-                .get(&req.run_id)
-                .cloned()
-                .ok_or_else(|| Refusal::NotFound(format!("run {} has no data", req.run_id)))?;
-            let micro = inner.runs[&req.run_id].spec.micro_batch_size().max(1);
-            (data, world, micro)
-        };
+        let (data, world, _, micro) = self
+            .member_view(&req.worker_id, &req.run_id, req.generation, Some(req.rank))
+            .await?;
         let Some(stage) = &data.reference else {
             return Err(Refusal::Invalid(format!(
                 "run {} has no reference stage (reference.precompute is off)",
@@ -1164,15 +1160,9 @@ impl Coordinator {
 
     /// Stores reference sums reported by a member of the current generation.
     pub async fn report_reference(&self, req: &v1::ReportReferenceRequest) -> Result<()> {
-        let data = {
-            let inner = self.inner.lock().await;
-            Self::check_member(&inner, &req.worker_id, &req.run_id, req.generation, None)?;
-            inner
-                .data
-                .get(&req.run_id)
-                .cloned()
-                .ok_or_else(|| Refusal::NotFound(format!("run {} has no data", req.run_id)))?
-        };
+        let (data, ..) = self
+            .member_view(&req.worker_id, &req.run_id, req.generation, None)
+            .await?;
         if data.reference.is_none() {
             return Err(Refusal::Invalid(format!(
                 "run {} has no reference stage",

@@ -58,8 +58,13 @@ fn max_diff(a: &[f64], b: &[f64]) -> f64 {
 /// `mask` — layout-independent views of the per-token terms.
 fn per_token_terms(s: &SequenceScores) -> (Vec<f64>, Vec<f64>) {
     let lp = s.token_logps.masked_select(&s.mask.to_kind(Kind::Bool));
-    let ul = s
-        .token_logps
+    let ul = unlikelihood(s).sum_dim_intlist(&[-1i64][..], false, Kind::Float);
+    (values(&lp), values(&ul))
+}
+
+/// log(1 − p) of every scored token (0 elsewhere), as the combined loss uses it.
+fn unlikelihood(s: &SequenceScores) -> Tensor {
+    s.token_logps
         .exp()
         .neg()
         .f_add_scalar(1.0)
@@ -68,8 +73,6 @@ fn per_token_terms(s: &SequenceScores) -> (Vec<f64>, Vec<f64>) {
         .log()
         .f_mul(&s.mask)
         .expect("mask")
-        .sum_dim_intlist(&[-1i64][..], false, Kind::Float);
-    (values(&lp), values(&ul))
 }
 
 fn check(model_name: &str, pairwise: bool, negatives: usize, capacity: usize) {
@@ -108,18 +111,7 @@ fn check(model_name: &str, pairwise: bool, negatives: usize, capacity: usize) {
         let s = score(&model, mb).expect("score");
         // A loss touching sums, counts and the per-token terms.
         let (lp, ul) = per_token_terms(&s);
-        let loss = s.sums.sum(Kind::Float)
-            + s.token_logps
-                .exp()
-                .neg()
-                .f_add_scalar(1.0)
-                .expect("1 - p")
-                .clamp_min(1e-6)
-                .log()
-                .f_mul(&s.mask)
-                .expect("mask")
-                .sum(Kind::Float)
-                * 0.5;
+        let loss = s.sums.sum(Kind::Float) + unlikelihood(&s).sum(Kind::Float) * 0.5;
         loss.backward();
         let g: Vec<f64> = model
             .var_store()

@@ -409,12 +409,17 @@ impl CausalLm {
         let masks = self
             .masks(b, l, attention_mask)
             .op("forward: attention mask")?;
-        let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
+        self.run_layers(input_ids, &positions, &masks)
+    }
+
+    /// Embedding, every decoder layer and the final norm, at RoPE `positions`.
+    fn run_layers(&self, input_ids: &Tensor, positions: &Tensor, masks: &Masks) -> Result<Tensor> {
+        let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
         let padding_idx = self.config.pad_token_id.unwrap_or(-1);
         let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
             .op("embed_tokens")?;
         for layer in &self.layers {
-            xs = layer.forward(&xs, &cos, &sin, &masks, None)?;
+            xs = layer.forward(&xs, &cos, &sin, masks, None)?;
         }
         self.norm.forward(&xs).op("norm")
     }
@@ -451,14 +456,7 @@ impl CausalLm {
             })
         })()
         .op("forward_packed: attention mask")?;
-        let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
-        let padding_idx = self.config.pad_token_id.unwrap_or(-1);
-        let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
-            .op("embed_tokens")?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &cos, &sin, &masks, None)?;
-        }
-        self.norm.forward(&xs).op("norm")
+        self.run_layers(input_ids, positions, &masks)
     }
 
     /// Logits of final hidden states (`[..., hidden]` → `[..., vocab]`).
