@@ -1056,34 +1056,30 @@ impl Coordinator {
                 req.run_id
             )));
         };
-        // (progress when this request made the generation's plan, planned count)
-        let (progress, planned) = {
-            let mut progress = None;
+        // Under the plan's lock: make the generation's plan if this request is its
+        // first, then cut this request's chunk from it.
+        let (progress, response) = {
             let mut plan = stage
                 .plan
                 .lock()
                 .map_err(|_| Refusal::Internal("poisoned reference plan".into()))?;
+            let mut progress = None;
             if plan.as_ref().is_none_or(|(g, _)| *g != req.generation) {
                 let cache = stage
                     .cache
                     .lock()
                     .map_err(|_| Refusal::Internal("poisoned reference cache".into()))?;
-                let lacks = |e: &Example| {
-                    refcache::pair_keys(e)
-                        .is_some_and(|[c, r]| !cache.contains(&c) || !cache.contains(&r))
-                };
-                let missing: Vec<StageItem> =
-                    (data.train.iter().enumerate().map(|(i, e)| (false, i, e)))
-                        .chain(data.eval.iter().enumerate().map(|(i, e)| (true, i, e)))
-                        .filter(|(_, _, e)| lacks(e))
-                        .map(|(eval, i, _)| (eval, i))
-                        .collect();
-                let total = data
-                    .train
-                    .iter()
-                    .chain(&data.eval)
-                    .filter(|e| refcache::pair_keys(e).is_some())
-                    .count();
+                let (mut total, mut missing) = (0usize, Vec::<StageItem>::new());
+                let items = (data.train.iter().enumerate().map(|(i, e)| (false, i, e)))
+                    .chain(data.eval.iter().enumerate().map(|(i, e)| (true, i, e)));
+                for (eval, i, e) in items {
+                    if let Some([c, r]) = refcache::pair_keys(e) {
+                        total += 1;
+                        if !cache.contains(&c) || !cache.contains(&r) {
+                            missing.push((eval, i));
+                        }
+                    }
+                }
                 tracing::info!(
                     run = %req.run_id,
                     generation = req.generation,
@@ -1094,7 +1090,11 @@ impl Coordinator {
                 progress = Some((total as u64, (total - missing.len()) as u64));
                 *plan = Some((req.generation, missing));
             }
-            (progress, plan.as_ref().map_or(0, |(_, m)| m.len()))
+            let items = plan.as_ref().map_or(&[][..], |(_, m)| m.as_slice());
+            (
+                progress,
+                Self::reference_chunk(&data, items, req, world, micro),
+            )
         };
         if let Some((total, cached)) = progress {
             let mut inner = self.inner.lock().await;
@@ -1104,44 +1104,24 @@ impl Coordinator {
             }
             Self::emit(&mut inner, &req.run_id, None);
         }
-        Self::reference_chunk(&data, req, world, micro, planned)
+        Ok(response)
     }
 
-    /// Chunk `req.chunk` of rank `req.rank`'s share of the current plan.
+    /// Chunk `req.chunk` of rank `req.rank`'s share of `plan`: the rank takes
+    /// every `world`-th item from its rank on, `micro` of them per chunk.
     fn reference_chunk(
         data: &RunData,
+        plan: &[StageItem],
         req: &v1::ReferenceWorkRequest,
         world: usize,
         micro: usize,
-        planned: usize,
-    ) -> Result<v1::ReferenceWorkResponse> {
-        let Some(stage) = &data.reference else {
-            return Err(Refusal::Internal("no reference stage".into()));
-        };
-        let plan = stage
-            .plan
-            .lock()
-            .map_err(|_| Refusal::Internal("poisoned reference plan".into()))?;
-        let share: Vec<StageItem> = plan
-            .as_ref()
-            .map(|(_, m)| {
-                m.iter()
-                    .skip(req.rank as usize)
-                    .step_by(world)
-                    .copied()
-                    .collect()
-            })
-            .unwrap_or_default();
+    ) -> v1::ReferenceWorkResponse {
+        let rank = req.rank as usize;
+        let share_len = plan.len().saturating_sub(rank).div_ceil(world.max(1));
         let start = (req.chunk as usize).saturating_mul(micro);
-        if start >= share.len() {
-            return Ok(v1::ReferenceWorkResponse {
-                examples: Vec::new(),
-                done: true,
-                planned: planned as u64,
-            });
-        }
-        let examples = share[start..(start + micro).min(share.len())]
-            .iter()
+        let end = start.saturating_add(micro).min(share_len);
+        let examples = (start..end)
+            .filter_map(|k| plan.get(rank + k * world))
             .filter_map(|&(eval, i)| {
                 if eval {
                     data.eval.get(i)
@@ -1151,11 +1131,11 @@ impl Coordinator {
             })
             .map(to_proto_example)
             .collect();
-        Ok(v1::ReferenceWorkResponse {
+        v1::ReferenceWorkResponse {
             examples,
-            done: false,
-            planned: planned as u64,
-        })
+            done: start >= share_len,
+            planned: plan.len() as u64,
+        }
     }
 
     /// Stores reference sums reported by a member of the current generation.
