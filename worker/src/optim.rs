@@ -198,16 +198,8 @@ impl Optimizer {
     /// optimizer state tensor by tensor.
     pub fn moments_mut(&mut self) -> Result<Vec<Tensor>> {
         let mut out = Vec::new();
-        let masters = self
-            .slots
-            .iter()
-            .filter_map(|s| s.master.as_ref().map(Tensor::shallow_clone));
-        if self.spec.name == OptimizerName::Sgd {
-            out.extend(masters);
-            return Ok(out);
-        }
-        let masters: Vec<Tensor> = masters.collect();
-        for s in &mut self.slots {
+        let moments = self.spec.name != OptimizerName::Sgd; // SGD keeps none
+        for s in self.slots.iter_mut().filter(|_| moments) {
             for slot in [&mut s.exp_avg, &mut s.exp_avg_sq] {
                 if slot.is_none() {
                     let z =
@@ -220,7 +212,11 @@ impl Optimizer {
                 }
             }
         }
-        out.extend(masters);
+        out.extend(
+            self.slots
+                .iter()
+                .filter_map(|s| s.master.as_ref().map(Tensor::shallow_clone)),
+        );
         Ok(out)
     }
 

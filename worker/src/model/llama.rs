@@ -379,9 +379,7 @@ impl CausalLm {
     /// batches. Without a mask every token is real.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let hidden = self.hidden_states(input_ids, attention_mask)?;
-        hidden
-            .f_linear(&self.lm_head, None::<&Tensor>)
-            .op("lm_head")
+        self.lm_head(&hidden)
     }
 
     /// Final hidden states `[batch, seq, hidden]` (after the last norm).
@@ -510,9 +508,7 @@ impl CausalLm {
         }
         cache.len += n;
         let hidden = self.norm.forward(&xs).op("norm")?;
-        hidden
-            .f_linear(&self.lm_head, None::<&Tensor>)
-            .op("lm_head")
+        self.lm_head(&hidden)
     }
 
     fn masks(&self, b: i64, l: i64, attention_mask: Option<&Tensor>) -> TchResult<Masks> {
