@@ -49,11 +49,7 @@ pub fn keep_through(path: &Path, step: u64) -> std::io::Result<()> {
     if kept.len() == text.len() {
         return Ok(());
     }
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(kept.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    crate::atomic::write(path, kept.as_bytes())
 }
 
 #[cfg(test)]

@@ -82,16 +82,11 @@ impl Fingerprints {
         }
         std::fs::create_dir_all(root).map_err(io(root))?;
         let path = Self::path(root);
-        let tmp = root.join(format!(
-            ".fingerprints.{}.tmp",
-            uuid::Uuid::new_v4().simple()
-        ));
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::File {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        std::fs::write(&tmp, bytes).map_err(io(&tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io(&path))
+        crate::atomic::write(&path, &bytes).map_err(io(&path))
     }
 }
 

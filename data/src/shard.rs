@@ -116,15 +116,13 @@ pub fn decode(buf: &[u8]) -> Option<Vec<Example>> {
     (r.at == body.len()).then_some(out)
 }
 
-/// Writes a shard file (under a temporary name, then renamed).
+/// Writes a shard file crash-safely (fsynced before it replaces `path`: a
+/// restarted coordinator fails the run when a shard is missing or torn).
 pub fn write(path: &Path, examples: &[Example]) -> Result<()> {
-    let io = |source| Error::Io {
+    crate::atomic::write(path, &encode(examples)).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, encode(examples)).map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    })
 }
 
 /// Reads a shard file, refusing one that does not check out.

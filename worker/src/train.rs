@@ -1265,8 +1265,7 @@ impl Trainer {
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
-        sync_dir(&root)?;
+        dpo_data::atomic::rename(&tmp, &dir).map_err(io_err(&dir))?;
         tracing::info!(step, dir = %dir.display(), "checkpoint written");
         Ok(dir)
     }
@@ -1375,7 +1374,5 @@ pub fn verify_manifest(dir: &Path) -> Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(dir))
+    dpo_data::atomic::sync_dir(dir).map_err(io_err(dir))
 }

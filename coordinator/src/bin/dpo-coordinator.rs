@@ -249,9 +249,7 @@ async fn main() -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, auth = token.is_some(), tls = tls.is_some(), mutual_tls = cli.tls_client_ca.is_some(), "coordinator listening");
     if let Some(path) = &cli.addr_file {
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, addr.to_string())
-            .and_then(|()| std::fs::rename(&tmp, path))
+        dpo_data::atomic::write(path, addr.to_string().as_bytes())
             .with_context(|| format!("--addr-file {}", path.display()))?;
     }
     if let Some(reporter) = &health {

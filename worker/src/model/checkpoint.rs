@@ -4,8 +4,6 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
@@ -220,21 +218,9 @@ fn tensor_bytes(name: &str, t: &Tensor) -> Result<Bytes> {
     })
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same directory,
-/// fsynced, then renamed over `path`: a crash leaves the old file or the new one.
+/// Writes `bytes` to `path` crash-safely (see [`dpo_data::atomic`]).
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    dpo_data::atomic::write(path, bytes).map_err(io_err(path))
 }
 
 fn dtype_name(kind: Kind) -> &'static str {
