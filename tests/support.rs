@@ -389,14 +389,21 @@ impl Drop for Case {
 }
 
 impl Case {
+    /// A directory with the tiny model and `train_rows` copy-task pairs.
     pub fn new(train_rows: usize) -> Self {
+        let case = Self::empty();
+        fixtures(case.path(), train_rows).expect("fixtures");
+        case
+    }
+
+    /// A fresh directory without fixtures.
+    pub fn empty() -> Self {
         let base = root().join("target/tmp");
         std::fs::create_dir_all(&base).expect("target/tmp");
         let dir = tempfile::Builder::new()
             .prefix("e2e-")
             .tempdir_in(base)
             .expect("tempdir");
-        fixtures(dir.path(), train_rows).expect("fixtures");
         let logs = dir.path().join("logs");
         Case {
             root: dir.path().to_path_buf(),

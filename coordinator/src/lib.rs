@@ -1,10 +1,14 @@
 //! The dpo-cluster coordinator: validates and queues runs, tokenizes and shards
 //! their datasets once, forms worker generations, serves batches, records every
 //! step exactly once, and commits checkpoints with the data ledger.
+//!
+//! `engine` decides (no I/O, time as an argument); `coordinator` runs it and
+//! applies its effects; `service` is the gRPC face; `store` keeps the state.
 
+pub mod coordinator;
+pub mod engine;
 pub mod service;
-pub mod state;
 pub mod store;
 
-pub use state::{Coordinator, Settings};
+pub use coordinator::{Coordinator, Settings};
 pub use store::{Embedded, Etcd, EtcdSecurity, Store};

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 
-use crate::state::Coordinator;
+use crate::Coordinator;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<v1::Assignment, Status>> + Send>>;
@@ -563,9 +563,7 @@ async fn prometheus_text(c: &Coordinator) -> String {
         "gauge",
         runs.iter()
             .map(|(name, state, step)| {
-                let state = v1::RunState::try_from(*state)
-                    .map(|s| s.as_str_name())
-                    .unwrap_or("RUN_STATE_UNSPECIFIED");
+                let state = state.to_proto().as_str_name();
                 (
                     format!("{{run=\"{name}\",state=\"{state}\"}}"),
                     *step as f64,

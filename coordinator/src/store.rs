@@ -1,7 +1,7 @@
 //! Where the coordinator keeps its state: runs, the generation counter (the fencing
 //! token), committed checkpoints and the data ledger. `embedded` (the default) is
-//! an in-process map persisted to one file in the data directory, rewritten
-//! atomically on every change, so a restarted coordinator resumes its runs.
+//! an in-process map made durable in the data directory (a snapshot plus an
+//! append-only log of changes), so a restarted coordinator resumes its runs.
 //! `etcd` keeps the same keys in an etcd cluster.
 
 use std::collections::BTreeMap;
@@ -40,7 +40,7 @@ pub enum Store {
 impl Store {
     pub async fn get(&self, key: &str) -> Result<Option<String>> {
         match self {
-            Store::Embedded(s) => Ok(s.map.lock().await.get(key).cloned()),
+            Store::Embedded(s) => Ok(s.state.lock().await.map.get(key).cloned()),
             Store::Etcd(e) => Ok(e.list(key, false).await?.into_iter().next().map(|(_, v)| v)),
         }
     }
@@ -49,14 +49,55 @@ impl Store {
     pub async fn list(&self, prefix: &str) -> Result<Vec<(String, String)>> {
         match self {
             Store::Embedded(s) => Ok(s
-                .map
+                .state
                 .lock()
                 .await
+                .map
                 .range(prefix.to_string()..)
                 .take_while(|(k, _)| k.starts_with(prefix))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect()),
             Store::Etcd(e) => e.list(prefix, true).await,
+        }
+    }
+
+    /// Up to `limit` keys under `prefix` that sort after `after` (from the
+    /// first when `None`), in key order: how long listings are read in pages.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        match self {
+            Store::Embedded(s) => {
+                let state = s.state.lock().await;
+                let from = match after {
+                    Some(a) => std::ops::Bound::Excluded(a.to_string()),
+                    None => std::ops::Bound::Included(prefix.to_string()),
+                };
+                Ok(state
+                    .map
+                    .range((from, std::ops::Bound::Unbounded))
+                    .take_while(|(k, _)| k.starts_with(prefix))
+                    .take(limit)
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect())
+            }
+            Store::Etcd(e) => e.list_page(prefix, after, limit).await,
+        }
+    }
+
+    /// Bytes of keys and values this store was asked to write since it opened:
+    /// what a change costs the store (tests hold it constant per step).
+    pub fn bytes_written(&self) -> u64 {
+        self.written().load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn written(&self) -> &std::sync::atomic::AtomicU64 {
+        match self {
+            Store::Embedded(s) => &s.written,
+            Store::Etcd(e) => &e.written,
         }
     }
 
@@ -69,9 +110,8 @@ impl Store {
     pub async fn delete_prefix(&self, prefix: &str) -> Result<()> {
         match self {
             Store::Embedded(s) => {
-                let mut map = s.map.lock().await;
-                map.retain(|k, _| !k.starts_with(prefix));
-                s.persist(&map)
+                let mut state = s.state.lock().await;
+                s.commit(&mut state, LogOp::DeletePrefix(prefix.to_string()))
             }
             Store::Etcd(e) => e.delete_prefix(prefix).await,
         }
@@ -84,22 +124,25 @@ impl Store {
         fence: Option<u64>,
         writes: Vec<(String, Option<String>)>,
     ) -> Result<bool> {
+        let bytes: usize = writes
+            .iter()
+            .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
+            .sum();
+        self.written()
+            .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
         match self {
             Store::Embedded(s) => {
-                let mut map = s.map.lock().await;
+                let mut state = s.state.lock().await;
                 if let Some(g) = fence {
-                    let current = map.get(GENERATION_KEY).and_then(|v| v.parse::<u64>().ok());
+                    let current = state
+                        .map
+                        .get(GENERATION_KEY)
+                        .and_then(|v| v.parse::<u64>().ok());
                     if current != Some(g) {
                         return Ok(false);
                     }
                 }
-                for (k, v) in writes {
-                    match v {
-                        Some(v) => map.insert(k, v),
-                        None => map.remove(&k),
-                    };
-                }
-                s.persist(&map)?;
+                s.commit(&mut state, LogOp::Writes(writes))?;
                 Ok(true)
             }
             Store::Etcd(e) => e.apply(fence, writes).await,
@@ -195,6 +238,7 @@ impl std::fmt::Debug for EtcdSecurity {
 #[derive(Clone)]
 pub struct Etcd {
     client: etcd_client::Client,
+    written: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Etcd {
@@ -226,7 +270,10 @@ impl Etcd {
         let client = etcd_client::Client::connect(endpoints, Some(opts))
             .await
             .map_err(|e| StoreError::Etcd(format!("connecting to {endpoints:?}: {e}")))?;
-        Ok(Etcd { client })
+        Ok(Etcd {
+            client,
+            written: Default::default(),
+        })
     }
 
     pub fn client(&self) -> etcd_client::Client {
@@ -276,6 +323,43 @@ impl Etcd {
         Ok(out)
     }
 
+    async fn list_page(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, String)>> {
+        // From just after `after` (its key plus a NUL byte) to the end of the prefix.
+        let start = after.map_or_else(
+            || prefix.as_bytes().to_vec(),
+            |a| {
+                let mut k = a.as_bytes().to_vec();
+                k.push(0);
+                k
+            },
+        );
+        let end = prefix_end(prefix.as_bytes());
+        let resp = self
+            .retry("get page", |mut c| {
+                let (start, end) = (start.clone(), end.clone());
+                async move {
+                    let opts = etcd_client::GetOptions::new()
+                        .with_range(end)
+                        .with_limit(limit as i64)
+                        .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+                    c.get(start, Some(opts)).await
+                }
+            })
+            .await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| match (kv.key_str(), kv.value_str()) {
+                (Ok(k), Ok(v)) => Ok((k.to_string(), v.to_string())),
+                _ => Err(StoreError::Etcd(format!("non-UTF-8 data under {prefix:?}"))),
+            })
+            .collect()
+    }
+
     async fn delete_prefix(&self, prefix: &str) -> Result<()> {
         self.retry("delete", |mut c| {
             let p = prefix.to_string();
@@ -318,49 +402,190 @@ impl Etcd {
     }
 }
 
-/// The embedded store: a map persisted to `<data-dir>/store.json`.
-#[derive(Debug)]
-pub struct Embedded {
-    path: PathBuf,
-    map: Mutex<BTreeMap<String, String>>,
+/// The smallest key above every key that starts with `prefix` (etcd's range end).
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0] // every key
 }
 
+/// The embedded store: a map kept in memory and made durable as a snapshot
+/// (`store.json`) plus an append-only log of the changes since (`store.log`, one
+/// fsynced JSON line per change). A change therefore costs what it writes, not
+/// the size of the whole map; the log is folded into a new snapshot once it
+/// outgrows the snapshot (amortised constant per change). A torn last line (a
+/// crash mid-append) is dropped on open.
+#[derive(Debug)]
+pub struct Embedded {
+    dir: PathBuf,
+    state: Mutex<EmbeddedState>,
+    written: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+struct EmbeddedState {
+    map: BTreeMap<String, String>,
+    log: std::fs::File,
+    log_bytes: u64,
+    snapshot_bytes: u64,
+}
+
+/// One line of `store.log`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+enum LogOp {
+    /// Applied writes (`None` deletes).
+    #[serde(rename = "w")]
+    Writes(Vec<(String, Option<String>)>),
+    #[serde(rename = "d")]
+    DeletePrefix(String),
+}
+
+impl LogOp {
+    fn apply_to(self, map: &mut BTreeMap<String, String>) {
+        match self {
+            LogOp::Writes(writes) => {
+                for (k, v) in writes {
+                    match v {
+                        Some(v) => map.insert(k, v),
+                        None => map.remove(&k),
+                    };
+                }
+            }
+            LogOp::DeletePrefix(p) => map.retain(|k, _| !k.starts_with(&p)),
+        }
+    }
+}
+
+/// The log is folded into the snapshot once it is larger than this and than
+/// the snapshot itself.
+const COMPACT_MIN_BYTES: u64 = 1 << 20;
+
 impl Embedded {
-    /// Opens (or creates) the store file in `dir`.
+    /// Opens (or creates) the store in `dir`: the snapshot, then the log replayed.
     pub fn open(dir: &Path) -> Result<Self> {
-        std::fs::create_dir_all(dir).map_err(|source| StoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let path = dir.join("store.json");
-        let map = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
-                path: path.clone(),
-                reason: e.to_string(),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(source) => return Err(StoreError::Io { path, source }),
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StoreError::Io { path, source }
         };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let snapshot = dir.join("store.json");
+        let (mut map, snapshot_bytes) = match std::fs::read(&snapshot) {
+            Ok(bytes) => (
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    path: snapshot.clone(),
+                    reason: e.to_string(),
+                })?,
+                bytes.len() as u64,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (BTreeMap::new(), 0),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: snapshot,
+                    source,
+                });
+            }
+        };
+        let log_path = dir.join("store.log");
+        let text = match std::fs::read(&log_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(StoreError::Io {
+                    path: log_path,
+                    source,
+                });
+            }
+        };
+        // Whole lines only: a torn tail is what a crash mid-append leaves.
+        let whole = text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        for (n, line) in text[..whole].split(|&b| b == b'\n').enumerate() {
+            if line.is_empty() {
+                continue;
+            }
+            let op: LogOp = serde_json::from_slice(line).map_err(|e| StoreError::Corrupt {
+                path: log_path.clone(),
+                reason: format!("line {}: {e}", n + 1),
+            })?;
+            op.apply_to(&mut map);
+        }
+        if whole < text.len() {
+            tracing::warn!(path = %log_path.display(), bytes = text.len() - whole, "dropping a torn store.log tail");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io(&log_path))?;
+        log.set_len(whole as u64).map_err(io(&log_path))?;
         Ok(Embedded {
-            path,
-            map: Mutex::new(map),
+            dir: dir.to_path_buf(),
+            state: Mutex::new(EmbeddedState {
+                map,
+                log,
+                log_bytes: whole as u64,
+                snapshot_bytes,
+            }),
+            written: Default::default(),
         })
     }
 
-    fn persist(&self, map: &BTreeMap<String, String>) -> Result<()> {
+    /// Makes `op` durable (one fsynced log line), applies it, and compacts when due.
+    fn commit(&self, state: &mut EmbeddedState, op: LogOp) -> Result<()> {
+        let log_path = self.dir.join("store.log");
         let io = |source| StoreError::Io {
-            path: self.path.clone(),
+            path: log_path.clone(),
             source,
         };
-        let bytes = serde_json::to_vec(map).map_err(|e| StoreError::Corrupt {
-            path: self.path.clone(),
+        let mut line = serde_json::to_vec(&op).map_err(|e| StoreError::Corrupt {
+            path: log_path.clone(),
             reason: e.to_string(),
         })?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        line.push(b'\n');
+        state.log.write_all(&line).map_err(io)?;
+        state.log.sync_data().map_err(io)?;
+        state.log_bytes += line.len() as u64;
+        op.apply_to(&mut state.map);
+        if state.log_bytes > COMPACT_MIN_BYTES.max(state.snapshot_bytes) {
+            self.compact(state)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the map as the new snapshot, then empties the log. A crash between
+    /// the two replays the log over the new snapshot, which changes nothing
+    /// (every logged change is already in it).
+    fn compact(&self, state: &mut EmbeddedState) -> Result<()> {
+        let snapshot = self.dir.join("store.json");
+        let bytes = serde_json::to_vec(&state.map).map_err(|e| StoreError::Corrupt {
+            path: snapshot.clone(),
+            reason: e.to_string(),
+        })?;
+        dpo_data::atomic::write(&snapshot, &bytes).map_err(|source| StoreError::Io {
+            path: snapshot.clone(),
+            source,
+        })?;
+        let log_path = self.dir.join("store.log");
+        state
+            .log
+            .set_len(0)
+            .and_then(|()| state.log.sync_all())
+            .map_err(|source| StoreError::Io {
+                path: log_path,
+                source,
+            })?;
+        tracing::debug!(
+            snapshot_bytes = bytes.len(),
+            log_bytes = state.log_bytes,
+            "store compacted"
+        );
+        state.snapshot_bytes = bytes.len() as u64;
+        state.log_bytes = 0;
+        Ok(())
     }
 }
 
@@ -397,5 +622,103 @@ mod tests {
         assert_eq!(store.list("dpo/runs/").await?.len(), 1);
         assert_eq!(store.get("dpo/runt").await?.as_deref(), Some("no"));
         Ok(())
+    }
+
+    fn tmp() -> Result<tempfile::TempDir> {
+        tempfile::tempdir().map_err(|source| StoreError::Io {
+            path: "tmp".into(),
+            source,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_change_appends_to_the_log_and_a_torn_tail_is_dropped() -> Result<()> {
+        let dir = tmp()?;
+        {
+            let store = Store::Embedded(Embedded::open(dir.path())?);
+            store.put("a", "1".into()).await?;
+            store.put("b", "2".into()).await?;
+            store.delete_prefix("a").await?;
+            assert_eq!(store.bytes_written(), 4);
+        }
+        // Nothing was rewritten whole: the log holds the three changes.
+        let log = std::fs::read_to_string(dir.path().join("store.log")).unwrap_or_default();
+        assert_eq!(log.lines().count(), 3, "{log}");
+        assert!(!dir.path().join("store.json").exists());
+        // A crash mid-append leaves half a line: dropped on open, the rest kept.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join("store.log"))
+            .and_then(|mut f| f.write_all(br#"{"w":[["c","#))
+            .map_err(|source| StoreError::Io {
+                path: "store.log".into(),
+                source,
+            })?;
+        let store = Store::Embedded(Embedded::open(dir.path())?);
+        assert_eq!(store.get("a").await?, None);
+        assert_eq!(store.get("b").await?.as_deref(), Some("2"));
+        assert_eq!(store.get("c").await?, None);
+        // The log is usable after the torn tail: a new change reads back.
+        store.put("d", "4".into()).await?;
+        drop(store);
+        let store = Store::Embedded(Embedded::open(dir.path())?);
+        assert_eq!(store.get("d").await?.as_deref(), Some("4"));
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_log_folds_into_a_snapshot_and_reads_back_the_same() -> Result<()> {
+        let dir = tmp()?;
+        let value = "x".repeat(4096);
+        {
+            let store = Store::Embedded(Embedded::open(dir.path())?);
+            for i in 0..600 {
+                store.put(&format!("k/{i:04}"), value.clone()).await?;
+            }
+            store.delete_prefix("k/00").await?;
+        }
+        let log_len = std::fs::metadata(dir.path().join("store.log"))
+            .map(|m| m.len())
+            .unwrap_or(u64::MAX);
+        assert!(
+            log_len < COMPACT_MIN_BYTES,
+            "compacted: log is {log_len} bytes"
+        );
+        assert!(dir.path().join("store.json").exists());
+        let store = Store::Embedded(Embedded::open(dir.path())?);
+        let keys = store.list("k/").await?;
+        assert_eq!(keys.len(), 500);
+        assert_eq!(keys[0].0, "k/0100");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn pages_cover_a_prefix_in_order_without_repeats() -> Result<()> {
+        let dir = tmp()?;
+        let store = Store::Embedded(Embedded::open(dir.path())?);
+        for i in 0..25 {
+            store.put(&format!("p/{i:03}"), i.to_string()).await?;
+        }
+        store.put("p0", "outside".into()).await?;
+        store.put("o", "before".into()).await?;
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.list_page("p/", after.as_deref(), 10).await?;
+            seen.extend(page.iter().map(|(_, v)| v.clone()));
+            match page.last() {
+                Some((k, _)) if page.len() == 10 => after = Some(k.clone()),
+                _ => break,
+            }
+        }
+        let want: Vec<String> = (0..25).map(|i: i32| i.to_string()).collect();
+        assert_eq!(seen, want);
+        Ok(())
+    }
+
+    #[test]
+    fn a_prefix_end_is_the_next_key_past_the_prefix() {
+        assert_eq!(prefix_end(b"dpo/ledger/"), b"dpo/ledger0".to_vec());
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
     }
 }

@@ -1,0 +1,703 @@
+//! The runner around the [`Engine`]: it feeds the engine the requests and the
+//! time, and carries out the effects the engine decides. Effects leave the
+//! engine's lock in the order they were decided, through one queue, and one
+//! task applies them in that order after the lock is released; a request waits
+//! for its own effects (so its answer says whether they happened), while
+//! heartbeats and batch fetches never wait behind a slow store.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use dpo_proto::{RunSpec, v1};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::engine::reference::{ReferenceStage, to_proto_example};
+use crate::engine::{
+    self, CheckpointRecord, Effect, Engine, Member, Now, Refusal, Result, RunData, RunRecord,
+    RunState,
+};
+use crate::store::{GENERATION_KEY, Store};
+
+pub use crate::engine::Counters;
+
+/// Coordinator settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    /// A worker silent for this long has lost its lease.
+    pub lease_ttl: std::time::Duration,
+}
+
+type AssignmentTx = mpsc::Sender<std::result::Result<v1::Assignment, tonic::Status>>;
+type AssignmentRx = mpsc::Receiver<std::result::Result<v1::Assignment, tonic::Status>>;
+
+/// What the effect task reaches: the store, the workers' streams, the watchers.
+#[derive(Debug)]
+struct Outside {
+    store: Store,
+    /// Each worker's newest assignment stream: `(stream id, sender)`.
+    streams: Mutex<HashMap<String, (u64, AssignmentTx)>>,
+    watchers: Mutex<HashMap<String, broadcast::Sender<v1::RunEvent>>>,
+}
+
+/// A batch of effects and who waits for them: `Ok(committed)` tells whether
+/// every fenced write went through.
+type Batch = (Vec<Effect>, oneshot::Sender<Result<bool>>);
+
+/// The coordinator: the engine, and the runner of its effects.
+#[derive(Debug)]
+pub struct Coordinator {
+    settings: Settings,
+    engine: Mutex<Engine>,
+    outside: Arc<Outside>,
+    queue: mpsc::UnboundedSender<Batch>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The engine never panics holding its lock; if it did, its state is still
+    // the last consistent one (each input validates before it changes anything).
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn store_read<T>(
+    what: &str,
+    r: std::result::Result<T, crate::store::StoreError>,
+) -> anyhow::Result<T> {
+    r.map_err(|e| anyhow::anyhow!("reading {what} from the store: {e}"))
+}
+
+impl Coordinator {
+    /// Opens the coordinator on `store`, reloading unfinished runs and their shards.
+    pub async fn open(store: Store, settings: Settings) -> anyhow::Result<Arc<Self>> {
+        let generation = store_read("the generation", store.get(GENERATION_KEY).await)?
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let mut engine = Engine::new(settings.lease_ttl, generation);
+        let mut stored = store_read("run history", store.list(engine::HISTORY_PREFIX).await)?;
+        stored.extend(
+            store_read("runs", store.list(engine::RUN_PREFIX).await)?
+                .into_iter()
+                .filter(|(k, _)| k.ends_with("/record")),
+        );
+        let cache_root = settings.data_dir.join("reference");
+        for (key, value) in stored {
+            let record: RunRecord = match serde_json::from_str(&value) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(key, error = %e, "skipping an unreadable run record");
+                    continue;
+                }
+            };
+            if record.state.terminal() {
+                engine.restore(record, None, None)?;
+                continue;
+            }
+            let checkpoint = store_read(
+                "a checkpoint",
+                store.get(&engine::checkpoint_key(&record.id)).await,
+            )?
+            .and_then(|v| serde_json::from_str::<CheckpointRecord>(&v).ok());
+            let data = load_shards(&record, &cache_root).map_err(|e| e.to_string());
+            if data.is_ok() {
+                let metrics = record.spec.train.output.join("metrics.jsonl");
+                if let Err(e) = dpo_data::metrics_log::keep_through(&metrics, record.step) {
+                    tracing::warn!(path = %metrics.display(), error = %e, "could not trim metrics.jsonl");
+                }
+                tracing::info!(run = %record.id, step = record.step, "resuming run from the store");
+            }
+            engine.restore(record, checkpoint, Some(data))?;
+        }
+        let (queue, rx) = mpsc::unbounded_channel();
+        let outside = Arc::new(Outside {
+            store,
+            streams: Mutex::new(HashMap::new()),
+            watchers: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(apply_effects(outside.clone(), rx));
+        let coordinator = Arc::new(Coordinator {
+            settings,
+            engine: Mutex::new(engine),
+            outside,
+            queue,
+        });
+        // Records of an earlier version move their ledger out (queued by restore).
+        coordinator.run(|_, _| Ok(())).await?;
+        Ok(coordinator)
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.outside.store
+    }
+
+    /// Runs `f` on the engine at the current time and queues the effects it
+    /// decided, under the lock; then waits for them to be applied. Returns `f`'s
+    /// answer and whether every fenced write of the batch committed.
+    async fn run_fenced<T>(
+        &self,
+        f: impl FnOnce(&mut Engine, Now) -> Result<T>,
+    ) -> Result<(T, bool)> {
+        let (answer, done) = {
+            let mut engine = lock(&self.engine);
+            let answer = f(&mut engine, Now::system());
+            let effects = engine.take_effects();
+            let done = if effects.is_empty() {
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                self.queue
+                    .send((effects, tx))
+                    .map_err(|_| Refusal::Internal("the effect runner stopped".into()))?;
+                Some(rx)
+            };
+            (answer, done)
+        };
+        let committed = match done {
+            Some(rx) => rx
+                .await
+                .map_err(|_| Refusal::Internal("the effect runner stopped".into()))??,
+            None => true,
+        };
+        Ok((answer?, committed))
+    }
+
+    /// [`Self::run_fenced`] for inputs without fenced writes.
+    async fn run<T>(&self, f: impl FnOnce(&mut Engine, Now) -> Result<T>) -> Result<T> {
+        self.run_fenced(f).await.map(|(t, _)| t)
+    }
+
+    /// Reads the engine (no effects).
+    fn read<T>(&self, f: impl FnOnce(&Engine) -> T) -> T {
+        f(&lock(&self.engine))
+    }
+
+    // ----- runs -----------------------------------------------------------------
+
+    /// Validates, tokenizes and shards a run, then queues it. `spec` paths are as
+    /// this coordinator sees them (streamed files already saved under `run_dir`).
+    pub async fn submit(&self, id: String, spec: RunSpec) -> Result<v1::Run> {
+        if let Err((key, reason)) = spec.validate() {
+            return Err(Refusal::Invalid(format!("{key}: {reason}")));
+        }
+        let out = spec.train.output.clone();
+        if out.join("metrics.jsonl").exists() || out.join("checkpoints").exists() {
+            return Err(Refusal::Invalid(format!(
+                "train.output: {} already holds a run; choose a new directory",
+                out.display()
+            )));
+        }
+        self.read(|e| e.check_output_free(&spec))?;
+        let shard_dir = self.settings.data_dir.join("runs").join(&id);
+        let spec2 = spec.clone();
+        let dir2 = shard_dir.clone();
+        let cache_root = self.settings.data_dir.join("reference");
+        let data = tokio::task::spawn_blocking(move || prepare(&spec2, &dir2, &cache_root))
+            .await
+            .map_err(|e| Refusal::Internal(e.to_string()))??;
+        std::fs::create_dir_all(&out).map_err(|e| {
+            Refusal::Invalid(format!(
+                "train.output: cannot create {}: {e}",
+                out.display()
+            ))
+        })?;
+        self.run(move |e, now| {
+            let record = RunRecord::queued(id, spec, &data, shard_dir, now);
+            e.add_run(record, data, now)
+        })
+        .await
+    }
+
+    pub async fn get(&self, what: &str) -> Result<v1::Run> {
+        self.read(|e| e.run(what).map(RunRecord::to_proto))
+    }
+
+    pub async fn list(&self) -> Vec<v1::Run> {
+        self.read(Engine::list)
+    }
+
+    pub async fn cancel(&self, what: &str) -> Result<v1::Run> {
+        self.run(|e, now| e.cancel(what, now)).await
+    }
+
+    /// The run's current state, then its events.
+    pub async fn watch(&self, what: &str) -> Result<(v1::Run, broadcast::Receiver<v1::RunEvent>)> {
+        let engine = lock(&self.engine);
+        let run = engine.run(what)?.to_proto();
+        let rx = lock(&self.outside.watchers)
+            .entry(run.id.clone())
+            .or_insert_with(|| broadcast::channel(1024).0)
+            .subscribe();
+        Ok((run, rx))
+    }
+
+    // ----- workers ----------------------------------------------------------------
+
+    pub async fn register(&self, req: v1::RegisterRequest) -> Result<v1::RegisterResponse> {
+        Engine::check_registration(&req)?;
+        let info = serde_json::json!({
+            "collective_addr": req.collective_addr,
+            "device": req.device,
+            "hostname": req.hostname,
+        })
+        .to_string();
+        let lease = self
+            .outside
+            .store
+            .register_worker(&req.worker_id, info, self.settings.lease_ttl)
+            .await?;
+        self.run(move |e, now| Ok(e.register(req, lease, now)))
+            .await
+    }
+
+    /// Renews a worker's lease; false when the worker is unknown. The lease
+    /// that counts is the engine's, renewed at once; the etcd lease (which only
+    /// shows live workers to operators and standbys) is renewed in the
+    /// background, so a stalled etcd never delays a heartbeat's answer.
+    pub async fn heartbeat(&self, req: &v1::HeartbeatRequest) -> bool {
+        let lease = lock(&self.engine).heartbeat(&req.worker_id, Now::system());
+        match lease {
+            None => false,
+            Some(lease) => {
+                if let Some(lease) = lease {
+                    let outside = self.outside.clone();
+                    let worker = req.worker_id.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = outside.store.renew(lease).await {
+                            tracing::warn!(worker, error = %e, "could not renew the worker's etcd lease");
+                        }
+                    });
+                }
+                true
+            }
+        }
+    }
+
+    /// Opens a worker's assignment stream; returns its receiver, a sender that
+    /// tells when the worker goes away, and the stream's id.
+    pub async fn open_stream(&self, worker_id: &str) -> Result<(AssignmentRx, AssignmentTx, u64)> {
+        let (tx, rx) = mpsc::channel(64);
+        let tx2 = tx.clone();
+        let outside = self.outside.clone();
+        let id = self
+            .run(move |e, now| {
+                let id = e.open_stream(worker_id, now)?;
+                // Under the lock, before the engine's effects (the generation this
+                // may form) are queued: the stream exists when they are applied.
+                lock(&outside.streams).insert(worker_id.to_string(), (id, tx2));
+                Ok(id)
+            })
+            .await?;
+        Ok((rx, tx, id))
+    }
+
+    /// The worker's stream closed (its process died or it disconnected).
+    pub async fn stream_closed(&self, worker_id: &str, stream_id: u64) {
+        {
+            let mut streams = lock(&self.outside.streams);
+            if streams
+                .get(worker_id)
+                .is_some_and(|(id, _)| *id == stream_id)
+            {
+                streams.remove(worker_id);
+            }
+        }
+        if let Err(e) = self
+            .run(|e, now| e.stream_closed(worker_id, stream_id, now))
+            .await
+        {
+            tracing::error!(error = %e, "reconcile");
+        }
+    }
+
+    pub async fn workers(&self) -> Vec<v1::WorkerInfo> {
+        self.read(|e| e.workers(Now::system()))
+    }
+
+    /// Expires lapsed leases and forms, repairs or grows the generation.
+    pub async fn reconcile(&self) -> Result<()> {
+        self.run(|e, now| e.reconcile(now)).await
+    }
+
+    // ----- members ----------------------------------------------------------------
+
+    pub async fn fetch_batch(&self, req: &v1::FetchBatchRequest) -> Result<v1::Batch> {
+        let started = Instant::now();
+        let member = Member {
+            worker: req.worker_id.clone(),
+            run: req.run_id.clone(),
+            generation: req.generation,
+        };
+        let (data, world, total, _) = self.read(|e| e.member_view(&member, Some(req.rank)))?;
+        let batch = batch_of(&data, req, world, total)?;
+        lock(&self.engine).batch_served(batch.examples.len(), started.elapsed());
+        Ok(batch)
+    }
+
+    /// This rank's chunk of the reference stage.
+    pub async fn reference_work(
+        &self,
+        req: &v1::ReferenceWorkRequest,
+    ) -> Result<v1::ReferenceWorkResponse> {
+        let member = Member {
+            worker: req.worker_id.clone(),
+            run: req.run_id.clone(),
+            generation: req.generation,
+        };
+        let (data, world, _, micro) = self.read(|e| e.member_view(&member, Some(req.rank)))?;
+        let stage = stage_of(&data, &req.run_id)?;
+        let (response, progress) = stage.work(
+            &data,
+            req.generation,
+            req.rank as usize,
+            req.chunk,
+            world,
+            micro,
+        )?;
+        if let Some((total, cached)) = progress {
+            self.run(|e, _| {
+                e.reference_planned(&req.run_id, total, cached);
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(response)
+    }
+
+    /// Stores reference sums reported by a member of the current generation.
+    pub async fn report_reference(&self, req: &v1::ReportReferenceRequest) -> Result<()> {
+        let member = Member {
+            worker: req.worker_id.clone(),
+            run: req.run_id.clone(),
+            generation: req.generation,
+        };
+        let (data, ..) = self.read(|e| e.member_view(&member, None))?;
+        stage_of(&data, &req.run_id)?;
+        let (keys, sums) = (req.keys.clone(), req.sums.clone());
+        let added = tokio::task::spawn_blocking(move || match &data.reference {
+            Some(stage) => stage.store(&keys, &sums),
+            None => Ok(0),
+        })
+        .await
+        .map_err(|e| Refusal::Internal(e.to_string()))??;
+        tracing::debug!(run = %req.run_id, added, "reference sums stored");
+        self.run(|e, _| {
+            e.reference_stored(&req.run_id, req.keys.len() as u64);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn report_step(&self, req: &v1::ReportStepRequest) -> Result<()> {
+        let member = Member {
+            worker: req.worker_id.clone(),
+            run: req.run_id.clone(),
+            generation: req.generation,
+        };
+        let report = engine::StepReport {
+            step: req.step,
+            metrics: req
+                .metrics
+                .iter()
+                .map(|m| (m.name.clone(), m.value))
+                .collect(),
+            eval: req.eval,
+        };
+        self.run(|e, _| e.report_step(&member, report)).await
+    }
+
+    /// Commits a checkpoint written by rank 0, fenced by the generation.
+    pub async fn report_checkpoint(&self, req: &v1::ReportCheckpointRequest) -> Result<()> {
+        let member = Member {
+            worker: req.worker_id.clone(),
+            run: req.run_id.clone(),
+            generation: req.generation,
+        };
+        let path_ok = Path::new(&req.path).join("manifest.json").is_file();
+        let ((), committed) = self
+            .run_fenced(|e, _| e.commit_checkpoint(&member, req.step, &req.path, path_ok))
+            .await?;
+        if !committed {
+            return Err(Refusal::Stale(format!(
+                "generation {} was superseded before the checkpoint committed",
+                req.generation
+            )));
+        }
+        self.run(|e, _| e.checkpoint_committed(&req.run_id, req.step, &req.path))
+            .await
+    }
+
+    pub async fn report_done(&self, req: &v1::ReportDoneRequest) -> Result<()> {
+        let member = Member {
+            worker: req.worker_id.clone(),
+            run: req.run_id.clone(),
+            generation: req.generation,
+        };
+        self.run(|e, now| e.report_done(&member, req.step, &req.error, req.stopped_early, now))
+            .await
+    }
+
+    /// A member's collective broke: end the generation so a new one forms.
+    pub async fn report_fault(&self, req: &v1::ReportFaultRequest) -> Result<()> {
+        let member = Member {
+            worker: req.worker_id.clone(),
+            run: req.run_id.clone(),
+            generation: req.generation,
+        };
+        self.run(|e, now| e.fault(&member, &req.reason, now)).await
+    }
+
+    pub async fn publish_bootstrap(&self, b: v1::Bootstrap) -> Result<()> {
+        lock(&self.engine).publish_bootstrap(b.run_id, b.generation, b.data)
+    }
+
+    pub async fn get_bootstrap(&self, run_id: &str, generation: u64) -> Option<Vec<u8>> {
+        self.read(|e| e.bootstrap(run_id, generation))
+    }
+
+    pub async fn counters(&self) -> (Counters, Vec<(String, RunState, u64)>, usize, u64) {
+        self.read(Engine::counters)
+    }
+}
+
+/// The run's reference stage, or why it has none.
+fn stage_of<'a>(data: &'a RunData, run: &str) -> Result<&'a ReferenceStage> {
+    data.reference.as_ref().ok_or_else(|| {
+        Refusal::Invalid(format!(
+            "run {run} has no reference stage (reference.precompute is off)"
+        ))
+    })
+}
+
+/// The rank's share of a global batch (train) or of the eval set, with the
+/// reference sums when the stage has them all.
+fn batch_of(
+    data: &RunData,
+    req: &v1::FetchBatchRequest,
+    world: usize,
+    total: u64,
+) -> Result<v1::Batch> {
+    use dpo_data::batches::rank_share;
+    let rank = req.rank as usize;
+    let (examples, indices, norm, epoch) = if req.split == v1::Split::Eval as i32 {
+        let idx: Vec<usize> = (0..data.eval.len()).collect();
+        let (e, i, n) = rank_share(&data.eval, &idx, data.count_negatives, rank, world);
+        (e, i, n, 0)
+    } else {
+        if req.step >= total {
+            return Err(Refusal::Invalid(format!(
+                "step {} is past the run's {total} steps",
+                req.step
+            )));
+        }
+        let (idx, epoch) = {
+            let mut plan = data
+                .plan
+                .lock()
+                .map_err(|_| Refusal::Internal("poisoned plan".into()))?;
+            (plan.indices(req.step), plan.position(req.step).0)
+        };
+        let (e, i, n) = rank_share(&data.train, &idx, data.count_negatives, rank, world);
+        (e, i, n, epoch)
+    };
+    let (mut reference_chosen, mut reference_rejected) = (Vec::new(), Vec::new());
+    if let Some(stage) = &data.reference
+        && let Some(sums) = stage.sums_of(&examples)?
+    {
+        reference_chosen = sums.iter().map(|s| s[0]).collect();
+        reference_rejected = sums.iter().map(|s| s[1]).collect();
+    }
+    Ok(v1::Batch {
+        examples: examples.iter().map(to_proto_example).collect(),
+        reference_chosen,
+        reference_rejected,
+        indices: indices.iter().map(|&i| i as u64).collect(),
+        total_examples: norm.examples,
+        total_chosen_tokens: norm.chosen_tokens,
+        total_negative_tokens: norm.negative_tokens,
+        epoch,
+    })
+}
+
+/// Applies batches of effects in the order they were queued.
+async fn apply_effects(outside: Arc<Outside>, mut rx: mpsc::UnboundedReceiver<Batch>) {
+    while let Some((effects, done)) = rx.recv().await {
+        let mut committed = true;
+        let mut failure: Option<Refusal> = None;
+        for effect in effects {
+            match apply(&outside, effect).await {
+                Ok(c) => committed &= c,
+                Err(e) => {
+                    tracing::error!(error = %e, "applying the coordinator's decision");
+                    failure.get_or_insert(e);
+                }
+            }
+        }
+        let _ = done.send(match failure {
+            Some(e) => Err(e),
+            None => Ok(committed),
+        });
+    }
+}
+
+/// Applies one effect; `Ok(false)` for a fenced write that did not commit.
+async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
+    match effect {
+        Effect::Store { fence, writes } => Ok(outside.store.apply(fence, writes).await?),
+        Effect::DeletePrefix(prefix) => {
+            outside.store.delete_prefix(&prefix).await?;
+            Ok(true)
+        }
+        Effect::AppendMetrics { path, metrics } => {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            tokio::task::spawn_blocking(move || append_metrics(&path, &metrics))
+                .await
+                .map_err(|e| Refusal::Internal(e.to_string()))?
+                .map_err(|e| Refusal::Internal(format!("{}: {e}", name.unwrap_or_default())))?;
+            Ok(true)
+        }
+        Effect::WriteLedger { prefix, path } => {
+            if let Err(e) = write_ledger(&outside.store, &prefix, &path).await {
+                tracing::warn!(path = %path.display(), error = %e, "could not write ledger.jsonl");
+            }
+            Ok(true)
+        }
+        Effect::RevokeLease(lease) => {
+            outside.store.revoke(lease).await;
+            Ok(true)
+        }
+        Effect::Send { worker, kind } => {
+            let tx = lock(&outside.streams)
+                .get(&worker)
+                .map(|(_, tx)| tx.clone());
+            if let Some(tx) = tx
+                && let Err(e) = tx.try_send(Ok(v1::Assignment { kind: Some(kind) }))
+            {
+                tracing::warn!(worker, error = %e, "could not send an assignment");
+            }
+            Ok(true)
+        }
+        Effect::Emit { run, event } => {
+            if let Some(tx) = lock(&outside.watchers).get(&run) {
+                let _ = tx.send(event);
+            }
+            Ok(true)
+        }
+        Effect::EndWatch { run } => {
+            lock(&outside.watchers).remove(&run);
+            Ok(true)
+        }
+    }
+}
+
+/// Appends one line to a metrics file (created when missing).
+fn append_metrics(path: &Path, metrics: &[(String, f64)]) -> std::io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    dpo_data::metrics_log::append(&mut f, metrics)
+}
+
+/// Writes every ledger entry under `prefix` to `path`, one JSON line each in
+/// step order, reading the store a page at a time.
+async fn write_ledger(store: &Store, prefix: &str, path: &Path) -> anyhow::Result<()> {
+    const PAGE: usize = 1000;
+    let mut text = String::new();
+    let mut after: Option<String> = None;
+    let mut last_step = 0u64;
+    loop {
+        let page = store.list_page(prefix, after.as_deref(), PAGE).await?;
+        for (_, v) in &page {
+            for e in engine::read_ledger_value(v) {
+                // Keys sort by step; an earlier version's segments may overlap.
+                if e.step > last_step {
+                    last_step = e.step;
+                    text.push_str(&serde_json::to_string(&e)?);
+                    text.push('\n');
+                }
+            }
+        }
+        match page.last() {
+            Some((k, _)) if page.len() == PAGE => after = Some(k.clone()),
+            _ => break,
+        }
+    }
+    dpo_data::atomic::write(path, text.as_bytes())?;
+    Ok(())
+}
+
+/// Tokenizes and shards a run's datasets (train and eval) once.
+fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunData> {
+    if spec.data.negatives.as_deref() == Some("policy") {
+        return Err(Refusal::Invalid(
+            "data.negatives: \"policy\" negatives need a model to sample from; the cluster does not sample them yet (use `dpo-worker train`)".into(),
+        ));
+    }
+    let tokenizer = if spec.model.path.join("tokenizer.json").exists() {
+        Some(
+            dpo_data::TextTokenizer::from_dir(&spec.model.path)
+                .map_err(|e| Refusal::Invalid(e.to_string()))?,
+        )
+    } else {
+        None
+    };
+    let vocab = std::fs::read(spec.model.path.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("vocab_size").and_then(serde_json::Value::as_i64));
+    let invalid = |e: dpo_data::Error| Refusal::Invalid(e.to_string());
+    let (train, _) = dpo_data::dataset::load(
+        spec,
+        &spec.data.train,
+        tokenizer.as_ref(),
+        vocab,
+        true,
+        None,
+    )
+    .map_err(invalid)?;
+    let eval = match &spec.data.eval {
+        Some(path) => {
+            dpo_data::dataset::load(spec, path, tokenizer.as_ref(), vocab, false, None)
+                .map_err(invalid)?
+                .0
+        }
+        None => Vec::new(),
+    };
+    std::fs::create_dir_all(shard_dir)
+        .map_err(|e| Refusal::Internal(format!("{}: {e}", shard_dir.display())))?;
+    dpo_data::shard::write(&shard_dir.join("train.shard"), &train)
+        .map_err(|e| Refusal::Internal(e.to_string()))?;
+    dpo_data::shard::write(&shard_dir.join("eval.shard"), &eval)
+        .map_err(|e| Refusal::Internal(e.to_string()))?;
+    let n = train.len();
+    let mut data = RunData::new(spec, train, eval).ok_or_else(|| {
+        Refusal::Invalid(format!(
+            "train.global_batch_size: {} exceeds the {n} usable training examples of {}",
+            spec.train.global_batch_size,
+            spec.data.train.display()
+        ))
+    })?;
+    data.reference = ReferenceStage::open(spec, cache_root)
+        .map_err(|e| Refusal::Invalid(format!("reference.precompute: {e}")))?;
+    Ok(data)
+}
+
+fn load_shards(
+    record: &RunRecord,
+    cache_root: &Path,
+) -> std::result::Result<RunData, dpo_data::Error> {
+    let train = dpo_data::shard::read(&record.shard_dir.join("train.shard"))?;
+    let eval = dpo_data::shard::read(&record.shard_dir.join("eval.shard"))?;
+    let mut data =
+        RunData::new(&record.spec, train, eval).ok_or_else(|| dpo_data::Error::File {
+            path: record.shard_dir.join("train.shard"),
+            reason: "fewer examples than one global batch".into(),
+        })?;
+    data.reference = ReferenceStage::open(&record.spec, cache_root)?;
+    Ok(data)
+}

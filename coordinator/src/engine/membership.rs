@@ -1,0 +1,387 @@
+//! Membership: registered workers, their leases (a worker silent for the lease
+//! time is gone), and the generation — the world of ranks training the active
+//! run, re-formed whenever a member is lost or new workers can join.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dpo_proto::v1;
+
+use super::runs::{RunData, RunState};
+use super::{Effect, Engine, Now, Refusal, Result, to_json};
+use crate::store::GENERATION_KEY;
+
+/// A registered worker.
+#[derive(Debug)]
+pub(super) struct Worker {
+    pub(super) info: v1::WorkerInfo,
+    /// Join order: the oldest workers take the lowest ranks.
+    seq: u64,
+    last_seen: Instant,
+    /// Its open assignment stream (`None` until it opens one).
+    stream: Option<u64>,
+    /// Its etcd lease (etcd store).
+    lease: Option<i64>,
+}
+
+/// The world training the active run.
+#[derive(Debug, Clone)]
+pub(super) struct Generation {
+    pub(super) run_id: String,
+    pub(super) number: u64,
+    /// Worker ids in rank order.
+    pub(super) members: Vec<String>,
+}
+
+/// Who sends a request about a generation: a worker, for a run, in a generation.
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub worker: String,
+    pub run: String,
+    pub generation: u64,
+}
+
+/// 32 random bytes (two v4 UUIDs, 244 random bits) shared by a generation's ranks.
+fn ring_key() -> Vec<u8> {
+    let mut k = uuid::Uuid::new_v4().as_bytes().to_vec();
+    k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
+    k
+}
+
+impl Engine {
+    /// Checks a registration before its lease is taken in the store.
+    pub fn check_registration(req: &v1::RegisterRequest) -> Result<()> {
+        if req.worker_id.is_empty() || req.worker_id.len() > 128 {
+            return Err(Refusal::Invalid("worker_id: 1 to 128 characters".into()));
+        }
+        if req.collective_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Refusal::Invalid(format!(
+                "collective_addr: {:?} is not host:port (an IP address)",
+                req.collective_addr
+            )));
+        }
+        Ok(())
+    }
+
+    /// Registers a worker (or refreshes a known one) holding `lease`.
+    pub fn register(
+        &mut self,
+        req: v1::RegisterRequest,
+        lease: Option<i64>,
+        now: Now,
+    ) -> v1::RegisterResponse {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match self.workers.get_mut(&req.worker_id) {
+            Some(w) => {
+                w.info.collective_addr = req.collective_addr;
+                w.last_seen = now.instant;
+                if let Some(old) = std::mem::replace(&mut w.lease, lease) {
+                    self.effects.push(Effect::RevokeLease(old));
+                }
+            }
+            None => {
+                tracing::info!(worker = %req.worker_id, addr = %req.collective_addr, "worker registered");
+                let info = v1::WorkerInfo {
+                    id: req.worker_id.clone(),
+                    collective_addr: req.collective_addr,
+                    device: req.device,
+                    hostname: req.hostname,
+                    run_id: String::new(),
+                    generation: 0,
+                    rank: -1,
+                    last_seen_ms: 0,
+                };
+                self.workers.insert(
+                    req.worker_id,
+                    Worker {
+                        info,
+                        seq,
+                        last_seen: now.instant,
+                        stream: None,
+                        lease,
+                    },
+                );
+            }
+        }
+        let ttl = self.lease_ttl.as_millis() as u64;
+        v1::RegisterResponse {
+            lease_ttl_ms: ttl,
+            heartbeat_ms: (ttl / 4).max(100),
+        }
+    }
+
+    /// A worker's heartbeat: `None` when it is unknown (it must register
+    /// again), else its etcd lease to renew.
+    pub fn heartbeat(&mut self, worker: &str, now: Now) -> Option<Option<i64>> {
+        let w = self.workers.get_mut(worker)?;
+        w.last_seen = now.instant;
+        Some(w.lease)
+    }
+
+    /// A worker opened its assignment stream: returns the stream's id.
+    pub fn open_stream(&mut self, worker: &str, now: Now) -> Result<u64> {
+        self.next_stream += 1;
+        let id = self.next_stream;
+        let Some(w) = self.workers.get_mut(worker) else {
+            return Err(Refusal::NotFound(format!(
+                "worker {worker} is not registered"
+            )));
+        };
+        w.stream = Some(id);
+        w.last_seen = now.instant;
+        self.reconcile(now)?;
+        Ok(id)
+    }
+
+    /// A worker's stream `stream` closed (its process died or it disconnected):
+    /// it is gone at once, without waiting for its lease to lapse. A stream it
+    /// already replaced changes nothing.
+    pub fn stream_closed(&mut self, worker: &str, stream: u64, now: Now) -> Result<()> {
+        let current = self
+            .workers
+            .get(worker)
+            .is_some_and(|w| w.stream == Some(stream));
+        if !current {
+            return Ok(());
+        }
+        self.drop_worker(worker);
+        tracing::warn!(worker = %worker, "worker disconnected");
+        self.reconcile(now)
+    }
+
+    /// Drops a worker (and its etcd lease).
+    fn drop_worker(&mut self, id: &str) {
+        if let Some(w) = self.workers.remove(id) {
+            self.counters.workers_lost += 1;
+            if let Some(lease) = w.lease {
+                self.effects.push(Effect::RevokeLease(lease));
+            }
+        }
+    }
+
+    /// Registered workers in join order.
+    pub fn workers(&self, now: Now) -> Vec<v1::WorkerInfo> {
+        let mut out: Vec<(u64, v1::WorkerInfo)> = self
+            .workers
+            .values()
+            .map(|w| {
+                let mut info = w.info.clone();
+                info.last_seen_ms = now
+                    .instant
+                    .saturating_duration_since(w.last_seen)
+                    .as_millis() as u64;
+                (w.seq, info)
+            })
+            .collect();
+        out.sort_by_key(|(s, _)| *s);
+        out.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Tells a generation's members to stop it.
+    fn abort_generation(&mut self, g: &Generation, reason: &str) {
+        for m in &g.members {
+            self.send(
+                m,
+                v1::assignment::Kind::Abort(v1::Abort {
+                    generation: g.number,
+                    reason: reason.into(),
+                }),
+            );
+        }
+    }
+
+    /// A member's collective broke: end the generation so a new one forms.
+    pub fn fault(&mut self, member: &Member, reason: &str, now: Now) -> Result<()> {
+        if self.check_member(member, None).is_err() {
+            return Ok(()); // already superseded
+        }
+        tracing::warn!(worker = %member.worker, generation = member.generation, reason, "generation fault reported");
+        if let Some(g) = self.active.take() {
+            self.abort_generation(&g, reason);
+        }
+        self.reconcile(now)
+    }
+
+    /// Expires lapsed leases, picks the run to train (FIFO), and forms, repairs or
+    /// grows its generation.
+    pub fn reconcile(&mut self, now: Now) -> Result<()> {
+        let ttl = self.lease_ttl;
+        let lapsed: Vec<String> = self
+            .workers
+            .iter()
+            .filter(|(_, w)| now.instant.saturating_duration_since(w.last_seen) > ttl)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in lapsed {
+            tracing::warn!(worker = %id, ttl_ms = ttl.as_millis() as u64, "worker lease lapsed");
+            self.drop_worker(&id);
+        }
+        let ready: Vec<String> = {
+            let mut v: Vec<(&String, &Worker)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.stream.is_some())
+                .collect();
+            v.sort_by_key(|(_, w)| w.seq);
+            v.into_iter().map(|(id, _)| id.clone()).collect()
+        };
+        // The run to train: the oldest that has not ended.
+        let Some(run_id) = self
+            .runs
+            .values()
+            .filter(|r| !r.state.terminal())
+            .min_by_key(|r| r.submitted_ms)
+            .map(|r| r.id.clone())
+        else {
+            return Ok(());
+        };
+        let (min, max) = {
+            let c = &self.runs[&run_id].spec.cluster;
+            (
+                c.min_workers.max(1),
+                c.max_workers.max(c.min_workers).max(1),
+            )
+        };
+        // Is the current generation still whole, and is it as big as it may be?
+        if let Some(g) = self.active.clone() {
+            let whole = g.run_id == run_id && g.members.iter().all(|m| ready.contains(m));
+            let can_grow = g.members.len() < max && ready.len() > g.members.len();
+            if whole && !can_grow {
+                return Ok(());
+            }
+            let reason = if whole {
+                "new workers joined"
+            } else {
+                "a member was lost"
+            };
+            tracing::info!(run = %run_id, generation = g.number, reason, "ending generation");
+            self.abort_generation(&g, reason);
+            self.active = None;
+        }
+        if ready.len() < min {
+            if self.runs[&run_id].state != RunState::Waiting {
+                tracing::info!(run = %run_id, ready = ready.len(), min, "waiting for workers");
+            }
+            return self.set_state(&run_id, RunState::Waiting);
+        }
+        let members: Vec<String> = ready.into_iter().take(max).collect();
+        let number = self.generation + 1;
+        // The fencing token first: every later commit of this generation compares it.
+        self.effects.push(Effect::Store {
+            fence: None,
+            writes: vec![(GENERATION_KEY.to_string(), Some(number.to_string()))],
+        });
+        self.generation = number;
+        self.counters.generations_formed += 1;
+        let peers: Vec<String> = members
+            .iter()
+            .map(|m| self.workers[m].info.collective_addr.clone())
+            .collect();
+        let record = self
+            .runs
+            .get_mut(&run_id)
+            .ok_or_else(|| Refusal::Internal("run vanished".into()))?;
+        record.generation = number;
+        record.world_size = members.len() as u32;
+        let backend = match record.spec.cluster.backend {
+            dpo_proto::spec::Backend::Nccl => "nccl",
+            _ => "tcp",
+        };
+        let work = v1::Work {
+            run_id: run_id.clone(),
+            spec_json: to_json(&record.spec)?,
+            generation: number,
+            rank: 0,
+            world_size: members.len() as u32,
+            peers,
+            backend: backend.into(),
+            steps_per_epoch: record.steps_per_epoch,
+            total_steps: record.total_steps,
+            resume_checkpoint: record.checkpoint_path.clone(),
+            resume_step: record.checkpoint_step,
+            has_eval: record.eval_examples > 0,
+            ring_key: ring_key(),
+        };
+        tracing::info!(run = %run_id, generation = number, world_size = members.len(), "generation formed");
+        for (rank, m) in members.iter().enumerate() {
+            if let Some(w) = self.workers.get_mut(m) {
+                w.info.run_id = run_id.clone();
+                w.info.generation = number;
+                w.info.rank = rank as i32;
+            }
+            let mut w = work.clone();
+            w.rank = rank as u32;
+            self.send(m, v1::assignment::Kind::Work(w));
+        }
+        self.active = Some(Generation {
+            run_id: run_id.clone(),
+            number,
+            members,
+        });
+        let was_running = self.runs[&run_id].state == RunState::Running;
+        self.set_state(&run_id, RunState::Running)?;
+        if was_running {
+            // set_state persisted nothing: the new generation and world size.
+            self.persist_run(&run_id)?;
+        }
+        self.emit(&run_id, None);
+        Ok(())
+    }
+
+    /// Checks that `member` is rank `rank` (any rank when `None`) of the current
+    /// generation of its run.
+    pub(super) fn check_member(&self, member: &Member, rank: Option<u32>) -> Result<()> {
+        let (worker, run, generation) = (&member.worker, &member.run, member.generation);
+        let Some(g) = &self.active else {
+            return Err(Refusal::Stale(format!(
+                "generation {generation} is not current (no generation is running)"
+            )));
+        };
+        if g.run_id != *run || g.number != generation {
+            return Err(Refusal::Stale(format!(
+                "generation {generation} of run {run} is not current (current: {} of run {})",
+                g.number, g.run_id
+            )));
+        }
+        let pos = g.members.iter().position(|m| m == worker);
+        match (pos, rank) {
+            (None, _) => Err(Refusal::Stale(format!(
+                "worker {worker} is not a member of generation {generation}"
+            ))),
+            (Some(p), Some(r)) if p as u32 != r => Err(Refusal::Stale(format!(
+                "worker {worker} is rank {p} of generation {generation}, not {r}"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// For a request of rank `rank` (any rank when `None`) of a member: the
+    /// run's data, the world size, and its record's total steps and micro-batch
+    /// size. The data is shared: what is cut from it is cut outside the lock.
+    pub fn member_view(
+        &self,
+        member: &Member,
+        rank: Option<u32>,
+    ) -> Result<(Arc<RunData>, usize, u64, usize)> {
+        self.check_member(member, rank)?;
+        let world = self.active.as_ref().map_or(1, |g| g.members.len());
+        let data = self
+            .data
+            .get(&member.run)
+            .cloned()
+            .ok_or_else(|| Refusal::NotFound(format!("run {} has no data", member.run)))?;
+        let r = self
+            .runs
+            .get(&member.run)
+            .ok_or_else(|| Refusal::NotFound(format!("no run {}", member.run)))?;
+        Ok((data, world, r.total_steps, r.spec.micro_batch_size().max(1)))
+    }
+
+    /// Whether `worker` is rank 0 of the active generation.
+    pub(super) fn is_rank0(&self, worker: &str) -> bool {
+        self.active
+            .as_ref()
+            .is_some_and(|g| g.members.first().is_some_and(|m| m == worker))
+    }
+}

@@ -1,0 +1,268 @@
+//! The coordinator's state machine, without I/O: runs (FIFO), registered
+//! workers and their leases, the generation training the active run, and the
+//! bookkeeping that makes every step count exactly once.
+//!
+//! Every input is a synchronous method that takes the time as an argument
+//! ([`Now`]) and, besides its answer, leaves the [`Effect`]s to carry out
+//! (persist these keys, append this metrics line, send this assignment, emit
+//! this event) in the engine's queue. The runner ([`crate::Coordinator`]) takes
+//! them while it still holds the engine's lock, so they are applied in the order
+//! the engine decided them, and applies them after releasing it: a slow store
+//! never stalls a heartbeat or a batch fetch. The store's fencing (the
+//! generation key) keeps a late write safe. Being pure, the engine is tested
+//! in-process with a fake clock (`engine/tests.rs`).
+
+mod membership;
+pub mod reference;
+mod reports;
+mod runs;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dpo_proto::v1;
+use serde::Serialize;
+
+pub use membership::Member;
+pub use reports::StepReport;
+pub use runs::{CheckpointRecord, LedgerEntry, RunData, RunRecord, RunState, read_ledger_value};
+
+use crate::store::StoreError;
+use membership::{Generation, Worker};
+
+/// What a failed request tells the client.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    /// A stale generation, a worker that is not a member, a step out of order.
+    #[error("{0}")]
+    Stale(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<Refusal> for tonic::Status {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::NotFound(m) => tonic::Status::not_found(m),
+            Refusal::Invalid(m) => tonic::Status::invalid_argument(m),
+            Refusal::Stale(m) => tonic::Status::failed_precondition(m),
+            Refusal::Store(e) => tonic::Status::unavailable(e.to_string()),
+            Refusal::Internal(m) => tonic::Status::internal(m),
+        }
+    }
+}
+
+pub type Result<T, E = Refusal> = std::result::Result<T, E>;
+
+/// The time an input happens at: monotonic for leases, wall-clock for records.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub instant: Instant,
+    pub unix_ms: i64,
+}
+
+impl Now {
+    pub fn system() -> Self {
+        Now {
+            instant: Instant::now(),
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as i64),
+        }
+    }
+
+    /// This time moved on by `d` (tests' fake clock).
+    pub fn after(self, d: Duration) -> Self {
+        Now {
+            instant: self.instant + d,
+            unix_ms: self.unix_ms + d.as_millis() as i64,
+        }
+    }
+}
+
+/// Something the engine decided that touches the world outside it. The runner
+/// applies a call's effects in this order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Writes these keys in one transaction (`None` deletes); with a fence, only
+    /// while the store's generation key still equals it.
+    Store {
+        fence: Option<u64>,
+        writes: Vec<(String, Option<String>)>,
+    },
+    /// Deletes every key under a prefix.
+    DeletePrefix(String),
+    /// Appends one JSON line of metrics to a file (created when missing).
+    AppendMetrics {
+        path: PathBuf,
+        metrics: Vec<(String, f64)>,
+    },
+    /// Writes a run's whole ledger (read from the store under `prefix`) to `path`.
+    WriteLedger { prefix: String, path: PathBuf },
+    /// Ends a worker's etcd lease.
+    RevokeLease(i64),
+    /// Sends an assignment on a worker's stream.
+    Send {
+        worker: String,
+        kind: v1::assignment::Kind,
+    },
+    /// Tells a run's watchers.
+    Emit { run: String, event: v1::RunEvent },
+    /// A run ended: its watchers' channel closes after the last event.
+    EndWatch { run: String },
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default, Clone)]
+pub struct Counters {
+    pub batches_served: u64,
+    pub examples_served: u64,
+    pub batch_serve_seconds: f64,
+    pub steps_recorded: u64,
+    pub generations_formed: u64,
+    pub workers_lost: u64,
+}
+
+/// Where the active runs' keys live.
+pub const RUN_PREFIX: &str = "dpo/runs/";
+
+/// Where an ended run's record stays (its `dpo/runs/<id>/` prefix is deleted).
+pub const HISTORY_PREFIX: &str = "dpo/history/";
+
+/// A run's record: fixed size whatever the run's length (the ledger has keys
+/// of its own).
+pub fn run_key(id: &str) -> String {
+    format!("{RUN_PREFIX}{id}/record")
+}
+
+/// A run's newest committed checkpoint (written only in fenced commits).
+pub fn checkpoint_key(id: &str) -> String {
+    format!("{RUN_PREFIX}{id}/checkpoint")
+}
+
+/// Where a run's ledger entries are, one key per step.
+pub fn ledger_prefix(id: &str) -> String {
+    format!("{RUN_PREFIX}{id}/ledger/")
+}
+
+fn ledger_key(id: &str, step: u64) -> String {
+    format!("{}{step:020}", ledger_prefix(id))
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Refusal::Internal(e.to_string()))
+}
+
+/// The engine's state.
+#[derive(Debug)]
+pub struct Engine {
+    /// A worker silent for this long has lost its lease.
+    lease_ttl: Duration,
+    runs: BTreeMap<String, RunRecord>,
+    data: HashMap<String, Arc<RunData>>,
+    workers: BTreeMap<String, Worker>,
+    next_seq: u64,
+    next_stream: u64,
+    /// The last generation number handed out (persisted under the generation key).
+    generation: u64,
+    active: Option<Generation>,
+    bootstrap: HashMap<(String, u64), Vec<u8>>,
+    counters: Counters,
+    effects: Vec<Effect>,
+}
+
+impl Engine {
+    /// An engine whose last generation was `generation` (from the store).
+    pub fn new(lease_ttl: Duration, generation: u64) -> Self {
+        Engine {
+            lease_ttl,
+            runs: BTreeMap::new(),
+            data: HashMap::new(),
+            workers: BTreeMap::new(),
+            next_seq: 0,
+            next_stream: 0,
+            generation,
+            active: None,
+            bootstrap: HashMap::new(),
+            counters: Counters::default(),
+            effects: Vec::new(),
+        }
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// The effects decided since the last call, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// Tells the run's watchers, with the run as it is now.
+    fn emit(&mut self, id: &str, event: Option<v1::run_event::Event>) {
+        if let Some(r) = self.runs.get(id) {
+            self.effects.push(Effect::Emit {
+                run: id.to_string(),
+                event: v1::RunEvent {
+                    run: Some(r.to_proto()),
+                    event,
+                },
+            });
+        }
+    }
+
+    /// Persists a run's record; an ended run moves to the history and its working
+    /// prefix (record, checkpoint, ledger) is deleted.
+    fn persist_run(&mut self, id: &str) -> Result<()> {
+        let Some(r) = self.runs.get(id) else {
+            return Ok(());
+        };
+        let json = to_json(r)?;
+        if r.state.terminal() {
+            self.effects.push(Effect::Store {
+                fence: None,
+                writes: vec![(format!("{HISTORY_PREFIX}{id}"), Some(json))],
+            });
+            self.effects
+                .push(Effect::DeletePrefix(format!("{RUN_PREFIX}{id}/")));
+        } else {
+            self.effects.push(Effect::Store {
+                fence: None,
+                writes: vec![(run_key(id), Some(json))],
+            });
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, worker: &str, kind: v1::assignment::Kind) {
+        self.effects.push(Effect::Send {
+            worker: worker.to_string(),
+            kind,
+        });
+    }
+
+    /// Counters, runs `(name, state, step)`, registered workers, last generation.
+    pub fn counters(&self) -> (Counters, Vec<(String, RunState, u64)>, usize, u64) {
+        let runs = self
+            .runs
+            .values()
+            .map(|r| (r.name.clone(), r.state, r.step))
+            .collect();
+        (
+            self.counters.clone(),
+            runs,
+            self.workers.len(),
+            self.generation,
+        )
+    }
+}

@@ -1,0 +1,230 @@
+//! What members report: steps and evaluations (recorded once each, with the
+//! step's ledger entry), checkpoints (committed fenced by the generation), the
+//! end of the run, and the collective's bootstrap data.
+
+use std::time::Duration;
+
+use dpo_proto::v1;
+
+use super::membership::Member;
+use super::runs::{CheckpointRecord, LedgerEntry, RunState};
+use super::{Effect, Engine, Now, Refusal, Result, checkpoint_key, ledger_key, run_key, to_json};
+
+/// A step's report, as the engine takes it.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    /// Steps completed, including this one (1-based).
+    pub step: u64,
+    pub metrics: Vec<(String, f64)>,
+    /// Evaluation metrics at `step`.
+    pub eval: bool,
+}
+
+fn metric(m: &[(String, f64)], name: &str) -> Option<f64> {
+    m.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+}
+
+fn to_proto_metrics(m: &[(String, f64)]) -> Vec<v1::Metric> {
+    m.iter()
+        .map(|(name, value)| v1::Metric {
+            name: name.clone(),
+            value: *value,
+        })
+        .collect()
+}
+
+impl Engine {
+    /// Counts a served batch (for `/metrics`).
+    pub fn batch_served(&mut self, examples: usize, took: Duration) {
+        self.counters.batches_served += 1;
+        self.counters.examples_served += examples as u64;
+        self.counters.batch_serve_seconds += took.as_secs_f64();
+    }
+
+    /// Records a step's (or an evaluation's) metrics the first time any rank
+    /// reports them; later reports of the same step are acknowledged and ignored.
+    /// A train step's metrics line, record and ledger entry are written in that
+    /// order: a restart trims metrics past the recorded step.
+    pub fn report_step(&mut self, member: &Member, report: StepReport) -> Result<()> {
+        self.check_member(member, None)?;
+        let id = member.run.as_str();
+        if report
+            .metrics
+            .iter()
+            .any(|(k, _)| k.is_empty() || k.len() > 64)
+        {
+            return Err(Refusal::Invalid("metric names: 1 to 64 characters".into()));
+        }
+        let Some(r) = self.runs.get_mut(id) else {
+            return Err(Refusal::NotFound(format!("no run {id}")));
+        };
+        let output = r.spec.train.output.clone();
+        let step = report.step;
+        if report.eval {
+            if step <= r.eval_step || step > r.step {
+                return Ok(());
+            }
+            self.effects.push(Effect::AppendMetrics {
+                path: output.join("eval.jsonl"),
+                metrics: report.metrics.clone(),
+            });
+            let event = v1::run_event::Event::Eval(v1::StepMetrics {
+                step,
+                metrics: to_proto_metrics(&report.metrics),
+            });
+            r.eval_step = step;
+            r.last_eval = report.metrics;
+            self.persist_run(id)?;
+            self.emit(id, Some(event));
+            return Ok(());
+        }
+        if step <= r.step {
+            return Ok(());
+        }
+        if step != r.step + 1 {
+            return Err(Refusal::Stale(format!(
+                "step {step} reported, but step {} is the next one",
+                r.step + 1
+            )));
+        }
+        if metric(&report.metrics, "step") != Some(step as f64) {
+            return Err(Refusal::Invalid(format!(
+                "the metrics of step {step} do not say step {step}"
+            )));
+        }
+        let (epoch, start) = self.data.get(id).map_or((0, 0), |d| d.position(step - 1));
+        let entry = LedgerEntry {
+            step,
+            epoch,
+            start,
+            generation: metric(&report.metrics, "generation")
+                .map_or(member.generation, |g| g as u64),
+            world_size: metric(&report.metrics, "world_size").unwrap_or(0.0) as u64,
+        };
+        self.effects.push(Effect::AppendMetrics {
+            path: output.join("metrics.jsonl"),
+            metrics: report.metrics.clone(),
+        });
+        let event = v1::run_event::Event::Step(v1::StepMetrics {
+            step,
+            metrics: to_proto_metrics(&report.metrics),
+        });
+        r.step = step;
+        r.last_metrics = report.metrics;
+        // One transaction: the record (fixed size) and this step's ledger entry.
+        self.effects.push(Effect::Store {
+            fence: None,
+            writes: vec![
+                (run_key(id), Some(to_json(&*r)?)),
+                (ledger_key(id, step), Some(to_json(&entry)?)),
+            ],
+        });
+        self.counters.steps_recorded += 1;
+        self.emit(id, Some(event));
+        Ok(())
+    }
+
+    /// Checks a checkpoint written by rank 0 and decides its commit: the
+    /// checkpoint key, written only while this generation is current. `path_ok`
+    /// says whether the directory holds a manifest (checked by the caller).
+    /// The record changes once the commit is done ([`Engine::checkpoint_committed`]).
+    pub fn commit_checkpoint(
+        &mut self,
+        member: &Member,
+        step: u64,
+        path: &str,
+        path_ok: bool,
+    ) -> Result<()> {
+        self.check_member(member, Some(0))?;
+        let Some(r) = self.runs.get(&member.run) else {
+            return Err(Refusal::NotFound(format!("no run {}", member.run)));
+        };
+        if step > r.step || step <= r.checkpoint_step {
+            return Err(Refusal::Stale(format!(
+                "checkpoint at step {step} (recorded steps {}, last checkpoint {})",
+                r.step, r.checkpoint_step
+            )));
+        }
+        if !path_ok {
+            return Err(Refusal::Invalid(format!(
+                "{path}: no manifest.json; not a complete checkpoint"
+            )));
+        }
+        let value = to_json(&CheckpointRecord {
+            step,
+            path: path.to_string(),
+        })?;
+        self.effects.push(Effect::Store {
+            fence: Some(member.generation),
+            writes: vec![(checkpoint_key(&member.run), Some(value))],
+        });
+        Ok(())
+    }
+
+    /// The commit of a checkpoint went through: the record points at it.
+    pub fn checkpoint_committed(&mut self, run: &str, step: u64, path: &str) -> Result<()> {
+        let Some(r) = self.runs.get_mut(run) else {
+            return Ok(());
+        };
+        if step <= r.checkpoint_step {
+            return Ok(());
+        }
+        r.checkpoint_step = step;
+        r.checkpoint_path = path.to_string();
+        tracing::info!(run = %run, step, "checkpoint committed");
+        if !r.state.terminal() {
+            self.persist_run(run)?;
+        }
+        self.emit(run, None);
+        Ok(())
+    }
+
+    /// The run ended on a member: succeeded (only rank 0's word counts, and
+    /// only with every step recorded) or failed with `error`.
+    pub fn report_done(
+        &mut self,
+        member: &Member,
+        step: u64,
+        error: &str,
+        stopped_early: bool,
+        now: Now,
+    ) -> Result<()> {
+        self.check_member(member, None)?;
+        if error.is_empty() {
+            let r = &self.runs[&member.run];
+            if !self.is_rank0(&member.worker) {
+                return Ok(());
+            }
+            if step != r.step || (step < r.total_steps && !stopped_early) {
+                return Err(Refusal::Stale(format!(
+                    "done at step {step} but {} of {} steps are recorded",
+                    r.step, r.total_steps
+                )));
+            }
+            self.finish(&member.run, RunState::Succeeded, String::new(), now)?;
+        } else {
+            self.finish(&member.run, RunState::Failed, error.to_string(), now)?;
+        }
+        self.reconcile(now)
+    }
+
+    /// Rank 0 publishes its generation's collective bootstrap data.
+    pub fn publish_bootstrap(&mut self, run: String, generation: u64, data: Vec<u8>) -> Result<()> {
+        if self
+            .active
+            .as_ref()
+            .is_none_or(|g| g.run_id != run || g.number != generation)
+        {
+            return Err(Refusal::Stale(format!(
+                "generation {generation} is not current"
+            )));
+        }
+        self.bootstrap.retain(|(_, g), _| *g >= generation);
+        self.bootstrap.insert((run, generation), data);
+        Ok(())
+    }
+
+    pub fn bootstrap(&self, run: &str, generation: u64) -> Option<Vec<u8>> {
+        self.bootstrap.get(&(run.to_string(), generation)).cloned()
+    }
+}

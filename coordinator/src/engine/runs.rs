@@ -1,0 +1,416 @@
+//! Runs: their records, their tokenized data, their life from queued to ended.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use dpo_data::Example;
+use dpo_data::batches::EpochPlan;
+use dpo_proto::{Loss, RunSpec, v1};
+use serde::{Deserialize, Serialize};
+
+use super::reference::ReferenceStage;
+use super::{Effect, Engine, Now, Refusal, Result, ledger_key, ledger_prefix};
+
+/// Where a run is in its life. Stored as the wire enum's number, so records
+/// written by earlier versions read back unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "i32", from = "i32")]
+pub enum RunState {
+    Queued,
+    Waiting,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunState {
+    /// Ended: it will not train again.
+    pub fn terminal(self) -> bool {
+        matches!(
+            self,
+            RunState::Succeeded | RunState::Failed | RunState::Cancelled
+        )
+    }
+
+    pub fn to_proto(self) -> v1::RunState {
+        match self {
+            RunState::Queued => v1::RunState::Queued,
+            RunState::Waiting => v1::RunState::Waiting,
+            RunState::Running => v1::RunState::Running,
+            RunState::Succeeded => v1::RunState::Succeeded,
+            RunState::Failed => v1::RunState::Failed,
+            RunState::Cancelled => v1::RunState::Cancelled,
+        }
+    }
+}
+
+impl From<RunState> for i32 {
+    fn from(s: RunState) -> i32 {
+        s.to_proto() as i32
+    }
+}
+
+impl From<i32> for RunState {
+    /// Unknown numbers (none are written) read as queued, which re-validates.
+    fn from(n: i32) -> Self {
+        match v1::RunState::try_from(n) {
+            Ok(v1::RunState::Waiting) => RunState::Waiting,
+            Ok(v1::RunState::Running) => RunState::Running,
+            Ok(v1::RunState::Succeeded) => RunState::Succeeded,
+            Ok(v1::RunState::Failed) => RunState::Failed,
+            Ok(v1::RunState::Cancelled) => RunState::Cancelled,
+            _ => RunState::Queued,
+        }
+    }
+}
+
+/// A run as the store keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: String,
+    pub name: String,
+    pub spec: RunSpec,
+    pub state: RunState,
+    /// Optimizer steps whose metrics were recorded (each exactly once).
+    pub step: u64,
+    pub total_steps: u64,
+    pub steps_per_epoch: u64,
+    pub train_examples: u64,
+    pub eval_examples: u64,
+    pub generation: u64,
+    pub world_size: u32,
+    pub error: String,
+    /// The newest committed checkpoint (its own key is the authority while the
+    /// run is active; the record carries it into the history).
+    pub checkpoint_step: u64,
+    pub checkpoint_path: String,
+    pub submitted_ms: i64,
+    pub finished_ms: i64,
+    pub last_metrics: Vec<(String, f64)>,
+    pub last_eval: Vec<(String, f64)>,
+    pub eval_step: u64,
+    /// Where the tokenized shards are.
+    pub shard_dir: PathBuf,
+    /// Ledger entries that an earlier version kept inside the record; moved to
+    /// their own keys when such a record is restored, never written.
+    #[serde(default, skip_serializing)]
+    pub ledger_tail: Vec<LedgerEntry>,
+    /// Reference-stage progress (examples needing sums, examples cached).
+    #[serde(default)]
+    pub reference_total: u64,
+    #[serde(default)]
+    pub reference_cached: u64,
+}
+
+impl RunRecord {
+    /// A new run's record, queued at `now`.
+    pub fn queued(id: String, spec: RunSpec, data: &RunData, shard_dir: PathBuf, now: Now) -> Self {
+        let steps_per_epoch = data.steps_per_epoch;
+        RunRecord {
+            id,
+            name: spec.name.clone(),
+            total_steps: spec.total_steps(steps_per_epoch),
+            steps_per_epoch,
+            train_examples: data.train.len() as u64,
+            eval_examples: data.eval.len() as u64,
+            spec,
+            state: RunState::Queued,
+            step: 0,
+            generation: 0,
+            world_size: 0,
+            error: String::new(),
+            checkpoint_step: 0,
+            checkpoint_path: String::new(),
+            submitted_ms: now.unix_ms,
+            finished_ms: 0,
+            last_metrics: Vec::new(),
+            last_eval: Vec::new(),
+            eval_step: 0,
+            shard_dir,
+            ledger_tail: Vec::new(),
+            reference_total: 0,
+            reference_cached: 0,
+        }
+    }
+
+    pub fn to_proto(&self) -> v1::Run {
+        let metrics = |m: &[(String, f64)]| {
+            m.iter()
+                .map(|(name, value)| v1::Metric {
+                    name: name.clone(),
+                    value: *value,
+                })
+                .collect()
+        };
+        v1::Run {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            state: self.state.to_proto() as i32,
+            step: self.step,
+            total_steps: self.total_steps,
+            steps_per_epoch: self.steps_per_epoch,
+            generation: self.generation,
+            world_size: self.world_size,
+            error: self.error.clone(),
+            output: self.spec.train.output.display().to_string(),
+            checkpoint_step: self.checkpoint_step,
+            submitted_unix_ms: self.submitted_ms,
+            finished_unix_ms: self.finished_ms,
+            last_metrics: metrics(&self.last_metrics),
+            last_eval: metrics(&self.last_eval),
+            train_examples: self.train_examples,
+            eval_examples: self.eval_examples,
+            reference_total: self.reference_total,
+            reference_cached: self.reference_cached,
+        }
+    }
+}
+
+/// One ledger entry: which samples a step consumed, and in which world.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LedgerEntry {
+    pub step: u64,
+    pub epoch: u64,
+    /// Positions in the epoch's order: `[start, start + global_batch_size)`.
+    pub start: usize,
+    pub generation: u64,
+    pub world_size: u64,
+}
+
+/// The value of a ledger key: one entry, or (written by earlier versions at
+/// checkpoints) a list of them.
+pub fn read_ledger_value(value: &str) -> Vec<LedgerEntry> {
+    serde_json::from_str::<LedgerEntry>(value)
+        .map(|e| vec![e])
+        .or_else(|_| serde_json::from_str::<Vec<LedgerEntry>>(value))
+        .unwrap_or_default()
+}
+
+/// A committed checkpoint, as its key holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CheckpointRecord {
+    pub step: u64,
+    pub path: String,
+}
+
+/// A run's tokenized data.
+#[derive(Debug)]
+pub struct RunData {
+    pub train: Vec<Example>,
+    pub eval: Vec<Example>,
+    pub plan: std::sync::Mutex<EpochPlan>,
+    pub steps_per_epoch: u64,
+    pub count_negatives: bool,
+    /// The reference stage's cache (runs with `reference.precompute`).
+    pub reference: Option<ReferenceStage>,
+}
+
+impl RunData {
+    /// `None` when one global batch needs more examples than `train` has.
+    pub fn new(spec: &RunSpec, train: Vec<Example>, eval: Vec<Example>) -> Option<Self> {
+        let plan = EpochPlan::new(
+            train.len(),
+            spec.train.global_batch_size,
+            spec.data.seed,
+            spec.data.shuffle,
+        )?;
+        Some(RunData {
+            train,
+            eval,
+            steps_per_epoch: plan.steps_per_epoch(),
+            plan: std::sync::Mutex::new(plan),
+            count_negatives: spec.objective.loss == Loss::Combined,
+            reference: None,
+        })
+    }
+
+    /// Where optimizer step `step` (0-based) starts: `(epoch, position)`.
+    pub fn position(&self, step: u64) -> (u64, usize) {
+        self.plan.lock().map(|p| p.position(step)).unwrap_or((0, 0))
+    }
+}
+
+impl Engine {
+    /// Takes back a run read from the store (with its data, unless it ended or
+    /// its data is gone, which fails it).
+    pub fn restore(
+        &mut self,
+        mut record: RunRecord,
+        checkpoint: Option<CheckpointRecord>,
+        data: Option<std::result::Result<RunData, String>>,
+    ) -> Result<()> {
+        if let Some(c) = checkpoint
+            && c.step > record.checkpoint_step
+        {
+            record.checkpoint_step = c.step;
+            record.checkpoint_path = c.path;
+        }
+        let id = record.id.clone();
+        let legacy = std::mem::take(&mut record.ledger_tail);
+        if !legacy.is_empty() {
+            let mut writes = Vec::with_capacity(legacy.len() + 1);
+            for e in &legacy {
+                writes.push((ledger_key(&id, e.step), Some(super::to_json(e)?)));
+            }
+            writes.push((super::run_key(&id), Some(super::to_json(&record)?)));
+            self.effects.push(Effect::Store {
+                fence: None,
+                writes,
+            });
+        }
+        match data {
+            Some(Ok(d)) => {
+                if record.state == RunState::Running {
+                    // Its generation died with the old coordinator.
+                    record.state = RunState::Waiting;
+                }
+                self.data.insert(id.clone(), Arc::new(d));
+            }
+            Some(Err(reason)) => {
+                record.state = RunState::Failed;
+                record.error = format!("its tokenized data is gone: {reason}");
+            }
+            None => {}
+        }
+        self.runs.insert(id, record);
+        Ok(())
+    }
+
+    /// Refuses a second active run writing to the same output directory.
+    pub fn check_output_free(&self, spec: &RunSpec) -> Result<()> {
+        let out = &spec.train.output;
+        match self
+            .runs
+            .values()
+            .find(|r| !r.state.terminal() && r.spec.train.output == *out)
+        {
+            Some(r) => Err(Refusal::Invalid(format!(
+                "train.output: run {} ({}) already writes to {}",
+                r.id,
+                r.name,
+                out.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a prepared run, then forms its generation if workers are ready.
+    pub fn add_run(&mut self, record: RunRecord, data: RunData, now: Now) -> Result<v1::Run> {
+        self.check_output_free(&record.spec)?;
+        let id = record.id.clone();
+        let run = record.to_proto();
+        self.runs.insert(id.clone(), record);
+        self.data.insert(id.clone(), Arc::new(data));
+        self.persist_run(&id)?;
+        tracing::info!(run = %id, name = %run.name, total_steps = run.total_steps, "run queued");
+        self.reconcile(now)?;
+        Ok(run)
+    }
+
+    /// Finds a run by id, unique id prefix, or name (the newest run of that name).
+    pub fn resolve(&self, what: &str) -> Result<String> {
+        if self.runs.contains_key(what) {
+            return Ok(what.to_string());
+        }
+        let by_prefix: Vec<&String> = self.runs.keys().filter(|id| id.starts_with(what)).collect();
+        if by_prefix.len() == 1 && !what.is_empty() {
+            return Ok(by_prefix[0].clone());
+        }
+        self.runs
+            .values()
+            .filter(|r| r.name == what)
+            .max_by_key(|r| r.submitted_ms)
+            .map(|r| r.id.clone())
+            .ok_or_else(|| Refusal::NotFound(format!("no run {what:?}")))
+    }
+
+    pub fn run(&self, what: &str) -> Result<&RunRecord> {
+        let id = self.resolve(what)?;
+        self.runs
+            .get(&id)
+            .ok_or_else(|| Refusal::NotFound(format!("no run {what:?}")))
+    }
+
+    /// Every run, oldest first.
+    pub fn list(&self) -> Vec<v1::Run> {
+        let mut runs: Vec<&RunRecord> = self.runs.values().collect();
+        runs.sort_by_key(|r| r.submitted_ms);
+        runs.into_iter().map(RunRecord::to_proto).collect()
+    }
+
+    pub fn cancel(&mut self, what: &str, now: Now) -> Result<v1::Run> {
+        let id = self.resolve(what)?;
+        self.finish(
+            &id,
+            RunState::Cancelled,
+            "cancelled by the user".into(),
+            now,
+        )?;
+        self.reconcile(now)?;
+        Ok(self.run(&id)?.to_proto())
+    }
+
+    pub(super) fn set_state(&mut self, id: &str, state: RunState) -> Result<()> {
+        let Some(r) = self.runs.get_mut(id) else {
+            return Ok(());
+        };
+        if r.state == state {
+            return Ok(());
+        }
+        r.state = state;
+        tracing::info!(run = %id, state = ?state, "run state");
+        self.persist_run(id)?;
+        self.emit(
+            id,
+            Some(v1::run_event::Event::State(state.to_proto() as i32)),
+        );
+        Ok(())
+    }
+
+    /// Ends a run: records the outcome, writes its ledger next to its metrics,
+    /// drops its working keys, and releases its workers.
+    pub(super) fn finish(
+        &mut self,
+        id: &str,
+        state: RunState,
+        error: String,
+        now: Now,
+    ) -> Result<()> {
+        let Some(r) = self.runs.get_mut(id) else {
+            return Err(Refusal::NotFound(format!("no run {id:?}")));
+        };
+        if r.state.terminal() {
+            return Ok(());
+        }
+        r.error = error;
+        r.finished_ms = now.unix_ms;
+        if state == RunState::Failed {
+            tracing::error!(run = %id, error = %r.error, "run failed");
+        }
+        // The whole ledger goes to the output dir before its keys are deleted.
+        let path = r.spec.train.output.join("ledger.jsonl");
+        self.effects.push(Effect::WriteLedger {
+            prefix: ledger_prefix(id),
+            path,
+        });
+        self.set_state(id, state)?;
+        self.data.remove(id);
+        if self.active.as_ref().is_some_and(|g| g.run_id == id) {
+            let members = self.active.take().map(|g| g.members).unwrap_or_default();
+            for m in members {
+                self.send(
+                    &m,
+                    v1::assignment::Kind::Idle(v1::Idle {
+                        run_id: id.to_string(),
+                        reason: format!("run {:?}", state.to_proto()),
+                    }),
+                );
+            }
+        }
+        self.effects.push(Effect::EndWatch {
+            run: id.to_string(),
+        });
+        Ok(())
+    }
+}

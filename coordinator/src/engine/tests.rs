@@ -1,0 +1,543 @@
+//! The engine in-process, with a fake clock: leases, generations, fencing,
+//! exactly-once step records — no network, disk or sleeping.
+
+use std::time::Duration;
+
+use dpo_data::Example;
+use dpo_proto::{RunSpec, v1};
+
+use super::*;
+
+const TTL: Duration = Duration::from_secs(4);
+
+fn spec(name: &str, min: usize, max: usize, max_steps: u64) -> RunSpec {
+    let v = serde_json::json!({
+        "name": name,
+        "model": {"path": "/models/tiny"},
+        "data": {"train": "/data/train.jsonl", "shuffle": false},
+        "train": {"global_batch_size": 2, "max_steps": max_steps, "output": format!("/out/{name}")},
+        "cluster": {"min_workers": min, "max_workers": max},
+    });
+    serde_json::from_value(v).expect("a valid test spec")
+}
+
+fn pairs(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| Example {
+            line: i + 1,
+            prompt: vec![1, 2, i as u32],
+            chosen: Some(vec![3, 4]),
+            rejected: vec![vec![5]],
+        })
+        .collect()
+}
+
+/// An engine holding one queued run (`id` "run-a"), its effects drained.
+fn engine_with_run(min: usize, max: usize, max_steps: u64, now: Now) -> Engine {
+    let mut e = Engine::new(TTL, 0);
+    let spec = spec("a", min, max, max_steps);
+    let data = RunData::new(&spec, pairs(8), Vec::new()).expect("enough examples");
+    let record = RunRecord::queued("run-a".into(), spec, &data, "/shards/a".into(), now);
+    e.add_run(record, data, now).expect("queued");
+    e.take_effects();
+    e
+}
+
+fn join(e: &mut Engine, worker: &str, now: Now) -> Vec<Effect> {
+    let req = v1::RegisterRequest {
+        worker_id: worker.into(),
+        collective_addr: "127.0.0.1:9000".into(),
+        ..Default::default()
+    };
+    Engine::check_registration(&req).expect("valid registration");
+    e.register(req, None, now);
+    e.open_stream(worker, now).expect("registered");
+    e.take_effects()
+}
+
+/// The Work assignments among `effects`: `(worker, generation, rank, world)`.
+fn works(effects: &[Effect]) -> Vec<(String, u64, u32, u32)> {
+    effects
+        .iter()
+        .filter_map(|f| match f {
+            Effect::Send {
+                worker,
+                kind: v1::assignment::Kind::Work(w),
+            } => Some((worker.clone(), w.generation, w.rank, w.world_size)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn aborts(effects: &[Effect]) -> Vec<(String, u64)> {
+    effects
+        .iter()
+        .filter_map(|f| match f {
+            Effect::Send {
+                worker,
+                kind: v1::assignment::Kind::Abort(a),
+            } => Some((worker.clone(), a.generation)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn member(worker: &str, generation: u64) -> Member {
+    Member {
+        worker: worker.into(),
+        run: "run-a".into(),
+        generation,
+    }
+}
+
+fn step_report(step: u64) -> StepReport {
+    StepReport {
+        step,
+        metrics: vec![
+            ("step".into(), step as f64),
+            ("loss".into(), 0.5),
+            ("world_size".into(), 2.0),
+        ],
+        eval: false,
+    }
+}
+
+#[test]
+fn a_generation_forms_once_enough_workers_are_ready_with_the_fence_first() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(2, 3, 10, t0);
+    let first = join(&mut e, "w1", t0);
+    assert!(works(&first).is_empty(), "one worker is below min_workers");
+    assert_eq!(
+        e.run("run-a").map(|r| r.state).ok(),
+        Some(RunState::Waiting)
+    );
+    let second = join(&mut e, "w2", t0);
+    assert_eq!(
+        works(&second),
+        vec![("w1".into(), 1, 0, 2), ("w2".into(), 1, 1, 2)],
+        "the oldest worker is rank 0"
+    );
+    // The generation key is written before any member hears of the generation.
+    let fence = second.iter().position(|f| {
+        matches!(f, Effect::Store { writes, .. } if writes.iter().any(|(k, v)| k == crate::store::GENERATION_KEY && v.as_deref() == Some("1")))
+    });
+    let first_send = second.iter().position(|f| matches!(f, Effect::Send { .. }));
+    assert!(fence.is_some() && fence < first_send, "{second:?}");
+    assert_eq!(
+        e.run("run-a").map(|r| r.state).ok(),
+        Some(RunState::Running)
+    );
+}
+
+#[test]
+fn the_world_grows_up_to_max_workers_and_no_further() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 2, 10, t0);
+    assert_eq!(works(&join(&mut e, "w1", t0)), vec![("w1".into(), 1, 0, 1)]);
+    let grow = join(&mut e, "w2", t0);
+    assert_eq!(aborts(&grow), vec![("w1".into(), 1)]);
+    assert_eq!(
+        works(&grow),
+        vec![("w1".into(), 2, 0, 2), ("w2".into(), 2, 1, 2)]
+    );
+    // A third worker cannot join a world already at max_workers.
+    let third = join(&mut e, "w3", t0);
+    assert!(
+        works(&third).is_empty() && aborts(&third).is_empty(),
+        "{third:?}"
+    );
+}
+
+#[test]
+fn a_lapsed_lease_shrinks_the_world_and_heartbeats_keep_it() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 2, 10, t0);
+    join(&mut e, "w1", t0);
+    join(&mut e, "w2", t0);
+    // Both beat within the lease: nothing changes.
+    let t1 = t0.after(TTL / 2);
+    assert!(e.heartbeat("w1", t1).is_some());
+    assert!(e.heartbeat("w2", t1).is_some());
+    e.reconcile(t0.after(TTL)).expect("reconcile");
+    assert!(e.take_effects().is_empty());
+    // Only w1 keeps beating; past w2's lease it is dropped and a world of one forms.
+    let t2 = t1.after(TTL);
+    assert!(e.heartbeat("w1", t2).is_some());
+    e.reconcile(t1.after(TTL + Duration::from_millis(1)))
+        .expect("reconcile");
+    let fx = e.take_effects();
+    assert_eq!(aborts(&fx), vec![("w1".into(), 2), ("w2".into(), 2)]);
+    assert_eq!(works(&fx), vec![("w1".into(), 3, 0, 1)]);
+    assert!(
+        e.heartbeat("w2", t2).is_none(),
+        "a dropped worker must register again"
+    );
+    assert_eq!(e.counters().0.workers_lost, 1);
+}
+
+#[test]
+fn requests_of_a_stale_generation_or_a_stranger_are_refused() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 2, 10, t0);
+    join(&mut e, "w1", t0);
+    join(&mut e, "w2", t0); // generation 2
+    let stale = |r: Result<()>| matches!(r, Err(Refusal::Stale(_)));
+    assert!(stale(e.report_step(&member("w1", 1), step_report(1))));
+    assert!(stale(e.report_step(&member("w9", 2), step_report(1))));
+    assert!(
+        e.member_view(&member("w2", 2), Some(0)).is_err(),
+        "w2 is rank 1"
+    );
+    assert!(e.member_view(&member("w2", 2), Some(1)).is_ok());
+    assert!(stale(e.commit_checkpoint(&member("w2", 2), 1, "/ck", true)));
+    assert!(e.publish_bootstrap("run-a".into(), 1, vec![1]).is_err());
+    assert!(e.publish_bootstrap("run-a".into(), 2, vec![1]).is_ok());
+    assert_eq!(e.bootstrap("run-a", 2), Some(vec![1]));
+    // A fault from a stale generation does not end the current one.
+    e.take_effects();
+    e.fault(&member("w1", 1), "old ring broke", t0)
+        .expect("ignored");
+    assert!(aborts(&e.take_effects()).is_empty());
+}
+
+#[test]
+fn each_step_is_recorded_exactly_once_with_its_ledger_entry() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(2, 2, 10, t0);
+    join(&mut e, "w1", t0);
+    join(&mut e, "w2", t0);
+    // Both ranks report step 1; only the first report writes anything.
+    e.report_step(&member("w2", 1), step_report(1))
+        .expect("recorded");
+    let fx = e.take_effects();
+    e.report_step(&member("w1", 1), step_report(1))
+        .expect("acknowledged");
+    assert!(
+        e.take_effects().is_empty(),
+        "a second report writes nothing"
+    );
+    let appends: Vec<_> = fx
+        .iter()
+        .filter(|f| matches!(f, Effect::AppendMetrics { .. }))
+        .collect();
+    assert_eq!(appends.len(), 1);
+    let Some(Effect::Store {
+        fence: None,
+        writes,
+    }) = fx.iter().find(|f| matches!(f, Effect::Store { .. }))
+    else {
+        panic!("no store write in {fx:?}");
+    };
+    let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "dpo/runs/run-a/record",
+            "dpo/runs/run-a/ledger/00000000000000000001"
+        ]
+    );
+    let entry: LedgerEntry =
+        serde_json::from_str(writes[1].1.as_deref().unwrap_or("")).expect("an entry");
+    assert_eq!(
+        (entry.step, entry.epoch, entry.start, entry.world_size),
+        (1, 0, 0, 2)
+    );
+    // The metrics line goes before the record that counts the step.
+    let append_at = fx
+        .iter()
+        .position(|f| matches!(f, Effect::AppendMetrics { .. }));
+    let store_at = fx.iter().position(|f| matches!(f, Effect::Store { .. }));
+    assert!(append_at < store_at);
+    // Out of order is refused; a step whose metrics say another step is invalid.
+    assert!(matches!(
+        e.report_step(&member("w1", 1), step_report(3)),
+        Err(Refusal::Stale(_))
+    ));
+    let mut wrong = step_report(2);
+    wrong.metrics[0].1 = 7.0;
+    assert!(matches!(
+        e.report_step(&member("w1", 1), wrong),
+        Err(Refusal::Invalid(_))
+    ));
+    e.report_step(&member("w1", 1), step_report(2))
+        .expect("step 2");
+    let fx = e.take_effects();
+    let Some(Effect::Store { writes, .. }) = fx.iter().find(|f| matches!(f, Effect::Store { .. }))
+    else {
+        panic!("no store write");
+    };
+    let entry: LedgerEntry =
+        serde_json::from_str(writes[1].1.as_deref().unwrap_or("")).expect("an entry");
+    assert_eq!(
+        (entry.step, entry.start),
+        (2, 2),
+        "step 2 starts at position 2"
+    );
+    assert_eq!(e.run("run-a").map(|r| r.step).ok(), Some(2));
+}
+
+#[test]
+fn the_record_written_per_step_does_not_grow_with_the_run() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 5000, t0);
+    join(&mut e, "w1", t0);
+    let mut sizes = Vec::new();
+    for step in 1..=3000 {
+        e.report_step(&member("w1", 1), step_report(step))
+            .expect("recorded");
+        for f in e.take_effects() {
+            if let Effect::Store { writes, .. } = f {
+                sizes.push(
+                    writes
+                        .iter()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len))
+                        .sum::<usize>(),
+                );
+            }
+        }
+    }
+    assert_eq!(sizes.len(), 3000);
+    // Only the step numbers' digits may add bytes.
+    assert!(
+        sizes[2999] <= sizes[0] + 16,
+        "{} then {}",
+        sizes[0],
+        sizes[2999]
+    );
+}
+
+#[test]
+fn a_checkpoint_commit_is_fenced_and_counts_only_once_committed() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 10, t0);
+    join(&mut e, "w1", t0);
+    e.report_step(&member("w1", 1), step_report(1))
+        .expect("step 1");
+    e.report_step(&member("w1", 1), step_report(2))
+        .expect("step 2");
+    e.take_effects();
+    assert!(
+        matches!(
+            e.commit_checkpoint(&member("w1", 1), 3, "/ck/3", true),
+            Err(Refusal::Stale(_))
+        ),
+        "a checkpoint past the recorded steps"
+    );
+    assert!(
+        matches!(
+            e.commit_checkpoint(&member("w1", 1), 2, "/ck/2", false),
+            Err(Refusal::Invalid(_))
+        ),
+        "a directory without a manifest"
+    );
+    e.commit_checkpoint(&member("w1", 1), 2, "/ck/2", true)
+        .expect("decided");
+    let fx = e.take_effects();
+    assert_eq!(
+        fx,
+        vec![Effect::Store {
+            fence: Some(1),
+            writes: vec![(
+                "dpo/runs/run-a/checkpoint".into(),
+                Some(r#"{"step":2,"path":"/ck/2"}"#.into())
+            )]
+        }]
+    );
+    assert_eq!(e.run("run-a").map(|r| r.checkpoint_step).ok(), Some(0));
+    e.checkpoint_committed("run-a", 2, "/ck/2")
+        .expect("committed");
+    assert_eq!(e.run("run-a").map(|r| r.checkpoint_step).ok(), Some(2));
+    // A new generation resumes from it.
+    join(&mut e, "w2", t0);
+    e.stream_closed("w1", 1, t0).expect("gone");
+    let fx = e.take_effects();
+    let resume: Vec<_> = fx
+        .iter()
+        .filter_map(|f| match f {
+            Effect::Send {
+                kind: v1::assignment::Kind::Work(w),
+                ..
+            } => Some((w.resume_step, w.resume_checkpoint.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resume, vec![(2, "/ck/2".to_string())]);
+}
+
+#[test]
+fn a_replaced_stream_closing_changes_nothing() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 10, t0);
+    join(&mut e, "w1", t0);
+    let second = e.open_stream("w1", t0).expect("reopened");
+    e.take_effects();
+    e.stream_closed("w1", second - 1, t0).expect("old stream");
+    assert!(e.take_effects().is_empty());
+    assert_eq!(e.workers(t0).len(), 1);
+    e.stream_closed("w1", second, t0).expect("current stream");
+    assert!(e.workers(t0).is_empty());
+}
+
+#[test]
+fn success_needs_rank_0_and_every_step_then_the_run_ends_cleanly() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(2, 2, 2, t0);
+    join(&mut e, "w1", t0);
+    join(&mut e, "w2", t0);
+    e.report_step(&member("w1", 1), step_report(1))
+        .expect("step 1");
+    assert!(
+        matches!(
+            e.report_done(&member("w1", 1), 1, "", false, t0),
+            Err(Refusal::Stale(_))
+        ),
+        "done before the last step"
+    );
+    e.report_step(&member("w1", 1), step_report(2))
+        .expect("step 2");
+    e.take_effects();
+    e.report_done(&member("w2", 1), 2, "", false, t0)
+        .expect("rank 1's word");
+    assert_eq!(
+        e.run("run-a").map(|r| r.state).ok(),
+        Some(RunState::Running)
+    );
+    let t1 = t0.after(Duration::from_secs(60));
+    e.report_done(&member("w1", 1), 2, "", false, t1)
+        .expect("rank 0's word");
+    let r = e.run("run-a").expect("kept");
+    assert_eq!((r.state, r.finished_ms), (RunState::Succeeded, t1.unix_ms));
+    let fx = e.take_effects();
+    let ledger = fx
+        .iter()
+        .position(|f| matches!(f, Effect::WriteLedger { .. }));
+    let history = fx.iter().position(
+        |f| matches!(f, Effect::Store { writes, .. } if writes[0].0 == "dpo/history/run-a"),
+    );
+    let dropped = fx
+        .iter()
+        .position(|f| *f == Effect::DeletePrefix("dpo/runs/run-a/".into()));
+    assert!(
+        ledger.is_some() && ledger < history && history < dropped,
+        "{fx:?}"
+    );
+    let idle = fx
+        .iter()
+        .filter(|f| {
+            matches!(
+                f,
+                Effect::Send {
+                    kind: v1::assignment::Kind::Idle(_),
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(idle, 2);
+    assert_eq!(
+        fx.last(),
+        Some(&Effect::EndWatch {
+            run: "run-a".into()
+        })
+    );
+    // An ended run takes no more reports.
+    assert!(e.report_step(&member("w1", 1), step_report(3)).is_err());
+}
+
+#[test]
+fn a_failure_from_any_member_fails_the_run() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(2, 2, 10, t0);
+    join(&mut e, "w1", t0);
+    join(&mut e, "w2", t0);
+    e.report_done(&member("w2", 1), 0, "NaN loss at step 1", false, t0)
+        .expect("recorded");
+    let r = e.run("run-a").expect("kept");
+    assert_eq!(
+        (r.state, r.error.as_str()),
+        (RunState::Failed, "NaN loss at step 1")
+    );
+}
+
+#[test]
+fn a_restored_running_run_waits_for_a_new_generation_and_keeps_its_checkpoint() {
+    let t0 = Now::system();
+    let spec = spec("a", 1, 1, 10);
+    let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
+    let mut record = RunRecord::queued("run-a".into(), spec.clone(), &data, "/s".into(), t0);
+    record.state = RunState::Running;
+    record.step = 4;
+    let json = serde_json::to_string(&record).expect("json");
+    assert!(
+        json.contains(r#""state":4"#),
+        "stored as the wire number: {json}"
+    );
+    let mut e = Engine::new(TTL, 7);
+    let ck = CheckpointRecord {
+        step: 3,
+        path: "/ck/3".into(),
+    };
+    e.restore(
+        serde_json::from_str(&json).expect("reads back"),
+        Some(ck),
+        Some(Ok(data)),
+    )
+    .expect("restored");
+    let r = e.run("run-a").expect("restored");
+    assert_eq!(
+        (r.state, r.step, r.checkpoint_step),
+        (RunState::Waiting, 4, 3)
+    );
+    let fx = join(&mut e, "w1", t0);
+    assert_eq!(
+        works(&fx),
+        vec![("w1".into(), 8, 0, 1)],
+        "numbers continue after the stored generation"
+    );
+    // A run whose shards are gone fails with the reason.
+    let mut e = Engine::new(TTL, 0);
+    let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
+    let record = RunRecord::queued("run-b".into(), spec, &data, "/s".into(), t0);
+    e.restore(record, None, Some(Err("train.shard: missing".into())))
+        .expect("restored");
+    let r = e.run("run-b").expect("kept");
+    assert_eq!(r.state, RunState::Failed);
+    assert!(r.error.contains("train.shard: missing"), "{}", r.error);
+}
+
+#[test]
+fn an_earlier_versions_ledger_tail_moves_to_its_own_keys() {
+    let t0 = Now::system();
+    let spec = spec("a", 1, 1, 10);
+    let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
+    let record = RunRecord::queued("run-a".into(), spec, &data, "/s".into(), t0);
+    let mut v = serde_json::to_value(&record).expect("json");
+    v["ledger_tail"] = serde_json::json!([
+        {"step": 1, "epoch": 0, "start": 0, "generation": 1, "world_size": 1},
+        {"step": 2, "epoch": 0, "start": 2, "generation": 1, "world_size": 1}
+    ]);
+    let mut e = Engine::new(TTL, 1);
+    e.restore(serde_json::from_value(v).expect("old record"), None, None)
+        .expect("restored");
+    let fx = e.take_effects();
+    let [Effect::Store { writes, .. }] = fx.as_slice() else {
+        panic!("{fx:?}");
+    };
+    let keys: Vec<&str> = writes.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        vec![
+            "dpo/runs/run-a/ledger/00000000000000000001",
+            "dpo/runs/run-a/ledger/00000000000000000002",
+            "dpo/runs/run-a/record"
+        ]
+    );
+    assert!(!writes[2].1.as_deref().unwrap_or("").contains("ledger_tail"));
+    // Segments written by that version read back as lists.
+    assert_eq!(
+        read_ledger_value(r#"[{"step":5,"epoch":0,"start":0,"generation":1,"world_size":1}]"#)
+            .len(),
+        1
+    );
+}
