@@ -20,9 +20,9 @@ use tch::Device;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::collective::AbortSignal;
 use crate::collective::tcp::{TcpCollective, TcpOptions};
-use crate::error::{Error, Result};
+use crate::collective::{AbortSignal, CollectiveError};
+use crate::error::{Disposition, Error, Result};
 use crate::train::{Batches, Metrics, RunShape, Slice, TrainOptions, Trainer};
 
 type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
@@ -80,17 +80,6 @@ impl Shared {
     }
 }
 
-fn is_stale(status: &tonic::Status) -> bool {
-    status.code() == tonic::Code::FailedPrecondition
-}
-
-fn is_transient(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
-    )
-}
-
 /// Calls `f` until it succeeds, retrying while the coordinator is unreachable
 /// (it may be restarting) — unless the generation is aborted meanwhile.
 fn call<T, F, Fut>(
@@ -106,34 +95,28 @@ where
     let mut warned = false;
     loop {
         if signal.is_aborted() {
-            return Err(Error::Collective(format!("{what}: generation aborted")));
+            return Err(Error::Superseded {
+                what,
+                reason: "generation aborted".into(),
+            });
         }
-        match rt.block_on(async {
+        let status = match rt.block_on(async {
             tokio::time::timeout(Duration::from_secs(30), f())
                 .await
                 .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("no answer in 30 s")))
         }) {
             Ok(r) => return Ok(r.into_inner()),
-            Err(s) if is_stale(&s) => {
-                return Err(Error::Collective(format!(
-                    "{what}: generation superseded: {}",
-                    s.message()
-                )));
-            }
-            Err(s) if is_transient(&s) => {
-                if !warned {
-                    tracing::warn!(what, error = %s.message(), "coordinator unreachable; retrying");
-                    warned = true;
-                }
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            Err(s) => {
-                return Err(Error::Input {
-                    context: what.into(),
-                    reason: format!("the coordinator refused: {}", s.message()),
-                });
-            }
+            Err(status) => status,
+        };
+        let e = Error::from_status(what, &status);
+        if e.disposition() != Disposition::Retry {
+            return Err(e);
         }
+        if !warned {
+            tracing::warn!(what, error = %status.message(), "coordinator unreachable; retrying");
+            warned = true;
+        }
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 
@@ -164,7 +147,7 @@ impl RemoteBatches {
                 .shared
                 .current
                 .lock()
-                .map_err(|_| Error::Collective("poisoned".into()))?;
+                .map_err(|_| Error::State("poisoned generation record"))?;
             (c.generation, c.rank, c.signal.clone())
         };
         let req = v1::FetchBatchRequest {
@@ -364,7 +347,11 @@ impl Worker {
         let listener = self
             .listener
             .try_clone()
-            .map_err(|e| Error::Collective(format!("listener: {e}")))?;
+            .map_err(|source| CollectiveError::Io {
+                rank: work.rank as usize,
+                op: "listener",
+                source,
+            })?;
         let opts = TcpOptions {
             connect_timeout: Duration::from_secs(120),
             io_timeout: Duration::from_secs(300),
@@ -372,10 +359,9 @@ impl Worker {
             key: work.ring_key.clone(),
         };
         let collective =
-            TcpCollective::connect(work.rank as usize, &peers, listener, work.generation, &opts)
-                .map_err(|e| Error::Collective(e.to_string()))?;
+            TcpCollective::connect(work.rank as usize, &peers, listener, work.generation, &opts)?;
         let Some((_, trainer)) = self.trainer.as_mut() else {
-            return Err(Error::Collective("no trainer".into()));
+            return Err(Error::State("no trainer for the run"));
         };
         trainer.set_collective(Box::new(collective), work.generation);
         if let Some(root) = trainer.sync_world()? {
@@ -389,7 +375,7 @@ impl Worker {
             self.reference_stage(work, signal)?;
         }
         let Some((_, trainer)) = self.trainer.as_mut() else {
-            return Err(Error::Collective("no trainer".into()));
+            return Err(Error::State("no trainer for the run"));
         };
         tracing::info!(
             generation = work.generation,
@@ -408,7 +394,7 @@ impl Worker {
         }
         loop {
             let Some((_, trainer)) = self.trainer.as_mut() else {
-                return Err(Error::Collective("no trainer".into()));
+                return Err(Error::State("no trainer for the run"));
             };
             if trainer.finished() {
                 break;
@@ -445,7 +431,7 @@ impl Worker {
             }
         }
         let Some((_, trainer)) = self.trainer.as_ref() else {
-            return Err(Error::Collective("no trainer".into()));
+            return Err(Error::State("no trainer for the run"));
         };
         if work.rank == 0 {
             let step = trainer.step();
@@ -483,7 +469,7 @@ impl Worker {
             }
             let examples: Vec<Example> = resp.examples.into_iter().map(from_proto).collect();
             let Some((_, trainer)) = self.trainer.as_mut() else {
-                return Err(Error::Collective("no trainer".into()));
+                return Err(Error::State("no trainer for the run"));
             };
             let records = trainer.score_reference(&examples)?;
             scored += examples.len();
@@ -511,7 +497,7 @@ impl Worker {
             }
         }
         let Some((_, trainer)) = self.trainer.as_mut() else {
-            return Err(Error::Collective("no trainer".into()));
+            return Err(Error::State("no trainer for the run"));
         };
         trainer.finish_reference_stage()?;
         tracing::info!(
@@ -544,9 +530,9 @@ impl Worker {
             Err(e) if signal.is_aborted() => {
                 tracing::info!(generation = work.generation, reason = %e, "generation ended");
             }
-            Err(Error::Collective(reason)) => {
-                tracing::warn!(generation = work.generation, %reason, "generation broke");
-                self.report_fault(work, reason);
+            Err(e) if e.disposition() != Disposition::FailRun => {
+                tracing::warn!(generation = work.generation, reason = %e, "generation broke");
+                self.report_fault(work, e.to_string());
             }
             Err(e) => {
                 let step = self.trainer.as_ref().map_or(0, |(_, t)| t.step());

@@ -51,13 +51,72 @@ pub enum Error {
     },
     #[error(transparent)]
     Data(#[from] dpo_data::Error),
+    /// The generation's collective broke (a peer died, the ring was aborted,
+    /// a peer sent something malformed).
     #[error("collective: {0}")]
-    Collective(String),
+    Collective(#[from] crate::collective::CollectiveError),
+    /// The ranks' parameters no longer agree: the replicas diverged.
+    #[error(
+        "step {step}: parameters differ across ranks (hashes {hashes:?}); stopping rather than training on diverged replicas"
+    )]
+    Diverged { step: u64, hashes: Vec<Vec<u8>> },
+    /// The coordinator moved on from this worker's generation.
+    #[error("{what}: generation superseded: {reason}")]
+    Superseded { what: &'static str, reason: String },
+    /// The coordinator cannot be reached (it may be restarting).
+    #[error("{what}: coordinator unreachable: {reason}")]
+    Unreachable { what: &'static str, reason: String },
+    /// The coordinator refused a request for good.
+    #[error("{what}: the coordinator refused: {reason}")]
+    Refused { what: &'static str, reason: String },
+    /// The worker's own state does not fit the assignment (it holds no trainer
+    /// for the run it is told to train).
+    #[error("worker state: {0}")]
+    State(&'static str),
     #[error("halted after step {step} (fault injection)")]
     Halted { step: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What a worker does about an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Ask again shortly (the coordinator is unreachable).
+    Retry,
+    /// This generation is over: report the fault (if it is still current) and
+    /// wait for the next one; the run goes on.
+    NextGeneration,
+    /// The run cannot go on: report it failed.
+    FailRun,
+}
+
+impl Error {
+    /// The one place that decides between retrying, moving to the next
+    /// generation and failing the run.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            Error::Unreachable { .. } => Disposition::Retry,
+            Error::Collective(_)
+            | Error::Diverged { .. }
+            | Error::Superseded { .. }
+            | Error::State(_) => Disposition::NextGeneration,
+            _ => Disposition::FailRun,
+        }
+    }
+
+    /// A coordinator's answer to a request, as an error of that request.
+    pub fn from_status(what: &'static str, status: &tonic::Status) -> Self {
+        let reason = status.message().to_string();
+        match status.code() {
+            tonic::Code::FailedPrecondition => Error::Superseded { what, reason },
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
+                Error::Unreachable { what, reason }
+            }
+            _ => Error::Refused { what, reason },
+        }
+    }
+}
 
 /// Attaches the name of the operation to a libtorch error.
 pub(crate) trait TorchContext<T> {
@@ -73,4 +132,45 @@ impl<T> TorchContext<T> for std::result::Result<T, tch::TchError> {
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { path, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::CollectiveError;
+
+    #[test]
+    fn each_error_maps_to_one_decision() {
+        let status = |code| tonic::Status::new(code, "m");
+        let of = |code| Error::from_status("fetch batch", &status(code)).disposition();
+        assert_eq!(of(tonic::Code::Unavailable), Disposition::Retry);
+        assert_eq!(of(tonic::Code::DeadlineExceeded), Disposition::Retry);
+        assert_eq!(
+            of(tonic::Code::FailedPrecondition),
+            Disposition::NextGeneration
+        );
+        assert_eq!(of(tonic::Code::InvalidArgument), Disposition::FailRun);
+        assert_eq!(of(tonic::Code::NotFound), Disposition::FailRun);
+        assert_eq!(
+            Error::from(CollectiveError::Aborted).disposition(),
+            Disposition::NextGeneration
+        );
+        let diverged = Error::Diverged {
+            step: 25,
+            hashes: vec![vec![1], vec![2]],
+        };
+        assert_eq!(diverged.disposition(), Disposition::NextGeneration);
+        let bad_data = Error::Input {
+            context: "step 3".into(),
+            reason: "the loss is NaN".into(),
+        };
+        assert_eq!(bad_data.disposition(), Disposition::FailRun);
+        assert_eq!(
+            Error::Halted { step: 1 }.disposition(),
+            Disposition::FailRun
+        );
+        // The message keeps what the request was and why.
+        let e = Error::from_status("report step", &status(tonic::Code::FailedPrecondition));
+        assert_eq!(e.to_string(), "report step: generation superseded: m");
+    }
 }

@@ -14,7 +14,7 @@ pub mod packing;
 pub mod score;
 pub mod train;
 
-pub use error::{Error, Result};
+pub use error::{Disposition, Error, Result};
 
 use tch::{Device, Kind};
 

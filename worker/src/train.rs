@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
-use crate::collective::{Collective, all_reduce_gradients, broadcast_tensors};
+use crate::collective::{Collective, CollectiveError, all_reduce_gradients, broadcast_tensors};
 use crate::error::{Error, Result, TorchContext, io_err};
 use crate::generate::{Sampling, generate};
 use crate::model::{CausalLm, checkpoint};
@@ -771,9 +771,7 @@ impl Trainer {
         {
             tracing::info!("reference stage done; the reference model is freed");
         }
-        self.collective
-            .barrier()
-            .map_err(|e| Error::Collective(e.to_string()))
+        Ok(self.collective.barrier()?)
     }
 
     /// Row length for pair-aware packing, when the spec asks for it.
@@ -905,10 +903,7 @@ impl Trainer {
             .iter()
             .flat_map(|x| x.to_le_bytes())
             .collect();
-        let blocks = self
-            .collective
-            .all_gather(&bytes)
-            .map_err(|e| Error::Collective(e.to_string()))?;
+        let blocks = self.collective.all_gather(&bytes)?;
         let mut total = vec![0.0f64; stats.to_vec().len()];
         for block in blocks {
             for (t, b) in total.iter_mut().zip(block.chunks_exact(8)) {
@@ -946,15 +941,9 @@ impl Trainer {
             return Ok(());
         }
         let hash = self.parameter_hash()?;
-        let hashes = self
-            .collective
-            .all_gather(&hash.to_le_bytes())
-            .map_err(|e| Error::Collective(e.to_string()))?;
+        let hashes = self.collective.all_gather(&hash.to_le_bytes())?;
         if hashes.iter().any(|h| h.as_slice() != hash.to_le_bytes()) {
-            return Err(Error::Collective(format!(
-                "step {step}: parameters differ across ranks (hashes {:?}); stopping rather than training on diverged replicas",
-                hashes
-            )));
+            return Err(Error::Diverged { step, hashes });
         }
         Ok(())
     }
@@ -973,12 +962,11 @@ impl Trainer {
             "stopped_early": self.stopped_early,
         })
         .to_string();
-        let got = self
-            .collective
-            .broadcast(state.as_bytes(), root)
-            .map_err(|e| Error::Collective(e.to_string()))?;
-        let state: Value = serde_json::from_slice(&got)
-            .map_err(|e| Error::Collective(format!("state from rank {root}: {e}")))?;
+        let got = self.collective.broadcast(state.as_bytes(), root)?;
+        let state: Value = serde_json::from_slice(&got).map_err(|e| CollectiveError::Protocol {
+            rank: self.collective.rank(),
+            reason: format!("state from rank {root}: {e}"),
+        })?;
         self.step = state["step"].as_u64().unwrap_or(0);
         self.optimizer.step = state["optimizer_step"].as_u64().unwrap_or(0);
         self.best_eval = state["best_eval"].as_f64();
@@ -1014,19 +1002,18 @@ impl Trainer {
         }
         let mut mine = self.step.to_le_bytes().to_vec();
         mine.extend(self.parameter_hash()?.to_le_bytes());
-        let all = self
-            .collective
-            .all_gather(&mine)
-            .map_err(|e| Error::Collective(e.to_string()))?;
+        let all = self.collective.all_gather(&mine)?;
         let step_of = |b: &[u8]| -> u64 {
             let mut a = [0u8; 8];
             a.copy_from_slice(&b[..8.min(b.len())]);
             u64::from_le_bytes(a)
         };
         if all.iter().any(|b| b.len() != 16) {
-            return Err(Error::Collective(
-                "malformed state summary from a peer".into(),
-            ));
+            return Err(CollectiveError::Protocol {
+                rank: self.collective.rank(),
+                reason: "malformed state summary from a peer".into(),
+            }
+            .into());
         }
         if all.iter().all(|b| *b == all[0]) {
             return Ok(None);

@@ -133,15 +133,17 @@ pub fn broadcast_tensors(
         if collective.rank() == root {
             host.f_copy_data_u8(&mut bytes, n).op("broadcast: read")?;
         }
-        let got = collective
-            .broadcast(&bytes, root)
-            .map_err(|e| crate::Error::Collective(e.to_string()))?;
+        let got = collective.broadcast(&bytes, root)?;
         if got.len() != bytes.len() {
-            return Err(crate::Error::Collective(format!(
-                "broadcast: received {} bytes for a tensor of {}",
-                got.len(),
-                bytes.len()
-            )));
+            return Err(CollectiveError::Protocol {
+                rank: collective.rank(),
+                reason: format!(
+                    "broadcast: received {} bytes for a tensor of {}",
+                    got.len(),
+                    bytes.len()
+                ),
+            }
+            .into());
         }
         if collective.rank() != root {
             let src = tch::Tensor::f_from_data_size(&got, &host.size(), kind)
@@ -207,9 +209,7 @@ pub fn all_reduce_gradients(
             .op("gradient bucket")?;
             flat.extend(values);
         }
-        collective
-            .all_reduce_sum(&mut flat)
-            .map_err(|e| crate::Error::Collective(e.to_string()))?;
+        collective.all_reduce_sum(&mut flat)?;
         let mut offset = 0;
         for p in &params[start..end] {
             let n = p.numel();
