@@ -29,10 +29,17 @@ struct Cli {
     )]
     coordinator: String,
     /// text (progress bars, tables) or json (one object per line, for scripts).
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    output: String,
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How results are printed.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,10 +164,8 @@ async fn submit(
         if let Some(e) = &spec.data.eval {
             files.push(("data.eval", e.clone()));
         }
-        if let Some(n) = &spec.data.negatives
-            && !matches!(n.as_str(), "random" | "policy")
-        {
-            files.push(("data.negatives", PathBuf::from(n)));
+        if let Some(f) = spec.data.negatives.as_ref().and_then(|n| n.file()) {
+            files.push(("data.negatives", f.to_path_buf()));
         }
         files.retain(|(_, p)| p.is_file());
     }
@@ -466,7 +471,7 @@ async fn local(
             .context("starting dpo-worker (build it, or put it on PATH)")?;
         children.0.push((format!("worker-{i}"), w));
     }
-    let json_out = cli.output == "json";
+    let json_out = cli.output == OutputFormat::Json;
     if !json_out {
         eprintln!(
             "coordinator at {url} with {workers} CPU workers (logs in {})",
@@ -518,7 +523,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let json_out = cli.output == "json";
+    let json_out = cli.output == OutputFormat::Json;
     let ok = match &cli.command {
         Command::Local {
             spec,

@@ -633,7 +633,7 @@ async fn write_ledger(store: &Store, prefix: &str, path: &Path) -> anyhow::Resul
 
 /// Tokenizes and shards a run's datasets (train and eval) once.
 fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunData> {
-    if spec.data.negatives.as_deref() == Some("policy") {
+    if spec.data.negatives == Some(dpo_proto::Negatives::Policy) {
         return Err(Refusal::Invalid(
             "data.negatives: \"policy\" negatives need a model to sample from; the cluster does not sample them yet (use `dpo-worker train`)".into(),
         ));

@@ -103,7 +103,13 @@ impl RunService for Api {
                     .as_ref()
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
-                _ => spec.data.negatives.clone().unwrap_or_default(),
+                _ => spec
+                    .data
+                    .negatives
+                    .as_ref()
+                    .and_then(|n| n.file())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
             };
             renames.push((path.display().to_string(), original));
             std::fs::write(&path, bytes)
@@ -111,7 +117,7 @@ impl RunService for Api {
             match key.as_str() {
                 "data.train" => spec.data.train = path,
                 "data.eval" => spec.data.eval = Some(path),
-                _ => spec.data.negatives = Some(path.display().to_string()),
+                _ => spec.data.negatives = Some(dpo_proto::Negatives::File(path)),
             }
         }
         match self.coordinator.submit(id, spec).await {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use dpo_proto::{DataFormat, Loss, RunSpec, Truncation};
+use dpo_proto::{DataFormat, Loss, Negatives, RunSpec, Truncation};
 use serde::{Deserialize, Serialize};
 
 use crate::examples::{self, Example, Truncation as Cut};
@@ -134,22 +134,22 @@ pub fn load(
             } else {
                 (records, Vec::new())
             };
-            match spec.data.negatives.as_deref() {
+            match &spec.data.negatives {
                 None => {}
-                Some("random") => {
+                Some(Negatives::Random) => {
                     negatives.extend(examples::random_negatives(&labelled, spec.data.seed))
                 }
                 // Sampled below, once labelled examples are token ids.
-                Some("policy") => {}
-                Some(file) => {
-                    let (neg, skipped) = examples::read_labelled(Path::new(file), skip)?;
+                Some(Negatives::Policy) => {}
+                Some(Negatives::File(file)) => {
+                    let (neg, skipped) = examples::read_labelled(file, skip)?;
                     log_skipped(&skipped);
                     report.skipped_lines += skipped.len();
                     negatives.extend(neg);
                 }
             }
             let mut joined = examples::join_labelled(path, &labelled, &negatives, tok)?;
-            if spec.data.negatives.as_deref() == Some("policy") {
+            if spec.data.negatives == Some(Negatives::Policy) {
                 let sampler = sampler.ok_or_else(|| Error::Invalid {
                     context: "data.negatives".into(),
                     reason: "\"policy\" needs a model to sample from".into(),

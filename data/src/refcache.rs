@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
-use dpo_proto::{Dtype, RunSpec};
+use dpo_proto::{ReferenceModel, RunSpec};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
@@ -198,22 +198,21 @@ pub fn namespace(
 /// `"same"`), the model's tokenizer, and the compute dtype.
 /// `memo_root`: where file digests are remembered (see [`namespace`]).
 pub fn namespace_of(spec: &RunSpec, memo_root: Option<&Path>) -> Result<String> {
-    let reference_dir = match spec.reference.path.as_str() {
-        "same" | "none" => spec.model.path.clone(),
-        dir => PathBuf::from(dir),
-    };
-    let dtype = match spec.model.dtype {
-        Dtype::F32 => "f32",
-        Dtype::Bf16 => "bf16",
-        Dtype::F16 => "f16",
-    };
-    namespace(&reference_dir, &spec.model.path, dtype, memo_root)
+    let reference_dir = spec.reference.path.weights(&spec.model.path);
+    namespace(
+        reference_dir,
+        &spec.model.path,
+        spec.model.dtype.as_str(),
+        memo_root,
+    )
 }
 
 /// Whether a run scores a reference model once before training (and so uses the
 /// cache): `reference.precompute`, a pairwise loss, and a reference at all.
 pub fn precomputes(spec: &RunSpec) -> bool {
-    spec.reference.precompute && spec.objective.loss.is_pairwise() && spec.reference.path != "none"
+    spec.reference.precompute
+        && spec.objective.loss.is_pairwise()
+        && spec.reference.path != ReferenceModel::None
 }
 
 /// The key of a (prompt, response) sequence.

@@ -5,8 +5,9 @@ pub mod client;
 pub mod spec;
 
 pub use spec::{
-    ClusterSpec, DataFormat, DataSpec, Dtype, Loss, ModelSpec, ObjectiveSpec, OptimSpec,
-    OptimizerName, ReferenceSpec, RunSpec, Schedule, SpecError, TrainSpec, Truncation,
+    ClusterSpec, DataFormat, DataSpec, Dtype, Loss, ModelSpec, Negatives, ObjectiveSpec, OptimSpec,
+    OptimizerName, ReferenceCache, ReferenceModel, ReferenceSpec, RunSpec, Schedule, SpecError,
+    TrainSpec, Truncation,
 };
 
 /// The generated `dpo.v1` messages, clients and servers.

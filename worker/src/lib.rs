@@ -20,14 +20,7 @@ use tch::{Device, Kind};
 
 /// Parses a dtype name as run specs and flags spell it.
 pub fn parse_kind(s: &str) -> std::result::Result<Kind, String> {
-    match s {
-        "f32" | "float32" => Ok(Kind::Float),
-        "bf16" | "bfloat16" => Ok(Kind::BFloat16),
-        "f16" | "float16" => Ok(Kind::Half),
-        other => Err(format!(
-            "unknown dtype {other:?} (expected f32, bf16 or f16)"
-        )),
-    }
+    s.parse::<dpo_proto::Dtype>().map(model::kind_of)
 }
 
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`.

@@ -235,6 +235,19 @@ pub struct Stats {
 }
 
 impl Stats {
+    // Positions in `to_vec`'s layout.
+    const LOSS: usize = 0;
+    const CHOSEN_REWARDS: usize = 2;
+    const REJECTED_REWARDS: usize = 3;
+    const CORRECT: usize = 4;
+    const MARGINS: usize = 5;
+    const CHOSEN_LOGPS: usize = 8;
+    const REJECTED_LOGPS: usize = 9;
+    const NLL: usize = 10;
+    const NLL_TOKENS: usize = 11;
+    const UNLIKELIHOOD: usize = 12;
+    const UNLIKELIHOOD_TOKENS: usize = 13;
+
     /// The sums as a flat list, for reducing across ranks.
     pub fn to_vec(&self) -> Vec<f64> {
         vec![
@@ -328,6 +341,36 @@ impl Stats {
     }
 }
 
+/// Scalars a micro-batch computes on the device for its metrics, moved to the
+/// host in one transfer (one synchronisation per micro-batch, not one each).
+#[derive(Debug, Default)]
+struct DeviceScalars(Vec<(usize, Tensor)>);
+
+impl DeviceScalars {
+    /// Sets the `Stats` field at `slot` (a later value for a slot wins).
+    fn set(&mut self, slot: usize, t: Tensor) -> TchResult<()> {
+        self.0.push((slot, t.f_detach()?.f_to_kind(Kind::Float)?));
+        Ok(())
+    }
+
+    fn fetch_into(self, stats: &mut Stats) -> TchResult<()> {
+        if self.0.is_empty() {
+            return Ok(());
+        }
+        let (slots, values): (Vec<usize>, Vec<Tensor>) = self.0.into_iter().unzip();
+        let host = Tensor::f_stack(&values, 0)?
+            .f_to_kind(Kind::Double)?
+            .f_to_device(tch::Device::Cpu)?;
+        let host = Vec::<f64>::try_from(&host)?;
+        let mut v = stats.to_vec();
+        for (slot, x) in slots.into_iter().zip(host) {
+            v[slot] = x;
+        }
+        *stats = Stats::from_slice(&v);
+        Ok(())
+    }
+}
+
 /// A configured objective.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Objective {
@@ -401,18 +444,18 @@ impl Objective {
             let rejected_sums = scores.sums.f_narrow(0, c, r)?;
             stats.chosen_seqs = c as f64;
             stats.rejected_seqs = r as f64;
-            stats.chosen_logps = chosen_sums.f_sum(Kind::Float)?.f_double_value(&[])?;
-            stats.rejected_logps = rejected_sums.f_sum(Kind::Float)?.f_double_value(&[])?;
+            let mut dev = DeviceScalars::default();
+            dev.set(Stats::CHOSEN_LOGPS, chosen_sums.f_sum(Kind::Float)?)?;
+            dev.set(Stats::REJECTED_LOGPS, rejected_sums.f_sum(Kind::Float)?)?;
 
             // NLL of labelled tokens: needed by sft/combined and by RPO.
             let chosen_nll = chosen_sums.f_sum(Kind::Float)?.f_neg()?;
             if c > 0 && (!self.loss.is_pairwise() || self.nll_weight > 0.0) {
-                stats.nll = chosen_nll.f_double_value(&[])?;
-                stats.nll_tokens = scores
-                    .counts
-                    .f_narrow(0, 0, c)?
-                    .f_sum(Kind::Float)?
-                    .f_double_value(&[])?;
+                dev.set(Stats::NLL, chosen_nll.shallow_clone())?;
+                dev.set(
+                    Stats::NLL_TOKENS,
+                    scores.counts.f_narrow(0, 0, c)?.f_sum(Kind::Float)?,
+                )?;
             }
 
             if self.loss.is_pairwise() {
@@ -442,17 +485,15 @@ impl Objective {
                 let cr = chosen_logratio.f_detach()?.f_mul_scalar(self.beta)?;
                 let rj = rejected_logratio.f_detach()?.f_mul_scalar(self.beta)?;
                 stats.pairs = c as f64;
-                stats.chosen_rewards = cr.f_sum(Kind::Float)?.f_double_value(&[])?;
-                stats.rejected_rewards = rj.f_sum(Kind::Float)?.f_double_value(&[])?;
-                stats.correct = cr
-                    .f_gt_tensor(&rj)?
-                    .f_sum(Kind::Float)?
-                    .f_double_value(&[])?;
-                stats.margins = cr.f_sub(&rj)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+                dev.set(Stats::CHOSEN_REWARDS, cr.f_sum(Kind::Float)?)?;
+                dev.set(Stats::REJECTED_REWARDS, rj.f_sum(Kind::Float)?)?;
+                dev.set(Stats::CORRECT, cr.f_gt_tensor(&rj)?.f_sum(Kind::Float)?)?;
+                dev.set(Stats::MARGINS, cr.f_sub(&rj)?.f_sum(Kind::Float)?)?;
                 if self.length_normalized() {
-                    // logps/* follow the values the loss used, as TRL reports them.
-                    stats.chosen_logps = pc.f_sum(Kind::Float)?.f_double_value(&[])?;
-                    stats.rejected_logps = pr.f_sum(Kind::Float)?.f_double_value(&[])?;
+                    // logps/* follow the values the loss used, as TRL reports them
+                    // (set after the sums above, so these win).
+                    dev.set(Stats::CHOSEN_LOGPS, pc.f_sum(Kind::Float)?)?;
+                    dev.set(Stats::REJECTED_LOGPS, pr.f_sum(Kind::Float)?)?;
                 }
             } else {
                 if norm.chosen_tokens > 0.0 {
@@ -472,13 +513,14 @@ impl Objective {
                         .f_mul(&neg_mask)?
                         .f_sum(Kind::Float)?
                         .f_neg()?;
-                    stats.unlikelihood = ul.f_double_value(&[])?;
-                    stats.unlikelihood_tokens = neg_mask.f_sum(Kind::Float)?.f_double_value(&[])?;
+                    dev.set(Stats::UNLIKELIHOOD, ul.shallow_clone())?;
+                    dev.set(Stats::UNLIKELIHOOD_TOKENS, neg_mask.f_sum(Kind::Float)?)?;
                     loss =
                         loss.f_add(&ul.f_mul_scalar(self.negative_weight / norm.negative_tokens)?)?;
                 }
             }
-            stats.loss = loss.f_double_value(&[])?;
+            dev.set(Stats::LOSS, loss.shallow_clone())?;
+            dev.fetch_into(&mut stats)?;
             Ok((loss, stats))
         };
         f().op("objective")

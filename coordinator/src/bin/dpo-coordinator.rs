@@ -17,8 +17,8 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1:7733")]
     listen: SocketAddr,
     /// Where the state store keeps its state: embedded (a file in --data-dir) or etcd.
-    #[arg(long, default_value = "embedded", value_parser = ["embedded", "etcd"])]
-    store: String,
+    #[arg(long, value_enum, default_value_t = StoreKind::Embedded)]
+    store: StoreKind,
     /// etcd endpoints (with --store etcd): http://, https:// or host:port (TLS
     /// when --etcd-ca is given).
     #[arg(long, value_delimiter = ',', env = "DPO_ETCD_ENDPOINTS")]
@@ -67,8 +67,24 @@ struct Cli {
     #[arg(long)]
     addr_file: Option<PathBuf>,
     /// Log format on stderr.
-    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Which state store to use.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum StoreKind {
+    Embedded,
+    Etcd,
+}
+
+/// How logs are written on stderr.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for a cluster's log collector.
+    Json,
 }
 
 fn read_token(cli: &Cli) -> anyhow::Result<Option<String>> {
@@ -197,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if cli.log_format == "json" {
+    if cli.log_format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
@@ -227,9 +243,9 @@ async fn main() -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&cli.data_dir)
         .with_context(|| format!("--data-dir {}", cli.data_dir.display()))?;
-    let store = match cli.store.as_str() {
-        "embedded" => Store::Embedded(Embedded::open(&cli.data_dir)?),
-        _ => {
+    let store = match cli.store {
+        StoreKind::Embedded => Store::Embedded(Embedded::open(&cli.data_dir)?),
+        StoreKind::Etcd => {
             if cli.etcd.is_empty() {
                 bail!("--store etcd needs --etcd URL[,URL...]");
             }

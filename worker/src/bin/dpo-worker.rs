@@ -15,8 +15,8 @@ use dpo_worker::score::{self, ScoreRequest};
 #[command(name = "dpo-worker", version, about = "dpo-cluster worker")]
 struct Cli {
     /// Log format on stderr.
-    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
-    log_format: String,
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// Join the coordinator at this URL (http://host:port) and train whatever it
     /// assigns (the default when no subcommand is given).
     #[arg(long, env = "DPO_COORDINATOR")]
@@ -109,13 +109,22 @@ enum Command {
     },
 }
 
-fn init_tracing(format: &str) {
+/// How logs are written on stderr.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// Readable lines, for a terminal.
+    Text,
+    /// One JSON object per line, for a cluster's log collector.
+    Json,
+}
+
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if format == "json" {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();
@@ -124,7 +133,7 @@ fn init_tracing(format: &str) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_tracing(&cli.log_format);
+    init_tracing(cli.log_format);
     let Some(command) = cli.command else {
         let Some(coordinator) = cli.coordinator else {
             anyhow::bail!(

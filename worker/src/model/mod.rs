@@ -8,3 +8,12 @@ pub mod rope;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use llama::CausalLm;
+
+/// The libtorch kind of a run spec's dtype (the one mapping).
+pub fn kind_of(d: dpo_proto::Dtype) -> tch::Kind {
+    match d {
+        dpo_proto::Dtype::F32 => tch::Kind::Float,
+        dpo_proto::Dtype::Bf16 => tch::Kind::BFloat16,
+        dpo_proto::Dtype::F16 => tch::Kind::Half,
+    }
+}

@@ -6,6 +6,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod values;
+pub use values::{Negatives, ReferenceCache, ReferenceModel};
+
 /// A run-spec problem, always naming the file and, where there is one, the key.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
@@ -37,31 +40,17 @@ pub struct ModelSpec {
     pub dtype: Dtype,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReferenceSpec {
     /// `"same"` (a frozen copy of the initial policy), a model directory, or
     /// `"none"` (reference-free).
-    pub path: String,
+    pub path: ReferenceModel,
     /// Compute reference log-probabilities once before training.
     pub precompute: bool,
     /// Where precomputed reference log-probabilities are kept for later runs
-    /// (standalone; a cluster keeps them in the coordinator's data dir): `""` =
-    /// the user cache (`$DPO_CACHE_DIR/reference`, else
-    /// `$XDG_CACHE_HOME/dpo-cluster/reference`, else
-    /// `~/.cache/dpo-cluster/reference`), `"none"` = recompute every run, or a
-    /// directory (relative to the spec file).
-    pub cache: String,
-}
-
-impl Default for ReferenceSpec {
-    fn default() -> Self {
-        ReferenceSpec {
-            path: "same".into(),
-            precompute: false,
-            cache: String::new(),
-        }
-    }
+    /// (standalone; a cluster keeps them in the coordinator's data dir).
+    pub cache: ReferenceCache,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -96,7 +85,7 @@ pub struct DataSpec {
     pub eval: Option<PathBuf>,
     /// Negative examples: a file, or `"random"` / `"policy"` to generate them.
     #[serde(default)]
-    pub negatives: Option<String>,
+    pub negatives: Option<Negatives>,
     #[serde(default)]
     pub format: DataFormat,
     #[serde(default = "default_max_length")]
@@ -354,36 +343,26 @@ impl RunSpec {
             fix(e);
         }
         fix(&mut self.train.output);
-        if !matches!(self.reference.path.as_str(), "same" | "none")
-            && Path::new(&self.reference.path).is_relative()
+        // A blank directory stays blank, for validation to name.
+        if let ReferenceModel::Dir(d) = &mut self.reference.path
+            && d.is_relative()
+            && !d.to_string_lossy().trim().is_empty()
         {
-            self.reference.path = base
-                .join(&self.reference.path)
-                .to_string_lossy()
-                .into_owned();
+            *d = base.join(&*d);
         }
-        if !matches!(self.reference.cache.as_str(), "" | "none")
-            && Path::new(&self.reference.cache).is_relative()
-        {
-            self.reference.cache = normalize(&base.join(&self.reference.cache))
-                .to_string_lossy()
-                .into_owned();
+        if let ReferenceCache::Dir(d) = &mut self.reference.cache {
+            fix(d);
         }
-        if let Some(n) = self.data.negatives.as_mut()
-            && !matches!(n.as_str(), "random" | "policy")
-            && Path::new(n.as_str()).is_relative()
-        {
-            *n = normalize(&base.join(n.as_str()))
-                .to_string_lossy()
-                .into_owned();
+        if let Some(Negatives::File(f)) = &mut self.data.negatives {
+            fix(f);
         }
     }
 
     /// The directory of the standalone reference cache (`None`: `"none"`).
     pub fn reference_cache_dir(&self) -> Option<PathBuf> {
-        match self.reference.cache.as_str() {
-            "none" => None,
-            "" => {
+        match &self.reference.cache {
+            ReferenceCache::Off => None,
+            ReferenceCache::User => {
                 let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
                 if let Some(d) = env("DPO_CACHE_DIR") {
                     return Some(PathBuf::from(d).join("reference"));
@@ -394,7 +373,7 @@ impl RunSpec {
                     .unwrap_or_else(|| PathBuf::from(".cache"));
                 Some(base.join("dpo-cluster").join("reference"))
             }
-            dir => Some(PathBuf::from(dir)),
+            ReferenceCache::Dir(dir) => Some(dir.clone()),
         }
     }
 
@@ -479,8 +458,10 @@ impl RunSpec {
             || format!("must be >= 0, found {}", o.negative_weight),
         )?;
         check(
-            matches!(self.reference.path.as_str(), "same" | "none")
-                || !self.reference.path.trim().is_empty(),
+            self.reference
+                .path
+                .dir()
+                .is_none_or(|d| !d.to_string_lossy().trim().is_empty()),
             "reference.path",
             || "must be \"same\", \"none\" or a model directory".into(),
         )?;
@@ -646,7 +627,34 @@ train = "train.jsonl"
             spec.model.path.is_absolute(),
             "resolved against the spec's directory"
         );
-        assert_eq!(spec.reference.path, "same");
+        assert_eq!(spec.reference.path, ReferenceModel::Same);
+    }
+
+    #[test]
+    fn string_valued_keys_read_as_enums_and_write_back_the_same() {
+        let spec = load(&format!(
+            "{MINIMAL}\n[reference]\npath = \"ref\"\ncache = \"none\"\n"
+        ))
+        .expect("valid");
+        let ReferenceModel::Dir(dir) = &spec.reference.path else {
+            panic!("{:?}", spec.reference.path);
+        };
+        assert!(dir.is_absolute() && dir.ends_with("ref"), "{dir:?}");
+        assert_eq!(spec.reference.cache, ReferenceCache::Off);
+        assert_eq!(spec.data.negatives, None);
+        let spec = load(&format!("{MINIMAL}negatives = \"policy\"\n")).expect("valid");
+        assert_eq!(spec.data.negatives, Some(Negatives::Policy));
+        // JSON (the wire and the store) spells them as the TOML does.
+        let json = serde_json::to_value(&spec).expect("json");
+        assert_eq!(json["reference"]["path"], "same");
+        assert_eq!(json["reference"]["cache"], "");
+        assert_eq!(json["data"]["negatives"], "policy");
+        let back: RunSpec = serde_json::from_value(json).expect("reads back");
+        assert_eq!(back, spec);
+        let e = err(&format!("{MINIMAL}\n[reference]\npath = \" \"\n"));
+        assert!(e.contains("reference.path: must be"), "{e}");
+        assert_eq!("bfloat16".parse::<Dtype>(), Ok(Dtype::Bf16));
+        assert_eq!(Dtype::F16.as_str(), "f16");
     }
 
     #[test]

@@ -1,0 +1,88 @@
+//! A step's metrics under TRL's names (plus `step`, `epoch`, `generation`,
+//! `world_size`, `tokens`), and the standalone trainer's `metrics.jsonl` /
+//! `eval.jsonl` writers (in a cluster the coordinator writes them).
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Result, io_err};
+use crate::objective::{Objective, Stats};
+
+/// Named metric values in the order they are reported.
+pub type Metrics = Vec<(String, f64)>;
+
+/// What a training step measured besides its loss statistics.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StepFacts {
+    pub step: u64,
+    pub steps_per_epoch: u64,
+    pub generation: u64,
+    pub world: usize,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub seconds: f64,
+}
+
+/// A training step's metrics line.
+pub(super) fn step_metrics(stats: &Stats, objective: &Objective, f: StepFacts) -> Metrics {
+    let spe = f.steps_per_epoch.max(1);
+    let mut m: Metrics = vec![
+        ("step".into(), f.step as f64),
+        ("epoch".into(), f.step as f64 / spe as f64),
+        ("generation".into(), f.generation as f64),
+        ("world_size".into(), f.world as f64),
+    ];
+    m.extend(
+        stats
+            .metrics(objective)
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    m.extend([
+        ("grad_norm".into(), f.grad_norm),
+        ("learning_rate".into(), f.learning_rate),
+        ("tokens".into(), stats.tokens),
+        (
+            "tokens_per_second".into(),
+            stats.tokens / f.seconds.max(1e-9),
+        ),
+    ]);
+    m
+}
+
+/// An evaluation's metrics line: `step`, then each metric as `eval_<name>`.
+pub(super) fn eval_metrics(stats: &Stats, objective: &Objective, step: u64) -> Metrics {
+    let mut e: Metrics = vec![("step".into(), step as f64)];
+    e.extend(
+        stats
+            .metrics(objective)
+            .into_iter()
+            .map(|(k, v)| (format!("eval_{k}"), v)),
+    );
+    e
+}
+
+/// One metrics file, appended a line per step.
+#[derive(Debug)]
+pub(super) struct MetricsFile {
+    path: PathBuf,
+    file: File,
+}
+
+impl MetricsFile {
+    pub fn append_to(path: &Path) -> Result<Self> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_err(path))?;
+        Ok(MetricsFile {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    pub fn write(&mut self, m: &Metrics) -> Result<()> {
+        dpo_data::metrics_log::append(&mut self.file, m).map_err(io_err(&self.path))
+    }
+}

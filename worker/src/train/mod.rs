@@ -1,0 +1,585 @@
+//! The trainer: `dpo-worker train --config run.toml` standalone, and each
+//! rank's training in a cluster.
+//!
+//! One optimizer step consumes exactly `global_batch_size` examples, taken in the
+//! seeded per-epoch order; they are split into micro-batches whose losses are
+//! normalised over the global batch, so accumulation equals one big batch. Chosen
+//! and rejected sequences of a micro-batch go through the model in one forward.
+//! Checkpoints hold everything needed to continue bit-exactly: weights, optimizer
+//! moments, step (which fixes the data cursor, since the order is a function of seed
+//! and epoch) and early-stopping state, with a checksummed manifest, written under a
+//! temporary name, fsynced and renamed.
+//!
+//! In parts: `batches` (where a rank's share of a global batch comes from),
+//! `reference` (where reference log-probs come from: one `ReferenceSource` per
+//! mode), `sync` (the `TrainerState` ranks exchange and checkpoints store;
+//! keeping ranks identical), `checkpoint` (checkpoints, resume, the output
+//! directory), `metrics` (metric lines and files). This file is the step loop.
+
+mod batches;
+mod checkpoint;
+mod metrics;
+mod reference;
+mod sync;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dpo_data::refcache;
+use dpo_data::{DataReport, Example};
+use dpo_proto::{Loss, Negatives, ReferenceModel, RunSpec};
+use tch::{Device, Tensor};
+
+use crate::collective::{Collective, all_reduce_gradients};
+use crate::error::{Error, Result, TorchContext, io_err};
+use crate::model::{CausalLm, checkpoint as model_io, kind_of};
+use crate::objective::{self, MicroBatch, Objective, Stats};
+use crate::optim::{Optimizer, learning_rate};
+
+pub use batches::{Batches, LocalBatches, Slice, Split};
+pub use checkpoint::{latest_checkpoint, verify_manifest};
+pub use metrics::Metrics;
+pub use reference::{BatchPosition, ReferenceSource};
+pub use sync::TrainerState;
+
+use batches::load_examples;
+use metrics::{MetricsFile, StepFacts, eval_metrics, step_metrics};
+use reference::{FrozenModel, NoReference, Precomputed, Staged};
+use sync::PARAMETER_CHECK_EVERY;
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Continue from the newest checkpoint under `train.output`.
+    pub resume: bool,
+    pub device: Device,
+    /// Fault injection for tests: stop like a crash (no final model) once this step
+    /// and its checkpoint are written.
+    pub halt_after_step: Option<u64>,
+}
+
+/// Progress reported to the caller (progress bar, logs).
+#[derive(Debug)]
+pub enum Event<'a> {
+    Started {
+        start_step: u64,
+        total_steps: u64,
+        train: Option<&'a DataReport>,
+        eval: Option<&'a DataReport>,
+    },
+    Step {
+        step: u64,
+        total_steps: u64,
+        metrics: &'a Metrics,
+    },
+    Eval {
+        step: u64,
+        metrics: &'a Metrics,
+    },
+    Checkpoint {
+        step: u64,
+        path: &'a Path,
+    },
+}
+
+/// The end of a run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub last: Metrics,
+    pub eval: Option<Metrics>,
+    pub stopped_early: bool,
+    pub output: PathBuf,
+    pub seconds: f64,
+}
+
+/// The models of a run: the policy, and the reference when it is a separate directory.
+struct Models {
+    objective: Objective,
+    policy: CausalLm,
+    /// The reference directory's model (when given and needed).
+    reference_model: Option<CausalLm>,
+    wants_reference: bool,
+}
+
+impl Models {
+    /// `staged`: the reference is scored by the cluster's reference stage, which
+    /// loads it on demand — not here.
+    fn load(spec: &RunSpec, device: Device, staged: bool) -> Result<Self> {
+        let kind = kind_of(spec.model.dtype);
+        let objective = Objective::from_spec(&spec.objective);
+        let policy = model_io::load(&spec.model.path, kind, device)?;
+        let vocab = policy.config().vocab_size;
+        // The reference model, when the objective uses one or when negatives are
+        // sampled from it; "same" and "none" sample from the initial policy.
+        let wants_reference =
+            objective.needs_reference() && spec.reference.path != ReferenceModel::None;
+        let samples_policy = spec.data.negatives == Some(Negatives::Policy);
+        let reference_model = match spec.reference.path.dir() {
+            Some(dir) if (wants_reference && !staged) || samples_policy => {
+                Some(model_io::load_reference(dir, kind, device, vocab)?)
+            }
+            _ => None,
+        };
+        Ok(Models {
+            objective,
+            policy,
+            reference_model,
+            wants_reference,
+        })
+    }
+}
+
+/// The shape of a run: how many steps, and whether it evaluates.
+#[derive(Debug, Clone)]
+pub struct RunShape {
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub has_eval: bool,
+    pub train_report: Option<DataReport>,
+    pub eval_report: Option<DataReport>,
+}
+
+/// A run being trained.
+pub struct Trainer {
+    spec: RunSpec,
+    /// The ranks training this run together (a world of one standalone).
+    collective: Box<dyn Collective>,
+    /// The generation of the world (0 standalone; set by the coordinator).
+    generation: u64,
+    halt_after_step: Option<u64>,
+    /// Whether rank 0 writes metrics.jsonl and eval.jsonl (standalone); in a
+    /// cluster the coordinator writes them from the ranks' reports.
+    writes_metrics: bool,
+    objective: Objective,
+    policy: CausalLm,
+    reference: Box<dyn ReferenceSource>,
+    optimizer: Optimizer,
+    batches: Box<dyn Batches>,
+    shape: RunShape,
+    /// Step and early-stopping state (what checkpoints and `sync_world` carry).
+    state: TrainerState,
+}
+
+impl std::fmt::Debug for Trainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trainer")
+            .field("run", &self.spec.name)
+            .field("step", &self.state.step)
+            .field("total_steps", &self.shape.total_steps)
+            .finish()
+    }
+}
+
+impl Trainer {
+    /// Standalone: loads the model(s) and data, prepares the output directory, and
+    /// restores the newest checkpoint when `opts.resume`.
+    pub fn new(
+        spec: RunSpec,
+        opts: &TrainOptions,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
+        let models = Models::load(&spec, opts.device, false)?;
+        let (train, train_report, eval, eval_report) =
+            load_examples(&spec, &models.policy, models.reference_model.as_ref())?;
+        let local = LocalBatches::new(&spec, train, eval)?;
+        let steps_per_epoch = local.steps_per_epoch();
+        let shape = RunShape {
+            steps_per_epoch,
+            total_steps: spec.total_steps(steps_per_epoch),
+            has_eval: eval_report.is_some(),
+            train_report: Some(train_report),
+            eval_report,
+        };
+        let mut trainer = Self::assemble(
+            spec,
+            opts,
+            collective,
+            models,
+            Box::new(local),
+            shape,
+            false,
+        )?;
+        trainer.writes_metrics = true;
+        trainer.prepare_output(opts.resume)?;
+        if trainer.spec.reference.precompute {
+            trainer.precompute_reference()?;
+        }
+        Ok(trainer)
+    }
+
+    /// In a cluster: loads the model(s); batches come from `batches` (the
+    /// coordinator), the run's shape from the coordinator too. Starts at step 0
+    /// with the initial weights; `restore_checkpoint` and `sync_world` move it on.
+    pub fn for_cluster(
+        spec: RunSpec,
+        opts: &TrainOptions,
+        batches: Box<dyn Batches>,
+        shape: RunShape,
+    ) -> Result<Self> {
+        if spec.data.negatives == Some(Negatives::Policy) {
+            return Err(Error::Input {
+                context: "data.negatives".into(),
+                reason: "\"policy\" negatives are sampled by `dpo-worker train` (standalone); the coordinator cannot sample them yet".into(),
+            });
+        }
+        let staged = refcache::precomputes(&spec);
+        let models = Models::load(&spec, opts.device, staged)?;
+        let out = spec.train.output.clone();
+        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        Self::assemble(
+            spec,
+            opts,
+            Box::new(crate::collective::Solo),
+            models,
+            batches,
+            shape,
+            staged,
+        )
+    }
+
+    fn assemble(
+        spec: RunSpec,
+        opts: &TrainOptions,
+        collective: Box<dyn Collective>,
+        models: Models,
+        batches: Box<dyn Batches>,
+        shape: RunShape,
+        staged: bool,
+    ) -> Result<Self> {
+        let Models {
+            objective,
+            policy,
+            reference_model,
+            wants_reference,
+        } = models;
+        let reference: Box<dyn ReferenceSource> = if !wants_reference {
+            Box::new(NoReference)
+        } else if staged {
+            let vocab = policy.config().vocab_size;
+            Box::new(Staged::new(
+                &spec,
+                kind_of(spec.model.dtype),
+                opts.device,
+                vocab,
+            ))
+        } else {
+            let model = match reference_model {
+                Some(model) => model,
+                None => model_io::load(&spec.model.path, kind_of(spec.model.dtype), opts.device)?,
+            };
+            Box::new(FrozenModel(Box::new(model)))
+        };
+        let mut params: Vec<(String, Tensor)> =
+            policy.var_store().variables().into_iter().collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let optimizer = Optimizer::new(&spec.optim, params)?;
+        Ok(Trainer {
+            spec,
+            collective,
+            generation: 0,
+            halt_after_step: opts.halt_after_step,
+            writes_metrics: false,
+            objective,
+            policy,
+            reference,
+            optimizer,
+            batches,
+            shape,
+            state: TrainerState::default(),
+        })
+    }
+
+    fn output(&self) -> &Path {
+        &self.spec.train.output
+    }
+
+    /// Optimizer steps completed.
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.shape.total_steps
+    }
+
+    /// Whether early stopping ended the run.
+    pub fn stopped_early(&self) -> bool {
+        self.state.stopped_early
+    }
+
+    /// Whether the run has nothing left to train.
+    pub fn finished(&self) -> bool {
+        self.state.step >= self.shape.total_steps || self.state.stopped_early
+    }
+
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    /// Joins a new world (generation): later collectives go to `collective`.
+    pub fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
+        self.collective = collective;
+        self.generation = generation;
+    }
+
+    /// Scores every train and eval example once with the frozen reference
+    /// model (or takes the sums from the reference cache), then frees the model.
+    fn precompute_reference(&mut self) -> Result<()> {
+        let Some(model) = self.reference.frozen_model() else {
+            return Ok(());
+        };
+        let (Some(train_all), Some(eval_all)) = (
+            self.batches.all(Split::Train),
+            self.batches.all(Split::Eval),
+        ) else {
+            return Ok(());
+        };
+        let sums = Precomputed::compute(&self.spec, model, train_all, eval_all, self.packing())?;
+        self.reference = Box::new(sums);
+        Ok(())
+    }
+
+    /// Whether this trainer takes its reference sums from the coordinator's
+    /// reference stage.
+    pub fn reference_staged(&self) -> bool {
+        self.reference.staged()
+    }
+
+    /// The reference stage: scores `examples` (pairs) with the reference model,
+    /// loading it first if this worker holds none. Returns each sequence's cache
+    /// key and Σ log π_ref, chosen then rejected per example.
+    pub fn score_reference(&mut self, examples: &[Example]) -> Result<Vec<(refcache::Key, f32)>> {
+        let packing = self.packing();
+        self.reference.score_stage(examples, packing)
+    }
+
+    /// Ends this worker's part of the reference stage: frees the model and waits
+    /// for every rank (so nobody trains before every share is stored).
+    pub fn finish_reference_stage(&mut self) -> Result<()> {
+        self.reference.end_stage();
+        Ok(self.collective.barrier()?)
+    }
+
+    /// Row length for pair-aware packing, when the spec asks for it.
+    fn packing(&self) -> Option<usize> {
+        self.spec
+            .train
+            .packing
+            .then(|| 2 * self.spec.data.max_length)
+    }
+
+    /// Runs this rank's slice of a global batch in micro-batches; every term is
+    /// normalised over the whole batch and (with `backward`) gradients are summed
+    /// across ranks — so any world size computes the gradient of the same global
+    /// batch. Returns the metric sums of the whole batch.
+    fn run_slice(&mut self, split: Split, slice: &Slice, backward: bool) -> Result<Stats> {
+        if !self.batches.ids_checked() {
+            let vocab = self.policy.config().vocab_size;
+            let file = match split {
+                Split::Train => &self.spec.data.train,
+                Split::Eval => self
+                    .spec
+                    .data
+                    .eval
+                    .as_ref()
+                    .unwrap_or(&self.spec.data.train),
+            };
+            for e in &slice.examples {
+                dpo_data::check_vocabulary(file, e.line, e.ids(), vocab)?;
+            }
+        }
+        let pairwise = self.objective.loss.is_pairwise();
+        let with_negatives = self.objective.loss == Loss::Combined;
+        let mut stats = Stats::default();
+        let m = self.spec.micro_batch_size();
+        let refs: Vec<&Example> = slice.examples.iter().collect();
+        for (k, (micro, micro_idx)) in refs.chunks(m).zip(slice.indices.chunks(m)).enumerate() {
+            let given = slice
+                .reference
+                .get(k * m..(k * m + micro.len()).min(slice.reference.len()));
+            let mb = MicroBatch::new(
+                micro,
+                pairwise,
+                with_negatives,
+                self.packing(),
+                self.policy.device(),
+            )?;
+            let at = BatchPosition {
+                split,
+                indices: micro_idx,
+                given,
+            };
+            let reference = self.reference.sums(&self.policy, &mb, at)?;
+            let (loss, s) = if backward {
+                let scores = objective::score(&self.policy, &mb)?;
+                let (loss, s) = self.objective.micro_batch_loss(
+                    &mb,
+                    &scores,
+                    reference.as_ref(),
+                    &slice.norm,
+                )?;
+                loss.f_backward().op("backward")?;
+                (loss, s)
+            } else {
+                let _guard = tch::no_grad_guard();
+                let scores = objective::score(&self.policy, &mb)?;
+                self.objective
+                    .micro_batch_loss(&mb, &scores, reference.as_ref(), &slice.norm)?
+            };
+            drop(loss);
+            stats.add(&s);
+        }
+        if backward {
+            all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?;
+        }
+        self.sum_across_ranks(&stats)
+    }
+
+    /// Trains one optimizer step (the global batch of step `self.state.step()`) and
+    /// returns its metrics. On an error nothing of the step is applied unless the
+    /// optimizer already stepped (then `step()` says so).
+    pub fn train_step(&mut self) -> Result<Metrics> {
+        let t = Instant::now();
+        let step = self.state.step;
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let slice = self.batches.train(step, rank, world)?;
+        self.optimizer.zero_grad()?;
+        let stats = self.run_slice(Split::Train, &slice, true)?;
+        let grad_norm = self
+            .optimizer
+            .clip_grad_norm(self.spec.optim.max_grad_norm)?;
+        let o = &self.spec.optim;
+        let lr = learning_rate(
+            o.schedule,
+            o.lr,
+            o.warmup_steps,
+            step,
+            self.shape.total_steps,
+        );
+        self.optimizer.apply(lr)?;
+        self.state.step = step + 1;
+        let step = self.state.step;
+        if !stats.loss.is_finite() {
+            return Err(Error::Input {
+                context: format!("step {step}"),
+                reason: format!(
+                    "the loss is {} — lower optim.lr or check the data",
+                    stats.loss
+                ),
+            });
+        }
+        let m = step_metrics(
+            &stats,
+            &self.objective,
+            StepFacts {
+                step,
+                steps_per_epoch: self.shape.steps_per_epoch,
+                generation: self.generation,
+                world,
+                grad_norm,
+                learning_rate: lr,
+                seconds: t.elapsed().as_secs_f64(),
+            },
+        );
+        if step % PARAMETER_CHECK_EVERY == 0 || step == self.shape.total_steps {
+            self.check_parameters_agree(step)?;
+        }
+        Ok(m)
+    }
+
+    /// Evaluates when the step calls for it (`eval_every`, or the last step) and
+    /// updates the early-stopping state; returns the eval metrics (with `step`).
+    pub fn maybe_evaluate(&mut self) -> Result<Option<Metrics>> {
+        let step = self.state.step;
+        let every = self.spec.train.eval_every;
+        if !self.shape.has_eval
+            || !((every > 0 && step % every == 0) || step == self.shape.total_steps)
+        {
+            return Ok(None);
+        }
+        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let Some(slice) = self.batches.eval(rank, world)? else {
+            return Ok(None);
+        };
+        let stats = self.run_slice(Split::Eval, &slice, false)?;
+        let e = eval_metrics(&stats, &self.objective, step);
+        let loss = e.iter().find(|(k, _)| k == "eval_loss").map(|(_, v)| *v);
+        if let Some(loss) = loss {
+            if self.state.best_eval.is_none_or(|b| loss < b) {
+                self.state.best_eval = Some(loss);
+                self.state.bad_evals = 0;
+            } else {
+                self.state.bad_evals += 1;
+            }
+        }
+        let patience = self.spec.train.early_stopping_patience;
+        if patience > 0 && self.state.bad_evals >= patience && step < self.shape.total_steps {
+            tracing::info!(step, patience, best = ?self.state.best_eval, "early stopping: eval loss stopped improving");
+            self.state.stopped_early = true;
+        }
+        Ok(Some(e))
+    }
+
+    /// Trains to the end (or early stop), reporting through `on_event`.
+    pub fn run(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
+        let started = Instant::now();
+        self.sync_from(0)?;
+        on_event(Event::Started {
+            start_step: self.state.step,
+            total_steps: self.shape.total_steps,
+            train: self.shape.train_report.as_ref(),
+            eval: self.shape.eval_report.as_ref(),
+        });
+        let out = self.output().to_path_buf();
+        let writer = self.collective.rank() == 0 && self.writes_metrics;
+        let mut metrics_file = if writer {
+            Some(MetricsFile::append_to(&out.join("metrics.jsonl"))?)
+        } else {
+            None
+        };
+        let mut eval_file = if writer {
+            Some(MetricsFile::append_to(&out.join("eval.jsonl"))?)
+        } else {
+            None
+        };
+        let mut last: Metrics = Vec::new();
+        let mut last_eval = None;
+        let total_steps = self.shape.total_steps;
+        while !self.finished() {
+            let m = self.train_step()?;
+            let step = self.state.step;
+            if let Some(f) = metrics_file.as_mut() {
+                f.write(&m)?;
+            }
+            on_event(Event::Step {
+                step,
+                total_steps,
+                metrics: &m,
+            });
+            last = m;
+            if let Some(e) = self.maybe_evaluate()? {
+                if let Some(f) = eval_file.as_mut() {
+                    f.write(&e)?;
+                }
+                on_event(Event::Eval { step, metrics: &e });
+                last_eval = Some(e);
+            }
+            if let Some(dir) = self.maybe_checkpoint()? {
+                on_event(Event::Checkpoint { step, path: &dir });
+            }
+            if self.halt_after_step == Some(step) && !self.finished() {
+                return Err(Error::Halted { step });
+            }
+        }
+        self.save_final()?;
+        Ok(Summary {
+            steps: self.state.step,
+            last,
+            eval: last_eval,
+            stopped_early: self.state.stopped_early,
+            output: out,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
