@@ -193,23 +193,29 @@ fn garbage_stale_generations_and_missing_tokens_are_refused() {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         // A registered worker with a generation that does not exist (stale or forged).
         c.register(reg("w", "127.0.0.1:9")).await.expect("register");
-        let fetch = v1::FetchBatchRequest {
+        let member = v1::Member {
             worker_id: "w".into(),
             run_id: "r".into(),
             generation: 7,
             rank: 0,
+        };
+        let fetch = v1::FetchBatchRequest {
+            member: Some(member.clone()),
             step: 0,
             split: 0,
         };
         let e = c.fetch_batch(fetch).await.expect_err("stale");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");
+        // A request that does not say who sends it is malformed.
+        let e = c
+            .fetch_batch(v1::FetchBatchRequest::default())
+            .await
+            .expect_err("no member");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         let report = v1::ReportStepRequest {
-            worker_id: "w".into(),
-            run_id: "r".into(),
-            generation: 7,
+            member: Some(member),
             step: 1,
-            metrics: vec![],
-            eval: false,
+            ..Default::default()
         };
         let e = c.report_step(report).await.expect_err("stale");
         assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e}");

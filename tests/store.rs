@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use dpo_coordinator::{Coordinator, Embedded, Etcd, EtcdSecurity, Settings, Store};
-use dpo_e2e::{Case, etcd, free_port};
+use dpo_e2e::{Case, Proc, etcd, free_port};
 use dpo_proto::v1::{self, assignment::Kind};
 
 const STEPS: u64 = 3000;
@@ -102,14 +102,24 @@ async fn started(store: Store, dir: &Path) -> anyhow::Result<(Arc<Coordinator>, 
     Ok((c, run.id, work))
 }
 
-fn step_request(run: &str, generation: u64, step: u64) -> v1::ReportStepRequest {
-    v1::ReportStepRequest {
+/// `w1` as rank 0 of `generation`.
+fn member(run: &str, generation: u64) -> Option<v1::Member> {
+    Some(v1::Member {
         worker_id: "w1".into(),
         run_id: run.into(),
         generation,
+        rank: 0,
+    })
+}
+
+fn step_request(run: &str, generation: u64, step: u64) -> v1::ReportStepRequest {
+    v1::ReportStepRequest {
+        member: member(run, generation),
         step,
         metrics: metrics(step, generation),
         eval: false,
+        trained_generation: generation,
+        trained_world_size: 1,
     }
 }
 
@@ -162,9 +172,7 @@ async fn long_run(store: Store, dir: &Path) -> anyhow::Result<()> {
         record_sizes[1]
     );
     c.report_done(&v1::ReportDoneRequest {
-        worker_id: "w1".into(),
-        run_id: run_id.clone(),
-        generation: work.generation,
+        member: member(&run_id, work.generation),
         step: STEPS,
         ..Default::default()
     })
@@ -222,33 +230,29 @@ async fn a_long_run_costs_the_embedded_store_the_same_at_every_step() -> anyhow:
     Ok(())
 }
 
+/// A fresh etcd process under `case` and the store on it.
+async fn etcd_store(case: &Case) -> anyhow::Result<(Proc, Store)> {
+    let port = free_port()?;
+    let process = etcd(port, &case.path().join("etcd"), case.path(), "etcd", None)?;
+    let etcd = Etcd::connect(
+        &[format!("http://127.0.0.1:{port}")],
+        EtcdSecurity::default(),
+    )
+    .await?;
+    Ok((process, Store::Etcd(Box::new(etcd))))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_run_costs_etcd_the_same_at_every_step() -> anyhow::Result<()> {
     let case = Case::empty();
-    let port = free_port()?;
-    let _etcd = etcd(port, &case.path().join("etcd"), case.path(), "etcd", None)?;
-    let store = Store::Etcd(Box::new(
-        Etcd::connect(
-            &[format!("http://127.0.0.1:{port}")],
-            EtcdSecurity::default(),
-        )
-        .await?,
-    ));
+    let (_etcd, store) = etcd_store(&case).await?;
     long_run(store, case.path()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_etcd_delays_writes_but_not_heartbeats_batches_or_reads() -> anyhow::Result<()> {
     let case = Case::empty();
-    let port = free_port()?;
-    let etcd_proc = etcd(port, &case.path().join("etcd"), case.path(), "etcd", None)?;
-    let store = Store::Etcd(Box::new(
-        Etcd::connect(
-            &[format!("http://127.0.0.1:{port}")],
-            EtcdSecurity::default(),
-        )
-        .await?,
-    ));
+    let (etcd_proc, store) = etcd_store(&case).await?;
     let (c, run_id, work) = started(store, case.path()).await?;
     c.report_step(&step_request(&run_id, work.generation, 1))
         .await?;
@@ -277,10 +281,7 @@ async fn a_frozen_etcd_delays_writes_but_not_heartbeats_batches_or_reads() -> an
         .await;
     let batch = c
         .fetch_batch(&v1::FetchBatchRequest {
-            worker_id: "w1".into(),
-            run_id: run_id.clone(),
-            generation: work.generation,
-            rank: 0,
+            member: member(&run_id, work.generation),
             step: 2,
             split: v1::Split::Train as i32,
         })

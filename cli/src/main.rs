@@ -92,13 +92,6 @@ fn state_name(s: i32) -> &'static str {
     }
 }
 
-fn terminal(s: i32) -> bool {
-    matches!(
-        RunState::try_from(s),
-        Ok(RunState::Succeeded | RunState::Failed | RunState::Cancelled)
-    )
-}
-
 fn metrics_json(m: &[v1::Metric]) -> Value {
     let mut o = serde_json::Map::new();
     for x in m {
@@ -275,7 +268,7 @@ async fn watch(c: &mut Client, run: &str, json_out: bool) -> anyhow::Result<v1::
                 _ => {}
             }
         }
-        let end = terminal(run.state);
+        let end = run.ended();
         last = Some(run);
         if end {
             break;

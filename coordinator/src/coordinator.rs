@@ -327,13 +327,9 @@ impl Coordinator {
 
     pub async fn fetch_batch(&self, req: &v1::FetchBatchRequest) -> Result<v1::Batch> {
         let started = Instant::now();
-        let member = Member {
-            worker: req.worker_id.clone(),
-            run: req.run_id.clone(),
-            generation: req.generation,
-        };
-        let (data, world, total, _) = self.read(|e| e.member_view(&member, Some(req.rank)))?;
-        let batch = batch_of(&data, req, world, total)?;
+        let member = Member::from_proto(req.member.as_ref())?;
+        let (data, world, total, _) = self.read(|e| e.member_view(&member))?;
+        let batch = batch_of(&data, req, member.rank as usize, world, total)?;
         lock(&self.engine).batch_served(batch.examples.len(), started.elapsed());
         Ok(batch)
     }
@@ -343,24 +339,20 @@ impl Coordinator {
         &self,
         req: &v1::ReferenceWorkRequest,
     ) -> Result<v1::ReferenceWorkResponse> {
-        let member = Member {
-            worker: req.worker_id.clone(),
-            run: req.run_id.clone(),
-            generation: req.generation,
-        };
-        let (data, world, _, micro) = self.read(|e| e.member_view(&member, Some(req.rank)))?;
-        let stage = stage_of(&data, &req.run_id)?;
+        let member = Member::from_proto(req.member.as_ref())?;
+        let (data, world, _, micro) = self.read(|e| e.member_view(&member))?;
+        let stage = stage_of(&data, &member.run)?;
         let (response, progress) = stage.work(
             &data,
-            req.generation,
-            req.rank as usize,
+            member.generation,
+            member.rank as usize,
             req.chunk,
             world,
             micro,
         )?;
         if let Some((total, cached)) = progress {
             self.run(|e, _| {
-                e.reference_planned(&req.run_id, total, cached);
+                e.reference_planned(&member.run, total, cached);
                 Ok(())
             })
             .await?;
@@ -370,13 +362,9 @@ impl Coordinator {
 
     /// Stores reference sums reported by a member of the current generation.
     pub async fn report_reference(&self, req: &v1::ReportReferenceRequest) -> Result<()> {
-        let member = Member {
-            worker: req.worker_id.clone(),
-            run: req.run_id.clone(),
-            generation: req.generation,
-        };
-        let (data, ..) = self.read(|e| e.member_view(&member, None))?;
-        stage_of(&data, &req.run_id)?;
+        let member = Member::from_proto(req.member.as_ref())?;
+        let (data, ..) = self.read(|e| e.member_view(&member))?;
+        stage_of(&data, &member.run)?;
         let (keys, sums) = (req.keys.clone(), req.sums.clone());
         let added = tokio::task::spawn_blocking(move || match &data.reference {
             Some(stage) => stage.store(&keys, &sums),
@@ -384,20 +372,16 @@ impl Coordinator {
         })
         .await
         .map_err(|e| Refusal::Internal(e.to_string()))??;
-        tracing::debug!(run = %req.run_id, added, "reference sums stored");
+        tracing::debug!(run = %member.run, added, "reference sums stored");
         self.run(|e, _| {
-            e.reference_stored(&req.run_id, req.keys.len() as u64);
+            e.reference_stored(&member.run, req.keys.len() as u64);
             Ok(())
         })
         .await
     }
 
     pub async fn report_step(&self, req: &v1::ReportStepRequest) -> Result<()> {
-        let member = Member {
-            worker: req.worker_id.clone(),
-            run: req.run_id.clone(),
-            generation: req.generation,
-        };
+        let member = Member::from_proto(req.member.as_ref())?;
         let report = engine::StepReport {
             step: req.step,
             metrics: req
@@ -406,17 +390,15 @@ impl Coordinator {
                 .map(|m| (m.name.clone(), m.value))
                 .collect(),
             eval: req.eval,
+            trained_generation: req.trained_generation,
+            trained_world_size: req.trained_world_size,
         };
         self.run(|e, _| e.report_step(&member, report)).await
     }
 
     /// Commits a checkpoint written by rank 0, fenced by the generation.
     pub async fn report_checkpoint(&self, req: &v1::ReportCheckpointRequest) -> Result<()> {
-        let member = Member {
-            worker: req.worker_id.clone(),
-            run: req.run_id.clone(),
-            generation: req.generation,
-        };
+        let member = Member::from_proto(req.member.as_ref())?;
         let path_ok = Path::new(&req.path).join("manifest.json").is_file();
         let ((), committed) = self
             .run_fenced(|e, _| e.commit_checkpoint(&member, req.step, &req.path, path_ok))
@@ -424,30 +406,22 @@ impl Coordinator {
         if !committed {
             return Err(Refusal::Stale(format!(
                 "generation {} was superseded before the checkpoint committed",
-                req.generation
+                member.generation
             )));
         }
-        self.run(|e, _| e.checkpoint_committed(&req.run_id, req.step, &req.path))
+        self.run(|e, _| e.checkpoint_committed(&member.run, req.step, &req.path))
             .await
     }
 
     pub async fn report_done(&self, req: &v1::ReportDoneRequest) -> Result<()> {
-        let member = Member {
-            worker: req.worker_id.clone(),
-            run: req.run_id.clone(),
-            generation: req.generation,
-        };
+        let member = Member::from_proto(req.member.as_ref())?;
         self.run(|e, now| e.report_done(&member, req.step, &req.error, req.stopped_early, now))
             .await
     }
 
     /// A member's collective broke: end the generation so a new one forms.
     pub async fn report_fault(&self, req: &v1::ReportFaultRequest) -> Result<()> {
-        let member = Member {
-            worker: req.worker_id.clone(),
-            run: req.run_id.clone(),
-            generation: req.generation,
-        };
+        let member = Member::from_proto(req.member.as_ref())?;
         self.run(|e, now| e.fault(&member, &req.reason, now)).await
     }
 
@@ -478,11 +452,11 @@ fn stage_of<'a>(data: &'a RunData, run: &str) -> Result<&'a ReferenceStage> {
 fn batch_of(
     data: &RunData,
     req: &v1::FetchBatchRequest,
+    rank: usize,
     world: usize,
     total: u64,
 ) -> Result<v1::Batch> {
     use dpo_data::batches::rank_share;
-    let rank = req.rank as usize;
     let (examples, indices, norm, epoch) = if req.split == v1::Split::Eval as i32 {
         let idx: Vec<usize> = (0..data.eval.len()).collect();
         let (e, i, n) = rank_share(&data.eval, &idx, data.count_negatives, rank, world);

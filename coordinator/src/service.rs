@@ -170,7 +170,7 @@ impl RunService for Api {
         let (tx, out) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             let state = run.state;
-            let done = is_terminal(state);
+            let done = run.ended();
             let first = v1::RunEvent {
                 run: Some(run),
                 event: Some(v1::run_event::Event::State(state)),
@@ -181,7 +181,7 @@ impl RunService for Api {
             loop {
                 match rx.recv().await {
                     Ok(ev) => {
-                        let end = ev.run.as_ref().is_some_and(|r| is_terminal(r.state));
+                        let end = ev.run.as_ref().is_some_and(v1::Run::ended);
                         if tx.send(Ok(ev)).await.is_err() || end {
                             return;
                         }
@@ -204,13 +204,6 @@ impl RunService for Api {
             workers: self.coordinator.workers().await,
         }))
     }
-}
-
-fn is_terminal(state: i32) -> bool {
-    matches!(
-        v1::RunState::try_from(state),
-        Ok(v1::RunState::Succeeded | v1::RunState::Failed | v1::RunState::Cancelled)
-    )
 }
 
 #[tonic::async_trait]

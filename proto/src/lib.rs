@@ -17,4 +17,21 @@ pub mod v1 {
 
     /// Serialized descriptors of `dpo.v1`, for gRPC reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("dpo_v1_descriptor");
+
+    impl RunState {
+        /// Ended: the run will not train again.
+        pub fn is_terminal(self) -> bool {
+            matches!(
+                self,
+                RunState::Succeeded | RunState::Failed | RunState::Cancelled
+            )
+        }
+    }
+
+    impl Run {
+        /// Whether the run has ended (a state this version does not know is not).
+        pub fn ended(&self) -> bool {
+            RunState::try_from(self.state).is_ok_and(RunState::is_terminal)
+        }
+    }
 }

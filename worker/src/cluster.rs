@@ -151,10 +151,12 @@ impl RemoteBatches {
             (c.generation, c.rank, c.signal.clone())
         };
         let req = v1::FetchBatchRequest {
-            worker_id: self.worker_id.clone(),
-            run_id: self.run_id.clone(),
-            generation,
-            rank,
+            member: Some(v1::Member {
+                worker_id: self.worker_id.clone(),
+                run_id: self.run_id.clone(),
+                generation,
+                rank,
+            }),
             step,
             split: split as i32,
         };
@@ -224,33 +226,48 @@ struct Worker {
     listener: TcpListener,
     shared: Arc<Shared>,
     trainer: Option<(String, Trainer)>,
-    /// The metrics of the newest step this worker completed (re-reported in a new
-    /// generation, in case the old one broke before anyone reported them).
-    last: Option<Metrics>,
+    /// The newest step this worker completed (re-reported in a new generation,
+    /// in case the old one broke before anyone reported it).
+    last: Option<StepRecord>,
     halt_after_reference_chunks: Option<u64>,
     reference_chunks_reported: u64,
 }
 
+/// A completed step (or an evaluation at a step) as it is reported: its
+/// number, the world that trained it, its metrics.
+#[derive(Debug, Clone)]
+struct StepRecord {
+    step: u64,
+    generation: u64,
+    world_size: u32,
+    metrics: Metrics,
+}
+
 impl Worker {
+    /// This worker as a member of `work`'s generation.
+    fn member(&self, work: &v1::Work) -> v1::Member {
+        v1::Member {
+            worker_id: self.worker_id.clone(),
+            run_id: work.run_id.clone(),
+            generation: work.generation,
+            rank: work.rank,
+        }
+    }
+
     fn report(
         &self,
         signal: &AbortSignal,
-        run_id: &str,
-        generation: u64,
-        m: &Metrics,
+        work: &v1::Work,
+        record: &StepRecord,
         eval: bool,
     ) -> Result<()> {
-        let step = m
-            .iter()
-            .find(|(k, _)| k == "step")
-            .map_or(0, |(_, v)| *v as u64);
         let req = v1::ReportStepRequest {
-            worker_id: self.worker_id.clone(),
-            run_id: run_id.to_string(),
-            generation,
-            step,
-            metrics: metrics_proto(m),
+            member: Some(self.member(work)),
+            step: record.step,
+            metrics: metrics_proto(&record.metrics),
             eval,
+            trained_generation: record.generation,
+            trained_world_size: record.world_size,
         };
         call(&self.rt, signal, "report step", || {
             let mut c = self.client.clone();
@@ -262,9 +279,7 @@ impl Worker {
 
     fn report_done(&self, work: &v1::Work, step: u64, error: String, stopped_early: bool) {
         let req = v1::ReportDoneRequest {
-            worker_id: self.worker_id.clone(),
-            run_id: work.run_id.clone(),
-            generation: work.generation,
+            member: Some(self.member(work)),
             step,
             error,
             stopped_early,
@@ -281,9 +296,7 @@ impl Worker {
 
     fn report_fault(&self, work: &v1::Work, reason: String) {
         let req = v1::ReportFaultRequest {
-            worker_id: self.worker_id.clone(),
-            run_id: work.run_id.clone(),
-            generation: work.generation,
+            member: Some(self.member(work)),
             reason,
         };
         let mut c = self.client.clone();
@@ -387,10 +400,10 @@ impl Worker {
         // Re-report the newest step, in case the old generation broke before any
         // rank's report of it arrived (the coordinator keeps the first report).
         let step = trainer.step();
-        if let Some(m) = self.last.clone()
-            && m.iter().any(|(k, v)| k == "step" && *v as u64 == step)
+        if let Some(last) = self.last.clone()
+            && last.step == step
         {
-            self.report(signal, &work.run_id, work.generation, &m, false)?;
+            self.report(signal, work, &last, false)?;
         }
         loop {
             let Some((_, trainer)) = self.trainer.as_mut() else {
@@ -403,7 +416,6 @@ impl Worker {
             let eval = trainer.maybe_evaluate()?;
             let checkpoint = trainer.maybe_checkpoint()?;
             let step = trainer.step();
-            self.last = Some(m.clone());
             if step % 10 == 0 || step == 1 {
                 let loss = m
                     .iter()
@@ -411,15 +423,28 @@ impl Worker {
                     .map_or(f64::NAN, |(_, v)| *v);
                 tracing::info!(step, loss, "step");
             }
-            self.report(signal, &work.run_id, work.generation, &m, false)?;
+            let record = StepRecord {
+                step,
+                generation: work.generation,
+                world_size: work.world_size,
+                metrics: m,
+            };
+            // Kept before reporting: if the report fails with the generation,
+            // the next generation re-reports it.
+            self.last = Some(record.clone());
+            self.report(signal, work, &record, false)?;
             if let Some(e) = eval {
-                self.report(signal, &work.run_id, work.generation, &e, true)?;
+                let record = StepRecord {
+                    step,
+                    generation: work.generation,
+                    world_size: work.world_size,
+                    metrics: e,
+                };
+                self.report(signal, work, &record, true)?;
             }
             if let Some(dir) = checkpoint {
                 let req = v1::ReportCheckpointRequest {
-                    worker_id: self.worker_id.clone(),
-                    run_id: work.run_id.clone(),
-                    generation: work.generation,
+                    member: Some(self.member(work)),
                     step,
                     path: dir.display().to_string(),
                 };
@@ -452,10 +477,7 @@ impl Worker {
         let mut planned = 0u64;
         for chunk in 0u64.. {
             let req = v1::ReferenceWorkRequest {
-                worker_id: self.worker_id.clone(),
-                run_id: work.run_id.clone(),
-                generation: work.generation,
-                rank: work.rank,
+                member: Some(self.member(work)),
                 chunk,
             };
             let resp = call(&self.rt, signal, "reference work", || {
@@ -476,9 +498,7 @@ impl Worker {
             let (keys, sums): (Vec<Vec<u8>>, Vec<f32>) =
                 records.into_iter().map(|(k, v)| (k.to_vec(), v)).unzip();
             let report = v1::ReportReferenceRequest {
-                worker_id: self.worker_id.clone(),
-                run_id: work.run_id.clone(),
-                generation: work.generation,
+                member: Some(self.member(work)),
                 keys,
                 sums,
             };

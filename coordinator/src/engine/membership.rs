@@ -33,12 +33,28 @@ pub(super) struct Generation {
     pub(super) members: Vec<String>,
 }
 
-/// Who sends a request about a generation: a worker, for a run, in a generation.
+/// Who sends a request about a generation: a worker, as rank `rank` of
+/// generation `generation` of run `run`.
 #[derive(Debug, Clone)]
 pub struct Member {
     pub worker: String,
     pub run: String,
     pub generation: u64,
+    pub rank: u32,
+}
+
+impl Member {
+    /// The wire form, checked for presence (the rest is checked against the
+    /// current generation).
+    pub fn from_proto(m: Option<&v1::Member>) -> Result<Self> {
+        let m = m.ok_or_else(|| Refusal::Invalid("member: missing".into()))?;
+        Ok(Member {
+            worker: m.worker_id.clone(),
+            run: m.run_id.clone(),
+            generation: m.generation,
+            rank: m.rank,
+        })
+    }
 }
 
 /// 32 random bytes (two v4 UUIDs, 244 random bits) shared by a generation's ranks.
@@ -193,7 +209,7 @@ impl Engine {
 
     /// A member's collective broke: end the generation so a new one forms.
     pub fn fault(&mut self, member: &Member, reason: &str, now: Now) -> Result<()> {
-        if self.check_member(member, None).is_err() {
+        if self.check_member(member, false).is_err() {
             return Ok(()); // already superseded
         }
         tracing::warn!(worker = %member.worker, generation = member.generation, reason, "generation fault reported");
@@ -329,9 +345,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Checks that `member` is rank `rank` (any rank when `None`) of the current
-    /// generation of its run.
-    pub(super) fn check_member(&self, member: &Member, rank: Option<u32>) -> Result<()> {
+    /// Checks that `member` is what it claims: a member of the current
+    /// generation of its run, at its rank (and rank 0 when `rank0`).
+    pub(super) fn check_member(&self, member: &Member, rank0: bool) -> Result<()> {
         let (worker, run, generation) = (&member.worker, &member.run, member.generation);
         let Some(g) = &self.active else {
             return Err(Refusal::Stale(format!(
@@ -344,27 +360,25 @@ impl Engine {
                 g.number, g.run_id
             )));
         }
-        let pos = g.members.iter().position(|m| m == worker);
-        match (pos, rank) {
-            (None, _) => Err(Refusal::Stale(format!(
+        let Some(p) = g.members.iter().position(|m| m == worker) else {
+            return Err(Refusal::Stale(format!(
                 "worker {worker} is not a member of generation {generation}"
-            ))),
-            (Some(p), Some(r)) if p as u32 != r => Err(Refusal::Stale(format!(
-                "worker {worker} is rank {p} of generation {generation}, not {r}"
-            ))),
-            _ => Ok(()),
+            )));
+        };
+        let want = if rank0 { 0 } else { member.rank };
+        if p as u32 != member.rank || p as u32 != want {
+            return Err(Refusal::Stale(format!(
+                "worker {worker} is rank {p} of generation {generation}, not {want}"
+            )));
         }
+        Ok(())
     }
 
-    /// For a request of rank `rank` (any rank when `None`) of a member: the
-    /// run's data, the world size, and its record's total steps and micro-batch
-    /// size. The data is shared: what is cut from it is cut outside the lock.
-    pub fn member_view(
-        &self,
-        member: &Member,
-        rank: Option<u32>,
-    ) -> Result<(Arc<RunData>, usize, u64, usize)> {
-        self.check_member(member, rank)?;
+    /// For a member's request: the run's data, the world size, and its
+    /// record's total steps and micro-batch size. The data is shared: what is
+    /// cut from it is cut outside the lock.
+    pub fn member_view(&self, member: &Member) -> Result<(Arc<RunData>, usize, u64, usize)> {
+        self.check_member(member, false)?;
         let world = self.active.as_ref().map_or(1, |g| g.members.len());
         let data = self
             .data

@@ -18,6 +18,9 @@ pub struct StepReport {
     pub metrics: Vec<(String, f64)>,
     /// Evaluation metrics at `step`.
     pub eval: bool,
+    /// The generation and world size that trained the step (its ledger entry).
+    pub trained_generation: u64,
+    pub trained_world_size: u32,
 }
 
 fn metric(m: &[(String, f64)], name: &str) -> Option<f64> {
@@ -46,7 +49,7 @@ impl Engine {
     /// A train step's metrics line, record and ledger entry are written in that
     /// order: a restart trims metrics past the recorded step.
     pub fn report_step(&mut self, member: &Member, report: StepReport) -> Result<()> {
-        self.check_member(member, None)?;
+        self.check_member(member, false)?;
         let id = member.run.as_str();
         if report
             .metrics
@@ -92,14 +95,22 @@ impl Engine {
                 "the metrics of step {step} do not say step {step}"
             )));
         }
+        if report.trained_generation == 0
+            || report.trained_generation > member.generation
+            || report.trained_world_size == 0
+        {
+            return Err(Refusal::Invalid(format!(
+                "step {step}: trained in generation {} by {} ranks, reported in generation {}",
+                report.trained_generation, report.trained_world_size, member.generation
+            )));
+        }
         let (epoch, start) = self.data.get(id).map_or((0, 0), |d| d.position(step - 1));
         let entry = LedgerEntry {
             step,
             epoch,
             start,
-            generation: metric(&report.metrics, "generation")
-                .map_or(member.generation, |g| g as u64),
-            world_size: metric(&report.metrics, "world_size").unwrap_or(0.0) as u64,
+            generation: report.trained_generation,
+            world_size: u64::from(report.trained_world_size),
         };
         self.effects.push(Effect::AppendMetrics {
             path: output.join("metrics.jsonl"),
@@ -135,7 +146,7 @@ impl Engine {
         path: &str,
         path_ok: bool,
     ) -> Result<()> {
-        self.check_member(member, Some(0))?;
+        self.check_member(member, true)?;
         let Some(r) = self.runs.get(&member.run) else {
             return Err(Refusal::NotFound(format!("no run {}", member.run)));
         };
@@ -189,7 +200,7 @@ impl Engine {
         stopped_early: bool,
         now: Now,
     ) -> Result<()> {
-        self.check_member(member, None)?;
+        self.check_member(member, false)?;
         if error.is_empty() {
             let r = &self.runs[&member.run];
             if !self.is_rank0(&member.worker) {

@@ -27,10 +27,7 @@ pub enum RunState {
 impl RunState {
     /// Ended: it will not train again.
     pub fn terminal(self) -> bool {
-        matches!(
-            self,
-            RunState::Succeeded | RunState::Failed | RunState::Cancelled
-        )
+        self.to_proto().is_terminal()
     }
 
     pub fn to_proto(self) -> v1::RunState {

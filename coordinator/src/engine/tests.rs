@@ -82,23 +82,22 @@ fn aborts(effects: &[Effect]) -> Vec<(String, u64)> {
         .collect()
 }
 
-fn member(worker: &str, generation: u64) -> Member {
+fn member(worker: &str, generation: u64, rank: u32) -> Member {
     Member {
         worker: worker.into(),
         run: "run-a".into(),
         generation,
+        rank,
     }
 }
 
 fn step_report(step: u64) -> StepReport {
     StepReport {
         step,
-        metrics: vec![
-            ("step".into(), step as f64),
-            ("loss".into(), 0.5),
-            ("world_size".into(), 2.0),
-        ],
+        metrics: vec![("step".into(), step as f64), ("loss".into(), 0.5)],
         eval: false,
+        trained_generation: 1,
+        trained_world_size: 2,
     }
 }
 
@@ -183,20 +182,25 @@ fn requests_of_a_stale_generation_or_a_stranger_are_refused() {
     join(&mut e, "w1", t0);
     join(&mut e, "w2", t0); // generation 2
     let stale = |r: Result<()>| matches!(r, Err(Refusal::Stale(_)));
-    assert!(stale(e.report_step(&member("w1", 1), step_report(1))));
-    assert!(stale(e.report_step(&member("w9", 2), step_report(1))));
+    assert!(stale(e.report_step(&member("w1", 1, 0), step_report(1))));
+    assert!(stale(e.report_step(&member("w9", 2, 0), step_report(1))));
     assert!(
-        e.member_view(&member("w2", 2), Some(0)).is_err(),
-        "w2 is rank 1"
+        e.member_view(&member("w2", 2, 0)).is_err(),
+        "w2 claims rank 0 but is rank 1"
     );
-    assert!(e.member_view(&member("w2", 2), Some(1)).is_ok());
-    assert!(stale(e.commit_checkpoint(&member("w2", 2), 1, "/ck", true)));
+    assert!(e.member_view(&member("w2", 2, 1)).is_ok());
+    assert!(stale(e.commit_checkpoint(
+        &member("w2", 2, 1),
+        1,
+        "/ck",
+        true
+    )));
     assert!(e.publish_bootstrap("run-a".into(), 1, vec![1]).is_err());
     assert!(e.publish_bootstrap("run-a".into(), 2, vec![1]).is_ok());
     assert_eq!(e.bootstrap("run-a", 2), Some(vec![1]));
     // A fault from a stale generation does not end the current one.
     e.take_effects();
-    e.fault(&member("w1", 1), "old ring broke", t0)
+    e.fault(&member("w1", 1, 0), "old ring broke", t0)
         .expect("ignored");
     assert!(aborts(&e.take_effects()).is_empty());
 }
@@ -208,10 +212,10 @@ fn each_step_is_recorded_exactly_once_with_its_ledger_entry() {
     join(&mut e, "w1", t0);
     join(&mut e, "w2", t0);
     // Both ranks report step 1; only the first report writes anything.
-    e.report_step(&member("w2", 1), step_report(1))
+    e.report_step(&member("w2", 1, 1), step_report(1))
         .expect("recorded");
     let fx = e.take_effects();
-    e.report_step(&member("w1", 1), step_report(1))
+    e.report_step(&member("w1", 1, 0), step_report(1))
         .expect("acknowledged");
     assert!(
         e.take_effects().is_empty(),
@@ -251,16 +255,23 @@ fn each_step_is_recorded_exactly_once_with_its_ledger_entry() {
     assert!(append_at < store_at);
     // Out of order is refused; a step whose metrics say another step is invalid.
     assert!(matches!(
-        e.report_step(&member("w1", 1), step_report(3)),
+        e.report_step(&member("w1", 1, 0), step_report(3)),
         Err(Refusal::Stale(_))
     ));
     let mut wrong = step_report(2);
     wrong.metrics[0].1 = 7.0;
     assert!(matches!(
-        e.report_step(&member("w1", 1), wrong),
+        e.report_step(&member("w1", 1, 0), wrong),
         Err(Refusal::Invalid(_))
     ));
-    e.report_step(&member("w1", 1), step_report(2))
+    // The world that trained a step is typed, and must be a real one.
+    let mut future = step_report(2);
+    future.trained_generation = 5;
+    assert!(matches!(
+        e.report_step(&member("w1", 1, 0), future),
+        Err(Refusal::Invalid(_))
+    ));
+    e.report_step(&member("w1", 1, 0), step_report(2))
         .expect("step 2");
     let fx = e.take_effects();
     let Some(Effect::Store { writes, .. }) = fx.iter().find(|f| matches!(f, Effect::Store { .. }))
@@ -284,7 +295,7 @@ fn the_record_written_per_step_does_not_grow_with_the_run() {
     join(&mut e, "w1", t0);
     let mut sizes = Vec::new();
     for step in 1..=3000 {
-        e.report_step(&member("w1", 1), step_report(step))
+        e.report_step(&member("w1", 1, 0), step_report(step))
             .expect("recorded");
         for f in e.take_effects() {
             if let Effect::Store { writes, .. } = f {
@@ -312,26 +323,26 @@ fn a_checkpoint_commit_is_fenced_and_counts_only_once_committed() {
     let t0 = Now::system();
     let mut e = engine_with_run(1, 1, 10, t0);
     join(&mut e, "w1", t0);
-    e.report_step(&member("w1", 1), step_report(1))
+    e.report_step(&member("w1", 1, 0), step_report(1))
         .expect("step 1");
-    e.report_step(&member("w1", 1), step_report(2))
+    e.report_step(&member("w1", 1, 0), step_report(2))
         .expect("step 2");
     e.take_effects();
     assert!(
         matches!(
-            e.commit_checkpoint(&member("w1", 1), 3, "/ck/3", true),
+            e.commit_checkpoint(&member("w1", 1, 0), 3, "/ck/3", true),
             Err(Refusal::Stale(_))
         ),
         "a checkpoint past the recorded steps"
     );
     assert!(
         matches!(
-            e.commit_checkpoint(&member("w1", 1), 2, "/ck/2", false),
+            e.commit_checkpoint(&member("w1", 1, 0), 2, "/ck/2", false),
             Err(Refusal::Invalid(_))
         ),
         "a directory without a manifest"
     );
-    e.commit_checkpoint(&member("w1", 1), 2, "/ck/2", true)
+    e.commit_checkpoint(&member("w1", 1, 0), 2, "/ck/2", true)
         .expect("decided");
     let fx = e.take_effects();
     assert_eq!(
@@ -385,26 +396,26 @@ fn success_needs_rank_0_and_every_step_then_the_run_ends_cleanly() {
     let mut e = engine_with_run(2, 2, 2, t0);
     join(&mut e, "w1", t0);
     join(&mut e, "w2", t0);
-    e.report_step(&member("w1", 1), step_report(1))
+    e.report_step(&member("w1", 1, 0), step_report(1))
         .expect("step 1");
     assert!(
         matches!(
-            e.report_done(&member("w1", 1), 1, "", false, t0),
+            e.report_done(&member("w1", 1, 0), 1, "", false, t0),
             Err(Refusal::Stale(_))
         ),
         "done before the last step"
     );
-    e.report_step(&member("w1", 1), step_report(2))
+    e.report_step(&member("w1", 1, 0), step_report(2))
         .expect("step 2");
     e.take_effects();
-    e.report_done(&member("w2", 1), 2, "", false, t0)
+    e.report_done(&member("w2", 1, 1), 2, "", false, t0)
         .expect("rank 1's word");
     assert_eq!(
         e.run("run-a").map(|r| r.state).ok(),
         Some(RunState::Running)
     );
     let t1 = t0.after(Duration::from_secs(60));
-    e.report_done(&member("w1", 1), 2, "", false, t1)
+    e.report_done(&member("w1", 1, 0), 2, "", false, t1)
         .expect("rank 0's word");
     let r = e.run("run-a").expect("kept");
     assert_eq!((r.state, r.finished_ms), (RunState::Succeeded, t1.unix_ms));
@@ -442,7 +453,7 @@ fn success_needs_rank_0_and_every_step_then_the_run_ends_cleanly() {
         })
     );
     // An ended run takes no more reports.
-    assert!(e.report_step(&member("w1", 1), step_report(3)).is_err());
+    assert!(e.report_step(&member("w1", 1, 0), step_report(3)).is_err());
 }
 
 #[test]
@@ -451,7 +462,7 @@ fn a_failure_from_any_member_fails_the_run() {
     let mut e = engine_with_run(2, 2, 10, t0);
     join(&mut e, "w1", t0);
     join(&mut e, "w2", t0);
-    e.report_done(&member("w2", 1), 0, "NaN loss at step 1", false, t0)
+    e.report_done(&member("w2", 1, 1), 0, "NaN loss at step 1", false, t0)
         .expect("recorded");
     let r = e.run("run-a").expect("kept");
     assert_eq!(
