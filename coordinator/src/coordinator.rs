@@ -399,7 +399,8 @@ impl Coordinator {
     /// Commits a checkpoint written by rank 0, fenced by the generation.
     pub async fn report_checkpoint(&self, req: &v1::ReportCheckpointRequest) -> Result<()> {
         let member = Member::from_proto(req.member.as_ref())?;
-        let path_ok = Path::new(&req.path).join("manifest.json").is_file();
+        let output = self.read(|e| e.run(&member.run).map(|r| r.spec.train.output.clone()))?;
+        let path_ok = checkpoint_in(&output.join("checkpoints"), Path::new(&req.path));
         let ((), committed) = self
             .run_fenced(|e, _| e.commit_checkpoint(&member, req.step, &req.path, path_ok))
             .await?;
@@ -436,6 +437,15 @@ impl Coordinator {
     pub async fn counters(&self) -> (Counters, Vec<(String, RunState, u64)>, usize, u64) {
         self.read(Engine::counters)
     }
+}
+
+/// Whether `path` is a complete checkpoint directly under `root` (symlinks
+/// and `..` resolved first): a directory holding a `manifest.json`.
+fn checkpoint_in(root: &Path, path: &Path) -> bool {
+    let (Ok(root), Ok(path)) = (root.canonicalize(), path.canonicalize()) else {
+        return false;
+    };
+    path.parent() == Some(root.as_path()) && path.join("manifest.json").is_file()
 }
 
 /// The run's reference stage, or why it has none.
@@ -674,4 +684,32 @@ fn load_shards(
         })?;
     data.reference = ReferenceStage::open(&record.spec, cache_root)?;
     Ok(data)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_checkpoints_inside_the_runs_directory_are_committed() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().join("out/checkpoints");
+        let good = root.join("step-4");
+        std::fs::create_dir_all(&good)?;
+        std::fs::write(good.join("manifest.json"), "{}")?;
+        assert!(checkpoint_in(&root, &good));
+        // Elsewhere, even with a manifest; through `..`; through a symlink.
+        let other = dir.path().join("elsewhere/step-4");
+        std::fs::create_dir_all(&other)?;
+        std::fs::write(other.join("manifest.json"), "{}")?;
+        assert!(!checkpoint_in(&root, &other));
+        assert!(!checkpoint_in(&root, &root.join("../../elsewhere/step-4")));
+        std::os::unix::fs::symlink(&other, root.join("step-8"))?;
+        assert!(!checkpoint_in(&root, &root.join("step-8")));
+        // Inside, but not a complete checkpoint.
+        std::fs::create_dir_all(root.join("step-9"))?;
+        assert!(!checkpoint_in(&root, &root.join("step-9")));
+        assert!(!checkpoint_in(&root, &root.join("step-404")));
+        Ok(())
+    }
 }

@@ -212,9 +212,10 @@ impl Engine {
         if self.check_member(member, false).is_err() {
             return Ok(()); // already superseded
         }
-        tracing::warn!(worker = %member.worker, generation = member.generation, reason, "generation fault reported");
+        let reason = super::reports::truncated(reason, super::reports::MAX_MESSAGE_BYTES);
+        tracing::warn!(worker = %member.worker, generation = member.generation, %reason, "generation fault reported");
         if let Some(g) = self.active.take() {
-            self.abort_generation(&g, reason);
+            self.abort_generation(&g, &reason);
         }
         self.reconcile(now)
     }

@@ -23,6 +23,43 @@ pub struct StepReport {
     pub trained_world_size: u32,
 }
 
+/// Most metrics one report may carry (a step reports about twenty).
+const MAX_METRICS: usize = 256;
+
+/// Longest error or fault message kept from a member (the rest is cut).
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+pub fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… [{} bytes cut]", &text[..end], text.len() - end)
+}
+
+/// Checks a report's metrics: bounded in number, named, finite.
+fn check_metrics(metrics: &[(String, f64)]) -> Result<()> {
+    if metrics.len() > MAX_METRICS {
+        return Err(Refusal::Invalid(format!(
+            "{} metrics in one report; at most {MAX_METRICS}",
+            metrics.len()
+        )));
+    }
+    if metrics.iter().any(|(k, _)| k.is_empty() || k.len() > 64) {
+        return Err(Refusal::Invalid("metric names: 1 to 64 characters".into()));
+    }
+    if let Some((k, v)) = metrics.iter().find(|(_, v)| !v.is_finite()) {
+        return Err(Refusal::Invalid(format!(
+            "metric {k} is {v}: metrics must be finite"
+        )));
+    }
+    Ok(())
+}
+
 fn metric(m: &[(String, f64)], name: &str) -> Option<f64> {
     m.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
 }
@@ -51,18 +88,18 @@ impl Engine {
     pub fn report_step(&mut self, member: &Member, report: StepReport) -> Result<()> {
         self.check_member(member, false)?;
         let id = member.run.as_str();
-        if report
-            .metrics
-            .iter()
-            .any(|(k, _)| k.is_empty() || k.len() > 64)
-        {
-            return Err(Refusal::Invalid("metric names: 1 to 64 characters".into()));
-        }
+        check_metrics(&report.metrics)?;
         let Some(r) = self.runs.get_mut(id) else {
             return Err(Refusal::NotFound(format!("no run {id}")));
         };
         let output = r.spec.train.output.clone();
         let step = report.step;
+        if step == 0 || step > r.total_steps {
+            return Err(Refusal::Invalid(format!(
+                "step {step} is outside the run's steps 1..={}",
+                r.total_steps
+            )));
+        }
         if report.eval {
             if step <= r.eval_step || step > r.step {
                 return Ok(());
@@ -158,7 +195,8 @@ impl Engine {
         }
         if !path_ok {
             return Err(Refusal::Invalid(format!(
-                "{path}: no manifest.json; not a complete checkpoint"
+                "{}: not a complete checkpoint (a directory with a manifest.json) under the run's checkpoints directory",
+                truncated(path, 512)
             )));
         }
         let value = to_json(&CheckpointRecord {
@@ -214,7 +252,8 @@ impl Engine {
             }
             self.finish(&member.run, RunState::Succeeded, String::new(), now)?;
         } else {
-            self.finish(&member.run, RunState::Failed, error.to_string(), now)?;
+            let error = truncated(error, MAX_MESSAGE_BYTES);
+            self.finish(&member.run, RunState::Failed, error, now)?;
         }
         self.reconcile(now)
     }

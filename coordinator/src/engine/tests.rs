@@ -552,3 +552,49 @@ fn an_earlier_versions_ledger_tail_moves_to_its_own_keys() {
         1
     );
 }
+
+#[test]
+fn bad_reports_are_refused_and_never_recorded() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 10, t0);
+    join(&mut e, "w1", t0);
+    let me = member("w1", 1, 0);
+    let invalid = |r: Result<()>| matches!(r, Err(Refusal::Invalid(_)));
+    let mut nan = step_report(1);
+    nan.metrics.push(("loss_nan".into(), f64::NAN));
+    assert!(invalid(e.report_step(&me, nan)));
+    let mut many = step_report(1);
+    many.metrics
+        .extend((0..300).map(|i| (format!("m{i}"), 0.0)));
+    assert!(invalid(e.report_step(&me, many)));
+    let mut long_name = step_report(1);
+    long_name.metrics.push(("x".repeat(65), 0.0));
+    assert!(invalid(e.report_step(&me, long_name)));
+    let mut past = step_report(11);
+    past.metrics[0].1 = 11.0;
+    assert!(
+        invalid(e.report_step(&me, past)),
+        "step 11 of a 10-step run"
+    );
+    let mut eval = step_report(u64::MAX);
+    eval.eval = true;
+    assert!(
+        invalid(e.report_step(&me, eval)),
+        "an eval step past the run"
+    );
+    assert!(
+        e.take_effects().is_empty(),
+        "nothing of a refused report is written"
+    );
+    assert_eq!(e.run("run-a").map(|r| r.step).ok(), Some(0));
+    // A failure's message is kept, but not without bound.
+    let huge = "é".repeat(1 << 20);
+    e.report_done(&me, 0, &huge, false, t0).expect("failed");
+    let r = e.run("run-a").expect("kept");
+    assert_eq!(r.state, RunState::Failed);
+    assert!(
+        r.error.len() < 4200 && r.error.ends_with("bytes cut]"),
+        "{}",
+        r.error.len()
+    );
+}

@@ -481,8 +481,8 @@ impl RunSpec {
                 )
             },
         )?;
-        check(finite_pos(p.lr), "optim.lr", || {
-            format!("must be > 0, found {}", p.lr)
+        check(finite_pos(p.lr) && p.lr <= MAX_LR, "optim.lr", || {
+            format!("must be in (0, {MAX_LR}], found {}", p.lr)
         })?;
         check(
             p.weight_decay.is_finite() && p.weight_decay >= 0.0,
@@ -502,8 +502,19 @@ impl RunSpec {
             "optim.max_grad_norm",
             || format!("must be >= 0 (0 = off), found {}", p.max_grad_norm),
         )?;
-        check(t.global_batch_size >= 1, "train.global_batch_size", || {
-            "must be >= 1".into()
+        check(
+            (1..=MAX_BATCH).contains(&t.global_batch_size),
+            "train.global_batch_size",
+            || format!("must be in 1..={MAX_BATCH}, found {}", t.global_batch_size),
+        )?;
+        check(t.max_steps <= MAX_STEPS, "train.max_steps", || {
+            format!("must be at most {MAX_STEPS}, found {}", t.max_steps)
+        })?;
+        check(t.epochs <= MAX_EPOCHS, "train.epochs", || {
+            format!("must be at most {MAX_EPOCHS}, found {}", t.epochs)
+        })?;
+        check(d.max_length <= MAX_LENGTH, "data.max_length", || {
+            format!("must be at most {MAX_LENGTH}, found {}", d.max_length)
         })?;
         let m = self.micro_batch_size();
         check(
@@ -538,9 +549,21 @@ impl RunSpec {
             "cluster.max_workers",
             || format!("must be >= cluster.min_workers ({})", c.min_workers),
         )?;
+        check(c.max_workers <= MAX_WORKERS, "cluster.max_workers", || {
+            format!("must be at most {MAX_WORKERS}, found {}", c.max_workers)
+        })?;
         Ok(())
     }
 }
+
+// Bounds a run spec must keep: far beyond any real run, low enough that no
+// value overflows a counter or asks the coordinator for absurd memory.
+const MAX_LR: f64 = 10.0;
+const MAX_STEPS: u64 = 1_000_000_000;
+const MAX_EPOCHS: u64 = 1_000_000;
+const MAX_BATCH: usize = 1 << 20;
+const MAX_LENGTH: usize = 1 << 20;
+const MAX_WORKERS: usize = 65_536;
 
 /// Removes `.` and `..` components lexically (`a/b/../c` → `a/c`), so paths in
 /// logs read the way the user thinks of them.
@@ -685,7 +708,20 @@ train = "train.jsonl"
                 "[optim]\nbetas = [0.9, 1.5]",
                 "optim.betas: both must be in [0, 1)",
             ),
-            ("[optim]\nlr = -1.0", "optim.lr: must be > 0"),
+            ("[optim]\nlr = -1.0", "optim.lr: must be in (0, 10]"),
+            ("[optim]\nlr = 1e308", "optim.lr: must be in (0, 10]"),
+            (
+                "[train]\nmax_steps = 9223372036854775807",
+                "train.max_steps: must be at most 1000000000",
+            ),
+            (
+                "[train]\nglobal_batch_size = 4294967296",
+                "train.global_batch_size: must be in 1..=1048576",
+            ),
+            (
+                "[cluster]\nmax_workers = 1000000",
+                "cluster.max_workers: must be at most 65536",
+            ),
         ];
         for (extra, want) in cases {
             let e = err(&format!("{MINIMAL}\n{extra}\n"));
