@@ -12,14 +12,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use dpo_coordinator::{Coordinator, Embedded, Etcd, EtcdSecurity, Settings, Store};
-use dpo_e2e::{Case, Proc, etcd, free_port};
+use dpo_e2e::{Case, Proc, etcd_with, free_port};
 use dpo_proto::v1::{self, assignment::Kind};
 
 const STEPS: u64 = 3000;
 
+/// The soak run's length: long enough that etcd's history, never compacted,
+/// would outgrow the quota the soak test gives it.
+const SOAK_STEPS: u64 = 20_000;
+
 /// A model directory with only what the coordinator reads (the vocabulary
 /// size) and a pre-tokenized dataset: no tokenizer, no Python.
-fn long_spec(dir: &Path) -> anyhow::Result<dpo_proto::RunSpec> {
+fn long_spec(dir: &Path, steps: u64) -> anyhow::Result<dpo_proto::RunSpec> {
     let model = dir.join("model");
     std::fs::create_dir_all(&model)?;
     std::fs::write(model.join("config.json"), r#"{"vocab_size": 64}"#)?;
@@ -39,7 +43,7 @@ path = "{model}"
 train = "{train}"
 [train]
 global_batch_size = 2
-max_steps = {STEPS}
+max_steps = {steps}
 output = "{out}"
 "#,
         model = model.display(),
@@ -69,8 +73,12 @@ fn metrics(step: u64, generation: u64) -> Vec<v1::Metric> {
 
 /// A coordinator on `store` with the long run submitted and one worker, `w1`,
 /// holding its generation: the run's id and the worker's assignment.
-async fn started(store: Store, dir: &Path) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work)> {
-    let spec = long_spec(dir)?;
+async fn started(
+    store: Store,
+    dir: &Path,
+    steps: u64,
+) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work)> {
+    let spec = long_spec(dir, steps)?;
     let c = Coordinator::open(
         store,
         Settings {
@@ -80,7 +88,7 @@ async fn started(store: Store, dir: &Path) -> anyhow::Result<(Arc<Coordinator>, 
     )
     .await?;
     let run = c.submit("run-long".into(), spec).await?;
-    assert_eq!(run.total_steps, STEPS);
+    assert_eq!(run.total_steps, steps);
     c.register(v1::RegisterRequest {
         worker_id: "w1".into(),
         collective_addr: "127.0.0.1:1".into(),
@@ -126,7 +134,7 @@ fn step_request(run: &str, generation: u64, step: u64) -> v1::ReportStepRequest 
 /// Trains a `STEPS`-step run through the coordinator's API and checks what it
 /// cost the store.
 async fn long_run(store: Store, dir: &Path) -> anyhow::Result<()> {
-    let (c, run_id, work) = started(store, dir).await?;
+    let (c, run_id, work) = started(store, dir, STEPS).await?;
     let record_key = format!("dpo/runs/{run_id}/record");
     let mut per_step = Vec::with_capacity(STEPS as usize);
     let mut record_sizes = Vec::new();
@@ -230,10 +238,17 @@ async fn a_long_run_costs_the_embedded_store_the_same_at_every_step() -> anyhow:
     Ok(())
 }
 
-/// A fresh etcd process under `case` and the store on it.
-async fn etcd_store(case: &Case) -> anyhow::Result<(Proc, Store)> {
+/// A fresh etcd process under `case` (with `flags`) and the store on it.
+async fn etcd_store(case: &Case, flags: &[&str]) -> anyhow::Result<(Proc, Store)> {
     let port = free_port()?;
-    let process = etcd(port, &case.path().join("etcd"), case.path(), "etcd", None)?;
+    let process = etcd_with(
+        port,
+        &case.path().join("etcd"),
+        case.path(),
+        "etcd",
+        None,
+        flags,
+    )?;
     let etcd = Etcd::connect(
         &[format!("http://127.0.0.1:{port}")],
         EtcdSecurity::default(),
@@ -245,15 +260,15 @@ async fn etcd_store(case: &Case) -> anyhow::Result<(Proc, Store)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_run_costs_etcd_the_same_at_every_step() -> anyhow::Result<()> {
     let case = Case::empty();
-    let (_etcd, store) = etcd_store(&case).await?;
+    let (_etcd, store) = etcd_store(&case, &[]).await?;
     long_run(store, case.path()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_etcd_delays_writes_but_not_heartbeats_batches_or_reads() -> anyhow::Result<()> {
     let case = Case::empty();
-    let (etcd_proc, store) = etcd_store(&case).await?;
-    let (c, run_id, work) = started(store, case.path()).await?;
+    let (etcd_proc, store) = etcd_store(&case, &[]).await?;
+    let (c, run_id, work) = started(store, case.path(), STEPS).await?;
     c.report_step(&step_request(&run_id, work.generation, 1))
         .await?;
     let signal = |sig: &str| {
@@ -305,5 +320,80 @@ async fn a_frozen_etcd_delays_writes_but_not_heartbeats_batches_or_reads() -> an
         stored.is_some(),
         "step 2's ledger entry reached etcd once it thawed"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_soak_run_keeps_etcd_within_a_small_quota() -> anyhow::Result<()> {
+    // 20k steps write about 30 MiB of history; etcd is given 24 MiB and small
+    // requests. The coordinator compacts its own history as it goes.
+    let case = Case::empty();
+    let quota = 24u64 << 20;
+    let (_etcd, store) = etcd_store(
+        &case,
+        &[
+            "--quota-backend-bytes",
+            &quota.to_string(),
+            "--max-request-bytes",
+            "65536",
+        ],
+    )
+    .await?;
+    let (c, run_id, work) = started(store, case.path(), SOAK_STEPS).await?;
+    for step in 1..=SOAK_STEPS {
+        c.report_step(&step_request(&run_id, work.generation, step))
+            .await?;
+    }
+    c.report_done(&v1::ReportDoneRequest {
+        member: member(&run_id, work.generation),
+        step: SOAK_STEPS,
+        ..Default::default()
+    })
+    .await?;
+    let ended = c.get(&run_id).await?;
+    assert_eq!(
+        ended.state,
+        v1::RunState::Succeeded as i32,
+        "{}",
+        ended.error
+    );
+    let ledger = std::fs::read_to_string(case.path().join("out/ledger.jsonl"))?;
+    assert_eq!(ledger.lines().count(), SOAK_STEPS as usize);
+    let db = std::fs::metadata(case.path().join("etcd/member/snap/db"))?.len();
+    eprintln!("etcd database after {SOAK_STEPS} steps: {db} bytes (quota {quota})");
+    assert!(db < quota, "etcd's database is {db} bytes");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_etcd_refuses_for_good_fails_the_run_with_the_reason() -> anyhow::Result<()> {
+    // A run record (about 1.4 KiB) is larger than this etcd accepts.
+    let case = Case::empty();
+    let (_etcd, store) = etcd_store(&case, &["--max-request-bytes", "1024"]).await?;
+    let c = Coordinator::open(
+        store,
+        Settings {
+            data_dir: case.path().join("coordinator"),
+            lease_ttl: Duration::from_secs(60),
+        },
+    )
+    .await?;
+    let t = Instant::now();
+    let err = c
+        .submit("run-big".into(), long_spec(case.path(), 10)?)
+        .await
+        .expect_err("the store refused the run");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "refused for good, not retried: {:?}",
+        t.elapsed()
+    );
+    assert!(err.to_string().contains("too large"), "{err}");
+    let status = tonic::Status::from(err);
+    assert_eq!(status.code(), tonic::Code::Aborted);
+    // The run is failed with the store's reason, for `dpoctl status` to show.
+    let run = c.get("run-big").await?;
+    assert_eq!(run.state, v1::RunState::Failed as i32);
+    assert!(run.error.contains("too large"), "{}", run.error);
     Ok(())
 }

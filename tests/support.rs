@@ -317,6 +317,18 @@ pub fn etcd(
     name: &str,
     tls: Option<&Pki>,
 ) -> anyhow::Result<Proc> {
+    etcd_with(port, data_dir, logs, name, tls, &[])
+}
+
+/// [`etcd`] with more flags (limits such as `--quota-backend-bytes`).
+pub fn etcd_with(
+    port: u16,
+    data_dir: &Path,
+    logs: &Path,
+    name: &str,
+    tls: Option<&Pki>,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let client = format!("{scheme}://127.0.0.1:{port}");
     let peer_port = free_port()?;
@@ -335,6 +347,7 @@ pub fn etcd(
             .arg(&pki.ca)
             .arg("--client-cert-auth");
     }
+    cmd.args(extra);
     let mut p = Proc::spawn(
         name,
         cmd.args(["--name", "e2e"])

@@ -50,7 +50,7 @@ type Batch = (Vec<Effect>, oneshot::Sender<Result<bool>>);
 #[derive(Debug)]
 pub struct Coordinator {
     settings: Settings,
-    engine: Mutex<Engine>,
+    engine: Arc<Mutex<Engine>>,
     outside: Arc<Outside>,
     queue: mpsc::UnboundedSender<Batch>,
 }
@@ -115,10 +115,16 @@ impl Coordinator {
             streams: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(apply_effects(outside.clone(), rx));
+        let engine = Arc::new(Mutex::new(engine));
+        tokio::spawn(apply_effects(
+            outside.clone(),
+            rx,
+            engine.clone(),
+            queue.clone(),
+        ));
         let coordinator = Arc::new(Coordinator {
             settings,
-            engine: Mutex::new(engine),
+            engine,
             outside,
             queue,
         });
@@ -507,16 +513,37 @@ fn batch_of(
     })
 }
 
-/// Applies batches of effects in the order they were queued.
-async fn apply_effects(outside: Arc<Outside>, mut rx: mpsc::UnboundedReceiver<Batch>) {
+/// Applies batches of effects in the order they were queued. A write the store
+/// refuses for good (too large, over quota, not permitted) fails its run with
+/// the store's reason instead of being retried forever: the engine decides
+/// the failure, and its effects join the queue.
+async fn apply_effects(
+    outside: Arc<Outside>,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    engine: Arc<Mutex<Engine>>,
+    queue: mpsc::UnboundedSender<Batch>,
+) {
     while let Some((effects, done)) = rx.recv().await {
         let mut committed = true;
         let mut failure: Option<Refusal> = None;
+        let mut refused: Vec<(String, String)> = Vec::new();
         for effect in effects {
+            let run = match &effect {
+                Effect::Store { run, .. } => run.clone(),
+                _ => None,
+            };
             match apply(&outside, effect).await {
                 Ok(c) => committed &= c,
                 Err(e) => {
                     tracing::error!(error = %e, "applying the coordinator's decision");
+                    if let (Refusal::Store(se), Some(run)) = (&e, run)
+                        && se.is_permanent()
+                    {
+                        refused.push((
+                            run,
+                            format!("the state store refused the run's state: {se}"),
+                        ));
+                    }
                     failure.get_or_insert(e);
                 }
             }
@@ -525,13 +552,22 @@ async fn apply_effects(outside: Arc<Outside>, mut rx: mpsc::UnboundedReceiver<Ba
             Some(e) => Err(e),
             None => Ok(committed),
         });
+        for (run, reason) in refused {
+            let mut engine = lock(&engine);
+            if let Err(e) = engine.fail_run(&run, reason, Now::system()) {
+                tracing::error!(run, error = %e, "could not fail the run");
+            }
+            let effects = engine.take_effects();
+            let (tx, _) = oneshot::channel();
+            let _ = queue.send((effects, tx));
+        }
     }
 }
 
 /// Applies one effect; `Ok(false)` for a fenced write that did not commit.
 async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
     match effect {
-        Effect::Store { fence, writes } => Ok(outside.store.apply(fence, writes).await?),
+        Effect::Store { fence, writes, .. } => Ok(outside.store.apply(fence, writes).await?),
         Effect::DeletePrefix(prefix) => {
             outside.store.delete_prefix(&prefix).await?;
             Ok(true)

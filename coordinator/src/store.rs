@@ -23,6 +23,17 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
     #[error("etcd: {0}")]
     Etcd(String),
+    /// etcd refused the request for good (too large, over its quota, not
+    /// permitted): retrying cannot help.
+    #[error("etcd refused: {0}")]
+    Rejected(String),
+}
+
+impl StoreError {
+    /// Whether asking again cannot help.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, StoreError::Rejected(_) | StoreError::Corrupt { .. })
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -239,6 +250,31 @@ impl std::fmt::Debug for EtcdSecurity {
 pub struct Etcd {
     client: etcd_client::Client,
     written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The revision this coordinator last compacted etcd's history to.
+    compacted: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// etcd keeps every revision of every key until it is compacted: once this many
+/// revisions have accumulated, the coordinator compacts all but the newest
+/// `KEEP_REVISIONS` (its own writes are the bulk of them: one per recorded step).
+const COMPACT_EVERY: i64 = 2_000;
+const KEEP_REVISIONS: i64 = 500;
+
+/// An etcd refusal that retrying cannot fix: a request too large, the
+/// database over its quota, no permission.
+fn permanent(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::InvalidArgument
+                | tonic::Code::ResourceExhausted
+                | tonic::Code::PermissionDenied
+                | tonic::Code::Unauthenticated
+                | tonic::Code::OutOfRange
+        ),
+        etcd_client::Error::InvalidArgs(_) => true,
+        _ => false,
+    }
 }
 
 impl std::fmt::Debug for Etcd {
@@ -273,6 +309,7 @@ impl Etcd {
         Ok(Etcd {
             client,
             written: Default::default(),
+            compacted: Default::default(),
         })
     }
 
@@ -290,6 +327,9 @@ impl Etcd {
         loop {
             match f(self.client.clone()).await {
                 Ok(v) => return Ok(v),
+                Err(e) if permanent(&e) => {
+                    return Err(StoreError::Rejected(format!("{what}: {e}")));
+                }
                 Err(e) if start.elapsed() < ETCD_PATIENCE => {
                     if !warned {
                         tracing::warn!(what, error = %e, "etcd unavailable; retrying");
@@ -398,7 +438,36 @@ impl Etcd {
                 async move { c.txn(txn).await }
             })
             .await?;
+        if let Some(h) = resp.header() {
+            self.compact_if_due(h.revision()).await;
+        }
         Ok(resp.succeeded())
+    }
+
+    /// Compacts etcd's history up to `KEEP_REVISIONS` behind `revision` once
+    /// `COMPACT_EVERY` revisions have piled up since the last compaction, so a
+    /// long run keeps etcd's database bounded. A failed compaction is logged and
+    /// tried again later (another client may have compacted further already).
+    async fn compact_if_due(&self, revision: i64) {
+        use std::sync::atomic::Ordering;
+        let last = self.compacted.load(Ordering::Relaxed);
+        let target = revision - KEEP_REVISIONS;
+        if target - last < COMPACT_EVERY {
+            return;
+        }
+        if self
+            .compacted
+            .compare_exchange(last, target, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return; // another write is compacting
+        }
+        match self.client.clone().compact(target, None).await {
+            Ok(_) => tracing::debug!(revision = target, "compacted etcd's history"),
+            Err(e) => {
+                tracing::warn!(revision = target, error = %e, "could not compact etcd's history")
+            }
+        }
     }
 }
 

@@ -286,6 +286,7 @@ impl Engine {
         let number = self.generation + 1;
         // The fencing token first: every later commit of this generation compares it.
         self.effects.push(Effect::Store {
+            run: Some(run_id.clone()),
             fence: None,
             writes: vec![(GENERATION_KEY.to_string(), Some(number.to_string()))],
         });

@@ -56,6 +56,8 @@ impl From<Refusal> for tonic::Status {
             Refusal::NotFound(m) => tonic::Status::not_found(m),
             Refusal::Invalid(m) => tonic::Status::invalid_argument(m),
             Refusal::Stale(m) => tonic::Status::failed_precondition(m),
+            // Refused for good: the run fails; asking again cannot help.
+            Refusal::Store(e) if e.is_permanent() => tonic::Status::aborted(e.to_string()),
             Refusal::Store(e) => tonic::Status::unavailable(e.to_string()),
             Refusal::Internal(m) => tonic::Status::internal(m),
         }
@@ -97,6 +99,9 @@ pub enum Effect {
     /// Writes these keys in one transaction (`None` deletes); with a fence, only
     /// while the store's generation key still equals it.
     Store {
+        /// The run the write belongs to: if the store refuses it for good, the
+        /// run fails with the store's reason.
+        run: Option<String>,
         fence: Option<u64>,
         writes: Vec<(String, Option<String>)>,
     },
@@ -230,6 +235,7 @@ impl Engine {
         let json = to_json(r)?;
         if r.state.terminal() {
             self.effects.push(Effect::Store {
+                run: Some(id.to_string()),
                 fence: None,
                 writes: vec![(format!("{HISTORY_PREFIX}{id}"), Some(json))],
             });
@@ -237,6 +243,7 @@ impl Engine {
                 .push(Effect::DeletePrefix(format!("{RUN_PREFIX}{id}/")));
         } else {
             self.effects.push(Effect::Store {
+                run: Some(id.to_string()),
                 fence: None,
                 writes: vec![(run_key(id), Some(json))],
             });

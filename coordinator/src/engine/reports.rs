@@ -161,6 +161,7 @@ impl Engine {
         r.last_metrics = report.metrics;
         // One transaction: the record (fixed size) and this step's ledger entry.
         self.effects.push(Effect::Store {
+            run: Some(id.to_string()),
             fence: None,
             writes: vec![
                 (run_key(id), Some(to_json(&*r)?)),
@@ -204,6 +205,7 @@ impl Engine {
             path: path.to_string(),
         })?;
         self.effects.push(Effect::Store {
+            run: Some(member.run.clone()),
             fence: Some(member.generation),
             writes: vec![(checkpoint_key(&member.run), Some(value))],
         });

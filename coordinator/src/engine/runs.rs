@@ -252,6 +252,7 @@ impl Engine {
             }
             writes.push((super::run_key(&id), Some(super::to_json(&record)?)));
             self.effects.push(Effect::Store {
+                run: Some(id.clone()),
                 fence: None,
                 writes,
             });
@@ -346,6 +347,13 @@ impl Engine {
         )?;
         self.reconcile(now)?;
         Ok(self.run(&id)?.to_proto())
+    }
+
+    /// Fails a run from outside its workers (the store refused its writes for
+    /// good), then lets the next run have the workers.
+    pub fn fail_run(&mut self, id: &str, reason: String, now: Now) -> Result<()> {
+        self.finish(id, RunState::Failed, reason, now)?;
+        self.reconcile(now)
     }
 
     pub(super) fn set_state(&mut self, id: &str, state: RunState) -> Result<()> {

@@ -229,6 +229,7 @@ fn each_step_is_recorded_exactly_once_with_its_ledger_entry() {
     let Some(Effect::Store {
         fence: None,
         writes,
+        ..
     }) = fx.iter().find(|f| matches!(f, Effect::Store { .. }))
     else {
         panic!("no store write in {fx:?}");
@@ -348,6 +349,7 @@ fn a_checkpoint_commit_is_fenced_and_counts_only_once_committed() {
     assert_eq!(
         fx,
         vec![Effect::Store {
+            run: Some("run-a".into()),
             fence: Some(1),
             writes: vec![(
                 "dpo/runs/run-a/checkpoint".into(),
