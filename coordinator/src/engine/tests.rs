@@ -600,3 +600,21 @@ fn bad_reports_are_refused_and_never_recorded() {
         r.error.len()
     );
 }
+
+#[test]
+fn a_second_active_run_cannot_take_the_same_output() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 10, t0);
+    // Submits check before tokenizing, but two can pass that check together:
+    // queuing checks again, atomically.
+    let spec = spec("a", 1, 1, 10);
+    let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
+    let twin = RunRecord::queued("run-b".into(), spec, &data, "/s".into(), t0);
+    let err = e.add_run(twin, data, t0).expect_err("same output");
+    assert!(
+        err.to_string().contains("already writes to /out/a"),
+        "{err}"
+    );
+    assert!(e.run("run-b").is_err());
+    assert!(e.take_effects().is_empty());
+}
