@@ -453,6 +453,10 @@ impl Worker {
                     let r = req.clone();
                     async move { c.report_checkpoint(r).await }
                 })?;
+                // Committed: older checkpoints beyond the limit can go.
+                if let Some((_, trainer)) = self.trainer.as_ref() {
+                    trainer.prune_checkpoints()?;
+                }
             }
         }
         let Some((_, trainer)) = self.trainer.as_ref() else {

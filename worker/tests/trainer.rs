@@ -349,6 +349,27 @@ fn a_run_killed_after_a_checkpoint_resumes_to_the_same_weights() {
     let whole = spec("whole");
     train_ok(&whole, &[]);
 
+    // train.save_total_limit keeps only the newest checkpoints (here: one of
+    // steps 2 and 4) and changes nothing of the training.
+    let kept = spec("kept");
+    let text = std::fs::read_to_string(&kept).expect("read").replace(
+        "checkpoint_every = 2",
+        "checkpoint_every = 2\nsave_total_limit = 1",
+    );
+    std::fs::write(&kept, text).expect("write");
+    train_ok(&kept, &[]);
+    let mut left: Vec<String> = std::fs::read_dir(dir.path().join("kept/checkpoints"))
+        .expect("checkpoints")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["step-4".to_string()]);
+    let a = read_tensors(&dir.path().join("whole/final/model.safetensors")).expect("whole");
+    let b = read_tensors(&dir.path().join("kept/final/model.safetensors")).expect("kept");
+    for (name, t) in &a {
+        assert!(t.equal(&b[name]), "{name}: retention changed training");
+    }
+
     let crashed = spec("crashed");
     let out = train(&crashed, &["--halt-after-step", "5"]);
     assert_eq!(

@@ -222,6 +222,10 @@ pub struct TrainSpec {
     pub eval_every: u64,
     /// Write a checkpoint every this many steps (0 = none before the final model).
     pub checkpoint_every: u64,
+    /// Keep only the newest this many checkpoints (0 = keep all), as
+    /// transformers' `save_total_limit`. The newest is always the last one
+    /// committed (older ones are removed only after a commit).
+    pub save_total_limit: u64,
     /// Stop when eval loss has not improved for this many evaluations (0 = off).
     pub early_stopping_patience: u64,
     /// Output directory; relative paths are relative to the spec file.
@@ -241,6 +245,7 @@ impl Default for TrainSpec {
             micro_batch_size: 0,
             eval_every: 0,
             checkpoint_every: 0,
+            save_total_limit: 0,
             early_stopping_patience: 0,
             output: PathBuf::from("out"),
             packing: false,

@@ -104,6 +104,28 @@ impl Trainer {
         Ok(None)
     }
 
+    /// Removes all but the newest `train.save_total_limit` checkpoints (none
+    /// when it is 0). Call it once the newest is committed (standalone: once
+    /// it is written; in a cluster: once the coordinator committed it), so
+    /// the checkpoint a restart resumes from is never among those removed.
+    /// Returns what was removed.
+    pub fn prune_checkpoints(&self) -> Result<Vec<PathBuf>> {
+        let keep = self.spec.train.save_total_limit;
+        if keep == 0 || self.collective.rank() != 0 {
+            return Ok(Vec::new());
+        }
+        let root = self.checkpoints_dir();
+        let mut all = step_dirs(&root)?;
+        all.sort_by_key(|(step, _)| std::cmp::Reverse(*step));
+        let mut removed = Vec::new();
+        for (_, dir) in all.into_iter().skip(keep as usize) {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+            tracing::info!(dir = %dir.display(), keep, "removed an old checkpoint (train.save_total_limit)");
+            removed.push(dir);
+        }
+        Ok(removed)
+    }
+
     /// Rank 0 writes the final model under `train.output/final`.
     pub fn save_final(&self) -> Result<Option<PathBuf>> {
         if self.collective.rank() != 0 {
@@ -176,24 +198,28 @@ fn truncate_jsonl(path: &Path, step: u64) -> Result<()> {
     dpo_data::metrics_log::keep_through(path, step).map_err(io_err(path))
 }
 
-/// The newest `checkpoints/step-N` directory.
-pub fn latest_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
+/// Every `checkpoints/step-N` directory under `root`, with its step.
+fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     if !root.exists() {
-        return Ok(None);
+        return Ok(Vec::new());
     }
-    let mut best: Option<(u64, PathBuf)> = None;
+    let mut out = Vec::new();
     for entry in std::fs::read_dir(root).map_err(io_err(root))? {
         let entry = entry.map_err(io_err(root))?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if let Some(n) = name
             .strip_prefix("step-")
             .and_then(|n| n.parse::<u64>().ok())
-            && best.as_ref().is_none_or(|(b, _)| n > *b)
         {
-            best = Some((n, entry.path()));
+            out.push((n, entry.path()));
         }
     }
-    Ok(best)
+    Ok(out)
+}
+
+/// The newest `checkpoints/step-N` directory.
+pub fn latest_checkpoint(root: &Path) -> Result<Option<(u64, PathBuf)>> {
+    Ok(step_dirs(root)?.into_iter().max_by_key(|(n, _)| *n))
 }
 
 fn list_files(dir: &Path) -> Result<Vec<String>> {

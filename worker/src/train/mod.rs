@@ -567,6 +567,7 @@ impl Trainer {
             }
             if let Some(dir) = self.maybe_checkpoint()? {
                 on_event(Event::Checkpoint { step, path: &dir });
+                self.prune_checkpoints()?;
             }
             if self.halt_after_step == Some(step) && !self.finished() {
                 return Err(Error::Halted { step });
