@@ -192,7 +192,30 @@ fn garbage_stale_generations_and_missing_tokens_are_refused() {
             .expect_err("empty id");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         // A registered worker with a generation that does not exist (stale or forged).
-        c.register(reg("w", "127.0.0.1:9")).await.expect("register");
+        let session = c
+            .register(reg("w", "127.0.0.1:9"))
+            .await
+            .expect("register")
+            .into_inner()
+            .session;
+        // Its id cannot be taken while its lease is live: not by registering,
+        // not by opening its assignment stream; with its session it can.
+        let e = c
+            .register(reg("w", "127.0.0.1:666"))
+            .await
+            .expect_err("hijack");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        let e = c
+            .assignments(v1::AssignmentsRequest {
+                worker_id: "w".into(),
+                session: b"guess".to_vec(),
+            })
+            .await
+            .expect_err("hijack the stream");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        let mut again = reg("w", "127.0.0.1:9");
+        again.session = session;
+        c.register(again).await.expect("the worker itself");
         let member = v1::Member {
             worker_id: "w".into(),
             run_id: "r".into(),
@@ -232,7 +255,7 @@ fn garbage_stale_generations_and_missing_tokens_are_refused() {
         let hb = c
             .heartbeat(v1::HeartbeatRequest {
                 worker_id: "nobody".into(),
-                generation: 0,
+                ..Default::default()
             })
             .await
             .expect("heartbeat");

@@ -72,12 +72,12 @@ fn metrics(step: u64, generation: u64) -> Vec<v1::Metric> {
 }
 
 /// A coordinator on `store` with the long run submitted and one worker, `w1`,
-/// holding its generation: the run's id and the worker's assignment.
+/// holding its generation: the run's id, the worker's assignment and session.
 async fn started(
     store: Store,
     dir: &Path,
     steps: u64,
-) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work)> {
+) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work, Vec<u8>)> {
     let spec = long_spec(dir, steps)?;
     let c = Coordinator::open(
         store,
@@ -89,13 +89,15 @@ async fn started(
     .await?;
     let run = c.submit("run-long".into(), spec).await?;
     assert_eq!(run.total_steps, steps);
-    c.register(v1::RegisterRequest {
-        worker_id: "w1".into(),
-        collective_addr: "127.0.0.1:1".into(),
-        ..Default::default()
-    })
-    .await?;
-    let (mut rx, _tx, _) = c.open_stream("w1").await?;
+    let session = c
+        .register(v1::RegisterRequest {
+            worker_id: "w1".into(),
+            collective_addr: "127.0.0.1:1".into(),
+            ..Default::default()
+        })
+        .await?
+        .session;
+    let (mut rx, _tx, _) = c.open_stream("w1", &session).await?;
     let work = loop {
         match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await? {
             Some(Ok(v1::Assignment {
@@ -107,7 +109,7 @@ async fn started(
     };
     // The stream stays open for the test's length (its receiver is dropped here,
     // which the service would notice; the coordinator alone does not).
-    Ok((c, run.id, work))
+    Ok((c, run.id, work, session))
 }
 
 /// `w1` as rank 0 of `generation`.
@@ -134,7 +136,7 @@ fn step_request(run: &str, generation: u64, step: u64) -> v1::ReportStepRequest 
 /// Trains a `STEPS`-step run through the coordinator's API and checks what it
 /// cost the store.
 async fn long_run(store: Store, dir: &Path) -> anyhow::Result<()> {
-    let (c, run_id, work) = started(store, dir, STEPS).await?;
+    let (c, run_id, work, _) = started(store, dir, STEPS).await?;
     let record_key = format!("dpo/runs/{run_id}/record");
     let mut per_step = Vec::with_capacity(STEPS as usize);
     let mut record_sizes = Vec::new();
@@ -268,7 +270,7 @@ async fn a_long_run_costs_etcd_the_same_at_every_step() -> anyhow::Result<()> {
 async fn a_frozen_etcd_delays_writes_but_not_heartbeats_batches_or_reads() -> anyhow::Result<()> {
     let case = Case::empty();
     let (etcd_proc, store) = etcd_store(&case, &[]).await?;
-    let (c, run_id, work) = started(store, case.path(), STEPS).await?;
+    let (c, run_id, work, session) = started(store, case.path(), STEPS).await?;
     c.report_step(&step_request(&run_id, work.generation, 1))
         .await?;
     let signal = |sig: &str| {
@@ -292,6 +294,7 @@ async fn a_frozen_etcd_delays_writes_but_not_heartbeats_batches_or_reads() -> an
         .heartbeat(&v1::HeartbeatRequest {
             worker_id: "w1".into(),
             generation: work.generation,
+            session,
         })
         .await;
     let batch = c
@@ -339,7 +342,7 @@ async fn a_soak_run_keeps_etcd_within_a_small_quota() -> anyhow::Result<()> {
         ],
     )
     .await?;
-    let (c, run_id, work) = started(store, case.path(), SOAK_STEPS).await?;
+    let (c, run_id, work, _) = started(store, case.path(), SOAK_STEPS).await?;
     for step in 1..=SOAK_STEPS {
         c.report_step(&step_request(&run_id, work.generation, step))
             .await?;

@@ -245,6 +245,9 @@ impl Coordinator {
 
     pub async fn register(&self, req: v1::RegisterRequest) -> Result<v1::RegisterResponse> {
         Engine::check_registration(&req)?;
+        // Before the store hears of it: an impostor must not touch the live
+        // worker's key or lease.
+        self.read(|e| e.check_session(&req, Now::system()))?;
         let info = serde_json::json!({
             "collective_addr": req.collective_addr,
             "device": req.device,
@@ -256,8 +259,7 @@ impl Coordinator {
             .store
             .register_worker(&req.worker_id, info, self.settings.lease_ttl)
             .await?;
-        self.run(move |e, now| Ok(e.register(req, lease, now)))
-            .await
+        self.run(move |e, now| e.register(req, lease, now)).await
     }
 
     /// Renews a worker's lease; false when the worker is unknown. The lease
@@ -265,7 +267,7 @@ impl Coordinator {
     /// shows live workers to operators and standbys) is renewed in the
     /// background, so a stalled etcd never delays a heartbeat's answer.
     pub async fn heartbeat(&self, req: &v1::HeartbeatRequest) -> bool {
-        let lease = lock(&self.engine).heartbeat(&req.worker_id, Now::system());
+        let lease = lock(&self.engine).heartbeat(&req.worker_id, &req.session, Now::system());
         match lease {
             None => false,
             Some(lease) => {
@@ -285,13 +287,17 @@ impl Coordinator {
 
     /// Opens a worker's assignment stream; returns its receiver, a sender that
     /// tells when the worker goes away, and the stream's id.
-    pub async fn open_stream(&self, worker_id: &str) -> Result<(AssignmentRx, AssignmentTx, u64)> {
+    pub async fn open_stream(
+        &self,
+        worker_id: &str,
+        session: &[u8],
+    ) -> Result<(AssignmentRx, AssignmentTx, u64)> {
         let (tx, rx) = mpsc::channel(64);
         let tx2 = tx.clone();
         let outside = self.outside.clone();
         let id = self
             .run(move |e, now| {
-                let id = e.open_stream(worker_id, now)?;
+                let id = e.open_stream(worker_id, session, now)?;
                 // Under the lock, before the engine's effects (the generation this
                 // may form) are queued: the stream exists when they are applied.
                 lock(&outside.streams).insert(worker_id.to_string(), (id, tx2));

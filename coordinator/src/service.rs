@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 
 use crate::Coordinator;
+use crate::engine::constant_time_eq;
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<v1::Assignment, Status>> + Send>>;
@@ -231,8 +232,9 @@ impl WorkerService for Api {
         &self,
         request: Request<v1::AssignmentsRequest>,
     ) -> Result<Response<Self::AssignmentsStream>, Status> {
-        let worker = request.into_inner().worker_id;
-        let (rx, tx, stream_id) = self.coordinator.open_stream(&worker).await?;
+        let req = request.into_inner();
+        let worker = req.worker_id;
+        let (rx, tx, stream_id) = self.coordinator.open_stream(&worker, &req.session).await?;
         let coordinator = self.coordinator.clone();
         // The stream's receiver is dropped when the worker goes away (its process
         // died, its connection broke): the worker is lost at that moment.
@@ -359,14 +361,6 @@ impl TokenCheck {
             token: token.map(|t| Arc::new(t.into_bytes())),
         }
     }
-}
-
-/// Equal lengths and bytes, in time that depends on the length only.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 impl tonic::service::Interceptor for TokenCheck {

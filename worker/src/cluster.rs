@@ -643,6 +643,9 @@ async fn control_loop(
     tx: mpsc::Sender<Command>,
 ) {
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+    // The secret the coordinator gave this process: it proves later requests
+    // are ours (nobody else can re-register our id while our lease is live).
+    let mut session: Vec<u8> = Vec::new();
     loop {
         let mut c = client.clone();
         let reg = c
@@ -653,6 +656,7 @@ async fn control_loop(
                 hostname: hostname.clone(),
                 run_id: String::new(),
                 step: 0,
+                session: session.clone(),
             })
             .await;
         let lease = match reg {
@@ -663,9 +667,11 @@ async fn control_loop(
                 continue;
             }
         };
+        session = lease.session.clone();
         let stream = match c
             .assignments(v1::AssignmentsRequest {
                 worker_id: worker_id.clone(),
+                session: session.clone(),
             })
             .await
         {
@@ -685,6 +691,7 @@ async fn control_loop(
             let mut c = client.clone();
             let id = worker_id.clone();
             let shared = shared.clone();
+            let session = session.clone();
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(beat).await;
@@ -693,6 +700,7 @@ async fn control_loop(
                         .heartbeat(v1::HeartbeatRequest {
                             worker_id: id.clone(),
                             generation,
+                            session: session.clone(),
                         })
                         .await
                     {

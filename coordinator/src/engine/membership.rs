@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use dpo_proto::v1;
 
+use super::constant_time_eq;
 use super::runs::{RunData, RunState};
 use super::{Effect, Engine, Now, Refusal, Result, to_json};
 use crate::store::GENERATION_KEY;
@@ -22,6 +23,9 @@ pub(super) struct Worker {
     stream: Option<u64>,
     /// Its etcd lease (etcd store).
     lease: Option<i64>,
+    /// The secret it was given at registration: what proves a later request
+    /// comes from this worker.
+    session: Vec<u8>,
 }
 
 /// The world training the active run.
@@ -57,8 +61,9 @@ impl Member {
     }
 }
 
-/// 32 random bytes (two v4 UUIDs, 244 random bits) shared by a generation's ranks.
-fn ring_key() -> Vec<u8> {
+/// 32 random bytes (two v4 UUIDs, 244 random bits): a generation's ring key, a
+/// worker's session.
+fn secret() -> Vec<u8> {
     let mut k = uuid::Uuid::new_v4().as_bytes().to_vec();
     k.extend_from_slice(uuid::Uuid::new_v4().as_bytes());
     k
@@ -79,24 +84,64 @@ impl Engine {
         Ok(())
     }
 
-    /// Registers a worker (or refreshes a known one) holding `lease`.
+    /// Whether a known worker's lease is live and `session` is not its own:
+    /// a request that must be refused (someone else using its id).
+    fn impostor(&self, worker: &str, session: &[u8], now: Now) -> bool {
+        self.workers.get(worker).is_some_and(|w| {
+            now.instant.saturating_duration_since(w.last_seen) <= self.lease_ttl
+                && !constant_time_eq(&w.session, session)
+        })
+    }
+
+    /// Checks that a re-registration of a live worker comes from it (its
+    /// session); a lapsed or unknown id may be taken afresh.
+    pub fn check_session(&self, req: &v1::RegisterRequest, now: Now) -> Result<()> {
+        if self.impostor(&req.worker_id, &req.session, now) {
+            return Err(Refusal::Denied(format!(
+                "worker {} is registered and alive; re-registering it needs its session",
+                req.worker_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Registers a worker (or refreshes a known one) holding `lease`. A live
+    /// worker's id is taken only with its session.
     pub fn register(
         &mut self,
         req: v1::RegisterRequest,
         lease: Option<i64>,
         now: Now,
-    ) -> v1::RegisterResponse {
+    ) -> Result<v1::RegisterResponse> {
+        if let Err(e) = self.check_session(&req, now) {
+            if let Some(lease) = lease {
+                self.effects.push(Effect::RevokeLease(lease));
+            }
+            return Err(e);
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
-        match self.workers.get_mut(&req.worker_id) {
-            Some(w) => {
+        let live = self
+            .workers
+            .get(&req.worker_id)
+            .is_some_and(|w| now.instant.saturating_duration_since(w.last_seen) <= self.lease_ttl);
+        let session = match self.workers.get_mut(&req.worker_id) {
+            Some(w) if live => {
                 w.info.collective_addr = req.collective_addr;
                 w.last_seen = now.instant;
                 if let Some(old) = std::mem::replace(&mut w.lease, lease) {
                     self.effects.push(Effect::RevokeLease(old));
                 }
+                w.session.clone()
             }
-            None => {
+            _ => {
+                // New, or its lease lapsed before the coordinator noticed: a
+                // fresh registration (the old one's lease and stream go).
+                if let Some(old) = self.workers.remove(&req.worker_id) {
+                    if let Some(l) = old.lease {
+                        self.effects.push(Effect::RevokeLease(l));
+                    }
+                }
                 tracing::info!(worker = %req.worker_id, addr = %req.collective_addr, "worker registered");
                 let info = v1::WorkerInfo {
                     id: req.worker_id.clone(),
@@ -108,6 +153,7 @@ impl Engine {
                     rank: -1,
                     last_seen_ms: 0,
                 };
+                let session = secret();
                 self.workers.insert(
                     req.worker_id,
                     Worker {
@@ -116,27 +162,34 @@ impl Engine {
                         last_seen: now.instant,
                         stream: None,
                         lease,
+                        session: session.clone(),
                     },
                 );
+                session
             }
-        }
+        };
         let ttl = self.lease_ttl.as_millis() as u64;
-        v1::RegisterResponse {
+        Ok(v1::RegisterResponse {
             lease_ttl_ms: ttl,
             heartbeat_ms: (ttl / 4).max(100),
-        }
+            session,
+        })
     }
 
-    /// A worker's heartbeat: `None` when it is unknown (it must register
-    /// again), else its etcd lease to renew.
-    pub fn heartbeat(&mut self, worker: &str, now: Now) -> Option<Option<i64>> {
+    /// A worker's heartbeat: `None` when it is unknown or the session is not
+    /// its own (it must register again), else its etcd lease to renew.
+    pub fn heartbeat(&mut self, worker: &str, session: &[u8], now: Now) -> Option<Option<i64>> {
         let w = self.workers.get_mut(worker)?;
+        if !constant_time_eq(&w.session, session) {
+            return None;
+        }
         w.last_seen = now.instant;
         Some(w.lease)
     }
 
-    /// A worker opened its assignment stream: returns the stream's id.
-    pub fn open_stream(&mut self, worker: &str, now: Now) -> Result<u64> {
+    /// A worker opened its assignment stream (with its session): returns the
+    /// stream's id.
+    pub fn open_stream(&mut self, worker: &str, session: &[u8], now: Now) -> Result<u64> {
         self.next_stream += 1;
         let id = self.next_stream;
         let Some(w) = self.workers.get_mut(worker) else {
@@ -144,6 +197,11 @@ impl Engine {
                 "worker {worker} is not registered"
             )));
         };
+        if !constant_time_eq(&w.session, session) {
+            return Err(Refusal::Denied(format!(
+                "worker {worker}: the assignment stream needs the worker's session"
+            )));
+        }
         w.stream = Some(id);
         w.last_seen = now.instant;
         self.reconcile(now)?;
@@ -319,7 +377,7 @@ impl Engine {
             resume_checkpoint: record.checkpoint_path.clone(),
             resume_step: record.checkpoint_step,
             has_eval: record.eval_examples > 0,
-            ring_key: ring_key(),
+            ring_key: secret(),
         };
         tracing::info!(run = %run_id, generation = number, world_size = members.len(), "generation formed");
         for (rank, m) in members.iter().enumerate() {

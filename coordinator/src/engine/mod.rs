@@ -44,6 +44,9 @@ pub enum Refusal {
     /// A stale generation, a worker that is not a member, a step out of order.
     #[error("{0}")]
     Stale(String),
+    /// Someone else's identity (a live worker's id without its session).
+    #[error("{0}")]
+    Denied(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -56,6 +59,7 @@ impl From<Refusal> for tonic::Status {
             Refusal::NotFound(m) => tonic::Status::not_found(m),
             Refusal::Invalid(m) => tonic::Status::invalid_argument(m),
             Refusal::Stale(m) => tonic::Status::failed_precondition(m),
+            Refusal::Denied(m) => tonic::Status::permission_denied(m),
             // Refused for good: the run fails; asking again cannot help.
             Refusal::Store(e) if e.is_permanent() => tonic::Status::aborted(e.to_string()),
             Refusal::Store(e) => tonic::Status::unavailable(e.to_string()),
@@ -162,6 +166,14 @@ pub fn ledger_prefix(id: &str) -> String {
 
 fn ledger_key(id: &str, step: u64) -> String {
     format!("{}{step:020}", ledger_prefix(id))
+}
+
+/// Equal lengths and bytes, in time that depends on the length only.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn to_json<T: Serialize>(v: &T) -> Result<String> {

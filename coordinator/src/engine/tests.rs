@@ -43,16 +43,21 @@ fn engine_with_run(min: usize, max: usize, max_steps: u64, now: Now) -> Engine {
     e
 }
 
-fn join(e: &mut Engine, worker: &str, now: Now) -> Vec<Effect> {
+/// Registers `worker` and opens its stream; returns the effects and its session.
+fn join_with_session(e: &mut Engine, worker: &str, now: Now) -> (Vec<Effect>, Vec<u8>) {
     let req = v1::RegisterRequest {
         worker_id: worker.into(),
         collective_addr: "127.0.0.1:9000".into(),
         ..Default::default()
     };
     Engine::check_registration(&req).expect("valid registration");
-    e.register(req, None, now);
-    e.open_stream(worker, now).expect("registered");
-    e.take_effects()
+    let session = e.register(req, None, now).expect("registered").session;
+    e.open_stream(worker, &session, now).expect("registered");
+    (e.take_effects(), session)
+}
+
+fn join(e: &mut Engine, worker: &str, now: Now) -> Vec<Effect> {
+    join_with_session(e, worker, now).0
 }
 
 /// The Work assignments among `effects`: `(worker, generation, rank, world)`.
@@ -152,24 +157,24 @@ fn the_world_grows_up_to_max_workers_and_no_further() {
 fn a_lapsed_lease_shrinks_the_world_and_heartbeats_keep_it() {
     let t0 = Now::system();
     let mut e = engine_with_run(1, 2, 10, t0);
-    join(&mut e, "w1", t0);
-    join(&mut e, "w2", t0);
+    let (_, s1) = join_with_session(&mut e, "w1", t0);
+    let (_, s2) = join_with_session(&mut e, "w2", t0);
     // Both beat within the lease: nothing changes.
     let t1 = t0.after(TTL / 2);
-    assert!(e.heartbeat("w1", t1).is_some());
-    assert!(e.heartbeat("w2", t1).is_some());
+    assert!(e.heartbeat("w1", &s1, t1).is_some());
+    assert!(e.heartbeat("w2", &s2, t1).is_some());
     e.reconcile(t0.after(TTL)).expect("reconcile");
     assert!(e.take_effects().is_empty());
     // Only w1 keeps beating; past w2's lease it is dropped and a world of one forms.
     let t2 = t1.after(TTL);
-    assert!(e.heartbeat("w1", t2).is_some());
+    assert!(e.heartbeat("w1", &s1, t2).is_some());
     e.reconcile(t1.after(TTL + Duration::from_millis(1)))
         .expect("reconcile");
     let fx = e.take_effects();
     assert_eq!(aborts(&fx), vec![("w1".into(), 2), ("w2".into(), 2)]);
     assert_eq!(works(&fx), vec![("w1".into(), 3, 0, 1)]);
     assert!(
-        e.heartbeat("w2", t2).is_none(),
+        e.heartbeat("w2", &s2, t2).is_none(),
         "a dropped worker must register again"
     );
     assert_eq!(e.counters().0.workers_lost, 1);
@@ -382,8 +387,8 @@ fn a_checkpoint_commit_is_fenced_and_counts_only_once_committed() {
 fn a_replaced_stream_closing_changes_nothing() {
     let t0 = Now::system();
     let mut e = engine_with_run(1, 1, 10, t0);
-    join(&mut e, "w1", t0);
-    let second = e.open_stream("w1", t0).expect("reopened");
+    let (_, session) = join_with_session(&mut e, "w1", t0);
+    let second = e.open_stream("w1", &session, t0).expect("reopened");
     e.take_effects();
     e.stream_closed("w1", second - 1, t0).expect("old stream");
     assert!(e.take_effects().is_empty());
@@ -617,4 +622,47 @@ fn a_second_active_run_cannot_take_the_same_output() {
     );
     assert!(e.run("run-b").is_err());
     assert!(e.take_effects().is_empty());
+}
+
+#[test]
+fn a_live_workers_id_cannot_be_taken_without_its_session() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 10, t0);
+    let (_, session) = join_with_session(&mut e, "w1", t0);
+    assert_eq!(session.len(), 32);
+    let impostor = v1::RegisterRequest {
+        worker_id: "w1".into(),
+        collective_addr: "10.0.0.66:9000".into(),
+        ..Default::default()
+    };
+    let t1 = t0.after(TTL / 2);
+    assert!(matches!(
+        e.register(impostor.clone(), Some(99), t1),
+        Err(Refusal::Denied(_))
+    ));
+    // The impostor's etcd lease goes; nothing else changes.
+    assert_eq!(e.take_effects(), vec![Effect::RevokeLease(99)]);
+    assert!(matches!(
+        e.open_stream("w1", b"guess", t1),
+        Err(Refusal::Denied(_))
+    ));
+    assert!(
+        e.heartbeat("w1", b"guess", t1).is_none(),
+        "a wrong session is not a heartbeat"
+    );
+    assert_eq!(
+        e.workers(t1)[0].collective_addr,
+        "127.0.0.1:9000",
+        "the impostor's address was not taken"
+    );
+    // The worker itself re-registers with its session and keeps it.
+    let mut again = impostor.clone();
+    again.collective_addr = "127.0.0.1:9001".into();
+    again.session = session.clone();
+    let r = e.register(again, None, t1).expect("its own session");
+    assert_eq!(r.session, session);
+    // Once its lease lapsed, the id is free to register afresh (a new session).
+    let late = t1.after(TTL + Duration::from_millis(1));
+    let r = e.register(impostor, None, late).expect("lapsed id");
+    assert_ne!(r.session, session);
 }
