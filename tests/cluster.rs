@@ -110,6 +110,62 @@ fn a_killed_worker_and_a_late_joiner_lose_nothing() {
 }
 
 #[test]
+fn a_worker_asked_to_stop_leaves_after_its_step_and_the_world_goes_on() {
+    let case = Case::new(48);
+    let steps = 60;
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1");
+    let (spec, out_dir) =
+        case.reference_and_spec("leave", &extra, "min_workers = 1\nmax_workers = 2");
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coord");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    let mut w1 = worker(port, "w1", &case.logs).expect("w1");
+    wait_for(Duration::from_secs(30), || {
+        let o = dpoctl(port, &["workers"])?;
+        Ok(String::from_utf8_lossy(&o.stdout).lines().count() == 2)
+    })
+    .expect("two workers");
+    case.submit_and_wait(port, &spec, &out_dir, 10);
+    // What Kubernetes sends a pod it is stopping.
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &w1.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let mut status = None;
+    wait_for(Duration::from_secs(20), || {
+        status = w1.child.try_wait()?;
+        Ok(status.is_some())
+    })
+    .unwrap_or_else(|e| panic!("the worker did not leave: {e}{}", case.logs()));
+    let left = std::time::Instant::now();
+    let at_leave = steps_done(&out_dir);
+    assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", case.logs());
+    wait_for(Duration::from_secs(30), || {
+        Ok(steps_done(&out_dir) > at_leave)
+    })
+    .unwrap_or_else(|e| panic!("no step after the leave: {e}{}", case.logs()));
+    let gap = left.elapsed();
+    eprintln!("next step {gap:?} after the worker left (at step {at_leave})");
+    assert!(
+        gap < Duration::from_millis(1500),
+        "the world took {gap:?} to go on"
+    );
+    case.watch_succeeds(port, "leave");
+    let lines = every_step_once(&out_dir, steps);
+    let worlds: Vec<u64> = lines
+        .iter()
+        .map(|l| l["world_size"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(worlds[0], 2, "{worlds:?}");
+    assert_eq!(worlds.last(), Some(&1), "{worlds:?}");
+    let log = std::fs::read_to_string(case.logs.join("w1.log")).unwrap_or_default();
+    assert!(log.contains("leaving after step"), "{log}");
+    case.assert_same_weights(&out_dir, "a graceful leave");
+}
+
+#[test]
 fn a_restarted_coordinator_carries_on() {
     let case = Case::new(48);
     let steps = 60;

@@ -133,6 +133,14 @@ impl Coordinator {
         Ok(coordinator)
     }
 
+    /// Waits until every effect decided so far has been applied (shutdown).
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.queue.send((Vec::new(), tx)).is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }

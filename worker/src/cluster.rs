@@ -52,6 +52,8 @@ pub struct JoinOptions {
 enum Command {
     Work(Box<v1::Work>),
     Idle(String),
+    /// SIGTERM or SIGINT: leave the cluster.
+    Leave,
 }
 
 /// The generation this worker is in, shared by both sides.
@@ -67,6 +69,8 @@ struct Shared {
     current: Mutex<Current>,
     /// Every generation up to this one has been aborted.
     aborted_up_to: AtomicU64,
+    /// Asked to stop (SIGTERM, SIGINT): finish the step in hand, then leave.
+    leaving: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -458,6 +462,12 @@ impl Worker {
                     trainer.prune_checkpoints()?;
                 }
             }
+            // Asked to stop: this step is done and reported; leave before the
+            // next one (unless this was the last: then finish the run).
+            let more = self.trainer.as_ref().is_some_and(|(_, t)| !t.finished());
+            if more && self.shared.leaving.load(Ordering::SeqCst) {
+                return Err(Error::Leaving { step });
+            }
         }
         let Some((_, trainer)) = self.trainer.as_ref() else {
             return Err(Error::State("no trainer for the run"));
@@ -551,6 +561,13 @@ impl Worker {
         }
         match self.run_generation(work, &signal) {
             Ok(()) => tracing::info!(run = %work.run_id, "run complete on this worker"),
+            Err(Error::Leaving { step }) => {
+                tracing::info!(
+                    generation = work.generation,
+                    step,
+                    "leaving after step {step}"
+                );
+            }
             Err(e) if signal.is_aborted() => {
                 tracing::info!(generation = work.generation, reason = %e, "generation ended");
             }
@@ -593,6 +610,7 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
     let (tx, rx) = mpsc::channel::<Command>();
     tracing::info!(worker = %opts.worker_id, collective = %addr, coordinator = %opts.coordinator, "worker starting");
+    rt.spawn(leave_on_signal(shared.clone(), tx.clone()));
     rt.spawn(control_loop(
         client.clone(),
         opts.worker_id.clone(),
@@ -618,6 +636,9 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
         while let Ok(newer) = rx.try_recv() {
             cmd = newer;
         }
+        if worker.shared.leaving.load(Ordering::SeqCst) {
+            break;
+        }
         match cmd {
             Command::Work(work) => worker.handle(&work),
             Command::Idle(run) => {
@@ -627,9 +648,35 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
                     worker.last = None;
                 }
             }
+            Command::Leave => break,
+        }
+        if worker.shared.leaving.load(Ordering::SeqCst) {
+            break;
         }
     }
+    // Leaving closes the assignment stream with the process: the coordinator
+    // drops this worker at once and re-forms the world without it.
+    tracing::info!(worker = %worker.worker_id, "left the cluster");
     Ok(())
+}
+
+/// Waits for SIGTERM (what Kubernetes sends) or SIGINT, then asks the worker
+/// to leave after the step in hand.
+async fn leave_on_signal(shared: Arc<Shared>, tx: mpsc::Sender<Command>) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; it will stop the worker at once");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("asked to stop: leaving after the current step");
+    shared.leaving.store(true, Ordering::SeqCst);
+    let _ = tx.send(Command::Leave);
 }
 
 /// Registers, keeps the lease, and forwards assignments; reconnects whenever the

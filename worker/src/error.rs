@@ -75,6 +75,9 @@ pub enum Error {
     State(&'static str),
     #[error("halted after step {step} (fault injection)")]
     Halted { step: u64 },
+    /// Asked to stop (SIGTERM): the worker leaves after step `step`.
+    #[error("leaving the cluster after step {step}")]
+    Leaving { step: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -100,7 +103,8 @@ impl Error {
             Error::Collective(_)
             | Error::Diverged { .. }
             | Error::Superseded { .. }
-            | Error::State(_) => Disposition::NextGeneration,
+            | Error::State(_)
+            | Error::Leaving { .. } => Disposition::NextGeneration,
             _ => Disposition::FailRun,
         }
     }

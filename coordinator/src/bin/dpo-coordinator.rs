@@ -279,9 +279,18 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // SIGTERM (what Kubernetes sends) or SIGINT: stop serving, then make sure
+    // every decision taken so far has reached the store before exiting.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
         tracing::info!("shutting down");
     };
-    dpo_coordinator::service::serve(coordinator, listener, token, tls, shutdown).await
+    dpo_coordinator::service::serve(coordinator.clone(), listener, token, tls, shutdown).await?;
+    coordinator.flush().await;
+    tracing::info!("state persisted; exiting");
+    Ok(())
 }
