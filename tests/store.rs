@@ -78,15 +78,25 @@ async fn started(
     dir: &Path,
     steps: u64,
 ) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work, Vec<u8>)> {
-    let spec = long_spec(dir, steps)?;
     let c = Coordinator::open(
         store,
         Settings {
             data_dir: dir.join("coordinator"),
             lease_ttl: Duration::from_secs(60),
+            max_upload_bytes: 1 << 20,
         },
     )
     .await?;
+    started_on(c, dir, steps).await
+}
+
+/// [`started`] on an open coordinator.
+async fn started_on(
+    c: Arc<Coordinator>,
+    dir: &Path,
+    steps: u64,
+) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work, Vec<u8>)> {
+    let spec = long_spec(dir, steps)?;
     let run = c.submit("run-long".into(), spec).await?;
     assert_eq!(run.total_steps, steps);
     let session = c
@@ -369,34 +379,47 @@ async fn a_soak_run_keeps_etcd_within_a_small_quota() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_write_etcd_refuses_for_good_fails_the_run_with_the_reason() -> anyhow::Result<()> {
-    // A run record (about 1.4 KiB) is larger than this etcd accepts.
+async fn writes_etcd_refuses_for_good_fail_the_submission_or_the_run() -> anyhow::Result<()> {
+    // This etcd takes requests of up to 2 KiB: a run record (about 1.4 KiB)
+    // fits, a record with a long name or many metrics does not.
     let case = Case::empty();
-    let (_etcd, store) = etcd_store(&case, &["--max-request-bytes", "1024"]).await?;
+    let (_etcd, store) = etcd_store(&case, &["--max-request-bytes", "2048"]).await?;
     let c = Coordinator::open(
         store,
         Settings {
             data_dir: case.path().join("coordinator"),
             lease_ttl: Duration::from_secs(60),
+            max_upload_bytes: 1 << 20,
         },
     )
     .await?;
+    // A submission whose record etcd refuses never becomes a run.
+    let mut big = long_spec(case.path(), 10)?;
+    big.name = "n".repeat(3000);
     let t = Instant::now();
     let err = c
-        .submit("run-big".into(), long_spec(case.path(), 10)?)
+        .submit("run-big".into(), big)
         .await
-        .expect_err("the store refused the run");
+        .expect_err("the store refused the record");
     assert!(
         t.elapsed() < Duration::from_secs(10),
         "refused for good, not retried: {:?}",
         t.elapsed()
     );
     assert!(err.to_string().contains("too large"), "{err}");
-    let status = tonic::Status::from(err);
-    assert_eq!(status.code(), tonic::Code::Aborted);
-    // The run is failed with the store's reason, for `dpoctl status` to show.
-    let run = c.get("run-big").await?;
-    assert_eq!(run.state, v1::RunState::Failed as i32);
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    assert!(c.get("run-big").await.is_err(), "no run was queued");
+    // A run whose step record etcd refuses fails with etcd's reason.
+    let (c, run_id, work, _) = started_on(c, case.path(), 10).await?;
+    let mut report = step_request(&run_id, work.generation, 1);
+    report.metrics.extend((0..100).map(|i| v1::Metric {
+        name: format!("a_rather_long_metric_name_for_a_custom_callback_{i:03}"),
+        value: 0.5,
+    }));
+    let err = c.report_step(&report).await.expect_err("too large");
+    assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
+    let run = c.get(&run_id).await?;
+    assert_eq!(run.state, v1::RunState::Failed as i32, "{run:?}");
     assert!(run.error.contains("too large"), "{}", run.error);
     Ok(())
 }

@@ -166,24 +166,74 @@ async fn submit(
         spec_json: serde_json::to_string(&spec)?,
         streamed_files: files.iter().map(|(k, _)| k.to_string()).collect(),
     };
-    let mut chunks = vec![v1::SubmitChunk {
-        part: Some(v1::submit_chunk::Part::Header(header)),
-    }];
-    for (key, path) in &files {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        for piece in bytes.chunks(1 << 20) {
-            chunks.push(v1::SubmitChunk {
-                part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
-                    key: key.to_string(),
-                    data: piece.to_vec(),
-                })),
-            });
+    // The files are read a chunk at a time as the stream sends them: a
+    // multi-GB dataset is never held in memory here either.
+    let files: Vec<(String, PathBuf)> =
+        files.into_iter().map(|(k, p)| (k.to_string(), p)).collect();
+    let (tx, rx) = tokio::sync::mpsc::channel::<v1::SubmitChunk>(4);
+    let reader = tokio::spawn(async move {
+        let header = v1::SubmitChunk {
+            part: Some(v1::submit_chunk::Part::Header(header)),
+        };
+        if tx.send(header).await.is_err() {
+            return Ok(());
         }
-    }
-    c.submit(tokio_stream::iter(chunks))
+        let sent = send_files(&tx, files).await;
+        if sent.is_err() {
+            // The stream must not end as if the files were whole: a chunk for
+            // a key nobody announced makes the coordinator refuse the run.
+            let poison = v1::SubmitChunk {
+                part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
+                    key: "(upload failed)".into(),
+                    data: Vec::new(),
+                })),
+            };
+            let _ = tx.send(poison).await;
+        }
+        sent
+    });
+    let run = c
+        .submit(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .map(|r| r.into_inner())
-        .map_err(|s| status_err("submit", s))
+        .map_err(|s| status_err("submit", s));
+    // A file that could not be read is the error to show, not the refusal.
+    reader.await??;
+    run
+}
+
+/// Sends `files` as 1 MiB chunks, reading each chunk as it goes.
+async fn send_files(
+    tx: &tokio::sync::mpsc::Sender<v1::SubmitChunk>,
+    files: Vec<(String, PathBuf)>,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncReadExt;
+    for (key, path) in files {
+        let mut f = tokio::fs::File::open(&path)
+            .await
+            .with_context(|| format!("reading {}", path.display()))?;
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let n = f
+                .read(&mut buf)
+                .await
+                .with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            let chunk = v1::SubmitChunk {
+                part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
+                    key: key.clone(),
+                    data: buf,
+                })),
+            };
+            if tx.send(chunk).await.is_err() {
+                return Ok(()); // the call ended; its status says why
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Follows a run to its end with a progress bar (or JSON lines); returns it.

@@ -28,6 +28,8 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// A worker silent for this long has lost its lease.
     pub lease_ttl: std::time::Duration,
+    /// The most a client may stream in one submission (all files together).
+    pub max_upload_bytes: u64,
 }
 
 type AssignmentTx = mpsc::Sender<std::result::Result<v1::Assignment, tonic::Status>>;
@@ -219,11 +221,27 @@ impl Coordinator {
                 out.display()
             ))
         })?;
-        self.run(move |e, now| {
-            let record = RunRecord::queued(id, spec, &data, shard_dir, now);
-            e.add_run(record, data, now)
-        })
-        .await
+        let record = RunRecord::queued(id.clone(), spec, &data, shard_dir, Now::system());
+        // The record is durable before the run exists anywhere else: a store
+        // that cannot take it refuses the submission as if it never happened.
+        let key = engine::run_key(&id);
+        let json = serde_json::to_string(&record).map_err(|e| Refusal::Internal(e.to_string()))?;
+        self.outside.store.put(&key, json).await?;
+        match self.run(move |e, now| e.add_run(record, data, now)).await {
+            Ok(run) => Ok(run),
+            // Queued; only a later effect of queuing (forming a generation) failed.
+            Err(Refusal::Store(e)) if !e.is_permanent() => match self.get(&id).await {
+                Ok(run) => Ok(run),
+                Err(_) => Err(Refusal::Store(e)),
+            },
+            Err(e) => {
+                if self.get(&id).await.is_err() {
+                    // Refused by the engine (another run took the output meanwhile).
+                    let _ = self.outside.store.apply(None, vec![(key, None)]).await;
+                }
+                Err(e)
+            }
+        }
     }
 
     pub async fn get(&self, what: &str) -> Result<v1::Run> {
@@ -541,6 +559,7 @@ async fn apply_effects(
         let mut committed = true;
         let mut failure: Option<Refusal> = None;
         let mut refused: Vec<(String, String)> = Vec::new();
+        let mut unsaved = false;
         for effect in effects {
             let run = match &effect {
                 Effect::Store { run, .. } => run.clone(),
@@ -550,13 +569,15 @@ async fn apply_effects(
                 Ok(c) => committed &= c,
                 Err(e) => {
                     tracing::error!(error = %e, "applying the coordinator's decision");
-                    if let (Refusal::Store(se), Some(run)) = (&e, run)
-                        && se.is_permanent()
-                    {
-                        refused.push((
-                            run,
-                            format!("the state store refused the run's state: {se}"),
-                        ));
+                    match (&e, run) {
+                        (Refusal::Store(se), Some(run)) if se.is_permanent() => {
+                            refused.push((
+                                run,
+                                format!("the state store refused the run's state: {se}"),
+                            ));
+                        }
+                        (Refusal::Store(_), _) => unsaved = true,
+                        _ => {}
                     }
                     failure.get_or_insert(e);
                 }
@@ -566,6 +587,17 @@ async fn apply_effects(
             Some(e) => Err(e),
             None => Ok(committed),
         });
+        if unsaved {
+            // The store missed writes (it was unreachable past the retries):
+            // write the engine's state again, after whatever is queued.
+            let mut engine = lock(&engine);
+            if let Err(e) = engine.persist_all() {
+                tracing::error!(error = %e, "could not plan the store's catch-up");
+            }
+            let effects = engine.take_effects();
+            let (tx, _) = oneshot::channel();
+            let _ = queue.send((effects, tx));
+        }
         for (run, reason) in refused {
             let mut engine = lock(&engine);
             if let Err(e) = engine.fail_run(&run, reason, Now::system()) {

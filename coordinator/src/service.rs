@@ -25,9 +25,6 @@ use crate::engine::constant_time_eq;
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<v1::Assignment, Status>> + Send>>;
 
-/// Largest dataset file a client may stream in one submission.
-const MAX_SUBMIT_BYTES: usize = 4 << 30;
-
 #[derive(Debug, Clone)]
 pub struct Api {
     pub coordinator: Arc<Coordinator>,
@@ -67,35 +64,20 @@ impl RunService for Api {
                 )));
             }
         }
-        let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
-        let mut total = 0usize;
-        while let Some(chunk) = stream.message().await? {
-            let Some(v1::submit_chunk::Part::File(f)) = chunk.part else {
-                return Err(Status::invalid_argument("a second header"));
+        // Each file goes to disk as its chunks arrive: memory stays flat
+        // whatever the upload's size; the whole submission is bounded.
+        let limit = self.coordinator.settings().max_upload_bytes;
+        let received =
+            match receive_files(&mut stream, &header.streamed_files, &run_dir, limit).await {
+                Ok(r) => r,
+                Err(status) => {
+                    let _ = tokio::fs::remove_dir_all(run_dir.parent().unwrap_or(&run_dir)).await;
+                    return Err(status);
+                }
             };
-            if !header.streamed_files.contains(&f.key) {
-                return Err(Status::invalid_argument(format!(
-                    "file chunk for {:?}, which the header did not announce",
-                    f.key
-                )));
-            }
-            total += f.data.len();
-            if total > MAX_SUBMIT_BYTES {
-                return Err(Status::resource_exhausted(
-                    "streamed files exceed 4 GiB; put them where the coordinator can read them",
-                ));
-            }
-            files.entry(f.key).or_default().extend(f.data);
-        }
-        if !header.streamed_files.is_empty() {
-            std::fs::create_dir_all(&run_dir)
-                .map_err(|e| Status::internal(format!("{}: {e}", run_dir.display())))?;
-        }
         // Errors about a streamed file name the client's own path, not our copy.
         let mut renames: Vec<(String, String)> = Vec::new();
-        for key in &header.streamed_files {
-            let bytes = files.remove(key).unwrap_or_default();
-            let path: PathBuf = run_dir.join(format!("{}.jsonl", key.replace('.', "_")));
+        for (key, path) in received {
             let original = match key.as_str() {
                 "data.train" => spec.data.train.display().to_string(),
                 "data.eval" => spec
@@ -113,17 +95,21 @@ impl RunService for Api {
                     .unwrap_or_default(),
             };
             renames.push((path.display().to_string(), original));
-            std::fs::write(&path, bytes)
-                .map_err(|e| Status::internal(format!("{}: {e}", path.display())))?;
             match key.as_str() {
                 "data.train" => spec.data.train = path,
                 "data.eval" => spec.data.eval = Some(path),
                 _ => spec.data.negatives = Some(dpo_proto::Negatives::File(path)),
             }
         }
-        match self.coordinator.submit(id, spec).await {
+        match self.coordinator.submit(id.clone(), spec).await {
             Ok(run) => Ok(Response::new(run)),
             Err(e) => {
+                // Nothing of a refused submission is kept (its uploads, shards),
+                // unless it became a run (one the store then refused is failed).
+                if self.coordinator.get(&id).await.is_err() {
+                    let dir = self.coordinator.settings().data_dir.join("runs").join(&id);
+                    let _ = tokio::fs::remove_dir_all(dir).await;
+                }
                 let status = Status::from(e);
                 let mut message = status.message().to_string();
                 for (ours, theirs) in &renames {
@@ -339,6 +325,70 @@ impl WorkerService for Api {
         self.coordinator.report_done(request.get_ref()).await?;
         Ok(Response::new(v1::Ack {}))
     }
+}
+
+/// Writes a submission's file chunks under `dir` as they arrive (one file per
+/// announced key, fsynced at the end), refusing chunks of keys the header did
+/// not announce and a submission over `limit` bytes. Returns each key's file;
+/// logs each file's size and SHA-256.
+async fn receive_files(
+    stream: &mut Streaming<v1::SubmitChunk>,
+    announced: &[String],
+    dir: &std::path::Path,
+    limit: u64,
+) -> Result<Vec<(String, PathBuf)>, Status> {
+    use sha2::Digest;
+    let internal = |path: &std::path::Path, e: std::io::Error| {
+        Status::internal(format!("{}: {e}", path.display()))
+    };
+    let mut files: std::collections::BTreeMap<
+        String,
+        (PathBuf, tokio::fs::File, sha2::Sha256, u64),
+    > = Default::default();
+    if !announced.is_empty() {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| internal(dir, e))?;
+    }
+    for key in announced {
+        let path = dir.join(format!("{}.jsonl", key.replace('.', "_")));
+        let f = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| internal(&path, e))?;
+        files.insert(key.clone(), (path, f, sha2::Sha256::new(), 0));
+    }
+    let mut total = 0u64;
+    while let Some(chunk) = stream.message().await? {
+        let Some(v1::submit_chunk::Part::File(f)) = chunk.part else {
+            return Err(Status::invalid_argument("a second header"));
+        };
+        let Some((path, file, hash, size)) = files.get_mut(&f.key) else {
+            return Err(Status::invalid_argument(format!(
+                "file chunk for {:?}, which the header did not announce",
+                f.key
+            )));
+        };
+        total += f.data.len() as u64;
+        if total > limit {
+            return Err(Status::resource_exhausted(format!(
+                "the streamed files exceed the coordinator's limit of {limit} bytes \
+                 (--max-upload-bytes); put them where the coordinator can read them"
+            )));
+        }
+        hash.update(&f.data);
+        *size += f.data.len() as u64;
+        file.write_all(&f.data)
+            .await
+            .map_err(|e| internal(path, e))?;
+    }
+    let mut out = Vec::with_capacity(files.len());
+    for (key, (path, file, hash, size)) in files {
+        file.sync_all().await.map_err(|e| internal(&path, e))?;
+        let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        tracing::info!(key, bytes = size, sha256 = %digest, "upload received");
+        out.push((key, path));
+    }
+    Ok(out)
 }
 
 /// Checks `authorization: Bearer <token>` on every call (constant-time compare).

@@ -27,12 +27,7 @@ pub struct DataReport {
 }
 
 fn peek_format(path: &Path) -> Result<DataFormat> {
-    use std::io::BufRead;
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    for line in std::io::BufReader::new(file).lines() {
+    for line in crate::lines::open(path)? {
         let Ok(line) = line else { break };
         if line.trim().is_empty() {
             continue;

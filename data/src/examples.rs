@@ -4,12 +4,12 @@
 //! files are joined into them by `id` or prompt; truncation happens here.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::lines::LineError;
 use crate::pairs::TokenizedPair;
 use crate::rng::SplitMix64;
 use crate::tokenizer::TextTokenizer;
@@ -95,13 +95,9 @@ pub struct LabelledRecord {
 /// Reads `{"prompt": str, "completion": str, "id"?: str|int, "label"?: bool}` lines.
 /// With `skip_bad`, malformed lines are skipped and returned as errors instead.
 pub fn read_labelled(path: &Path, skip_bad: bool) -> Result<(Vec<LabelledRecord>, Vec<Error>)> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
     let mut out = Vec::new();
     let mut skipped = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    for (i, line) in crate::lines::open(path)?.enumerate() {
         let n = i + 1;
         let bad = |reason: String| Error::Line {
             path: path.to_path_buf(),
@@ -109,10 +105,9 @@ pub fn read_labelled(path: &Path, skip_bad: bool) -> Result<(Vec<LabelledRecord>
             reason,
         };
         let parsed = match line {
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                Err(bad("not valid UTF-8".into()))
-            }
-            Err(source) => {
+            Err(LineError::NotUtf8) => Err(bad("not valid UTF-8".into())),
+            Err(LineError::TooLong) => return Err(bad(crate::lines::too_long())),
+            Err(LineError::Io(source)) => {
                 return Err(Error::Io {
                     path: path.to_path_buf(),
                     source,

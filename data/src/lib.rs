@@ -9,6 +9,7 @@ pub mod chat;
 pub mod dataset;
 mod error;
 pub mod examples;
+pub mod lines;
 pub mod metrics_log;
 pub mod pairs;
 pub mod refcache;

@@ -3,13 +3,13 @@
 //! column names). A file is validated whole before anything uses it; the first bad
 //! line is reported as `file:line: reason`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::lines::LineError;
 use crate::tokenizer::TextTokenizer;
 
 /// Which pair format a file holds.
@@ -190,16 +190,15 @@ pub fn read_pairs_skipping(
         path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(path).map_err(io)?;
     let mut format = format;
     let mut format_line = 0usize;
     let mut out = Vec::new();
     let mut skipped = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
+    for (i, line) in crate::lines::open(path)?.enumerate() {
         let n = i + 1;
         let line = match line {
             Ok(line) => line,
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            Err(LineError::NotUtf8) => {
                 let e = line_err(path, n, "not valid UTF-8");
                 if skip_bad {
                     skipped.push(e);
@@ -207,7 +206,10 @@ pub fn read_pairs_skipping(
                 }
                 return Err(e);
             }
-            Err(e) => return Err(io(e)),
+            Err(LineError::TooLong) => {
+                return Err(line_err(path, n, crate::lines::too_long()));
+            }
+            Err(LineError::Io(e)) => return Err(io(e)),
         };
         if line.trim().is_empty() {
             continue;

@@ -41,6 +41,10 @@ struct Cli {
     /// A worker silent for this long loses its place.
     #[arg(long, default_value_t = 5000)]
     lease_ttl_ms: u64,
+    /// The most a client may stream in one submission (all its files), in bytes.
+    /// Uploads go to disk as they arrive; memory does not grow with them.
+    #[arg(long, default_value_t = 16 << 30, env = "DPO_MAX_UPLOAD_BYTES")]
+    max_upload_bytes: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -257,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings {
         data_dir: std::path::absolute(&cli.data_dir)?,
         lease_ttl: Duration::from_millis(cli.lease_ttl_ms.max(200)),
+        max_upload_bytes: cli.max_upload_bytes,
     };
     let coordinator = Coordinator::open(store, settings).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen)

@@ -349,6 +349,30 @@ impl Engine {
         Ok(self.run(&id)?.to_proto())
     }
 
+    /// Every active run's record and the generation key, written again: after
+    /// the store failed to take some writes, this brings it back in line with
+    /// the engine (whose state is the authority).
+    pub fn persist_all(&mut self) -> Result<()> {
+        let ids: Vec<String> = self
+            .runs
+            .values()
+            .filter(|r| !r.state.terminal())
+            .map(|r| r.id.clone())
+            .collect();
+        self.effects.push(Effect::Store {
+            run: None,
+            fence: None,
+            writes: vec![(
+                crate::store::GENERATION_KEY.to_string(),
+                Some(self.generation.to_string()),
+            )],
+        });
+        for id in ids {
+            self.persist_run(&id)?;
+        }
+        Ok(())
+    }
+
     /// Fails a run from outside its workers (the store refused its writes for
     /// good), then lets the next run have the workers.
     pub fn fail_run(&mut self, id: &str, reason: String, now: Now) -> Result<()> {

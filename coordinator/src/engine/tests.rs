@@ -666,3 +666,30 @@ fn a_live_workers_id_cannot_be_taken_without_its_session() {
     let r = e.register(impostor, None, late).expect("lapsed id");
     assert_ne!(r.session, session);
 }
+
+#[test]
+fn after_missed_writes_the_engine_writes_its_state_again() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 10, t0);
+    join(&mut e, "w1", t0);
+    e.report_step(&member("w1", 1, 0), step_report(1))
+        .expect("step 1");
+    e.take_effects();
+    e.persist_all().expect("planned");
+    let fx = e.take_effects();
+    let keys: Vec<(String, Option<String>)> = fx
+        .iter()
+        .flat_map(|f| match f {
+            Effect::Store { writes, .. } => writes.clone(),
+            _ => Vec::new(),
+        })
+        .collect();
+    assert_eq!(
+        keys[0],
+        ("dpo/generation".to_string(), Some("1".to_string()))
+    );
+    assert_eq!(keys[1].0, "dpo/runs/run-a/record");
+    let record: RunRecord =
+        serde_json::from_str(keys[1].1.as_deref().unwrap_or("")).expect("a record");
+    assert_eq!(record.step, 1, "the engine's state, not the store's");
+}
