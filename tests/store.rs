@@ -143,6 +143,24 @@ fn step_request(run: &str, generation: u64, step: u64) -> v1::ReportStepRequest 
     }
 }
 
+/// Rank 0 reports the run done after `steps`; the run must have succeeded.
+async fn finish(c: &Coordinator, run_id: &str, generation: u64, steps: u64) -> anyhow::Result<()> {
+    c.report_done(&v1::ReportDoneRequest {
+        member: member(run_id, generation),
+        step: steps,
+        ..Default::default()
+    })
+    .await?;
+    let ended = c.get(run_id).await?;
+    assert_eq!(
+        ended.state,
+        v1::RunState::Succeeded as i32,
+        "{}",
+        ended.error
+    );
+    Ok(())
+}
+
 /// Trains a `STEPS`-step run through the coordinator's API and checks what it
 /// cost the store.
 async fn long_run(store: Store, dir: &Path) -> anyhow::Result<()> {
@@ -191,19 +209,7 @@ async fn long_run(store: Store, dir: &Path) -> anyhow::Result<()> {
         "the record is {} bytes",
         record_sizes[1]
     );
-    c.report_done(&v1::ReportDoneRequest {
-        member: member(&run_id, work.generation),
-        step: STEPS,
-        ..Default::default()
-    })
-    .await?;
-    let ended = c.get(&run_id).await?;
-    assert_eq!(
-        ended.state,
-        v1::RunState::Succeeded as i32,
-        "{}",
-        ended.error
-    );
+    finish(&c, &run_id, work.generation, STEPS).await?;
     // The ledger: every step once, in order, from the store's pages.
     let ledger = std::fs::read_to_string(dir.join("out/ledger.jsonl"))?;
     let steps: Vec<u64> = ledger
@@ -357,19 +363,7 @@ async fn a_soak_run_keeps_etcd_within_a_small_quota() -> anyhow::Result<()> {
         c.report_step(&step_request(&run_id, work.generation, step))
             .await?;
     }
-    c.report_done(&v1::ReportDoneRequest {
-        member: member(&run_id, work.generation),
-        step: SOAK_STEPS,
-        ..Default::default()
-    })
-    .await?;
-    let ended = c.get(&run_id).await?;
-    assert_eq!(
-        ended.state,
-        v1::RunState::Succeeded as i32,
-        "{}",
-        ended.error
-    );
+    finish(&c, &run_id, work.generation, SOAK_STEPS).await?;
     let ledger = std::fs::read_to_string(case.path().join("out/ledger.jsonl"))?;
     assert_eq!(ledger.lines().count(), SOAK_STEPS as usize);
     let db = std::fs::metadata(case.path().join("etcd/member/snap/db"))?.len();

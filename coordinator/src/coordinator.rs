@@ -587,25 +587,24 @@ async fn apply_effects(
             Some(e) => Err(e),
             None => Ok(committed),
         });
+        // What the engine decides about a failure joins the queue; nobody waits.
+        let decide = |what: &str, f: &dyn Fn(&mut Engine) -> Result<()>| {
+            let mut engine = lock(&engine);
+            if let Err(e) = f(&mut engine) {
+                tracing::error!(error = %e, "{what}");
+            }
+            let (tx, _) = oneshot::channel();
+            let _ = queue.send((engine.take_effects(), tx));
+        };
         if unsaved {
             // The store missed writes (it was unreachable past the retries):
             // write the engine's state again, after whatever is queued.
-            let mut engine = lock(&engine);
-            if let Err(e) = engine.persist_all() {
-                tracing::error!(error = %e, "could not plan the store's catch-up");
-            }
-            let effects = engine.take_effects();
-            let (tx, _) = oneshot::channel();
-            let _ = queue.send((effects, tx));
+            decide("planning the store's catch-up", &|e| e.persist_all());
         }
         for (run, reason) in refused {
-            let mut engine = lock(&engine);
-            if let Err(e) = engine.fail_run(&run, reason, Now::system()) {
-                tracing::error!(run, error = %e, "could not fail the run");
-            }
-            let effects = engine.take_effects();
-            let (tx, _) = oneshot::channel();
-            let _ = queue.send((effects, tx));
+            decide("failing a run the store refused", &|e| {
+                e.fail_run(&run, reason.clone(), Now::system())
+            });
         }
     }
 }
