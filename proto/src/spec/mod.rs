@@ -486,8 +486,11 @@ impl RunSpec {
                 )
             },
         )?;
-        check(finite_pos(p.lr) && p.lr <= MAX_LR, "optim.lr", || {
-            format!("must be in (0, {MAX_LR}], found {}", p.lr)
+        check(finite_pos(p.lr), "optim.lr", || {
+            format!("must be > 0, found {}", p.lr)
+        })?;
+        check(p.lr <= MAX_LR, "optim.lr", || {
+            format!("must be at most {MAX_LR}, found {}", p.lr)
         })?;
         check(
             p.weight_decay.is_finite() && p.weight_decay >= 0.0,
@@ -713,8 +716,8 @@ train = "train.jsonl"
                 "[optim]\nbetas = [0.9, 1.5]",
                 "optim.betas: both must be in [0, 1)",
             ),
-            ("[optim]\nlr = -1.0", "optim.lr: must be in (0, 10]"),
-            ("[optim]\nlr = 1e308", "optim.lr: must be in (0, 10]"),
+            ("[optim]\nlr = -1.0", "optim.lr: must be > 0"),
+            ("[optim]\nlr = 1e308", "optim.lr: must be at most 10"),
             (
                 "[train]\nmax_steps = 9223372036854775807",
                 "train.max_steps: must be at most 1000000000",
