@@ -583,10 +583,6 @@ async fn apply_effects(
                 }
             }
         }
-        let _ = done.send(match failure {
-            Some(e) => Err(e),
-            None => Ok(committed),
-        });
         // What the engine decides about a failure joins the queue; nobody waits.
         let decide = |what: &str, f: &dyn Fn(&mut Engine) -> Result<()>| {
             let mut engine = lock(&engine);
@@ -606,6 +602,11 @@ async fn apply_effects(
                 e.fail_run(&run, reason.clone(), Now::system())
             });
         }
+        // Answered after the engine knows: whoever waited sees the run failed.
+        let _ = done.send(match failure {
+            Some(e) => Err(e),
+            None => Ok(committed),
+        });
     }
 }
 
