@@ -148,8 +148,11 @@ fn a_worker_asked_to_stop_leaves_after_its_step_and_the_world_goes_on() {
     .unwrap_or_else(|e| panic!("no step after the leave: {e}{}", case.logs()));
     let gap = left.elapsed();
     eprintln!("next step {gap:?} after the worker left (at step {at_leave})");
+    // Well inside the 4 s lease: the world went on because the worker left,
+    // not because a timeout noticed it (41 ms measured on an idle machine; the
+    // bound leaves room for the tests running beside this one).
     assert!(
-        gap < Duration::from_millis(1500),
+        gap < Duration::from_secs(3),
         "the world took {gap:?} to go on"
     );
     case.watch_succeeds(port, "leave");
