@@ -224,6 +224,8 @@ async fn long_run(store: Store, dir: &Path) -> anyhow::Result<()> {
     assert_eq!(steps, (1..=STEPS).collect::<Vec<_>>());
     let metrics_lines = std::fs::read_to_string(dir.join("out/metrics.jsonl"))?;
     assert_eq!(metrics_lines.lines().count(), STEPS as usize);
+    // The run's files on the coordinator (shards) are gone with it.
+    assert!(!dir.join("coordinator/runs/run-long").exists());
     // The working keys are gone, the history record stays.
     assert!(
         c.store()

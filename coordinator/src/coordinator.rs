@@ -657,6 +657,18 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
             lock(&outside.watchers).remove(&run);
             Ok(true)
         }
+        Effect::RemoveRunFiles(dir) => {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "removed an ended run's uploads and shards")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove an ended run's files")
+                }
+            }
+            Ok(true)
+        }
     }
 }
 

@@ -129,6 +129,9 @@ pub enum Effect {
     Emit { run: String, event: v1::RunEvent },
     /// A run ended: its watchers' channel closes after the last event.
     EndWatch { run: String },
+    /// A run ended: its private files on the coordinator (uploads, shards)
+    /// are deleted.
+    RemoveRunFiles(PathBuf),
 }
 
 /// Counters for `/metrics`.

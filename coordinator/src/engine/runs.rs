@@ -440,6 +440,10 @@ impl Engine {
         self.effects.push(Effect::EndWatch {
             run: id.to_string(),
         });
+        if let Some(r) = self.runs.get(id) {
+            self.effects
+                .push(Effect::RemoveRunFiles(r.shard_dir.clone()));
+        }
         Ok(())
     }
 }

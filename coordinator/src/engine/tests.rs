@@ -453,11 +453,16 @@ fn success_needs_rank_0_and_every_step_then_the_run_ends_cleanly() {
         })
         .count();
     assert_eq!(idle, 2);
+    // Then the watchers are let go and the run's files (uploads, shards) go.
+    let n = fx.len();
     assert_eq!(
-        fx.last(),
-        Some(&Effect::EndWatch {
-            run: "run-a".into()
-        })
+        fx[n - 2..],
+        [
+            Effect::EndWatch {
+                run: "run-a".into()
+            },
+            Effect::RemoveRunFiles("/shards/a".into())
+        ]
     );
     // An ended run takes no more reports.
     assert!(e.report_step(&member("w1", 1, 0), step_report(3)).is_err());
