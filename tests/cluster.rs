@@ -161,8 +161,17 @@ fn a_worker_asked_to_stop_leaves_after_its_step_and_the_world_goes_on() {
         .iter()
         .map(|l| l["world_size"].as_u64().unwrap_or(0))
         .collect();
-    assert_eq!(worlds[0], 2, "{worlds:?}");
-    assert_eq!(worlds.last(), Some(&1), "{worlds:?}");
+    // Both trained before the leave (the first generation may form before the
+    // second worker's stream is open: it then joins a step later); only the
+    // survivor after it.
+    assert!(
+        worlds[..at_leave].contains(&2),
+        "two workers before the leave: {worlds:?}"
+    );
+    assert!(
+        worlds[at_leave..].iter().all(|&w| w == 1),
+        "one worker after the leave (at step {at_leave}): {worlds:?}"
+    );
     let log = std::fs::read_to_string(case.logs.join("w1.log")).unwrap_or_default();
     assert!(log.contains("leaving after step"), "{log}");
     case.assert_same_weights(&out_dir, "a graceful leave");
