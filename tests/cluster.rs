@@ -55,6 +55,15 @@ fn two_workers_train_the_weights_of_one_process() {
     case.assert_same_weights(&out_dir, "2 workers");
 }
 
+/// Waits (up to 30 s) until `n` workers are registered, as `dpoctl workers` lists them.
+fn wait_for_workers(port: u16, n: usize) {
+    wait_for(Duration::from_secs(30), || {
+        let o = dpoctl(port, &["workers"])?;
+        Ok(String::from_utf8_lossy(&o.stdout).lines().count() == n)
+    })
+    .unwrap_or_else(|e| panic!("{n} workers: {e}"));
+}
+
 #[test]
 fn a_killed_worker_and_a_late_joiner_lose_nothing() {
     let case = Case::new(96);
@@ -69,11 +78,7 @@ fn a_killed_worker_and_a_late_joiner_lose_nothing() {
     let _w1 = worker(port, "w1", &case.logs).expect("w1");
     let _w2 = worker(port, "w2", &case.logs).expect("w2");
     // Submit once all three are registered, so the first generation has three.
-    wait_for(Duration::from_secs(30), || {
-        let o = dpoctl(port, &["workers"])?;
-        Ok(String::from_utf8_lossy(&o.stdout).lines().count() == 3)
-    })
-    .expect("three workers");
+    wait_for_workers(port, 3);
     case.submit_and_wait(port, &spec, &out_dir, 10);
     w0.kill(); // kill -9 of rank 0, mid-run
     let killed_at = steps_done(&out_dir);
@@ -121,11 +126,7 @@ fn a_worker_asked_to_stop_leaves_after_its_step_and_the_world_goes_on() {
     let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coord");
     let _w0 = worker(port, "w0", &case.logs).expect("w0");
     let mut w1 = worker(port, "w1", &case.logs).expect("w1");
-    wait_for(Duration::from_secs(30), || {
-        let o = dpoctl(port, &["workers"])?;
-        Ok(String::from_utf8_lossy(&o.stdout).lines().count() == 2)
-    })
-    .expect("two workers");
+    wait_for_workers(port, 2);
     case.submit_and_wait(port, &spec, &out_dir, 10);
     // What Kubernetes sends a pod it is stopping.
     let term = std::process::Command::new("kill")

@@ -71,14 +71,9 @@ fn metrics(step: u64, generation: u64) -> Vec<v1::Metric> {
     .collect()
 }
 
-/// A coordinator on `store` with the long run submitted and one worker, `w1`,
-/// holding its generation: the run's id, the worker's assignment and session.
-async fn started(
-    store: Store,
-    dir: &Path,
-    steps: u64,
-) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work, Vec<u8>)> {
-    let c = Coordinator::open(
+/// A coordinator on `store` with its data dir under `dir` (60 s leases, 1 MiB uploads).
+async fn open(store: Store, dir: &Path) -> anyhow::Result<Arc<Coordinator>> {
+    Coordinator::open(
         store,
         Settings {
             data_dir: dir.join("coordinator"),
@@ -86,8 +81,17 @@ async fn started(
             max_upload_bytes: 1 << 20,
         },
     )
-    .await?;
-    started_on(c, dir, steps).await
+    .await
+}
+
+/// A coordinator on `store` with the long run submitted and one worker, `w1`,
+/// holding its generation: the run's id, the worker's assignment and session.
+async fn started(
+    store: Store,
+    dir: &Path,
+    steps: u64,
+) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work, Vec<u8>)> {
+    started_on(open(store, dir).await?, dir, steps).await
 }
 
 /// [`started`] on an open coordinator.
@@ -380,15 +384,7 @@ async fn writes_etcd_refuses_for_good_fail_the_submission_or_the_run() -> anyhow
     // fits, a record with a long name or many metrics does not.
     let case = Case::empty();
     let (_etcd, store) = etcd_store(&case, &["--max-request-bytes", "2048"]).await?;
-    let c = Coordinator::open(
-        store,
-        Settings {
-            data_dir: case.path().join("coordinator"),
-            lease_ttl: Duration::from_secs(60),
-            max_upload_bytes: 1 << 20,
-        },
-    )
-    .await?;
+    let c = open(store, case.path()).await?;
     // A submission whose record etcd refuses never becomes a run.
     let mut big = long_spec(case.path(), 10)?;
     big.name = "n".repeat(3000);
