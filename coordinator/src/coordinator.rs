@@ -32,6 +32,14 @@ pub struct Settings {
     pub max_upload_bytes: u64,
 }
 
+impl Settings {
+    /// A run's own directory: its uploads (`files/`) and tokenized shards,
+    /// removed when the run ends or its submission is refused.
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("runs").join(id)
+    }
+}
+
 type AssignmentTx = mpsc::Sender<std::result::Result<v1::Assignment, tonic::Status>>;
 type AssignmentRx = mpsc::Receiver<std::result::Result<v1::Assignment, tonic::Status>>;
 
@@ -208,7 +216,7 @@ impl Coordinator {
             )));
         }
         self.read(|e| e.check_output_free(&spec))?;
-        let shard_dir = self.settings.data_dir.join("runs").join(&id);
+        let shard_dir = self.settings.run_dir(&id);
         let spec2 = spec.clone();
         let dir2 = shard_dir.clone();
         let cache_root = self.settings.data_dir.join("reference");

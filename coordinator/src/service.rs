@@ -49,13 +49,10 @@ impl RunService for Api {
         let mut spec: RunSpec = serde_json::from_str(&header.spec_json)
             .map_err(|e| Status::invalid_argument(format!("run spec: {e}")))?;
         let id = uuid::Uuid::new_v4().to_string();
-        let run_dir = self
-            .coordinator
-            .settings()
-            .data_dir
-            .join("runs")
-            .join(&id)
-            .join("files");
+        // The run's own directory (uploads under files/, later its shards):
+        // removed whole when the submission is refused.
+        let run_root = self.coordinator.settings().run_dir(&id);
+        let run_dir = run_root.join("files");
         let allowed = ["data.train", "data.eval", "data.negatives"];
         for key in &header.streamed_files {
             if !allowed.contains(&key.as_str()) {
@@ -71,7 +68,7 @@ impl RunService for Api {
             match receive_files(&mut stream, &header.streamed_files, &run_dir, limit).await {
                 Ok(r) => r,
                 Err(status) => {
-                    let _ = tokio::fs::remove_dir_all(run_dir.parent().unwrap_or(&run_dir)).await;
+                    let _ = tokio::fs::remove_dir_all(&run_root).await;
                     return Err(status);
                 }
             };
@@ -107,8 +104,7 @@ impl RunService for Api {
                 // Nothing of a refused submission is kept (its uploads, shards),
                 // unless it became a run (one the store then refused is failed).
                 if self.coordinator.get(&id).await.is_err() {
-                    let dir = self.coordinator.settings().data_dir.join("runs").join(&id);
-                    let _ = tokio::fs::remove_dir_all(dir).await;
+                    let _ = tokio::fs::remove_dir_all(&run_root).await;
                 }
                 let status = Status::from(e);
                 let mut message = status.message().to_string();
