@@ -226,7 +226,7 @@ fn a_non_loopback_listen_needs_a_token_unless_insecure() {
         .expect("coordinator");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
-    assert!(err.contains("needs a token"), "{err}");
+    assert!(err.contains("needs tokens"), "{err}");
     // With a token it serves; and with --insecure and no token.
     for (token, extra) in [(Some(TOKEN), None), (None, Some("--insecure"))] {
         let logs = dir.path().join("logs");

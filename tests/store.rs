@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use dpo_coordinator::{Coordinator, Embedded, Etcd, EtcdSecurity, Settings, Store};
+use dpo_coordinator::{Confinement, Coordinator, Embedded, Etcd, EtcdSecurity, Settings, Store};
 use dpo_e2e::{Case, Proc, etcd_with, free_port};
 use dpo_proto::v1::{self, assignment::Kind};
 
@@ -73,12 +73,16 @@ fn metrics(step: u64, generation: u64) -> Vec<v1::Metric> {
 
 /// A coordinator on `store` with its data dir under `dir` (60 s leases, 1 MiB uploads).
 async fn open(store: Store, dir: &Path) -> anyhow::Result<Arc<Coordinator>> {
+    let data_dir = dir.join("coordinator");
+    std::fs::create_dir_all(&data_dir)?;
     Coordinator::open(
         store,
         Settings {
-            data_dir: dir.join("coordinator"),
+            confinement: Confinement::new(&[dir.to_path_buf()], &data_dir)?,
+            data_dir,
             lease_ttl: Duration::from_secs(60),
             max_upload_bytes: 1 << 20,
+            run_files_retention: Duration::ZERO,
         },
     )
     .await
@@ -101,7 +105,7 @@ async fn started_on(
     steps: u64,
 ) -> anyhow::Result<(Arc<Coordinator>, String, v1::Work, Vec<u8>)> {
     let spec = long_spec(dir, steps)?;
-    let run = c.submit("run-long".into(), spec).await?;
+    let run = c.submit("run-long".into(), spec, &[], "alice").await?;
     assert_eq!(run.total_steps, steps);
     let session = c
         .register(v1::RegisterRequest {
@@ -155,7 +159,7 @@ async fn finish(c: &Coordinator, run_id: &str, generation: u64, steps: u64) -> a
         ..Default::default()
     })
     .await?;
-    let ended = c.get(run_id).await?;
+    let ended = c.get(run_id, None).await?;
     assert_eq!(
         ended.state,
         v1::RunState::Succeeded as i32,
@@ -326,7 +330,7 @@ async fn a_frozen_etcd_delays_writes_but_not_heartbeats_batches_or_reads() -> an
             split: v1::Split::Train as i32,
         })
         .await?;
-    let run = c.get(&run_id).await?;
+    let run = c.get(&run_id, None).await?;
     let workers = c.workers().await;
     let took = t.elapsed();
     assert!(known && batch.examples.len() == 2 && workers.len() == 1);
@@ -390,7 +394,7 @@ async fn writes_etcd_refuses_for_good_fail_the_submission_or_the_run() -> anyhow
     big.name = "n".repeat(3000);
     let t = Instant::now();
     let err = c
-        .submit("run-big".into(), big)
+        .submit("run-big".into(), big, &[], "alice")
         .await
         .expect_err("the store refused the record");
     assert!(
@@ -400,7 +404,7 @@ async fn writes_etcd_refuses_for_good_fail_the_submission_or_the_run() -> anyhow
     );
     assert!(err.to_string().contains("too large"), "{err}");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
-    assert!(c.get("run-big").await.is_err(), "no run was queued");
+    assert!(c.get("run-big", None).await.is_err(), "no run was queued");
     // A run whose step record etcd refuses fails with etcd's reason.
     let (c, run_id, work, _) = started_on(c, case.path(), 10).await?;
     let mut report = step_request(&run_id, work.generation, 1);
@@ -410,7 +414,7 @@ async fn writes_etcd_refuses_for_good_fail_the_submission_or_the_run() -> anyhow
     }));
     let err = c.report_step(&report).await.expect_err("too large");
     assert_eq!(tonic::Status::from(err).code(), tonic::Code::Aborted);
-    let run = c.get(&run_id).await?;
+    let run = c.get(&run_id, None).await?;
     assert_eq!(run.state, v1::RunState::Failed as i32, "{run:?}");
     assert!(run.error.contains("too large"), "{}", run.error);
     Ok(())

@@ -151,7 +151,9 @@ impl Drop for Proc {
     }
 }
 
-/// Starts a coordinator on `port` with its data in `data_dir`; waits until it listens.
+/// Starts a coordinator on `port` with its data in `data_dir`; waits until it
+/// listens. Specs may name paths under the data dir's parent (the case's
+/// directory: its model, datasets and outputs).
 pub fn coordinator(
     port: u16,
     data_dir: &Path,
@@ -169,6 +171,8 @@ pub fn coordinator(
         .arg(data_dir)
         .arg("--addr-file")
         .arg(&addr_file)
+        .arg("--allow-path")
+        .arg(data_dir.parent().unwrap_or(data_dir))
         .args(extra.iter().filter(|a| **a != "--standby"))
         .env_remove("DPO_TOKEN");
     if let Some(t) = token {

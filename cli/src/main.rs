@@ -442,6 +442,41 @@ impl ClearTls for Process {
     }
 }
 
+/// The directories `dpoctl local`'s coordinator lets this spec name: the
+/// model, reference and cache directories and the output (each, or its parent
+/// when it does not exist yet, so a missing one is reported as missing), and
+/// the directories of the datasets.
+fn local_allowed(spec: &RunSpec) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    let mut allow = |p: &Path| {
+        let dir = if p.is_dir() { Some(p) } else { p.parent() };
+        if let Some(d) = dir.filter(|d| d.is_dir())
+            && !dirs.iter().any(|x| x == d)
+        {
+            dirs.push(d.to_path_buf());
+        }
+    };
+    allow(&spec.model.path);
+    if let dpo_proto::spec::ReferenceModel::Dir(d) = &spec.reference.path {
+        allow(d);
+    }
+    if let dpo_proto::spec::ReferenceCache::Dir(d) = &spec.reference.cache {
+        allow(d);
+    }
+    allow(&spec.train.output);
+    for file in [Some(&spec.data.train), spec.data.eval.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+        .chain(spec.data.negatives.as_ref().and_then(|n| n.file()))
+    {
+        if let Some(d) = file.parent() {
+            allow(d);
+        }
+    }
+    dirs
+}
+
 async fn local(
     cli: &Cli,
     spec_path: &Path,
@@ -471,10 +506,17 @@ async fn local(
         )?))
     };
     let mut children = Children(Vec::new());
-    let coordinator = Process::new(sibling("dpo-coordinator"))
+    let mut coordinator = Process::new(sibling("dpo-coordinator"));
+    coordinator
         .args(["--listen", "127.0.0.1:0", "--lease-ttl-ms", "3000"])
         .arg("--data-dir")
-        .arg(&data_dir)
+        .arg(&data_dir);
+    for dir in local_allowed(&spec) {
+        coordinator.arg("--allow-path").arg(dir);
+    }
+    let coordinator = coordinator
+        .env_remove("DPO_ALLOW_PATH")
+        .env_remove("DPO_TOKENS_FILE")
         .arg("--addr-file")
         .arg(&addr_file)
         .env_clear_tls()

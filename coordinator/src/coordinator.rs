@@ -18,6 +18,7 @@ use crate::engine::{
     self, CheckpointRecord, Effect, Engine, Member, Now, Refusal, Result, RunData, RunRecord,
     RunState,
 };
+use crate::paths::Confinement;
 use crate::store::{GENERATION_KEY, Store};
 
 pub use crate::engine::Counters;
@@ -30,6 +31,10 @@ pub struct Settings {
     pub lease_ttl: std::time::Duration,
     /// The most a client may stream in one submission (all files together).
     pub max_upload_bytes: u64,
+    /// The directories a run spec may name (the data dir and `--allow-path`).
+    pub confinement: Confinement,
+    /// How long an ended run's uploads and shards stay (zero: removed as it ends).
+    pub run_files_retention: std::time::Duration,
 }
 
 impl Settings {
@@ -50,6 +55,9 @@ struct Outside {
     /// Each worker's newest assignment stream: `(stream id, sender)`.
     streams: Mutex<HashMap<String, (u64, AssignmentTx)>>,
     watchers: Mutex<HashMap<String, broadcast::Sender<v1::RunEvent>>>,
+    /// Ended runs' files stay for a while (`run_files_retention`): the sweep
+    /// removes them, not the end of the run.
+    keep_run_files: bool,
 }
 
 /// A batch of effects and who waits for them: `Ok(committed)` tells whether
@@ -124,6 +132,7 @@ impl Coordinator {
             store,
             streams: Mutex::new(HashMap::new()),
             watchers: Mutex::new(HashMap::new()),
+            keep_run_files: !settings.run_files_retention.is_zero(),
         });
         let engine = Arc::new(Mutex::new(engine));
         tokio::spawn(apply_effects(
@@ -140,7 +149,45 @@ impl Coordinator {
         });
         // Records of an earlier version move their ledger out (queued by restore).
         coordinator.run(|_, _| Ok(())).await?;
+        coordinator.sweep_run_files(true).await;
         Ok(coordinator)
+    }
+
+    /// Removes the uploads and shards of runs that ended longer ago than the
+    /// retention; with `orphans` (at start, when no submission is in flight),
+    /// also every directory under `data-dir/runs` that belongs to no known run
+    /// (a submission the process died in).
+    pub async fn sweep_run_files(&self, orphans: bool) {
+        let now = Now::system().unix_ms;
+        let keep = i64::try_from(self.settings.run_files_retention.as_millis()).unwrap_or(i64::MAX);
+        let (mut dirs, known) = self.read(|e| {
+            let expired: Vec<PathBuf> = e
+                .records()
+                .filter(|r| r.state.terminal() && r.finished_ms.saturating_add(keep) <= now)
+                .map(|r| r.shard_dir.clone())
+                .collect();
+            let known: std::collections::HashSet<String> =
+                e.records().map(|r| r.id.clone()).collect();
+            (expired, known)
+        });
+        if orphans && let Ok(entries) = std::fs::read_dir(self.settings.data_dir.join("runs")) {
+            for entry in entries.flatten() {
+                if !known.contains(&*entry.file_name().to_string_lossy()) {
+                    dirs.push(entry.path());
+                }
+            }
+        }
+        for dir in dirs {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {
+                    tracing::info!(dir = %dir.display(), "removed a run's uploads and shards")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove a run's files")
+                }
+            }
+        }
     }
 
     /// Waits until every effect decided so far has been applied (shutdown).
@@ -203,11 +250,22 @@ impl Coordinator {
     // ----- runs -----------------------------------------------------------------
 
     /// Validates, tokenizes and shards a run, then queues it. `spec` paths are as
-    /// this coordinator sees them (streamed files already saved under `run_dir`).
-    pub async fn submit(&self, id: String, spec: RunSpec) -> Result<v1::Run> {
+    /// this coordinator sees them; the `streamed` keys name its own copies of
+    /// uploaded files (under `run_dir`), every other path must be allowed.
+    pub async fn submit(
+        &self,
+        id: String,
+        mut spec: RunSpec,
+        streamed: &[String],
+        owner: &str,
+    ) -> Result<v1::Run> {
         if let Err((key, reason)) = spec.validate() {
             return Err(Refusal::Invalid(format!("{key}: {reason}")));
         }
+        self.settings
+            .confinement
+            .confine(&mut spec, streamed)
+            .map_err(Refusal::Invalid)?;
         let out = spec.train.output.clone();
         if out.join("metrics.jsonl").exists() || out.join("checkpoints").exists() {
             return Err(Refusal::Invalid(format!(
@@ -229,7 +287,14 @@ impl Coordinator {
                 out.display()
             ))
         })?;
-        let record = RunRecord::queued(id.clone(), spec, &data, shard_dir, Now::system());
+        let record = RunRecord::queued(
+            id.clone(),
+            spec,
+            &data,
+            shard_dir,
+            owner.to_string(),
+            Now::system(),
+        );
         // The record is durable before the run exists anywhere else: a store
         // that cannot take it refuses the submission as if it never happened.
         let key = engine::run_key(&id);
@@ -238,12 +303,12 @@ impl Coordinator {
         match self.run(move |e, now| e.add_run(record, data, now)).await {
             Ok(run) => Ok(run),
             // Queued; only a later effect of queuing (forming a generation) failed.
-            Err(Refusal::Store(e)) if !e.is_permanent() => match self.get(&id).await {
+            Err(Refusal::Store(e)) if !e.is_permanent() => match self.get(&id, None).await {
                 Ok(run) => Ok(run),
                 Err(_) => Err(Refusal::Store(e)),
             },
             Err(e) => {
-                if self.get(&id).await.is_err() {
+                if self.get(&id, None).await.is_err() {
                     // Refused by the engine (another run took the output meanwhile).
                     let _ = self.outside.store.apply(None, vec![(key, None)]).await;
                 }
@@ -252,22 +317,28 @@ impl Coordinator {
         }
     }
 
-    pub async fn get(&self, what: &str) -> Result<v1::Run> {
-        self.read(|e| e.run(what).map(RunRecord::to_proto))
+    /// A run of `owner` (`None`: anyone's) by id, id prefix or name.
+    pub async fn get(&self, what: &str, owner: Option<&str>) -> Result<v1::Run> {
+        self.read(|e| e.run_of(what, owner).map(RunRecord::to_proto))
     }
 
-    pub async fn list(&self) -> Vec<v1::Run> {
-        self.read(Engine::list)
+    /// The runs of `owner` (`None`: everyone's), oldest first.
+    pub async fn list(&self, owner: Option<&str>) -> Vec<v1::Run> {
+        self.read(|e| e.list(owner))
     }
 
-    pub async fn cancel(&self, what: &str) -> Result<v1::Run> {
-        self.run(|e, now| e.cancel(what, now)).await
+    pub async fn cancel(&self, what: &str, owner: Option<&str>) -> Result<v1::Run> {
+        self.run(|e, now| e.cancel(what, owner, now)).await
     }
 
     /// The run's current state, then its events.
-    pub async fn watch(&self, what: &str) -> Result<(v1::Run, broadcast::Receiver<v1::RunEvent>)> {
+    pub async fn watch(
+        &self,
+        what: &str,
+        owner: Option<&str>,
+    ) -> Result<(v1::Run, broadcast::Receiver<v1::RunEvent>)> {
         let engine = lock(&self.engine);
-        let run = engine.run(what)?.to_proto();
+        let run = engine.run_of(what, owner)?.to_proto();
         let rx = lock(&self.outside.watchers)
             .entry(run.id.clone())
             .or_insert_with(|| broadcast::channel(1024).0)
@@ -569,9 +640,10 @@ async fn apply_effects(
         let mut refused: Vec<(String, String)> = Vec::new();
         let mut unsaved = false;
         for effect in effects {
-            let run = match &effect {
-                Effect::Store { run, .. } => run.clone(),
-                _ => None,
+            let (run, output) = match &effect {
+                Effect::Store { run, .. } => (run.clone(), false),
+                Effect::AppendMetrics { run, .. } => (Some(run.clone()), true),
+                _ => (None, false),
             };
             match apply(&outside, effect).await {
                 Ok(c) => committed &= c,
@@ -583,6 +655,9 @@ async fn apply_effects(
                                 run,
                                 format!("the state store refused the run's state: {se}"),
                             ));
+                        }
+                        (Refusal::Internal(why), Some(run)) if output => {
+                            refused.push((run, format!("cannot write the run's output: {why}")));
                         }
                         (Refusal::Store(_), _) => unsaved = true,
                         _ => {}
@@ -626,12 +701,12 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
             outside.store.delete_prefix(&prefix).await?;
             Ok(true)
         }
-        Effect::AppendMetrics { path, metrics } => {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        Effect::AppendMetrics { path, metrics, .. } => {
+            let shown = path.display().to_string();
             tokio::task::spawn_blocking(move || append_metrics(&path, &metrics))
                 .await
                 .map_err(|e| Refusal::Internal(e.to_string()))?
-                .map_err(|e| Refusal::Internal(format!("{}: {e}", name.unwrap_or_default())))?;
+                .map_err(|e| Refusal::Internal(format!("{shown}: {e}")))?;
             Ok(true)
         }
         Effect::WriteLedger { prefix, path } => {
@@ -665,6 +740,7 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
             lock(&outside.watchers).remove(&run);
             Ok(true)
         }
+        Effect::RemoveRunFiles(_) if outside.keep_run_files => Ok(true),
         Effect::RemoveRunFiles(dir) => {
             match tokio::fs::remove_dir_all(&dir).await {
                 Ok(()) => {

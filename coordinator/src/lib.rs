@@ -5,10 +5,13 @@
 //! `engine` decides (no I/O, time as an argument); `coordinator` runs it and
 //! applies its effects; `service` is the gRPC face; `store` keeps the state.
 
+pub mod auth;
 pub mod coordinator;
 pub mod engine;
+pub mod paths;
 pub mod service;
 pub mod store;
 
 pub use coordinator::{Coordinator, Settings};
+pub use paths::Confinement;
 pub use store::{Embedded, Etcd, EtcdSecurity, Store};

@@ -20,7 +20,14 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 
 use crate::Coordinator;
-use crate::engine::constant_time_eq;
+use crate::auth::{Gate, Role, Tokens, caller};
+use tonic::service::interceptor::InterceptedService;
+
+/// How often ended runs' files are checked against the retention.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Reflection answers any identity; health on this port stays open (probes).
+const ANY_ROLE: &[Role] = &[Role::Client, Role::Worker, Role::Admin];
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::RunEvent, Status>> + Send>>;
 type AssignmentStream = Pin<Box<dyn Stream<Item = Result<v1::Assignment, Status>> + Send>>;
@@ -36,6 +43,7 @@ impl RunService for Api {
         &self,
         request: Request<Streaming<v1::SubmitChunk>>,
     ) -> Result<Response<v1::Run>, Status> {
+        let owner = caller(&request)?.name;
         let mut stream = request.into_inner();
         let first = stream
             .message()
@@ -98,12 +106,16 @@ impl RunService for Api {
                 _ => spec.data.negatives = Some(dpo_proto::Negatives::File(path)),
             }
         }
-        match self.coordinator.submit(id.clone(), spec).await {
+        match self
+            .coordinator
+            .submit(id.clone(), spec, &header.streamed_files, &owner)
+            .await
+        {
             Ok(run) => Ok(Response::new(run)),
             Err(e) => {
                 // Nothing of a refused submission is kept (its uploads, shards),
                 // unless it became a run (one the store then refused is failed).
-                if self.coordinator.get(&id).await.is_err() {
+                if self.coordinator.get(&id, None).await.is_err() {
                     let _ = tokio::fs::remove_dir_all(&run_root).await;
                 }
                 let status = Status::from(e);
@@ -120,17 +132,20 @@ impl RunService for Api {
         &self,
         request: Request<v1::GetRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
+        let who = caller(&request)?;
+        let run = &request.get_ref().run;
         Ok(Response::new(
-            self.coordinator.get(&request.into_inner().run).await?,
+            self.coordinator.get(run, who.owner_filter()).await?,
         ))
     }
 
     async fn list_runs(
         &self,
-        _request: Request<v1::ListRunsRequest>,
+        request: Request<v1::ListRunsRequest>,
     ) -> Result<Response<v1::ListRunsResponse>, Status> {
+        let who = caller(&request)?;
         Ok(Response::new(v1::ListRunsResponse {
-            runs: self.coordinator.list().await,
+            runs: self.coordinator.list(who.owner_filter()).await,
         }))
     }
 
@@ -138,8 +153,10 @@ impl RunService for Api {
         &self,
         request: Request<v1::CancelRunRequest>,
     ) -> Result<Response<v1::Run>, Status> {
+        let who = caller(&request)?;
+        let run = &request.get_ref().run;
         Ok(Response::new(
-            self.coordinator.cancel(&request.into_inner().run).await?,
+            self.coordinator.cancel(run, who.owner_filter()).await?,
         ))
     }
 
@@ -149,7 +166,11 @@ impl RunService for Api {
         &self,
         request: Request<v1::WatchRunRequest>,
     ) -> Result<Response<Self::WatchRunStream>, Status> {
-        let (run, mut rx) = self.coordinator.watch(&request.into_inner().run).await?;
+        let who = caller(&request)?;
+        let (run, mut rx) = self
+            .coordinator
+            .watch(&request.get_ref().run, who.owner_filter())
+            .await?;
         let (tx, out) = tokio::sync::mpsc::channel(256);
         tokio::spawn(async move {
             let state = run.state;
@@ -181,11 +202,27 @@ impl RunService for Api {
 
     async fn list_workers(
         &self,
-        _request: Request<v1::ListWorkersRequest>,
+        request: Request<v1::ListWorkersRequest>,
     ) -> Result<Response<v1::ListWorkersResponse>, Status> {
-        Ok(Response::new(v1::ListWorkersResponse {
-            workers: self.coordinator.workers().await,
-        }))
+        let who = caller(&request)?;
+        let mut workers = self.coordinator.workers().await;
+        // A client sees the cluster's workers, but which run each trains only
+        // when the run is its own.
+        if let Some(owner) = who.owner_filter() {
+            let mine: std::collections::HashSet<String> = self
+                .coordinator
+                .list(Some(owner))
+                .await
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            for w in workers.iter_mut().filter(|w| !mine.contains(&w.run_id)) {
+                w.run_id.clear();
+                w.generation = 0;
+                w.rank = -1;
+            }
+        }
+        Ok(Response::new(v1::ListWorkersResponse { workers }))
     }
 }
 
@@ -387,61 +424,18 @@ async fn receive_files(
     Ok(out)
 }
 
-/// Checks `authorization: Bearer <token>` on every call (constant-time compare).
-#[derive(Clone)]
-pub struct TokenCheck {
-    token: Option<Arc<Vec<u8>>>,
-}
-
-impl std::fmt::Debug for TokenCheck {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenCheck")
-            .field("enabled", &self.token.is_some())
-            .finish()
-    }
-}
-
-impl TokenCheck {
-    pub fn new(token: Option<String>) -> Self {
-        TokenCheck {
-            token: token.map(|t| Arc::new(t.into_bytes())),
-        }
-    }
-}
-
-impl tonic::service::Interceptor for TokenCheck {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        let Some(want) = &self.token else {
-            return Ok(request);
-        };
-        let got = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match got {
-            Some(t) if constant_time_eq(t.as_bytes(), want) => Ok(request),
-            Some(_) => Err(Status::unauthenticated("wrong token")),
-            None => Err(Status::unauthenticated(
-                "missing bearer token (set DPO_TOKEN)",
-            )),
-        }
-    }
-}
-
 /// Serves the coordinator's gRPC services on `listener` until `shutdown` resolves;
 /// a background task expires leases every `lease_ttl / 4`.
 pub async fn serve(
     coordinator: Arc<Coordinator>,
     listener: tokio::net::TcpListener,
-    token: Option<String>,
+    tokens: Arc<Tokens>,
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let api = Api {
         coordinator: coordinator.clone(),
     };
-    let check = TokenCheck::new(token);
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<RunServiceServer<Api>>().await;
     reporter.set_serving::<WorkerServiceServer<Api>>().await;
@@ -453,10 +447,15 @@ pub async fn serve(
         let c = coordinator.clone();
         let period = (c.settings().lease_ttl / 4).max(Duration::from_millis(50));
         tokio::spawn(async move {
+            let mut swept = std::time::Instant::now();
             loop {
                 tokio::time::sleep(period).await;
                 if let Err(e) = c.reconcile().await {
                     tracing::error!(error = %e, "reconcile");
+                }
+                if swept.elapsed() >= SWEEP_EVERY {
+                    c.sweep_run_files(false).await;
+                    swept = std::time::Instant::now();
                 }
             }
         })
@@ -469,16 +468,19 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(health)
-        .add_service(reflection)
-        .add_service(tonic::service::interceptor::InterceptedService::new(
-            RunServiceServer::new(api.clone()).max_decoding_message_size(64 << 20),
-            check.clone(),
+        .add_service(InterceptedService::new(
+            reflection,
+            Gate::new(tokens.clone(), ANY_ROLE, "reflection service"),
         ))
-        .add_service(tonic::service::interceptor::InterceptedService::new(
+        .add_service(InterceptedService::new(
+            RunServiceServer::new(api.clone()).max_decoding_message_size(64 << 20),
+            Gate::new(tokens.clone(), &[Role::Client, Role::Admin], "run service"),
+        ))
+        .add_service(InterceptedService::new(
             WorkerServiceServer::new(api)
                 .max_decoding_message_size(64 << 20)
                 .max_encoding_message_size(256 << 20),
-            check,
+            Gate::new(tokens, &[Role::Worker, Role::Admin], "worker service"),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await;

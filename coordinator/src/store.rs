@@ -30,9 +30,21 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether asking again cannot help.
+    /// Whether asking again cannot help: etcd's refusals, a corrupt file, a
+    /// full disk or quota, a file the store may not write.
     pub fn is_permanent(&self) -> bool {
-        matches!(self, StoreError::Rejected(_) | StoreError::Corrupt { .. })
+        match self {
+            StoreError::Rejected(_) | StoreError::Corrupt { .. } => true,
+            StoreError::Io { source, .. } => {
+                is_full(source)
+                    || matches!(
+                        source.kind(),
+                        std::io::ErrorKind::PermissionDenied
+                            | std::io::ErrorKind::ReadOnlyFilesystem
+                    )
+            }
+            StoreError::Etcd(_) => false,
+        }
     }
 }
 
@@ -502,6 +514,22 @@ struct EmbeddedState {
     log: std::fs::File,
     log_bytes: u64,
     snapshot_bytes: u64,
+    /// The log size at which the next compaction is tried (raised after one
+    /// fails, so a full disk is not asked again on every commit).
+    compact_at: u64,
+}
+
+/// Bytes the store keeps in `store.reserve` for a full disk: when a write
+/// finds no space, it is refused for good and the reserve released, so the
+/// decisions that follow (its run failed for lack of space) are still durable.
+const RESERVE_BYTES: usize = 4 << 20;
+
+/// Whether an I/O error means the disk (or the quota) is full.
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+    )
 }
 
 /// One line of `store.log`.
@@ -591,16 +619,57 @@ impl Embedded {
             .open(&log_path)
             .map_err(io(&log_path))?;
         log.set_len(whole as u64).map_err(io(&log_path))?;
-        Ok(Embedded {
+        let store = Embedded {
             dir: dir.to_path_buf(),
             state: Mutex::new(EmbeddedState {
                 map,
                 log,
                 log_bytes: whole as u64,
                 snapshot_bytes,
+                compact_at: COMPACT_MIN_BYTES.max(snapshot_bytes),
             }),
             written: Default::default(),
-        })
+        };
+        store.keep_reserve();
+        Ok(store)
+    }
+
+    /// Makes sure `store.reserve` holds [`RESERVE_BYTES`] of real blocks (not a
+    /// sparse file); without the space for it, goes on without (and says so).
+    fn keep_reserve(&self) {
+        let path = self.dir.join("store.reserve");
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() == RESERVE_BYTES as u64) {
+            return;
+        }
+        let written = std::fs::File::create(&path).and_then(|mut f| {
+            f.write_all(&vec![0u8; RESERVE_BYTES])?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&path);
+            tracing::warn!(path = %path.display(), error = %e, "no room for the store's reserve against a full disk");
+        }
+    }
+
+    /// Gives the reserve's space back to the file system.
+    fn release_reserve(&self) {
+        let path = self.dir.join("store.reserve");
+        if std::fs::remove_file(&path).is_ok() {
+            tracing::error!(dir = %self.dir.display(), "the disk is full: released the store's reserve to record what follows; free space and restart to restore it");
+        }
+    }
+
+    /// Appends `line` to the log and fsyncs it; on an error the log is cut back
+    /// to its last whole line, so no torn line is left for later lines to follow.
+    fn append(state: &mut EmbeddedState, line: &[u8]) -> std::io::Result<()> {
+        let written = state
+            .log
+            .write_all(line)
+            .and_then(|()| state.log.sync_data());
+        if written.is_err() {
+            let _ = state.log.set_len(state.log_bytes);
+        }
+        written
     }
 
     /// Makes `op` durable (one fsynced log line), applies it, and compacts when due.
@@ -615,12 +684,22 @@ impl Embedded {
             reason: e.to_string(),
         })?;
         line.push(b'\n');
-        state.log.write_all(&line).map_err(io)?;
-        state.log.sync_data().map_err(io)?;
+        if let Err(e) = Self::append(state, &line) {
+            // This write is refused (for good: its run fails), and the reserve
+            // makes room for the writes that record that failure.
+            if is_full(&e) {
+                self.release_reserve();
+            }
+            return Err(io(e));
+        }
         state.log_bytes += line.len() as u64;
         op.apply_to(&mut state.map);
-        if state.log_bytes > COMPACT_MIN_BYTES.max(state.snapshot_bytes) {
-            self.compact(state)?;
+        if state.log_bytes > state.compact_at {
+            // The change is durable in the log whatever compaction does.
+            if let Err(e) = self.compact(state) {
+                state.compact_at = state.log_bytes + COMPACT_MIN_BYTES;
+                tracing::warn!(error = %e, "could not compact the store; the log keeps growing until it can");
+            }
         }
         Ok(())
     }
@@ -654,6 +733,7 @@ impl Embedded {
         );
         state.snapshot_bytes = bytes.len() as u64;
         state.log_bytes = 0;
+        state.compact_at = COMPACT_MIN_BYTES.max(state.snapshot_bytes);
         Ok(())
     }
 }

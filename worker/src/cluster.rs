@@ -9,7 +9,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dpo_data::Example;
 use dpo_data::examples::Normalizer;
@@ -416,10 +416,13 @@ impl Worker {
             if trainer.finished() {
                 break;
             }
+            let started = Instant::now();
             let m = trainer.train_step()?;
+            let trained = started.elapsed();
             let eval = trainer.maybe_evaluate()?;
             let checkpoint = trainer.maybe_checkpoint()?;
             let step = trainer.step();
+            let computed = started.elapsed();
             if step % 10 == 0 || step == 1 {
                 let loss = m
                     .iter()
@@ -462,6 +465,15 @@ impl Worker {
                     trainer.prune_checkpoints()?;
                 }
             }
+            // Where each step's wall time goes (RUST_LOG=dpo_worker=debug): the
+            // step itself, eval + checkpoint, and the coordinator's answers.
+            tracing::debug!(
+                step,
+                train_ms = trained.as_secs_f64() * 1e3,
+                eval_checkpoint_ms = (computed - trained).as_secs_f64() * 1e3,
+                report_ms = (started.elapsed() - computed).as_secs_f64() * 1e3,
+                "step timings"
+            );
             // Asked to stop: this step is done and reported; leave before the
             // next one (unless this was the last: then finish the run).
             let more = self.trainer.as_ref().is_some_and(|(_, t)| !t.finished());
@@ -486,7 +498,7 @@ impl Worker {
     /// generation loses at most one chunk per rank), then waits for every rank.
     /// With a warm cache there is nothing to score and no model is loaded.
     fn reference_stage(&mut self, work: &v1::Work, signal: &AbortSignal) -> Result<()> {
-        let t = std::time::Instant::now();
+        let t = Instant::now();
         let mut scored = 0usize;
         let mut planned = 0u64;
         for chunk in 0u64.. {

@@ -7,13 +7,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 
-use dpo_coordinator::{Coordinator, Embedded, Etcd, EtcdSecurity, Settings, Store};
+use dpo_coordinator::auth::{Role, Tokens};
+use dpo_coordinator::{Confinement, Coordinator, Embedded, Etcd, EtcdSecurity, Settings, Store};
 
 #[derive(Parser, Debug)]
 #[command(name = "dpo-coordinator", version, about = "dpo-cluster coordinator")]
 struct Cli {
-    /// gRPC listen address. Loopback by default; any other address needs a token
-    /// (DPO_TOKEN or --token-file) unless --insecure.
+    /// gRPC listen address. Loopback by default; any other address needs tokens
+    /// (--tokens, DPO_TOKEN or --token-file) unless --insecure.
     #[arg(long, default_value = "127.0.0.1:7733")]
     listen: SocketAddr,
     /// Where the state store keeps its state: embedded (a file in --data-dir) or etcd.
@@ -45,12 +46,32 @@ struct Cli {
     /// Uploads go to disk as they arrive; memory does not grow with them.
     #[arg(long, default_value_t = 16 << 30, env = "DPO_MAX_UPLOAD_BYTES")]
     max_upload_bytes: u64,
+    /// A directory whose files and subdirectories run specs may name (models,
+    /// datasets, outputs, caches); repeat for several. The data dir is always
+    /// allowed, except the coordinator's own entries in it (runs/, reference/,
+    /// store.*). Any other path is refused at submit, without being opened.
+    #[arg(
+        long = "allow-path",
+        value_name = "DIR",
+        env = "DPO_ALLOW_PATH",
+        value_delimiter = ','
+    )]
+    allow_path: Vec<PathBuf>,
+    /// Seconds an ended run's uploads and tokenized shards are kept on the
+    /// coordinator (0: removed as the run ends).
+    #[arg(long, default_value_t = 0)]
+    run_files_retention_s: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// File holding the bearer token (instead of DPO_TOKEN).
-    #[arg(long)]
+    /// File holding the bearer token (instead of DPO_TOKEN): one admin identity.
+    #[arg(long, conflicts_with = "tokens")]
     token_file: Option<PathBuf>,
+    /// Named identities, one `name token role` line each (roles: client,
+    /// worker, admin; `#` comments). A client sees and cancels only its own
+    /// runs; workers call only the worker service. DPO_TOKEN is then ignored.
+    #[arg(long, env = "DPO_TOKENS_FILE")]
+    tokens: Option<PathBuf>,
     /// Allow a non-loopback listen address without a token.
     #[arg(long)]
     insecure: bool,
@@ -91,17 +112,40 @@ enum LogFormat {
     Json,
 }
 
-fn read_token(cli: &Cli) -> anyhow::Result<Option<String>> {
+/// The identities callers may present: `--tokens`, else one admin token from
+/// `--token-file` or `DPO_TOKEN`, else none (authentication off).
+fn read_tokens(cli: &Cli) -> anyhow::Result<Tokens> {
+    if let Some(path) = &cli.tokens {
+        warn_if_readable_by_others(path);
+        if std::env::var_os("DPO_TOKEN").is_some() {
+            tracing::warn!("--tokens is given: DPO_TOKEN is ignored");
+        }
+        return Ok(Tokens::read(path)?);
+    }
     if let Some(path) = &cli.token_file {
+        warn_if_readable_by_others(path);
         let t =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let t = t.trim().to_string();
         if t.is_empty() {
             bail!("{}: empty token", path.display());
         }
-        return Ok(Some(t));
+        return Ok(Tokens::single(t));
     }
-    Ok(std::env::var("DPO_TOKEN").ok().filter(|t| !t.is_empty()))
+    Ok(std::env::var("DPO_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .map(Tokens::single)
+        .unwrap_or_default())
+}
+
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path)
+        && m.permissions().mode() & 0o077 != 0
+    {
+        tracing::warn!(path = %path.display(), mode = format!("{:o}", m.permissions().mode() & 0o777), "a secrets file readable by group or others");
+    }
 }
 
 fn read_pem(flag: &str, path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
@@ -222,10 +266,10 @@ async fn main() -> anyhow::Result<()> {
     } else {
         builder.init();
     }
-    let token = read_token(&cli)?;
-    if !cli.listen.ip().is_loopback() && token.is_none() && !cli.insecure {
+    let tokens = std::sync::Arc::new(read_tokens(&cli)?);
+    if !cli.listen.ip().is_loopback() && !tokens.enabled() && !cli.insecure {
         bail!(
-            "--listen {}: a non-loopback address needs a token (DPO_TOKEN or --token-file), or --insecure",
+            "--listen {}: a non-loopback address needs tokens (--tokens, DPO_TOKEN or --token-file), or --insecure",
             cli.listen
         );
     }
@@ -258,17 +302,21 @@ async fn main() -> anyhow::Result<()> {
             Store::Etcd(Box::new(etcd))
         }
     };
+    let confinement = Confinement::new(&cli.allow_path, &cli.data_dir).context("--allow-path")?;
+    tracing::info!(allowed = ?confinement.roots().collect::<Vec<_>>(), "paths run specs may name");
     let settings = Settings {
         data_dir: std::path::absolute(&cli.data_dir)?,
         lease_ttl: Duration::from_millis(cli.lease_ttl_ms.max(200)),
         max_upload_bytes: cli.max_upload_bytes,
+        confinement,
+        run_files_retention: Duration::from_secs(cli.run_files_retention_s),
     };
     let coordinator = Coordinator::open(store, settings).await?;
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("binding {}", cli.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, auth = token.is_some(), tls = tls.is_some(), mutual_tls = cli.tls_client_ca.is_some(), "coordinator listening");
+    tracing::info!(%addr, auth = tokens.enabled(), clients = tokens.count(Role::Client), workers = tokens.count(Role::Worker), admins = tokens.count(Role::Admin), tls = tls.is_some(), mutual_tls = cli.tls_client_ca.is_some(), "coordinator listening");
     if let Some(path) = &cli.addr_file {
         dpo_data::atomic::write(path, addr.to_string().as_bytes())
             .with_context(|| format!("--addr-file {}", path.display()))?;
@@ -294,7 +342,7 @@ async fn main() -> anyhow::Result<()> {
         }
         tracing::info!("shutting down");
     };
-    dpo_coordinator::service::serve(coordinator.clone(), listener, token, tls, shutdown).await?;
+    dpo_coordinator::service::serve(coordinator.clone(), listener, tokens, tls, shutdown).await?;
     coordinator.flush().await;
     tracing::info!("state persisted; exiting");
     Ok(())

@@ -111,8 +111,10 @@ pub enum Effect {
     },
     /// Deletes every key under a prefix.
     DeletePrefix(String),
-    /// Appends one JSON line of metrics to a file (created when missing).
+    /// Appends one JSON line of metrics to a file (created when missing); a
+    /// file that cannot be written fails the run.
     AppendMetrics {
+        run: String,
         path: PathBuf,
         metrics: Vec<(String, f64)>,
     },

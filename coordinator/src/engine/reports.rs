@@ -105,6 +105,7 @@ impl Engine {
                 return Ok(());
             }
             self.effects.push(Effect::AppendMetrics {
+                run: id.to_string(),
                 path: output.join("eval.jsonl"),
                 metrics: report.metrics.clone(),
             });
@@ -150,6 +151,7 @@ impl Engine {
             world_size: u64::from(report.trained_world_size),
         };
         self.effects.push(Effect::AppendMetrics {
+            run: id.to_string(),
             path: output.join("metrics.jsonl"),
             metrics: report.metrics.clone(),
         });

@@ -87,6 +87,10 @@ pub struct RunRecord {
     pub last_metrics: Vec<(String, f64)>,
     pub last_eval: Vec<(String, f64)>,
     pub eval_step: u64,
+    /// The identity that submitted it (its token's name; "admin" without
+    /// named tokens): only it and admins see it.
+    #[serde(default)]
+    pub owner: String,
     /// Where the tokenized shards are.
     pub shard_dir: PathBuf,
     /// Ledger entries that an earlier version kept inside the record; moved to
@@ -102,7 +106,14 @@ pub struct RunRecord {
 
 impl RunRecord {
     /// A new run's record, queued at `now`.
-    pub fn queued(id: String, spec: RunSpec, data: &RunData, shard_dir: PathBuf, now: Now) -> Self {
+    pub fn queued(
+        id: String,
+        spec: RunSpec,
+        data: &RunData,
+        shard_dir: PathBuf,
+        owner: String,
+        now: Now,
+    ) -> Self {
         let steps_per_epoch = data.steps_per_epoch;
         RunRecord {
             id,
@@ -124,6 +135,7 @@ impl RunRecord {
             last_metrics: Vec::new(),
             last_eval: Vec::new(),
             eval_step: 0,
+            owner,
             shard_dir,
             ledger_tail: Vec::new(),
             reference_total: 0,
@@ -160,6 +172,7 @@ impl RunRecord {
             eval_examples: self.eval_examples,
             reference_total: self.reference_total,
             reference_cached: self.reference_cached,
+            owner: self.owner.clone(),
         }
     }
 }
@@ -306,39 +319,65 @@ impl Engine {
         Ok(run)
     }
 
-    /// Finds a run by id, unique id prefix, or name (the newest run of that name).
-    pub fn resolve(&self, what: &str) -> Result<String> {
-        if self.runs.contains_key(what) {
+    /// Finds a run by id, unique id prefix, or name (the newest run of that
+    /// name), among `owner`'s runs (`None`: everyone's). Another owner's run is
+    /// "no run", as if it did not exist.
+    pub fn resolve(&self, what: &str, owner: Option<&str>) -> Result<String> {
+        let visible = |r: &&RunRecord| owner.is_none_or(|o| r.owner == o);
+        if self.runs.get(what).is_some_and(|r| visible(&r)) {
             return Ok(what.to_string());
         }
-        let by_prefix: Vec<&String> = self.runs.keys().filter(|id| id.starts_with(what)).collect();
+        let by_prefix: Vec<&String> = self
+            .runs
+            .values()
+            .filter(visible)
+            .map(|r| &r.id)
+            .filter(|id| id.starts_with(what))
+            .collect();
         if by_prefix.len() == 1 && !what.is_empty() {
             return Ok(by_prefix[0].clone());
         }
         self.runs
             .values()
+            .filter(visible)
             .filter(|r| r.name == what)
             .max_by_key(|r| r.submitted_ms)
             .map(|r| r.id.clone())
             .ok_or_else(|| Refusal::NotFound(format!("no run {what:?}")))
     }
 
+    /// A run by id, prefix or name, whoever owns it.
     pub fn run(&self, what: &str) -> Result<&RunRecord> {
-        let id = self.resolve(what)?;
+        self.run_of(what, None)
+    }
+
+    /// A run by id, prefix or name, among `owner`'s (`None`: everyone's).
+    pub fn run_of(&self, what: &str, owner: Option<&str>) -> Result<&RunRecord> {
+        let id = self.resolve(what, owner)?;
         self.runs
             .get(&id)
             .ok_or_else(|| Refusal::NotFound(format!("no run {what:?}")))
     }
 
-    /// Every run, oldest first.
-    pub fn list(&self) -> Vec<v1::Run> {
-        let mut runs: Vec<&RunRecord> = self.runs.values().collect();
+    /// Every run of `owner` (`None`: everyone's), oldest first.
+    pub fn list(&self, owner: Option<&str>) -> Vec<v1::Run> {
+        let mut runs: Vec<&RunRecord> = self
+            .runs
+            .values()
+            .filter(|r| owner.is_none_or(|o| r.owner == o))
+            .collect();
         runs.sort_by_key(|r| r.submitted_ms);
         runs.into_iter().map(RunRecord::to_proto).collect()
     }
 
-    pub fn cancel(&mut self, what: &str, now: Now) -> Result<v1::Run> {
-        let id = self.resolve(what)?;
+    /// Every run's record (for the sweep of ended runs' files).
+    pub fn records(&self) -> impl Iterator<Item = &RunRecord> {
+        self.runs.values()
+    }
+
+    /// Cancels a run of `owner` (`None`: anyone's).
+    pub fn cancel(&mut self, what: &str, owner: Option<&str>, now: Now) -> Result<v1::Run> {
+        let id = self.resolve(what, owner)?;
         self.finish(
             &id,
             RunState::Cancelled,

@@ -37,7 +37,14 @@ fn engine_with_run(min: usize, max: usize, max_steps: u64, now: Now) -> Engine {
     let mut e = Engine::new(TTL, 0);
     let spec = spec("a", min, max, max_steps);
     let data = RunData::new(&spec, pairs(8), Vec::new()).expect("enough examples");
-    let record = RunRecord::queued("run-a".into(), spec, &data, "/shards/a".into(), now);
+    let record = RunRecord::queued(
+        "run-a".into(),
+        spec,
+        &data,
+        "/shards/a".into(),
+        "alice".into(),
+        now,
+    );
     e.add_run(record, data, now).expect("queued");
     e.take_effects();
     e
@@ -488,7 +495,14 @@ fn a_restored_running_run_waits_for_a_new_generation_and_keeps_its_checkpoint() 
     let t0 = Now::system();
     let spec = spec("a", 1, 1, 10);
     let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
-    let mut record = RunRecord::queued("run-a".into(), spec.clone(), &data, "/s".into(), t0);
+    let mut record = RunRecord::queued(
+        "run-a".into(),
+        spec.clone(),
+        &data,
+        "/s".into(),
+        "alice".into(),
+        t0,
+    );
     record.state = RunState::Running;
     record.step = 4;
     let json = serde_json::to_string(&record).expect("json");
@@ -521,7 +535,7 @@ fn a_restored_running_run_waits_for_a_new_generation_and_keeps_its_checkpoint() 
     // A run whose shards are gone fails with the reason.
     let mut e = Engine::new(TTL, 0);
     let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
-    let record = RunRecord::queued("run-b".into(), spec, &data, "/s".into(), t0);
+    let record = RunRecord::queued("run-b".into(), spec, &data, "/s".into(), "alice".into(), t0);
     e.restore(record, None, Some(Err("train.shard: missing".into())))
         .expect("restored");
     let r = e.run("run-b").expect("kept");
@@ -534,7 +548,7 @@ fn an_earlier_versions_ledger_tail_moves_to_its_own_keys() {
     let t0 = Now::system();
     let spec = spec("a", 1, 1, 10);
     let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
-    let record = RunRecord::queued("run-a".into(), spec, &data, "/s".into(), t0);
+    let record = RunRecord::queued("run-a".into(), spec, &data, "/s".into(), "alice".into(), t0);
     let mut v = serde_json::to_value(&record).expect("json");
     v["ledger_tail"] = serde_json::json!([
         {"step": 1, "epoch": 0, "start": 0, "generation": 1, "world_size": 1},
@@ -619,7 +633,7 @@ fn a_second_active_run_cannot_take_the_same_output() {
     // queuing checks again, atomically.
     let spec = spec("a", 1, 1, 10);
     let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
-    let twin = RunRecord::queued("run-b".into(), spec, &data, "/s".into(), t0);
+    let twin = RunRecord::queued("run-b".into(), spec, &data, "/s".into(), "alice".into(), t0);
     let err = e.add_run(twin, data, t0).expect_err("same output");
     assert!(
         err.to_string().contains("already writes to /out/a"),

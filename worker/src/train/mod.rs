@@ -431,7 +431,12 @@ impl Trainer {
             stats.add(&s);
         }
         if backward {
+            let t = Instant::now();
             all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?;
+            tracing::debug!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "gradients all-reduced"
+            );
         }
         self.sum_across_ranks(&stats)
     }
@@ -444,6 +449,7 @@ impl Trainer {
         let step = self.state.step;
         let (rank, world) = (self.collective.rank(), self.collective.world_size());
         let slice = self.batches.train(step, rank, world)?;
+        tracing::debug!(step, ms = t.elapsed().as_secs_f64() * 1e3, "batch fetched");
         self.optimizer.zero_grad()?;
         let stats = self.run_slice(Split::Train, &slice, true)?;
         let grad_norm = self

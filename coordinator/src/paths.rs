@@ -1,0 +1,327 @@
+//! Which paths a client may name in a run spec. The coordinator (and the
+//! workers after it) open the model, the reference, the datasets, the output
+//! and the cache with their own permissions, so a path from a client is only
+//! used once it is known to lie under a directory the operator allowed
+//! (`--allow-path`, and the data dir), outside the coordinator's own files.
+//!
+//! A path is first checked as written (absolute, `.` and `..` removed): one
+//! outside every allowed directory is refused without touching the file
+//! system, so the answer says nothing about whether it exists. Inside, symlinks
+//! are resolved and the result checked again; the spec then carries the
+//! resolved path, so a link swapped later does not move the run elsewhere.
+
+use std::path::{Component, Path, PathBuf};
+
+use dpo_proto::RunSpec;
+use dpo_proto::spec::{Negatives, ReferenceCache, ReferenceModel};
+
+/// What the run does with a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Use {
+    /// A dataset: a regular file, read.
+    ReadFile,
+    /// A model directory, read.
+    ReadDir,
+    /// A directory written (created when missing).
+    WriteDir,
+}
+
+/// The directories clients may name, and the coordinator's own entries within
+/// them that they may not.
+#[derive(Debug, Clone, Default)]
+pub struct Confinement {
+    /// Each allowed directory as given (normalised) and as resolved.
+    roots: Vec<(PathBuf, PathBuf)>,
+    /// Resolved paths no client may name (the coordinator's state, other
+    /// runs' uploads and shards, its reference cache).
+    reserved: Vec<PathBuf>,
+}
+
+/// The entries of the data dir that are the coordinator's own.
+pub const RESERVED: &[&str] = &[
+    "runs",
+    "reference",
+    "store.json",
+    "store.log",
+    "store.reserve",
+];
+
+impl Confinement {
+    /// `allow` (each must be an existing directory) plus `data_dir`, with the
+    /// data dir's [`RESERVED`] entries kept out.
+    pub fn new(allow: &[PathBuf], data_dir: &Path) -> std::io::Result<Self> {
+        let mut roots = Vec::new();
+        for dir in allow.iter().map(PathBuf::as_path).chain([data_dir]) {
+            let given = normalize(&std::path::absolute(dir)?);
+            let resolved = dir
+                .canonicalize()
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+            if !resolved.is_dir() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{}: not a directory", dir.display()),
+                ));
+            }
+            roots.push((given, resolved));
+        }
+        let data = data_dir.canonicalize()?;
+        let reserved = RESERVED.iter().map(|r| data.join(r)).collect();
+        Ok(Confinement { roots, reserved })
+    }
+
+    /// The resolved allowed directories (for the log).
+    pub fn roots(&self) -> impl Iterator<Item = &Path> {
+        self.roots.iter().map(|(_, r)| r.as_path())
+    }
+
+    /// `path` resolved, if a client may use it for `what`; else why not.
+    pub fn resolve(&self, path: &Path, what: Use) -> Result<PathBuf, String> {
+        let denied = || {
+            format!(
+                "{}: not under a directory this coordinator allows (see its --allow-path)",
+                path.display()
+            )
+        };
+        if !path.is_absolute() {
+            return Err(format!(
+                "{}: must be an absolute path as the coordinator sees it \
+                 (dpoctl resolves relative paths against the spec file's directory)",
+                path.display()
+            ));
+        }
+        let written = normalize(path);
+        if !self
+            .roots
+            .iter()
+            .any(|(given, resolved)| written.starts_with(given) || written.starts_with(resolved))
+        {
+            return Err(denied());
+        }
+        let resolved = resolve_existing(&written).ok_or_else(denied)?;
+        let inside = self.roots.iter().any(|(_, r)| resolved.starts_with(r));
+        if !inside || self.reserved.iter().any(|r| resolved.starts_with(r)) {
+            return Err(denied());
+        }
+        let meta = std::fs::metadata(&resolved);
+        match (what, meta) {
+            (Use::ReadFile, Ok(m)) if m.is_file() => Ok(resolved),
+            (Use::ReadFile, Ok(_)) => Err(format!("{}: not a regular file", path.display())),
+            (Use::ReadDir, Ok(m)) if m.is_dir() => Ok(resolved),
+            (Use::ReadDir, Ok(_)) => Err(format!("{}: not a directory", path.display())),
+            (Use::WriteDir, Ok(m)) if m.is_dir() => Ok(resolved),
+            (Use::WriteDir, Ok(_)) => Err(format!("{}: not a directory", path.display())),
+            (Use::WriteDir, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(resolved),
+            (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(format!("{}: no such file or directory", path.display()))
+            }
+            (_, Err(e)) => Err(format!("{}: {e}", path.display())),
+        }
+    }
+
+    /// Checks every path of `spec` a client named and replaces each by its
+    /// resolved form; `streamed` keys hold the coordinator's own copies of
+    /// uploaded files and are left alone. The error names the key.
+    pub fn confine(&self, spec: &mut RunSpec, streamed: &[String]) -> Result<(), String> {
+        let named = |key: &str| !streamed.iter().any(|s| s == key);
+        let check = |key: &str, p: &mut PathBuf, what: Use| -> Result<(), String> {
+            *p = self.resolve(p, what).map_err(|e| format!("{key}: {e}"))?;
+            Ok(())
+        };
+        check("model.path", &mut spec.model.path, Use::ReadDir)?;
+        if let ReferenceModel::Dir(d) = &mut spec.reference.path {
+            check("reference.path", d, Use::ReadDir)?;
+        }
+        if let ReferenceCache::Dir(d) = &mut spec.reference.cache {
+            check("reference.cache", d, Use::WriteDir)?;
+        }
+        if named("data.train") {
+            check("data.train", &mut spec.data.train, Use::ReadFile)?;
+        }
+        if named("data.eval")
+            && let Some(p) = spec.data.eval.as_mut()
+        {
+            check("data.eval", p, Use::ReadFile)?;
+        }
+        if named("data.negatives")
+            && let Some(Negatives::File(p)) = spec.data.negatives.as_mut()
+        {
+            check("data.negatives", p, Use::ReadFile)?;
+        }
+        check("train.output", &mut spec.train.output, Use::WriteDir)?;
+        Ok(())
+    }
+}
+
+/// Removes `.` and `..` lexically (`..` above the root stays at the root).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// `path` with every symlink resolved: the path itself when it exists, else
+/// its nearest existing ancestor resolved plus the missing rest. `None` when
+/// the first missing component is itself an entry (a dangling link, something
+/// unreadable): where it leads cannot be checked.
+fn resolve_existing(path: &Path) -> Option<PathBuf> {
+    if let Ok(p) = path.canonicalize() {
+        return Some(p);
+    }
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        let name = at.file_name()?;
+        rest.push(name.to_os_string());
+        at = at.parent()?;
+        if let Ok(base) = at.canonicalize() {
+            let first = base.join(rest.last()?);
+            if std::fs::symlink_metadata(&first).is_ok() {
+                return None;
+            }
+            let mut out = base;
+            out.extend(rest.iter().rev());
+            return Some(out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        _tmp: tempfile::TempDir,
+        allowed: PathBuf,
+        data: PathBuf,
+        outside: PathBuf,
+        c: Confinement,
+    }
+
+    fn fixture() -> std::io::Result<Fixture> {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path().canonicalize()?;
+        let (allowed, data, outside) =
+            (root.join("shared"), root.join("data"), root.join("secret"));
+        for d in [&allowed, &data, &outside, &data.join("runs/other/files")] {
+            std::fs::create_dir_all(d)?;
+        }
+        std::fs::write(allowed.join("train.jsonl"), "{}\n")?;
+        std::fs::write(outside.join("shadow"), "root:x\n")?;
+        std::fs::write(data.join("runs/other/files/data_train.jsonl"), "{}\n")?;
+        std::fs::write(data.join("store.json"), "{}")?;
+        let c = Confinement::new(std::slice::from_ref(&allowed), &data)?;
+        Ok(Fixture {
+            _tmp: tmp,
+            allowed,
+            data,
+            outside,
+            c,
+        })
+    }
+
+    #[test]
+    fn allowed_paths_resolve_and_everything_else_is_refused_alike() -> std::io::Result<()> {
+        let f = fixture()?;
+        let train = f.allowed.join("train.jsonl");
+        assert_eq!(f.c.resolve(&train, Use::ReadFile), Ok(train.clone()));
+        // `..` out of an allowed directory, a file outside, a missing one
+        // outside: one answer, that says nothing of existence.
+        let escapes = [
+            f.allowed.join("../secret/shadow"),
+            f.outside.join("shadow"),
+            f.outside.join("no-such-file"),
+            PathBuf::from("/etc/shadow"),
+            PathBuf::from("/etc/no-such-file"),
+        ];
+        for p in &escapes {
+            let e = f.c.resolve(p, Use::ReadFile).expect_err("refused");
+            assert_eq!(
+                e,
+                format!(
+                    "{}: not under a directory this coordinator allows (see its --allow-path)",
+                    p.display()
+                )
+            );
+        }
+        // Relative paths mean nothing to a server.
+        let e =
+            f.c.resolve(Path::new("../../x"), Use::WriteDir)
+                .expect_err("refused");
+        assert!(e.contains("must be an absolute path"), "{e}");
+        // The coordinator's own files, another run's upload: refused.
+        for p in [
+            f.data.join("store.json"),
+            f.data.join("runs/other/files/data_train.jsonl"),
+            f.data.join("runs/new-output"),
+        ] {
+            assert!(f.c.resolve(&p, Use::ReadFile).is_err(), "{}", p.display());
+            assert!(f.c.resolve(&p, Use::WriteDir).is_err(), "{}", p.display());
+        }
+        // The rest of the data dir is allowed (the default root).
+        assert!(f.c.resolve(&f.data.join("out/a"), Use::WriteDir).is_ok());
+        Ok(())
+    }
+
+    #[test]
+    fn symlinks_are_followed_before_the_check() -> std::io::Result<()> {
+        let f = fixture()?;
+        let link = f.allowed.join("innocent.jsonl");
+        std::os::unix::fs::symlink(f.outside.join("shadow"), &link)?;
+        assert!(
+            f.c.resolve(&link, Use::ReadFile)
+                .expect_err("refused")
+                .contains("allows")
+        );
+        let dir_link = f.allowed.join("out");
+        std::os::unix::fs::symlink(&f.outside, &dir_link)?;
+        assert!(
+            f.c.resolve(&dir_link.join("new/run"), Use::WriteDir)
+                .is_err()
+        );
+        // A dangling link cannot be checked: refused like an outside path.
+        let dangling = f.allowed.join("dangling");
+        std::os::unix::fs::symlink(f.outside.join("missing"), &dangling)?;
+        assert!(
+            f.c.resolve(&dangling, Use::WriteDir)
+                .expect_err("refused")
+                .contains("allows")
+        );
+        // A link that stays inside is fine, and the spec gets its target.
+        let inner = f.allowed.join("alias.jsonl");
+        std::os::unix::fs::symlink(f.allowed.join("train.jsonl"), &inner)?;
+        assert_eq!(
+            f.c.resolve(&inner, Use::ReadFile),
+            Ok(f.allowed.join("train.jsonl"))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn only_regular_files_are_read() -> std::io::Result<()> {
+        let f = fixture()?;
+        let e = f.c.resolve(&f.allowed, Use::ReadFile).expect_err("refused");
+        assert!(e.ends_with("not a regular file"), "{e}");
+        let c = Confinement::new(&[PathBuf::from("/dev")], &f.data)?;
+        let e = c
+            .resolve(Path::new("/dev/zero"), Use::ReadFile)
+            .expect_err("refused");
+        assert!(e.ends_with("not a regular file"), "{e}");
+        let e =
+            f.c.resolve(&f.allowed.join("missing.jsonl"), Use::ReadFile)
+                .expect_err("refused");
+        assert!(e.ends_with("no such file or directory"), "{e}");
+        let e =
+            f.c.resolve(&f.allowed.join("train.jsonl"), Use::WriteDir)
+                .expect_err("refused");
+        assert!(e.ends_with("not a directory"), "{e}");
+        Ok(())
+    }
+}
