@@ -71,7 +71,7 @@ fn devices_endless_lines_and_oversized_uploads_are_refused_with_flat_memory() {
     let case = Case::empty();
     let port = free_port().expect("port");
     let data = case.path().join("coord");
-    let limit = 256 * MIB;
+    let limit = 1024 * MIB;
     let c = coordinator(
         port,
         &data,
@@ -94,7 +94,8 @@ fn devices_endless_lines_and_oversized_uploads_are_refused_with_flat_memory() {
             .max_encoding_message_size(8 << 20);
         let (base, _) = memory(pid);
 
-        // A device named as the training file: refused at once, not read.
+        // A device named as the training file: outside the allowed
+        // directories, refused at once, not opened.
         let t = Instant::now();
         let spec = spec_json(case.path(), Path::new("/dev/zero")).expect("spec");
         let e = client
@@ -102,7 +103,15 @@ fn devices_endless_lines_and_oversized_uploads_are_refused_with_flat_memory() {
             .await
             .expect_err("/dev/zero");
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-        assert!(e.message().contains("not a regular file"), "{e}");
+        assert!(e.message().contains("not under a directory"), "{e}");
+        // A FIFO inside them (reading it would block forever): not a file.
+        let fifo = case.path().join("pipe.jsonl");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        assert!(made.is_ok_and(|s| s.success()), "mkfifo");
+        let spec = spec_json(case.path(), &fifo).expect("spec");
+        let e = client.submit(upload(spec, 0, 0)).await.expect_err("a FIFO");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+        assert!(e.message().ends_with("not a regular file"), "{e}");
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
         // 200 MiB without a newline: written to disk as it arrives, then refused
@@ -128,12 +137,12 @@ fn devices_endless_lines_and_oversized_uploads_are_refused_with_flat_memory() {
 
         let (_, peak) = memory(pid);
         eprintln!(
-            "coordinator resident: {} MiB before, peak {} MiB after 457 MiB of uploads",
+            "coordinator resident: {} MiB before, peak {} MiB after 1.2 GiB of uploads",
             base / MIB,
             peak / MIB
         );
         // The peak holds at most one bounded line and a few chunks, never an
-        // upload (uploads held whole would add 200 MiB, then 257 MiB).
+        // upload (uploads held whole would add 200 MiB, then 1 GiB).
         assert!(
             peak < base + 128 * MIB,
             "peak {} MiB over a base of {} MiB",
@@ -146,4 +155,279 @@ fn devices_endless_lines_and_oversized_uploads_are_refused_with_flat_memory() {
         .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A submission of `spec` streaming `files` (`key`, bytes) whole.
+fn submission(
+    spec: &dpo_proto::RunSpec,
+    files: Vec<(&str, Vec<u8>)>,
+) -> impl tokio_stream::Stream<Item = v1::SubmitChunk> + use<> {
+    let header = v1::SubmitChunk {
+        part: Some(v1::submit_chunk::Part::Header(v1::SubmitHeader {
+            spec_json: serde_json::to_string(spec).expect("spec json"),
+            streamed_files: files.iter().map(|(k, _)| k.to_string()).collect(),
+        })),
+    };
+    let chunks: Vec<v1::SubmitChunk> = files
+        .into_iter()
+        .map(|(key, data)| v1::SubmitChunk {
+            part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
+                key: key.into(),
+                data,
+            })),
+        })
+        .collect();
+    tokio_stream::iter(std::iter::once(header).chain(chunks))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+type Runs = RunServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
+
+fn runs_client(port: u16) -> Runs {
+    let ch = channel(&format!("http://127.0.0.1:{port}"), &Default::default()).expect("channel");
+    RunServiceClient::with_interceptor(ch, BearerToken::new(None).expect("token"))
+}
+
+#[test]
+fn paths_a_client_names_are_confined_to_the_allowed_directories() {
+    let case = Case::new(24);
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    // Allowed: the case directory (by the test helper) and the data dir.
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let base = dpo_proto::RunSpec::from_file(&case.write_spec("confined", "")).expect("spec");
+    let train = std::fs::read(&base.data.train).expect("train.jsonl");
+    runtime().block_on(async {
+        let mut client = runs_client(port);
+        // A run whose data was uploaded: waiting (no workers), its upload kept
+        // under the data dir as the coordinator's own file.
+        let first = client
+            .submit(submission(&base, vec![("data.train", train)]))
+            .await
+            .expect("an uploaded run")
+            .into_inner();
+        let upload = data
+            .join("runs")
+            .join(&first.id)
+            .join("files/data_train.jsonl");
+        assert!(upload.is_file(), "{}", upload.display());
+
+        let link = case.path().join("innocent.jsonl");
+        std::os::unix::fs::symlink("/etc/passwd", &link).expect("symlink");
+        let outside_out = Path::new("/etc/dpo-confined-test");
+        type Edit = Box<dyn Fn(&mut dpo_proto::RunSpec)>;
+        let cases: Vec<(&str, Edit, String)> = vec![
+            (
+                "a secret file",
+                Box::new(|s| s.data.train = "/etc/shadow".into()),
+                "data.train: /etc/shadow: not under a directory this coordinator allows".into(),
+            ),
+            (
+                "a missing file outside: the same answer",
+                Box::new(|s| s.data.train = "/etc/no-such-file".into()),
+                "data.train: /etc/no-such-file: not under a directory this coordinator allows"
+                    .into(),
+            ),
+            (
+                "another run's upload",
+                Box::new({
+                    let upload = upload.clone();
+                    move |s| s.data.train = upload.clone()
+                }),
+                format!("data.train: {}: not under a directory", upload.display()),
+            ),
+            (
+                "a link out of an allowed directory",
+                Box::new({
+                    let link = link.clone();
+                    move |s| s.data.eval = Some(link.clone())
+                }),
+                format!("data.eval: {}: not under a directory", link.display()),
+            ),
+            (
+                "an output in /etc",
+                Box::new(|s| s.train.output = "/etc/dpo-confined-test".into()),
+                "train.output: /etc/dpo-confined-test: not under a directory".into(),
+            ),
+            (
+                "a relative output",
+                Box::new(|s| s.train.output = "../../x".into()),
+                "train.output: ../../x: must be an absolute path".into(),
+            ),
+            (
+                "the coordinator's own store as a model",
+                Box::new({
+                    let data = data.clone();
+                    move |s| s.model.path = data.join("runs")
+                }),
+                "model.path:".into(),
+            ),
+        ];
+        for (what, edit, want) in cases {
+            let mut spec = base.clone();
+            spec.name = "hostile".into();
+            edit(&mut spec);
+            let e = client
+                .submit(submission(&spec, Vec::new()))
+                .await
+                .expect_err(what);
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e}");
+            assert!(e.message().starts_with(&want), "{what}: {}", e.message());
+        }
+        assert!(!outside_out.exists(), "nothing is created outside");
+        // Only the first run exists, waiting for workers; refused ones left no files.
+        let runs = client
+            .list_runs(v1::ListRunsRequest::default())
+            .await
+            .expect("list")
+            .into_inner()
+            .runs;
+        assert_eq!(runs.len(), 1, "{runs:?}");
+        assert_eq!(runs[0].state, v1::RunState::Waiting as i32);
+        let dirs: Vec<_> = std::fs::read_dir(data.join("runs"))
+            .expect("runs")
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        assert_eq!(dirs, [std::ffi::OsString::from(&first.id)]);
+    });
+}
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(at).expect("mount point");
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "this test mounts a small tmpfs to fill it (it needs root, as in CI)"
+        );
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes `path` until the file system is full; the bytes written.
+fn fill(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).expect("filler");
+    let chunk = vec![7u8; MIB as usize];
+    let mut n = 0;
+    while f.write_all(&chunk).is_ok() {
+        n += MIB;
+    }
+    let _ = f.sync_all();
+    n
+}
+
+#[test]
+fn a_full_disk_fails_the_run_and_a_restart_finds_it_failed() {
+    let case = Case::new(24);
+    let disk = case.path().join("disk");
+    let _tmpfs = Tmpfs::mount(&disk, "48m");
+    let port = free_port().expect("port");
+    // The store, the shards and the run's output all on the small disk.
+    let data = disk.join("coord");
+    let root = case.path().display().to_string();
+    let mut c = coordinator(
+        port,
+        &data,
+        &case.logs,
+        "coordinator",
+        &["--allow-path", &root],
+        None,
+    )
+    .expect("coordinator");
+    assert!(
+        data.join("store.reserve").is_file(),
+        "the store keeps a reserve"
+    );
+    let out = disk.join("out");
+    let text = dpo_e2e::spec(case.path(), "full", "max_steps = 100000").replace(
+        &case.path().join("full").display().to_string(),
+        &out.display().to_string(),
+    );
+    let spec = case.path().join("full.toml");
+    std::fs::write(&spec, text).expect("spec");
+    let _w = dpo_e2e::worker(port, "w1", &case.logs).expect("worker");
+    let submitted =
+        dpo_e2e::dpoctl(port, &["submit", &spec.display().to_string()]).expect("dpoctl");
+    assert!(
+        submitted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&submitted.stderr)
+    );
+    dpo_e2e::wait_for(Duration::from_secs(120), || {
+        Ok(dpo_e2e::steps_done(&out) >= 3)
+    })
+    .expect("training");
+    let filled = fill(&disk.join("filler"));
+    eprintln!("filled the disk with {} MiB", filled / MIB);
+    let rt = runtime();
+    let get = |port: u16| {
+        rt.block_on(async {
+            runs_client(port)
+                .get_run(v1::GetRunRequest { run: "full".into() })
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    };
+    let mut failed = None;
+    dpo_e2e::wait_for(Duration::from_secs(60), || {
+        let run = get(port)?;
+        let done = run.state == v1::RunState::Failed as i32;
+        failed = Some(run);
+        Ok(done)
+    })
+    .unwrap_or_else(|e| panic!("{e}: {failed:?}{}", case.logs()));
+    let failed = failed.expect("the run");
+    assert!(
+        failed.error.contains("No space left on device"),
+        "{}",
+        failed.error
+    );
+    // The coordinator dies; space is freed; a new one finds the run failed.
+    c.kill();
+    std::fs::remove_file(disk.join("filler")).expect("free space");
+    let _c2 = coordinator(
+        port,
+        &data,
+        &case.logs,
+        "coordinator-2",
+        &["--allow-path", &root],
+        None,
+    )
+    .expect("restart");
+    let after = get(port).expect("the run after a restart");
+    assert_eq!(after.state, v1::RunState::Failed as i32, "{after:?}");
+    assert_eq!((after.step, &after.error), (failed.step, &failed.error));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        get(port).expect("run").step,
+        failed.step,
+        "nothing replayed"
+    );
+    assert!(data.join("store.reserve").is_file(), "the reserve is back");
 }

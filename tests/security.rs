@@ -324,3 +324,204 @@ fn dpoctl_local_ignores_tls_settings_meant_for_a_remote_cluster() {
     );
     assert_eq!(steps_done(&case.path().join("local")), 2);
 }
+
+/// The identities of [`named_identities_own_their_runs_and_roles_gate_the_services`].
+const ALICE: &str = "alice-7d0c52e4b9f1a8c3";
+const BOB: &str = "bob-3e8f1a6c0d2b9e74";
+const GPU: &str = "gpu-b61d09f4e2a7c835";
+const OPS: &str = "ops-90a4c7e15f3b6d28";
+
+async fn runs_as(
+    port: u16,
+    token: Option<&str>,
+) -> RunServiceClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+> {
+    let ch = channel(&format!("http://127.0.0.1:{port}"), &ClientTls::default()).expect("channel");
+    RunServiceClient::with_interceptor(
+        ch,
+        BearerToken::new(token.map(str::to_string)).expect("token"),
+    )
+}
+
+#[test]
+fn named_identities_own_their_runs_and_roles_gate_the_services() {
+    use std::os::unix::fs::PermissionsExt;
+    let case = Case::new(24);
+    let tokens = case.path().join("tokens");
+    std::fs::write(
+        &tokens,
+        format!(
+            "# name token role\nalice {ALICE} client\nbob {BOB} client\ngpu-1 {GPU} worker\nops {OPS} admin\n"
+        ),
+    )
+    .expect("tokens");
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(
+        port,
+        &data,
+        &case.logs,
+        "coordinator",
+        &["--tokens", &s(&tokens)],
+        None,
+    )
+    .expect("coordinator");
+    // The worker presents the worker identity's token.
+    let _w = Proc::spawn(
+        "gpu-1",
+        Command::new(bin("dpo-worker"))
+            .args(["--coordinator", &format!("http://127.0.0.1:{port}")])
+            .args(["--device", "cpu", "--worker-id", "gpu-1"])
+            .env("DPO_TOKEN", GPU),
+        &case.logs,
+    )
+    .expect("worker");
+    let spec =
+        dpo_proto::RunSpec::from_file(&case.write_spec("alices", "max_steps = 3")).expect("spec");
+    let header = v1::SubmitChunk {
+        part: Some(v1::submit_chunk::Part::Header(v1::SubmitHeader {
+            spec_json: serde_json::to_string(&spec).expect("json"),
+            streamed_files: Vec::new(),
+        })),
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        // A worker cannot submit; a client can.
+        let e = runs_as(port, Some(GPU))
+            .await
+            .submit(tokio_stream::iter([header.clone()]))
+            .await
+            .expect_err("a worker submitting");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        let run = runs_as(port, Some(ALICE))
+            .await
+            .submit(tokio_stream::iter([header]))
+            .await
+            .expect("alice submits")
+            .into_inner();
+        assert_eq!(run.owner, "alice");
+        // The worker identity trains it.
+        let t = std::time::Instant::now();
+        loop {
+            let r = runs_as(port, Some(ALICE))
+                .await
+                .get_run(v1::GetRunRequest {
+                    run: run.id.clone(),
+                })
+                .await
+                .expect("alice sees her run")
+                .into_inner();
+            if r.state == v1::RunState::Succeeded as i32 {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120) && !r.ended(),
+                "{r:?}{}",
+                case.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Bob sees nothing of it, by id, prefix or name, and cannot cancel it.
+        let mut bob = runs_as(port, Some(BOB)).await;
+        let listed = bob
+            .list_runs(v1::ListRunsRequest {})
+            .await
+            .expect("bob lists")
+            .into_inner()
+            .runs;
+        assert!(listed.is_empty(), "{listed:?}");
+        for what in [
+            run.id.clone(),
+            run.id[..8].to_string(),
+            "alices".to_string(),
+        ] {
+            let e = bob
+                .get_run(v1::GetRunRequest { run: what.clone() })
+                .await
+                .expect_err("another's run");
+            assert_eq!(e.code(), tonic::Code::NotFound, "{what}: {e}");
+            let e = bob
+                .cancel_run(v1::CancelRunRequest { run: what.clone() })
+                .await
+                .expect_err("another's run");
+            assert_eq!(e.code(), tonic::Code::NotFound, "{what}: {e}");
+            let e = bob
+                .watch_run(v1::WatchRunRequest { run: what.clone() })
+                .await
+                .map(|_| ())
+                .expect_err("another's run");
+            assert_eq!(e.code(), tonic::Code::NotFound, "{what}: {e}");
+        }
+        // The admin sees every run, with its owner.
+        let all = runs_as(port, Some(OPS))
+            .await
+            .list_runs(v1::ListRunsRequest {})
+            .await
+            .expect("admin lists")
+            .into_inner()
+            .runs;
+        assert_eq!(
+            all.iter().map(|r| r.owner.as_str()).collect::<Vec<_>>(),
+            ["alice"]
+        );
+        // A client cannot act as a worker.
+        let ch =
+            channel(&format!("http://127.0.0.1:{port}"), &ClientTls::default()).expect("channel");
+        let mut fake = dpo_proto::v1::worker_service_client::WorkerServiceClient::with_interceptor(
+            ch.clone(),
+            BearerToken::new(Some(ALICE.into())).expect("token"),
+        );
+        let e = fake
+            .register(v1::RegisterRequest {
+                worker_id: "fake".into(),
+                collective_addr: "127.0.0.1:1".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a client registering as a worker");
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+        // Reflection needs a token (any identity); health stays open for probes.
+        use tonic_reflection::pb::v1::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest,
+        };
+        let ask = || {
+            tokio_stream::iter([ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            }])
+        };
+        let e = ServerReflectionClient::new(ch.clone())
+            .server_reflection_info(ask())
+            .await
+            .map(|_| ())
+            .expect_err("reflection without a token");
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+        let mut answers = ServerReflectionClient::with_interceptor(
+            ch.clone(),
+            BearerToken::new(Some(BOB.into())).expect("token"),
+        )
+        .server_reflection_info(ask())
+        .await
+        .expect("reflection with a token")
+        .into_inner();
+        let answer = answers.message().await.expect("answer").expect("one");
+        assert!(
+            format!("{answer:?}").contains("dpo.v1.RunService"),
+            "{answer:?}"
+        );
+        let health = tonic_health::pb::health_client::HealthClient::new(ch)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health without a token")
+            .into_inner();
+        assert_eq!(
+            health.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    });
+}

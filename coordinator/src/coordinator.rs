@@ -94,10 +94,21 @@ impl Coordinator {
             .unwrap_or(0);
         let mut engine = Engine::new(settings.lease_ttl, generation);
         let mut stored = store_read("run history", store.list(engine::HISTORY_PREFIX).await)?;
+        let ended: std::collections::HashSet<String> = stored
+            .iter()
+            .filter_map(|(k, _)| k.strip_prefix(engine::HISTORY_PREFIX))
+            .map(str::to_string)
+            .collect();
+        // A run in the history has ended, whatever an older record says (one
+        // written before its end was recorded as one write).
         stored.extend(
             store_read("runs", store.list(engine::RUN_PREFIX).await)?
                 .into_iter()
-                .filter(|(k, _)| k.ends_with("/record")),
+                .filter(|(k, _)| {
+                    k.strip_prefix(engine::RUN_PREFIX)
+                        .and_then(|rest| rest.strip_suffix("/record"))
+                        .is_some_and(|id| !ended.contains(id))
+                }),
         );
         let cache_root = settings.data_dir.join("reference");
         for (key, value) in stored {
@@ -642,6 +653,7 @@ async fn apply_effects(
         for effect in effects {
             let (run, output) = match &effect {
                 Effect::Store { run, .. } => (run.clone(), false),
+                Effect::RecordEnd { run, .. } => (Some(run.clone()), false),
                 Effect::AppendMetrics { run, .. } => (Some(run.clone()), true),
                 _ => (None, false),
             };
@@ -659,7 +671,10 @@ async fn apply_effects(
                         (Refusal::Internal(why), Some(run)) if output => {
                             refused.push((run, format!("cannot write the run's output: {why}")));
                         }
-                        (Refusal::Store(_), _) => unsaved = true,
+                        // Missed for now (etcd unreachable past the retries):
+                        // written again below. A permanent refusal without a
+                        // run to fail would only be refused again.
+                        (Refusal::Store(se), _) if !se.is_permanent() => unsaved = true,
                         _ => {}
                     }
                     failure.get_or_insert(e);
@@ -697,8 +712,16 @@ async fn apply_effects(
 async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
     match effect {
         Effect::Store { fence, writes, .. } => Ok(outside.store.apply(fence, writes).await?),
-        Effect::DeletePrefix(prefix) => {
-            outside.store.delete_prefix(&prefix).await?;
+        Effect::RecordEnd {
+            writes,
+            then_delete,
+            ..
+        } => {
+            outside.store.record_end(writes).await?;
+            if let Err(e) = outside.store.delete_prefix(&then_delete).await {
+                // The end is recorded; the leftover keys are read by nobody.
+                tracing::warn!(prefix = then_delete, error = %e, "could not delete an ended run's keys");
+            }
             Ok(true)
         }
         Effect::AppendMetrics { path, metrics, .. } => {

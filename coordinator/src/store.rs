@@ -134,7 +134,7 @@ impl Store {
         match self {
             Store::Embedded(s) => {
                 let mut state = s.state.lock().await;
-                s.commit(&mut state, LogOp::DeletePrefix(prefix.to_string()))
+                s.commit(&mut state, LogOp::DeletePrefix(prefix.to_string()), false)
             }
             Store::Etcd(e) => e.delete_prefix(prefix).await,
         }
@@ -165,10 +165,24 @@ impl Store {
                         return Ok(false);
                     }
                 }
-                s.commit(&mut state, LogOp::Writes(writes))?;
+                s.commit(&mut state, LogOp::Writes(writes), false)?;
                 Ok(true)
             }
             Store::Etcd(e) => e.apply(fence, writes).await,
+        }
+    }
+
+    /// Writes a run's end (unfenced): like [`Store::apply`], except that on a
+    /// full disk the embedded store gives up its reserve for it, so a run that
+    /// failed for lack of space is still recorded as failed.
+    pub async fn record_end(&self, writes: Vec<(String, Option<String>)>) -> Result<bool> {
+        match self {
+            Store::Embedded(s) => {
+                let mut state = s.state.lock().await;
+                s.commit(&mut state, LogOp::Writes(writes), true)?;
+                Ok(true)
+            }
+            Store::Etcd(_) => self.apply(None, writes).await,
         }
     }
 }
@@ -519,9 +533,9 @@ struct EmbeddedState {
     compact_at: u64,
 }
 
-/// Bytes the store keeps in `store.reserve` for a full disk: when a write
-/// finds no space, it is refused for good and the reserve released, so the
-/// decisions that follow (its run failed for lack of space) are still durable.
+/// Bytes the store keeps in `store.reserve` for a full disk: a write that
+/// finds no space is refused for good (its run fails), and the write that
+/// records the run's end may use the reserve's space, so it is still durable.
 const RESERVE_BYTES: usize = 4 << 20;
 
 /// Whether an I/O error means the disk (or the quota) is full.
@@ -651,12 +665,14 @@ impl Embedded {
         }
     }
 
-    /// Gives the reserve's space back to the file system.
-    fn release_reserve(&self) {
+    /// Gives the reserve's space back to the file system; whether there was one.
+    fn release_reserve(&self) -> bool {
         let path = self.dir.join("store.reserve");
-        if std::fs::remove_file(&path).is_ok() {
-            tracing::error!(dir = %self.dir.display(), "the disk is full: released the store's reserve to record what follows; free space and restart to restore it");
+        let released = std::fs::remove_file(&path).is_ok();
+        if released {
+            tracing::error!(dir = %self.dir.display(), "the disk is full: released the store's reserve to record a run's end; free space and restart to restore it");
         }
+        released
     }
 
     /// Appends `line` to the log and fsyncs it; on an error the log is cut back
@@ -672,8 +688,10 @@ impl Embedded {
         written
     }
 
-    /// Makes `op` durable (one fsynced log line), applies it, and compacts when due.
-    fn commit(&self, state: &mut EmbeddedState, op: LogOp) -> Result<()> {
+    /// Makes `op` durable (one fsynced log line), applies it, and compacts when
+    /// due. On a full disk the write is refused, unless `reserve` lets it use
+    /// the space of `store.reserve`.
+    fn commit(&self, state: &mut EmbeddedState, op: LogOp, reserve: bool) -> Result<()> {
         let log_path = self.dir.join("store.log");
         let io = |source| StoreError::Io {
             path: log_path.clone(),
@@ -684,13 +702,12 @@ impl Embedded {
             reason: e.to_string(),
         })?;
         line.push(b'\n');
-        if let Err(e) = Self::append(state, &line) {
-            // This write is refused (for good: its run fails), and the reserve
-            // makes room for the writes that record that failure.
-            if is_full(&e) {
-                self.release_reserve();
+        match Self::append(state, &line) {
+            Ok(()) => {}
+            Err(e) if is_full(&e) && reserve && self.release_reserve() => {
+                Self::append(state, &line).map_err(io)?;
             }
-            return Err(io(e));
+            Err(e) => return Err(io(e)),
         }
         state.log_bytes += line.len() as u64;
         op.apply_to(&mut state.map);

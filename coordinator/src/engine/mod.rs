@@ -109,8 +109,15 @@ pub enum Effect {
         fence: Option<u64>,
         writes: Vec<(String, Option<String>)>,
     },
-    /// Deletes every key under a prefix.
-    DeletePrefix(String),
+    /// A run's end, in one write: its history record, and its active record
+    /// removed (so a restart cannot find it running). On a full disk the
+    /// embedded store spends its reserve on this write. Only once it is
+    /// written are the run's other keys (`then_delete`, its ledger) deleted.
+    RecordEnd {
+        run: String,
+        writes: Vec<(String, Option<String>)>,
+        then_delete: String,
+    },
     /// Appends one JSON line of metrics to a file (created when missing); a
     /// file that cannot be written fails the run.
     AppendMetrics {
@@ -251,13 +258,14 @@ impl Engine {
         };
         let json = to_json(r)?;
         if r.state.terminal() {
-            self.effects.push(Effect::Store {
-                run: Some(id.to_string()),
-                fence: None,
-                writes: vec![(format!("{HISTORY_PREFIX}{id}"), Some(json))],
+            self.effects.push(Effect::RecordEnd {
+                run: id.to_string(),
+                writes: vec![
+                    (format!("{HISTORY_PREFIX}{id}"), Some(json)),
+                    (run_key(id), None),
+                ],
+                then_delete: format!("{RUN_PREFIX}{id}/"),
             });
-            self.effects
-                .push(Effect::DeletePrefix(format!("{RUN_PREFIX}{id}/")));
         } else {
             self.effects.push(Effect::Store {
                 run: Some(id.to_string()),

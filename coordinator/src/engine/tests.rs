@@ -438,13 +438,12 @@ fn success_needs_rank_0_and_every_step_then_the_run_ends_cleanly() {
         .iter()
         .position(|f| matches!(f, Effect::WriteLedger { .. }));
     let history = fx.iter().position(
-        |f| matches!(f, Effect::Store { writes, .. } if writes[0].0 == "dpo/history/run-a"),
+        |f| matches!(f, Effect::RecordEnd { writes, .. } if writes[0].0 == "dpo/history/run-a" && writes[1] == ("dpo/runs/run-a/record".into(), None)),
     );
-    let dropped = fx
-        .iter()
-        .position(|f| *f == Effect::DeletePrefix("dpo/runs/run-a/".into()));
+    assert!(ledger.is_some() && ledger < history, "{fx:?}");
+    // The run's other keys go only after its end is recorded.
     assert!(
-        ledger.is_some() && ledger < history && history < dropped,
+        fx.iter().any(|f| matches!(f, Effect::RecordEnd { then_delete, .. } if then_delete == "dpo/runs/run-a/")),
         "{fx:?}"
     );
     let idle = fx
