@@ -103,7 +103,43 @@ class Rendering(unittest.TestCase):
                                          "metrics": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]}},
         "existing-secrets-and-claim": {"auth": {"existingSecret": "tok"}, "tls": {"existingSecret": "certs"},
                                        "shared": {"existingClaim": "models"}},
+        "named-tokens": {"auth": {"existingSecret": "ids", "namedTokens": True}},
     }
+
+    def test_named_tokens(self):
+        docs, _ = render(self.CONFIGS["named-tokens"])
+        coord = find(docs, "StatefulSet", f"{FULL}-coordinator")
+        self.assertIn("--tokens=/etc/dpo/auth/tokens", args(coord))
+        self.assertNotIn("DPO_TOKEN", env(coord), "the tokens file replaces the single token")
+        vols = {v["name"]: v for v in coord["spec"]["template"]["spec"]["volumes"]}
+        self.assertEqual(vols["auth"]["secret"]["secretName"], "ids")
+        self.assertEqual(vols["auth"]["secret"]["items"], [{"key": "tokens", "path": "tokens"}])
+        mounts = {m["name"]: m for m in container(coord)["volumeMounts"]}
+        self.assertEqual(mounts["auth"]["mountPath"], "/etc/dpo/auth")
+        self.assertTrue(mounts["auth"]["readOnly"])
+        worker = find(docs, "StatefulSet", f"{FULL}-worker")
+        ref = env(worker)["DPO_TOKEN"]["valueFrom"]["secretKeyRef"]
+        self.assertEqual((ref["name"], ref["key"]), ("ids", "worker-token"))
+        self.assertNotIn(("Secret", f"{FULL}-token"), kinds(docs))
+        with self.assertRaises(Exception) as cm:
+            render({"auth": {"namedTokens": True}})
+        self.assertIn("auth.namedTokens needs auth.existingSecret", str(cm.exception))
+
+    def test_paths_uploads_retention_and_etcd_compaction(self):
+        docs, _ = render({"shared": {"mountPath": "/data"},
+                          "coordinator": {"maxUploadBytes": 1 << 30, "runFilesRetentionSeconds": 3600},
+                          "etcd": {"autoCompactionRetention": "1h", "quotaBackendBytes": 8 << 30}})
+        a = args(find(docs, "StatefulSet", f"{FULL}-coordinator"))
+        self.assertIn("--allow-path=/data", a)
+        self.assertIn(f"--max-upload-bytes={1 << 30}", a)
+        self.assertIn("--run-files-retention-s=3600", a)
+        e = args(find(docs, "StatefulSet", f"{FULL}-etcd"))
+        self.assertIn("--auto-compaction-mode=periodic", e)
+        self.assertIn("--auto-compaction-retention=1h", e)
+        self.assertIn(f"--quota-backend-bytes={8 << 30}", e)
+        docs, _ = render()
+        a = args(find(docs, "StatefulSet", f"{FULL}-coordinator"))
+        self.assertIn("--max-upload-bytes=17179869184", a, "large integers render whole, not as 1.7e+10")
 
     def test_every_configuration_validates_against_kubernetes_1_30(self):
         for label, values in self.CONFIGS.items():
@@ -349,6 +385,8 @@ class Rendering(unittest.TestCase):
                             ({"etcd": {"replicas": 2}}, "/etcd/replicas"),
                             ({"worker": {"device": "gpu"}}, "/worker/device"),
                             ({"auth": {"token": "short"}}, "/auth/token"),
+                            ({"etcd": {"autoCompactionRetention": "often"}}, "/etcd/autoCompactionRetention"),
+                            ({"coordinator": {"maxUploadBytes": -1}}, "/coordinator/maxUploadBytes"),
                             ({"podSecurityContext": {"runAsNonRoot": False, "runAsUser": 10001}},
                              "/podSecurityContext/runAsNonRoot"),
                             ({"tls": {"enabled": "yes"}}, "/tls/enabled")]:
