@@ -71,6 +71,8 @@ pub struct Coordinator {
     engine: Arc<Mutex<Engine>>,
     outside: Arc<Outside>,
     queue: mpsc::UnboundedSender<Batch>,
+    /// Ended runs whose files are gone (the sweep skips them).
+    swept: Mutex<std::collections::HashSet<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -157,6 +159,7 @@ impl Coordinator {
             engine,
             outside,
             queue,
+            swept: Mutex::default(),
         });
         // Records of an earlier version move their ledger out (queued by restore).
         coordinator.run(|_, _| Ok(())).await?;
@@ -171,11 +174,13 @@ impl Coordinator {
     pub async fn sweep_run_files(&self, orphans: bool) {
         let now = Now::system().unix_ms;
         let keep = i64::try_from(self.settings.run_files_retention.as_millis()).unwrap_or(i64::MAX);
+        let swept = lock(&self.swept).clone();
         let (mut dirs, known) = self.read(|e| {
-            let expired: Vec<PathBuf> = e
+            let expired: Vec<(String, PathBuf)> = e
                 .records()
                 .filter(|r| r.state.terminal() && r.finished_ms.saturating_add(keep) <= now)
-                .map(|r| r.shard_dir.clone())
+                .filter(|r| !swept.contains(&r.id))
+                .map(|r| (r.id.clone(), r.shard_dir.clone()))
                 .collect();
             let known: std::collections::HashSet<String> =
                 e.records().map(|r| r.id.clone()).collect();
@@ -183,21 +188,24 @@ impl Coordinator {
         });
         if orphans && let Ok(entries) = std::fs::read_dir(self.settings.data_dir.join("runs")) {
             for entry in entries.flatten() {
-                if !known.contains(&*entry.file_name().to_string_lossy()) {
-                    dirs.push(entry.path());
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !known.contains(&name) {
+                    dirs.push((name, entry.path()));
                 }
             }
         }
-        for dir in dirs {
+        for (id, dir) in dirs {
             match tokio::fs::remove_dir_all(&dir).await {
                 Ok(()) => {
                     tracing::info!(dir = %dir.display(), "removed a run's uploads and shards")
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove a run's files")
+                    tracing::warn!(dir = %dir.display(), error = %e, "could not remove a run's files");
+                    continue;
                 }
             }
+            lock(&self.swept).insert(id);
         }
     }
 
