@@ -53,15 +53,117 @@ impl SequenceBatch {
     }
 }
 
-/// `log softmax(logits)[target]` for every position, in f32, without materialising
-/// the full log-softmax.
-pub fn token_logps(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let f = || -> std::result::Result<Tensor, tch::TchError> {
-        let logits = logits.f_to_kind(Kind::Float)?;
-        let picked = logits
-            .f_gather(-1, &targets.f_unsqueeze(-1)?, false)?
-            .f_squeeze_dim(-1)?;
-        picked.f_sub(&logits.f_logsumexp(&[-1i64][..], false)?)
+/// The LM head's backward, deferred: [`head_logps`] computed the log-probs in
+/// chunks without keeping any logits, so after the loss's backward has filled
+/// the gradient of the log-probs, [`HeadGrad::backward`] recomputes each chunk's
+/// logits with their graph, back-propagates that chunk into the head's weight
+/// and the hidden rows, and finally sends the rows' gradient through the model.
+#[derive(Debug)]
+pub struct HeadGrad {
+    /// The hidden rows, in the model's graph.
+    rows: Tensor,
+    /// The same rows cut from the graph, collecting the chunks' gradients.
+    leaf: Tensor,
+    /// The log-probs handed to the loss (a leaf: the loss's backward fills its
+    /// gradient).
+    logps: Tensor,
+    targets: Tensor,
+    weight: Tensor,
+    chunk: i64,
+}
+
+impl HeadGrad {
+    /// The rest of the backward, once the loss's backward has run.
+    pub fn backward(self) -> Result<()> {
+        let f = || -> std::result::Result<(), tch::TchError> {
+            let grad = self.logps.grad();
+            if !grad.defined() {
+                return Ok(());
+            }
+            let n = self.leaf.size().first().copied().unwrap_or(0);
+            let mut start = 0;
+            while start < n {
+                let len = self.chunk.min(n - start);
+                let logits = self
+                    .leaf
+                    .f_narrow(0, start, len)?
+                    .f_linear(&self.weight, None::<&Tensor>)?;
+                let lp = picked_logps(&logits, &self.targets.f_narrow(0, start, len)?)?;
+                lp.f_mul(&grad.f_narrow(0, start, len)?)?
+                    .f_sum(Kind::Float)?
+                    .f_backward()?;
+                start += len;
+            }
+            let rows_grad = self.leaf.grad();
+            if rows_grad.defined() && self.rows.requires_grad() {
+                self.rows
+                    .f_mul(&rows_grad.f_to_kind(self.rows.kind())?)?
+                    .f_sum(Kind::Float)?
+                    .f_backward()?;
+            }
+            Ok(())
+        };
+        f().op("LM head backward (chunked)")
+    }
+}
+
+/// `log softmax(logits)[target]` per row of `[n, vocab]` logits, in f32,
+/// without materialising the full log-softmax.
+fn picked_logps(logits: &Tensor, targets: &Tensor) -> std::result::Result<Tensor, tch::TchError> {
+    let logits = logits.f_to_kind(Kind::Float)?;
+    let picked = logits
+        .f_gather(-1, &targets.f_unsqueeze(-1)?, false)?
+        .f_squeeze_dim(-1)?;
+    picked.f_sub(&logits.f_logsumexp(&[-1i64][..], false)?)
+}
+
+/// Log-probs `[n]` of `targets` under the LM head `weight` applied to hidden
+/// `rows` (`[n, hidden]`). At most `chunk` rows' logits exist at once (`chunk`
+/// ≤ 0: all rows at once, through plain autograd). When `rows` needs a
+/// gradient and there is more than one chunk, the head's backward is deferred:
+/// the returned log-probs are a leaf, and the [`HeadGrad`] must be run after
+/// the loss's backward.
+pub fn head_logps(
+    rows: &Tensor,
+    weight: &Tensor,
+    targets: &Tensor,
+    chunk: i64,
+) -> Result<(Tensor, Option<HeadGrad>)> {
+    let f = || -> std::result::Result<(Tensor, Option<HeadGrad>), tch::TchError> {
+        let n = rows.size().first().copied().unwrap_or(0);
+        if chunk <= 0 || n <= chunk {
+            let logits = rows.f_linear(weight, None::<&Tensor>)?;
+            return Ok((picked_logps(&logits, targets)?, None));
+        }
+        let values = {
+            let _guard = tch::no_grad_guard();
+            let mut parts = Vec::new();
+            let mut start = 0;
+            while start < n {
+                let len = chunk.min(n - start);
+                let logits = rows
+                    .f_narrow(0, start, len)?
+                    .f_linear(weight, None::<&Tensor>)?;
+                parts.push(picked_logps(&logits, &targets.f_narrow(0, start, len)?)?);
+                start += len;
+            }
+            Tensor::f_cat(&parts, 0)?
+        };
+        // A view of the weight needs a gradient only where autograd is on.
+        let grad_wanted = rows.requires_grad() || weight.f_narrow(0, 0, 1)?.requires_grad();
+        if !grad_wanted {
+            return Ok((values, None));
+        }
+        let logps = values.f_detach()?.set_requires_grad(true);
+        let head = HeadGrad {
+            rows: rows.shallow_clone(),
+            leaf: rows.f_detach()?.set_requires_grad(true),
+            logps: logps.shallow_clone(),
+            targets: targets.shallow_clone(),
+            weight: weight.shallow_clone(),
+            chunk,
+        };
+        Ok((logps, Some(head)))
     };
-    f().op("token log-probabilities")
+    f().op("LM head log-probabilities")
 }

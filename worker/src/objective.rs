@@ -15,7 +15,7 @@ use dpo_proto::{Loss, ObjectiveSpec};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TorchContext};
-use crate::logps::{SequenceBatch, token_logps};
+use crate::logps::{HeadGrad, SequenceBatch};
 use crate::model::CausalLm;
 use crate::packing::{PackedBatch, Segment};
 
@@ -110,6 +110,9 @@ pub struct SequenceScores {
     pub token_logps: Tensor,
     /// 1.0 on response tokens, `[n, seq − 1]`.
     pub mask: Tensor,
+    /// The LM head's backward when it was deferred (chunked head): run it after
+    /// the loss's backward.
+    pub head: Option<HeadGrad>,
 }
 
 /// How a micro-batch's sequences are laid out for the forward pass.
@@ -127,19 +130,35 @@ pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
         Layout::Padded(b) => b,
         Layout::Packed(p) => return score_packed(model, p),
     };
-    let logits = model.forward(&b.input_ids, Some(&b.attention_mask))?;
-    let l = b.input_ids.size().get(1).copied().unwrap_or(0);
-    // Position i predicts token i + 1; padding targets are id 0 and masked out.
-    let shifted = logits.f_narrow(1, 0, l - 1).op("shift logits")?;
-    let targets = b.input_ids.f_narrow(1, 1, l - 1).op("shift targets")?;
+    let hidden = model.hidden_states(&b.input_ids, Some(&b.attention_mask))?;
+    let (n, l) = b.input_ids.size2().op("score: input_ids")?;
+    let h = *hidden.size().last().unwrap_or(&0);
+    // Position i predicts token i + 1; only positions that predict a response
+    // token reach the head, and their log-probs are scattered back in place.
     let mask = b
         .response_mask
         .f_narrow(1, 1, l - 1)
         .and_then(|m| m.f_to_kind(Kind::Float))
         .op("response mask")?;
-    let per_token = token_logps(&shifted, &targets)?
-        .f_mul(&mask)
-        .op("mask log-probabilities")?;
+    let (rows, targets, at) = (|| -> TchResult<(Tensor, Tensor, Tensor)> {
+        let at = mask.f_reshape([-1])?.f_nonzero()?.f_squeeze_dim(1)?;
+        let rows = hidden
+            .f_narrow(1, 0, l - 1)?
+            .f_reshape([-1, h])?
+            .f_index_select(0, &at)?;
+        let targets = b
+            .input_ids
+            .f_narrow(1, 1, l - 1)?
+            .f_reshape([-1])?
+            .f_index_select(0, &at)?;
+        Ok((rows, targets, at))
+    })()
+    .op("positions that predict a response token")?;
+    let (lp, head) = model.head_logps(&rows, &targets)?;
+    let per_token = Tensor::f_zeros([n * (l - 1)], (Kind::Float, lp.device()))
+        .and_then(|z| z.f_index_add(0, &at, &lp))
+        .and_then(|t| t.f_view([n, l - 1]))
+        .op("per-token log-probabilities")?;
     let sums = per_token
         .f_sum_dim_intlist(&[-1i64][..], false, Kind::Float)
         .op("sum log-probabilities")?;
@@ -151,6 +170,7 @@ pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
         counts,
         token_logps: per_token,
         mask,
+        head,
     })
 }
 
@@ -164,9 +184,8 @@ fn score_packed(model: &CausalLm, p: &PackedBatch) -> Result<SequenceScores> {
         .f_reshape([-1, h])
         .and_then(|x| x.f_index_select(0, &p.sources))
         .op("packed: scored positions")?;
-    let logits = model.lm_head(&picked)?;
-    let lp = token_logps(&logits, &p.targets)?;
-    let f = || -> TchResult<SequenceScores> {
+    let (lp, head) = model.head_logps(&picked, &p.targets)?;
+    let f = move || -> TchResult<SequenceScores> {
         let dev = lp.device();
         let n = p.sequences as i64;
         let ones = Tensor::f_ones_like(&lp)?;
@@ -184,6 +203,7 @@ fn score_packed(model: &CausalLm, p: &PackedBatch) -> Result<SequenceScores> {
             counts,
             token_logps,
             mask,
+            head,
         })
     };
     f().op("packed log-probabilities")

@@ -234,6 +234,10 @@ pub struct TrainSpec {
     /// it (each attending to the prompt and itself), several examples per row of
     /// up to `2 × data.max_length` tokens, no padding compute. Same log-probs.
     pub packing: bool,
+    /// Response positions whose logits exist at once: the LM head runs on
+    /// chunks of this many positions, forward and backward (recomputed), so a
+    /// micro-batch never holds `tokens × vocab` logits. 0: all at once.
+    pub head_chunk_tokens: usize,
 }
 
 impl Default for TrainSpec {
@@ -249,6 +253,7 @@ impl Default for TrainSpec {
             early_stopping_patience: 0,
             output: PathBuf::from("out"),
             packing: false,
+            head_chunk_tokens: 1024,
         }
     }
 }
@@ -556,6 +561,16 @@ impl RunSpec {
             c.max_workers >= c.min_workers,
             "cluster.max_workers",
             || format!("must be >= cluster.min_workers ({})", c.min_workers),
+        )?;
+        check(
+            t.head_chunk_tokens <= MAX_LENGTH,
+            "train.head_chunk_tokens",
+            || {
+                format!(
+                    "must be at most {MAX_LENGTH} (0 = all at once), found {}",
+                    t.head_chunk_tokens
+                )
+            },
         )?;
         check(c.max_workers <= MAX_WORKERS, "cluster.max_workers", || {
             format!("must be at most {MAX_WORKERS}, found {}", c.max_workers)

@@ -300,7 +300,12 @@ pub struct CausalLm {
     norm: RmsNorm,
     lm_head: Tensor,
     rope: Rope,
+    /// Positions whose logits exist at once when scoring ([`CausalLm::head_logps`]).
+    head_chunk: i64,
 }
+
+/// Positions per LM-head chunk unless a run says otherwise (`train.head_chunk_tokens`).
+pub const DEFAULT_HEAD_CHUNK: i64 = 1024;
 
 impl CausalLm {
     /// Builds the model with zero-filled parameters of dtype `kind` on `device`;
@@ -353,7 +358,24 @@ impl CausalLm {
             norm,
             lm_head,
             rope,
+            head_chunk: DEFAULT_HEAD_CHUNK,
         })
+    }
+
+    /// Positions whose logits [`CausalLm::head_logps`] computes at once (0: all).
+    pub fn set_head_chunk(&mut self, positions: usize) {
+        self.head_chunk = i64::try_from(positions).unwrap_or(i64::MAX);
+    }
+
+    /// Log-probs `[n]` of `targets` given the final hidden states `rows`
+    /// (`[n, hidden]`), at most `head_chunk` positions' logits at a time; see
+    /// [`crate::logps::head_logps`] for the deferred backward it may return.
+    pub fn head_logps(
+        &self,
+        rows: &Tensor,
+        targets: &Tensor,
+    ) -> Result<(Tensor, Option<crate::logps::HeadGrad>)> {
+        crate::logps::head_logps(rows, &self.lm_head, targets, self.head_chunk)
     }
 
     pub fn config(&self) -> &ModelConfig {

@@ -108,7 +108,8 @@ impl Models {
     fn load(spec: &RunSpec, device: Device, staged: bool) -> Result<Self> {
         let kind = kind_of(spec.model.dtype);
         let objective = Objective::from_spec(&spec.objective);
-        let policy = model_io::load(&spec.model.path, kind, device)?;
+        let mut policy = model_io::load(&spec.model.path, kind, device)?;
+        policy.set_head_chunk(spec.train.head_chunk_tokens);
         let vocab = policy.config().vocab_size;
         // The reference model, when the objective uses one or when negatives are
         // sampled from it; "same" and "none" sample from the initial policy.
@@ -117,7 +118,9 @@ impl Models {
         let samples_policy = spec.data.negatives == Some(Negatives::Policy);
         let reference_model = match spec.reference.path.dir() {
             Some(dir) if (wants_reference && !staged) || samples_policy => {
-                Some(model_io::load_reference(dir, kind, device, vocab)?)
+                let mut reference = model_io::load_reference(dir, kind, device, vocab)?;
+                reference.set_head_chunk(spec.train.head_chunk_tokens);
+                Some(reference)
             }
             _ => None,
         };
@@ -412,7 +415,7 @@ impl Trainer {
             };
             let reference = self.reference.sums(&self.policy, &mb, at)?;
             let (loss, s) = if backward {
-                let scores = objective::score(&self.policy, &mb)?;
+                let mut scores = objective::score(&self.policy, &mb)?;
                 let (loss, s) = self.objective.micro_batch_loss(
                     &mb,
                     &scores,
@@ -420,6 +423,9 @@ impl Trainer {
                     &slice.norm,
                 )?;
                 loss.f_backward().op("backward")?;
+                if let Some(head) = scores.head.take() {
+                    head.backward()?;
+                }
                 (loss, s)
             } else {
                 let _guard = tch::no_grad_guard();
