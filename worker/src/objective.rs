@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Result, TorchContext};
 use crate::logps::{HeadGrad, SequenceBatch};
 use crate::model::CausalLm;
+use crate::model::llama::Checkpointed;
 use crate::packing::{PackedBatch, Segment};
 
 type TchResult<T> = std::result::Result<T, tch::TchError>;
@@ -110,9 +111,32 @@ pub struct SequenceScores {
     pub token_logps: Tensor,
     /// 1.0 on response tokens, `[n, seq − 1]`.
     pub mask: Tensor,
-    /// The LM head's backward when it was deferred (chunked head): run it after
-    /// the loss's backward.
+    /// Backward work left for after the loss's backward (chunked head,
+    /// checkpointed layers): run [`Deferred::backward`] then.
+    pub deferred: Deferred,
+}
+
+/// The parts of a scoring forward's backward that plain autograd cannot do,
+/// in the order they run after the loss's backward: the chunked LM head
+/// (recomputed chunk by chunk), then the checkpointed decoder layers
+/// (recomputed layer by layer, top down).
+#[derive(Debug, Default)]
+pub struct Deferred {
     pub head: Option<HeadGrad>,
+    pub layers: Option<Checkpointed>,
+}
+
+impl Deferred {
+    /// Finishes the backward through `model` (the model that scored).
+    pub fn backward(self, model: &CausalLm) -> Result<()> {
+        if let Some(head) = self.head {
+            head.backward()?;
+        }
+        if let Some(layers) = self.layers {
+            model.backward_checkpointed(layers)?;
+        }
+        Ok(())
+    }
 }
 
 /// How a micro-batch's sequences are laid out for the forward pass.
@@ -130,7 +154,7 @@ pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
         Layout::Padded(b) => b,
         Layout::Packed(p) => return score_packed(model, p),
     };
-    let hidden = model.hidden_states(&b.input_ids, Some(&b.attention_mask))?;
+    let (hidden, layers) = model.hidden_states(&b.input_ids, Some(&b.attention_mask))?;
     let (n, l) = b.input_ids.size2().op("score: input_ids")?;
     let h = *hidden.size().last().unwrap_or(&0);
     // Position i predicts token i + 1; only positions that predict a response
@@ -170,7 +194,7 @@ pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
         counts,
         token_logps: per_token,
         mask,
-        head,
+        deferred: Deferred { head, layers },
     })
 }
 
@@ -178,7 +202,7 @@ pub fn score(model: &CausalLm, mb: &MicroBatch) -> Result<SequenceScores> {
 /// through the head; sums and the dense per-token layout are scattered back per
 /// sequence (`token_logps`/`mask` columns index the response's tokens).
 fn score_packed(model: &CausalLm, p: &PackedBatch) -> Result<SequenceScores> {
-    let hidden = model.hidden_states_packed(&p.input_ids, &p.positions, &p.allowed)?;
+    let (hidden, layers) = model.hidden_states_packed(&p.input_ids, &p.positions, &p.allowed)?;
     let h = *hidden.size().last().unwrap_or(&0);
     let picked = hidden
         .f_reshape([-1, h])
@@ -203,7 +227,7 @@ fn score_packed(model: &CausalLm, p: &PackedBatch) -> Result<SequenceScores> {
             counts,
             token_logps,
             mask,
-            head,
+            deferred: Deferred { head, layers },
         })
     };
     f().op("packed log-probabilities")

@@ -77,6 +77,29 @@ impl Optimizer {
         &self.params
     }
 
+    /// The model state this rank holds for its trained parameters: their
+    /// count, and the bytes of the parameters, their gradients, the AdamW
+    /// moments and the f32 master weights (what ZeRO partitions).
+    pub fn state_bytes(&self) -> (u64, u64) {
+        let bytes = |t: &Tensor| -> u64 {
+            if t.defined() {
+                (t.numel() * t.kind().elt_size_in_bytes()) as u64
+            } else {
+                0
+            }
+        };
+        let mut parameters = 0u64;
+        let mut total = 0u64;
+        for s in &self.slots {
+            parameters += s.param.numel() as u64;
+            total += bytes(&s.param) + bytes(&s.param.grad());
+            for t in [&s.exp_avg, &s.exp_avg_sq, &s.master].into_iter().flatten() {
+                total += bytes(t);
+            }
+        }
+        (parameters, total)
+    }
+
     pub fn zero_grad(&mut self) -> Result<()> {
         for s in &mut self.slots {
             let mut g = s.param.grad();

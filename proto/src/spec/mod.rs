@@ -238,6 +238,10 @@ pub struct TrainSpec {
     /// chunks of this many positions, forward and backward (recomputed), so a
     /// micro-batch never holds `tokens × vocab` logits. 0: all at once.
     pub head_chunk_tokens: usize,
+    /// Keep only each decoder layer's input in the forward and recompute the
+    /// layers one at a time in the backward (TRL's name): activation memory of
+    /// one layer instead of all, for one more forward of the layers.
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainSpec {
@@ -254,6 +258,7 @@ impl Default for TrainSpec {
             output: PathBuf::from("out"),
             packing: false,
             head_chunk_tokens: 1024,
+            gradient_checkpointing: false,
         }
     }
 }

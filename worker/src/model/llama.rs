@@ -302,6 +302,22 @@ pub struct CausalLm {
     rope: Rope,
     /// Positions whose logits exist at once when scoring ([`CausalLm::head_logps`]).
     head_chunk: i64,
+    /// Keep only each layer's input in a training forward; recompute in the
+    /// backward ([`CausalLm::backward_checkpointed`]).
+    gradient_checkpointing: bool,
+}
+
+/// What a checkpointed forward kept for the layers' backward: each decoder
+/// layer's input (no graph), the leaf the final norm ran on, and the RoPE
+/// angles and masks to run the layers again.
+#[derive(Debug)]
+pub struct Checkpointed {
+    input_ids: Tensor,
+    inputs: Vec<Tensor>,
+    top: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    masks: Masks,
 }
 
 /// Positions per LM-head chunk unless a run says otherwise (`train.head_chunk_tokens`).
@@ -359,6 +375,7 @@ impl CausalLm {
             lm_head,
             rope,
             head_chunk: DEFAULT_HEAD_CHUNK,
+            gradient_checkpointing: false,
         })
     }
 
@@ -400,16 +417,30 @@ impl CausalLm {
     /// positions count real tokens only, as transformers derives them for padded
     /// batches. Without a mask every token is real.
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
-        let hidden = self.hidden_states(input_ids, attention_mask)?;
+        let (positions, masks) = self.padded_layout(input_ids, attention_mask)?;
+        let (hidden, _) = self.run_layers(input_ids, &positions, masks, false)?;
         self.lm_head(&hidden)
     }
 
-    /// Final hidden states `[batch, seq, hidden]` (after the last norm).
+    /// Final hidden states `[batch, seq, hidden]` (after the last norm). With
+    /// gradient checkpointing on (and autograd on), the layers' backward is
+    /// deferred: run [`CausalLm::backward_checkpointed`] with the returned
+    /// [`Checkpointed`] once the hidden states' gradient is in.
     pub fn hidden_states(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Checkpointed>)> {
+        let (positions, masks) = self.padded_layout(input_ids, attention_mask)?;
+        self.run_layers(input_ids, &positions, masks, self.gradient_checkpointing)
+    }
+
+    /// RoPE positions and attention masks of right- or left-padded rows.
+    fn padded_layout(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<(Tensor, Masks)> {
         let (b, l) = input_ids
             .size2()
             .op("forward: input_ids must be [batch, seq]")?;
@@ -429,19 +460,105 @@ impl CausalLm {
         let masks = self
             .masks(b, l, attention_mask)
             .op("forward: attention mask")?;
-        self.run_layers(input_ids, &positions, &masks)
+        Ok((positions, masks))
+    }
+
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let padding_idx = self.config.pad_token_id.unwrap_or(-1);
+        Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
+            .op("embed_tokens")
     }
 
     /// Embedding, every decoder layer and the final norm, at RoPE `positions`.
-    fn run_layers(&self, input_ids: &Tensor, positions: &Tensor, masks: &Masks) -> Result<Tensor> {
+    /// With `checkpoint` (and autograd on) the layers run without a graph and
+    /// only each layer's input is kept; the final norm runs on a leaf copy of
+    /// the last layer's output, whose gradient [`CausalLm::backward_checkpointed`]
+    /// carries down, recomputing one layer at a time.
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        positions: &Tensor,
+        masks: Masks,
+        checkpoint: bool,
+    ) -> Result<(Tensor, Option<Checkpointed>)> {
         let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
-        let padding_idx = self.config.pad_token_id.unwrap_or(-1);
-        let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
-            .op("embed_tokens")?;
-        for layer in &self.layers {
-            xs = layer.forward(&xs, &cos, &sin, masks, None)?;
+        // A view of a parameter needs a gradient only where autograd is on.
+        let autograd = self
+            .embed_tokens
+            .f_narrow(0, 0, 1)
+            .op("autograd probe")?
+            .requires_grad();
+        if !(checkpoint && autograd) {
+            let mut xs = self.embed(input_ids)?;
+            for layer in &self.layers {
+                xs = layer.forward(&xs, &cos, &sin, &masks, None)?;
+            }
+            return Ok((self.norm.forward(&xs).op("norm")?, None));
         }
-        self.norm.forward(&xs).op("norm")
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let top = {
+            let _guard = tch::no_grad_guard();
+            let mut xs = self.embed(input_ids)?;
+            for layer in &self.layers {
+                let out = layer.forward(&xs, &cos, &sin, &masks, None)?;
+                inputs.push(xs);
+                xs = out;
+            }
+            xs
+        };
+        let top = top.set_requires_grad(true);
+        let hidden = self.norm.forward(&top).op("norm")?;
+        Ok((
+            hidden,
+            Some(Checkpointed {
+                input_ids: input_ids.shallow_clone(),
+                inputs,
+                top,
+                cos,
+                sin,
+                masks,
+            }),
+        ))
+    }
+
+    /// Turns gradient checkpointing on or off for [`CausalLm::hidden_states`]
+    /// and [`CausalLm::hidden_states_packed`].
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.gradient_checkpointing = on;
+    }
+
+    /// The layers' backward after a checkpointed forward: from the top, each
+    /// layer is run again on its kept input (now with a graph) and
+    /// back-propagated with the gradient of its output, which leaves its
+    /// parameters' gradients and its input's gradient for the layer below; the
+    /// embedding last. Only one layer's activations exist at a time.
+    pub fn backward_checkpointed(&self, c: Checkpointed) -> Result<()> {
+        let mut grad = c.top.grad();
+        if !grad.defined() {
+            return Ok(());
+        }
+        let backprop = |out: &Tensor, grad: &Tensor| -> Result<()> {
+            out.f_mul(grad)
+                .and_then(|t| t.f_sum(Kind::Float))
+                .and_then(|t| t.f_backward())
+                .op("checkpointed backward")
+        };
+        for (layer, input) in self.layers.iter().zip(&c.inputs).rev() {
+            let x = input
+                .f_detach()
+                .op("checkpointed input")?
+                .set_requires_grad(true);
+            let out = layer.forward(&x, &c.cos, &c.sin, &c.masks, None)?;
+            backprop(&out, &grad)?;
+            grad = x.grad();
+            if !grad.defined() {
+                return Ok(());
+            }
+        }
+        if self.embed_tokens.requires_grad() {
+            backprop(&self.embed(&c.input_ids)?, &grad)?;
+        }
+        Ok(())
     }
 
     /// Final hidden states `[batch, seq, hidden]` of packed rows, where several
@@ -455,7 +572,7 @@ impl CausalLm {
         input_ids: &Tensor,
         positions: &Tensor,
         allowed: &Tensor,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Checkpointed>)> {
         let (b, l) = input_ids
             .size2()
             .op("forward_packed: input_ids must be [batch, seq]")?;
@@ -476,7 +593,7 @@ impl CausalLm {
             })
         })()
         .op("forward_packed: attention mask")?;
-        self.run_layers(input_ids, positions, &masks)
+        self.run_layers(input_ids, positions, masks, self.gradient_checkpointing)
     }
 
     /// Logits of final hidden states (`[..., hidden]` → `[..., vocab]`).

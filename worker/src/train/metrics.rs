@@ -21,6 +21,10 @@ pub(super) struct StepFacts {
     pub grad_norm: f64,
     pub learning_rate: f64,
     pub seconds: f64,
+    /// The rank's peak memory (peak resident size on CPU), when known.
+    pub peak_bytes: Option<u64>,
+    /// Model-state bytes per trained parameter on this rank.
+    pub state_bytes_per_parameter: f64,
 }
 
 /// A training step's metrics line.
@@ -46,8 +50,30 @@ pub(super) fn step_metrics(stats: &Stats, objective: &Objective, f: StepFacts) -
             "tokens_per_second".into(),
             stats.tokens / f.seconds.max(1e-9),
         ),
+        (
+            "memory/state_bytes_per_parameter".into(),
+            f.state_bytes_per_parameter,
+        ),
     ]);
+    if let Some(peak) = f.peak_bytes {
+        m.push(("memory/peak_bytes".into(), peak as f64));
+    }
     m
+}
+
+/// This process's peak resident size (`VmHWM`), in bytes: the peak memory of
+/// a CPU rank. `None` where /proc does not say.
+pub(super) fn peak_resident_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// An evaluation's metrics line: `step`, then each metric as `eval_<name>`.

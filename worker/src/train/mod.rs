@@ -110,6 +110,7 @@ impl Models {
         let objective = Objective::from_spec(&spec.objective);
         let mut policy = model_io::load(&spec.model.path, kind, device)?;
         policy.set_head_chunk(spec.train.head_chunk_tokens);
+        policy.set_gradient_checkpointing(spec.train.gradient_checkpointing);
         let vocab = policy.config().vocab_size;
         // The reference model, when the objective uses one or when negatives are
         // sampled from it; "same" and "none" sample from the initial policy.
@@ -423,9 +424,7 @@ impl Trainer {
                     &slice.norm,
                 )?;
                 loss.f_backward().op("backward")?;
-                if let Some(head) = scores.head.take() {
-                    head.backward()?;
-                }
+                std::mem::take(&mut scores.deferred).backward(&self.policy)?;
                 (loss, s)
             } else {
                 let _guard = tch::no_grad_guard();
@@ -492,12 +491,39 @@ impl Trainer {
                 grad_norm,
                 learning_rate: lr,
                 seconds: t.elapsed().as_secs_f64(),
+                peak_bytes: self.peak_bytes(),
+                state_bytes_per_parameter: self.state_bytes_per_parameter(step),
             },
         );
         if step % PARAMETER_CHECK_EVERY == 0 || step == self.shape.total_steps {
             self.check_parameters_agree(step)?;
         }
         Ok(m)
+    }
+
+    /// The rank's peak memory: the peak resident size on CPU. CUDA ranks do
+    /// not report one yet (libtorch's allocator statistics are not bound).
+    fn peak_bytes(&self) -> Option<u64> {
+        match self.policy.device() {
+            tch::Device::Cpu => metrics::peak_resident_bytes(),
+            _ => None,
+        }
+    }
+
+    /// Model-state bytes per trained parameter; logged at the first step.
+    fn state_bytes_per_parameter(&self, step: u64) -> f64 {
+        let (parameters, bytes) = self.optimizer.state_bytes();
+        let per = bytes as f64 / parameters.max(1) as f64;
+        if step == 1 {
+            tracing::info!(
+                parameters,
+                state_bytes = bytes,
+                bytes_per_parameter = per,
+                peak_bytes = ?self.peak_bytes(),
+                "model state of this rank"
+            );
+        }
+        per
     }
 
     /// Evaluates when the step calls for it (`eval_every`, or the last step) and
