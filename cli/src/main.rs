@@ -102,7 +102,7 @@ fn metrics_json(m: &[v1::Metric]) -> Value {
 
 fn run_json(r: &v1::Run) -> Value {
     json!({
-        "id": r.id, "name": r.name, "state": state_name(r.state),
+        "id": r.id, "name": r.name, "owner": r.owner, "state": state_name(r.state),
         "step": r.step, "total_steps": r.total_steps, "generation": r.generation,
         "world_size": r.world_size, "checkpoint_step": r.checkpoint_step,
         "output": r.output, "error": r.error,
@@ -669,14 +669,15 @@ async fn main() -> anyhow::Result<()> {
                 }
             } else {
                 println!(
-                    "{:<36}  {:<20}  {:<10}  {:>11}",
-                    "ID", "NAME", "STATE", "STEP"
+                    "{:<36}  {:<20}  {:<12}  {:<10}  {:>11}",
+                    "ID", "NAME", "OWNER", "STATE", "STEP"
                 );
                 for r in &runs {
                     println!(
-                        "{:<36}  {:<20}  {:<10}  {:>5}/{:<5}",
+                        "{:<36}  {:<20}  {:<12}  {:<10}  {:>5}/{:<5}",
                         r.id,
                         r.name,
+                        r.owner,
                         state_name(r.state),
                         r.step,
                         r.total_steps

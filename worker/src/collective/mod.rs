@@ -72,6 +72,38 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
     /// Element-wise sum across ranks, in place; every rank ends with identical bits.
     fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Element-wise sum across ranks of this rank's chunk only: afterwards
+    /// `data[chunk(n, world, rank)]` holds the sum (ZeRO: a rank's share of the
+    /// gradient); the rest of `data` is unspecified. Half the traffic of an
+    /// all-reduce.
+    fn reduce_scatter_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_sum(data)
+    }
+    /// The inverse: each rank's `data[chunk(n, world, rank)]` reaches every
+    /// rank, so `data` ends whole and identical everywhere (ZeRO: the updated
+    /// parameters).
+    fn all_gather_chunks(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        let (w, r) = (self.world_size(), self.rank());
+        let (start, len) = chunk(data.len(), w, r);
+        let mine: Vec<u8> = data[start..start + len]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let blocks = self.all_gather(&mine)?;
+        for (owner, block) in blocks.iter().enumerate() {
+            let (s, l) = chunk(data.len(), w, owner);
+            if block.len() != l * 4 {
+                return Err(CollectiveError::Protocol {
+                    rank: r,
+                    reason: format!("rank {owner} sent {} bytes for {l} values", block.len()),
+                });
+            }
+            for (d, b) in data[s..s + l].iter_mut().zip(block.chunks_exact(4)) {
+                *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Ok(())
+    }
     /// Every rank's bytes, indexed by rank.
     fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
     /// Rank `root`'s bytes, on every rank (`data` is ignored elsewhere).

@@ -264,26 +264,21 @@ impl TcpCollective {
     }
 }
 
-impl Collective for TcpCollective {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-
-    fn world_size(&self) -> usize {
-        self.world
-    }
-
-    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+impl TcpCollective {
+    /// The ring's reduce-scatter over `data` cut into `world` chunks: after it,
+    /// this rank's chunk `(rank + shift) % world` holds the sum of every
+    /// rank's (the other chunks hold partial sums).
+    fn reduce_scatter_phase(&self, data: &mut [f32], shift: usize) -> Result<(), CollectiveError> {
         self.check()?;
         let w = self.world;
         if w == 1 || data.is_empty() {
             return Ok(());
         }
-        let r = self.rank;
+        // Numbered so that the chunk finished here is `r + 1`: `r = rank + shift − 1`.
+        let r = (self.rank + shift + w - 1) % w;
         let n = data.len();
-        let max_chunk = chunk(n, w, 0).1;
-        let mut recv = vec![0u8; max_chunk * 4];
-        // Reduce-scatter: after step s, chunk (r − s − 1) holds s + 2 contributions.
+        let mut recv = vec![0u8; chunk(n, w, 0).1 * 4];
+        // After step s, chunk (r − s − 1) holds s + 2 contributions.
         for s in 0..w - 1 {
             let (ss, sl) = chunk(n, w, (r + w - s) % w);
             let (rs, rl) = chunk(n, w, (r + 2 * w - s - 1) % w);
@@ -294,7 +289,20 @@ impl Collective for TcpCollective {
                 *d += *x;
             }
         }
-        // All-gather: rank r owns the finished chunk (r + 1); pass finished chunks on.
+        Ok(())
+    }
+
+    /// The ring's all-gather: this rank's chunk `(rank + shift) % world` of
+    /// `data` is passed around until every rank has every chunk.
+    fn all_gather_phase(&self, data: &mut [f32], shift: usize) -> Result<(), CollectiveError> {
+        self.check()?;
+        let w = self.world;
+        if w == 1 || data.is_empty() {
+            return Ok(());
+        }
+        let r = (self.rank + shift + w - 1) % w;
+        let n = data.len();
+        let mut recv = vec![0u8; chunk(n, w, 0).1 * 4];
         for s in 0..w - 1 {
             let (ss, sl) = chunk(n, w, (r + 1 + w - s) % w);
             let (rs, rl) = chunk(n, w, (r + w - s) % w);
@@ -303,6 +311,31 @@ impl Collective for TcpCollective {
             data[rs..rs + rl].copy_from_slice(bytemuck::cast_slice(&recv[..rl * 4]));
         }
         Ok(())
+    }
+}
+
+impl Collective for TcpCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        // A reduce-scatter leaves rank r with the sum of chunk r + 1; passing
+        // the finished chunks on completes every rank.
+        self.reduce_scatter_phase(data, 1)?;
+        self.all_gather_phase(data, 1)
+    }
+
+    fn reduce_scatter_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.reduce_scatter_phase(data, 0)
+    }
+
+    fn all_gather_chunks(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_gather_phase(data, 0)
     }
 
     fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
@@ -452,6 +485,120 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn reduce_scatter_leaves_each_rank_its_summed_chunk_and_all_gather_spreads_them() {
+        for world in [1, 2, 3, 4] {
+            for n in [0, 1, 2, 5, 1000, 10_007] {
+                let results = on_all(ring(world, 2), move |c| {
+                    let mut v = data(c.rank(), n);
+                    c.reduce_scatter_sum(&mut v).expect("reduce-scatter");
+                    let (start, len) = chunk(n, c.world_size(), c.rank());
+                    let mine = v[start..start + len].to_vec();
+                    // Only the own chunk is defined: spoil the rest, then gather.
+                    let mut spread = vec![f32::NAN; n];
+                    spread[start..start + len].copy_from_slice(&mine);
+                    c.all_gather_chunks(&mut spread).expect("all-gather");
+                    let mut reduced = data(c.rank(), n);
+                    c.all_reduce_sum(&mut reduced).expect("all-reduce");
+                    (mine, spread, reduced)
+                });
+                let inputs: Vec<Vec<f32>> = (0..world).map(|r| data(r, n)).collect();
+                for (rank, (mine, spread, reduced)) in results.iter().enumerate() {
+                    let (start, len) = chunk(n, world, rank);
+                    assert_eq!(mine.len(), len);
+                    for (i, got) in mine.iter().enumerate() {
+                        let want: f32 = inputs.iter().map(|v| v[start + i]).sum();
+                        assert!(
+                            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+                            "world {world} n {n} rank {rank} [{i}]: {got} vs {want}"
+                        );
+                    }
+                    // Every rank ends with every owner's chunk, bit for bit.
+                    for (owner, (o_mine, _, _)) in results.iter().enumerate() {
+                        let (s, l) = chunk(n, world, owner);
+                        assert!(
+                            spread[s..s + l]
+                                .iter()
+                                .zip(o_mine)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "world {world} n {n}: rank {rank} has owner {owner}'s chunk"
+                        );
+                    }
+                    assert_eq!(reduced.len(), n);
+                }
+            }
+        }
+    }
+
+    /// A collective with only the required operations, so the trait's default
+    /// reduce-scatter and all-gather (what a backend without its own gets) run.
+    struct Defaults(TcpCollective);
+
+    impl Collective for Defaults {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world_size(&self) -> usize {
+            self.0.world_size()
+        }
+        fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<(), CollectiveError> {
+            self.0.all_reduce_sum(data)
+        }
+        fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
+            self.0.all_gather(data)
+        }
+        fn broadcast(&mut self, data: &[u8], root: usize) -> Result<Vec<u8>, CollectiveError> {
+            self.0.broadcast(data, root)
+        }
+        fn abort(&self) {
+            self.0.abort()
+        }
+    }
+
+    #[test]
+    fn the_default_reduce_scatter_and_all_gather_agree_with_the_ring() {
+        for world in [1, 3] {
+            let n = 1001;
+            let pairs: Vec<(TcpCollective, TcpCollective)> =
+                ring(world, 3).into_iter().zip(ring(world, 4)).collect();
+            let handles: Vec<_> = pairs
+                .into_iter()
+                .map(|(mut c, other)| {
+                    std::thread::spawn(move || {
+                        let (start, len) = chunk(n, c.world_size(), c.rank());
+                        let mut ring_rs = data(c.rank(), n);
+                        c.reduce_scatter_sum(&mut ring_rs).expect("ring");
+                        let mut d = Defaults(other);
+                        let mut default_rs = data(d.rank(), n);
+                        d.reduce_scatter_sum(&mut default_rs).expect("default");
+                        let mut spread = vec![0.0f32; n];
+                        spread[start..start + len].copy_from_slice(&default_rs[start..start + len]);
+                        d.all_gather_chunks(&mut spread).expect("default gather");
+                        (
+                            ring_rs[start..start + len].to_vec(),
+                            default_rs[start..start + len].to_vec(),
+                            spread,
+                        )
+                    })
+                })
+                .collect();
+            let results: Vec<_> = handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect();
+            for (rank, (ring_mine, default_mine, spread)) in results.iter().enumerate() {
+                for (a, b) in ring_mine.iter().zip(default_mine) {
+                    assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "rank {rank}");
+                }
+                let (s, l) = chunk(n, world, rank);
+                assert_eq!(&spread[s..s + l], default_mine.as_slice());
+                assert!(spread.iter().all(|x| x.is_finite()));
+            }
+            // Everyone holds the same whole vector after the gather.
+            assert!(results.iter().all(|r| r.2 == results[0].2));
         }
     }
 
