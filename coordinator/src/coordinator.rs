@@ -826,6 +826,11 @@ async fn write_ledger(store: &Store, prefix: &str, path: &Path) -> anyhow::Resul
 
 /// Tokenizes and shards a run's datasets (train and eval) once.
 fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunData> {
+    if spec.train.zero_stage > 0 {
+        return Err(Refusal::Invalid(
+            "train.zero_stage: a cluster's worlds change size while a run goes on, and re-sharding the optimizer state between generations is not available yet; use 0 here, or `dpo-worker train --peers` for a fixed world".into(),
+        ));
+    }
     if spec.data.negatives == Some(dpo_proto::Negatives::Policy) {
         return Err(Refusal::Invalid(
             "data.negatives: \"policy\" negatives need a model to sample from; the cluster does not sample them yet (use `dpo-worker train`)".into(),

@@ -13,6 +13,7 @@ pub mod optim;
 pub mod packing;
 pub mod score;
 pub mod train;
+pub mod zero;
 
 pub use error::{Disposition, Error, Result};
 

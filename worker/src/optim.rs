@@ -28,12 +28,36 @@ pub fn decays(name: &str) -> bool {
 struct Slot {
     name: String,
     param: Tensor,
+    /// The flattened elements `(offset, len)` of the parameter this slot
+    /// updates (ZeRO: this rank's share); `None`: all of them.
+    piece: Option<(i64, i64)>,
     decay: bool,
     /// AdamW moments (f32), allocated on the first step.
     exp_avg: Option<Tensor>,
     exp_avg_sq: Option<Tensor>,
     /// The f32 master copy of a half-precision parameter (`None` for f32).
     master: Option<Tensor>,
+}
+
+impl Slot {
+    /// `t` (the parameter or its gradient) restricted to this slot's piece: a
+    /// view, so writes land in `t`.
+    fn view(&self, t: &Tensor) -> TchResult<Tensor> {
+        match self.piece {
+            None => Ok(t.shallow_clone()),
+            Some((offset, len)) => t.f_view([-1])?.f_narrow(0, offset, len),
+        }
+    }
+
+    /// The gradient of this slot's piece, if the parameter has one.
+    fn grad(&self) -> TchResult<Option<Tensor>> {
+        let g = self.param.grad();
+        if g.defined() {
+            Ok(Some(self.view(&g)?))
+        } else {
+            Ok(None)
+        }
+    }
 }
 
 /// AdamW or SGD over a fixed, named parameter list.
@@ -43,6 +67,8 @@ pub struct Optimizer {
     slots: Vec<Slot>,
     /// The same tensors as the slots', for gradient all-reduce.
     params: Vec<Tensor>,
+    /// Their names.
+    names: Vec<String>,
     /// Optimizer steps taken.
     pub step: u64,
 }
@@ -51,6 +77,7 @@ impl Optimizer {
     /// `params` in a stable order (sorted by name by the caller).
     pub fn new(spec: &OptimSpec, params: Vec<(String, Tensor)>) -> Result<Self> {
         let tensors = params.iter().map(|(_, t)| t.shallow_clone()).collect();
+        let names = params.iter().map(|(n, _)| n.clone()).collect();
         let slots = params
             .into_iter()
             .map(|(name, param)| {
@@ -59,6 +86,7 @@ impl Optimizer {
                     master: master_of(&param).op("f32 master weights")?,
                     name,
                     param,
+                    piece: None,
                     exp_avg: None,
                     exp_avg_sq: None,
                 })
@@ -68,6 +96,7 @@ impl Optimizer {
             spec: spec.clone(),
             slots,
             params: tensors,
+            names,
             step: 0,
         })
     }
@@ -75,6 +104,74 @@ impl Optimizer {
     /// The parameters, in the optimizer's (name-sorted) order.
     pub fn params(&self) -> &[Tensor] {
         &self.params
+    }
+
+    /// Keeps only `pieces` — `(parameter index, offset, len)` of the flattened
+    /// parameters, at most one per parameter — with their slices of the
+    /// moments and master weights; the rest of the state is dropped (ZeRO: this
+    /// rank updates only its share). Call on an unsharded optimizer.
+    pub fn shard(&mut self, pieces: &[(usize, i64, i64)]) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let old = std::mem::take(&mut self.slots);
+        let slice = |t: &Option<Tensor>, offset: i64, len: i64| -> TchResult<Option<Tensor>> {
+            t.as_ref()
+                .map(|t| {
+                    t.f_view([-1])?
+                        .f_narrow(0, offset, len)?
+                        .f_contiguous()?
+                        .f_detach()
+                })
+                .transpose()
+        };
+        for (index, slot) in old.into_iter().enumerate() {
+            for &(_, offset, len) in pieces.iter().filter(|(i, _, _)| *i == index) {
+                let f = || -> TchResult<Slot> {
+                    Ok(Slot {
+                        name: slot.name.clone(),
+                        param: slot.param.shallow_clone(),
+                        piece: Some((offset, len)),
+                        decay: slot.decay,
+                        exp_avg: slice(&slot.exp_avg, offset, len)?,
+                        exp_avg_sq: slice(&slot.exp_avg_sq, offset, len)?,
+                        master: slice(&slot.master, offset, len)?,
+                    })
+                };
+                self.slots.push(f().op("sharding the optimizer state")?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The f32 state of this rank's pieces, by kind (`exp_avg`, `exp_avg_sq`,
+    /// `master`): `(parameter index, offset, values)` — what a sharded
+    /// checkpoint gathers.
+    pub fn piece_states(&self) -> Vec<(&'static str, usize, i64, Tensor)> {
+        let mut out = Vec::new();
+        for s in &self.slots {
+            let Some(index) = self
+                .params
+                .iter()
+                .position(|p| p.data_ptr() == s.param.data_ptr())
+            else {
+                continue;
+            };
+            let offset = s.piece.map_or(0, |(o, _)| o);
+            for (kind, t) in [
+                ("exp_avg", &s.exp_avg),
+                ("exp_avg_sq", &s.exp_avg_sq),
+                ("master", &s.master),
+            ] {
+                if let Some(t) = t {
+                    out.push((kind, index, offset, t.shallow_clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// The names of the parameters, in [`Optimizer::params`] order.
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     /// The model state this rank holds for its trained parameters: their
@@ -90,9 +187,11 @@ impl Optimizer {
         };
         let mut parameters = 0u64;
         let mut total = 0u64;
+        for p in &self.params {
+            parameters += p.numel() as u64;
+            total += bytes(p) + bytes(&p.grad());
+        }
         for s in &self.slots {
-            parameters += s.param.numel() as u64;
-            total += bytes(&s.param) + bytes(&s.param.grad());
             for t in [&s.exp_avg, &s.exp_avg_sq, &s.master].into_iter().flatten() {
                 total += bytes(t);
             }
@@ -101,8 +200,8 @@ impl Optimizer {
     }
 
     pub fn zero_grad(&mut self) -> Result<()> {
-        for s in &mut self.slots {
-            let mut g = s.param.grad();
+        for p in &self.params {
+            let mut g = p.grad();
             if g.defined() {
                 let _ = g.f_zero_().op("zero_grad")?;
             }
@@ -114,35 +213,48 @@ impl Optimizer {
     /// `min(1, max_norm / (norm + 1e-6))` as `torch.nn.utils.clip_grad_norm_` does.
     /// Returns the norm before clipping.
     pub fn clip_grad_norm(&mut self, max_norm: f64) -> Result<f64> {
-        let f = || -> TchResult<f64> {
+        self.clip_grad_norm_with(max_norm, &mut |x| Ok(x))
+    }
+
+    /// [`Optimizer::clip_grad_norm`] over the gradients of this optimizer's
+    /// pieces, `sum` adding the squared norm across the ranks that hold the
+    /// other pieces (ZeRO) — so the norm and the clipping are the global ones.
+    pub fn clip_grad_norm_with(
+        &mut self,
+        max_norm: f64,
+        sum: &mut dyn FnMut(f64) -> Result<f64>,
+    ) -> Result<f64> {
+        // One transfer from the device: the norms' squares summed there.
+        let local = || -> TchResult<f64> {
             let mut norms = Vec::new();
             for s in &self.slots {
-                let g = s.param.grad();
-                if g.defined() {
+                if let Some(g) = s.grad()? {
                     norms.push(g.f_to_kind(Kind::Float)?.f_norm()?);
                 }
             }
             if norms.is_empty() {
                 return Ok(0.0);
             }
-            let total = Tensor::f_stack(&norms, 0)?.f_norm()?;
-            let norm = total.f_double_value(&[])?;
-            if max_norm > 0.0 {
-                let coef = total
-                    .f_add_scalar(1e-6)?
-                    .f_reciprocal()?
-                    .f_mul_scalar(max_norm)?
-                    .f_clamp_max(1.0)?;
+            Tensor::f_stack(&norms, 0)?
+                .f_to_kind(Kind::Double)?
+                .f_square()?
+                .f_sum(Kind::Double)?
+                .f_double_value(&[])
+        };
+        let norm = sum(local().op("clip_grad_norm")?)?.sqrt();
+        if max_norm > 0.0 {
+            let coef = (max_norm / (norm + 1e-6)).min(1.0);
+            let f = || -> TchResult<()> {
                 for s in &self.slots {
-                    let mut g = s.param.grad();
-                    if g.defined() {
-                        let _ = g.f_mul_(&coef.f_to_kind(g.kind())?)?;
+                    if let Some(mut g) = s.grad()? {
+                        let _ = g.f_mul_scalar_(coef)?;
                     }
                 }
-            }
-            Ok(norm)
-        };
-        f().op("clip_grad_norm")
+                Ok(())
+            };
+            f().op("clip_grad_norm")?;
+        }
+        Ok(norm)
     }
 
     /// One update with learning rate `lr`.
@@ -153,11 +265,10 @@ impl Optimizer {
         let spec = &self.spec;
         let (b1, b2) = (spec.betas[0], spec.betas[1]);
         let f = |s: &mut Slot| -> TchResult<()> {
-            let grad = s.param.grad();
-            if !grad.defined() {
+            let Some(grad) = s.grad()? else {
                 return Ok(());
-            }
-            let mut p = s.param.shallow_clone();
+            };
+            let mut p = s.view(&s.param)?;
             // The f32 weights the update applies to: the master copy, or the
             // parameter itself.
             let current = match &s.master {

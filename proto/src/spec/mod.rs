@@ -242,6 +242,11 @@ pub struct TrainSpec {
     /// layers one at a time in the backward (TRL's name): activation memory of
     /// one layer instead of all, for one more forward of the layers.
     pub gradient_checkpointing: bool,
+    /// ZeRO: 0 = every rank holds the whole optimizer state; 1 = each rank of a
+    /// data-parallel world holds the AdamW moments and f32 master weights of
+    /// 1/W of the parameters (gradients reduce-scattered, parameters
+    /// all-gathered).
+    pub zero_stage: u8,
 }
 
 impl Default for TrainSpec {
@@ -259,6 +264,7 @@ impl Default for TrainSpec {
             packing: false,
             head_chunk_tokens: 1024,
             gradient_checkpointing: false,
+            zero_stage: 0,
         }
     }
 }
@@ -577,6 +583,12 @@ impl RunSpec {
                 )
             },
         )?;
+        check(t.zero_stage <= 1, "train.zero_stage", || {
+            format!(
+                "must be 0 or 1, found {} (stage 2, gradients partitioned during the backward, is not available yet)",
+                t.zero_stage
+            )
+        })?;
         check(c.max_workers <= MAX_WORKERS, "cluster.max_workers", || {
             format!("must be at most {MAX_WORKERS}, found {}", c.max_workers)
         })?;

@@ -201,6 +201,69 @@ pub fn all_reduce_gradients(
     if collective.world_size() == 1 {
         return Ok(());
     }
+    ensure_gradients(params)?;
+    let _guard = tch::no_grad_guard();
+    for bucket in buckets(params) {
+        let mut flat = flat_gradients(&params[bucket.clone()])?;
+        collective.all_reduce_sum(&mut flat)?;
+        let mut offset = 0;
+        for p in &params[bucket] {
+            let n = p.numel();
+            let summed = tch::Tensor::f_from_slice(&flat[offset..offset + n])
+                .and_then(|t| t.f_view(p.size().as_slice()))
+                .and_then(|t| t.f_to_device(p.device()))
+                .op("gradient bucket")?;
+            p.grad().f_copy_(&summed).op("gradient bucket")?;
+            offset += n;
+        }
+    }
+    Ok(())
+}
+
+/// Groups `params` (in order) into buckets of whole parameters of at most
+/// [`BUCKET_ELEMENTS`] elements (a larger parameter is a bucket of its own):
+/// the unit of every gradient and parameter exchange, and of ZeRO's partition.
+pub fn buckets(params: &[tch::Tensor]) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < params.len() {
+        let mut end = start;
+        let mut elements = 0;
+        while end < params.len()
+            && (end == start || elements + params[end].numel() <= BUCKET_ELEMENTS)
+        {
+            elements += params[end].numel();
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// The gradients of `params`, flattened into one f32 vector on the host.
+pub fn flat_gradients(params: &[tch::Tensor]) -> crate::Result<Vec<f32>> {
+    use crate::error::TorchContext;
+    let mut flat: Vec<f32> = Vec::with_capacity(params.iter().map(|p| p.numel()).sum());
+    for p in params {
+        let values = Vec::<f32>::try_from(
+            &p.grad()
+                .f_to_kind(tch::Kind::Float)
+                .and_then(|g| g.f_to_device(tch::Device::Cpu))
+                .and_then(|g| g.f_reshape([-1]))
+                .op("gradient bucket")?,
+        )
+        .op("gradient bucket")?;
+        flat.extend(values);
+    }
+    Ok(flat)
+}
+
+/// Gives every parameter a gradient (zeros where a rank had nothing to
+/// back-propagate, its slice of the batch being empty), so every rank
+/// contributes to every exchange.
+pub fn ensure_gradients(params: &[tch::Tensor]) -> crate::Result<()> {
+    use crate::error::TorchContext;
     if params.iter().any(|p| !p.grad().defined()) {
         // This rank had nothing to backpropagate (its slice of the batch is empty):
         // give every parameter a zero gradient through a no-op backward.
@@ -216,43 +279,6 @@ pub fn all_reduce_gradients(
                 .op("zero gradients")?;
         }
         touch.f_backward().op("zero gradients")?;
-    }
-    let _guard = tch::no_grad_guard();
-    let mut start = 0;
-    while start < params.len() {
-        // Gather a bucket of whole parameters.
-        let mut end = start;
-        let mut elements = 0;
-        while end < params.len()
-            && (end == start || elements + params[end].numel() <= BUCKET_ELEMENTS)
-        {
-            elements += params[end].numel();
-            end += 1;
-        }
-        let mut flat: Vec<f32> = Vec::with_capacity(elements);
-        for p in &params[start..end] {
-            let values = Vec::<f32>::try_from(
-                &p.grad()
-                    .f_to_kind(tch::Kind::Float)
-                    .and_then(|g| g.f_to_device(tch::Device::Cpu))
-                    .and_then(|g| g.f_reshape([-1]))
-                    .op("gradient bucket")?,
-            )
-            .op("gradient bucket")?;
-            flat.extend(values);
-        }
-        collective.all_reduce_sum(&mut flat)?;
-        let mut offset = 0;
-        for p in &params[start..end] {
-            let n = p.numel();
-            let summed = tch::Tensor::f_from_slice(&flat[offset..offset + n])
-                .and_then(|t| t.f_view(p.size().as_slice()))
-                .and_then(|t| t.f_to_device(p.device()))
-                .op("gradient bucket")?;
-            p.grad().f_copy_(&summed).op("gradient bucket")?;
-            offset += n;
-        }
-        start = end;
     }
     Ok(())
 }

@@ -89,19 +89,48 @@ impl Trainer {
         Ok(())
     }
 
-    /// Rank 0 writes a checkpoint when `checkpoint_every` calls for one.
-    pub fn maybe_checkpoint(&self) -> Result<Option<PathBuf>> {
+    /// Rank 0 writes a checkpoint when `checkpoint_every` calls for one (every
+    /// rank calls this: under ZeRO they all contribute their optimizer state).
+    pub fn maybe_checkpoint(&mut self) -> Result<Option<PathBuf>> {
         let step = self.state.step;
         let ck = self.spec.train.checkpoint_every;
-        if self.collective.rank() == 0
-            && ck > 0
-            && step % ck == 0
-            && step < self.shape.total_steps
-            && !self.state.stopped_early
+        if !(ck > 0 && step % ck == 0 && step < self.shape.total_steps && !self.state.stopped_early)
         {
-            return self.write_checkpoint(step).map(Some);
+            return Ok(None);
         }
-        Ok(None)
+        let optimizer_state = self.optimizer_state()?;
+        if self.collective.rank() != 0 {
+            return Ok(None);
+        }
+        self.write_checkpoint(step, &optimizer_state).map(Some)
+    }
+
+    /// The whole optimizer state, by checkpoint name (`exp_avg.NAME`,
+    /// `exp_avg_sq.NAME`, `master.NAME`). Under ZeRO every rank takes part and
+    /// the state is assembled bucket by bucket from the ranks' shares, so a
+    /// checkpoint is the same file whatever the partition, and resumes at any
+    /// world size.
+    fn optimizer_state(&mut self) -> Result<Vec<(String, tch::Tensor)>> {
+        let Some(z) = &self.zero else {
+            return Ok(self.optimizer.state());
+        };
+        let pieces = self.optimizer.piece_states();
+        let mut out = Vec::new();
+        for kind in ["exp_avg", "exp_avg_sq", "master"] {
+            let whole = z.gather_state(
+                self.optimizer.params(),
+                &pieces,
+                kind,
+                self.collective.as_mut(),
+            )?;
+            let names = self.optimizer.names();
+            out.extend(
+                whole
+                    .into_iter()
+                    .map(|(i, t)| (format!("{kind}.{}", names[i]), t)),
+            );
+        }
+        Ok(out)
     }
 
     /// Removes all but the newest `train.save_total_limit` checkpoints (none
@@ -143,7 +172,11 @@ impl Trainer {
 
     /// Writes `checkpoints/step-N`: model, optimizer moments, trainer state and a
     /// manifest of SHA-256 checksums — under a temporary name, fsynced, renamed.
-    fn write_checkpoint(&self, step: u64) -> Result<PathBuf> {
+    fn write_checkpoint(
+        &self,
+        step: u64,
+        optimizer_state: &[(String, tch::Tensor)],
+    ) -> Result<PathBuf> {
         let root = self.checkpoints_dir();
         std::fs::create_dir_all(&root).map_err(io_err(&root))?;
         let tmp = root.join(format!(".step-{step}.tmp-{}", std::process::id()));
@@ -156,7 +189,7 @@ impl Trainer {
             Some(&self.spec.model.path),
             MAX_SHARD_BYTES,
         )?;
-        checkpoint::write_tensors(&tmp.join("optimizer.safetensors"), &self.optimizer.state())?;
+        checkpoint::write_tensors(&tmp.join("optimizer.safetensors"), optimizer_state)?;
         let spe = self.shape.steps_per_epoch.max(1);
         let mut state = serde_json::to_value(self.state()).map_err(|e| Error::Input {
             context: "trainer state".into(),

@@ -35,6 +35,7 @@ use crate::error::{Error, Result, TorchContext, io_err};
 use crate::model::{CausalLm, checkpoint as model_io, kind_of};
 use crate::objective::{self, MicroBatch, Objective, Stats};
 use crate::optim::{Optimizer, learning_rate};
+use crate::zero::Partition;
 
 pub use batches::{Batches, LocalBatches, Slice, Split};
 pub use checkpoint::{latest_checkpoint, verify_manifest};
@@ -163,6 +164,8 @@ pub struct Trainer {
     shape: RunShape,
     /// Step and early-stopping state (what checkpoints and `sync_world` carry).
     state: TrainerState,
+    /// ZeRO stage 1's partition of the optimizer state, once entered.
+    zero: Option<Partition>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -221,6 +224,12 @@ impl Trainer {
         batches: Box<dyn Batches>,
         shape: RunShape,
     ) -> Result<Self> {
+        if spec.train.zero_stage > 0 {
+            return Err(Error::Input {
+                context: "train.zero_stage".into(),
+                reason: "a cluster's worlds change size while a run goes on, and re-sharding the optimizer state is not available yet: use zero_stage = 0, or `dpo-worker train --peers` for a fixed world".into(),
+            });
+        }
         if spec.data.negatives == Some(Negatives::Policy) {
             return Err(Error::Input {
                 context: "data.negatives".into(),
@@ -291,7 +300,33 @@ impl Trainer {
             batches,
             shape,
             state: TrainerState::default(),
+            zero: None,
         })
+    }
+
+    /// ZeRO stage 1 (`train.zero_stage = 1`) over this world: partitions the
+    /// optimizer state, each rank keeping its share only. Called once the
+    /// ranks agree on their state (`run` after `sync_from`); a world of one
+    /// keeps everything.
+    fn enter_zero(&mut self) -> Result<()> {
+        let world = self.collective.world_size();
+        if self.spec.train.zero_stage == 0 || world == 1 || self.zero.is_some() {
+            return Ok(());
+        }
+        let partition = Partition::new(self.optimizer.params(), world, self.collective.rank());
+        let pieces = partition.pieces(self.optimizer.params());
+        self.optimizer.shard(&pieces)?;
+        let (parameters, bytes) = self.optimizer.state_bytes();
+        tracing::info!(
+            world,
+            rank = self.collective.rank(),
+            pieces = pieces.len(),
+            state_bytes = bytes,
+            parameters,
+            "ZeRO stage 1: this rank holds its share of the optimizer state"
+        );
+        self.zero = Some(partition);
+        Ok(())
     }
 
     fn output(&self) -> &Path {
@@ -437,7 +472,12 @@ impl Trainer {
         }
         if backward {
             let t = Instant::now();
-            all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?;
+            match &self.zero {
+                Some(z) => {
+                    z.reduce_scatter_gradients(self.optimizer.params(), self.collective.as_mut())?
+                }
+                None => all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?,
+            }
             tracing::debug!(
                 ms = t.elapsed().as_secs_f64() * 1e3,
                 "gradients all-reduced"
@@ -457,9 +497,16 @@ impl Trainer {
         tracing::debug!(step, ms = t.elapsed().as_secs_f64() * 1e3, "batch fetched");
         self.optimizer.zero_grad()?;
         let stats = self.run_slice(Split::Train, &slice, true)?;
-        let grad_norm = self
-            .optimizer
-            .clip_grad_norm(self.spec.optim.max_grad_norm)?;
+        let max_norm = self.spec.optim.max_grad_norm;
+        let grad_norm = match &self.zero {
+            // The norm of the whole gradient: every rank's share of squares.
+            Some(z) => {
+                let collective = self.collective.as_mut();
+                self.optimizer
+                    .clip_grad_norm_with(max_norm, &mut |x| z.sum_across(collective, x))?
+            }
+            None => self.optimizer.clip_grad_norm(max_norm)?,
+        };
         let o = &self.spec.optim;
         let lr = learning_rate(
             o.schedule,
@@ -469,6 +516,9 @@ impl Trainer {
             self.shape.total_steps,
         );
         self.optimizer.apply(lr)?;
+        if let Some(z) = &self.zero {
+            z.all_gather_parameters(self.optimizer.params(), self.collective.as_mut())?;
+        }
         self.state.step = step + 1;
         let step = self.state.step;
         if !stats.loss.is_finite() {
@@ -563,6 +613,7 @@ impl Trainer {
     pub fn run(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
         let started = Instant::now();
         self.sync_from(0)?;
+        self.enter_zero()?;
         on_event(Event::Started {
             start_step: self.state.step,
             total_steps: self.shape.total_steps,

@@ -1,0 +1,209 @@
+//! ZeRO stage 1 over the tcp collective: W processes each holding 1/W of the
+//! AdamW moments and f32 master weights train the weights of one process (f32,
+//! and bf16 with f32 masters), with global-norm clipping active; the optimizer
+//! state a checkpoint assembles from the shares equals one process's; and a
+//! run checkpointed by 2 ranks resumes on 3 to the same weights.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+
+use common::{fixture, fixtures, max_weight_diff, read_jsonl, tempdir};
+use dpo_worker::model::checkpoint::read_tensors;
+
+/// AdamW with a small clipping norm (so clipping acts on every step), 6 steps —
+/// `extra` in `[train]`. ε = 1e-3: AdamW's first update is about g / (|g| + ε),
+/// so at the usual 1e-8 a near-zero gradient that another summation order
+/// changes by 1e-9 moves its weight by a sizeable part of the learning rate;
+/// a larger ε keeps the comparison about the partition, not about rounding.
+fn spec(dir: &Path, name: &str, dtype: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"zero\"\n[model]\npath = \"{}\"\ndtype = \"{dtype}\"\n[data]\ntrain = \"{}\"\nseed = 5\n\
+             [objective]\nloss = \"sigmoid\"\n\
+             [optim]\nname = \"adamw\"\nlr = 0.01\neps = 1e-3\nweight_decay = 0.1\nmax_grad_norm = 0.05\nschedule = \"constant\"\n\
+             [train]\nmax_steps = 6\nglobal_batch_size = 4\nmicro_batch_size = 2\noutput = \"{}\"\n{extra}\n",
+            fixture("qwen2").display(),
+            fixtures().join("pairs_tokens.jsonl").display(),
+            dir.join(name).display(),
+        ),
+    )
+    .expect("write spec");
+    path
+}
+
+fn free_ports(n: usize) -> String {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn worker(spec: &Path, extra: &[String]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(spec)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dpo-worker starts")
+}
+
+/// Waits for `child`; returns its exit code, failing with its log unless it is `want`.
+fn wait_for(child: Child, want: i32) {
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(want),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Trains `spec` on `world` ranks with `extra` flags each; every rank exits `want`.
+fn train(spec: &Path, world: usize, extra: &[&str], want: i32) {
+    let peers = free_ports(world);
+    let children: Vec<Child> = (0..world)
+        .map(|r| {
+            let mut args: Vec<String> = vec![
+                "--peers".into(),
+                peers.clone(),
+                "--rank".into(),
+                r.to_string(),
+            ];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            worker(spec, &args)
+        })
+        .collect();
+    for c in children {
+        wait_for(c, want);
+    }
+}
+
+fn diff(dir: &Path, a: &str, b: &str, file: &str) -> f64 {
+    let x = read_tensors(&dir.join(a).join(file)).expect("tensors");
+    let y = read_tensors(&dir.join(b).join(file)).expect("tensors");
+    max_weight_diff(&x, &y)
+}
+
+#[test]
+fn zero_stage_1_trains_the_weights_and_optimizer_state_of_one_process() {
+    for dtype in ["f32", "bf16"] {
+        let dir = tempdir();
+        wait_for(
+            worker(&spec(dir.path(), "one", dtype, "checkpoint_every = 5"), &[]),
+            0,
+        );
+        for world in [2usize, 3] {
+            let name = format!("zero{world}");
+            let path = spec(
+                dir.path(),
+                &name,
+                dtype,
+                "checkpoint_every = 5\nzero_stage = 1",
+            );
+            train(&path, world, &[], 0);
+            // In bf16 the gradients themselves are bf16, summed over
+            // micro-batches and ranks in an order that depends on the world:
+            // the reference is then the same world without ZeRO.
+            let reference = if dtype == "f32" {
+                "one".to_string()
+            } else {
+                let plain = format!("plain{world}");
+                let path = spec(dir.path(), &plain, dtype, "checkpoint_every = 5");
+                train(&path, world, &[], 0);
+                plain
+            };
+            let state = "checkpoints/step-5/optimizer.safetensors";
+            let d_state = diff(dir.path(), &reference, &name, state);
+            let d_weights = diff(dir.path(), &reference, &name, "final/model.safetensors");
+            eprintln!(
+                "{dtype}, {world} ranks against {reference}: max |Δ| optimizer state at step 5 \
+                 {d_state:.2e}, final weights {d_weights:.2e}"
+            );
+            // Moments and (bf16) f32 masters, assembled from the shares.
+            assert!(
+                d_state <= 1e-5,
+                "{dtype} world {world}: optimizer state {d_state}"
+            );
+            assert!(
+                d_weights <= 1e-5,
+                "{dtype} world {world}: weights {d_weights}"
+            );
+            let base = read_jsonl(&dir.path().join(&reference).join("metrics.jsonl"));
+            let many = read_jsonl(&dir.path().join(&name).join("metrics.jsonl"));
+            assert_eq!(base.len(), many.len());
+            for (x, y) in base.iter().zip(&many) {
+                let norm = |m: &serde_json::Value| m["grad_norm"].as_f64().expect("norm");
+                let (gx, gy) = (norm(x), norm(y));
+                // The global norm (before clipping, which acts: it is > 0.05).
+                assert!(gx > 0.05, "clipping acts: {gx}");
+                assert!(
+                    (gx - gy).abs() <= 1e-5 * gx,
+                    "step {}: norm {gx} vs {gy}",
+                    x["step"]
+                );
+                // Each rank holds its share of the moments (and masters):
+                // parameters + gradients + (moments + masters) / W.
+                let bytes = |m: &serde_json::Value| {
+                    m["memory/state_bytes_per_parameter"]
+                        .as_f64()
+                        .expect("bytes")
+                };
+                let params_and_grads = if dtype == "f32" { 8.0 } else { 4.0 };
+                let want = params_and_grads + (16.0 - params_and_grads) / world as f64;
+                assert!(
+                    (bytes(y) - want).abs() < 0.05,
+                    "{dtype} world {world}: {} bytes per parameter, want {want}",
+                    bytes(y)
+                );
+            }
+            let one = read_jsonl(&dir.path().join("one/metrics.jsonl"));
+            assert!(
+                (one[0]["memory/state_bytes_per_parameter"]
+                    .as_f64()
+                    .expect("bytes")
+                    - 16.0)
+                    .abs()
+                    < 0.01,
+                "one process holds 16 bytes per parameter"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_zero_checkpoint_of_two_ranks_resumes_on_three() {
+    let dir = tempdir();
+    wait_for(
+        worker(&spec(dir.path(), "one", "f32", "checkpoint_every = 3"), &[]),
+        0,
+    );
+    let path = spec(
+        dir.path(),
+        "moved",
+        "f32",
+        "checkpoint_every = 3\nzero_stage = 1",
+    );
+    // Two ranks stop after step 4 (exit 86, as if killed); step 3 was checkpointed.
+    train(&path, 2, &["--halt-after-step", "4"], 86);
+    train(&path, 3, &["--resume"], 0);
+    let d = diff(dir.path(), "one", "moved", "final/model.safetensors");
+    eprintln!("2 ranks, checkpoint at step 3, resumed on 3 ranks: max |Δ| weights {d:.2e}");
+    assert!(d <= 1e-5, "{d}");
+    let metrics = read_jsonl(&dir.path().join("moved/metrics.jsonl"));
+    let steps: Vec<u64> = metrics
+        .iter()
+        .map(|m| m["step"].as_u64().expect("step"))
+        .collect();
+    assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "every step once");
+    assert_eq!(metrics[5]["world_size"], 3);
+}
