@@ -10,10 +10,10 @@
 //! are resolved and the result checked again; the spec then carries the
 //! resolved path, so a link swapped later does not move the run elsewhere.
 
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 
 use dpo_proto::RunSpec;
-use dpo_proto::spec::{Negatives, ReferenceCache, ReferenceModel};
+use dpo_proto::spec::{Negatives, ReferenceCache, ReferenceModel, normalize};
 
 /// What the run does with a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,21 +150,6 @@ impl Confinement {
         check("train.output", &mut spec.train.output, Use::WriteDir)?;
         Ok(())
     }
-}
-
-/// Removes `.` and `..` lexically (`..` above the root stays at the root).
-fn normalize(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
 }
 
 /// `path` with every symlink resolved: the path itself when it exists, else

@@ -4,9 +4,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 
-use common::{fixture, fixtures, max_weight_diff, read_jsonl, tempdir};
+use common::{fixture, fixtures, free_ports, max_weight_diff, read_jsonl, tempdir, train_process};
 use dpo_worker::model::checkpoint::read_tensors;
 
 fn spec(dir: &Path, name: &str, loss: &str) -> std::path::PathBuf {
@@ -29,27 +29,6 @@ fn spec(dir: &Path, name: &str, loss: &str) -> std::path::PathBuf {
     path
 }
 
-fn free_ports(n: usize) -> Vec<String> {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").to_string())
-        .collect()
-}
-
-fn worker(spec: &Path, extra: &[String]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
-        .args(["train", "--device", "cpu", "--config"])
-        .arg(spec)
-        .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dpo-worker starts")
-}
-
 fn wait_ok(child: Child) {
     let out = child.wait_with_output().expect("wait");
     assert!(
@@ -69,15 +48,15 @@ fn compare(dir: &Path, a: &str, b: &str) -> f64 {
 fn two_and_three_ranks_train_the_weights_of_one_process() {
     for loss in ["sigmoid", "combined"] {
         let dir = tempdir();
-        wait_ok(worker(&spec(dir.path(), "one", loss), &[]));
+        wait_ok(train_process(&spec(dir.path(), "one", loss), &[]));
         for world in [2usize, 3] {
             let name = format!("w{world}");
             let path = spec(dir.path(), &name, loss);
-            let peers = free_ports(world).join(",");
+            let peers = free_ports(world);
             // Global batch 4 over 3 ranks: slices of 2, 1 and 1 examples.
             let children: Vec<Child> = (0..world)
                 .map(|r| {
-                    worker(
+                    train_process(
                         &path,
                         &[
                             "--peers".into(),
@@ -137,7 +116,7 @@ fn every_rank_starts_from_rank_zero_state() {
     };
     let one = spec(dir.path(), "one", "sigmoid");
     reference_free(&one);
-    wait_ok(worker(&one, &[]));
+    wait_ok(train_process(&one, &[]));
     let rank0 = spec(dir.path(), "two", "sigmoid");
     reference_free(&rank0);
     let rank1 = dir.path().join("two-rank1.toml");
@@ -148,13 +127,13 @@ fn every_rank_starts_from_rank_zero_state() {
     );
     assert_ne!(text, other, "rank 1 really starts from other weights");
     std::fs::write(&rank1, other).expect("write");
-    let peers = free_ports(2).join(",");
+    let peers = free_ports(2);
     let children = vec![
-        worker(
+        train_process(
             &rank0,
             &["--peers".into(), peers.clone(), "--rank".into(), "0".into()],
         ),
-        worker(
+        train_process(
             &rank1,
             &["--peers".into(), peers, "--rank".into(), "1".into()],
         ),
@@ -173,14 +152,14 @@ fn every_rank_starts_from_rank_zero_state() {
 fn a_dead_rank_makes_the_survivor_fail_at_once_not_hang() {
     let dir = tempdir();
     let path = spec(dir.path(), "dead", "sigmoid");
-    let peers = free_ports(2).join(",");
+    let peers = free_ports(2);
     let started = std::time::Instant::now();
-    let survivor = worker(
+    let survivor = train_process(
         &path,
         &["--peers".into(), peers.clone(), "--rank".into(), "0".into()],
     );
     // Rank 1 exits as if killed right after step 2.
-    let victim = worker(
+    let victim = train_process(
         &path,
         &[
             "--peers".into(),

@@ -10,35 +10,11 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, random_examples};
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
 use dpo_worker::objective::{MicroBatch, SequenceScores, score};
 use tch::{Device, Kind, Tensor};
-
-fn examples(vocab: u32, n: usize) -> Vec<Example> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = |m: u32| -> u32 {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % u64::from(m)) as u32
-    };
-    (0..n)
-        .map(|i| {
-            let mut seq = |lo: u32, hi: u32| -> Vec<u32> {
-                let len = lo + next(hi - lo);
-                (0..len).map(|_| 3 + next(vocab - 3)).collect()
-            };
-            Example {
-                line: i + 1,
-                prompt: seq(1, 9),
-                chosen: Some(seq(1, 12)),
-                rejected: vec![seq(1, 12)],
-            }
-        })
-        .collect()
-}
 
 fn values(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.to_kind(Kind::Double).view([-1])).expect("values")
@@ -104,7 +80,7 @@ fn the_chunked_head_and_checkpointed_layers_give_the_plain_log_probs_and_gradien
     for name in ["llama", "qwen2", "mistral"] {
         let mut model = checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).expect("model");
         let vocab = model.config().vocab_size as u32;
-        let exs = examples(vocab, 6);
+        let exs = random_examples(vocab, 6, 1);
         let refs: Vec<&Example> = exs.iter().collect();
         for packing in [None, Some(48)] {
             let mb = MicroBatch::new(&refs, true, false, packing, Device::Cpu).expect("mb");

@@ -7,39 +7,11 @@
 
 mod common;
 
-use common::fixture;
+use common::{fixture, random_examples};
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
 use dpo_worker::objective::{Layout, MicroBatch, SequenceScores, score};
 use tch::{Device, Kind, Tensor};
-
-/// Deterministic pseudo-random examples: prompts of 0..9 tokens, responses of
-/// 1..13, some examples with several negatives.
-fn examples(vocab: u32, n: usize, negatives: usize) -> Vec<Example> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = |m: u32| -> u32 {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        (state % u64::from(m)) as u32
-    };
-    (0..n)
-        .map(|i| {
-            let mut seq = |lo: u32, hi: u32| -> Vec<u32> {
-                let len = lo + next(hi - lo);
-                (0..len).map(|_| 3 + next(vocab - 3)).collect()
-            };
-            // The first example has no prompt at all.
-            let prompt = if i == 0 { Vec::new() } else { seq(1, 10) };
-            Example {
-                line: i + 1,
-                prompt,
-                chosen: Some(seq(1, 14)),
-                rejected: (0..negatives.max(1)).map(|_| seq(1, 14)).collect(),
-            }
-        })
-        .collect()
-}
 
 fn values(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.to_kind(Kind::Double).view([-1])).expect("values")
@@ -78,7 +50,7 @@ fn unlikelihood(s: &SequenceScores) -> Tensor {
 fn check(model_name: &str, pairwise: bool, negatives: usize, capacity: usize) {
     let model = checkpoint::load(&fixture(model_name), Kind::Float, Device::Cpu).expect("model");
     let vocab = model.config().vocab_size as u32;
-    let exs = examples(vocab, 7, negatives);
+    let exs = random_examples(vocab, 7, negatives);
     let refs: Vec<&Example> = exs.iter().collect();
     let with_negatives = !pairwise;
     let padded = MicroBatch::new(&refs, pairwise, with_negatives, None, Device::Cpu).expect("mb");

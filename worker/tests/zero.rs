@@ -7,9 +7,9 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 
-use common::{fixture, fixtures, max_weight_diff, read_jsonl, tempdir};
+use common::{fixture, fixtures, free_ports, max_weight_diff, read_jsonl, tempdir, train_process};
 use dpo_worker::model::checkpoint::read_tensors;
 
 /// AdamW with a small clipping norm (so clipping acts on every step), 6 steps —
@@ -35,28 +35,6 @@ fn spec(dir: &Path, name: &str, dtype: &str, extra: &str) -> std::path::PathBuf 
     path
 }
 
-fn free_ports(n: usize) -> String {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-fn worker(spec: &Path, extra: &[String]) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
-        .args(["train", "--device", "cpu", "--config"])
-        .arg(spec)
-        .args(extra)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dpo-worker starts")
-}
-
 /// Waits for `child`; returns its exit code, failing with its log unless it is `want`.
 fn wait_for(child: Child, want: i32) {
     let out = child.wait_with_output().expect("wait");
@@ -80,7 +58,7 @@ fn train(spec: &Path, world: usize, extra: &[&str], want: i32) {
                 r.to_string(),
             ];
             args.extend(extra.iter().map(|s| s.to_string()));
-            worker(spec, &args)
+            train_process(spec, &args)
         })
         .collect();
     for c in children {
@@ -99,7 +77,7 @@ fn zero_stage_1_trains_the_weights_and_optimizer_state_of_one_process() {
     for dtype in ["f32", "bf16"] {
         let dir = tempdir();
         wait_for(
-            worker(&spec(dir.path(), "one", dtype, "checkpoint_every = 5"), &[]),
+            train_process(&spec(dir.path(), "one", dtype, "checkpoint_every = 5"), &[]),
             0,
         );
         for world in [2usize, 3] {
@@ -184,7 +162,7 @@ fn zero_stage_1_trains_the_weights_and_optimizer_state_of_one_process() {
 fn a_zero_checkpoint_of_two_ranks_resumes_on_three() {
     let dir = tempdir();
     wait_for(
-        worker(&spec(dir.path(), "one", "f32", "checkpoint_every = 3"), &[]),
+        train_process(&spec(dir.path(), "one", "f32", "checkpoint_every = 3"), &[]),
         0,
     );
     let path = spec(

@@ -606,8 +606,9 @@ const MAX_LENGTH: usize = 1 << 20;
 const MAX_WORKERS: usize = 65_536;
 
 /// Removes `.` and `..` components lexically (`a/b/../c` → `a/c`), so paths in
-/// logs read the way the user thinks of them.
-fn normalize(path: &Path) -> PathBuf {
+/// logs read the way the user thinks of them. A `..` that cannot be removed
+/// stays (`../x`, `/../x`).
+pub fn normalize(path: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
     for c in path.components() {

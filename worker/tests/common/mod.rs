@@ -119,3 +119,55 @@ pub fn max_weight_diff(
         })
         .fold(0.0, f64::max)
 }
+
+/// Deterministic pseudo-random examples: prompts of 0..9 tokens, responses of
+/// 1..13, some examples with several negatives.
+pub fn random_examples(vocab: u32, n: usize, negatives: usize) -> Vec<dpo_data::Example> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = |m: u32| -> u32 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state % u64::from(m)) as u32
+    };
+    (0..n)
+        .map(|i| {
+            let mut seq = |lo: u32, hi: u32| -> Vec<u32> {
+                let len = lo + next(hi - lo);
+                (0..len).map(|_| 3 + next(vocab - 3)).collect()
+            };
+            // The first example has no prompt at all.
+            let prompt = if i == 0 { Vec::new() } else { seq(1, 10) };
+            dpo_data::Example {
+                line: i + 1,
+                prompt,
+                chosen: Some(seq(1, 14)),
+                rejected: (0..negatives.max(1)).map(|_| seq(1, 14)).collect(),
+            }
+        })
+        .collect()
+}
+
+/// `n` free loopback addresses, comma-separated (bound and released).
+pub fn free_ports(n: usize) -> String {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `dpo-worker train` on `spec` (CPU) with `extra` flags; stderr kept for errors.
+pub fn train_process(spec: &Path, extra: &[String]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(spec)
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dpo-worker starts")
+}
