@@ -629,3 +629,78 @@ fn a_worker_lost_mid_stage_costs_only_its_chunk_in_flight() {
         "w1 never finished its share"
     );
 }
+
+#[test]
+fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() {
+    let case = Case::new(96);
+    let steps = 60;
+    // AdamW, so there are moments to shard; ε = 1e-3 so that the steps trained
+    // again in another world (another summation order) stay within 1e-5.
+    let adamw = |text: String| {
+        text.replace(
+            "name = \"sgd\"\nlr = 0.5",
+            "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
+        )
+    };
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
+    let solo = case.path().join("solo.toml");
+    std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec_path = case.path().join("zero.toml");
+    let text = adamw(spec(
+        case.path(),
+        "zero",
+        &format!("{extra}\nzero_stage = 1\n[cluster]\nmin_workers = 2\nmax_workers = 3"),
+    ));
+    assert!(text.contains("adamw"), "{text}");
+    std::fs::write(&spec_path, text).expect("spec");
+    let out_dir = case.path().join("zero");
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    let mut w1 = worker(port, "w1", &case.logs).expect("w1");
+    let _w2 = worker(port, "w2", &case.logs).expect("w2");
+    wait_for_workers(port, 3);
+    // Past the checkpoint of step 20, a worker dies: its share of the moments
+    // is gone, so the world of two goes back to step 20.
+    case.submit_and_wait(port, &spec_path, &out_dir, 25);
+    w1.kill();
+    let killed_at = steps_done(&out_dir);
+    wait_for(Duration::from_secs(90), || {
+        Ok(steps_done(&out_dir) >= killed_at + 5)
+    })
+    .unwrap_or_else(|e| panic!("no progress after the kill: {e}{}", case.logs()));
+    // A late joiner: the world of three re-partitions the shares of two.
+    let _w3 = worker(port, "w3", &case.logs).expect("w3");
+    case.watch_succeeds(port, "zero");
+    every_step_once(&out_dir, steps);
+    case.assert_same_weights(&out_dir, "ZeRO-1: kill -9, rollback, a late joiner");
+    let status = dpoctl(port, &["status", "zero"]).expect("status");
+    let run: serde_json::Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status:?}"));
+    let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
+    assert!(!rollbacks.is_empty(), "the rollback is recorded: {run}");
+    let first = &rollbacks[0];
+    assert_eq!(first["to_step"], 20, "{first}");
+    assert!(first["from_step"].as_u64().unwrap_or(0) >= 25, "{first}");
+    let reason = first["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("lost with its worker") && reason.contains("checkpoint of step 20"),
+        "{reason}"
+    );
+    // The ledger ends with the rollbacks.
+    let ledger = jsonl(&out_dir.join("ledger.jsonl"));
+    let noted: Vec<&serde_json::Value> = ledger
+        .iter()
+        .filter(|l| l.get("rollback").is_some())
+        .collect();
+    assert_eq!(noted.len(), rollbacks.len(), "{ledger:?}");
+    // The joiner's world re-partitioned the state (unless the join's abort
+    // tore a step, which rolls back instead — also recorded).
+    let logs = case.logs();
+    assert!(
+        logs.contains("re-partitioned the optimizer state") || rollbacks.len() > 1,
+        "{logs}"
+    );
+}

@@ -100,6 +100,10 @@ fn metrics_json(m: &[v1::Metric]) -> Value {
     Value::Object(o)
 }
 
+fn rollback_json(b: &v1::Rollback) -> Value {
+    json!({"generation": b.generation, "from_step": b.from_step, "to_step": b.to_step, "reason": b.reason})
+}
+
 fn run_json(r: &v1::Run) -> Value {
     json!({
         "id": r.id, "name": r.name, "owner": r.owner, "state": state_name(r.state),
@@ -109,6 +113,7 @@ fn run_json(r: &v1::Run) -> Value {
         "train_examples": r.train_examples, "eval_examples": r.eval_examples,
         "reference_total": r.reference_total, "reference_cached": r.reference_cached,
         "metrics": metrics_json(&r.last_metrics), "eval": metrics_json(&r.last_eval),
+        "rollbacks": r.rollbacks.iter().map(rollback_json).collect::<Vec<_>>(),
     })
 }
 
@@ -277,6 +282,7 @@ async fn watch(c: &mut Client, run: &str, json_out: bool) -> anyhow::Result<v1::
             match &ev.event {
                 Some(v1::run_event::Event::Step(s)) => o["metrics"] = metrics_json(&s.metrics),
                 Some(v1::run_event::Event::Eval(s)) => o["eval"] = metrics_json(&s.metrics),
+                Some(v1::run_event::Event::Rollback(b)) => o["rollback"] = rollback_json(b),
                 _ => {}
             }
             println!("{o}");
@@ -314,6 +320,12 @@ async fn watch(c: &mut Client, run: &str, json_out: bool) -> anyhow::Result<v1::
                         .map(|m| format!("{} {:.4}", m.name, m.value))
                         .collect();
                     bar.println(format!("eval @ {}: {}", s.step, parts.join(", ")));
+                }
+                Some(v1::run_event::Event::Rollback(b)) => {
+                    bar.println(format!(
+                        "rolled back from step {} to step {} (generation {}): {}",
+                        b.from_step, b.to_step, b.generation, b.reason
+                    ));
                 }
                 _ => {}
             }

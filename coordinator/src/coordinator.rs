@@ -556,6 +556,13 @@ impl Coordinator {
             .await
     }
 
+    /// A member's generation went back to the last committed checkpoint.
+    pub async fn report_rollback(&self, req: &v1::ReportRollbackRequest) -> Result<()> {
+        let member = Member::from_proto(req.member.as_ref())?;
+        self.run(|e, _| e.report_rollback(&member, req.from_step, req.to_step, &req.reason))
+            .await
+    }
+
     /// A member's collective broke: end the generation so a new one forms.
     pub async fn report_fault(&self, req: &v1::ReportFaultRequest) -> Result<()> {
         let member = Member::from_proto(req.member.as_ref())?;
@@ -740,8 +747,12 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
                 .map_err(|e| Refusal::Internal(format!("{shown}: {e}")))?;
             Ok(true)
         }
-        Effect::WriteLedger { prefix, path } => {
-            if let Err(e) = write_ledger(&outside.store, &prefix, &path).await {
+        Effect::WriteLedger {
+            prefix,
+            path,
+            trailer,
+        } => {
+            if let Err(e) = write_ledger(&outside.store, &prefix, &path, &trailer).await {
                 tracing::warn!(path = %path.display(), error = %e, "could not write ledger.jsonl");
             }
             Ok(true)
@@ -798,7 +809,12 @@ fn append_metrics(path: &Path, metrics: &[(String, f64)]) -> std::io::Result<()>
 
 /// Writes every ledger entry under `prefix` to `path`, one JSON line each in
 /// step order, reading the store a page at a time.
-async fn write_ledger(store: &Store, prefix: &str, path: &Path) -> anyhow::Result<()> {
+async fn write_ledger(
+    store: &Store,
+    prefix: &str,
+    path: &Path,
+    trailer: &[String],
+) -> anyhow::Result<()> {
     const PAGE: usize = 1000;
     let mut text = String::new();
     let mut after: Option<String> = None;
@@ -820,17 +836,16 @@ async fn write_ledger(store: &Store, prefix: &str, path: &Path) -> anyhow::Resul
             _ => break,
         }
     }
+    for line in trailer {
+        text.push_str(line);
+        text.push('\n');
+    }
     dpo_data::atomic::write(path, text.as_bytes())?;
     Ok(())
 }
 
 /// Tokenizes and shards a run's datasets (train and eval) once.
 fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunData> {
-    if spec.train.zero_stage > 0 {
-        return Err(Refusal::Invalid(
-            "train.zero_stage: a cluster's worlds change size while a run goes on, and re-sharding the optimizer state between generations is not available yet; use 0 here, or `dpo-worker train --peers` for a fixed world".into(),
-        ));
-    }
     if spec.data.negatives == Some(dpo_proto::Negatives::Policy) {
         return Err(Refusal::Invalid(
             "data.negatives: \"policy\" negatives need a model to sample from; the cluster does not sample them yet (use `dpo-worker train`)".into(),

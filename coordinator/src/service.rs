@@ -351,6 +351,14 @@ impl WorkerService for Api {
         Ok(Response::new(v1::Ack {}))
     }
 
+    async fn report_rollback(
+        &self,
+        request: Request<v1::ReportRollbackRequest>,
+    ) -> Result<Response<v1::Ack>, Status> {
+        self.coordinator.report_rollback(request.get_ref()).await?;
+        Ok(Response::new(v1::Ack {}))
+    }
+
     async fn report_done(
         &self,
         request: Request<v1::ReportDoneRequest>,

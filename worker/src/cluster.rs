@@ -381,14 +381,38 @@ impl Worker {
             return Err(Error::State("no trainer for the run"));
         };
         trainer.set_collective(Box::new(collective), work.generation);
-        if let Some(root) = trainer.sync_world()? {
+        let checkpoint = (!work.resume_checkpoint.is_empty()).then(|| {
+            (
+                std::path::Path::new(&work.resume_checkpoint),
+                work.resume_step,
+            )
+        });
+        let synced = trainer.sync_world(checkpoint)?;
+        if let Some(root) = synced.root {
             tracing::info!(
                 root,
                 step = trainer.step(),
                 "took the training state of rank {root}"
             );
         }
-        if trainer.reference_staged() {
+        let staged = trainer.reference_staged();
+        if let Some(back) = synced.rollback {
+            // The steps after the checkpoint are trained again; the coordinator
+            // keeps their first reports, and records the rollback.
+            self.last = None;
+            let req = v1::ReportRollbackRequest {
+                member: Some(self.member(work)),
+                from_step: back.from_step,
+                to_step: back.to_step,
+                reason: back.reason,
+            };
+            call(&self.rt, signal, "report rollback", || {
+                let mut c = self.client.clone();
+                let r = req.clone();
+                async move { c.report_rollback(r).await }
+            })?;
+        }
+        if staged {
             self.reference_stage(work, signal)?;
         }
         let Some((_, trainer)) = self.trainer.as_mut() else {

@@ -142,6 +142,64 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Back to whole parameters with no moments (f32 masters from the current
+    /// parameters): before a checkpoint or a broadcast fills the state.
+    pub fn reset(&mut self) -> Result<()> {
+        let mut slots = Vec::with_capacity(self.params.len());
+        for (name, param) in self.names.iter().zip(&self.params) {
+            slots.push(Slot {
+                decay: decays(name),
+                master: master_of(param).op("f32 master weights")?,
+                name: name.clone(),
+                param: param.shallow_clone(),
+                piece: None,
+                exp_avg: None,
+                exp_avg_sq: None,
+            });
+        }
+        self.slots = slots;
+        Ok(())
+    }
+
+    /// Makes this optimizer update `pieces` (a partition's, in its order) with
+    /// `state` (`(kind, parameter index, values)`, as [`crate::zero::Partition::repartition`]
+    /// returns it); a half-precision piece without a master gets one from the
+    /// parameter.
+    pub fn install_pieces(
+        &mut self,
+        pieces: &[(usize, i64, i64)],
+        mut state: Vec<(&'static str, usize, Tensor)>,
+    ) -> Result<()> {
+        let mut slots = Vec::with_capacity(pieces.len());
+        for &(index, offset, len) in pieces {
+            let mut take = |kind: &str| -> Option<Tensor> {
+                let at = state
+                    .iter()
+                    .position(|(k, i, _)| *k == kind && *i == index)?;
+                Some(state.swap_remove(at).2)
+            };
+            let (exp_avg, exp_avg_sq, master) =
+                (take("exp_avg"), take("exp_avg_sq"), take("master"));
+            let param = self.params[index].shallow_clone();
+            let mut slot = Slot {
+                name: self.names[index].clone(),
+                decay: decays(&self.names[index]),
+                param,
+                piece: Some((offset, len)),
+                exp_avg,
+                exp_avg_sq,
+                master,
+            };
+            if slot.master.is_none() {
+                let view = slot.view(&slot.param).op("f32 master weights")?;
+                slot.master = master_of(&view).op("f32 master weights")?;
+            }
+            slots.push(slot);
+        }
+        self.slots = slots;
+        Ok(())
+    }
+
     /// The f32 state of this rank's pieces, by kind (`exp_avg`, `exp_avg_sq`,
     /// `master`): `(parameter index, offset, values)` — what a sharded
     /// checkpoint gathers.

@@ -42,6 +42,14 @@ impl Partition {
         }
     }
 
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
     /// `(parameter index, offset, len)` of every piece this rank owns, in
     /// parameter order, at most one per parameter.
     pub fn pieces(&self, params: &[Tensor]) -> Vec<(usize, i64, i64)> {
@@ -211,6 +219,76 @@ impl Partition {
                     out.push((i, whole));
                 }
                 at += size;
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Partition {
+    /// This rank's share of the optimizer state under this (new) partition,
+    /// from the shares the ranks held under the old one: each rank passes the
+    /// pieces it held (`old`, [`crate::optim::Optimizer::piece_states`]; none
+    /// if it holds no share, or another rank contributes the same one), and
+    /// every element, contributed by exactly one rank, reaches its new owner.
+    /// Bucket by bucket and kind by kind (`exp_avg`, `exp_avg_sq` when
+    /// `moments`; `master` for half-precision parameters): at most one bucket's
+    /// state is staged at a time. Returns the new pieces' state, by kind, in
+    /// [`Partition::pieces`] order.
+    pub fn repartition(
+        &self,
+        params: &[Tensor],
+        old: &[(&'static str, usize, i64, Tensor)],
+        moments: bool,
+        collective: &mut dyn Collective,
+    ) -> Result<Vec<(&'static str, usize, Tensor)>> {
+        let mut out = Vec::new();
+        for bucket in &self.buckets {
+            let ps = &params[bucket.clone()];
+            let n: usize = ps.iter().map(|p| p.numel()).sum();
+            let half = ps.iter().any(|p| p.kind() != tch::Kind::Float);
+            let kinds: Vec<&'static str> = [
+                ("exp_avg", moments),
+                ("exp_avg_sq", moments),
+                ("master", half),
+            ]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(k, _)| *k)
+            .collect();
+            let (start, len) = chunk(n, self.world, self.rank);
+            for kind in kinds {
+                let mut flat = vec![0.0f32; n];
+                let mut at = 0usize;
+                for i in bucket.clone() {
+                    for (_, _, offset, t) in old
+                        .iter()
+                        .filter(|(k, index, _, _)| *k == kind && *index == i)
+                    {
+                        let values = Vec::<f32>::try_from(
+                            &t.f_to_kind(tch::Kind::Float)
+                                .and_then(|t| t.f_to_device(tch::Device::Cpu))
+                                .op("optimizer state")?,
+                        )
+                        .op("optimizer state")?;
+                        let from = at + *offset as usize;
+                        flat[from..from + values.len()].copy_from_slice(&values);
+                    }
+                    at += params[i].numel();
+                }
+                collective.all_reduce_sum(&mut flat)?;
+                let mut at = 0usize;
+                for (i, p) in bucket.clone().zip(ps) {
+                    let size = p.numel();
+                    let (from, to) = (start.max(at), (start + len).min(at + size));
+                    if from < to && (kind != "master" || p.kind() != tch::Kind::Float) {
+                        let piece = Tensor::f_from_slice(&flat[from..to])
+                            .and_then(|t| t.f_to_device(p.device()))
+                            .op("optimizer state")?;
+                        out.push((kind, i, piece));
+                    }
+                    at += size;
+                }
             }
         }
         Ok(out)

@@ -126,7 +126,12 @@ pub enum Effect {
         metrics: Vec<(String, f64)>,
     },
     /// Writes a run's whole ledger (read from the store under `prefix`) to `path`.
-    WriteLedger { prefix: String, path: PathBuf },
+    WriteLedger {
+        prefix: String,
+        path: PathBuf,
+        /// Lines after the steps (the run's rollbacks, one JSON object each).
+        trailer: Vec<String>,
+    },
     /// Ends a worker's etcd lease.
     RevokeLease(i64),
     /// Sends an assignment on a worker's stream.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use dpo_proto::v1;
 
 use super::membership::Member;
-use super::runs::{CheckpointRecord, LedgerEntry, RunState};
+use super::runs::{CheckpointRecord, LedgerEntry, RollbackRecord, RunState};
 use super::{Effect, Engine, Now, Refusal, Result, checkpoint_key, ledger_key, run_key, to_json};
 
 /// A step's report, as the engine takes it.
@@ -234,6 +234,48 @@ impl Engine {
 
     /// The run ended on a member: succeeded (only rank 0's word counts, and
     /// only with every step recorded) or failed with `error`.
+    /// A member's generation went back to the last committed checkpoint (a
+    /// share of the ZeRO optimizer state was lost): recorded once per
+    /// generation, told to the run's watchers. The steps after the checkpoint
+    /// are trained again; their first reports stand.
+    pub fn report_rollback(
+        &mut self,
+        member: &Member,
+        from_step: u64,
+        to_step: u64,
+        reason: &str,
+    ) -> Result<()> {
+        self.check_member(member, false)?;
+        let r = self
+            .runs
+            .get_mut(&member.run)
+            .ok_or_else(|| Refusal::NotFound(format!("no run {:?}", member.run)))?;
+        if to_step > from_step || from_step > r.step + 1 || to_step != r.checkpoint_step {
+            return Err(Refusal::Invalid(format!(
+                "rollback from step {from_step} to {to_step}: the last committed checkpoint is step {}",
+                r.checkpoint_step
+            )));
+        }
+        if r.rollbacks
+            .iter()
+            .any(|b| b.generation == member.generation)
+        {
+            return Ok(());
+        }
+        let record = RollbackRecord {
+            generation: member.generation,
+            from_step,
+            to_step,
+            reason: truncated(reason, MAX_MESSAGE_BYTES),
+        };
+        tracing::warn!(run = %member.run, generation = member.generation, from_step, to_step, reason = %record.reason, "the world went back to a checkpoint");
+        let event = v1::run_event::Event::Rollback(record.to_proto());
+        r.rollbacks.push(record);
+        self.persist_run(&member.run)?;
+        self.emit(&member.run, Some(event));
+        Ok(())
+    }
+
     pub fn report_done(
         &mut self,
         member: &Member,

@@ -91,6 +91,9 @@ pub struct RunRecord {
     /// named tokens): only it and admins see it.
     #[serde(default)]
     pub owner: String,
+    /// Returns to a checkpoint, in order (a generation counts once).
+    #[serde(default)]
+    pub rollbacks: Vec<RollbackRecord>,
     /// Where the tokenized shards are.
     pub shard_dir: PathBuf,
     /// Ledger entries that an earlier version kept inside the record; moved to
@@ -102,6 +105,26 @@ pub struct RunRecord {
     pub reference_total: u64,
     #[serde(default)]
     pub reference_cached: u64,
+}
+
+/// A generation's return to the last committed checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackRecord {
+    pub generation: u64,
+    pub from_step: u64,
+    pub to_step: u64,
+    pub reason: String,
+}
+
+impl RollbackRecord {
+    pub fn to_proto(&self) -> v1::Rollback {
+        v1::Rollback {
+            generation: self.generation,
+            from_step: self.from_step,
+            to_step: self.to_step,
+            reason: self.reason.clone(),
+        }
+    }
 }
 
 impl RunRecord {
@@ -136,6 +159,7 @@ impl RunRecord {
             last_eval: Vec::new(),
             eval_step: 0,
             owner,
+            rollbacks: Vec::new(),
             shard_dir,
             ledger_tail: Vec::new(),
             reference_total: 0,
@@ -173,6 +197,11 @@ impl RunRecord {
             reference_total: self.reference_total,
             reference_cached: self.reference_cached,
             owner: self.owner.clone(),
+            rollbacks: self
+                .rollbacks
+                .iter()
+                .map(RollbackRecord::to_proto)
+                .collect(),
         }
     }
 }
@@ -458,9 +487,16 @@ impl Engine {
         }
         // The whole ledger goes to the output dir before its keys are deleted.
         let path = r.spec.train.output.join("ledger.jsonl");
+        // Rollbacks follow the steps: `{"rollback": {...}}`, one line each.
+        let trailer = r
+            .rollbacks
+            .iter()
+            .filter_map(|b| serde_json::to_string(&serde_json::json!({ "rollback": b })).ok())
+            .collect();
         self.effects.push(Effect::WriteLedger {
             prefix: ledger_prefix(id),
             path,
+            trailer,
         });
         self.set_state(id, state)?;
         self.data.remove(id);

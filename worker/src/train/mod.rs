@@ -41,7 +41,7 @@ pub use batches::{Batches, LocalBatches, Slice, Split};
 pub use checkpoint::{latest_checkpoint, verify_manifest};
 pub use metrics::Metrics;
 pub use reference::{BatchPosition, ReferenceSource};
-pub use sync::TrainerState;
+pub use sync::{Rollback, Synced, TrainerState};
 
 use batches::load_examples;
 use metrics::{MetricsFile, StepFacts, eval_metrics, step_metrics};
@@ -166,6 +166,9 @@ pub struct Trainer {
     state: TrainerState,
     /// ZeRO stage 1's partition of the optimizer state, once entered.
     zero: Option<Partition>,
+    /// A ZeRO step failed between updating this rank's share and gathering
+    /// the parameters: its state is neither the old step's nor the new one's.
+    torn: bool,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -224,12 +227,6 @@ impl Trainer {
         batches: Box<dyn Batches>,
         shape: RunShape,
     ) -> Result<Self> {
-        if spec.train.zero_stage > 0 {
-            return Err(Error::Input {
-                context: "train.zero_stage".into(),
-                reason: "a cluster's worlds change size while a run goes on, and re-sharding the optimizer state is not available yet: use zero_stage = 0, or `dpo-worker train --peers` for a fixed world".into(),
-            });
-        }
         if spec.data.negatives == Some(Negatives::Policy) {
             return Err(Error::Input {
                 context: "data.negatives".into(),
@@ -301,6 +298,7 @@ impl Trainer {
             shape,
             state: TrainerState::default(),
             zero: None,
+            torn: false,
         })
     }
 
@@ -515,9 +513,15 @@ impl Trainer {
             step,
             self.shape.total_steps,
         );
+        if self.zero.is_some() {
+            // From here until the parameters are whole again, this rank's
+            // share has moved on and the rest has not: a failure leaves it torn.
+            self.torn = true;
+        }
         self.optimizer.apply(lr)?;
         if let Some(z) = &self.zero {
             z.all_gather_parameters(self.optimizer.params(), self.collective.as_mut())?;
+            self.torn = false;
         }
         self.state.step = step + 1;
         let step = self.state.step;

@@ -3,6 +3,8 @@
 //! rank order, parameter hashes compared, and `sync_world` — the furthest-ahead
 //! rank's state broadcast to the others when a world (re)forms.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
@@ -139,7 +141,23 @@ impl Trainer {
     /// (steps completed, parameter hash); if they differ, the lowest rank among those
     /// furthest ahead sends its state to the others (a joiner, or a survivor that
     /// missed the last step of a broken generation). Returns that root.
-    pub fn sync_world(&mut self) -> Result<Option<usize>> {
+    ///
+    /// Under ZeRO (`train.zero_stage = 1`) the optimizer state is re-partitioned
+    /// for the new world from the shares of the ranks furthest ahead; when one of
+    /// those shares is gone with its worker, every rank goes back to
+    /// `checkpoint` (the last committed one: directory and step; none: the
+    /// initial weights) and the outcome says so.
+    pub fn sync_world(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
+        if self.spec.train.zero_stage > 0 {
+            return self.sync_world_sharded(checkpoint);
+        }
+        Ok(Synced {
+            root: self.sync_world_whole()?,
+            rollback: None,
+        })
+    }
+
+    fn sync_world_whole(&mut self) -> Result<Option<usize>> {
         if self.collective.world_size() == 1 {
             return Ok(None);
         }
@@ -165,6 +183,266 @@ impl Trainer {
         let root = all.iter().position(|b| step_of(b) == max).unwrap_or(0);
         self.sync_from(root)?;
         Ok(Some(root))
+    }
+}
+
+/// What [`Trainer::sync_world`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Synced {
+    /// The rank whose state the others took, if they differed.
+    pub root: Option<usize>,
+    /// The world went back to a checkpoint: a share of the optimizer state was
+    /// lost with its worker.
+    pub rollback: Option<Rollback>,
+}
+
+/// A return to the last committed checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollback {
+    /// The step the furthest-ahead ranks had reached.
+    pub from_step: u64,
+    /// The step of the checkpoint (0: the initial weights).
+    pub to_step: u64,
+    /// Why, for people.
+    pub reason: String,
+}
+
+/// One rank's summary when a sharded world forms: step, parameter hash, and the
+/// partition of the optimizer state it holds (world 0: it holds it whole).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Summary {
+    step: u64,
+    hash: u64,
+    world: u64,
+    rank: u64,
+    /// 1: a step broke between the share's update and the parameters' gather.
+    torn: u64,
+}
+
+impl Summary {
+    fn to_bytes(self) -> Vec<u8> {
+        [self.step, self.hash, self.world, self.rank, self.torn]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect()
+    }
+
+    fn from_bytes(b: &[u8]) -> Option<Summary> {
+        if b.len() != 40 {
+            return None;
+        }
+        let at = |i: usize| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(a)
+        };
+        Some(Summary {
+            step: at(0),
+            hash: at(1),
+            world: at(2),
+            rank: at(3),
+            torn: at(4),
+        })
+    }
+}
+
+impl Trainer {
+    /// [`Trainer::sync_world`] under ZeRO stage 1.
+    fn sync_world_sharded(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let mine = Summary {
+            step: self.state.step,
+            hash: self.parameter_hash()?,
+            world: self.zero.as_ref().map_or(0, |z| z.world() as u64),
+            rank: self.zero.as_ref().map_or(0, |z| z.rank() as u64),
+            torn: u64::from(self.torn),
+        };
+        let all: Vec<Summary> = self
+            .collective
+            .all_gather(&mine.to_bytes())?
+            .iter()
+            .map(|b| Summary::from_bytes(b))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| CollectiveError::Protocol {
+                rank,
+                reason: "malformed state summary from a peer".into(),
+            })?;
+        // The state furthest ahead, among ranks whose state is whole.
+        let sound = |s: &Summary| s.torn == 0;
+        let Some(max) = all.iter().filter(|s| sound(s)).map(|s| s.step).max() else {
+            let from = all.iter().map(|s| s.step).max().unwrap_or(0);
+            return self.roll_back(from, checkpoint, &[], 0);
+        };
+        let root = all
+            .iter()
+            .position(|s| sound(s) && s.step == max)
+            .unwrap_or(0);
+        let lead = all[root];
+        // The same partition on the same ranks as before: nothing moves.
+        let same_world = all.iter().enumerate().all(|(r, s)| {
+            (s.step, s.hash) == (lead.step, lead.hash)
+                && s.world == world as u64
+                && s.rank == r as u64
+        });
+        if same_world {
+            return Ok(Synced::default());
+        }
+        if lead.world == 0 {
+            // The state furthest ahead is whole (a start, or a checkpoint just
+            // restored): the plain broadcast, then the new partition.
+            self.unshard()?;
+            let synced = if world > 1
+                && !all
+                    .iter()
+                    .all(|s| (s.step, s.hash) == (lead.step, lead.hash))
+            {
+                self.sync_from(root)?;
+                Some(root)
+            } else {
+                None
+            };
+            self.enter_zero()?;
+            return Ok(Synced {
+                root: synced,
+                rollback: None,
+            });
+        }
+        // The shares of the ranks furthest ahead: are they all here?
+        // (The lowest rank holding each old share contributes it.)
+        let mut holders: Vec<(usize, u64)> = Vec::new();
+        for (r, s) in all.iter().enumerate() {
+            let same = (s.step, s.hash, s.world) == (lead.step, lead.hash, lead.world);
+            if same && sound(s) && !holders.iter().any(|(_, h)| *h == s.rank) {
+                holders.push((r, s.rank));
+            }
+        }
+        let missing: Vec<u64> = (0..lead.world)
+            .filter(|old| !holders.iter().any(|(_, h)| h == old))
+            .collect();
+        if !missing.is_empty() {
+            return self.roll_back(max, checkpoint, &missing, lead.world);
+        }
+        // Parameters and position from the root where they differ.
+        let behind = all
+            .iter()
+            .any(|s| (s.step, s.hash) != (lead.step, lead.hash));
+        if behind {
+            let state = self.broadcast_state(root)?;
+            self.set_state(state);
+            let params: Vec<Tensor> = self
+                .optimizer
+                .params()
+                .iter()
+                .map(Tensor::shallow_clone)
+                .collect();
+            broadcast_tensors(&params, root, self.collective.as_mut())?;
+        }
+        // The optimizer state: each element from its old owner, to its new one.
+        let holds = holders.iter().any(|(r, _)| *r == rank);
+        let old = self.zero.clone().filter(|_| holds);
+        let new = crate::zero::Partition::new(self.optimizer.params(), world, rank);
+        let moments = self.spec.optim.name == dpo_proto::OptimizerName::Adamw && max > 0;
+        let pieces = self.optimizer.piece_states();
+        let moved = new.repartition(
+            self.optimizer.params(),
+            old.as_ref().map(|_| pieces.as_slice()).unwrap_or(&[]),
+            moments,
+            self.collective.as_mut(),
+        )?;
+        drop(pieces);
+        self.optimizer
+            .install_pieces(&new.pieces(self.optimizer.params()), moved)?;
+        tracing::info!(
+            world,
+            rank,
+            from_world = lead.world,
+            step = self.state.step,
+            "ZeRO: re-partitioned the optimizer state for the new world"
+        );
+        self.zero = Some(new);
+        Ok(Synced {
+            root: behind.then_some(root),
+            rollback: None,
+        })
+    }
+
+    /// Every rank back to `checkpoint` (or to the initial weights), whole,
+    /// then the new partition: a share of the optimizer state was lost.
+    fn roll_back(
+        &mut self,
+        from_step: u64,
+        checkpoint: Option<(&Path, u64)>,
+        missing: &[u64],
+        old_world: u64,
+    ) -> Result<Synced> {
+        self.zero = None;
+        self.torn = false;
+        self.optimizer.reset()?;
+        let to_step = match checkpoint {
+            Some((dir, step)) => {
+                self.restore_checkpoint(dir)?;
+                step
+            }
+            None => {
+                crate::model::checkpoint::load_weights(&self.policy, &self.spec.model.path)?;
+                self.set_state(TrainerState::default());
+                0
+            }
+        };
+        let back_to = if to_step > 0 {
+            format!("the checkpoint of step {to_step}")
+        } else {
+            "the initial weights".to_string()
+        };
+        let reason = if missing.is_empty() {
+            format!(
+                "every rank's step {from_step} broke between updating its share of the optimizer state and gathering the parameters (train.zero_stage = 1): back to {back_to}"
+            )
+        } else {
+            format!(
+                "the optimizer state of rank{} {} of {old_world} was lost with its worker (train.zero_stage = 1): back to {back_to}",
+                if missing.len() > 1 { "s" } else { "" },
+                missing
+                    .iter()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        };
+        tracing::warn!(from_step, to_step, "{reason}");
+        self.enter_zero()?;
+        Ok(Synced {
+            root: None,
+            rollback: Some(Rollback {
+                from_step,
+                to_step,
+                reason,
+            }),
+        })
+    }
+
+    /// Makes the optimizer whole again (its share of the state is dropped; a
+    /// broadcast or a checkpoint fills it).
+    fn unshard(&mut self) -> Result<()> {
+        if self.zero.take().is_some() {
+            self.optimizer.reset()?;
+        }
+        Ok(())
+    }
+
+    /// Rank `root`'s [`TrainerState`], on every rank.
+    fn broadcast_state(&mut self, root: usize) -> Result<TrainerState> {
+        let mine = serde_json::to_vec(&self.state()).map_err(|e| CollectiveError::Protocol {
+            rank: self.collective.rank(),
+            reason: format!("encoding the training state: {e}"),
+        })?;
+        let got = self.collective.broadcast(&mine, root)?;
+        Ok(
+            serde_json::from_slice(&got).map_err(|e| CollectiveError::Protocol {
+                rank: self.collective.rank(),
+                reason: format!("state from rank {root}: {e}"),
+            })?,
+        )
     }
 }
 
