@@ -711,3 +711,65 @@ fn after_missed_writes_the_engine_writes_its_state_again() {
         serde_json::from_str(keys[1].1.as_deref().unwrap_or("")).expect("a record");
     assert_eq!(record.step, 1, "the engine's state, not the store's");
 }
+
+#[test]
+fn a_rollback_is_checked_recorded_once_per_generation_and_told_to_watchers() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(2, 2, 10, t0);
+    join(&mut e, "w1", t0);
+    join(&mut e, "w2", t0);
+    for step in 1..=2 {
+        e.report_step(&member("w1", 1, 0), step_report(step))
+            .expect("step");
+    }
+    e.take_effects();
+    // Not the committed checkpoint (none: step 0), or from beyond the run: refused.
+    let refused = e
+        .report_rollback(&member("w1", 1, 0), 2, 1, "lost")
+        .expect_err("not the checkpoint");
+    assert!(matches!(refused, Refusal::Invalid(_)), "{refused:?}");
+    assert!(
+        e.report_rollback(&member("w1", 1, 0), 9, 0, "lost")
+            .is_err(),
+        "from a step the run never reached"
+    );
+    // A stranger's report: refused as stale.
+    assert!(matches!(
+        e.report_rollback(&member("w9", 1, 0), 2, 0, "lost"),
+        Err(Refusal::Stale(_))
+    ));
+    // Both ranks report it; it counts once.
+    for m in [member("w1", 1, 0), member("w2", 1, 1)] {
+        e.report_rollback(&m, 2, 0, "rank 2 of 3 lost")
+            .expect("rollback");
+    }
+    let r = e.run("run-a").expect("run");
+    assert_eq!(r.rollbacks.len(), 1);
+    assert_eq!((r.rollbacks[0].from_step, r.rollbacks[0].to_step), (2, 0));
+    assert_eq!(r.step, 2, "the recorded steps stand");
+    let fx = e.take_effects();
+    let told = fx
+        .iter()
+        .filter(|f| {
+            matches!(
+                f,
+                Effect::Emit {
+                    event: v1::RunEvent {
+                        event: Some(v1::run_event::Event::Rollback(_)),
+                        ..
+                    },
+                    ..
+                }
+            )
+        })
+        .count();
+    assert_eq!(told, 1, "{fx:?}");
+    assert!(
+        fx.iter().any(|f| matches!(f, Effect::Store { .. })),
+        "the record is persisted"
+    );
+    // A step trained again after it is the first report's: ignored.
+    e.report_step(&member("w1", 1, 0), step_report(1))
+        .expect("a re-trained step");
+    assert_eq!(e.run("run-a").expect("run").step, 2);
+}
