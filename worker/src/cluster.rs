@@ -406,11 +406,17 @@ impl Worker {
                 to_step: back.to_step,
                 reason: back.reason,
             };
-            call(&self.rt, signal, "report rollback", || {
+            let reported = call(&self.rt, signal, "report rollback", || {
                 let mut c = self.client.clone();
                 let r = req.clone();
                 async move { c.report_rollback(r).await }
-            })?;
+            });
+            match reported {
+                Ok(_) => {}
+                Err(e) if e.disposition() == Disposition::NextGeneration => return Err(e),
+                // Only the record of it was refused: training goes on.
+                Err(e) => tracing::warn!(error = %e, "the coordinator did not record the rollback"),
+            }
         }
         if staged {
             self.reference_stage(work, signal)?;
