@@ -704,3 +704,66 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
         "{logs}"
     );
 }
+
+#[test]
+fn zero_replicas_survive_a_kill_without_going_back() {
+    let case = Case::new(96);
+    let steps = 60;
+    let adamw = |text: String| {
+        text.replace(
+            "name = \"sgd\"\nlr = 0.5",
+            "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
+        )
+    };
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
+    let solo = case.path().join("solo.toml");
+    std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec_path = case.path().join("copies.toml");
+    let text = adamw(spec(
+        case.path(),
+        "copies",
+        &format!(
+            "{extra}\nzero_stage = 1\nzero_replicas = 2\n[cluster]\nmin_workers = 2\nmax_workers = 3"
+        ),
+    ));
+    std::fs::write(&spec_path, text).expect("spec");
+    let out_dir = case.path().join("copies");
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    let mut w1 = worker(port, "w1", &case.logs).expect("w1");
+    let _w2 = worker(port, "w2", &case.logs).expect("w2");
+    wait_for_workers(port, 3);
+    case.submit_and_wait(port, &spec_path, &out_dir, 25);
+    w1.kill();
+    case.watch_succeeds(port, "copies");
+    every_step_once(&out_dir, steps);
+    case.assert_same_weights(&out_dir, "ZeRO-1 with replicas: kill -9");
+    let status = dpoctl(port, &["status", "copies"]).expect("status");
+    let run: serde_json::Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status:?}"));
+    let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
+    // The killed worker's share came back from its replica. (A kill that
+    // lands while the survivors gather the parameters tears their step, which
+    // no copy can mend: that alone may still go back, and says so.)
+    assert!(
+        rollbacks.iter().all(|b| b["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("broke between")),
+        "{run}"
+    );
+    let logs = case.logs();
+    eprintln!(
+        "replicas: {} rollback(s); shares rebuilt from replicas: {}",
+        rollbacks.len(),
+        logs.contains("rebuilt lost shares")
+    );
+    assert!(
+        logs.contains("rebuilt lost shares of the optimizer state from their replicas")
+            || !rollbacks.is_empty(),
+        "{logs}"
+    );
+}

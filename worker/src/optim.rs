@@ -31,6 +31,9 @@ struct Slot {
     /// The flattened elements `(offset, len)` of the parameter this slot
     /// updates (ZeRO: this rank's share); `None`: all of them.
     piece: Option<(i64, i64)>,
+    /// A copy of another rank's piece (ZeRO replicas): updated alike, but not
+    /// this rank's to count in the gradient norm or to contribute to checkpoints.
+    replica: bool,
     decay: bool,
     /// AdamW moments (f32), allocated on the first step.
     exp_avg: Option<Tensor>,
@@ -87,6 +90,7 @@ impl Optimizer {
                     name,
                     param,
                     piece: None,
+                    replica: false,
                     exp_avg: None,
                     exp_avg_sq: None,
                 })
@@ -110,7 +114,11 @@ impl Optimizer {
     /// parameters, at most one per parameter — with their slices of the
     /// moments and master weights; the rest of the state is dropped (ZeRO: this
     /// rank updates only its share). Call on an unsharded optimizer.
-    pub fn shard(&mut self, pieces: &[(usize, i64, i64)]) -> Result<()> {
+    pub fn shard(
+        &mut self,
+        pieces: &[(usize, i64, i64)],
+        replicas: &[(usize, i64, i64)],
+    ) -> Result<()> {
         let _guard = tch::no_grad_guard();
         let old = std::mem::take(&mut self.slots);
         let slice = |t: &Option<Tensor>, offset: i64, len: i64| -> TchResult<Option<Tensor>> {
@@ -123,13 +131,20 @@ impl Optimizer {
                 })
                 .transpose()
         };
+        let tagged = pieces
+            .iter()
+            .map(|p| (p, false))
+            .chain(replicas.iter().map(|p| (p, true)));
+        let tagged: Vec<_> = tagged.collect();
         for (index, slot) in old.into_iter().enumerate() {
-            for &(_, offset, len) in pieces.iter().filter(|(i, _, _)| *i == index) {
+            for &(&(_, offset, len), replica) in tagged.iter().filter(|((i, _, _), _)| *i == index)
+            {
                 let f = || -> TchResult<Slot> {
                     Ok(Slot {
                         name: slot.name.clone(),
                         param: slot.param.shallow_clone(),
                         piece: Some((offset, len)),
+                        replica,
                         decay: slot.decay,
                         exp_avg: slice(&slot.exp_avg, offset, len)?,
                         exp_avg_sq: slice(&slot.exp_avg_sq, offset, len)?,
@@ -153,6 +168,7 @@ impl Optimizer {
                 name: name.clone(),
                 param: param.shallow_clone(),
                 piece: None,
+                replica: false,
                 exp_avg: None,
                 exp_avg_sq: None,
             });
@@ -168,8 +184,22 @@ impl Optimizer {
     pub fn install_pieces(
         &mut self,
         pieces: &[(usize, i64, i64)],
-        mut state: Vec<(&'static str, usize, Tensor)>,
+        state: Vec<(&'static str, usize, Tensor)>,
+        replicas: &[(usize, i64, i64)],
+        replica_state: Vec<(&'static str, usize, Tensor)>,
     ) -> Result<()> {
+        let mut slots = self.slots_of(pieces, state, false)?;
+        slots.extend(self.slots_of(replicas, replica_state, true)?);
+        self.slots = slots;
+        Ok(())
+    }
+
+    fn slots_of(
+        &self,
+        pieces: &[(usize, i64, i64)],
+        mut state: Vec<(&'static str, usize, Tensor)>,
+        replica: bool,
+    ) -> Result<Vec<Slot>> {
         let mut slots = Vec::with_capacity(pieces.len());
         for &(index, offset, len) in pieces {
             let mut take = |kind: &str| -> Option<Tensor> {
@@ -186,6 +216,7 @@ impl Optimizer {
                 decay: decays(&self.names[index]),
                 param,
                 piece: Some((offset, len)),
+                replica,
                 exp_avg,
                 exp_avg_sq,
                 master,
@@ -196,16 +227,15 @@ impl Optimizer {
             }
             slots.push(slot);
         }
-        self.slots = slots;
-        Ok(())
+        Ok(slots)
     }
 
-    /// The f32 state of this rank's pieces, by kind (`exp_avg`, `exp_avg_sq`,
-    /// `master`): `(parameter index, offset, values)` — what a sharded
-    /// checkpoint gathers.
-    pub fn piece_states(&self) -> Vec<(&'static str, usize, i64, Tensor)> {
+    /// The f32 state of this rank's own pieces (`replicas`: of the copies it
+    /// keeps of another rank's), by kind (`exp_avg`, `exp_avg_sq`, `master`):
+    /// `(parameter index, offset, values)` — what a sharded checkpoint gathers.
+    pub fn piece_states(&self, replicas: bool) -> Vec<(&'static str, usize, i64, Tensor)> {
         let mut out = Vec::new();
-        for s in &self.slots {
+        for s in self.slots.iter().filter(|s| s.replica == replicas) {
             let Some(index) = self
                 .params
                 .iter()
@@ -285,7 +315,7 @@ impl Optimizer {
         // One transfer from the device: the norms' squares summed there.
         let local = || -> TchResult<f64> {
             let mut norms = Vec::new();
-            for s in &self.slots {
+            for s in self.slots.iter().filter(|s| !s.replica) {
                 if let Some(g) = s.grad()? {
                     norms.push(g.f_to_kind(Kind::Float)?.f_norm()?);
                 }

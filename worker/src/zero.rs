@@ -30,15 +30,39 @@ pub struct Partition {
     world: usize,
     rank: usize,
     buckets: Vec<Range<usize>>,
+    /// `train.zero_replicas = 2`: each rank also keeps, and updates alike, a
+    /// copy of its predecessor's share (rank `r − 1`, around the ring).
+    replicas: bool,
 }
 
 impl Partition {
-    /// The partition of `params` (the optimizer's order) for rank `rank` of `world`.
-    pub fn new(params: &[Tensor], world: usize, rank: usize) -> Self {
+    /// The partition of `params` (the optimizer's order) for rank `rank` of
+    /// `world`, with a replica of the predecessor's share when `replicas`.
+    pub fn new(params: &[Tensor], world: usize, rank: usize, replicas: bool) -> Self {
         Partition {
             world,
             rank,
             buckets: buckets(params),
+            replicas: replicas && world > 1,
+        }
+    }
+
+    /// Whether this rank keeps a replica of its predecessor's share.
+    pub fn replicas(&self) -> bool {
+        self.replicas
+    }
+
+    /// The rank whose share this rank replicates.
+    fn buddy(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// The pieces of the replica this rank keeps (none without replicas).
+    pub fn replica_pieces(&self, params: &[Tensor]) -> Vec<(usize, i64, i64)> {
+        if self.replicas {
+            self.owners_pieces(params, self.buddy())
+        } else {
+            Vec::new()
         }
     }
 
@@ -90,23 +114,29 @@ impl Partition {
             let ps = &params[bucket.clone()];
             let mut flat = flat_gradients(ps)?;
             collective.reduce_scatter_sum(&mut flat)?;
-            let (start, len) = chunk(flat.len(), self.world, self.rank);
-            let mut at = 0usize;
-            for p in ps {
-                let size = p.numel();
-                let (from, to) = (start.max(at), (start + len).min(at + size));
-                if from < to {
-                    let summed = Tensor::f_from_slice(&flat[from..to])
-                        .and_then(|t| t.f_to_device(p.device()))
-                        .op("gradient chunk")?;
-                    p.grad()
-                        .f_view([-1])
-                        .and_then(|g| g.f_narrow(0, (from - at) as i64, (to - from) as i64))
-                        .and_then(|mut g| g.f_copy_(&summed))
-                        .op("gradient chunk")?;
+            let n = flat.len();
+            let (start, len) = chunk(n, self.world, self.rank);
+            if self.replicas {
+                // The predecessor's summed chunk, for the replica of its share.
+                let mine: Vec<u8> = flat[start..start + len]
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect();
+                let got = collective.shift(&mine)?;
+                let (bs, bl) = chunk(n, self.world, self.buddy());
+                if got.len() != bl * 4 {
+                    return Err(crate::collective::CollectiveError::Protocol {
+                        rank: self.rank,
+                        reason: format!("replica chunk of {} bytes for {bl} values", got.len()),
+                    }
+                    .into());
                 }
-                at += size;
+                for (d, b) in flat[bs..bs + bl].iter_mut().zip(got.chunks_exact(4)) {
+                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+                write_chunk(ps, &flat, bs, bl)?;
             }
+            write_chunk(ps, &flat, start, len)?;
         }
         Ok(())
     }
@@ -225,6 +255,14 @@ impl Partition {
     }
 }
 
+/// A rank's state under a new partition: its own share and, with replicas,
+/// its copy of its predecessor's; `(kind, parameter index, values)`.
+#[derive(Debug, Default)]
+pub struct Repartitioned {
+    pub own: Vec<(&'static str, usize, Tensor)>,
+    pub replica: Vec<(&'static str, usize, Tensor)>,
+}
+
 impl Partition {
     /// This rank's share of the optimizer state under this (new) partition,
     /// from the shares the ranks held under the old one: each rank passes the
@@ -241,8 +279,8 @@ impl Partition {
         old: &[(&'static str, usize, i64, Tensor)],
         moments: bool,
         collective: &mut dyn Collective,
-    ) -> Result<Vec<(&'static str, usize, Tensor)>> {
-        let mut out = Vec::new();
+    ) -> Result<Repartitioned> {
+        let mut out = Repartitioned::default();
         for bucket in &self.buckets {
             let ps = &params[bucket.clone()];
             let n: usize = ps.iter().map(|p| p.numel()).sum();
@@ -256,7 +294,12 @@ impl Partition {
             .filter(|(_, on)| *on)
             .map(|(k, _)| *k)
             .collect();
-            let (start, len) = chunk(n, self.world, self.rank);
+            let chunks = [(false, self.rank)]
+                .into_iter()
+                .chain(self.replicas.then_some((true, self.buddy())));
+            let chunks: Vec<(bool, (usize, usize))> = chunks
+                .map(|(replica, r)| (replica, chunk(n, self.world, r)))
+                .collect();
             for kind in kinds {
                 let mut flat = vec![0.0f32; n];
                 let mut at = 0usize;
@@ -277,22 +320,51 @@ impl Partition {
                     at += params[i].numel();
                 }
                 collective.all_reduce_sum(&mut flat)?;
-                let mut at = 0usize;
-                for (i, p) in bucket.clone().zip(ps) {
-                    let size = p.numel();
-                    let (from, to) = (start.max(at), (start + len).min(at + size));
-                    if from < to && (kind != "master" || p.kind() != tch::Kind::Float) {
-                        let piece = Tensor::f_from_slice(&flat[from..to])
-                            .and_then(|t| t.f_to_device(p.device()))
-                            .op("optimizer state")?;
-                        out.push((kind, i, piece));
+                for &(replica, (start, len)) in &chunks {
+                    let mut at = 0usize;
+                    for (i, p) in bucket.clone().zip(ps) {
+                        let size = p.numel();
+                        let (from, to) = (start.max(at), (start + len).min(at + size));
+                        if from < to && (kind != "master" || p.kind() != tch::Kind::Float) {
+                            let piece = Tensor::f_from_slice(&flat[from..to])
+                                .and_then(|t| t.f_to_device(p.device()))
+                                .op("optimizer state")?;
+                            let dest = if replica {
+                                &mut out.replica
+                            } else {
+                                &mut out.own
+                            };
+                            dest.push((kind, i, piece));
+                        }
+                        at += size;
                     }
-                    at += size;
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// Writes `flat[start..start + len]` (a bucket's flattened gradients) into
+/// those elements of the gradients of `params` (the bucket's parameters).
+fn write_chunk(params: &[Tensor], flat: &[f32], start: usize, len: usize) -> Result<()> {
+    let mut at = 0usize;
+    for p in params {
+        let size = p.numel();
+        let (from, to) = (start.max(at), (start + len).min(at + size));
+        if from < to {
+            let summed = Tensor::f_from_slice(&flat[from..to])
+                .and_then(|t| t.f_to_device(p.device()))
+                .op("gradient chunk")?;
+            p.grad()
+                .f_view([-1])
+                .and_then(|g| g.f_narrow(0, (from - at) as i64, (to - from) as i64))
+                .and_then(|mut g| g.f_copy_(&summed))
+                .op("gradient chunk")?;
+        }
+        at += size;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -308,7 +380,7 @@ mod tests {
         for world in 1..5 {
             let mut seen: Vec<Vec<u32>> = params.iter().map(|p| vec![0; p.numel()]).collect();
             for rank in 0..world {
-                let part = Partition::new(&params, world, rank);
+                let part = Partition::new(&params, world, rank, false);
                 let pieces = part.pieces(&params);
                 let mut indices: Vec<usize> = pieces.iter().map(|p| p.0).collect();
                 indices.dedup();

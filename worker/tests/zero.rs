@@ -159,6 +159,46 @@ fn zero_stage_1_trains_the_weights_and_optimizer_state_of_one_process() {
 }
 
 #[test]
+fn replicas_update_alike_and_cost_a_copy_of_one_share() {
+    let dir = tempdir();
+    wait_for(
+        train_process(&spec(dir.path(), "one", "f32", "checkpoint_every = 5"), &[]),
+        0,
+    );
+    let path = spec(
+        dir.path(),
+        "copies",
+        "f32",
+        "checkpoint_every = 5\nzero_stage = 1\nzero_replicas = 2",
+    );
+    train(&path, 3, &[], 0);
+    let state = "checkpoints/step-5/optimizer.safetensors";
+    let d_state = diff(dir.path(), "one", "copies", state);
+    let d_weights = diff(dir.path(), "one", "copies", "final/model.safetensors");
+    eprintln!("f32, 3 ranks with replicas: optimizer state {d_state:.2e}, weights {d_weights:.2e}");
+    assert!(
+        d_state <= 1e-5 && d_weights <= 1e-5,
+        "{d_state} {d_weights}"
+    );
+    let one = read_jsonl(&dir.path().join("one/metrics.jsonl"));
+    let copies = read_jsonl(&dir.path().join("copies/metrics.jsonl"));
+    for (x, y) in one.iter().zip(&copies) {
+        let norm = |m: &serde_json::Value| m["grad_norm"].as_f64().expect("norm");
+        // The replicas' gradients do not count twice in the norm.
+        assert!((norm(x) - norm(y)).abs() <= 1e-5 * norm(x), "{x} {y}");
+        let bytes = y["memory/state_bytes_per_parameter"]
+            .as_f64()
+            .expect("bytes");
+        // Parameters + gradients + two shares of the moments.
+        let want = 8.0 + 2.0 * 8.0 / 3.0;
+        assert!(
+            (bytes - want).abs() < 0.05,
+            "{bytes} bytes per parameter, want {want}"
+        );
+    }
+}
+
+#[test]
 fn a_zero_checkpoint_of_two_ranks_resumes_on_three() {
     let dir = tempdir();
     wait_for(

@@ -247,6 +247,9 @@ pub struct TrainSpec {
     /// 1/W of the parameters (gradients reduce-scattered, parameters
     /// all-gathered).
     pub zero_stage: u8,
+    /// With `zero_stage = 1`: 2 = each rank also keeps (and updates alike) a
+    /// copy of its predecessor's share, so a worker can die without a rollback.
+    pub zero_replicas: u8,
 }
 
 impl Default for TrainSpec {
@@ -265,6 +268,7 @@ impl Default for TrainSpec {
             head_chunk_tokens: 1024,
             gradient_checkpointing: false,
             zero_stage: 0,
+            zero_replicas: 1,
         }
     }
 }
@@ -589,6 +593,16 @@ impl RunSpec {
                 t.zero_stage
             )
         })?;
+        check(
+            matches!(t.zero_replicas, 1 | 2),
+            "train.zero_replicas",
+            || format!("must be 1 or 2, found {}", t.zero_replicas),
+        )?;
+        check(
+            t.zero_replicas == 1 || t.zero_stage == 1,
+            "train.zero_replicas",
+            || "2 needs train.zero_stage = 1 (there are no shares to copy without it)".into(),
+        )?;
         check(c.max_workers <= MAX_WORKERS, "cluster.max_workers", || {
             format!("must be at most {MAX_WORKERS}, found {}", c.max_workers)
         })?;

@@ -104,6 +104,14 @@ pub trait Collective: Send {
         }
         Ok(())
     }
+    /// Sends `data` to the next rank (`rank + 1`, around the ring) and returns
+    /// what the previous rank sent (ZeRO replicas: each rank keeps a copy of
+    /// its predecessor's share).
+    fn shift(&mut self, data: &[u8]) -> Result<Vec<u8>, CollectiveError> {
+        let (w, r) = (self.world_size(), self.rank());
+        let mut blocks = self.all_gather(data)?;
+        Ok(std::mem::take(&mut blocks[(r + w - 1) % w]))
+    }
     /// Every rank's bytes, indexed by rank.
     fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError>;
     /// Rank `root`'s bytes, on every rank (`data` is ignored elsewhere).

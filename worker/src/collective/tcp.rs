@@ -338,6 +338,19 @@ impl Collective for TcpCollective {
         self.all_gather_phase(data, 0)
     }
 
+    fn shift(&mut self, data: &[u8]) -> Result<Vec<u8>, CollectiveError> {
+        self.check()?;
+        if self.world == 1 {
+            return Ok(data.to_vec());
+        }
+        let len = (data.len() as u64).to_le_bytes();
+        let mut got = [0u8; 8];
+        self.exchange(&len, &mut got)?;
+        let mut block = vec![0u8; u64::from_le_bytes(got) as usize];
+        self.exchange(data, &mut block)?;
+        Ok(block)
+    }
+
     fn all_gather(&mut self, data: &[u8]) -> Result<Vec<Vec<u8>>, CollectiveError> {
         self.check()?;
         let w = self.world;
@@ -599,6 +612,21 @@ mod tests {
             }
             // Everyone holds the same whole vector after the gather.
             assert!(results.iter().all(|r| r.2 == results[0].2));
+        }
+    }
+
+    #[test]
+    fn shift_hands_each_rank_its_predecessors_bytes() {
+        for world in [1, 2, 3, 4] {
+            let results = on_all(ring(world, 5), |c| {
+                let mine = vec![c.rank() as u8; c.rank() + 2];
+                let ring_got = c.shift(&mine).expect("shift");
+                (c.rank(), ring_got)
+            });
+            for (rank, got) in results {
+                let prev = (rank + world - 1) % world;
+                assert_eq!(got, vec![prev as u8; prev + 2], "world {world} rank {rank}");
+            }
         }
     }
 

@@ -114,7 +114,7 @@ impl Trainer {
         let Some(z) = &self.zero else {
             return Ok(self.optimizer.state());
         };
-        let pieces = self.optimizer.piece_states();
+        let pieces = self.optimizer.piece_states(false);
         let mut out = Vec::new();
         for kind in ["exp_avg", "exp_avg_sq", "master"] {
             let whole = z.gather_state(

@@ -311,14 +311,22 @@ impl Trainer {
         if self.spec.train.zero_stage == 0 || world == 1 || self.zero.is_some() {
             return Ok(());
         }
-        let partition = Partition::new(self.optimizer.params(), world, self.collective.rank());
+        let replicas = self.spec.train.zero_replicas > 1;
+        let partition = Partition::new(
+            self.optimizer.params(),
+            world,
+            self.collective.rank(),
+            replicas,
+        );
         let pieces = partition.pieces(self.optimizer.params());
-        self.optimizer.shard(&pieces)?;
+        let copies = partition.replica_pieces(self.optimizer.params());
+        self.optimizer.shard(&pieces, &copies)?;
         let (parameters, bytes) = self.optimizer.state_bytes();
         tracing::info!(
             world,
             rank = self.collective.rank(),
             pieces = pieces.len(),
+            replica_pieces = copies.len(),
             state_bytes = bytes,
             parameters,
             "ZeRO stage 1: this rank holds its share of the optimizer state"

@@ -217,18 +217,27 @@ struct Summary {
     rank: u64,
     /// 1: a step broke between the share's update and the parameters' gather.
     torn: u64,
+    /// 1: it also holds a replica of its predecessor's share (rank − 1).
+    replica: u64,
 }
 
 impl Summary {
     fn to_bytes(self) -> Vec<u8> {
-        [self.step, self.hash, self.world, self.rank, self.torn]
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect()
+        [
+            self.step,
+            self.hash,
+            self.world,
+            self.rank,
+            self.torn,
+            self.replica,
+        ]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect()
     }
 
     fn from_bytes(b: &[u8]) -> Option<Summary> {
-        if b.len() != 40 {
+        if b.len() != 48 {
             return None;
         }
         let at = |i: usize| {
@@ -242,6 +251,7 @@ impl Summary {
             world: at(2),
             rank: at(3),
             torn: at(4),
+            replica: at(5),
         })
     }
 }
@@ -256,6 +266,7 @@ impl Trainer {
             world: self.zero.as_ref().map_or(0, |z| z.world() as u64),
             rank: self.zero.as_ref().map_or(0, |z| z.rank() as u64),
             torn: u64::from(self.torn),
+            replica: u64::from(self.zero.as_ref().is_some_and(|z| z.replicas())),
         };
         let all: Vec<Summary> = self
             .collective
@@ -309,18 +320,43 @@ impl Trainer {
         }
         // The shares of the ranks furthest ahead: are they all here?
         // (The lowest rank holding each old share contributes it.)
-        let mut holders: Vec<(usize, u64)> = Vec::new();
-        for (r, s) in all.iter().enumerate() {
-            let same = (s.step, s.hash, s.world) == (lead.step, lead.hash, lead.world);
-            if same && sound(s) && !holders.iter().any(|(_, h)| *h == s.rank) {
-                holders.push((r, s.rank));
+        // Who contributes each old share: the lowest sound rank that owned it,
+        // else the one that kept its replica (the owner's successor).
+        let same = |s: &Summary| {
+            sound(s) && (s.step, s.hash, s.world) == (lead.step, lead.hash, lead.world)
+        };
+        let w0 = lead.world;
+        let mut contributors: Vec<Option<(usize, bool)>> = (0..w0)
+            .map(|k| {
+                all.iter()
+                    .position(|s| same(s) && s.rank == k)
+                    .map(|r| (r, false))
+            })
+            .collect();
+        let mut recovered = Vec::new();
+        for k in 0..w0 {
+            if contributors[k as usize].is_none() {
+                let next = (k + 1) % w0;
+                let copy = all
+                    .iter()
+                    .position(|s| same(s) && s.rank == next && s.replica == 1 && w0 > 1);
+                if let Some(r) = copy {
+                    contributors[k as usize] = Some((r, true));
+                    recovered.push(k);
+                }
             }
         }
-        let missing: Vec<u64> = (0..lead.world)
-            .filter(|old| !holders.iter().any(|(_, h)| h == old))
+        let missing: Vec<u64> = (0..w0)
+            .filter(|k| contributors[*k as usize].is_none())
             .collect();
         if !missing.is_empty() {
-            return self.roll_back(max, checkpoint, &missing, lead.world);
+            return self.roll_back(max, checkpoint, &missing, w0);
+        }
+        if !recovered.is_empty() {
+            tracing::warn!(
+                shares = ?recovered,
+                "ZeRO: rebuilt lost shares of the optimizer state from their replicas; no step is lost"
+            );
         }
         // Parameters and position from the root where they differ.
         let behind = all
@@ -337,21 +373,31 @@ impl Trainer {
                 .collect();
             broadcast_tensors(&params, root, self.collective.as_mut())?;
         }
-        // The optimizer state: each element from its old owner, to its new one.
-        let holds = holders.iter().any(|(r, _)| *r == rank);
-        let old = self.zero.clone().filter(|_| holds);
-        let new = crate::zero::Partition::new(self.optimizer.params(), world, rank);
+        // The optimizer state: each element from its one contributor, to its
+        // new owner (and its new replica).
+        let mut contribution = Vec::new();
+        for c in &contributors {
+            match c {
+                Some((r, replica)) if *r == rank => {
+                    contribution.extend(self.optimizer.piece_states(*replica));
+                }
+                _ => {}
+            }
+        }
+        let replicas = self.spec.train.zero_replicas > 1;
+        let new = crate::zero::Partition::new(self.optimizer.params(), world, rank, replicas);
         let moments = self.spec.optim.name == dpo_proto::OptimizerName::Adamw && max > 0;
-        let pieces = self.optimizer.piece_states();
         let moved = new.repartition(
             self.optimizer.params(),
-            old.as_ref().map(|_| pieces.as_slice()).unwrap_or(&[]),
+            &contribution,
             moments,
             self.collective.as_mut(),
         )?;
-        drop(pieces);
+        drop(contribution);
+        let params = self.optimizer.params();
+        let (pieces, copies) = (new.pieces(params), new.replica_pieces(params));
         self.optimizer
-            .install_pieces(&new.pieces(self.optimizer.params()), moved)?;
+            .install_pieces(&pieces, moved.own, &copies, moved.replica)?;
         tracing::info!(
             world,
             rank,
