@@ -318,10 +318,9 @@ impl Trainer {
                 rollback: None,
             });
         }
-        // The shares of the ranks furthest ahead: are they all here?
-        // (The lowest rank holding each old share contributes it.)
-        // Who contributes each old share: the lowest sound rank that owned it,
-        // else the one that kept its replica (the owner's successor).
+        // The shares of the ranks furthest ahead: who contributes each — the
+        // lowest sound rank that owned it, else the one that kept its replica
+        // (the owner's successor) — and is any missing?
         let same = |s: &Summary| {
             sound(s) && (s.step, s.hash, s.world) == (lead.step, lead.hash, lead.world)
         };
