@@ -630,10 +630,28 @@ fn a_worker_lost_mid_stage_costs_only_its_chunk_in_flight() {
     );
 }
 
+/// The worlds of a run's steps went 3, then 2 (after a kill), then 3 again
+/// (a late joiner).
+fn three_two_three(lines: &[serde_json::Value]) {
+    let worlds: Vec<u64> = lines
+        .iter()
+        .map(|l| l["world_size"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(worlds[0], 3, "{worlds:?}");
+    assert!(
+        worlds
+            .iter()
+            .skip_while(|&&w| w == 3)
+            .skip_while(|&&w| w == 2)
+            .any(|&w| w == 3),
+        "three, two after the kill, three again with the joiner: {worlds:?}"
+    );
+}
+
 #[test]
 fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() {
     let case = Case::new(96);
-    let steps = 60;
+    let steps = 150;
     // AdamW, so there are moments to shard; ε = 1e-3 so that the steps trained
     // again in another world (another summation order) stay within 1e-5.
     let adamw = |text: String| {
@@ -674,7 +692,7 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
     // A late joiner: the world of three re-partitions the shares of two.
     let _w3 = worker(port, "w3", &case.logs).expect("w3");
     case.watch_succeeds(port, "zero");
-    every_step_once(&out_dir, steps);
+    three_two_three(&every_step_once(&out_dir, steps));
     case.assert_same_weights(&out_dir, "ZeRO-1: kill -9, rollback, a late joiner");
     let status = dpoctl(port, &["status", "zero"]).expect("status");
     let run: serde_json::Value =
@@ -708,7 +726,7 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
 #[test]
 fn zero_replicas_survive_a_kill_without_going_back() {
     let case = Case::new(96);
-    let steps = 60;
+    let steps = 150;
     let adamw = |text: String| {
         text.replace(
             "name = \"sgd\"\nlr = 0.5",
@@ -738,9 +756,16 @@ fn zero_replicas_survive_a_kill_without_going_back() {
     wait_for_workers(port, 3);
     case.submit_and_wait(port, &spec_path, &out_dir, 25);
     w1.kill();
+    let killed_at = steps_done(&out_dir);
+    wait_for(Duration::from_secs(90), || {
+        Ok(steps_done(&out_dir) >= killed_at + 5)
+    })
+    .unwrap_or_else(|e| panic!("no progress after the kill: {e}{}", case.logs()));
+    // A late joiner: the shares and their copies re-partition for three.
+    let _w3 = worker(port, "w3", &case.logs).expect("w3");
     case.watch_succeeds(port, "copies");
-    every_step_once(&out_dir, steps);
-    case.assert_same_weights(&out_dir, "ZeRO-1 with replicas: kill -9");
+    three_two_three(&every_step_once(&out_dir, steps));
+    case.assert_same_weights(&out_dir, "ZeRO-1 with replicas: kill -9, a late joiner");
     let status = dpoctl(port, &["status", "copies"]).expect("status");
     let run: serde_json::Value =
         serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status:?}"));
