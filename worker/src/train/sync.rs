@@ -282,7 +282,7 @@ impl Trainer {
         let sound = |s: &Summary| s.torn == 0;
         let Some(max) = all.iter().filter(|s| sound(s)).map(|s| s.step).max() else {
             let from = all.iter().map(|s| s.step).max().unwrap_or(0);
-            return self.roll_back(from, checkpoint, &[], 0);
+            return self.roll_back(from, checkpoint, &[], 0, true);
         };
         let root = all
             .iter()
@@ -321,8 +321,16 @@ impl Trainer {
         // The shares of the ranks furthest ahead: who contributes each — the
         // lowest sound rank that owned it, else the one that kept its replica
         // (the owner's successor) — and is any missing?
+        // A rank torn in the lead's last step updated its shares for that
+        // step before its parameter gather broke: its shares are the lead's
+        // step's (its parameters come from the lead like any rank behind).
         let same = |s: &Summary| {
-            sound(s) && (s.step, s.hash, s.world) == (lead.step, lead.hash, lead.world)
+            s.world == lead.world
+                && if sound(s) {
+                    (s.step, s.hash) == (lead.step, lead.hash)
+                } else {
+                    s.step + 1 == lead.step
+                }
         };
         let w0 = lead.world;
         let mut contributors: Vec<Option<(usize, bool)>> = (0..w0)
@@ -349,7 +357,8 @@ impl Trainer {
             .filter(|k| contributors[*k as usize].is_none())
             .collect();
         if !missing.is_empty() {
-            return self.roll_back(max, checkpoint, &missing, w0);
+            let torn = all.iter().any(|s| !sound(s));
+            return self.roll_back(max, checkpoint, &missing, w0, torn);
         }
         if !recovered.is_empty() {
             tracing::warn!(
@@ -419,6 +428,7 @@ impl Trainer {
         checkpoint: Option<(&Path, u64)>,
         missing: &[u64],
         old_world: u64,
+        torn: bool,
     ) -> Result<Synced> {
         self.zero = None;
         self.torn = false;
@@ -439,13 +449,10 @@ impl Trainer {
         } else {
             "the initial weights".to_string()
         };
-        let reason = if missing.is_empty() {
+        let broke = "a step broke between updating the shares of the optimizer state and gathering the parameters";
+        let lost = (!missing.is_empty()).then(|| {
             format!(
-                "every rank's step {from_step} broke between updating its share of the optimizer state and gathering the parameters (train.zero_stage = 1): back to {back_to}"
-            )
-        } else {
-            format!(
-                "the optimizer state of rank{} {} of {old_world} was lost with its worker (train.zero_stage = 1): back to {back_to}",
+                "the optimizer state of rank{} {} of {old_world} was lost with its worker",
                 if missing.len() > 1 { "s" } else { "" },
                 missing
                     .iter()
@@ -453,7 +460,13 @@ impl Trainer {
                     .collect::<Vec<_>>()
                     .join(", "),
             )
+        });
+        let why = match (lost, torn) {
+            (Some(lost), true) => format!("{lost}, and {broke}"),
+            (Some(lost), false) => lost,
+            (None, _) => format!("every rank's step {from_step} broke: {broke}"),
         };
+        let reason = format!("{why} (train.zero_stage = 1): back to {back_to}");
         tracing::warn!(from_step, to_step, "{reason}");
         self.enter_zero()?;
         Ok(Synced {
