@@ -648,9 +648,15 @@ fn three_two_three(lines: &[serde_json::Value]) {
     );
 }
 
-#[test]
-fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() {
-    let case = Case::new(96);
+/// A ZeRO run (`train` keys `zero`) of 150 steps on three workers, one killed
+/// (kill -9) after the step-20 checkpoint, a fourth joining later; checks the
+/// worlds went 3, 2, 3, every step is recorded once and the weights are one
+/// process's. Returns the run as `dpoctl status` shows it, its ledger, and the logs.
+fn zero_kill_and_join(
+    case: &Case,
+    name: &str,
+    zero: &str,
+) -> (serde_json::Value, Vec<serde_json::Value>, String) {
     let steps = 150;
     // AdamW, so there are moments to shard; ε = 1e-3 so that the steps trained
     // again in another world (another summation order) stay within 1e-5.
@@ -664,15 +670,15 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
     let solo = case.path().join("solo.toml");
     std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
     train_standalone(&solo, &case.logs).expect("standalone");
-    let spec_path = case.path().join("zero.toml");
+    let spec_path = case.path().join(format!("{name}.toml"));
     let text = adamw(spec(
         case.path(),
-        "zero",
-        &format!("{extra}\nzero_stage = 1\n[cluster]\nmin_workers = 2\nmax_workers = 3"),
+        name,
+        &format!("{extra}\n{zero}\n[cluster]\nmin_workers = 2\nmax_workers = 3"),
     ));
     assert!(text.contains("adamw"), "{text}");
     std::fs::write(&spec_path, text).expect("spec");
-    let out_dir = case.path().join("zero");
+    let out_dir = case.path().join(name);
     let port = free_port().expect("port");
     let data = case.path().join("coord");
     let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
@@ -680,8 +686,6 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
     let mut w1 = worker(port, "w1", &case.logs).expect("w1");
     let _w2 = worker(port, "w2", &case.logs).expect("w2");
     wait_for_workers(port, 3);
-    // Past the checkpoint of step 20, a worker dies: its share of the moments
-    // is gone, so the world of two goes back to step 20.
     case.submit_and_wait(port, &spec_path, &out_dir, 25);
     w1.kill();
     let killed_at = steps_done(&out_dir);
@@ -689,14 +693,23 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
         Ok(steps_done(&out_dir) >= killed_at + 5)
     })
     .unwrap_or_else(|e| panic!("no progress after the kill: {e}{}", case.logs()));
-    // A late joiner: the world of three re-partitions the shares of two.
     let _w3 = worker(port, "w3", &case.logs).expect("w3");
-    case.watch_succeeds(port, "zero");
+    case.watch_succeeds(port, name);
     three_two_three(&every_step_once(&out_dir, steps));
-    case.assert_same_weights(&out_dir, "ZeRO-1: kill -9, rollback, a late joiner");
-    let status = dpoctl(port, &["status", "zero"]).expect("status");
+    case.assert_same_weights(&out_dir, &format!("{zero}: kill -9, a late joiner"));
+    let status = dpoctl(port, &["status", name]).expect("status");
     let run: serde_json::Value =
         serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status:?}"));
+    (run, jsonl(&out_dir.join("ledger.jsonl")), case.logs())
+}
+
+#[test]
+fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() {
+    let case = Case::new(96);
+    // Past the checkpoint of step 20, a worker dies: its share of the moments
+    // is gone, so the world of two goes back to step 20; the late joiner's
+    // world of three re-partitions the shares of two.
+    let (run, ledger, logs) = zero_kill_and_join(&case, "zero", "zero_stage = 1");
     let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
     assert!(!rollbacks.is_empty(), "the rollback is recorded: {run}");
     let first = &rollbacks[0];
@@ -708,15 +721,13 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
         "{reason}"
     );
     // The ledger ends with the rollbacks.
-    let ledger = jsonl(&out_dir.join("ledger.jsonl"));
-    let noted: Vec<&serde_json::Value> = ledger
+    let noted = ledger
         .iter()
         .filter(|l| l.get("rollback").is_some())
-        .collect();
-    assert_eq!(noted.len(), rollbacks.len(), "{ledger:?}");
+        .count();
+    assert_eq!(noted, rollbacks.len(), "{ledger:?}");
     // The joiner's world re-partitioned the state (unless the join's abort
-    // tore a step, which rolls back instead — also recorded).
-    let logs = case.logs();
+    // tore every rank's step, which rolls back instead — also recorded).
     assert!(
         logs.contains("re-partitioned the optimizer state") || rollbacks.len() > 1,
         "{logs}"
@@ -726,65 +737,23 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
 #[test]
 fn zero_replicas_survive_a_kill_without_going_back() {
     let case = Case::new(96);
-    let steps = 150;
-    let adamw = |text: String| {
-        text.replace(
-            "name = \"sgd\"\nlr = 0.5",
-            "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
-        )
-    };
-    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
-    let solo = case.path().join("solo.toml");
-    std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
-    train_standalone(&solo, &case.logs).expect("standalone");
-    let spec_path = case.path().join("copies.toml");
-    let text = adamw(spec(
-        case.path(),
-        "copies",
-        &format!(
-            "{extra}\nzero_stage = 1\nzero_replicas = 2\n[cluster]\nmin_workers = 2\nmax_workers = 3"
-        ),
-    ));
-    std::fs::write(&spec_path, text).expect("spec");
-    let out_dir = case.path().join("copies");
-    let port = free_port().expect("port");
-    let data = case.path().join("coord");
-    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
-    let _w0 = worker(port, "w0", &case.logs).expect("w0");
-    let mut w1 = worker(port, "w1", &case.logs).expect("w1");
-    let _w2 = worker(port, "w2", &case.logs).expect("w2");
-    wait_for_workers(port, 3);
-    case.submit_and_wait(port, &spec_path, &out_dir, 25);
-    w1.kill();
-    let killed_at = steps_done(&out_dir);
-    wait_for(Duration::from_secs(90), || {
-        Ok(steps_done(&out_dir) >= killed_at + 5)
-    })
-    .unwrap_or_else(|e| panic!("no progress after the kill: {e}{}", case.logs()));
-    // A late joiner: the shares and their copies re-partition for three.
-    let _w3 = worker(port, "w3", &case.logs).expect("w3");
-    case.watch_succeeds(port, "copies");
-    three_two_three(&every_step_once(&out_dir, steps));
-    case.assert_same_weights(&out_dir, "ZeRO-1 with replicas: kill -9, a late joiner");
-    let status = dpoctl(port, &["status", "copies"]).expect("status");
-    let run: serde_json::Value =
-        serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status:?}"));
+    let (run, _, logs) = zero_kill_and_join(&case, "copies", "zero_stage = 1\nzero_replicas = 2");
     let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
-    // The killed worker's share came back from its replica. (A kill that
-    // lands while the survivors gather the parameters tears their step, which
-    // no copy can mend: that alone may still go back, and says so.)
-    assert!(
-        rollbacks.iter().all(|b| b["reason"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("broke between")),
-        "{run}"
-    );
-    let logs = case.logs();
     eprintln!(
         "replicas: {} rollback(s); shares rebuilt from replicas: {}",
         rollbacks.len(),
         logs.contains("rebuilt lost shares")
+    );
+    // The killed worker's share came back from its replica. (A failure that
+    // tears every rank's step while they gather the parameters leaves no
+    // metrics line for it, which no copy can mend: that alone may still go
+    // back, and says so.)
+    assert!(
+        rollbacks.iter().all(|b| b["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("every rank's step")),
+        "{run}"
     );
     assert!(
         logs.contains("rebuilt lost shares of the optimizer state from their replicas")

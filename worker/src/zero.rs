@@ -208,7 +208,6 @@ impl Partition {
         let mut out = Vec::new();
         for bucket in &self.buckets {
             let ps = &params[bucket.clone()];
-            let n: usize = ps.iter().map(|p| p.numel()).sum();
             // Whether any rank holds this kind for the bucket (masters exist
             // for half-precision parameters only; moments after a first step).
             let mine = pieces
@@ -218,24 +217,7 @@ impl Partition {
             if !any {
                 continue;
             }
-            let mut flat = vec![0.0f32; n];
-            let mut at = 0usize;
-            for i in bucket.clone() {
-                for (_, _, offset, t) in pieces
-                    .iter()
-                    .filter(|(k, index, _, _)| *k == kind && *index == i)
-                {
-                    let values = Vec::<f32>::try_from(
-                        &t.f_to_kind(tch::Kind::Float)
-                            .and_then(|t| t.f_to_device(tch::Device::Cpu))
-                            .op("optimizer state")?,
-                    )
-                    .op("optimizer state")?;
-                    let from = at + *offset as usize;
-                    flat[from..from + values.len()].copy_from_slice(&values);
-                }
-                at += params[i].numel();
-            }
+            let mut flat = bucket_of(params, bucket, pieces, kind)?;
             collective.all_gather_chunks(&mut flat)?;
             let mut at = 0usize;
             for (i, p) in bucket.clone().zip(ps) {
@@ -301,24 +283,7 @@ impl Partition {
                 .map(|(replica, r)| (replica, chunk(n, self.world, r)))
                 .collect();
             for kind in kinds {
-                let mut flat = vec![0.0f32; n];
-                let mut at = 0usize;
-                for i in bucket.clone() {
-                    for (_, _, offset, t) in old
-                        .iter()
-                        .filter(|(k, index, _, _)| *k == kind && *index == i)
-                    {
-                        let values = Vec::<f32>::try_from(
-                            &t.f_to_kind(tch::Kind::Float)
-                                .and_then(|t| t.f_to_device(tch::Device::Cpu))
-                                .op("optimizer state")?,
-                        )
-                        .op("optimizer state")?;
-                        let from = at + *offset as usize;
-                        flat[from..from + values.len()].copy_from_slice(&values);
-                    }
-                    at += params[i].numel();
-                }
+                let mut flat = bucket_of(params, bucket, old, kind)?;
                 collective.all_reduce_sum(&mut flat)?;
                 for &(replica, (start, len)) in &chunks {
                     let mut at = 0usize;
@@ -343,6 +308,36 @@ impl Partition {
         }
         Ok(out)
     }
+}
+
+/// A bucket's flattened optimizer state of `kind`, holding the values of
+/// `pieces` (`(kind, parameter index, offset, values)`) and zeros elsewhere.
+fn bucket_of(
+    params: &[Tensor],
+    bucket: &Range<usize>,
+    pieces: &[(&'static str, usize, i64, Tensor)],
+    kind: &str,
+) -> Result<Vec<f32>> {
+    let n: usize = params[bucket.clone()].iter().map(|p| p.numel()).sum();
+    let mut flat = vec![0.0f32; n];
+    let mut at = 0usize;
+    for i in bucket.clone() {
+        for (_, _, offset, t) in pieces
+            .iter()
+            .filter(|(k, index, _, _)| *k == kind && *index == i)
+        {
+            let values = Vec::<f32>::try_from(
+                &t.f_to_kind(tch::Kind::Float)
+                    .and_then(|t| t.f_to_device(tch::Device::Cpu))
+                    .op("optimizer state")?,
+            )
+            .op("optimizer state")?;
+            let from = at + *offset as usize;
+            flat[from..from + values.len()].copy_from_slice(&values);
+        }
+        at += params[i].numel();
+    }
+    Ok(flat)
 }
 
 /// Writes `flat[start..start + len]` (a bucket's flattened gradients) into

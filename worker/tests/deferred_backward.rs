@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{fixture, random_examples};
+use common::{fixture, random_examples, unlikelihood};
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
 use dpo_worker::objective::{MicroBatch, SequenceScores, score};
@@ -22,17 +22,7 @@ fn values(t: &Tensor) -> Vec<f64> {
 
 /// A loss touching the sums and every per-token log-prob (through log(1 − p)).
 fn loss(s: &SequenceScores) -> Tensor {
-    let unlikely = s
-        .token_logps
-        .exp()
-        .neg()
-        .f_add_scalar(1.0)
-        .expect("1 - p")
-        .clamp_min(1e-6)
-        .log()
-        .f_mul(&s.mask)
-        .expect("mask");
-    s.sums.sum(Kind::Float) * 0.7 + unlikely.sum(Kind::Float) * 0.3
+    s.sums.sum(Kind::Float) * 0.7 + unlikelihood(s).sum(Kind::Float) * 0.3
 }
 
 /// Per-token log-probs, sums and every parameter's gradient with the head run

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{fixture, random_examples};
+use common::{fixture, random_examples, unlikelihood};
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
 use dpo_worker::objective::{Layout, MicroBatch, SequenceScores, score};
@@ -32,19 +32,6 @@ fn per_token_terms(s: &SequenceScores) -> (Vec<f64>, Vec<f64>) {
     let lp = s.token_logps.masked_select(&s.mask.to_kind(Kind::Bool));
     let ul = unlikelihood(s).sum_dim_intlist(&[-1i64][..], false, Kind::Float);
     (values(&lp), values(&ul))
-}
-
-/// log(1 − p) of every scored token (0 elsewhere), as the combined loss uses it.
-fn unlikelihood(s: &SequenceScores) -> Tensor {
-    s.token_logps
-        .exp()
-        .neg()
-        .f_add_scalar(1.0)
-        .expect("1 - p")
-        .clamp_min(1e-6)
-        .log()
-        .f_mul(&s.mask)
-        .expect("mask")
 }
 
 fn check(model_name: &str, pairwise: bool, negatives: usize, capacity: usize) {

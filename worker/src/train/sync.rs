@@ -106,24 +106,7 @@ impl Trainer {
         if self.collective.world_size() == 1 {
             return Ok(());
         }
-        let mine = serde_json::to_vec(&self.state()).map_err(|e| CollectiveError::Protocol {
-            rank: self.collective.rank(),
-            reason: format!("encoding the training state: {e}"),
-        })?;
-        let got = self.collective.broadcast(&mine, root)?;
-        let state: TrainerState =
-            serde_json::from_slice(&got).map_err(|e| CollectiveError::Protocol {
-                rank: self.collective.rank(),
-                reason: format!("state from rank {root}: {e}"),
-            })?;
-        self.set_state(state);
-        let params: Vec<Tensor> = self
-            .optimizer
-            .params()
-            .iter()
-            .map(Tensor::shallow_clone)
-            .collect();
-        broadcast_tensors(&params, root, self.collective.as_mut())?;
+        self.take_state_and_parameters(root)?;
         if self.optimizer.step > 0 {
             let moments = self.optimizer.moments_mut()?;
             broadcast_tensors(&moments, root, self.collective.as_mut())?;
@@ -371,15 +354,7 @@ impl Trainer {
             .iter()
             .any(|s| (s.step, s.hash) != (lead.step, lead.hash));
         if behind {
-            let state = self.broadcast_state(root)?;
-            self.set_state(state);
-            let params: Vec<Tensor> = self
-                .optimizer
-                .params()
-                .iter()
-                .map(Tensor::shallow_clone)
-                .collect();
-            broadcast_tensors(&params, root, self.collective.as_mut())?;
+            self.take_state_and_parameters(root)?;
         }
         // The optimizer state: each element from its one contributor, to its
         // new owner (and its new replica).
@@ -488,19 +463,26 @@ impl Trainer {
         Ok(())
     }
 
-    /// Rank `root`'s [`TrainerState`], on every rank.
-    fn broadcast_state(&mut self, root: usize) -> Result<TrainerState> {
+    /// Takes rank `root`'s [`TrainerState`] and parameters (every rank calls it).
+    fn take_state_and_parameters(&mut self, root: usize) -> Result<()> {
         let mine = serde_json::to_vec(&self.state()).map_err(|e| CollectiveError::Protocol {
             rank: self.collective.rank(),
             reason: format!("encoding the training state: {e}"),
         })?;
         let got = self.collective.broadcast(&mine, root)?;
-        Ok(
+        let state: TrainerState =
             serde_json::from_slice(&got).map_err(|e| CollectiveError::Protocol {
                 rank: self.collective.rank(),
                 reason: format!("state from rank {root}: {e}"),
-            })?,
-        )
+            })?;
+        self.set_state(state);
+        let params: Vec<Tensor> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(Tensor::shallow_clone)
+            .collect();
+        broadcast_tensors(&params, root, self.collective.as_mut())
     }
 }
 

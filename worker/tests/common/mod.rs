@@ -171,3 +171,16 @@ pub fn train_process(spec: &Path, extra: &[String]) -> std::process::Child {
         .spawn()
         .expect("dpo-worker starts")
 }
+
+/// log(1 − p) of every scored token (0 elsewhere), as the combined loss uses it.
+pub fn unlikelihood(s: &dpo_worker::objective::SequenceScores) -> tch::Tensor {
+    s.token_logps
+        .exp()
+        .neg()
+        .f_add_scalar(1.0)
+        .expect("1 - p")
+        .clamp_min(1e-6)
+        .log()
+        .f_mul(&s.mask)
+        .expect("mask")
+}
