@@ -10,15 +10,11 @@
 
 mod common;
 
-use common::{fixture, random_examples, unlikelihood};
+use common::{all_gradients, fixture, random_examples, unlikelihood, values};
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
 use dpo_worker::objective::{MicroBatch, SequenceScores, score};
 use tch::{Device, Kind, Tensor};
-
-fn values(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(t.to_kind(Kind::Double).view([-1])).expect("values")
-}
 
 /// A loss touching the sums and every per-token log-prob (through log(1 − p)).
 fn loss(s: &SequenceScores) -> Tensor {
@@ -53,14 +49,7 @@ fn run(
     std::mem::take(&mut s.deferred)
         .backward(model)
         .expect("deferred backward");
-    let grads: Vec<f64> = model
-        .var_store()
-        .variables()
-        .into_iter()
-        .collect::<std::collections::BTreeMap<_, _>>()
-        .values()
-        .flat_map(|v| values(&v.grad()))
-        .collect();
+    let grads: Vec<f64> = all_gradients(model);
     let lp = s.token_logps.masked_select(&s.mask.to_kind(Kind::Bool));
     [values(&lp), values(&s.sums), grads]
 }

@@ -7,15 +7,11 @@
 
 mod common;
 
-use common::{fixture, random_examples, unlikelihood};
+use common::{all_gradients, fixture, random_examples, unlikelihood, values};
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
 use dpo_worker::objective::{Layout, MicroBatch, SequenceScores, score};
-use tch::{Device, Kind, Tensor};
-
-fn values(t: &Tensor) -> Vec<f64> {
-    Vec::<f64>::try_from(t.to_kind(Kind::Double).view([-1])).expect("values")
-}
+use tch::{Device, Kind};
 
 fn max_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -72,14 +68,7 @@ fn check(model_name: &str, pairwise: bool, negatives: usize, capacity: usize) {
         let (lp, ul) = per_token_terms(&s);
         let loss = s.sums.sum(Kind::Float) + unlikelihood(&s).sum(Kind::Float) * 0.5;
         loss.backward();
-        let g: Vec<f64> = model
-            .var_store()
-            .variables()
-            .into_iter()
-            .collect::<std::collections::BTreeMap<_, _>>()
-            .values()
-            .flat_map(|v| values(&v.grad()))
-            .collect();
+        let g: Vec<f64> = all_gradients(&model);
         grads.push(g);
         results.push((values(&s.sums), values(&s.counts), lp, ul));
     }

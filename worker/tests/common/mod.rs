@@ -184,3 +184,20 @@ pub fn unlikelihood(s: &dpo_worker::objective::SequenceScores) -> tch::Tensor {
         .f_mul(&s.mask)
         .expect("mask")
 }
+
+/// A tensor's values, flattened, as f64.
+pub fn values(t: &tch::Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(tch::Kind::Double).view([-1])).expect("values")
+}
+
+/// Every variable's gradient of `model`, in name order, flattened.
+pub fn all_gradients(model: &dpo_worker::model::CausalLm) -> Vec<f64> {
+    model
+        .var_store()
+        .variables()
+        .into_iter()
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .values()
+        .flat_map(|v| values(&v.grad()))
+        .collect()
+}
