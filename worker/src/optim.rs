@@ -27,6 +27,8 @@ pub fn decays(name: &str) -> bool {
 #[derive(Debug)]
 struct Slot {
     name: String,
+    /// The parameter's position in [`Optimizer::params`].
+    index: usize,
     param: Tensor,
     /// The flattened elements `(offset, len)` of the parameter this slot
     /// updates (ZeRO: this rank's share); `None`: all of them.
@@ -79,30 +81,15 @@ pub struct Optimizer {
 impl Optimizer {
     /// `params` in a stable order (sorted by name by the caller).
     pub fn new(spec: &OptimSpec, params: Vec<(String, Tensor)>) -> Result<Self> {
-        let tensors = params.iter().map(|(_, t)| t.shallow_clone()).collect();
-        let names = params.iter().map(|(n, _)| n.clone()).collect();
-        let slots = params
-            .into_iter()
-            .map(|(name, param)| {
-                Ok(Slot {
-                    decay: decays(&name),
-                    master: master_of(&param).op("f32 master weights")?,
-                    name,
-                    param,
-                    piece: None,
-                    replica: false,
-                    exp_avg: None,
-                    exp_avg_sq: None,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Optimizer {
+        let mut optimizer = Optimizer {
             spec: spec.clone(),
-            slots,
-            params: tensors,
-            names,
+            slots: Vec::new(),
+            params: params.iter().map(|(_, t)| t.shallow_clone()).collect(),
+            names: params.into_iter().map(|(n, _)| n).collect(),
             step: 0,
-        })
+        };
+        optimizer.reset()?;
+        Ok(optimizer)
     }
 
     /// The parameters, in the optimizer's (name-sorted) order.
@@ -142,6 +129,7 @@ impl Optimizer {
                 let f = || -> TchResult<Slot> {
                     Ok(Slot {
                         name: slot.name.clone(),
+                        index,
                         param: slot.param.shallow_clone(),
                         piece: Some((offset, len)),
                         replica,
@@ -161,11 +149,12 @@ impl Optimizer {
     /// parameters): before a checkpoint or a broadcast fills the state.
     pub fn reset(&mut self) -> Result<()> {
         let mut slots = Vec::with_capacity(self.params.len());
-        for (name, param) in self.names.iter().zip(&self.params) {
+        for (index, (name, param)) in self.names.iter().zip(&self.params).enumerate() {
             slots.push(Slot {
                 decay: decays(name),
                 master: master_of(param).op("f32 master weights")?,
                 name: name.clone(),
+                index,
                 param: param.shallow_clone(),
                 piece: None,
                 replica: false,
@@ -213,6 +202,7 @@ impl Optimizer {
             let param = self.params[index].shallow_clone();
             let mut slot = Slot {
                 name: self.names[index].clone(),
+                index,
                 decay: decays(&self.names[index]),
                 param,
                 piece: Some((offset, len)),
@@ -236,13 +226,7 @@ impl Optimizer {
     pub fn piece_states(&self, replicas: bool) -> Vec<(&'static str, usize, i64, Tensor)> {
         let mut out = Vec::new();
         for s in self.slots.iter().filter(|s| s.replica == replicas) {
-            let Some(index) = self
-                .params
-                .iter()
-                .position(|p| p.data_ptr() == s.param.data_ptr())
-            else {
-                continue;
-            };
+            let index = s.index;
             let offset = s.piece.map_or(0, |(o, _)| o);
             for (kind, t) in [
                 ("exp_avg", &s.exp_avg),
