@@ -737,7 +737,9 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
 #[test]
 fn zero_replicas_survive_a_kill_without_going_back() {
     let case = Case::new(96);
-    let (run, _, logs) = zero_kill_and_join(&case, "copies", "zero_stage = 1\nzero_replicas = 2");
+    // Stage 2 (gradients reduced layer by layer into the shares) with replicas;
+    // stage 1's replicas are checked against one process in worker/tests/zero.rs.
+    let (run, _, logs) = zero_kill_and_join(&case, "copies", "zero_stage = 2\nzero_replicas = 2");
     let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
     eprintln!(
         "replicas: {} rollback(s); shares rebuilt from replicas: {}",

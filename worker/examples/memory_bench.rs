@@ -15,6 +15,7 @@ use anyhow::Context;
 use clap::Parser;
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
+use dpo_worker::model::llama::LayerGrads;
 use dpo_worker::objective::{MicroBatch, score};
 use tch::{Device, Kind};
 
@@ -83,7 +84,7 @@ fn main() -> anyhow::Result<()> {
         let mut s = score(&model, &mb)?;
         let loss = s.sums.sum(Kind::Float).neg();
         loss.backward();
-        std::mem::take(&mut s.deferred).backward(&model)?;
+        std::mem::take(&mut s.deferred).backward(&model, LayerGrads::Accumulate)?;
         times.push(t.elapsed().as_secs_f64());
         for p in &params {
             let mut g = p.grad();

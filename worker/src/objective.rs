@@ -17,7 +17,7 @@ use tch::{Device, Kind, Tensor};
 use crate::error::{Result, TorchContext};
 use crate::logps::{HeadGrad, SequenceBatch};
 use crate::model::CausalLm;
-use crate::model::llama::Checkpointed;
+use crate::model::llama::{Checkpointed, LayerGrads};
 use crate::packing::{PackedBatch, Segment};
 
 type TchResult<T> = std::result::Result<T, tch::TchError>;
@@ -127,13 +127,14 @@ pub struct Deferred {
 }
 
 impl Deferred {
-    /// Finishes the backward through `model` (the model that scored).
-    pub fn backward(self, model: &CausalLm) -> Result<()> {
+    /// Finishes the backward through `model` (the model that scored), the
+    /// layers' gradients going where `grads` says.
+    pub fn backward(self, model: &CausalLm, grads: LayerGrads<'_>) -> Result<()> {
         if let Some(head) = self.head {
             head.backward()?;
         }
         if let Some(layers) = self.layers {
-            model.backward_checkpointed(layers)?;
+            model.backward_checkpointed(layers, grads)?;
         }
         Ok(())
     }

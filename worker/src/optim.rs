@@ -42,6 +42,10 @@ struct Slot {
     exp_avg_sq: Option<Tensor>,
     /// The f32 master copy of a half-precision parameter (`None` for f32).
     master: Option<Tensor>,
+    /// ZeRO stage 2: the global gradient of this slot's piece, summed here
+    /// layer by layer during the backward (the parameter's own `.grad` is
+    /// never filled); allocated by the first [`Optimizer::add_to_gradient`].
+    grad_shard: Option<Tensor>,
 }
 
 impl Slot {
@@ -54,8 +58,12 @@ impl Slot {
         }
     }
 
-    /// The gradient of this slot's piece, if the parameter has one.
+    /// The gradient of this slot's piece, if the parameter has one (ZeRO
+    /// stage 2: the summed shard, when one has been received).
     fn grad(&self) -> TchResult<Option<Tensor>> {
+        if let Some(g) = &self.grad_shard {
+            return Ok(Some(g.shallow_clone()));
+        }
         let g = self.param.grad();
         if g.defined() {
             Ok(Some(self.view(&g)?))
@@ -137,6 +145,7 @@ impl Optimizer {
                         exp_avg: slice(&slot.exp_avg, offset, len)?,
                         exp_avg_sq: slice(&slot.exp_avg_sq, offset, len)?,
                         master: slice(&slot.master, offset, len)?,
+                        grad_shard: None,
                     })
                 };
                 self.slots.push(f().op("sharding the optimizer state")?);
@@ -160,6 +169,7 @@ impl Optimizer {
                 replica: false,
                 exp_avg: None,
                 exp_avg_sq: None,
+                grad_shard: None,
             });
         }
         self.slots = slots;
@@ -210,6 +220,7 @@ impl Optimizer {
                 exp_avg,
                 exp_avg_sq,
                 master,
+                grad_shard: None,
             };
             if slot.master.is_none() {
                 let view = slot.view(&slot.param).op("f32 master weights")?;
@@ -264,7 +275,8 @@ impl Optimizer {
             total += bytes(p) + bytes(&p.grad());
         }
         for s in &self.slots {
-            for t in [&s.exp_avg, &s.exp_avg_sq, &s.master].into_iter().flatten() {
+            let state = [&s.exp_avg, &s.exp_avg_sq, &s.master, &s.grad_shard];
+            for t in state.into_iter().flatten() {
                 total += bytes(t);
             }
         }
@@ -278,7 +290,56 @@ impl Optimizer {
                 let _ = g.f_zero_().op("zero_grad")?;
             }
         }
+        for s in &mut self.slots {
+            if let Some(g) = &mut s.grad_shard {
+                let _ = g.f_zero_().op("zero_grad")?;
+            }
+        }
         Ok(())
+    }
+
+    /// ZeRO stage 2: adds `values` (f32, on the host) to the gradient of the
+    /// slot that updates parameter `index` from flattened element `offset`
+    /// (`replica`: the copy of another rank's piece). The slot's gradient
+    /// then stands in for the parameter's `.grad` in clipping and the update.
+    pub fn add_to_gradient(
+        &mut self,
+        index: usize,
+        replica: bool,
+        offset: i64,
+        values: &[f32],
+    ) -> Result<()> {
+        let Some(s) = self.slots.iter_mut().find(|s| {
+            s.index == index && s.replica == replica && s.piece.is_none_or(|(o, _)| o == offset)
+        }) else {
+            return Err(crate::error::Error::Input {
+                context: "ZeRO stage 2".into(),
+                reason: format!(
+                    "no optimizer slot for {} values of parameter {index} from element {offset}",
+                    values.len()
+                ),
+            });
+        };
+        let mut f = || -> TchResult<()> {
+            let device = s.param.device();
+            let add = Tensor::f_from_slice(values)?.f_to_device(device)?;
+            match &mut s.grad_shard {
+                Some(g) => {
+                    let _ = g.f_add_(&add)?;
+                }
+                None => {
+                    // Shaped like the parameter's gradient view (the whole
+                    // parameter when this slot is not a piece).
+                    let shape = match s.piece {
+                        Some(_) => vec![add.numel() as i64],
+                        None => s.param.size(),
+                    };
+                    s.grad_shard = Some(add.f_view(shape.as_slice())?);
+                }
+            }
+            Ok(())
+        };
+        f().op("ZeRO stage 2 gradient")
     }
 
     /// Global L2 norm of all gradients; when `max_norm > 0` gradients are scaled by

@@ -1,14 +1,15 @@
-//! ZeRO stage 1: the optimizer state partitioned across the ranks of a world.
+//! ZeRO stages 1 and 2: the optimizer state (and, stage 2, the gradients)
+//! partitioned across the ranks of a world.
 //!
-//! The parameters, in the optimizer's order, fall into the same buckets the
-//! gradient exchange uses ([`crate::collective::buckets`]); rank `r` of `W`
-//! owns chunk `r` of every bucket's flattened elements (the chunks differ in
-//! size by at most one element). A rank keeps AdamW moments and f32 master
-//! weights for what it owns only — `(4 + 4 + 4)/W` bytes per parameter
-//! instead of 12 — while every rank still holds the whole model and, during
-//! the backward, the whole gradient.
+//! The parameters, in the optimizer's order, fall into buckets of at most
+//! [`BUCKET_ELEMENTS`] elements that never mix two decoder layers; rank `r`
+//! of `W` owns chunk `r` of every bucket's flattened elements (the chunks
+//! differ in size by at most one element). A rank keeps AdamW moments and f32
+//! master weights for what it owns only — `(4 + 4 + 4)/W` bytes per parameter
+//! instead of 12 — while every rank still holds the whole model.
 //!
-//! A step: the gradients are reduce-scattered bucket by bucket (each rank
+//! Stage 1, a step: after the backward (every rank holding the whole
+//! gradient), the gradients are reduce-scattered bucket by bucket (each rank
 //! receives the global sum of its chunk — half an all-reduce's traffic); the
 //! gradient norm is the square root of the ranks' sums of squares over their
 //! own chunks, added in rank order, so clipping is the global clipping; each
@@ -16,13 +17,22 @@
 //! bucket. Owning whole chunks of every bucket (rather than one contiguous
 //! range of the flattened parameters) keeps every ring step of every bucket
 //! balanced.
+//!
+//! Stage 2 reduces each decoder layer's buckets as soon as that layer's
+//! backward is done, into f32 gradient shards the optimizer holds
+//! ([`Partition::reduce_scatter_into`], `crate::train`'s `stage2`): the whole
+//! gradient of the layers never exists, only one layer's at a time.
 
 use std::ops::Range;
 
 use tch::Tensor;
 
-use crate::collective::{Collective, buckets, chunk, ensure_gradients, flat_gradients};
+use crate::collective::{BUCKET_ELEMENTS, Collective, chunk, ensure_gradients, flat_gradients};
 use crate::error::{Result, TorchContext};
+
+/// Receives a rank's summed gradient chunks: `(parameter index, replica,
+/// offset, values)` ([`Partition::reduce_scatter_into`]).
+pub type ShardSink<'a> = dyn FnMut(usize, bool, i64, &[f32]) -> Result<()> + 'a;
 
 /// Which elements of which parameters this rank owns.
 #[derive(Debug, Clone)]
@@ -36,13 +46,22 @@ pub struct Partition {
 }
 
 impl Partition {
-    /// The partition of `params` (the optimizer's order) for rank `rank` of
-    /// `world`, with a replica of the predecessor's share when `replicas`.
-    pub fn new(params: &[Tensor], world: usize, rank: usize, replicas: bool) -> Self {
+    /// The partition of `params` (the optimizer's order, named `names`) for
+    /// rank `rank` of `world`, with a replica of the predecessor's share when
+    /// `replicas`. No bucket holds parameters of two decoder layers, so a
+    /// layer's gradients can be reduced as soon as its backward is done
+    /// (stage 2, [`Partition::reduce_scatter_into`]).
+    pub fn new(
+        params: &[Tensor],
+        names: &[String],
+        world: usize,
+        rank: usize,
+        replicas: bool,
+    ) -> Self {
         Partition {
             world,
             rank,
-            buckets: buckets(params),
+            buckets: layer_buckets(params, names),
             replicas: replicas && world > 1,
         }
     }
@@ -118,27 +137,95 @@ impl Partition {
             let (start, len) = chunk(n, self.world, self.rank);
             if self.replicas {
                 // The predecessor's summed chunk, for the replica of its share.
-                let mine: Vec<u8> = flat[start..start + len]
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect();
-                let got = collective.shift(&mine)?;
                 let (bs, bl) = chunk(n, self.world, self.buddy());
-                if got.len() != bl * 4 {
-                    return Err(crate::collective::CollectiveError::Protocol {
-                        rank: self.rank,
-                        reason: format!("replica chunk of {} bytes for {bl} values", got.len()),
-                    }
-                    .into());
-                }
-                for (d, b) in flat[bs..bs + bl].iter_mut().zip(got.chunks_exact(4)) {
-                    *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                }
+                let got = self.exchange_replica(collective, &flat[start..start + len], bl)?;
+                flat[bs..bs + bl].copy_from_slice(&got);
                 write_chunk(ps, &flat, bs, bl)?;
             }
             write_chunk(ps, &flat, start, len)?;
         }
         Ok(())
+    }
+
+    /// ZeRO stage 2: reduces the gradients `grads` (`(parameter index,
+    /// gradient)`; an undefined gradient counts as zeros) of every bucket
+    /// whose parameters they cover — a decoder layer's, as soon as its
+    /// backward is done — and hands this rank's summed chunk (and, with
+    /// replicas, its predecessor's) to `add` as `(parameter index, replica,
+    /// offset, values)`; the full-size gradients can then be dropped. Every
+    /// rank must reduce the same buckets in the same order.
+    pub fn reduce_scatter_into(
+        &self,
+        params: &[Tensor],
+        grads: &[(usize, Tensor)],
+        collective: &mut dyn Collective,
+        add: &mut ShardSink<'_>,
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let covered = |i: usize| grads.iter().any(|(j, _)| *j == i);
+        for bucket in self.buckets.iter().filter(|b| covered(b.start)) {
+            let n: usize = params[bucket.clone()].iter().map(|p| p.numel()).sum();
+            let mut flat = Vec::with_capacity(n);
+            for i in bucket.clone() {
+                let g = grads.iter().find(|(j, _)| *j == i).map(|(_, g)| g);
+                match g.filter(|g| g.defined()) {
+                    Some(g) => flat.extend(
+                        Vec::<f32>::try_from(
+                            &g.f_to_kind(tch::Kind::Float)
+                                .and_then(|g| g.f_to_device(tch::Device::Cpu))
+                                .and_then(|g| g.f_reshape([-1]))
+                                .op("gradient bucket")?,
+                        )
+                        .op("gradient bucket")?,
+                    ),
+                    None => flat.resize(flat.len() + params[i].numel(), 0.0),
+                }
+            }
+            collective.reduce_scatter_sum(&mut flat)?;
+            let (start, len) = chunk(n, self.world, self.rank);
+            let mut targets = vec![(false, start, len)];
+            if self.replicas {
+                let (bs, bl) = chunk(n, self.world, self.buddy());
+                let got = self.exchange_replica(collective, &flat[start..start + len], bl)?;
+                flat[bs..bs + bl].copy_from_slice(&got);
+                targets.push((true, bs, bl));
+            }
+            for (replica, start, len) in targets {
+                let mut at = 0usize;
+                for i in bucket.clone() {
+                    let size = params[i].numel();
+                    let (from, to) = (start.max(at), (start + len).min(at + size));
+                    if from < to {
+                        add(i, replica, (from - at) as i64, &flat[from..to])?;
+                    }
+                    at += size;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends this rank's summed chunk to its successor and returns the
+    /// predecessor's (`expect` values), for the replica of its share.
+    fn exchange_replica(
+        &self,
+        collective: &mut dyn Collective,
+        mine: &[f32],
+        expect: usize,
+    ) -> Result<Vec<f32>> {
+        let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let got = collective.shift(&bytes)?;
+        if got.len() != expect * 4 {
+            return Err(crate::collective::CollectiveError::Protocol {
+                rank: self.rank,
+                reason: format!("replica chunk of {} bytes for {expect} values", got.len()),
+            }
+            .into());
+        }
+        Ok(got
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect())
     }
 
     /// Sends each rank's updated chunks to every rank: the parameters end
@@ -310,6 +397,37 @@ impl Partition {
     }
 }
 
+/// The decoder layer a parameter belongs to, from its name
+/// (`model.layers.N.…`); `None` for the embedding, final norm and LM head.
+pub fn layer_of(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Consecutive parameters in buckets of at most [`BUCKET_ELEMENTS`] elements
+/// (a larger parameter is a bucket of its own), never two decoder layers'
+/// parameters in one bucket.
+fn layer_buckets(params: &[Tensor], names: &[String]) -> Vec<Range<usize>> {
+    let layer = |i: usize| names.get(i).and_then(|n| layer_of(n));
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < params.len() {
+        let mut end = start;
+        let mut elements = 0;
+        while end < params.len()
+            && (end == start
+                || (elements + params[end].numel() <= BUCKET_ELEMENTS
+                    && layer(end) == layer(start)))
+        {
+            elements += params[end].numel();
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
 /// A bucket's flattened optimizer state of `kind`, holding the values of
 /// `pieces` (`(kind, parameter index, offset, values)`) and zeros elsewhere.
 fn bucket_of(
@@ -372,10 +490,19 @@ mod tests {
             .iter()
             .map(|&n| Tensor::zeros([n], (tch::Kind::Float, tch::Device::Cpu)))
             .collect();
+        let names: Vec<String> = [
+            "lm_head.weight",
+            "model.layers.0.a",
+            "model.layers.0.b",
+            "model.layers.1.a",
+            "model.norm.weight",
+        ]
+        .map(String::from)
+        .to_vec();
         for world in 1..5 {
             let mut seen: Vec<Vec<u32>> = params.iter().map(|p| vec![0; p.numel()]).collect();
             for rank in 0..world {
-                let part = Partition::new(&params, world, rank, false);
+                let part = Partition::new(&params, &names, world, rank, false);
                 let pieces = part.pieces(&params);
                 let mut indices: Vec<usize> = pieces.iter().map(|p| p.0).collect();
                 indices.dedup();
@@ -388,5 +515,25 @@ mod tests {
             }
             assert!(seen.iter().flatten().all(|&c| c == 1), "world {world}");
         }
+    }
+
+    #[test]
+    fn no_bucket_mixes_two_layers() {
+        let params: Vec<Tensor> = [3i64, 4, 5, 6, 2]
+            .iter()
+            .map(|&n| Tensor::zeros([n], (tch::Kind::Float, tch::Device::Cpu)))
+            .collect();
+        let names: Vec<String> = [
+            "model.embed_tokens.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.0.self_attn.q_proj.weight",
+            "model.layers.10.mlp.up_proj.weight",
+            "model.norm.weight",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(layer_of(&names[3]), Some(10));
+        assert_eq!(layer_of(&names[0]), None);
+        assert_eq!(layer_buckets(&params, &names), vec![0..1, 1..3, 3..4, 4..5]);
     }
 }

@@ -13,6 +13,7 @@ mod common;
 use common::{all_gradients, fixture, random_examples, unlikelihood, values};
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
+use dpo_worker::model::llama::LayerGrads;
 use dpo_worker::objective::{MicroBatch, SequenceScores, score};
 use tch::{Device, Kind, Tensor};
 
@@ -47,7 +48,7 @@ fn run(
     );
     loss(&s).backward();
     std::mem::take(&mut s.deferred)
-        .backward(model)
+        .backward(model, LayerGrads::Accumulate)
         .expect("deferred backward");
     let grads: Vec<f64> = all_gradients(model);
     let lp = s.token_logps.masked_select(&s.mask.to_kind(Kind::Bool));

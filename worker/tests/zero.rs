@@ -225,3 +225,88 @@ fn a_zero_checkpoint_of_two_ranks_resumes_on_three() {
     assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "every step once");
     assert_eq!(metrics[5]["world_size"], 3);
 }
+
+/// Writes `spec`'s file again with `micro_batch_size = micro`.
+fn with_micro_batch(path: &Path, micro: usize) {
+    let text = std::fs::read_to_string(path).expect("spec");
+    let text = text.replace(
+        "micro_batch_size = 2",
+        &format!("micro_batch_size = {micro}"),
+    );
+    std::fs::write(path, text).expect("spec");
+}
+
+#[test]
+fn zero_stage_2_reduces_layer_by_layer_to_the_same_weights_and_holds_a_share_of_the_gradients() {
+    let dir = tempdir();
+    wait_for(
+        train_process(&spec(dir.path(), "one", "f32", "checkpoint_every = 5"), &[]),
+        0,
+    );
+    // Parameters inside the decoder layers (gradients sharded) and outside
+    // them (embedding, final norm, head: still whole `.grad` on every rank).
+    let weights = read_tensors(&dir.path().join("one/final/model.safetensors")).expect("weights");
+    let (mut layered, mut rest) = (0usize, 0usize);
+    for (name, t) in &weights {
+        if name.starts_with("model.layers.") {
+            layered += t.numel();
+        } else {
+            rest += t.numel();
+        }
+    }
+    let total = (layered + rest) as f64;
+    let cases = [
+        // 3 ranks, one pair per micro-batch: rank 0 has two micro-batches and
+        // the others one (they reduce zeros for the second); recomputed layers.
+        (
+            "ckpt3",
+            3usize,
+            1usize,
+            "gradient_checkpointing = true",
+            1.0,
+        ),
+        // 2 ranks, staged layer graphs without recomputation, with replicas.
+        ("staged2", 2, 2, "zero_replicas = 2", 2.0),
+    ];
+    for (name, world, micro, extra, shares) in cases {
+        let path = spec(
+            dir.path(),
+            name,
+            "f32",
+            &format!("checkpoint_every = 5\nzero_stage = 2\n{extra}"),
+        );
+        with_micro_batch(&path, micro);
+        train(&path, world, &[], 0);
+        let state = "checkpoints/step-5/optimizer.safetensors";
+        let d_state = diff(dir.path(), "one", name, state);
+        let d_weights = diff(dir.path(), "one", name, "final/model.safetensors");
+        eprintln!(
+            "stage 2, {world} ranks ({extra}): max |Δ| optimizer state {d_state:.2e}, weights {d_weights:.2e}"
+        );
+        assert!(d_state <= 1e-5, "{name}: optimizer state {d_state}");
+        assert!(d_weights <= 1e-5, "{name}: weights {d_weights}");
+        let one = read_jsonl(&dir.path().join("one/metrics.jsonl"));
+        let got = read_jsonl(&dir.path().join(name).join("metrics.jsonl"));
+        assert_eq!(one.len(), got.len());
+        for (x, y) in one.iter().zip(&got) {
+            let norm = |m: &serde_json::Value| m["grad_norm"].as_f64().expect("norm");
+            assert!(
+                (norm(x) - norm(y)).abs() <= 1e-5 * norm(x),
+                "{name} step {}: norm {} vs {}",
+                x["step"],
+                norm(x),
+                norm(y)
+            );
+            // Parameters (4) + the whole gradient of the parameters outside
+            // the layers (4) + shares of gradient, moments (4 + 8).
+            let want = 4.0 + 4.0 * rest as f64 / total + shares * 12.0 / world as f64;
+            let bytes = y["memory/state_bytes_per_parameter"]
+                .as_f64()
+                .expect("bytes");
+            assert!(
+                (bytes - want).abs() < 0.05,
+                "{name}: {bytes} bytes per parameter, want {want}"
+            );
+        }
+    }
+}

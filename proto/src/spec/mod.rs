@@ -245,9 +245,11 @@ pub struct TrainSpec {
     /// ZeRO: 0 = every rank holds the whole optimizer state; 1 = each rank of a
     /// data-parallel world holds the AdamW moments and f32 master weights of
     /// 1/W of the parameters (gradients reduce-scattered, parameters
-    /// all-gathered).
+    /// all-gathered); 2 = also only 1/W of the gradients: each decoder layer's
+    /// gradients are reduce-scattered as soon as its backward is done, every
+    /// micro-batch, and never kept whole.
     pub zero_stage: u8,
-    /// With `zero_stage = 1`: 2 = each rank also keeps (and updates alike) a
+    /// With `zero_stage` 1 or 2: 2 = each rank also keeps (and updates alike) a
     /// copy of its predecessor's share, so a worker can die without a rollback.
     pub zero_replicas: u8,
 }
@@ -587,9 +589,9 @@ impl RunSpec {
                 )
             },
         )?;
-        check(t.zero_stage <= 1, "train.zero_stage", || {
+        check(t.zero_stage <= 2, "train.zero_stage", || {
             format!(
-                "must be 0 or 1, found {} (stage 2, gradients partitioned during the backward, is not available yet)",
+                "must be 0, 1 or 2, found {} (stage 3, parameters partitioned too, is not available)",
                 t.zero_stage
             )
         })?;
@@ -599,9 +601,9 @@ impl RunSpec {
             || format!("must be 1 or 2, found {}", t.zero_replicas),
         )?;
         check(
-            t.zero_replicas == 1 || t.zero_stage == 1,
+            t.zero_replicas == 1 || t.zero_stage >= 1,
             "train.zero_replicas",
-            || "2 needs train.zero_stage = 1 (there are no shares to copy without it)".into(),
+            || "2 needs train.zero_stage = 1 or 2 (there are no shares to copy without it)".into(),
         )?;
         check(c.max_workers <= MAX_WORKERS, "cluster.max_workers", || {
             format!("must be at most {MAX_WORKERS}, found {}", c.max_workers)

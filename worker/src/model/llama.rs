@@ -305,15 +305,50 @@ pub struct CausalLm {
     /// Keep only each layer's input in a training forward; recompute in the
     /// backward ([`CausalLm::backward_checkpointed`]).
     gradient_checkpointing: bool,
+    /// Without checkpointing: still run the layers' backward one layer at a
+    /// time (each layer's graph kept, from a leaf copy of its input), so that
+    /// a layer's gradients exist before the layers below it run (ZeRO stage 2).
+    staged: bool,
 }
 
-/// What a checkpointed forward kept for the layers' backward: each decoder
-/// layer's input (no graph), the leaf the final norm ran on, and the RoPE
-/// angles and masks to run the layers again.
+/// Where [`CausalLm::backward_checkpointed`] puts the decoder layers'
+/// parameter gradients.
+pub enum LayerGrads<'a> {
+    /// Accumulated into the parameters' `.grad`, as autograd does.
+    Accumulate,
+    /// Computed for `params[layer]` (a layer's trained parameters, those
+    /// with `requires_grad`) and handed to `sink(layer, grads)`, in
+    /// `params[layer]` order and never stored: every layer from the top, an
+    /// undefined tensor where a gradient is zero.
+    Hand {
+        params: &'a [Vec<Tensor>],
+        sink: &'a mut dyn FnMut(usize, Vec<Tensor>) -> Result<()>,
+    },
+}
+
+impl std::fmt::Debug for LayerGrads<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LayerGrads::Accumulate => f.write_str("Accumulate"),
+            LayerGrads::Hand { params, .. } => f
+                .debug_struct("Hand")
+                .field("layers", &params.len())
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// What a checkpointed (or staged) forward kept for the layers' backward:
+/// each decoder layer's input (no graph), the leaf the final norm ran on, and
+/// the RoPE angles and masks to run the layers again — or, staged, each
+/// layer's output with its graph from a leaf input.
 #[derive(Debug)]
 pub struct Checkpointed {
     input_ids: Tensor,
     inputs: Vec<Tensor>,
+    /// Staged: the layers' outputs, with graphs back to `inputs` (leaves);
+    /// empty when the layers are recomputed.
+    outputs: Vec<Tensor>,
     top: Tensor,
     cos: Tensor,
     sin: Tensor,
@@ -376,6 +411,7 @@ impl CausalLm {
             rope,
             head_chunk: DEFAULT_HEAD_CHUNK,
             gradient_checkpointing: false,
+            staged: false,
         })
     }
 
@@ -419,6 +455,7 @@ impl CausalLm {
     pub fn forward(&self, input_ids: &Tensor, attention_mask: Option<&Tensor>) -> Result<Tensor> {
         let (positions, masks) = self.padded_layout(input_ids, attention_mask)?;
         let (hidden, _) = self.run_layers(input_ids, &positions, masks, false)?;
+        // `forward` keeps plain autograd whatever the training mode.
         self.lm_head(&hidden)
     }
 
@@ -432,7 +469,7 @@ impl CausalLm {
         attention_mask: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Checkpointed>)> {
         let (positions, masks) = self.padded_layout(input_ids, attention_mask)?;
-        self.run_layers(input_ids, &positions, masks, self.gradient_checkpointing)
+        self.run_layers(input_ids, &positions, masks, true)
     }
 
     /// RoPE positions and attention masks of right- or left-padded rows.
@@ -470,16 +507,18 @@ impl CausalLm {
     }
 
     /// Embedding, every decoder layer and the final norm, at RoPE `positions`.
-    /// With `checkpoint` (and autograd on) the layers run without a graph and
-    /// only each layer's input is kept; the final norm runs on a leaf copy of
-    /// the last layer's output, whose gradient [`CausalLm::backward_checkpointed`]
-    /// carries down, recomputing one layer at a time.
+    /// With `deferred` (and autograd on) the training mode applies: with
+    /// gradient checkpointing the layers run without a graph and only each
+    /// layer's input is kept; staged, each layer runs on a leaf copy of its
+    /// input and keeps its graph. Either way the final norm runs on a leaf copy
+    /// of the last layer's output, whose gradient
+    /// [`CausalLm::backward_checkpointed`] carries down one layer at a time.
     fn run_layers(
         &self,
         input_ids: &Tensor,
         positions: &Tensor,
         masks: Masks,
-        checkpoint: bool,
+        deferred: bool,
     ) -> Result<(Tensor, Option<Checkpointed>)> {
         let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
         // A view of a parameter needs a gradient only where autograd is on.
@@ -488,7 +527,8 @@ impl CausalLm {
             .f_narrow(0, 0, 1)
             .op("autograd probe")?
             .requires_grad();
-        if !(checkpoint && autograd) {
+        let recompute = self.gradient_checkpointing;
+        if !(deferred && autograd && (recompute || self.staged)) {
             let mut xs = self.embed(input_ids)?;
             for layer in &self.layers {
                 xs = layer.forward(&xs, &cos, &sin, &masks, None)?;
@@ -496,13 +536,26 @@ impl CausalLm {
             return Ok((self.norm.forward(&xs).op("norm")?, None));
         }
         let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut outputs = Vec::new();
         let top = {
-            let _guard = tch::no_grad_guard();
-            let mut xs = self.embed(input_ids)?;
+            // The embedding is run again in the backward (it is cheap).
+            let mut xs = {
+                let _guard = tch::no_grad_guard();
+                self.embed(input_ids)?
+            };
             for layer in &self.layers {
-                let out = layer.forward(&xs, &cos, &sin, &masks, None)?;
-                inputs.push(xs);
-                xs = out;
+                if recompute {
+                    let _guard = tch::no_grad_guard();
+                    let out = layer.forward(&xs, &cos, &sin, &masks, None)?;
+                    inputs.push(xs);
+                    xs = out;
+                } else {
+                    let x = xs.f_detach().op("staged input")?.set_requires_grad(true);
+                    let out = layer.forward(&x, &cos, &sin, &masks, None)?;
+                    xs = out.f_detach().op("staged output")?;
+                    inputs.push(x);
+                    outputs.push(out);
+                }
             }
             xs
         };
@@ -513,6 +566,7 @@ impl CausalLm {
             Some(Checkpointed {
                 input_ids: input_ids.shallow_clone(),
                 inputs,
+                outputs,
                 top,
                 cos,
                 sin,
@@ -527,36 +581,81 @@ impl CausalLm {
         self.gradient_checkpointing = on;
     }
 
-    /// The layers' backward after a checkpointed forward: from the top, each
-    /// layer is run again on its kept input (now with a graph) and
-    /// back-propagated with the gradient of its output, which leaves its
-    /// parameters' gradients and its input's gradient for the layer below; the
-    /// embedding last. Only one layer's activations exist at a time.
-    pub fn backward_checkpointed(&self, c: Checkpointed) -> Result<()> {
+    /// Runs the layers' backward one layer at a time, as ZeRO stage 2 needs
+    /// (`train.zero_stage = 2`), even without gradient checkpointing.
+    pub fn set_staged_backward(&mut self, on: bool) {
+        self.staged = on;
+    }
+
+    /// The layers' backward after a checkpointed (or staged) forward: from
+    /// the top, each layer is run again on its kept input (now with a graph;
+    /// staged, its kept graph is used) and back-propagated with the gradient
+    /// of its output, which gives its parameters' gradients (accumulated or
+    /// handed on, as `grads` says) and its input's gradient for the layer
+    /// below; the embedding last, into its `.grad`. Recomputing, only one
+    /// layer's activations exist at a time.
+    pub fn backward_checkpointed(&self, c: Checkpointed, mut grads: LayerGrads<'_>) -> Result<()> {
         let mut grad = c.top.grad();
-        if !grad.defined() {
-            return Ok(());
-        }
-        let backprop = |out: &Tensor, grad: &Tensor| -> Result<()> {
-            out.f_mul(grad)
-                .and_then(|t| t.f_sum(Kind::Float))
-                .and_then(|t| t.f_backward())
-                .op("checkpointed backward")
-        };
-        for (layer, input) in self.layers.iter().zip(&c.inputs).rev() {
-            let x = input
-                .f_detach()
-                .op("checkpointed input")?
-                .set_requires_grad(true);
-            let out = layer.forward(&x, &c.cos, &c.sin, &c.masks, None)?;
-            backprop(&out, &grad)?;
-            grad = x.grad();
+        let n = self.layers.len();
+        for i in (0..n).rev() {
             if !grad.defined() {
+                // Nothing reaches the layers below: their gradients are zero.
+                if let LayerGrads::Hand { params, sink } = &mut grads {
+                    for j in (0..=i).rev() {
+                        let none = params[j].iter().map(|_| Tensor::new()).collect();
+                        sink(j, none)?;
+                    }
+                }
                 return Ok(());
             }
+            let (x, out) = match c.outputs.get(i) {
+                Some(out) => (c.inputs[i].shallow_clone(), out.shallow_clone()),
+                None => {
+                    let x = c.inputs[i]
+                        .f_detach()
+                        .op("checkpointed input")?
+                        .set_requires_grad(true);
+                    let out = self.layers[i].forward(&x, &c.cos, &c.sin, &c.masks, None)?;
+                    (x, out)
+                }
+            };
+            let seed = out
+                .f_mul(&grad)
+                .and_then(|t| t.f_sum(Kind::Float))
+                .op("checkpointed backward")?;
+            match &mut grads {
+                LayerGrads::Accumulate => {
+                    seed.f_backward().op("checkpointed backward")?;
+                    grad = x.grad();
+                }
+                LayerGrads::Hand { params, sink } => {
+                    let trained: Vec<&Tensor> =
+                        params[i].iter().filter(|p| p.requires_grad()).collect();
+                    let wanted: Vec<&Tensor> = std::iter::once(&x).chain(trained).collect();
+                    let mut got = Tensor::f_run_backward(&[&seed], &wanted, false, false)
+                        .op("staged backward")?
+                        .into_iter();
+                    grad = got.next().unwrap_or_default();
+                    let layer: Vec<Tensor> = params[i]
+                        .iter()
+                        .map(|p| {
+                            if p.requires_grad() {
+                                got.next().unwrap_or_default()
+                            } else {
+                                Tensor::new()
+                            }
+                        })
+                        .collect();
+                    sink(i, layer)?;
+                }
+            }
         }
-        if self.embed_tokens.requires_grad() {
-            backprop(&self.embed(&c.input_ids)?, &grad)?;
+        if grad.defined() && self.embed_tokens.requires_grad() {
+            self.embed(&c.input_ids)?
+                .f_mul(&grad)
+                .and_then(|t| t.f_sum(Kind::Float))
+                .and_then(|t| t.f_backward())
+                .op("checkpointed backward")?;
         }
         Ok(())
     }
@@ -593,7 +692,7 @@ impl CausalLm {
             })
         })()
         .op("forward_packed: attention mask")?;
-        self.run_layers(input_ids, positions, masks, self.gradient_checkpointing)
+        self.run_layers(input_ids, positions, masks, true)
     }
 
     /// Logits of final hidden states (`[..., hidden]` → `[..., vocab]`).

@@ -20,6 +20,7 @@ mod batches;
 mod checkpoint;
 mod metrics;
 mod reference;
+mod stage2;
 mod sync;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ use tch::{Device, Tensor};
 
 use crate::collective::{Collective, all_reduce_gradients};
 use crate::error::{Error, Result, TorchContext, io_err};
+use crate::model::llama::LayerGrads;
 use crate::model::{CausalLm, checkpoint as model_io, kind_of};
 use crate::objective::{self, MicroBatch, Objective, Stats};
 use crate::optim::{Optimizer, learning_rate};
@@ -164,8 +166,11 @@ pub struct Trainer {
     shape: RunShape,
     /// Step and early-stopping state (what checkpoints and `sync_world` carry).
     state: TrainerState,
-    /// ZeRO stage 1's partition of the optimizer state, once entered.
+    /// ZeRO's partition of the optimizer state (and, stage 2, of the
+    /// gradients), once entered.
     zero: Option<Partition>,
+    /// Stage 2: the decoder layers' parameters, to reduce layer by layer.
+    layer_map: Option<stage2::LayerMap>,
     /// A ZeRO step failed between updating this rank's share and gathering
     /// the parameters: its state is neither the old step's nor the new one's.
     torn: bool,
@@ -284,6 +289,11 @@ impl Trainer {
             policy.var_store().variables().into_iter().collect();
         params.sort_by(|a, b| a.0.cmp(&b.0));
         let optimizer = Optimizer::new(&spec.optim, params)?;
+        let layers = policy.config().num_hidden_layers as usize;
+        let layer_map =
+            (spec.train.zero_stage == 2).then(|| stage2::LayerMap::new(&optimizer, layers));
+        let mut policy = policy;
+        policy.set_staged_backward(layer_map.is_some());
         Ok(Trainer {
             spec,
             collective,
@@ -298,14 +308,16 @@ impl Trainer {
             shape,
             state: TrainerState::default(),
             zero: None,
+            layer_map,
             torn: false,
         })
     }
 
-    /// ZeRO stage 1 (`train.zero_stage = 1`) over this world: partitions the
-    /// optimizer state, each rank keeping its share only. Called once the
-    /// ranks agree on their state (`run` after `sync_from`); a world of one
-    /// keeps everything.
+    /// ZeRO (`train.zero_stage` 1 or 2) over this world: partitions the
+    /// optimizer state, each rank keeping its share only (stage 2: and the
+    /// layers' backward staged, to reduce each layer's gradients at once).
+    /// Called once the ranks agree on their state (`run` after `sync_from`);
+    /// a world of one keeps everything.
     fn enter_zero(&mut self) -> Result<()> {
         let world = self.collective.world_size();
         if self.spec.train.zero_stage == 0 || world == 1 || self.zero.is_some() {
@@ -314,6 +326,7 @@ impl Trainer {
         let replicas = self.spec.train.zero_replicas > 1;
         let partition = Partition::new(
             self.optimizer.params(),
+            self.optimizer.names(),
             world,
             self.collective.rank(),
             replicas,
@@ -329,7 +342,8 @@ impl Trainer {
             replica_pieces = copies.len(),
             state_bytes = bytes,
             parameters,
-            "ZeRO stage 1: this rank holds its share of the optimizer state"
+            stage = self.spec.train.zero_stage,
+            "ZeRO: this rank holds its share of the optimizer state"
         );
         self.zero = Some(partition);
         Ok(())
@@ -439,6 +453,20 @@ impl Trainer {
         let mut stats = Stats::default();
         let m = self.spec.micro_batch_size();
         let refs: Vec<&Example> = slice.examples.iter().collect();
+        // Stage 2 reduces every micro-batch: as many rounds as the rank with
+        // the most micro-batches has.
+        let stage2 = backward && self.zero.is_some() && self.layer_map.is_some();
+        let rounds = if stage2 {
+            let mine = refs.chunks(m).count() as u64;
+            let all = self.collective.all_gather(&mine.to_le_bytes())?;
+            all.iter()
+                .map(|b| u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8])))
+                .max()
+                .unwrap_or(mine)
+        } else {
+            0
+        };
+        let mut done = 0u64;
         for (k, (micro, micro_idx)) in refs.chunks(m).zip(slice.indices.chunks(m)).enumerate() {
             let given = slice
                 .reference
@@ -465,7 +493,18 @@ impl Trainer {
                     &slice.norm,
                 )?;
                 loss.f_backward().op("backward")?;
-                std::mem::take(&mut scores.deferred).backward(&self.policy)?;
+                let deferred = std::mem::take(&mut scores.deferred);
+                match (&self.layer_map, &self.zero) {
+                    (Some(map), Some(zero)) if stage2 => map.backward(
+                        deferred,
+                        &self.policy,
+                        zero,
+                        &mut self.optimizer,
+                        self.collective.as_mut(),
+                    )?,
+                    _ => deferred.backward(&self.policy, LayerGrads::Accumulate)?,
+                }
+                done += 1;
                 (loss, s)
             } else {
                 let _guard = tch::no_grad_guard();
@@ -476,7 +515,12 @@ impl Trainer {
             drop(loss);
             stats.add(&s);
         }
-        if backward {
+        if let (Some(map), Some(zero)) = (&self.layer_map, &self.zero) {
+            for _ in done..rounds {
+                map.reduce_zeros(zero, &mut self.optimizer, self.collective.as_mut())?;
+            }
+        }
+        if backward && !stage2 {
             let t = Instant::now();
             match &self.zero {
                 Some(z) => {

@@ -368,7 +368,13 @@ impl Trainer {
             }
         }
         let replicas = self.spec.train.zero_replicas > 1;
-        let new = crate::zero::Partition::new(self.optimizer.params(), world, rank, replicas);
+        let new = crate::zero::Partition::new(
+            self.optimizer.params(),
+            self.optimizer.names(),
+            world,
+            rank,
+            replicas,
+        );
         let moments = self.spec.optim.name == dpo_proto::OptimizerName::Adamw && max > 0;
         let moved = new.repartition(
             self.optimizer.params(),
