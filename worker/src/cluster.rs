@@ -230,6 +230,9 @@ struct Worker {
     listener: TcpListener,
     shared: Arc<Shared>,
     trainer: Option<(String, Trainer)>,
+    /// The trainer was made for its run but has not restored the run's
+    /// committed checkpoint yet (that happens once it is in a world).
+    restore_pending: bool,
     /// The newest step this worker completed (re-reported in a new generation,
     /// in case the old one broke before anyone reported it).
     last: Option<StepRecord>,
@@ -344,12 +347,9 @@ impl Worker {
                 halt_after_step: None,
             };
             tracing::info!(run = %work.run_id, name = %spec.name, "loading the run's model");
-            let mut trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
-            if !work.resume_checkpoint.is_empty() {
-                trainer.restore_checkpoint(std::path::Path::new(&work.resume_checkpoint))?;
-                tracing::info!(step = trainer.step(), path = %work.resume_checkpoint, "restored the committed checkpoint");
-            }
+            let trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
             self.trainer = Some((work.run_id.clone(), trainer));
+            self.restore_pending = true;
         }
         let peers = work
             .peers
@@ -381,6 +381,19 @@ impl Worker {
             return Err(Error::State("no trainer for the run"));
         };
         trainer.set_collective(Box::new(collective), work.generation);
+        if std::mem::take(&mut self.restore_pending) && !work.resume_checkpoint.is_empty() {
+            // A new trainer restores the committed checkpoint in this world, so
+            // that a sharded checkpoint gives each rank only its share under
+            // this world's partition. One that could not restore is not kept
+            // (the next generation makes it again).
+            if let Err(e) =
+                trainer.restore_checkpoint(std::path::Path::new(&work.resume_checkpoint))
+            {
+                self.trainer = None;
+                return Err(e);
+            }
+            tracing::info!(step = trainer.step(), path = %work.resume_checkpoint, "restored the committed checkpoint");
+        }
         let checkpoint = (!work.resume_checkpoint.is_empty()).then(|| {
             (
                 std::path::Path::new(&work.resume_checkpoint),
@@ -669,6 +682,7 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
         listener,
         shared,
         trainer: None,
+        restore_pending: false,
         last: None,
         halt_after_reference_chunks: opts.halt_after_reference_chunks,
         reference_chunks_reported: 0,

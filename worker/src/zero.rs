@@ -100,7 +100,7 @@ impl Partition {
     }
 
     /// The pieces `rank` owns.
-    fn owners_pieces(&self, params: &[Tensor], rank: usize) -> Vec<(usize, i64, i64)> {
+    pub fn owners_pieces(&self, params: &[Tensor], rank: usize) -> Vec<(usize, i64, i64)> {
         let mut out = Vec::new();
         for bucket in &self.buckets {
             let n: usize = params[bucket.clone()].iter().map(|p| p.numel()).sum();

@@ -11,6 +11,7 @@ use std::process::Child;
 
 use common::{fixture, fixtures, free_ports, max_weight_diff, read_jsonl, tempdir, train_process};
 use dpo_worker::model::checkpoint::read_tensors;
+use dpo_worker::train::read_optimizer_state;
 
 /// AdamW with a small clipping norm (so clipping acts on every step), 6 steps —
 /// `extra` in `[train]`. ε = 1e-3: AdamW's first update is about g / (|g| + ε),
@@ -72,6 +73,20 @@ fn diff(dir: &Path, a: &str, b: &str, file: &str) -> f64 {
     max_weight_diff(&x, &y)
 }
 
+/// Max |Δ| between the optimizer states of two runs' checkpoints of `step`,
+/// each whole or sharded (then assembled from the ranks' files), flattened.
+fn state_diff(dir: &Path, a: &str, b: &str, step: u64) -> f64 {
+    let read = |run: &str| {
+        let ck = dir.join(run).join(format!("checkpoints/step-{step}"));
+        read_optimizer_state(&ck)
+            .expect("optimizer state")
+            .into_iter()
+            .map(|(k, t)| (k, t.reshape([-1])))
+            .collect()
+    };
+    max_weight_diff(&read(a), &read(b))
+}
+
 #[test]
 fn zero_stage_1_trains_the_weights_and_optimizer_state_of_one_process() {
     for dtype in ["f32", "bf16"] {
@@ -100,8 +115,7 @@ fn zero_stage_1_trains_the_weights_and_optimizer_state_of_one_process() {
                 train(&path, world, &[], 0);
                 plain
             };
-            let state = "checkpoints/step-5/optimizer.safetensors";
-            let d_state = diff(dir.path(), &reference, &name, state);
+            let d_state = state_diff(dir.path(), &reference, &name, 5);
             let d_weights = diff(dir.path(), &reference, &name, "final/model.safetensors");
             eprintln!(
                 "{dtype}, {world} ranks against {reference}: max |Δ| optimizer state at step 5 \
@@ -172,8 +186,7 @@ fn replicas_update_alike_and_cost_a_copy_of_one_share() {
         "checkpoint_every = 5\nzero_stage = 1\nzero_replicas = 2",
     );
     train(&path, 3, &[], 0);
-    let state = "checkpoints/step-5/optimizer.safetensors";
-    let d_state = diff(dir.path(), "one", "copies", state);
+    let d_state = state_diff(dir.path(), "one", "copies", 5);
     let d_weights = diff(dir.path(), "one", "copies", "final/model.safetensors");
     eprintln!("f32, 3 ranks with replicas: optimizer state {d_state:.2e}, weights {d_weights:.2e}");
     assert!(
@@ -213,6 +226,47 @@ fn a_zero_checkpoint_of_two_ranks_resumes_on_three() {
     );
     // Two ranks stop after step 4 (exit 86, as if killed); step 3 was checkpointed.
     train(&path, 2, &["--halt-after-step", "4"], 86);
+    // Each rank wrote its own share; nobody assembled the whole state.
+    let ck = dir.path().join("moved/checkpoints/step-3");
+    assert!(!ck.join("optimizer.safetensors").exists());
+    let shares: Vec<u64> = (0..2)
+        .map(|r| {
+            let f = ck.join(format!("optimizer/rank-{r:05}-of-00002.safetensors"));
+            std::fs::metadata(&f).expect("a rank's share").len()
+        })
+        .collect();
+    let whole = std::fs::metadata(
+        dir.path()
+            .join("one/checkpoints/step-3/optimizer.safetensors"),
+    )
+    .expect("one process's state")
+    .len();
+    eprintln!("optimizer state at step 3: one process {whole} bytes; shares of 2 ranks {shares:?}");
+    for s in &shares {
+        assert!(
+            (*s as f64 - whole as f64 / 2.0).abs() < 0.05 * whole as f64,
+            "{shares:?} vs {whole}"
+        );
+    }
+    // The same checkpoint resumed by one process (the shares assembled).
+    let solo = spec(dir.path(), "moved1", "f32", "checkpoint_every = 3");
+    std::fs::create_dir_all(dir.path().join("moved1/checkpoints")).expect("dir");
+    let copied = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(&ck)
+        .arg(dir.path().join("moved1/checkpoints/step-3"))
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    std::fs::copy(
+        dir.path().join("moved/metrics.jsonl"),
+        dir.path().join("moved1/metrics.jsonl"),
+    )
+    .expect("metrics");
+    wait_for(train_process(&solo, &["--resume".to_string()]), 0);
+    let d1 = diff(dir.path(), "one", "moved1", "final/model.safetensors");
+    eprintln!("2 ranks' sharded checkpoint resumed by one process: max |Δ| weights {d1:.2e}");
+    assert!(d1 <= 1e-5, "{d1}");
     train(&path, 3, &["--resume"], 0);
     let d = diff(dir.path(), "one", "moved", "final/model.safetensors");
     eprintln!("2 ranks, checkpoint at step 3, resumed on 3 ranks: max |Δ| weights {d:.2e}");
@@ -277,8 +331,7 @@ fn zero_stage_2_reduces_layer_by_layer_to_the_same_weights_and_holds_a_share_of_
         );
         with_micro_batch(&path, micro);
         train(&path, world, &[], 0);
-        let state = "checkpoints/step-5/optimizer.safetensors";
-        let d_state = diff(dir.path(), "one", name, state);
+        let d_state = state_diff(dir.path(), "one", name, 5);
         let d_weights = diff(dir.path(), "one", name, "final/model.safetensors");
         eprintln!(
             "stage 2, {world} ranks ({extra}): max |Δ| optimizer state {d_state:.2e}, weights {d_weights:.2e}"

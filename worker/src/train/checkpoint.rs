@@ -3,6 +3,15 @@
 //! cursor) and a manifest of SHA-256 checksums, written under a temporary name,
 //! fsynced and renamed; resume verifies the manifest first. Rank 0 owns the
 //! output directory.
+//!
+//! The optimizer state is `optimizer.safetensors` (whole tensors), or under
+//! ZeRO `optimizer/`: each rank writes its own share
+//! (`rank-R-of-W.safetensors`, tensors named like the whole ones but holding
+//! one piece each) and rank 0 writes `partition.json`, which says which
+//! elements of which parameter each file holds. No rank ever holds more than
+//! its share to write a checkpoint; a resume reads only the pieces its new
+//! partition gives it (any world size), or assembles whole tensors when it
+//! will not shard.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -16,6 +25,7 @@ use super::Trainer;
 use super::sync::TrainerState;
 use crate::error::{Error, Result, TorchContext, io_err};
 use crate::model::checkpoint;
+use crate::zero::Partition;
 
 /// Shards above this size are split, as transformers does by default.
 const MAX_SHARD_BYTES: u64 = 5 * 1024 * 1024 * 1024;
@@ -76,16 +86,70 @@ impl Trainer {
                 reason: e.to_string(),
             })?;
         checkpoint::load_weights(&self.policy, &dir.join("model"))?;
-        let optim_path = dir.join("optimizer.safetensors");
-        let tensors = checkpoint::read_tensors(&optim_path)?;
+        // Whatever share this rank held is replaced by the checkpoint's.
+        if self.zero.take().is_some() {
+            self.optimizer.reset()?;
+        }
         let device = self.policy.device();
-        let tensors = tensors
-            .into_iter()
-            .map(|(k, t)| t.f_to_device(device).map(|t| (k, t)))
-            .collect::<std::result::Result<BTreeMap<_, _>, _>>()
-            .op("optimizer state to device")?;
-        self.optimizer.load_state(state.step, tensors)?;
+        let partition = dir.join("optimizer").join(PARTITION_FILE);
+        if partition.exists() {
+            let sharded = ShardedState::open(&dir.join("optimizer"))?;
+            let world = self.collective.world_size();
+            if self.spec.train.zero_stage > 0 && world > 1 {
+                self.restore_shares(&sharded, state.step)?;
+            } else {
+                let whole = sharded.whole(self.optimizer.names(), self.optimizer.params())?;
+                let whole = to_device(whole, device)?;
+                self.optimizer.load_state(state.step, whole)?;
+            }
+        } else {
+            let optim_path = dir.join("optimizer.safetensors");
+            let tensors = to_device(checkpoint::read_tensors(&optim_path)?, device)?;
+            self.optimizer.load_state(state.step, tensors)?;
+        }
         self.set_state(state);
+        Ok(())
+    }
+
+    /// This rank's share (and replica) under the partition of the current
+    /// world, read from a sharded checkpoint's files: only the pieces it owns.
+    fn restore_shares(&mut self, sharded: &ShardedState, step: u64) -> Result<()> {
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let replicas = self.spec.train.zero_replicas > 1;
+        let params = self.optimizer.params();
+        let names = self.optimizer.names();
+        let partition = Partition::new(params, names, world, rank, replicas);
+        let pieces = partition.pieces(params);
+        let copies = partition.replica_pieces(params);
+        let own = sharded.pieces(names, params, &pieces)?;
+        let replica = sharded.pieces(names, params, &copies)?;
+        if self.spec.optim.name == dpo_proto::OptimizerName::Adamw && step > 0 {
+            for &(i, _, _) in pieces.iter().chain(&copies) {
+                for kind in ["exp_avg", "exp_avg_sq"] {
+                    let has = own
+                        .iter()
+                        .chain(&replica)
+                        .any(|(k, j, _)| *k == kind && *j == i);
+                    if !has {
+                        return Err(Error::Config {
+                            path: sharded.dir.join(PARTITION_FILE),
+                            reason: format!("no {kind} for parameter {}", names[i]),
+                        });
+                    }
+                }
+            }
+        }
+        self.optimizer
+            .install_pieces(&pieces, own, &copies, replica)?;
+        self.optimizer.step = step;
+        tracing::info!(
+            world,
+            rank,
+            from_world = sharded.world,
+            pieces = pieces.len(),
+            "restored this rank's share of a sharded checkpoint"
+        );
+        self.zero = Some(partition);
         Ok(())
     }
 
@@ -98,39 +162,84 @@ impl Trainer {
         {
             return Ok(None);
         }
-        let optimizer_state = self.optimizer_state()?;
+        if self.zero.is_some() {
+            return self.write_sharded_checkpoint(step);
+        }
         if self.collective.rank() != 0 {
             return Ok(None);
         }
-        self.write_checkpoint(step, &optimizer_state).map(Some)
+        let optimizer_state = self.optimizer.state();
+        let tmp = self.checkpoint_tmp(step, &std::process::id().to_string())?;
+        checkpoint::write_tensors(&tmp.join("optimizer.safetensors"), &optimizer_state)?;
+        self.commit_checkpoint(step, &tmp).map(Some)
     }
 
-    /// The whole optimizer state, by checkpoint name (`exp_avg.NAME`,
-    /// `exp_avg_sq.NAME`, `master.NAME`). Under ZeRO every rank takes part and
-    /// the state is assembled bucket by bucket from the ranks' shares, so a
-    /// checkpoint is the same file whatever the partition, and resumes at any
-    /// world size.
-    fn optimizer_state(&mut self) -> Result<Vec<(String, tch::Tensor)>> {
-        let Some(z) = &self.zero else {
-            return Ok(self.optimizer.state());
-        };
-        let pieces = self.optimizer.piece_states(false);
-        let mut out = Vec::new();
-        for kind in ["exp_avg", "exp_avg_sq", "master"] {
-            let whole = z.gather_state(
-                self.optimizer.params(),
-                &pieces,
-                kind,
-                self.collective.as_mut(),
-            )?;
-            let names = self.optimizer.names();
-            out.extend(
-                whole
-                    .into_iter()
-                    .map(|(i, t)| (format!("{kind}.{}", names[i]), t)),
-            );
+    /// A fresh temporary directory for the checkpoint of `step`.
+    fn checkpoint_tmp(&self, step: u64, tag: &str) -> Result<PathBuf> {
+        let root = self.checkpoints_dir();
+        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let tmp = root.join(format!(".step-{step}.tmp-{tag}"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
-        Ok(out)
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        Ok(tmp)
+    }
+
+    /// Under ZeRO: rank 0 prepares the temporary directory, every rank writes
+    /// its own share into it, and once all have, rank 0 adds the model, the
+    /// partition and the manifest and renames it. Returns the directory on
+    /// rank 0.
+    fn write_sharded_checkpoint(&mut self, step: u64) -> Result<Option<PathBuf>> {
+        let Some(z) = &self.zero else {
+            return Ok(None);
+        };
+        let (world, rank) = (z.world(), z.rank());
+        let tag = format!("zero-{}", self.generation);
+        let tmp = self
+            .checkpoints_dir()
+            .join(format!(".step-{step}.tmp-{tag}"));
+        if rank == 0 {
+            self.checkpoint_tmp(step, &tag)?;
+            let shards = tmp.join("optimizer");
+            std::fs::create_dir_all(&shards).map_err(io_err(&shards))?;
+        }
+        self.collective.barrier()?;
+        let names = self.optimizer.names();
+        let mine: Vec<(String, tch::Tensor)> = self
+            .optimizer
+            .piece_states(false)
+            .into_iter()
+            .map(|(kind, i, _, t)| (format!("{kind}.{}", names[i]), t))
+            .collect();
+        checkpoint::write_tensors(&tmp.join("optimizer").join(shard_file(rank, world)), &mine)?;
+        drop(mine);
+        self.collective.barrier()?;
+        if rank != 0 {
+            return Ok(None);
+        }
+        let params = self.optimizer.params();
+        let ranks: Vec<Value> = (0..world)
+            .map(|r| {
+                let pieces: Vec<Value> = z
+                    .owners_pieces(params, r)
+                    .into_iter()
+                    .map(|(i, offset, len)| json!({"name": names[i], "offset": offset, "len": len}))
+                    .collect();
+                json!({"file": shard_file(r, world), "pieces": pieces})
+            })
+            .collect();
+        let sizes: serde_json::Map<String, Value> = names
+            .iter()
+            .zip(params)
+            .map(|(n, p)| (n.clone(), json!(p.numel())))
+            .collect();
+        checkpoint::write_json(
+            &tmp.join("optimizer").join(PARTITION_FILE),
+            &json!({"world": world, "stage": self.spec.train.zero_stage, "elements": sizes, "ranks": ranks}),
+        )?;
+        sync_dir(&tmp.join("optimizer"))?;
+        self.commit_checkpoint(step, &tmp).map(Some)
     }
 
     /// Removes all but the newest `train.save_total_limit` checkpoints (none
@@ -170,26 +279,17 @@ impl Trainer {
         Ok(Some(dir))
     }
 
-    /// Writes `checkpoints/step-N`: model, optimizer moments, trainer state and a
-    /// manifest of SHA-256 checksums — under a temporary name, fsynced, renamed.
-    fn write_checkpoint(
-        &self,
-        step: u64,
-        optimizer_state: &[(String, tch::Tensor)],
-    ) -> Result<PathBuf> {
+    /// Completes `checkpoints/step-N` from `tmp` (which holds the optimizer
+    /// state): the model, the trainer state and a manifest of SHA-256
+    /// checksums, fsynced, then renamed into place.
+    fn commit_checkpoint(&self, step: u64, tmp: &Path) -> Result<PathBuf> {
         let root = self.checkpoints_dir();
-        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
-        let tmp = root.join(format!(".step-{step}.tmp-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-        }
         checkpoint::save(
             &self.policy,
             &tmp.join("model"),
             Some(&self.spec.model.path),
             MAX_SHARD_BYTES,
         )?;
-        checkpoint::write_tensors(&tmp.join("optimizer.safetensors"), optimizer_state)?;
         let spe = self.shape.steps_per_epoch.max(1);
         let mut state = serde_json::to_value(self.state()).map_err(|e| Error::Input {
             context: "trainer state".into(),
@@ -200,7 +300,7 @@ impl Trainer {
             json!({"epoch": step / spe, "batch_in_epoch": step % spe, "seed": self.spec.data.seed});
         checkpoint::write_json(&tmp.join("trainer_state.json"), &state)?;
         let mut files = serde_json::Map::new();
-        for rel in list_files(&tmp)? {
+        for rel in list_files(tmp)? {
             files.insert(rel.clone(), Value::String(sha256_file(&tmp.join(&rel))?));
         }
         checkpoint::write_json(
@@ -208,12 +308,12 @@ impl Trainer {
             &json!({"step": step, "files": files}),
         )?;
         sync_dir(&tmp.join("model"))?;
-        sync_dir(&tmp)?;
+        sync_dir(tmp)?;
         let dir = root.join(format!("step-{step}"));
         if dir.exists() {
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         }
-        dpo_data::atomic::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        dpo_data::atomic::rename(tmp, &dir).map_err(io_err(&dir))?;
         tracing::info!(step, dir = %dir.display(), "checkpoint written");
         Ok(dir)
     }
@@ -315,4 +415,323 @@ pub fn verify_manifest(dir: &Path) -> Result<()> {
 
 fn sync_dir(dir: &Path) -> Result<()> {
     dpo_data::atomic::sync_dir(dir).map_err(io_err(dir))
+}
+
+/// The file in a sharded checkpoint's `optimizer/` that says which pieces
+/// each rank's file holds.
+const PARTITION_FILE: &str = "partition.json";
+
+/// The optimizer state of checkpoint `dir` by name (`exp_avg.NAME`,
+/// `exp_avg_sq.NAME`, `master.NAME`): `optimizer.safetensors`, or a sharded
+/// checkpoint's pieces assembled (flattened tensors). For tools and tests.
+pub fn read_optimizer_state(dir: &Path) -> Result<BTreeMap<String, tch::Tensor>> {
+    let shards = dir.join("optimizer");
+    if !shards.join(PARTITION_FILE).exists() {
+        return checkpoint::read_tensors(&dir.join("optimizer.safetensors"));
+    }
+    let sharded = ShardedState::open(&shards)?;
+    let names: Vec<String> = sharded.elements.keys().cloned().collect();
+    let all: Vec<(usize, i64, i64)> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (i, 0, sharded.elements[n] as i64))
+        .collect();
+    Ok(sharded
+        .read_pieces(&names, &all)?
+        .into_iter()
+        .map(|(kind, i, t)| (format!("{kind}.{}", names[i]), t))
+        .collect())
+}
+
+/// The name of rank `rank`'s share in a sharded checkpoint.
+fn shard_file(rank: usize, world: usize) -> String {
+    format!("rank-{rank:05}-of-{world:05}.safetensors")
+}
+
+fn to_device(
+    tensors: BTreeMap<String, tch::Tensor>,
+    device: tch::Device,
+) -> Result<BTreeMap<String, tch::Tensor>> {
+    tensors
+        .into_iter()
+        .map(|(k, t)| t.f_to_device(device).map(|t| (k, t)))
+        .collect::<std::result::Result<BTreeMap<_, _>, _>>()
+        .op("optimizer state to device")
+}
+
+/// A sharded checkpoint's optimizer state: which pieces each rank's file holds.
+#[derive(Debug)]
+pub(super) struct ShardedState {
+    dir: PathBuf,
+    /// The world that wrote it.
+    world: usize,
+    /// Elements of each parameter, by name (to refuse another model's state).
+    elements: BTreeMap<String, u64>,
+    /// Per rank: its file and its pieces `(parameter name, offset, len)`.
+    ranks: Vec<(PathBuf, Vec<NamedPiece>)>,
+}
+
+/// `(parameter name, offset, len)`: elements of a flattened parameter.
+type NamedPiece = (String, i64, i64);
+
+/// A piece's values being assembled, and how many of them were filled.
+type Filling = Option<(Vec<f32>, i64)>;
+
+/// The optimizer state kinds a checkpoint may hold for a piece.
+const KINDS: [&str; 3] = ["exp_avg", "exp_avg_sq", "master"];
+
+impl ShardedState {
+    /// Reads `dir/partition.json`; errors name the file and what is wrong.
+    pub(super) fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join(PARTITION_FILE);
+        let bad = |reason: String| Error::Config {
+            path: path.clone(),
+            reason,
+        };
+        let v = checkpoint::read_json(&path)?;
+        let world = v
+            .get("world")
+            .and_then(Value::as_u64)
+            .filter(|&w| w > 0)
+            .ok_or_else(|| bad("missing or zero world".into()))? as usize;
+        let elements: BTreeMap<String, u64> = v
+            .get("elements")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("missing object elements".into()))?
+            .iter()
+            .map(|(k, n)| {
+                n.as_u64()
+                    .map(|n| (k.clone(), n))
+                    .ok_or_else(|| bad(format!("elements.{k} is not a count")))
+            })
+            .collect::<Result<_>>()?;
+        let ranks = v
+            .get("ranks")
+            .and_then(Value::as_array)
+            .filter(|r| r.len() == world)
+            .ok_or_else(|| bad(format!("ranks must list the {world} ranks")))?;
+        let mut out = Vec::with_capacity(world);
+        for (r, entry) in ranks.iter().enumerate() {
+            let file = entry
+                .get("file")
+                .and_then(Value::as_str)
+                .filter(|f| *f == shard_file(r, world))
+                .ok_or_else(|| bad(format!("ranks[{r}].file must be {}", shard_file(r, world))))?;
+            let pieces = entry
+                .get("pieces")
+                .and_then(Value::as_array)
+                .ok_or_else(|| bad(format!("ranks[{r}].pieces missing")))?;
+            let mut list = Vec::with_capacity(pieces.len());
+            for (k, p) in pieces.iter().enumerate() {
+                let name = p.get("name").and_then(Value::as_str);
+                let offset = p.get("offset").and_then(Value::as_i64);
+                let len = p.get("len").and_then(Value::as_i64);
+                let (Some(name), Some(offset), Some(len)) = (name, offset, len) else {
+                    return Err(bad(format!(
+                        "ranks[{r}].pieces[{k}] needs name, offset and len"
+                    )));
+                };
+                let size = elements.get(name).copied().unwrap_or(0) as i64;
+                if offset < 0 || len <= 0 || offset + len > size {
+                    return Err(bad(format!(
+                        "ranks[{r}].pieces[{k}]: elements {offset}..{} of {name} ({size} elements)",
+                        offset + len
+                    )));
+                }
+                list.push((name.to_string(), offset, len));
+            }
+            out.push((dir.join(file), list));
+        }
+        Ok(ShardedState {
+            dir: dir.to_path_buf(),
+            world,
+            elements,
+            ranks: out,
+        })
+    }
+
+    /// The state of `wanted` (`(parameter index, offset, len)` of `params`,
+    /// named `names`), by kind: `(kind, parameter index, f32 values)` for
+    /// every kind the checkpoint holds for the piece. Reads only the files
+    /// whose pieces overlap `wanted`; every element of a kind it holds must
+    /// be there.
+    pub(super) fn pieces(
+        &self,
+        names: &[String],
+        params: &[tch::Tensor],
+        wanted: &[(usize, i64, i64)],
+    ) -> Result<Vec<(&'static str, usize, tch::Tensor)>> {
+        let partition = self.dir.join(PARTITION_FILE);
+        for (name, p) in names.iter().zip(params) {
+            if self.elements.get(name) != Some(&(p.numel() as u64)) {
+                return Err(Error::Config {
+                    path: partition.clone(),
+                    reason: format!(
+                        "parameter {name} has {} elements in this model, {:?} in the checkpoint",
+                        p.numel(),
+                        self.elements.get(name)
+                    ),
+                });
+            }
+        }
+        self.read_pieces(names, wanted)
+    }
+
+    /// [`ShardedState::pieces`] without checking the names against a model.
+    fn read_pieces(
+        &self,
+        names: &[String],
+        wanted: &[(usize, i64, i64)],
+    ) -> Result<Vec<(&'static str, usize, tch::Tensor)>> {
+        let partition = self.dir.join(PARTITION_FILE);
+        // Per wanted piece and kind: the values and how many were filled.
+        let mut buffers: Vec<[Filling; 3]> = wanted.iter().map(|_| [None, None, None]).collect();
+        for (file, pieces) in &self.ranks {
+            let overlaps = |(w, &(i, off, len)): (usize, &(usize, i64, i64))| {
+                pieces.iter().filter_map(move |(name, o, l)| {
+                    let (from, to) = ((*o).max(off), (o + l).min(off + len));
+                    (*name == names[i] && from < to).then_some((w, *o, from, to))
+                })
+            };
+            let hits: Vec<(usize, i64, i64, i64)> =
+                wanted.iter().enumerate().flat_map(overlaps).collect();
+            if hits.is_empty() {
+                continue;
+            }
+            let tensors = checkpoint::read_tensors(file)?;
+            for (w, source_offset, from, to) in hits {
+                let (i, off, len) = wanted[w];
+                for (k, kind) in KINDS.iter().enumerate() {
+                    let Some(t) = tensors.get(&format!("{kind}.{}", names[i])) else {
+                        continue;
+                    };
+                    let values = t
+                        .f_reshape([-1])
+                        .and_then(|t| t.f_narrow(0, from - source_offset, to - from))
+                        .and_then(|t| t.f_to_kind(tch::Kind::Float))
+                        .op("sharded optimizer state")
+                        .and_then(|t| Vec::<f32>::try_from(&t).op("sharded optimizer state"))
+                        .map_err(|_| Error::Config {
+                            path: file.clone(),
+                            reason: format!(
+                                "{kind}.{} does not hold elements {from}..{to}",
+                                names[i]
+                            ),
+                        })?;
+                    let (buf, filled) =
+                        buffers[w][k].get_or_insert_with(|| (vec![0.0; len as usize], 0));
+                    let at = (from - off) as usize;
+                    buf[at..at + values.len()].copy_from_slice(&values);
+                    *filled += to - from;
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (w, kinds) in buffers.into_iter().enumerate() {
+            let (i, off, len) = wanted[w];
+            for (k, slot) in kinds.into_iter().enumerate() {
+                let Some((values, filled)) = slot else {
+                    continue;
+                };
+                if filled != len {
+                    return Err(Error::Config {
+                        path: partition.clone(),
+                        reason: format!(
+                            "the files hold {filled} of elements {off}..{} of {}.{}",
+                            off + len,
+                            KINDS[k],
+                            names[i]
+                        ),
+                    });
+                }
+                let t = tch::Tensor::f_from_slice(&values).op("sharded optimizer state")?;
+                out.push((KINDS[k], i, t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whole tensors (`KIND.NAME`, shaped like the parameters), for a rank
+    /// that will not shard (a world of one, or ZeRO off).
+    pub(super) fn whole(
+        &self,
+        names: &[String],
+        params: &[tch::Tensor],
+    ) -> Result<BTreeMap<String, tch::Tensor>> {
+        let all: Vec<(usize, i64, i64)> = params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i, 0, p.numel() as i64))
+            .collect();
+        let mut out = BTreeMap::new();
+        for (kind, i, t) in self.pieces(names, params, &all)? {
+            let t = t
+                .f_view(params[i].size().as_slice())
+                .op("sharded optimizer state")?;
+            out.insert(format!("{kind}.{}", names[i]), t);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sharded(dir: &Path, pieces: Value, values: &[f32]) {
+        let shards = dir.join("optimizer");
+        std::fs::create_dir_all(&shards).expect("dir");
+        let t = tch::Tensor::from_slice(values);
+        checkpoint::write_tensors(
+            &shards.join(shard_file(0, 1)),
+            &[("exp_avg.w".to_string(), t)],
+        )
+        .expect("write");
+        checkpoint::write_json(
+            &shards.join(PARTITION_FILE),
+            &json!({"world": 1, "elements": {"w": 5},
+                    "ranks": [{"file": shard_file(0, 1), "pieces": pieces}]}),
+        )
+        .expect("write");
+    }
+
+    #[test]
+    fn a_sharded_state_that_misses_elements_or_points_outside_is_refused() {
+        let dir = tempfile::tempdir().expect("dir");
+        // The one rank's file holds elements 0..3 of 5: 3..5 are missing.
+        sharded(
+            dir.path(),
+            json!([{"name": "w", "offset": 0, "len": 3}]),
+            &[1.0, 2.0, 3.0],
+        );
+        let e = read_optimizer_state(dir.path()).expect_err("missing elements");
+        assert!(
+            e.to_string()
+                .contains("the files hold 3 of elements 0..5 of exp_avg.w"),
+            "{e}"
+        );
+        // A piece beyond the parameter's elements.
+        sharded(
+            dir.path(),
+            json!([{"name": "w", "offset": 3, "len": 4}]),
+            &[1.0, 2.0, 3.0, 4.0],
+        );
+        let e = read_optimizer_state(dir.path()).expect_err("out of range");
+        assert!(
+            e.to_string().contains("partition.json")
+                && e.to_string().contains("elements 3..7 of w"),
+            "{e}"
+        );
+        // Whole: read back exactly.
+        sharded(
+            dir.path(),
+            json!([{"name": "w", "offset": 0, "len": 5}]),
+            &[1.0, 2.0, 3.0, 4.0, 5.0],
+        );
+        let got = read_optimizer_state(dir.path()).expect("whole");
+        assert_eq!(
+            Vec::<f32>::try_from(&got["exp_avg.w"]).expect("values"),
+            vec![1.0, 2.0, 3.0, 4.0, 5.0]
+        );
+    }
 }

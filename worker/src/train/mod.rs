@@ -40,7 +40,7 @@ use crate::optim::{Optimizer, learning_rate};
 use crate::zero::Partition;
 
 pub use batches::{Batches, LocalBatches, Slice, Split};
-pub use checkpoint::{latest_checkpoint, verify_manifest};
+pub use checkpoint::{latest_checkpoint, read_optimizer_state, verify_manifest};
 pub use metrics::Metrics;
 pub use reference::{BatchPosition, ReferenceSource};
 pub use sync::{Rollback, Synced, TrainerState};

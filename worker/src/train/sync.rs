@@ -107,7 +107,9 @@ impl Trainer {
             return Ok(());
         }
         self.take_state_and_parameters(root)?;
-        if self.optimizer.step > 0 {
+        // Sharded (a sharded checkpoint restored into this world's partition):
+        // each rank already holds its own share of the same state.
+        if self.optimizer.step > 0 && self.zero.is_none() {
             let moments = self.optimizer.moments_mut()?;
             broadcast_tensors(&moments, root, self.collective.as_mut())?;
         }
