@@ -280,48 +280,6 @@ impl Partition {
         }
         Ok(total)
     }
-
-    /// The whole optimizer state of `kind` (`exp_avg`, `exp_avg_sq`, `master`)
-    /// for each parameter that has it, assembled from every rank's pieces (each
-    /// rank passes its own, [`crate::optim::Optimizer::piece_states`]): every
-    /// rank takes part, and each gets the whole tensors. For checkpoints.
-    pub fn gather_state(
-        &self,
-        params: &[Tensor],
-        pieces: &[(&'static str, usize, i64, Tensor)],
-        kind: &str,
-        collective: &mut dyn Collective,
-    ) -> Result<Vec<(usize, Tensor)>> {
-        let mut out = Vec::new();
-        for bucket in &self.buckets {
-            let ps = &params[bucket.clone()];
-            // Whether any rank holds this kind for the bucket (masters exist
-            // for half-precision parameters only; moments after a first step).
-            let mine = pieces
-                .iter()
-                .any(|(k, i, _, _)| *k == kind && bucket.contains(i));
-            let any = self.sum_across(collective, f64::from(u8::from(mine)))? > 0.0;
-            if !any {
-                continue;
-            }
-            let mut flat = bucket_of(params, bucket, pieces, kind)?;
-            collective.all_gather_chunks(&mut flat)?;
-            let mut at = 0usize;
-            for (i, p) in bucket.clone().zip(ps) {
-                let size = p.numel();
-                // Master weights exist for half-precision parameters only.
-                if kind != "master" || p.kind() != tch::Kind::Float {
-                    let whole = Tensor::f_from_slice(&flat[at..at + size])
-                        .and_then(|t| t.f_view(p.size().as_slice()))
-                        .and_then(|t| t.f_to_device(p.device()))
-                        .op("optimizer state")?;
-                    out.push((i, whole));
-                }
-                at += size;
-            }
-        }
-        Ok(out)
-    }
 }
 
 /// A rank's state under a new partition: its own share and, with replicas,
