@@ -649,13 +649,24 @@ fn three_two_three(lines: &[serde_json::Value]) {
 }
 
 /// A ZeRO run (`train` keys `zero`) of 150 steps on three workers, one killed
-/// (kill -9) after the step-20 checkpoint, a fourth joining later; checks the
+/// (kill -9) after the step-25, a fourth joining later; checks the
 /// worlds went 3, 2, 3, every step is recorded once and the weights are one
 /// process's. Returns the run as `dpoctl status` shows it, its ledger, and the logs.
 fn zero_kill_and_join(
     case: &Case,
     name: &str,
     zero: &str,
+) -> (serde_json::Value, Vec<serde_json::Value>, String) {
+    zero_stop_and_join(case, name, zero, "KILL")
+}
+
+/// [`zero_kill_and_join`], stopping the worker with `signal` (`KILL`, or
+/// `TERM`: a graceful leave).
+fn zero_stop_and_join(
+    case: &Case,
+    name: &str,
+    zero: &str,
+    signal: &str,
 ) -> (serde_json::Value, Vec<serde_json::Value>, String) {
     let steps = 150;
     // AdamW, so there are moments to shard; ε = 1e-3 so that the steps trained
@@ -687,7 +698,15 @@ fn zero_kill_and_join(
     let _w2 = worker(port, "w2", &case.logs).expect("w2");
     wait_for_workers(port, 3);
     case.submit_and_wait(port, &spec_path, &out_dir, 25);
-    w1.kill();
+    let sent = std::process::Command::new("kill")
+        .args([format!("-{signal}"), w1.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    wait_for(Duration::from_secs(60), || {
+        Ok(w1.child.try_wait()?.is_some())
+    })
+    .unwrap_or_else(|e| panic!("the worker did not stop: {e}{}", case.logs()));
     let killed_at = steps_done(&out_dir);
     wait_for(Duration::from_secs(90), || {
         Ok(steps_done(&out_dir) >= killed_at + 5)
@@ -696,7 +715,7 @@ fn zero_kill_and_join(
     let _w3 = worker(port, "w3", &case.logs).expect("w3");
     case.watch_succeeds(port, name);
     three_two_three(&every_step_once(&out_dir, steps));
-    case.assert_same_weights(&out_dir, &format!("{zero}: kill -9, a late joiner"));
+    case.assert_same_weights(&out_dir, &format!("{zero}: kill -{signal}, a late joiner"));
     let status = dpoctl(port, &["status", name]).expect("status");
     let run: serde_json::Value =
         serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status:?}"));
@@ -731,6 +750,30 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
     assert!(
         logs.contains("re-partitioned the optimizer state") || rollbacks.len() > 1,
         "{logs}"
+    );
+}
+
+#[test]
+fn zero_a_graceful_leave_hands_its_share_over_without_going_back() {
+    let case = Case::new(96);
+    // SIGTERM, as Kubernetes stops a pod: the leaving worker says so in its
+    // next step, the world re-partitions the state among the two that stay,
+    // and only then does it go — no replicas, and still no rollback.
+    let (run, _, logs) = zero_stop_and_join(&case, "leave", "zero_stage = 1", "TERM");
+    let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
+    eprintln!("graceful leave under ZeRO: {} rollback(s)", rollbacks.len());
+    assert!(
+        logs.contains("handed the leaving ranks' shares of the optimizer state over"),
+        "{logs}"
+    );
+    // As with replicas: only a failure that tears every rank's step may still
+    // go back (and says so).
+    assert!(
+        rollbacks.iter().all(|b| b["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("every rank's step")),
+        "{run}"
     );
 }
 

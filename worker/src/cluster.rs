@@ -460,6 +460,7 @@ impl Worker {
                 break;
             }
             let started = Instant::now();
+            trainer.set_leaving(self.shared.leaving.load(Ordering::SeqCst));
             let m = trainer.train_step()?;
             let trained = started.elapsed();
             let eval = trainer.maybe_evaluate()?;
@@ -518,9 +519,26 @@ impl Worker {
                 "step timings"
             );
             // Asked to stop: this step is done and reported; leave before the
-            // next one (unless this was the last: then finish the run).
-            let more = self.trainer.as_ref().is_some_and(|(_, t)| !t.finished());
-            if more && self.shared.leaving.load(Ordering::SeqCst) {
+            // next one (unless this was the last: then finish the run). Under
+            // ZeRO the world first takes this rank's share of the optimizer
+            // state: the step after the signal told every rank, and they all
+            // hand the shares over here, then wait for the world without it.
+            let leaving = self.shared.leaving.load(Ordering::SeqCst);
+            let Some((_, trainer)) = self.trainer.as_mut() else {
+                return Err(Error::State("no trainer for the run"));
+            };
+            let more = !trainer.finished();
+            if more && !trainer.leavers().is_empty() {
+                let leavers = trainer.leavers().to_vec();
+                let stays = trainer.hand_off()?;
+                tracing::info!(step, ?leavers, "handed the leaving ranks' shares over");
+                return Err(if stays {
+                    Error::HandedOff { step }
+                } else {
+                    Error::Leaving { step }
+                });
+            }
+            if more && leaving && !trainer.sharded() {
                 return Err(Error::Leaving { step });
             }
         }
@@ -616,6 +634,13 @@ impl Worker {
         }
         match self.run_generation(work, &signal) {
             Ok(()) => tracing::info!(run = %work.run_id, "run complete on this worker"),
+            Err(Error::HandedOff { step }) => {
+                tracing::info!(
+                    generation = work.generation,
+                    step,
+                    "a leaving rank's share was handed over after step {step}; waiting for the next world"
+                );
+            }
             Err(Error::Leaving { step }) => {
                 tracing::info!(
                     generation = work.generation,

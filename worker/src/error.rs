@@ -78,6 +78,10 @@ pub enum Error {
     /// Asked to stop (SIGTERM): the worker leaves after step `step`.
     #[error("leaving the cluster after step {step}")]
     Leaving { step: u64 },
+    /// A rank of the world is leaving and its ZeRO share was handed over
+    /// after step `step`: this rank waits for the world without it.
+    #[error("a leaving rank's share was handed over after step {step}; waiting for the next world")]
+    HandedOff { step: u64 },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -104,7 +108,8 @@ impl Error {
             | Error::Diverged { .. }
             | Error::Superseded { .. }
             | Error::State(_)
-            | Error::Leaving { .. } => Disposition::NextGeneration,
+            | Error::Leaving { .. }
+            | Error::HandedOff { .. } => Disposition::NextGeneration,
             _ => Disposition::FailRun,
         }
     }

@@ -174,6 +174,11 @@ pub struct Trainer {
     /// A ZeRO step failed between updating this rank's share and gathering
     /// the parameters: its state is neither the old step's nor the new one's.
     torn: bool,
+    /// This rank is asked to leave (a worker's SIGTERM): under ZeRO it says
+    /// so in its next step, and the world hands its share over first.
+    leaving: bool,
+    /// The ranks that said, in the last step, that they are leaving.
+    leavers: Vec<usize>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -310,6 +315,8 @@ impl Trainer {
             zero: None,
             layer_map,
             torn: false,
+            leaving: false,
+            leavers: Vec::new(),
         })
     }
 
@@ -547,6 +554,12 @@ impl Trainer {
         tracing::debug!(step, ms = t.elapsed().as_secs_f64() * 1e3, "batch fetched");
         self.optimizer.zero_grad()?;
         let stats = self.run_slice(Split::Train, &slice, true)?;
+        if self.zero.is_some() {
+            // Who is leaving after this step: the world hands their shares
+            // of the optimizer state over before they go (`hand_off`).
+            let flags = self.collective.all_gather(&[u8::from(self.leaving)])?;
+            self.leavers = (0..world).filter(|&r| flags[r] == [1]).collect();
+        }
         let max_norm = self.spec.optim.max_grad_norm;
         let grad_norm = match &self.zero {
             // The norm of the whole gradient: every rank's share of squares.

@@ -403,6 +403,83 @@ impl Trainer {
         })
     }
 
+    /// Marks this rank as leaving (its worker was asked to stop): under
+    /// ZeRO its next step tells the world, which then hands its share over.
+    pub fn set_leaving(&mut self, leaving: bool) {
+        self.leaving = leaving;
+    }
+
+    /// Whether this rank holds a ZeRO share of the optimizer state (a leave
+    /// must hand it over first).
+    pub fn sharded(&self) -> bool {
+        self.zero.is_some()
+    }
+
+    /// The ranks that said in the last step that they are leaving (under
+    /// ZeRO only; every rank of the world sees the same list).
+    pub fn leavers(&self) -> &[usize] {
+        &self.leavers
+    }
+
+    /// A graceful leave under ZeRO, after a step in which ranks said they are
+    /// leaving (every rank of the world calls it at the same step): the
+    /// optimizer state is re-partitioned among the ranks that stay, in rank
+    /// order — the leavers contribute their shares and take nothing — so the
+    /// next world finds every share and nobody rolls back. The world must not
+    /// train on afterwards: the staying ranks wait for the next generation.
+    /// Returns whether this rank still holds a share.
+    pub fn hand_off(&mut self) -> Result<bool> {
+        let leavers = std::mem::take(&mut self.leavers);
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let staying: Vec<usize> = (0..world).filter(|r| !leavers.contains(r)).collect();
+        let Some(old) = self.zero.take() else {
+            return Ok(false);
+        };
+        if staying.is_empty() || leavers.is_empty() {
+            // Nobody to hand to (every rank is going): keep the shares; the
+            // next world rolls back to the checkpoint.
+            self.zero = Some(old);
+            return Ok(!leavers.contains(&rank));
+        }
+        let new_rank = staying.iter().position(|&r| r == rank);
+        let replicas = self.spec.train.zero_replicas > 1;
+        let new = crate::zero::Partition::new(
+            self.optimizer.params(),
+            self.optimizer.names(),
+            staying.len(),
+            new_rank.unwrap_or(0),
+            replicas,
+        );
+        let contribution = self.optimizer.piece_states(false);
+        let moments =
+            self.spec.optim.name == dpo_proto::OptimizerName::Adamw && self.optimizer.step > 0;
+        let moved = new.repartition(
+            self.optimizer.params(),
+            &contribution,
+            moments,
+            self.collective.as_mut(),
+        )?;
+        drop(contribution);
+        tracing::info!(
+            world,
+            rank,
+            leaving = ?leavers,
+            staying = staying.len(),
+            step = self.state.step,
+            "ZeRO: handed the leaving ranks' shares of the optimizer state over to the ranks that stay"
+        );
+        let Some(_) = new_rank else {
+            // Leaving: this rank's share now lives on the others.
+            return Ok(false);
+        };
+        let params = self.optimizer.params();
+        let (pieces, copies) = (new.pieces(params), new.replica_pieces(params));
+        self.optimizer
+            .install_pieces(&pieces, moved.own, &copies, moved.replica)?;
+        self.zero = Some(new);
+        Ok(true)
+    }
+
     /// Every rank back to `checkpoint` (or to the initial weights), whole,
     /// then the new partition: a share of the optimizer state was lost.
     fn roll_back(
