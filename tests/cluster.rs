@@ -778,6 +778,54 @@ fn zero_a_graceful_leave_hands_its_share_over_without_going_back() {
 }
 
 #[test]
+fn zero_a_step_torn_on_every_rank_is_completed_from_the_shares() {
+    let case = Case::new(96);
+    let steps = 40;
+    let adamw = |text: String| {
+        text.replace(
+            "name = \"sgd\"\nlr = 0.5",
+            "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
+        )
+    };
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 10");
+    let solo = case.path().join("solo.toml");
+    std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec_path = case.path().join("torn.toml");
+    let text = adamw(spec(
+        case.path(),
+        "torn",
+        &format!("{extra}\nzero_stage = 1\n[cluster]\nmin_workers = 2\nmax_workers = 2"),
+    ));
+    std::fs::write(&spec_path, text).expect("spec");
+    let out_dir = case.path().join("torn");
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    // Both ranks break step 15 after updating their shares, before gathering
+    // the parameters: no rank has the step whole, every share has it.
+    let tear = ["--tear-at-step", "15"];
+    let _w0 = worker_with(port, "w0", &case.logs, &tear).expect("w0");
+    let _w1 = worker_with(port, "w1", &case.logs, &tear).expect("w1");
+    wait_for_workers(port, 2);
+    case.submit_and_wait(port, &spec_path, &out_dir, 1);
+    case.watch_succeeds(port, "torn");
+    let logs = case.logs();
+    assert!(logs.contains("injected fault: step 15 torn"), "{logs}");
+    assert!(
+        logs.contains("completed it from the updated shares"),
+        "{logs}"
+    );
+    let status = dpoctl(port, &["status", "torn"]).expect("status");
+    let run: serde_json::Value =
+        serde_json::from_slice(&status.stdout).unwrap_or_else(|e| panic!("{e}: {status:?}"));
+    let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
+    assert!(rollbacks.is_empty(), "no rollback: {run}");
+    every_step_once(&out_dir, steps);
+    case.assert_same_weights(&out_dir, "a step torn on every rank, completed");
+}
+
+#[test]
 fn zero_replicas_survive_a_kill_without_going_back() {
     let case = Case::new(96);
     // Stage 2 (gradients reduced layer by layer into the shares) with replicas;

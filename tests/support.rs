@@ -200,11 +200,17 @@ pub fn listening(data_dir: &Path, name: &str) -> bool {
 }
 
 pub fn worker(port: u16, name: &str, logs: &Path) -> anyhow::Result<Proc> {
+    worker_with(port, name, logs, &[])
+}
+
+/// [`worker`] with more command-line arguments.
+pub fn worker_with(port: u16, name: &str, logs: &Path, extra: &[&str]) -> anyhow::Result<Proc> {
     Proc::spawn(
         name,
         Command::new(bin("dpo-worker"))
             .args(["--coordinator", &format!("http://127.0.0.1:{port}")])
             .args(["--device", "cpu", "--worker-id", name])
+            .args(extra)
             .env_remove("DPO_TOKEN"),
         logs,
     )

@@ -45,6 +45,9 @@ pub struct JoinOptions {
     /// Fault injection for tests: exit like a crash once this many reference-stage
     /// chunks are reported.
     pub halt_after_reference_chunks: Option<u64>,
+    /// Fault injection for tests: under ZeRO, break this step between the
+    /// update and the parameter gather, once (as a lost connection would).
+    pub tear_at_step: Option<u64>,
 }
 
 /// What the gRPC side tells the training thread.
@@ -238,6 +241,7 @@ struct Worker {
     last: Option<StepRecord>,
     halt_after_reference_chunks: Option<u64>,
     reference_chunks_reported: u64,
+    tear_at_step: Option<u64>,
 }
 
 /// A completed step (or an evaluation at a step) as it is reported: its
@@ -347,7 +351,8 @@ impl Worker {
                 halt_after_step: None,
             };
             tracing::info!(run = %work.run_id, name = %spec.name, "loading the run's model");
-            let trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
+            let mut trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
+            trainer.set_tear_at_step(self.tear_at_step.take());
             self.trainer = Some((work.run_id.clone(), trainer));
             self.restore_pending = true;
         }
@@ -409,6 +414,20 @@ impl Worker {
             );
         }
         let staged = trainer.reference_staged();
+        // A step every rank tore in, completed from the shares: reported below
+        // as if it had just been trained.
+        // It is recorded in this generation (the coordinator fences reports
+        // by generation), so its metrics name this world.
+        let mut completed = synced.completed.map(|mut m| {
+            for (k, v) in m.iter_mut() {
+                match k.as_str() {
+                    "generation" => *v = work.generation as f64,
+                    "world_size" => *v = f64::from(work.world_size),
+                    _ => {}
+                }
+            }
+            m
+        });
         if let Some(back) = synced.rollback {
             // The steps after the checkpoint are trained again; the coordinator
             // keeps their first reports, and records the rollback.
@@ -456,12 +475,15 @@ impl Worker {
             let Some((_, trainer)) = self.trainer.as_mut() else {
                 return Err(Error::State("no trainer for the run"));
             };
-            if trainer.finished() {
+            if completed.is_none() && trainer.finished() {
                 break;
             }
             let started = Instant::now();
             trainer.set_leaving(self.shared.leaving.load(Ordering::SeqCst));
-            let m = trainer.train_step()?;
+            let m = match completed.take() {
+                Some(m) => m,
+                None => trainer.train_step()?,
+            };
             let trained = started.elapsed();
             let eval = trainer.maybe_evaluate()?;
             let checkpoint = trainer.maybe_checkpoint()?;
@@ -710,6 +732,7 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
         restore_pending: false,
         last: None,
         halt_after_reference_chunks: opts.halt_after_reference_chunks,
+        tear_at_step: opts.tear_at_step,
         reference_chunks_reported: 0,
     };
     while let Ok(mut cmd) = rx.recv() {

@@ -267,6 +267,56 @@ impl Partition {
         Ok(())
     }
 
+    /// Makes the parameters whole from pieces held by different ranks: each
+    /// rank passes the pieces (`(parameter index, offset, len)`) whose current
+    /// values it contributes — every element by exactly one rank — and every
+    /// rank ends with all of them. Bucket by bucket, through `collective`
+    /// (any world: the pieces need not be this partition's world's).
+    pub fn assemble_parameters(
+        &self,
+        params: &[Tensor],
+        pieces: &[(usize, i64, i64)],
+        collective: &mut dyn Collective,
+    ) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for bucket in &self.buckets {
+            let ps = &params[bucket.clone()];
+            let n: usize = ps.iter().map(|p| p.numel()).sum();
+            let mut flat = vec![0.0f32; n];
+            let mut at = 0usize;
+            for i in bucket.clone() {
+                for &(_, offset, len) in pieces.iter().filter(|(j, _, _)| *j == i) {
+                    let values = Vec::<f32>::try_from(
+                        &params[i]
+                            .f_detach()
+                            .and_then(|t| t.f_reshape([-1]))
+                            .and_then(|t| t.f_narrow(0, offset, len))
+                            .and_then(|t| t.f_to_kind(tch::Kind::Float))
+                            .and_then(|t| t.f_to_device(tch::Device::Cpu))
+                            .op("parameter piece")?,
+                    )
+                    .op("parameter piece")?;
+                    let from = at + offset as usize;
+                    flat[from..from + values.len()].copy_from_slice(&values);
+                }
+                at += params[i].numel();
+            }
+            collective.all_reduce_sum(&mut flat)?;
+            let mut at = 0usize;
+            for p in ps {
+                let size = p.numel();
+                let whole = Tensor::f_from_slice(&flat[at..at + size])
+                    .and_then(|t| t.f_view(p.size().as_slice()))
+                    .and_then(|t| t.f_to_kind(p.kind()))
+                    .and_then(|t| t.f_to_device(p.device()))
+                    .op("parameter bucket")?;
+                p.shallow_clone().f_copy_(&whole).op("parameter bucket")?;
+                at += size;
+            }
+        }
+        Ok(())
+    }
+
     /// Every rank's `x`, added in rank order (so every rank gets the same bits).
     pub fn sum_across(&self, collective: &mut dyn Collective, x: f64) -> Result<f64> {
         let all = collective.all_gather(&x.to_le_bytes())?;

@@ -37,6 +37,10 @@ struct Cli {
     /// a reference stage.
     #[arg(long, hide = true)]
     halt_after_reference_chunks: Option<u64>,
+    /// Fault injection for tests: under ZeRO, break this step between the
+    /// update and the parameter gather, once.
+    #[arg(long, hide = true)]
+    tear_at_step: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -152,6 +156,7 @@ fn main() -> anyhow::Result<()> {
             token,
             tls: dpo_proto::client::ClientTls::from_env().map_err(anyhow::Error::msg)?,
             halt_after_reference_chunks: cli.halt_after_reference_chunks,
+            tear_at_step: cli.tear_at_step,
         });
     };
     match command {

@@ -179,6 +179,11 @@ pub struct Trainer {
     leaving: bool,
     /// The ranks that said, in the last step, that they are leaving.
     leavers: Vec<usize>,
+    /// The metrics of the step this rank is torn in (see `torn`).
+    torn_metrics: Option<Metrics>,
+    /// Fault injection for tests: fail like a broken connection between the
+    /// update and the parameter gather of this step (ZeRO), once.
+    tear_at_step: Option<u64>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -317,6 +322,8 @@ impl Trainer {
             torn: false,
             leaving: false,
             leavers: Vec::new(),
+            torn_metrics: None,
+            tear_at_step: None,
         })
     }
 
@@ -578,15 +585,41 @@ impl Trainer {
             step,
             self.shape.total_steps,
         );
+        let facts = |trainer: &Self| StepFacts {
+            step: step + 1,
+            steps_per_epoch: trainer.shape.steps_per_epoch,
+            generation: trainer.generation,
+            world,
+            grad_norm,
+            learning_rate: lr,
+            seconds: t.elapsed().as_secs_f64(),
+            peak_bytes: trainer.peak_bytes(),
+            state_bytes_per_parameter: trainer.state_bytes_per_parameter(step + 1),
+        };
         if self.zero.is_some() {
             // From here until the parameters are whole again, this rank's
-            // share has moved on and the rest has not: a failure leaves it torn.
+            // share has moved on and the rest has not: a failure leaves it
+            // torn. The step's metrics are kept, for a world that completes
+            // the step from the shares (`sync_world`).
             self.torn = true;
+            self.torn_metrics = Some(step_metrics(&stats, &self.objective, facts(self)));
         }
         self.optimizer.apply(lr)?;
         if let Some(z) = &self.zero {
+            if self.tear_at_step == Some(step + 1) {
+                self.tear_at_step = None;
+                return Err(crate::collective::CollectiveError::Protocol {
+                    rank,
+                    reason: format!(
+                        "injected fault: step {} torn before the parameter gather",
+                        step + 1
+                    ),
+                }
+                .into());
+            }
             z.all_gather_parameters(self.optimizer.params(), self.collective.as_mut())?;
             self.torn = false;
+            self.torn_metrics = None;
         }
         self.state.step = step + 1;
         let step = self.state.step;
@@ -599,25 +632,17 @@ impl Trainer {
                 ),
             });
         }
-        let m = step_metrics(
-            &stats,
-            &self.objective,
-            StepFacts {
-                step,
-                steps_per_epoch: self.shape.steps_per_epoch,
-                generation: self.generation,
-                world,
-                grad_norm,
-                learning_rate: lr,
-                seconds: t.elapsed().as_secs_f64(),
-                peak_bytes: self.peak_bytes(),
-                state_bytes_per_parameter: self.state_bytes_per_parameter(step),
-            },
-        );
+        let m = step_metrics(&stats, &self.objective, facts(self));
         if step % PARAMETER_CHECK_EVERY == 0 || step == self.shape.total_steps {
             self.check_parameters_agree(step)?;
         }
         Ok(m)
+    }
+
+    /// Fault injection for tests: under ZeRO, break step `step` between the
+    /// update and the parameter gather (once), as a lost connection would.
+    pub fn set_tear_at_step(&mut self, step: Option<u64>) {
+        self.tear_at_step = step;
     }
 
     /// The rank's peak memory: the peak resident size on CPU. CUDA ranks do

@@ -139,6 +139,7 @@ impl Trainer {
         Ok(Synced {
             root: self.sync_world_whole()?,
             rollback: None,
+            ..Default::default()
         })
     }
 
@@ -172,13 +173,16 @@ impl Trainer {
 }
 
 /// What [`Trainer::sync_world`] did.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Synced {
     /// The rank whose state the others took, if they differed.
     pub root: Option<usize>,
     /// The world went back to a checkpoint: a share of the optimizer state was
     /// lost with its worker.
     pub rollback: Option<Rollback>,
+    /// Every rank was torn in the same step and the world completed it from
+    /// the updated shares: that step's metrics, to report as its own.
+    pub completed: Option<super::Metrics>,
 }
 
 /// A return to the last committed checkpoint.
@@ -266,8 +270,7 @@ impl Trainer {
         // The state furthest ahead, among ranks whose state is whole.
         let sound = |s: &Summary| s.torn == 0;
         let Some(max) = all.iter().filter(|s| sound(s)).map(|s| s.step).max() else {
-            let from = all.iter().map(|s| s.step).max().unwrap_or(0);
-            return self.roll_back(from, checkpoint, &[], 0, true);
+            return self.complete_torn_step(&all, checkpoint);
         };
         let root = all
             .iter()
@@ -301,6 +304,7 @@ impl Trainer {
             return Ok(Synced {
                 root: synced,
                 rollback: None,
+                ..Default::default()
             });
         }
         // The shares of the ranks furthest ahead: who contributes each — the
@@ -400,6 +404,7 @@ impl Trainer {
         Ok(Synced {
             root: behind.then_some(root),
             rollback: None,
+            ..Default::default()
         })
     }
 
@@ -480,6 +485,76 @@ impl Trainer {
         Ok(true)
     }
 
+    /// Every rank is torn: each updated its shares for the same step, and
+    /// the parameter gather broke. When every share of that step survives
+    /// (its owner, or the replica its successor keeps), the updated pieces of
+    /// the parameters are gathered from them in this world, the step counts
+    /// as done (its metrics, kept when it tore, are returned to report), and
+    /// the world goes on from there; otherwise it rolls back.
+    fn complete_torn_step(
+        &mut self,
+        all: &[Summary],
+        checkpoint: Option<(&Path, u64)>,
+    ) -> Result<Synced> {
+        let rank = self.collective.rank();
+        let from = all.iter().map(|s| s.step).max().unwrap_or(0);
+        let lead = all[0];
+        let uniform = all
+            .iter()
+            .all(|s| s.step == lead.step && s.world == lead.world && s.torn == 1);
+        if !uniform || lead.world == 0 || self.zero.is_none() {
+            return self.roll_back(from, checkpoint, &[], 0, true);
+        }
+        let w0 = lead.world;
+        let holder = |k: u64, replica: bool| {
+            all.iter()
+                .position(|s| s.rank == k && (!replica || (s.replica == 1 && w0 > 1)))
+        };
+        let contributors: Vec<Option<(usize, bool)>> = (0..w0)
+            .map(|k| {
+                holder(k, false)
+                    .map(|r| (r, false))
+                    .or_else(|| holder((k + 1) % w0, true).map(|r| (r, true)))
+            })
+            .collect();
+        let missing: Vec<u64> = (0..w0)
+            .filter(|k| contributors[*k as usize].is_none())
+            .collect();
+        if !missing.is_empty() {
+            return self.roll_back(from, checkpoint, &missing, w0, true);
+        }
+        let replicas = lead.replica == 1;
+        let old = crate::zero::Partition::new(
+            self.optimizer.params(),
+            self.optimizer.names(),
+            w0 as usize,
+            0,
+            replicas,
+        );
+        let params = self.optimizer.params();
+        let mut mine = Vec::new();
+        for (k, c) in contributors.iter().enumerate() {
+            if let Some((r, _)) = c
+                && *r == rank
+            {
+                mine.extend(old.owners_pieces(params, k));
+            }
+        }
+        old.assemble_parameters(params, &mine, self.collective.as_mut())?;
+        self.state.step += 1;
+        self.torn = false;
+        let completed = self.torn_metrics.take();
+        tracing::warn!(
+            step = self.state.step,
+            "ZeRO: every rank's step broke in the parameter gather; completed it from the updated shares, no step is lost"
+        );
+        // Every rank is now whole at the completed step, holding its old
+        // share: the usual path re-partitions for this world.
+        let mut synced = self.sync_world_sharded(checkpoint)?;
+        synced.completed = completed;
+        Ok(synced)
+    }
+
     /// Every rank back to `checkpoint` (or to the initial weights), whole,
     /// then the new partition: a share of the optimizer state was lost.
     fn roll_back(
@@ -526,7 +601,10 @@ impl Trainer {
             (Some(lost), false) => lost,
             (None, _) => format!("every rank's step {from_step} broke: {broke}"),
         };
-        let reason = format!("{why} (train.zero_stage = 1): back to {back_to}");
+        let reason = format!(
+            "{why} (train.zero_stage = {}): back to {back_to}",
+            self.spec.train.zero_stage
+        );
         tracing::warn!(from_step, to_step, "{reason}");
         self.enter_zero()?;
         Ok(Synced {
@@ -536,6 +614,7 @@ impl Trainer {
                 to_step,
                 reason,
             }),
+            ..Default::default()
         })
     }
 
