@@ -6,7 +6,8 @@
 //! lands on the embedding) and Mistral (a sliding window), padded and packed.
 //! With chunks of 3 positions every micro-batch here spans many chunks, so the
 //! deferred backward ([`dpo_worker::objective::Deferred`]) does all of the
-//! head's and the layers' work.
+//! head's and the layers' work. The padded path runs the layers on the real
+//! tokens only; it is checked against the dense computation too.
 
 mod common;
 
@@ -14,7 +15,7 @@ use common::{all_gradients, fixture, random_examples, unlikelihood, values};
 use dpo_data::Example;
 use dpo_worker::model::checkpoint;
 use dpo_worker::model::llama::LayerGrads;
-use dpo_worker::objective::{MicroBatch, SequenceScores, score};
+use dpo_worker::objective::{Layout, MicroBatch, SequenceScores, score};
 use tch::{Device, Kind, Tensor};
 
 /// A loss touching the sums and every per-token log-prob (through log(1 − p)).
@@ -30,8 +31,19 @@ fn run(
     chunk: usize,
     checkpointing: bool,
 ) -> [Vec<f64>; 3] {
+    run_with(model, mb, chunk, checkpointing, true)
+}
+
+fn run_with(
+    model: &mut dpo_worker::model::CausalLm,
+    mb: &MicroBatch,
+    chunk: usize,
+    checkpointing: bool,
+    unpad: bool,
+) -> [Vec<f64>; 3] {
     model.set_head_chunk(chunk);
     model.set_gradient_checkpointing(checkpointing);
+    model.set_unpadding(unpad);
     for mut v in model.var_store().trainable_variables() {
         v.zero_grad();
     }
@@ -65,6 +77,15 @@ fn the_chunked_head_and_checkpointed_layers_give_the_plain_log_probs_and_gradien
         for packing in [None, Some(48)] {
             let mb = MicroBatch::new(&refs, true, false, packing, Device::Cpu).expect("mb");
             let plain = run(&mut model, &mb, 0, false);
+            if let Layout::Padded(b) = &mb.layout {
+                // Enough padding that the layers run on the real tokens only,
+                // against the same computation on every position.
+                let real = b.attention_mask.sum(Kind::Float).double_value(&[]);
+                let all = b.attention_mask.numel() as f64;
+                assert!(real < 0.9 * all, "{name}: {real} of {all} positions real");
+                let dense = run_with(&mut model, &mb, 0, false, false);
+                compare(&format!("{name} unpadded vs dense"), &dense, &plain);
+            }
             for (chunk, checkpointing) in [(3, false), (0, true), (3, true)] {
                 let other = run(&mut model, &mb, chunk, checkpointing);
                 let case = format!(

@@ -105,10 +105,21 @@ impl Attention {
         mask: &AttentionMask,
         cache: Option<&mut LayerCache>,
         window: Option<i64>,
+        unpadded: Option<&Unpadded>,
     ) -> Result<Tensor> {
-        let (b, l, _) = xs.size3().op("attention: input shape")?;
+        let (b, l) = match unpadded {
+            Some(u) => (u.batch, u.seq),
+            None => {
+                let (b, l, _) = xs.size3().op("attention: input shape")?;
+                (b, l)
+            }
+        };
         let heads = |t: TchResult<Tensor>, n: i64| -> TchResult<Tensor> {
-            t?.f_view([b, l, n, self.head_dim])?.f_transpose(1, 2)
+            let t = match unpadded {
+                Some(u) => u.pad(&t?)?,
+                None => t?,
+            };
+            t.f_view([b, l, n, self.head_dim])?.f_transpose(1, 2)
         };
         let q = heads(self.q_proj.forward(xs), self.num_heads).op("attention: q")?;
         let k = heads(self.k_proj.forward(xs), self.num_kv_heads).op("attention: k")?;
@@ -172,6 +183,10 @@ impl Attention {
         let out = out
             .f_transpose(1, 2)
             .and_then(|t| t.f_reshape([b, l, self.num_heads * self.head_dim]))
+            .and_then(|t| match unpadded {
+                Some(u) => u.unpad(&t),
+                None => Ok(t),
+            })
             .op("attention: merge heads")?;
         self.o_proj.forward(&out).op("attention: o_proj")
     }
@@ -244,9 +259,15 @@ impl DecoderLayer {
             None => &masks.full,
         };
         let normed = self.input_layernorm.forward(xs).op("input_layernorm")?;
-        let attn = self
-            .self_attn
-            .forward(&normed, cos, sin, mask, cache, self.sliding_window)?;
+        let attn = self.self_attn.forward(
+            &normed,
+            cos,
+            sin,
+            mask,
+            cache,
+            self.sliding_window,
+            masks.unpadded.as_ref(),
+        )?;
         let h = xs.f_add(&attn).op("attention residual")?;
         let normed = self
             .post_attention_layernorm
@@ -287,6 +308,59 @@ enum AttentionMask {
 struct Masks {
     full: AttentionMask,
     windowed: AttentionMask,
+    /// The layers hold only the real tokens of a padded batch (see [`Unpadded`]).
+    unpadded: Option<Unpadded>,
+}
+
+/// A padded batch's real tokens: between the layers the hidden states are
+/// `[tokens, hidden]`, so the projections, norms and MLP never compute on
+/// padding; attention scatters its queries, keys and values back to
+/// `[batch, seq]` around SDPA (padding rows zero, masked out) and gathers its
+/// output again. The real tokens' results are those of the padded
+/// computation.
+#[derive(Debug)]
+struct Unpadded {
+    /// Flat positions (`row × seq + column`) of the real tokens, int64.
+    idx: Tensor,
+    batch: i64,
+    seq: i64,
+}
+
+impl Unpadded {
+    /// Unpads when at least a tenth of the batch is padding (below that the
+    /// scatter and gather cost more than they save).
+    fn of(attention_mask: Option<&Tensor>) -> TchResult<Option<Self>> {
+        let Some(m) = attention_mask else {
+            return Ok(None);
+        };
+        let (batch, seq) = m.size2()?;
+        let idx = m.f_reshape([-1])?.f_nonzero()?.f_squeeze_dim(1)?;
+        let real = idx.size()[0];
+        if real * 10 > batch * seq * 9 {
+            return Ok(None);
+        }
+        Ok(Some(Unpadded { idx, batch, seq }))
+    }
+
+    /// `[tokens, k]` → `[batch, seq, k]`, zeros at the padding.
+    fn pad(&self, t: &Tensor) -> TchResult<Tensor> {
+        let k = *t.size().last().unwrap_or(&0);
+        Tensor::f_zeros([self.batch * self.seq, k], (t.kind(), t.device()))?
+            .f_index_copy(0, &self.idx, t)?
+            .f_view([self.batch, self.seq, k])
+    }
+
+    /// `[batch, seq, k]` → `[tokens, k]`.
+    fn unpad(&self, t: &Tensor) -> TchResult<Tensor> {
+        let k = *t.size().last().unwrap_or(&0);
+        t.f_reshape([self.batch * self.seq, k])?
+            .f_index_select(0, &self.idx)
+    }
+
+    /// The real tokens of `[batch, seq]` ids, `[tokens]`.
+    fn ids(&self, input_ids: &Tensor) -> TchResult<Tensor> {
+        input_ids.f_reshape([-1])?.f_index_select(0, &self.idx)
+    }
 }
 
 /// A causal language model of the Llama family.
@@ -305,6 +379,8 @@ pub struct CausalLm {
     /// Keep only each layer's input in a training forward; recompute in the
     /// backward ([`CausalLm::backward_checkpointed`]).
     gradient_checkpointing: bool,
+    /// Run the layers on a padded batch's real tokens only ([`Unpadded`]).
+    unpad: bool,
     /// Without checkpointing: still run the layers' backward one layer at a
     /// time (each layer's graph kept, from a leaf copy of its input), so that
     /// a layer's gradients exist before the layers below it run (ZeRO stage 2).
@@ -412,6 +488,7 @@ impl CausalLm {
             head_chunk: DEFAULT_HEAD_CHUNK,
             gradient_checkpointing: false,
             staged: false,
+            unpad: true,
         })
     }
 
@@ -468,7 +545,10 @@ impl CausalLm {
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<(Tensor, Option<Checkpointed>)> {
-        let (positions, masks) = self.padded_layout(input_ids, attention_mask)?;
+        let (positions, mut masks) = self.padded_layout(input_ids, attention_mask)?;
+        if self.unpad {
+            masks.unpadded = Unpadded::of(attention_mask).op("forward: real tokens")?;
+        }
         self.run_layers(input_ids, &positions, masks, true)
     }
 
@@ -528,12 +608,26 @@ impl CausalLm {
             .op("autograd probe")?
             .requires_grad();
         let recompute = self.gradient_checkpointing;
+        // Unpadded, the layers see only the real tokens; the final hidden
+        // states are padded back to `[batch, seq, hidden]` (zeros at padding).
+        let input_ids = match &masks.unpadded {
+            Some(u) => u.ids(input_ids).op("forward: real tokens")?,
+            None => input_ids.shallow_clone(),
+        };
+        let input_ids = &input_ids;
+        let finish = |hidden: Tensor| -> Result<Tensor> {
+            match &masks.unpadded {
+                Some(u) => u.pad(&hidden).op("forward: pad hidden states"),
+                None => Ok(hidden),
+            }
+        };
         if !(deferred && autograd && (recompute || self.staged)) {
             let mut xs = self.embed(input_ids)?;
             for layer in &self.layers {
                 xs = layer.forward(&xs, &cos, &sin, &masks, None)?;
             }
-            return Ok((self.norm.forward(&xs).op("norm")?, None));
+            let hidden = finish(self.norm.forward(&xs).op("norm")?)?;
+            return Ok((hidden, None));
         }
         let mut inputs = Vec::with_capacity(self.layers.len());
         let mut outputs = Vec::new();
@@ -560,7 +654,7 @@ impl CausalLm {
             xs
         };
         let top = top.set_requires_grad(true);
-        let hidden = self.norm.forward(&top).op("norm")?;
+        let hidden = finish(self.norm.forward(&top).op("norm")?)?;
         Ok((
             hidden,
             Some(Checkpointed {
@@ -579,6 +673,13 @@ impl CausalLm {
     /// and [`CausalLm::hidden_states_packed`].
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;
+    }
+
+    /// Whether [`CausalLm::hidden_states`] runs the layers on a padded
+    /// batch's real tokens only (on by default; off computes on the padding
+    /// too, with the same results for the real tokens).
+    pub fn set_unpadding(&mut self, on: bool) {
+        self.unpad = on;
     }
 
     /// Runs the layers' backward one layer at a time, as ZeRO stage 2 needs
@@ -689,6 +790,7 @@ impl CausalLm {
             Ok(Masks {
                 full: AttentionMask::Explicit(full),
                 windowed,
+                unpadded: None,
             })
         })()
         .op("forward_packed: attention mask")?;
@@ -735,6 +837,7 @@ impl CausalLm {
             Masks {
                 full: AttentionMask::All,
                 windowed: AttentionMask::All,
+                unpadded: None,
             }
         };
         let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
@@ -762,6 +865,7 @@ impl CausalLm {
             return Ok(Masks {
                 full: AttentionMask::Causal,
                 windowed: AttentionMask::Causal,
+                unpadded: None,
             });
         }
         let device = self.device();
@@ -791,6 +895,7 @@ impl CausalLm {
         Ok(Masks {
             full: AttentionMask::Explicit(full),
             windowed,
+            unpadded: None,
         })
     }
 }
