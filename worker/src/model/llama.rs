@@ -97,11 +97,11 @@ impl Attention {
         })
     }
 
+    /// `rope`: the RoPE angles' cosines and sines.
     fn forward(
         &self,
         xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
         mask: &AttentionMask,
         cache: Option<&mut LayerCache>,
         window: Option<i64>,
@@ -261,8 +261,7 @@ impl DecoderLayer {
         let normed = self.input_layernorm.forward(xs).op("input_layernorm")?;
         let attn = self.self_attn.forward(
             &normed,
-            cos,
-            sin,
+            (cos, sin),
             mask,
             cache,
             self.sliding_window,
