@@ -728,7 +728,7 @@ fn zero_shards_follow_the_world_and_a_lost_share_rolls_back_to_the_checkpoint() 
     // Past the checkpoint of step 20, a worker dies: its share of the moments
     // is gone, so the world of two goes back to step 20; the late joiner's
     // world of three re-partitions the shares of two.
-    let (run, ledger, logs) = zero_kill_and_join(&case, "zero", "zero_stage = 1");
+    let (run, ledger, logs) = zero_kill_and_join(&case, "zero", "zero_stage = 2");
     let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
     assert!(!rollbacks.is_empty(), "the rollback is recorded: {run}");
     let first = &rollbacks[0];
