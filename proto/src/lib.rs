@@ -5,9 +5,9 @@ pub mod client;
 pub mod spec;
 
 pub use spec::{
-    ClusterSpec, DataFormat, DataSpec, Dtype, Loss, ModelSpec, Negatives, ObjectiveSpec, OptimSpec,
-    OptimizerName, ReferenceCache, ReferenceModel, ReferenceSpec, RunSpec, Schedule, SpecError,
-    TrainSpec, Truncation,
+    ClusterSpec, DataFormat, DataSpec, Dtype, LINEAR_MODULES, LoraInit, LoraSpec, Loss, ModelSpec,
+    Negatives, ObjectiveSpec, OptimSpec, OptimizerName, ReferenceCache, ReferenceModel,
+    ReferenceSpec, RunSpec, Schedule, SpecError, TargetModules, TrainSpec, Truncation,
 };
 
 /// The generated `dpo.v1` messages, clients and servers.

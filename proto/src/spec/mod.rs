@@ -252,6 +252,10 @@ pub struct TrainSpec {
     /// With `zero_stage` 1 or 2: 2 = each rank also keeps (and updates alike) a
     /// copy of its predecessor's share, so a worker can die without a rollback.
     pub zero_replicas: u8,
+    /// Regular expressions over parameter names (`model.embed_tokens.weight`):
+    /// the parameters any of them matches (anywhere in the name) are frozen —
+    /// no gradient, no optimizer state, no traffic. Each must match something.
+    pub freeze: Vec<String>,
 }
 
 impl Default for TrainSpec {
@@ -271,6 +275,7 @@ impl Default for TrainSpec {
             gradient_checkpointing: false,
             zero_stage: 0,
             zero_replicas: 1,
+            freeze: Vec::new(),
         }
     }
 }
@@ -302,6 +307,86 @@ impl Default for ClusterSpec {
     }
 }
 
+/// Where LoRA adapters go: PEFT's `target_modules`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    /// `"all-linear"`: every linear layer of the decoder (not the LM head).
+    Keyword(String),
+    /// Module names, e.g. `["q_proj", "v_proj"]`.
+    Names(Vec<String>),
+}
+
+/// The decoder's linear modules, by PEFT's names.
+pub const LINEAR_MODULES: &[&str] = &[
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+impl TargetModules {
+    /// The module names targeted (validated: known names, or `"all-linear"`).
+    pub fn names(&self) -> Vec<String> {
+        match self {
+            TargetModules::Keyword(_) => LINEAR_MODULES.iter().map(|s| s.to_string()).collect(),
+            TargetModules::Names(n) => n.clone(),
+        }
+    }
+}
+
+/// How new adapters start: PEFT's `init_lora_weights`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraInit {
+    /// A: Kaiming-uniform (bound 1/√in), B: zeros (PEFT's `True`).
+    #[default]
+    Default,
+    /// A: normal with std 1/r, B: zeros (PEFT's `"gaussian"`).
+    Gaussian,
+}
+
+/// `[lora]`: low-rank adapters on the decoder's linear layers; only they
+/// train (PEFT's LoRA, written in its format).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoraSpec {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub target_modules: TargetModules,
+    pub init: LoraInit,
+    /// Continue training the PEFT adapter in this directory.
+    pub init_from: Option<PathBuf>,
+    /// Also write `final/merged/`: the base with the adapters folded in.
+    pub merge: bool,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        // PEFT's defaults (its Llama-family target modules).
+        LoraSpec {
+            r: 8,
+            alpha: 8.0,
+            dropout: 0.0,
+            target_modules: TargetModules::Names(vec!["q_proj".into(), "v_proj".into()]),
+            init: LoraInit::Default,
+            init_from: None,
+            merge: false,
+        }
+    }
+}
+
+impl LoraSpec {
+    /// The factor of the adapters' output: `alpha / r`.
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.r.max(1) as f64
+    }
+}
+
 /// A complete, validated run spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -319,6 +404,10 @@ pub struct RunSpec {
     pub train: TrainSpec,
     #[serde(default)]
     pub cluster: ClusterSpec,
+    /// LoRA adapters (a `[lora]` section); without it every parameter not
+    /// frozen by `train.freeze` trains.
+    #[serde(default)]
+    pub lora: Option<LoraSpec>,
 }
 
 impl RunSpec {
@@ -383,6 +472,15 @@ impl RunSpec {
         if let Some(Negatives::File(f)) = &mut self.data.negatives {
             fix(f);
         }
+        if let Some(dir) = self.lora.as_mut().and_then(|l| l.init_from.as_mut()) {
+            fix(dir);
+        }
+    }
+
+    /// Whether only a part of the model trains (LoRA adapters, or frozen
+    /// parameters), so the rest is a frozen base.
+    pub fn partly_frozen(&self) -> bool {
+        self.lora.is_some() || !self.train.freeze.is_empty()
     }
 
     /// The directory of the standalone reference cache (`None`: `"none"`).
@@ -589,12 +687,67 @@ impl RunSpec {
                 )
             },
         )?;
-        check(t.zero_stage <= 2, "train.zero_stage", || {
-            format!(
-                "must be 0, 1 or 2, found {} (stage 3, parameters partitioned too, is not available)",
-                t.zero_stage
-            )
+        check(t.zero_stage <= 3, "train.zero_stage", || {
+            format!("must be 0, 1, 2 or 3, found {}", t.zero_stage)
         })?;
+        check(
+            t.zero_stage < 3 || self.partly_frozen(),
+            "train.zero_stage",
+            || {
+                "3 (a sharded frozen base) needs a frozen base: a [lora] section or train.freeze; \
+                 for full-parameter training use 1 or 2"
+                    .into()
+            },
+        )?;
+        for (i, f) in t.freeze.iter().enumerate() {
+            check(!f.trim().is_empty(), "train.freeze", || {
+                format!("entry {i} is empty")
+            })?;
+            if let Err(e) = regex::Regex::new(f) {
+                return Err((
+                    "train.freeze",
+                    format!("entry {i} ({f:?}) is not a regex: {e}"),
+                ));
+            }
+        }
+        if let Some(l) = &self.lora {
+            check((1..=MAX_LORA_RANK).contains(&l.r), "lora.r", || {
+                format!("must be in 1..={MAX_LORA_RANK}, found {}", l.r)
+            })?;
+            check(finite_pos(l.alpha), "lora.alpha", || {
+                format!("must be > 0, found {}", l.alpha)
+            })?;
+            check((0.0..1.0).contains(&l.dropout), "lora.dropout", || {
+                format!("must be in [0, 1), found {}", l.dropout)
+            })?;
+            match &l.target_modules {
+                TargetModules::Keyword(k) => {
+                    check(k == "all-linear", "lora.target_modules", || {
+                        format!("must be \"all-linear\" or a list of module names, found {k:?}")
+                    })?
+                }
+                TargetModules::Names(names) => {
+                    check(!names.is_empty(), "lora.target_modules", || {
+                        "must name at least one module".into()
+                    })?;
+                    for n in names {
+                        check(
+                            LINEAR_MODULES.contains(&n.as_str()),
+                            "lora.target_modules",
+                            || {
+                                format!(
+                                    "unknown module {n:?} (this model family has {})",
+                                    LINEAR_MODULES.join(", ")
+                                )
+                            },
+                        )?;
+                    }
+                }
+            }
+            check(t.freeze.is_empty(), "train.freeze", || {
+                "with [lora] only the adapters train already: leave train.freeze out".into()
+            })?;
+        }
         check(
             matches!(t.zero_replicas, 1 | 2),
             "train.zero_replicas",
@@ -620,6 +773,7 @@ const MAX_EPOCHS: u64 = 1_000_000;
 const MAX_BATCH: usize = 1 << 20;
 const MAX_LENGTH: usize = 1 << 20;
 const MAX_WORKERS: usize = 65_536;
+const MAX_LORA_RANK: usize = 4096;
 
 /// Removes `.` and `..` components lexically (`a/b/../c` → `a/c`), so paths in
 /// logs read the way the user thinks of them. A `..` that cannot be removed
@@ -650,6 +804,7 @@ const ENUMS: &[(&str, &str)] = &[
     ("OptimizerName", "adamw, sgd"),
     ("Schedule", "constant, linear, cosine"),
     ("Backend", "auto, nccl, tcp"),
+    ("LoraInit", "default, gaussian"),
 ];
 
 /// Rewrites the config crate's "enum X does not have variant constructor v for key

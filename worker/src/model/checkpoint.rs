@@ -241,10 +241,21 @@ pub fn save(
     source_dir: Option<&Path>,
     max_shard_bytes: u64,
 ) -> Result<()> {
+    let vars: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    save_tensors(model, &vars, dir, source_dir, max_shard_bytes)
+}
+
+/// [`save`] with `vars` as the model's weights (e.g. with adapters merged in).
+pub fn save_tensors(
+    model: &CausalLm,
+    vars: &[(String, Tensor)],
+    dir: &Path,
+    source_dir: Option<&Path>,
+    max_shard_bytes: u64,
+) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let vars = model.var_store().variables();
     let mut tensors: BTreeMap<String, Bytes> = BTreeMap::new();
-    for (name, t) in &vars {
+    for (name, t) in vars {
         tensors.insert(name.clone(), tensor_bytes(name, t)?);
     }
     let total: u64 = tensors.values().map(|b| b.data.len() as u64).sum();
@@ -310,15 +321,21 @@ pub fn save(
     write_json(&dir.join("config.json"), &config)?;
 
     if let Some(src) = source_dir {
-        for name in SIDE_FILES {
-            let from = src.join(name);
-            if from.exists() && src != dir {
-                let bytes = std::fs::read(&from).map_err(io_err(&from))?;
-                write_atomically(&dir.join(name), &bytes)?;
-            }
-        }
+        copy_side_files(src, dir)?;
     }
     tracing::info!(dir = %dir.display(), shards = n, bytes = total, "saved checkpoint");
+    Ok(())
+}
+
+/// Copies the tokenizer and generation files of checkpoint `src` into `dir`.
+pub fn copy_side_files(src: &Path, dir: &Path) -> Result<()> {
+    for name in SIDE_FILES {
+        let from = src.join(name);
+        if from.exists() && src != dir {
+            let bytes = std::fs::read(&from).map_err(io_err(&from))?;
+            write_atomically(&dir.join(name), &bytes)?;
+        }
+    }
     Ok(())
 }
 

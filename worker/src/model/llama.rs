@@ -6,6 +6,9 @@
 //! and save without renaming. Activations follow transformers' dtype conventions
 //! (RMSNorm in f32, RoPE angles in f32) so that results agree with it.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tch::nn::{Path, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -25,6 +28,24 @@ fn param(p: &Path, name: &str, dims: &[i64], kind: Kind) -> TchResult<Tensor> {
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// A LoRA adapter on this layer, when one targets it.
+    lora: Option<Lora>,
+}
+
+/// A low-rank adapter (PEFT's LoRA): `x ↦ dropout(x) Aᵀ Bᵀ · alpha / r`, added
+/// to the frozen layer's output. Its weights are f32 whatever the base's dtype
+/// (PEFT's `autocast_adapter_dtype`): the input is cast to f32 and the result
+/// back.
+#[derive(Debug)]
+struct Lora {
+    /// `[r, in]`.
+    a: Tensor,
+    /// `[out, r]`.
+    b: Tensor,
+    scaling: f64,
+    dropout: f64,
+    /// The model's switch: off for the reference ("the base with adapters off").
+    on: Arc<AtomicBool>,
 }
 
 impl Linear {
@@ -36,12 +57,48 @@ impl Linear {
             } else {
                 None
             },
+            lora: None,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
-        xs.f_linear(&self.weight, self.bias.as_ref())
+        let base = xs.f_linear(&self.weight, self.bias.as_ref())?;
+        let Some(l) = self.lora.as_ref().filter(|l| l.on.load(Ordering::Relaxed)) else {
+            return Ok(base);
+        };
+        let mut x = xs.f_to_kind(Kind::Float)?;
+        if l.dropout > 0.0 && grad_enabled() {
+            x = x.f_dropout(l.dropout, true)?;
+        }
+        let delta = x
+            .f_linear(&l.a, None::<&Tensor>)?
+            .f_linear(&l.b, None::<&Tensor>)?
+            .f_mul_scalar(l.scaling)?;
+        base.f_add(&delta.f_to_kind(base.kind())?)
     }
+
+    /// `W + B A · scaling` (the adapter folded in), in the weight's dtype.
+    fn merged_weight(&self) -> TchResult<Option<Tensor>> {
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let _guard = tch::no_grad_guard();
+        let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
+        Ok(Some(
+            self.weight
+                .f_to_kind(Kind::Float)?
+                .f_add(&delta)?
+                .f_to_kind(self.weight.kind())?,
+        ))
+    }
+}
+
+/// Whether autograd records operations here (not under `no_grad`).
+fn grad_enabled() -> bool {
+    Tensor::f_ones([1], (Kind::Float, Device::Cpu))
+        .map(|t| t.set_requires_grad(true))
+        .and_then(|t| t.f_mul_scalar(1.0))
+        .is_ok_and(|t| t.requires_grad())
 }
 
 #[derive(Debug)]
@@ -384,6 +441,25 @@ pub struct CausalLm {
     /// time (each layer's graph kept, from a leaf copy of its input), so that
     /// a layer's gradients exist before the layers below it run (ZeRO stage 2).
     staged: bool,
+    /// LoRA adapters ([`CausalLm::add_lora`]): their own store, named as the
+    /// base's parameters are (`model.layers.0.self_attn.q_proj.lora_A.weight`).
+    adapters: Option<(VarStore, dpo_proto::LoraSpec)>,
+    /// Whether the adapters take part in the forward.
+    adapters_on: Arc<AtomicBool>,
+}
+
+/// While alive, the model runs as its base (adapters off); see
+/// [`CausalLm::adapters_off`].
+#[derive(Debug)]
+pub struct AdaptersOff {
+    on: Arc<AtomicBool>,
+    was: bool,
+}
+
+impl Drop for AdaptersOff {
+    fn drop(&mut self) {
+        self.on.store(self.was, Ordering::Relaxed);
+    }
 }
 
 /// Where [`CausalLm::backward_checkpointed`] puts the decoder layers'
@@ -488,6 +564,8 @@ impl CausalLm {
             gradient_checkpointing: false,
             staged: false,
             unpad: true,
+            adapters: None,
+            adapters_on: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -600,12 +678,7 @@ impl CausalLm {
         deferred: bool,
     ) -> Result<(Tensor, Option<Checkpointed>)> {
         let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
-        // A view of a parameter needs a gradient only where autograd is on.
-        let autograd = self
-            .embed_tokens
-            .f_narrow(0, 0, 1)
-            .op("autograd probe")?
-            .requires_grad();
+        let autograd = grad_enabled();
         let recompute = self.gradient_checkpointing;
         // Unpadded, the layers see only the real tokens; the final hidden
         // states are padded back to `[batch, seq, hidden]` (zeros at padding).
@@ -672,6 +745,191 @@ impl CausalLm {
     /// and [`CausalLm::hidden_states_packed`].
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         self.gradient_checkpointing = on;
+    }
+
+    /// Every linear layer of the decoder with its module name (PEFT's:
+    /// `q_proj` … `down_proj`) and its parameter path prefix.
+    fn linears_mut(&mut self) -> Vec<(&'static str, String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let at = format!("model.layers.{i}");
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            out.push(("q_proj", format!("{at}.self_attn.q_proj"), &mut a.q_proj));
+            out.push(("k_proj", format!("{at}.self_attn.k_proj"), &mut a.k_proj));
+            out.push(("v_proj", format!("{at}.self_attn.v_proj"), &mut a.v_proj));
+            out.push(("o_proj", format!("{at}.self_attn.o_proj"), &mut a.o_proj));
+            out.push(("gate_proj", format!("{at}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push(("up_proj", format!("{at}.mlp.up_proj"), &mut m.up_proj));
+            out.push(("down_proj", format!("{at}.mlp.down_proj"), &mut m.down_proj));
+        }
+        out
+    }
+
+    /// Adds LoRA adapters to the linear layers `spec.target_modules` names
+    /// and freezes every base parameter: only the adapters train. New
+    /// adapters start as PEFT's `init_lora_weights` says (A random from
+    /// `seed`, B zero, so the model starts as its base).
+    pub fn add_lora(&mut self, spec: &dpo_proto::LoraSpec, seed: u64) -> Result<()> {
+        let device = self.device();
+        let store = VarStore::new(device);
+        let targets = spec.target_modules.names();
+        let r = spec.r as i64;
+        let on = self.adapters_on.clone();
+        let root = store.root();
+        tch::manual_seed(seed as i64);
+        let mut added = 0usize;
+        for (module, prefix, linear) in self.linears_mut() {
+            if !targets.iter().any(|t| t == module) {
+                continue;
+            }
+            let (out_dim, in_dim) = linear.weight.size2().op("lora: weight shape")?;
+            let mut path = root.clone();
+            for part in prefix.split('.') {
+                path = &path / part;
+            }
+            let f = || -> TchResult<Lora> {
+                let a = match spec.init {
+                    dpo_proto::LoraInit::Default => {
+                        // kaiming_uniform_(a = √5): bound = 1/√in.
+                        let bound = 1.0 / (in_dim as f64).sqrt();
+                        Tensor::f_rand([r, in_dim], (Kind::Float, device))?
+                            .f_mul_scalar(2.0 * bound)?
+                            .f_sub_scalar(bound)?
+                    }
+                    dpo_proto::LoraInit::Gaussian => {
+                        Tensor::f_randn([r, in_dim], (Kind::Float, device))?
+                            .f_mul_scalar(1.0 / r as f64)?
+                    }
+                };
+                let b = Tensor::f_zeros([out_dim, r], (Kind::Float, device))?;
+                Ok(Lora {
+                    a: (&path / "lora_A").add("weight", a, true),
+                    b: (&path / "lora_B").add("weight", b, true),
+                    scaling: spec.scaling(),
+                    dropout: spec.dropout,
+                    on: on.clone(),
+                })
+            };
+            linear.lora = Some(f().op("lora: adapter weights")?);
+            added += 1;
+        }
+        if added == 0 {
+            return Err(crate::error::Error::Input {
+                context: "lora.target_modules".into(),
+                reason: format!("no linear layer of this model is named {targets:?}"),
+            });
+        }
+        for (_, t) in self.vs.variables() {
+            let _ = t.set_requires_grad(false);
+        }
+        tracing::info!(
+            adapters = added,
+            r,
+            alpha = spec.alpha,
+            trainable = store.variables().values().map(|t| t.numel()).sum::<usize>(),
+            "LoRA adapters added; the base is frozen"
+        );
+        self.adapters = Some((store, spec.clone()));
+        Ok(())
+    }
+
+    /// The adapters' store and spec, when the model has LoRA adapters.
+    pub fn adapters(&self) -> Option<(&VarStore, &dpo_proto::LoraSpec)> {
+        self.adapters.as_ref().map(|(v, s)| (v, s))
+    }
+
+    /// Runs the model as its base until the guard is dropped (the reference
+    /// of a LoRA run: no second copy of the model).
+    pub fn adapters_off(&self) -> AdaptersOff {
+        let was = self.adapters_on.swap(false, Ordering::Relaxed);
+        AdaptersOff {
+            on: self.adapters_on.clone(),
+            was,
+        }
+    }
+
+    /// Freezes the base parameters whose names any of `patterns` matches
+    /// (`train.freeze`); each pattern must match at least one. Returns how
+    /// many were frozen.
+    pub fn freeze(&self, patterns: &[String]) -> Result<usize> {
+        let vars = self.vs.variables();
+        let mut frozen = std::collections::BTreeSet::new();
+        for p in patterns {
+            let re = regex::Regex::new(p).map_err(|e| crate::error::Error::Input {
+                context: "train.freeze".into(),
+                reason: format!("{p:?} is not a regex: {e}"),
+            })?;
+            let hits: Vec<&String> = vars.keys().filter(|n| re.is_match(n)).collect();
+            if hits.is_empty() {
+                return Err(crate::error::Error::Input {
+                    context: "train.freeze".into(),
+                    reason: format!("{p:?} matches no parameter of this model"),
+                });
+            }
+            frozen.extend(hits.into_iter().cloned());
+        }
+        for name in &frozen {
+            if let Some(t) = vars.get(name) {
+                let _ = t.set_requires_grad(false);
+            }
+        }
+        tracing::info!(
+            frozen = frozen.len(),
+            of = vars.len(),
+            "frozen parameters (train.freeze)"
+        );
+        Ok(frozen.len())
+    }
+
+    /// The parameters that train, by name: the adapters with LoRA, else the
+    /// base parameters not frozen.
+    pub fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut out: Vec<(String, Tensor)> = match &self.adapters {
+            Some((store, _)) => store.variables().into_iter().collect(),
+            None => self
+                .vs
+                .variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .collect(),
+        };
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    /// The base parameters with every adapter folded in (`W + B A · alpha/r`),
+    /// by name: what `[lora] merge` writes.
+    pub fn merged_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut merged = std::collections::HashMap::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            let linears = [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ];
+            for (name, linear) in linears {
+                if let Some(w) = linear.merged_weight().op("lora: merge")? {
+                    merged.insert(format!("model.layers.{i}.{name}.weight"), w);
+                }
+            }
+        }
+        let mut out: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| match merged.remove(&n) {
+                Some(w) => (n, w),
+                None => (n, t),
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     /// Whether [`CausalLm::hidden_states`] runs the layers on a padded

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod llama;
+pub mod peft;
 pub mod rope;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};

@@ -85,7 +85,16 @@ impl Trainer {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-        checkpoint::load_weights(&self.policy, &dir.join("model"))?;
+        if self.policy.adapters().is_some() {
+            // A LoRA run's checkpoint holds the adapters; the base is the model's.
+            crate::model::peft::load_adapter(
+                &self.policy,
+                &dir.join("adapter"),
+                &dir.display().to_string(),
+            )?;
+        } else {
+            checkpoint::load_weights(&self.policy, &dir.join("model"))?;
+        }
         // Whatever share this rank held is replaced by the checkpoint's.
         if self.zero.take().is_some() {
             self.optimizer.reset()?;
@@ -270,12 +279,24 @@ impl Trainer {
             return Ok(None);
         }
         let dir = self.output().join("final");
-        checkpoint::save(
-            &self.policy,
-            &dir,
-            Some(&self.spec.model.path),
-            MAX_SHARD_BYTES,
-        )?;
+        let base = &self.spec.model.path;
+        match &self.spec.lora {
+            Some(lora) if self.policy.adapters().is_some() => {
+                // PEFT's format; with `merge`, also the base with the adapters in.
+                crate::model::peft::save_adapter(&self.policy, &dir, base)?;
+                if lora.merge {
+                    let merged = self.policy.merged_parameters()?;
+                    checkpoint::save_tensors(
+                        &self.policy,
+                        &merged,
+                        &dir.join("merged"),
+                        Some(base),
+                        MAX_SHARD_BYTES,
+                    )?;
+                }
+            }
+            _ => checkpoint::save(&self.policy, &dir, Some(base), MAX_SHARD_BYTES)?,
+        }
         Ok(Some(dir))
     }
 
@@ -284,12 +305,20 @@ impl Trainer {
     /// checksums, fsynced, then renamed into place.
     fn commit_checkpoint(&self, step: u64, tmp: &Path) -> Result<PathBuf> {
         let root = self.checkpoints_dir();
-        checkpoint::save(
-            &self.policy,
-            &tmp.join("model"),
-            Some(&self.spec.model.path),
-            MAX_SHARD_BYTES,
-        )?;
+        if self.policy.adapters().is_some() {
+            crate::model::peft::save_adapter(
+                &self.policy,
+                &tmp.join("adapter"),
+                &self.spec.model.path,
+            )?;
+        } else {
+            checkpoint::save(
+                &self.policy,
+                &tmp.join("model"),
+                Some(&self.spec.model.path),
+                MAX_SHARD_BYTES,
+            )?;
+        }
         let spe = self.shape.steps_per_epoch.max(1);
         let mut state = serde_json::to_value(self.state()).map_err(|e| Error::Input {
             context: "trainer state".into(),

@@ -29,7 +29,7 @@ use std::time::Instant;
 use dpo_data::refcache;
 use dpo_data::{DataReport, Example};
 use dpo_proto::{Loss, Negatives, ReferenceModel, RunSpec};
-use tch::{Device, Tensor};
+use tch::Device;
 
 use crate::collective::{Collective, all_reduce_gradients};
 use crate::error::{Error, Result, TorchContext, io_err};
@@ -47,8 +47,16 @@ pub use sync::{Rollback, Synced, TrainerState};
 
 use batches::load_examples;
 use metrics::{MetricsFile, StepFacts, eval_metrics, step_metrics};
-use reference::{FrozenModel, NoReference, Precomputed, Staged};
+use reference::{FrozenModel, NoReference, PolicyBase, Precomputed, Staged};
 use sync::PARAMETER_CHECK_EVERY;
+
+/// SplitMix64's finaliser: mixes seeds into well-spread ones.
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -114,6 +122,14 @@ impl Models {
         let mut policy = model_io::load(&spec.model.path, kind, device)?;
         policy.set_head_chunk(spec.train.head_chunk_tokens);
         policy.set_gradient_checkpointing(spec.train.gradient_checkpointing);
+        if let Some(lora) = &spec.lora {
+            policy.add_lora(lora, spec.data.seed)?;
+            if let Some(dir) = &lora.init_from {
+                crate::model::peft::load_adapter(&policy, dir, "lora.init_from")?;
+            }
+        } else if !spec.train.freeze.is_empty() {
+            policy.freeze(&spec.train.freeze)?;
+        }
         let vocab = policy.config().vocab_size;
         // The reference model, when the objective uses one or when negatives are
         // sampled from it; "same" and "none" sample from the initial policy.
@@ -280,6 +296,11 @@ impl Trainer {
         } = models;
         let reference: Box<dyn ReferenceSource> = if !wants_reference {
             Box::new(NoReference)
+        } else if policy.adapters().is_some()
+            && spec.reference.path == ReferenceModel::Same
+            && !staged
+        {
+            Box::new(PolicyBase)
         } else if staged {
             let vocab = policy.config().vocab_size;
             Box::new(Staged::new(
@@ -295,9 +316,8 @@ impl Trainer {
             };
             Box::new(FrozenModel(Box::new(model)))
         };
-        let mut params: Vec<(String, Tensor)> =
-            policy.var_store().variables().into_iter().collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
+        // What trains: the adapters (LoRA), or the parameters not frozen.
+        let params = policy.trainable_parameters();
         let optimizer = Optimizer::new(&spec.optim, params)?;
         let layers = policy.config().num_hidden_layers as usize;
         let layer_map =
@@ -399,7 +419,13 @@ impl Trainer {
     /// Scores every train and eval example once with the frozen reference
     /// model (or takes the sums from the reference cache), then frees the model.
     fn precompute_reference(&mut self) -> Result<()> {
-        let Some(model) = self.reference.frozen_model() else {
+        let base = self.reference.policy_base();
+        let _off = base.then(|| self.policy.adapters_off());
+        let Some(model) = self
+            .reference
+            .frozen_model()
+            .or(base.then_some(&self.policy))
+        else {
             return Ok(());
         };
         let (Some(train_all), Some(eval_all)) = (
@@ -498,6 +524,14 @@ impl Trainer {
                 given,
             };
             let reference = self.reference.sums(&self.policy, &mb, at)?;
+            if backward && self.spec.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+                // LoRA dropout: masks fixed by (seed, step, rank, micro-batch),
+                // so a resumed run draws the same ones.
+                let mix = [self.state.step, self.collective.rank() as u64, k as u64]
+                    .iter()
+                    .fold(self.spec.data.seed, |h, &x| splitmix(h ^ x));
+                tch::manual_seed(mix as i64);
+            }
             let (loss, s) = if backward {
                 let mut scores = objective::score(&self.policy, &mb)?;
                 let (loss, s) = self.objective.micro_batch_loss(

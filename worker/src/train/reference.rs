@@ -44,6 +44,12 @@ pub trait ReferenceSource: Send {
         None
     }
 
+    /// Whether the reference is the policy itself with its adapters off
+    /// (precomputing then scores with the policy, adapters off).
+    fn policy_base(&self) -> bool {
+        false
+    }
+
     /// Whether the sums come from the cluster's reference stage.
     fn staged(&self) -> bool {
         false
@@ -103,6 +109,28 @@ impl ReferenceSource for FrozenModel {
 
     fn frozen_model(&self) -> Option<&CausalLm> {
         Some(&self.0)
+    }
+}
+
+/// The policy with its LoRA adapters off: the base it started from
+/// (`reference.path = "same"` with `[lora]`), with no second model in memory.
+#[derive(Debug)]
+pub struct PolicyBase;
+
+impl ReferenceSource for PolicyBase {
+    fn sums(
+        &mut self,
+        policy: &CausalLm,
+        mb: &MicroBatch,
+        _: BatchPosition<'_>,
+    ) -> Result<Option<Tensor>> {
+        let _guard = tch::no_grad_guard();
+        let _off = policy.adapters_off();
+        Ok(Some(objective::score(policy, mb)?.sums))
+    }
+
+    fn policy_base(&self) -> bool {
+        true
     }
 }
 

@@ -1,0 +1,135 @@
+//! LoRA against PEFT itself (`tests/reference/peft_reference.py`): PEFT makes
+//! an adapter, we train it for 3 DPO steps (SGD; the reference is the same
+//! model with its adapters off), PEFT trains the same adapter the same way; the
+//! adapters must agree to 1e-5, ours must load into PEFT with the same logits,
+//! and our merged model must give the logits of PEFT's `merge_and_unload()`.
+//! Freezing (`train.freeze`) is checked against the PyTorch reference with
+//! `requires_grad = False` on the same names, and the frozen tensors must not
+//! move at all.
+
+mod common;
+
+use std::path::Path;
+
+use common::{fixture, fixtures, max_weight_diff, read_jsonl, run_python, tempdir};
+use dpo_worker::model::checkpoint::read_tensors;
+
+const STEPS: u64 = 3;
+const GLOBAL: usize = 4;
+const LR: f64 = 0.5;
+const BETA: f64 = 0.1;
+
+fn train(spec: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(spec)
+        .output()
+        .expect("dpo-worker runs")
+}
+
+fn train_ok(spec: &Path) {
+    let out = train(spec);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A DPO run of 3 SGD steps on the Qwen2 fixture; `extra` goes at the end.
+fn spec(dir: &Path, name: &str, extra: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"{name}\"\n[model]\npath = \"{}\"\n[reference]\npath = \"same\"\n\
+             [data]\ntrain = \"{}\"\nshuffle = false\nmax_length = 512\nmax_prompt_length = 256\n\
+             [objective]\nloss = \"sigmoid\"\nbeta = {BETA}\n\
+             [optim]\nname = \"sgd\"\nlr = {LR}\nmax_grad_norm = 0.0\nschedule = \"constant\"\n\
+             [train]\nmax_steps = {STEPS}\nglobal_batch_size = {GLOBAL}\nmicro_batch_size = 2\noutput = \"{}\"\n{extra}\n",
+            fixture("qwen2").display(),
+            fixtures().join("pairs_tokens.jsonl").display(),
+            dir.join(name).display(),
+        ),
+    )
+    .expect("write spec");
+    path
+}
+
+#[test]
+fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
+    let dir = tempdir();
+    let init = dir.path().join("init");
+    let model = fixture("qwen2");
+    run_python(
+        "tests/reference/peft_reference.py",
+        &[
+            "init",
+            model.to_str().expect("utf-8"),
+            init.to_str().expect("utf-8"),
+            "4",
+            "8",
+            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        ],
+    );
+    let path = spec(
+        dir.path(),
+        "lora",
+        &format!(
+            "[lora]\nr = 4\nalpha = 8.0\ntarget_modules = \"all-linear\"\ninit_from = \"{}\"\nmerge = true",
+            init.display()
+        ),
+    );
+    train_ok(&path);
+    let ours = dir.path().join("lora/final");
+    assert!(ours.join("adapter_config.json").exists());
+    assert!(
+        !ours.join("model.safetensors").exists(),
+        "a LoRA run writes its adapter, not the whole model"
+    );
+    let case = dir.path().join("case.json");
+    std::fs::write(
+        &case,
+        serde_json::json!({
+            "model": model, "data": fixtures().join("pairs_tokens.jsonl"), "init": init,
+            "ours": ours, "steps": STEPS, "global_batch_size": GLOBAL, "lr": LR, "beta": BETA,
+            "out": dir.path().join("peft"),
+        })
+        .to_string(),
+    )
+    .expect("case");
+    run_python(
+        "tests/reference/peft_reference.py",
+        &["check", case.to_str().expect("utf-8")],
+    );
+    let file = "adapter_model.safetensors";
+    let start = read_tensors(&init.join(file)).expect("initial adapter");
+    let theirs = read_tensors(&dir.path().join("peft/reference").join(file)).expect("PEFT's");
+    let mine = read_tensors(&ours.join(file)).expect("ours");
+    let moved = max_weight_diff(&mine, &start);
+    let diff = max_weight_diff(&mine, &theirs);
+    let results: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("peft/results.json")).expect("results"),
+    )
+    .expect("json");
+    let value = |k: &str| results[k].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "LoRA DPO, 3 SGD steps: adapters moved {moved:.2e}, max |ours − PEFT| {diff:.2e}; \
+         logits of our adapter in PEFT vs PEFT's {:.2e} (scale {:.1}); merged {:.2e}",
+        value("adapter_logits"),
+        value("logits_scale"),
+        value("merged_logits")
+    );
+    assert!(moved > 1e-3, "training moves the adapters: {moved}");
+    assert!(diff <= 1e-5, "adapters differ from PEFT's by {diff}");
+    let logits = results["adapter_logits"].as_f64().expect("logits");
+    assert!(
+        logits <= 1e-5,
+        "our adapter in PEFT: logits differ by {logits}"
+    );
+    let merged = results["merged_logits"].as_f64().expect("merged");
+    assert!(merged <= 1e-5, "merged logits differ by {merged}");
+    // The base never moved: the reference was the base itself.
+    let metrics = read_jsonl(&dir.path().join("lora/metrics.jsonl"));
+    assert_eq!(metrics.len() as u64, STEPS);
+}
