@@ -9,7 +9,8 @@ CASES.json: {"model": DIR, "data": FILE (pre-tokenized pairs), "cases": [{"name"
 "global_batch_size", "reference_free", "out"}]}. For each case it trains the
 transformers model with the formulas of the papers, the whole global batch in one
 forward, torch's own optimizers, clip_grad_norm_ and schedulers, pairs taken in file
-order, and writes the final weights to `out` (safetensors).
+order, and writes the final weights to `out` (safetensors). An optional "freeze"
+(regexes over parameter names) sets `requires_grad = False` on what they match.
 
 Losses over Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), log π
 summed over response tokens (IPO: averaged):
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import sys
 
 import torch
@@ -100,8 +102,13 @@ def run_case(c, model_dir, pairs):
     policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     policy.train()
     reference = copy.deepcopy(policy).eval()
-    decay = [p for n, p in policy.named_parameters() if not (n.endswith(".bias") or n.endswith("norm.weight"))]
-    no_decay = [p for n, p in policy.named_parameters() if n.endswith(".bias") or n.endswith("norm.weight")]
+    # `freeze`: regexes over parameter names (searched anywhere in the name).
+    for n, p in policy.named_parameters():
+        if any(re.search(f, n) for f in c.get("freeze", [])):
+            p.requires_grad_(False)
+    named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if not (n.endswith(".bias") or n.endswith("norm.weight"))]
+    no_decay = [p for n, p in named if n.endswith(".bias") or n.endswith("norm.weight")]
     groups = [{"params": decay, "weight_decay": c["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     if c["optimizer"] == "sgd":
         opt = torch.optim.SGD(groups, lr=c["lr"])
@@ -114,7 +121,7 @@ def run_case(c, model_dir, pairs):
         loss = case_loss(c, policy, reference, pairs[step * g : (step + 1) * g])
         loss.backward()
         if c["max_grad_norm"] > 0:
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), c["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], c["max_grad_norm"])
         opt.step()
         sched.step()
     state = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}

@@ -133,3 +133,107 @@ fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
     let metrics = read_jsonl(&dir.path().join("lora/metrics.jsonl"));
     assert_eq!(metrics.len() as u64, STEPS);
 }
+
+#[test]
+fn frozen_parameters_stay_bit_identical_and_the_rest_train_as_in_pytorch() {
+    let dir = tempdir();
+    // The embedding (tied to the head in Qwen2) and the first layer frozen.
+    let freeze = [r"^model\.embed_tokens\.", r"^model\.layers\.0\."];
+    let toml_list = freeze
+        .iter()
+        .map(|f| format!("{f:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let path = spec(dir.path(), "frozen", &format!("freeze = [{toml_list}]"));
+    train_ok(&path);
+    let case = dir.path().join("cases.json");
+    let reference = dir.path().join("frozen.reference.safetensors");
+    std::fs::write(
+        &case,
+        serde_json::json!({
+            "model": fixture("qwen2"), "data": fixtures().join("pairs_tokens.jsonl"),
+            "cases": [{
+                "name": "frozen", "loss": "sigmoid", "beta": BETA, "label_smoothing": 0.0,
+                "nll_weight": 0.0, "negative_weight": 0.0, "optimizer": "sgd", "lr": LR,
+                "weight_decay": 0.0, "max_grad_norm": 0.0, "warmup_steps": 0,
+                "schedule": "constant_with_warmup", "steps": STEPS, "global_batch_size": GLOBAL,
+                "reference_free": false, "freeze": freeze, "out": reference,
+            }],
+        })
+        .to_string(),
+    )
+    .expect("case");
+    run_python("tests/reference/dpo_reference.py", &[&case]);
+    let initial = read_tensors(&fixture("qwen2").join("model.safetensors")).expect("initial");
+    let ours = read_tensors(&dir.path().join("frozen/final/model.safetensors")).expect("ours");
+    let theirs = read_tensors(&reference).expect("pytorch");
+    let re: Vec<regex::Regex> = freeze
+        .iter()
+        .map(|f| regex::Regex::new(f).expect("regex"))
+        .collect();
+    let (mut frozen, mut trained) = (0, 0);
+    for (name, t) in &ours {
+        let before = &initial[name];
+        if re.iter().any(|r| r.is_match(name)) {
+            frozen += 1;
+            assert!(t.equal(before), "{name} moved although frozen");
+        } else if !t.equal(before) {
+            trained += 1;
+        }
+    }
+    let diff = max_weight_diff(&ours, &theirs);
+    eprintln!(
+        "freeze: {frozen} tensors bit-identical, {trained} trained; max |ours − pytorch| {diff:.2e}"
+    );
+    assert!(
+        frozen >= 2 && trained > 0,
+        "{frozen} frozen, {trained} trained"
+    );
+    assert!(diff <= 1e-5, "{diff}");
+}
+
+#[test]
+fn bad_lora_and_freeze_settings_are_errors_naming_the_key() {
+    let dir = tempdir();
+    let cases = [
+        (
+            "target",
+            "[lora]\nr = 4\ntarget_modules = [\"q_proj\", \"qkv\"]",
+            "lora.target_modules",
+            "unknown module \"qkv\"",
+        ),
+        ("rank", "[lora]\nr = 0", "lora.r", "must be in 1..="),
+        (
+            "nothing",
+            "freeze = [\"^model\\\\.vision\\\\.\"]",
+            "train.freeze",
+            "matches no parameter of this model",
+        ),
+        (
+            "stage3",
+            "zero_stage = 3",
+            "train.zero_stage",
+            "needs a frozen base",
+        ),
+        (
+            "keyword",
+            "[lora]\ntarget_modules = \"every-linear\"",
+            "lora.target_modules",
+            "must be \"all-linear\"",
+        ),
+    ];
+    for (name, extra, key, reason) in cases {
+        let out = train(&spec(dir.path(), name, extra));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains(reason),
+            "{name}: wants {key}: {reason} in {stderr}"
+        );
+        assert!(
+            !dir.path().join(name).join("metrics.jsonl").exists(),
+            "{name}: nothing trained"
+        );
+    }
+}
