@@ -668,6 +668,18 @@ fn zero_stop_and_join(
     zero: &str,
     signal: &str,
 ) -> (serde_json::Value, Vec<serde_json::Value>, String) {
+    zero_stop_and_join_with(case, name, zero, signal, "")
+}
+
+/// [`zero_stop_and_join`] with `sections` (e.g. `[lora]`) added to both the
+/// one-process run and the cluster's.
+fn zero_stop_and_join_with(
+    case: &Case,
+    name: &str,
+    zero: &str,
+    signal: &str,
+    sections: &str,
+) -> (serde_json::Value, Vec<serde_json::Value>, String) {
     let steps = 150;
     // AdamW, so there are moments to shard; ε = 1e-3 so that the steps trained
     // again in another world (another summation order) stay within 1e-5.
@@ -679,13 +691,17 @@ fn zero_stop_and_join(
     };
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
     let solo = case.path().join("solo.toml");
-    std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
+    std::fs::write(
+        &solo,
+        adamw(spec(case.path(), "solo", &format!("{extra}\n{sections}"))),
+    )
+    .expect("spec");
     train_standalone(&solo, &case.logs).expect("standalone");
     let spec_path = case.path().join(format!("{name}.toml"));
     let text = adamw(spec(
         case.path(),
         name,
-        &format!("{extra}\n{zero}\n[cluster]\nmin_workers = 2\nmax_workers = 3"),
+        &format!("{extra}\n{zero}\n[cluster]\nmin_workers = 2\nmax_workers = 3\n{sections}"),
     ));
     assert!(text.contains("adamw"), "{text}");
     std::fs::write(&spec_path, text).expect("spec");
@@ -823,6 +839,28 @@ fn zero_a_step_torn_on_every_rank_is_completed_from_the_shares() {
     assert!(rollbacks.is_empty(), "no rollback: {run}");
     every_step_once(&out_dir, steps);
     case.assert_same_weights(&out_dir, "a step torn on every rank, completed");
+}
+
+#[test]
+fn lora_adapters_train_in_a_changing_world_as_in_one_process() {
+    let case = Case::new(96);
+    // LoRA on every linear layer (the reference: the base, adapters off), the
+    // adapters' optimizer state sharded (stage 2), a kill -9 — the share is
+    // lost, so the world goes back to the step-20 checkpoint, which holds the
+    // adapters — and a late joiner: every step once, the adapter of one process.
+    let lora = "[lora]\nr = 4\nalpha = 8.0\ntarget_modules = \"all-linear\"\ninit = \"gaussian\"";
+    let (run, _, _) = zero_stop_and_join_with(&case, "lora", "zero_stage = 2", "KILL", lora);
+    let out = case.path().join("lora/final");
+    assert!(out.join("adapter_config.json").exists(), "{run}");
+    let ck = case
+        .path()
+        .join("lora/checkpoints/step-20/adapter/adapter_model.safetensors");
+    assert!(ck.exists(), "a LoRA checkpoint holds the adapter");
+    let rollbacks = run["rollbacks"].as_array().cloned().unwrap_or_default();
+    assert!(
+        rollbacks.iter().any(|b| b["to_step"] == 20),
+        "back to the LoRA checkpoint: {run}"
+    );
 }
 
 #[test]

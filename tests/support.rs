@@ -262,8 +262,14 @@ pub fn steps_done(out: &Path) -> usize {
 
 /// Every f32/bf16 tensor of a saved model directory (single-file safetensors), as f32.
 pub fn weights(dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<f32>>> {
-    let bytes = std::fs::read(dir.join("model.safetensors"))
-        .with_context(|| format!("{}", dir.display()))?;
+    // A LoRA run's output is its adapter (PEFT's format).
+    let adapter = dir.join("adapter_model.safetensors");
+    let file = if adapter.exists() {
+        adapter
+    } else {
+        dir.join("model.safetensors")
+    };
+    let bytes = std::fs::read(&file).with_context(|| format!("{}", file.display()))?;
     let st = safetensors::SafeTensors::deserialize(&bytes)?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {

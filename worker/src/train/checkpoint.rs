@@ -336,7 +336,11 @@ impl Trainer {
             &tmp.join("manifest.json"),
             &json!({"step": step, "files": files}),
         )?;
-        sync_dir(&tmp.join("model"))?;
+        for sub in ["model", "adapter"] {
+            if tmp.join(sub).is_dir() {
+                sync_dir(&tmp.join(sub))?;
+            }
+        }
         sync_dir(tmp)?;
         let dir = root.join(format!("step-{step}"));
         if dir.exists() {
