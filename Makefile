@@ -14,7 +14,7 @@ export DPO_PYTHON := $(DPO_VENV)/bin/python
 CARGO ?= cargo
 DEMO_DIR ?= out/demo
 
-.PHONY: setup build test chart-test lint demo bench clean
+.PHONY: setup build test chart-test lint demo demo-lora bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,11 @@ chart-test: setup
 demo: setup
 	$(CARGO) build -p dpo-worker -p dpo-coordinator -p dpoctl
 	@bash examples/demo.sh $(DEMO_DIR)
+
+# The same with LoRA adapters (examples/runs/dpo-lora.toml).
+demo-lora: setup
+	$(CARGO) build -p dpo-worker -p dpo-coordinator -p dpoctl
+	@bash examples/demo.sh $(DEMO_DIR) lora
 
 bench: setup
 	$(DPO_PYTHON) -m pip install -q -r bench/requirements.txt

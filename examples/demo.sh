@@ -4,9 +4,13 @@
 # `dpoctl local`: a coordinator (embedded store) and two CPU worker processes training
 # data-parallel (progress bar, metrics, checkpoints, summary), then the trained policy
 # scored on held-out prompts against the initial model as reference.
+# With a second argument `lora` (`make demo-lora`) it trains LoRA adapters instead
+# (examples/runs/dpo-lora.toml: PEFT-format adapter, reference = adapters off) and
+# scores the merged model.
 # Run it through make, which sets up the venv and builds the binary.
 set -euo pipefail
 out=${1:-out/demo}
+mode=${2:-full}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 py=${DPO_PYTHON:-python3}
 bin=${DPO_WORKER:-$root/target/debug/dpo-worker}
@@ -21,11 +25,18 @@ if [ ! -f "$out/data/train.jsonl" ]; then
     echo "==> writing synthetic preference pairs to $out/data (rule: answer with the prompt's first word)"
     "$py" "$root/examples/make_pairs.py" --task copy --out "$out/data" --n 512 --eval-n 100
 fi
+if [ "$mode" = lora ]; then
+    run=dpo-lora
+    trained="$out/dpo-lora/final/merged"
+else
+    run=dpo
+    trained="$out/dpo/final"
+fi
 # The demo run starts fresh each time (a real run would continue with --resume).
-rm -rf "$out/dpo"
-echo "==> dpoctl local examples/runs/dpo.toml --workers 2"
-"$ctl" local "$root/examples/runs/dpo.toml" --workers 2
+rm -rf "${out:?}/$run"
+echo "==> dpoctl local examples/runs/$run.toml --workers 2"
+"$ctl" local "$root/examples/runs/$run.toml" --workers 2
 echo "==> dpo-worker score: the trained policy on held-out prompts, initial model as reference"
-"$bin" score --model "$out/dpo/final" --reference "$out/model" --data "$out/data/eval.jsonl" \
+"$bin" score --model "$trained" --reference "$out/model" --data "$out/data/eval.jsonl" \
     --out "$out/eval_scores.jsonl" --device cpu
-echo "==> outputs: $out/dpo/{metrics.jsonl,eval.jsonl,checkpoints/,final/}, $out/eval_scores.jsonl"
+echo "==> outputs: $out/$run/{metrics.jsonl,eval.jsonl,checkpoints/,final/}, $out/eval_scores.jsonl"

@@ -436,7 +436,10 @@ impl RunSpec {
         let mut spec: RunSpec = settings
             .try_deserialize()
             .map_err(|e| read_err(explain(&e.to_string())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        // Relative paths end absolute even when the spec's own path is relative
+        // (a coordinator elsewhere must see the same files).
+        let whole = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let base = whole.parent().unwrap_or(Path::new("."));
         spec.resolve_paths(base);
         spec.validate()
             .map_err(|(key, reason)| SpecError::Invalid {

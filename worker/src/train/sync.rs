@@ -267,10 +267,17 @@ impl Trainer {
                 rank,
                 reason: "malformed state summary from a peer".into(),
             })?;
+        if let Some(completed) = self.complete_torn_step(&all)? {
+            // Those ranks are whole at the completed step now: the usual path.
+            let mut synced = self.sync_world_sharded(checkpoint)?;
+            synced.completed = synced.completed.or(completed);
+            return Ok(synced);
+        }
         // The state furthest ahead, among ranks whose state is whole.
         let sound = |s: &Summary| s.torn == 0;
         let Some(max) = all.iter().filter(|s| sound(s)).map(|s| s.step).max() else {
-            return self.complete_torn_step(&all, checkpoint);
+            let from = all.iter().map(|s| s.step).max().unwrap_or(0);
+            return self.roll_back(from, checkpoint, &[], 0, true);
         };
         let root = all
             .iter()
@@ -485,74 +492,68 @@ impl Trainer {
         Ok(true)
     }
 
-    /// Every rank is torn: each updated its shares for the same step, and
-    /// the parameter gather broke. When every share of that step survives
-    /// (its owner, or the replica its successor keeps), the updated pieces of
-    /// the parameters are gathered from them in this world, the step counts
-    /// as done (its metrics, kept when it tore, are returned to report), and
-    /// the world goes on from there; otherwise it rolls back.
-    fn complete_torn_step(
-        &mut self,
-        all: &[Summary],
-        checkpoint: Option<(&Path, u64)>,
-    ) -> Result<Synced> {
+    /// Ranks torn in the same step (each updated its shares, the parameter
+    /// gather broke) that no sound rank has gone past — every rank of a broken
+    /// world, say, with a joiner restored from an older checkpoint beside
+    /// them: when every share of that step survives among them (its owner,
+    /// or the replica its successor keeps), the updated pieces of the
+    /// parameters are gathered from them (every rank of this world takes
+    /// part; the others contribute nothing), the step counts as done on the
+    /// torn ranks (its metrics, kept when it tore, are returned to report),
+    /// and the usual path goes on from there. `None`: not the case.
+    fn complete_torn_step(&mut self, all: &[Summary]) -> Result<Option<Option<super::Metrics>>> {
         let rank = self.collective.rank();
-        let from = all.iter().map(|s| s.step).max().unwrap_or(0);
-        let lead = all[0];
-        let uniform = all
-            .iter()
-            .all(|s| s.step == lead.step && s.world == lead.world && s.torn == 1);
-        if !uniform || lead.world == 0 || self.zero.is_none() {
-            return self.roll_back(from, checkpoint, &[], 0, true);
+        let torn = |s: &&Summary| s.torn == 1 && s.world > 0;
+        let Some(kt) = all.iter().filter(torn).map(|s| s.step).max() else {
+            return Ok(None);
+        };
+        let sound_max = all.iter().filter(|s| s.torn == 0).map(|s| s.step).max();
+        if sound_max.is_some_and(|m| m > kt) {
+            // Sound ranks finished that step: the torn ranks' shares count as
+            // theirs in the usual path.
+            return Ok(None);
         }
+        let Some(lead) = all.iter().find(|s| torn(s) && s.step == kt).copied() else {
+            return Ok(None);
+        };
         let w0 = lead.world;
+        let member = |s: &Summary| s.torn == 1 && s.step == kt && s.world == w0;
         let holder = |k: u64, replica: bool| {
             all.iter()
-                .position(|s| s.rank == k && (!replica || (s.replica == 1 && w0 > 1)))
+                .position(|s| member(s) && s.rank == k && (!replica || (s.replica == 1 && w0 > 1)))
         };
-        let contributors: Vec<Option<(usize, bool)>> = (0..w0)
-            .map(|k| {
-                holder(k, false)
-                    .map(|r| (r, false))
-                    .or_else(|| holder((k + 1) % w0, true).map(|r| (r, true)))
-            })
+        let contributors: Vec<Option<usize>> = (0..w0)
+            .map(|k| holder(k, false).or_else(|| holder((k + 1) % w0, true)))
             .collect();
-        let missing: Vec<u64> = (0..w0)
-            .filter(|k| contributors[*k as usize].is_none())
-            .collect();
-        if !missing.is_empty() {
-            return self.roll_back(from, checkpoint, &missing, w0, true);
+        if contributors.iter().any(Option::is_none) {
+            return Ok(None);
         }
-        let replicas = lead.replica == 1;
         let old = crate::zero::Partition::new(
             self.optimizer.params(),
             self.optimizer.names(),
             w0 as usize,
             0,
-            replicas,
+            lead.replica == 1,
         );
         let params = self.optimizer.params();
         let mut mine = Vec::new();
         for (k, c) in contributors.iter().enumerate() {
-            if let Some((r, _)) = c
-                && *r == rank
-            {
+            if *c == Some(rank) {
                 mine.extend(old.owners_pieces(params, k));
             }
         }
         old.assemble_parameters(params, &mine, self.collective.as_mut())?;
+        if !member(&all[rank]) {
+            // Not torn in that step: this rank takes the state it lacks next.
+            return Ok(Some(None));
+        }
         self.state.step += 1;
         self.torn = false;
-        let completed = self.torn_metrics.take();
         tracing::warn!(
             step = self.state.step,
-            "ZeRO: every rank's step broke in the parameter gather; completed it from the updated shares, no step is lost"
+            "ZeRO: a step broke in the parameter gather on every rank that ran it; completed it from the updated shares, no step is lost"
         );
-        // Every rank is now whole at the completed step, holding its old
-        // share: the usual path re-partitions for this world.
-        let mut synced = self.sync_world_sharded(checkpoint)?;
-        synced.completed = completed;
-        Ok(synced)
+        Ok(Some(self.torn_metrics.take()))
     }
 
     /// Every rank back to `checkpoint` (or to the initial weights), whole,
