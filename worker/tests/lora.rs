@@ -216,6 +216,12 @@ fn bad_lora_and_freeze_settings_are_errors_naming_the_key() {
             "needs a frozen base",
         ),
         (
+            "stage3-lora",
+            "zero_stage = 3\n[lora]\nr = 4",
+            "train.zero_stage",
+            "is not available yet",
+        ),
+        (
             "keyword",
             "[lora]\ntarget_modules = \"every-linear\"",
             "lora.target_modules",

@@ -702,6 +702,11 @@ impl RunSpec {
                     .into()
             },
         )?;
+        check(t.zero_stage < 3, "train.zero_stage", || {
+            "3 (the frozen base sharded across the ranks) is not available yet: use 1 or 2 \
+             (the adapters' or unfrozen parameters' state is then sharded, the base replicated)"
+                .into()
+        })?;
         for (i, f) in t.freeze.iter().enumerate() {
             check(!f.trim().is_empty(), "train.freeze", || {
                 format!("entry {i} is empty")
