@@ -10,9 +10,9 @@ both A and B random values (PEFT starts B at zero, which would leave A without a
 gradient in the first step), and saves the adapter with `save_pretrained(OUT)`.
 
 `check` (CASE.json: {"model", "data", "init", "ours", "steps", "global_batch_size",
-"lr", "beta", "out"}) trains PEFT's model from the `init` adapter with the DPO
-sigmoid loss of the papers — the policy with its adapters, the reference the same
-model under `disable_adapter()` — and torch's SGD, pairs in file order, the whole
+"lr", "beta", "loss", "out"}) trains PEFT's model from the `init` adapter with the
+loss of the papers (dpo_reference.py's: sigmoid, ipo, combined, …) — the policy with
+its adapters, the reference the same model under `disable_adapter()` — and torch's SGD, pairs in file order, the whole
 global batch in one forward; saves the trained adapter to `out/reference`; then
 loads OUR trained adapter (`ours`, our `final/`) into PEFT with
 `PeftModel.from_pretrained` and writes to `out/results.json` the max |Δ| of logits
@@ -28,8 +28,10 @@ import sys
 
 import peft
 import torch
-import torch.nn.functional as F
 import transformers
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dpo_reference  # noqa: E402  (the losses, as the papers write them)
 
 
 def base(model_dir):
@@ -62,10 +64,15 @@ def batch(pairs, key):
     return ids, attn, resp
 
 
-def sums(model, ids, attn, resp):
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-    return (lp * resp[:, 1:].float()).sum(-1)
+class AdaptersOff:
+    """The PEFT model called with its adapters disabled (the reference)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, **kwargs):
+        with self.model.disable_adapter():
+            return self.model(**kwargs)
 
 
 def check(case_path):
@@ -78,15 +85,14 @@ def check(case_path):
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=c["lr"])
-    g, beta = c["global_batch_size"], c["beta"]
+    g = c["global_batch_size"]
+    # The losses of dpo_reference.py (the papers' formulas), with the reference
+    # being this same model under disable_adapter().
+    loss_case = {"loss": c.get("loss", "sigmoid"), "beta": c["beta"], "label_smoothing": 0.0,
+                 "nll_weight": 0.0, "negative_weight": c.get("negative_weight", 0.5), "reference_free": False}
     for step in range(c["steps"]):
         opt.zero_grad()
-        chosen = batch(pairs[step * g:(step + 1) * g], "chosen_ids")
-        rejected = batch(pairs[step * g:(step + 1) * g], "rejected_ids")
-        pc, pr = sums(model, *chosen), sums(model, *rejected)
-        with torch.no_grad(), model.disable_adapter():
-            rc, rr = sums(model, *chosen), sums(model, *rejected)
-        loss = -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+        loss = dpo_reference.case_loss(loss_case, model, AdaptersOff(model), pairs[step * g:(step + 1) * g])
         loss.backward()
         opt.step()
     os.makedirs(c["out"], exist_ok=True)

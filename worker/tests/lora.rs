@@ -1,6 +1,7 @@
 //! LoRA against PEFT itself (`tests/reference/peft_reference.py`): PEFT makes
-//! an adapter, we train it for 3 DPO steps (SGD; the reference is the same
-//! model with its adapters off), PEFT trains the same adapter the same way; the
+//! an adapter, we train it for 3 steps of DPO, IPO and the combined objective
+//! (SGD; the reference is the same model with its adapters off), PEFT trains
+//! the same adapter the same way (the papers' losses of dpo_reference.py); the
 //! adapters must agree to 1e-5, ours must load into PEFT with the same logits,
 //! and our merged model must give the logits of PEFT's `merge_and_unload()`.
 //! Freezing (`train.freeze`) is checked against the PyTorch reference with
@@ -72,66 +73,81 @@ fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
             "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
         ],
     );
-    let path = spec(
-        dir.path(),
-        "lora",
-        &format!(
-            "[lora]\nr = 4\nalpha = 8.0\ntarget_modules = \"all-linear\"\ninit_from = \"{}\"\nmerge = true",
-            init.display()
-        ),
-    );
-    train_ok(&path);
-    let ours = dir.path().join("lora/final");
-    assert!(ours.join("adapter_config.json").exists());
-    assert!(
-        !ours.join("model.safetensors").exists(),
-        "a LoRA run writes its adapter, not the whole model"
-    );
-    let case = dir.path().join("case.json");
-    std::fs::write(
-        &case,
-        serde_json::json!({
-            "model": model, "data": fixtures().join("pairs_tokens.jsonl"), "init": init,
-            "ours": ours, "steps": STEPS, "global_batch_size": GLOBAL, "lr": LR, "beta": BETA,
-            "out": dir.path().join("peft"),
-        })
-        .to_string(),
-    )
-    .expect("case");
-    run_python(
-        "tests/reference/peft_reference.py",
-        &["check", case.to_str().expect("utf-8")],
-    );
-    let file = "adapter_model.safetensors";
-    let start = read_tensors(&init.join(file)).expect("initial adapter");
-    let theirs = read_tensors(&dir.path().join("peft/reference").join(file)).expect("PEFT's");
-    let mine = read_tensors(&ours.join(file)).expect("ours");
-    let moved = max_weight_diff(&mine, &start);
-    let diff = max_weight_diff(&mine, &theirs);
-    let results: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("peft/results.json")).expect("results"),
-    )
-    .expect("json");
-    let value = |k: &str| results[k].as_f64().unwrap_or(f64::NAN);
-    eprintln!(
-        "LoRA DPO, 3 SGD steps: adapters moved {moved:.2e}, max |ours − PEFT| {diff:.2e}; \
-         logits of our adapter in PEFT vs PEFT's {:.2e} (scale {:.1}); merged {:.2e}",
-        value("adapter_logits"),
-        value("logits_scale"),
-        value("merged_logits")
-    );
-    assert!(moved > 1e-3, "training moves the adapters: {moved}");
-    assert!(diff <= 1e-5, "adapters differ from PEFT's by {diff}");
-    let logits = results["adapter_logits"].as_f64().expect("logits");
-    assert!(
-        logits <= 1e-5,
-        "our adapter in PEFT: logits differ by {logits}"
-    );
-    let merged = results["merged_logits"].as_f64().expect("merged");
-    assert!(merged <= 1e-5, "merged logits differ by {merged}");
-    // The base never moved: the reference was the base itself.
-    let metrics = read_jsonl(&dir.path().join("lora/metrics.jsonl"));
-    assert_eq!(metrics.len() as u64, STEPS);
+    // (loss, learning rate): DPO, IPO and the combined objective (labelled
+    // chosen responses, rejected ones as negatives).
+    for (loss, lr) in [("sigmoid", LR), ("ipo", 0.05), ("combined", LR)] {
+        let path = spec(
+            dir.path(),
+            loss,
+            &format!(
+                "[lora]\nr = 4\nalpha = 8.0\ntarget_modules = \"all-linear\"\ninit_from = \"{}\"\nmerge = true",
+                init.display()
+            ),
+        );
+        let text = std::fs::read_to_string(&path).expect("spec");
+        let text = text
+            .replace(
+                "loss = \"sigmoid\"",
+                &format!("loss = \"{loss}\"\nnegative_weight = 0.5"),
+            )
+            .replace(&format!("lr = {LR}\n"), &format!("lr = {lr}\n"));
+        std::fs::write(&path, text).expect("spec");
+        train_ok(&path);
+        let ours = dir.path().join(loss).join("final");
+        assert!(ours.join("adapter_config.json").exists());
+        assert!(
+            !ours.join("model.safetensors").exists(),
+            "a LoRA run writes its adapter, not the whole model"
+        );
+        let out = dir.path().join(format!("peft-{loss}"));
+        let case = dir.path().join(format!("{loss}.json"));
+        std::fs::write(
+            &case,
+            serde_json::json!({
+                "model": model, "data": fixtures().join("pairs_tokens.jsonl"), "init": init,
+                "ours": ours, "steps": STEPS, "global_batch_size": GLOBAL, "lr": lr, "beta": BETA,
+                "loss": loss, "negative_weight": 0.5, "out": out,
+            })
+            .to_string(),
+        )
+        .expect("case");
+        run_python(
+            "tests/reference/peft_reference.py",
+            &["check", case.to_str().expect("utf-8")],
+        );
+        let file = "adapter_model.safetensors";
+        let start = read_tensors(&init.join(file)).expect("initial adapter");
+        let theirs = read_tensors(&out.join("reference").join(file)).expect("PEFT's");
+        let mine = read_tensors(&ours.join(file)).expect("ours");
+        let moved = max_weight_diff(&mine, &start);
+        let diff = max_weight_diff(&mine, &theirs);
+        let results: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("results.json")).expect("results"),
+        )
+        .expect("json");
+        let value = |k: &str| results[k].as_f64().unwrap_or(f64::NAN);
+        eprintln!(
+            "LoRA {loss}, 3 SGD steps: adapters moved {moved:.2e}, max |ours − PEFT| {diff:.2e}; \
+             logits of our adapter in PEFT vs PEFT's {:.2e} (scale {:.1}); merged {:.2e}",
+            value("adapter_logits"),
+            value("logits_scale"),
+            value("merged_logits")
+        );
+        assert!(moved > 1e-3, "{loss}: training moves the adapters: {moved}");
+        assert!(
+            diff <= 1e-5,
+            "{loss}: adapters differ from PEFT's by {diff}"
+        );
+        let logits = value("adapter_logits");
+        assert!(
+            logits <= 1e-5,
+            "{loss}: our adapter in PEFT: logits differ by {logits}"
+        );
+        let merged = value("merged_logits");
+        assert!(merged <= 1e-5, "{loss}: merged logits differ by {merged}");
+        let metrics = read_jsonl(&dir.path().join(loss).join("metrics.jsonl"));
+        assert_eq!(metrics.len() as u64, STEPS);
+    }
 }
 
 #[test]
