@@ -234,8 +234,14 @@ fn bad_lora_and_freeze_settings_are_errors_naming_the_key() {
         (
             "stage3-lora",
             "zero_stage = 3\n[lora]\nr = 4",
+            "train.gradient_checkpointing",
+            "must be true with train.zero_stage = 3",
+        ),
+        (
+            "stage3-freeze",
+            "zero_stage = 3\ngradient_checkpointing = true\nfreeze = [\"embed\"]",
             "train.zero_stage",
-            "is not available yet",
+            "3 shards a LoRA run's frozen base",
         ),
         (
             "keyword",
@@ -257,5 +263,56 @@ fn bad_lora_and_freeze_settings_are_errors_naming_the_key() {
             !dir.path().join(name).join("metrics.jsonl").exists(),
             "{name}: nothing trained"
         );
+    }
+}
+
+/// Trains `spec` on `world` ranks of `--peers` (each exits 0).
+fn train_world(spec: &Path, world: usize) {
+    let peers = common::free_ports(world);
+    let children: Vec<std::process::Child> = (0..world)
+        .map(|r| {
+            common::train_process(
+                spec,
+                &[
+                    "--peers".to_string(),
+                    peers.clone(),
+                    "--rank".to_string(),
+                    r.to_string(),
+                ],
+            )
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn a_sharded_frozen_base_trains_the_adapters_of_a_replicated_one() {
+    let dir = tempdir();
+    let lora = "gradient_checkpointing = true\n[lora]\nr = 4\nalpha = 8.0\ntarget_modules = \"all-linear\"\ninit = \"gaussian\"";
+    train_ok(&spec(dir.path(), "replicated", lora));
+    let file = "final/adapter_model.safetensors";
+    let replicated = read_tensors(&dir.path().join("replicated").join(file)).expect("adapter");
+    for world in [2usize, 3] {
+        let name = format!("sharded{world}");
+        let path = spec(
+            dir.path(),
+            &name,
+            &lora.replace(
+                "gradient_checkpointing = true",
+                "gradient_checkpointing = true\nzero_stage = 3",
+            ),
+        );
+        train_world(&path, world);
+        let sharded = read_tensors(&dir.path().join(&name).join(file)).expect("adapter");
+        let d = max_weight_diff(&replicated, &sharded);
+        eprintln!("LoRA, frozen base sharded over {world} ranks: max |Δ| adapters {d:.2e}");
+        assert!(d <= 1e-5, "{world} ranks: {d}");
     }
 }

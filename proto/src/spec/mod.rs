@@ -702,11 +702,33 @@ impl RunSpec {
                     .into()
             },
         )?;
-        check(t.zero_stage < 3, "train.zero_stage", || {
-            "3 (the frozen base sharded across the ranks) is not available yet: use 1 or 2 \
-             (the adapters' or unfrozen parameters' state is then sharded, the base replicated)"
-                .into()
-        })?;
+        check(
+            t.zero_stage < 3 || self.lora.is_some(),
+            "train.zero_stage",
+            || {
+                "3 shards a LoRA run's frozen base; with train.freeze use 1 or 2 \
+             (the unfrozen parameters' state is then sharded, the base replicated)"
+                    .into()
+            },
+        )?;
+        check(
+            t.zero_stage < 3 || t.gradient_checkpointing,
+            "train.gradient_checkpointing",
+            || {
+                "must be true with train.zero_stage = 3 (each layer's weights are gathered \
+                 for its forward and again for its recomputation, and dropped in between)"
+                    .into()
+            },
+        )?;
+        check(
+            t.zero_stage < 3 || self.lora.as_ref().is_none_or(|l| !l.merge),
+            "lora.merge",
+            || {
+                "not with train.zero_stage = 3 (no rank holds the whole base): merge the adapter \
+                 afterwards with PEFT's merge_and_unload"
+                    .into()
+            },
+        )?;
         for (i, f) in t.freeze.iter().enumerate() {
             check(!f.trim().is_empty(), "train.freeze", || {
                 format!("entry {i} is empty")

@@ -34,6 +34,15 @@ pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
     Ok(model)
 }
 
+/// [`load`] for ZeRO stage 3: everything but the decoder layers, which
+/// [`CausalLm::shard_base`] fills with a rank's share (see [`TensorIndex`]).
+pub fn load_sharded(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
+    let config = ModelConfig::from_dir(dir)?;
+    let model = CausalLm::new_sharded(config, kind, device)?;
+    load_weights(&model, dir)?;
+    Ok(model)
+}
+
 /// Loads a reference model for a policy with `vocab_size` tokens; the two must
 /// share a tokenizer, so a different vocabulary size is refused.
 pub fn load_reference(dir: &Path, kind: Kind, device: Device, vocab_size: i64) -> Result<CausalLm> {
@@ -119,7 +128,10 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 /// every tensor in the files must be a parameter (stale rotary buffers and a tied
 /// `lm_head.weight` excepted, as transformers does).
 pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
-    let params = model.var_store().variables();
+    let mut params = model.var_store().variables();
+    // ZeRO stage 3: the decoder layers' parameters come as shares instead.
+    let sharded: HashSet<String> = model.sharded_names().into_iter().collect();
+    params.retain(|name, _| !sharded.contains(name));
     let model_type = model.config().architecture.name();
     let mut loaded: HashSet<String> = HashSet::new();
     let _guard = tch::no_grad_guard();
@@ -131,7 +143,8 @@ pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
         })?;
         for (name, view) in file.iter() {
             let Some(param) = params.get(name) else {
-                let ignorable = name.ends_with("rotary_emb.inv_freq")
+                let ignorable = sharded.contains(name)
+                    || name.ends_with("rotary_emb.inv_freq")
                     || (name == "lm_head.weight" && model.config().tie_word_embeddings);
                 if ignorable {
                     continue;
@@ -390,4 +403,112 @@ pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
     })?;
     text.push('\n');
     write_atomically(path, text.as_bytes())
+}
+
+/// Where each tensor of a checkpoint directory lies in its files, so that a
+/// part of one can be read without reading the rest (a rank's share of the
+/// frozen base under ZeRO stage 3).
+#[derive(Debug)]
+pub struct TensorIndex {
+    entries: HashMap<String, IndexEntry>,
+}
+
+#[derive(Debug, Clone)]
+struct IndexEntry {
+    file: PathBuf,
+    kind: Kind,
+    shape: Vec<i64>,
+    /// Byte offset of the tensor's data in the file.
+    start: u64,
+}
+
+impl TensorIndex {
+    /// Reads the headers of every weight file of `dir` (nothing else).
+    pub fn open(dir: &Path) -> Result<Self> {
+        use std::io::Read;
+        let mut entries = HashMap::new();
+        for file in weight_files(dir)? {
+            let bad = |reason: String| Error::Safetensors {
+                path: file.clone(),
+                reason,
+            };
+            let mut f = std::fs::File::open(&file).map_err(io_err(&file))?;
+            let mut len = [0u8; 8];
+            f.read_exact(&mut len).map_err(io_err(&file))?;
+            let n = u64::from_le_bytes(len);
+            if n > 100 << 20 {
+                return Err(bad(format!("header of {n} bytes")));
+            }
+            let mut header = vec![0u8; n as usize];
+            f.read_exact(&mut header).map_err(io_err(&file))?;
+            let header: serde_json::Map<String, Value> =
+                serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+            for (name, info) in header {
+                if name == "__metadata__" {
+                    continue;
+                }
+                let kind = match info.get("dtype").and_then(Value::as_str) {
+                    Some("F32") => Kind::Float,
+                    Some("BF16") => Kind::BFloat16,
+                    Some("F16") => Kind::Half,
+                    Some("F64") => Kind::Double,
+                    other => {
+                        return Err(bad(format!("tensor {name}: unsupported dtype {other:?}")));
+                    }
+                };
+                let shape: Option<Vec<i64>> = info
+                    .get("shape")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_i64).collect());
+                let start = info
+                    .get("data_offsets")
+                    .and_then(Value::as_array)
+                    .and_then(|a| a.first())
+                    .and_then(Value::as_u64);
+                let (Some(shape), Some(start)) = (shape, start) else {
+                    return Err(bad(format!("tensor {name}: no shape or data_offsets")));
+                };
+                entries.insert(
+                    name,
+                    IndexEntry {
+                        file: file.clone(),
+                        kind,
+                        shape,
+                        start: 8 + n + start,
+                    },
+                );
+            }
+        }
+        Ok(TensorIndex { entries })
+    }
+
+    /// Elements `from .. from + len` of tensor `name` (flattened), as `kind`.
+    pub fn read_range(&self, name: &str, from: i64, len: i64, kind: Kind) -> Result<Tensor> {
+        use std::io::{Read, Seek, SeekFrom};
+        let e = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            dir: PathBuf::new(),
+            name: name.to_string(),
+        })?;
+        let numel: i64 = e.shape.iter().product();
+        if from < 0 || len < 0 || from + len > numel {
+            return Err(Error::Safetensors {
+                path: e.file.clone(),
+                reason: format!("tensor {name}: elements {from}..{} of {numel}", from + len),
+            });
+        }
+        let size = e.kind.elt_size_in_bytes() as u64;
+        let mut f = std::fs::File::open(&e.file).map_err(io_err(&e.file))?;
+        f.seek(SeekFrom::Start(e.start + from as u64 * size))
+            .map_err(io_err(&e.file))?;
+        let mut bytes = vec![0u8; (len as u64 * size) as usize];
+        f.read_exact(&mut bytes).map_err(io_err(&e.file))?;
+        Tensor::f_from_data_size(&bytes, &[len], e.kind)
+            .and_then(|t| t.f_to_kind(kind))
+            .op("reading a tensor range")
+    }
+
+    /// The shape of tensor `name`, if the checkpoint has it.
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
 }

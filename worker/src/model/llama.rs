@@ -18,15 +18,33 @@ use crate::error::{Result, TorchContext};
 
 type TchResult<T> = std::result::Result<T, tch::TchError>;
 
-/// Registers a parameter of the given shape (zero-filled until a checkpoint is loaded).
+/// Parameters registered empty, by name, with the shapes they will have.
+type Deferred = Option<Vec<(String, Vec<i64>)>>;
+
+thread_local! {
+    /// While building a model whose decoder layers are sharded (ZeRO stage 3),
+    /// their parameters are registered empty and their shapes noted here.
+    static DEFERRED: std::cell::RefCell<Deferred> = const { std::cell::RefCell::new(None) };
+}
+
+/// Registers a parameter of the given shape (zero-filled until a checkpoint is
+/// loaded; empty, its shape noted, while building sharded layers).
 fn param(p: &Path, name: &str, dims: &[i64], kind: Kind) -> TchResult<Tensor> {
-    let t = Tensor::f_zeros(dims, (kind, p.device()))?;
+    let deferred = DEFERRED.with(|d| {
+        d.borrow_mut().as_mut().map(|list| {
+            list.push((p.path(name), dims.to_vec()));
+        })
+    });
+    let shape: &[i64] = if deferred.is_some() { &[0] } else { dims };
+    let t = Tensor::f_zeros(shape, (kind, p.device()))?;
     Ok(p.add(name, t, true))
 }
 
 #[derive(Debug)]
 struct Linear {
     weight: Tensor,
+    /// `(out, in)`: the weight's shape (also while it is sharded away).
+    shape: (i64, i64),
     bias: Option<Tensor>,
     /// A LoRA adapter on this layer, when one targets it.
     lora: Option<Lora>,
@@ -52,6 +70,7 @@ impl Linear {
     fn new(p: Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> TchResult<Self> {
         Ok(Linear {
             weight: param(&p, "weight", &[out_dim, in_dim], kind)?,
+            shape: (out_dim, in_dim),
             bias: if bias {
                 Some(param(&p, "bias", &[out_dim], kind)?)
             } else {
@@ -446,6 +465,103 @@ pub struct CausalLm {
     adapters: Option<(VarStore, dpo_proto::LoraSpec)>,
     /// Whether the adapters take part in the forward.
     adapters_on: Arc<AtomicBool>,
+    /// ZeRO stage 3: the decoder layers' frozen parameters, sharded.
+    sharded: Option<ShardedBase>,
+}
+
+/// The decoder layers' (frozen) parameters under ZeRO stage 3: each rank of a
+/// world of `W` keeps chunk `rank` of each layer's flattened parameters;
+/// a layer's parameters are all-gathered just before it runs (forward, or
+/// recomputation in the backward) and dropped right after.
+struct ShardedBase {
+    /// Per layer: its parameters `(name, shape, tensor)`, in name order.
+    layers: Vec<Vec<(String, Vec<i64>, Tensor)>>,
+    /// Per layer: this rank's chunk (`None` until sharded for a world).
+    shards: Vec<Option<Tensor>>,
+    world: usize,
+    rank: usize,
+    /// The world's collective, lent by the trainer while the model runs.
+    lent: std::sync::Mutex<Option<Box<dyn crate::collective::Collective>>>,
+}
+
+impl ShardedBase {
+    /// Makes layer `l`'s parameters whole: every rank's share, all-gathered
+    /// through the lent collective (a world of one holds them all).
+    fn gather(&self, l: usize) -> Result<()> {
+        let params = &self.layers[l];
+        let Some(shard) = &self.shards[l] else {
+            return Err(crate::error::Error::State(
+                "ZeRO stage 3: the frozen base was not sharded for this world",
+            ));
+        };
+        let n: usize = params
+            .iter()
+            .map(|(_, s, _)| s.iter().product::<i64>() as usize)
+            .sum();
+        let (kind, device) = (shard.kind(), shard.device());
+        let flat = if self.world <= 1 {
+            shard.shallow_clone()
+        } else {
+            let (start, len) = crate::collective::chunk(n, self.world, self.rank);
+            let mut values = vec![0.0f32; n];
+            let mine = Vec::<f32>::try_from(
+                &shard
+                    .f_to_kind(Kind::Float)
+                    .and_then(|t| t.f_to_device(Device::Cpu))
+                    .op("stage 3: share")?,
+            )
+            .op("stage 3: share")?;
+            values[start..start + len].copy_from_slice(&mine);
+            let mut lent = self
+                .lent
+                .lock()
+                .map_err(|_| crate::error::Error::State("ZeRO stage 3: collective lock"))?;
+            let Some(c) = lent.as_mut() else {
+                return Err(crate::error::Error::State(
+                    "ZeRO stage 3: no collective lent to gather a layer",
+                ));
+            };
+            c.all_gather_chunks(&mut values)?;
+            Tensor::f_from_slice(&values)
+                .and_then(|t| t.f_to_kind(kind))
+                .and_then(|t| t.f_to_device(device))
+                .op("stage 3: gathered layer")?
+        };
+        let mut at = 0i64;
+        for (_, shape, t) in params {
+            let size: i64 = shape.iter().product();
+            let whole = flat
+                .f_narrow(0, at, size)
+                .and_then(|v| v.f_view(shape.as_slice()))
+                .op("stage 3: gathered layer")?;
+            t.shallow_clone()
+                .f_set_data(&whole)
+                .op("stage 3: gathered layer")?;
+            at += size;
+        }
+        Ok(())
+    }
+
+    /// Drops layer `l`'s whole parameters again (the share stays).
+    fn release(&self, l: usize) -> Result<()> {
+        for (_, _, t) in &self.layers[l] {
+            let empty = Tensor::f_zeros([0], (t.kind(), t.device())).op("stage 3: release")?;
+            t.shallow_clone()
+                .f_set_data(&empty)
+                .op("stage 3: release")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for ShardedBase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedBase")
+            .field("layers", &self.layers.len())
+            .field("world", &self.world)
+            .field("rank", &self.rank)
+            .finish()
+    }
 }
 
 /// While alive, the model runs as its base (adapters off); see
@@ -513,7 +629,18 @@ impl CausalLm {
     /// Builds the model with zero-filled parameters of dtype `kind` on `device`;
     /// `checkpoint::load` fills them.
     pub fn new(config: ModelConfig, kind: Kind, device: Device) -> Result<Self> {
+        Self::build(config, kind, device, false)
+    }
+
+    /// [`CausalLm::new`] for ZeRO stage 3: the decoder layers' parameters hold
+    /// nothing until [`CausalLm::shard_base`] gives this rank its share.
+    pub fn new_sharded(config: ModelConfig, kind: Kind, device: Device) -> Result<Self> {
+        Self::build(config, kind, device, true)
+    }
+
+    fn build(config: ModelConfig, kind: Kind, device: Device, shard: bool) -> Result<Self> {
         let vs = VarStore::new(device);
+        let deferred_layers: std::cell::RefCell<Deferred> = std::cell::RefCell::new(None);
         let root = vs.root();
         let build = || -> TchResult<(Tensor, Vec<DecoderLayer>, RmsNorm, Tensor)> {
             let model = &root / "model";
@@ -523,9 +650,15 @@ impl CausalLm {
                 &[config.vocab_size, config.hidden_size],
                 kind,
             )?;
+            if shard {
+                DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+            }
             let layers = (0..config.num_hidden_layers as usize)
                 .map(|i| DecoderLayer::new(&model / "layers" / i, &config, i, kind))
-                .collect::<TchResult<Vec<_>>>()?;
+                .collect::<TchResult<Vec<_>>>();
+            // Only the decoder layers are sharded.
+            *deferred_layers.borrow_mut() = DEFERRED.with(|d| d.borrow_mut().take());
+            let layers = layers?;
             let norm = RmsNorm::new(
                 &model / "norm",
                 config.hidden_size,
@@ -544,7 +677,35 @@ impl CausalLm {
             };
             Ok((embed_tokens, layers, norm, lm_head))
         };
-        let (embed_tokens, layers, norm, lm_head) = build().op("allocating parameters")?;
+        let built = build();
+        DEFERRED.with(|d| d.borrow_mut().take());
+        let deferred = deferred_layers.take();
+        let (embed_tokens, layers, norm, lm_head) = built.op("allocating parameters")?;
+        let sharded = match deferred {
+            Some(list) => {
+                let vars = vs.variables();
+                let mut per_layer: Vec<Vec<(String, Vec<i64>, Tensor)>> =
+                    (0..layers.len()).map(|_| Vec::new()).collect();
+                for (name, shape) in list {
+                    let layer = crate::zero::layer_of(&name).filter(|&l| l < per_layer.len());
+                    if let (Some(l), Some(t)) = (layer, vars.get(&name)) {
+                        let _ = t.set_requires_grad(false);
+                        per_layer[l].push((name, shape, t.shallow_clone()));
+                    }
+                }
+                for l in &mut per_layer {
+                    l.sort_by(|a, b| a.0.cmp(&b.0));
+                }
+                Some(ShardedBase {
+                    shards: per_layer.iter().map(|_| None).collect(),
+                    layers: per_layer,
+                    world: 0,
+                    rank: 0,
+                    lent: std::sync::Mutex::new(None),
+                })
+            }
+            None => None,
+        };
         let rope = Rope::new(
             config.head_dim,
             config.rope_theta,
@@ -566,6 +727,7 @@ impl CausalLm {
             unpad: true,
             adapters: None,
             adapters_on: Arc::new(AtomicBool::new(true)),
+            sharded,
         })
     }
 
@@ -695,8 +857,8 @@ impl CausalLm {
         };
         if !(deferred && autograd && (recompute || self.staged)) {
             let mut xs = self.embed(input_ids)?;
-            for layer in &self.layers {
-                xs = layer.forward(&xs, &cos, &sin, &masks, None)?;
+            for i in 0..self.layers.len() {
+                xs = self.layer_forward(i, &xs, &cos, &sin, &masks, None)?;
             }
             let hidden = finish(self.norm.forward(&xs).op("norm")?)?;
             return Ok((hidden, None));
@@ -709,15 +871,15 @@ impl CausalLm {
                 let _guard = tch::no_grad_guard();
                 self.embed(input_ids)?
             };
-            for layer in &self.layers {
+            for i in 0..self.layers.len() {
                 if recompute {
                     let _guard = tch::no_grad_guard();
-                    let out = layer.forward(&xs, &cos, &sin, &masks, None)?;
+                    let out = self.layer_forward(i, &xs, &cos, &sin, &masks, None)?;
                     inputs.push(xs);
                     xs = out;
                 } else {
                     let x = xs.f_detach().op("staged input")?.set_requires_grad(true);
-                    let out = layer.forward(&x, &cos, &sin, &masks, None)?;
+                    let out = self.layer_forward(i, &x, &cos, &sin, &masks, None)?;
                     xs = out.f_detach().op("staged output")?;
                     inputs.push(x);
                     outputs.push(out);
@@ -783,7 +945,7 @@ impl CausalLm {
             if !targets.iter().any(|t| t == module) {
                 continue;
             }
-            let (out_dim, in_dim) = linear.weight.size2().op("lora: weight shape")?;
+            let (out_dim, in_dim) = linear.shape;
             let mut path = root.clone();
             for part in prefix.split('.') {
                 path = &path / part;
@@ -901,6 +1063,12 @@ impl CausalLm {
     /// The base parameters with every adapter folded in (`W + B A · alpha/r`),
     /// by name: what `[lora] merge` writes.
     pub fn merged_parameters(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.sharded.is_some() {
+            return Err(crate::error::Error::Input {
+                context: "lora.merge".into(),
+                reason: "the base is sharded (train.zero_stage = 3): merge the adapter with PEFT's merge_and_unload".into(),
+            });
+        }
         let mut merged = std::collections::HashMap::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let (a, m) = (&layer.self_attn, &layer.mlp);
@@ -930,6 +1098,125 @@ impl CausalLm {
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
+    }
+
+    /// Runs decoder layer `i`; under ZeRO stage 3 its parameters are
+    /// gathered from the ranks first and dropped after.
+    fn layer_forward(
+        &self,
+        i: usize,
+        xs: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        masks: &Masks,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let Some(sh) = &self.sharded else {
+            return self.layers[i].forward(xs, cos, sin, masks, cache);
+        };
+        sh.gather(i)?;
+        let out = self.layers[i].forward(xs, cos, sin, masks, cache);
+        sh.release(i)?;
+        out
+    }
+
+    /// The names of the parameters ZeRO stage 3 shards (the decoder layers').
+    pub fn sharded_names(&self) -> Vec<String> {
+        self.sharded
+            .iter()
+            .flat_map(|s| s.layers.iter().flatten().map(|(n, _, _)| n.clone()))
+            .collect()
+    }
+
+    /// Gives this rank its share, for rank `rank` of `world`, of every decoder
+    /// layer's parameters, read from the checkpoint `files` (the frozen base:
+    /// only the elements of the share are read). Again after a world change.
+    pub fn shard_base(
+        &mut self,
+        files: &super::checkpoint::TensorIndex,
+        world: usize,
+        rank: usize,
+    ) -> Result<()> {
+        let kind = self.kind;
+        let device = self.device();
+        let Some(sh) = self.sharded.as_mut() else {
+            return Ok(());
+        };
+        if sh.world == world && sh.rank == rank && sh.shards.iter().all(Option::is_some) {
+            return Ok(());
+        }
+        let mut bytes = 0usize;
+        for (l, params) in sh.layers.iter().enumerate() {
+            let n: usize = params
+                .iter()
+                .map(|(_, s, _)| s.iter().product::<i64>() as usize)
+                .sum();
+            let (start, len) = crate::collective::chunk(n, world, rank);
+            let mut pieces = Vec::new();
+            let mut at = 0usize;
+            for (name, shape, _) in params {
+                let size = shape.iter().product::<i64>() as usize;
+                if let Some(found) = files.shape(name)
+                    && found != shape.as_slice()
+                {
+                    return Err(crate::error::Error::TensorShape {
+                        path: std::path::PathBuf::from(name),
+                        name: name.clone(),
+                        expected: shape.clone(),
+                        found: found.to_vec(),
+                    });
+                }
+                let (from, to) = (start.max(at), (start + len).min(at + size));
+                if from < to {
+                    pieces.push(files.read_range(
+                        name,
+                        (from - at) as i64,
+                        (to - from) as i64,
+                        kind,
+                    )?);
+                }
+                at += size;
+            }
+            let shard = if pieces.is_empty() {
+                Tensor::f_zeros([0], (kind, device))
+            } else {
+                Tensor::f_cat(&pieces, 0).and_then(|t| t.f_to_device(device))
+            }
+            .op("stage 3: this rank's share")?;
+            bytes += shard.numel() * kind.elt_size_in_bytes();
+            sh.shards[l] = Some(shard);
+        }
+        sh.world = world;
+        sh.rank = rank;
+        tracing::info!(
+            world,
+            rank,
+            bytes,
+            "ZeRO stage 3: this rank holds its share of the frozen base"
+        );
+        Ok(())
+    }
+
+    /// Lends the world's collective to the model while it runs (ZeRO stage 3
+    /// gathers each layer through it); [`CausalLm::take_collective`] returns it.
+    pub fn lend_collective(&self, c: Box<dyn crate::collective::Collective>) {
+        if let Some(sh) = &self.sharded
+            && let Ok(mut l) = sh.lent.lock()
+        {
+            *l = Some(c);
+        }
+    }
+
+    /// The collective lent by [`CausalLm::lend_collective`].
+    pub fn take_collective(&self) -> Option<Box<dyn crate::collective::Collective>> {
+        self.sharded
+            .as_ref()
+            .and_then(|sh| sh.lent.lock().ok().and_then(|mut l| l.take()))
+    }
+
+    /// Whether the decoder layers are sharded (ZeRO stage 3).
+    pub fn is_sharded(&self) -> bool {
+        self.sharded.is_some()
     }
 
     /// Whether [`CausalLm::hidden_states`] runs the layers on a padded
@@ -967,46 +1254,26 @@ impl CausalLm {
                 return Ok(());
             }
             let (x, out) = match c.outputs.get(i) {
-                Some(out) => (c.inputs[i].shallow_clone(), out.shallow_clone()),
+                Some(out) => (c.inputs[i].shallow_clone(), Ok(out.shallow_clone())),
                 None => {
                     let x = c.inputs[i]
                         .f_detach()
                         .op("checkpointed input")?
                         .set_requires_grad(true);
-                    let out = self.layers[i].forward(&x, &c.cos, &c.sin, &c.masks, None)?;
+                    // ZeRO stage 3: the layer's weights stay gathered until
+                    // its backward is done (its graph holds them).
+                    if let Some(sh) = &self.sharded {
+                        sh.gather(i)?;
+                    }
+                    let out = self.layers[i].forward(&x, &c.cos, &c.sin, &c.masks, None);
                     (x, out)
                 }
             };
-            let seed = out
-                .f_mul(&grad)
-                .and_then(|t| t.f_sum(Kind::Float))
-                .op("checkpointed backward")?;
-            match &mut grads {
-                LayerGrads::Accumulate => {
-                    seed.f_backward().op("checkpointed backward")?;
-                    grad = x.grad();
-                }
-                LayerGrads::Hand { params, sink } => {
-                    let trained: Vec<&Tensor> =
-                        params[i].iter().filter(|p| p.requires_grad()).collect();
-                    let wanted: Vec<&Tensor> = std::iter::once(&x).chain(trained).collect();
-                    let mut got = Tensor::f_run_backward(&[&seed], &wanted, false, false)
-                        .op("staged backward")?
-                        .into_iter();
-                    grad = got.next().unwrap_or_default();
-                    let layer: Vec<Tensor> = params[i]
-                        .iter()
-                        .map(|p| {
-                            if p.requires_grad() {
-                                got.next().unwrap_or_default()
-                            } else {
-                                Tensor::new()
-                            }
-                        })
-                        .collect();
-                    sink(i, layer)?;
-                }
+            let done = self.layer_backward(i, &x, out, &mut grad, &mut grads);
+            if let Some(sh) = &self.sharded {
+                sh.release(i)?;
             }
+            done?;
         }
         if grad.defined() && self.embed_tokens.requires_grad() {
             self.embed(&c.input_ids)?
@@ -1014,6 +1281,50 @@ impl CausalLm {
                 .and_then(|t| t.f_sum(Kind::Float))
                 .and_then(|t| t.f_backward())
                 .op("checkpointed backward")?;
+        }
+        Ok(())
+    }
+
+    /// The backward of decoder layer `i` whose output `out` was computed from
+    /// the leaf `x`, given the output's gradient `grad`; leaves the input's
+    /// gradient in `grad`.
+    fn layer_backward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        out: Result<Tensor>,
+        grad: &mut Tensor,
+        grads: &mut LayerGrads<'_>,
+    ) -> Result<()> {
+        let seed = out?
+            .f_mul(grad)
+            .and_then(|t| t.f_sum(Kind::Float))
+            .op("checkpointed backward")?;
+        match grads {
+            LayerGrads::Accumulate => {
+                seed.f_backward().op("checkpointed backward")?;
+                *grad = x.grad();
+            }
+            LayerGrads::Hand { params, sink } => {
+                let trained: Vec<&Tensor> =
+                    params[i].iter().filter(|p| p.requires_grad()).collect();
+                let wanted: Vec<&Tensor> = std::iter::once(x).chain(trained).collect();
+                let mut got = Tensor::f_run_backward(&[&seed], &wanted, false, false)
+                    .op("staged backward")?
+                    .into_iter();
+                *grad = got.next().unwrap_or_default();
+                let layer: Vec<Tensor> = params[i]
+                    .iter()
+                    .map(|p| {
+                        if p.requires_grad() {
+                            got.next().unwrap_or_default()
+                        } else {
+                            Tensor::new()
+                        }
+                    })
+                    .collect();
+                sink(i, layer)?;
+            }
         }
         Ok(())
     }
@@ -1101,8 +1412,8 @@ impl CausalLm {
         let padding_idx = self.config.pad_token_id.unwrap_or(-1);
         let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
             .op("embed_tokens")?;
-        for (layer, lc) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            xs = layer.forward(&xs, &cos, &sin, &masks, Some(lc))?;
+        for (i, lc) in cache.layers.iter_mut().enumerate() {
+            xs = self.layer_forward(i, &xs, &cos, &sin, &masks, Some(lc))?;
         }
         cache.len += n;
         let hidden = self.norm.forward(&xs).op("norm")?;

@@ -119,7 +119,13 @@ impl Models {
     fn load(spec: &RunSpec, device: Device, staged: bool) -> Result<Self> {
         let kind = kind_of(spec.model.dtype);
         let objective = Objective::from_spec(&spec.objective);
-        let mut policy = model_io::load(&spec.model.path, kind, device)?;
+        // ZeRO stage 3: the decoder layers come as this rank's share once the
+        // world is known (`shard_base_for_world`).
+        let mut policy = if spec.train.zero_stage == 3 {
+            model_io::load_sharded(&spec.model.path, kind, device)?
+        } else {
+            model_io::load(&spec.model.path, kind, device)?
+        };
         policy.set_head_chunk(spec.train.head_chunk_tokens);
         policy.set_gradient_checkpointing(spec.train.gradient_checkpointing);
         if let Some(lora) = &spec.lora {
@@ -241,10 +247,11 @@ impl Trainer {
             shape,
             false,
         )?;
+        trainer.shard_base_for_world()?;
         trainer.writes_metrics = true;
         trainer.prepare_output(opts.resume)?;
         if trainer.spec.reference.precompute {
-            trainer.precompute_reference()?;
+            trainer.with_lent_collective(|t| t.precompute_reference())?;
         }
         Ok(trainer)
     }
@@ -410,6 +417,33 @@ impl Trainer {
         self.collective.rank()
     }
 
+    /// ZeRO stage 3: gives this rank its share of the frozen base for the
+    /// current world (read from the model's files; a no-op when it has it).
+    fn shard_base_for_world(&mut self) -> Result<()> {
+        if !self.policy.is_sharded() {
+            return Ok(());
+        }
+        let files = model_io::TensorIndex::open(&self.spec.model.path)?;
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        self.policy.shard_base(&files, world, rank)
+    }
+
+    /// Runs `f` with the world's collective lent to the policy (ZeRO stage 3
+    /// gathers each layer through it), and takes it back whatever happens.
+    fn with_lent_collective<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        if !self.policy.is_sharded() {
+            return f(self);
+        }
+        let c = std::mem::replace(&mut self.collective, Box::new(crate::collective::Solo));
+        self.policy.lend_collective(c);
+        let out = f(self);
+        match self.policy.take_collective() {
+            Some(c) => self.collective = c,
+            None => return Err(Error::State("ZeRO stage 3: the lent collective was lost")),
+        }
+        out
+    }
+
     /// Joins a new world (generation): later collectives go to `collective`.
     pub fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
         self.collective = collective;
@@ -488,9 +522,6 @@ impl Trainer {
                 dpo_data::check_vocabulary(file, e.line, e.ids(), vocab)?;
             }
         }
-        let pairwise = self.objective.loss.is_pairwise();
-        let with_negatives = self.objective.loss == Loss::Combined;
-        let mut stats = Stats::default();
         let m = self.spec.micro_batch_size();
         let refs: Vec<&Example> = slice.examples.iter().collect();
         // Stage 2 reduces every micro-batch: as many rounds as the rank with
@@ -506,6 +537,47 @@ impl Trainer {
         } else {
             0
         };
+        let rank = self.collective.rank();
+        let (stats, done) =
+            self.with_lent_collective(|t| t.micro_batches(split, slice, backward, stage2, rank))?;
+        if let (Some(map), Some(zero)) = (&self.layer_map, &self.zero) {
+            for _ in done..rounds {
+                map.reduce_zeros(zero, &mut self.optimizer, self.collective.as_mut())?;
+            }
+        }
+        if backward && !stage2 {
+            let t = Instant::now();
+            match &self.zero {
+                Some(z) => {
+                    z.reduce_scatter_gradients(self.optimizer.params(), self.collective.as_mut())?
+                }
+                None => all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?,
+            }
+            tracing::debug!(
+                ms = t.elapsed().as_secs_f64() * 1e3,
+                "gradients all-reduced"
+            );
+        }
+        self.sum_across_ranks(&stats)
+    }
+
+    /// The micro-batches of this rank's slice: forward, loss, and (with
+    /// `backward`) the backward of each. Returns the metric sums and how many
+    /// micro-batches ran. Under ZeRO stage 3 the world's collective is lent
+    /// to the policy meanwhile.
+    fn micro_batches(
+        &mut self,
+        split: Split,
+        slice: &Slice,
+        backward: bool,
+        stage2: bool,
+        rank: usize,
+    ) -> Result<(Stats, u64)> {
+        let pairwise = self.objective.loss.is_pairwise();
+        let with_negatives = self.objective.loss == Loss::Combined;
+        let m = self.spec.micro_batch_size();
+        let refs: Vec<&Example> = slice.examples.iter().collect();
+        let mut stats = Stats::default();
         let mut done = 0u64;
         for (k, (micro, micro_idx)) in refs.chunks(m).zip(slice.indices.chunks(m)).enumerate() {
             let given = slice
@@ -527,7 +599,7 @@ impl Trainer {
             if backward && self.spec.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
                 // LoRA dropout: masks fixed by (seed, step, rank, micro-batch),
                 // so a resumed run draws the same ones.
-                let mix = [self.state.step, self.collective.rank() as u64, k as u64]
+                let mix = [self.state.step, rank as u64, k as u64]
                     .iter()
                     .fold(self.spec.data.seed, |h, &x| splitmix(h ^ x));
                 tch::manual_seed(mix as i64);
@@ -563,25 +635,7 @@ impl Trainer {
             drop(loss);
             stats.add(&s);
         }
-        if let (Some(map), Some(zero)) = (&self.layer_map, &self.zero) {
-            for _ in done..rounds {
-                map.reduce_zeros(zero, &mut self.optimizer, self.collective.as_mut())?;
-            }
-        }
-        if backward && !stage2 {
-            let t = Instant::now();
-            match &self.zero {
-                Some(z) => {
-                    z.reduce_scatter_gradients(self.optimizer.params(), self.collective.as_mut())?
-                }
-                None => all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?,
-            }
-            tracing::debug!(
-                ms = t.elapsed().as_secs_f64() * 1e3,
-                "gradients all-reduced"
-            );
-        }
-        self.sum_across_ranks(&stats)
+        Ok((stats, done))
     }
 
     /// Trains one optimizer step (the global batch of step `self.state.step()`) and

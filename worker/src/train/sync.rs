@@ -133,6 +133,8 @@ impl Trainer {
     /// `checkpoint` (the last committed one: directory and step; none: the
     /// initial weights) and the outcome says so.
     pub fn sync_world(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
+        // ZeRO stage 3: this rank's share of the frozen base for this world.
+        self.shard_base_for_world()?;
         if self.spec.train.zero_stage > 0 {
             return self.sync_world_sharded(checkpoint);
         }
