@@ -864,6 +864,27 @@ fn lora_adapters_train_in_a_changing_world_as_in_one_process() {
 }
 
 #[test]
+fn lora_with_a_sharded_frozen_base_survives_a_kill_and_a_joiner() {
+    let case = Case::new(96);
+    // ZeRO stage 3: each worker holds a share of the frozen base, gathered
+    // layer by layer; a kill -9 and a late joiner re-shard it for each world
+    // (read again from the model's files): every step once, one process's
+    // adapter.
+    let lora = "[lora]\nr = 4\nalpha = 8.0\ntarget_modules = \"all-linear\"\ninit = \"gaussian\"";
+    let (run, _, logs) = zero_stop_and_join_with(
+        &case,
+        "lora3",
+        "zero_stage = 3\ngradient_checkpointing = true",
+        "KILL",
+        lora,
+    );
+    assert!(
+        logs.contains("ZeRO stage 3: this rank holds its share of the frozen base"),
+        "{run}"
+    );
+}
+
+#[test]
 fn zero_replicas_survive_a_kill_without_going_back() {
     let case = Case::new(96);
     // Stage 2 (gradients reduced layer by layer into the shares) with replicas;
