@@ -4,8 +4,9 @@ state, peak memory and step time.
 
 Writes a random Llama (16 layers x 512 wide, vocabulary 8000) with
 examples/tiny_model.py and random token-id pairs, then runs `dpo-worker train`
-(one process, f32, AdamW, reference "same": for the full run a frozen copy of the
-model, for LoRA the model with its adapters off) once per configuration and reads
+(f32, AdamW, reference "same": for the full run a frozen copy of the model, for
+LoRA the model with its adapters off; one process, or W ranks of `--peers` for
+the sharded base of ZeRO stage 3) once per configuration and reads
 `metrics.jsonl` (`memory/peak_bytes`, `memory/state_bytes_per_parameter`, step
 tokens/s) and the log's count of trained parameters. Prints a Markdown table.
 
@@ -30,10 +31,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target/release/dpo-worker")
 MIB = 1 << 20
 
+LORA16 = '[lora]\nr = 16\nalpha = 32.0\ntarget_modules = "all-linear"'
+STAGE3 = "zero_stage = 3\ngradient_checkpointing = true\n"
+# name: (ranks, spec lines)
 CONFIGS = {
-    "full": "",
-    "LoRA r=16, all-linear": '[lora]\nr = 16\nalpha = 32.0\ntarget_modules = "all-linear"',
-    "LoRA r=8, q_proj+v_proj": '[lora]\nr = 8\nalpha = 16.0\ntarget_modules = ["q_proj", "v_proj"]',
+    "full": (1, ""),
+    "LoRA r=16, all-linear": (1, LORA16),
+    "LoRA r=8, q_proj+v_proj": (1, '[lora]\nr = 8\nalpha = 16.0\ntarget_modules = ["q_proj", "v_proj"]'),
+    "LoRA r=16, checkpointing": (1, "gradient_checkpointing = true\n" + LORA16),
+    "LoRA r=16, base sharded over 2 (stage 3)": (2, STAGE3 + LORA16),
+    "LoRA r=16, base sharded over 3 (stage 3)": (3, STAGE3 + LORA16),
 }
 
 
@@ -47,7 +54,18 @@ def model(out: str) -> str:
     return path
 
 
-def run(tmp: str, path: str, data: str, name: str, extra: str, steps: int) -> dict:
+def free_ports(n: int) -> str:
+    import socket
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ",".join(ports)
+
+
+def run(tmp: str, path: str, data: str, name: str, world: int, extra: str, steps: int) -> dict:
     out = os.path.join(tmp, re.sub(r"\W+", "-", name))
     spec = out + ".toml"
     with open(spec, "w") as f:
@@ -66,15 +84,28 @@ name = "adamw"
 lr = 1e-4
 [train]
 max_steps = {steps}
-global_batch_size = 4
+global_batch_size = {4 * world}
+micro_batch_size = 4
 output = "{out}"
 {extra}
 """)
-    p = subprocess.run([BINARY, "train", "--config", spec, "--device", "cpu"], capture_output=True, text=True,
-                       env=dict(os.environ, OMP_NUM_THREADS="2"))
-    if p.returncode != 0:
-        sys.exit(f"{name}: exit {p.returncode}\n{p.stderr[-3000:]}")
-    log = re.sub(r"\x1b\[[0-9;]*m", "", p.stderr)
+    cmd = [BINARY, "train", "--config", spec, "--device", "cpu"]
+    threads = str(max(1, 2 // world))
+    if world > 1:
+        peers = free_ports(world)
+        procs = [subprocess.Popen(cmd + ["--peers", peers, "--rank", str(r)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+                 for r in range(world)]
+        errs = [p.communicate()[1] for p in procs]
+        if any(p.returncode != 0 for p in procs):
+            sys.exit(f"{name}: {errs[0][-3000:]}")
+        stderr = errs[0]
+    else:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        if p.returncode != 0:
+            sys.exit(f"{name}: exit {p.returncode}\n{p.stderr[-3000:]}")
+        stderr = p.stderr
+    log = re.sub(r"\x1b\[[0-9;]*m", "", stderr)
     trained = int(re.search(r"model state of this rank parameters=(\d+)", log).group(1))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         lines = [json.loads(line) for line in f]
@@ -99,12 +130,13 @@ def main() -> None:
             for _ in range(64):
                 ids = lambda k: [rng.randrange(10, 8000) for _ in range(k)]
                 f.write(json.dumps({"prompt_ids": ids(32), "chosen_ids": ids(64), "rejected_ids": ids(64)}) + "\n")
-        rows = [run(tmp, path, data, name, extra, args.steps) for name, extra in CONFIGS.items()]
+        rows = [run(tmp, path, data, name, world, extra, args.steps) for name, (world, extra) in CONFIGS.items()]
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     full = rows[0]
     print(f"Llama {cfg['num_hidden_layers']} x {cfg['hidden_size']}, vocab {cfg['vocab_size']}; f32 AdamW; "
-          f"4 pairs of 32 + 64 tokens per step, reference 'same'; median of {args.steps - 1} steps")
+          f"4 pairs of 32 + 64 tokens per rank per step, reference 'same'; rank 0's figures; "
+          f"median of {args.steps - 1} steps")
     print("| configuration | trained parameters | training state | peak RSS | step time |")
     print("|---|---|---|---|---|")
     for r in rows:

@@ -39,7 +39,52 @@ pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
 pub fn load_sharded(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
     let config = ModelConfig::from_dir(dir)?;
     let model = CausalLm::new_sharded(config, kind, device)?;
-    load_weights(&model, dir)?;
+    // Only the tensors outside the decoder layers are read, each by its own
+    // byte range: the files are never held whole.
+    let index = TensorIndex::open(dir)?;
+    let sharded: HashSet<String> = model.sharded_names().into_iter().collect();
+    let model_type = model.config().architecture.name();
+    let params = model.var_store().variables();
+    let _guard = tch::no_grad_guard();
+    for name in index.entries.keys() {
+        let ignorable = sharded.contains(name)
+            || name.ends_with("rotary_emb.inv_freq")
+            || (name == "lm_head.weight" && model.config().tie_word_embeddings);
+        if !ignorable && !params.contains_key(name) {
+            return Err(Error::UnexpectedTensor {
+                path: index.entries[name].file.clone(),
+                name: name.clone(),
+                model_type: model_type.to_string(),
+            });
+        }
+    }
+    let mut names: Vec<&String> = params.keys().filter(|n| !sharded.contains(*n)).collect();
+    names.sort();
+    for name in names {
+        let param = &params[name];
+        let Some(e) = index.entries.get(name) else {
+            return Err(Error::MissingTensor {
+                dir: dir.to_path_buf(),
+                name: name.clone(),
+            });
+        };
+        if e.shape != param.size() {
+            return Err(Error::TensorShape {
+                path: e.file.clone(),
+                name: name.clone(),
+                expected: param.size(),
+                found: e.shape.clone(),
+            });
+        }
+        let values = index
+            .read_range(name, 0, param.numel() as i64, param.kind())?
+            .f_view(param.size().as_slice())
+            .op("reading tensor")?;
+        param
+            .shallow_clone()
+            .f_copy_(&values)
+            .op("copying tensor into parameter")?;
+    }
     Ok(model)
 }
 
