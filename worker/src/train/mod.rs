@@ -29,7 +29,7 @@ use std::time::Instant;
 use dpo_data::refcache;
 use dpo_data::{DataReport, Example};
 use dpo_proto::{Loss, Negatives, ReferenceModel, RunSpec};
-use tch::Device;
+use tch::{Device, Tensor};
 
 use crate::collective::{Collective, all_reduce_gradients};
 use crate::error::{Error, Result, TorchContext, io_err};
@@ -206,6 +206,9 @@ pub struct Trainer {
     /// Fault injection for tests: fail like a broken connection between the
     /// update and the parameter gather of this step (ZeRO), once.
     tear_at_step: Option<u64>,
+    /// The LoRA adapters as the run started (for a rollback to the initial
+    /// weights; adapters are small).
+    initial_adapters: Vec<(String, Tensor)>,
 }
 
 impl std::fmt::Debug for Trainer {
@@ -325,6 +328,19 @@ impl Trainer {
         };
         // What trains: the adapters (LoRA), or the parameters not frozen.
         let params = policy.trainable_parameters();
+        let initial_adapters = match policy.adapters() {
+            Some(_) => params
+                .iter()
+                // `× 1` makes a copy that later steps do not touch.
+                .map(|(n, t)| {
+                    t.f_detach()
+                        .and_then(|t| t.f_mul_scalar(1.0))
+                        .map(|c| (n.clone(), c))
+                })
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .op("the initial adapters")?,
+            None => Vec::new(),
+        };
         let optimizer = Optimizer::new(&spec.optim, params)?;
         let layers = policy.config().num_hidden_layers as usize;
         let layer_map =
@@ -351,6 +367,7 @@ impl Trainer {
             leavers: Vec::new(),
             torn_metrics: None,
             tear_at_step: None,
+            initial_adapters,
         })
     }
 
@@ -415,6 +432,22 @@ impl Trainer {
 
     pub fn rank(&self) -> usize {
         self.collective.rank()
+    }
+
+    /// Puts the LoRA adapters back to how the run started (a rollback to the
+    /// initial weights).
+    fn reset_adapters(&mut self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        let current = self.policy.trainable_parameters();
+        for ((name, t), (initial_name, initial)) in current.iter().zip(&self.initial_adapters) {
+            if name != initial_name {
+                return Err(Error::State("the adapters changed since the run started"));
+            }
+            t.shallow_clone()
+                .f_copy_(initial)
+                .op("resetting the adapters")?;
+        }
+        Ok(())
     }
 
     /// ZeRO stage 3: gives this rank its share of the frozen base for the

@@ -279,7 +279,7 @@ impl Trainer {
         let sound = |s: &Summary| s.torn == 0;
         let Some(max) = all.iter().filter(|s| sound(s)).map(|s| s.step).max() else {
             let from = all.iter().map(|s| s.step).max().unwrap_or(0);
-            return self.roll_back(from, checkpoint, &[], 0, true);
+            return self.roll_back(from, checkpoint, &[], &[], 0, true);
         };
         let root = all
             .iter()
@@ -356,7 +356,18 @@ impl Trainer {
             .collect();
         if !missing.is_empty() {
             let torn = all.iter().any(|s| !sound(s));
-            return self.roll_back(max, checkpoint, &missing, w0, torn);
+            // A missing share may still be here, but a step ahead: its rank
+            // updated it and then broke (its peers did not get that far).
+            let ahead: Vec<u64> = missing
+                .iter()
+                .copied()
+                .filter(|&k| {
+                    all.iter()
+                        .any(|s| !sound(s) && s.world == w0 && s.rank == k)
+                })
+                .collect();
+            let lost: Vec<u64> = missing.into_iter().filter(|k| !ahead.contains(k)).collect();
+            return self.roll_back(max, checkpoint, &lost, &ahead, w0, torn);
         }
         if !recovered.is_empty() {
             tracing::warn!(
@@ -565,6 +576,7 @@ impl Trainer {
         from_step: u64,
         checkpoint: Option<(&Path, u64)>,
         missing: &[u64],
+        ahead: &[u64],
         old_world: u64,
         torn: bool,
     ) -> Result<Synced> {
@@ -578,6 +590,7 @@ impl Trainer {
             }
             None => {
                 crate::model::checkpoint::load_weights(&self.policy, &self.spec.model.path)?;
+                self.reset_adapters()?;
                 self.set_state(TrainerState::default());
                 0
             }
@@ -588,21 +601,33 @@ impl Trainer {
             "the initial weights".to_string()
         };
         let broke = "a step broke between updating the shares of the optimizer state and gathering the parameters";
-        let lost = (!missing.is_empty()).then(|| {
+        let ranks = |list: &[u64]| {
             format!(
-                "the optimizer state of rank{} {} of {old_world} was lost with its worker",
-                if missing.len() > 1 { "s" } else { "" },
-                missing
-                    .iter()
+                "rank{} {}",
+                if list.len() > 1 { "s" } else { "" },
+                list.iter()
                     .map(u64::to_string)
                     .collect::<Vec<_>>()
-                    .join(", "),
+                    .join(", ")
             )
-        });
-        let why = match (lost, torn) {
-            (Some(lost), true) => format!("{lost}, and {broke}"),
-            (Some(lost), false) => lost,
-            (None, _) => format!("every rank's step {from_step} broke: {broke}"),
+        };
+        let mut parts = Vec::new();
+        if !missing.is_empty() {
+            parts.push(format!(
+                "the optimizer state of {} of {old_world} was lost with its worker",
+                ranks(missing)
+            ));
+        }
+        if !ahead.is_empty() {
+            parts.push(format!(
+                "the optimizer state of {} of {old_world} had moved a step past the others' ({broke} on some ranks only)",
+                ranks(ahead)
+            ));
+        }
+        let why = match (parts.is_empty(), torn) {
+            (false, true) if ahead.is_empty() => format!("{}, and {broke}", parts.join("; ")),
+            (false, _) => parts.join("; "),
+            (true, _) => format!("every rank's step {from_step} broke: {broke}"),
         };
         let reason = format!(
             "{why} (train.zero_stage = {}): back to {back_to}",
