@@ -91,17 +91,22 @@ output = "{out}"
 """)
     cmd = [BINARY, "train", "--config", spec, "--device", "cpu"]
     threads = str(max(1, 2 // world))
+    # glibc raises its mmap threshold as large blocks are freed, after which
+    # freed transient buffers (a layer gathered under stage 3, a step's
+    # activations) stay in the heap and count in the peak; a fixed threshold
+    # returns them, for every configuration alike.
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MALLOC_MMAP_THRESHOLD_="65536")
     if world > 1:
         peers = free_ports(world)
         procs = [subprocess.Popen(cmd + ["--peers", peers, "--rank", str(r)], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+                                  stderr=subprocess.PIPE, text=True, env=env)
                  for r in range(world)]
         errs = [p.communicate()[1] for p in procs]
         if any(p.returncode != 0 for p in procs):
             sys.exit(f"{name}: {errs[0][-3000:]}")
         stderr = errs[0]
     else:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS=threads))
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode != 0:
             sys.exit(f"{name}: exit {p.returncode}\n{p.stderr[-3000:]}")
         stderr = p.stderr
