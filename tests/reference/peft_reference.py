@@ -51,19 +51,6 @@ def init(model_dir, out, r, alpha, targets):
     model.save_pretrained(out)
 
 
-def batch(pairs, key):
-    seqs = [p["prompt_ids"] + p[key] for p in pairs]
-    n = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), n, dtype=torch.long)
-    attn = torch.zeros(len(seqs), n, dtype=torch.long)
-    resp = torch.zeros(len(seqs), n, dtype=torch.bool)
-    for i, (p, s) in enumerate(zip(pairs, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        resp[i, len(p["prompt_ids"]) : len(s)] = True
-    return ids, attn, resp
-
-
 class AdaptersOff:
     """The PEFT model called with its adapters disabled (the reference)."""
 
@@ -99,7 +86,7 @@ def check(case_path):
     model.save_pretrained(os.path.join(c["out"], "reference"))
     model.eval()
 
-    ids, attn, _ = batch(pairs[:4], "chosen_ids")
+    ids, attn, _ = dpo_reference.batch(pairs[:4], "chosen_ids")
     ours = peft.PeftModel.from_pretrained(base(c["model"]), c["ours"]).eval()
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=attn).logits

@@ -2,7 +2,7 @@
 //! partitioned across the ranks of a world.
 //!
 //! The parameters, in the optimizer's order, fall into buckets of at most
-//! [`BUCKET_ELEMENTS`] elements that never mix two decoder layers; rank `r`
+//! [`crate::collective::BUCKET_ELEMENTS`] elements that never mix two decoder layers; rank `r`
 //! of `W` owns chunk `r` of every bucket's flattened elements (the chunks
 //! differ in size by at most one element). A rank keeps AdamW moments and f32
 //! master weights for what it owns only — `(4 + 4 + 4)/W` bytes per parameter
@@ -27,7 +27,7 @@ use std::ops::Range;
 
 use tch::Tensor;
 
-use crate::collective::{BUCKET_ELEMENTS, Collective, chunk, ensure_gradients, flat_gradients};
+use crate::collective::{Collective, chunk, ensure_gradients, flat_gradients};
 use crate::error::{Result, TorchContext};
 
 /// Receives a rank's summed gradient chunks: `(parameter index, replica,
@@ -252,17 +252,7 @@ impl Partition {
                 );
             }
             collective.all_gather_chunks(&mut flat)?;
-            let mut at = 0usize;
-            for p in ps {
-                let size = p.numel();
-                let whole = Tensor::f_from_slice(&flat[at..at + size])
-                    .and_then(|t| t.f_view(p.size().as_slice()))
-                    .and_then(|t| t.f_to_kind(p.kind()))
-                    .and_then(|t| t.f_to_device(p.device()))
-                    .op("parameter bucket")?;
-                p.shallow_clone().f_copy_(&whole).op("parameter bucket")?;
-                at += size;
-            }
+            write_parameters(ps, &flat)?;
         }
         Ok(())
     }
@@ -302,17 +292,7 @@ impl Partition {
                 at += params[i].numel();
             }
             collective.all_reduce_sum(&mut flat)?;
-            let mut at = 0usize;
-            for p in ps {
-                let size = p.numel();
-                let whole = Tensor::f_from_slice(&flat[at..at + size])
-                    .and_then(|t| t.f_view(p.size().as_slice()))
-                    .and_then(|t| t.f_to_kind(p.kind()))
-                    .and_then(|t| t.f_to_device(p.device()))
-                    .op("parameter bucket")?;
-                p.shallow_clone().f_copy_(&whole).op("parameter bucket")?;
-                at += size;
-            }
+            write_parameters(ps, &flat)?;
         }
         Ok(())
     }
@@ -412,28 +392,11 @@ pub fn layer_of(name: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-/// Consecutive parameters in buckets of at most [`BUCKET_ELEMENTS`] elements
+/// Consecutive parameters in buckets of at most [`crate::collective::BUCKET_ELEMENTS`] elements
 /// (a larger parameter is a bucket of its own), never two decoder layers'
 /// parameters in one bucket.
 fn layer_buckets(params: &[Tensor], names: &[String]) -> Vec<Range<usize>> {
-    let layer = |i: usize| names.get(i).and_then(|n| layer_of(n));
-    let mut out = Vec::new();
-    let mut start = 0;
-    while start < params.len() {
-        let mut end = start;
-        let mut elements = 0;
-        while end < params.len()
-            && (end == start
-                || (elements + params[end].numel() <= BUCKET_ELEMENTS
-                    && layer(end) == layer(start)))
-        {
-            elements += params[end].numel();
-            end += 1;
-        }
-        out.push(start..end);
-        start = end;
-    }
-    out
+    crate::collective::buckets_by(params, &|i| names.get(i).and_then(|n| layer_of(n)))
 }
 
 /// A bucket's flattened optimizer state of `kind`, holding the values of
@@ -464,6 +427,22 @@ fn bucket_of(
         at += params[i].numel();
     }
     Ok(flat)
+}
+
+/// Writes a bucket's flattened values into its parameters `ps`, whole.
+fn write_parameters(ps: &[Tensor], flat: &[f32]) -> Result<()> {
+    let mut at = 0usize;
+    for p in ps {
+        let size = p.numel();
+        let whole = Tensor::f_from_slice(&flat[at..at + size])
+            .and_then(|t| t.f_view(p.size().as_slice()))
+            .and_then(|t| t.f_to_kind(p.kind()))
+            .and_then(|t| t.f_to_device(p.device()))
+            .op("parameter bucket")?;
+        p.shallow_clone().f_copy_(&whole).op("parameter bucket")?;
+        at += size;
+    }
+    Ok(())
 }
 
 /// Writes `flat[start..start + len]` (a bucket's flattened gradients) into

@@ -232,13 +232,24 @@ pub fn all_reduce_gradients(
 /// [`BUCKET_ELEMENTS`] elements (a larger parameter is a bucket of its own):
 /// the unit of every gradient and parameter exchange, and of ZeRO's partition.
 pub fn buckets(params: &[tch::Tensor]) -> Vec<std::ops::Range<usize>> {
+    buckets_by(params, &|_| None)
+}
+
+/// [`buckets`] that also starts a new bucket wherever `group` (of a
+/// parameter's index) changes, e.g. at each decoder layer.
+pub fn buckets_by(
+    params: &[tch::Tensor],
+    group: &dyn Fn(usize) -> Option<usize>,
+) -> Vec<std::ops::Range<usize>> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < params.len() {
         let mut end = start;
         let mut elements = 0;
         while end < params.len()
-            && (end == start || elements + params[end].numel() <= BUCKET_ELEMENTS)
+            && (end == start
+                || (elements + params[end].numel() <= BUCKET_ELEMENTS
+                    && group(end) == group(start)))
         {
             elements += params[end].numel();
             end += 1;
