@@ -706,7 +706,9 @@ impl Trainer {
             step,
             self.shape.total_steps,
         );
-        let facts = |trainer: &Self| StepFacts {
+        // `log`: report the model state in the log (once, after the update
+        // of the first step, when the moments exist).
+        let facts = |trainer: &Self, log: bool| StepFacts {
             step: step + 1,
             steps_per_epoch: trainer.shape.steps_per_epoch,
             generation: trainer.generation,
@@ -715,7 +717,7 @@ impl Trainer {
             learning_rate: lr,
             seconds: t.elapsed().as_secs_f64(),
             peak_bytes: trainer.peak_bytes(),
-            state_bytes_per_parameter: trainer.state_bytes_per_parameter(step + 1),
+            state_bytes_per_parameter: trainer.state_bytes_per_parameter(step + 1, log),
         };
         if self.zero.is_some() {
             // From here until the parameters are whole again, this rank's
@@ -723,7 +725,7 @@ impl Trainer {
             // torn. The step's metrics are kept, for a world that completes
             // the step from the shares (`sync_world`).
             self.torn = true;
-            self.torn_metrics = Some(step_metrics(&stats, &self.objective, facts(self)));
+            self.torn_metrics = Some(step_metrics(&stats, &self.objective, facts(self, false)));
         }
         self.optimizer.apply(lr)?;
         if let Some(z) = &self.zero {
@@ -753,7 +755,7 @@ impl Trainer {
                 ),
             });
         }
-        let m = step_metrics(&stats, &self.objective, facts(self));
+        let m = step_metrics(&stats, &self.objective, facts(self, true));
         if step % PARAMETER_CHECK_EVERY == 0 || step == self.shape.total_steps {
             self.check_parameters_agree(step)?;
         }
@@ -776,10 +778,10 @@ impl Trainer {
     }
 
     /// Model-state bytes per trained parameter; logged at the first step.
-    fn state_bytes_per_parameter(&self, step: u64) -> f64 {
+    fn state_bytes_per_parameter(&self, step: u64, log: bool) -> f64 {
         let (parameters, bytes) = self.optimizer.state_bytes();
         let per = bytes as f64 / parameters.max(1) as f64;
-        if step == 1 {
+        if log && step == 1 {
             tracing::info!(
                 parameters,
                 state_bytes = bytes,
