@@ -457,13 +457,12 @@ impl Trainer {
         let leavers = std::mem::take(&mut self.leavers);
         let (world, rank) = (self.collective.world_size(), self.collective.rank());
         let staying: Vec<usize> = (0..world).filter(|r| !leavers.contains(r)).collect();
-        let Some(old) = self.zero.take() else {
+        if self.zero.is_none() {
             return Ok(false);
-        };
+        }
         if staying.is_empty() || leavers.is_empty() {
             // Nobody to hand to (every rank is going): keep the shares; the
             // next world rolls back to the checkpoint.
-            self.zero = Some(old);
             return Ok(!leavers.contains(&rank));
         }
         let new_rank = staying.iter().position(|&r| r == rank);
@@ -478,6 +477,8 @@ impl Trainer {
         let contribution = self.optimizer.piece_states(false);
         let moments =
             self.spec.optim.name == dpo_proto::OptimizerName::Adamw && self.optimizer.step > 0;
+        // Until the exchange is complete this rank keeps its old share: a
+        // world broken half-way finds the shares as they were.
         let moved = new.repartition(
             self.optimizer.params(),
             &contribution,
@@ -485,6 +486,22 @@ impl Trainer {
             self.collective.as_mut(),
         )?;
         drop(contribution);
+        if new_rank.is_some() {
+            let params = self.optimizer.params();
+            let (pieces, copies) = (new.pieces(params), new.replica_pieces(params));
+            self.optimizer
+                .install_pieces(&pieces, moved.own, &copies, moved.replica)?;
+            self.zero = Some(new);
+        } else {
+            // Leaving: this rank's share now lives on the others.
+            self.zero = None;
+        }
+        // The leavers wait here until every rank has its new share (and only
+        // then go, which ends the world): a rank that installed its share
+        // and then sees the world end is done all the same.
+        if let Err(e) = self.collective.barrier() {
+            tracing::warn!(error = %e, "the world ended right after the hand-off");
+        }
         tracing::info!(
             world,
             rank,
@@ -493,16 +510,7 @@ impl Trainer {
             step = self.state.step,
             "ZeRO: handed the leaving ranks' shares of the optimizer state over to the ranks that stay"
         );
-        let Some(_) = new_rank else {
-            // Leaving: this rank's share now lives on the others.
-            return Ok(false);
-        };
-        let params = self.optimizer.params();
-        let (pieces, copies) = (new.pieces(params), new.replica_pieces(params));
-        self.optimizer
-            .install_pieces(&pieces, moved.own, &copies, moved.replica)?;
-        self.zero = Some(new);
-        Ok(true)
+        Ok(new_rank.is_some())
     }
 
     /// Ranks torn in the same step (each updated its shares, the parameter
