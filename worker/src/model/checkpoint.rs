@@ -39,52 +39,7 @@ pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
 pub fn load_sharded(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
     let config = ModelConfig::from_dir(dir)?;
     let model = CausalLm::new_sharded(config, kind, device)?;
-    // Only the tensors outside the decoder layers are read, each by its own
-    // byte range: the files are never held whole.
-    let index = TensorIndex::open(dir)?;
-    let sharded: HashSet<String> = model.sharded_names().into_iter().collect();
-    let model_type = model.config().architecture.name();
-    let params = model.var_store().variables();
-    let _guard = tch::no_grad_guard();
-    for name in index.entries.keys() {
-        let ignorable = sharded.contains(name)
-            || name.ends_with("rotary_emb.inv_freq")
-            || (name == "lm_head.weight" && model.config().tie_word_embeddings);
-        if !ignorable && !params.contains_key(name) {
-            return Err(Error::UnexpectedTensor {
-                path: index.entries[name].file.clone(),
-                name: name.clone(),
-                model_type: model_type.to_string(),
-            });
-        }
-    }
-    let mut names: Vec<&String> = params.keys().filter(|n| !sharded.contains(*n)).collect();
-    names.sort();
-    for name in names {
-        let param = &params[name];
-        let Some(e) = index.entries.get(name) else {
-            return Err(Error::MissingTensor {
-                dir: dir.to_path_buf(),
-                name: name.clone(),
-            });
-        };
-        if e.shape != param.size() {
-            return Err(Error::TensorShape {
-                path: e.file.clone(),
-                name: name.clone(),
-                expected: param.size(),
-                found: e.shape.clone(),
-            });
-        }
-        let values = index
-            .read_range(name, 0, param.numel() as i64, param.kind())?
-            .f_view(param.size().as_slice())
-            .op("reading tensor")?;
-        param
-            .shallow_clone()
-            .f_copy_(&values)
-            .op("copying tensor into parameter")?;
-    }
+    load_weights(&model, dir)?;
     Ok(model)
 }
 
@@ -173,62 +128,55 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 /// every tensor in the files must be a parameter (stale rotary buffers and a tied
 /// `lm_head.weight` excepted, as transformers does).
 pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
-    let mut params = model.var_store().variables();
+    // Each tensor is read by its own byte range: no file is held whole.
+    let index = TensorIndex::open(dir)?;
     // ZeRO stage 3: the decoder layers' parameters come as shares instead.
     let sharded: HashSet<String> = model.sharded_names().into_iter().collect();
-    params.retain(|name, _| !sharded.contains(name));
     let model_type = model.config().architecture.name();
-    let mut loaded: HashSet<String> = HashSet::new();
-    let _guard = tch::no_grad_guard();
-    for path in weight_files(dir)? {
-        let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-        let file = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        for (name, view) in file.iter() {
-            let Some(param) = params.get(name) else {
-                let ignorable = sharded.contains(name)
-                    || name.ends_with("rotary_emb.inv_freq")
-                    || (name == "lm_head.weight" && model.config().tie_word_embeddings);
-                if ignorable {
-                    continue;
-                }
-                return Err(Error::UnexpectedTensor {
-                    path: path.clone(),
-                    name: name.to_string(),
-                    model_type: model_type.to_string(),
-                });
-            };
-            let found: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let expected = param.size();
-            if found != expected {
-                return Err(Error::TensorShape {
-                    path: path.clone(),
-                    name: name.to_string(),
-                    expected,
-                    found,
-                });
-            }
-            let kind = kind_of(view.dtype()).ok_or_else(|| Error::Safetensors {
-                path: path.clone(),
-                reason: format!("tensor {name}: unsupported dtype {:?}", view.dtype()),
-            })?;
-            let src = Tensor::f_from_data_size(view.data(), &found, kind).op("reading tensor")?;
-            let mut dst = param.shallow_clone();
-            dst.f_copy_(&src).op("copying tensor into parameter")?;
-            loaded.insert(name.to_string());
+    let params = model.var_store().variables();
+    let mut names: Vec<&String> = index.entries.keys().collect();
+    names.sort();
+    for name in names {
+        let ignorable = sharded.contains(name)
+            || name.ends_with("rotary_emb.inv_freq")
+            || (name == "lm_head.weight" && model.config().tie_word_embeddings);
+        if !ignorable && !params.contains_key(name) {
+            return Err(Error::UnexpectedTensor {
+                path: index.entries[name].file.clone(),
+                name: name.clone(),
+                model_type: model_type.to_string(),
+            });
         }
     }
-    let mut missing: Vec<&String> = params.keys().filter(|k| !loaded.contains(*k)).collect();
-    missing.sort();
-    if let Some(name) = missing.first() {
-        return Err(Error::MissingTensor {
-            dir: dir.to_path_buf(),
-            name: (*name).clone(),
-        });
+    let mut wanted: Vec<&String> = params.keys().filter(|n| !sharded.contains(*n)).collect();
+    wanted.sort();
+    let _guard = tch::no_grad_guard();
+    for name in &wanted {
+        let param = &params[*name];
+        let Some(e) = index.entries.get(*name) else {
+            return Err(Error::MissingTensor {
+                dir: dir.to_path_buf(),
+                name: (*name).clone(),
+            });
+        };
+        if e.shape != param.size() {
+            return Err(Error::TensorShape {
+                path: e.file.clone(),
+                name: (*name).clone(),
+                expected: param.size(),
+                found: e.shape.clone(),
+            });
+        }
+        let values = index
+            .read_range(name, 0, param.numel() as i64, param.kind())?
+            .f_view(param.size().as_slice())
+            .op("reading tensor")?;
+        param
+            .shallow_clone()
+            .f_copy_(&values)
+            .op("copying tensor into parameter")?;
     }
-    tracing::debug!(dir = %dir.display(), tensors = loaded.len(), "loaded checkpoint");
+    tracing::debug!(dir = %dir.display(), tensors = wanted.len(), "loaded checkpoint");
     Ok(())
 }
 
@@ -461,7 +409,8 @@ pub struct TensorIndex {
 #[derive(Debug, Clone)]
 struct IndexEntry {
     file: PathBuf,
-    kind: Kind,
+    /// `Err(dtype)`: a dtype this project cannot hold (refused when read).
+    kind: std::result::Result<Kind, String>,
     shape: Vec<i64>,
     /// Byte offset of the tensor's data in the file.
     start: u64,
@@ -493,13 +442,11 @@ impl TensorIndex {
                     continue;
                 }
                 let kind = match info.get("dtype").and_then(Value::as_str) {
-                    Some("F32") => Kind::Float,
-                    Some("BF16") => Kind::BFloat16,
-                    Some("F16") => Kind::Half,
-                    Some("F64") => Kind::Double,
-                    other => {
-                        return Err(bad(format!("tensor {name}: unsupported dtype {other:?}")));
-                    }
+                    Some("F32") => Ok(Kind::Float),
+                    Some("BF16") => Ok(Kind::BFloat16),
+                    Some("F16") => Ok(Kind::Half),
+                    Some("F64") => Ok(Kind::Double),
+                    other => Err(format!("{other:?}")),
                 };
                 let shape: Option<Vec<i64>> = info
                     .get("shape")
@@ -541,13 +488,17 @@ impl TensorIndex {
                 reason: format!("tensor {name}: elements {from}..{} of {numel}", from + len),
             });
         }
-        let size = e.kind.elt_size_in_bytes() as u64;
+        let stored = e.kind.clone().map_err(|dtype| Error::Safetensors {
+            path: e.file.clone(),
+            reason: format!("tensor {name}: unsupported dtype {dtype}"),
+        })?;
+        let size = stored.elt_size_in_bytes() as u64;
         let mut f = std::fs::File::open(&e.file).map_err(io_err(&e.file))?;
         f.seek(SeekFrom::Start(e.start + from as u64 * size))
             .map_err(io_err(&e.file))?;
         let mut bytes = vec![0u8; (len as u64 * size) as usize];
         f.read_exact(&mut bytes).map_err(io_err(&e.file))?;
-        Tensor::f_from_data_size(&bytes, &[len], e.kind)
+        Tensor::f_from_data_size(&bytes, &[len], stored)
             .and_then(|t| t.f_to_kind(kind))
             .op("reading a tensor range")
     }
