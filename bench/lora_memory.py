@@ -27,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 
+import zero_memory  # free_ports (this directory is on sys.path when run as a script)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARY = os.path.join(ROOT, "target/release/dpo-worker")
 MIB = 1 << 20
@@ -55,14 +57,7 @@ def model(out: str) -> str:
 
 
 def free_ports(n: int) -> str:
-    import socket
-    socks = [socket.socket() for _ in range(n)]
-    for sock in socks:
-        sock.bind(("127.0.0.1", 0))
-    ports = [f"127.0.0.1:{sock.getsockname()[1]}" for sock in socks]
-    for sock in socks:
-        sock.close()
-    return ",".join(ports)
+    return ",".join(f"127.0.0.1:{p}" for p in zero_memory.free_ports(n))
 
 
 def run(tmp: str, path: str, data: str, name: str, world: int, extra: str, steps: int) -> dict:
