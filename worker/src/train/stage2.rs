@@ -31,6 +31,8 @@ pub(super) struct LayerMap {
     indices: Vec<Vec<usize>>,
     /// The parameters outside the decoder layers.
     rest: Vec<usize>,
+    /// Every parameter, in the optimizer's order (the same tensors).
+    all: Vec<Tensor>,
 }
 
 impl LayerMap {
@@ -39,6 +41,11 @@ impl LayerMap {
             params: (0..layers).map(|_| Vec::new()).collect(),
             indices: vec![Vec::new(); layers],
             rest: Vec::new(),
+            all: optimizer
+                .params()
+                .iter()
+                .map(Tensor::shallow_clone)
+                .collect(),
         };
         for (i, (name, p)) in optimizer.names().iter().zip(optimizer.params()).enumerate() {
             match layer_of(name).filter(|&l| l < layers) {
@@ -62,17 +69,13 @@ impl LayerMap {
         optimizer: &mut Optimizer,
         collective: &mut dyn Collective,
     ) -> Result<()> {
-        let params: Vec<Tensor> = optimizer
-            .params()
-            .iter()
-            .map(|p| p.shallow_clone())
-            .collect();
+        let params = &self.all;
         let layered = deferred.layers.is_some();
         {
             let mut sink = |layer: usize, grads: Vec<Tensor>| -> Result<()> {
                 let pairs: Vec<(usize, Tensor)> =
                     self.indices[layer].iter().copied().zip(grads).collect();
-                reduce(zero, &params, &pairs, optimizer, collective)
+                reduce(zero, params, &pairs, optimizer, collective)
             };
             deferred.backward(
                 model,
@@ -86,10 +89,10 @@ impl LayerMap {
             // The forward kept no per-layer graph (autograd was off for the
             // layers): their gradients, if any, are in `.grad`.
             for l in (0..self.indices.len()).rev() {
-                self.reduce_from_grad(&self.indices[l], &params, zero, optimizer, collective)?;
+                self.reduce_from_grad(&self.indices[l], params, zero, optimizer, collective)?;
             }
         }
-        self.reduce_from_grad(&self.rest, &params, zero, optimizer, collective)
+        self.reduce_from_grad(&self.rest, params, zero, optimizer, collective)
     }
 
     /// A micro-batch this rank does not have (another rank has more): zeros,
@@ -100,14 +103,10 @@ impl LayerMap {
         optimizer: &mut Optimizer,
         collective: &mut dyn Collective,
     ) -> Result<()> {
-        let params: Vec<Tensor> = optimizer
-            .params()
-            .iter()
-            .map(|p| p.shallow_clone())
-            .collect();
+        let params = &self.all;
         for indices in self.indices.iter().rev().chain(std::iter::once(&self.rest)) {
             let none: Vec<(usize, Tensor)> = indices.iter().map(|&i| (i, Tensor::new())).collect();
-            reduce(zero, &params, &none, optimizer, collective)?;
+            reduce(zero, params, &none, optimizer, collective)?;
         }
         Ok(())
     }

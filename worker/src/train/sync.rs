@@ -409,10 +409,7 @@ impl Trainer {
             self.collective.as_mut(),
         )?;
         drop(contribution);
-        let params = self.optimizer.params();
-        let (pieces, copies) = (new.pieces(params), new.replica_pieces(params));
-        self.optimizer
-            .install_pieces(&pieces, moved.own, &copies, moved.replica)?;
+        self.install_partition(new, moved)?;
         tracing::info!(
             world,
             rank,
@@ -420,12 +417,26 @@ impl Trainer {
             step = self.state.step,
             "ZeRO: re-partitioned the optimizer state for the new world"
         );
-        self.zero = Some(new);
         Ok(Synced {
             root: behind.then_some(root),
             rollback: None,
             ..Default::default()
         })
+    }
+
+    /// Makes `new` this rank's partition, its optimizer updating the pieces
+    /// `new` gives it with the state `moved` brought them.
+    fn install_partition(
+        &mut self,
+        new: crate::zero::Partition,
+        moved: crate::zero::Repartitioned,
+    ) -> Result<()> {
+        let params = self.optimizer.params();
+        let (pieces, copies) = (new.pieces(params), new.replica_pieces(params));
+        self.optimizer
+            .install_pieces(&pieces, moved.own, &copies, moved.replica)?;
+        self.zero = Some(new);
+        Ok(())
     }
 
     /// Marks this rank as leaving (its worker was asked to stop): under
@@ -487,11 +498,7 @@ impl Trainer {
         )?;
         drop(contribution);
         if new_rank.is_some() {
-            let params = self.optimizer.params();
-            let (pieces, copies) = (new.pieces(params), new.replica_pieces(params));
-            self.optimizer
-                .install_pieces(&pieces, moved.own, &copies, moved.replica)?;
-            self.zero = Some(new);
+            self.install_partition(new, moved)?;
         } else {
             // Leaving: this rank's share now lives on the others.
             self.zero = None;
