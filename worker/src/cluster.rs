@@ -37,6 +37,9 @@ pub struct JoinOptions {
     /// The address peers use to reach `listen` (default: `listen`).
     pub advertise: Option<std::net::IpAddr>,
     pub device: Device,
+    /// This process's index among the ranks one `dpo-worker --gpus N` runs
+    /// (0 otherwise); the coordinator keeps a host's ranks together in this order.
+    pub local_rank: u32,
     /// Stable identity (default: a fresh UUID).
     pub worker_id: String,
     pub token: BearerToken,
@@ -256,6 +259,91 @@ struct StepRecord {
 
 impl Worker {
     /// This worker as a member of `work`'s generation.
+    /// This rank's collective in generation `work`: the tcp ring, or NCCL
+    /// (rank 0 makes the generation's unique id and publishes it through the
+    /// coordinator; the others read it, fenced by the generation).
+    fn connect(
+        &mut self,
+        work: &v1::Work,
+        signal: &AbortSignal,
+    ) -> Result<Box<dyn crate::collective::Collective>> {
+        use crate::collective::nccl;
+        let rank = work.rank as usize;
+        if work.backend == "nccl" {
+            if let Some(reason) = nccl::unavailable(self.device) {
+                return Err(Error::Backend { reason });
+            }
+            let Device::Cuda(device) = self.device else {
+                return Err(Error::State("nccl on a CPU device"));
+            };
+            let fence =
+                |reason: String| Error::Collective(CollectiveError::Protocol { rank, reason });
+            let id = if rank == 0 {
+                let id = nccl::library()
+                    .and_then(|lib| lib.unique_id())
+                    .map_err(|reason| Error::Backend { reason })?;
+                let req = v1::Bootstrap {
+                    run_id: work.run_id.clone(),
+                    generation: work.generation,
+                    data: nccl::encode_bootstrap(work.generation, &id),
+                };
+                let client = self.client.clone();
+                call(&self.rt, signal, "publish the NCCL id", || {
+                    let mut c = client.clone();
+                    let r = req.clone();
+                    async move { c.publish_bootstrap(r).await }
+                })?;
+                id
+            } else {
+                let req = v1::GetBootstrapRequest {
+                    run_id: work.run_id.clone(),
+                    generation: work.generation,
+                };
+                let client = self.client.clone();
+                let got = call(&self.rt, signal, "read the NCCL id", || {
+                    let mut c = client.clone();
+                    let r = req.clone();
+                    async move { c.get_bootstrap(r).await }
+                })?;
+                nccl::decode_bootstrap(&got.data, work.generation).map_err(fence)?
+            };
+            let opts = nccl::NcclOptions {
+                connect_timeout: Duration::from_secs(120),
+                io_timeout: Duration::from_secs(300),
+                abort: signal.clone(),
+            };
+            let comm =
+                nccl::NcclCollective::connect(rank, work.world_size as usize, device, &id, &opts)?;
+            return Ok(Box::new(comm));
+        }
+        let peers = work
+            .peers
+            .iter()
+            .map(|p| {
+                p.parse::<SocketAddr>().map_err(|e| Error::Input {
+                    context: "peers".into(),
+                    reason: format!("{p}: {e}"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(|source| CollectiveError::Io {
+                rank,
+                op: "listener",
+                source,
+            })?;
+        let opts = TcpOptions {
+            connect_timeout: Duration::from_secs(120),
+            io_timeout: Duration::from_secs(300),
+            abort: signal.clone(),
+            key: work.ring_key.clone(),
+        };
+        let ring = TcpCollective::connect(rank, &peers, listener, work.generation, &opts)?;
+        Ok(Box::new(ring))
+    }
+
     fn member(&self, work: &v1::Work) -> v1::Member {
         v1::Member {
             worker_id: self.worker_id.clone(),
@@ -356,36 +444,11 @@ impl Worker {
             self.trainer = Some((work.run_id.clone(), trainer));
             self.restore_pending = true;
         }
-        let peers = work
-            .peers
-            .iter()
-            .map(|p| {
-                p.parse::<SocketAddr>().map_err(|e| Error::Input {
-                    context: "peers".into(),
-                    reason: format!("{p}: {e}"),
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let listener = self
-            .listener
-            .try_clone()
-            .map_err(|source| CollectiveError::Io {
-                rank: work.rank as usize,
-                op: "listener",
-                source,
-            })?;
-        let opts = TcpOptions {
-            connect_timeout: Duration::from_secs(120),
-            io_timeout: Duration::from_secs(300),
-            abort: signal.clone(),
-            key: work.ring_key.clone(),
-        };
-        let collective =
-            TcpCollective::connect(work.rank as usize, &peers, listener, work.generation, &opts)?;
+        let collective = self.connect(work, signal)?;
         let Some((_, trainer)) = self.trainer.as_mut() else {
             return Err(Error::State("no trainer for the run"));
         };
-        trainer.set_collective(Box::new(collective), work.generation);
+        trainer.set_collective(collective, work.generation);
         if std::mem::take(&mut self.restore_pending) && !work.resume_checkpoint.is_empty() {
             // A new trainer restores the committed checkpoint in this world, so
             // that a sharded checkpoint gives each rank only its share under
@@ -713,11 +776,22 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<Command>();
     tracing::info!(worker = %opts.worker_id, collective = %addr, coordinator = %opts.coordinator, "worker starting");
     rt.spawn(leave_on_signal(shared.clone(), tx.clone()));
+    let nccl = match crate::collective::nccl::unavailable(opts.device) {
+        None => true,
+        Some(why) => {
+            tracing::debug!(%why, "this worker cannot run the nccl backend");
+            false
+        }
+    };
     rt.spawn(control_loop(
         client.clone(),
-        opts.worker_id.clone(),
-        addr,
-        format!("{:?}", opts.device),
+        Registration {
+            worker_id: opts.worker_id.clone(),
+            addr,
+            device: format!("{:?}", opts.device),
+            nccl,
+            local_rank: opts.local_rank,
+        },
         shared.clone(),
         tx,
     ));
@@ -785,14 +859,29 @@ async fn leave_on_signal(shared: Arc<Shared>, tx: mpsc::Sender<Command>) {
 
 /// Registers, keeps the lease, and forwards assignments; reconnects whenever the
 /// coordinator goes away (a restarted coordinator picks the worker up again).
-async fn control_loop(
-    client: Client,
+/// What a worker tells the coordinator about itself.
+#[derive(Debug, Clone)]
+struct Registration {
     worker_id: String,
     addr: SocketAddr,
     device: String,
+    nccl: bool,
+    local_rank: u32,
+}
+
+async fn control_loop(
+    client: Client,
+    me: Registration,
     shared: Arc<Shared>,
     tx: mpsc::Sender<Command>,
 ) {
+    let Registration {
+        worker_id,
+        addr,
+        device,
+        nccl,
+        local_rank,
+    } = me;
     let hostname = std::env::var("HOSTNAME").unwrap_or_default();
     // The secret the coordinator gave this process: it proves later requests
     // are ours (nobody else can re-register our id while our lease is live).
@@ -808,6 +897,8 @@ async fn control_loop(
                 run_id: String::new(),
                 step: 0,
                 session: session.clone(),
+                nccl,
+                local_rank,
             })
             .await;
         let lease = match reg {

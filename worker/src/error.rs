@@ -6,6 +6,10 @@ use std::path::PathBuf;
 /// Errors from loading, running and saving models.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The collective backend or device the run asks for cannot run here;
+    /// the reason names what is missing (no GPU, no NCCL library).
+    #[error("{reason}")]
+    Backend { reason: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod collective;
+pub mod cuda;
 pub mod error;
 pub mod generate;
 pub mod logps;
@@ -11,6 +12,7 @@ pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod packing;
+pub mod ranks;
 pub mod score;
 pub mod train;
 pub mod zero;
@@ -24,18 +26,28 @@ pub fn parse_kind(s: &str) -> std::result::Result<Kind, String> {
     s.parse::<dpo_proto::Dtype>().map(model::kind_of)
 }
 
-/// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+/// Parses `auto`, `cpu`, `cuda` or `cuda:N`. `auto` is the first GPU when
+/// libtorch sees one, else the CPU; a CUDA device this machine does not have
+/// is refused with the cause (no GPU, no driver, a CPU-only libtorch).
 pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
-    match s {
-        "auto" => Ok(Device::cuda_if_available()),
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::Cuda(0)),
+    let device = match s {
+        "auto" => {
+            return Ok(if cuda::device_count() > 0 {
+                Device::Cuda(0)
+            } else {
+                Device::Cpu
+            });
+        }
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
         other => other
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
             .map(Device::Cuda)
             .ok_or_else(|| {
                 format!("unknown device {other:?} (expected auto, cpu, cuda or cuda:N)")
-            }),
-    }
+            })?,
+    };
+    cuda::check_device(device)?;
+    Ok(device)
 }

@@ -2,6 +2,7 @@
 //! time is gone), and the generation — the world of ranks training the active
 //! run, re-formed whenever a member is lost or new workers can join.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -152,6 +153,8 @@ impl Engine {
                     generation: 0,
                     rank: -1,
                     last_seen_ms: 0,
+                    nccl: req.nccl,
+                    local_rank: req.local_rank,
                 };
                 let session = secret();
                 self.workers.insert(
@@ -278,6 +281,34 @@ impl Engine {
         self.reconcile(now)
     }
 
+    /// The members in rank order: the ranks of one host next to each other
+    /// (in local-rank order, so `dpo-worker --gpus N`'s GPUs are consecutive
+    /// ranks, and a ring or NCCL's topology crosses hosts as rarely as it
+    /// can), hosts in the order their first member joined.
+    fn placed(&self, mut members: Vec<String>) -> Vec<String> {
+        let host = |id: &String| {
+            let info = &self.workers[id].info;
+            if info.hostname.is_empty() {
+                id.clone()
+            } else {
+                info.hostname.clone()
+            }
+        };
+        let mut first: HashMap<String, u64> = HashMap::new();
+        for id in &members {
+            let seq = self.workers[id].seq;
+            first
+                .entry(host(id))
+                .and_modify(|s| *s = (*s).min(seq))
+                .or_insert(seq);
+        }
+        members.sort_by_key(|id| {
+            let w = &self.workers[id];
+            (first[&host(id)], w.info.local_rank, w.seq)
+        });
+        members
+    }
+
     /// Expires lapsed leases, picks the run to train (FIFO), and forms, repairs or
     /// grows its generation.
     pub fn reconcile(&mut self, now: Now) -> Result<()> {
@@ -340,7 +371,7 @@ impl Engine {
             }
             return self.set_state(&run_id, RunState::Waiting);
         }
-        let members: Vec<String> = ready.into_iter().take(max).collect();
+        let members = self.placed(ready.into_iter().take(max).collect());
         let number = self.generation + 1;
         // The fencing token first: every later commit of this generation compares it.
         self.effects.push(Effect::Store {
@@ -360,8 +391,10 @@ impl Engine {
             .ok_or_else(|| Refusal::Internal("run vanished".into()))?;
         record.generation = number;
         record.world_size = members.len() as u32;
+        let all_nccl = members.iter().all(|m| self.workers[m].info.nccl);
         let backend = match record.spec.cluster.backend {
             dpo_proto::spec::Backend::Nccl => "nccl",
+            dpo_proto::spec::Backend::Auto if all_nccl => "nccl",
             _ => "tcp",
         };
         let work = v1::Work {

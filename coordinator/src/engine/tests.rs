@@ -773,3 +773,75 @@ fn a_rollback_is_checked_recorded_once_per_generation_and_told_to_watchers() {
         .expect("a re-trained step");
     assert_eq!(e.run("run-a").expect("run").step, 2);
 }
+
+/// Registers `worker` from `host` as local rank `local` (nccl-capable or not)
+/// and opens its stream; returns the effects.
+fn join_rank(
+    e: &mut Engine,
+    worker: &str,
+    host: &str,
+    local: u32,
+    nccl: bool,
+    now: Now,
+) -> Vec<Effect> {
+    let req = v1::RegisterRequest {
+        worker_id: worker.into(),
+        collective_addr: "127.0.0.1:9000".into(),
+        hostname: host.into(),
+        local_rank: local,
+        nccl,
+        ..Default::default()
+    };
+    let session = e.register(req, None, now).expect("registered").session;
+    e.open_stream(worker, &session, now).expect("registered");
+    e.take_effects()
+}
+
+/// The backend of each Work assignment among `effects`.
+fn backends(effects: &[Effect]) -> Vec<String> {
+    effects
+        .iter()
+        .filter_map(|f| match f {
+            Effect::Send {
+                kind: v1::assignment::Kind::Work(w),
+                ..
+            } => Some(w.backend.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_ranks_of_one_host_are_placed_together_in_local_rank_order() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(4, 4, 10, t0);
+    // Two `--gpus 2` hosts whose processes registered interleaved.
+    join_rank(&mut e, "a-1", "host-a", 1, true, t0);
+    join_rank(&mut e, "b-0", "host-b", 0, true, t0);
+    join_rank(&mut e, "a-0", "host-a", 0, true, t0);
+    let formed = join_rank(&mut e, "b-1", "host-b", 1, true, t0);
+    assert_eq!(
+        works(&formed),
+        vec![
+            ("a-0".into(), 1, 0, 4),
+            ("a-1".into(), 1, 1, 4),
+            ("b-0".into(), 1, 2, 4),
+            ("b-1".into(), 1, 3, 4),
+        ],
+        "host-a joined first; within a host, local-rank order"
+    );
+    assert_eq!(
+        backends(&formed),
+        vec!["nccl"; 4],
+        "auto: every member can run NCCL"
+    );
+}
+
+#[test]
+fn auto_picks_nccl_only_when_every_member_can_run_it() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(2, 2, 10, t0);
+    join_rank(&mut e, "gpu", "h1", 0, true, t0);
+    let formed = join_rank(&mut e, "cpu", "h2", 0, false, t0);
+    assert_eq!(backends(&formed), vec!["tcp"; 2]);
+}

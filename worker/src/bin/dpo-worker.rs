@@ -33,6 +33,16 @@ struct Cli {
     /// This worker's identity (default: a fresh UUID per process).
     #[arg(long, env = "DPO_WORKER_ID")]
     worker_id: Option<String>,
+    /// Run one rank per GPU, cuda:0 … cuda:N-1, each in a process of its own
+    /// (like torchrun's --nproc-per-node), registered as N members.
+    #[arg(long, env = "DPO_GPUS", conflicts_with = "devices")]
+    gpus: Option<usize>,
+    /// Run one rank per listed device (cuda:0,cuda:1,… ; cpu for tests), as --gpus does.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+    /// Set by --gpus/--devices for each rank it starts.
+    #[arg(long, hide = true, default_value_t = 0)]
+    local_rank: u32,
     /// Fault injection for tests: exit (86) after reporting this many chunks of
     /// a reference stage.
     #[arg(long, hide = true)]
@@ -139,17 +149,25 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let Some(command) = cli.command else {
-        let Some(coordinator) = cli.coordinator else {
+        let Some(coordinator) = cli.coordinator.clone() else {
             anyhow::bail!(
                 "give --coordinator URL to join a cluster, or a subcommand (train, score); see --help"
             );
         };
+        let devices = match cli.gpus {
+            Some(n) => dpo_worker::ranks::gpus(n).map_err(anyhow::Error::msg)?,
+            None => cli.devices.clone(),
+        };
+        if !devices.is_empty() {
+            return run_ranks(&cli, coordinator, devices);
+        }
         let token = dpo_proto::client::BearerToken::from_env().map_err(anyhow::Error::msg)?;
         return dpo_worker::cluster::join(dpo_worker::cluster::JoinOptions {
             coordinator,
             listen: cli.listen,
             advertise: cli.advertise,
             device: cli.device,
+            local_rank: cli.local_rank,
             worker_id: cli
                 .worker_id
                 .unwrap_or_else(dpo_worker::cluster::new_worker_id),
@@ -226,6 +244,68 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--gpus N` / `--devices …`: one rank process per device, supervised here.
+fn run_ranks(cli: &Cli, coordinator: String, devices: Vec<String>) -> anyhow::Result<()> {
+    for d in &devices {
+        dpo_worker::parse_device(d).map_err(|e| anyhow::anyhow!("--devices: {e}"))?;
+    }
+    let mut common = vec![
+        "--coordinator".to_string(),
+        coordinator,
+        "--log-format".into(),
+        match cli.log_format {
+            LogFormat::Text => "text".into(),
+            LogFormat::Json => "json".into(),
+        },
+    ];
+    if let Some(ip) = cli.advertise {
+        common.extend(["--advertise".into(), ip.to_string()]);
+    }
+    if let Some(n) = cli.halt_after_reference_chunks {
+        common.extend(["--halt-after-reference-chunks".into(), n.to_string()]);
+    }
+    if let Some(n) = cli.tear_at_step {
+        common.extend(["--tear-at-step".into(), n.to_string()]);
+    }
+    let cmd = dpo_worker::ranks::RankCommand {
+        program: std::env::current_exe().context("locating this binary")?,
+        common,
+        devices,
+        worker_id: cli
+            .worker_id
+            .clone()
+            .unwrap_or_else(dpo_worker::cluster::new_worker_id),
+        listen: cli.listen,
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                let Ok(mut term) =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                else {
+                    return;
+                };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            });
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+        .context("signal thread")?;
+    tracing::info!(ranks = cmd.devices.len(), devices = ?cmd.devices, "starting one rank per device");
+    dpo_worker::ranks::supervise(&cmd, stop)
 }
 
 fn metric(m: &[(String, f64)], key: &str) -> Option<f64> {

@@ -1,8 +1,11 @@
 //! Collectives among the ranks of one generation: sum all-reduce (gradients),
 //! all-gather (parameter hashes, metric sums), barrier, and abort — which makes every
 //! pending and later operation fail at once, so a dead peer never leaves the
-//! survivors hanging. `tcp` serves CPU workers and tests; `nccl` (GPUs) follows.
+//! survivors hanging. `tcp` serves CPU workers and tests; `nccl` serves GPUs.
+//! The tensor operations (`*_tensor`) take the data where it lives: NCCL works
+//! on the GPU's memory, the tcp ring through the host.
 
+pub mod nccl;
 pub mod tcp;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,6 +126,57 @@ pub trait Collective: Send {
     /// Fails every pending and future operation of this rank; peers blocked on it
     /// fail too (their connections are closed).
     fn abort(&self);
+    /// [`Collective::all_reduce_sum`] of a contiguous f32 tensor, in place,
+    /// wherever it lives (default: through the host).
+    fn all_reduce_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        let rank = self.rank();
+        through_host(rank, t, &mut |d| self.all_reduce_sum(d))
+    }
+    /// [`Collective::reduce_scatter_sum`] of a contiguous f32 tensor.
+    fn reduce_scatter_tensor(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        let rank = self.rank();
+        through_host(rank, t, &mut |d| self.reduce_scatter_sum(d))
+    }
+    /// [`Collective::all_gather_chunks`] of a contiguous f32 tensor.
+    fn all_gather_tensor_chunks(&mut self, t: &mut tch::Tensor) -> Result<(), CollectiveError> {
+        let rank = self.rank();
+        through_host(rank, t, &mut |d| self.all_gather_chunks(d))
+    }
+}
+
+type HostOp<'a> = dyn FnMut(&mut [f32]) -> Result<(), CollectiveError> + 'a;
+
+/// Runs a host operation on a one-dimensional f32 tensor: copies it to the
+/// host, applies `op`, writes the result back in place.
+fn through_host(
+    rank: usize,
+    t: &mut tch::Tensor,
+    op: &mut HostOp<'_>,
+) -> Result<(), CollectiveError> {
+    let torch = |e: tch::TchError| CollectiveError::Protocol {
+        rank,
+        reason: format!("staging a tensor on the host: {e}"),
+    };
+    if t.kind() != tch::Kind::Float {
+        return Err(CollectiveError::Protocol {
+            rank,
+            reason: format!("expected an f32 tensor, got {:?}", t.kind()),
+        });
+    }
+    let mut host = Vec::<f32>::try_from(
+        &t.f_detach()
+            .and_then(|x| x.f_to_device(tch::Device::Cpu))
+            .and_then(|x| x.f_reshape([-1]))
+            .map_err(torch)?,
+    )
+    .map_err(torch)?;
+    op(&mut host)?;
+    let back = tch::Tensor::f_from_slice(&host)
+        .and_then(|x| x.f_view(t.size().as_slice()))
+        .and_then(|x| x.f_to_device(t.device()))
+        .map_err(torch)?;
+    t.f_copy_(&back).map_err(torch)?;
+    Ok(())
 }
 
 /// The collective of a world of one: every operation returns at once.

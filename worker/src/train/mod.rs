@@ -117,6 +117,8 @@ impl Models {
     /// `staged`: the reference is scored by the cluster's reference stage, which
     /// loads it on demand — not here.
     fn load(spec: &RunSpec, device: Device, staged: bool) -> Result<Self> {
+        // Loads libtorch's CUDA half for a CUDA device, or names why it cannot.
+        crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
         let kind = kind_of(spec.model.dtype);
         let objective = Objective::from_spec(&spec.objective);
         // ZeRO stage 3: the decoder layers come as this rank's share once the
