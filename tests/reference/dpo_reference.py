@@ -11,6 +11,7 @@ transformers model with the formulas of the papers, the whole global batch in on
 forward, torch's own optimizers, clip_grad_norm_ and schedulers, pairs taken in file
 order, and writes the final weights to `out` (safetensors). An optional "freeze"
 (regexes over parameter names) sets `requires_grad = False` on what they match.
+An optional top-level "device" ("cuda", default "cpu") says where it trains.
 
 Losses over Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), log π
 summed over response tokens (IPO: averaged):
@@ -47,7 +48,10 @@ def batch(pairs, key):
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
         resp[i, len(p["prompt_ids"]) : len(s)] = True
-    return ids, attn, resp
+    return ids.to(DEVICE), attn.to(DEVICE), resp.to(DEVICE)
+
+
+DEVICE = torch.device("cpu")
 
 
 def token_logps(model, ids, attn, resp):
@@ -100,6 +104,7 @@ def case_loss(c, policy, reference, pairs):
 def run_case(c, model_dir, pairs):
     torch.manual_seed(0)
     policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    policy.to(DEVICE)
     policy.train()
     reference = copy.deepcopy(policy).eval()
     # `freeze`: regexes over parameter names (searched anywhere in the name).
@@ -124,7 +129,7 @@ def run_case(c, model_dir, pairs):
             torch.nn.utils.clip_grad_norm_([p for p in policy.parameters() if p.requires_grad], c["max_grad_norm"])
         opt.step()
         sched.step()
-    state = {k: v.detach().contiguous() for k, v in policy.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
     if policy.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     save_file(state, c["out"])
@@ -136,6 +141,8 @@ def main() -> None:
     with open(spec["data"]) as f:
         pairs = [json.loads(line) for line in f if line.strip()]
     torch.set_num_threads(2)
+    global DEVICE
+    DEVICE = torch.device(spec.get("device", "cpu"))
     for c in spec["cases"]:
         run_case(c, spec["model"], pairs)
 

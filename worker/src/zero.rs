@@ -27,7 +27,10 @@ use std::ops::Range;
 
 use tch::Tensor;
 
-use crate::collective::{Collective, chunk, ensure_gradients, flat_gradients};
+use crate::collective::{
+    Collective, chunk, ensure_gradients, flat_gradient_tensor, write_gradient_chunk,
+    write_gradient_range,
+};
 use crate::error::{Result, TorchContext};
 
 /// Receives a rank's summed gradient chunks: `(parameter index, replica,
@@ -131,18 +134,19 @@ impl Partition {
         let _guard = tch::no_grad_guard();
         for bucket in &self.buckets {
             let ps = &params[bucket.clone()];
-            let mut flat = flat_gradients(ps)?;
-            collective.reduce_scatter_sum(&mut flat)?;
-            let n = flat.len();
+            let mut flat = flat_gradient_tensor(ps)?;
+            collective.reduce_scatter_tensor(&mut flat)?;
+            let n = flat.numel();
             let (start, len) = chunk(n, self.world, self.rank);
             if self.replicas {
                 // The predecessor's summed chunk, for the replica of its share.
                 let (bs, bl) = chunk(n, self.world, self.buddy());
-                let got = self.exchange_replica(collective, &flat[start..start + len], bl)?;
-                flat[bs..bs + bl].copy_from_slice(&got);
-                write_chunk(ps, &flat, bs, bl)?;
+                let mine = host_range(&flat, start, len)?;
+                let got = self.exchange_replica(collective, &mine, bl)?;
+                let got = Tensor::f_from_slice(&got).op("gradient chunk")?;
+                write_gradient_chunk(ps, &got, bs)?;
             }
-            write_chunk(ps, &flat, start, len)?;
+            write_gradient_range(ps, &flat, start, len)?;
         }
         Ok(())
     }
@@ -165,38 +169,47 @@ impl Partition {
         let covered = |i: usize| grads.iter().any(|(j, _)| *j == i);
         for bucket in self.buckets.iter().filter(|b| covered(b.start)) {
             let n: usize = params[bucket.clone()].iter().map(|p| p.numel()).sum();
-            let mut flat = Vec::with_capacity(n);
+            let mut parts = Vec::with_capacity(bucket.len());
             for i in bucket.clone() {
                 let g = grads.iter().find(|(j, _)| *j == i).map(|(_, g)| g);
-                match g.filter(|g| g.defined()) {
-                    Some(g) => flat.extend(
-                        Vec::<f32>::try_from(
-                            &g.f_to_kind(tch::Kind::Float)
-                                .and_then(|g| g.f_to_device(tch::Device::Cpu))
-                                .and_then(|g| g.f_reshape([-1]))
-                                .op("gradient bucket")?,
-                        )
+                parts.push(match g.filter(|g| g.defined()) {
+                    Some(g) => g
+                        .f_to_kind(tch::Kind::Float)
+                        .and_then(|g| g.f_reshape([-1]))
                         .op("gradient bucket")?,
-                    ),
-                    None => flat.resize(flat.len() + params[i].numel(), 0.0),
-                }
+                    None => Tensor::f_zeros(
+                        [params[i].numel() as i64],
+                        (tch::Kind::Float, params[i].device()),
+                    )
+                    .op("gradient bucket")?,
+                });
             }
-            collective.reduce_scatter_sum(&mut flat)?;
+            let mut flat = Tensor::f_cat(&parts, 0).op("gradient bucket")?;
+            drop(parts);
+            collective.reduce_scatter_tensor(&mut flat)?;
             let (start, len) = chunk(n, self.world, self.rank);
+            let mine = host_range(&flat, start, len)?;
+            drop(flat);
             let mut targets = vec![(false, start, len)];
+            let mut replica_values = Vec::new();
             if self.replicas {
                 let (bs, bl) = chunk(n, self.world, self.buddy());
-                let got = self.exchange_replica(collective, &flat[start..start + len], bl)?;
-                flat[bs..bs + bl].copy_from_slice(&got);
+                replica_values = self.exchange_replica(collective, &mine, bl)?;
                 targets.push((true, bs, bl));
             }
             for (replica, start, len) in targets {
+                let values = if replica { &replica_values } else { &mine };
                 let mut at = 0usize;
                 for i in bucket.clone() {
                     let size = params[i].numel();
                     let (from, to) = (start.max(at), (start + len).min(at + size));
                     if from < to {
-                        add(i, replica, (from - at) as i64, &flat[from..to])?;
+                        add(
+                            i,
+                            replica,
+                            (from - at) as i64,
+                            &values[from - start..to - start],
+                        )?;
                     }
                     at += size;
                 }
@@ -238,21 +251,15 @@ impl Partition {
         let _guard = tch::no_grad_guard();
         for bucket in &self.buckets {
             let ps = &params[bucket.clone()];
-            let mut flat: Vec<f32> = Vec::with_capacity(ps.iter().map(|p| p.numel()).sum());
-            for p in ps {
-                flat.extend(
-                    Vec::<f32>::try_from(
-                        &p.f_detach()
-                            .and_then(|t| t.f_to_kind(tch::Kind::Float))
-                            .and_then(|t| t.f_to_device(tch::Device::Cpu))
-                            .and_then(|t| t.f_reshape([-1]))
-                            .op("parameter bucket")?,
-                    )
-                    .op("parameter bucket")?,
-                );
-            }
-            collective.all_gather_chunks(&mut flat)?;
-            write_parameters(ps, &flat)?;
+            let parts = ps
+                .iter()
+                .map(|p| p.f_detach()?.f_to_kind(tch::Kind::Float)?.f_reshape([-1]))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .op("parameter bucket")?;
+            let mut flat = Tensor::f_cat(&parts, 0).op("parameter bucket")?;
+            drop(parts);
+            collective.all_gather_tensor_chunks(&mut flat)?;
+            write_parameter_tensor(ps, &flat)?;
         }
         Ok(())
     }
@@ -429,6 +436,24 @@ fn bucket_of(
     Ok(flat)
 }
 
+/// Writes a bucket's flattened values (a tensor on any device) into its
+/// parameters `ps`, whole.
+fn write_parameter_tensor(ps: &[Tensor], flat: &Tensor) -> Result<()> {
+    let mut at = 0i64;
+    for p in ps {
+        let size = p.numel() as i64;
+        let whole = flat
+            .f_narrow(0, at, size)
+            .and_then(|t| t.f_view(p.size().as_slice()))
+            .and_then(|t| t.f_to_kind(p.kind()))
+            .and_then(|t| t.f_to_device(p.device()))
+            .op("parameter bucket")?;
+        p.shallow_clone().f_copy_(&whole).op("parameter bucket")?;
+        at += size;
+    }
+    Ok(())
+}
+
 /// Writes a bucket's flattened values into its parameters `ps`, whole.
 fn write_parameters(ps: &[Tensor], flat: &[f32]) -> Result<()> {
     let mut at = 0usize;
@@ -445,26 +470,16 @@ fn write_parameters(ps: &[Tensor], flat: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// Writes `flat[start..start + len]` (a bucket's flattened gradients) into
-/// those elements of the gradients of `params` (the bucket's parameters).
-fn write_chunk(params: &[Tensor], flat: &[f32], start: usize, len: usize) -> Result<()> {
-    let mut at = 0usize;
-    for p in params {
-        let size = p.numel();
-        let (from, to) = (start.max(at), (start + len).min(at + size));
-        if from < to {
-            let summed = Tensor::f_from_slice(&flat[from..to])
-                .and_then(|t| t.f_to_device(p.device()))
-                .op("gradient chunk")?;
-            p.grad()
-                .f_view([-1])
-                .and_then(|g| g.f_narrow(0, (from - at) as i64, (to - from) as i64))
-                .and_then(|mut g| g.f_copy_(&summed))
-                .op("gradient chunk")?;
-        }
-        at += size;
-    }
-    Ok(())
+/// `flat[start..start + len]`, on the host.
+fn host_range(flat: &Tensor, start: usize, len: usize) -> Result<Vec<f32>> {
+    Vec::<f32>::try_from(
+        &flat
+            .f_narrow(0, start as i64, len as i64)
+            .and_then(|t| t.f_to_kind(tch::Kind::Float))
+            .and_then(|t| t.f_to_device(tch::Device::Cpu))
+            .op("gradient chunk")?,
+    )
+    .op("gradient chunk")
 }
 
 #[cfg(test)]

@@ -253,31 +253,80 @@ pub fn broadcast_tensors(
 /// to bound the staging copy.
 pub const BUCKET_ELEMENTS: usize = 4 << 20;
 
-/// Sums the gradients of `params` across ranks, in buckets of flattened f32.
-/// A rank with an empty slice of the batch contributes zeros.
+/// Sums the gradients of `params` across ranks, in buckets of flattened f32
+/// on the parameters' device (NCCL reduces them there; the tcp ring stages
+/// them through the host). A rank with an empty slice of the batch
+/// contributes zeros.
 pub fn all_reduce_gradients(
     params: &[tch::Tensor],
     collective: &mut dyn Collective,
 ) -> crate::Result<()> {
-    use crate::error::TorchContext;
     if collective.world_size() == 1 {
         return Ok(());
     }
     ensure_gradients(params)?;
     let _guard = tch::no_grad_guard();
     for bucket in buckets(params) {
-        let mut flat = flat_gradients(&params[bucket.clone()])?;
-        collective.all_reduce_sum(&mut flat)?;
-        let mut offset = 0;
-        for p in &params[bucket] {
-            let n = p.numel();
-            let summed = tch::Tensor::f_from_slice(&flat[offset..offset + n])
-                .and_then(|t| t.f_view(p.size().as_slice()))
+        let ps = &params[bucket];
+        let mut flat = flat_gradient_tensor(ps)?;
+        collective.all_reduce_tensor(&mut flat)?;
+        write_gradient_range(ps, &flat, 0, flat.numel())?;
+    }
+    Ok(())
+}
+
+/// The gradients of `params` (all defined), flattened into one f32 tensor on
+/// their device.
+pub fn flat_gradient_tensor(params: &[tch::Tensor]) -> crate::Result<tch::Tensor> {
+    use crate::error::TorchContext;
+    let parts = params
+        .iter()
+        .map(|p| p.grad().f_to_kind(tch::Kind::Float)?.f_reshape([-1]))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .op("gradient bucket")?;
+    tch::Tensor::f_cat(&parts, 0).op("gradient bucket")
+}
+
+/// Writes `flat[start..start + len]` (a bucket's flattened gradients, on any
+/// device) into those elements of the gradients of `params`.
+pub fn write_gradient_range(
+    params: &[tch::Tensor],
+    flat: &tch::Tensor,
+    start: usize,
+    len: usize,
+) -> crate::Result<()> {
+    use crate::error::TorchContext;
+    let piece = flat
+        .f_narrow(0, start as i64, len as i64)
+        .op("gradient bucket")?;
+    write_gradient_chunk(params, &piece, start)
+}
+
+/// Writes `piece`, the elements `start..start + piece.numel()` of a bucket's
+/// flattened gradients, into the gradients of `params` (the bucket's).
+pub fn write_gradient_chunk(
+    params: &[tch::Tensor],
+    piece: &tch::Tensor,
+    start: usize,
+) -> crate::Result<()> {
+    use crate::error::TorchContext;
+    let len = piece.numel();
+    let mut at = 0usize;
+    for p in params {
+        let size = p.numel();
+        let (from, to) = (start.max(at), (start + len).min(at + size));
+        if from < to {
+            let src = piece
+                .f_narrow(0, (from - start) as i64, (to - from) as i64)
                 .and_then(|t| t.f_to_device(p.device()))
                 .op("gradient bucket")?;
-            p.grad().f_copy_(&summed).op("gradient bucket")?;
-            offset += n;
+            p.grad()
+                .f_view([-1])
+                .and_then(|g| g.f_narrow(0, (from - at) as i64, (to - from) as i64))
+                .and_then(|mut g| g.f_copy_(&src))
+                .op("gradient bucket")?;
         }
+        at += size;
     }
     Ok(())
 }
@@ -312,24 +361,6 @@ pub fn buckets_by(
         start = end;
     }
     out
-}
-
-/// The gradients of `params`, flattened into one f32 vector on the host.
-pub fn flat_gradients(params: &[tch::Tensor]) -> crate::Result<Vec<f32>> {
-    use crate::error::TorchContext;
-    let mut flat: Vec<f32> = Vec::with_capacity(params.iter().map(|p| p.numel()).sum());
-    for p in params {
-        let values = Vec::<f32>::try_from(
-            &p.grad()
-                .f_to_kind(tch::Kind::Float)
-                .and_then(|g| g.f_to_device(tch::Device::Cpu))
-                .and_then(|g| g.f_reshape([-1]))
-                .op("gradient bucket")?,
-        )
-        .op("gradient bucket")?;
-        flat.extend(values);
-    }
-    Ok(flat)
 }
 
 /// Gives every parameter a gradient (zeros where a rank had nothing to

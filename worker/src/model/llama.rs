@@ -18,6 +18,34 @@ use crate::error::{Result, TorchContext};
 
 type TchResult<T> = std::result::Result<T, tch::TchError>;
 
+/// Logs, once per kind of mask, which fused attention kernel libtorch picks
+/// on a GPU (`flash`, `efficient`, `cudnn`, or the slow `math` fallback): the
+/// figure the GPU benchmark reports for each path.
+fn report_kernel(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static SEEN: [AtomicBool; 3] = [const { AtomicBool::new(false) }; 3];
+    if !q.device().is_cuda() {
+        return;
+    }
+    let (slot, name, m, causal) = match mask {
+        AttentionMask::All => (0, "none", None, false),
+        AttentionMask::Causal => (1, "causal", None, true),
+        AttentionMask::Explicit(m) => (2, "explicit (padding or packing)", Some(m), false),
+    };
+    if SEEN[slot].swap(true, Ordering::Relaxed) {
+        return;
+    }
+    let kernel = match Tensor::f_internal_fused_sdp_choice(q, k, v, m, 0.0, causal, None, false) {
+        Ok(0) => "math".to_string(),
+        Ok(1) => "flash".to_string(),
+        Ok(2) => "efficient".to_string(),
+        Ok(3) => "cudnn".to_string(),
+        Ok(other) => format!("backend {other}"),
+        Err(e) => format!("unknown ({e})"),
+    };
+    tracing::info!(mask = name, %kernel, dtype = ?q.kind(), "attention kernel");
+}
+
 /// Parameters registered empty, by name, with the shapes they will have.
 type Deferred = Option<Vec<(String, Vec<i64>)>>;
 
@@ -230,6 +258,7 @@ impl Attention {
         };
         let k = repeat(k).op("attention: repeat kv")?;
         let v = repeat(v).op("attention: repeat kv")?;
+        report_kernel(&q, &k, &v, mask);
         let out = match mask {
             AttentionMask::All => Tensor::f_scaled_dot_product_attention(
                 &q,

@@ -208,6 +208,8 @@ pub struct Trainer {
     /// Fault injection for tests: fail like a broken connection between the
     /// update and the parameter gather of this step (ZeRO), once.
     tear_at_step: Option<u64>,
+    /// The device's memory in use, sampled (CUDA ranks).
+    cuda_memory: Option<crate::cuda::PeakSampler>,
     /// The LoRA adapters as the run started (for a rollback to the initial
     /// weights; adapters are small).
     initial_adapters: Vec<(String, Tensor)>,
@@ -349,6 +351,12 @@ impl Trainer {
             (spec.train.zero_stage == 2).then(|| stage2::LayerMap::new(&optimizer, layers));
         let mut policy = policy;
         policy.set_staged_backward(layer_map.is_some());
+        let cuda_memory = match policy.device() {
+            Device::Cuda(i) => crate::cuda::PeakSampler::start(i)
+                .map_err(|e| tracing::warn!(error = %e, "no GPU memory figures"))
+                .ok(),
+            _ => None,
+        };
         Ok(Trainer {
             spec,
             collective,
@@ -369,6 +377,7 @@ impl Trainer {
             leavers: Vec::new(),
             torn_metrics: None,
             tear_at_step: None,
+            cuda_memory,
             initial_adapters,
         })
     }
@@ -770,11 +779,14 @@ impl Trainer {
         self.tear_at_step = step;
     }
 
-    /// The rank's peak memory: the peak resident size on CPU. CUDA ranks do
-    /// not report one yet (libtorch's allocator statistics are not bound).
+    /// The rank's peak memory: the peak resident size on CPU; on a GPU the
+    /// peak of the device's memory in use (`total − free`, as nvidia-smi
+    /// shows it: libtorch's cached blocks and the CUDA context included),
+    /// sampled every 2 ms.
     fn peak_bytes(&self) -> Option<u64> {
-        match self.policy.device() {
-            tch::Device::Cpu => metrics::peak_resident_bytes(),
+        match (&self.cuda_memory, self.policy.device()) {
+            (Some(s), _) => Some(s.peak()),
+            (None, tch::Device::Cpu) => metrics::peak_resident_bytes(),
             _ => None,
         }
     }
