@@ -14,7 +14,7 @@ export DPO_PYTHON := $(DPO_VENV)/bin/python
 CARGO ?= cargo
 DEMO_DIR ?= out/demo
 
-.PHONY: setup build test chart-test lint demo demo-lora bench clean
+.PHONY: setup build test chart-test lint demo demo-lora bench gpu-bundle clean
 
 setup:
 	@bash scripts/setup.sh
@@ -49,6 +49,11 @@ bench: setup
 	$(CARGO) build --release -p dpo-worker --bin dpo-worker --example fwd_bwd
 	$(DPO_PYTHON) bench/model_throughput.py
 	$(DPO_PYTHON) bench/dpo_step_time.py
+
+# What scripts/gpu-check.sh needs on the GPU machine (no Rust, no network there):
+# stripped release binaries and the trl wheels, in gpu-bundle/ (git-ignored, < 60 MiB).
+gpu-bundle: setup
+	@bash scripts/gpu-bundle.sh gpu-bundle
 
 clean:
 	$(CARGO) clean

@@ -220,7 +220,8 @@ def main() -> None:
                         "--arch", "llama", "--hidden", str(shape["hidden"]), "--layers", str(shape["layers"]),
                         "--heads", str(shape["heads"]), "--kv-heads", str(shape["kv"]),
                         "--intermediate", str(shape["inter"]), "--model-vocab", str(shape["vocab"]),
-                        "--max-positions", str(a.max_length), "--init-std", "0.02"],
+                        "--max-positions", str(a.max_length), "--init-std", "0.02"]
+                       + ([] if a.tiny else ["--dtype", "bfloat16"]),
                        check=True, capture_output=True)
         data = os.path.join(tmp, "pairs.jsonl")
         pairs(data, n, prompt, response)

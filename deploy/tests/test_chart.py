@@ -91,8 +91,8 @@ def binary(name: str) -> Path | None:
 class Rendering(unittest.TestCase):
     CONFIGS = {
         "default": {},
-        "scaled": {"worker": {"replicas": 16, "gpus": 8, "antiAffinity": "hard"}, "etcd": {"replicas": 3}},
-        "cpu-no-tls-embedded": {"worker": {"gpus": 0}, "tls": {"enabled": False}, "etcd": {"enabled": False}},
+        "scaled": {"worker": {"replicas": 16, "gpusPerWorker": 8, "antiAffinity": "hard"}, "etcd": {"replicas": 3}},
+        "cpu-no-tls-embedded": {"worker": {"gpusPerWorker": 0}, "tls": {"enabled": False}, "etcd": {"enabled": False}},
         "external-etcd": {
             "etcd": {"enabled": False, "external": {"endpoints": ["https://etcd.infra:2379"], "tlsSecret": "etcd-ca",
                                                     "clientCert": True, "authSecret": "etcd-user"}},
@@ -262,6 +262,26 @@ class Rendering(unittest.TestCase):
         self.assertNotIn("etcd", " ".join(k for _, k in kinds(docs)))
         self.assertNotIn(("Secret", f"{FULL}-tls"), kinds(docs))
         self.assertIn("http://localhost:7733", notes)
+
+    def test_several_gpus_per_worker_run_a_rank_per_gpu(self):
+        docs, notes = render(self.CONFIGS["scaled"])
+        w = find(docs, "StatefulSet", f"{FULL}-worker")
+        self.assertIn("--gpus=8", args(w))
+        self.assertFalse(any(a.startswith("--device") for a in args(w)))
+        res = container(w)["resources"]
+        self.assertEqual(str(res["limits"]["nvidia.com/gpu"]), "8")
+        self.assertEqual(str(res["requests"]["nvidia.com/gpu"]), "8")
+        ports = sorted(p["containerPort"] for p in container(w)["ports"])
+        self.assertEqual(ports, list(range(7740, 7748)), "one collective port per rank")
+        pol = find(docs, "NetworkPolicy", f"{FULL}-worker")
+        rule = pol["spec"]["ingress"][0]["ports"][0]
+        self.assertEqual((rule["port"], rule["endPort"]), (7740, 7747))
+        self.assertIn("8 GPU(s) each", notes)
+        # One GPU: one process on it, as before.
+        docs, _ = render({"worker": {"gpusPerWorker": 1}})
+        w = find(docs, "StatefulSet", f"{FULL}-worker")
+        self.assertIn("--device=auto", args(w))
+        self.assertNotIn("endPort", find(docs, "NetworkPolicy", f"{FULL}-worker")["spec"]["ingress"][0]["ports"][0])
 
     def test_anti_affinity(self):
         key = "podAntiAffinity"
