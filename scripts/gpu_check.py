@@ -173,8 +173,10 @@ backend = "{backend}"
 
 
 def weights(path: Path) -> dict:
+    """The tensors of a safetensors file, or of every shard in a model folder, as f32."""
     from safetensors.torch import load_file
-    return {k: v.float() for k, v in load_file(str(path)).items()}
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    return {k: v.float() for f in files for k, v in load_file(str(f)).items()}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -200,11 +202,8 @@ def check_dpo(c: Check, fx: Path) -> dict:
     cases.write_text(json.dumps({"model": str(model), "data": str(data), "device": c.device, "cases": [case]}))
     c.run("reference", [PY, ROOT / "tests/reference/dpo_reference.py", cases], "dpo")
     ours, theirs = weights(out / "final/model.safetensors"), weights(c.work / "dpo.reference.safetensors")
-    initial = weights(model / "model.safetensors") if (model / "model.safetensors").exists() else None
     diff = max_diff(ours, theirs)
-    res = {"max_weight_diff_vs_pytorch": diff}
-    if initial:
-        res["weights_moved"] = max_diff(ours, initial)
+    res = {"max_weight_diff_vs_pytorch": diff, "weights_moved": max_diff(ours, weights(model))}
     if diff > 1e-4:
         raise RuntimeError(f"DPO weights differ from PyTorch's by {diff:.3g} > 1e-4")
     return res
@@ -231,12 +230,12 @@ def check_packing(c: Check, fx: Path) -> dict:
 def check_bf16(c: Check, fx: Path) -> dict:
     from safetensors import safe_open
     model, data = fx / "llama", fx / "pairs_tokens.jsonl"
-    extra = "save_steps = 3\n"
+    extra = "checkpoint_every = 2\n"
     f32 = train(c, "f32", spec_text("f32", model, data, c.work / "f32", extra=extra), "bf16")
     bf = train(c, "bf16", spec_text("bf16", model, data, c.work / "bf16", dtype="bf16", extra=extra), "bf16")
     a, b = weights(f32 / "final/model.safetensors"), weights(bf / "final/model.safetensors")
     rel = max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp(min=1e-6)) for k in a)
-    moved = max_diff(a, weights(model / "model.safetensors")) if (model / "model.safetensors").exists() else None
+    moved = max_diff(a, weights(model))
     masters = {}
     for p in sorted((bf / "checkpoints").rglob("optimizer*.safetensors")):
         with safe_open(str(p), "pt") as f:
@@ -286,7 +285,8 @@ def cluster(c: Check, name: str, spec: str, devices: list, log: str, timeout=300
     logf = open(c.logs / f"{log}.log", "a")
     try:
         procs.append(subprocess.Popen([c.bin / "dpo-coordinator", "--listen", f"127.0.0.1:{port}",
-                                       "--data-dir", work / "coord"], stdout=logf, stderr=logf, env=env))
+                                       "--data-dir", work / "coord", "--allow-path", c.work],
+                                      stdout=logf, stderr=logf, env=env))
         time.sleep(0.5)
         for i, d in enumerate(devices):
             procs.append(subprocess.Popen([c.bin / "dpo-worker", "--coordinator", f"http://127.0.0.1:{port}",
@@ -305,22 +305,21 @@ def cluster(c: Check, name: str, spec: str, devices: list, log: str, timeout=300
         logf.write(p.stdout + p.stderr)
         if p.returncode != 0:
             raise RuntimeError(f"{name}: submit failed: {p.stderr[-500:]}")
+        run_id = json.loads(p.stdout.strip().splitlines()[-1])["id"]
         end = time.time() + timeout
         state = ""
         while time.time() < end:
-            p = subprocess.run([c.bin / "dpoctl", "--coordinator", url, "--output", "json", "runs"],
+            p = subprocess.run([c.bin / "dpoctl", "--coordinator", url, "--output", "json", "status", run_id],
                                capture_output=True, text=True, env=env)
-            for line in p.stdout.splitlines():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                state = str(r.get("state", ""))
-            if any(s in state.lower() for s in ["succeeded", "failed", "cancelled"]):
+            try:
+                state = str(json.loads(p.stdout.strip().splitlines()[-1]).get("state", ""))
+            except (json.JSONDecodeError, IndexError):
+                pass
+            if state in ("succeeded", "failed", "cancelled"):
                 break
             time.sleep(0.5)
         logf.write(f"final state: {state}\n")
-        if "succeeded" not in state.lower():
+        if state != "succeeded":
             raise RuntimeError(f"{name}: run ended as {state or 'unknown'} (see logs/{log}.log)")
         return work
     finally:
