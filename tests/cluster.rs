@@ -936,3 +936,52 @@ fn zero_replicas_survive_a_kill_without_going_back() {
         "{logs}"
     );
 }
+
+/// `dpo-worker --devices cpu,cpu`: one worker process runs two ranks (as
+/// `--gpus 2` does on a GPU machine), each a member of the run, and trains the
+/// weights of one process. Then a run asking for `backend = "nccl"` on these
+/// CPU ranks fails, naming the cause — no silent fallback to the ring.
+#[test]
+fn a_worker_of_two_ranks_trains_and_nccl_without_a_gpu_fails_by_name() {
+    let case = Case::new(48);
+    let (spec, out_dir) = case.reference_and_spec(
+        "ranks",
+        "max_steps = 6\nmicro_batch_size = 2",
+        "min_workers = 2\nmax_workers = 2",
+    );
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let _w = worker_with(port, "pod", &case.logs, &["--devices", "cpu,cpu"]).expect("worker");
+    wait_for_workers(port, 2);
+    let listed = dpoctl(port, &["workers"]).expect("workers");
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    assert!(
+        listed.contains("pod-rank0") && listed.contains("pod-rank1"),
+        "{listed}"
+    );
+    case.submit_watch_succeeds(port, &spec);
+    let lines = every_step_once(&out_dir, 6);
+    assert!(lines.iter().all(|l| l["world_size"] == 2), "{lines:?}");
+    case.assert_same_weights(&out_dir, "one worker of 2 ranks");
+
+    let nccl = case.write_spec(
+        "nccl",
+        "max_steps = 2\n[cluster]\nmin_workers = 2\nmax_workers = 2\nbackend = \"nccl\"",
+    );
+    let out = dpoctl(port, &["submit", "--watch", &nccl.display().to_string()]).expect("dpoctl");
+    assert!(!out.status.success(), "an nccl run on CPU ranks must fail");
+    let status = dpoctl(port, &["status", "nccl"]).expect("status");
+    let status = format!(
+        "{}{}",
+        String::from_utf8_lossy(&status.stdout),
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(status.contains("\"failed\""), "{status}");
+    assert!(
+        status.contains("the nccl backend needs a CUDA device"),
+        "the failure names the cause: {status}{}",
+        case.logs()
+    );
+    assert_eq!(steps_done(&case.path().join("nccl")), 0, "nothing trained");
+}
