@@ -456,18 +456,8 @@ fn write_parameter_tensor(ps: &[Tensor], flat: &Tensor) -> Result<()> {
 
 /// Writes a bucket's flattened values into its parameters `ps`, whole.
 fn write_parameters(ps: &[Tensor], flat: &[f32]) -> Result<()> {
-    let mut at = 0usize;
-    for p in ps {
-        let size = p.numel();
-        let whole = Tensor::f_from_slice(&flat[at..at + size])
-            .and_then(|t| t.f_view(p.size().as_slice()))
-            .and_then(|t| t.f_to_kind(p.kind()))
-            .and_then(|t| t.f_to_device(p.device()))
-            .op("parameter bucket")?;
-        p.shallow_clone().f_copy_(&whole).op("parameter bucket")?;
-        at += size;
-    }
-    Ok(())
+    let flat = Tensor::f_from_slice(flat).op("parameter bucket")?;
+    write_parameter_tensor(ps, &flat)
 }
 
 /// `flat[start..start + len]`, on the host.
