@@ -40,8 +40,10 @@ if [ -x "$venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; the
 fi
 log "preparing the Python venv at $venv (torch 2.11.0; takes a minute or two the first time)"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -r "$req"
+# --no-cache-dir: the wheels (torch and its CUDA libraries, ~3.5 GB) are not kept a
+# second time in ~/.cache/pip; the venv is the cache.
+"$venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip
+"$venv/bin/python" -m pip install -q --no-cache-dir -r "$req"
 "$venv/bin/python" - <<'PY'
 import torch
 assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
