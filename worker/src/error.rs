@@ -24,7 +24,9 @@ pub enum Error {
     },
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
-    #[error("{path}: unsupported model_type {model_type:?} (supported: llama, mistral, qwen2)")]
+    #[error(
+        "{path}: unsupported model_type {model_type:?} (supported: llama, mistral, qwen2, bert, roberta)"
+    )]
     UnsupportedModel { path: PathBuf, model_type: String },
     #[error("{path}: tensor {name}: expected shape {expected:?}, found {found:?}")]
     TensorShape {

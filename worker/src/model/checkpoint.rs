@@ -24,6 +24,10 @@ const SIDE_FILES: &[&str] = &[
     "special_tokens_map.json",
     "generation_config.json",
     "chat_template.jinja",
+    // The slow tokenizers' files of BERT (WordPiece) and RoBERTa (byte-level BPE).
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
 ];
 
 /// Loads `dir` (config, then weights) as dtype `kind` on `device`.
@@ -229,7 +233,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     dpo_data::atomic::write(path, bytes).map_err(io_err(path))
 }
 
-fn dtype_name(kind: Kind) -> &'static str {
+pub(crate) fn dtype_name(kind: Kind) -> &'static str {
     match kind {
         Kind::Half => "float16",
         Kind::BFloat16 => "bfloat16",
@@ -259,6 +263,34 @@ pub fn save_tensors(
     source_dir: Option<&Path>,
     max_shard_bytes: u64,
 ) -> Result<()> {
+    let (n, total) = write_weight_files(vars, dir, max_shard_bytes)?;
+    let mut config = model.config().raw.clone();
+    if let Some(obj) = config.as_object_mut() {
+        let name = Value::String(dtype_name(model.kind()).to_string());
+        let key = if obj.contains_key("dtype") {
+            "dtype"
+        } else {
+            "torch_dtype"
+        };
+        obj.insert(key.to_string(), name);
+    }
+    write_json(&dir.join("config.json"), &config)?;
+
+    if let Some(src) = source_dir {
+        copy_side_files(src, dir)?;
+    }
+    tracing::info!(dir = %dir.display(), shards = n, bytes = total, "saved checkpoint");
+    Ok(())
+}
+
+/// Writes `vars` into `dir` as transformers lays weights out: one
+/// `model.safetensors` or, past `max_shard_bytes`, numbered shards with an index
+/// (a stale index is removed). Returns the number of files and the bytes written.
+pub fn write_weight_files(
+    vars: &[(String, Tensor)],
+    dir: &Path,
+    max_shard_bytes: u64,
+) -> Result<(usize, u64)> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut tensors: BTreeMap<String, Bytes> = BTreeMap::new();
     for (name, t) in vars {
@@ -313,24 +345,7 @@ pub fn save_tensors(
     } else if stale_index.exists() {
         std::fs::remove_file(&stale_index).map_err(io_err(&stale_index))?;
     }
-
-    let mut config = model.config().raw.clone();
-    if let Some(obj) = config.as_object_mut() {
-        let name = Value::String(dtype_name(model.kind()).to_string());
-        let key = if obj.contains_key("dtype") {
-            "dtype"
-        } else {
-            "torch_dtype"
-        };
-        obj.insert(key.to_string(), name);
-    }
-    write_json(&dir.join("config.json"), &config)?;
-
-    if let Some(src) = source_dir {
-        copy_side_files(src, dir)?;
-    }
-    tracing::info!(dir = %dir.display(), shards = n, bytes = total, "saved checkpoint");
-    Ok(())
+    Ok((n, total))
 }
 
 /// Copies the tokenizer and generation files of checkpoint `src` into `dir`.
@@ -504,6 +519,15 @@ impl TensorIndex {
     }
 
     /// The shape of tensor `name`, if the checkpoint has it.
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    /// The file that holds tensor `name`.
+    pub fn file(&self, name: &str) -> Option<&Path> {
+        self.entries.get(name).map(|e| e.file.as_path())
+    }
+
     pub fn shape(&self, name: &str) -> Option<&[i64]> {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }

@@ -141,7 +141,7 @@ impl Linear {
 }
 
 /// Whether autograd records operations here (not under `no_grad`).
-fn grad_enabled() -> bool {
+pub(crate) fn grad_enabled() -> bool {
     Tensor::f_ones([1], (Kind::Float, Device::Cpu))
         .map(|t| t.set_requires_grad(true))
         .and_then(|t| t.f_mul_scalar(1.0))

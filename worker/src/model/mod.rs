@@ -3,11 +3,13 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod encoder;
 pub mod llama;
 pub mod peft;
 pub mod rope;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use encoder::{Encoder, EncoderConfig, Head};
 pub use llama::CausalLm;
 
 /// The libtorch kind of a run spec's dtype (the one mapping).

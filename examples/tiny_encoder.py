@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Writes a tiny random BERT or RoBERTa checkpoint in Hugging Face format.
+
+The tokenizer is trained on the spot (WordPiece for BERT, byte-level BPE for RoBERTa)
+on a synthetic corpus plus any text files given, and the weights are random, so
+nothing is downloaded. What this writes is what transformers' `save_pretrained`
+writes, which is exactly what dpo-cluster must read.
+
+    python examples/tiny_encoder.py --out /tmp/bert --family bert --head token \
+        --labels O,B-PER,I-PER
+    python examples/tiny_encoder.py --out /tmp/base --family bert --head none
+
+`--head none` saves the plain `BertModel`/`RobertaModel` (no classification head,
+state-dict names without the `bert.` prefix), as a pretrained base is published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_model  # noqa: E402
+
+
+def corpus(extra_files: list[str]) -> list[str]:
+    lines = tiny_model.corpus()
+    for path in extra_files:
+        with open(path) as f:
+            lines += [line.strip() for line in f if line.strip()]
+    return lines
+
+
+def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if family == "bert":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        )
+    else:
+        specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        # add_prefix_space: words given one by one (NER) tokenize as inside a sentence.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer)
+        tok.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True, add_prefix_space=True)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+            cls_token="<s>", sep_token="</s>", mask_token="<mask>", add_prefix_space=True,
+        )
+    fast.save_pretrained(out)
+    return fast
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--family", choices=["bert", "roberta"], default="bert")
+    p.add_argument("--head", choices=["none", "token", "sequence"], default="none")
+    p.add_argument("--labels", default="", help="comma-separated labels of the head (id order)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vocab", type=int, default=400)
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=64)
+    p.add_argument("--max-positions", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--init-range", type=float, default=0.02)
+    p.add_argument("--act", default="gelu")
+    p.add_argument("--corpus", action="append", default=[], help="text file(s) the tokenizer also learns from")
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+
+    os.makedirs(args.out, exist_ok=True)
+    fast = train_tokenizer(args.family, args.vocab, corpus(args.corpus), args.out)
+    labels = [x for x in args.labels.split(",") if x]
+    common = dict(
+        vocab_size=len(fast),
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=args.intermediate,
+        hidden_act=args.act,
+        hidden_dropout_prob=args.dropout,
+        attention_probs_dropout_prob=args.dropout,
+        initializer_range=args.init_range,
+        pad_token_id=fast.pad_token_id,
+    )
+    if labels:
+        common["id2label"] = dict(enumerate(labels))
+        common["label2id"] = {label: i for i, label in enumerate(labels)}
+    if args.family == "bert":
+        config = transformers.BertConfig(max_position_embeddings=args.max_positions, type_vocab_size=2, **common)
+        classes = {"none": transformers.BertModel, "token": transformers.BertForTokenClassification,
+                   "sequence": transformers.BertForSequenceClassification}
+    else:
+        # RoBERTa's positions start after padding_idx: two more rows than usable positions.
+        config = transformers.RobertaConfig(
+            max_position_embeddings=args.max_positions + fast.pad_token_id + 1, type_vocab_size=1,
+            bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, **common
+        )
+        classes = {"none": transformers.RobertaModel, "token": transformers.RobertaForTokenClassification,
+                   "sequence": transformers.RobertaForSequenceClassification}
+    torch.manual_seed(args.seed)
+    model = classes[args.head](config)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.family} ({args.head} head, {sum(p.numel() for p in model.parameters())} parameters) to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""Independent reference numbers for dpo-cluster's encoder tests, from transformers.
+
+    encoder_reference.py logits MODEL OUT
+        tokenizes SENTENCES with MODEL's tokenizer (transformers' AutoTokenizer) and
+        writes, per sentence alone (no padding), input_ids.N and logits.N computed by
+        AutoModelFor{Token,Sequence}Classification in eval mode, to OUT (safetensors)
+    encoder_reference.py pipeline MODEL TASK TEXT...
+        runs transformers.pipeline(TASK) on a saved model directory and prints its
+        output as JSON, plus the logits of the first text (the model loads as-is)
+
+Nothing here shares code with the Rust implementation.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+SENTENCES = [
+    "the cat sees a dog",
+    "Alice likes the big red house near the river",
+    "one",
+    "two birds and three fish are small but fast",
+]
+
+
+def model_class(model_dir: str):
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    arch = (config.architectures or [""])[0]
+    if arch.endswith("ForSequenceClassification"):
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModelForTokenClassification
+
+
+def logits(model_dir: str, out: str) -> None:
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = model_class(model_dir).from_pretrained(model_dir, attn_implementation="eager").eval()
+    tensors = {}
+    with torch.no_grad():
+        for i, text in enumerate(SENTENCES):
+            enc = tok(text, return_tensors="pt")
+            tensors[f"input_ids.{i}"] = enc["input_ids"][0].contiguous()
+            tensors[f"logits.{i}"] = model(**enc).logits[0].float().contiguous()
+    save_file(tensors, out)
+
+
+def pipeline(model_dir: str, task: str, texts: list[str]) -> None:
+    pipe = transformers.pipeline(task, model=model_dir, tokenizer=model_dir, device="cpu")
+    result = pipe(texts)
+    enc = pipe.tokenizer(texts[0], return_tensors="pt")
+    with torch.no_grad():
+        first = pipe.model(**enc).logits[0].tolist()
+    print(json.dumps({"result": result, "input_ids": enc["input_ids"][0].tolist(), "logits": first}, default=float))
+
+
+def main() -> None:
+    cmd, *args = sys.argv[1:]
+    if cmd == "logits":
+        logits(*args)
+    elif cmd == "pipeline":
+        pipeline(args[0], args[1], args[2:])
+    else:
+        sys.exit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()

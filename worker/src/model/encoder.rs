@@ -1,0 +1,906 @@
+//! Encoder models for token and sequence classification: BERT and RoBERTa on
+//! libtorch, read from and written to Hugging Face checkpoints.
+//!
+//! The two differ in the embeddings only: BERT numbers positions `0..T`, RoBERTa
+//! from `padding_idx + 1` over the non-padding tokens, and RoBERTa's
+//! sequence head is a two-layer `classifier.dense`/`classifier.out_proj` on the
+//! first token where BERT's is the pooler (`tanh(dense(h₀))`) then `classifier`.
+//! Both are post-LayerNorm transformers with biases everywhere. Parameter paths
+//! equal transformers' state-dict names of `BertForTokenClassification`,
+//! `BertForSequenceClassification` and the RoBERTa pair, so a checkpoint those
+//! write loads here and what this writes loads there
+//! (`transformers.pipeline("token-classification")` included).
+//!
+//! A checkpoint without a head (a plain `BertModel`, or a masked-LM one) gets a
+//! new head initialised as transformers does: weights `N(0, initializer_range)`,
+//! biases zero.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+use tch::nn::{Path as VsPath, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use super::checkpoint::{TensorIndex, copy_side_files, dtype_name, write_json, write_weight_files};
+use super::llama::grad_enabled;
+use crate::error::{Error, Result, TorchContext, io_err};
+
+type TchResult<T> = std::result::Result<T, tch::TchError>;
+
+/// The encoder families this crate implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Bert,
+    Roberta,
+}
+
+impl Family {
+    /// `config.json`'s `model_type`, and the state-dict prefix of the base model.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Bert => "bert",
+            Family::Roberta => "roberta",
+        }
+    }
+
+    fn class_prefix(self) -> &'static str {
+        match self {
+            Family::Bert => "Bert",
+            Family::Roberta => "Roberta",
+        }
+    }
+}
+
+/// What the model predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Head {
+    /// A label per token (`…ForTokenClassification`): logits `[B, T, L]`.
+    Token,
+    /// A label per sequence (`…ForSequenceClassification`): logits `[B, L]`.
+    Sequence,
+}
+
+impl Head {
+    fn class_suffix(self) -> &'static str {
+        match self {
+            Head::Token => "ForTokenClassification",
+            Head::Sequence => "ForSequenceClassification",
+        }
+    }
+}
+
+/// The encoders' hidden activations (transformers' `ACT2FN` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu`: the exact, erf-based GELU.
+    Gelu,
+    /// `gelu_new`, `gelu_pytorch_tanh`: the tanh approximation.
+    GeluTanh,
+    Relu,
+    Silu,
+}
+
+impl Activation {
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "gelu" => Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
+            "relu" => Activation::Relu,
+            "silu" | "swish" => Activation::Silu,
+            _ => return None,
+        })
+    }
+
+    fn apply(self, x: &Tensor) -> TchResult<Tensor> {
+        match self {
+            Activation::Gelu => x.f_gelu("none"),
+            Activation::GeluTanh => x.f_gelu("tanh"),
+            Activation::Relu => x.f_relu(),
+            Activation::Silu => x.f_silu(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawEncoderConfig {
+    model_type: Option<String>,
+    vocab_size: Option<i64>,
+    hidden_size: Option<i64>,
+    num_hidden_layers: Option<i64>,
+    num_attention_heads: Option<i64>,
+    intermediate_size: Option<i64>,
+    hidden_act: Option<String>,
+    max_position_embeddings: Option<i64>,
+    type_vocab_size: Option<i64>,
+    layer_norm_eps: Option<f64>,
+    pad_token_id: Option<i64>,
+    initializer_range: Option<f64>,
+    hidden_dropout_prob: Option<f64>,
+    attention_probs_dropout_prob: Option<f64>,
+    classifier_dropout: Option<f64>,
+    position_embedding_type: Option<String>,
+    id2label: Option<BTreeMap<String, String>>,
+}
+
+/// A validated encoder `config.json`.
+#[derive(Debug, Clone)]
+pub struct EncoderConfig {
+    pub family: Family,
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    pub intermediate_size: i64,
+    pub hidden_act: Activation,
+    pub max_position_embeddings: i64,
+    pub type_vocab_size: i64,
+    pub layer_norm_eps: f64,
+    pub pad_token_id: i64,
+    pub initializer_range: f64,
+    pub hidden_dropout: f64,
+    pub attention_dropout: f64,
+    /// The head's dropout (`classifier_dropout`, else `hidden_dropout_prob`).
+    pub classifier_dropout: f64,
+    /// `id2label` in id order, as the checkpoint declares it (transformers
+    /// writes `LABEL_0, LABEL_1` for a model that was never given labels).
+    pub labels: Vec<String>,
+    /// The file as read, written back with the new labels and architecture.
+    pub raw: Value,
+}
+
+impl EncoderConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        Self::from_json(&text, &path)
+    }
+
+    /// Parses a `config.json` body; `path` names the file in errors.
+    pub fn from_json(text: &str, path: &Path) -> Result<Self> {
+        let raw: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let c: RawEncoderConfig =
+            serde_json::from_value(raw.clone()).map_err(|e| Error::Config {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        let bad = |reason: String| Error::Config {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let model_type = c
+            .model_type
+            .clone()
+            .ok_or_else(|| bad("missing key model_type".into()))?;
+        let family = match model_type.as_str() {
+            "bert" => Family::Bert,
+            "roberta" => Family::Roberta,
+            _ => {
+                return Err(Error::UnsupportedModel {
+                    path: path.to_path_buf(),
+                    model_type,
+                });
+            }
+        };
+        let need = |v: Option<i64>, key: &str| -> Result<i64> {
+            match v {
+                Some(v) if v > 0 => Ok(v),
+                Some(v) => Err(bad(format!("{key} must be positive, found {v}"))),
+                None => Err(bad(format!("missing key {key}"))),
+            }
+        };
+        let hidden_size = need(c.hidden_size, "hidden_size")?;
+        let num_attention_heads = need(c.num_attention_heads, "num_attention_heads")?;
+        if hidden_size % num_attention_heads != 0 {
+            return Err(bad(format!(
+                "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"
+            )));
+        }
+        let act_name = c.hidden_act.as_deref().unwrap_or("gelu");
+        let hidden_act = Activation::parse(act_name).ok_or_else(|| {
+            bad(format!(
+                "hidden_act {act_name:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"
+            ))
+        })?;
+        if let Some(kind) = c.position_embedding_type.as_deref()
+            && kind != "absolute"
+        {
+            return Err(bad(format!(
+                "position_embedding_type {kind:?} is not supported (only absolute)"
+            )));
+        }
+        let probability = |v: Option<f64>, key: &str, default: f64| -> Result<f64> {
+            let v = v.unwrap_or(default);
+            if (0.0..1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(bad(format!("{key} must be in [0, 1), found {v}")))
+            }
+        };
+        let hidden_dropout = probability(c.hidden_dropout_prob, "hidden_dropout_prob", 0.1)?;
+        let attention_dropout = probability(
+            c.attention_probs_dropout_prob,
+            "attention_probs_dropout_prob",
+            0.1,
+        )?;
+        let classifier_dropout =
+            probability(c.classifier_dropout, "classifier_dropout", hidden_dropout)?;
+        let layer_norm_eps = c.layer_norm_eps.unwrap_or(1e-12);
+        if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
+            return Err(bad(format!(
+                "layer_norm_eps must be positive, found {layer_norm_eps}"
+            )));
+        }
+        let labels = match &c.id2label {
+            None => Vec::new(),
+            Some(map) => {
+                let mut by_id: Vec<(usize, String)> = Vec::with_capacity(map.len());
+                for (k, v) in map {
+                    let id: usize = k
+                        .parse()
+                        .map_err(|_| bad(format!("id2label key {k:?} is not an integer")))?;
+                    by_id.push((id, v.clone()));
+                }
+                by_id.sort();
+                for (i, (id, _)) in by_id.iter().enumerate() {
+                    if *id != i {
+                        return Err(bad(format!(
+                            "id2label must number its labels 0..{}, found id {id}",
+                            by_id.len()
+                        )));
+                    }
+                }
+                by_id.into_iter().map(|(_, v)| v).collect()
+            }
+        };
+        let pad_token_id = c.pad_token_id.unwrap_or(match family {
+            Family::Bert => 0,
+            Family::Roberta => 1,
+        });
+        let vocab_size = need(c.vocab_size, "vocab_size")?;
+        if pad_token_id < 0 || pad_token_id >= vocab_size {
+            return Err(bad(format!(
+                "pad_token_id {pad_token_id} is outside the vocabulary (vocab_size {vocab_size})"
+            )));
+        }
+        Ok(EncoderConfig {
+            family,
+            vocab_size,
+            hidden_size,
+            num_hidden_layers: need(c.num_hidden_layers, "num_hidden_layers")?,
+            num_attention_heads,
+            intermediate_size: need(c.intermediate_size, "intermediate_size")?,
+            hidden_act,
+            max_position_embeddings: need(c.max_position_embeddings, "max_position_embeddings")?,
+            type_vocab_size: need(c.type_vocab_size.or(Some(2)), "type_vocab_size")?,
+            layer_norm_eps,
+            pad_token_id,
+            initializer_range: c.initializer_range.unwrap_or(0.02),
+            hidden_dropout,
+            attention_dropout,
+            classifier_dropout,
+            labels,
+            raw,
+        })
+    }
+
+    /// The longest sequence the position table holds (RoBERTa's first
+    /// `padding_idx + 1` rows are never used as positions).
+    pub fn max_sequence_length(&self) -> i64 {
+        match self.family {
+            Family::Bert => self.max_position_embeddings,
+            Family::Roberta => self.max_position_embeddings - self.pad_token_id - 1,
+        }
+    }
+}
+
+/// `model_type` of the checkpoint in `dir`, to choose between the causal LMs
+/// and the encoders.
+pub fn model_type(dir: &Path) -> Result<String> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let raw: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
+    raw.get("model_type")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| Error::Config {
+            path,
+            reason: "missing key model_type".into(),
+        })
+}
+
+/// Whether `model_type` names an encoder this module implements.
+pub fn is_encoder(model_type: &str) -> bool {
+    matches!(model_type, "bert" | "roberta")
+}
+
+/// Registers a zeroed parameter at `name` under `p` (dots in `name` are path
+/// levels, as in a state-dict name).
+fn zeros(p: &VsPath, name: &str, dims: &[i64], kind: Kind) -> TchResult<Tensor> {
+    let t = Tensor::f_zeros(dims, (kind, p.device()))?;
+    let mut parts: Vec<&str> = name.split('.').collect();
+    let leaf = parts.pop().unwrap_or(name);
+    let mut sub: Option<VsPath> = None;
+    for part in parts {
+        sub = Some(match &sub {
+            None => p.sub(part),
+            Some(s) => s.sub(part),
+        });
+    }
+    let at = sub.as_ref().unwrap_or(p);
+    Ok(at.add(leaf, t, true))
+}
+
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn new(p: VsPath, in_dim: i64, out_dim: i64, kind: Kind) -> TchResult<Self> {
+        Ok(Linear {
+            weight: zeros(&p, "weight", &[out_dim, in_dim], kind)?,
+            bias: zeros(&p, "bias", &[out_dim], kind)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> TchResult<Tensor> {
+        x.f_linear(&self.weight, Some(&self.bias))
+    }
+}
+
+#[derive(Debug)]
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    dim: i64,
+}
+
+impl LayerNorm {
+    fn new(p: VsPath, dim: i64, eps: f64, kind: Kind) -> TchResult<Self> {
+        let weight = zeros(&p, "weight", &[dim], kind)?;
+        let bias = zeros(&p, "bias", &[dim], kind)?;
+        Ok(LayerNorm {
+            weight,
+            bias,
+            eps,
+            dim,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> TchResult<Tensor> {
+        x.f_layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            true,
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Embeddings {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: LayerNorm,
+}
+
+#[derive(Debug)]
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+#[derive(Debug)]
+enum Classifier {
+    /// BERT (both heads) and RoBERTa's token head: one linear layer.
+    Linear(Linear),
+    /// RoBERTa's sequence head: `out_proj(dropout(tanh(dense(dropout(h₀)))))`.
+    Roberta { dense: Linear, out_proj: Linear },
+}
+
+/// An encoder with a classification head.
+#[derive(Debug)]
+pub struct Encoder {
+    config: EncoderConfig,
+    head: Head,
+    labels: Vec<String>,
+    kind: Kind,
+    vs: VarStore,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+    /// BERT's pooler (sequence head only).
+    pooler: Option<Linear>,
+    classifier: Classifier,
+    /// Dropout on (training) or off (evaluation, and every forward without
+    /// gradients).
+    training: bool,
+}
+
+/// What loading found in the checkpoint, for the caller to report.
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    /// Parameters the checkpoint lacked and that were initialised anew (the head
+    /// of a checkpoint saved without one).
+    pub initialised: Vec<String>,
+    /// Checkpoint tensors this model has no use for (a masked-LM head, an
+    /// unused pooler).
+    pub ignored: Vec<String>,
+}
+
+impl Encoder {
+    /// An encoder with zeroed parameters for `labels`.
+    pub fn new(
+        config: EncoderConfig,
+        head: Head,
+        labels: Vec<String>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        if labels.is_empty() {
+            return Err(Error::Input {
+                context: "encoder".into(),
+                reason: "a classification head needs at least one label".into(),
+            });
+        }
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let base = root.sub(config.family.name());
+        let h = config.hidden_size;
+        let eps = config.layer_norm_eps;
+        let build = || -> TchResult<(Embeddings, Vec<Layer>, Option<Linear>, Classifier)> {
+            let e = base.sub("embeddings");
+            let embeddings = Embeddings {
+                word: zeros(&e, "word_embeddings.weight", &[config.vocab_size, h], kind)?,
+                position: zeros(
+                    &e,
+                    "position_embeddings.weight",
+                    &[config.max_position_embeddings, h],
+                    kind,
+                )?,
+                token_type: zeros(
+                    &e,
+                    "token_type_embeddings.weight",
+                    &[config.type_vocab_size, h],
+                    kind,
+                )?,
+                norm: LayerNorm::new(e.sub("LayerNorm"), h, eps, kind)?,
+            };
+            let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
+            for i in 0..config.num_hidden_layers {
+                let l = base.sub("encoder").sub("layer").sub(i.to_string());
+                let a = l.sub("attention");
+                layers.push(Layer {
+                    query: Linear::new(a.sub("self").sub("query"), h, h, kind)?,
+                    key: Linear::new(a.sub("self").sub("key"), h, h, kind)?,
+                    value: Linear::new(a.sub("self").sub("value"), h, h, kind)?,
+                    attention_out: Linear::new(a.sub("output").sub("dense"), h, h, kind)?,
+                    attention_norm: LayerNorm::new(a.sub("output").sub("LayerNorm"), h, eps, kind)?,
+                    intermediate: Linear::new(
+                        l.sub("intermediate").sub("dense"),
+                        h,
+                        config.intermediate_size,
+                        kind,
+                    )?,
+                    output: Linear::new(
+                        l.sub("output").sub("dense"),
+                        config.intermediate_size,
+                        h,
+                        kind,
+                    )?,
+                    output_norm: LayerNorm::new(l.sub("output").sub("LayerNorm"), h, eps, kind)?,
+                });
+            }
+            let n = labels.len() as i64;
+            let c = root.sub("classifier");
+            let (pooler, classifier) = match (config.family, head) {
+                (Family::Bert, Head::Sequence) => (
+                    Some(Linear::new(base.sub("pooler").sub("dense"), h, h, kind)?),
+                    Classifier::Linear(Linear::new(c, h, n, kind)?),
+                ),
+                (Family::Roberta, Head::Sequence) => (
+                    None,
+                    Classifier::Roberta {
+                        dense: Linear::new(c.sub("dense"), h, h, kind)?,
+                        out_proj: Linear::new(c.sub("out_proj"), h, n, kind)?,
+                    },
+                ),
+                (_, Head::Token) => (None, Classifier::Linear(Linear::new(c, h, n, kind)?)),
+            };
+            Ok((embeddings, layers, pooler, classifier))
+        };
+        let (embeddings, layers, pooler, classifier) = build().op("building the encoder")?;
+        Ok(Encoder {
+            config,
+            head,
+            labels,
+            kind,
+            vs,
+            embeddings,
+            layers,
+            pooler,
+            classifier,
+            training: false,
+        })
+    }
+
+    /// Loads the checkpoint in `dir` for `head`. `labels` are the task's; when
+    /// `None`, the checkpoint's `id2label` is used (it must have a head then).
+    /// A checkpoint whose head has other labels than the task's is refused: its
+    /// head would be read as the wrong classes. `seed` initialises a missing head.
+    pub fn load(
+        dir: &Path,
+        head: Head,
+        labels: Option<Vec<String>>,
+        kind: Kind,
+        device: Device,
+        seed: u64,
+    ) -> Result<(Self, LoadReport)> {
+        let config = EncoderConfig::from_dir(dir)?;
+        let index = TensorIndex::open(dir)?;
+        let prefix = format!("{}.", config.family.name());
+        // A head model's file names its base `bert.…`; a plain `BertModel`'s
+        // does not.
+        let prefixed = index.names().any(|n| n.starts_with(&prefix));
+        let has_head = index.names().any(|n| n.starts_with("classifier."));
+        let labels = match labels {
+            Some(labels) => {
+                if has_head && labels != config.labels {
+                    return Err(Error::Config {
+                        path: dir.join("config.json"),
+                        reason: format!(
+                            "the checkpoint's classification head predicts {:?}, the task's labels are {:?}; \
+                             train from a checkpoint without a head (its base model) to get a new head",
+                            config.labels, labels
+                        ),
+                    });
+                }
+                labels
+            }
+            None if has_head => config.labels.clone(),
+            None => {
+                return Err(Error::Config {
+                    path: dir.to_path_buf(),
+                    reason: "the checkpoint has no classification head and no labels were given"
+                        .into(),
+                });
+            }
+        };
+        let model = Encoder::new(config, head, labels, kind, device)?;
+        let report = model.read_weights(&index, dir, prefixed, seed)?;
+        Ok((model, report))
+    }
+
+    fn read_weights(
+        &self,
+        index: &TensorIndex,
+        dir: &Path,
+        prefixed: bool,
+        seed: u64,
+    ) -> Result<LoadReport> {
+        let family = self.config.family.name();
+        let params = self.vs.variables();
+        let mut report = LoadReport::default();
+        // Checkpoint name → our parameter name.
+        let mut found: BTreeMap<String, String> = BTreeMap::new();
+        let mut names: Vec<&String> = index.names().collect();
+        names.sort();
+        for name in names {
+            let ours = if prefixed || name.starts_with("classifier.") {
+                name.clone()
+            } else {
+                format!("{family}.{name}")
+            };
+            if params.contains_key(&ours) {
+                found.insert(ours, name.clone());
+                continue;
+            }
+            let ignorable = name.ends_with("position_ids")
+                || name.starts_with("cls.")
+                || name.starts_with("lm_head.")
+                || ours.starts_with(&format!("{family}.pooler."));
+            if !ignorable {
+                return Err(Error::UnexpectedTensor {
+                    path: index.file(name).map(Path::to_path_buf).unwrap_or_default(),
+                    name: name.clone(),
+                    model_type: format!("{family} {:?}-classification", self.head),
+                });
+            }
+            report.ignored.push(name.clone());
+        }
+        let _guard = tch::no_grad_guard();
+        let mut wanted: Vec<&String> = params.keys().collect();
+        wanted.sort();
+        tch::manual_seed(seed as i64);
+        for ours in wanted {
+            let param = &params[ours];
+            let Some(name) = found.get(ours) else {
+                // Only a head (and BERT's pooler, which belongs to it) may be new.
+                let is_head = ours.starts_with("classifier.")
+                    || ours.starts_with(&format!("{family}.pooler."));
+                if !is_head {
+                    return Err(Error::MissingTensor {
+                        dir: dir.to_path_buf(),
+                        name: ours.clone(),
+                    });
+                }
+                let fresh = if ours.ends_with(".bias") {
+                    param.shallow_clone().f_zero_()
+                } else {
+                    param
+                        .shallow_clone()
+                        .f_normal_(0.0, self.config.initializer_range)
+                };
+                let _fresh = fresh.op("initialising the head")?;
+                report.initialised.push(ours.clone());
+                continue;
+            };
+            let shape = index.shape(name).map(<[i64]>::to_vec).unwrap_or_default();
+            if shape != param.size() {
+                return Err(Error::TensorShape {
+                    path: index.file(name).map(Path::to_path_buf).unwrap_or_default(),
+                    name: name.clone(),
+                    expected: param.size(),
+                    found: shape,
+                });
+            }
+            let values = index
+                .read_range(name, 0, param.numel() as i64, param.kind())?
+                .f_view(param.size().as_slice())
+                .op("reading tensor")?;
+            param
+                .shallow_clone()
+                .f_copy_(&values)
+                .op("copying tensor into parameter")?;
+        }
+        if !report.initialised.is_empty() {
+            tracing::warn!(
+                dir = %dir.display(),
+                new = ?report.initialised,
+                "the checkpoint has no classification head: a new one is initialised (train it before use)"
+            );
+        }
+        Ok(report)
+    }
+
+    pub fn config(&self) -> &EncoderConfig {
+        &self.config
+    }
+
+    pub fn head(&self) -> Head {
+        self.head
+    }
+
+    /// The task's labels, in id order.
+    pub fn labels(&self) -> &[String] {
+        &self.labels
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    pub fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    /// Dropout on while training (as `model.train()`), off otherwise.
+    pub fn set_training(&mut self, on: bool) {
+        self.training = on;
+    }
+
+    fn dropout(&self, x: Tensor, p: f64) -> TchResult<Tensor> {
+        if self.training && p > 0.0 && grad_enabled() {
+            x.f_dropout(p, true)
+        } else {
+            Ok(x)
+        }
+    }
+
+    /// Position ids: `0..T` for BERT; RoBERTa counts non-padding tokens from
+    /// `padding_idx + 1` and gives padding `padding_idx`.
+    fn position_ids(&self, input_ids: &Tensor) -> TchResult<Tensor> {
+        let (b, t) = input_ids.size2()?;
+        match self.config.family {
+            Family::Bert => Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?
+                .f_unsqueeze(0)?
+                .f_expand([b, t], false),
+            Family::Roberta => {
+                let pad = self.config.pad_token_id;
+                let mask = input_ids.f_ne(pad)?.f_to_kind(Kind::Int64)?;
+                mask.f_cumsum(1, Kind::Int64)?
+                    .f_mul(&mask)?
+                    .f_add_scalar(pad)
+            }
+        }
+    }
+
+    /// The last hidden states `[B, T, H]`. `attention_mask` is `[B, T]` with 1
+    /// for real tokens; `token_type_ids` defaults to zeros.
+    pub fn hidden_states(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.hidden_inner(input_ids, attention_mask, token_type_ids)
+            .op("encoder forward")
+    }
+
+    fn hidden_inner(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+    ) -> TchResult<Tensor> {
+        let (b, t) = input_ids.size2()?;
+        let limit = self.config.max_sequence_length();
+        if t > limit {
+            return Err(tch::TchError::Shape(format!(
+                "sequence of {t} tokens is longer than the model's {limit} positions"
+            )));
+        }
+        let e = &self.embeddings;
+        let positions = self.position_ids(input_ids)?;
+        let types = match token_type_ids {
+            Some(tt) => tt.shallow_clone(),
+            None => Tensor::f_zeros([b, t], (Kind::Int64, input_ids.device()))?,
+        };
+        let x = Tensor::f_embedding(&e.word, input_ids, -1, false, false)?
+            .f_add(&Tensor::f_embedding(
+                &e.token_type,
+                &types,
+                -1,
+                false,
+                false,
+            )?)?
+            .f_add(&Tensor::f_embedding(
+                &e.position,
+                &positions,
+                -1,
+                false,
+                false,
+            )?)?;
+        let mut x = self.dropout(e.norm.forward(&x)?, self.config.hidden_dropout)?;
+        // [B, 1, 1, T]: every query sees the real keys of its sequence.
+        let keep = attention_mask
+            .f_ne(0)?
+            .f_view([b, 1, 1, t])?
+            .f_expand([b, 1, t, t], false)?;
+        let heads = self.config.num_attention_heads;
+        let d = self.config.hidden_size / heads;
+        let split =
+            |y: Tensor| -> TchResult<Tensor> { y.f_view([b, t, heads, d])?.f_transpose(1, 2) };
+        let p_attn = if self.training && grad_enabled() {
+            self.config.attention_dropout
+        } else {
+            0.0
+        };
+        for layer in &self.layers {
+            let q = split(layer.query.forward(&x)?)?;
+            let k = split(layer.key.forward(&x)?)?;
+            let v = split(layer.value.forward(&x)?)?;
+            let a = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(&keep),
+                p_attn,
+                false,
+                None,
+                false,
+            )?
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.config.hidden_size])?;
+            let a = self.dropout(layer.attention_out.forward(&a)?, self.config.hidden_dropout)?;
+            let h = layer.attention_norm.forward(&a.f_add(&x)?)?;
+            let inner = self
+                .config
+                .hidden_act
+                .apply(&layer.intermediate.forward(&h)?)?;
+            let o = self.dropout(layer.output.forward(&inner)?, self.config.hidden_dropout)?;
+            x = layer.output_norm.forward(&o.f_add(&h)?)?;
+        }
+        Ok(x)
+    }
+
+    /// Logits: `[B, T, L]` for the token head, `[B, L]` for the sequence head.
+    pub fn forward(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let inner = || -> TchResult<Tensor> {
+            let x = self.hidden_inner(input_ids, attention_mask, token_type_ids)?;
+            let p = self.config.classifier_dropout;
+            match (&self.classifier, self.head) {
+                (Classifier::Linear(c), Head::Token) => c.forward(&self.dropout(x, p)?),
+                (Classifier::Linear(c), Head::Sequence) => {
+                    let first = x.f_select(1, 0)?;
+                    let pooled = match &self.pooler {
+                        Some(pooler) => pooler.forward(&first)?.f_tanh()?,
+                        None => first,
+                    };
+                    c.forward(&self.dropout(pooled, p)?)
+                }
+                (Classifier::Roberta { dense, out_proj }, _) => {
+                    let first = self.dropout(x.f_select(1, 0)?, p)?;
+                    let h = dense.forward(&first)?.f_tanh()?;
+                    out_proj.forward(&self.dropout(h, p)?)
+                }
+            }
+        };
+        inner().op("encoder forward")
+    }
+
+    /// Saves an HF model directory: `config.json` with this head's
+    /// architecture and `id2label`/`label2id`, the weights, and the tokenizer
+    /// files of `source_dir`.
+    pub fn save(&self, dir: &Path, source_dir: Option<&Path>, max_shard_bytes: u64) -> Result<()> {
+        let vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        let (files, bytes) = write_weight_files(&vars, dir, max_shard_bytes)?;
+        write_json(&dir.join("config.json"), &self.config_json())?;
+        if let Some(src) = source_dir {
+            copy_side_files(src, dir)?;
+        }
+        tracing::info!(dir = %dir.display(), files, bytes, "saved encoder checkpoint");
+        Ok(())
+    }
+
+    /// `config.json` as written by [`Encoder::save`].
+    pub fn config_json(&self) -> Value {
+        let mut config = self.config.raw.clone();
+        if let Some(obj) = config.as_object_mut() {
+            let arch = format!(
+                "{}{}",
+                self.config.family.class_prefix(),
+                self.head.class_suffix()
+            );
+            obj.insert("architectures".into(), Value::from(vec![arch]));
+            let id2label: serde_json::Map<String, Value> = self
+                .labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), Value::from(l.as_str())))
+                .collect();
+            let label2id: serde_json::Map<String, Value> = self
+                .labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.clone(), Value::from(i)))
+                .collect();
+            obj.insert("id2label".into(), Value::Object(id2label));
+            obj.insert("label2id".into(), Value::Object(label2id));
+            obj.remove("num_labels");
+            let key = if obj.contains_key("torch_dtype") {
+                "torch_dtype"
+            } else {
+                "dtype"
+            };
+            obj.insert(key.into(), Value::from(dtype_name(self.kind)));
+        }
+        config
+    }
+}

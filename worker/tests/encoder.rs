@@ -1,0 +1,299 @@
+//! BERT and RoBERTa against transformers: logits of both heads alone and in padded
+//! batches, a new head on a checkpoint without one, and a saved model that
+//! transformers' pipelines load and agree with.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use common::{python, repo_root, run_python, tempdir};
+use dpo_worker::model::encoder::{Encoder, Head};
+use tch::{Device, Kind, Tensor};
+
+const LABELS: &str = "O,B-PER,I-PER,B-LOC,I-LOC";
+
+fn labels() -> Vec<String> {
+    LABELS.split(',').map(str::to_string).collect()
+}
+
+/// `{bert,roberta}-{none,token,sequence}`, built once per test binary, with
+/// transformers' logits for the head models.
+fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("encoder-fixtures");
+        let _ = std::fs::remove_dir_all(&dir);
+        for family in ["bert", "roberta"] {
+            for head in ["none", "token", "sequence"] {
+                let out = dir.join(format!("{family}-{head}"));
+                let out = out.to_str().expect("utf-8 path");
+                // A larger init range than BERT's 0.02, so that logits are O(1)
+                // and a wrong layer shows.
+                run_python(
+                    "examples/tiny_encoder.py",
+                    &[
+                        "--out",
+                        out,
+                        "--family",
+                        family,
+                        "--head",
+                        head,
+                        "--labels",
+                        LABELS,
+                        "--init-range",
+                        "0.2",
+                        "--seed",
+                        "3",
+                    ],
+                );
+                if head != "none" {
+                    run_python(
+                        "tests/reference/encoder_reference.py",
+                        &["logits", out, &format!("{out}.ref.safetensors")],
+                    );
+                }
+            }
+        }
+        dir
+    })
+}
+
+fn read(path: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
+/// A right-padded batch of `seqs` with `pad`: (ids, mask).
+fn pad_batch(seqs: &[Vec<i64>], pad: i64) -> (Tensor, Tensor) {
+    let longest = seqs.iter().map(Vec::len).max().expect("sequences");
+    let mut ids = vec![pad; seqs.len() * longest];
+    let mut mask = vec![0i64; seqs.len() * longest];
+    for (row, s) in seqs.iter().enumerate() {
+        for (j, &t) in s.iter().enumerate() {
+            ids[row * longest + j] = t;
+            mask[row * longest + j] = 1;
+        }
+    }
+    let shape = [seqs.len() as i64, longest as i64];
+    (
+        Tensor::from_slice(&ids).view(shape),
+        Tensor::from_slice(&mask).view(shape),
+    )
+}
+
+fn check_logits(name: &str, head: Head) {
+    let _guard = tch::no_grad_guard();
+    let dir = fixtures().join(name);
+    let (model, report) =
+        Encoder::load(&dir, head, None, Kind::Float, Device::Cpu, 0).expect("encoder loads");
+    assert!(report.initialised.is_empty(), "{:?}", report.initialised);
+    assert_eq!(model.labels(), labels().as_slice());
+    let reference = read(&fixtures().join(format!("{name}.ref.safetensors")));
+    let n = reference.len() / 2;
+    let seqs: Vec<Vec<i64>> = (0..n)
+        .map(|i| Vec::<i64>::try_from(&reference[&format!("input_ids.{i}")]).expect("ids"))
+        .collect();
+    let mut worst = 0.0f64;
+    // Each sequence alone.
+    for (i, s) in seqs.iter().enumerate() {
+        let ids = Tensor::from_slice(s).unsqueeze(0);
+        let mask = ids.ones_like();
+        let got = model
+            .forward(&ids, &mask, None)
+            .expect("forward")
+            .squeeze_dim(0);
+        worst = worst.max(max_abs_diff(&got, &reference[&format!("logits.{i}")]));
+    }
+    // All of them in one right-padded batch: the real positions are unchanged.
+    let (ids, mask) = pad_batch(&seqs, model.config().pad_token_id);
+    let logits = model.forward(&ids, &mask, None).expect("padded forward");
+    for (i, s) in seqs.iter().enumerate() {
+        let want = &reference[&format!("logits.{i}")];
+        let got = match head {
+            Head::Token => logits.get(i as i64).narrow(0, 0, s.len() as i64),
+            Head::Sequence => logits.get(i as i64),
+        };
+        worst = worst.max(max_abs_diff(&got, want));
+    }
+    let scale = reference["logits.1"].abs().max().double_value(&[]);
+    eprintln!("{name}: max abs logit error {worst:.3e} (logit scale {scale:.2})");
+    assert!(
+        scale > 0.3,
+        "fixture logits are not trivially small ({scale})"
+    );
+    assert!(
+        worst <= 1e-4,
+        "{name}: logits differ from transformers by {worst:.3e}"
+    );
+}
+
+#[test]
+fn bert_token_classification_logits_equal_transformers() {
+    check_logits("bert-token", Head::Token);
+}
+
+#[test]
+fn bert_sequence_classification_logits_equal_transformers() {
+    check_logits("bert-sequence", Head::Sequence);
+}
+
+#[test]
+fn roberta_token_classification_logits_equal_transformers() {
+    check_logits("roberta-token", Head::Token);
+}
+
+#[test]
+fn roberta_sequence_classification_logits_equal_transformers() {
+    check_logits("roberta-sequence", Head::Sequence);
+}
+
+/// A plain `BertModel` checkpoint: its encoder is read as-is (names without the
+/// `bert.` prefix), its pooler ignored by the token head, and the head is new,
+/// initialised as transformers does (normal weights, zero biases).
+#[test]
+fn a_checkpoint_without_a_head_gets_a_new_one() {
+    for (family, head, new_params) in [
+        (
+            "bert",
+            Head::Token,
+            vec!["classifier.bias", "classifier.weight"],
+        ),
+        (
+            "roberta",
+            Head::Sequence,
+            vec![
+                "classifier.dense.bias",
+                "classifier.dense.weight",
+                "classifier.out_proj.bias",
+                "classifier.out_proj.weight",
+            ],
+        ),
+    ] {
+        let dir = fixtures().join(format!("{family}-none"));
+        let (model, report) =
+            Encoder::load(&dir, head, Some(labels()), Kind::Float, Device::Cpu, 7).expect("loads");
+        assert_eq!(report.initialised, new_params, "{family}");
+        assert!(
+            report.ignored.iter().any(|n| n.starts_with("pooler.")),
+            "{family}: the base's pooler is not used: {:?}",
+            report.ignored
+        );
+        let file = read(&dir.join("model.safetensors"));
+        let vars = model.var_store().variables();
+        for (name, value) in &file {
+            if let Some(ours) = vars.get(&format!("{family}.{name}")) {
+                assert_eq!(max_abs_diff(ours, value), 0.0, "{name}");
+            }
+        }
+        let range = model.config().initializer_range;
+        for name in &new_params {
+            let t = &vars[*name];
+            if name.ends_with("bias") {
+                assert_eq!(t.abs().max().double_value(&[]), 0.0, "{name}");
+            } else {
+                let std = t.std(true).double_value(&[]);
+                assert!(
+                    (std - range).abs() < range * 0.35,
+                    "{name}: std {std} is not the init range {range}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_head_with_other_labels_is_refused_by_name() {
+    let dir = fixtures().join("bert-token");
+    let other = vec!["O".to_string(), "B-ORG".into(), "I-ORG".into()];
+    let err = Encoder::load(&dir, Head::Token, Some(other), Kind::Float, Device::Cpu, 0)
+        .expect_err("other labels");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("config.json") && msg.contains("B-ORG") && msg.contains("B-PER"),
+        "{msg}"
+    );
+}
+
+/// What we save is an HF model directory: transformers' pipelines load it, and
+/// its logits equal ours.
+#[test]
+fn a_saved_encoder_runs_in_transformers_pipelines() {
+    for (name, head, task) in [
+        ("bert-none", Head::Token, "token-classification"),
+        ("roberta-none", Head::Sequence, "text-classification"),
+    ] {
+        let src = fixtures().join(name);
+        let (model, _) =
+            Encoder::load(&src, head, Some(labels()), Kind::Float, Device::Cpu, 11).expect("loads");
+        let out = tempdir();
+        model.save(out.path(), Some(&src), u64::MAX).expect("saves");
+        let text = "Alice sees the river";
+        let run = Command::new(python())
+            .arg(repo_root().join("tests/reference/encoder_reference.py"))
+            .args(["pipeline", out.path().to_str().expect("utf-8"), task, text])
+            .output()
+            .expect("python starts");
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&run.stdout).expect("pipeline prints JSON");
+        assert!(
+            json["result"].as_array().is_some_and(|r| !r.is_empty()),
+            "{name}: the pipeline predicts: {json}"
+        );
+        let ids: Vec<i64> = json["input_ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .map(|v| v.as_i64().expect("id"))
+            .collect();
+        let theirs: Vec<f64> = json["logits"]
+            .as_array()
+            .expect("logits")
+            .iter()
+            .flat_map(|row| match row.as_array() {
+                Some(r) => r.iter().map(|v| v.as_f64().expect("f64")).collect(),
+                None => vec![row.as_f64().expect("f64")],
+            })
+            .collect();
+        let _guard = tch::no_grad_guard();
+        let x = Tensor::from_slice(&ids).unsqueeze(0);
+        let ours = model
+            .forward(&x, &x.ones_like(), None)
+            .expect("forward")
+            .flatten(0, -1);
+        let ours = Vec::<f64>::try_from(ours.to_kind(Kind::Double)).expect("values");
+        assert_eq!(ours.len(), theirs.len(), "{name}");
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(
+            worst <= 1e-4,
+            "{name}: saved model's logits differ by {worst:.3e}"
+        );
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(out.path().join("config.json")).expect("config"),
+        )
+        .expect("json");
+        assert_eq!(config["id2label"]["1"], "B-PER");
+        assert_eq!(config["label2id"]["I-LOC"], 4);
+    }
+}
