@@ -15,6 +15,7 @@ pub mod pairs;
 pub mod refcache;
 pub mod rng;
 pub mod shard;
+pub mod tagged;
 pub mod tokenizer;
 
 pub use dataset::{DataReport, NegativeSampler, SamplerError, check_vocabulary};

@@ -19,7 +19,18 @@ pub struct TextTokenizer {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     add_bos: bool,
+    pad_id: Option<u32>,
     chat: Option<Arc<ChatTemplate>>,
+}
+
+/// Token ids with special tokens, as an encoder reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    pub ids: Vec<u32>,
+    /// The word of each token (pre-split input), `None` for special tokens.
+    pub word_ids: Vec<Option<u32>>,
+    /// Tokens were cut to fit `max_length`.
+    pub truncated: bool,
 }
 
 /// `"<s>"` or `{"content": "<s>", ...}` as tokenizer configs spell special tokens.
@@ -75,6 +86,7 @@ impl TextTokenizer {
         };
         let bos_id = id_of("bos_token")?;
         let eos_id = id_of("eos_token")?;
+        let pad_id = id_of("pad_token")?;
         let chat = ChatTemplate::from_dir(
             dir,
             &config,
@@ -101,6 +113,7 @@ impl TextTokenizer {
             bos_id,
             eos_id,
             add_bos,
+            pad_id,
             chat,
         })
     }
@@ -162,6 +175,67 @@ impl TextTokenizer {
             (Some(eos), Some(&last)) if last == eos => Ok(ids),
             _ => self.encode_response(text),
         }
+    }
+
+    /// `text` as an encoder reads it: the tokenizer's special tokens around it
+    /// (`[CLS] … [SEP]`), cut to `max_length` tokens in all (the text is cut,
+    /// the special tokens stay).
+    pub fn encode_with_special_tokens(&self, text: &str, max_length: usize) -> Result<Encoded> {
+        let enc = self.inner.encode(text, false).map_err(|e| self.failed(e))?;
+        self.finish(enc, max_length)
+    }
+
+    /// Pre-split `words` (NER) with the special tokens, cut to `max_length`
+    /// tokens in all, and the word each token came from (`None` for special
+    /// tokens), as transformers' `is_split_into_words` gives them.
+    pub fn encode_words(&self, words: &[String], max_length: usize) -> Result<Encoded> {
+        let input =
+            tokenizers::InputSequence::from(words.iter().map(String::as_str).collect::<Vec<_>>());
+        let enc = self
+            .inner
+            .encode(tokenizers::EncodeInput::Single(input), false)
+            .map_err(|e| self.failed(e))?;
+        self.finish(enc, max_length)
+    }
+
+    fn finish(&self, mut enc: tokenizers::Encoding, max_length: usize) -> Result<Encoded> {
+        use tokenizers::PostProcessor;
+        let specials = self
+            .inner
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(false));
+        if max_length <= specials {
+            return Err(Error::File {
+                path: self.path.clone(),
+                reason: format!(
+                    "max_length {max_length} leaves no room next to the {specials} special tokens"
+                ),
+            });
+        }
+        let room = max_length - specials;
+        let truncated = enc.len() > room;
+        enc.truncate(room, 0, tokenizers::TruncationDirection::Right);
+        let enc = self
+            .inner
+            .post_process(enc, None, true)
+            .map_err(|e| self.failed(e))?;
+        Ok(Encoded {
+            ids: enc.get_ids().to_vec(),
+            word_ids: enc.get_word_ids().to_vec(),
+            truncated,
+        })
+    }
+
+    fn failed(&self, e: impl std::fmt::Display) -> Error {
+        Error::File {
+            path: self.path.clone(),
+            reason: format!("tokenization failed: {e}"),
+        }
+    }
+
+    /// The padding token's id (`pad_token` of `tokenizer_config.json`).
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_id
     }
 
     /// A response: the text, then EOS.

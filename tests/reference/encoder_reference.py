@@ -5,6 +5,9 @@
         tokenizes SENTENCES with MODEL's tokenizer (transformers' AutoTokenizer) and
         writes, per sentence alone (no padding), input_ids.N and logits.N computed by
         AutoModelFor{Token,Sequence}Classification in eval mode, to OUT (safetensors)
+    encoder_reference.py align MODEL DATA MAX_LENGTH LABEL_ALL_TOKENS
+        transformers' word-to-token label alignment of a NER JSONL file, as the
+        token-classification examples do it
     encoder_reference.py pipeline MODEL TASK TEXT...
         runs transformers.pipeline(TASK) on a saved model directory and prints its
         output as JSON, plus the logits of the first text (the model loads as-is)
@@ -58,10 +61,41 @@ def pipeline(model_dir: str, task: str, texts: list[str]) -> None:
     print(json.dumps({"result": result, "input_ids": enc["input_ids"][0].tolist(), "logits": first}, default=float))
 
 
+def align(model_dir: str, data: str, max_length: str, label_all: str) -> None:
+    """transformers' token-classification alignment (run_ner.py): input ids and a
+    label per token, -100 where ignored; one JSON line per record of DATA."""
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    label_to_id = {v: int(k) for k, v in config.id2label.items()}
+    b_to_i = []
+    for i in range(len(label_to_id)):
+        name = config.id2label[i]
+        inside = "I-" + name[2:] if name.startswith("B-") else name
+        b_to_i.append(label_to_id.get(inside, i))
+    with open(data) as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            enc = tok(rec["tokens"], is_split_into_words=True, truncation=True, max_length=int(max_length))
+            labels, previous = [], None
+            for w in enc.word_ids():
+                if w is None:
+                    labels.append(-100)
+                elif w != previous:
+                    labels.append(label_to_id[rec["tags"][w]])
+                else:
+                    labels.append(b_to_i[label_to_id[rec["tags"][w]]] if label_all == "true" else -100)
+                previous = w
+            print(json.dumps({"input_ids": enc["input_ids"], "labels": labels}))
+
+
 def main() -> None:
     cmd, *args = sys.argv[1:]
     if cmd == "logits":
         logits(*args)
+    elif cmd == "align":
+        align(*args)
     elif cmd == "pipeline":
         pipeline(args[0], args[1], args[2:])
     else:

@@ -297,3 +297,84 @@ fn a_saved_encoder_runs_in_transformers_pipelines() {
         assert_eq!(config["label2id"]["I-LOC"], 4);
     }
 }
+
+/// Words become tokens and labels exactly as transformers' token-classification
+/// examples align them (first sub-token labelled, or all with `B-` as `I-`),
+/// special tokens and truncation included, for WordPiece and byte-level BPE.
+#[test]
+fn word_labels_align_with_tokens_as_transformers_does() {
+    use dpo_data::TextTokenizer;
+    use dpo_data::tagged::{Encoding, Labels, RawFile, Task, encode};
+    let dir = tempdir();
+    let data = dir.path().join("ner.jsonl");
+    std::fs::write(
+        &data,
+        concat!(
+            r#"{"tokens": ["Alice", "visited", "Ravenholm", "and", "Zorblatt-Kiev", "yesterday"], "tags": ["B-PER", "O", "B-LOC", "O", "B-LOC", "O"]}"#,
+            "\n",
+            r#"{"tokens": ["the", "cat"], "tags": ["O", "O"]}"#,
+            "\n",
+            r#"{"tokens": ["Bob", "Smithsonianly", "sees", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"], "tags": ["B-PER", "I-PER", "O", "O", "O", "O", "O", "O", "O", "O", "O", "O"]}"#,
+            "\n"
+        ),
+    )
+    .expect("write");
+    let labels = Labels::new(labels()).expect("labels");
+    for name in ["bert-token", "roberta-token"] {
+        let model = fixtures().join(name);
+        let tokenizer = TextTokenizer::from_dir(&model).expect("tokenizer");
+        let records = RawFile::read(&data, Task::Token)
+            .expect("reads")
+            .resolve(&labels)
+            .expect("resolves");
+        for (max_length, label_all) in [(64usize, false), (64, true), (12, false)] {
+            let how = Encoding {
+                max_length,
+                label_all_tokens: label_all,
+            };
+            let (ours, truncated) = encode(&records, &tokenizer, &labels, how).expect("encodes");
+            let out = Command::new(python())
+                .arg(repo_root().join("tests/reference/encoder_reference.py"))
+                .args([
+                    "align",
+                    model.to_str().expect("utf-8"),
+                    data.to_str().expect("utf-8"),
+                    &max_length.to_string(),
+                    &label_all.to_string(),
+                ])
+                .output()
+                .expect("python starts");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let theirs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("json"))
+                .collect();
+            assert_eq!(ours.len(), theirs.len());
+            for (o, t) in ours.iter().zip(&theirs) {
+                let ids: Vec<u32> = o.input_ids.clone();
+                let want_ids: Vec<u32> =
+                    serde_json::from_value(t["input_ids"].clone()).expect("ids");
+                assert_eq!(ids, want_ids, "{name} max_length {max_length}: token ids");
+                let mut labels_per_token = vec![-100i64; ids.len()];
+                for &(pos, label) in &o.targets {
+                    labels_per_token[pos as usize] = label as i64;
+                }
+                let want: Vec<i64> = serde_json::from_value(t["labels"].clone()).expect("labels");
+                assert_eq!(
+                    labels_per_token, want,
+                    "{name} max_length {max_length} label_all {label_all}: labels"
+                );
+            }
+            // The sentence of 12 words does not fit in 12 tokens.
+            assert_eq!(
+                truncated > 0,
+                max_length == 12,
+                "{name}: {truncated} truncated"
+            );
+        }
+    }
+}

@@ -1,0 +1,888 @@
+//! Data for the encoder tasks: named-entity recognition (a tag per word) and text
+//! classification (a label per text), each example with its known-wrong labels
+//! (negatives).
+//!
+//! Formats:
+//! - NER as JSONL, `{"tokens": [...], "tags": [...]}` (tags as strings, or as ids
+//!   into the run's `labels`), with an optional `id` and `negatives`: one or more
+//!   full tag sequences (`[["B-LOC", "O", ...], ...]`) or a list of
+//!   `{"position": i, "tag": t}`. A full negative sequence says the sentence is not
+//!   tagged that way: the words where it differs from gold are its negatives.
+//! - NER as CoNLL: one `token … tag` per line (first column the word, last the
+//!   tag), a blank line between sentences, `-DOCSTART-` lines skipped. A
+//!   sentence's id is its number, from 0.
+//! - Classification as JSONL, `{"text": ..., "label": ...}` with an optional `id`
+//!   and `negatives` (a list of wrong labels).
+//! - Negatives in a separate JSONL file, `{"id": ..., "negatives": ...}`, joined to
+//!   the examples by `id`.
+//!
+//! A problem names `file:line` and the reason: a tag not in the labels, tokens and
+//! tags of different lengths, an empty sentence, a CoNLL line without a tag, a
+//! negative equal to the gold label, an id the data does not have. Nothing is
+//! trained on a file with a bad line.
+//!
+//! Words become sub-word tokens as transformers' token-classification examples
+//! do it: the first token of a word carries its label, the rest are ignored
+//! (`label_all_tokens` gives them the label too, `B-` made `I-`); negatives sit on
+//! a word's first token.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+use crate::lines::{self, LineError};
+use crate::tokenizer::TextTokenizer;
+
+/// The label vocabulary of a task, in id order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels {
+    names: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Labels {
+    /// Labels in the given order; duplicates are refused.
+    pub fn new(names: Vec<String>) -> std::result::Result<Self, String> {
+        if names.is_empty() {
+            return Err("no labels".into());
+        }
+        let mut index = HashMap::new();
+        for (i, n) in names.iter().enumerate() {
+            if n.is_empty() {
+                return Err(format!("label {i} is empty"));
+            }
+            if index.insert(n.clone(), i as u32).is_some() {
+                return Err(format!("label {n:?} appears twice"));
+            }
+        }
+        Ok(Labels { names, index })
+    }
+
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    pub fn id(&self, name: &str) -> Option<u32> {
+        self.index.get(name).copied()
+    }
+
+    pub fn name(&self, id: u32) -> Option<&str> {
+        self.names.get(id as usize).map(String::as_str)
+    }
+
+    /// For `label_all_tokens`: the id of `I-X` for `B-X` (itself otherwise).
+    pub fn inside_of(&self, id: u32) -> u32 {
+        self.name(id)
+            .and_then(|n| n.strip_prefix("B-"))
+            .and_then(|t| self.id(&format!("I-{t}")))
+            .unwrap_or(id)
+    }
+}
+
+/// Which task a file is read for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Named-entity recognition: a tag per word.
+    Token,
+    /// Text classification: a label per text.
+    Sequence,
+}
+
+/// A label as written in a file: a name, or an id into the run's labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RawLabel {
+    Name(String),
+    Id(u64),
+}
+
+/// A negative as read, before labels are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RawNegative {
+    /// A whole tag sequence (NER).
+    Sequence(Vec<RawLabel>),
+    /// One wrong tag at a word (NER), or a wrong label (classification, no position).
+    At(Option<usize>, RawLabel),
+}
+
+/// A record as read, labels still as written.
+#[derive(Debug, Clone)]
+struct RawRecord {
+    line: usize,
+    id: Option<String>,
+    words: Vec<String>,
+    text: String,
+    gold: Vec<RawLabel>,
+    negatives: Vec<RawNegative>,
+}
+
+/// One example of a task, in words and label ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Where it came from (`file:line` of its first line).
+    pub path: PathBuf,
+    pub line: usize,
+    pub id: Option<String>,
+    /// NER: the words. Classification: empty.
+    pub words: Vec<String>,
+    /// Classification: the text. NER: empty.
+    pub text: String,
+    /// A label per word (NER) or one (classification).
+    pub gold: Vec<u32>,
+    /// Known-wrong labels: `(word, label)` for NER, `(0, label)` for
+    /// classification; none equals the gold label there; sorted, no duplicates.
+    pub negatives: Vec<(u32, u32)>,
+}
+
+fn line_err(path: &Path, line: usize, reason: impl Into<String>) -> Error {
+    Error::Line {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.into(),
+    }
+}
+
+fn read_err(path: &Path, line: usize, e: LineError) -> Error {
+    match e {
+        LineError::Io(source) => Error::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+        LineError::NotUtf8 => line_err(path, line, "not valid UTF-8"),
+        LineError::TooLong => line_err(path, line, lines::too_long()),
+    }
+}
+
+fn raw_label(v: &Value, what: &str) -> std::result::Result<RawLabel, String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Ok(RawLabel::Name(s.clone())),
+        Value::Number(n) => n
+            .as_u64()
+            .map(RawLabel::Id)
+            .ok_or_else(|| format!("{what} {n} is not a label id (a non-negative integer)")),
+        other => Err(format!("{what} must be a label name or id, found {other}")),
+    }
+}
+
+fn raw_id(v: Option<&Value>) -> std::result::Result<Option<String>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(other) => Err(format!("\"id\" must be a string or number, found {other}")),
+    }
+}
+
+/// `negatives` of a record (or of a negatives-file line) for `task`.
+fn raw_negatives(v: &Value, task: Task) -> std::result::Result<Vec<RawNegative>, String> {
+    let Value::Array(items) = v else {
+        return Err(format!("\"negatives\" must be a list, found {v}"));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let neg = match (task, item) {
+            (Task::Token, Value::Array(tags)) => RawNegative::Sequence(
+                tags.iter()
+                    .map(|t| raw_label(t, &format!("negatives[{i}] tag")))
+                    .collect::<std::result::Result<_, _>>()?,
+            ),
+            (Task::Token, Value::Object(o)) => {
+                let position = o
+                    .get("position")
+                    .and_then(Value::as_u64)
+                    .ok_or_else(|| format!("negatives[{i}] needs \"position\", a word index"))?;
+                let tag = o
+                    .get("tag")
+                    .ok_or_else(|| format!("negatives[{i}] needs \"tag\""))?;
+                RawNegative::At(
+                    Some(position as usize),
+                    raw_label(tag, &format!("negatives[{i}].tag"))?,
+                )
+            }
+            (Task::Token, other) => {
+                return Err(format!(
+                    "negatives[{i}] must be a tag sequence or {{\"position\", \"tag\"}}, found {other}"
+                ));
+            }
+            (Task::Sequence, label) => {
+                RawNegative::At(None, raw_label(label, &format!("negatives[{i}]"))?)
+            }
+        };
+        out.push(neg);
+    }
+    Ok(out)
+}
+
+fn parse_json_record(text: &str, task: Task) -> std::result::Result<RawRecord, String> {
+    let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(o) = &v else {
+        return Err("a record must be a JSON object".into());
+    };
+    let id = raw_id(o.get("id"))?;
+    let negatives = match o.get("negatives") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(n) => raw_negatives(n, task)?,
+    };
+    match task {
+        Task::Token => {
+            let words: Vec<String> = match o.get("tokens") {
+                Some(Value::Array(ws)) => ws
+                    .iter()
+                    .enumerate()
+                    .map(|(i, w)| match w {
+                        Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
+                        Value::String(_) => Err(format!("tokens[{i}] is empty")),
+                        other => Err(format!("tokens[{i}] must be a string, found {other}")),
+                    })
+                    .collect::<std::result::Result<_, _>>()?,
+                Some(other) => return Err(format!("\"tokens\" must be a list, found {other}")),
+                None => return Err("missing \"tokens\"".into()),
+            };
+            let gold: Vec<RawLabel> = match o.get("tags").or_else(|| o.get("ner_tags")) {
+                Some(Value::Array(ts)) => ts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| raw_label(t, &format!("tags[{i}]")))
+                    .collect::<std::result::Result<_, _>>()?,
+                Some(other) => return Err(format!("\"tags\" must be a list, found {other}")),
+                None => return Err("missing \"tags\"".into()),
+            };
+            Ok(RawRecord {
+                line: 0,
+                id,
+                words,
+                text: String::new(),
+                gold,
+                negatives,
+            })
+        }
+        Task::Sequence => {
+            let text = match o.get("text") {
+                Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+                Some(Value::String(_)) => return Err("\"text\" is empty".into()),
+                Some(other) => return Err(format!("\"text\" must be a string, found {other}")),
+                None => return Err("missing \"text\"".into()),
+            };
+            let label = o.get("label").ok_or("missing \"label\"")?;
+            Ok(RawRecord {
+                line: 0,
+                id,
+                words: Vec::new(),
+                text,
+                gold: vec![raw_label(label, "\"label\"")?],
+                negatives,
+            })
+        }
+    }
+}
+
+fn read_jsonl(path: &Path, task: Task) -> Result<Vec<RawRecord>> {
+    let mut out = Vec::new();
+    for (i, line) in lines::open(path)?.enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| read_err(path, n, e))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut r = parse_json_record(&line, task).map_err(|reason| line_err(path, n, reason))?;
+        r.line = n;
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn read_conll(path: &Path) -> Result<Vec<RawRecord>> {
+    let mut out = Vec::new();
+    let mut current: Option<RawRecord> = None;
+    let finish = |r: Option<RawRecord>, out: &mut Vec<RawRecord>| {
+        if let Some(mut r) = r {
+            r.id = Some(out.len().to_string());
+            out.push(r);
+        }
+    };
+    for (i, line) in lines::open(path)?.enumerate() {
+        let n = i + 1;
+        let line = line.map_err(|e| read_err(path, n, e))?;
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.is_empty() {
+            finish(current.take(), &mut out);
+            continue;
+        }
+        if fields[0] == "-DOCSTART-" {
+            finish(current.take(), &mut out);
+            continue;
+        }
+        if fields.len() < 2 {
+            return Err(line_err(
+                path,
+                n,
+                format!("{:?} has no tag (a CoNLL line is `token … tag`)", fields[0]),
+            ));
+        }
+        let r = current.get_or_insert_with(|| RawRecord {
+            line: n,
+            id: None,
+            words: Vec::new(),
+            text: String::new(),
+            gold: Vec::new(),
+            negatives: Vec::new(),
+        });
+        r.words.push(fields[0].to_string());
+        r.gold
+            .push(RawLabel::Name(fields[fields.len() - 1].to_string()));
+    }
+    finish(current.take(), &mut out);
+    Ok(out)
+}
+
+/// Whether `path` is read as CoNLL (by its extension) rather than JSONL.
+pub fn is_conll(path: &Path) -> bool {
+    matches!(
+        path.extension().and_then(|e| e.to_str()),
+        Some("conll" | "txt" | "iob" | "bio")
+    )
+}
+
+/// A dataset file as read, labels still as written.
+#[derive(Debug, Clone)]
+pub struct RawFile {
+    path: PathBuf,
+    task: Task,
+    records: Vec<RawRecord>,
+}
+
+impl RawFile {
+    /// Reads `path` for `task` (CoNLL by extension for NER, JSONL otherwise).
+    pub fn read(path: &Path, task: Task) -> Result<Self> {
+        let records = if task == Task::Token && is_conll(path) {
+            read_conll(path)?
+        } else {
+            read_jsonl(path, task)?
+        };
+        if records.is_empty() {
+            return Err(Error::File {
+                path: path.to_path_buf(),
+                reason: "no examples".into(),
+            });
+        }
+        Ok(RawFile {
+            path: path.to_path_buf(),
+            task,
+            records,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    /// Joins a negatives file (`{"id": ..., "negatives": ...}` per line) to the
+    /// records by `id`.
+    pub fn join_negatives(&mut self, path: &Path) -> Result<usize> {
+        let mut by_id: HashMap<String, usize> = HashMap::new();
+        for (i, r) in self.records.iter().enumerate() {
+            if let Some(id) = &r.id {
+                by_id.insert(id.clone(), i);
+            }
+        }
+        let mut joined = 0;
+        for (i, line) in lines::open(path)?.enumerate() {
+            let n = i + 1;
+            let line = line.map_err(|e| read_err(path, n, e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let parse = || -> std::result::Result<(String, Vec<RawNegative>), String> {
+                let v: Value =
+                    serde_json::from_str(&line).map_err(|e| format!("invalid JSON: {e}"))?;
+                let id = raw_id(v.get("id"))?.ok_or("missing \"id\"")?;
+                let negs = raw_negatives(
+                    v.get("negatives").ok_or("missing \"negatives\"")?,
+                    self.task,
+                )?;
+                Ok((id, negs))
+            };
+            let (id, negs) = parse().map_err(|reason| line_err(path, n, reason))?;
+            let Some(&at) = by_id.get(&id) else {
+                return Err(line_err(
+                    path,
+                    n,
+                    format!("no example with id {id:?} in {}", self.path.display()),
+                ));
+            };
+            joined += negs.len();
+            self.records[at].negatives.extend(negs);
+        }
+        Ok(joined)
+    }
+
+    /// Label names in first-seen order (gold, then negatives), for a run that
+    /// does not list its labels; NER puts `O` first.
+    pub fn seen_labels(files: &[&RawFile]) -> Vec<String> {
+        let mut seen: Vec<String> = Vec::new();
+        let mut set: BTreeSet<String> = BTreeSet::new();
+        let token = files.iter().any(|f| f.task == Task::Token);
+        if token {
+            seen.push("O".into());
+            set.insert("O".into());
+        }
+        let mut add = |l: &RawLabel| {
+            if let RawLabel::Name(n) = l
+                && set.insert(n.clone())
+            {
+                seen.push(n.clone());
+            }
+        };
+        for f in files {
+            for r in &f.records {
+                r.gold.iter().for_each(&mut add);
+            }
+        }
+        for f in files {
+            for r in &f.records {
+                for neg in &r.negatives {
+                    match neg {
+                        RawNegative::Sequence(tags) => tags.iter().for_each(&mut add),
+                        RawNegative::At(_, l) => add(l),
+                    }
+                }
+            }
+        }
+        seen
+    }
+
+    /// Resolves labels against `labels` and checks every record.
+    pub fn resolve(&self, labels: &Labels) -> Result<Vec<Record>> {
+        let path = &self.path;
+        let mut out = Vec::with_capacity(self.records.len());
+        let mut ids: HashMap<&str, usize> = HashMap::new();
+        for r in &self.records {
+            let bad = |reason: String| line_err(path, r.line, reason);
+            if let Some(id) = &r.id
+                && let Some(first) = ids.insert(id, r.line)
+            {
+                return Err(bad(format!("id {id:?} was already used at line {first}")));
+            }
+            let resolve = |l: &RawLabel, what: &str| -> Result<u32> {
+                match l {
+                    RawLabel::Name(n) => labels.id(n).ok_or_else(|| {
+                        bad(format!(
+                            "{what} {n:?} is not one of the labels {:?}",
+                            labels.names()
+                        ))
+                    }),
+                    RawLabel::Id(i) if (*i as usize) < labels.len() => Ok(*i as u32),
+                    RawLabel::Id(i) => Err(bad(format!(
+                        "{what} id {i} is out of range: there are {} labels",
+                        labels.len()
+                    ))),
+                }
+            };
+            let gold: Vec<u32> = match self.task {
+                Task::Token => {
+                    if r.words.is_empty() {
+                        return Err(bad("empty sentence (no tokens)".into()));
+                    }
+                    if r.words.len() != r.gold.len() {
+                        return Err(bad(format!(
+                            "{} tokens but {} tags",
+                            r.words.len(),
+                            r.gold.len()
+                        )));
+                    }
+                    r.gold
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| resolve(t, &format!("tag {i}")))
+                        .collect::<Result<_>>()?
+                }
+                Task::Sequence => vec![resolve(&r.gold[0], "label")?],
+            };
+            let mut negatives: BTreeSet<(u32, u32)> = BTreeSet::new();
+            for (k, neg) in r.negatives.iter().enumerate() {
+                match neg {
+                    RawNegative::Sequence(tags) => {
+                        if tags.len() != gold.len() {
+                            return Err(bad(format!(
+                                "negative {k} has {} tags for {} tokens",
+                                tags.len(),
+                                gold.len()
+                            )));
+                        }
+                        let mut differs = false;
+                        for (w, t) in tags.iter().enumerate() {
+                            let t = resolve(t, &format!("negative {k} tag {w}"))?;
+                            if t != gold[w] {
+                                negatives.insert((w as u32, t));
+                                differs = true;
+                            }
+                        }
+                        if !differs {
+                            return Err(bad(format!(
+                                "negative {k} equals the gold tags: a negative must be wrong somewhere"
+                            )));
+                        }
+                    }
+                    RawNegative::At(position, label) => {
+                        let w = position.unwrap_or(0);
+                        if w >= gold.len() {
+                            return Err(bad(format!(
+                                "negative {k} is at word {w}, the sentence has {} words",
+                                gold.len()
+                            )));
+                        }
+                        let t = resolve(label, &format!("negative {k}"))?;
+                        if t == gold[w] {
+                            let name = labels.name(t).unwrap_or("?");
+                            return Err(bad(match self.task {
+                                Task::Token => format!(
+                                    "negative {k} ({name:?} at word {w}) equals the gold tag"
+                                ),
+                                Task::Sequence => {
+                                    format!("negative {k} ({name:?}) equals the gold label")
+                                }
+                            }));
+                        }
+                        negatives.insert((w as u32, t));
+                    }
+                }
+            }
+            out.push(Record {
+                path: path.clone(),
+                line: r.line,
+                id: r.id.clone(),
+                words: r.words.clone(),
+                text: r.text.clone(),
+                gold,
+                negatives: negatives.into_iter().collect(),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The tokens `Record`s become, for either task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Encoded {
+    /// `file:line` of the record.
+    pub line: usize,
+    /// With the tokenizer's special tokens (`[CLS] … [SEP]`, `<s> … </s>`).
+    pub input_ids: Vec<u32>,
+    /// `(token position, label)` the cross-entropy is taken over: a word's first
+    /// token (every token with `label_all_tokens`) for NER, `(0, label)` for
+    /// classification.
+    pub targets: Vec<(u32, u32)>,
+    /// `(token position, wrong label)`.
+    pub negatives: Vec<(u32, u32)>,
+    /// NER: the first token of each word kept after truncation (evaluation reads
+    /// predictions there); classification: empty.
+    pub word_starts: Vec<u32>,
+    /// NER: the gold tag of each word kept. Classification: the label.
+    pub gold: Vec<u32>,
+}
+
+/// How records become tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Encoding {
+    /// Longest sequence, special tokens included (the model's position limit or less).
+    pub max_length: usize,
+    /// NER: every sub-token of a word carries its label (`B-` as `I-`).
+    pub label_all_tokens: bool,
+}
+
+/// Encodes records with the model's tokenizer. Returns the encoded examples and
+/// how many were truncated.
+pub fn encode(
+    records: &[Record],
+    tokenizer: &TextTokenizer,
+    labels: &Labels,
+    how: Encoding,
+) -> Result<(Vec<Encoded>, usize)> {
+    let mut out = Vec::with_capacity(records.len());
+    let mut truncated = 0;
+    for r in records {
+        let bad = |reason: String| line_err(&r.path, r.line, reason);
+        if r.words.is_empty() {
+            let ids = tokenizer.encode_with_special_tokens(&r.text, how.max_length)?;
+            if ids.truncated {
+                truncated += 1;
+            }
+            out.push(Encoded {
+                line: r.line,
+                input_ids: ids.ids,
+                targets: vec![(0, r.gold[0])],
+                negatives: r.negatives.iter().map(|&(_, l)| (0, l)).collect(),
+                word_starts: Vec::new(),
+                gold: r.gold.clone(),
+            });
+            continue;
+        }
+        let enc = tokenizer.encode_words(&r.words, how.max_length)?;
+        if enc.truncated {
+            truncated += 1;
+        }
+        // First token of every word, and every token's word.
+        let mut starts: Vec<Option<u32>> = vec![None; r.words.len()];
+        let mut targets = Vec::new();
+        for (pos, w) in enc.word_ids.iter().enumerate() {
+            let Some(w) = *w else { continue };
+            let w = w as usize;
+            let Some(slot) = starts.get_mut(w) else {
+                return Err(bad(format!(
+                    "the tokenizer reported word {w} of {}",
+                    r.words.len()
+                )));
+            };
+            if slot.is_none() {
+                *slot = Some(pos as u32);
+                targets.push((pos as u32, r.gold[w]));
+            } else if how.label_all_tokens {
+                targets.push((pos as u32, labels.inside_of(r.gold[w])));
+            }
+        }
+        let kept = starts.iter().take_while(|s| s.is_some()).count();
+        if kept == 0 {
+            return Err(bad(format!(
+                "no word fits in max_length {} tokens",
+                how.max_length
+            )));
+        }
+        if let Some(w) = starts[..kept].iter().position(Option::is_none).or_else(|| {
+            starts[kept..]
+                .iter()
+                .position(Option::is_some)
+                .map(|p| p + kept)
+        }) {
+            return Err(bad(format!(
+                "word {w} ({:?}) gives no tokens",
+                r.words.get(w).map_or("", String::as_str)
+            )));
+        }
+        let word_starts: Vec<u32> = starts[..kept].iter().flatten().copied().collect();
+        let negatives = r
+            .negatives
+            .iter()
+            .filter(|(w, _)| (*w as usize) < kept)
+            .map(|&(w, l)| (word_starts[w as usize], l))
+            .collect();
+        out.push(Encoded {
+            line: r.line,
+            input_ids: enc.ids,
+            targets,
+            negatives,
+            word_starts,
+            gold: r.gold[..kept].to_vec(),
+        });
+    }
+    Ok((out, truncated))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(dir: &tempfile::TempDir, name: &str, text: &str) -> PathBuf {
+        let p = dir.path().join(name);
+        let mut f = std::fs::File::create(&p).expect("create");
+        f.write_all(text.as_bytes()).expect("write");
+        p
+    }
+
+    fn ner_labels() -> Labels {
+        Labels::new(
+            ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )
+        .expect("labels")
+    }
+
+    fn resolve(task: Task, name: &str, text: &str) -> Result<Vec<Record>> {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = file(&dir, name, text);
+        let labels = match task {
+            Task::Token => ner_labels(),
+            Task::Sequence => Labels::new(vec!["neg".into(), "pos".into()]).expect("labels"),
+        };
+        RawFile::read(&p, task)?.resolve(&labels)
+    }
+
+    fn error(task: Task, name: &str, text: &str) -> String {
+        resolve(task, name, text).expect_err("refused").to_string()
+    }
+
+    #[test]
+    fn ner_jsonl_reads_tags_by_name_and_id_and_both_kinds_of_negatives() {
+        let rs = resolve(
+            Task::Token,
+            "a.jsonl",
+            concat!(
+                r#"{"tokens": ["Ann", "lives", "in", "Rome"], "tags": ["B-PER", "O", "O", "B-LOC"], "#,
+                r#""negatives": [["B-LOC", "O", "O", "B-LOC"], {"position": 1, "tag": "I-PER"}]}"#,
+                "\n\n",
+                r#"{"id": "x", "tokens": ["Bo"], "tags": [1]}"#,
+                "\n"
+            ),
+        )
+        .expect("reads");
+        assert_eq!(rs.len(), 2);
+        assert_eq!(rs[0].gold, vec![1, 0, 0, 3]);
+        // The full negative differs from gold only at word 0.
+        assert_eq!(rs[0].negatives, vec![(0, 3), (1, 2)]);
+        assert_eq!(rs[1].line, 3);
+        assert_eq!(rs[1].gold, vec![1]);
+        assert_eq!(rs[1].id.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn conll_skips_docstart_and_splits_on_blank_lines() {
+        let rs = resolve(
+            Task::Token,
+            "a.conll",
+            "-DOCSTART- -X- O O\n\nAnn NNP B-PER\nRome NNP B-LOC\n\n\nBo NNP I-PER\n",
+        )
+        .expect("reads");
+        assert_eq!(rs.len(), 2);
+        assert_eq!(rs[0].words, vec!["Ann", "Rome"]);
+        assert_eq!(rs[0].gold, vec![1, 3]);
+        assert_eq!(rs[0].line, 3);
+        assert_eq!(rs[1].id.as_deref(), Some("1"));
+        assert_eq!(rs[1].line, 7);
+    }
+
+    #[test]
+    fn bad_ner_input_names_file_line_and_reason() {
+        let cases = [
+            (
+                "a.jsonl",
+                "{\"tokens\": [\"a\"], \"tags\": [\"O\"]}\n{\"tokens\": [\"a\"], \"tags\": [\"B-ORG\"]}\n",
+                ":2: tag 0 \"B-ORG\" is not one of the labels",
+            ),
+            (
+                "a.jsonl",
+                "{\"tokens\": [\"a\", \"b\"], \"tags\": [\"O\"]}\n",
+                ":1: 2 tokens but 1 tags",
+            ),
+            (
+                "a.jsonl",
+                "{\"tokens\": [], \"tags\": []}\n",
+                ":1: empty sentence",
+            ),
+            ("a.conll", "Ann B-PER\nRome\n", ":2: \"Rome\" has no tag"),
+            (
+                "a.jsonl",
+                "{\"tokens\": [\"a\"], \"tags\": [\"O\"], \"negatives\": [{\"position\": 0, \"tag\": \"O\"}]}\n",
+                ":1: negative 0 (\"O\" at word 0) equals the gold tag",
+            ),
+            (
+                "a.jsonl",
+                "{\"tokens\": [\"a\"], \"tags\": [\"O\"], \"negatives\": [[\"O\"]]}\n",
+                ":1: negative 0 equals the gold tags",
+            ),
+            (
+                "a.jsonl",
+                "{\"tokens\": [\"a\"], \"tags\": [7]}\n",
+                ":1: tag 0 id 7 is out of range",
+            ),
+            (
+                "a.jsonl",
+                "{\"tokens\": [\"a\"], \"tags\": [\"O\"], \"negatives\": [{\"position\": 3, \"tag\": \"B-PER\"}]}\n",
+                ":1: negative 0 is at word 3",
+            ),
+            ("a.jsonl", "not json\n", ":1: invalid JSON"),
+        ];
+        for (name, text, want) in cases {
+            let msg = error(Task::Token, name, text);
+            assert!(
+                msg.contains(name) && msg.contains(want),
+                "{msg:?} lacks {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn classification_reads_labels_and_refuses_a_negative_equal_to_gold() {
+        let rs = resolve(
+            Task::Sequence,
+            "c.jsonl",
+            "{\"text\": \"good\", \"label\": \"pos\", \"negatives\": [\"neg\"]}\n{\"text\": \"bad\", \"label\": 0}\n",
+        )
+        .expect("reads");
+        assert_eq!(rs[0].gold, vec![1]);
+        assert_eq!(rs[0].negatives, vec![(0, 0)]);
+        assert_eq!(rs[1].gold, vec![0]);
+        let msg = error(
+            Task::Sequence,
+            "c.jsonl",
+            "{\"text\": \"ok\", \"label\": \"pos\"}\n{\"text\": \"good\", \"label\": \"pos\", \"negatives\": [\"pos\"]}\n",
+        );
+        assert!(
+            msg.contains("c.jsonl:2: negative 0 (\"pos\") equals the gold label"),
+            "{msg}"
+        );
+        let msg = error(
+            Task::Sequence,
+            "c.jsonl",
+            "{\"text\": \"\", \"label\": \"pos\"}\n",
+        );
+        assert!(msg.contains("c.jsonl:1: \"text\" is empty"), "{msg}");
+    }
+
+    #[test]
+    fn a_negatives_file_joins_by_id_and_names_an_unknown_id() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let data = file(
+            &dir,
+            "d.jsonl",
+            "{\"id\": 1, \"tokens\": [\"Ann\"], \"tags\": [\"B-PER\"]}\n{\"id\": \"b\", \"tokens\": [\"x\"], \"tags\": [\"O\"]}\n",
+        );
+        let negs = file(
+            &dir,
+            "n.jsonl",
+            "{\"id\": \"1\", \"negatives\": [{\"position\": 0, \"tag\": \"B-LOC\"}]}\n",
+        );
+        let mut raw = RawFile::read(&data, Task::Token).expect("reads");
+        assert_eq!(raw.join_negatives(&negs).expect("joins"), 1);
+        let rs = raw.resolve(&ner_labels()).expect("resolves");
+        assert_eq!(rs[0].negatives, vec![(0, 3)]);
+        let bad = file(&dir, "m.jsonl", "\n{\"id\": \"zz\", \"negatives\": []}\n");
+        let msg = raw
+            .join_negatives(&bad)
+            .expect_err("unknown id")
+            .to_string();
+        assert!(
+            msg.contains("m.jsonl:2: no example with id \"zz\""),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn labels_seen_in_data_come_in_first_seen_order_with_o_first() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = file(&dir, "a.conll", "Ann B-PER\nin O\nRome B-LOC\n\nBo I-PER\n");
+        let raw = RawFile::read(&p, Task::Token).expect("reads");
+        assert_eq!(
+            RawFile::seen_labels(&[&raw]),
+            vec!["O", "B-PER", "B-LOC", "I-PER"]
+        );
+        let labels = ner_labels();
+        assert_eq!(labels.inside_of(1), 2);
+        assert_eq!(labels.inside_of(0), 0);
+        assert!(Labels::new(vec!["a".into(), "a".into()]).is_err());
+    }
+}
