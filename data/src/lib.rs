@@ -14,6 +14,7 @@ pub mod metrics_log;
 pub mod pairs;
 pub mod refcache;
 pub mod rng;
+pub mod scores;
 pub mod shard;
 pub mod tagged;
 pub mod tokenizer;

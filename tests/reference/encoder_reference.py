@@ -8,6 +8,8 @@
     encoder_reference.py align MODEL DATA MAX_LENGTH LABEL_ALL_TOKENS
         transformers' word-to-token label alignment of a NER JSONL file, as the
         token-classification examples do it
+    encoder_reference.py scores IN.json
+        seqeval's strict IOB2 entity report and scikit-learn's classification report
     encoder_reference.py pipeline MODEL TASK TEXT...
         runs transformers.pipeline(TASK) on a saved model directory and prints its
         output as JSON, plus the logits of the first text (the model loads as-is)
@@ -90,10 +92,32 @@ def align(model_dir: str, data: str, max_length: str, label_all: str) -> None:
             print(json.dumps({"input_ids": enc["input_ids"], "labels": labels}))
 
 
+def scores(path: str) -> None:
+    """seqeval's strict IOB2 report of {"gold", "pred"} tag sequences and
+    scikit-learn's report of {"gold_ids", "pred_ids", "labels"}."""
+    from seqeval.metrics import classification_report as entity_report
+    from seqeval.metrics import f1_score
+    from seqeval.scheme import IOB2
+    from sklearn.metrics import accuracy_score
+    from sklearn.metrics import classification_report as class_report
+
+    with open(path) as f:
+        data = json.load(f)
+    ner = entity_report(data["gold"], data["pred"], mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    ner["f1_score"] = f1_score(data["gold"], data["pred"], mode="strict", scheme=IOB2, zero_division=0)
+    labels = list(range(len(data["labels"])))
+    cls = class_report(data["gold_ids"], data["pred_ids"], labels=labels, target_names=data["labels"],
+                       output_dict=True, zero_division=0)
+    cls["accuracy"] = accuracy_score(data["gold_ids"], data["pred_ids"])
+    print(json.dumps({"ner": ner, "cls": cls}, default=float))
+
+
 def main() -> None:
     cmd, *args = sys.argv[1:]
     if cmd == "logits":
         logits(*args)
+    elif cmd == "scores":
+        scores(*args)
     elif cmd == "align":
         align(*args)
     elif cmd == "pipeline":

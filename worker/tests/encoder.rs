@@ -378,3 +378,123 @@ fn word_labels_align_with_tokens_as_transformers_does() {
         }
     }
 }
+
+/// Entity scores equal Python seqeval's (strict IOB2) and classification scores
+/// scikit-learn's, on random predictions full of broken spans.
+#[test]
+fn entity_and_class_scores_equal_seqeval_and_scikit_learn() {
+    use dpo_data::rng::SplitMix64;
+    use dpo_data::scores::{class_report, entity_report};
+    let tags = [
+        "O", "O", "O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG",
+    ];
+    let mut rng = SplitMix64::new(42);
+    let mut pick = |n: usize| (rng.next_u64() % n as u64) as usize;
+    let mut gold: Vec<Vec<&str>> = Vec::new();
+    let mut pred: Vec<Vec<&str>> = Vec::new();
+    for _ in 0..300 {
+        let len = 1 + pick(12);
+        let g: Vec<&str> = (0..len).map(|_| tags[pick(tags.len())]).collect();
+        // Mostly right, with spans broken at random.
+        let p: Vec<&str> = g
+            .iter()
+            .map(|t| {
+                if pick(5) == 0 {
+                    tags[pick(tags.len())]
+                } else {
+                    t
+                }
+            })
+            .collect();
+        gold.push(g);
+        pred.push(p);
+    }
+    let class_labels: Vec<String> = ["neg", "neu", "pos", "never"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let gold_ids: Vec<u32> = (0..200).map(|_| pick(3) as u32).collect();
+    let pred_ids: Vec<u32> = gold_ids
+        .iter()
+        .map(|&g| if pick(3) == 0 { pick(4) as u32 } else { g })
+        .collect();
+    let dir = tempdir();
+    let input = dir.path().join("scores.json");
+    std::fs::write(
+        &input,
+        serde_json::json!({
+            "gold": gold, "pred": pred, "gold_ids": gold_ids, "pred_ids": pred_ids,
+            "labels": class_labels,
+        })
+        .to_string(),
+    )
+    .expect("write");
+    let out = Command::new(python())
+        .arg(repo_root().join("tests/reference/encoder_reference.py"))
+        .args(["scores", input.to_str().expect("utf-8")])
+        .output()
+        .expect("python starts");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let close = |a: f64, b: &serde_json::Value, what: &str| {
+        let b = b.as_f64().unwrap_or_else(|| panic!("{what}: {b}"));
+        assert!((a - b).abs() < 1e-12, "{what}: ours {a}, theirs {b}");
+    };
+    let ours = entity_report(&gold, &pred);
+    let ner = &theirs["ner"];
+    close(ours.overall.f1, &ner["f1_score"], "f1");
+    close(
+        ours.overall.precision,
+        &ner["micro avg"]["precision"],
+        "micro precision",
+    );
+    close(
+        ours.overall.recall,
+        &ner["micro avg"]["recall"],
+        "micro recall",
+    );
+    close(
+        ours.averages.macro_f1,
+        &ner["macro avg"]["f1-score"],
+        "macro f1",
+    );
+    close(
+        ours.averages.weighted_f1,
+        &ner["weighted avg"]["f1-score"],
+        "weighted f1",
+    );
+    assert_eq!(ours.per_type.len(), 3);
+    for (kind, s) in &ours.per_type {
+        close(s.precision, &ner[kind]["precision"], kind);
+        close(s.recall, &ner[kind]["recall"], kind);
+        close(s.f1, &ner[kind]["f1-score"], kind);
+        close(s.support as f64, &ner[kind]["support"], kind);
+    }
+    assert!(
+        ours.overall.f1 > 0.3 && ours.overall.f1 < 0.95,
+        "{}",
+        ours.overall.f1
+    );
+    let c = class_report(&gold_ids, &pred_ids, &class_labels);
+    let cls = &theirs["cls"];
+    close(c.accuracy, &cls["accuracy"], "accuracy");
+    close(
+        c.averages.macro_f1,
+        &cls["macro avg"]["f1-score"],
+        "class macro f1",
+    );
+    close(
+        c.averages.weighted_f1,
+        &cls["weighted avg"]["f1-score"],
+        "class weighted f1",
+    );
+    for (label, s) in &c.per_class {
+        close(s.precision, &cls[label]["precision"], label);
+        close(s.recall, &cls[label]["recall"], label);
+        close(s.f1, &cls[label]["f1-score"], label);
+    }
+}
