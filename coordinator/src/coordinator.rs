@@ -846,6 +846,11 @@ async fn write_ledger(
 
 /// Tokenizes and shards a run's datasets (train and eval) once.
 fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunData> {
+    if spec.task.kind.is_classification() {
+        return Err(Refusal::Invalid(
+            "task.type: the classification tasks train with `dpo-worker train` (standalone); the cluster does not shard them yet".into(),
+        ));
+    }
     if spec.data.negatives == Some(dpo_proto::Negatives::Policy) {
         return Err(Refusal::Invalid(
             "data.negatives: \"policy\" negatives need a model to sample from; the cluster does not sample them yet (use `dpo-worker train`)".into(),

@@ -136,6 +136,13 @@ pub fn load(
                 }
                 // Sampled below, once labelled examples are token ids.
                 Some(Negatives::Policy) => {}
+                // Refused by the spec's validation for a causal LM.
+                Some(Negatives::Adversarial | Negatives::Confusion) => {
+                    return Err(Error::Invalid {
+                        context: "data.negatives".into(),
+                        reason: "\"adversarial\" and \"confusion\" negatives are for the classification tasks".into(),
+                    });
+                }
                 Some(Negatives::File(file)) => {
                     let (neg, skipped) = examples::read_labelled(file, skip)?;
                     log_skipped(&skipped);

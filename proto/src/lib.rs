@@ -7,7 +7,8 @@ pub mod spec;
 pub use spec::{
     ClusterSpec, DataFormat, DataSpec, Dtype, LINEAR_MODULES, LoraInit, LoraSpec, Loss, ModelSpec,
     Negatives, ObjectiveSpec, OptimSpec, OptimizerName, ReferenceCache, ReferenceModel,
-    ReferenceSpec, RunSpec, Schedule, SpecError, TargetModules, TrainSpec, Truncation,
+    ReferenceSpec, RunSpec, Schedule, SpecError, TargetModules, TaskSpec, TaskType, TrainSpec,
+    Truncation,
 };
 
 /// The generated `dpo.v1` messages, clients and servers.

@@ -53,6 +53,55 @@ pub struct ReferenceSpec {
     pub cache: ReferenceCache,
 }
 
+/// `task.type`: what the model learns to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TaskType {
+    /// A causal LM (Llama, Mistral, Qwen2) on preference pairs or labelled and
+    /// negative responses.
+    #[default]
+    CausalLm,
+    /// An encoder (BERT, RoBERTa) tagging each word: NER.
+    TokenClassification,
+    /// An encoder labelling each text: sentiment, topic, intent.
+    SequenceClassification,
+}
+
+impl TaskType {
+    /// The encoder tasks.
+    pub fn is_classification(self) -> bool {
+        !matches!(self, TaskType::CausalLm)
+    }
+}
+
+/// `[task]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TaskSpec {
+    #[serde(rename = "type")]
+    pub kind: TaskType,
+    /// The labels in id order; empty: taken from the data in first-seen order
+    /// (`O` first for NER).
+    pub labels: Vec<String>,
+    /// NER: every sub-token of a word carries its label (`B-X` as `I-X`), not
+    /// only the first.
+    pub label_all_tokens: bool,
+    /// Generated negatives (`random`, `adversarial`, `confusion`): how many per
+    /// labelled position (NER: per entity word; classification: per text).
+    pub negatives_per_label: usize,
+}
+
+impl Default for TaskSpec {
+    fn default() -> Self {
+        TaskSpec {
+            kind: TaskType::CausalLm,
+            labels: Vec::new(),
+            label_all_tokens: false,
+            negatives_per_label: 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
@@ -226,8 +275,16 @@ pub struct TrainSpec {
     /// transformers' `save_total_limit`. The newest is always the last one
     /// committed (older ones are removed only after a commit).
     pub save_total_limit: u64,
-    /// Stop when eval loss has not improved for this many evaluations (0 = off).
+    /// Stop when the best-model metric has not improved for this many
+    /// evaluations (0 = off).
     pub early_stopping_patience: u64,
+    /// The eval metric that early stopping watches and, for the encoder tasks,
+    /// that picks the checkpoint `final/` holds (`eval_loss`, `eval_f1`,
+    /// `eval_accuracy`, …).
+    pub metric_for_best_model: String,
+    /// Whether a larger `metric_for_best_model` is better; unset: false for a
+    /// metric whose name ends in `loss`, true otherwise (as transformers).
+    pub greater_is_better: Option<bool>,
     /// Output directory; relative paths are relative to the spec file.
     pub output: PathBuf,
     /// Pair-aware packing: each example's prompt once with its responses after
@@ -269,6 +326,8 @@ impl Default for TrainSpec {
             checkpoint_every: 0,
             save_total_limit: 0,
             early_stopping_patience: 0,
+            metric_for_best_model: "eval_loss".into(),
+            greater_is_better: None,
             output: PathBuf::from("out"),
             packing: false,
             head_chunk_tokens: 1024,
@@ -408,6 +467,9 @@ pub struct RunSpec {
     /// frozen by `train.freeze` trains.
     #[serde(default)]
     pub lora: Option<LoraSpec>,
+    /// `[task]`: a causal LM (default) or an encoder task.
+    #[serde(default)]
+    pub task: TaskSpec,
 }
 
 impl RunSpec {
@@ -503,6 +565,13 @@ impl RunSpec {
             }
             ReferenceCache::Dir(dir) => Some(dir.clone()),
         }
+    }
+
+    /// Whether a larger `train.metric_for_best_model` is better.
+    pub fn greater_is_better(&self) -> bool {
+        self.train
+            .greater_is_better
+            .unwrap_or(!self.train.metric_for_best_model.ends_with("loss"))
     }
 
     /// The micro-batch size actually used.
@@ -790,6 +859,102 @@ impl RunSpec {
         )?;
         check(c.max_workers <= MAX_WORKERS, "cluster.max_workers", || {
             format!("must be at most {MAX_WORKERS}, found {}", c.max_workers)
+        })?;
+        self.validate_task()
+    }
+
+    /// The `[task]` section and what it rules out.
+    fn validate_task(&self) -> Result<(), (&'static str, String)> {
+        fn check(
+            ok: bool,
+            key: &'static str,
+            reason: impl FnOnce() -> String,
+        ) -> Result<(), (&'static str, String)> {
+            if ok { Ok(()) } else { Err((key, reason())) }
+        }
+        let task = &self.task;
+        let t = &self.train;
+        check(
+            t.metric_for_best_model.starts_with("eval_"),
+            "train.metric_for_best_model",
+            || {
+                format!(
+                    "{:?} is not an eval metric (eval_loss, eval_f1, eval_accuracy, …)",
+                    t.metric_for_best_model
+                )
+            },
+        )?;
+        let mut seen = std::collections::HashSet::new();
+        for l in &task.labels {
+            check(!l.trim().is_empty(), "task.labels", || {
+                "a label must not be empty".into()
+            })?;
+            check(seen.insert(l.as_str()), "task.labels", || {
+                format!("{l:?} appears twice")
+            })?;
+        }
+        check(
+            (1..=64).contains(&task.negatives_per_label),
+            "task.negatives_per_label",
+            || format!("must be 1 to 64, found {}", task.negatives_per_label),
+        )?;
+        if !task.kind.is_classification() {
+            check(task.labels.is_empty(), "task.labels", || {
+                "labels are for the classification tasks (task.type = \"token-classification\" or \"sequence-classification\")".into()
+            })?;
+            return check(
+                !matches!(
+                    self.data.negatives,
+                    Some(Negatives::Adversarial | Negatives::Confusion)
+                ),
+                "data.negatives",
+                || "\"adversarial\" and \"confusion\" negatives are for the classification tasks; a causal LM takes \"random\", \"policy\" or a file".into(),
+            );
+        }
+        if task.kind == TaskType::TokenClassification {
+            for l in &task.labels {
+                let iob2 = l == "O"
+                    || l.strip_prefix("B-")
+                        .or_else(|| l.strip_prefix("I-"))
+                        .is_some_and(|x| !x.is_empty());
+                check(iob2, "task.labels", || {
+                    format!("{l:?} is not an IOB2 tag (O, B-TYPE, I-TYPE)")
+                })?;
+            }
+        }
+        check(
+            matches!(self.objective.loss, Loss::Sft | Loss::Combined),
+            "objective.loss",
+            || {
+                format!(
+                    "{:?} compares responses of a causal LM; a classification task trains with \"sft\" (cross-entropy) or \"combined\" (cross-entropy + negatives)",
+                    self.objective.loss
+                )
+                .to_lowercase()
+            },
+        )?;
+        check(
+            self.data.negatives != Some(Negatives::Confusion)
+                || task.kind == TaskType::TokenClassification,
+            "data.negatives",
+            || "\"confusion\" negatives are near misses of entity tags: NER (token-classification) only".into(),
+        )?;
+        check(
+            self.data.negatives != Some(Negatives::Policy),
+            "data.negatives",
+            || "\"policy\" samples responses of a causal LM; a classification task takes \"random\", \"adversarial\", \"confusion\" or a file".into(),
+        )?;
+        check(self.lora.is_none(), "lora", || {
+            "LoRA adapters are for the causal LMs; a classification task trains the whole encoder".into()
+        })?;
+        check(t.zero_stage == 0, "train.zero_stage", || {
+            "ZeRO is for the causal LMs; an encoder's optimizer state is small".into()
+        })?;
+        check(!t.packing, "train.packing", || {
+            "packing is for the causal LMs".into()
+        })?;
+        check(!self.reference.precompute, "reference.precompute", || {
+            "a classification task has no reference model".into()
         })?;
         Ok(())
     }

@@ -138,6 +138,13 @@ pub enum Negatives {
     Random,
     /// `"policy"`: samples of the reference model that differ from the label.
     Policy,
+    /// `"adversarial"` (encoder tasks): at each labelled position, the label the
+    /// current model finds most likely among the wrong ones, mined again at the
+    /// start of every epoch.
+    Adversarial,
+    /// `"confusion"` (NER): rule-based near misses of each entity tag — `B-X`↔`I-X`,
+    /// and the same span with another entity type.
+    Confusion,
     /// A file of negatives (relative to the spec file).
     File(PathBuf),
 }
@@ -147,6 +154,8 @@ impl Negatives {
         match s {
             "random" => Negatives::Random,
             "policy" => Negatives::Policy,
+            "adversarial" => Negatives::Adversarial,
+            "confusion" => Negatives::Confusion,
             file => Negatives::File(PathBuf::from(file)),
         }
     }
@@ -155,6 +164,8 @@ impl Negatives {
         match self {
             Negatives::Random => "random".into(),
             Negatives::Policy => "policy".into(),
+            Negatives::Adversarial => "adversarial".into(),
+            Negatives::Confusion => "confusion".into(),
             Negatives::File(f) => f.to_string_lossy().into_owned(),
         }
     }
