@@ -18,9 +18,10 @@ use crate::error::{Error, Result, TorchContext};
 
 type TchResult<T> = std::result::Result<T, tch::TchError>;
 
-/// Parameters that take no weight decay: norms and biases (as transformers' Trainer).
+/// Parameters that take no weight decay: norms (`norm.weight`, BERT's
+/// `LayerNorm.weight`) and biases (as transformers' Trainer).
 pub fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.ends_with("norm.weight"))
+    !(name.ends_with(".bias") || name.to_ascii_lowercase().ends_with("norm.weight"))
 }
 
 /// The optimizer state of one parameter.

@@ -669,7 +669,7 @@ impl RunSpec {
             format!("must be >= 1, found {}", d.max_prompt_length)
         })?;
         check(
-            d.max_prompt_length < d.max_length,
+            d.max_prompt_length < d.max_length || self.task.kind.is_classification(),
             "data.max_prompt_length",
             || {
                 format!(
@@ -908,7 +908,9 @@ impl RunSpec {
                     Some(Negatives::Adversarial | Negatives::Confusion)
                 ),
                 "data.negatives",
-                || "\"adversarial\" and \"confusion\" negatives are for the classification tasks; a causal LM takes \"random\", \"policy\" or a file".into(),
+                || {
+                    "\"adversarial\" and \"confusion\" negatives are for the classification tasks; a causal LM takes \"random\", \"policy\" or a file".into()
+                },
             );
         }
         if task.kind == TaskType::TokenClassification {
@@ -937,15 +939,20 @@ impl RunSpec {
             self.data.negatives != Some(Negatives::Confusion)
                 || task.kind == TaskType::TokenClassification,
             "data.negatives",
-            || "\"confusion\" negatives are near misses of entity tags: NER (token-classification) only".into(),
+            || {
+                "\"confusion\" negatives are near misses of entity tags: NER (token-classification) only".into()
+            },
         )?;
         check(
             self.data.negatives != Some(Negatives::Policy),
             "data.negatives",
-            || "\"policy\" samples responses of a causal LM; a classification task takes \"random\", \"adversarial\", \"confusion\" or a file".into(),
+            || {
+                "\"policy\" samples responses of a causal LM; a classification task takes \"random\", \"adversarial\", \"confusion\" or a file".into()
+            },
         )?;
         check(self.lora.is_none(), "lora", || {
-            "LoRA adapters are for the causal LMs; a classification task trains the whole encoder".into()
+            "LoRA adapters are for the causal LMs; a classification task trains the whole encoder"
+                .into()
         })?;
         check(t.zero_stage == 0, "train.zero_stage", || {
             "ZeRO is for the causal LMs; an encoder's optimizer state is small".into()

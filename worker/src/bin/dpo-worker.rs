@@ -87,6 +87,31 @@ enum Command {
         #[arg(long, requires = "peers")]
         rank: Option<usize>,
     },
+    /// Evaluate a token- or sequence-classification model (an HF directory with
+    /// its labels in config.json, e.g. a run's final/) on a labelled file: the
+    /// entity-level report (NER, seqeval's strict IOB2 rules) or the
+    /// classification report.
+    Evaluate {
+        /// The model directory (config.json with id2label, weights, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// NER: JSONL {"tokens","tags"} or CoNLL (.conll/.txt/.iob/.bio);
+        /// classification: JSONL {"text","label"}.
+        #[arg(long)]
+        data: PathBuf,
+        /// Print the report as one JSON object instead of a table.
+        #[arg(long, value_enum, default_value_t = Output::Text)]
+        output: Output,
+        /// Longest sequence in tokens (at most the model's positions).
+        #[arg(long, default_value_t = 512)]
+        max_length: usize,
+        /// Examples per forward pass.
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+        batch_size: u32,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto", value_parser = dpo_worker::parse_device)]
+        device: Device,
+    },
     /// Compute log-probabilities of preference pairs: one JSON line per input pair
     /// with chosen_logps, rejected_logps (sums over response tokens), chosen_tokens,
     /// rejected_tokens; with --reference also ref_*_logps and implicit rewards.
@@ -121,6 +146,13 @@ enum Command {
         #[arg(long, default_value = "auto", value_parser = dpo_worker::parse_device)]
         device: Device,
     },
+}
+
+/// How a report is printed.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Text,
+    Json,
 }
 
 /// How logs are written on stderr.
@@ -190,6 +222,21 @@ fn main() -> anyhow::Result<()> {
             let collective = static_world(&peers, rank)?;
             train(&config, resume, device, json, halt_after_step, collective)?
         }
+        Command::Evaluate {
+            model,
+            data,
+            output,
+            max_length,
+            batch_size,
+            device,
+        } => evaluate(
+            &model,
+            &data,
+            output,
+            max_length,
+            batch_size as usize,
+            device,
+        )?,
         Command::Score {
             model,
             data,
@@ -355,6 +402,17 @@ fn train(
 
     let spec = dpo_proto::RunSpec::from_file(config)?;
     tracing::info!(run = %spec.name, loss = ?spec.objective.loss, output = %spec.train.output.display(), "starting");
+    if spec.task.kind.is_classification() {
+        anyhow::ensure!(
+            !resume,
+            "--resume: classification runs write no step checkpoints yet (train.checkpoint_every must be 0)"
+        );
+        anyhow::ensure!(
+            halt_after_step.is_none(),
+            "--halt-after-step is for causal-LM runs"
+        );
+        return train_classifier(config, spec, device, json, collective);
+    }
     let opts = TrainOptions {
         resume,
         device,
@@ -455,6 +513,168 @@ fn train(
         println!(
             "stopped early: eval loss did not improve for train.early_stopping_patience evaluations"
         );
+    }
+    Ok(())
+}
+
+/// `dpo-worker train` for a token- or sequence-classification run spec.
+fn train_classifier(
+    config: &std::path::Path,
+    spec: dpo_proto::RunSpec,
+    device: Device,
+    json: bool,
+    collective: Box<dyn dpo_worker::collective::Collective>,
+) -> anyhow::Result<()> {
+    use dpo_worker::classify::{ClassifierTrainer, Event};
+
+    let mut trainer = ClassifierTrainer::new(spec, device, collective)
+        .with_context(|| format!("preparing run {}", config.display()))?;
+    let bar = ProgressBar::new(trainer.total_steps());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    let log_every = std::cell::Cell::new(1u64);
+    let summary = trainer.run(&mut |event| match event {
+        Event::Started {
+            total_steps,
+            labels,
+            train,
+            eval,
+        } => {
+            log_every.set((total_steps / 20).max(1));
+            tracing::info!(
+                examples = train.examples,
+                labelled = train.labelled,
+                negatives = train.negatives,
+                eval_examples = eval.map_or(0, |e| e.examples),
+                ?labels,
+                total_steps,
+                "training"
+            );
+        }
+        Event::Step { step, metrics, .. } => {
+            bar.set_position(step);
+            let loss = metric(metrics, "loss").unwrap_or(f64::NAN);
+            bar.set_message(format!("loss {loss:.4}"));
+            if bar.is_hidden() && step % log_every.get() == 0 {
+                tracing::info!(step, loss, "step");
+            }
+        }
+        Event::Eval { step, report } => {
+            bar.suspend(|| {
+                tracing::info!(step, eval_loss = report.loss, eval_f1 = report.f1(), "eval")
+            });
+        }
+    })?;
+    bar.finish_and_clear();
+    if json {
+        let as_obj = |m: &[(String, f64)]| {
+            serde_json::Value::Object(
+                m.iter()
+                    .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+                    .collect(),
+            )
+        };
+        let line = serde_json::json!({
+            "steps": summary.steps,
+            "seconds": summary.seconds,
+            "stopped_early": summary.stopped_early,
+            "output": summary.output,
+            "best_step": summary.best_step,
+            "last": as_obj(&summary.last),
+            "initial_eval": summary.initial_eval.as_ref().map(|r| as_obj(&r.metrics(0))),
+            "best_eval": summary.best_eval.as_ref().map(|r| as_obj(&r.metrics(summary.best_step.unwrap_or(0)))),
+        });
+        println!("{line}");
+        return Ok(());
+    }
+    println!(
+        "trained {} steps in {:.1}s -> {}",
+        summary.steps,
+        summary.seconds,
+        summary.output.join("final").display()
+    );
+    if let Some(r) = &summary.initial_eval {
+        println!("\nbefore training:\n{}", r.render());
+    }
+    if let (Some(r), Some(step)) = (&summary.best_eval, summary.best_step) {
+        println!("best (step {step}, kept in final/):\n{}", r.render());
+    }
+    if summary.stopped_early {
+        println!(
+            "stopped early: train.metric_for_best_model did not improve for train.early_stopping_patience evaluations"
+        );
+    }
+    Ok(())
+}
+
+/// `dpo-worker evaluate`.
+fn evaluate(
+    model_dir: &std::path::Path,
+    data: &std::path::Path,
+    output: Output,
+    max_length: usize,
+    batch_size: usize,
+    device: Device,
+) -> anyhow::Result<()> {
+    use dpo_worker::classify::{data as task_data, evaluate};
+    use dpo_worker::model::encoder::{Encoder, EncoderConfig, Head};
+
+    let config = EncoderConfig::from_dir(model_dir)?;
+    let architecture = config
+        .raw
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let (head, task) = if architecture.ends_with("ForTokenClassification") {
+        (Head::Token, dpo_data::tagged::Task::Token)
+    } else if architecture.ends_with("ForSequenceClassification") {
+        (Head::Sequence, dpo_data::tagged::Task::Sequence)
+    } else {
+        anyhow::bail!(
+            "{}: architectures {architecture:?} is not a token- or sequence-classification model",
+            model_dir.join("config.json").display()
+        );
+    };
+    let (mut model, _) = Encoder::load(model_dir, head, None, Kind::Float, device, 0)?;
+    let labels = dpo_data::tagged::Labels::new(model.labels().to_vec())
+        .map_err(|r| anyhow::anyhow!("{}: id2label: {r}", model_dir.display()))?;
+    let tokenizer = dpo_data::TextTokenizer::from_dir(model_dir)?;
+    let how = dpo_data::tagged::Encoding {
+        max_length: max_length.min(config.max_sequence_length().max(1) as usize),
+        label_all_tokens: false,
+    };
+    let split = task_data::load_eval_file(data, task, &tokenizer, &labels, how)?;
+    let pad = tokenizer.pad_id().map_or(config.pad_token_id, i64::from);
+    let report = evaluate::evaluate(&mut model, &split.examples, &labels, pad, batch_size, None)?;
+    match output {
+        Output::Json => {
+            let metrics: serde_json::Map<String, serde_json::Value> = report
+                .metrics(0)
+                .into_iter()
+                .skip(1)
+                .map(|(k, v)| (k, serde_json::json!(v)))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "model": model_dir,
+                    "data": data,
+                    "examples": report.examples,
+                    "truncated": split.counts.truncated,
+                    "metrics": metrics,
+                    "report": report,
+                })
+            );
+        }
+        Output::Text => {
+            println!("{} examples of {}\n", report.examples, data.display());
+            print!("{}", report.render());
+        }
     }
     Ok(())
 }

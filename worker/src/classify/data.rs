@@ -1,0 +1,283 @@
+//! A classification run's data: the files read and checked, the label set
+//! fixed, negatives generated (`random`, `confusion`) or read (a file), and the
+//! words turned into tokens.
+
+use std::path::Path;
+
+use dpo_data::TextTokenizer;
+use dpo_data::rng::SplitMix64;
+use dpo_data::tagged::{self, Encoded, Encoding, Labels, RawFile, Record, Task};
+use dpo_proto::{Negatives, RunSpec, TaskType};
+
+use crate::error::{Error, Result};
+
+/// The task of a run spec, for the data layer.
+pub fn task_of(spec: &RunSpec) -> Task {
+    match spec.task.kind {
+        TaskType::TokenClassification => Task::Token,
+        _ => Task::Sequence,
+    }
+}
+
+/// What was read, for the run's report.
+#[derive(Debug, Clone, Default)]
+pub struct DataCounts {
+    pub examples: usize,
+    /// Labelled positions (words for NER, texts for classification).
+    pub labelled: usize,
+    pub negatives: usize,
+    pub truncated: usize,
+}
+
+/// A split, encoded.
+#[derive(Debug, Clone)]
+pub struct Split {
+    pub examples: Vec<Encoded>,
+    /// The negatives each example came with (inline, a file, or generated once),
+    /// which adversarial mining adds to.
+    pub given_negatives: Vec<Vec<(u32, u32)>>,
+    pub counts: DataCounts,
+}
+
+/// The data of a classification run.
+#[derive(Debug, Clone)]
+pub struct TaskData {
+    pub labels: Labels,
+    pub train: Split,
+    pub eval: Option<Split>,
+}
+
+fn invalid(context: &str, reason: String) -> Error {
+    Error::Input {
+        context: context.to_string(),
+        reason,
+    }
+}
+
+/// Reads, checks and encodes a run's data. `max_positions`: the model's longest
+/// sequence.
+pub fn load(spec: &RunSpec, tokenizer: &TextTokenizer, max_positions: usize) -> Result<TaskData> {
+    let task = task_of(spec);
+    let mut train = RawFile::read(&spec.data.train, task)?;
+    let mut eval = match &spec.data.eval {
+        Some(p) => Some(RawFile::read(p, task)?),
+        None => None,
+    };
+    if let Some(Negatives::File(file)) = &spec.data.negatives {
+        let joined = train.join_negatives(file)?;
+        tracing::info!(file = %file.display(), joined, "negatives joined by id");
+    }
+    let labels = if spec.task.labels.is_empty() {
+        let mut files = vec![&train];
+        files.extend(eval.as_ref());
+        RawFile::seen_labels(&files)
+    } else {
+        spec.task.labels.clone()
+    };
+    if task == Task::Token
+        && let Some(bad) = labels.iter().find(|l| !dpo_data::scores::is_iob2(l))
+    {
+        return Err(invalid(
+            &spec.data.train.display().to_string(),
+            format!(
+                "tag {bad:?} is not an IOB2 tag (O, B-TYPE, I-TYPE): entity scores need IOB2 tags"
+            ),
+        ));
+    }
+    let labels = Labels::new(labels).map_err(|r| invalid("task.labels", r))?;
+    if labels.len() < 2 {
+        return Err(invalid(
+            "task.labels",
+            format!(
+                "a classifier needs at least 2 labels, the data has {:?}",
+                labels.names()
+            ),
+        ));
+    }
+    let mut train_records = train.resolve(&labels)?;
+    let eval_records = match eval.as_mut() {
+        Some(e) => Some(e.resolve(&labels)?),
+        None => None,
+    };
+    let k = spec.task.negatives_per_label;
+    match spec.data.negatives {
+        Some(Negatives::Random) => random_negatives(&mut train_records, &labels, k, spec.data.seed),
+        Some(Negatives::Confusion) => {
+            confusion_negatives(&mut train_records, &labels, k, spec.data.seed)
+        }
+        _ => {}
+    }
+    let how = Encoding {
+        max_length: spec.data.max_length.min(max_positions),
+        label_all_tokens: spec.task.label_all_tokens,
+    };
+    let train = encode_split(&train_records, tokenizer, &labels, how)?;
+    let eval = match eval_records {
+        Some(r) => Some(encode_split(&r, tokenizer, &labels, how)?),
+        None => None,
+    };
+    Ok(TaskData {
+        labels,
+        train,
+        eval,
+    })
+}
+
+/// Encodes the records of a split.
+pub fn encode_split(
+    records: &[Record],
+    tokenizer: &TextTokenizer,
+    labels: &Labels,
+    how: Encoding,
+) -> Result<Split> {
+    let (examples, truncated) = tagged::encode(records, tokenizer, labels, how)?;
+    let counts = DataCounts {
+        examples: examples.len(),
+        labelled: examples.iter().map(|e| e.gold.len()).sum(),
+        negatives: examples.iter().map(|e| e.negatives.len()).sum(),
+        truncated,
+    };
+    if truncated > 0 {
+        tracing::warn!(
+            truncated,
+            max_length = how.max_length,
+            "examples were cut to max_length: the words past it are neither trained nor scored"
+        );
+    }
+    Ok(Split {
+        given_negatives: examples.iter().map(|e| e.negatives.clone()).collect(),
+        examples,
+        counts,
+    })
+}
+
+/// Up to `k` distinct labels out of `candidates`, chosen by `rng`.
+fn pick(candidates: &mut Vec<u32>, k: usize, rng: &mut SplitMix64) -> Vec<u32> {
+    let mut out = Vec::with_capacity(k);
+    while out.len() < k && !candidates.is_empty() {
+        let i = rng.below(candidates.len());
+        out.push(candidates.swap_remove(i));
+    }
+    out
+}
+
+/// `random`: `k` wrong labels per text (classification) or per entity word (NER:
+/// words whose gold tag is not `O`), uniformly among the wrong ones, seeded.
+pub fn random_negatives(records: &mut [Record], labels: &Labels, k: usize, seed: u64) {
+    let outside = labels.id("O");
+    for (i, r) in records.iter_mut().enumerate() {
+        let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        for (w, &gold) in r.gold.iter().enumerate() {
+            if !r.words.is_empty() && Some(gold) == outside {
+                continue;
+            }
+            let mut wrong: Vec<u32> = (0..labels.len() as u32).filter(|&l| l != gold).collect();
+            for l in pick(&mut wrong, k, &mut rng) {
+                r.negatives.push((w as u32, l));
+            }
+        }
+        r.negatives.sort_unstable();
+        r.negatives.dedup();
+    }
+}
+
+/// `confusion` (NER): for every entity word, the tag of the other boundary of
+/// its type (`B-X`↔`I-X`) and up to `k` tags of the same boundary with another
+/// type (the same span called something else).
+pub fn confusion_negatives(records: &mut [Record], labels: &Labels, k: usize, seed: u64) {
+    let names = labels.names().to_vec();
+    for (i, r) in records.iter_mut().enumerate() {
+        let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9));
+        for (w, &gold) in r.gold.iter().enumerate() {
+            let Some(name) = labels.name(gold) else {
+                continue;
+            };
+            let (prefix, kind) = match name.split_once('-') {
+                Some((p @ ("B" | "I"), kind)) => (p, kind),
+                _ => continue,
+            };
+            let flipped = if prefix == "B" { "I" } else { "B" };
+            if let Some(l) = labels.id(&format!("{flipped}-{kind}")) {
+                r.negatives.push((w as u32, l));
+            }
+            let mut swaps: Vec<u32> = names
+                .iter()
+                .filter_map(|n| {
+                    let (p, t) = n.split_once('-')?;
+                    (p == prefix && t != kind).then(|| labels.id(n)).flatten()
+                })
+                .collect();
+            for l in pick(&mut swaps, k, &mut rng) {
+                r.negatives.push((w as u32, l));
+            }
+        }
+        r.negatives.sort_unstable();
+        r.negatives.dedup();
+    }
+}
+
+/// Reads and encodes one file for evaluation with a trained model's labels.
+pub fn load_eval_file(
+    path: &Path,
+    task: Task,
+    tokenizer: &TextTokenizer,
+    labels: &Labels,
+    how: Encoding,
+) -> Result<Split> {
+    let records = RawFile::read(path, task)?.resolve(labels)?;
+    encode_split(&records, tokenizer, labels, how)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> Labels {
+        Labels::new(
+            ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )
+        .expect("labels")
+    }
+
+    fn record(gold: Vec<u32>) -> Record {
+        Record {
+            path: "x".into(),
+            line: 1,
+            id: None,
+            words: gold.iter().map(|_| "w".to_string()).collect(),
+            text: String::new(),
+            gold,
+            negatives: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn random_negatives_are_wrong_distinct_seeded_and_only_on_entities() {
+        let mut a = vec![record(vec![1, 2, 0, 3])];
+        random_negatives(&mut a, &labels(), 2, 7);
+        let mut b = vec![record(vec![1, 2, 0, 3])];
+        random_negatives(&mut b, &labels(), 2, 7);
+        assert_eq!(a, b);
+        let negs = &a[0].negatives;
+        assert_eq!(negs.len(), 6, "{negs:?}");
+        for &(w, l) in negs {
+            assert_ne!(w, 2, "no negatives on O words");
+            assert_ne!(l, a[0].gold[w as usize]);
+        }
+    }
+
+    #[test]
+    fn confusion_negatives_flip_the_boundary_and_swap_the_type() {
+        let mut rs = vec![record(vec![1, 2, 0])];
+        confusion_negatives(&mut rs, &labels(), 1, 0);
+        let negs = &rs[0].negatives;
+        // B-PER: I-PER and one of B-LOC/B-ORG; I-PER: B-PER and one of I-LOC/I-ORG.
+        assert!(negs.contains(&(0, 2)) && negs.contains(&(1, 1)), "{negs:?}");
+        assert_eq!(negs.len(), 4);
+        assert!(negs.iter().any(|&(w, l)| w == 0 && (l == 3 || l == 5)));
+        assert!(negs.iter().any(|&(w, l)| w == 1 && (l == 4 || l == 6)));
+    }
+}

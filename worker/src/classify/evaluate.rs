@@ -1,0 +1,287 @@
+//! Evaluation of a classifier: the loss on the eval split, predictions, and the
+//! report the founding document asks for — entity-level precision/recall/F1
+//! overall and per type (NER, seqeval's strict IOB2 rules), or accuracy, macro-F1
+//! and the per-class report (classification). Also adversarial mining, which
+//! reads the same predictions.
+
+use serde::Serialize;
+use tch::{Kind, Tensor};
+
+use dpo_data::scores::{ClassReport, EntityReport, class_report, entity_report};
+use dpo_data::tagged::{Encoded, Labels};
+
+use super::objective::{Batch, Norm, Sums, loss_of_logits};
+use crate::error::{Result, TorchContext};
+use crate::model::encoder::{Encoder, Head};
+use crate::train::Metrics;
+
+/// What an evaluation measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvalReport {
+    pub examples: usize,
+    /// The loss and its terms over the split.
+    #[serde(skip)]
+    pub sums: Sums,
+    pub loss: f64,
+    /// NER.
+    pub entities: Option<EntityReport>,
+    /// Classification.
+    pub classes: Option<ClassReport>,
+    #[serde(skip)]
+    weight: Option<f64>,
+}
+
+impl EvalReport {
+    /// The `eval_*` metrics of the report, with `step`.
+    pub fn metrics(&self, step: u64) -> Metrics {
+        let mut m: Metrics = vec![("step".into(), step as f64)];
+        m.extend(self.sums.metrics(self.weight, "eval_"));
+        if let Some(e) = &self.entities {
+            m.push(("eval_precision".into(), e.overall.precision));
+            m.push(("eval_recall".into(), e.overall.recall));
+            m.push(("eval_f1".into(), e.overall.f1));
+            m.push(("eval_accuracy".into(), e.word_accuracy));
+            m.push(("eval_macro_f1".into(), e.averages.macro_f1));
+            for (kind, s) in &e.per_type {
+                m.push((format!("eval_{kind}_precision"), s.precision));
+                m.push((format!("eval_{kind}_recall"), s.recall));
+                m.push((format!("eval_{kind}_f1"), s.f1));
+            }
+        }
+        if let Some(c) = &self.classes {
+            m.push(("eval_accuracy".into(), c.accuracy));
+            m.push(("eval_f1".into(), c.averages.macro_f1));
+            m.push(("eval_macro_f1".into(), c.averages.macro_f1));
+            m.push(("eval_weighted_f1".into(), c.averages.weighted_f1));
+            for (label, s) in &c.per_class {
+                m.push((format!("eval_{label}_f1"), s.f1));
+            }
+        }
+        m
+    }
+
+    /// One metric by name (`eval_f1`, `eval_loss`, …).
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metrics(0)
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
+    }
+
+    pub fn metric_names(&self) -> Vec<String> {
+        self.metrics(0)
+            .into_iter()
+            .skip(1)
+            .map(|(k, _)| k)
+            .collect()
+    }
+
+    /// The headline figure: entity F1 (NER) or macro-F1 (classification).
+    pub fn f1(&self) -> f64 {
+        self.metric("eval_f1").unwrap_or(0.0)
+    }
+
+    /// The per-class table, as seqeval and scikit-learn print it.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let row = |out: &mut String, name: &str, p: f64, r: f64, f: f64, n: u64| {
+            out.push_str(&format!("{name:>14} {p:>9.4} {r:>9.4} {f:>9.4} {n:>9}\n"));
+        };
+        out.push_str(&format!(
+            "{:>14} {:>9} {:>9} {:>9} {:>9}\n",
+            "", "precision", "recall", "f1-score", "support"
+        ));
+        if let Some(e) = &self.entities {
+            for (kind, s) in &e.per_type {
+                row(&mut out, kind, s.precision, s.recall, s.f1, s.support);
+            }
+            let o = &e.overall;
+            out.push('\n');
+            row(
+                &mut out,
+                "micro avg",
+                o.precision,
+                o.recall,
+                o.f1,
+                o.support,
+            );
+            let a = &e.averages;
+            row(
+                &mut out,
+                "macro avg",
+                a.macro_precision,
+                a.macro_recall,
+                a.macro_f1,
+                o.support,
+            );
+            row(
+                &mut out,
+                "weighted avg",
+                a.weighted_precision,
+                a.weighted_recall,
+                a.weighted_f1,
+                o.support,
+            );
+            out.push_str(&format!(
+                "\nword accuracy {:.4}, loss {:.4}\n",
+                e.word_accuracy, self.loss
+            ));
+        }
+        if let Some(c) = &self.classes {
+            let total: u64 = c.per_class.iter().map(|(_, s)| s.support).sum();
+            for (label, s) in &c.per_class {
+                row(&mut out, label, s.precision, s.recall, s.f1, s.support);
+            }
+            out.push('\n');
+            out.push_str(&format!(
+                "{:>14} {:>9} {:>9} {:>9.4} {total:>9}\n",
+                "accuracy", "", "", c.accuracy
+            ));
+            let a = &c.averages;
+            row(
+                &mut out,
+                "macro avg",
+                a.macro_precision,
+                a.macro_recall,
+                a.macro_f1,
+                total,
+            );
+            row(
+                &mut out,
+                "weighted avg",
+                a.weighted_precision,
+                a.weighted_recall,
+                a.weighted_f1,
+                total,
+            );
+            out.push_str(&format!("\nloss {:.4}\n", self.loss));
+        }
+        out
+    }
+}
+
+/// The most likely label at each labelled position of each example, and the
+/// loss sums, one micro-batch at a time without gradients.
+fn predict(
+    model: &mut Encoder,
+    examples: &[Encoded],
+    pad: i64,
+    micro: usize,
+    weight: Option<f64>,
+    mut visit: impl FnMut(&Encoded, &Tensor) -> Result<()>,
+) -> Result<Sums> {
+    model.set_training(false);
+    let _guard = tch::no_grad_guard();
+    let norm = Norm::of(examples.iter());
+    let mut sums = Sums::default();
+    let refs: Vec<&Encoded> = examples.iter().collect();
+    for chunk in refs.chunks(micro.max(1)) {
+        let batch = Batch::new(chunk, pad, model.device());
+        let logits = model.forward(&batch.input_ids, &batch.attention_mask, None)?;
+        let (_, s) = loss_of_logits(&logits, model.head(), &batch, norm, weight)?;
+        sums.add(&s);
+        let logits = logits
+            .f_to_kind(Kind::Float)
+            .and_then(|l| l.f_to_device(tch::Device::Cpu))
+            .op("logits to host")?;
+        for (row, e) in chunk.iter().enumerate() {
+            let l = logits.f_get(row as i64).op("logits row")?;
+            visit(e, &l)?;
+        }
+    }
+    Ok(sums)
+}
+
+fn argmax_at(logits: &Tensor, positions: &[u32]) -> Result<Vec<u32>> {
+    let idx = Tensor::from_slice(&positions.iter().map(|&p| p as i64).collect::<Vec<_>>());
+    let best = logits
+        .f_index_select(0, &idx)
+        .and_then(|z| z.f_argmax(-1, false))
+        .op("argmax")?;
+    let v = Vec::<i64>::try_from(&best).op("predictions")?;
+    Ok(v.into_iter().map(|x| x as u32).collect())
+}
+
+/// Evaluates `examples`: loss, predictions, and the task's report.
+pub fn evaluate(
+    model: &mut Encoder,
+    examples: &[Encoded],
+    labels: &Labels,
+    pad: i64,
+    micro: usize,
+    weight: Option<f64>,
+) -> Result<EvalReport> {
+    let head = model.head();
+    let mut gold_tags: Vec<Vec<&str>> = Vec::new();
+    let mut pred_tags: Vec<Vec<&str>> = Vec::new();
+    let mut gold_ids: Vec<u32> = Vec::new();
+    let mut pred_ids: Vec<u32> = Vec::new();
+    let name = |id: u32| labels.name(id).unwrap_or("O");
+    let sums = predict(model, examples, pad, micro, weight, |e, logits| {
+        match head {
+            Head::Token => {
+                let p = argmax_at(logits, &e.word_starts)?;
+                gold_tags.push(e.gold.iter().map(|&g| name(g)).collect());
+                pred_tags.push(p.into_iter().map(name).collect());
+            }
+            Head::Sequence => {
+                let p = logits.f_argmax(-1, false).op("argmax")?.int64_value(&[]);
+                gold_ids.push(e.gold[0]);
+                pred_ids.push(p as u32);
+            }
+        }
+        Ok(())
+    })?;
+    let (entities, classes) = match head {
+        Head::Token => (Some(entity_report(&gold_tags, &pred_tags)), None),
+        Head::Sequence => (
+            None,
+            Some(class_report(&gold_ids, &pred_ids, labels.names())),
+        ),
+    };
+    Ok(EvalReport {
+        examples: examples.len(),
+        loss: sums.loss(weight),
+        sums,
+        entities,
+        classes,
+        weight,
+    })
+}
+
+/// Adversarial negatives: at every labelled position of every example, the `k`
+/// wrong labels the model now finds most likely.
+pub fn mine_adversarial(
+    model: &mut Encoder,
+    examples: &[Encoded],
+    pad: i64,
+    micro: usize,
+    k: usize,
+) -> Result<Vec<Vec<(u32, u32)>>> {
+    let head = model.head();
+    let mut out = Vec::with_capacity(examples.len());
+    predict(model, examples, pad, micro, None, |e, logits| {
+        let mut mined = Vec::new();
+        for &(pos, gold) in &e.targets {
+            let z = match head {
+                Head::Token => logits.f_get(pos as i64),
+                Head::Sequence => Ok(logits.shallow_clone()),
+            }
+            .op("logits at a position")?;
+            let labels = z.size().first().copied().unwrap_or(0);
+            let take = (k as i64).min(labels - 1);
+            if take <= 0 {
+                continue;
+            }
+            let masked = z
+                .f_index_fill(0, &Tensor::from_slice(&[gold as i64]), f64::NEG_INFINITY)
+                .and_then(|m| m.f_topk(take, -1, true, true))
+                .op("top wrong labels")?;
+            let top = Vec::<i64>::try_from(&masked.1).op("top labels")?;
+            mined.extend(top.into_iter().map(|l| (pos, l as u32)));
+        }
+        out.push(mined);
+        Ok(())
+    })?;
+    Ok(out)
+}

@@ -1,0 +1,563 @@
+//! Training encoders for token classification (NER) and sequence classification
+//! with negative samples — the founding document's worked example.
+//!
+//! One optimizer step consumes `train.global_batch_size` examples in the seeded
+//! per-epoch order (the causal LMs' plan); they are cut into micro-batches whose
+//! losses are normalised over the global batch (see [`objective`]), and, over a
+//! world of several ranks, each rank trains a contiguous share and the gradients
+//! are summed — so micro-batching and data parallelism leave a step unchanged.
+//! The model is evaluated at the end of every epoch (or every `train.eval_every`
+//! steps); `train.metric_for_best_model` decides early stopping and which weights
+//! `final/` holds (the best evaluation's, else the last).
+//!
+//! In parts: `data` (files, labels, generated negatives, tokens), `objective`
+//! (the combined loss), `evaluate` (predictions and reports). This file is the
+//! step loop.
+
+pub mod data;
+pub mod evaluate;
+pub mod objective;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use dpo_data::TextTokenizer;
+use dpo_data::batches::{EpochPlan, rank_range};
+use dpo_data::tagged::Encoded;
+use dpo_proto::{Loss, Negatives, RunSpec, TaskType};
+use serde_json::json;
+use tch::Device;
+
+use crate::collective::{Collective, all_reduce_gradients};
+use crate::error::{Error, Result, TorchContext, io_err};
+use crate::model::encoder::{Encoder, Head};
+use crate::model::{checkpoint as model_io, kind_of};
+use crate::optim::{Optimizer, learning_rate};
+use crate::train::Metrics;
+
+use data::TaskData;
+use evaluate::EvalReport;
+use objective::{Batch, Norm, Sums, micro_batch_loss};
+
+/// The head a task needs.
+pub fn head_of(kind: TaskType) -> Head {
+    match kind {
+        TaskType::TokenClassification => Head::Token,
+        _ => Head::Sequence,
+    }
+}
+
+/// Progress reported to the caller.
+#[derive(Debug)]
+pub enum Event<'a> {
+    Started {
+        total_steps: u64,
+        labels: &'a [String],
+        train: &'a data::DataCounts,
+        eval: Option<&'a data::DataCounts>,
+    },
+    Step {
+        step: u64,
+        total_steps: u64,
+        metrics: &'a Metrics,
+    },
+    Eval {
+        step: u64,
+        report: &'a EvalReport,
+    },
+}
+
+/// The end of a classification run.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub last: Metrics,
+    /// The first evaluation (before any step) and the best one.
+    pub initial_eval: Option<EvalReport>,
+    pub best_eval: Option<EvalReport>,
+    pub best_step: Option<u64>,
+    pub stopped_early: bool,
+    pub output: PathBuf,
+    pub seconds: f64,
+}
+
+/// A classification run being trained.
+pub struct ClassifierTrainer {
+    spec: RunSpec,
+    collective: Box<dyn Collective>,
+    model: Encoder,
+    tokenizer_dir: PathBuf,
+    data: TaskData,
+    optimizer: Optimizer,
+    plan: EpochPlan,
+    total_steps: u64,
+    steps_per_epoch: u64,
+    pad: i64,
+    /// The negative term's weight (`None`: `sft`, cross-entropy only).
+    weight: Option<f64>,
+    step: u64,
+    /// The epoch whose adversarial negatives are mined.
+    mined_epoch: Option<u64>,
+    best: Option<(u64, f64)>,
+    bad_evals: u64,
+    stopped_early: bool,
+}
+
+impl std::fmt::Debug for ClassifierTrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassifierTrainer")
+            .field("run", &self.spec.name)
+            .field("step", &self.step)
+            .field("total_steps", &self.total_steps)
+            .finish()
+    }
+}
+
+impl ClassifierTrainer {
+    /// Loads the model, tokenizer and data of a classification run spec.
+    pub fn new(spec: RunSpec, device: Device, collective: Box<dyn Collective>) -> Result<Self> {
+        crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
+        if spec.train.checkpoint_every > 0 {
+            return Err(Error::Input {
+                context: "train.checkpoint_every".into(),
+                reason: "classification runs keep the best model in best/ and final/; step checkpoints (and --resume) are not written for them yet — set it to 0".into(),
+            });
+        }
+        let dir = spec.model.path.clone();
+        let tokenizer = TextTokenizer::from_dir(&dir)?;
+        let config = crate::model::EncoderConfig::from_dir(&dir)?;
+        let max_positions = config.max_sequence_length().max(1) as usize;
+        let data = data::load(&spec, &tokenizer, max_positions)?;
+        let head = head_of(spec.task.kind);
+        let (mut model, report) = Encoder::load(
+            &dir,
+            head,
+            Some(data.labels.names().to_vec()),
+            kind_of(spec.model.dtype),
+            device,
+            spec.data.seed,
+        )?;
+        if !report.initialised.is_empty() {
+            tracing::info!(new = ?report.initialised, labels = ?data.labels.names(), "a new classification head");
+        }
+        model.set_training(true);
+        let pad = tokenizer
+            .pad_id()
+            .map_or(model.config().pad_token_id, i64::from);
+        let mut params: Vec<(String, tch::Tensor)> =
+            model.var_store().variables().into_iter().collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let optimizer = Optimizer::new(&spec.optim, params)?;
+        let global = spec.train.global_batch_size;
+        let n = data.train.examples.len();
+        let plan =
+            EpochPlan::new(n, global, spec.data.seed, spec.data.shuffle).ok_or_else(|| {
+                Error::Input {
+                    context: "train.global_batch_size".into(),
+                    reason: format!("{global} is more than the {n} training examples"),
+                }
+            })?;
+        let steps_per_epoch = plan.steps_per_epoch();
+        let total_steps = spec.total_steps(steps_per_epoch);
+        let weight = match spec.objective.loss {
+            Loss::Combined => Some(spec.objective.negative_weight),
+            _ => None,
+        };
+        if weight.is_some()
+            && data.train.counts.negatives == 0
+            && !matches!(spec.data.negatives, Some(Negatives::Adversarial))
+        {
+            tracing::warn!(
+                "objective.loss = \"combined\" but the training data has no negatives: only the cross-entropy trains"
+            );
+        }
+        Ok(ClassifierTrainer {
+            tokenizer_dir: dir,
+            spec,
+            collective,
+            model,
+            data,
+            optimizer,
+            plan,
+            total_steps,
+            steps_per_epoch,
+            pad,
+            weight,
+            step: 0,
+            mined_epoch: None,
+            best: None,
+            bad_evals: 0,
+            stopped_early: false,
+        })
+    }
+
+    pub fn model(&self) -> &Encoder {
+        &self.model
+    }
+
+    pub fn labels(&self) -> &[String] {
+        self.data.labels.names()
+    }
+
+    pub fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    fn output(&self) -> &Path {
+        &self.spec.train.output
+    }
+
+    /// Mines adversarial negatives for `epoch` with the current weights: at each
+    /// labelled position, the `negatives_per_label` wrong labels the model finds
+    /// most likely, added to the example's own negatives.
+    fn mine(&mut self, epoch: u64) -> Result<()> {
+        if self.spec.data.negatives != Some(Negatives::Adversarial)
+            || self.mined_epoch == Some(epoch)
+        {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let k = self.spec.task.negatives_per_label;
+        let mined = evaluate::mine_adversarial(
+            &mut self.model,
+            &self.data.train.examples,
+            self.pad,
+            self.spec.micro_batch_size(),
+            k,
+        )?;
+        let mut count = 0;
+        for ((e, given), extra) in self
+            .data
+            .train
+            .examples
+            .iter_mut()
+            .zip(&self.data.train.given_negatives)
+            .zip(mined)
+        {
+            let mut all = given.clone();
+            all.extend(extra);
+            all.sort_unstable();
+            all.dedup();
+            count += all.len();
+            e.negatives = all;
+        }
+        self.mined_epoch = Some(epoch);
+        tracing::info!(
+            epoch,
+            negatives = count,
+            seconds = started.elapsed().as_secs_f64(),
+            "mined adversarial negatives"
+        );
+        Ok(())
+    }
+
+    /// One optimizer step over the global batch of `self.step`.
+    fn train_step(&mut self) -> Result<Metrics> {
+        let started = Instant::now();
+        let (epoch, _) = self.plan.position(self.step);
+        self.mine(epoch)?;
+        let idx = self.plan.indices(self.step);
+        let batch: Vec<&Encoded> = idx.iter().map(|&i| &self.data.train.examples[i]).collect();
+        let norm = Norm::of(batch.iter().copied());
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let (start, len) = rank_range(batch.len(), world, rank);
+        let mine = &batch[start..start + len];
+        self.optimizer.zero_grad()?;
+        self.model.set_training(true);
+        let mut sums = Sums::default();
+        for micro in mine.chunks(self.spec.micro_batch_size().max(1)) {
+            let b = Batch::new(micro, self.pad, self.model.device());
+            let (loss, s) = micro_batch_loss(&self.model, &b, norm, self.weight)?;
+            loss.f_backward().op("backward")?;
+            sums.add(&s);
+        }
+        crate::collective::ensure_gradients(self.optimizer.params())?;
+        all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?;
+        let sums = self.sum_across_ranks(sums)?;
+        let grad_norm = self
+            .optimizer
+            .clip_grad_norm(self.spec.optim.max_grad_norm)?;
+        let o = &self.spec.optim;
+        let lr = learning_rate(
+            o.schedule,
+            o.lr,
+            o.warmup_steps,
+            self.step,
+            self.total_steps,
+        );
+        self.optimizer.apply(lr)?;
+        self.step += 1;
+        let mut m: Metrics = vec![
+            ("step".into(), self.step as f64),
+            (
+                "epoch".into(),
+                self.step as f64 / self.steps_per_epoch.max(1) as f64,
+            ),
+        ];
+        m.extend(sums.metrics(self.weight, ""));
+        m.push(("grad_norm".into(), grad_norm));
+        m.push(("learning_rate".into(), lr));
+        m.push(("world_size".into(), world as f64));
+        m.push(("step_seconds".into(), started.elapsed().as_secs_f64()));
+        Ok(m)
+    }
+
+    /// Adds every rank's sums (exactly: the f64 values travel as bytes).
+    fn sum_across_ranks(&mut self, mine: Sums) -> Result<Sums> {
+        if self.collective.world_size() == 1 {
+            return Ok(mine);
+        }
+        let fields = |s: &Sums| {
+            [
+                s.ce,
+                s.negative,
+                s.p_gold,
+                s.p_negative,
+                s.targets,
+                s.negatives,
+                s.correct,
+            ]
+        };
+        let bytes: Vec<u8> = fields(&mine).iter().flat_map(|v| v.to_le_bytes()).collect();
+        let all = self.collective.all_gather(&bytes)?;
+        let mut total = Sums::default();
+        for b in all {
+            let v: Vec<f64> = b
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect();
+            if v.len() != 7 {
+                return Err(Error::Input {
+                    context: "collective".into(),
+                    reason: format!("a rank sent {} metric values, expected 7", v.len()),
+                });
+            }
+            total.add(&Sums {
+                ce: v[0],
+                negative: v[1],
+                p_gold: v[2],
+                p_negative: v[3],
+                targets: v[4],
+                negatives: v[5],
+                correct: v[6],
+            });
+        }
+        Ok(total)
+    }
+
+    /// Evaluates the eval split (every rank the whole of it: ranks hold the same
+    /// weights and reach the same decision).
+    pub fn evaluate(&mut self) -> Result<Option<EvalReport>> {
+        let Some(eval) = &self.data.eval else {
+            return Ok(None);
+        };
+        let report = evaluate::evaluate(
+            &mut self.model,
+            &eval.examples,
+            &self.data.labels,
+            self.pad,
+            self.spec.micro_batch_size(),
+            self.weight,
+        )?;
+        self.model.set_training(true);
+        Ok(Some(report))
+    }
+
+    /// Whether `report` is the best so far (and the early-stopping count).
+    fn judge(&mut self, report: &EvalReport) -> Result<bool> {
+        let name = &self.spec.train.metric_for_best_model;
+        let value = report.metric(name).ok_or_else(|| Error::Input {
+            context: "train.metric_for_best_model".into(),
+            reason: format!(
+                "{name:?} is not among this task's eval metrics: {}",
+                report.metric_names().join(", ")
+            ),
+        })?;
+        let greater = self.spec.greater_is_better();
+        let better = match self.best {
+            None => true,
+            Some((_, b)) => {
+                if greater {
+                    value > b
+                } else {
+                    value < b
+                }
+            }
+        };
+        if better {
+            self.best = Some((self.step, value));
+            self.bad_evals = 0;
+        } else {
+            self.bad_evals += 1;
+        }
+        let patience = self.spec.train.early_stopping_patience;
+        if patience > 0 && self.bad_evals >= patience && self.step < self.total_steps {
+            tracing::info!(step = self.step, patience, best = ?self.best, metric = %name, "early stopping: the metric stopped improving");
+            self.stopped_early = true;
+        }
+        Ok(better)
+    }
+
+    fn eval_due(&self) -> bool {
+        let every = self.spec.train.eval_every;
+        let due = if every > 0 {
+            self.step % every == 0
+        } else {
+            self.step % self.steps_per_epoch.max(1) == 0
+        };
+        due || self.step == self.total_steps
+    }
+
+    /// Saves the model as an HF directory, atomically (a temporary name, renamed).
+    fn save_model(&self, name: &str) -> Result<PathBuf> {
+        let out = self.output().to_path_buf();
+        let dir = out.join(name);
+        let tmp = out.join(format!(".{name}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        self.model.save(&tmp, Some(&self.tokenizer_dir), 5 << 30)?;
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        }
+        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+        Ok(dir)
+    }
+
+    /// Trains to the end (or early stop). Rank 0 writes `metrics.jsonl`,
+    /// `eval.jsonl`, `best/` and `final/` under `train.output`.
+    pub fn run(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
+        let started = Instant::now();
+        let writer = self.collective.rank() == 0;
+        let out = self.output().to_path_buf();
+        if writer {
+            std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+            let metrics = out.join("metrics.jsonl");
+            if metrics.exists() || out.join("final").exists() {
+                return Err(Error::Input {
+                    context: out.display().to_string(),
+                    reason: "this output directory already holds a run: set train.output to a new directory".into(),
+                });
+            }
+            let run = json!({
+                "spec": serde_json::to_value(&self.spec).unwrap_or_default(),
+                "labels": self.data.labels.names(),
+                "data": {
+                    "train": counts_json(&self.data.train.counts),
+                    "eval": self.data.eval.as_ref().map(|e| counts_json(&e.counts)),
+                },
+                "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps,
+            });
+            model_io::write_json(&out.join("run.json"), &run)?;
+        }
+        on_event(Event::Started {
+            total_steps: self.total_steps,
+            labels: self.data.labels.names(),
+            train: &self.data.train.counts,
+            eval: self.data.eval.as_ref().map(|e| &e.counts),
+        });
+        let mut metrics_file = if writer {
+            Some(open_append(&out.join("metrics.jsonl"))?)
+        } else {
+            None
+        };
+        let mut eval_file = if writer && self.data.eval.is_some() {
+            Some(open_append(&out.join("eval.jsonl"))?)
+        } else {
+            None
+        };
+        // The model before training, for the before/after report.
+        let initial_eval = self.evaluate()?;
+        if let (Some(r), Some(f)) = (&initial_eval, eval_file.as_mut()) {
+            write_line(f, &out.join("eval.jsonl"), &r.metrics(0))?;
+            on_event(Event::Eval { step: 0, report: r });
+        }
+        let mut last = Metrics::new();
+        let mut best_eval = None;
+        while self.step < self.total_steps && !self.stopped_early {
+            last = self.train_step()?;
+            if let Some(f) = metrics_file.as_mut() {
+                write_line(f, &out.join("metrics.jsonl"), &last)?;
+            }
+            on_event(Event::Step {
+                step: self.step,
+                total_steps: self.total_steps,
+                metrics: &last,
+            });
+            if self.eval_due()
+                && let Some(report) = self.evaluate()?
+            {
+                let better = self.judge(&report)?;
+                if let Some(f) = eval_file.as_mut() {
+                    write_line(f, &out.join("eval.jsonl"), &report.metrics(self.step))?;
+                }
+                on_event(Event::Eval {
+                    step: self.step,
+                    report: &report,
+                });
+                if better {
+                    if writer {
+                        self.save_model("best")?;
+                    }
+                    best_eval = Some(report);
+                }
+            }
+        }
+        if writer {
+            let final_dir = out.join("final");
+            if out.join("best").exists() {
+                if final_dir.exists() {
+                    std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
+                }
+                copy_dir(&out.join("best"), &final_dir)?;
+            } else {
+                self.save_model("final")?;
+            }
+        }
+        Ok(Summary {
+            steps: self.step,
+            last,
+            initial_eval,
+            best_eval,
+            best_step: self.best.map(|(s, _)| s),
+            stopped_early: self.stopped_early,
+            output: out,
+            seconds: started.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+fn counts_json(c: &data::DataCounts) -> serde_json::Value {
+    json!({
+        "examples": c.examples,
+        "labelled": c.labelled,
+        "negatives": c.negatives,
+        "truncated": c.truncated,
+    })
+}
+
+fn open_append(path: &Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io_err(path))
+}
+
+fn write_line(f: &mut std::fs::File, path: &Path, m: &Metrics) -> Result<()> {
+    dpo_data::metrics_log::append(f, m).map_err(io_err(path))
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(io_err(to))?;
+    for entry in std::fs::read_dir(from).map_err(io_err(from))? {
+        let entry = entry.map_err(io_err(from))?;
+        let path = entry.path();
+        if path.is_file() {
+            let dest = to.join(entry.file_name());
+            std::fs::copy(&path, &dest).map_err(io_err(&dest))?;
+        }
+    }
+    Ok(())
+}
