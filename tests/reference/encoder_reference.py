@@ -8,6 +8,9 @@
     encoder_reference.py align MODEL DATA MAX_LENGTH LABEL_ALL_TOKENS
         transformers' word-to-token label alignment of a NER JSONL file, as the
         token-classification examples do it
+    encoder_reference.py train MODEL DATA SETTINGS.json OUT
+        trains MODEL with transformers + the loss from its formula + torch's AdamW
+        (micro-batches summed into a global batch), writes the weights to OUT
     encoder_reference.py scores IN.json
         seqeval's strict IOB2 entity report and scikit-learn's classification report
     encoder_reference.py pipeline MODEL TASK TEXT...
@@ -112,10 +115,94 @@ def scores(path: str) -> None:
     print(json.dumps({"ner": ner, "cls": cls}, default=float))
 
 
+def train(model_dir: str, data: str, settings: str, out: str) -> None:
+    """Trains MODEL on DATA as the settings say, with transformers' model, the
+    loss written from its formula and torch's AdamW; writes the final weights
+    (safetensors) and {"losses": [...]} next to them (OUT.json)."""
+    with open(settings) as f:
+        cfg = json.load(f)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    token_task = cfg["task"] == "token-classification"
+    auto = transformers.AutoModelForTokenClassification if token_task else transformers.AutoModelForSequenceClassification
+    model = auto.from_pretrained(model_dir, attn_implementation="eager")
+    model.train()
+    label2id = {v: int(k) for k, v in model.config.id2label.items()}
+    examples = []
+    with open(data) as f:
+        for line in f:
+            rec = json.loads(line)
+            if token_task:
+                enc = tok(rec["tokens"], is_split_into_words=True, truncation=True, max_length=cfg["max_length"])
+                first = {}
+                for pos, w in enumerate(enc.word_ids()):
+                    if w is not None and w not in first:
+                        first[w] = pos
+                targets = [(first[w], label2id[t]) for w, t in enumerate(rec["tags"]) if w in first]
+                negatives = sorted({(first[n["position"]], label2id[n["tag"]]) for n in rec.get("negatives", [])})
+            else:
+                enc = tok(rec["text"], truncation=True, max_length=cfg["max_length"])
+                targets = [(0, label2id[rec["label"]])]
+                negatives = sorted({(0, label2id[n]) for n in rec.get("negatives", [])})
+            examples.append((enc["input_ids"], targets, negatives))
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm.weight" in n]
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm.weight" in n)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
+    )
+    total, g, m = cfg["steps"], cfg["global_batch"], cfg["micro_batch"]
+    sched = transformers.get_linear_schedule_with_warmup(opt, cfg["warmup"], total)
+    per_epoch = len(examples) // g
+    losses = []
+    for step in range(total):
+        start = (step % per_epoch) * g
+        batch = examples[start:start + g]
+        n_targets = sum(len(e[1]) for e in batch)
+        n_negatives = sum(len(e[2]) for e in batch)
+        opt.zero_grad()
+        step_loss = 0.0
+        for i in range(0, g, m):
+            micro = batch[i:i + m]
+            longest = max(len(e[0]) for e in micro)
+            ids = torch.full((len(micro), longest), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(micro), longest), dtype=torch.long)
+            for row, e in enumerate(micro):
+                ids[row, :len(e[0])] = torch.tensor(e[0])
+                mask[row, :len(e[0])] = 1
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+
+            def at(pairs):
+                rows = torch.tensor([r for r, e in enumerate(micro) for _ in pairs(e)], dtype=torch.long)
+                cols = torch.tensor([p for e in micro for p, _ in pairs(e)], dtype=torch.long)
+                labels = torch.tensor([l for e in micro for _, l in pairs(e)], dtype=torch.long)
+                z = logits[rows, cols] if token_task else logits[rows]
+                return z, labels
+
+            z, labels = at(lambda e: e[1])
+            ce = -torch.log_softmax(z, -1)[torch.arange(len(labels)), labels].sum() / n_targets
+            loss = ce
+            if cfg["loss"] == "combined" and n_negatives > 0:
+                z, labels = at(lambda e: e[2])
+                if len(labels) > 0:
+                    p = torch.softmax(z, -1)[torch.arange(len(labels)), labels]
+                    loss = loss + cfg["negative_weight"] * (-torch.log1p(-p)).sum() / n_negatives
+            loss.backward()
+            step_loss += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+        opt.step()
+        sched.step()
+        losses.append(step_loss)
+    save_file({n: t.detach().contiguous() for n, t in model.state_dict().items()}, out)
+    with open(out + ".json", "w") as f:
+        json.dump({"losses": losses}, f)
+
+
 def main() -> None:
     cmd, *args = sys.argv[1:]
     if cmd == "logits":
         logits(*args)
+    elif cmd == "train":
+        train(*args)
     elif cmd == "scores":
         scores(*args)
     elif cmd == "align":

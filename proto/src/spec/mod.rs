@@ -495,9 +495,15 @@ impl RunSpec {
             )
             .build()
             .map_err(|e| read_err(e.to_string()))?;
+        let loss_given = settings.get_string("objective.loss").is_ok();
         let mut spec: RunSpec = settings
             .try_deserialize()
             .map_err(|e| read_err(explain(&e.to_string())))?;
+        // A classification task's default objective is the founding method's
+        // combined loss (cross-entropy alone where there are no negatives).
+        if spec.task.kind.is_classification() && !loss_given {
+            spec.objective.loss = Loss::Combined;
+        }
         // Relative paths end absolute even when the spec's own path is relative
         // (a coordinator elsewhere must see the same files).
         let whole = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());

@@ -1,0 +1,517 @@
+//! Training encoders with negatives, end to end through `dpo-worker train`:
+//! against an independent PyTorch reference (transformers' model, the loss from
+//! its formula, torch's AdamW), learning on the synthetic NER task with held-out
+//! names, the combined loss driving negatives down, and bad input refused by
+//! `file:line` before anything trains.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{python, read_jsonl, repo_root, run_python, tempdir};
+use tch::{Kind, Tensor};
+
+const NER_LABELS: &str = "O,B-PER,I-PER,B-LOC,I-LOC";
+
+fn dpo_worker() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_dpo-worker"));
+    c.env("RUST_BACKTRACE", "0");
+    c
+}
+
+/// `dpo-worker train --json` on `spec`; panics with stderr on failure.
+fn train(spec: &Path) -> serde_json::Value {
+    let out = dpo_worker()
+        .args(["train", "--device", "cpu", "--json", "--config"])
+        .arg(spec)
+        .output()
+        .expect("dpo-worker starts");
+    assert!(
+        out.status.success(),
+        "train failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a JSON summary line")
+}
+
+fn tiny_encoder(out: &Path, args: &[&str]) {
+    let mut all = vec!["--out", out.to_str().expect("utf-8")];
+    all.extend_from_slice(args);
+    run_python("examples/tiny_encoder.py", &all);
+}
+
+fn read(path: &Path) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+const NER_DATA: &str = r#"{"tokens": ["Ann", "Lee", "lives", "in", "Oslo"], "tags": ["B-PER", "I-PER", "O", "O", "B-LOC"], "negatives": [{"position": 0, "tag": "B-LOC"}, {"position": 4, "tag": "I-LOC"}]}
+{"tokens": ["the", "cat", "sees", "Rome"], "tags": ["O", "O", "O", "B-LOC"], "negatives": [{"position": 3, "tag": "B-PER"}]}
+{"tokens": ["Bo", "visited", "New", "Varna", "today"], "tags": ["B-PER", "O", "B-LOC", "I-LOC", "O"]}
+{"tokens": ["Kiran", "Tuvalesco", "likes", "big", "red", "houses"], "tags": ["B-PER", "I-PER", "O", "O", "O", "O"], "negatives": [{"position": 1, "tag": "B-PER"}, {"position": 2, "tag": "B-LOC"}, {"position": 0, "tag": "O"}]}
+{"tokens": ["one", "two", "three"], "tags": ["O", "O", "O"], "negatives": [{"position": 1, "tag": "B-PER"}]}
+{"tokens": ["Lima", "is", "far", "from", "Ann"], "tags": ["B-LOC", "O", "O", "O", "B-PER"], "negatives": [{"position": 0, "tag": "B-PER"}]}
+{"tokens": ["a", "dog"], "tags": ["O", "O"]}
+{"tokens": ["Zed", "Quorn", "met", "Lee", "in", "East", "Ridge"], "tags": ["B-PER", "I-PER", "O", "B-PER", "O", "B-LOC", "I-LOC"], "negatives": [{"position": 5, "tag": "B-PER"}, {"position": 6, "tag": "B-LOC"}]}
+"#;
+
+const SENTIMENT_DATA: &str = r#"{"text": "the film was great and fun", "label": "pos", "negatives": ["neg"]}
+{"text": "a dull and boring book", "label": "neg", "negatives": ["pos", "neu"]}
+{"text": "a long french show", "label": "neu"}
+{"text": "i found this album superb, really moving", "label": "pos", "negatives": ["neu"]}
+{"text": "terrible. painful. that is the game", "label": "neg", "negatives": ["pos"]}
+{"text": "the second series was short", "label": "neu", "negatives": ["neg"]}
+{"text": "charming play, brilliant too", "label": "pos"}
+{"text": "tedious novel", "label": "neg", "negatives": ["neu"]}
+"#;
+
+/// Trains `model` on `data` for 4 steps of 4 examples in micro-batches of 2,
+/// with us and with the PyTorch reference, and compares losses and weights.
+fn check_against_reference(task: &str, labels: &str, data: &str, loss: &str) {
+    let dir = tempdir();
+    let model = dir.path().join("model");
+    let family = if task == "token-classification" {
+        "bert"
+    } else {
+        "roberta"
+    };
+    let head = if task == "token-classification" {
+        "token"
+    } else {
+        "sequence"
+    };
+    // Dropout off: the reference cannot draw our dropout masks.
+    tiny_encoder(
+        &model,
+        &[
+            "--family",
+            family,
+            "--head",
+            head,
+            "--labels",
+            labels,
+            "--dropout",
+            "0",
+            "--init-range",
+            "0.1",
+            "--seed",
+            "5",
+        ],
+    );
+    let data_path = dir.path().join("data.jsonl");
+    std::fs::write(&data_path, data).expect("write data");
+    let spec = dir.path().join("run.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "reference"
+[model]
+path = "model"
+[task]
+type = "{task}"
+labels = [{}]
+[data]
+train = "data.jsonl"
+shuffle = false
+max_length = 32
+[objective]
+loss = "{loss}"
+negative_weight = 0.7
+[optim]
+lr = 0.01
+weight_decay = 0.05
+warmup_steps = 2
+max_grad_norm = 1.0
+[train]
+epochs = 2
+global_batch_size = 4
+micro_batch_size = 2
+output = "out"
+"#,
+            labels
+                .split(',')
+                .map(|l| format!("{l:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    )
+    .expect("write spec");
+    let summary = train(&spec);
+    assert_eq!(summary["steps"], 4);
+    let settings = dir.path().join("settings.json");
+    std::fs::write(
+        &settings,
+        serde_json::json!({
+            "task": task, "loss": loss, "negative_weight": 0.7, "lr": 0.01, "weight_decay": 0.05,
+            "betas": [0.9, 0.999], "eps": 1e-8, "max_grad_norm": 1.0, "warmup": 2, "steps": 4,
+            "global_batch": 4, "micro_batch": 2, "max_length": 32,
+        })
+        .to_string(),
+    )
+    .expect("write settings");
+    let reference = dir.path().join("reference.safetensors");
+    run_python(
+        "tests/reference/encoder_reference.py",
+        &[
+            "train",
+            model.to_str().expect("utf-8"),
+            data_path.to_str().expect("utf-8"),
+            settings.to_str().expect("utf-8"),
+            reference.to_str().expect("utf-8"),
+        ],
+    );
+    let theirs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("reference.safetensors.json")).expect("losses"),
+    )
+    .expect("json");
+    let ours = read_jsonl(&dir.path().join("out/metrics.jsonl"));
+    for (step, (o, t)) in ours
+        .iter()
+        .zip(theirs["losses"].as_array().expect("losses"))
+        .enumerate()
+    {
+        let (o, t) = (o["loss"].as_f64().expect("loss"), t.as_f64().expect("loss"));
+        assert!(
+            (o - t).abs() <= 1e-5,
+            "{task} {loss} step {step}: loss {o} vs reference {t}"
+        );
+    }
+    if loss == "combined" {
+        assert!(
+            ours.iter()
+                .all(|m| m["negatives"].as_f64().unwrap_or(0.0) > 0.0),
+            "every step has negatives"
+        );
+    }
+    let trained = read(&dir.path().join("out/final/model.safetensors"));
+    let want = read(&reference);
+    let initial = read(&model.join("model.safetensors"));
+    let mut worst = 0.0f64;
+    let mut moved = 0.0f64;
+    for (name, w) in &want {
+        let Some(o) = trained.get(name) else {
+            // Buffers transformers keeps in its state dict.
+            assert!(
+                name.ends_with("position_ids") || name.ends_with("token_type_ids"),
+                "{name} missing"
+            );
+            continue;
+        };
+        let d = (o.to_kind(Kind::Double) - w.to_kind(Kind::Double))
+            .abs()
+            .max()
+            .double_value(&[]);
+        if name.ends_with("attention.self.key.bias") {
+            // Its gradient is zero in exact arithmetic (a key bias adds the same
+            // q·b to every score of a query, which softmax ignores), so what
+            // AdamW applies is rounding noise divided by its own size: both
+            // sides move it by up to lr per step, in directions of noise.
+            assert!(d <= 2.0 * 0.01 * 4.0, "{name}: {d}");
+            continue;
+        }
+        worst = worst.max(d);
+        if let Some(i) = initial.get(name) {
+            moved = moved.max(
+                (w.to_kind(Kind::Double) - i.to_kind(Kind::Double))
+                    .abs()
+                    .max()
+                    .double_value(&[]),
+            );
+        }
+    }
+    eprintln!(
+        "{task} {loss}: max weight difference {worst:.2e} (largest change in training {moved:.2e})"
+    );
+    assert!(moved > 1e-3, "training moved the weights");
+    assert!(
+        worst <= 1e-5,
+        "{task} {loss}: weights differ from the reference by {worst:.3e}"
+    );
+}
+
+#[test]
+fn ner_cross_entropy_training_equals_pytorch() {
+    check_against_reference("token-classification", NER_LABELS, NER_DATA, "sft");
+}
+
+#[test]
+fn ner_combined_training_equals_pytorch() {
+    check_against_reference("token-classification", NER_LABELS, NER_DATA, "combined");
+}
+
+#[test]
+fn classification_combined_training_equals_pytorch() {
+    check_against_reference(
+        "sequence-classification",
+        "neg,neu,pos",
+        SENTIMENT_DATA,
+        "combined",
+    );
+}
+
+/// The synthetic NER task made by examples/make_tasks.py and a from-scratch
+/// BERT whose tokenizer learnt the training text only.
+fn ner_task(dir: &Path) -> PathBuf {
+    run_python(
+        "examples/make_tasks.py",
+        &[
+            "--out",
+            dir.to_str().expect("utf-8"),
+            "--train",
+            "1000",
+            "--eval",
+            "150",
+        ],
+    );
+    let model = dir.join("bert");
+    let corpus = dir.join("ner/corpus.txt");
+    tiny_encoder(
+        &model,
+        &[
+            "--family",
+            "bert",
+            "--head",
+            "none",
+            "--hidden",
+            "64",
+            "--layers",
+            "2",
+            "--heads",
+            "4",
+            "--intermediate",
+            "128",
+            "--vocab",
+            "300",
+            "--corpus",
+            corpus.to_str().expect("utf-8"),
+        ],
+    );
+    model
+}
+
+fn ner_spec(dir: &Path, name: &str, loss: &str, negatives: &str, epochs: u32) -> PathBuf {
+    let spec = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &spec,
+        format!(
+            r#"name = "{name}"
+[model]
+path = "bert"
+[task]
+type = "token-classification"
+[data]
+train = "ner/train.jsonl"
+eval = "ner/dev.jsonl"
+negatives = "{negatives}"
+max_length = 64
+[objective]
+loss = "{loss}"
+negative_weight = 1.0
+[optim]
+lr = 3e-3
+weight_decay = 0.01
+warmup_steps = 10
+[train]
+epochs = {epochs}
+global_batch_size = 16
+metric_for_best_model = "eval_f1"
+output = "out-{name}"
+"#
+        ),
+    )
+    .expect("write spec");
+    spec
+}
+
+/// Dev entity F1 ≥ 0.9 on names never seen in training; the combined loss
+/// drives the probability of the (confusion) negatives down ≥ 10× while the F1
+/// holds against cross-entropy alone.
+#[test]
+fn ner_learns_held_out_names_and_the_combined_loss_drives_negatives_down() {
+    let dir = tempdir();
+    ner_task(dir.path());
+    let combined = train(&ner_spec(
+        dir.path(),
+        "combined",
+        "combined",
+        "confusion",
+        8,
+    ));
+    let sft = train(&ner_spec(dir.path(), "sft", "sft", "confusion", 8));
+    let f1 = |s: &serde_json::Value| s["best_eval"]["eval_f1"].as_f64().expect("eval_f1");
+    let p_neg = |s: &serde_json::Value, which: &str| s[which]["eval_p_negative"].as_f64();
+    eprintln!(
+        "entity F1: combined {:.4}, sft {:.4}; before {:.4}",
+        f1(&combined),
+        f1(&sft),
+        combined["initial_eval"]["eval_f1"].as_f64().unwrap_or(0.0)
+    );
+    assert!(
+        f1(&combined) >= 0.9,
+        "combined: dev entity F1 {}",
+        f1(&combined)
+    );
+    assert!(f1(&sft) >= 0.9, "sft: dev entity F1 {}", f1(&sft));
+    assert!(
+        f1(&combined) >= f1(&sft) - 0.02,
+        "the combined loss keeps the gold F1"
+    );
+    // Mean p(negative label) at the training negatives, first step vs last.
+    let metrics = read_jsonl(&dir.path().join("out-combined/metrics.jsonl"));
+    let first = metrics[0]["p_negative"].as_f64().expect("p_negative");
+    let tail: Vec<f64> = metrics[metrics.len() - 10..]
+        .iter()
+        .map(|m| m["p_negative"].as_f64().expect("p_negative"))
+        .collect();
+    let last = tail.iter().sum::<f64>() / tail.len() as f64;
+    let sft_metrics = read_jsonl(&dir.path().join("out-sft/metrics.jsonl"));
+    let sft_tail: Vec<f64> = sft_metrics[sft_metrics.len() - 10..]
+        .iter()
+        .map(|m| m["p_negative"].as_f64().expect("p_negative"))
+        .collect();
+    let sft_last = sft_tail.iter().sum::<f64>() / sft_tail.len() as f64;
+    eprintln!("mean p(negative): {first:.4} at the start, {last:.2e} combined, {sft_last:.2e} sft");
+    assert!(
+        first / last >= 10.0,
+        "p(negative) fell {:.1}x",
+        first / last
+    );
+    assert!(
+        last < sft_last,
+        "the negative term lowers p(negative) below what CE alone does"
+    );
+    assert!(
+        p_neg(&combined, "best_eval").is_none(),
+        "dev has no negatives"
+    );
+    // final/ is an HF directory that `dpo-worker evaluate` reads back to the
+    // same F1 (on the CoNLL copy of the test split too).
+    let final_dir = dir.path().join("out-combined/final");
+    let out = dpo_worker()
+        .args(["evaluate", "--device", "cpu", "--output", "json", "--model"])
+        .arg(&final_dir)
+        .arg("--data")
+        .arg(dir.path().join("ner/dev.jsonl"))
+        .output()
+        .expect("evaluate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let again = report["metrics"]["eval_f1"].as_f64().expect("f1");
+    assert!(
+        (again - f1(&combined)).abs() < 1e-9,
+        "evaluate {again} vs training {}",
+        f1(&combined)
+    );
+    let conll = dpo_worker()
+        .args(["evaluate", "--device", "cpu", "--model"])
+        .arg(&final_dir)
+        .arg("--data")
+        .arg(dir.path().join("ner/test.conll"))
+        .output()
+        .expect("evaluate runs");
+    assert!(
+        conll.status.success(),
+        "{}",
+        String::from_utf8_lossy(&conll.stderr)
+    );
+    let text = String::from_utf8_lossy(&conll.stdout);
+    assert!(text.contains("micro avg") && text.contains("PER"), "{text}");
+}
+
+/// Each kind of bad input is refused before training, naming `file:line` and
+/// the reason, and leaves no model behind.
+#[test]
+fn bad_input_is_refused_by_file_and_line_and_nothing_trains() {
+    let dir = tempdir();
+    let model = dir.path().join("model");
+    tiny_encoder(&model, &["--family", "bert", "--head", "none"]);
+    let good = r#"{"tokens": ["Ann", "runs"], "tags": ["B-PER", "O"]}"#;
+    let cases: [(&str, &str, &str); 6] = [
+        (
+            "tags.jsonl",
+            r#"{"tokens": ["Ann"], "tags": ["B-FOO"]}"#,
+            r#"tags.jsonl:2: tag 0 "B-FOO" is not one of the labels"#,
+        ),
+        (
+            "len.jsonl",
+            r#"{"tokens": ["Ann", "x"], "tags": ["B-PER"]}"#,
+            "len.jsonl:2: 2 tokens but 1 tags",
+        ),
+        (
+            "empty.jsonl",
+            r#"{"tokens": [], "tags": []}"#,
+            "empty.jsonl:2: empty sentence",
+        ),
+        ("notag.conll", "Ann", r#"notag.conll:3: "Ann" has no tag"#),
+        (
+            "gold.jsonl",
+            r#"{"tokens": ["Ann"], "tags": ["B-PER"], "negatives": [{"position": 0, "tag": "B-PER"}]}"#,
+            r#"gold.jsonl:2: negative 0 ("B-PER" at word 0) equals the gold tag"#,
+        ),
+        (
+            "seq.jsonl",
+            r#"{"tokens": ["Ann"], "tags": ["B-PER"], "negatives": [["B-PER"]]}"#,
+            "seq.jsonl:2: negative 0 equals the gold tags",
+        ),
+    ];
+    for (name, bad, want) in cases {
+        let first = if name.ends_with(".conll") {
+            "Ann B-PER\nruns O\n"
+        } else {
+            good
+        };
+        let data = dir.path().join(name);
+        std::fs::write(&data, format!("{}\n{bad}\n", first.trim_end())).expect("write");
+        let spec = dir.path().join("run.toml");
+        std::fs::write(
+            &spec,
+            format!(
+                "name = \"bad\"\n[model]\npath = \"model\"\n[task]\ntype = \"token-classification\"\nlabels = [\"O\", \"B-PER\", \"I-PER\"]\n[data]\ntrain = \"{name}\"\n[train]\nglobal_batch_size = 1\noutput = \"out-{name}\"\n"
+            ),
+        )
+        .expect("write spec");
+        let out = dpo_worker()
+            .args(["train", "--device", "cpu", "--config"])
+            .arg(&spec)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: trained on bad input");
+        assert!(err.contains(want), "{name}: {err}");
+        assert!(
+            !dir.path().join(format!("out-{name}/final")).exists()
+                && !dir
+                    .path()
+                    .join(format!("out-{name}/metrics.jsonl"))
+                    .exists(),
+            "{name}: nothing is written"
+        );
+    }
+    // A bad run spec names the key.
+    let spec = dir.path().join("key.toml");
+    std::fs::write(
+        &spec,
+        "name = \"k\"\n[model]\npath = \"model\"\n[task]\ntype = \"token-classification\"\nlabels = [\"O\", \"PER\"]\n[data]\ntrain = \"tags.jsonl\"\n",
+    )
+    .expect("write");
+    let out = dpo_worker()
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(&spec)
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("task.labels") && err.contains("\"PER\" is not an IOB2 tag"),
+        "{err}"
+    );
+    let _ = python();
+    let _ = repo_root();
+}
