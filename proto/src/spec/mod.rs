@@ -1070,25 +1070,54 @@ train = "train.jsonl"
         assert_eq!(spec.objective.loss, Loss::Combined);
         assert!(spec.greater_is_better());
         assert!(!load(MINIMAL).expect("valid").greater_is_better());
-        let with = |extra: &str| format!("{MINIMAL}[task]\ntype = \"token-classification\"\n{extra}");
+        let with =
+            |extra: &str| format!("{MINIMAL}[task]\ntype = \"token-classification\"\n{extra}");
         let cases = [
-            (with("labels = [\"O\", \"PER\"]\n"), "task.labels: \"PER\" is not an IOB2 tag"),
-            (with("labels = [\"O\", \"O\"]\n"), "task.labels: \"O\" appears twice"),
-            (with("[objective]\nloss = \"sigmoid\"\n"), "objective.loss: sigmoid compares responses"),
+            (
+                with("labels = [\"O\", \"PER\"]\n"),
+                "task.labels: \"PER\" is not an IOB2 tag",
+            ),
+            (
+                with("labels = [\"O\", \"O\"]\n"),
+                "task.labels: \"O\" appears twice",
+            ),
+            (
+                with("[objective]\nloss = \"sigmoid\"\n"),
+                "objective.loss: sigmoid compares responses",
+            ),
             (
                 format!("{MINIMAL}negatives = \"adversarial\"\n"),
                 "data.negatives: \"adversarial\" and \"confusion\" negatives are for the classification tasks",
             ),
             (
-                format!("{MINIMAL}negatives = \"confusion\"\n[task]\ntype = \"sequence-classification\"\n"),
+                format!(
+                    "{MINIMAL}negatives = \"confusion\"\n[task]\ntype = \"sequence-classification\"\n"
+                ),
                 "data.negatives: \"confusion\" negatives are near misses of entity tags",
             ),
-            (format!("{MINIMAL}negatives = \"policy\"\n[task]\ntype = \"sequence-classification\"\n"), "data.negatives: \"policy\""),
-            (with("[train]\nzero_stage = 1\n"), "train.zero_stage: ZeRO is for the causal LMs"),
-            (with("[train]\nmetric_for_best_model = \"f1\"\n"), "train.metric_for_best_model: \"f1\" is not an eval metric"),
-            (with("negatives_per_label = 0\n"), "task.negatives_per_label: must be 1 to 64"),
+            (
+                format!(
+                    "{MINIMAL}negatives = \"policy\"\n[task]\ntype = \"sequence-classification\"\n"
+                ),
+                "data.negatives: \"policy\"",
+            ),
+            (
+                with("[train]\nzero_stage = 1\n"),
+                "train.zero_stage: ZeRO is for the causal LMs",
+            ),
+            (
+                with("[train]\nmetric_for_best_model = \"f1\"\n"),
+                "train.metric_for_best_model: \"f1\" is not an eval metric",
+            ),
+            (
+                with("negatives_per_label = 0\n"),
+                "task.negatives_per_label: must be 1 to 64",
+            ),
             (format!("{MINIMAL}[task]\ntype = \"ner\"\n"), "task.type"),
-            (format!("{MINIMAL}[task]\nlabels = [\"a\"]\n"), "task.labels: labels are for the classification tasks"),
+            (
+                format!("{MINIMAL}[task]\nlabels = [\"a\"]\n"),
+                "task.labels: labels are for the classification tasks",
+            ),
         ];
         for (text, want) in cases {
             let e = err(&text);
