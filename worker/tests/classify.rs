@@ -606,3 +606,117 @@ fn two_ranks_train_the_weights_of_one_process() {
         );
     }
 }
+
+/// A run killed after step 3 (checkpoints every 2 steps) and resumed ends with
+/// the weights, metrics and evaluations of a run never interrupted, bit for bit
+/// — with dropout on and adversarial negatives mined every epoch.
+#[test]
+fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
+    let dir = tempdir();
+    let model = dir.path().join("model");
+    tiny_encoder(
+        &model,
+        &[
+            "--family",
+            "bert",
+            "--head",
+            "none",
+            "--dropout",
+            "0.1",
+            "--seed",
+            "4",
+        ],
+    );
+    std::fs::write(dir.path().join("data.jsonl"), NER_DATA).expect("write data");
+    let spec = |out: &str| {
+        let path = dir.path().join(format!("{out}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "name = \"resume\"\n[model]\npath = \"model\"\n[task]\ntype = \"token-classification\"\n\
+                 negatives_per_label = 2\n[data]\ntrain = \"data.jsonl\"\neval = \"data.jsonl\"\n\
+                 negatives = \"adversarial\"\nmax_length = 32\n[optim]\nlr = 0.01\n[train]\nepochs = 3\n\
+                 global_batch_size = 4\nmicro_batch_size = 2\ncheckpoint_every = 2\nsave_total_limit = 1\n\
+                 metric_for_best_model = \"eval_f1\"\noutput = \"{out}\"\n"
+            ),
+        )
+        .expect("write spec");
+        path
+    };
+    let whole = spec("whole");
+    train(&whole);
+    let broken = spec("broken");
+    let halted = dpo_worker()
+        .args([
+            "train",
+            "--device",
+            "cpu",
+            "--halt-after-step",
+            "3",
+            "--config",
+        ])
+        .arg(&broken)
+        .output()
+        .expect("runs");
+    assert_eq!(
+        halted.status.code(),
+        Some(86),
+        "{}",
+        String::from_utf8_lossy(&halted.stderr)
+    );
+    assert!(!dir.path().join("broken/final").exists());
+    assert_eq!(
+        read_jsonl(&dir.path().join("broken/metrics.jsonl")).len(),
+        3
+    );
+    // Without --resume the directory is refused, not overwritten.
+    let again = dpo_worker()
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(&broken)
+        .output()
+        .expect("runs");
+    assert!(String::from_utf8_lossy(&again.stderr).contains("pass --resume"));
+    let resumed = dpo_worker()
+        .args(["train", "--device", "cpu", "--resume", "--json", "--config"])
+        .arg(&broken)
+        .output()
+        .expect("runs");
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    let a = read(&dir.path().join("whole/final/model.safetensors"));
+    let b = read(&dir.path().join("broken/final/model.safetensors"));
+    assert_eq!(
+        common::max_weight_diff(&a, &b),
+        0.0,
+        "bit-identical weights"
+    );
+    let drop_time = |v: Vec<serde_json::Value>| -> Vec<serde_json::Value> {
+        v.into_iter()
+            .map(|mut m| {
+                m.as_object_mut().map(|o| o.remove("step_seconds"));
+                m
+            })
+            .collect()
+    };
+    let m1 = drop_time(read_jsonl(&dir.path().join("whole/metrics.jsonl")));
+    let m2 = drop_time(read_jsonl(&dir.path().join("broken/metrics.jsonl")));
+    assert_eq!(m1.len(), 6);
+    assert_eq!(m1, m2, "every step once, with the same figures");
+    assert!(
+        m1.iter()
+            .all(|m| m["negatives"].as_f64().unwrap_or(0.0) > 0.0),
+        "mined negatives train"
+    );
+    assert_eq!(
+        read_jsonl(&dir.path().join("whole/eval.jsonl")),
+        read_jsonl(&dir.path().join("broken/eval.jsonl"))
+    );
+    let kept: Vec<_> = std::fs::read_dir(dir.path().join("broken/checkpoints"))
+        .expect("checkpoints")
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    assert_eq!(kept, vec!["step-6"], "save_total_limit = 1");
+}

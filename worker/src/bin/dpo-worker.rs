@@ -403,15 +403,12 @@ fn train(
     let spec = dpo_proto::RunSpec::from_file(config)?;
     tracing::info!(run = %spec.name, loss = ?spec.objective.loss, output = %spec.train.output.display(), "starting");
     if spec.task.kind.is_classification() {
-        anyhow::ensure!(
-            !resume,
-            "--resume: classification runs write no step checkpoints yet (train.checkpoint_every must be 0)"
-        );
-        anyhow::ensure!(
-            halt_after_step.is_none(),
-            "--halt-after-step is for causal-LM runs"
-        );
-        return train_classifier(config, spec, device, json, collective);
+        let opts = dpo_worker::classify::ClassifyOptions {
+            device,
+            resume,
+            halt_after_step,
+        };
+        return train_classifier(config, spec, opts, json, collective);
     }
     let opts = TrainOptions {
         resume,
@@ -521,13 +518,13 @@ fn train(
 fn train_classifier(
     config: &std::path::Path,
     spec: dpo_proto::RunSpec,
-    device: Device,
+    opts: dpo_worker::classify::ClassifyOptions,
     json: bool,
     collective: Box<dyn dpo_worker::collective::Collective>,
 ) -> anyhow::Result<()> {
     use dpo_worker::classify::{ClassifierTrainer, Event};
 
-    let mut trainer = ClassifierTrainer::new(spec, device, collective)
+    let mut trainer = ClassifierTrainer::new(spec, opts, collective)
         .with_context(|| format!("preparing run {}", config.display()))?;
     let bar = ProgressBar::new(trainer.total_steps());
     bar.set_style(
@@ -567,7 +564,14 @@ fn train_classifier(
                 tracing::info!(step, eval_loss = report.loss, eval_f1 = report.f1(), "eval")
             });
         }
-    })?;
+    });
+    let summary = match summary {
+        Err(dpo_worker::Error::Halted { step }) => {
+            eprintln!("halted after step {step} (fault injection)");
+            std::process::exit(86);
+        }
+        other => other?,
+    };
     bar.finish_and_clear();
     if json {
         let as_obj = |m: &[(String, f64)]| {

@@ -11,9 +11,10 @@
 //! `final/` holds (the best evaluation's, else the last).
 //!
 //! In parts: `data` (files, labels, generated negatives, tokens), `objective`
-//! (the combined loss), `evaluate` (predictions and reports). This file is the
-//! step loop.
+//! (the combined loss), `evaluate` (predictions and reports), `checkpoint`
+//! (checkpoints and resume). This file is the step loop.
 
+mod checkpoint;
 pub mod data;
 pub mod evaluate;
 pub mod objective;
@@ -34,10 +35,19 @@ use crate::model::encoder::{Encoder, Head};
 use crate::model::{checkpoint as model_io, kind_of};
 use crate::optim::{Optimizer, learning_rate};
 use crate::train::Metrics;
+use crate::train::checkpoint::{remove_if_exists, step_dirs, truncate_jsonl};
 
 use data::TaskData;
 use evaluate::EvalReport;
 use objective::{Batch, Norm, Sums, micro_batch_loss};
+
+/// SplitMix64's finaliser: mixes seeds into well-spread ones.
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
 
 /// The head a task needs.
 pub fn head_of(kind: TaskType) -> Head {
@@ -45,6 +55,17 @@ pub fn head_of(kind: TaskType) -> Head {
         TaskType::TokenClassification => Head::Token,
         _ => Head::Sequence,
     }
+}
+
+/// How to run.
+#[derive(Debug, Clone, Copy)]
+pub struct ClassifyOptions {
+    pub device: Device,
+    /// Continue from the newest checkpoint under `train.output`.
+    pub resume: bool,
+    /// Fault injection for tests: stop like a crash once this step and its
+    /// checkpoint are written.
+    pub halt_after_step: Option<u64>,
 }
 
 /// Progress reported to the caller.
@@ -96,6 +117,8 @@ pub struct ClassifierTrainer {
     /// The negative term's weight (`None`: `sft`, cross-entropy only).
     weight: Option<f64>,
     step: u64,
+    resume: bool,
+    halt_after_step: Option<u64>,
     /// The epoch whose adversarial negatives are mined.
     mined_epoch: Option<u64>,
     best: Option<(u64, f64)>,
@@ -115,14 +138,13 @@ impl std::fmt::Debug for ClassifierTrainer {
 
 impl ClassifierTrainer {
     /// Loads the model, tokenizer and data of a classification run spec.
-    pub fn new(spec: RunSpec, device: Device, collective: Box<dyn Collective>) -> Result<Self> {
+    pub fn new(
+        spec: RunSpec,
+        opts: ClassifyOptions,
+        collective: Box<dyn Collective>,
+    ) -> Result<Self> {
+        let device = opts.device;
         crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
-        if spec.train.checkpoint_every > 0 {
-            return Err(Error::Input {
-                context: "train.checkpoint_every".into(),
-                reason: "classification runs keep the best model in best/ and final/; step checkpoints (and --resume) are not written for them yet — set it to 0".into(),
-            });
-        }
         let dir = spec.model.path.clone();
         let tokenizer = TextTokenizer::from_dir(&dir)?;
         let config = crate::model::EncoderConfig::from_dir(&dir)?;
@@ -184,6 +206,8 @@ impl ClassifierTrainer {
             pad,
             weight,
             step: 0,
+            resume: opts.resume,
+            halt_after_step: opts.halt_after_step,
             mined_epoch: None,
             best: None,
             bad_evals: 0,
@@ -265,7 +289,15 @@ impl ClassifierTrainer {
         self.optimizer.zero_grad()?;
         self.model.set_training(true);
         let mut sums = Sums::default();
-        for micro in mine.chunks(self.spec.micro_batch_size().max(1)) {
+        for (i, micro) in mine.chunks(self.spec.micro_batch_size().max(1)).enumerate() {
+            // Dropout masks are a function of the seed, step, rank and
+            // micro-batch, so a resumed run draws the same ones.
+            let seed = splitmix(
+                self.spec.data.seed
+                    ^ splitmix(self.step)
+                    ^ splitmix((rank as u64) << 32 | i as u64),
+            );
+            tch::manual_seed(seed as i64);
             let b = Batch::new(micro, self.pad, self.model.device());
             let (loss, s) = micro_batch_loss(&self.model, &b, norm, self.weight)?;
             loss.f_backward().op("backward")?;
@@ -430,13 +462,31 @@ impl ClassifierTrainer {
         let started = Instant::now();
         let writer = self.collective.rank() == 0;
         let out = self.output().to_path_buf();
+        let latest = step_dirs(&self.checkpoints_dir())?
+            .into_iter()
+            .max_by_key(|(n, _)| *n);
+        if self.resume {
+            if let Some((_, dir)) = &latest {
+                self.restore(dir)?;
+            } else {
+                tracing::info!("no checkpoint to resume from; starting at step 0");
+            }
+        }
         if writer {
             std::fs::create_dir_all(&out).map_err(io_err(&out))?;
             let metrics = out.join("metrics.jsonl");
-            if metrics.exists() || out.join("final").exists() {
+            if self.resume {
+                for f in ["metrics.jsonl", "eval.jsonl"] {
+                    if latest.is_some() {
+                        truncate_jsonl(&out.join(f), self.step)?;
+                    } else {
+                        remove_if_exists(&out.join(f))?;
+                    }
+                }
+            } else if metrics.exists() || out.join("final").exists() || latest.is_some() {
                 return Err(Error::Input {
                     context: out.display().to_string(),
-                    reason: "this output directory already holds a run: set train.output to a new directory".into(),
+                    reason: "this output directory already holds a run: pass --resume to continue it, or set train.output to a new directory".into(),
                 });
             }
             let run = json!({
@@ -468,7 +518,11 @@ impl ClassifierTrainer {
             None
         };
         // The model before training, for the before/after report.
-        let initial_eval = self.evaluate()?;
+        let initial_eval = if self.step == 0 {
+            self.evaluate()?
+        } else {
+            None
+        };
         if let (Some(r), Some(f)) = (&initial_eval, eval_file.as_mut()) {
             write_line(f, &out.join("eval.jsonl"), &r.metrics(0))?;
             on_event(Event::Eval { step: 0, report: r });
@@ -502,6 +556,13 @@ impl ClassifierTrainer {
                     }
                     best_eval = Some(report);
                 }
+            }
+            let every = self.spec.train.checkpoint_every;
+            if writer && every > 0 && self.step % every == 0 {
+                self.write_checkpoint()?;
+            }
+            if self.halt_after_step == Some(self.step) {
+                return Err(Error::Halted { step: self.step });
             }
         }
         if writer {

@@ -113,6 +113,7 @@ fn kind_of(dtype: Dtype) -> Option<Kind> {
         Dtype::F16 => Kind::Half,
         Dtype::BF16 => Kind::BFloat16,
         Dtype::F64 => Kind::Double,
+        Dtype::I64 => Kind::Int64,
         _ => return None,
     })
 }
@@ -123,6 +124,7 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
         Kind::Half => Dtype::F16,
         Kind::BFloat16 => Dtype::BF16,
         Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
         _ => return None,
     })
 }

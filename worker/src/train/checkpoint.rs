@@ -328,31 +328,37 @@ impl Trainer {
         state["data_cursor"] =
             json!({"epoch": step / spe, "batch_in_epoch": step % spe, "seed": self.spec.data.seed});
         checkpoint::write_json(&tmp.join("trainer_state.json"), &state)?;
-        let mut files = serde_json::Map::new();
-        for rel in list_files(tmp)? {
-            files.insert(rel.clone(), Value::String(sha256_file(&tmp.join(&rel))?));
-        }
-        checkpoint::write_json(
-            &tmp.join("manifest.json"),
-            &json!({"step": step, "files": files}),
-        )?;
-        for sub in ["model", "adapter"] {
-            if tmp.join(sub).is_dir() {
-                sync_dir(&tmp.join(sub))?;
-            }
-        }
-        sync_dir(tmp)?;
-        let dir = root.join(format!("step-{step}"));
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-        }
-        dpo_data::atomic::rename(tmp, &dir).map_err(io_err(&dir))?;
-        tracing::info!(step, dir = %dir.display(), "checkpoint written");
-        Ok(dir)
+        seal_checkpoint(tmp, &root, step)
     }
 }
 
-fn remove_if_exists(path: &Path) -> Result<()> {
+/// Seals a checkpoint written into `tmp`: a manifest of SHA-256 checksums of
+/// every file, everything fsynced, then renamed to `root/step-N`.
+pub(crate) fn seal_checkpoint(tmp: &Path, root: &Path, step: u64) -> Result<PathBuf> {
+    let mut files = serde_json::Map::new();
+    for rel in list_files(tmp)? {
+        files.insert(rel.clone(), Value::String(sha256_file(&tmp.join(&rel))?));
+    }
+    checkpoint::write_json(
+        &tmp.join("manifest.json"),
+        &json!({"step": step, "files": files}),
+    )?;
+    for sub in ["model", "adapter"] {
+        if tmp.join(sub).is_dir() {
+            sync_dir(&tmp.join(sub))?;
+        }
+    }
+    sync_dir(tmp)?;
+    let dir = root.join(format!("step-{step}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+    }
+    dpo_data::atomic::rename(tmp, &dir).map_err(io_err(&dir))?;
+    tracing::info!(step, dir = %dir.display(), "checkpoint written");
+    Ok(dir)
+}
+
+pub(crate) fn remove_if_exists(path: &Path) -> Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(path)(e)),
         _ => Ok(()),
@@ -360,12 +366,12 @@ fn remove_if_exists(path: &Path) -> Result<()> {
 }
 
 /// Keeps only the lines of a metrics file whose `step` is at most `step`.
-fn truncate_jsonl(path: &Path, step: u64) -> Result<()> {
+pub(crate) fn truncate_jsonl(path: &Path, step: u64) -> Result<()> {
     dpo_data::metrics_log::keep_through(path, step).map_err(io_err(path))
 }
 
 /// Every `checkpoints/step-N` directory under `root`, with its step.
-fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
+pub(crate) fn step_dirs(root: &Path) -> Result<Vec<(u64, PathBuf)>> {
     if !root.exists() {
         return Ok(Vec::new());
     }

@@ -17,7 +17,7 @@
 //! directory), `metrics` (metric lines and files). This file is the step loop.
 
 mod batches;
-mod checkpoint;
+pub(crate) mod checkpoint;
 mod metrics;
 mod reference;
 mod stage2;

@@ -1,0 +1,163 @@
+//! Checkpoints of a classification run: `checkpoints/step-N/` with the model
+//! (an HF directory), the AdamW state, the trainer state (step, early stopping,
+//! the best evaluation) and, for adversarial negatives, the epoch's mined
+//! negatives — sealed by a manifest of checksums like the causal LMs' — and the
+//! resume that continues from one exactly: the data order is a function of the
+//! seed and epoch, dropout masks of the seed, step and micro-batch.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::ClassifierTrainer;
+use crate::error::{Error, Result, TorchContext, io_err};
+use crate::model::checkpoint as model_io;
+use crate::train::checkpoint::{seal_checkpoint, step_dirs};
+use crate::train::verify_manifest;
+
+/// `trainer_state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    step: u64,
+    best_step: Option<u64>,
+    best_metric: Option<f64>,
+    bad_evals: u64,
+    stopped_early: bool,
+    /// The epoch the saved negatives were mined for (adversarial).
+    mined_epoch: Option<u64>,
+}
+
+const NEGATIVES: &str = "negatives.safetensors";
+
+impl ClassifierTrainer {
+    pub(super) fn checkpoints_dir(&self) -> PathBuf {
+        self.output().join("checkpoints")
+    }
+
+    /// Writes `checkpoints/step-N` for the current step (rank 0), then removes
+    /// the oldest beyond `train.save_total_limit`.
+    pub(super) fn write_checkpoint(&self) -> Result<PathBuf> {
+        let root = self.checkpoints_dir();
+        let tmp = root.join(format!(".step-{}.tmp", self.step));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        self.model
+            .save(&tmp.join("model"), Some(&self.tokenizer_dir), 5 << 30)?;
+        model_io::write_tensors(&tmp.join("optimizer.safetensors"), &self.optimizer.state())?;
+        if let Some(epoch) = self.mined_epoch {
+            let mut flat: Vec<i64> = Vec::new();
+            for (i, e) in self.data.train.examples.iter().enumerate() {
+                for &(pos, label) in &e.negatives {
+                    flat.extend([i as i64, pos as i64, label as i64]);
+                }
+            }
+            let n = (flat.len() / 3) as i64;
+            let t = Tensor::from_slice(&flat).view([n, 3]);
+            model_io::write_tensors(&tmp.join(NEGATIVES), &[(format!("epoch-{epoch}"), t)])?;
+        }
+        let state = State {
+            step: self.step,
+            best_step: self.best.map(|b| b.0),
+            best_metric: self.best.map(|b| b.1),
+            bad_evals: self.bad_evals,
+            stopped_early: self.stopped_early,
+            mined_epoch: self.mined_epoch,
+        };
+        let value = serde_json::to_value(&state).map_err(|e| Error::Input {
+            context: "trainer state".into(),
+            reason: e.to_string(),
+        })?;
+        model_io::write_json(&tmp.join("trainer_state.json"), &value)?;
+        let dir = seal_checkpoint(&tmp, &root, self.step)?;
+        let keep = self.spec.train.save_total_limit;
+        if keep > 0 {
+            let mut all = step_dirs(&root)?;
+            all.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+            for (_, old) in all.into_iter().skip(keep as usize) {
+                std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+                tracing::info!(dir = %old.display(), keep, "removed an old checkpoint (train.save_total_limit)");
+            }
+        }
+        Ok(dir)
+    }
+
+    /// Continues from checkpoint `dir`: weights, AdamW state, trainer state and
+    /// mined negatives, after checking every file against the manifest.
+    pub(super) fn restore(&mut self, dir: &Path) -> Result<()> {
+        verify_manifest(dir)?;
+        let state: State = serde_json::from_value(model_io::read_json(
+            &dir.join("trainer_state.json"),
+        )?)
+        .map_err(|e| Error::Config {
+            path: dir.join("trainer_state.json"),
+            reason: e.to_string(),
+        })?;
+        let weights = model_io::read_tensors(&dir.join("model").join("model.safetensors"))?;
+        let device = self.model.device();
+        {
+            let _guard = tch::no_grad_guard();
+            for (name, var) in self.model.var_store().variables() {
+                let saved = weights.get(&name).ok_or_else(|| Error::MissingTensor {
+                    dir: dir.join("model"),
+                    name: name.clone(),
+                })?;
+                if saved.size() != var.size() {
+                    return Err(Error::TensorShape {
+                        path: dir.join("model/model.safetensors"),
+                        name,
+                        expected: var.size(),
+                        found: saved.size(),
+                    });
+                }
+                var.shallow_clone()
+                    .f_copy_(saved)
+                    .op("restoring a parameter")?;
+            }
+        }
+        let optim: std::collections::BTreeMap<String, Tensor> =
+            model_io::read_tensors(&dir.join("optimizer.safetensors"))?
+                .into_iter()
+                .map(|(k, v)| v.f_to_device(device).map(|v| (k, v)))
+                .collect::<std::result::Result<_, _>>()
+                .op("optimizer state to the device")?;
+        self.optimizer.load_state(state.step, optim)?;
+        if let Some(epoch) = state.mined_epoch {
+            let path = dir.join(NEGATIVES);
+            let saved = model_io::read_tensors(&path)?;
+            let t = saved
+                .get(&format!("epoch-{epoch}"))
+                .ok_or_else(|| Error::Config {
+                    path: path.clone(),
+                    reason: format!("no negatives of epoch {epoch}"),
+                })?;
+            let flat = Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1))
+                .op("reading mined negatives")?;
+            let n = self.data.train.examples.len();
+            for e in &mut self.data.train.examples {
+                e.negatives.clear();
+            }
+            for c in flat.chunks_exact(3) {
+                let i = c[0] as usize;
+                if i >= n {
+                    return Err(Error::Config {
+                        path: path.clone(),
+                        reason: format!("example {i} of {n}: the checkpoint is of other data"),
+                    });
+                }
+                self.data.train.examples[i]
+                    .negatives
+                    .push((c[1] as u32, c[2] as u32));
+            }
+        }
+        self.step = state.step;
+        self.best = state.best_step.zip(state.best_metric);
+        self.bad_evals = state.bad_evals;
+        self.stopped_early = state.stopped_early;
+        self.mined_epoch = state.mined_epoch;
+        tracing::info!(step = self.step, dir = %dir.display(), "resumed from checkpoint");
+        Ok(())
+    }
+}
