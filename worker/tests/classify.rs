@@ -720,3 +720,55 @@ fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
         .collect();
     assert_eq!(kept, vec!["step-6"], "save_total_limit = 1");
 }
+
+/// A task and a model that do not fit are refused naming the model's config.
+#[test]
+fn a_causal_lm_for_a_classification_task_and_the_reverse_are_refused() {
+    let dir = tempdir();
+    tiny_encoder(
+        &dir.path().join("bert"),
+        &["--family", "bert", "--head", "none"],
+    );
+    run_python(
+        "examples/tiny_model.py",
+        &[
+            "--out",
+            dir.path().join("llama").to_str().expect("utf-8"),
+            "--arch",
+            "llama",
+        ],
+    );
+    std::fs::write(dir.path().join("data.jsonl"), NER_DATA).expect("write");
+    std::fs::write(
+        dir.path().join("pairs.jsonl"),
+        "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n",
+    )
+    .expect("write");
+    for (model, task, data, want) in [
+        (
+            "llama",
+            "[task]\ntype = \"token-classification\"\n",
+            "data.jsonl",
+            "is a causal LM; task.type = \"token-classification\" needs an encoder",
+        ),
+        ("bert", "", "pairs.jsonl", "is an encoder: set [task] type"),
+    ] {
+        let spec = dir.path().join("run.toml");
+        std::fs::write(
+            &spec,
+            format!("name = \"x\"\n[model]\npath = \"{model}\"\n{task}[data]\ntrain = \"{data}\"\n[train]\nglobal_batch_size = 1\noutput = \"out-{model}\"\n"),
+        )
+        .expect("write");
+        let out = dpo_worker()
+            .args(["train", "--device", "cpu", "--config"])
+            .arg(&spec)
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains(want) && err.contains("config.json"),
+            "{model}: {err}"
+        );
+    }
+}

@@ -146,6 +146,16 @@ impl ClassifierTrainer {
         let device = opts.device;
         crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
         let dir = spec.model.path.clone();
+        let model_type = crate::model::encoder::model_type(&dir)?;
+        if !crate::model::encoder::is_encoder(&model_type) {
+            return Err(Error::Config {
+                path: dir.join("config.json"),
+                reason: format!(
+                    "model_type {model_type:?} is a causal LM; task.type = {} needs an encoder (bert, roberta)",
+                    serde_json::to_string(&spec.task.kind).unwrap_or_default()
+                ),
+            });
+        }
         let tokenizer = TextTokenizer::from_dir(&dir)?;
         let config = crate::model::EncoderConfig::from_dir(&dir)?;
         let max_positions = config.max_sequence_length().max(1) as usize;

@@ -119,6 +119,15 @@ impl Models {
     fn load(spec: &RunSpec, device: Device, staged: bool) -> Result<Self> {
         // Loads libtorch's CUDA half for a CUDA device, or names why it cannot.
         crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
+        let model_type = crate::model::encoder::model_type(&spec.model.path)?;
+        if crate::model::encoder::is_encoder(&model_type) {
+            return Err(Error::Config {
+                path: spec.model.path.join("config.json"),
+                reason: format!(
+                    "model_type {model_type:?} is an encoder: set [task] type = \"token-classification\" or \"sequence-classification\""
+                ),
+            });
+        }
         let kind = kind_of(spec.model.dtype);
         let objective = Objective::from_spec(&spec.objective);
         // ZeRO stage 3: the decoder layers come as this rank's share once the
