@@ -660,15 +660,12 @@ pub fn encode(
                 how.max_length
             )));
         }
-        if let Some(w) = starts[..kept].iter().position(Option::is_none).or_else(|| {
-            starts[kept..]
-                .iter()
-                .position(Option::is_some)
-                .map(|p| p + kept)
-        }) {
+        // Words past `kept` were cut by max_length, unless a later word still
+        // has tokens: then word `kept` itself gave none (the tokenizer dropped it).
+        if starts[kept..].iter().any(Option::is_some) {
             return Err(bad(format!(
-                "word {w} ({:?}) gives no tokens",
-                r.words.get(w).map_or("", String::as_str)
+                "word {kept} ({:?}) gives no tokens with this tokenizer",
+                r.words.get(kept).map_or("", String::as_str)
             )));
         }
         let word_starts: Vec<u32> = starts[..kept].iter().flatten().copied().collect();

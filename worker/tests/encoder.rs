@@ -498,3 +498,35 @@ fn entity_and_class_scores_equal_seqeval_and_scikit_learn() {
         close(s.f1, &cls[label]["f1-score"], label);
     }
 }
+
+/// A word the tokenizer drops entirely (a zero-width space, removed by BERT's
+/// normaliser) is refused by file:line and word, not silently unlabelled.
+#[test]
+fn a_word_that_gives_no_tokens_is_named() {
+    use dpo_data::TextTokenizer;
+    use dpo_data::tagged::{Encoding, Labels, RawFile, Task, encode};
+    let dir = tempdir();
+    let data = dir.path().join("ner.jsonl");
+    std::fs::write(
+        &data,
+        "{\"tokens\": [\"Ann\", \"runs\"], \"tags\": [\"B-PER\", \"O\"]}\n{\"tokens\": [\"Ann\", \"\\u200b\", \"runs\"], \"tags\": [\"B-PER\", \"O\", \"O\"]}\n",
+    )
+    .expect("write");
+    let labels = Labels::new(labels()).expect("labels");
+    let tokenizer = TextTokenizer::from_dir(&fixtures().join("bert-token")).expect("tokenizer");
+    let records = RawFile::read(&data, Task::Token)
+        .expect("reads")
+        .resolve(&labels)
+        .expect("resolves");
+    let how = Encoding {
+        max_length: 64,
+        label_all_tokens: false,
+    };
+    let err = encode(&records, &tokenizer, &labels, how)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("ner.jsonl:2: word 1 (\"\\u{200b}\") gives no tokens"),
+        "{err}"
+    );
+}
