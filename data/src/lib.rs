@@ -17,6 +17,7 @@ pub mod rng;
 pub mod scores;
 pub mod shard;
 pub mod tagged;
+pub mod task_data;
 pub mod tokenizer;
 
 pub use dataset::{DataReport, NegativeSampler, SamplerError, check_vocabulary};

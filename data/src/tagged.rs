@@ -575,7 +575,7 @@ impl RawFile {
 }
 
 /// The tokens `Record`s become, for either task.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Encoded {
     /// `file:line` of the record.
     pub line: usize,
@@ -685,6 +685,66 @@ pub fn encode(
         });
     }
     Ok((out, truncated))
+}
+
+/// A classification run's encoded data as the coordinator stores it: one JSON
+/// object (`labels`, `train`, `eval`) and a line `sha256:HEX` of it, so a
+/// truncated or altered file is refused.
+pub fn write_shard(
+    path: &Path,
+    labels: &[String],
+    train: &[Encoded],
+    eval: &[Encoded],
+) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    let body = serde_json::json!({"labels": labels, "train": train, "eval": eval}).to_string();
+    let digest: String = Sha256::digest(body.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let text = format!("{body}\nsha256:{digest}\n");
+    crate::atomic::write(path, text.as_bytes()).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The data and labels written by [`write_shard`].
+pub type Shard = (Vec<String>, Vec<Encoded>, Vec<Encoded>);
+
+/// Reads a file written by [`write_shard`], checking its digest.
+pub fn read_shard(path: &Path) -> Result<Shard> {
+    use sha2::{Digest, Sha256};
+    let bad = |reason: &str| Error::File {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (body, tail) = text
+        .trim_end()
+        .rsplit_once('\n')
+        .ok_or_else(|| bad("no digest line: truncated"))?;
+    let want = tail
+        .strip_prefix("sha256:")
+        .ok_or_else(|| bad("no digest line: truncated"))?;
+    let got: String = Sha256::digest(body.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    if got != want {
+        return Err(bad("digest mismatch: the file is corrupt"));
+    }
+    #[derive(serde::Deserialize)]
+    struct Body {
+        labels: Vec<String>,
+        train: Vec<Encoded>,
+        eval: Vec<Encoded>,
+    }
+    let b: Body = serde_json::from_str(body).map_err(|e| bad(&format!("invalid: {e}")))?;
+    Ok((b.labels, b.train, b.eval))
 }
 
 #[cfg(test)]
@@ -866,6 +926,34 @@ mod tests {
             msg.contains("m.jsonl:2: no example with id \"zz\""),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn a_shard_reads_back_and_a_corrupt_one_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("tagged.shard");
+        let e = Encoded {
+            line: 3,
+            input_ids: vec![2, 40, 41, 3],
+            targets: vec![(1, 1), (2, 0)],
+            negatives: vec![(1, 3)],
+            word_starts: vec![1, 2],
+            gold: vec![1, 0],
+        };
+        let labels = vec!["O".to_string(), "B-PER".to_string()];
+        write_shard(&path, &labels, std::slice::from_ref(&e), &[]).expect("writes");
+        let (l, train, eval) = read_shard(&path).expect("reads");
+        assert_eq!((l, train, eval), (labels, vec![e], vec![]));
+        let text = std::fs::read_to_string(&path).expect("read");
+        std::fs::write(&path, text.replace("[2,40,41,3]", "[2,40,42,3]")).expect("write");
+        assert!(
+            read_shard(&path)
+                .expect_err("corrupt")
+                .to_string()
+                .contains("digest mismatch")
+        );
+        std::fs::write(&path, &text[..text.len() / 2]).expect("write");
+        assert!(read_shard(&path).is_err());
     }
 
     #[test]

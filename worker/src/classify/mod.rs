@@ -15,7 +15,7 @@
 //! (checkpoints and resume). This file is the step loop.
 
 mod checkpoint;
-pub mod data;
+pub use dpo_data::task_data as data;
 pub mod evaluate;
 pub mod objective;
 

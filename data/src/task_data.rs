@@ -4,12 +4,12 @@
 
 use std::path::Path;
 
-use dpo_data::TextTokenizer;
-use dpo_data::rng::SplitMix64;
-use dpo_data::tagged::{self, Encoded, Encoding, Labels, RawFile, Record, Task};
 use dpo_proto::{Negatives, RunSpec, TaskType};
 
+use crate::TextTokenizer;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
+use crate::tagged::{self, Encoded, Encoding, Labels, RawFile, Record, Task};
 
 /// The task of a run spec, for the data layer.
 pub fn task_of(spec: &RunSpec) -> Task {
@@ -48,7 +48,7 @@ pub struct TaskData {
 }
 
 fn invalid(context: &str, reason: String) -> Error {
-    Error::Input {
+    Error::Invalid {
         context: context.to_string(),
         reason,
     }
@@ -75,7 +75,7 @@ pub fn load(spec: &RunSpec, tokenizer: &TextTokenizer, max_positions: usize) -> 
         spec.task.labels.clone()
     };
     if task == Task::Token
-        && let Some(bad) = labels.iter().find(|l| !dpo_data::scores::is_iob2(l))
+        && let Some(bad) = labels.iter().find(|l| !crate::scores::is_iob2(l))
     {
         return Err(invalid(
             &spec.data.train.display().to_string(),
@@ -214,6 +214,38 @@ pub fn confusion_negatives(records: &mut [Record], labels: &Labels, k: usize, se
         r.negatives.sort_unstable();
         r.negatives.dedup();
     }
+}
+
+/// The longest sequence an encoder checkpoint's position table holds, from its
+/// `config.json` (RoBERTa's first `pad_token_id + 1` rows are not positions).
+pub fn max_positions(model_dir: &Path) -> Result<usize> {
+    let path = model_dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::File {
+        path: path.clone(),
+        reason: format!("invalid JSON: {e}"),
+    })?;
+    let n = v
+        .get("max_position_embeddings")
+        .and_then(serde_json::Value::as_i64)
+        .ok_or_else(|| Error::File {
+            path: path.clone(),
+            reason: "missing key max_position_embeddings".into(),
+        })?;
+    let n = match v.get("model_type").and_then(serde_json::Value::as_str) {
+        Some("roberta") => {
+            n - v
+                .get("pad_token_id")
+                .and_then(serde_json::Value::as_i64)
+                .unwrap_or(1)
+                - 1
+        }
+        _ => n,
+    };
+    Ok(n.max(1) as usize)
 }
 
 /// Reads and encodes one file for evaluation with a trained model's labels.
