@@ -984,4 +984,26 @@ fn a_worker_of_two_ranks_trains_and_nccl_without_a_gpu_fails_by_name() {
         case.logs()
     );
     assert_eq!(steps_done(&case.path().join("nccl")), 0, "nothing trained");
+
+    // The supervisor killed (SIGKILL, no chance to forward anything): its
+    // ranks get SIGTERM from the kernel and leave, none is left behind.
+    let mut w = _w;
+    let url = format!("http://127.0.0.1:{port}");
+    assert_eq!(rank_processes(&url), 2, "both ranks run");
+    w.kill();
+    wait_for(Duration::from_secs(20), || Ok(rank_processes(&url) == 0))
+        .expect("the ranks leave with their supervisor");
+}
+
+/// Rank processes (`--local-rank`) of workers joined to coordinator `url`.
+fn rank_processes(url: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains("--local-rank") && c.contains(url) && !c.contains("<defunct>"))
+        .count()
 }

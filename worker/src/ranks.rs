@@ -66,8 +66,27 @@ struct Rank {
 /// keeps crashing (an error naming it and its last exit status).
 pub fn supervise(cmd: &RankCommand, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let spawn = |i: usize| -> anyhow::Result<Child> {
-        let child = Command::new(&cmd.program)
-            .args(cmd.args(i))
+        use std::os::unix::process::CommandExt;
+        let supervisor = std::process::id() as libc::pid_t;
+        let mut command = Command::new(&cmd.program);
+        command.args(cmd.args(i));
+        // A rank outlives no supervisor: when this process dies, even by
+        // SIGKILL, the kernel sends each rank SIGTERM (it leaves gracefully).
+        // SAFETY: between fork and exec only async-signal-safe calls are made
+        // (prctl, getppid, _exit), touching no memory of the parent.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The supervisor died before the line above took effect.
+                if libc::getppid() != supervisor {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .spawn()
             .map_err(|e| anyhow::anyhow!("starting rank {i} ({}): {e}", cmd.program.display()))?;
         tracing::info!(local_rank = i, device = %cmd.devices[i], pid = child.id(), "rank started");
