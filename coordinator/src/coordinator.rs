@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::engine::reference::{ReferenceStage, to_proto_example};
 use crate::engine::{
     self, CheckpointRecord, Effect, Engine, Member, Now, Refusal, Result, RunData, RunRecord,
-    RunState,
+    RunState, TaggedData,
 };
 use crate::paths::Confinement;
 use crate::store::{GENERATION_KEY, Store};
@@ -306,6 +306,12 @@ impl Coordinator {
                 out.display()
             ))
         })?;
+        // The labels a classification run settled on travel in its spec: the
+        // workers build their heads from them.
+        let mut spec = spec;
+        if let Some(t) = &data.tagged {
+            spec.task.labels = t.labels.clone();
+        }
         let record = RunRecord::queued(
             id.clone(),
             spec,
@@ -610,6 +616,9 @@ fn batch_of(
     total: u64,
 ) -> Result<v1::Batch> {
     use dpo_data::batches::rank_share;
+    if let Some(tagged) = &data.tagged {
+        return tagged_batch_of(data, tagged, req, rank, world, total);
+    }
     let (examples, indices, norm, epoch) = if req.split == v1::Split::Eval as i32 {
         let idx: Vec<usize> = (0..data.eval.len()).collect();
         let (e, i, n) = rank_share(&data.eval, &idx, data.count_negatives, rank, world);
@@ -647,7 +656,67 @@ fn batch_of(
         total_chosen_tokens: norm.chosen_tokens,
         total_negative_tokens: norm.negative_tokens,
         epoch,
+        ..Default::default()
     })
+}
+
+/// A classification run's batch: this rank's contiguous share of the global
+/// batch of `req.step` (or of the eval split), with the global batch's totals.
+fn tagged_batch_of(
+    data: &RunData,
+    tagged: &TaggedData,
+    req: &v1::FetchBatchRequest,
+    rank: usize,
+    world: usize,
+    total: u64,
+) -> Result<v1::Batch> {
+    use dpo_data::batches::rank_range;
+    let (pool, idx, epoch) = if req.split == v1::Split::Eval as i32 {
+        (&tagged.eval, (0..tagged.eval.len()).collect::<Vec<_>>(), 0)
+    } else {
+        if req.step >= total {
+            return Err(Refusal::Invalid(format!(
+                "step {} is past the run's {total} steps",
+                req.step
+            )));
+        }
+        let mut plan = data
+            .plan
+            .lock()
+            .map_err(|_| Refusal::Internal("poisoned plan".into()))?;
+        (
+            &tagged.train,
+            plan.indices(req.step),
+            plan.position(req.step).0,
+        )
+    };
+    let (start, len) = rank_range(idx.len(), world, rank);
+    let mine = &idx[start..start + len];
+    let count = |f: fn(&dpo_data::tagged::Encoded) -> usize| -> f64 {
+        idx.iter().map(|&i| f(&pool[i])).sum::<usize>() as f64
+    };
+    Ok(v1::Batch {
+        tagged: mine.iter().map(|&i| to_tagged_proto(&pool[i])).collect(),
+        indices: mine.iter().map(|&i| i as u64).collect(),
+        total_targets: count(|e| e.targets.len()),
+        total_negatives: count(|e| e.negatives.len()),
+        total_examples: idx.len() as f64,
+        epoch,
+        ..Default::default()
+    })
+}
+
+fn to_tagged_proto(e: &dpo_data::tagged::Encoded) -> v1::TaggedExample {
+    v1::TaggedExample {
+        line: e.line as u64,
+        input_ids: e.input_ids.clone(),
+        target_positions: e.targets.iter().map(|t| t.0).collect(),
+        target_labels: e.targets.iter().map(|t| t.1).collect(),
+        negative_positions: e.negatives.iter().map(|t| t.0).collect(),
+        negative_labels: e.negatives.iter().map(|t| t.1).collect(),
+        word_starts: e.word_starts.clone(),
+        gold: e.gold.clone(),
+    }
 }
 
 /// Applies batches of effects in the order they were queued. A write the store
@@ -847,9 +916,7 @@ async fn write_ledger(
 /// Tokenizes and shards a run's datasets (train and eval) once.
 fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunData> {
     if spec.task.kind.is_classification() {
-        return Err(Refusal::Invalid(
-            "task.type: the classification tasks train with `dpo-worker train` (standalone); the cluster does not shard them yet".into(),
-        ));
+        return prepare_tagged(spec, shard_dir);
     }
     if spec.data.negatives == Some(dpo_proto::Negatives::Policy) {
         return Err(Refusal::Invalid(
@@ -905,10 +972,63 @@ fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunDat
     Ok(data)
 }
 
+/// A classification run's data: read, checked, labels fixed, encoded with the
+/// model's tokenizer once, and kept in the run's shard directory.
+fn prepare_tagged(spec: &RunSpec, shard_dir: &Path) -> Result<RunData> {
+    use dpo_data::task_data;
+    if spec.data.negatives == Some(dpo_proto::Negatives::Adversarial) {
+        return Err(Refusal::Invalid(
+            "data.negatives: \"adversarial\" negatives are mined by `dpo-worker train` (standalone); the cluster does not mine them yet".into(),
+        ));
+    }
+    let invalid = |e: dpo_data::Error| Refusal::Invalid(e.to_string());
+    let tokenizer = dpo_data::TextTokenizer::from_dir(&spec.model.path).map_err(invalid)?;
+    let max_positions = task_data::max_positions(&spec.model.path).map_err(invalid)?;
+    let data = task_data::load(spec, &tokenizer, max_positions).map_err(invalid)?;
+    let tagged = TaggedData {
+        labels: data.labels.names().to_vec(),
+        train: data.train.examples,
+        eval: data.eval.map(|e| e.examples).unwrap_or_default(),
+    };
+    std::fs::create_dir_all(shard_dir)
+        .map_err(|e| Refusal::Internal(format!("{}: {e}", shard_dir.display())))?;
+    dpo_data::tagged::write_shard(
+        &shard_dir.join(TAGGED_SHARD),
+        &tagged.labels,
+        &tagged.train,
+        &tagged.eval,
+    )
+    .map_err(|e| Refusal::Internal(e.to_string()))?;
+    let n = tagged.train.len();
+    RunData::new_tagged(spec, tagged).ok_or_else(|| {
+        Refusal::Invalid(format!(
+            "train.global_batch_size: {} exceeds the {n} training examples of {}",
+            spec.train.global_batch_size,
+            spec.data.train.display()
+        ))
+    })
+}
+
+/// A classification run's encoded examples and labels in its shard directory.
+const TAGGED_SHARD: &str = "tagged.shard";
+
 fn load_shards(
     record: &RunRecord,
     cache_root: &Path,
 ) -> std::result::Result<RunData, dpo_data::Error> {
+    if record.spec.task.kind.is_classification() {
+        let path = record.shard_dir.join(TAGGED_SHARD);
+        let (labels, train, eval) = dpo_data::tagged::read_shard(&path)?;
+        let tagged = TaggedData {
+            labels,
+            train,
+            eval,
+        };
+        return RunData::new_tagged(&record.spec, tagged).ok_or_else(|| dpo_data::Error::File {
+            path,
+            reason: "fewer examples than one global batch".into(),
+        });
+    }
     let train = dpo_data::shard::read(&record.shard_dir.join("train.shard"))?;
     let eval = dpo_data::shard::read(&record.shard_dir.join("eval.shard"))?;
     let mut data =

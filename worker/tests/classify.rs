@@ -543,7 +543,7 @@ fn two_ranks_train_the_weights_of_one_process() {
             &path,
             format!(
                 "name = \"dp\"\n[model]\npath = \"model\"\n[task]\ntype = \"token-classification\"\n\
-                 [data]\ntrain = \"data.jsonl\"\nnegatives = \"random\"\nmax_length = 32\n[objective]\nloss = \"combined\"\n\
+                 [data]\ntrain = \"data.jsonl\"\neval = \"data.jsonl\"\nnegatives = \"random\"\nmax_length = 32\n[objective]\nloss = \"combined\"\n\
                  [optim]\nlr = 0.01\n[train]\nepochs = 3\nglobal_batch_size = 4\nmicro_batch_size = 1\noutput = \"{out}\"\n"
             ),
         )
@@ -604,6 +604,22 @@ fn two_ranks_train_the_weights_of_one_process() {
             x["negatives"], y["negatives"],
             "both count the negatives of the whole batch"
         );
+    }
+    // Each rank evaluated its share of the eval split; the gathered report is
+    // the one process's.
+    let e1 = read_jsonl(&dir.path().join("one/eval.jsonl"));
+    let e2 = read_jsonl(&dir.path().join("two/eval.jsonl"));
+    assert_eq!(e1.len(), 4, "before training and after each of 3 epochs");
+    for (x, y) in e1.iter().zip(&e2) {
+        let (x, y) = (
+            x.as_object().expect("object"),
+            y.as_object().expect("object"),
+        );
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+        for (k, v) in x {
+            let (a, b) = (v.as_f64().expect("number"), y[k].as_f64().expect("number"));
+            assert!((a - b).abs() < 1e-6, "{k}: {a} vs {b}");
+        }
     }
 }
 

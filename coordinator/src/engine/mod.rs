@@ -29,7 +29,9 @@ use serde::Serialize;
 
 pub use membership::Member;
 pub use reports::StepReport;
-pub use runs::{CheckpointRecord, LedgerEntry, RunData, RunRecord, RunState, read_ledger_value};
+pub use runs::{
+    CheckpointRecord, LedgerEntry, RunData, RunRecord, RunState, TaggedData, read_ledger_value,
+};
 
 use crate::store::StoreError;
 use membership::{Generation, Worker};

@@ -143,8 +143,8 @@ impl RunRecord {
             name: spec.name.clone(),
             total_steps: spec.total_steps(steps_per_epoch),
             steps_per_epoch,
-            train_examples: data.train.len() as u64,
-            eval_examples: data.eval.len() as u64,
+            train_examples: data.train_len() as u64,
+            eval_examples: data.eval_len() as u64,
             spec,
             state: RunState::Queued,
             step: 0,
@@ -238,6 +238,8 @@ pub struct CheckpointRecord {
 pub struct RunData {
     pub train: Vec<Example>,
     pub eval: Vec<Example>,
+    /// A classification run's examples and labels (`train`/`eval` are empty).
+    pub tagged: Option<TaggedData>,
     pub plan: std::sync::Mutex<EpochPlan>,
     pub steps_per_epoch: u64,
     pub count_negatives: bool,
@@ -245,7 +247,49 @@ pub struct RunData {
     pub reference: Option<ReferenceStage>,
 }
 
+/// A classification run's encoded data.
+#[derive(Debug)]
+pub struct TaggedData {
+    pub labels: Vec<String>,
+    pub train: Vec<dpo_data::tagged::Encoded>,
+    pub eval: Vec<dpo_data::tagged::Encoded>,
+}
+
 impl RunData {
+    /// A classification run's data; `None` when one global batch needs more
+    /// examples than its train split has.
+    pub fn new_tagged(spec: &RunSpec, tagged: TaggedData) -> Option<Self> {
+        let plan = EpochPlan::new(
+            tagged.train.len(),
+            spec.train.global_batch_size,
+            spec.data.seed,
+            spec.data.shuffle,
+        )?;
+        Some(RunData {
+            train: Vec::new(),
+            eval: Vec::new(),
+            tagged: Some(tagged),
+            steps_per_epoch: plan.steps_per_epoch(),
+            plan: std::sync::Mutex::new(plan),
+            count_negatives: true,
+            reference: None,
+        })
+    }
+
+    /// Training examples (of either kind).
+    pub fn train_len(&self) -> usize {
+        self.tagged
+            .as_ref()
+            .map_or(self.train.len(), |t| t.train.len())
+    }
+
+    /// Eval examples (of either kind).
+    pub fn eval_len(&self) -> usize {
+        self.tagged
+            .as_ref()
+            .map_or(self.eval.len(), |t| t.eval.len())
+    }
+
     /// `None` when one global batch needs more examples than `train` has.
     pub fn new(spec: &RunSpec, train: Vec<Example>, eval: Vec<Example>) -> Option<Self> {
         let plan = EpochPlan::new(
@@ -257,6 +301,7 @@ impl RunData {
         Some(RunData {
             train,
             eval,
+            tagged: None,
             steps_per_epoch: plan.steps_per_epoch(),
             plan: std::sync::Mutex::new(plan),
             count_negatives: spec.objective.loss == Loss::Combined,

@@ -47,9 +47,9 @@ impl ClassifierTrainer {
         self.model
             .save(&tmp.join("model"), Some(&self.tokenizer_dir), 5 << 30)?;
         model_io::write_tensors(&tmp.join("optimizer.safetensors"), &self.optimizer.state())?;
-        if let Some(epoch) = self.mined_epoch {
+        if let (Some(epoch), super::Feed::Local { data, .. }) = (self.mined_epoch, &self.feed) {
             let mut flat: Vec<i64> = Vec::new();
-            for (i, e) in self.data.train.examples.iter().enumerate() {
+            for (i, e) in data.train.examples.iter().enumerate() {
                 for &(pos, label) in &e.negatives {
                     flat.extend([i as i64, pos as i64, label as i64]);
                 }
@@ -135,8 +135,14 @@ impl ClassifierTrainer {
                 })?;
             let flat = Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1))
                 .op("reading mined negatives")?;
-            let n = self.data.train.examples.len();
-            for e in &mut self.data.train.examples {
+            let super::Feed::Local { data, .. } = &mut self.feed else {
+                return Err(Error::Config {
+                    path: path.clone(),
+                    reason: "mined negatives in a cluster run's checkpoint".into(),
+                });
+            };
+            let n = data.train.examples.len();
+            for e in &mut data.train.examples {
                 e.negatives.clear();
             }
             for c in flat.chunks_exact(3) {
@@ -147,7 +153,7 @@ impl ClassifierTrainer {
                         reason: format!("example {i} of {n}: the checkpoint is of other data"),
                     });
                 }
-                self.data.train.examples[i]
+                data.train.examples[i]
                     .negatives
                     .push((c[1] as u32, c[2] as u32));
             }

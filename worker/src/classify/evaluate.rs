@@ -202,7 +202,78 @@ fn argmax_at(logits: &Tensor, positions: &[u32]) -> Result<Vec<u32>> {
     Ok(v.into_iter().map(|x| x as u32).collect())
 }
 
-/// Evaluates `examples`: loss, predictions, and the task's report.
+/// What one rank's share of an evaluation found: the loss sums and, per
+/// example, the gold and predicted labels (every word's for NER, one for
+/// classification). Shares are put together in rank order.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+pub struct Partial {
+    pub sums: Sums,
+    pub examples: Vec<(Vec<u32>, Vec<u32>)>,
+}
+
+/// Predicts `examples` (one rank's share of an eval split).
+pub fn predict_share(
+    model: &mut Encoder,
+    examples: &[Encoded],
+    pad: i64,
+    micro: usize,
+    weight: Option<f64>,
+) -> Result<Partial> {
+    let head = model.head();
+    let mut out = Vec::with_capacity(examples.len());
+    let sums = predict(model, examples, pad, micro, weight, |e, logits| {
+        let pred = match head {
+            Head::Token => argmax_at(logits, &e.word_starts)?,
+            Head::Sequence => {
+                vec![logits.f_argmax(-1, false).op("argmax")?.int64_value(&[]) as u32]
+            }
+        };
+        out.push((e.gold.clone(), pred));
+        Ok(())
+    })?;
+    Ok(Partial {
+        sums,
+        examples: out,
+    })
+}
+
+/// The report of an evaluation whose shares are `parts`.
+pub fn report(parts: &[Partial], labels: &Labels, head: Head, weight: Option<f64>) -> EvalReport {
+    let mut sums = Sums::default();
+    for p in parts {
+        sums.add(&p.sums);
+    }
+    let all = parts.iter().flat_map(|p| p.examples.iter());
+    let name = |id: &u32| labels.name(*id).unwrap_or("O");
+    let (entities, classes) = match head {
+        Head::Token => {
+            let gold: Vec<Vec<&str>> = all
+                .clone()
+                .map(|(g, _)| g.iter().map(name).collect())
+                .collect();
+            let pred: Vec<Vec<&str>> = all.map(|(_, p)| p.iter().map(name).collect()).collect();
+            (Some(entity_report(&gold, &pred)), None)
+        }
+        Head::Sequence => {
+            let gold: Vec<u32> = all
+                .clone()
+                .filter_map(|(g, _)| g.first().copied())
+                .collect();
+            let pred: Vec<u32> = all.filter_map(|(_, p)| p.first().copied()).collect();
+            (None, Some(class_report(&gold, &pred, labels.names())))
+        }
+    };
+    EvalReport {
+        examples: parts.iter().map(|p| p.examples.len()).sum(),
+        loss: sums.loss(weight),
+        sums,
+        entities,
+        classes,
+        weight,
+    }
+}
+
+/// Evaluates `examples` in one process: loss, predictions, and the task's report.
 pub fn evaluate(
     model: &mut Encoder,
     examples: &[Encoded],
@@ -211,42 +282,8 @@ pub fn evaluate(
     micro: usize,
     weight: Option<f64>,
 ) -> Result<EvalReport> {
-    let head = model.head();
-    let mut gold_tags: Vec<Vec<&str>> = Vec::new();
-    let mut pred_tags: Vec<Vec<&str>> = Vec::new();
-    let mut gold_ids: Vec<u32> = Vec::new();
-    let mut pred_ids: Vec<u32> = Vec::new();
-    let name = |id: u32| labels.name(id).unwrap_or("O");
-    let sums = predict(model, examples, pad, micro, weight, |e, logits| {
-        match head {
-            Head::Token => {
-                let p = argmax_at(logits, &e.word_starts)?;
-                gold_tags.push(e.gold.iter().map(|&g| name(g)).collect());
-                pred_tags.push(p.into_iter().map(name).collect());
-            }
-            Head::Sequence => {
-                let p = logits.f_argmax(-1, false).op("argmax")?.int64_value(&[]);
-                gold_ids.push(e.gold[0]);
-                pred_ids.push(p as u32);
-            }
-        }
-        Ok(())
-    })?;
-    let (entities, classes) = match head {
-        Head::Token => (Some(entity_report(&gold_tags, &pred_tags)), None),
-        Head::Sequence => (
-            None,
-            Some(class_report(&gold_ids, &pred_ids, labels.names())),
-        ),
-    };
-    Ok(EvalReport {
-        examples: examples.len(),
-        loss: sums.loss(weight),
-        sums,
-        entities,
-        classes,
-        weight,
-    })
+    let part = predict_share(model, examples, pad, micro, weight)?;
+    Ok(report(&[part], labels, model.head(), weight))
 }
 
 /// Adversarial negatives: at every labelled position of every example, the `k`

@@ -41,6 +41,22 @@ use data::TaskData;
 use evaluate::EvalReport;
 use objective::{Batch, Norm, Sums, micro_batch_loss};
 
+/// Refuses a causal LM for a classification task, naming its config.
+fn check_model(spec: &RunSpec) -> Result<()> {
+    let dir = &spec.model.path;
+    let model_type = crate::model::encoder::model_type(dir)?;
+    if crate::model::encoder::is_encoder(&model_type) {
+        return Ok(());
+    }
+    Err(Error::Config {
+        path: dir.join("config.json"),
+        reason: format!(
+            "model_type {model_type:?} is a causal LM; task.type = {} needs an encoder (bert, roberta)",
+            serde_json::to_string(&spec.task.kind).unwrap_or_default()
+        ),
+    })
+}
+
 /// SplitMix64's finaliser: mixes seeds into well-spread ones.
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -66,6 +82,28 @@ pub struct ClassifyOptions {
     /// Fault injection for tests: stop like a crash once this step and its
     /// checkpoint are written.
     pub halt_after_step: Option<u64>,
+}
+
+/// Where a cluster rank's batches come from (the coordinator, in `cluster`).
+pub trait TaggedSource: Send {
+    /// This rank's share of the global batch of `step`, and the batch's totals.
+    fn train(&mut self, step: u64, rank: usize, world: usize) -> Result<(Vec<Encoded>, Norm)>;
+    /// This rank's share of the eval split.
+    fn eval(&mut self, rank: usize, world: usize) -> Result<Vec<Encoded>>;
+}
+
+/// The examples of a run: held here (standalone), or served by the coordinator.
+enum Feed {
+    Local { data: TaskData, plan: EpochPlan },
+    Remote(Box<dyn TaggedSource>),
+}
+
+/// The shape of a cluster run, as the coordinator sends it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterShape {
+    pub steps_per_epoch: u64,
+    pub total_steps: u64,
+    pub has_eval: bool,
 }
 
 /// Progress reported to the caller.
@@ -108,9 +146,10 @@ pub struct ClassifierTrainer {
     collective: Box<dyn Collective>,
     model: Encoder,
     tokenizer_dir: PathBuf,
-    data: TaskData,
+    labels: dpo_data::tagged::Labels,
+    feed: Feed,
+    has_eval: bool,
     optimizer: Optimizer,
-    plan: EpochPlan,
     total_steps: u64,
     steps_per_epoch: u64,
     pad: i64,
@@ -143,43 +182,10 @@ impl ClassifierTrainer {
         opts: ClassifyOptions,
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
-        let device = opts.device;
-        crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
-        let dir = spec.model.path.clone();
-        let model_type = crate::model::encoder::model_type(&dir)?;
-        if !crate::model::encoder::is_encoder(&model_type) {
-            return Err(Error::Config {
-                path: dir.join("config.json"),
-                reason: format!(
-                    "model_type {model_type:?} is a causal LM; task.type = {} needs an encoder (bert, roberta)",
-                    serde_json::to_string(&spec.task.kind).unwrap_or_default()
-                ),
-            });
-        }
-        let tokenizer = TextTokenizer::from_dir(&dir)?;
-        let config = crate::model::EncoderConfig::from_dir(&dir)?;
-        let max_positions = config.max_sequence_length().max(1) as usize;
+        check_model(&spec)?;
+        let tokenizer = TextTokenizer::from_dir(&spec.model.path)?;
+        let max_positions = data::max_positions(&spec.model.path)?;
         let data = data::load(&spec, &tokenizer, max_positions)?;
-        let head = head_of(spec.task.kind);
-        let (mut model, report) = Encoder::load(
-            &dir,
-            head,
-            Some(data.labels.names().to_vec()),
-            kind_of(spec.model.dtype),
-            device,
-            spec.data.seed,
-        )?;
-        if !report.initialised.is_empty() {
-            tracing::info!(new = ?report.initialised, labels = ?data.labels.names(), "a new classification head");
-        }
-        model.set_training(true);
-        let pad = tokenizer
-            .pad_id()
-            .map_or(model.config().pad_token_id, i64::from);
-        let mut params: Vec<(String, tch::Tensor)> =
-            model.var_store().variables().into_iter().collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        let optimizer = Optimizer::new(&spec.optim, params)?;
         let global = spec.train.global_batch_size;
         let n = data.train.examples.len();
         let plan =
@@ -190,12 +196,12 @@ impl ClassifierTrainer {
                 }
             })?;
         let steps_per_epoch = plan.steps_per_epoch();
-        let total_steps = spec.total_steps(steps_per_epoch);
-        let weight = match spec.objective.loss {
-            Loss::Combined => Some(spec.objective.negative_weight),
-            _ => None,
+        let shape = ClusterShape {
+            steps_per_epoch,
+            total_steps: spec.total_steps(steps_per_epoch),
+            has_eval: data.eval.is_some(),
         };
-        if weight.is_some()
+        if spec.objective.loss == Loss::Combined
             && data.train.counts.negatives == 0
             && !matches!(spec.data.negatives, Some(Negatives::Adversarial))
         {
@@ -203,16 +209,95 @@ impl ClassifierTrainer {
                 "objective.loss = \"combined\" but the training data has no negatives: only the cross-entropy trains"
             );
         }
+        let labels = data.labels.clone();
+        Self::assemble(
+            spec,
+            opts,
+            collective,
+            labels,
+            Feed::Local { data, plan },
+            shape,
+        )
+    }
+
+    /// In a cluster: batches come from the coordinator (`source`), the run's
+    /// shape and labels too (the labels in the spec it sends).
+    pub fn for_cluster(
+        spec: RunSpec,
+        device: Device,
+        source: Box<dyn TaggedSource>,
+        shape: ClusterShape,
+    ) -> Result<Self> {
+        check_model(&spec)?;
+        let labels = dpo_data::tagged::Labels::new(spec.task.labels.clone()).map_err(|reason| {
+            Error::Input {
+                context: "task.labels from the coordinator".into(),
+                reason,
+            }
+        })?;
+        let opts = ClassifyOptions {
+            device,
+            resume: false,
+            halt_after_step: None,
+        };
+        let out = spec.train.output.clone();
+        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        Self::assemble(
+            spec,
+            opts,
+            Box::new(crate::collective::Solo),
+            labels,
+            Feed::Remote(source),
+            shape,
+        )
+    }
+
+    fn assemble(
+        spec: RunSpec,
+        opts: ClassifyOptions,
+        collective: Box<dyn Collective>,
+        labels: dpo_data::tagged::Labels,
+        feed: Feed,
+        shape: ClusterShape,
+    ) -> Result<Self> {
+        let device = opts.device;
+        crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
+        let dir = spec.model.path.clone();
+        let head = head_of(spec.task.kind);
+        let (mut model, report) = Encoder::load(
+            &dir,
+            head,
+            Some(labels.names().to_vec()),
+            kind_of(spec.model.dtype),
+            device,
+            spec.data.seed,
+        )?;
+        if !report.initialised.is_empty() {
+            tracing::info!(new = ?report.initialised, labels = ?labels.names(), "a new classification head");
+        }
+        model.set_training(true);
+        let pad = TextTokenizer::from_dir(&dir)?
+            .pad_id()
+            .map_or(model.config().pad_token_id, i64::from);
+        let mut params: Vec<(String, tch::Tensor)> =
+            model.var_store().variables().into_iter().collect();
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        let optimizer = Optimizer::new(&spec.optim, params)?;
+        let weight = match spec.objective.loss {
+            Loss::Combined => Some(spec.objective.negative_weight),
+            _ => None,
+        };
         Ok(ClassifierTrainer {
             tokenizer_dir: dir,
             spec,
             collective,
             model,
-            data,
+            labels,
+            feed,
+            has_eval: shape.has_eval,
             optimizer,
-            plan,
-            total_steps,
-            steps_per_epoch,
+            total_steps: shape.total_steps,
+            steps_per_epoch: shape.steps_per_epoch,
             pad,
             weight,
             step: 0,
@@ -230,7 +315,7 @@ impl ClassifierTrainer {
     }
 
     pub fn labels(&self) -> &[String] {
-        self.data.labels.names()
+        self.labels.names()
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -250,22 +335,28 @@ impl ClassifierTrainer {
         {
             return Ok(());
         }
+        let Feed::Local { data, .. } = &mut self.feed else {
+            return Err(Error::Input {
+                context: "data.negatives".into(),
+                reason: "adversarial negatives are mined by `dpo-worker train`, not in a cluster"
+                    .into(),
+            });
+        };
         let started = Instant::now();
         let k = self.spec.task.negatives_per_label;
         let mined = evaluate::mine_adversarial(
             &mut self.model,
-            &self.data.train.examples,
+            &data.train.examples,
             self.pad,
             self.spec.micro_batch_size(),
             k,
         )?;
         let mut count = 0;
-        for ((e, given), extra) in self
-            .data
+        for ((e, given), extra) in data
             .train
             .examples
             .iter_mut()
-            .zip(&self.data.train.given_negatives)
+            .zip(&data.train.given_negatives)
             .zip(mined)
         {
             let mut all = given.clone();
@@ -285,17 +376,38 @@ impl ClassifierTrainer {
         Ok(())
     }
 
+    /// This rank's share of the global batch of `self.step` (mining the
+    /// epoch's adversarial negatives first), and the batch's totals.
+    fn share(&mut self, rank: usize, world: usize) -> Result<(Vec<Encoded>, Norm)> {
+        let step = self.step;
+        if let Feed::Local { plan, .. } = &self.feed {
+            let (epoch, _) = plan.position(step);
+            self.mine(epoch)?;
+        }
+        match &mut self.feed {
+            Feed::Local { data, plan } => {
+                let idx = plan.indices(step);
+                let batch: Vec<&Encoded> = idx.iter().map(|&i| &data.train.examples[i]).collect();
+                let norm = Norm::of(batch.iter().copied());
+                let (start, len) = rank_range(batch.len(), world, rank);
+                Ok((
+                    batch[start..start + len]
+                        .iter()
+                        .map(|e| (*e).clone())
+                        .collect(),
+                    norm,
+                ))
+            }
+            Feed::Remote(source) => source.train(step, rank, world),
+        }
+    }
+
     /// One optimizer step over the global batch of `self.step`.
-    fn train_step(&mut self) -> Result<Metrics> {
+    pub fn train_step(&mut self) -> Result<Metrics> {
         let started = Instant::now();
-        let (epoch, _) = self.plan.position(self.step);
-        self.mine(epoch)?;
-        let idx = self.plan.indices(self.step);
-        let batch: Vec<&Encoded> = idx.iter().map(|&i| &self.data.train.examples[i]).collect();
-        let norm = Norm::of(batch.iter().copied());
         let (world, rank) = (self.collective.world_size(), self.collective.rank());
-        let (start, len) = rank_range(batch.len(), world, rank);
-        let mine = &batch[start..start + len];
+        let (mine, norm) = self.share(rank, world)?;
+        let mine: Vec<&Encoded> = mine.iter().collect();
         self.optimizer.zero_grad()?;
         self.model.set_training(true);
         let mut sums = Sums::default();
@@ -387,22 +499,56 @@ impl ClassifierTrainer {
         Ok(total)
     }
 
-    /// Evaluates the eval split (every rank the whole of it: ranks hold the same
-    /// weights and reach the same decision).
+    /// Evaluates the eval split: each rank predicts its share, the shares are
+    /// gathered in rank order and every rank builds the same report.
     pub fn evaluate(&mut self) -> Result<Option<EvalReport>> {
-        let Some(eval) = &self.data.eval else {
+        if !self.has_eval {
             return Ok(None);
+        }
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let mine = match &mut self.feed {
+            Feed::Local { data, .. } => match &data.eval {
+                Some(eval) => {
+                    let (start, len) = rank_range(eval.examples.len(), world, rank);
+                    eval.examples[start..start + len].to_vec()
+                }
+                None => return Ok(None),
+            },
+            Feed::Remote(source) => source.eval(rank, world)?,
         };
-        let report = evaluate::evaluate(
+        let part = evaluate::predict_share(
             &mut self.model,
-            &eval.examples,
-            &self.data.labels,
+            &mine,
             self.pad,
             self.spec.micro_batch_size(),
             self.weight,
         )?;
         self.model.set_training(true);
-        Ok(Some(report))
+        let parts = if world == 1 {
+            vec![part]
+        } else {
+            let bytes = serde_json::to_vec(&part).map_err(|e| Error::Input {
+                context: "evaluation".into(),
+                reason: e.to_string(),
+            })?;
+            self.collective
+                .all_gather(&bytes)?
+                .into_iter()
+                .enumerate()
+                .map(|(r, b)| {
+                    serde_json::from_slice::<evaluate::Partial>(&b).map_err(|e| Error::Input {
+                        context: format!("evaluation share of rank {r}"),
+                        reason: e.to_string(),
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        Ok(Some(evaluate::report(
+            &parts,
+            &self.labels,
+            self.model.head(),
+            self.weight,
+        )))
     }
 
     /// Whether `report` is the best so far (and the early-stopping count).
@@ -499,30 +645,36 @@ impl ClassifierTrainer {
                     reason: "this output directory already holds a run: pass --resume to continue it, or set train.output to a new directory".into(),
                 });
             }
+            let (train, eval) = match &self.feed {
+                Feed::Local { data, .. } => (
+                    Some(counts_json(&data.train.counts)),
+                    data.eval.as_ref().map(|e| counts_json(&e.counts)),
+                ),
+                Feed::Remote(_) => (None, None),
+            };
             let run = json!({
                 "spec": serde_json::to_value(&self.spec).unwrap_or_default(),
-                "labels": self.data.labels.names(),
-                "data": {
-                    "train": counts_json(&self.data.train.counts),
-                    "eval": self.data.eval.as_ref().map(|e| counts_json(&e.counts)),
-                },
+                "labels": self.labels.names(),
+                "data": {"train": train, "eval": eval},
                 "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps,
             });
             model_io::write_json(&out.join("run.json"), &run)?;
         }
-        on_event(Event::Started {
-            total_steps: self.total_steps,
-            labels: self.data.labels.names(),
-            train: &self.data.train.counts,
-            eval: self.data.eval.as_ref().map(|e| &e.counts),
-        });
+        if let Feed::Local { data, .. } = &self.feed {
+            on_event(Event::Started {
+                total_steps: self.total_steps,
+                labels: self.labels.names(),
+                train: &data.train.counts,
+                eval: data.eval.as_ref().map(|e| &e.counts),
+            });
+        }
         let mut metrics_file = if writer {
             Some(open_append(&out.join("metrics.jsonl"))?)
         } else {
             None
         };
-        let mut eval_file = if writer && self.data.eval.is_some() {
+        let mut eval_file = if writer && self.has_eval {
             Some(open_append(&out.join("eval.jsonl"))?)
         } else {
             None

@@ -95,7 +95,7 @@ impl Batch {
 }
 
 /// Sums over a micro-batch (or many), for metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Sums {
     pub ce: f64,
     pub negative: f64,
