@@ -94,7 +94,10 @@ pub trait TaggedSource: Send {
 
 /// The examples of a run: held here (standalone), or served by the coordinator.
 enum Feed {
-    Local { data: TaskData, plan: EpochPlan },
+    Local {
+        data: Box<TaskData>,
+        plan: EpochPlan,
+    },
     Remote(Box<dyn TaggedSource>),
 }
 
