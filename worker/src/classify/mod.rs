@@ -218,7 +218,10 @@ impl ClassifierTrainer {
             opts,
             collective,
             labels,
-            Feed::Local { data, plan },
+            Feed::Local {
+                data: Box::new(data),
+                plan,
+            },
             shape,
         )
     }
