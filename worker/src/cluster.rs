@@ -20,10 +20,13 @@ use tch::Device;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::classify::objective::Norm;
+use crate::classify::{ClassifierTrainer, ClusterShape, TaggedSource};
 use crate::collective::tcp::{TcpCollective, TcpOptions};
 use crate::collective::{AbortSignal, CollectiveError};
 use crate::error::{Disposition, Error, Result};
-use crate::train::{Batches, Metrics, RunShape, Slice, TrainOptions, Trainer};
+use crate::train::{Batches, Metrics, RunShape, Slice, Synced, TrainOptions, Trainer};
+use dpo_data::tagged::Encoded;
 
 type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
 
@@ -151,7 +154,8 @@ fn from_proto(e: v1::Example) -> Example {
 }
 
 impl RemoteBatches {
-    fn fetch(&mut self, split: v1::Split, step: u64) -> Result<Slice> {
+    /// This rank's batch of `split` at `step`, as the coordinator serves it.
+    fn fetch_raw(&mut self, split: v1::Split, step: u64) -> Result<v1::Batch> {
         let (generation, rank, signal) = {
             let c = self
                 .shared
@@ -171,11 +175,15 @@ impl RemoteBatches {
             split: split as i32,
         };
         let client = self.client.clone();
-        let batch = call(&self.rt, &signal, "fetch batch", || {
+        call(&self.rt, &signal, "fetch batch", || {
             let mut c = client.clone();
             let r = req.clone();
             async move { c.fetch_batch(r).await }
-        })?;
+        })
+    }
+
+    fn fetch(&mut self, split: v1::Split, step: u64) -> Result<Slice> {
+        let batch = self.fetch_raw(split, step)?;
         let reference = if batch.reference_chosen.len() == batch.examples.len()
             && batch.reference_rejected.len() == batch.examples.len()
         {
@@ -219,6 +227,178 @@ impl Batches for RemoteBatches {
     }
 }
 
+fn from_tagged_proto(e: v1::TaggedExample) -> Encoded {
+    Encoded {
+        line: e.line as usize,
+        input_ids: e.input_ids,
+        targets: e
+            .target_positions
+            .into_iter()
+            .zip(e.target_labels)
+            .collect(),
+        negatives: e
+            .negative_positions
+            .into_iter()
+            .zip(e.negative_labels)
+            .collect(),
+        word_starts: e.word_starts,
+        gold: e.gold,
+    }
+}
+
+impl TaggedSource for RemoteBatches {
+    fn train(&mut self, step: u64, _rank: usize, _world: usize) -> Result<(Vec<Encoded>, Norm)> {
+        let batch = self.fetch_raw(v1::Split::Train, step)?;
+        let norm = Norm {
+            targets: batch.total_targets,
+            negatives: batch.total_negatives,
+        };
+        Ok((
+            batch.tagged.into_iter().map(from_tagged_proto).collect(),
+            norm,
+        ))
+    }
+
+    fn eval(&mut self, _rank: usize, _world: usize) -> Result<Vec<Encoded>> {
+        let batch = self.fetch_raw(v1::Split::Eval, 0)?;
+        Ok(batch.tagged.into_iter().map(from_tagged_proto).collect())
+    }
+}
+
+/// The trainer of the run a worker holds: a causal LM's, or a classifier's.
+enum RunTrainer {
+    Lm(Box<Trainer>),
+    Classifier(Box<ClassifierTrainer>),
+}
+
+impl RunTrainer {
+    fn step(&self) -> u64 {
+        match self {
+            RunTrainer::Lm(t) => t.step(),
+            RunTrainer::Classifier(t) => t.step(),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        match self {
+            RunTrainer::Lm(t) => t.finished(),
+            RunTrainer::Classifier(t) => t.finished(),
+        }
+    }
+
+    fn stopped_early(&self) -> bool {
+        match self {
+            RunTrainer::Lm(t) => t.stopped_early(),
+            RunTrainer::Classifier(t) => t.stopped_early(),
+        }
+    }
+
+    fn set_collective(&mut self, c: Box<dyn crate::collective::Collective>, generation: u64) {
+        match self {
+            RunTrainer::Lm(t) => t.set_collective(c, generation),
+            RunTrainer::Classifier(t) => t.set_collective(c, generation),
+        }
+    }
+
+    fn restore_checkpoint(&mut self, dir: &std::path::Path) -> Result<()> {
+        match self {
+            RunTrainer::Lm(t) => t.restore_checkpoint(dir),
+            RunTrainer::Classifier(t) => t.restore_checkpoint(dir),
+        }
+    }
+
+    fn sync_world(&mut self, checkpoint: Option<(&std::path::Path, u64)>) -> Result<Synced> {
+        match self {
+            RunTrainer::Lm(t) => t.sync_world(checkpoint),
+            RunTrainer::Classifier(t) => Ok(Synced {
+                root: t.sync_world()?,
+                ..Synced::default()
+            }),
+        }
+    }
+
+    fn reference_staged(&self) -> bool {
+        match self {
+            RunTrainer::Lm(t) => t.reference_staged(),
+            RunTrainer::Classifier(_) => false,
+        }
+    }
+
+    fn set_leaving(&mut self, leaving: bool) {
+        if let RunTrainer::Lm(t) = self {
+            t.set_leaving(leaving);
+        }
+    }
+
+    fn train_step(&mut self) -> Result<Metrics> {
+        match self {
+            RunTrainer::Lm(t) => t.train_step(),
+            RunTrainer::Classifier(t) => t.train_step(),
+        }
+    }
+
+    fn maybe_evaluate(&mut self) -> Result<Option<Metrics>> {
+        match self {
+            RunTrainer::Lm(t) => t.maybe_evaluate(),
+            RunTrainer::Classifier(t) => t.maybe_evaluate(),
+        }
+    }
+
+    fn maybe_checkpoint(&mut self) -> Result<Option<std::path::PathBuf>> {
+        match self {
+            RunTrainer::Lm(t) => t.maybe_checkpoint(),
+            RunTrainer::Classifier(t) => t.maybe_checkpoint(),
+        }
+    }
+
+    fn prune_checkpoints(&self) -> Result<()> {
+        match self {
+            RunTrainer::Lm(t) => t.prune_checkpoints().map(|_| ()),
+            RunTrainer::Classifier(t) => t.prune_checkpoints(),
+        }
+    }
+
+    /// The ranks leaving after this step (ZeRO hands their shares over).
+    fn leavers(&self) -> &[usize] {
+        match self {
+            RunTrainer::Lm(t) => t.leavers(),
+            RunTrainer::Classifier(_) => &[],
+        }
+    }
+
+    fn hand_off(&mut self) -> Result<bool> {
+        match self {
+            RunTrainer::Lm(t) => t.hand_off(),
+            RunTrainer::Classifier(_) => {
+                Err(Error::State("a classifier holds no shares to hand off"))
+            }
+        }
+    }
+
+    fn sharded(&self) -> bool {
+        match self {
+            RunTrainer::Lm(t) => t.sharded(),
+            RunTrainer::Classifier(_) => false,
+        }
+    }
+
+    fn save_final(&self) -> Result<()> {
+        match self {
+            RunTrainer::Lm(t) => t.save_final().map(|_| ()),
+            RunTrainer::Classifier(t) => t.save_final(),
+        }
+    }
+
+    fn lm(&mut self) -> Result<&mut Trainer> {
+        match self {
+            RunTrainer::Lm(t) => Ok(t),
+            RunTrainer::Classifier(_) => {
+                Err(Error::State("a classification run has no reference stage"))
+            }
+        }
+    }
+}
+
 fn metrics_proto(m: &Metrics) -> Vec<v1::Metric> {
     m.iter()
         .map(|(name, value)| v1::Metric {
@@ -235,7 +415,7 @@ struct Worker {
     device: Device,
     listener: TcpListener,
     shared: Arc<Shared>,
-    trainer: Option<(String, Trainer)>,
+    trainer: Option<(String, RunTrainer)>,
     /// The trainer was made for its run but has not restored the run's
     /// committed checkpoint yet (that happens once it is in a world).
     restore_pending: bool,
@@ -439,8 +619,23 @@ impl Worker {
                 halt_after_step: None,
             };
             tracing::info!(run = %work.run_id, name = %spec.name, "loading the run's model");
-            let mut trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
-            trainer.set_tear_at_step(self.tear_at_step.take());
+            let trainer = if spec.task.kind.is_classification() {
+                let shape = ClusterShape {
+                    steps_per_epoch: shape.steps_per_epoch,
+                    total_steps: shape.total_steps,
+                    has_eval: shape.has_eval,
+                };
+                RunTrainer::Classifier(Box::new(ClassifierTrainer::for_cluster(
+                    spec,
+                    self.device,
+                    Box::new(batches),
+                    shape,
+                )?))
+            } else {
+                let mut trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
+                trainer.set_tear_at_step(self.tear_at_step.take());
+                RunTrainer::Lm(Box::new(trainer))
+            };
             self.trainer = Some((work.run_id.clone(), trainer));
             self.restore_pending = true;
         }
@@ -665,7 +860,7 @@ impl Worker {
             let Some((_, trainer)) = self.trainer.as_mut() else {
                 return Err(Error::State("no trainer for the run"));
             };
-            let records = trainer.score_reference(&examples)?;
+            let records = trainer.lm()?.score_reference(&examples)?;
             scored += examples.len();
             let (keys, sums): (Vec<Vec<u8>>, Vec<f32>) =
                 records.into_iter().map(|(k, v)| (k.to_vec(), v)).unzip();
@@ -691,7 +886,7 @@ impl Worker {
         let Some((_, trainer)) = self.trainer.as_mut() else {
             return Err(Error::State("no trainer for the run"));
         };
-        trainer.finish_reference_stage()?;
+        trainer.lm()?.finish_reference_stage()?;
         tracing::info!(
             generation = work.generation,
             scored,

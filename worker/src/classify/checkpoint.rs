@@ -35,8 +35,7 @@ impl ClassifierTrainer {
         self.output().join("checkpoints")
     }
 
-    /// Writes `checkpoints/step-N` for the current step (rank 0), then removes
-    /// the oldest beyond `train.save_total_limit`.
+    /// Writes `checkpoints/step-N` for the current step (rank 0).
     pub(super) fn write_checkpoint(&self) -> Result<PathBuf> {
         let root = self.checkpoints_dir();
         let tmp = root.join(format!(".step-{}.tmp", self.step));
@@ -71,17 +70,23 @@ impl ClassifierTrainer {
             reason: e.to_string(),
         })?;
         model_io::write_json(&tmp.join("trainer_state.json"), &value)?;
-        let dir = seal_checkpoint(&tmp, &root, self.step)?;
+        seal_checkpoint(&tmp, &root, self.step)
+    }
+
+    /// Keeps the newest `train.save_total_limit` checkpoints (rank 0); called
+    /// once the newest is committed, so the one a restart resumes from stays.
+    pub fn prune_checkpoints(&self) -> Result<()> {
         let keep = self.spec.train.save_total_limit;
-        if keep > 0 {
-            let mut all = step_dirs(&root)?;
-            all.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
-            for (_, old) in all.into_iter().skip(keep as usize) {
-                std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-                tracing::info!(dir = %old.display(), keep, "removed an old checkpoint (train.save_total_limit)");
-            }
+        if keep == 0 || self.collective.rank() != 0 {
+            return Ok(());
         }
-        Ok(dir)
+        let mut all = step_dirs(&self.checkpoints_dir())?;
+        all.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
+        for (_, old) in all.into_iter().skip(keep as usize) {
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+            tracing::info!(dir = %old.display(), keep, "removed an old checkpoint (train.save_total_limit)");
+        }
+        Ok(())
     }
 
     /// Continues from checkpoint `dir`: weights, AdamW state, trainer state and

@@ -159,6 +159,8 @@ pub struct ClassifierTrainer {
     /// The negative term's weight (`None`: `sft`, cross-entropy only).
     weight: Option<f64>,
     step: u64,
+    /// The generation of the world (0 standalone; set by the coordinator).
+    generation: u64,
     resume: bool,
     halt_after_step: Option<u64>,
     /// The epoch whose adversarial negatives are mined.
@@ -307,6 +309,7 @@ impl ClassifierTrainer {
             pad,
             weight,
             step: 0,
+            generation: 0,
             resume: opts.resume,
             halt_after_step: opts.halt_after_step,
             mined_epoch: None,
@@ -457,6 +460,7 @@ impl ClassifierTrainer {
         m.extend(sums.metrics(self.weight, ""));
         m.push(("grad_norm".into(), grad_norm));
         m.push(("learning_rate".into(), lr));
+        m.push(("generation".into(), self.generation as f64));
         m.push(("world_size".into(), world as f64));
         m.push(("step_seconds".into(), started.elapsed().as_secs_f64()));
         Ok(m)
@@ -602,6 +606,184 @@ impl ClassifierTrainer {
         due || self.step == self.total_steps
     }
 
+    /// Optimizer steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether the run has nothing left to train.
+    pub fn finished(&self) -> bool {
+        self.step >= self.total_steps || self.stopped_early
+    }
+
+    pub fn stopped_early(&self) -> bool {
+        self.stopped_early
+    }
+
+    /// Joins a new world (generation): later collectives go to `collective`.
+    pub fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
+        self.collective = collective;
+        self.generation = generation;
+    }
+
+    /// Loads the committed checkpoint `dir` (a cluster's resume point).
+    pub fn restore_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        self.restore(dir)
+    }
+
+    /// Evaluates when the step calls for it (end of an epoch, `eval_every`, the
+    /// last step) and judges the result; rank 0 keeps the best weights in
+    /// `best/`. Returns the report and whether it is the best so far.
+    fn evaluate_if_due(&mut self) -> Result<Option<(EvalReport, bool)>> {
+        if !self.eval_due() {
+            return Ok(None);
+        }
+        let Some(report) = self.evaluate()? else {
+            return Ok(None);
+        };
+        let better = self.judge(&report)?;
+        if better && self.collective.rank() == 0 {
+            self.save_model("best")?;
+        }
+        Ok(Some((report, better)))
+    }
+
+    /// [`Self::evaluate_if_due`]'s metrics (`eval_*`, with `step`), as a
+    /// cluster reports them.
+    pub fn maybe_evaluate(&mut self) -> Result<Option<Metrics>> {
+        Ok(self
+            .evaluate_if_due()?
+            .map(|(report, _)| report.metrics(self.step)))
+    }
+
+    /// Writes the checkpoint of this step when `train.checkpoint_every` calls
+    /// for it (rank 0; not at the last step, which writes `final/`).
+    pub fn maybe_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        let every = self.spec.train.checkpoint_every;
+        let due = every > 0
+            && self.step % every == 0
+            && self.step < self.total_steps
+            && !self.stopped_early;
+        if !due || self.collective.rank() != 0 {
+            return Ok(None);
+        }
+        self.write_checkpoint().map(Some)
+    }
+
+    /// `final/` (rank 0): the best evaluation's weights (`best/`), else the
+    /// current ones.
+    pub fn save_final(&self) -> Result<()> {
+        if self.collective.rank() != 0 {
+            return Ok(());
+        }
+        let out = self.output();
+        let final_dir = out.join("final");
+        if out.join("best").exists() {
+            let tmp = out.join(".final.tmp");
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+            }
+            copy_dir(&out.join("best"), &tmp)?;
+            if final_dir.exists() {
+                std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
+            }
+            std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
+        } else {
+            self.save_model("final")?;
+        }
+        Ok(())
+    }
+
+    /// Brings every rank of a (new) world to the same state: the ranks compare
+    /// (step, parameter hash); if they differ, the lowest rank among those
+    /// furthest ahead sends its parameters, AdamW moments and trainer state.
+    /// Returns that root.
+    pub fn sync_world(&mut self) -> Result<Option<usize>> {
+        if self.collective.world_size() == 1 {
+            return Ok(None);
+        }
+        let mut mine = self.step.to_le_bytes().to_vec();
+        mine.extend(self.parameter_hash()?.to_le_bytes());
+        let all = self.collective.all_gather(&mine)?;
+        if all.iter().any(|b| b.len() != 16) {
+            return Err(Error::Input {
+                context: "collective".into(),
+                reason: "malformed state summary from a peer".into(),
+            });
+        }
+        if all.iter().all(|b| *b == all[0]) {
+            return Ok(None);
+        }
+        let step_of = |b: &[u8]| {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(&b[..8]);
+            u64::from_le_bytes(a)
+        };
+        let max = all.iter().map(|b| step_of(b)).max().unwrap_or(0);
+        let root = all.iter().position(|b| step_of(b) == max).unwrap_or(0);
+        let state = json!({
+            "step": self.step,
+            "best_step": self.best.map(|b| b.0),
+            "best_metric": self.best.map(|b| b.1),
+            "bad_evals": self.bad_evals,
+            "stopped_early": self.stopped_early,
+        });
+        let got = self
+            .collective
+            .broadcast(state.to_string().as_bytes(), root)?;
+        let state: serde_json::Value = serde_json::from_slice(&got).map_err(|e| Error::Input {
+            context: format!("training state from rank {root}"),
+            reason: e.to_string(),
+        })?;
+        let number = |k: &str| state.get(k).and_then(serde_json::Value::as_u64);
+        self.step = number("step").unwrap_or(0);
+        self.best =
+            number("best_step").zip(state.get("best_metric").and_then(serde_json::Value::as_f64));
+        self.bad_evals = number("bad_evals").unwrap_or(0);
+        self.stopped_early = state
+            .get("stopped_early")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(false);
+        let params: Vec<tch::Tensor> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(tch::Tensor::shallow_clone)
+            .collect();
+        crate::collective::broadcast_tensors(&params, root, self.collective.as_mut())?;
+        self.optimizer.step = self.step;
+        if self.step > 0 {
+            let moments = self.optimizer.moments_mut()?;
+            crate::collective::broadcast_tensors(&moments, root, self.collective.as_mut())?;
+        }
+        tracing::info!(
+            rank = self.collective.rank(),
+            root,
+            step = self.step,
+            "synchronised training state"
+        );
+        Ok(Some(root))
+    }
+
+    /// A hash of the parameters' bytes (FNV-1a), to tell whether ranks agree.
+    fn parameter_hash(&self) -> Result<u64> {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for p in self.optimizer.params() {
+            let t = p
+                .f_detach()
+                .and_then(|t| t.f_to_device(Device::Cpu))
+                .and_then(|t| t.f_contiguous())
+                .op("parameter hash")?;
+            let n = t.numel();
+            let mut bytes = vec![0u8; n * t.kind().elt_size_in_bytes()];
+            t.f_copy_data_u8(&mut bytes, n).op("parameter hash")?;
+            for b in bytes {
+                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        Ok(hash)
+    }
+
     /// Saves the model as an HF directory, atomically (a temporary name, renamed).
     fn save_model(&self, name: &str) -> Result<PathBuf> {
         let out = self.output().to_path_buf();
@@ -707,10 +889,7 @@ impl ClassifierTrainer {
                 total_steps: self.total_steps,
                 metrics: &last,
             });
-            if self.eval_due()
-                && let Some(report) = self.evaluate()?
-            {
-                let better = self.judge(&report)?;
+            if let Some((report, better)) = self.evaluate_if_due()? {
                 if let Some(f) = eval_file.as_mut() {
                     write_line(f, &out.join("eval.jsonl"), &report.metrics(self.step))?;
                 }
@@ -719,31 +898,17 @@ impl ClassifierTrainer {
                     report: &report,
                 });
                 if better {
-                    if writer {
-                        self.save_model("best")?;
-                    }
                     best_eval = Some(report);
                 }
             }
-            let every = self.spec.train.checkpoint_every;
-            if writer && every > 0 && self.step % every == 0 {
-                self.write_checkpoint()?;
+            if self.maybe_checkpoint()?.is_some() {
+                self.prune_checkpoints()?;
             }
             if self.halt_after_step == Some(self.step) {
                 return Err(Error::Halted { step: self.step });
             }
         }
-        if writer {
-            let final_dir = out.join("final");
-            if out.join("best").exists() {
-                if final_dir.exists() {
-                    std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
-                }
-                copy_dir(&out.join("best"), &final_dir)?;
-            } else {
-                self.save_model("final")?;
-            }
-        }
+        self.save_final()?;
         Ok(Summary {
             steps: self.step,
             last,
