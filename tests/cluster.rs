@@ -1055,7 +1055,7 @@ fn ner_spec(case: &Case, name: &str, extra: &str) -> std::path::PathBuf {
         &path,
         format!(
             "name = \"{name}\"\n[model]\npath = \"{model}\"\n[task]\ntype = \"token-classification\"\n\
-             [data]\ntrain = \"{train}\"\neval = \"{eval}\"\nnegatives = \"confusion\"\nmax_length = 48\nseed = 5\n\
+             negatives_per_label = 2\n[data]\ntrain = \"{train}\"\neval = \"{eval}\"\nnegatives = \"adversarial\"\nmax_length = 48\nseed = 5\n\
              [objective]\nloss = \"combined\"\n[optim]\nlr = 0.003\n\
              [train]\nglobal_batch_size = 6\nmicro_batch_size = 1\noutput = \"{out}\"\n{extra}\n",
             model = dir.join("bert").display(),
@@ -1085,7 +1085,8 @@ fn encoder_diff(a: &Path, b: &Path) -> f32 {
     d
 }
 
-/// NER with negatives through the coordinator: two workers, one killed with
+/// NER with adversarial negatives through the coordinator (each rank mines its
+/// share with the weights of the epoch's start): two workers, one killed with
 /// kill -9 mid-run and a third joining, train every step exactly once and end
 /// with the weights of one `dpo-worker train` process; the coordinator writes
 /// the entity scores of each evaluation to eval.jsonl, and final/ is the HF

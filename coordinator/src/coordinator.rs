@@ -976,11 +976,6 @@ fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunDat
 /// model's tokenizer once, and kept in the run's shard directory.
 fn prepare_tagged(spec: &RunSpec, shard_dir: &Path) -> Result<RunData> {
     use dpo_data::task_data;
-    if spec.data.negatives == Some(dpo_proto::Negatives::Adversarial) {
-        return Err(Refusal::Invalid(
-            "data.negatives: \"adversarial\" negatives are mined by `dpo-worker train` (standalone); the cluster does not mine them yet".into(),
-        ));
-    }
     let invalid = |e: dpo_data::Error| Refusal::Invalid(e.to_string());
     let tokenizer = dpo_data::TextTokenizer::from_dir(&spec.model.path).map_err(invalid)?;
     let max_positions = task_data::max_positions(&spec.model.path).map_err(invalid)?;

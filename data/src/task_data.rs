@@ -33,9 +33,6 @@ pub struct DataCounts {
 #[derive(Debug, Clone)]
 pub struct Split {
     pub examples: Vec<Encoded>,
-    /// The negatives each example came with (inline, a file, or generated once),
-    /// which adversarial mining adds to.
-    pub given_negatives: Vec<Vec<(u32, u32)>>,
     pub counts: DataCounts,
 }
 
@@ -144,11 +141,7 @@ pub fn encode_split(
             "examples were cut to max_length: the words past it are neither trained nor scored"
         );
     }
-    Ok(Split {
-        given_negatives: examples.iter().map(|e| e.negatives.clone()).collect(),
-        examples,
-        counts,
-    })
+    Ok(Split { examples, counts })
 }
 
 /// Up to `k` distinct labels out of `candidates`, chosen by `rng`.

@@ -623,9 +623,10 @@ fn two_ranks_train_the_weights_of_one_process() {
     }
 }
 
-/// A run killed after step 3 (checkpoints every 2 steps) and resumed ends with
-/// the weights, metrics and evaluations of a run never interrupted, bit for bit
-/// — with dropout on and adversarial negatives mined every epoch.
+/// A run killed after step 3 (mid-epoch; a checkpoint every step) and resumed
+/// ends with the weights, metrics and evaluations of a run never interrupted,
+/// bit for bit — with dropout on and adversarial negatives mined with the
+/// weights of each epoch's start (which the checkpoint carries).
 #[test]
 fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
     let dir = tempdir();
@@ -652,7 +653,7 @@ fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
                 "name = \"resume\"\n[model]\npath = \"model\"\n[task]\ntype = \"token-classification\"\n\
                  negatives_per_label = 2\n[data]\ntrain = \"data.jsonl\"\neval = \"data.jsonl\"\n\
                  negatives = \"adversarial\"\nmax_length = 32\n[optim]\nlr = 0.01\n[train]\nepochs = 3\n\
-                 global_batch_size = 4\nmicro_batch_size = 2\ncheckpoint_every = 2\nsave_total_limit = 1\n\
+                 global_batch_size = 4\nmicro_batch_size = 2\ncheckpoint_every = 1\nsave_total_limit = 1\n\
                  metric_for_best_model = \"eval_f1\"\noutput = \"{out}\"\n"
             ),
         )
@@ -735,7 +736,7 @@ fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
         .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect();
     // The last step writes final/, not a checkpoint; older ones are pruned.
-    assert_eq!(kept, vec!["step-4"], "save_total_limit = 1");
+    assert_eq!(kept, vec!["step-5"], "save_total_limit = 1");
 }
 
 /// A task and a model that do not fit are refused naming the model's config.

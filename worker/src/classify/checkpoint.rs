@@ -1,14 +1,15 @@
 //! Checkpoints of a classification run: `checkpoints/step-N/` with the model
 //! (an HF directory), the AdamW state, the trainer state (step, early stopping,
-//! the best evaluation) and, for adversarial negatives, the epoch's mined
-//! negatives — sealed by a manifest of checksums like the causal LMs' — and the
+//! the best evaluation) and, for adversarial negatives, the weights of the
+//! epoch's start they are mined with — sealed by a manifest of checksums like the
+//! causal LMs' — and the
 //! resume that continues from one exactly: the data order is a function of the
 //! seed and epoch, dropout masks of the seed, step and micro-batch.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::ClassifierTrainer;
 use crate::error::{Error, Result, TorchContext, io_err};
@@ -24,11 +25,12 @@ struct State {
     best_metric: Option<f64>,
     bad_evals: u64,
     stopped_early: bool,
-    /// The epoch the saved negatives were mined for (adversarial).
-    mined_epoch: Option<u64>,
+    /// The epoch whose mining weights `miner.safetensors` holds (adversarial).
+    #[serde(default)]
+    miner_epoch: Option<u64>,
 }
 
-const NEGATIVES: &str = "negatives.safetensors";
+const MINER: &str = "miner.safetensors";
 
 impl ClassifierTrainer {
     pub(super) fn checkpoints_dir(&self) -> PathBuf {
@@ -46,16 +48,15 @@ impl ClassifierTrainer {
         self.model
             .save(&tmp.join("model"), Some(&self.tokenizer_dir), 5 << 30)?;
         model_io::write_tensors(&tmp.join("optimizer.safetensors"), &self.optimizer.state())?;
-        if let (Some(epoch), super::Feed::Local { data, .. }) = (self.mined_epoch, &self.feed) {
-            let mut flat: Vec<i64> = Vec::new();
-            for (i, e) in data.train.examples.iter().enumerate() {
-                for &(pos, label) in &e.negatives {
-                    flat.extend([i as i64, pos as i64, label as i64]);
-                }
-            }
-            let n = (flat.len() / 3) as i64;
-            let t = Tensor::from_slice(&flat).view([n, 3]);
-            model_io::write_tensors(&tmp.join(NEGATIVES), &[(format!("epoch-{epoch}"), t)])?;
+        if let Some(miner) = &self.miner {
+            let named: Vec<(String, Tensor)> = self
+                .optimizer
+                .names()
+                .iter()
+                .cloned()
+                .zip(miner.params.iter().map(Tensor::shallow_clone))
+                .collect();
+            model_io::write_tensors(&tmp.join(MINER), &named)?;
         }
         let state = State {
             step: self.step,
@@ -63,7 +64,7 @@ impl ClassifierTrainer {
             best_metric: self.best.map(|b| b.1),
             bad_evals: self.bad_evals,
             stopped_early: self.stopped_early,
-            mined_epoch: self.mined_epoch,
+            miner_epoch: self.miner.as_ref().map(|m| m.epoch),
         };
         let value = serde_json::to_value(&state).map_err(|e| Error::Input {
             context: "trainer state".into(),
@@ -129,45 +130,26 @@ impl ClassifierTrainer {
                 .collect::<std::result::Result<_, _>>()
                 .op("optimizer state to the device")?;
         self.optimizer.load_state(state.step, optim)?;
-        if let Some(epoch) = state.mined_epoch {
-            let path = dir.join(NEGATIVES);
-            let saved = model_io::read_tensors(&path)?;
-            let t = saved
-                .get(&format!("epoch-{epoch}"))
-                .ok_or_else(|| Error::Config {
-                    path: path.clone(),
-                    reason: format!("no negatives of epoch {epoch}"),
-                })?;
-            let flat = Vec::<i64>::try_from(t.to_kind(Kind::Int64).flatten(0, -1))
-                .op("reading mined negatives")?;
-            let super::Feed::Local { data, .. } = &mut self.feed else {
-                return Err(Error::Config {
-                    path: path.clone(),
-                    reason: "mined negatives in a cluster run's checkpoint".into(),
-                });
-            };
-            let n = data.train.examples.len();
-            for e in &mut data.train.examples {
-                e.negatives.clear();
-            }
-            for c in flat.chunks_exact(3) {
-                let i = c[0] as usize;
-                if i >= n {
-                    return Err(Error::Config {
-                        path: path.clone(),
-                        reason: format!("example {i} of {n}: the checkpoint is of other data"),
-                    });
+        self.miner = match state.miner_epoch {
+            Some(epoch) => {
+                let path = dir.join(MINER);
+                let saved = model_io::read_tensors(&path)?;
+                let mut params = Vec::with_capacity(saved.len());
+                for name in self.optimizer.names() {
+                    let t = saved.get(name).ok_or_else(|| Error::MissingTensor {
+                        dir: path.clone(),
+                        name: name.clone(),
+                    })?;
+                    params.push(t.f_to_device(device).op("mining weights to the device")?);
                 }
-                data.train.examples[i]
-                    .negatives
-                    .push((c[1] as u32, c[2] as u32));
+                Some(super::Miner { epoch, params })
             }
-        }
+            None => None,
+        };
         self.step = state.step;
         self.best = state.best_step.zip(state.best_metric);
         self.bad_evals = state.bad_evals;
         self.stopped_early = state.stopped_early;
-        self.mined_epoch = state.mined_epoch;
         tracing::info!(step = self.step, dir = %dir.display(), "resumed from checkpoint");
         Ok(())
     }

@@ -101,6 +101,13 @@ enum Feed {
     Remote(Box<dyn TaggedSource>),
 }
 
+/// The weights at the start of an epoch, which its adversarial negatives are
+/// mined with (in the optimizer's parameter order).
+struct Miner {
+    epoch: u64,
+    params: Vec<tch::Tensor>,
+}
+
 /// The shape of a cluster run, as the coordinator sends it.
 #[derive(Debug, Clone, Copy)]
 pub struct ClusterShape {
@@ -163,8 +170,9 @@ pub struct ClassifierTrainer {
     generation: u64,
     resume: bool,
     halt_after_step: Option<u64>,
-    /// The epoch whose adversarial negatives are mined.
-    mined_epoch: Option<u64>,
+    /// Adversarial negatives: the weights of the start of the current epoch,
+    /// which every rank mines its share of each batch with.
+    miner: Option<Miner>,
     best: Option<(u64, f64)>,
     bad_evals: u64,
     stopped_early: bool,
@@ -312,7 +320,7 @@ impl ClassifierTrainer {
             generation: 0,
             resume: opts.resume,
             halt_after_step: opts.halt_after_step,
-            mined_epoch: None,
+            miner: None,
             best: None,
             bad_evals: 0,
             stopped_early: false,
@@ -335,80 +343,114 @@ impl ClassifierTrainer {
         &self.spec.train.output
     }
 
-    /// Mines adversarial negatives for `epoch` with the current weights: at each
-    /// labelled position, the `negatives_per_label` wrong labels the model finds
-    /// most likely, added to the example's own negatives.
-    fn mine(&mut self, epoch: u64) -> Result<()> {
-        if self.spec.data.negatives != Some(Negatives::Adversarial)
-            || self.mined_epoch == Some(epoch)
-        {
+    fn adversarial(&self) -> bool {
+        self.spec.data.negatives == Some(Negatives::Adversarial)
+    }
+
+    /// At the first step of an epoch, keeps the weights the epoch's adversarial
+    /// negatives are mined with.
+    fn snapshot_miner(&mut self) -> Result<()> {
+        let epoch = self.step / self.steps_per_epoch.max(1);
+        if !self.adversarial() || self.miner.as_ref().is_some_and(|m| m.epoch == epoch) {
             return Ok(());
         }
-        let Feed::Local { data, .. } = &mut self.feed else {
-            return Err(Error::Input {
-                context: "data.negatives".into(),
-                reason: "adversarial negatives are mined by `dpo-worker train`, not in a cluster"
-                    .into(),
-            });
-        };
-        let started = Instant::now();
-        let k = self.spec.task.negatives_per_label;
-        let mined = evaluate::mine_adversarial(
-            &mut self.model,
-            &data.train.examples,
-            self.pad,
-            self.spec.micro_batch_size(),
-            k,
-        )?;
-        let mut count = 0;
-        for ((e, given), extra) in data
-            .train
-            .examples
-            .iter_mut()
-            .zip(&data.train.given_negatives)
-            .zip(mined)
-        {
-            let mut all = given.clone();
-            all.extend(extra);
-            all.sort_unstable();
-            all.dedup();
-            count += all.len();
-            e.negatives = all;
+        if self.step % self.steps_per_epoch.max(1) != 0 {
+            return Err(Error::State(
+                "the weights of this epoch's adversarial mining are missing (a checkpoint without them?)",
+            ));
         }
-        self.mined_epoch = Some(epoch);
-        tracing::info!(
-            epoch,
-            negatives = count,
-            seconds = started.elapsed().as_secs_f64(),
-            "mined adversarial negatives"
-        );
+        let _guard = tch::no_grad_guard();
+        let params = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|p| p.f_detach().and_then(|t| t.f_mul_scalar(1.0)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .op("keeping the epoch's weights")?;
+        self.miner = Some(Miner { epoch, params });
         Ok(())
     }
 
-    /// This rank's share of the global batch of `self.step` (mining the
-    /// epoch's adversarial negatives first), and the batch's totals.
+    /// Adds to `examples` (this rank's share) the adversarial negatives: at each
+    /// labelled position, the `negatives_per_label` wrong labels the weights of
+    /// the epoch's start find most likely. Returns how many were added.
+    fn mine_share(&mut self, examples: &mut [Encoded]) -> Result<usize> {
+        let Some(miner) = &self.miner else {
+            return Ok(0);
+        };
+        let _guard = tch::no_grad_guard();
+        let current = self
+            .optimizer
+            .params()
+            .iter()
+            .map(|p| p.f_detach().and_then(|t| t.f_mul_scalar(1.0)))
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .op("keeping the current weights")?;
+        let swap = |to: &[tch::Tensor], params: &[tch::Tensor]| -> Result<()> {
+            for (p, v) in params.iter().zip(to) {
+                p.shallow_clone().f_copy_(v).op("swapping weights")?;
+            }
+            Ok(())
+        };
+        swap(&miner.params, self.optimizer.params())?;
+        let mined = evaluate::mine_adversarial(
+            &mut self.model,
+            examples,
+            self.pad,
+            self.spec.micro_batch_size(),
+            self.spec.task.negatives_per_label,
+        );
+        swap(&current, self.optimizer.params())?;
+        self.model.set_training(true);
+        let mut added = 0;
+        for (e, extra) in examples.iter_mut().zip(mined?) {
+            let before = e.negatives.len();
+            e.negatives.extend(extra);
+            e.negatives.sort_unstable();
+            e.negatives.dedup();
+            added += e.negatives.len() - before;
+        }
+        Ok(added)
+    }
+
+    /// This rank's share of the global batch of `self.step`, and the batch's
+    /// totals. With adversarial negatives each rank mines its share and the
+    /// ranks add up how many they mined, so the totals are the whole batch's.
     fn share(&mut self, rank: usize, world: usize) -> Result<(Vec<Encoded>, Norm)> {
         let step = self.step;
-        if let Feed::Local { plan, .. } = &self.feed {
-            let (epoch, _) = plan.position(step);
-            self.mine(epoch)?;
-        }
-        match &mut self.feed {
+        self.snapshot_miner()?;
+        let (mut mine, mut norm) = match &mut self.feed {
             Feed::Local { data, plan } => {
                 let idx = plan.indices(step);
                 let batch: Vec<&Encoded> = idx.iter().map(|&i| &data.train.examples[i]).collect();
                 let norm = Norm::of(batch.iter().copied());
                 let (start, len) = rank_range(batch.len(), world, rank);
-                Ok((
-                    batch[start..start + len]
-                        .iter()
-                        .map(|e| (*e).clone())
-                        .collect(),
-                    norm,
-                ))
+                let mine = batch[start..start + len]
+                    .iter()
+                    .map(|e| (*e).clone())
+                    .collect();
+                (mine, norm)
             }
-            Feed::Remote(source) => source.train(step, rank, world),
+            Feed::Remote(source) => source.train(step, rank, world)?,
+        };
+        if self.miner.is_some() {
+            let added = self.mine_share(&mut mine)? as u64;
+            let total: u64 = if world == 1 {
+                added
+            } else {
+                self.collective
+                    .all_gather(&added.to_le_bytes())?
+                    .iter()
+                    .map(|b| {
+                        b.get(..8)
+                            .and_then(|b| b.try_into().ok())
+                            .map_or(0, u64::from_le_bytes)
+                    })
+                    .sum()
+            };
+            norm.negatives += total as f64;
         }
+        Ok((mine, norm))
     }
 
     /// One optimizer step over the global batch of `self.step`.
@@ -755,6 +797,23 @@ impl ClassifierTrainer {
         if self.step > 0 {
             let moments = self.optimizer.moments_mut()?;
             crate::collective::broadcast_tensors(&moments, root, self.collective.as_mut())?;
+        }
+        if self.adversarial() {
+            // The epoch's mining weights: a rank that joins mid-epoch mines
+            // with the same ones.
+            let epoch = self.step / self.steps_per_epoch.max(1);
+            let params = match self.miner.take() {
+                Some(m) if m.epoch == epoch => m.params,
+                _ => self
+                    .optimizer
+                    .params()
+                    .iter()
+                    .map(|p| p.f_zeros_like())
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .op("room for the mining weights")?,
+            };
+            crate::collective::broadcast_tensors(&params, root, self.collective.as_mut())?;
+            self.miner = Some(Miner { epoch, params });
         }
         tracing::info!(
             rank = self.collective.rank(),
