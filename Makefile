@@ -49,6 +49,7 @@ bench: setup
 	$(CARGO) build --release -p dpo-worker --bin dpo-worker --example fwd_bwd
 	$(DPO_PYTHON) bench/model_throughput.py
 	$(DPO_PYTHON) bench/dpo_step_time.py
+	$(DPO_PYTHON) bench/ner_step_time.py
 
 # What scripts/gpu-check.sh needs on the GPU machine (no Rust, no network there):
 # stripped release binaries and the trl wheels, in gpu-bundle/ (git-ignored, < 60 MiB).
