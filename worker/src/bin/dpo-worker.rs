@@ -471,13 +471,6 @@ fn train(
         other => other?,
     };
     if json {
-        let as_obj = |m: &[(String, f64)]| {
-            serde_json::Value::Object(
-                m.iter()
-                    .map(|(k, v)| (k.clone(), serde_json::json!(v)))
-                    .collect(),
-            )
-        };
         let line = serde_json::json!({
             "steps": summary.steps,
             "seconds": summary.seconds,
@@ -574,13 +567,6 @@ fn train_classifier(
     };
     bar.finish_and_clear();
     if json {
-        let as_obj = |m: &[(String, f64)]| {
-            serde_json::Value::Object(
-                m.iter()
-                    .map(|(k, v)| (k.clone(), serde_json::json!(v)))
-                    .collect(),
-            )
-        };
         let line = serde_json::json!({
             "steps": summary.steps,
             "seconds": summary.seconds,
@@ -657,12 +643,7 @@ fn evaluate(
     let report = evaluate::evaluate(&mut model, &split.examples, &labels, pad, batch_size, None)?;
     match output {
         Output::Json => {
-            let metrics: serde_json::Map<String, serde_json::Value> = report
-                .metrics(0)
-                .into_iter()
-                .skip(1)
-                .map(|(k, v)| (k, serde_json::json!(v)))
-                .collect();
+            let metrics = as_obj(&report.metrics(0)[1..]);
             println!(
                 "{}",
                 serde_json::json!({
@@ -681,4 +662,13 @@ fn evaluate(
         }
     }
     Ok(())
+}
+
+/// Named metric values as one JSON object.
+fn as_obj(m: &[(String, f64)]) -> serde_json::Value {
+    serde_json::Value::Object(
+        m.iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect(),
+    )
 }

@@ -83,14 +83,25 @@ impl EvalReport {
 
     /// The per-class table, as seqeval and scikit-learn print it.
     pub fn render(&self) -> String {
-        let mut out = String::new();
+        let mut out = format!(
+            "{:>14} {:>9} {:>9} {:>9} {:>9}\n",
+            "", "precision", "recall", "f1-score", "support"
+        );
         let row = |out: &mut String, name: &str, p: f64, r: f64, f: f64, n: u64| {
             out.push_str(&format!("{name:>14} {p:>9.4} {r:>9.4} {f:>9.4} {n:>9}\n"));
         };
-        out.push_str(&format!(
-            "{:>14} {:>9} {:>9} {:>9} {:>9}\n",
-            "", "precision", "recall", "f1-score", "support"
-        ));
+        let averages = |out: &mut String, a: &dpo_data::scores::Averages, n: u64| {
+            row(
+                out,
+                "macro avg",
+                a.macro_precision,
+                a.macro_recall,
+                a.macro_f1,
+                n,
+            );
+            let (p, r, f) = (a.weighted_precision, a.weighted_recall, a.weighted_f1);
+            row(out, "weighted avg", p, r, f, n);
+        };
         if let Some(e) = &self.entities {
             for (kind, s) in &e.per_type {
                 row(&mut out, kind, s.precision, s.recall, s.f1, s.support);
@@ -105,55 +116,21 @@ impl EvalReport {
                 o.f1,
                 o.support,
             );
-            let a = &e.averages;
-            row(
-                &mut out,
-                "macro avg",
-                a.macro_precision,
-                a.macro_recall,
-                a.macro_f1,
-                o.support,
-            );
-            row(
-                &mut out,
-                "weighted avg",
-                a.weighted_precision,
-                a.weighted_recall,
-                a.weighted_f1,
-                o.support,
-            );
-            out.push_str(&format!(
-                "\nword accuracy {:.4}, loss {:.4}\n",
-                e.word_accuracy, self.loss
-            ));
+            averages(&mut out, &e.averages, o.support);
+            let (acc, loss) = (e.word_accuracy, self.loss);
+            out.push_str(&format!("\nword accuracy {acc:.4}, loss {loss:.4}\n"));
         }
         if let Some(c) = &self.classes {
             let total: u64 = c.per_class.iter().map(|(_, s)| s.support).sum();
             for (label, s) in &c.per_class {
                 row(&mut out, label, s.precision, s.recall, s.f1, s.support);
             }
-            out.push('\n');
+            let acc = c.accuracy;
             out.push_str(&format!(
-                "{:>14} {:>9} {:>9} {:>9.4} {total:>9}\n",
-                "accuracy", "", "", c.accuracy
+                "\n{:>14} {:>9} {:>9} {acc:>9.4} {total:>9}\n",
+                "accuracy", "", ""
             ));
-            let a = &c.averages;
-            row(
-                &mut out,
-                "macro avg",
-                a.macro_precision,
-                a.macro_recall,
-                a.macro_f1,
-                total,
-            );
-            row(
-                &mut out,
-                "weighted avg",
-                a.weighted_precision,
-                a.weighted_recall,
-                a.weighted_f1,
-                total,
-            );
+            averages(&mut out, &c.averages, total);
             out.push_str(&format!("\nloss {:.4}\n", self.loss));
         }
         out

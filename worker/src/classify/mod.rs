@@ -34,8 +34,8 @@ use crate::error::{Error, Result, TorchContext, io_err};
 use crate::model::encoder::{Encoder, Head};
 use crate::model::{checkpoint as model_io, kind_of};
 use crate::optim::{Optimizer, learning_rate};
-use crate::train::Metrics;
 use crate::train::checkpoint::{remove_if_exists, step_dirs, truncate_jsonl};
+use crate::train::{Metrics, splitmix};
 
 use data::TaskData;
 use evaluate::EvalReport;
@@ -55,14 +55,6 @@ fn check_model(spec: &RunSpec) -> Result<()> {
             serde_json::to_string(&spec.task.kind).unwrap_or_default()
         ),
     })
-}
-
-/// SplitMix64's finaliser: mixes seeds into well-spread ones.
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// The head a task needs.
@@ -359,16 +351,20 @@ impl ClassifierTrainer {
                 "the weights of this epoch's adversarial mining are missing (a checkpoint without them?)",
             ));
         }
+        let params = self.copy_of_parameters()?;
+        self.miner = Some(Miner { epoch, params });
+        Ok(())
+    }
+
+    /// A copy of the parameters that later steps do not touch.
+    fn copy_of_parameters(&self) -> Result<Vec<tch::Tensor>> {
         let _guard = tch::no_grad_guard();
-        let params = self
-            .optimizer
+        self.optimizer
             .params()
             .iter()
             .map(|p| p.f_detach().and_then(|t| t.f_mul_scalar(1.0)))
             .collect::<std::result::Result<Vec<_>, _>>()
-            .op("keeping the epoch's weights")?;
-        self.miner = Some(Miner { epoch, params });
-        Ok(())
+            .op("copying the parameters")
     }
 
     /// Adds to `examples` (this rank's share) the adversarial negatives: at each
@@ -378,14 +374,8 @@ impl ClassifierTrainer {
         let Some(miner) = &self.miner else {
             return Ok(0);
         };
+        let current = self.copy_of_parameters()?;
         let _guard = tch::no_grad_guard();
-        let current = self
-            .optimizer
-            .params()
-            .iter()
-            .map(|p| p.f_detach().and_then(|t| t.f_mul_scalar(1.0)))
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .op("keeping the current weights")?;
         let swap = |to: &[tch::Tensor], params: &[tch::Tensor]| -> Result<()> {
             for (p, v) in params.iter().zip(to) {
                 p.shallow_clone().f_copy_(v).op("swapping weights")?;
@@ -745,7 +735,7 @@ impl ClassifierTrainer {
             return Ok(None);
         }
         let mut mine = self.step.to_le_bytes().to_vec();
-        mine.extend(self.parameter_hash()?.to_le_bytes());
+        mine.extend(crate::train::sync::parameter_hash(self.optimizer.params())?.to_le_bytes());
         let all = self.collective.all_gather(&mine)?;
         if all.iter().any(|b| b.len() != 16) {
             return Err(Error::Input {
@@ -822,25 +812,6 @@ impl ClassifierTrainer {
             "synchronised training state"
         );
         Ok(Some(root))
-    }
-
-    /// A hash of the parameters' bytes (FNV-1a), to tell whether ranks agree.
-    fn parameter_hash(&self) -> Result<u64> {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for p in self.optimizer.params() {
-            let t = p
-                .f_detach()
-                .and_then(|t| t.f_to_device(Device::Cpu))
-                .and_then(|t| t.f_contiguous())
-                .op("parameter hash")?;
-            let n = t.numel();
-            let mut bytes = vec![0u8; n * t.kind().elt_size_in_bytes()];
-            t.f_copy_data_u8(&mut bytes, n).op("parameter hash")?;
-            for b in bytes {
-                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        Ok(hash)
     }
 
     /// Saves the model as an HF directory, atomically (a temporary name, renamed).

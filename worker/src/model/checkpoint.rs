@@ -173,14 +173,7 @@ pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
                 found: e.shape.clone(),
             });
         }
-        let values = index
-            .read_range(name, 0, param.numel() as i64, param.kind())?
-            .f_view(param.size().as_slice())
-            .op("reading tensor")?;
-        param
-            .shallow_clone()
-            .f_copy_(&values)
-            .op("copying tensor into parameter")?;
+        index.read_into(name, param)?;
     }
     tracing::debug!(dir = %dir.display(), tensors = wanted.len(), "loaded checkpoint");
     Ok(())
@@ -523,6 +516,20 @@ impl TensorIndex {
     /// The shape of tensor `name`, if the checkpoint has it.
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.entries.keys()
+    }
+
+    /// Copies tensor `name` whole into `param` (same number of elements),
+    /// converting its dtype.
+    pub fn read_into(&self, name: &str, param: &Tensor) -> Result<()> {
+        let values = self
+            .read_range(name, 0, param.numel() as i64, param.kind())?
+            .f_view(param.size().as_slice())
+            .op("reading tensor")?;
+        param
+            .shallow_clone()
+            .f_copy_(&values)
+            .op("copying tensor into parameter")?;
+        Ok(())
     }
 
     /// The file that holds tensor `name`.

@@ -661,14 +661,7 @@ impl Encoder {
                     found: shape,
                 });
             }
-            let values = index
-                .read_range(name, 0, param.numel() as i64, param.kind())?
-                .f_view(param.size().as_slice())
-                .op("reading tensor")?;
-            param
-                .shallow_clone()
-                .f_copy_(&values)
-                .op("copying tensor into parameter")?;
+            index.read_into(name, param)?;
         }
         if !report.initialised.is_empty() {
             tracing::warn!(

@@ -21,7 +21,7 @@ pub(crate) mod checkpoint;
 mod metrics;
 mod reference;
 mod stage2;
-mod sync;
+pub(crate) mod sync;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -51,7 +51,7 @@ use reference::{FrozenModel, NoReference, PolicyBase, Precomputed, Staged};
 use sync::PARAMETER_CHECK_EVERY;
 
 /// SplitMix64's finaliser: mixes seeds into well-spread ones.
-fn splitmix(mut x: u64) -> u64 {
+pub(crate) fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

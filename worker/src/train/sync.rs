@@ -69,21 +69,7 @@ impl Trainer {
 
     /// A cheap hash (FNV-1a) of every parameter's bytes.
     fn parameter_hash(&self) -> Result<u64> {
-        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-        for p in self.optimizer.params() {
-            let t = p
-                .f_detach()
-                .and_then(|t| t.f_to_device(tch::Device::Cpu))
-                .and_then(|t| t.f_contiguous())
-                .op("parameter hash")?;
-            let n = t.numel();
-            let mut bytes = vec![0u8; n * t.kind().elt_size_in_bytes()];
-            t.f_copy_data_u8(&mut bytes, n).op("parameter hash")?;
-            for b in bytes {
-                hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-        Ok(hash)
+        parameter_hash(self.optimizer.params())
     }
 
     /// Fails loudly if the ranks' parameters are no longer identical (compared by a
@@ -172,6 +158,25 @@ impl Trainer {
         self.sync_from(root)?;
         Ok(Some(root))
     }
+}
+
+/// A hash (FNV-1a) of the parameters' bytes, to tell whether ranks agree.
+pub(crate) fn parameter_hash(params: &[Tensor]) -> Result<u64> {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in params {
+        let t = p
+            .f_detach()
+            .and_then(|t| t.f_to_device(tch::Device::Cpu))
+            .and_then(|t| t.f_contiguous())
+            .op("parameter hash")?;
+        let n = t.numel();
+        let mut bytes = vec![0u8; n * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, n).op("parameter hash")?;
+        for b in bytes {
+            hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    Ok(hash)
 }
 
 /// What [`Trainer::sync_world`] did.
