@@ -570,6 +570,49 @@ fn early_stopping_ends_the_run_when_eval_loss_stops_improving() {
     );
     assert_eq!(summary["steps"], 3);
     assert!(dir.path().join("out/final/model.safetensors").exists());
+
+    // The same watching the reward margin instead (larger is better: it falls
+    // on the swapped pairs too); a metric the objective does not report is
+    // refused by key before anything trains.
+    for (metric, out) in [("eval_rewards/margins", "margins"), ("eval_f1", "bad")] {
+        let text = std::fs::read_to_string(&spec)
+            .expect("spec")
+            .replace(
+                "early_stopping_patience = 2\n",
+                &format!("early_stopping_patience = 2\nmetric_for_best_model = \"{metric}\"\n"),
+            )
+            .replace("/out\"", &format!("/{out}\""));
+        let path = dir.path().join(format!("{out}.toml"));
+        std::fs::write(&path, text).expect("write");
+        let run = Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+            .args(["train", "--device", "cpu", "--json", "--config"])
+            .arg(&path)
+            .output()
+            .expect("starts");
+        if out == "bad" {
+            let err = String::from_utf8_lossy(&run.stderr);
+            assert!(!run.status.success());
+            assert!(
+                err.contains(
+                    "train.metric_for_best_model: \"eval_f1\" is not among this run's eval metrics"
+                ),
+                "{err}"
+            );
+            assert!(
+                !dir.path().join("bad/metrics.jsonl").exists(),
+                "nothing trained"
+            );
+            continue;
+        }
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&run.stdout).expect("json summary");
+        assert_eq!(summary["stopped_early"], true, "{summary}");
+        assert!(summary["steps"].as_u64().expect("steps") < 30, "{summary}");
+    }
 }
 
 /// Total bytes of the cache's segment files (20 bytes a record).

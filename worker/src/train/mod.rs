@@ -354,6 +354,22 @@ impl Trainer {
                 .op("the initial adapters")?,
             None => Vec::new(),
         };
+        // The metric early stopping watches must be one this objective reports.
+        let name = &spec.train.metric_for_best_model;
+        let known: Vec<String> = Stats::default()
+            .metrics(&objective)
+            .into_iter()
+            .map(|(k, _)| format!("eval_{k}"))
+            .collect();
+        if !known.contains(name) {
+            return Err(Error::Input {
+                context: "train.metric_for_best_model".into(),
+                reason: format!(
+                    "{name:?} is not among this run's eval metrics: {}",
+                    known.join(", ")
+                ),
+            });
+        }
         let optimizer = Optimizer::new(&spec.optim, params)?;
         let layers = policy.config().num_hidden_layers as usize;
         let layer_map =
@@ -832,18 +848,36 @@ impl Trainer {
         };
         let stats = self.run_slice(Split::Eval, &slice, false)?;
         let e = eval_metrics(&stats, &self.objective, step);
-        let loss = e.iter().find(|(k, _)| k == "eval_loss").map(|(_, v)| *v);
-        if let Some(loss) = loss {
-            if self.state.best_eval.is_none_or(|b| loss < b) {
-                self.state.best_eval = Some(loss);
-                self.state.bad_evals = 0;
-            } else {
-                self.state.bad_evals += 1;
-            }
+        // `train.metric_for_best_model` (eval_loss unless set), lower or higher
+        // being better as `greater_is_better` says.
+        let name = &self.spec.train.metric_for_best_model;
+        let Some(value) = e.iter().find(|(k, _)| k == name).map(|(_, v)| *v) else {
+            return Err(Error::Input {
+                context: "train.metric_for_best_model".into(),
+                reason: format!(
+                    "{name:?} is not among this run's eval metrics: {}",
+                    e.iter()
+                        .skip(1)
+                        .map(|(k, _)| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        };
+        let greater = self.spec.greater_is_better();
+        let better = self
+            .state
+            .best_eval
+            .is_none_or(|b| if greater { value > b } else { value < b });
+        if better {
+            self.state.best_eval = Some(value);
+            self.state.bad_evals = 0;
+        } else {
+            self.state.bad_evals += 1;
         }
         let patience = self.spec.train.early_stopping_patience;
         if patience > 0 && self.state.bad_evals >= patience && step < self.shape.total_steps {
-            tracing::info!(step, patience, best = ?self.state.best_eval, "early stopping: eval loss stopped improving");
+            tracing::info!(step, patience, best = ?self.state.best_eval, metric = %name, "early stopping: the metric stopped improving");
             self.state.stopped_early = true;
         }
         Ok(Some(e))

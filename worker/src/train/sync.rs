@@ -24,7 +24,8 @@ pub struct TrainerState {
     /// Optimizer steps completed (this fixes the data cursor: the order is a
     /// function of the seed and the epoch).
     pub step: u64,
-    /// Early stopping: the best eval loss so far and evaluations since it.
+    /// The best value of `train.metric_for_best_model` so far (the eval
+    /// loss by default; named `best_eval_loss` in checkpoints, as it always was).
     #[serde(rename = "best_eval_loss")]
     pub best_eval: Option<f64>,
     #[serde(rename = "evals_without_improvement", default)]
