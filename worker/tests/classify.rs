@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{python, read_jsonl, repo_root, run_python, tempdir};
+use common::{read_jsonl, run_python, tempdir};
 use tch::{Kind, Tensor};
 
 const NER_LABELS: &str = "O,B-PER,I-PER,B-LOC,I-LOC";
@@ -512,8 +512,27 @@ fn bad_input_is_refused_by_file_and_line_and_nothing_trains() {
         err.contains("task.labels") && err.contains("\"PER\" is not an IOB2 tag"),
         "{err}"
     );
-    let _ = python();
-    let _ = repo_root();
+}
+
+/// A directory with a tiny BERT (no head; `dropout`, `seed`) as `model/` and
+/// [`NER_DATA`] as `data.jsonl`.
+fn ner_fixture(dropout: &str, seed: &str) -> tempfile::TempDir {
+    let dir = tempdir();
+    tiny_encoder(
+        &dir.path().join("model"),
+        &[
+            "--family",
+            "bert",
+            "--head",
+            "none",
+            "--dropout",
+            dropout,
+            "--seed",
+            seed,
+        ],
+    );
+    std::fs::write(dir.path().join("data.jsonl"), NER_DATA).expect("write data");
+    dir
 }
 
 /// Two ranks over the tcp ring (`--peers`/`--rank`) train the weights of one
@@ -521,22 +540,7 @@ fn bad_input_is_refused_by_file_and_line_and_nothing_trains() {
 /// over the whole batch and gradients summed.
 #[test]
 fn two_ranks_train_the_weights_of_one_process() {
-    let dir = tempdir();
-    let model = dir.path().join("model");
-    tiny_encoder(
-        &model,
-        &[
-            "--family",
-            "bert",
-            "--head",
-            "none",
-            "--dropout",
-            "0",
-            "--seed",
-            "9",
-        ],
-    );
-    std::fs::write(dir.path().join("data.jsonl"), NER_DATA).expect("write data");
+    let dir = ner_fixture("0", "9");
     let spec = |out: &str| {
         let path = dir.path().join(format!("{out}.toml"));
         std::fs::write(
@@ -629,22 +633,7 @@ fn two_ranks_train_the_weights_of_one_process() {
 /// weights of each epoch's start (which the checkpoint carries).
 #[test]
 fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
-    let dir = tempdir();
-    let model = dir.path().join("model");
-    tiny_encoder(
-        &model,
-        &[
-            "--family",
-            "bert",
-            "--head",
-            "none",
-            "--dropout",
-            "0.1",
-            "--seed",
-            "4",
-        ],
-    );
-    std::fs::write(dir.path().join("data.jsonl"), NER_DATA).expect("write data");
+    let dir = ner_fixture("0.1", "4");
     let spec = |out: &str| {
         let path = dir.path().join(format!("{out}.toml"));
         std::fs::write(

@@ -417,12 +417,7 @@ fn train(
     };
     let mut trainer = Trainer::new(spec, &opts, collective)
         .with_context(|| format!("preparing run {}", config.display()))?;
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
-            .context("progress bar template")?
-            .progress_chars("=> "),
-    );
+    let bar = progress_bar(0)?;
     let log_every = std::cell::Cell::new(1u64);
     let result = trainer.run(&mut |event| match event {
         Event::Started {
@@ -519,12 +514,7 @@ fn train_classifier(
 
     let mut trainer = ClassifierTrainer::new(spec, opts, collective)
         .with_context(|| format!("preparing run {}", config.display()))?;
-    let bar = ProgressBar::new(trainer.total_steps());
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
-            .context("progress bar template")?
-            .progress_chars("=> "),
-    );
+    let bar = progress_bar(trainer.total_steps())?;
     let log_every = std::cell::Cell::new(1u64);
     let summary = trainer.run(&mut |event| match event {
         Event::Started {
@@ -671,4 +661,15 @@ fn as_obj(m: &[(String, f64)]) -> serde_json::Value {
             .map(|(k, v)| (k.clone(), serde_json::json!(v)))
             .collect(),
     )
+}
+
+/// The training progress bar (hidden when stderr is not a terminal).
+fn progress_bar(len: u64) -> anyhow::Result<ProgressBar> {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} eta {eta}")
+            .context("progress bar template")?
+            .progress_chars("=> "),
+    );
+    Ok(bar)
 }
