@@ -53,7 +53,7 @@ fi
 if [ ! -f "$out/bert/config.json" ]; then
     echo "==> writing a tiny random BERT (no head; WordPiece learnt from the train text) to $out/bert"
     "$py" "$root/examples/tiny_encoder.py" --out "$out/bert" --family bert --head none --hidden 64 \
-        --layers 2 --heads 4 --intermediate 128 --vocab 300 --corpus "$out/tasks/ner/corpus.txt" >/dev/null
+        --layers 2 --heads 4 --intermediate 128 --vocab 600 --corpus "$out/tasks/ner/corpus.txt" >/dev/null
 fi
 rm -rf "${out:?}/ner"
 echo "==> dpo-worker train examples/runs/ner.toml: entity report before and after training"

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Writes a tiny random BERT or RoBERTa checkpoint in Hugging Face format.
 
-The tokenizer is trained on the spot (WordPiece for BERT, byte-level BPE for RoBERTa)
-on a synthetic corpus plus any text files given, and the weights are random, so
-nothing is downloaded. What this writes is what transformers' `save_pretrained`
+The tokenizer is made on the spot from a synthetic corpus plus any text files given
+(WordPiece for BERT, its vocabulary chosen deterministically; byte-level BPE for
+RoBERTa), and the weights are random, so nothing is downloaded. What this writes is what transformers' `save_pretrained`
 writes, which is exactly what dpo-cluster must read.
 
     python examples/tiny_encoder.py --out /tmp/bert --family bert --head token \
@@ -32,18 +32,44 @@ def corpus(extra_files: list[str]) -> list[str]:
     return lines
 
 
+def wordpiece_vocab(texts: list[str], size: int, specials: list[str]) -> dict:
+    """A WordPiece vocabulary chosen deterministically (the tokenizers trainer breaks
+    ties in hash order, so two runs differ): the special tokens, every character
+    alone and as a continuation (`##c`), then the most frequent word-initial and
+    continuation pieces of 2-4 characters, ties by the piece itself."""
+    import collections
+    import re
+
+    words = collections.Counter(w for t in texts for w in re.findall(r"\w+|[^\w\s]", t))
+    chars = sorted({c for w in words for c in w})
+    vocab = list(specials) + chars + ["##" + c for c in chars]
+    pieces = collections.Counter()
+    for w, n in words.items():
+        for k in range(2, 5):
+            if len(w) >= k:
+                pieces[w[:k]] += n
+            for i in range(1, len(w) - k + 1):
+                pieces["##" + w[i:i + k]] += n
+    taken = set(vocab)
+    for piece, _ in sorted(pieces.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= size:
+            break
+        if piece not in taken:
+            vocab.append(piece)
+            taken.add(piece)
+    return {t: i for i, t in enumerate(vocab)}
+
+
 def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     if family == "bert":
         specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok = Tokenizer(models.WordPiece(wordpiece_vocab(texts, vocab_size, specials), unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=False)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-        tok.train_from_iterator(texts, trainer)
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]

@@ -285,7 +285,7 @@ fn ner_task(dir: &Path) -> PathBuf {
             "--intermediate",
             "128",
             "--vocab",
-            "300",
+            "600",
             "--corpus",
             corpus.to_str().expect("utf-8"),
         ],
