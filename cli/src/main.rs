@@ -77,6 +77,12 @@ enum Command {
     Cancel { run: String },
     /// The registered workers.
     Workers,
+    /// Print a shell completion script, e.g. `dpoctl completion bash >
+    /// /etc/bash_completion.d/dpoctl`, or `source <(dpoctl completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -706,6 +712,12 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(|s| status_err("cancel", s))?
                 .into_inner();
             print_summary(&r, None, json_out);
+            true
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "dpoctl", &mut std::io::stdout());
             true
         }
         Command::Workers => {

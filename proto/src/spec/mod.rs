@@ -152,6 +152,34 @@ pub struct DataSpec {
     pub skip_bad_lines: bool,
 }
 
+impl DataSpec {
+    /// Setting one length alone never makes a spec invalid: an unset
+    /// `max_prompt_length` that would not fit below a given `max_length`
+    /// becomes half of it, and an unset `max_length` that a given
+    /// `max_prompt_length` would not fit below becomes twice that (the
+    /// defaults' ratio, 512 of 1024). Both set and in conflict stays an error.
+    fn derive_lengths(&mut self, length_given: bool, prompt_given: bool) {
+        if self.max_prompt_length < self.max_length {
+            return;
+        }
+        if length_given && !prompt_given {
+            self.max_prompt_length = (self.max_length / 2).max(1);
+            tracing::info!(
+                max_length = self.max_length,
+                max_prompt_length = self.max_prompt_length,
+                "data.max_prompt_length is not set: half of data.max_length"
+            );
+        } else if prompt_given && !length_given {
+            self.max_length = self.max_prompt_length.saturating_mul(2);
+            tracing::info!(
+                max_length = self.max_length,
+                max_prompt_length = self.max_prompt_length,
+                "data.max_length is not set: twice data.max_prompt_length"
+            );
+        }
+    }
+}
+
 fn default_max_length() -> usize {
     1024
 }
@@ -496,6 +524,8 @@ impl RunSpec {
             .build()
             .map_err(|e| read_err(e.to_string()))?;
         let loss_given = settings.get_string("objective.loss").is_ok();
+        let length_given = settings.get_string("data.max_length").is_ok();
+        let prompt_given = settings.get_string("data.max_prompt_length").is_ok();
         let mut spec: RunSpec = settings
             .try_deserialize()
             .map_err(|e| read_err(explain(&e.to_string())))?;
@@ -504,6 +534,7 @@ impl RunSpec {
         if spec.task.kind.is_classification() && !loss_given {
             spec.objective.loss = Loss::Combined;
         }
+        spec.data.derive_lengths(length_given, prompt_given);
         // Relative paths end absolute even when the spec's own path is relative
         // (a coordinator elsewhere must see the same files).
         let whole = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -1055,6 +1086,32 @@ train = "train.jsonl"
 
     fn err(text: &str) -> String {
         load(text).expect_err("must be rejected").to_string()
+    }
+
+    #[test]
+    fn one_length_set_alone_never_traps() {
+        let with = |data: &str| load(&MINIMAL.replace("[data]\n", &format!("[data]\n{data}")));
+        // TRL accepts max_length = 512 with its default prompt limit of 512.
+        let spec = with("max_length = 512\n").expect("valid");
+        assert_eq!(
+            (spec.data.max_length, spec.data.max_prompt_length),
+            (512, 256)
+        );
+        let spec = with("max_prompt_length = 2048\n").expect("valid");
+        assert_eq!(
+            (spec.data.max_length, spec.data.max_prompt_length),
+            (4096, 2048)
+        );
+        // Unchanged when they fit, and both given in conflict still names the key.
+        let spec = with("max_length = 2048\n").expect("valid");
+        assert_eq!(spec.data.max_prompt_length, 512);
+        let e = with("max_length = 512\nmax_prompt_length = 512\n")
+            .expect_err("conflict")
+            .to_string();
+        assert!(
+            e.contains("data.max_prompt_length: must be below data.max_length (512)"),
+            "{e}"
+        );
     }
 
     #[test]
