@@ -6,12 +6,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{read_jsonl, run_python, tempdir};
-use tch::{Kind, Tensor};
+use common::{max_abs_diff, read_jsonl, read_tensors, run_python, tempdir};
 
 const NER_LABELS: &str = "O,B-PER,I-PER,B-LOC,I-LOC";
 
@@ -40,13 +38,6 @@ fn tiny_encoder(out: &Path, args: &[&str]) {
     let mut all = vec!["--out", out.to_str().expect("utf-8")];
     all.extend_from_slice(args);
     run_python("examples/tiny_encoder.py", &all);
-}
-
-fn read(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
 }
 
 const NER_DATA: &str = r#"{"tokens": ["Ann", "Lee", "lives", "in", "Oslo"], "tags": ["B-PER", "I-PER", "O", "O", "B-LOC"], "negatives": [{"position": 0, "tag": "B-LOC"}, {"position": 4, "tag": "I-LOC"}]}
@@ -187,9 +178,9 @@ output = "out"
             "every step has negatives"
         );
     }
-    let trained = read(&dir.path().join("out/final/model.safetensors"));
-    let want = read(&reference);
-    let initial = read(&model.join("model.safetensors"));
+    let trained = read_tensors(&dir.path().join("out/final/model.safetensors"));
+    let want = read_tensors(&reference);
+    let initial = read_tensors(&model.join("model.safetensors"));
     let mut worst = 0.0f64;
     let mut moved = 0.0f64;
     for (name, w) in &want {
@@ -201,10 +192,7 @@ output = "out"
             );
             continue;
         };
-        let d = (o.to_kind(Kind::Double) - w.to_kind(Kind::Double))
-            .abs()
-            .max()
-            .double_value(&[]);
+        let d = max_abs_diff(o, w);
         if name.ends_with("attention.self.key.bias") {
             // Its gradient is zero in exact arithmetic (a key bias adds the same
             // q·b to every score of a query, which softmax ignores), so what
@@ -215,12 +203,7 @@ output = "out"
         }
         worst = worst.max(d);
         if let Some(i) = initial.get(name) {
-            moved = moved.max(
-                (w.to_kind(Kind::Double) - i.to_kind(Kind::Double))
-                    .abs()
-                    .max()
-                    .double_value(&[]),
-            );
+            moved = moved.max(max_abs_diff(w, i));
         }
     }
     eprintln!(
@@ -578,14 +561,11 @@ fn two_ranks_train_the_weights_of_one_process() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let a = read(&dir.path().join("one/final/model.safetensors"));
-    let b = read(&dir.path().join("two/final/model.safetensors"));
+    let a = read_tensors(&dir.path().join("one/final/model.safetensors"));
+    let b = read_tensors(&dir.path().join("two/final/model.safetensors"));
     let mut worst = 0.0f64;
     for (name, x) in &a {
-        let d = (x.to_kind(Kind::Double) - b[name].to_kind(Kind::Double))
-            .abs()
-            .max()
-            .double_value(&[]);
+        let d = max_abs_diff(x, &b[name]);
         if name.ends_with("attention.self.key.bias") {
             // Zero gradient in exact arithmetic: AdamW steps on rounding noise
             // (see check_against_reference).
@@ -692,8 +672,8 @@ fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
-    let a = read(&dir.path().join("whole/final/model.safetensors"));
-    let b = read(&dir.path().join("broken/final/model.safetensors"));
+    let a = read_tensors(&dir.path().join("whole/final/model.safetensors"));
+    let b = read_tensors(&dir.path().join("broken/final/model.safetensors"));
     assert_eq!(
         common::max_weight_diff(&a, &b),
         0.0,

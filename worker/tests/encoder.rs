@@ -4,12 +4,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use common::{python, repo_root, run_python, tempdir};
+use common::{max_abs_diff, python, read_tensors, repo_root, run_python, tempdir};
 use dpo_worker::model::encoder::{Encoder, Head};
 use tch::{Device, Kind, Tensor};
 
@@ -61,21 +60,6 @@ fn fixtures() -> &'static Path {
     })
 }
 
-fn read(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
-}
-
 /// A right-padded batch of `seqs` with `pad`: (ids, mask).
 fn pad_batch(seqs: &[Vec<i64>], pad: i64) -> (Tensor, Tensor) {
     let longest = seqs.iter().map(Vec::len).max().expect("sequences");
@@ -101,7 +85,7 @@ fn check_logits(name: &str, head: Head) {
         Encoder::load(&dir, head, None, Kind::Float, Device::Cpu, 0).expect("encoder loads");
     assert!(report.initialised.is_empty(), "{:?}", report.initialised);
     assert_eq!(model.labels(), labels().as_slice());
-    let reference = read(&fixtures().join(format!("{name}.ref.safetensors")));
+    let reference = read_tensors(&fixtures().join(format!("{name}.ref.safetensors")));
     let n = reference.len() / 2;
     let seqs: Vec<Vec<i64>> = (0..n)
         .map(|i| Vec::<i64>::try_from(&reference[&format!("input_ids.{i}")]).expect("ids"))
@@ -191,7 +175,7 @@ fn a_checkpoint_without_a_head_gets_a_new_one() {
             "{family}: the base's pooler is not used: {:?}",
             report.ignored
         );
-        let file = read(&dir.join("model.safetensors"));
+        let file = read_tensors(&dir.join("model.safetensors"));
         let vars = model.var_store().variables();
         for (name, value) in &file {
             if let Some(ours) = vars.get(&format!("{family}.{name}")) {

@@ -7,30 +7,15 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
-use common::{fixture, fixtures, read_jsonl, reference, tempdir};
+use common::{fixture, fixtures, max_abs_diff, read_jsonl, read_tensors, reference, tempdir};
 use dpo_worker::model::checkpoint;
 use tch::{Device, Kind, Tensor};
 
-fn read(path: &Path) -> BTreeMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
 fn inputs() -> Vec<Vec<i64>> {
-    let t = read(&fixtures().join("ref/inputs.safetensors"));
+    let t = read_tensors(&fixtures().join("ref/inputs.safetensors"));
     (0..t.len())
         .map(|i| Vec::<i64>::try_from(&t[&format!("input_ids.{i}")]).expect("ids"))
         .collect()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
-        .abs()
-        .max()
-        .double_value(&[])
 }
 
 /// Our logits for every fixture sequence: alone, in a right-padded batch and in a
@@ -38,7 +23,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn check_logits(name: &str, kind: Kind, tolerance: f64) {
     let _guard = tch::no_grad_guard();
     let model = checkpoint::load(&fixture(name), kind, Device::Cpu).expect("model loads");
-    let expected = read(&fixtures().join(format!("ref/{name}.logits.safetensors")));
+    let expected = read_tensors(&fixtures().join(format!("ref/{name}.logits.safetensors")));
     let seqs = inputs();
     let longest = seqs.iter().map(Vec::len).max().expect("inputs");
     let mut worst = 0.0f64;
@@ -226,7 +211,7 @@ fn assert_same_tensors(a: &Path, b: &Path) {
         checkpoint::weight_files(dir)
             .expect("weights")
             .iter()
-            .flat_map(|f| read(f))
+            .flat_map(|f| read_tensors(f))
             .collect()
     };
     let (ta, tb) = (load(a), load(b));
@@ -278,8 +263,8 @@ fn checkpoints_round_trip_bit_exactly_and_load_in_transformers() {
         inputs.to_str().expect("utf-8"),
         logits.to_str().expect("utf-8"),
     ]);
-    let want = read(&fixtures().join("ref/llama.logits.safetensors"));
-    for (name, t) in read(&logits) {
+    let want = read_tensors(&fixtures().join("ref/llama.logits.safetensors"));
+    for (name, t) in read_tensors(&logits) {
         assert_eq!(max_abs_diff(&t, &want[&name]), 0.0, "{name}");
     }
 }

@@ -100,6 +100,23 @@ pub fn read_jsonl(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Every tensor of a safetensors file, by name.
+pub fn read_tensors(path: &Path) -> std::collections::BTreeMap<String, tch::Tensor> {
+    tch::Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
+}
+
+/// Largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double))
+        .abs()
+        .max()
+        .double_value(&[])
+}
+
 /// Largest absolute difference between two sets of named tensors (same names).
 pub fn max_weight_diff(
     a: &std::collections::BTreeMap<String, tch::Tensor>,
@@ -111,12 +128,7 @@ pub fn max_weight_diff(
         "same tensors"
     );
     a.iter()
-        .map(|(k, x)| {
-            (x.to_kind(tch::Kind::Double) - b[k].to_kind(tch::Kind::Double))
-                .abs()
-                .max()
-                .double_value(&[])
-        })
+        .map(|(k, x)| max_abs_diff(x, &b[k]))
         .fold(0.0, f64::max)
 }
 
