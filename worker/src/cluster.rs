@@ -142,6 +142,8 @@ struct RemoteBatches {
     shared: Arc<Shared>,
     /// The eval slice of the current (generation, rank), fetched once.
     eval_cache: Option<(u64, Slice)>,
+    /// A classification run's eval share of the current (generation, rank).
+    tagged_eval_cache: Option<(u64, Vec<Encoded>)>,
 }
 
 fn from_proto(e: v1::Example) -> Example {
@@ -260,8 +262,16 @@ impl TaggedSource for RemoteBatches {
     }
 
     fn eval(&mut self, _rank: usize, _world: usize) -> Result<Vec<Encoded>> {
+        let generation = self.shared.current.lock().map_or(0, |c| c.generation);
+        if let Some((g, share)) = &self.tagged_eval_cache
+            && *g == generation
+        {
+            return Ok(share.clone());
+        }
         let batch = self.fetch_raw(v1::Split::Eval, 0)?;
-        Ok(batch.tagged.into_iter().map(from_tagged_proto).collect())
+        let share: Vec<Encoded> = batch.tagged.into_iter().map(from_tagged_proto).collect();
+        self.tagged_eval_cache = Some((generation, share.clone()));
+        Ok(share)
     }
 }
 
@@ -605,6 +615,7 @@ impl Worker {
                 run_id: work.run_id.clone(),
                 shared: self.shared.clone(),
                 eval_cache: None,
+                tagged_eval_cache: None,
             };
             let shape = RunShape {
                 steps_per_epoch: work.steps_per_epoch,
