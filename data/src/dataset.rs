@@ -9,6 +9,7 @@ use dpo_proto::{DataFormat, Loss, Negatives, RunSpec, Truncation};
 use serde::{Deserialize, Serialize};
 
 use crate::examples::{self, Example, Truncation as Cut};
+use crate::records::{Layout, Row};
 use crate::{Error, PairFormat, Result, TextTokenizer};
 
 /// What happened to one data file on its way to examples.
@@ -26,28 +27,26 @@ pub struct DataReport {
     pub truncated_away: usize,
 }
 
-fn peek_format(path: &Path) -> Result<DataFormat> {
-    for line in crate::lines::open(path)? {
-        let Ok(line) = line else { break };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let Ok(serde_json::Value::Object(obj)) = serde_json::from_str::<serde_json::Value>(&line)
-        else {
+fn peek_format(path: &Path, layout: &Layout) -> Result<DataFormat> {
+    let keys = ["prompt", "chosen", "completion", "prompt_ids", "chosen_ids"];
+    for row in crate::records::open(path, layout, &keys)? {
+        let Ok(Row { value: Ok(obj), .. }) = row else {
             break;
         };
         if obj.contains_key("completion") {
             return Ok(DataFormat::Labelled);
         }
-        if obj.contains_key("prompt_ids") {
+        if obj.contains_key("prompt_ids") || obj.contains_key("chosen_ids") {
             return Ok(DataFormat::Tokens);
         }
-        if matches!(obj.get("prompt"), Some(serde_json::Value::Array(_))) {
+        if matches!(obj.get("prompt"), Some(serde_json::Value::Array(_)))
+            || matches!(obj.get("chosen"), Some(serde_json::Value::Array(_)))
+        {
             return Ok(DataFormat::Conversational);
         }
         return Ok(DataFormat::Text);
     }
-    // Unreadable or empty: let the pair reader report it with its line.
+    // Unreadable or empty: let the pair reader report it with its position.
     Ok(DataFormat::Text)
 }
 
@@ -68,8 +67,10 @@ pub type NegativeSampler<'a> =
 /// Why a negative could not be sampled (the model failed).
 pub type SamplerError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Loads one data file (`train` or `eval`) of the run as examples. `sampler`
-/// provides the negatives when `data.negatives = "policy"`.
+/// Loads one dataset (`train` or `eval`: a file, a glob or a folder of
+/// shards, any format [`crate::records`] reads) of the run as examples.
+/// `sampler` provides the negatives when `data.negatives = "policy"`. A problem
+/// names the file and its line or row, also inside a dataset of several files.
 pub fn load(
     spec: &RunSpec,
     path: &Path,
@@ -78,8 +79,30 @@ pub fn load(
     is_train: bool,
     sampler: Option<&mut NegativeSampler<'_>>,
 ) -> Result<(Vec<Example>, DataReport)> {
+    let layout = Layout::of(&spec.data);
+    load_from(
+        spec, &layout, path, tokenizer, vocab_size, is_train, sampler,
+    )
+    .map_err(|e| {
+        let e = crate::records::relocate(e, path, &layout);
+        match spec.data.negatives.as_ref().and_then(|n| n.file()) {
+            Some(negatives) => crate::records::relocate(e, negatives, &layout),
+            None => e,
+        }
+    })
+}
+
+fn load_from(
+    spec: &RunSpec,
+    layout: &Layout,
+    path: &Path,
+    tokenizer: Option<&TextTokenizer>,
+    vocab_size: Option<i64>,
+    is_train: bool,
+    sampler: Option<&mut NegativeSampler<'_>>,
+) -> Result<(Vec<Example>, DataReport)> {
     let format = match spec.data.format {
-        DataFormat::Auto => peek_format(path)?,
+        DataFormat::Auto => peek_format(path, layout)?,
         f => f,
     };
     let mut report = DataReport {
@@ -102,7 +125,7 @@ pub fn load(
                 DataFormat::Conversational => PairFormat::Chat,
                 _ => PairFormat::Auto,
             };
-            let (records, skipped) = crate::read_pairs_skipping(path, forced, skip)?;
+            let (records, skipped) = crate::read_pairs_skipping(path, layout, forced, skip)?;
             log_skipped(&skipped);
             report.skipped_lines = skipped.len();
             let has_text = records
@@ -120,7 +143,7 @@ pub fn load(
         }
         DataFormat::Labelled => {
             let tok = need_tokenizer()?;
-            let (records, skipped) = examples::read_labelled(path, skip)?;
+            let (records, skipped) = examples::read_labelled(path, layout, skip)?;
             log_skipped(&skipped);
             report.skipped_lines = skipped.len();
             let mixed = records.iter().any(|r| r.label.is_some());
@@ -144,7 +167,7 @@ pub fn load(
                     });
                 }
                 Some(Negatives::File(file)) => {
-                    let (neg, skipped) = examples::read_labelled(file, skip)?;
+                    let (neg, skipped) = examples::read_labelled(file, layout, skip)?;
                     log_skipped(&skipped);
                     report.skipped_lines += skipped.len();
                     negatives.extend(neg);

@@ -9,8 +9,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::lines::LineError;
 use crate::pairs::TokenizedPair;
+use crate::records::Layout;
 use crate::rng::SplitMix64;
 use crate::tokenizer::TextTokenizer;
 
@@ -92,30 +92,28 @@ pub struct LabelledRecord {
     pub label: Option<bool>,
 }
 
-/// Reads `{"prompt": str, "completion": str, "id"?: str|int, "label"?: bool}` lines.
-/// With `skip_bad`, malformed lines are skipped and returned as errors instead.
-pub fn read_labelled(path: &Path, skip_bad: bool) -> Result<(Vec<LabelledRecord>, Vec<Error>)> {
+/// Reads `{"prompt": str, "completion": str, "id"?: str|int, "label"?: bool}`
+/// records (any file format [`crate::records`] reads). With `skip_bad`,
+/// malformed records are skipped and returned as errors instead.
+pub fn read_labelled(
+    path: &Path,
+    layout: &Layout,
+    skip_bad: bool,
+) -> Result<(Vec<LabelledRecord>, Vec<Error>)> {
     let mut out = Vec::new();
     let mut skipped = Vec::new();
-    for (i, line) in crate::lines::open(path)?.enumerate() {
-        let n = i + 1;
-        let bad = |reason: String| Error::Line {
-            path: path.to_path_buf(),
-            line: n,
-            reason,
-        };
-        let parsed = match line {
-            Err(LineError::NotUtf8) => Err(bad("not valid UTF-8".into())),
-            Err(LineError::TooLong) => return Err(bad(crate::lines::too_long())),
-            Err(LineError::Io(source)) => {
-                return Err(Error::Io {
-                    path: path.to_path_buf(),
-                    source,
-                });
-            }
-            Ok(line) if line.trim().is_empty() => continue,
-            Ok(line) => parse_labelled(&line, n).map_err(bad),
-        };
+    let keys = ["prompt", "completion", "id", "label"];
+    for row in crate::records::open(path, layout, &keys)? {
+        let row = row?;
+        let n = row.at;
+        let parsed = row
+            .value
+            .and_then(|obj| parse_labelled(&obj, n))
+            .map_err(|reason| Error::Line {
+                path: path.to_path_buf(),
+                line: n,
+                reason,
+            });
         match parsed {
             Ok(r) => out.push(r),
             Err(e) if skip_bad => skipped.push(e),
@@ -131,11 +129,10 @@ pub fn read_labelled(path: &Path, skip_bad: bool) -> Result<(Vec<LabelledRecord>
     Ok((out, skipped))
 }
 
-fn parse_labelled(line: &str, n: usize) -> std::result::Result<LabelledRecord, String> {
-    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let Value::Object(obj) = value else {
-        return Err("expected a JSON object".into());
-    };
+fn parse_labelled(
+    obj: &serde_json::Map<String, Value>,
+    n: usize,
+) -> std::result::Result<LabelledRecord, String> {
     let text = |key: &str| match obj.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(format!("\"{key}\" must be a string")),

@@ -12,6 +12,7 @@ pub mod examples;
 pub mod lines;
 pub mod metrics_log;
 pub mod pairs;
+pub mod records;
 pub mod refcache;
 pub mod rng;
 pub mod scores;

@@ -9,7 +9,7 @@ use std::str::FromStr;
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::lines::LineError;
+use crate::records::Layout;
 use crate::tokenizer::TextTokenizer;
 
 /// Which pair format a file holds.
@@ -89,31 +89,57 @@ fn detect(obj: &Map<String, Value>) -> std::result::Result<PairFormat, String> {
     if obj.contains_key("prompt_ids") || obj.contains_key("chosen_ids") {
         return Ok(PairFormat::Tokens);
     }
-    match obj.get("prompt") {
-        Some(Value::String(_)) => Ok(PairFormat::Text),
-        Some(Value::Array(_)) => Ok(PairFormat::Chat),
-        Some(other) => Err(format!(
+    match (obj.get("prompt"), obj.get("chosen")) {
+        // A message-list prompt, or message-list responses whatever the prompt
+        // (TRL's `maybe_extract_prompt`: a text prompt beside conversations, as
+        // in UltraFeedback, is the conversations' first turns).
+        (Some(Value::Array(_)), _) | (_, Some(Value::Array(_))) => Ok(PairFormat::Chat),
+        (Some(Value::String(_)) | None, Some(_)) | (Some(Value::String(_)), None) => {
+            Ok(PairFormat::Text)
+        }
+        (Some(other), _) => Err(format!(
             "\"prompt\" must be a string, found {}",
             kind(other)
         )),
-        None => Err(
-            "not a preference pair: expected keys prompt/chosen/rejected or \
-             prompt_ids/chosen_ids/rejected_ids"
+        (None, None) => Err(
+            "not a preference pair: expected keys prompt/chosen/rejected, chosen/rejected \
+             (the prompt their shared start), or prompt_ids/chosen_ids/rejected_ids"
                 .into(),
         ),
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
+/// Where TRL's `extract_prompt` splits `chosen` and `rejected` into a shared
+/// prompt and two responses: at their first difference, one earlier when the
+/// item before it is a space; when one is a prefix of the other, one before the
+/// shorter one's end (TRL's loop leaves its index there). Records TRL would
+/// give an empty prompt, or identical responses, are refused.
+pub fn implicit_prompt_len<T: PartialEq>(
+    chosen: &[T],
+    rejected: &[T],
+    is_space: impl Fn(&T) -> bool,
+) -> std::result::Result<usize, String> {
+    let m = chosen.len().min(rejected.len());
+    if m == 0 {
+        return Err("with no \"prompt\", chosen and rejected must both be non-empty (the prompt is their shared start)".into());
     }
+    if chosen == rejected {
+        return Err("chosen and rejected are identical: nothing to prefer".into());
+    }
+    let mut idx = m - 1;
+    if let Some(i) = (0..m).find(|&i| chosen[i] != rejected[i]) {
+        idx = i;
+        if i > 0 && is_space(&chosen[i - 1]) {
+            idx = i - 1;
+        }
+    }
+    if idx == 0 {
+        return Err("with no \"prompt\", chosen and rejected must start the same (the shared start is the prompt), and these differ from the first item".into());
+    }
+    Ok(idx)
 }
+
+use crate::records::kind;
 
 fn text_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<String, String> {
     match obj.get(key) {
@@ -159,62 +185,87 @@ fn parse_pair(obj: &Map<String, Value>, format: PairFormat) -> std::result::Resu
                 crate::chat::validate_messages(v, key)?;
                 Ok(v.clone())
             };
-            Pair::Chat {
-                prompt: field("prompt")?,
-                chosen: field("chosen")?,
-                rejected: field("rejected")?,
+            let (chosen, rejected) = (field("chosen")?, field("rejected")?);
+            match obj.get("prompt") {
+                Some(Value::Array(_)) => Pair::Chat {
+                    prompt: field("prompt")?,
+                    chosen,
+                    rejected,
+                },
+                _ => {
+                    let (c, r) = match (chosen, rejected) {
+                        (Value::Array(c), Value::Array(r)) => (c, r),
+                        _ => return Err("messages must be lists".into()),
+                    };
+                    let at = implicit_prompt_len(&c, &r, |_| false)?;
+                    Pair::Chat {
+                        prompt: Value::Array(c[..at].to_vec()),
+                        chosen: Value::Array(c[at..].to_vec()),
+                        rejected: Value::Array(r[at..].to_vec()),
+                    }
+                }
             }
         }
-        PairFormat::Text | PairFormat::Auto => Pair::Text {
-            prompt: text_field(obj, "prompt")?,
-            chosen: text_field(obj, "chosen")?,
-            rejected: text_field(obj, "rejected")?,
-        },
+        PairFormat::Text | PairFormat::Auto => {
+            let (chosen, rejected) = (text_field(obj, "chosen")?, text_field(obj, "rejected")?);
+            if obj.contains_key("prompt") {
+                Pair::Text {
+                    prompt: text_field(obj, "prompt")?,
+                    chosen,
+                    rejected,
+                }
+            } else {
+                // Python slices strings by code point: so do we.
+                let c: Vec<char> = chosen.chars().collect();
+                let r: Vec<char> = rejected.chars().collect();
+                let at = implicit_prompt_len(&c, &r, |ch| *ch == ' ')?;
+                Pair::Text {
+                    prompt: c[..at].iter().collect(),
+                    chosen: c[at..].iter().collect(),
+                    rejected: r[at..].iter().collect(),
+                }
+            }
+        }
     })
 }
 
-/// Reads every pair of a JSON-lines file. Blank lines are skipped; any other line
-/// that is not a valid pair of the file's format fails the whole read.
-pub fn read_pairs(path: &Path, format: PairFormat) -> Result<Vec<Record<Pair>>> {
-    read_pairs_skipping(path, format, false).map(|(pairs, _)| pairs)
+/// The record keys a pair reader uses.
+const PAIR_KEYS: &[&str] = &[
+    "prompt",
+    "chosen",
+    "rejected",
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+];
+
+/// Reads every pair of a dataset (any file format [`crate::records`] reads).
+/// Blank lines are skipped; any other record that is not a valid pair of the
+/// dataset's format fails the whole read.
+pub fn read_pairs(path: &Path, layout: &Layout, format: PairFormat) -> Result<Vec<Record<Pair>>> {
+    read_pairs_skipping(path, layout, format, false).map(|(pairs, _)| pairs)
 }
 
-/// As [`read_pairs`]; with `skip_bad`, malformed lines are returned as errors
-/// beside the valid pairs instead of failing the read.
+/// As [`read_pairs`]; with `skip_bad`, malformed records are returned as
+/// errors beside the valid pairs instead of failing the read.
 pub fn read_pairs_skipping(
     path: &Path,
+    layout: &Layout,
     format: PairFormat,
     skip_bad: bool,
 ) -> Result<(Vec<Record<Pair>>, Vec<Error>)> {
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
     let mut format = format;
     let mut format_line = 0usize;
     let mut out = Vec::new();
     let mut skipped = Vec::new();
-    for (i, line) in crate::lines::open(path)?.enumerate() {
-        let n = i + 1;
-        let line = match line {
-            Ok(line) => line,
-            Err(LineError::NotUtf8) => {
-                let e = line_err(path, n, "not valid UTF-8");
-                if skip_bad {
-                    skipped.push(e);
-                    continue;
-                }
-                return Err(e);
-            }
-            Err(LineError::TooLong) => {
-                return Err(line_err(path, n, crate::lines::too_long()));
-            }
-            Err(LineError::Io(e)) => return Err(io(e)),
-        };
-        if line.trim().is_empty() {
-            continue;
-        }
-        match parse_line(path, n, &line, &mut format, &mut format_line) {
+    for row in crate::records::open(path, layout, PAIR_KEYS)? {
+        let row = row?;
+        let n = row.at;
+        let parsed = row
+            .value
+            .map_err(|r| line_err(path, n, r))
+            .and_then(|obj| parse_record(path, n, &obj, &mut format, &mut format_line));
+        match parsed {
             Ok(pair) => out.push(Record {
                 line: n,
                 value: pair,
@@ -232,23 +283,14 @@ pub fn read_pairs_skipping(
     Ok((out, skipped))
 }
 
-fn parse_line(
+fn parse_record(
     path: &Path,
     n: usize,
-    line: &str,
+    obj: &Map<String, Value>,
     format: &mut PairFormat,
     format_line: &mut usize,
 ) -> Result<Pair> {
-    let value: Value =
-        serde_json::from_str(line).map_err(|e| line_err(path, n, format!("invalid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return Err(line_err(
-            path,
-            n,
-            format!("expected a JSON object, found {}", kind(&value)),
-        ));
-    };
-    let detected = detect(&obj).map_err(|r| line_err(path, n, r))?;
+    let detected = detect(obj).map_err(|r| line_err(path, n, r))?;
     match *format {
         PairFormat::Auto => {
             *format = detected;
@@ -373,7 +415,7 @@ mod tests {
 
     fn err(lines: &str, format: PairFormat) -> String {
         let f = file(lines);
-        let e = read_pairs(f.path(), format)
+        let e = read_pairs(f.path(), &Layout::default(), format)
             .expect_err("must fail")
             .to_string();
         let prefix = format!("{}:", f.path().display());
@@ -386,7 +428,7 @@ mod tests {
         let f = file(
             "{\"prompt\":\"a\",\"chosen\":\"b\",\"rejected\":\"c\",\"extra\":1}\n\n{\"prompt\":\"d\",\"chosen\":\"e\",\"rejected\":\"f\"}\n",
         );
-        let pairs = read_pairs(f.path(), PairFormat::Auto).expect("valid");
+        let pairs = read_pairs(f.path(), &Layout::default(), PairFormat::Auto).expect("valid");
         assert_eq!(pairs.len(), 2);
         assert_eq!(pairs[1].line, 3);
         assert_eq!(
@@ -398,7 +440,7 @@ mod tests {
             }
         );
         let f = file("{\"prompt_ids\":[1,2],\"chosen_ids\":[3],\"rejected_ids\":[4,5]}\n");
-        let pairs = read_pairs(f.path(), PairFormat::Auto).expect("valid");
+        let pairs = read_pairs(f.path(), &Layout::default(), PairFormat::Auto).expect("valid");
         assert_eq!(
             pairs[0].value,
             Pair::Tokens {
@@ -469,20 +511,20 @@ mod tests {
     #[test]
     fn empty_file_and_empty_responses_are_rejected() {
         let f = file("\n\n");
-        let e = read_pairs(f.path(), PairFormat::Auto)
+        let e = read_pairs(f.path(), &Layout::default(), PairFormat::Auto)
             .expect_err("empty")
             .to_string();
         assert!(e.ends_with("no pairs in file"), "{e}");
 
         let f = file("{\"prompt_ids\":[1],\"chosen_ids\":[],\"rejected_ids\":[3]}\n");
-        let pairs = read_pairs(f.path(), PairFormat::Auto).expect("parses");
+        let pairs = read_pairs(f.path(), &Layout::default(), PairFormat::Auto).expect("parses");
         let e = tokenize_pairs(f.path(), pairs, None)
             .expect_err("empty chosen")
             .to_string();
         assert!(e.ends_with(":1: the chosen response has no tokens"), "{e}");
 
         let f = file("{\"prompt_ids\":[],\"chosen_ids\":[2],\"rejected_ids\":[3]}\n");
-        let pairs = read_pairs(f.path(), PairFormat::Auto).expect("parses");
+        let pairs = read_pairs(f.path(), &Layout::default(), PairFormat::Auto).expect("parses");
         let e = tokenize_pairs(f.path(), pairs, None)
             .expect_err("empty prompt")
             .to_string();

@@ -33,7 +33,9 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::lines::{self, LineError};
+use crate::records::{self, Layout};
 use crate::tokenizer::TextTokenizer;
+use dpo_proto::FileFormat;
 
 /// The label vocabulary of a task, in id order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,11 +224,10 @@ fn raw_negatives(v: &Value, task: Task) -> std::result::Result<Vec<RawNegative>,
     Ok(out)
 }
 
-fn parse_json_record(text: &str, task: Task) -> std::result::Result<RawRecord, String> {
-    let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
-    let Value::Object(o) = &v else {
-        return Err("a record must be a JSON object".into());
-    };
+fn parse_json_record(
+    o: &serde_json::Map<String, Value>,
+    task: Task,
+) -> std::result::Result<RawRecord, String> {
     let id = raw_id(o.get("id"))?;
     let negatives = match o.get("negatives") {
         None | Some(Value::Null) => Vec::new(),
@@ -285,15 +286,26 @@ fn parse_json_record(text: &str, task: Task) -> std::result::Result<RawRecord, S
     }
 }
 
-fn read_jsonl(path: &Path, task: Task) -> Result<Vec<RawRecord>> {
+/// The record keys the encoder tasks read.
+const TASK_KEYS: &[&str] = &[
+    "id",
+    "tokens",
+    "tags",
+    "ner_tags",
+    "text",
+    "label",
+    "negatives",
+];
+
+fn read_records(path: &Path, task: Task, layout: &Layout) -> Result<Vec<RawRecord>> {
     let mut out = Vec::new();
-    for (i, line) in lines::open(path)?.enumerate() {
-        let n = i + 1;
-        let line = line.map_err(|e| read_err(path, n, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let mut r = parse_json_record(&line, task).map_err(|reason| line_err(path, n, reason))?;
+    for row in records::open(path, layout, TASK_KEYS)? {
+        let row = row?;
+        let n = row.at;
+        let mut r = row
+            .value
+            .and_then(|o| parse_json_record(&o, task))
+            .map_err(|reason| line_err(path, n, reason))?;
         r.line = n;
         out.push(r);
     }
@@ -344,12 +356,20 @@ fn read_conll(path: &Path) -> Result<Vec<RawRecord>> {
     Ok(out)
 }
 
-/// Whether `path` is read as CoNLL (by its extension) rather than JSONL.
-pub fn is_conll(path: &Path) -> bool {
-    matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("conll" | "txt" | "iob" | "bio")
-    )
+/// Whether `path` is read as CoNLL (`data.file_format`, else by its
+/// extension) rather than as records.
+pub fn is_conll(path: &Path, layout: &Layout) -> bool {
+    match layout.format {
+        FileFormat::Conll => true,
+        FileFormat::Auto => {
+            !records::is_multi(path)
+                && matches!(
+                    path.extension().and_then(|e| e.to_str()),
+                    Some("conll" | "txt" | "iob" | "bio")
+                )
+        }
+        _ => false,
+    }
 }
 
 /// A dataset file as read, labels still as written.
@@ -361,12 +381,14 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    /// Reads `path` for `task` (CoNLL by extension for NER, JSONL otherwise).
-    pub fn read(path: &Path, task: Task) -> Result<Self> {
-        let records = if task == Task::Token && is_conll(path) {
+    /// Reads `path` (a file, glob or folder) for `task`: CoNLL for NER by
+    /// extension or `data.file_format`, records (JSON lines, JSON, Parquet,
+    /// Arrow) otherwise.
+    pub fn read(path: &Path, task: Task, layout: &Layout) -> Result<Self> {
+        let records = if task == Task::Token && is_conll(path, layout) {
             read_conll(path)?
         } else {
-            read_jsonl(path, task)?
+            read_records(path, task, layout)?
         };
         if records.is_empty() {
             return Err(Error::File {
@@ -391,7 +413,7 @@ impl RawFile {
 
     /// Joins a negatives file (`{"id": ..., "negatives": ...}` per line) to the
     /// records by `id`.
-    pub fn join_negatives(&mut self, path: &Path) -> Result<usize> {
+    pub fn join_negatives(&mut self, path: &Path, layout: &Layout) -> Result<usize> {
         let mut by_id: HashMap<String, usize> = HashMap::new();
         for (i, r) in self.records.iter().enumerate() {
             if let Some(id) = &r.id {
@@ -399,23 +421,21 @@ impl RawFile {
             }
         }
         let mut joined = 0;
-        for (i, line) in lines::open(path)?.enumerate() {
-            let n = i + 1;
-            let line = line.map_err(|e| read_err(path, n, e))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let parse = || -> std::result::Result<(String, Vec<RawNegative>), String> {
-                let v: Value =
-                    serde_json::from_str(&line).map_err(|e| format!("invalid JSON: {e}"))?;
-                let id = raw_id(v.get("id"))?.ok_or("missing \"id\"")?;
+        for row in records::open(path, layout, &["id", "negatives"])? {
+            let row = row?;
+            let n = row.at;
+            let parse = |o: serde_json::Map<String, Value>| -> std::result::Result<(String, Vec<RawNegative>), String> {
+                let id = raw_id(o.get("id"))?.ok_or("missing \"id\"")?;
                 let negs = raw_negatives(
-                    v.get("negatives").ok_or("missing \"negatives\"")?,
+                    o.get("negatives").ok_or("missing \"negatives\"")?,
                     self.task,
                 )?;
                 Ok((id, negs))
             };
-            let (id, negs) = parse().map_err(|reason| line_err(path, n, reason))?;
+            let (id, negs) = row
+                .value
+                .and_then(parse)
+                .map_err(|reason| line_err(path, n, reason))?;
             let Some(&at) = by_id.get(&id) else {
                 return Err(line_err(
                     path,
@@ -776,7 +796,7 @@ mod tests {
             Task::Token => ner_labels(),
             Task::Sequence => Labels::new(vec!["neg".into(), "pos".into()]).expect("labels"),
         };
-        RawFile::read(&p, task)?.resolve(&labels)
+        RawFile::read(&p, task, &Layout::default())?.resolve(&labels)
     }
 
     fn error(task: Task, name: &str, text: &str) -> String {
@@ -913,13 +933,17 @@ mod tests {
             "n.jsonl",
             "{\"id\": \"1\", \"negatives\": [{\"position\": 0, \"tag\": \"B-LOC\"}]}\n",
         );
-        let mut raw = RawFile::read(&data, Task::Token).expect("reads");
-        assert_eq!(raw.join_negatives(&negs).expect("joins"), 1);
+        let mut raw = RawFile::read(&data, Task::Token, &Layout::default()).expect("reads");
+        assert_eq!(
+            raw.join_negatives(&negs, &Layout::default())
+                .expect("joins"),
+            1
+        );
         let rs = raw.resolve(&ner_labels()).expect("resolves");
         assert_eq!(rs[0].negatives, vec![(0, 3)]);
         let bad = file(&dir, "m.jsonl", "\n{\"id\": \"zz\", \"negatives\": []}\n");
         let msg = raw
-            .join_negatives(&bad)
+            .join_negatives(&bad, &Layout::default())
             .expect_err("unknown id")
             .to_string();
         assert!(
@@ -960,7 +984,7 @@ mod tests {
     fn labels_seen_in_data_come_in_first_seen_order_with_o_first() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = file(&dir, "a.conll", "Ann B-PER\nin O\nRome B-LOC\n\nBo I-PER\n");
-        let raw = RawFile::read(&p, Task::Token).expect("reads");
+        let raw = RawFile::read(&p, Task::Token, &Layout::default()).expect("reads");
         assert_eq!(
             RawFile::seen_labels(&[&raw]),
             vec!["O", "B-PER", "B-LOC", "I-PER"]

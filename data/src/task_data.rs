@@ -2,12 +2,13 @@
 //! fixed, negatives generated (`random`, `confusion`) or read (a file), and the
 //! words turned into tokens.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use dpo_proto::{Negatives, RunSpec, TaskType};
 
 use crate::TextTokenizer;
 use crate::error::{Error, Result};
+use crate::records::{self, Layout};
 use crate::rng::SplitMix64;
 use crate::tagged::{self, Encoded, Encoding, Labels, RawFile, Record, Task};
 
@@ -54,14 +55,31 @@ fn invalid(context: &str, reason: String) -> Error {
 /// Reads, checks and encodes a run's data. `max_positions`: the model's longest
 /// sequence.
 pub fn load(spec: &RunSpec, tokenizer: &TextTokenizer, max_positions: usize) -> Result<TaskData> {
+    let layout = Layout::of(&spec.data);
+    load_with(spec, &layout, tokenizer, max_positions).map_err(|e| {
+        let files = [Some(&spec.data.train), spec.data.eval.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .chain(spec.data.negatives.as_ref().and_then(|n| n.file()));
+        files.fold(e, |e, f| records::relocate(e, f, &layout))
+    })
+}
+
+fn load_with(
+    spec: &RunSpec,
+    layout: &Layout,
+    tokenizer: &TextTokenizer,
+    max_positions: usize,
+) -> Result<TaskData> {
     let task = task_of(spec);
-    let mut train = RawFile::read(&spec.data.train, task)?;
+    let mut train = RawFile::read(&spec.data.train, task, layout)?;
     let mut eval = match &spec.data.eval {
-        Some(p) => Some(RawFile::read(p, task)?),
+        Some(p) => Some(RawFile::read(p, task, layout)?),
         None => None,
     };
     if let Some(Negatives::File(file)) = &spec.data.negatives {
-        let joined = train.join_negatives(file)?;
+        let joined = train.join_negatives(file, layout)?;
         tracing::info!(file = %file.display(), joined, "negatives joined by id");
     }
     let labels = if spec.task.labels.is_empty() {
@@ -241,7 +259,8 @@ pub fn max_positions(model_dir: &Path) -> Result<usize> {
     Ok(n.max(1) as usize)
 }
 
-/// Reads and encodes one file for evaluation with a trained model's labels.
+/// Reads and encodes one dataset (a file, glob or folder; its format by
+/// extension) for evaluation with a trained model's labels.
 pub fn load_eval_file(
     path: &Path,
     task: Task,
@@ -249,8 +268,12 @@ pub fn load_eval_file(
     labels: &Labels,
     how: Encoding,
 ) -> Result<Split> {
-    let records = RawFile::read(path, task)?.resolve(labels)?;
-    encode_split(&records, tokenizer, labels, how)
+    let layout = Layout::default();
+    let read = || -> Result<Split> {
+        let records = RawFile::read(path, task, &layout)?.resolve(labels)?;
+        encode_split(&records, tokenizer, labels, how)
+    };
+    read().map_err(|e| records::relocate(e, path, &layout))
 }
 
 #[cfg(test)]

@@ -57,7 +57,7 @@ pub fn load_pairs(
     model_dir: &Path,
     vocab_size: i64,
 ) -> Result<Vec<TokenizedPair>> {
-    let records = dpo_data::read_pairs(data, format)?;
+    let records = dpo_data::read_pairs(data, &dpo_data::records::Layout::default(), format)?;
     let needs_tokenizer = records
         .iter()
         .any(|r| !matches!(r.value, dpo_data::Pair::Tokens { .. }));

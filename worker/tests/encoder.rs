@@ -307,7 +307,7 @@ fn word_labels_align_with_tokens_as_transformers_does() {
     for name in ["bert-token", "roberta-token"] {
         let model = fixtures().join(name);
         let tokenizer = TextTokenizer::from_dir(&model).expect("tokenizer");
-        let records = RawFile::read(&data, Task::Token)
+        let records = RawFile::read(&data, Task::Token, &Default::default())
             .expect("reads")
             .resolve(&labels)
             .expect("resolves");
@@ -498,7 +498,7 @@ fn a_word_that_gives_no_tokens_is_named() {
     .expect("write");
     let labels = Labels::new(labels()).expect("labels");
     let tokenizer = TextTokenizer::from_dir(&fixtures().join("bert-token")).expect("tokenizer");
-    let records = RawFile::read(&data, Task::Token)
+    let records = RawFile::read(&data, Task::Token, &Default::default())
         .expect("reads")
         .resolve(&labels)
         .expect("resolves");

@@ -2,6 +2,7 @@
 //! `DPO__SECTION__KEY` environment overrides. Unknown keys are errors, and every
 //! value is checked with a message naming the key and what is allowed.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -117,6 +118,42 @@ pub enum DataFormat {
     Labelled,
 }
 
+/// How a dataset's files are stored (`data.file_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FileFormat {
+    /// By extension: `.parquet`, `.arrow`, `.json` (an array, or JSON lines),
+    /// `.conll`/`.txt`/`.iob`/`.bio` (NER); a folder by the files in it; JSON
+    /// lines otherwise.
+    #[default]
+    Auto,
+    Jsonl,
+    /// One JSON array of records.
+    Json,
+    Parquet,
+    /// Arrow IPC (stream or file), as `datasets.save_to_disk` writes it.
+    Arrow,
+    /// `token … tag` lines, a blank line between sentences (NER only).
+    Conll,
+}
+
+/// The record keys `data.columns` may rename a file's columns to.
+pub const COLUMN_NAMES: &[&str] = &[
+    "prompt",
+    "chosen",
+    "rejected",
+    "prompt_ids",
+    "chosen_ids",
+    "rejected_ids",
+    "completion",
+    "label",
+    "id",
+    "tokens",
+    "tags",
+    "text",
+    "negatives",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Truncation {
@@ -128,7 +165,8 @@ pub enum Truncation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// Training file (JSON lines).
+    /// Training data: a file (JSON lines, JSON, Parquet, Arrow), a glob of
+    /// shards, or a folder of them (`datasets.save_to_disk` included).
     pub train: PathBuf,
     #[serde(default)]
     pub eval: Option<PathBuf>,
@@ -137,6 +175,13 @@ pub struct DataSpec {
     pub negatives: Option<Negatives>,
     #[serde(default)]
     pub format: DataFormat,
+    /// How the files are stored; by extension unless set.
+    #[serde(default)]
+    pub file_format: FileFormat,
+    /// Renames a file's columns to the keys records are read by:
+    /// `{ prompt = "question", chosen = "good", rejected = "bad" }`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub columns: BTreeMap<String, String>,
     #[serde(default = "default_max_length")]
     pub max_length: usize,
     #[serde(default = "default_max_prompt_length")]
@@ -699,6 +744,19 @@ impl RunSpec {
             "reference.path",
             || "must be \"same\", \"none\" or a model directory".into(),
         )?;
+        for (to, from) in &d.columns {
+            check(COLUMN_NAMES.contains(&to.as_str()), "data.columns", || {
+                format!("{to:?} is not a record key; expected one of {COLUMN_NAMES:?}")
+            })?;
+            check(!from.trim().is_empty(), "data.columns", || {
+                format!("{to}: the file's column name is empty")
+            })?;
+            check(
+                d.columns.values().filter(|f| *f == from).count() == 1,
+                "data.columns",
+                || format!("column {from:?} is renamed twice"),
+            )?;
+        }
         check(d.max_length >= 2, "data.max_length", || {
             format!("must be >= 2, found {}", d.max_length)
         })?;

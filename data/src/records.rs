@@ -1,0 +1,961 @@
+//! Dataset records from any of the files users have: JSON lines, a JSON array,
+//! Parquet (one file, a glob of shards, or a folder of them, as the Hub stores
+//! datasets) and Arrow IPC (`datasets.save_to_disk` folders). Every record comes
+//! out as a JSON object with `data.columns` renames applied, so one parser per
+//! record shape serves every file format.
+//!
+//! Columnar files are streamed a batch of rows at a time (only the columns asked
+//! for are decoded), and a JSON array is parsed element by element: no file is
+//! held in memory whole. Integer columns that `datasets` marks as `ClassLabel`
+//! (e.g. CoNLL-2003's `ner_tags`) come out as their label names.
+//!
+//! A record's position is its line in a JSON-lines file and its row (counting
+//! from 1) in the other formats. A dataset of several files numbers its records
+//! on from one file to the next; [`relocate`] turns such a position back into
+//! the file and its own line or row, for messages.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{
+    Float16Type, Float32Type, Float64Type, Int8Type, Int16Type, Int32Type, Int64Type, UInt8Type,
+    UInt16Type, UInt32Type, UInt64Type,
+};
+use arrow_array::{Array, RecordBatch};
+use arrow_schema::{ArrowError, DataType};
+use dpo_proto::FileFormat;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::lines::{self, LineError, Lines};
+
+/// Rows decoded at a time from a columnar file.
+const BATCH_ROWS: usize = 512;
+
+/// How a dataset is read: its file format and column renames.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub format: FileFormat,
+    /// Record key → the file's column name.
+    pub columns: BTreeMap<String, String>,
+}
+
+impl Layout {
+    pub fn of(spec: &dpo_proto::DataSpec) -> Self {
+        Layout {
+            format: spec.file_format,
+            columns: spec.columns.clone(),
+        }
+    }
+
+    /// The file's name for record key `key`.
+    fn source<'a>(&'a self, key: &'a str) -> &'a str {
+        self.columns.get(key).map_or(key, String::as_str)
+    }
+}
+
+/// One record: its position and the object (or why it is not one).
+#[derive(Debug)]
+pub struct Row {
+    pub at: usize,
+    pub value: std::result::Result<Map<String, Value>, String>,
+}
+
+fn file_err(path: &Path, reason: impl Into<String>) -> Error {
+    Error::File {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+fn at_err(path: &Path, line: usize, reason: impl Into<String>) -> Error {
+    Error::Line {
+        path: path.to_path_buf(),
+        line,
+        reason: reason.into(),
+    }
+}
+
+fn io_err(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn has_glob(path: &Path) -> bool {
+    path.to_string_lossy().contains(['*', '?', '['])
+}
+
+/// Whether `path` names a dataset of several files (a folder or a glob).
+pub fn is_multi(path: &Path) -> bool {
+    path.is_dir() || (!path.exists() && has_glob(path))
+}
+
+/// The format of one file: `forced`, else by extension, else by its first bytes.
+fn format_of(path: &Path, forced: FileFormat) -> FileFormat {
+    if forced != FileFormat::Auto {
+        return forced;
+    }
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("parquet" | "pq") => return FileFormat::Parquet,
+        Some("arrow" | "ipc" | "feather") => return FileFormat::Arrow,
+        Some("json") => return FileFormat::Json,
+        Some("conll" | "txt" | "iob" | "bio") => return FileFormat::Conll,
+        Some("jsonl" | "ndjson") => return FileFormat::Jsonl,
+        _ => {}
+    }
+    let mut magic = [0u8; 6];
+    let n = File::open(path)
+        .and_then(|mut f| f.read(&mut magic))
+        .unwrap_or(0);
+    match &magic[..n] {
+        [b'P', b'A', b'R', b'1', ..] => FileFormat::Parquet,
+        [b'A', b'R', b'R', b'O', b'W', b'1'] | [0xff, 0xff, 0xff, 0xff, ..] => FileFormat::Arrow,
+        _ => FileFormat::Jsonl,
+    }
+}
+
+/// `train-00000-of-00003.parquet` → `train`.
+fn split_of(name: &str) -> Option<&str> {
+    let stem = name.split('.').next()?;
+    let mut parts = stem.rsplitn(4, '-');
+    let (total, of, index, split) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (of == "of" && digits(total) && digits(index)).then_some(split)
+}
+
+/// The files of a dataset, in order, each with its format: the file itself; a
+/// glob's matches (sorted); a `datasets.save_to_disk` folder's Arrow files in
+/// the order its `state.json` lists them; or a folder's data files (sorted),
+/// all of one format and one split.
+pub fn files(path: &Path, forced: FileFormat) -> Result<Vec<(PathBuf, FileFormat)>> {
+    let mut found: Vec<PathBuf> = Vec::new();
+    if path.is_dir() {
+        if path.join("dataset_dict.json").is_file() {
+            let splits: Vec<String> = std::fs::read_dir(path)
+                .map_err(io_err(path))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().join("state.json").is_file())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            return Err(file_err(
+                path,
+                format!(
+                    "a DatasetDict folder: name one split's folder ({})",
+                    splits
+                        .iter()
+                        .map(|s| path.join(s).display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ));
+        }
+        let state = path.join("state.json");
+        if state.is_file() {
+            let text = std::fs::read_to_string(&state).map_err(io_err(&state))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| file_err(&state, format!("invalid JSON: {e}")))?;
+            let listed = v
+                .get("_data_files")
+                .and_then(Value::as_array)
+                .ok_or_else(|| {
+                    file_err(
+                        &state,
+                        "no \"_data_files\" list (not a datasets.save_to_disk folder?)",
+                    )
+                })?;
+            for f in listed {
+                let name = f
+                    .get("filename")
+                    .and_then(Value::as_str)
+                    .filter(|n| !n.contains('/') && !n.contains(".."))
+                    .ok_or_else(|| {
+                        file_err(
+                            &state,
+                            format!("a \"_data_files\" entry without a plain \"filename\": {f}"),
+                        )
+                    })?;
+                found.push(path.join(name));
+            }
+            let format = if forced == FileFormat::Auto {
+                FileFormat::Arrow
+            } else {
+                forced
+            };
+            return Ok(found.into_iter().map(|p| (p, format)).collect());
+        }
+        for entry in std::fs::read_dir(path).map_err(io_err(path))? {
+            let p = entry.map_err(io_err(path))?.path();
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let data = matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("parquet" | "arrow" | "jsonl" | "json" | "ndjson" | "conll")
+            );
+            if p.is_file() && data && !name.starts_with('.') && name != "dataset_info.json" {
+                found.push(p);
+            }
+        }
+        found.sort();
+        let splits: std::collections::BTreeSet<&str> = found
+            .iter()
+            .filter_map(|p| p.file_name().and_then(|n| n.to_str()))
+            .filter_map(split_of)
+            .collect();
+        if splits.len() > 1 {
+            let first = splits.iter().next().copied().unwrap_or("train");
+            return Err(file_err(
+                path,
+                format!(
+                    "holds the shards of several splits ({}); name one with a glob, e.g. {}",
+                    splits.iter().copied().collect::<Vec<_>>().join(", "),
+                    path.join(format!("{first}-*")).display()
+                ),
+            ));
+        }
+    } else if !path.exists() && has_glob(path) {
+        let pattern = path.to_string_lossy();
+        let matches =
+            glob::glob(&pattern).map_err(|e| file_err(path, format!("not a valid glob: {e}")))?;
+        for m in matches {
+            let p = m.map_err(|e| file_err(path, e.to_string()))?;
+            if p.is_file() {
+                found.push(p);
+            }
+        }
+        found.sort();
+    } else {
+        return Ok(vec![(path.to_path_buf(), format_of(path, forced))]);
+    }
+    if found.is_empty() {
+        return Err(file_err(
+            path,
+            "no data files (.parquet, .arrow, .jsonl, .json)",
+        ));
+    }
+    let with: Vec<(PathBuf, FileFormat)> = found
+        .into_iter()
+        .map(|p| {
+            let f = format_of(&p, forced);
+            (p, f)
+        })
+        .collect();
+    if let Some((other, f)) = with.iter().find(|(_, f)| *f != with[0].1) {
+        return Err(file_err(
+            path,
+            format!(
+                "mixes file formats: {} is {:?}, {} is {:?}",
+                with[0].0.display(),
+                with[0].1,
+                other.display(),
+                f
+            ),
+        ));
+    }
+    Ok(with)
+}
+
+/// The records of a dataset, file after file. `keys` are the record keys the
+/// reader uses: a columnar file decodes only their columns (empty: all).
+#[derive(Debug)]
+pub struct Rows {
+    files: std::vec::IntoIter<(PathBuf, FileFormat)>,
+    layout: Layout,
+    keys: Vec<String>,
+    /// Positions used by the files already read.
+    offset: usize,
+    current: Option<(PathBuf, Reader)>,
+    done: bool,
+}
+
+/// Opens `path` (a file, glob or folder) for reading records.
+pub fn open(path: &Path, layout: &Layout, keys: &[&str]) -> Result<Rows> {
+    let files = files(path, layout.format)?;
+    if let Some((p, _)) = files.iter().find(|(_, f)| *f == FileFormat::Conll) {
+        return Err(file_err(
+            p,
+            "a CoNLL file holds NER sentences, not records of this kind",
+        ));
+    }
+    Ok(Rows {
+        files: files.into_iter(),
+        layout: layout.clone(),
+        keys: keys.iter().map(|k| k.to_string()).collect(),
+        offset: 0,
+        current: None,
+        done: false,
+    })
+}
+
+impl Rows {
+    /// The file being read (for messages).
+    pub fn file(&self) -> Option<&Path> {
+        self.current.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    fn next_row(&mut self) -> Option<Result<Row>> {
+        loop {
+            if self.done {
+                return None;
+            }
+            if self.current.is_none() {
+                let (path, format) = self.files.next()?;
+                match Reader::open(&path, format, &self.layout, &self.keys) {
+                    Ok(r) => self.current = Some((path, r)),
+                    Err(e) => {
+                        self.done = true;
+                        return Some(Err(e));
+                    }
+                }
+            }
+            let (path, reader) = self.current.as_mut()?;
+            match reader.next(path, &self.layout) {
+                Some(Ok((at, value))) => {
+                    return Some(Ok(Row {
+                        at: self.offset + at,
+                        value,
+                    }));
+                }
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Some(Err(relabel(e, self.offset)));
+                }
+                None => {
+                    self.offset += reader.positions();
+                    self.current = None;
+                }
+            }
+        }
+    }
+}
+
+/// An error of the file at `offset` numbered as the dataset numbers it.
+fn relabel(e: Error, offset: usize) -> Error {
+    match e {
+        Error::Line { path, line, reason } => Error::Line {
+            path,
+            line: line + offset,
+            reason,
+        },
+        e => e,
+    }
+}
+
+impl Iterator for Rows {
+    type Item = Result<Row>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_row()
+    }
+}
+
+/// Reads one file.
+enum Reader {
+    Lines {
+        lines: Lines<BufReader<File>>,
+        n: usize,
+    },
+    Array {
+        rx: Receiver<std::result::Result<Value, String>>,
+        n: usize,
+    },
+    Columns {
+        batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send>,
+        batch: Option<RecordBatch>,
+        /// Class names of `ClassLabel` columns (by the file's column name).
+        classes: HashMap<String, Vec<String>>,
+        row: usize,
+        n: usize,
+    },
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reader::Lines { .. } => "Reader::Lines",
+            Reader::Array { .. } => "Reader::Array",
+            Reader::Columns { .. } => "Reader::Columns",
+        })
+    }
+}
+
+fn object(v: Value) -> std::result::Result<Map<String, Value>, String> {
+    match v {
+        Value::Object(o) => Ok(o),
+        other => Err(format!("expected a JSON object, found {}", kind(&other))),
+    }
+}
+
+pub(crate) fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Applies `data.columns`: the file's column becomes the record key.
+fn rename(mut o: Map<String, Value>, layout: &Layout) -> Map<String, Value> {
+    for (to, from) in &layout.columns {
+        if to != from
+            && let Some(v) = o.remove(from)
+        {
+            o.insert(to.clone(), v);
+        }
+    }
+    o
+}
+
+impl Reader {
+    fn open(path: &Path, format: FileFormat, layout: &Layout, keys: &[String]) -> Result<Reader> {
+        match format {
+            FileFormat::Auto | FileFormat::Jsonl | FileFormat::Conll => Ok(Reader::Lines {
+                lines: lines::open(path)?,
+                n: 0,
+            }),
+            FileFormat::Json => {
+                // `datasets`' `to_json` writes JSON lines under `.json`: look.
+                let mut first = [0u8; 1];
+                let mut f = BufReader::new(File::open(path).map_err(io_err(path))?);
+                loop {
+                    if f.read(&mut first).map_err(io_err(path))? == 0 {
+                        return Err(file_err(path, "empty file"));
+                    }
+                    if !first[0].is_ascii_whitespace() {
+                        break;
+                    }
+                }
+                match first[0] {
+                    b'{' => Ok(Reader::Lines {
+                        lines: lines::open(path)?,
+                        n: 0,
+                    }),
+                    b'[' => Ok(Reader::Array {
+                        rx: json_array(path)?,
+                        n: 0,
+                    }),
+                    b => Err(file_err(
+                        path,
+                        format!(
+                            "a .json dataset is an array of records or JSON lines; this one starts with {:?}",
+                            b as char
+                        ),
+                    )),
+                }
+            }
+            FileFormat::Parquet => parquet_reader(path, layout, keys),
+            FileFormat::Arrow => arrow_reader(path, layout, keys),
+        }
+    }
+
+    /// How many positions the file used (lines or rows), once read through.
+    fn positions(&self) -> usize {
+        match self {
+            Reader::Lines { n, .. } | Reader::Array { n, .. } | Reader::Columns { n, .. } => *n,
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn next(
+        &mut self,
+        path: &Path,
+        layout: &Layout,
+    ) -> Option<Result<(usize, std::result::Result<Map<String, Value>, String>)>> {
+        match self {
+            Reader::Lines { lines, n } => loop {
+                let line = lines.next()?;
+                *n += 1;
+                let text = match line {
+                    Ok(t) => t,
+                    Err(LineError::NotUtf8) => {
+                        return Some(Ok((*n, Err("not valid UTF-8".into()))));
+                    }
+                    Err(LineError::TooLong) => {
+                        return Some(Err(at_err(path, *n, lines::too_long())));
+                    }
+                    Err(LineError::Io(e)) => return Some(Err(io_err(path)(e))),
+                };
+                if text.trim().is_empty() {
+                    continue;
+                }
+                let value = serde_json::from_str::<Value>(&text)
+                    .map_err(|e| format!("invalid JSON: {e}"))
+                    .and_then(object)
+                    .map(|o| rename(o, layout));
+                return Some(Ok((*n, value)));
+            },
+            Reader::Array { rx, n } => {
+                let item = rx.recv().ok()?;
+                *n += 1;
+                match item {
+                    Ok(v) => Some(Ok((*n, object(v).map(|o| rename(o, layout))))),
+                    Err(reason) => Some(Err(at_err(path, *n, reason))),
+                }
+            }
+            Reader::Columns {
+                batches,
+                batch,
+                classes,
+                row,
+                n,
+            } => loop {
+                if let Some(b) = batch.as_ref()
+                    && *row < b.num_rows()
+                {
+                    let i = *row;
+                    *row += 1;
+                    *n += 1;
+                    return Some(Ok((*n, row_object(b, i, classes, layout))));
+                }
+                match batches.next()? {
+                    Ok(b) => {
+                        *batch = Some(b);
+                        *row = 0;
+                    }
+                    Err(e) => {
+                        return Some(Err(at_err(
+                            path,
+                            *n + 1,
+                            format!("cannot decode the rows from here on: {e}"),
+                        )));
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Parses a JSON array element by element on a thread; the channel yields each
+/// element, or why the array could not be read on.
+fn json_array(path: &Path) -> Result<Receiver<std::result::Result<Value, String>>> {
+    struct Each(SyncSender<std::result::Result<Value, String>>);
+    impl<'de> serde::de::Visitor<'de> for Each {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON array of records")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<(), A::Error> {
+            while let Some(v) = seq.next_element::<Value>()? {
+                if self.0.send(Ok(v)).is_err() {
+                    break; // nobody reads on
+                }
+            }
+            Ok(())
+        }
+    }
+    let file = File::open(path).map_err(io_err(path))?;
+    let (tx, rx) = sync_channel(256);
+    std::thread::Builder::new()
+        .name("json-array".into())
+        .spawn(move || {
+            use serde::Deserializer as _;
+            let mut de = serde_json::Deserializer::from_reader(BufReader::new(file));
+            let result = (&mut de)
+                .deserialize_seq(Each(tx.clone()))
+                .and_then(|()| de.end());
+            if let Err(e) = result {
+                let _ = tx.send(Err(format!("invalid JSON: {e}")));
+            }
+        })
+        .map_err(io_err(path))?;
+    Ok(rx)
+}
+
+/// `ClassLabel` names per column from a `datasets` features description
+/// (`{"col": {"_type": "ClassLabel", "names": [...]}}`, also inside lists).
+fn class_names(features: &Value) -> HashMap<String, Vec<String>> {
+    fn of(feature: &Value) -> Option<Vec<String>> {
+        match feature {
+            Value::Array(inner) if inner.len() == 1 => of(&inner[0]),
+            Value::Object(o) => {
+                if o.get("_type").and_then(Value::as_str) == Some("ClassLabel") {
+                    let names = o.get("names")?.as_array()?;
+                    names
+                        .iter()
+                        .map(|n| n.as_str().map(str::to_string))
+                        .collect()
+                } else {
+                    of(o.get("feature")?)
+                }
+            }
+            _ => None,
+        }
+    }
+    let mut out = HashMap::new();
+    if let Some(cols) = features.as_object() {
+        for (name, f) in cols {
+            if let Some(names) = of(f) {
+                out.insert(name.clone(), names);
+            }
+        }
+    }
+    out
+}
+
+/// The features `datasets` stored with a file: the schema's `huggingface`
+/// metadata, else a `dataset_info.json` beside it.
+fn features_of(schema_meta: &HashMap<String, String>, path: &Path) -> HashMap<String, Vec<String>> {
+    let from_meta = schema_meta
+        .get("huggingface")
+        .and_then(|m| serde_json::from_str::<Value>(m).ok())
+        .and_then(|v| v.get("info")?.get("features").cloned());
+    let from_info = || {
+        let info = path.parent()?.join("dataset_info.json");
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(info).ok()?).ok()?;
+        v.get("features").cloned()
+    };
+    from_meta
+        .or_else(from_info)
+        .map(|f| class_names(&f))
+        .unwrap_or_default()
+}
+
+/// Indices of the top-level columns holding `keys` (renamed); all when `keys`
+/// is empty.
+fn wanted(names: &[String], layout: &Layout, keys: &[String]) -> Vec<usize> {
+    if keys.is_empty() {
+        return (0..names.len()).collect();
+    }
+    let sources: Vec<&str> = keys.iter().map(|k| layout.source(k)).collect();
+    (0..names.len())
+        .filter(|&i| sources.contains(&names[i].as_str()))
+        .collect()
+}
+
+fn parquet_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reader> {
+    use parquet::arrow::ProjectionMask;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let file = File::open(path).map_err(io_err(path))?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
+    let names: Vec<String> = builder
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .collect();
+    let classes = features_of(builder.schema().metadata(), path);
+    let mask = ProjectionMask::roots(builder.parquet_schema(), wanted(&names, layout, keys));
+    let reader = builder
+        .with_projection(mask)
+        .with_batch_size(BATCH_ROWS)
+        .build()
+        .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
+    Ok(Reader::Columns {
+        batches: Box::new(reader),
+        batch: None,
+        classes,
+        row: 0,
+        n: 0,
+    })
+}
+
+fn arrow_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reader> {
+    use arrow_ipc::reader::{FileReader, StreamReader};
+    let mut magic = [0u8; 6];
+    let mut f = File::open(path).map_err(io_err(path))?;
+    let n = f.read(&mut magic).map_err(io_err(path))?;
+    let bad = |e: ArrowError| file_err(path, format!("not a readable Arrow file: {e}"));
+    let file = File::open(path).map_err(io_err(path))?;
+    // Projection needs the schema first: open once to read it.
+    let (schema, is_file) = if &magic[..n] == b"ARROW1" {
+        let r = FileReader::try_new(
+            BufReader::new(File::open(path).map_err(io_err(path))?),
+            None,
+        )
+        .map_err(bad)?;
+        (r.schema(), true)
+    } else {
+        let r = StreamReader::try_new(
+            BufReader::new(File::open(path).map_err(io_err(path))?),
+            None,
+        )
+        .map_err(bad)?;
+        (r.schema(), false)
+    };
+    let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
+    let classes = features_of(schema.metadata(), path);
+    let projection = Some(wanted(&names, layout, keys));
+    let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send> =
+        if is_file {
+            Box::new(FileReader::try_new(BufReader::new(file), projection).map_err(bad)?)
+        } else {
+            Box::new(StreamReader::try_new(BufReader::new(file), projection).map_err(bad)?)
+        };
+    Ok(Reader::Columns {
+        batches,
+        batch: None,
+        classes,
+        row: 0,
+        n: 0,
+    })
+}
+
+/// Row `i` of `batch` as a JSON object (renamed).
+fn row_object(
+    batch: &RecordBatch,
+    i: usize,
+    classes: &HashMap<String, Vec<String>>,
+    layout: &Layout,
+) -> std::result::Result<Map<String, Value>, String> {
+    let mut o = Map::new();
+    for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
+        let names = classes.get(field.name()).map(Vec::as_slice);
+        let v = cell(column.as_ref(), i, names)
+            .map_err(|reason| format!("column {:?}: {reason}", field.name()))?;
+        o.insert(field.name().clone(), v);
+    }
+    Ok(rename(o, layout))
+}
+
+/// One value of an Arrow array as JSON; integers become class names where the
+/// column is a `ClassLabel`.
+fn cell(a: &dyn Array, i: usize, classes: Option<&[String]>) -> std::result::Result<Value, String> {
+    if a.is_null(i) {
+        return Ok(Value::Null);
+    }
+    let int = |v: i128| -> std::result::Result<Value, String> {
+        match classes {
+            Some(names) => usize::try_from(v)
+                .ok()
+                .and_then(|k| names.get(k))
+                .map(|n| Value::String(n.clone()))
+                .ok_or_else(|| {
+                    format!(
+                        "{v} is not one of the column's {} class labels",
+                        names.len()
+                    )
+                }),
+            None => Ok(i64::try_from(v)
+                .map(Value::from)
+                .unwrap_or_else(|_| Value::from(v as u64))),
+        }
+    };
+    let float = |v: f64| {
+        serde_json::Number::from_f64(v)
+            .map(Value::Number)
+            .ok_or_else(|| format!("{v} is not a finite number"))
+    };
+    Ok(match a.data_type() {
+        DataType::Null => Value::Null,
+        DataType::Boolean => Value::Bool(a.as_boolean().value(i)),
+        DataType::Int8 => int(a.as_primitive::<Int8Type>().value(i).into())?,
+        DataType::Int16 => int(a.as_primitive::<Int16Type>().value(i).into())?,
+        DataType::Int32 => int(a.as_primitive::<Int32Type>().value(i).into())?,
+        DataType::Int64 => int(a.as_primitive::<Int64Type>().value(i).into())?,
+        DataType::UInt8 => int(a.as_primitive::<UInt8Type>().value(i).into())?,
+        DataType::UInt16 => int(a.as_primitive::<UInt16Type>().value(i).into())?,
+        DataType::UInt32 => int(a.as_primitive::<UInt32Type>().value(i).into())?,
+        DataType::UInt64 => int(a.as_primitive::<UInt64Type>().value(i).into())?,
+        DataType::Float16 => float(a.as_primitive::<Float16Type>().value(i).to_f64())?,
+        DataType::Float32 => float(a.as_primitive::<Float32Type>().value(i).into())?,
+        DataType::Float64 => float(a.as_primitive::<Float64Type>().value(i))?,
+        DataType::Utf8 => Value::String(a.as_string::<i32>().value(i).to_string()),
+        DataType::LargeUtf8 => Value::String(a.as_string::<i64>().value(i).to_string()),
+        DataType::Utf8View => Value::String(a.as_string_view().value(i).to_string()),
+        DataType::List(_) => list(a.as_list::<i32>().value(i).as_ref(), classes)?,
+        DataType::LargeList(_) => list(a.as_list::<i64>().value(i).as_ref(), classes)?,
+        DataType::FixedSizeList(..) => list(a.as_fixed_size_list().value(i).as_ref(), classes)?,
+        DataType::Struct(fields) => {
+            let s = a.as_struct();
+            let mut o = Map::new();
+            for (f, col) in fields.iter().zip(s.columns()) {
+                o.insert(f.name().clone(), cell(col.as_ref(), i, None)?);
+            }
+            Value::Object(o)
+        }
+        other => return Err(format!("values of type {other} cannot be read")),
+    })
+}
+
+fn list(a: &dyn Array, classes: Option<&[String]>) -> std::result::Result<Value, String> {
+    (0..a.len())
+        .map(|j| cell(a, j, classes))
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map(Value::Array)
+}
+
+/// For messages about a dataset of several files: turns a position counted
+/// across `dataset`'s files (as [`Rows`] numbers them) into the file holding
+/// it and its own line or row. Other errors come back as they are.
+pub fn relocate(e: Error, dataset: &Path, layout: &Layout) -> Error {
+    let Error::Line { path, line, reason } = e else {
+        return e;
+    };
+    if path != dataset || !is_multi(dataset) {
+        return Error::Line { path, line, reason };
+    }
+    let Ok(files) = files(dataset, layout.format) else {
+        return Error::Line { path, line, reason };
+    };
+    let mut before = 0usize;
+    for (file, format) in files {
+        let Ok(mut reader) = Reader::open(&file, format, layout, &[]) else {
+            break;
+        };
+        while let Some(Ok(_)) = reader.next(&file, layout) {}
+        let n = reader.positions();
+        if line <= before + n {
+            return Error::Line {
+                path: file,
+                line: line - before,
+                reason,
+            };
+        }
+        before += n;
+    }
+    Error::Line { path, line, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(path: &Path, layout: &Layout) -> Vec<(usize, String)> {
+        open(path, layout, &[])
+            .expect("opens")
+            .map(|r| {
+                let r = r.expect("row");
+                (
+                    r.at,
+                    match r.value {
+                        Ok(o) => Value::Object(o).to_string(),
+                        Err(e) => format!("error: {e}"),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn json_arrays_and_lines_give_the_same_records_with_renames() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let lines = dir.path().join("a.jsonl");
+        std::fs::write(
+            &lines,
+            "{\"q\":\"x\",\"good\":\"y\"}\n\n{\"q\":\"z\",\"good\":\"w\"}\n",
+        )
+        .expect("write");
+        let array = dir.path().join("a.json");
+        std::fs::write(
+            &array,
+            " [{\"q\":\"x\",\"good\":\"y\"},\n {\"q\":\"z\",\"good\":\"w\"}]",
+        )
+        .expect("write");
+        let layout = Layout {
+            format: FileFormat::Auto,
+            columns: [("prompt", "q"), ("chosen", "good")]
+                .into_iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+        };
+        let from_lines = rows(&lines, &layout);
+        assert_eq!(from_lines[1].0, 3, "lines are numbered as in the file");
+        assert_eq!(from_lines[0].1, r#"{"chosen":"y","prompt":"x"}"#);
+        let from_array = rows(&array, &layout);
+        assert_eq!(from_array[1], (2, from_lines[1].1.clone()), "rows from 1");
+        // JSON lines under `.json`, as `datasets.to_json` writes them.
+        std::fs::write(&array, "{\"q\":\"x\",\"good\":\"y\"}\n").expect("write");
+        assert_eq!(rows(&array, &layout)[0].1, from_lines[0].1);
+    }
+
+    #[test]
+    fn a_broken_array_names_the_row_and_a_non_object_is_a_row_error() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("a.json");
+        std::fs::write(&p, "[{\"a\":1}, 7, {\"a\": ]").expect("write");
+        let mut r = open(&p, &Layout::default(), &[]).expect("opens");
+        assert!(r.next().expect("1").expect("row").value.is_ok());
+        let second = r.next().expect("2").expect("row");
+        assert_eq!(
+            second.value,
+            Err("expected a JSON object, found a number".into())
+        );
+        let e = r.next().expect("3").expect_err("broken").to_string();
+        assert!(
+            e.starts_with(&format!("{}:3: invalid JSON", p.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn folders_and_globs_list_their_shards_and_refuse_mixed_splits() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for name in ["train-00001-of-00002.jsonl", "train-00000-of-00002.jsonl"] {
+            std::fs::write(dir.path().join(name), "{\"a\":1}\n\n{\"a\":2}\n").expect("write");
+        }
+        let names = |v: Vec<(PathBuf, FileFormat)>| {
+            v.into_iter()
+                .map(|(p, _)| p.file_name().expect("name").to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+        };
+        let listed = names(files(dir.path(), FileFormat::Auto).expect("folder"));
+        assert_eq!(
+            listed,
+            ["train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl"]
+        );
+        // Positions go on from file to file; relocate finds the file back.
+        let got = rows(dir.path(), &Layout::default());
+        assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), [1, 3, 4, 6]);
+        let e = relocate(at_err(dir.path(), 6, "bad"), dir.path(), &Layout::default());
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "{}:3: bad",
+                dir.path().join("train-00001-of-00002.jsonl").display()
+            )
+        );
+
+        std::fs::write(dir.path().join("test-00000-of-00001.jsonl"), "{}\n").expect("write");
+        let e = files(dir.path(), FileFormat::Auto)
+            .expect_err("two splits")
+            .to_string();
+        assert!(e.contains("several splits (test, train)"), "{e}");
+        let glob = dir.path().join("train-*.jsonl");
+        assert_eq!(
+            names(files(&glob, FileFormat::Auto).expect("glob")).len(),
+            2
+        );
+        let none = dir.path().join("dev-*.jsonl");
+        let e = files(&none, FileFormat::Auto)
+            .expect_err("nothing")
+            .to_string();
+        assert!(e.contains("no data files"), "{e}");
+    }
+
+    #[test]
+    fn shard_names_give_their_split() {
+        assert_eq!(split_of("train-00000-of-00003.parquet"), Some("train"));
+        assert_eq!(split_of("my-test-00002-of-00003.arrow"), Some("my-test"));
+        assert_eq!(split_of("data-00000-of-00001.arrow"), Some("data"));
+        assert_eq!(split_of("train.parquet"), None);
+        assert_eq!(split_of("a-1-to-2.parquet"), None);
+    }
+
+    #[test]
+    fn class_labels_are_found_in_features_also_inside_lists() {
+        let f: Value = serde_json::json!({
+            "tokens": {"feature": {"dtype": "string", "_type": "Value"}, "_type": "List"},
+            "ner_tags": {"feature": {"names": ["O", "B-PER"], "_type": "ClassLabel"}, "_type": "Sequence"},
+            "label": {"names": ["neg", "pos"], "_type": "ClassLabel"},
+            "old": [{"names": ["a"], "_type": "ClassLabel"}]
+        });
+        let c = class_names(&f);
+        assert_eq!(c.get("ner_tags").map(Vec::len), Some(2));
+        assert_eq!(c.get("label").map(|v| v[1].as_str()), Some("pos"));
+        assert_eq!(c.get("old").map(|v| v[0].as_str()), Some("a"));
+        assert!(!c.contains_key("tokens"));
+    }
+}
