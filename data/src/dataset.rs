@@ -29,10 +29,8 @@ pub struct DataReport {
 
 fn peek_format(path: &Path, layout: &Layout) -> Result<DataFormat> {
     let keys = ["prompt", "chosen", "completion", "prompt_ids", "chosen_ids"];
-    for row in crate::records::open(path, layout, &keys)? {
-        let Ok(Row { value: Ok(obj), .. }) = row else {
-            break;
-        };
+    let first = crate::records::open(path, layout, &keys)?.next();
+    if let Some(Ok(Row { value: Ok(obj), .. })) = first {
         if obj.contains_key("completion") {
             return Ok(DataFormat::Labelled);
         }
@@ -44,7 +42,6 @@ fn peek_format(path: &Path, layout: &Layout) -> Result<DataFormat> {
         {
             return Ok(DataFormat::Conversational);
         }
-        return Ok(DataFormat::Text);
     }
     // Unreadable or empty: let the pair reader report it with its position.
     Ok(DataFormat::Text)
@@ -130,7 +127,7 @@ fn load_from(
             report.skipped_lines = skipped.len();
             let has_text = records
                 .iter()
-                .any(|r| matches!(r.value, crate::Pair::Text { .. }));
+                .any(|r| !matches!(r.value, crate::Pair::Tokens { .. }));
             let tok = if has_text {
                 Some(need_tokenizer()?)
             } else {

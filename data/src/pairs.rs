@@ -299,6 +299,7 @@ fn parse_record(
         f if f != detected => {
             let what = |f: PairFormat| match f {
                 PairFormat::Tokens => "pre-tokenized",
+                PairFormat::Chat => "conversational",
                 _ => "text",
             };
             let since = if *format_line > 0 {
@@ -318,7 +319,7 @@ fn parse_record(
         }
         _ => {}
     }
-    parse_pair(&obj, *format).map_err(|r| line_err(path, n, r))
+    parse_pair(obj, *format).map_err(|r| line_err(path, n, r))
 }
 
 /// Turns pairs into token ids. Text pairs need `tokenizer`; pre-tokenized pairs are

@@ -210,7 +210,11 @@ pub fn files(path: &Path, forced: FileFormat) -> Result<Vec<(PathBuf, FileFormat
             .filter_map(split_of)
             .collect();
         if splits.len() > 1 {
-            let first = splits.iter().next().copied().unwrap_or("train");
+            let first = if splits.contains("train") {
+                "train"
+            } else {
+                splits.iter().next().copied().unwrap_or("train")
+            };
             return Err(file_err(
                 path,
                 format!(
