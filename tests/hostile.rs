@@ -55,12 +55,14 @@ fn upload(spec: String, bytes: u64, byte: u8) -> impl tokio_stream::Stream<Item 
             } else {
                 Vec::new()
             },
+            files: Vec::new(),
         })),
     };
     let chunks = (0..bytes.div_ceil(MIB)).map(move |i| v1::SubmitChunk {
         part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
             key: "data.train".into(),
             data: vec![byte; MIB.min(bytes - i * MIB) as usize],
+            name: String::new(),
         })),
     });
     tokio_stream::iter(std::iter::once(header).chain(chunks))
@@ -166,6 +168,7 @@ fn submission(
         part: Some(v1::submit_chunk::Part::Header(v1::SubmitHeader {
             spec_json: serde_json::to_string(spec).expect("spec json"),
             streamed_files: files.iter().map(|(k, _)| k.to_string()).collect(),
+            files: Vec::new(),
         })),
     };
     let chunks: Vec<v1::SubmitChunk> = files
@@ -174,6 +177,7 @@ fn submission(
             part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
                 key: key.into(),
                 data,
+                name: String::new(),
             })),
         })
         .collect();
@@ -220,6 +224,26 @@ fn paths_a_client_names_are_confined_to_the_allowed_directories() {
             .join(&first.id)
             .join("files/data_train.jsonl");
         assert!(upload.is_file(), "{}", upload.display());
+        // A streamed file's name is a plain file name: no way out of the run's dir.
+        for name in ["../escape.jsonl", "a/b.jsonl", ".hidden", "", ".."] {
+            let header = v1::SubmitChunk {
+                part: Some(v1::submit_chunk::Part::Header(v1::SubmitHeader {
+                    spec_json: serde_json::to_string(&base).expect("spec json"),
+                    streamed_files: vec!["data.train".into()],
+                    files: vec![v1::StreamedFile {
+                        key: "data.train".into(),
+                        name: name.into(),
+                    }],
+                })),
+            };
+            let e = client
+                .submit(tokio_stream::iter([header]))
+                .await
+                .expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{name}: {e}");
+            assert!(e.message().contains("a plain file name"), "{name}: {e}");
+        }
+        assert!(!case.path().join("coord/runs/escape.jsonl").exists());
 
         let link = case.path().join("innocent.jsonl");
         std::os::unix::fs::symlink("/etc/passwd", &link).expect("symlink");

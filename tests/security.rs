@@ -384,6 +384,7 @@ fn named_identities_own_their_runs_and_roles_gate_the_services() {
         part: Some(v1::submit_chunk::Part::Header(v1::SubmitHeader {
             spec_json: serde_json::to_string(&spec).expect("json"),
             streamed_files: Vec::new(),
+            files: Vec::new(),
         })),
     };
     let rt = tokio::runtime::Runtime::new().expect("runtime");

@@ -56,16 +56,18 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
-    /// Submit a run spec. Dataset files that exist here are streamed to the
-    /// coordinator; the model directory must be readable by it and the workers.
+    /// Submit a run spec. Its datasets (files, globs of shards, folders such as
+    /// `datasets.save_to_disk` writes) are streamed to the coordinator from
+    /// here; the model directory must be readable by it and the workers.
     Submit {
         spec: PathBuf,
         /// Keep watching until the run ends.
         #[arg(long)]
         watch: bool,
-        /// Send dataset paths as they are (the coordinator reads them itself).
-        #[arg(long)]
-        no_upload: bool,
+        /// The dataset paths are on the cluster's shared volume: send them as
+        /// they are, for the coordinator to check and read.
+        #[arg(long, alias = "no-upload")]
+        remote_data: bool,
     },
     /// One run's state.
     Status { run: String },
@@ -162,25 +164,33 @@ async fn submit(
         spec.cluster.max_workers = spec.cluster.max_workers.max(n);
         spec.cluster.min_workers = n.max(1);
     }
-    let mut files: Vec<(&str, PathBuf)> = Vec::new();
+    let mut keys: Vec<(&str, PathBuf)> = Vec::new();
     if upload {
-        files.push(("data.train", spec.data.train.clone()));
+        keys.push(("data.train", spec.data.train.clone()));
         if let Some(e) = &spec.data.eval {
-            files.push(("data.eval", e.clone()));
+            keys.push(("data.eval", e.clone()));
         }
         if let Some(f) = spec.data.negatives.as_ref().and_then(|n| n.file()) {
-            files.push(("data.negatives", f.to_path_buf()));
+            keys.push(("data.negatives", f.to_path_buf()));
         }
-        files.retain(|(_, p)| p.is_file());
+    }
+    let mut files: Vec<Upload> = Vec::new();
+    for (key, path) in &keys {
+        files.extend(dataset_files(key, path, spec.data.file_format)?);
     }
     let header = v1::SubmitHeader {
         spec_json: serde_json::to_string(&spec)?,
-        streamed_files: files.iter().map(|(k, _)| k.to_string()).collect(),
+        streamed_files: keys.iter().map(|(k, _)| k.to_string()).collect(),
+        files: files
+            .iter()
+            .map(|u| v1::StreamedFile {
+                key: u.key.clone(),
+                name: u.name.clone(),
+            })
+            .collect(),
     };
     // The files are read a chunk at a time as the stream sends them: a
     // multi-GB dataset is never held in memory here either.
-    let files: Vec<(String, PathBuf)> =
-        files.into_iter().map(|(k, p)| (k.to_string(), p)).collect();
     let (tx, rx) = tokio::sync::mpsc::channel::<v1::SubmitChunk>(4);
     let reader = tokio::spawn(async move {
         let header = v1::SubmitChunk {
@@ -197,6 +207,7 @@ async fn submit(
                 part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
                     key: "(upload failed)".into(),
                     data: Vec::new(),
+                    name: String::new(),
                 })),
             };
             let _ = tx.send(poison).await;
@@ -213,13 +224,65 @@ async fn submit(
     run
 }
 
+/// One file of a dataset to stream: its spec key, its name there, its path here.
+#[derive(Debug, Clone)]
+struct Upload {
+    key: String,
+    name: String,
+    path: PathBuf,
+}
+
+/// The files that make up `path` here (a file, a glob's matches, a folder's
+/// shards, a `save_to_disk` folder with its `state.json`); a path that does not
+/// exist here is an error that points at `--remote-data`.
+fn dataset_files(
+    key: &str,
+    path: &Path,
+    format: dpo_proto::FileFormat,
+) -> anyhow::Result<Vec<Upload>> {
+    if !path.exists() && !dpo_data::records::is_multi(path) {
+        bail!(
+            "{key}: {} does not exist here; for a dataset on the cluster's shared volume, \
+             pass --remote-data",
+            path.display()
+        );
+    }
+    let mut paths: Vec<PathBuf> = dpo_data::records::files(path, format)
+        .map_err(|e| anyhow::anyhow!("{key}: {e}"))?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect();
+    if path.is_dir() {
+        for meta in ["state.json", "dataset_info.json"] {
+            if path.join(meta).is_file() {
+                paths.push(path.join(meta));
+            }
+        }
+    }
+    paths
+        .into_iter()
+        .map(|p| {
+            let name = p
+                .file_name()
+                .and_then(|n| n.to_str())
+                .ok_or_else(|| anyhow::anyhow!("{key}: {}: not a UTF-8 file name", p.display()))?
+                .to_string();
+            Ok(Upload {
+                key: key.to_string(),
+                name,
+                path: p,
+            })
+        })
+        .collect()
+}
+
 /// Sends `files` as 1 MiB chunks, reading each chunk as it goes.
 async fn send_files(
     tx: &tokio::sync::mpsc::Sender<v1::SubmitChunk>,
-    files: Vec<(String, PathBuf)>,
+    files: Vec<Upload>,
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncReadExt;
-    for (key, path) in files {
+    for Upload { key, name, path } in files {
         let mut f = tokio::fs::File::open(&path)
             .await
             .with_context(|| format!("reading {}", path.display()))?;
@@ -237,6 +300,7 @@ async fn send_files(
                 part: Some(v1::submit_chunk::Part::File(v1::FileChunk {
                     key: key.clone(),
                     data: buf,
+                    name: name.clone(),
                 })),
             };
             if tx.send(chunk).await.is_err() {
@@ -636,10 +700,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Submit {
             spec,
             watch: follow,
-            no_upload,
+            remote_data,
         } => {
             let mut c = client(&cli.coordinator)?;
-            let run = submit(&mut c, spec, !no_upload, None).await?;
+            let run = submit(&mut c, spec, !remote_data, None).await?;
             if *follow {
                 let t = Instant::now();
                 let run = watch(&mut c, &run.id, json_out).await?;

@@ -20,6 +20,9 @@ use dpo_proto::spec::{Negatives, ReferenceCache, ReferenceModel, normalize};
 pub enum Use {
     /// A dataset: a regular file, read.
     ReadFile,
+    /// A dataset: a regular file, a folder of files, or a glob in its last
+    /// component (`…/data/train-*.parquet`), read.
+    ReadData,
     /// A model directory, read.
     ReadDir,
     /// A directory written (created when missing).
@@ -76,6 +79,22 @@ impl Confinement {
 
     /// `path` resolved, if a client may use it for `what`; else why not.
     pub fn resolve(&self, path: &Path, what: Use) -> Result<PathBuf, String> {
+        if what == Use::ReadData
+            && !path.exists()
+            && path.to_string_lossy().contains(['*', '?', '['])
+        {
+            let parent = path.parent().unwrap_or(Path::new("/"));
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            return match name {
+                Some(name) if !parent.to_string_lossy().contains(['*', '?', '[']) => {
+                    Ok(self.resolve(parent, Use::ReadDir)?.join(name))
+                }
+                _ => Err(format!(
+                    "{}: a glob may only be in the file name, not in its folders",
+                    path.display()
+                )),
+            };
+        }
         let denied = || {
             format!(
                 "{}: not under a directory this coordinator allows (see its --allow-path)",
@@ -106,6 +125,11 @@ impl Confinement {
         match (what, meta) {
             (Use::ReadFile, Ok(m)) if m.is_file() => Ok(resolved),
             (Use::ReadFile, Ok(_)) => Err(format!("{}: not a regular file", path.display())),
+            (Use::ReadData, Ok(m)) if m.is_file() || m.is_dir() => Ok(resolved),
+            (Use::ReadData, Ok(_)) => Err(format!(
+                "{}: not a regular file or a folder",
+                path.display()
+            )),
             (Use::ReadDir, Ok(m)) if m.is_dir() => Ok(resolved),
             (Use::ReadDir, Ok(_)) => Err(format!("{}: not a directory", path.display())),
             (Use::WriteDir, Ok(m)) if m.is_dir() => Ok(resolved),
@@ -123,8 +147,18 @@ impl Confinement {
     /// uploaded files and are left alone. The error names the key.
     pub fn confine(&self, spec: &mut RunSpec, streamed: &[String]) -> Result<(), String> {
         let named = |key: &str| !streamed.iter().any(|s| s == key);
+        let spec_format = spec.data.file_format;
         let check = |key: &str, p: &mut PathBuf, what: Use| -> Result<(), String> {
             *p = self.resolve(p, what).map_err(|e| format!("{key}: {e}"))?;
+            if what == Use::ReadData {
+                // Each file of a folder or glob: a link inside must not lead out.
+                let files =
+                    dpo_data::records::files(p, spec_format).map_err(|e| format!("{key}: {e}"))?;
+                for (file, _) in files {
+                    self.resolve(&file, Use::ReadFile)
+                        .map_err(|e| format!("{key}: {e}"))?;
+                }
+            }
             Ok(())
         };
         check("model.path", &mut spec.model.path, Use::ReadDir)?;
@@ -135,17 +169,17 @@ impl Confinement {
             check("reference.cache", d, Use::WriteDir)?;
         }
         if named("data.train") {
-            check("data.train", &mut spec.data.train, Use::ReadFile)?;
+            check("data.train", &mut spec.data.train, Use::ReadData)?;
         }
         if named("data.eval")
             && let Some(p) = spec.data.eval.as_mut()
         {
-            check("data.eval", p, Use::ReadFile)?;
+            check("data.eval", p, Use::ReadData)?;
         }
         if named("data.negatives")
             && let Some(Negatives::File(p)) = spec.data.negatives.as_mut()
         {
-            check("data.negatives", p, Use::ReadFile)?;
+            check("data.negatives", p, Use::ReadData)?;
         }
         check("train.output", &mut spec.train.output, Use::WriteDir)?;
         Ok(())
@@ -285,6 +319,48 @@ mod tests {
         assert_eq!(
             f.c.resolve(&inner, Use::ReadFile),
             Ok(f.allowed.join("train.jsonl"))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn datasets_may_be_folders_or_globs_whose_files_stay_inside() -> std::io::Result<()> {
+        let f = fixture()?;
+        let shards = f.allowed.join("hub");
+        std::fs::create_dir_all(&shards)?;
+        std::fs::write(shards.join("train-00000-of-00001.jsonl"), "{}\n")?;
+        assert_eq!(f.c.resolve(&shards, Use::ReadData), Ok(shards.clone()));
+        let glob = shards.join("train-*.jsonl");
+        assert_eq!(f.c.resolve(&glob, Use::ReadData), Ok(glob.clone()));
+        let e =
+            f.c.resolve(&f.allowed.join("h*/train.jsonl"), Use::ReadData);
+        assert!(
+            e.expect_err("glob in a folder")
+                .contains("only be in the file name")
+        );
+        let e = f.c.resolve(&f.outside.join("*.jsonl"), Use::ReadData);
+        assert!(e.expect_err("outside").contains("not under a directory"));
+        // A shard that is a link to a file outside is refused by confine.
+        std::fs::write(f.outside.join("secret.jsonl"), "{}\n")?;
+        std::os::unix::fs::symlink(
+            f.outside.join("secret.jsonl"),
+            shards.join("train-00001-of-00002.jsonl"),
+        )?;
+        let toml = f.allowed.join("spec.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "name = \"x\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\n[train]\noutput = \"{}\"\n",
+                f.allowed.display(),
+                glob.display(),
+                f.allowed.join("out").display()
+            ),
+        )?;
+        let mut spec = RunSpec::from_file(&toml).expect("spec");
+        let e = f.c.confine(&mut spec, &[]).expect_err("link out");
+        assert!(
+            e.starts_with("data.train: ") && e.contains("train-00001-of-00002.jsonl: not under"),
+            "{e}"
         );
         Ok(())
     }

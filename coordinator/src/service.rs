@@ -72,14 +72,21 @@ impl RunService for Api {
         // Each file goes to disk as its chunks arrive: memory stays flat
         // whatever the upload's size; the whole submission is bounded.
         let limit = self.coordinator.settings().max_upload_bytes;
-        let received =
-            match receive_files(&mut stream, &header.streamed_files, &run_dir, limit).await {
-                Ok(r) => r,
-                Err(status) => {
-                    let _ = tokio::fs::remove_dir_all(&run_root).await;
-                    return Err(status);
-                }
-            };
+        let received = match receive_files(
+            &mut stream,
+            &header.streamed_files,
+            &header.files,
+            &run_dir,
+            limit,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(status) => {
+                let _ = tokio::fs::remove_dir_all(&run_root).await;
+                return Err(status);
+            }
+        };
         // Errors about a streamed file name the client's own path, not our copy.
         let mut renames: Vec<(String, String)> = Vec::new();
         for (key, path) in received {
@@ -98,6 +105,15 @@ impl RunService for Api {
                     .and_then(|n| n.file())
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
+            };
+            // A glob's files arrive as a folder: its files are the client's
+            // files in the glob's folder.
+            let original = if path.is_dir() && original.contains(['*', '?', '[']) {
+                std::path::Path::new(&original)
+                    .parent()
+                    .map_or(original.clone(), |p| p.display().to_string())
+            } else {
+                original
             };
             renames.push((path.display().to_string(), original));
             match key.as_str() {
@@ -368,13 +384,14 @@ impl WorkerService for Api {
     }
 }
 
-/// Writes a submission's file chunks under `dir` as they arrive (one file per
-/// announced key, fsynced at the end), refusing chunks of keys the header did
-/// not announce and a submission over `limit` bytes. Returns each key's file;
-/// logs each file's size and SHA-256.
+/// Writes each announced key's files under `dir` as their chunks arrive and
+/// returns, per key, what its spec path becomes: the one file, or the folder of
+/// its files. Names are plain file names; a key sent without names is one file,
+/// `<key>.jsonl`.
 async fn receive_files(
     stream: &mut Streaming<v1::SubmitChunk>,
     announced: &[String],
+    named: &[v1::StreamedFile],
     dir: &std::path::Path,
     limit: u64,
 ) -> Result<Vec<(String, PathBuf)>, Status> {
@@ -382,31 +399,80 @@ async fn receive_files(
     let internal = |path: &std::path::Path, e: std::io::Error| {
         Status::internal(format!("{}: {e}", path.display()))
     };
-    let mut files: std::collections::BTreeMap<
-        String,
-        (PathBuf, tokio::fs::File, sha2::Sha256, u64),
-    > = Default::default();
+    type Open = (PathBuf, tokio::fs::File, sha2::Sha256, u64);
+    let mut files: std::collections::BTreeMap<(String, String), Open> = Default::default();
+    let mut targets: Vec<(String, PathBuf)> = Vec::new();
     if !announced.is_empty() {
         tokio::fs::create_dir_all(dir)
             .await
             .map_err(|e| internal(dir, e))?;
     }
+    for f in named {
+        if !announced.contains(&f.key) {
+            return Err(Status::invalid_argument(format!(
+                "file {:?} for {:?}, which the header does not stream",
+                f.name, f.key
+            )));
+        }
+        let plain =
+            std::path::Path::new(&f.name).file_name() == Some(std::ffi::OsStr::new(&f.name));
+        if !plain || f.name.starts_with('.') || f.name.contains('\\') {
+            return Err(Status::invalid_argument(format!(
+                "streamed file name {:?}: a plain file name is needed",
+                f.name
+            )));
+        }
+    }
     for key in announced {
-        let path = dir.join(format!("{}.jsonl", key.replace('.', "_")));
-        let f = tokio::fs::File::create(&path)
-            .await
-            .map_err(|e| internal(&path, e))?;
-        files.insert(key.clone(), (path, f, sha2::Sha256::new(), 0));
+        let key_dir = dir.join(key.replace('.', "_"));
+        let names: Vec<&str> = named
+            .iter()
+            .filter(|f| &f.key == key)
+            .map(|f| f.name.as_str())
+            .collect();
+        let (paths, target): (Vec<(String, PathBuf)>, PathBuf) = match names.as_slice() {
+            [] => {
+                let p = dir.join(format!("{}.jsonl", key.replace('.', "_")));
+                (vec![(String::new(), p.clone())], p)
+            }
+            [one] => {
+                let p = key_dir.join(one);
+                (vec![(one.to_string(), p.clone())], p)
+            }
+            many => (
+                many.iter()
+                    .map(|n| (n.to_string(), key_dir.join(n)))
+                    .collect(),
+                key_dir.clone(),
+            ),
+        };
+        if !names.is_empty() {
+            tokio::fs::create_dir_all(&key_dir)
+                .await
+                .map_err(|e| internal(&key_dir, e))?;
+        }
+        for (name, path) in paths {
+            if files.contains_key(&(key.clone(), name.clone())) {
+                return Err(Status::invalid_argument(format!(
+                    "{key}: file {name:?} named twice"
+                )));
+            }
+            let f = tokio::fs::File::create(&path)
+                .await
+                .map_err(|e| internal(&path, e))?;
+            files.insert((key.clone(), name), (path, f, sha2::Sha256::new(), 0));
+        }
+        targets.push((key.clone(), target));
     }
     let mut total = 0u64;
     while let Some(chunk) = stream.message().await? {
         let Some(v1::submit_chunk::Part::File(f)) = chunk.part else {
             return Err(Status::invalid_argument("a second header"));
         };
-        let Some((path, file, hash, size)) = files.get_mut(&f.key) else {
+        let Some((path, file, hash, size)) = files.get_mut(&(f.key.clone(), f.name.clone())) else {
             return Err(Status::invalid_argument(format!(
-                "file chunk for {:?}, which the header did not announce",
-                f.key
+                "file chunk for {:?} {:?}, which the header did not announce",
+                f.key, f.name
             )));
         };
         total += f.data.len() as u64;
@@ -422,14 +488,12 @@ async fn receive_files(
             .await
             .map_err(|e| internal(path, e))?;
     }
-    let mut out = Vec::with_capacity(files.len());
-    for (key, (path, file, hash, size)) in files {
+    for ((key, name), (path, file, hash, size)) in files {
         file.sync_all().await.map_err(|e| internal(&path, e))?;
         let digest: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        tracing::info!(key, bytes = size, sha256 = %digest, "upload received");
-        out.push((key, path));
+        tracing::info!(key, file = name, bytes = size, sha256 = %digest, "upload received");
     }
-    Ok(out)
+    Ok(targets)
 }
 
 /// Serves the coordinator's gRPC services on `listener` until `shutdown` resolves;
