@@ -68,7 +68,9 @@ fn wait_for_workers(port: u16, n: usize) {
 fn a_killed_worker_and_a_late_joiner_lose_nothing() {
     let case = Case::new(96);
     let steps = 60;
-    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
+    let extra = format!(
+        "max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20\nreport_to = \"tensorboard\""
+    );
     let (spec, out_dir) =
         case.reference_and_spec("elastic", &extra, "min_workers = 2\nmax_workers = 3");
     let port = free_port().expect("port");
@@ -111,6 +113,21 @@ fn a_killed_worker_and_a_late_joiner_lose_nothing() {
         "the late joiner made the world three again: {worlds:?}"
     );
     assert!(gens.windows(2).all(|g| g[0] <= g[1]), "{gens:?}");
+    // The coordinator wrote the events: each step once, as metrics.jsonl says,
+    // whatever the workers did.
+    let tb = tensorboard_scalars(&out_dir.join("runs/elastic")).expect("event files");
+    // Event scalars are f32 (compared as such: JSON's last digit aside).
+    let loss: Vec<(u64, f32)> = lines
+        .iter()
+        .map(|l| {
+            let step = l["step"].as_u64().unwrap_or(0);
+            (step, l["loss"].as_f64().unwrap_or(f64::NAN) as f32)
+        })
+        .collect();
+    let tb_loss: Vec<(u64, f32)> = tb["train/loss"].iter().map(|p| (p.0, p.1 as f32)).collect();
+    assert_eq!(tb_loss, loss, "TensorBoard's train/loss");
+    let tb_worlds: Vec<u64> = tb["train/world_size"].iter().map(|p| p.1 as u64).collect();
+    assert_eq!(tb_worlds, worlds, "world-size history");
     case.assert_same_weights(&out_dir, "kill -9 and a late joiner");
 }
 

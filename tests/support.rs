@@ -590,3 +590,31 @@ pub fn pki(dir: &Path) -> anyhow::Result<Pki> {
         other_ca: write("other-ca.pem", &other.pem())?,
     })
 }
+
+/// Every scalar of a TensorBoard run directory as TensorBoard's own
+/// EventAccumulator reads it: tag → [(step, value)].
+pub fn tensorboard_scalars(run_dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<(u64, f64)>>> {
+    let out = run_dir.with_extension("scalars.json");
+    let status = Command::new(python())
+        .arg(root().join("tests/reference/tensorboard_reference.py"))
+        .arg(run_dir)
+        .arg(&out)
+        .output()
+        .context("running python")?;
+    if !status.status.success() {
+        bail!("{}", String::from_utf8_lossy(&status.stderr));
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    let mut scalars = BTreeMap::new();
+    for (tag, points) in v.as_object().context("an object")? {
+        let mut list = Vec::new();
+        for p in points.as_array().context("a list")? {
+            list.push((
+                p[0].as_u64().context("a step")?,
+                p[1].as_f64().context("a value")?,
+            ));
+        }
+        scalars.insert(tag.clone(), list);
+    }
+    Ok(scalars)
+}

@@ -808,12 +808,24 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
             }
             Ok(true)
         }
-        Effect::AppendMetrics { path, metrics, .. } => {
+        Effect::AppendMetrics {
+            path,
+            metrics,
+            events,
+            ..
+        } => {
             let shown = path.display().to_string();
-            tokio::task::spawn_blocking(move || append_metrics(&path, &metrics))
-                .await
-                .map_err(|e| Refusal::Internal(e.to_string()))?
-                .map_err(|e| Refusal::Internal(format!("{shown}: {e}")))?;
+            tokio::task::spawn_blocking(move || {
+                append_metrics(&path, &metrics).map_err(|e| format!("{shown}: {e}"))?;
+                if let Some((dir, first_step)) = events {
+                    dpo_data::tensorboard::append(&dir, first_step, &metrics)
+                        .map_err(|e| format!("{}: {e}", dir.display()))?;
+                }
+                Ok::<_, String>(())
+            })
+            .await
+            .map_err(|e| Refusal::Internal(e.to_string()))?
+            .map_err(Refusal::Internal)?;
             Ok(true)
         }
         Effect::WriteLedger {

@@ -19,6 +19,7 @@ pub mod scores;
 pub mod shard;
 pub mod tagged;
 pub mod task_data;
+pub mod tensorboard;
 pub mod tokenizer;
 
 pub use dataset::{DataReport, NegativeSampler, SamplerError, check_vocabulary};

@@ -126,6 +126,10 @@ pub enum Effect {
         run: String,
         path: PathBuf,
         metrics: Vec<(String, f64)>,
+        /// With `report_to = ["tensorboard"]`: the run's event directory and
+        /// the first step this coordinator may write there (an event file it
+        /// starts tells TensorBoard to drop older files' events from there on).
+        events: Option<(PathBuf, u64)>,
     },
     /// Writes a run's whole ledger (read from the store under `prefix`) to `path`.
     WriteLedger {

@@ -93,6 +93,11 @@ impl Engine {
             return Err(Refusal::NotFound(format!("no run {id}")));
         };
         let output = r.spec.train.output.clone();
+        let events = r
+            .spec
+            .train
+            .tensorboard()
+            .then(|| dpo_data::tensorboard::run_dir(&output, &r.spec.name));
         let step = report.step;
         if step == 0 || step > r.total_steps {
             return Err(Refusal::Invalid(format!(
@@ -108,6 +113,8 @@ impl Engine {
                 run: id.to_string(),
                 path: output.join("eval.jsonl"),
                 metrics: report.metrics.clone(),
+                // Steps after the recorded one were never shown.
+                events: events.map(|d| (d, r.step + 1)),
             });
             let event = v1::run_event::Event::Eval(v1::StepMetrics {
                 step,
@@ -154,6 +161,8 @@ impl Engine {
             run: id.to_string(),
             path: output.join("metrics.jsonl"),
             metrics: report.metrics.clone(),
+            // This step and any after it in older files are orphans.
+            events: events.map(|d| (d, step)),
         });
         let event = v1::run_event::Event::Step(v1::StepMetrics {
             step,

@@ -386,6 +386,34 @@ pub struct TrainSpec {
     /// the parameters any of them matches (anywhere in the name) are frozen —
     /// no gradient, no optimizer state, no traffic. Each must match something.
     pub freeze: Vec<String>,
+    /// Where metrics go besides `metrics.jsonl` (transformers' name):
+    /// `["tensorboard"]` (or `"tensorboard"`) writes event files under
+    /// `output/runs/<name>/`.
+    #[serde(deserialize_with = "one_or_many")]
+    pub report_to: Vec<String>,
+}
+
+/// A string or a list of strings (transformers' `report_to` takes either).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl TrainSpec {
+    /// Whether event files are written (`report_to` names TensorBoard).
+    pub fn tensorboard(&self) -> bool {
+        self.report_to
+            .iter()
+            .any(|r| r == "tensorboard" || r == "all")
+    }
 }
 
 impl Default for TrainSpec {
@@ -408,6 +436,7 @@ impl Default for TrainSpec {
             zero_stage: 0,
             zero_replicas: 1,
             freeze: Vec::new(),
+            report_to: Vec::new(),
         }
     }
 }
@@ -969,6 +998,18 @@ impl RunSpec {
         }
         let task = &self.task;
         let t = &self.train;
+        for r in &t.report_to {
+            check(
+                matches!(r.as_str(), "tensorboard" | "all" | "none"),
+                "train.report_to",
+                || {
+                    format!(
+                        "{r:?}: only \"tensorboard\" is written here (or \"none\"); \
+                         metrics.jsonl is always written"
+                    )
+                },
+            )?;
+        }
         check(
             t.metric_for_best_model.starts_with("eval_"),
             "train.metric_for_best_model",
@@ -1170,6 +1211,43 @@ train = "train.jsonl"
             e.contains("data.max_prompt_length: must be below data.max_length (512)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn file_formats_columns_and_report_to_are_read_and_checked_by_key() {
+        let spec = load(&format!(
+            "{MINIMAL}file_format = \"parquet\"\ncolumns = {{ prompt = \"question\", chosen = \"good\" }}\n\
+             [train]\nreport_to = \"tensorboard\"\n"
+        ))
+        .expect("valid");
+        assert_eq!(spec.data.file_format, FileFormat::Parquet);
+        assert_eq!(
+            spec.data.columns.get("prompt").map(String::as_str),
+            Some("question")
+        );
+        assert!(spec.train.tensorboard());
+        let spec = load(&format!("{MINIMAL}[train]\nreport_to = [\"none\"]\n")).expect("valid");
+        assert!(!spec.train.tensorboard());
+        assert!(!load(MINIMAL).expect("valid").train.tensorboard());
+        let cases = [
+            (
+                format!("{MINIMAL}columns = {{ answer = \"x\" }}\n"),
+                "data.columns: \"answer\" is not a record key",
+            ),
+            (
+                format!("{MINIMAL}columns = {{ chosen = \"x\", rejected = \"x\" }}\n"),
+                "data.columns: column \"x\" is renamed twice",
+            ),
+            (format!("{MINIMAL}file_format = \"csv\"\n"), "file_format"),
+            (
+                format!("{MINIMAL}[train]\nreport_to = [\"wandb\"]\n"),
+                "train.report_to: \"wandb\": only \"tensorboard\"",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = err(&text);
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
     }
 
     #[test]

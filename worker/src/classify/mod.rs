@@ -35,6 +35,7 @@ use crate::model::encoder::{Encoder, Head};
 use crate::model::{checkpoint as model_io, kind_of};
 use crate::optim::{Optimizer, learning_rate};
 use crate::train::checkpoint::{remove_if_exists, step_dirs, truncate_jsonl};
+use crate::train::metrics::Reporter;
 use crate::train::{Metrics, splitmix};
 
 use data::TaskData;
@@ -887,13 +888,12 @@ impl ClassifierTrainer {
                 eval: data.eval.as_ref().map(|e| &e.counts),
             });
         }
-        let mut metrics_file = if writer {
-            Some(open_append(&out.join("metrics.jsonl"))?)
-        } else {
-            None
+        let first_step = match self.step {
+            0 => 0,
+            s => s + 1,
         };
-        let mut eval_file = if writer && self.has_eval {
-            Some(open_append(&out.join("eval.jsonl"))?)
+        let mut reporter = if writer {
+            Some(Reporter::open(&out, &self.spec, self.has_eval, first_step)?)
         } else {
             None
         };
@@ -903,16 +903,18 @@ impl ClassifierTrainer {
         } else {
             None
         };
-        if let (Some(r), Some(f)) = (&initial_eval, eval_file.as_mut()) {
-            write_line(f, &out.join("eval.jsonl"), &r.metrics(0))?;
+        if let Some(r) = &initial_eval {
+            if let Some(rep) = reporter.as_mut() {
+                rep.eval(&r.metrics(0))?;
+            }
             on_event(Event::Eval { step: 0, report: r });
         }
         let mut last = Metrics::new();
         let mut best_eval = None;
         while self.step < self.total_steps && !self.stopped_early {
             last = self.train_step()?;
-            if let Some(f) = metrics_file.as_mut() {
-                write_line(f, &out.join("metrics.jsonl"), &last)?;
+            if let Some(r) = reporter.as_mut() {
+                r.step(&last)?;
             }
             on_event(Event::Step {
                 step: self.step,
@@ -920,8 +922,8 @@ impl ClassifierTrainer {
                 metrics: &last,
             });
             if let Some((report, better)) = self.evaluate_if_due()? {
-                if let Some(f) = eval_file.as_mut() {
-                    write_line(f, &out.join("eval.jsonl"), &report.metrics(self.step))?;
+                if let Some(r) = reporter.as_mut() {
+                    r.eval(&report.metrics(self.step))?;
                 }
                 on_event(Event::Eval {
                     step: self.step,
@@ -959,18 +961,6 @@ fn counts_json(c: &data::DataCounts) -> serde_json::Value {
         "negatives": c.negatives,
         "truncated": c.truncated,
     })
-}
-
-fn open_append(path: &Path) -> Result<std::fs::File> {
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(io_err(path))
-}
-
-fn write_line(f: &mut std::fs::File, path: &Path, m: &Metrics) -> Result<()> {
-    dpo_data::metrics_log::append(f, m).map_err(io_err(path))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {

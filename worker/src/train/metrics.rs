@@ -112,3 +112,66 @@ impl MetricsFile {
         dpo_data::metrics_log::append(&mut self.file, m).map_err(io_err(&self.path))
     }
 }
+
+/// Where a writing rank's metrics go: `metrics.jsonl`, `eval.jsonl` and, with
+/// `train.report_to = ["tensorboard"]`, an event file under `output/runs/<name>/`.
+#[derive(Debug)]
+pub(crate) struct Reporter {
+    metrics: MetricsFile,
+    eval: Option<MetricsFile>,
+    events: Option<dpo_data::tensorboard::EventWriter>,
+}
+
+impl Reporter {
+    /// Opens the files of a run writing steps from `first_step` on (0 for a
+    /// fresh run, which may evaluate before its first step).
+    pub fn open(
+        out: &Path,
+        spec: &dpo_proto::RunSpec,
+        with_eval: bool,
+        first_step: u64,
+    ) -> Result<Self> {
+        let events = if spec.train.tensorboard() {
+            let dir = dpo_data::tensorboard::run_dir(out, &spec.name);
+            let w = dpo_data::tensorboard::EventWriter::create(&dir, first_step)
+                .map_err(io_err(&dir))?;
+            tracing::info!(file = %w.path().display(), "writing TensorBoard events");
+            Some(w)
+        } else {
+            None
+        };
+        Ok(Reporter {
+            metrics: MetricsFile::append_to(&out.join("metrics.jsonl"))?,
+            eval: if with_eval {
+                Some(MetricsFile::append_to(&out.join("eval.jsonl"))?)
+            } else {
+                None
+            },
+            events,
+        })
+    }
+
+    fn event(&mut self, m: &Metrics) -> Result<()> {
+        match self.events.as_mut() {
+            Some(w) => {
+                let path = w.path().to_path_buf();
+                w.scalars(m).map_err(io_err(path))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A training step's line.
+    pub fn step(&mut self, m: &Metrics) -> Result<()> {
+        self.metrics.write(m)?;
+        self.event(m)
+    }
+
+    /// An evaluation's line.
+    pub fn eval(&mut self, m: &Metrics) -> Result<()> {
+        if let Some(f) = self.eval.as_mut() {
+            f.write(m)?;
+        }
+        self.event(m)
+    }
+}

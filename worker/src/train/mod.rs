@@ -18,7 +18,7 @@
 
 mod batches;
 pub(crate) mod checkpoint;
-mod metrics;
+pub(crate) mod metrics;
 mod reference;
 mod stage2;
 pub(crate) mod sync;
@@ -46,7 +46,7 @@ pub use reference::{BatchPosition, ReferenceSource};
 pub use sync::{Rollback, Synced, TrainerState};
 
 use batches::load_examples;
-use metrics::{MetricsFile, StepFacts, eval_metrics, step_metrics};
+use metrics::{Reporter, StepFacts, eval_metrics, step_metrics};
 use reference::{FrozenModel, NoReference, PolicyBase, Precomputed, Staged};
 use sync::PARAMETER_CHECK_EVERY;
 
@@ -896,13 +896,12 @@ impl Trainer {
         });
         let out = self.output().to_path_buf();
         let writer = self.collective.rank() == 0 && self.writes_metrics;
-        let mut metrics_file = if writer {
-            Some(MetricsFile::append_to(&out.join("metrics.jsonl"))?)
-        } else {
-            None
+        let first_step = match self.state.step {
+            0 => 0,
+            s => s + 1,
         };
-        let mut eval_file = if writer {
-            Some(MetricsFile::append_to(&out.join("eval.jsonl"))?)
+        let mut reporter = if writer {
+            Some(Reporter::open(&out, &self.spec, true, first_step)?)
         } else {
             None
         };
@@ -912,8 +911,8 @@ impl Trainer {
         while !self.finished() {
             let m = self.train_step()?;
             let step = self.state.step;
-            if let Some(f) = metrics_file.as_mut() {
-                f.write(&m)?;
+            if let Some(r) = reporter.as_mut() {
+                r.step(&m)?;
             }
             on_event(Event::Step {
                 step,
@@ -922,8 +921,8 @@ impl Trainer {
             });
             last = m;
             if let Some(e) = self.maybe_evaluate()? {
-                if let Some(f) = eval_file.as_mut() {
-                    f.write(&e)?;
+                if let Some(r) = reporter.as_mut() {
+                    r.eval(&e)?;
                 }
                 on_event(Event::Eval { step, metrics: &e });
                 last_eval = Some(e);
