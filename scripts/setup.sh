@@ -31,6 +31,8 @@ command -v python3 >/dev/null || apt_install python3 python3-venv
 python3 -c 'import venv, ensurepip' 2>/dev/null || apt_install python3-venv
 # etcd for the end-to-end tests of the etcd store (Debian's etcd-server, 3.4).
 [ -x /usr/bin/etcd ] || command -v etcd >/dev/null || apt_install etcd-server
+# A real browser for the test of the coordinator's run page (headless).
+command -v chromium >/dev/null || apt_install chromium
 command -v cargo >/dev/null || { log "cargo not found: install Rust with rustup first"; exit 1; }
 
 stamp="$venv/.dpo-requirements.sha256"

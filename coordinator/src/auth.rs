@@ -193,7 +193,8 @@ impl Tokens {
 
     /// The identity `token` names. Compares with every token (no early exit),
     /// so the time taken does not tell which one nearly matched.
-    fn identify(&self, token: &[u8]) -> Option<&Identity> {
+    /// The identity a token names, compared in constant time.
+    pub fn identify(&self, token: &[u8]) -> Option<&Identity> {
         let mut found = None;
         for (identity, known) in &self.entries {
             if constant_time_eq(token, known) {

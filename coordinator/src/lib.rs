@@ -11,6 +11,7 @@ pub mod engine;
 pub mod paths;
 pub mod service;
 pub mod store;
+pub mod web;
 
 pub use coordinator::{Coordinator, Settings};
 pub use paths::Confinement;

@@ -2,7 +2,6 @@
 //! service (workers), health and reflection, a bearer-token check on every call,
 //! and Prometheus `/metrics` on a separate plain-HTTP port.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +12,7 @@ use dpo_proto::v1::{
     self, run_service_server::RunService, run_service_server::RunServiceServer,
     worker_service_server::WorkerService, worker_service_server::WorkerServiceServer,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -588,32 +587,8 @@ pub async fn set_ready(reporter: &HealthReporter) {
     reporter.set_serving::<WorkerServiceServer<Api>>().await;
 }
 
-/// Serves Prometheus text metrics at `GET /metrics` on `addr`.
-pub async fn serve_metrics(coordinator: Arc<Coordinator>, addr: SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(addr = %listener.local_addr()?, "serving /metrics");
-    loop {
-        let (mut socket, _) = listener.accept().await?;
-        let c = coordinator.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = socket.read(&mut buf).await.unwrap_or(0);
-            let request = String::from_utf8_lossy(&buf[..n]);
-            let (status, body) = if request.starts_with("GET /metrics") {
-                ("200 OK", prometheus_text(&c).await)
-            } else {
-                ("404 Not Found", "not found\n".to_string())
-            };
-            let response = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = socket.write_all(response.as_bytes()).await;
-        });
-    }
-}
-
-async fn prometheus_text(c: &Coordinator) -> String {
+/// The Prometheus text of `/metrics` (served by [`crate::web`]).
+pub(crate) async fn prometheus_text(c: &Coordinator) -> String {
     let (counters, runs, workers, generation) = c.counters().await;
     let mut s = String::new();
     let mut metric = |name: &str, help: &str, kind: &str, lines: Vec<(String, f64)>| {

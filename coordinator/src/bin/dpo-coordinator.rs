@@ -61,7 +61,8 @@ struct Cli {
     /// coordinator (0: removed as the run ends).
     #[arg(long, default_value_t = 0)]
     run_files_retention_s: u64,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// Serve the live run page at http://ADDR/ (token-protected like the API)
+    /// and Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
     /// File holding the bearer token (instead of DPO_TOKEN): one admin identity.
@@ -326,9 +327,10 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(m) = cli.metrics_listen {
         let c = coordinator.clone();
+        let t = tokens.clone();
         tokio::spawn(async move {
-            if let Err(e) = dpo_coordinator::service::serve_metrics(c, m).await {
-                tracing::error!(error = %e, "metrics endpoint");
+            if let Err(e) = dpo_coordinator::web::serve_http(c, t, m).await {
+                tracing::error!(error = %e, "HTTP endpoint (run page, /metrics)");
             }
         });
     }

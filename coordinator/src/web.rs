@@ -1,0 +1,407 @@
+//! The coordinator's plain-HTTP port (`--metrics-listen`): Prometheus text at
+//! `/metrics`, and a live page of the runs at `/` with the JSON it polls:
+//!
+//! - `GET /api/runs`: the runs (state, step, epoch, generation, world size,
+//!   checkpoint, rollbacks) and the workers with their last heartbeat;
+//! - `GET /api/runs/<id>/metrics?after=S&eval_after=E`: the run's
+//!   `metrics.jsonl` lines after step `S` and `eval.jsonl` lines after `E`, at
+//!   most [`MAX_LINES`] each (`more` says whether to ask again).
+//!
+//! The page is one file: the vendored chart library (uPlot, MIT) is compiled in
+//! and inlined, nothing is fetched from elsewhere. When the coordinator has
+//! tokens, the page and its JSON need one (`Authorization: Bearer`, or
+//! `?token=` once, which the page then keeps for its tab); a client's token
+//! shows its own runs, an admin's all of them, a worker's none. `/metrics`
+//! holds only counters and stays open for scrapers.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use dpo_proto::v1;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::auth::{Identity, Role, Tokens};
+use crate::coordinator::Coordinator;
+
+/// Lines of a metrics file one response carries at most.
+pub const MAX_LINES: usize = 5000;
+/// The longest request head read.
+const MAX_HEAD: usize = 16 << 10;
+
+const PAGE: &str = include_str!("../web/index.html");
+const UPLOT_JS: &str = include_str!("../web/vendor/uplot/uPlot.iife.min.js");
+const UPLOT_CSS: &str = include_str!("../web/vendor/uplot/uPlot.min.css");
+
+/// The page with the chart library inlined.
+fn page() -> &'static str {
+    static PAGE_FULL: OnceLock<String> = OnceLock::new();
+    PAGE_FULL.get_or_init(|| {
+        PAGE.replacen("/*UPLOT_CSS*/", UPLOT_CSS, 1)
+            .replacen("/*UPLOT_JS*/", UPLOT_JS, 1)
+    })
+}
+
+/// A parsed request head.
+#[derive(Debug, Default)]
+struct Request {
+    method: String,
+    path: String,
+    query: Vec<(String, String)>,
+    bearer: Option<String>,
+}
+
+fn percent_decode(s: &str) -> String {
+    let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h * 16 + l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse(head: &str) -> Option<Request> {
+    let mut lines = head.split("\r\n");
+    let mut first = lines.next()?.split(' ');
+    let method = first.next()?.to_string();
+    let target = first.next()?;
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let query = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect();
+    let bearer = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
+        .and_then(|(_, v)| v.trim().strip_prefix("Bearer ").map(str::to_string));
+    Some(Request {
+        method,
+        path: percent_decode(path),
+        query,
+        bearer,
+    })
+}
+
+impl Request {
+    fn param(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A response: status line, content type, body.
+struct Response {
+    status: &'static str,
+    kind: &'static str,
+    body: String,
+}
+
+impl Response {
+    fn json(v: &Value) -> Self {
+        Response {
+            status: "200 OK",
+            kind: "application/json",
+            body: v.to_string(),
+        }
+    }
+
+    fn error(status: &'static str, why: &str) -> Self {
+        Response {
+            status,
+            kind: "application/json",
+            body: json!({ "error": why }).to_string(),
+        }
+    }
+}
+
+/// The page shown without a token: a form that asks for one.
+const ASK_TOKEN: &str = "<!doctype html><meta charset=utf-8><title>dpo-cluster</title>\
+<body style=\"font:14px system-ui;margin:40px\"><h1 style=\"font-size:17px\">dpo-cluster</h1>\
+<p>This coordinator needs a token (the one <code>dpoctl</code> uses as DPO_TOKEN).</p>\
+<form method=get action=\"/\"><input name=token type=password size=40 autofocus> \
+<button>Open</button></form></body>";
+
+/// Serves `/metrics`, the run page and its JSON on `addr` until the process ends.
+pub async fn serve_http(
+    coordinator: Arc<Coordinator>,
+    tokens: Arc<Tokens>,
+    addr: SocketAddr,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "serving the run page at / and Prometheus metrics at /metrics");
+    loop {
+        let (mut socket, _) = listener.accept().await?;
+        let c = coordinator.clone();
+        let tokens = tokens.clone();
+        tokio::spawn(async move {
+            let head =
+                match tokio::time::timeout(Duration::from_secs(10), read_head(&mut socket)).await {
+                    Ok(Some(h)) => h,
+                    _ => return,
+                };
+            let r = match parse(&head) {
+                Some(r) => answer(&c, &tokens, &r).await,
+                None => Response::error("400 Bad Request", "not an HTTP request"),
+            };
+            let response = format!(
+                "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\n\
+                 X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n\
+                 Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; \
+                 style-src 'unsafe-inline'; connect-src 'self'; img-src data:; form-action 'self'\r\n\
+                 Connection: close\r\n\r\n",
+                r.status,
+                r.kind,
+                r.body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+            let _ = socket.write_all(r.body.as_bytes()).await;
+        });
+    }
+}
+
+/// The request head (up to the blank line), bounded.
+async fn read_head(socket: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > MAX_HEAD {
+            return None;
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Who is asking, when the coordinator has tokens: `Err` is the refusal.
+fn who(tokens: &Tokens, r: &Request) -> Result<Identity, Response> {
+    if !tokens.enabled() {
+        return Ok(Identity::anonymous_admin());
+    }
+    let presented = r.bearer.as_deref().or_else(|| r.param("token"));
+    let Some(token) = presented else {
+        return Err(Response::error(
+            "401 Unauthorized",
+            "a bearer token is needed",
+        ));
+    };
+    match tokens.identify(token.as_bytes()) {
+        Some(i) if i.role == Role::Worker => Err(Response::error(
+            "403 Forbidden",
+            "a worker's token does not show runs",
+        )),
+        Some(i) => Ok(i.clone()),
+        None => Err(Response::error("401 Unauthorized", "wrong token")),
+    }
+}
+
+async fn answer(c: &Coordinator, tokens: &Tokens, r: &Request) -> Response {
+    if r.method != "GET" {
+        return Response::error("405 Method Not Allowed", "only GET");
+    }
+    if r.path == "/metrics" {
+        return Response {
+            status: "200 OK",
+            kind: "text/plain; version=0.0.4",
+            body: crate::service::prometheus_text(c).await,
+        };
+    }
+    if r.path == "/" {
+        return match who(tokens, r) {
+            Ok(_) => Response {
+                status: "200 OK",
+                kind: "text/html; charset=utf-8",
+                body: page().to_string(),
+            },
+            Err(refusal) => Response {
+                status: refusal.status,
+                kind: "text/html; charset=utf-8",
+                body: ASK_TOKEN.to_string(),
+            },
+        };
+    }
+    let identity = match who(tokens, r) {
+        Ok(i) => i,
+        Err(refusal) => return refusal,
+    };
+    let owner = identity.owner_filter();
+    if r.path == "/api/runs" {
+        let runs = c.list(owner).await;
+        // A client sees the workers of its own runs and the idle ones.
+        let workers: Vec<Value> = c
+            .workers()
+            .await
+            .iter()
+            .filter(|w| {
+                owner.is_none() || w.run_id.is_empty() || runs.iter().any(|r| r.id == w.run_id)
+            })
+            .map(worker_json)
+            .collect();
+        return Response::json(&json!({
+            "runs": runs.iter().map(run_json).collect::<Vec<_>>(),
+            "workers": workers,
+        }));
+    }
+    if let Some(rest) = r.path.strip_prefix("/api/runs/")
+        && let Some(id) = rest.strip_suffix("/metrics")
+    {
+        let run = match c.get(id, owner).await {
+            Ok(run) => run,
+            Err(_) => return Response::error("404 Not Found", "no such run"),
+        };
+        let number = |key: &str, default: i64| {
+            r.param(key)
+                .and_then(|v| v.parse::<i64>().ok())
+                .unwrap_or(default)
+        };
+        let (after, eval_after) = (number("after", 0), number("eval_after", -1));
+        let out = std::path::PathBuf::from(&run.output);
+        let read = tokio::task::spawn_blocking(move || {
+            let (train, more_train) = lines_after(&out.join("metrics.jsonl"), after);
+            let (eval, more_eval) = lines_after(&out.join("eval.jsonl"), eval_after);
+            json!({ "train": train, "eval": eval, "more": more_train || more_eval })
+        })
+        .await;
+        return match read {
+            Ok(v) => Response::json(&v),
+            Err(e) => Response::error("500 Internal Server Error", &e.to_string()),
+        };
+    }
+    Response::error("404 Not Found", "not found")
+}
+
+/// The lines of a metrics file whose step is after `after` (at most
+/// [`MAX_LINES`]; `true`: there are more). A missing file has none.
+fn lines_after(path: &Path, after: i64) -> (Vec<Value>, bool) {
+    use std::io::BufRead;
+    let Ok(f) = std::fs::File::open(path) else {
+        return (Vec::new(), false);
+    };
+    let mut out = Vec::new();
+    for line in std::io::BufReader::new(f).lines() {
+        let Ok(line) = line else { break };
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue; // a line being written
+        };
+        let step = v.get("step").and_then(Value::as_i64).unwrap_or(-1);
+        if step > after {
+            if out.len() == MAX_LINES {
+                return (out, true);
+            }
+            out.push(v);
+        }
+    }
+    (out, false)
+}
+
+fn run_json(r: &v1::Run) -> Value {
+    json!({
+        "id": r.id,
+        "name": r.name,
+        "state": v1::RunState::try_from(r.state).map_or("UNKNOWN", |s| s.as_str_name()),
+        "step": r.step,
+        "total_steps": r.total_steps,
+        "steps_per_epoch": r.steps_per_epoch,
+        "generation": r.generation,
+        "world_size": r.world_size,
+        "error": r.error,
+        "checkpoint_step": r.checkpoint_step,
+        "submitted_unix_ms": r.submitted_unix_ms,
+        "finished_unix_ms": r.finished_unix_ms,
+        "owner": r.owner,
+        "train_examples": r.train_examples,
+        "eval_examples": r.eval_examples,
+        "rollbacks": r.rollbacks.iter().map(|b| json!({
+            "generation": b.generation,
+            "from_step": b.from_step,
+            "to_step": b.to_step,
+            "reason": b.reason,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn worker_json(w: &v1::WorkerInfo) -> Value {
+    json!({
+        "id": w.id,
+        "hostname": w.hostname,
+        "device": w.device,
+        "run_id": w.run_id,
+        "rank": w.rank,
+        "generation": w.generation,
+        "last_seen_ms": w.last_seen_ms,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_heads_are_parsed_with_their_token_and_query() {
+        let r = parse(
+            "GET /api/runs/a%20b/metrics?after=12&token=x%2By HTTP/1.1\r\nHost: h\r\n\
+             authorization: Bearer s3cret\r\n\r\n",
+        )
+        .expect("parses");
+        assert_eq!(r.method, "GET");
+        assert_eq!(r.path, "/api/runs/a b/metrics");
+        assert_eq!(r.param("after"), Some("12"));
+        assert_eq!(r.param("token"), Some("x+y"));
+        assert_eq!(r.bearer.as_deref(), Some("s3cret"));
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%zz"), "%zz");
+        assert_eq!(percent_decode("%é"), "%é");
+        assert_eq!(percent_decode("a%41"), "aA");
+    }
+
+    #[test]
+    fn the_page_inlines_the_chart_library() {
+        let p = page();
+        assert!(!p.contains("/*UPLOT_JS*/") && !p.contains("/*UPLOT_CSS*/"));
+        assert!(p.contains("uPlot"));
+        assert!(!p.contains("<script src"), "nothing fetched from elsewhere");
+    }
+
+    #[test]
+    fn metrics_lines_are_read_after_a_step_in_bounded_pieces() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("metrics.jsonl");
+        let mut text = String::new();
+        for s in 1..=(MAX_LINES + 3) {
+            text += &format!("{{\"step\":{s},\"loss\":0.5}}\n");
+        }
+        text += "{\"step\":"; // a line still being written
+        std::fs::write(&p, text)?;
+        let (lines, more) = lines_after(&p, 0);
+        assert_eq!((lines.len(), more), (MAX_LINES, true));
+        let (lines, more) = lines_after(&p, MAX_LINES as i64);
+        assert_eq!((lines.len(), more), (3, false));
+        assert_eq!(lines[0]["step"], MAX_LINES + 1);
+        assert_eq!(lines_after(&dir.path().join("none.jsonl"), 0).0.len(), 0);
+        Ok(())
+    }
+}
