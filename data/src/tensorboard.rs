@@ -167,8 +167,15 @@ impl EventWriter {
     /// steps from `first_step` on: older files' events at or after it are
     /// dropped by TensorBoard.
     pub fn create(dir: &Path, first_step: u64) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(file_name());
+        Self::create_at(dir.join(file_name()), first_step)
+    }
+
+    /// A new event file at `path` (its folder created when missing), headed by
+    /// the file version and the START at `first_step`.
+    fn create_at(path: PathBuf, first_step: u64) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let file = OpenOptions::new()
             .create_new(true)
             .append(true)
@@ -244,14 +251,7 @@ pub fn append(dir: &Path, first_step: u64, metrics: &[(String, f64)]) -> std::io
     let mut w = match OpenOptions::new().append(true).open(&path) {
         Ok(file) => EventWriter { file, path },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)?;
-            let file = OpenOptions::new()
-                .create_new(true)
-                .append(true)
-                .open(&path)?;
-            let mut w = EventWriter { file, path };
-            w.header(first_step)?;
-            w
+            EventWriter::create_at(path, first_step)?
         }
         Err(e) => return Err(e),
     };

@@ -15,6 +15,7 @@ for the tests of dpo-cluster's dataset readers (worker/tests/datasets.rs).
 - tokens.json: the token pairs as one JSON array;
 - text_implicit.jsonl: the text pairs with the prompt inside both responses, and
   text_trl.jsonl: TRL's extract_prompt applied to them;
+- labelled.{jsonl,parquet}: labelled examples and their negatives (`label`);
 - ner.jsonl (tags as names) and ner/: the same sentences via `datasets` with
   `ner_tags` a Sequence(ClassLabel) (Parquet, and save_to_disk);
 - bad-missing.parquet (no `rejected`), bad-type.parquet (`chosen` an integer at
@@ -109,6 +110,14 @@ def convert(fixtures: str, out: str) -> None:
     ]
     write_jsonl(os.path.join(out, "text_implicit.jsonl"), implicit)
     write_jsonl(os.path.join(out, "text_trl.jsonl"), [extract_prompt(r) for r in implicit])
+
+    # Labelled examples and negatives in one file (`label` false marks a negative).
+    labelled = [
+        {"id": i // 2, "prompt": r["prompt"], "completion": r["chosen"] if i % 2 == 0 else r["rejected"], "label": i % 2 == 0}
+        for i, r in enumerate(r for r in text for _ in range(2))
+    ]
+    write_jsonl(os.path.join(out, "labelled.jsonl"), labelled)
+    pq.write_table(pa.Table.from_pylist(labelled), os.path.join(out, "labelled.parquet"))
 
     write_jsonl(
         os.path.join(out, "ner.jsonl"),

@@ -301,6 +301,22 @@ fn bad_columnar_files_name_file_row_and_column() {
 }
 
 #[test]
+fn labelled_examples_and_negatives_read_the_same_from_parquet() {
+    let d = converted();
+    let read = |name: &str| {
+        let (records, skipped) =
+            dpo_data::examples::read_labelled(&d.join(name), &Layout::default(), false)
+                .expect("reads");
+        assert!(skipped.is_empty());
+        records
+    };
+    let jsonl = read("labelled.jsonl");
+    assert!(jsonl.iter().any(|r| r.label == Some(false)));
+    assert_eq!(jsonl.len(), 2 * 11);
+    assert_eq!(read("labelled.parquet"), jsonl);
+}
+
+#[test]
 fn ner_from_parquet_and_save_to_disk_with_class_labels_equals_json_lines() {
     let d = converted();
     let labels = Labels::new(
