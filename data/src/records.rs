@@ -640,30 +640,82 @@ fn wanted(names: &[String], layout: &Layout, keys: &[String]) -> Vec<usize> {
 
 fn parquet_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reader> {
     use parquet::arrow::ProjectionMask;
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
     let file = File::open(path).map_err(io_err(path))?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+    let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
         .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
-    let names: Vec<String> = builder
+    let names: Vec<String> = metadata
         .schema()
         .fields()
         .iter()
         .map(|f| f.name().clone())
         .collect();
-    let classes = features_of(builder.schema().metadata(), path);
-    let mask = ProjectionMask::roots(builder.parquet_schema(), wanted(&names, layout, keys));
-    let reader = builder
-        .with_projection(mask)
-        .with_batch_size(BATCH_ROWS)
-        .build()
-        .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
+    let classes = features_of(metadata.schema().metadata(), path);
+    let mask = ProjectionMask::roots(metadata.parquet_schema(), wanted(&names, layout, keys));
+    let groups = metadata.metadata().num_row_groups();
     Ok(Reader::Columns {
-        batches: Box::new(reader),
+        batches: Box::new(RowGroups {
+            file,
+            metadata,
+            mask,
+            next: 0,
+            groups,
+            current: None,
+        }),
         batch: None,
         classes,
         row: 0,
         n: 0,
     })
+}
+
+/// A Parquet file's batches, one row group after another: a row group that
+/// cannot be decoded is reported at its first row, after the rows before it.
+struct RowGroups {
+    file: File,
+    metadata: parquet::arrow::arrow_reader::ArrowReaderMetadata,
+    mask: parquet::arrow::ProjectionMask,
+    next: usize,
+    groups: usize,
+    current: Option<parquet::arrow::arrow_reader::ParquetRecordBatchReader>,
+}
+
+impl Iterator for RowGroups {
+    type Item = std::result::Result<RecordBatch, ArrowError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+        loop {
+            if let Some(reader) = self.current.as_mut() {
+                match reader.next() {
+                    Some(item) => return Some(item),
+                    None => self.current = None,
+                }
+            }
+            if self.next == self.groups {
+                return None;
+            }
+            let group = self.next;
+            self.next += 1;
+            let file = match self.file.try_clone() {
+                Ok(f) => f,
+                Err(e) => return Some(Err(ArrowError::ExternalError(Box::new(e)))),
+            };
+            let built =
+                ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
+                    .with_row_groups(vec![group])
+                    .with_projection(self.mask.clone())
+                    .with_batch_size(BATCH_ROWS)
+                    .build();
+            match built {
+                Ok(r) => self.current = Some(r),
+                Err(e) => {
+                    self.next = self.groups; // nothing after a broken group
+                    return Some(Err(ArrowError::ExternalError(Box::new(e))));
+                }
+            }
+        }
+    }
 }
 
 fn arrow_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reader> {

@@ -18,8 +18,9 @@ for the tests of dpo-cluster's dataset readers (worker/tests/datasets.rs).
 - labelled.{jsonl,parquet}: labelled examples and their negatives (`label`);
 - ner.jsonl (tags as names) and ner/: the same sentences via `datasets` with
   `ner_tags` a Sequence(ClassLabel) (Parquet, and save_to_disk);
-- bad-missing.parquet (no `rejected`), bad-type.parquet (`chosen` an integer at
-  row 3), bad-corrupt.parquet (truncated).
+- bad-missing.parquet (no `rejected`), bad-type.parquet (`chosen` an integer),
+  bad-null.parquet (`chosen` null at row 3), bad-page.parquet (the third row
+  group's page header overwritten), bad-corrupt.parquet (truncated).
 
 `extract` reads JSON lines of {"chosen", "rejected"} and writes, per record, TRL's
 {"prompt", "chosen", "rejected"}, or {"error": ...} where TRL raises.
@@ -160,6 +161,14 @@ def convert(fixtures: str, out: str) -> None:
         pa.table({"prompt": ["a", "b", "c"], "chosen": [1, 2, 3], "rejected": ["u", "v", "w"]}),
         os.path.join(out, "bad-type.parquet"),
     )
+    # A page header of the third row group (rows 7-9) overwritten: rows 1-6 read.
+    rows = [{"prompt": f"question {i} " + "x" * 50, "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(12)]
+    broken = os.path.join(out, "bad-page.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), broken, row_group_size=3)
+    offset = pq.ParquetFile(broken).metadata.row_group(2).column(0).data_page_offset
+    with open(broken, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * 16)
     good = os.path.join(out, "text.parquet")
     with open(good, "rb") as f:
         data = f.read()

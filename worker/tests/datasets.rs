@@ -250,6 +250,28 @@ fn bad_columnar_files_name_file_row_and_column() {
         err("bad-null.parquet"),
         "3: \"chosen\" must be a string, found null"
     );
+    // Rows 1-6 are read; the third row group (rows 7-9) cannot be.
+    let page = d.join("bad-page.parquet");
+    let mut read = 0;
+    let mut failed = None;
+    for row in dpo_data::records::open(&page, &Layout::default(), &[]).expect("opens") {
+        match row {
+            Ok(r) => {
+                assert!(r.value.is_ok());
+                read += 1;
+            }
+            Err(e) => failed = Some(e.to_string()),
+        }
+    }
+    assert_eq!(read, 6);
+    let failed = failed.expect("an error");
+    assert!(
+        failed.starts_with(&format!(
+            "{}:7: cannot decode the rows from here on",
+            page.display()
+        )),
+        "{failed}"
+    );
     let corrupt = err("bad-corrupt.parquet");
     assert!(
         corrupt.starts_with(" not a readable Parquet file"),
