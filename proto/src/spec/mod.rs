@@ -1187,6 +1187,14 @@ train = "train.jsonl"
         load(text).expect_err("must be rejected").to_string()
     }
 
+    /// Each spec text is refused with a message containing its reason.
+    fn each_refused(cases: &[(String, &str)]) {
+        for (text, want) in cases {
+            let e = err(text);
+            assert!(e.contains(want), "{e:?} lacks {want:?}");
+        }
+    }
+
     #[test]
     fn one_length_set_alone_never_traps() {
         let with = |data: &str| load(&MINIMAL.replace("[data]\n", &format!("[data]\n{data}")));
@@ -1244,10 +1252,7 @@ train = "train.jsonl"
                 "train.report_to: \"wandb\": only \"tensorboard\"",
             ),
         ];
-        for (text, want) in cases {
-            let e = err(&text);
-            assert!(e.contains(want), "{e:?} lacks {want:?}");
-        }
+        each_refused(&cases);
     }
 
     #[test]
@@ -1312,10 +1317,7 @@ train = "train.jsonl"
                 "task.labels: labels are for the classification tasks",
             ),
         ];
-        for (text, want) in cases {
-            let e = err(&text);
-            assert!(e.contains(want), "{e:?} lacks {want:?}");
-        }
+        each_refused(&cases);
     }
 
     #[test]
