@@ -136,6 +136,19 @@ impl Coordinator {
                 if let Err(e) = dpo_data::metrics_log::keep_through(&metrics, record.step) {
                     tracing::warn!(path = %metrics.display(), error = %e, "could not trim metrics.jsonl");
                 }
+                let output = &record.spec.train.output;
+                let events = record
+                    .spec
+                    .train
+                    .tensorboard()
+                    .then(|| dpo_data::tensorboard::run_dir(output, &record.spec.name));
+                if let Err(e) = dpo_data::metrics_log::settle_evaluations(
+                    output,
+                    record.eval_step,
+                    events.as_deref(),
+                ) {
+                    tracing::warn!(output = %output.display(), error = %e, "could not settle eval.jsonl");
+                }
                 tracing::info!(run = %record.id, step = record.step, "resuming run from the store");
             }
             engine.restore(record, checkpoint, Some(data))?;

@@ -52,6 +52,57 @@ pub fn keep_through(path: &Path, step: u64) -> std::io::Result<()> {
     crate::atomic::write(path, kept.as_bytes())
 }
 
+/// The lines of a metrics file whose `step` is at least `from`, as metrics
+/// (numbers only); a missing file has none.
+pub fn read_from(path: &Path, from: u64) -> std::io::Result<Vec<Vec<(String, f64)>>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("step").and_then(serde_json::Value::as_u64) >= Some(from))
+        .filter_map(|v| {
+            v.as_object().map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+                    .collect()
+            })
+        })
+        .collect())
+}
+
+/// For the writer that records a run's steps (the coordinator), once more
+/// after a restart, with the run's recorded evaluation `eval_step`: an
+/// evaluation appended to `eval.jsonl` but never recorded (the writer died in
+/// between) will be reported again, so it goes from the file; with TensorBoard
+/// events in `events`, this process's event file starts at that evaluation's
+/// step (TensorBoard drops the orphan) and first rewrites the recorded train
+/// steps from there, read back from `metrics.jsonl`, which it would drop too.
+pub fn settle_evaluations(
+    output: &Path,
+    eval_step: u64,
+    events: Option<&Path>,
+) -> std::io::Result<()> {
+    let eval = output.join("eval.jsonl");
+    let orphan = read_from(&eval, eval_step + 1)?
+        .iter()
+        .filter_map(|m| m.iter().find(|(k, _)| k == "step").map(|(_, v)| *v as u64))
+        .min();
+    let Some(orphan) = orphan else {
+        return Ok(());
+    };
+    tracing::info!(path = %eval.display(), step = orphan, "dropping an evaluation that was never recorded");
+    keep_through(&eval, eval_step)?;
+    if let Some(dir) = events {
+        let train = read_from(&output.join("metrics.jsonl"), orphan)?;
+        crate::tensorboard::restart(dir, orphan, &train)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

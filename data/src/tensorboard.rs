@@ -235,19 +235,22 @@ impl EventWriter {
     }
 }
 
-/// For a writer that opens its file per write (the coordinator, for every run
-/// it records): appends `metrics` to this process's event file in `dir`,
-/// creating it first — with a START at `first_step` — when this process has
-/// not written there yet.
-pub fn append(dir: &Path, first_step: u64, metrics: &[(String, f64)]) -> std::io::Result<()> {
+/// This process's event file in `dir`, for a writer that opens it per write
+/// (the coordinator, for every run it records).
+fn process_file(dir: &Path) -> PathBuf {
     static STARTED: OnceLock<String> = OnceLock::new();
     let started = STARTED.get_or_init(stamp);
-    let name = format!(
+    dir.join(format!(
         "events.out.tfevents.{started}.{}.{}.coordinator",
         host(),
         std::process::id()
-    );
-    let path = dir.join(name);
+    ))
+}
+
+/// Appends `metrics` to this process's event file in `dir`, creating it first —
+/// with a START at `first_step` — when this process has not written there yet.
+pub fn append(dir: &Path, first_step: u64, metrics: &[(String, f64)]) -> std::io::Result<()> {
+    let path = process_file(dir);
     let mut w = match OpenOptions::new().append(true).open(&path) {
         Ok(file) => EventWriter { file, path },
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -256,6 +259,17 @@ pub fn append(dir: &Path, first_step: u64, metrics: &[(String, f64)]) -> std::io
         Err(e) => return Err(e),
     };
     w.scalars(metrics)
+}
+
+/// Starts this process's event file in `dir` at `first_step` (TensorBoard drops
+/// older files' events from there on) and writes `lines` into it first: the
+/// recorded steps from `first_step` on that the START would drop with them.
+pub fn restart(dir: &Path, first_step: u64, lines: &[Vec<(String, f64)>]) -> std::io::Result<()> {
+    let mut w = EventWriter::create_at(process_file(dir), first_step)?;
+    for m in lines {
+        w.scalars(m)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -140,3 +140,53 @@ output = "{out}"
     );
     assert_eq!(got, want, "the event files say what the JSON lines say");
 }
+
+/// The coordinator's restart after it appended an evaluation it never recorded:
+/// the evaluation leaves `eval.jsonl`, and TensorBoard shows it once it is
+/// reported again — every train step still once.
+#[test]
+fn an_evaluation_never_recorded_is_dropped_when_the_writer_restarts() {
+    let dir = tempdir();
+    let out = dir.path();
+    let events = out.join("runs/x");
+    let line = |step: u64, key: &str, v: f64| {
+        vec![("step".to_string(), step as f64), (key.to_string(), v)]
+    };
+    let mut old = dpo_data::tensorboard::EventWriter::create(&events, 0).expect("events");
+    let mut metrics = String::new();
+    let mut evals = String::new();
+    for step in 1..=5u64 {
+        let m = line(step, "loss", 1.0 / step as f64);
+        metrics += &dpo_data::metrics_log::line(&m);
+        old.scalars(&m).expect("write");
+        if step % 2 == 0 || step == 5 {
+            // Step 5's evaluation is the one the crash left unrecorded.
+            let e = line(step, "eval_loss", 2.0 / step as f64);
+            evals += &dpo_data::metrics_log::line(&e);
+            old.scalars(&e).expect("write");
+        }
+    }
+    drop(old);
+    std::fs::write(out.join("metrics.jsonl"), metrics).expect("write");
+    std::fs::write(out.join("eval.jsonl"), evals).expect("write");
+    std::thread::sleep(std::time::Duration::from_millis(5));
+
+    // The run's record says evaluations through step 4.
+    dpo_data::metrics_log::settle_evaluations(out, 4, Some(&events)).expect("settle");
+    let kept: Vec<u64> = read_jsonl(&out.join("eval.jsonl"))
+        .iter()
+        .filter_map(|l| l["step"].as_u64())
+        .collect();
+    assert_eq!(kept, [2, 4]);
+    // The evaluation of step 5 is reported again, once.
+    dpo_data::tensorboard::append(&events, 6, &line(5, "eval_loss", 0.4)).expect("append");
+    let got = scalars(&events, &out.join("scalars.json"));
+    let steps = |tag: &str| got[tag].iter().map(|p| p.0).collect::<Vec<_>>();
+    assert_eq!(steps("train/loss"), [1, 2, 3, 4, 5]);
+    assert_eq!(steps("eval/loss"), [2, 4, 5]);
+    assert_eq!(got["eval/loss"][2].1, 0.4);
+    // Nothing to settle: no new file.
+    let files = std::fs::read_dir(&events).expect("dir").count();
+    dpo_data::metrics_log::settle_evaluations(out, 5, Some(&events)).expect("settle");
+    assert_eq!(std::fs::read_dir(&events).expect("dir").count(), files);
+}
