@@ -109,10 +109,13 @@ pub fn read_labelled(
         let parsed = row
             .value
             .and_then(|obj| parse_labelled(&obj, n))
-            .map_err(|reason| Error::Line {
-                path: path.to_path_buf(),
-                line: n,
-                reason,
+            .map_err(|reason| {
+                let e = Error::Line {
+                    path: path.to_path_buf(),
+                    line: n,
+                    reason,
+                };
+                crate::records::explain(e, layout)
             });
         match parsed {
             Ok(r) => out.push(r),

@@ -264,7 +264,8 @@ pub fn read_pairs_skipping(
         let parsed = row
             .value
             .map_err(|r| line_err(path, n, r))
-            .and_then(|obj| parse_record(path, n, &obj, &mut format, &mut format_line));
+            .and_then(|obj| parse_record(path, n, &obj, &mut format, &mut format_line))
+            .map_err(|e| crate::records::explain(e, layout));
         match parsed {
             Ok(pair) => out.push(Record {
                 line: n,

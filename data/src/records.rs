@@ -843,6 +843,29 @@ fn list(a: &dyn Array, classes: Option<&[String]>) -> std::result::Result<Value,
         .map(Value::Array)
 }
 
+/// A record's error names the record key; where `data.columns` renamed the
+/// file's column to that key, the message says which column it is.
+pub fn explain(e: Error, layout: &Layout) -> Error {
+    let Error::Line {
+        path,
+        line,
+        mut reason,
+    } = e
+    else {
+        return e;
+    };
+    if let Some((_, from)) = layout
+        .columns
+        .iter()
+        .find(|(to, from)| to != from && reason.contains(&format!("\"{to}\"")))
+    {
+        reason.push_str(&format!(
+            " (the file's column \"{from}\", renamed by data.columns)"
+        ));
+    }
+    Error::Line { path, line, reason }
+}
+
 /// For messages about a dataset of several files: turns a position counted
 /// across `dataset`'s files (as [`Rows`] numbers them) into the file holding
 /// it and its own line or row. Other errors come back as they are.

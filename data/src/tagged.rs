@@ -305,7 +305,7 @@ fn read_records(path: &Path, task: Task, layout: &Layout) -> Result<Vec<RawRecor
         let mut r = row
             .value
             .and_then(|o| parse_json_record(&o, task))
-            .map_err(|reason| line_err(path, n, reason))?;
+            .map_err(|reason| records::explain(line_err(path, n, reason), layout))?;
         r.line = n;
         out.push(r);
     }
@@ -435,7 +435,7 @@ impl RawFile {
             let (id, negs) = row
                 .value
                 .and_then(parse)
-                .map_err(|reason| line_err(path, n, reason))?;
+                .map_err(|reason| records::explain(line_err(path, n, reason), layout))?;
             let Some(&at) = by_id.get(&id) else {
                 return Err(line_err(
                     path,

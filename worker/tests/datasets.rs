@@ -287,7 +287,13 @@ fn bad_columnar_files_name_file_row_and_column() {
     let e = read_pairs(&p, &layout, PairFormat::Auto)
         .expect_err("no column good")
         .to_string();
-    assert_eq!(e, format!("{}:1: missing key \"chosen\"", p.display()));
+    assert_eq!(
+        e,
+        format!(
+            "{}:1: missing key \"chosen\" (the file's column \"good\", renamed by data.columns)",
+            p.display()
+        )
+    );
 
     // A shard's bad row is named in that shard, not by its place in the glob.
     let shards = tempdir();
