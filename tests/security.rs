@@ -323,6 +323,18 @@ fn dpoctl_local_ignores_tls_settings_meant_for_a_remote_cluster() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(steps_done(&case.path().join("local")), 2);
+    // In text mode it says where the run page is.
+    let spec = case.write_spec("local-text", "max_steps = 1");
+    let out = Command::new(bin("dpoctl"))
+        .arg("local")
+        .arg(&spec)
+        .args(["--workers", "1"])
+        .env("OMP_NUM_THREADS", "1")
+        .output()
+        .expect("dpoctl local");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("run page: http://127.0.0.1:"), "{err}");
 }
 
 /// The identities of [`named_identities_own_their_runs_and_roles_gate_the_services`].

@@ -588,11 +588,19 @@ async fn local(
         )?))
     };
     let mut children = Children(Vec::new());
+    // The run page on a free loopback port (taken and let go: another process
+    // could take it in between, which only costs the page).
+    let page = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .ok();
     let mut coordinator = Process::new(sibling("dpo-coordinator"));
     coordinator
         .args(["--listen", "127.0.0.1:0", "--lease-ttl-ms", "3000"])
         .arg("--data-dir")
         .arg(&data_dir);
+    if let Some(page) = page {
+        coordinator.arg("--metrics-listen").arg(page.to_string());
+    }
     for dir in local_allowed(&spec) {
         coordinator.arg("--allow-path").arg(dir);
     }
@@ -644,6 +652,9 @@ async fn local(
             "coordinator at {url} with {workers} CPU workers (logs in {})",
             logs.display()
         );
+        if let Some(page) = page {
+            eprintln!("run page: http://{page}/");
+        }
     }
     // Plain text on loopback: TLS settings meant for a remote cluster do not apply.
     let mut c = client_with(&url, &ClientTls::default())?;
