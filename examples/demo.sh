@@ -43,6 +43,7 @@ echo "==> dpo-worker score: the trained policy on held-out prompts, initial mode
 "$bin" score --model "$trained" --reference "$out/model" --data "$out/data/eval.jsonl" \
     --out "$out/eval_scores.jsonl" --device cpu
 echo "==> outputs: $out/$run/{metrics.jsonl,eval.jsonl,checkpoints/,final/}, $out/eval_scores.jsonl"
+[ -d "$out/$run/runs" ] && echo "==> TensorBoard events: tensorboard --logdir $out/$run/runs"
 [ "$mode" = lora ] && exit 0
 
 # The founding document's worked example: NER with negative samples on an encoder.
