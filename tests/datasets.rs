@@ -115,6 +115,20 @@ fn parquet_shards_and_a_saved_dataset_stream_from_the_client_and_train_as_json_l
         "{err}"
     );
 
+    // The same through a glob that matches that shard alone.
+    let bad = case.write_spec("bad-one", extra);
+    with_data(
+        &bad,
+        dir,
+        &dir.join("badhub/train-00001-*.parquet")
+            .display()
+            .to_string(),
+        &dir.join("disk").display().to_string(),
+    );
+    let (ok, err) = submit(port, &["submit", &bad.display().to_string()]);
+    assert!(!ok);
+    assert!(err.contains(&format!("{}:2: ", shard.display())), "{err}");
+
     // A path that is not here: the client says how to name a cluster path...
     let missing = case.write_spec("missing", extra);
     with_data(

@@ -1,6 +1,6 @@
 //! The gRPC face of the coordinator: the run service (clients), the worker
-//! service (workers), health and reflection, a bearer-token check on every call,
-//! and Prometheus `/metrics` on a separate plain-HTTP port.
+//! service (workers), health and reflection, and a bearer-token check on every
+//! call. The plain-HTTP port (`/metrics`, the run page) is [`crate::web`].
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -105,14 +105,14 @@ impl RunService for Api {
                     .map(|p| p.display().to_string())
                     .unwrap_or_default(),
             };
-            // A glob's files arrive as a folder: its files are the client's
-            // files in the glob's folder.
-            let original = if path.is_dir() && original.contains(['*', '?', '[']) {
-                std::path::Path::new(&original)
-                    .parent()
-                    .map_or(original.clone(), |p| p.display().to_string())
-            } else {
-                original
+            // A glob's files arrive under their own names (several: in a
+            // folder): they are the client's files in the glob's folder.
+            let original = match std::path::Path::new(&original).parent() {
+                Some(base) if original.contains(['*', '?', '[']) => match path.file_name() {
+                    Some(name) if !path.is_dir() => base.join(name).display().to_string(),
+                    _ => base.display().to_string(),
+                },
+                _ => original,
             };
             renames.push((path.display().to_string(), original));
             match key.as_str() {
