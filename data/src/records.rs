@@ -110,9 +110,15 @@ fn format_of(path: &Path, forced: FileFormat) -> FileFormat {
         _ => {}
     }
     let mut magic = [0u8; 6];
-    let n = File::open(path)
-        .and_then(|mut f| f.read(&mut magic))
-        .unwrap_or(0);
+    // Only a regular file is looked into (a FIFO would block); the reader
+    // refuses anything else.
+    let n = if path.is_file() {
+        File::open(path)
+            .and_then(|mut f| f.read(&mut magic))
+            .unwrap_or(0)
+    } else {
+        0
+    };
     match &magic[..n] {
         [b'P', b'A', b'R', b'1', ..] => FileFormat::Parquet,
         [b'A', b'R', b'R', b'O', b'W', b'1'] | [0xff, 0xff, 0xff, 0xff, ..] => FileFormat::Arrow,
@@ -421,6 +427,10 @@ fn rename(mut o: Map<String, Value>, layout: &Layout) -> Map<String, Value> {
 
 impl Reader {
     fn open(path: &Path, format: FileFormat, layout: &Layout, keys: &[String]) -> Result<Reader> {
+        // Not a device, a FIFO or a folder: reading one would block or never end.
+        if !std::fs::metadata(path).map_err(io_err(path))?.is_file() {
+            return Err(file_err(path, "not a regular file"));
+        }
         match format {
             FileFormat::Auto | FileFormat::Jsonl | FileFormat::Conll => Ok(Reader::Lines {
                 lines: lines::open(path)?,
@@ -1012,6 +1022,28 @@ mod tests {
             .expect_err("nothing")
             .to_string();
         assert!(e.contains("no data files"), "{e}");
+    }
+
+    #[test]
+    fn devices_and_fifos_are_not_read_in_any_format() {
+        for format in [
+            FileFormat::Parquet,
+            FileFormat::Arrow,
+            FileFormat::Json,
+            FileFormat::Auto,
+        ] {
+            let layout = Layout {
+                format,
+                ..Layout::default()
+            };
+            let e = open(Path::new("/dev/zero"), &layout, &[])
+                .expect("opens lazily")
+                .next()
+                .expect("an item")
+                .expect_err("not a regular file")
+                .to_string();
+            assert!(e.ends_with("not a regular file"), "{format:?}: {e}");
+        }
     }
 
     #[test]
