@@ -14,8 +14,9 @@
 //! shows its own runs, an admin's all of them, a worker's none. `/metrics`
 //! holds only counters and stays open for scrapers.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -294,28 +295,81 @@ async fn answer(c: &Coordinator, tokens: &Tokens, r: &Request) -> Response {
     Response::error("404 Not Found", "not found")
 }
 
+/// Where each complete line of a metrics file starts, with its step: read once
+/// and extended as the file grows, so a poll reads only the lines it returns.
+#[derive(Debug, Default)]
+struct LineIndex {
+    /// Bytes indexed (up to the end of the last complete line).
+    len: u64,
+    /// (step, byte offset) of each line, in file order.
+    lines: Vec<(i64, u64)>,
+}
+
+impl LineIndex {
+    /// Indexes what was appended since; starts over when the file shrank (a
+    /// restarted coordinator trims lines it never recorded).
+    fn update(&mut self, path: &Path) -> std::io::Result<()> {
+        use std::io::{BufRead, Seek, SeekFrom};
+        let len = std::fs::metadata(path)?.len();
+        if len < self.len {
+            *self = LineIndex::default();
+        }
+        if len == self.len {
+            return Ok(());
+        }
+        let mut f = std::io::BufReader::new(std::fs::File::open(path)?);
+        f.seek(SeekFrom::Start(self.len))?;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = f.read_until(b'\n', &mut line)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                return Ok(()); // the end, or a line still being written
+            }
+            let step = serde_json::from_slice::<Value>(&line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(Value::as_i64))
+                .unwrap_or(-1);
+            self.lines.push((step, self.len));
+            self.len += n as u64;
+        }
+    }
+}
+
 /// The lines of a metrics file whose step is after `after` (at most
 /// [`MAX_LINES`]; `true`: there are more). A missing file has none.
 fn lines_after(path: &Path, after: i64) -> (Vec<Value>, bool) {
-    use std::io::BufRead;
-    let Ok(f) = std::fs::File::open(path) else {
+    use std::io::{BufRead, Seek, SeekFrom};
+    static INDEXES: OnceLock<std::sync::Mutex<HashMap<PathBuf, LineIndex>>> = OnceLock::new();
+    let mut indexes = match INDEXES.get_or_init(Default::default).lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let index = indexes.entry(path.to_path_buf()).or_default();
+    if index.update(path).is_err() {
+        return (Vec::new(), false);
+    }
+    // Steps only grow along the file.
+    let from = index.lines.partition_point(|(step, _)| *step <= after);
+    let wanted = &index.lines[from..];
+    let Some(&(_, offset)) = wanted.first() else {
         return (Vec::new(), false);
     };
-    let mut out = Vec::new();
-    for line in std::io::BufReader::new(f).lines() {
+    let take = wanted.len().min(MAX_LINES);
+    let mut out = Vec::with_capacity(take);
+    let Ok(mut f) = std::fs::File::open(path).map(std::io::BufReader::new) else {
+        return (Vec::new(), false);
+    };
+    if f.seek(SeekFrom::Start(offset)).is_err() {
+        return (Vec::new(), false);
+    }
+    for line in f.lines().take(take) {
         let Ok(line) = line else { break };
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            continue; // a line being written
-        };
-        let step = v.get("step").and_then(Value::as_i64).unwrap_or(-1);
-        if step > after {
-            if out.len() == MAX_LINES {
-                return (out, true);
-            }
+        if let Ok(v) = serde_json::from_str::<Value>(&line) {
             out.push(v);
         }
     }
-    (out, false)
+    (out, wanted.len() > MAX_LINES)
 }
 
 fn run_json(r: &v1::Run) -> Value {
@@ -402,6 +456,26 @@ mod tests {
         assert_eq!((lines.len(), more), (3, false));
         assert_eq!(lines[0]["step"], MAX_LINES + 1);
         assert_eq!(lines_after(&dir.path().join("none.jsonl"), 0).0.len(), 0);
+        // The line being written is finished, more are appended: found.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&p)?;
+        use std::io::Write;
+        let last = MAX_LINES + 4;
+        write!(
+            f,
+            "{last},\"loss\":0.25}}\n{{\"step\":{},\"loss\":0.5}}\n",
+            last + 1
+        )?;
+        let (lines, more) = lines_after(&p, MAX_LINES as i64 + 3);
+        assert_eq!((lines.len(), more), (2, false));
+        assert_eq!(lines[0]["loss"], 0.25);
+        // Trimmed (a restarted coordinator) and written again: indexed anew.
+        std::fs::write(
+            &p,
+            "{\"step\":1,\"loss\":0.75}\n{\"step\":2,\"loss\":0.5}\n",
+        )?;
+        let (lines, _) = lines_after(&p, 1);
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["loss"], 0.5);
         Ok(())
     }
 }
