@@ -7,7 +7,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
 use common::{fixture, fixtures, max_weight_diff, read_jsonl, run_python, tempdir};
@@ -75,11 +74,7 @@ output = "{out}"
     );
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, spec).expect("write spec");
-    let run = Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
-        .args(["train", "--device", "cpu", "--config"])
-        .arg(&path)
-        .output()
-        .expect("dpo-worker starts");
+    let run = common::train_output(&path, &[]);
     assert!(
         run.status.success(),
         "training on {} failed:\n{}",

@@ -21,11 +21,7 @@ const LR: f64 = 0.5;
 const BETA: f64 = 0.1;
 
 fn train(spec: &Path) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
-        .args(["train", "--device", "cpu", "--config"])
-        .arg(spec)
-        .output()
-        .expect("dpo-worker runs")
+    common::train_output(spec, &[])
 }
 
 fn train_ok(spec: &Path) {

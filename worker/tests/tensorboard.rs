@@ -7,18 +7,8 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Command;
 
-use common::{fixture, fixtures, read_jsonl, run_python, tempdir};
-
-fn train(spec: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
-        .args(["train", "--device", "cpu", "--config"])
-        .arg(spec)
-        .args(extra)
-        .output()
-        .expect("dpo-worker starts")
-}
+use common::{fixture, fixtures, read_jsonl, run_python, tempdir, train_output as train};
 
 /// Every scalar of the run as TensorBoard reads it: tag → [(step, value)].
 pub fn scalars(run_dir: &Path, out: &Path) -> BTreeMap<String, Vec<(u64, f32)>> {

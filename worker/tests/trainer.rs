@@ -6,18 +6,11 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixture, fixtures, max_weight_diff, read_jsonl, run_python, tempdir};
+use common::{
+    fixture, fixtures, max_weight_diff, read_jsonl, run_python, tempdir, train_output as train,
+};
 use dpo_worker::model::checkpoint::read_tensors;
 use serde_json::json;
-
-fn train(config: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
-        .args(["train", "--device", "cpu", "--config"])
-        .arg(config)
-        .args(extra)
-        .output()
-        .expect("dpo-worker starts")
-}
 
 fn train_ok(config: &Path, extra: &[&str]) {
     let out = train(config, extra);

@@ -172,6 +172,16 @@ pub fn free_ports(n: usize) -> String {
         .join(",")
 }
 
+/// `dpo-worker train` on `spec` (CPU) with `extra` flags, run to its end.
+pub fn train_output(spec: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+        .args(["train", "--device", "cpu", "--config"])
+        .arg(spec)
+        .args(extra)
+        .output()
+        .expect("dpo-worker starts")
+}
+
 /// `dpo-worker train` on `spec` (CPU) with `extra` flags; stderr kept for errors.
 pub fn train_process(spec: &Path, extra: &[String]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
