@@ -193,8 +193,7 @@ impl Tokens {
 
     /// The identity `token` names. Compares with every token (no early exit),
     /// so the time taken does not tell which one nearly matched.
-    /// The identity a token names, compared in constant time.
-    pub fn identify(&self, token: &[u8]) -> Option<&Identity> {
+    fn identify(&self, token: &[u8]) -> Option<&Identity> {
         let mut found = None;
         for (identity, known) in &self.entries {
             if constant_time_eq(token, known) {
@@ -203,6 +202,28 @@ impl Tokens {
         }
         found
     }
+
+    /// The caller a presented bearer token names; everyone is the anonymous
+    /// admin when no tokens are configured. Shared by the gRPC services and
+    /// the HTTP run page.
+    pub fn authenticate(&self, presented: Option<&str>) -> Result<Identity, Unauthenticated> {
+        if !self.enabled() {
+            return Ok(Identity::anonymous_admin());
+        }
+        let token = presented.ok_or(Unauthenticated::Missing)?;
+        self.identify(token.as_bytes())
+            .cloned()
+            .ok_or(Unauthenticated::Wrong)
+    }
+}
+
+/// Why a caller has no identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unauthenticated {
+    /// No bearer token, where tokens are required.
+    Missing,
+    /// A token no identity has.
+    Wrong,
 }
 
 /// Checks a service's callers: a known token whose role is among `roles`.
@@ -225,24 +246,20 @@ impl Gate {
 
 impl tonic::service::Interceptor for Gate {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        let identity = if self.tokens.enabled() {
-            let presented = request
-                .metadata()
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            let Some(token) = presented else {
-                return Err(Status::unauthenticated(
-                    "missing bearer token (set DPO_TOKEN)",
-                ));
-            };
-            self.tokens
-                .identify(token.as_bytes())
-                .cloned()
-                .ok_or_else(|| Status::unauthenticated("wrong token"))?
-        } else {
-            Identity::anonymous_admin()
-        };
+        let presented = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let identity = self
+            .tokens
+            .authenticate(presented)
+            .map_err(|why| match why {
+                Unauthenticated::Missing => {
+                    Status::unauthenticated("missing bearer token (set DPO_TOKEN)")
+                }
+                Unauthenticated::Wrong => Status::unauthenticated("wrong token"),
+            })?;
         if !self.roles.contains(&identity.role) {
             tracing::warn!(identity = %identity.name, role = identity.role.as_str(), service = self.service, "refused a call outside the identity's role");
             return Err(Status::permission_denied(format!(

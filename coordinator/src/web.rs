@@ -24,7 +24,7 @@ use dpo_proto::v1;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::auth::{Identity, Role, Tokens};
+use crate::auth::{Identity, Role, Tokens, Unauthenticated};
 use crate::coordinator::Coordinator;
 
 /// Lines of a metrics file one response carries at most.
@@ -198,25 +198,20 @@ async fn read_head(socket: &mut tokio::net::TcpStream) -> Option<String> {
     Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
-/// Who is asking, when the coordinator has tokens: `Err` is the refusal.
+/// Who is asking (a token from the header, or `?token=`): `Err` is the refusal.
 fn who(tokens: &Tokens, r: &Request) -> Result<Identity, Response> {
-    if !tokens.enabled() {
-        return Ok(Identity::anonymous_admin());
-    }
     let presented = r.bearer.as_deref().or_else(|| r.param("token"));
-    let Some(token) = presented else {
-        return Err(Response::error(
-            "401 Unauthorized",
-            "a bearer token is needed",
-        ));
-    };
-    match tokens.identify(token.as_bytes()) {
-        Some(i) if i.role == Role::Worker => Err(Response::error(
+    match tokens.authenticate(presented) {
+        Ok(i) if i.role == Role::Worker => Err(Response::error(
             "403 Forbidden",
             "a worker's token does not show runs",
         )),
-        Some(i) => Ok(i.clone()),
-        None => Err(Response::error("401 Unauthorized", "wrong token")),
+        Ok(i) => Ok(i),
+        Err(Unauthenticated::Missing) => Err(Response::error(
+            "401 Unauthorized",
+            "a bearer token is needed",
+        )),
+        Err(Unauthenticated::Wrong) => Err(Response::error("401 Unauthorized", "wrong token")),
     }
 }
 
@@ -326,10 +321,7 @@ impl LineIndex {
             if n == 0 || line.last() != Some(&b'\n') {
                 return Ok(()); // the end, or a line still being written
             }
-            let step = serde_json::from_slice::<Value>(&line)
-                .ok()
-                .and_then(|v| v.get("step").and_then(Value::as_i64))
-                .unwrap_or(-1);
+            let step = dpo_data::metrics_log::step_of(&line).map_or(-1, |s| s as i64);
             self.lines.push((step, self.len));
             self.len += n as u64;
         }

@@ -27,6 +27,13 @@ pub fn append(file: &mut impl Write, metrics: &[(String, f64)]) -> std::io::Resu
     file.flush()
 }
 
+/// The `step` of a metrics line (`None`: not a line with a step).
+pub fn step_of(line: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<serde_json::Value>(line)
+        .ok()
+        .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+}
+
 /// Keeps only the lines whose `step` is at most `step` (a missing file is fine):
 /// what a resumed run, or a restarted coordinator, has not recorded goes. The file
 /// is replaced atomically (written beside it, fsynced, renamed).
@@ -38,10 +45,7 @@ pub fn keep_through(path: &Path, step: u64) -> std::io::Result<()> {
     };
     let mut kept = String::new();
     for line in text.lines() {
-        let s = serde_json::from_str::<serde_json::Value>(line)
-            .ok()
-            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
-        if s.is_some_and(|s| s <= step) {
+        if step_of(line.as_bytes()).is_some_and(|s| s <= step) {
             kept.push_str(line);
             kept.push('\n');
         }

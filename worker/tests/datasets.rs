@@ -339,21 +339,25 @@ fn labelled_examples_and_negatives_read_the_same_from_parquet() {
     assert_eq!(read("labelled.parquet"), jsonl);
 }
 
+/// The run's labels, in this order.
+fn labels(names: &[&str]) -> Labels {
+    Labels::new(names.iter().map(|s| s.to_string()).collect()).expect("labels")
+}
+
+/// The NER records of `p`, resolved against `labels`.
+fn ner_records(p: &Path, labels: &Labels) -> Vec<dpo_data::tagged::Record> {
+    RawFile::read(p, Task::Token, &Layout::default())
+        .expect("reads")
+        .resolve(labels)
+        .expect("resolves")
+}
+
 #[test]
 fn ner_from_parquet_and_save_to_disk_with_class_labels_equals_json_lines() {
     let d = converted();
-    let labels = Labels::new(
-        ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    )
-    .expect("labels");
+    let ordered = labels(&["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]);
     let read = |p: &Path| {
-        RawFile::read(p, Task::Token, &Layout::default())
-            .expect("reads")
-            .resolve(&labels)
-            .expect("resolves")
+        ner_records(p, &ordered)
             .into_iter()
             .map(|r| (r.id, r.words, r.gold))
             .collect::<Vec<_>>()
@@ -365,18 +369,9 @@ fn ner_from_parquet_and_save_to_disk_with_class_labels_equals_json_lines() {
     assert_eq!(read(&d.join("ner/disk")), jsonl);
     // Without the features, the ids would index the run's labels in their
     // order: a different order must not change what the tags mean.
-    let shuffled = Labels::new(
-        ["I-LOC", "O", "B-LOC", "B-PER", "I-PER"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    )
-    .expect("labels");
+    let shuffled = labels(&["I-LOC", "O", "B-LOC", "B-PER", "I-PER"]);
     let names = |p: &Path| {
-        RawFile::read(p, Task::Token, &Layout::default())
-            .expect("reads")
-            .resolve(&shuffled)
-            .expect("resolves")
+        ner_records(p, &shuffled)
             .into_iter()
             .map(|r| {
                 r.gold

@@ -888,12 +888,8 @@ impl ClassifierTrainer {
                 eval: data.eval.as_ref().map(|e| &e.counts),
             });
         }
-        let first_step = match self.step {
-            0 => 0,
-            s => s + 1,
-        };
         let mut reporter = if writer {
-            Some(Reporter::open(&out, &self.spec, self.has_eval, first_step)?)
+            Some(Reporter::open(&out, &self.spec, self.has_eval, self.step)?)
         } else {
             None
         };

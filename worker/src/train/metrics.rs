@@ -123,14 +123,13 @@ pub(crate) struct Reporter {
 }
 
 impl Reporter {
-    /// Opens the files of a run writing steps from `first_step` on (0 for a
-    /// fresh run, which may evaluate before its first step).
-    pub fn open(
-        out: &Path,
-        spec: &dpo_proto::RunSpec,
-        with_eval: bool,
-        first_step: u64,
-    ) -> Result<Self> {
+    /// Opens the files of a run resumed after step `done` (0: a fresh run,
+    /// which may evaluate before its first step; else it writes from `done + 1`).
+    pub fn open(out: &Path, spec: &dpo_proto::RunSpec, with_eval: bool, done: u64) -> Result<Self> {
+        let first_step = match done {
+            0 => 0,
+            s => s + 1,
+        };
         let events = if spec.train.tensorboard() {
             let dir = dpo_data::tensorboard::run_dir(out, &spec.name);
             let w = dpo_data::tensorboard::EventWriter::create(&dir, first_step)

@@ -896,12 +896,8 @@ impl Trainer {
         });
         let out = self.output().to_path_buf();
         let writer = self.collective.rank() == 0 && self.writes_metrics;
-        let first_step = match self.state.step {
-            0 => 0,
-            s => s + 1,
-        };
         let mut reporter = if writer {
-            Some(Reporter::open(&out, &self.spec, true, first_step)?)
+            Some(Reporter::open(&out, &self.spec, true, self.state.step)?)
         } else {
             None
         };
