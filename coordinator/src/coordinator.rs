@@ -948,7 +948,7 @@ fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Result<RunDat
             "data.negatives: \"policy\" negatives need a model to sample from; the cluster does not sample them yet (use `dpo-worker train`)".into(),
         ));
     }
-    let tokenizer = if spec.model.path.join("tokenizer.json").exists() {
+    let tokenizer = if dpo_data::TextTokenizer::present(&spec.model.path) {
         Some(
             dpo_data::TextTokenizer::from_dir(&spec.model.path)
                 .map_err(|e| Refusal::Invalid(e.to_string()))?,

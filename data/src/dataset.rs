@@ -111,7 +111,7 @@ fn load_from(
     let need_tokenizer = || {
         tokenizer.ok_or_else(|| Error::Invalid {
             context: path.display().to_string(),
-            reason: "text data needs the model's tokenizer.json".into(),
+            reason: "text data needs the model's tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt)".into(),
         })
     };
     let mut examples: Vec<Example> = match format {

@@ -3,8 +3,9 @@
 //! resumes and world-size changes.
 //!
 //! A cache lives in a *namespace* named by what the numbers depend on: the
-//! reference weights (every `*.safetensors` file, by content), the tokenizer
-//! (`tokenizer.json`, `tokenizer_config.json`) and the compute dtype. Within a
+//! reference weights (every `*.safetensors` or `*.bin` file, by content), the
+//! tokenizer (every file of any layout: `tokenizer.json`, `tokenizer_config.json`,
+//! `vocab.txt`, ...) and the compute dtype. Within a
 //! namespace a sequence is keyed by its token ids (prompt and response, each
 //! length-prefixed), so a record is valid for any dataset, order or world size that
 //! produces the same ids — and never for anything else.
@@ -165,13 +166,16 @@ pub fn namespace(
     let mut weights: Vec<PathBuf> = std::fs::read_dir(reference_dir)
         .map_err(io(reference_dir))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "safetensors" || e == "bin")
+        })
         .collect();
     weights.sort();
     if weights.is_empty() {
         return Err(Error::File {
             path: reference_dir.to_path_buf(),
-            reason: "no *.safetensors weights to key the reference cache by".into(),
+            reason: "no *.safetensors or *.bin weights to key the reference cache by".into(),
         });
     }
     for w in &weights {
@@ -179,7 +183,7 @@ pub fn namespace(
         h.update([0]);
         hash_file(&mut h, w, &mut memo)?;
     }
-    for name in ["tokenizer.json", "tokenizer_config.json"] {
+    for name in crate::tokenizer::layout::FILES {
         let p = tokenizer_dir.join(name);
         h.update(name.as_bytes());
         if p.exists() {

@@ -10,7 +10,8 @@ CASES.json: {"model": DIR, "data": FILE (pre-tokenized pairs), "cases": [{"name"
 transformers model with the formulas of the papers, the whole global batch in one
 forward, torch's own optimizers, clip_grad_norm_ and schedulers, pairs taken in file
 order, and writes the final weights to `out` (safetensors). An optional "freeze"
-(regexes over parameter names) sets `requires_grad = False` on what they match.
+(regexes over parameter names) sets `requires_grad = False` on what they match;
+an optional "model" and "data" in a case replace the top-level ones for it.
 An optional top-level "device" ("cuda", default "cpu") says where it trains.
 
 Losses over Δ = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)), log π
@@ -130,7 +131,9 @@ def run_case(c, model_dir, pairs):
         opt.step()
         sched.step()
     state = {k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()}
-    if policy.config.tie_word_embeddings:
+    # Tied only when transformers did tie them (a config that asks for it over a
+    # file with an lm_head of its own is loaded untied).
+    if policy.get_output_embeddings().weight is policy.get_input_embeddings().weight:
         state.pop("lm_head.weight", None)
     save_file(state, c["out"])
 
@@ -138,13 +141,16 @@ def run_case(c, model_dir, pairs):
 def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
-    with open(spec["data"]) as f:
-        pairs = [json.loads(line) for line in f if line.strip()]
+    def pairs_of(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
     torch.set_num_threads(2)
     global DEVICE
     DEVICE = torch.device(spec.get("device", "cpu"))
     for c in spec["cases"]:
-        run_case(c, spec["model"], pairs)
+        # A case may name its own model and data.
+        run_case(c, c.get("model", spec.get("model")), pairs_of(c.get("data", spec.get("data"))))
 
 
 if __name__ == "__main__":

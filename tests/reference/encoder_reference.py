@@ -10,7 +10,8 @@
         token-classification examples do it
     encoder_reference.py train MODEL DATA SETTINGS.json OUT
         trains MODEL with transformers + the loss from its formula + torch's AdamW
-        (micro-batches summed into a global batch), writes the weights to OUT
+        (or SGD: "optimizer"; "schedule" as transformers names it, default linear;
+        micro-batches summed into a global batch), writes the weights to OUT
     encoder_reference.py scores IN.json
         seqeval's strict IOB2 entity report and scikit-learn's classification report
     encoder_reference.py pipeline MODEL TASK TEXT...
@@ -146,12 +147,13 @@ def train(model_dir: str, data: str, settings: str, out: str) -> None:
             examples.append((enc["input_ids"], targets, negatives))
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm.weight" in n]
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm.weight" in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"],
-    )
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.get("optimizer", "adamw") == "sgd":
+        opt = torch.optim.SGD(groups, lr=cfg["lr"])
+    else:
+        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
     total, g, m = cfg["steps"], cfg["global_batch"], cfg["micro_batch"]
-    sched = transformers.get_linear_schedule_with_warmup(opt, cfg["warmup"], total)
+    sched = transformers.get_scheduler(cfg.get("schedule", "linear"), opt, num_warmup_steps=cfg["warmup"], num_training_steps=total)
     per_epoch = len(examples) // g
     losses = []
     for step in range(total):
@@ -188,7 +190,8 @@ def train(model_dir: str, data: str, settings: str, out: str) -> None:
                     loss = loss + cfg["negative_weight"] * (-torch.log1p(-p)).sum() / n_negatives
             loss.backward()
             step_loss += loss.item()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
+        if cfg["max_grad_norm"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["max_grad_norm"])
         opt.step()
         sched.step()
         losses.append(step_loss)

@@ -45,6 +45,9 @@ pub enum Error {
     },
     #[error("{path}: {reason}")]
     Safetensors { path: PathBuf, reason: String },
+    /// A `torch.save` weights file that cannot be read (or must not be).
+    #[error("{path}: {reason}")]
+    Weights { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
     #[error("{context}: {reason}")]

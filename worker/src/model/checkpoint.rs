@@ -12,27 +12,21 @@ use tch::{Device, Kind, Tensor};
 
 use super::config::ModelConfig;
 use super::llama::CausalLm;
+use super::torch_pickle;
 use crate::error::{Error, Result, TorchContext, io_err};
 
 const INDEX: &str = "model.safetensors.index.json";
 const SINGLE: &str = "model.safetensors";
+const BIN_INDEX: &str = "pytorch_model.bin.index.json";
+const BIN_SINGLE: &str = "pytorch_model.bin";
 
-/// Files besides the weights that a checkpoint directory carries along.
-const SIDE_FILES: &[&str] = &[
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "generation_config.json",
-    "chat_template.jinja",
-    // The slow tokenizers' files of BERT (WordPiece) and RoBERTa (byte-level BPE).
-    "vocab.txt",
-    "vocab.json",
-    "merges.txt",
-];
+/// Files besides the weights and the tokenizer's own (every layout's, see
+/// [`dpo_data::tokenizer::layout::FILES`]) that a checkpoint directory carries along.
+const SIDE_FILES: &[&str] = &["generation_config.json"];
 
 /// Loads `dir` (config, then weights) as dtype `kind` on `device`.
 pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
-    let config = ModelConfig::from_dir(dir)?;
+    let config = config_of(dir)?;
     let model = CausalLm::new(config, kind, device)?;
     load_weights(&model, dir)?;
     Ok(model)
@@ -41,10 +35,47 @@ pub fn load(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
 /// [`load`] for ZeRO stage 3: everything but the decoder layers, which
 /// [`CausalLm::shard_base`] fills with a rank's share (see [`TensorIndex`]).
 pub fn load_sharded(dir: &Path, kind: Kind, device: Device) -> Result<CausalLm> {
-    let config = ModelConfig::from_dir(dir)?;
+    let config = config_of(dir)?;
     let model = CausalLm::new_sharded(config, kind, device)?;
     load_weights(&model, dir)?;
     Ok(model)
+}
+
+/// The model configuration of checkpoint `dir` as transformers 5 builds the
+/// model: a config that ties the embeddings, whose weights nevertheless hold an
+/// `lm_head.weight` other than the input embedding, is loaded untied (transformers
+/// warns and does not tie them); an equal copy is ignored.
+pub fn config_of(dir: &Path) -> Result<ModelConfig> {
+    let mut config = ModelConfig::from_dir(dir)?;
+    if !config.tie_word_embeddings {
+        return Ok(config);
+    }
+    let index = TensorIndex::open_causal_lm(dir)?;
+    let embed = "model.embed_tokens.weight";
+    if index.shape(LM_HEAD).is_none() || index.shape(embed) != index.shape(LM_HEAD) {
+        return Ok(config);
+    }
+    let _guard = tch::no_grad_guard();
+    let read = |name: &str| -> Result<Tensor> {
+        let numel: i64 = index.shape(name).map_or(0, |s| s.iter().product());
+        index.read_range(name, 0, numel, Kind::Float)
+    };
+    let same = read(LM_HEAD)?
+        .f_equal(&read(embed)?)
+        .op("comparing lm_head with the embedding")?;
+    if !same {
+        tracing::warn!(
+            dir = %dir.display(),
+            "config.json ties the word embeddings, but the checkpoint's lm_head.weight differs from \
+             model.embed_tokens.weight: they are loaded untied, as transformers does (set \
+             tie_word_embeddings = false in config.json to say so)"
+        );
+        config.tie_word_embeddings = false;
+        if let Some(raw) = config.raw.as_object_mut() {
+            raw.insert("tie_word_embeddings".into(), Value::Bool(false));
+        }
+    }
+    Ok(config)
 }
 
 /// Loads a reference model for a policy with `vocab_size` tokens; the two must
@@ -63,48 +94,59 @@ pub fn load_reference(dir: &Path, kind: Kind, device: Device, vocab_size: i64) -
     Ok(model)
 }
 
-/// The weight files of a checkpoint directory, in a stable order.
+/// The weight files of a checkpoint directory, in a stable order, in
+/// transformers' order of preference: safetensors (sharded, then single), then
+/// `torch.save` files (sharded, then single).
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let index = dir.join(INDEX);
-    if index.exists() {
-        let json = read_json(&index)?;
-        let map = json
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| Error::Config {
-                path: index.clone(),
-                reason: "missing object weight_map".into(),
-            })?;
-        let mut files = Vec::new();
-        let mut seen = HashSet::new();
-        for (name, file) in map {
-            let file = file.as_str().ok_or_else(|| Error::Config {
-                path: index.clone(),
-                reason: format!("weight_map.{name} must be a file name"),
-            })?;
-            if file.contains('/') || file.contains("..") {
-                return Err(Error::Config {
-                    path: index.clone(),
-                    reason: format!(
-                        "weight_map.{name}: {file:?} is not a file in the checkpoint directory"
-                    ),
-                });
-            }
-            if seen.insert(file.to_string()) {
-                files.push(dir.join(file));
-            }
+    for (index, single) in [(INDEX, SINGLE), (BIN_INDEX, BIN_SINGLE)] {
+        let index = dir.join(index);
+        if index.exists() {
+            return indexed_files(dir, &index);
         }
-        files.sort();
-        return Ok(files);
-    }
-    let single = dir.join(SINGLE);
-    if single.exists() {
-        return Ok(vec![single]);
+        let single = dir.join(single);
+        if single.exists() {
+            return Ok(vec![single]);
+        }
     }
     Err(Error::Config {
         path: dir.to_path_buf(),
-        reason: format!("no {SINGLE} or {INDEX} in this directory"),
+        reason: format!(
+            "no weights: expected {SINGLE}, {INDEX}, {BIN_SINGLE} or {BIN_INDEX} in this directory"
+        ),
     })
+}
+
+/// The files a `*.index.json` names, each once.
+fn indexed_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>> {
+    let json = read_json(index)?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| Error::Config {
+            path: index.to_path_buf(),
+            reason: "missing object weight_map".into(),
+        })?;
+    let mut files = Vec::new();
+    let mut seen = HashSet::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| Error::Config {
+            path: index.to_path_buf(),
+            reason: format!("weight_map.{name} must be a file name"),
+        })?;
+        if file.contains('/') || file.contains('\\') || file.contains("..") {
+            return Err(Error::Config {
+                path: index.to_path_buf(),
+                reason: format!(
+                    "weight_map.{name}: {file:?} is not a file in the checkpoint directory"
+                ),
+            });
+        }
+        if seen.insert(file.to_string()) {
+            files.push(dir.join(file));
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 fn kind_of(dtype: Dtype) -> Option<Kind> {
@@ -135,17 +177,18 @@ fn dtype_of(kind: Kind) -> Option<Dtype> {
 /// `lm_head.weight` excepted, as transformers does).
 pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
     // Each tensor is read by its own byte range: no file is held whole.
-    let index = TensorIndex::open(dir)?;
+    let index = TensorIndex::open_causal_lm(dir)?;
     // ZeRO stage 3: the decoder layers' parameters come as shares instead.
     let sharded: HashSet<String> = model.sharded_names().into_iter().collect();
     let model_type = model.config().architecture.name();
+    let tied = model.config().tie_word_embeddings;
     let params = model.var_store().variables();
     let mut names: Vec<&String> = index.entries.keys().collect();
     names.sort();
     for name in names {
         let ignorable = sharded.contains(name)
             || name.ends_with("rotary_emb.inv_freq")
-            || (name == "lm_head.weight" && model.config().tie_word_embeddings);
+            || (name == LM_HEAD && tied);
         if !ignorable && !params.contains_key(name) {
             return Err(Error::UnexpectedTensor {
                 path: index.entries[name].file.clone(),
@@ -157,9 +200,28 @@ pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
     let mut wanted: Vec<&String> = params.keys().filter(|n| !sharded.contains(*n)).collect();
     wanted.sort();
     let _guard = tch::no_grad_guard();
+    let mut initialised = Vec::new();
     for name in &wanted {
         let param = &params[*name];
         let Some(e) = index.entries.get(*name) else {
+            if name.as_str() == LM_HEAD {
+                // A base model (`LlamaModel`) has no head: a new one, initialised as
+                // transformers' `_init_weights` does, seeded so that every rank
+                // and the reference model start from the same head.
+                let std = model
+                    .config()
+                    .raw
+                    .get("initializer_range")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.02);
+                tch::manual_seed(NEW_HEAD_SEED);
+                let _initialised = param
+                    .shallow_clone()
+                    .f_normal_(0.0, std)
+                    .op("initialising lm_head")?;
+                initialised.push(LM_HEAD);
+                continue;
+            }
             return Err(Error::MissingTensor {
                 dir: dir.to_path_buf(),
                 name: (*name).clone(),
@@ -175,9 +237,22 @@ pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
         }
         index.read_into(name, param)?;
     }
+    if !initialised.is_empty() {
+        tracing::warn!(
+            dir = %dir.display(),
+            new = ?initialised,
+            "some weights were not in the checkpoint and are newly initialised (train them before use)"
+        );
+    }
     tracing::debug!(dir = %dir.display(), tensors = wanted.len(), "loaded checkpoint");
     Ok(())
 }
+
+/// The output projection of a causal LM.
+const LM_HEAD: &str = "lm_head.weight";
+
+/// The seed of a newly initialised head (the same on every rank and run).
+pub const NEW_HEAD_SEED: i64 = 0x5eed;
 
 /// A tensor's bytes, ready for serialisation.
 struct Bytes {
@@ -345,7 +420,8 @@ pub fn write_weight_files(
 
 /// Copies the tokenizer and generation files of checkpoint `src` into `dir`.
 pub fn copy_side_files(src: &Path, dir: &Path) -> Result<()> {
-    for name in SIDE_FILES {
+    let tokenizer_files = dpo_data::tokenizer::layout::FILES;
+    for name in SIDE_FILES.iter().chain(tokenizer_files) {
         let from = src.join(name);
         if from.exists() && src != dir {
             let bytes = std::fs::read(&from).map_err(io_err(&from))?;
@@ -424,64 +500,135 @@ struct IndexEntry {
     shape: Vec<i64>,
     /// Byte offset of the tensor's data in the file.
     start: u64,
+    /// A non-contiguous tensor of a `torch.save` file: its strides, and the
+    /// elements of its storage from its first one on.
+    strided: Option<(Vec<i64>, i64)>,
+}
+
+fn safetensors_entries(file: &Path) -> Result<Vec<(String, IndexEntry)>> {
+    use std::io::Read;
+    let bad = |reason: String| Error::Safetensors {
+        path: file.to_path_buf(),
+        reason,
+    };
+    let mut f = std::fs::File::open(file).map_err(io_err(file))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io_err(file))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return Err(bad(format!("header of {n} bytes")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io_err(file))?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let mut out = Vec::with_capacity(header.len());
+    for (name, info) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let kind = match info.get("dtype").and_then(Value::as_str) {
+            Some("F32") => Ok(Kind::Float),
+            Some("BF16") => Ok(Kind::BFloat16),
+            Some("F16") => Ok(Kind::Half),
+            Some("F64") => Ok(Kind::Double),
+            other => Err(format!("{other:?}")),
+        };
+        let shape: Option<Vec<i64>> = info
+            .get("shape")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_i64).collect());
+        let start = info
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_u64);
+        let (Some(shape), Some(start)) = (shape, start) else {
+            return Err(bad(format!("tensor {name}: no shape or data_offsets")));
+        };
+        out.push((
+            name,
+            IndexEntry {
+                file: file.to_path_buf(),
+                kind,
+                shape,
+                start: 8 + n + start,
+                strided: None,
+            },
+        ));
+    }
+    Ok(out)
+}
+
+fn torch_entries(file: &Path) -> Result<Vec<(String, IndexEntry)>> {
+    Ok(torch_pickle::read_index(file)?
+        .into_iter()
+        .map(|t| {
+            let kind = match t.kind {
+                Ok(k @ (Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double)) => Ok(k),
+                Ok(other) => Err(format!("{other:?}")),
+                Err(storage) => Err(storage),
+            };
+            let entry = IndexEntry {
+                file: file.to_path_buf(),
+                kind,
+                shape: t.shape,
+                start: t.start,
+                strided: t.strides.map(|s| (s, t.storage_len)),
+            };
+            (t.name, entry)
+        })
+        .collect())
 }
 
 impl TensorIndex {
-    /// Reads the headers of every weight file of `dir` (nothing else).
+    /// Reads the headers of every weight file of `dir` (nothing else): the
+    /// safetensors headers, or the pickled state dicts of `torch.save` files.
     pub fn open(dir: &Path) -> Result<Self> {
-        use std::io::Read;
         let mut entries = HashMap::new();
         for file in weight_files(dir)? {
-            let bad = |reason: String| Error::Safetensors {
-                path: file.clone(),
-                reason,
+            let found = if torch_pickle::is_torch_file(&file) {
+                torch_entries(&file)?
+            } else {
+                safetensors_entries(&file)?
             };
-            let mut f = std::fs::File::open(&file).map_err(io_err(&file))?;
-            let mut len = [0u8; 8];
-            f.read_exact(&mut len).map_err(io_err(&file))?;
-            let n = u64::from_le_bytes(len);
-            if n > 100 << 20 {
-                return Err(bad(format!("header of {n} bytes")));
-            }
-            let mut header = vec![0u8; n as usize];
-            f.read_exact(&mut header).map_err(io_err(&file))?;
-            let header: serde_json::Map<String, Value> =
-                serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-            for (name, info) in header {
-                if name == "__metadata__" {
-                    continue;
+            for (name, entry) in found {
+                if entries.insert(name.clone(), entry).is_some() {
+                    return Err(Error::Config {
+                        path: file.clone(),
+                        reason: format!("tensor {name} is stored twice in this checkpoint"),
+                    });
                 }
-                let kind = match info.get("dtype").and_then(Value::as_str) {
-                    Some("F32") => Ok(Kind::Float),
-                    Some("BF16") => Ok(Kind::BFloat16),
-                    Some("F16") => Ok(Kind::Half),
-                    Some("F64") => Ok(Kind::Double),
-                    other => Err(format!("{other:?}")),
-                };
-                let shape: Option<Vec<i64>> = info
-                    .get("shape")
-                    .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_i64).collect());
-                let start = info
-                    .get("data_offsets")
-                    .and_then(Value::as_array)
-                    .and_then(|a| a.first())
-                    .and_then(Value::as_u64);
-                let (Some(shape), Some(start)) = (shape, start) else {
-                    return Err(bad(format!("tensor {name}: no shape or data_offsets")));
-                };
-                entries.insert(
-                    name,
-                    IndexEntry {
-                        file: file.clone(),
-                        kind,
-                        shape,
-                        start: 8 + n + start,
-                    },
-                );
             }
         }
         Ok(TensorIndex { entries })
+    }
+
+    /// [`TensorIndex::open`] for a causal LM, with a base model's names
+    /// (`LlamaModel`, `Qwen2Model`: `embed_tokens.weight`, `layers.0.…`) read as the
+    /// `…ForCausalLM` names under `model.`, as transformers reads them.
+    pub fn open_causal_lm(dir: &Path) -> Result<Self> {
+        let mut index = Self::open(dir)?;
+        let base = !index.entries.keys().any(|n| n.starts_with("model."))
+            && index
+                .entries
+                .keys()
+                .any(|n| n.starts_with("layers.") || n.starts_with("embed_tokens."));
+        if base {
+            tracing::info!(dir = %dir.display(), "a base model checkpoint (no \"model.\" prefix)");
+            index.entries = std::mem::take(&mut index.entries)
+                .into_iter()
+                .map(|(name, e)| {
+                    let name = if name == LM_HEAD {
+                        name
+                    } else {
+                        format!("model.{name}")
+                    };
+                    (name, e)
+                })
+                .collect();
+        }
+        Ok(index)
     }
 
     /// Elements `from .. from + len` of tensor `name` (flattened), as `kind`.
@@ -503,14 +650,26 @@ impl TensorIndex {
             reason: format!("tensor {name}: unsupported dtype {dtype}"),
         })?;
         let size = stored.elt_size_in_bytes() as u64;
-        let mut f = std::fs::File::open(&e.file).map_err(io_err(&e.file))?;
-        f.seek(SeekFrom::Start(e.start + from as u64 * size))
-            .map_err(io_err(&e.file))?;
-        let mut bytes = vec![0u8; (len as u64 * size) as usize];
-        f.read_exact(&mut bytes).map_err(io_err(&e.file))?;
-        Tensor::f_from_data_size(&bytes, &[len], stored)
-            .and_then(|t| t.f_to_kind(kind))
-            .op("reading a tensor range")
+        let read = |first: i64, count: i64| -> Result<Tensor> {
+            let mut f = std::fs::File::open(&e.file).map_err(io_err(&e.file))?;
+            f.seek(SeekFrom::Start(e.start + first as u64 * size))
+                .map_err(io_err(&e.file))?;
+            let mut bytes = vec![0u8; (count as u64 * size) as usize];
+            f.read_exact(&mut bytes).map_err(io_err(&e.file))?;
+            Tensor::f_from_data_size(&bytes, &[count], stored).op("reading a tensor range")
+        };
+        let values = match &e.strided {
+            None => read(from, len)?,
+            // A strided view (a transposed tensor saved as such): its storage
+            // span, viewed with its strides, then the elements wanted.
+            Some((strides, storage_len)) => read(0, *storage_len)?
+                .f_as_strided(e.shape.as_slice(), strides.as_slice(), 0)
+                .and_then(|t| t.f_reshape([-1]))
+                .and_then(|t| t.f_narrow(0, from, len))
+                .and_then(|t| t.f_contiguous())
+                .op("reading a strided tensor")?,
+        };
+        values.f_to_kind(kind).op("reading a tensor range")
     }
 
     /// The shape of tensor `name`, if the checkpoint has it.

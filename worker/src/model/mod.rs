@@ -7,6 +7,7 @@ pub mod encoder;
 pub mod llama;
 pub mod peft;
 pub mod rope;
+pub mod torch_pickle;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use encoder::{Encoder, EncoderConfig, Head};

@@ -157,7 +157,7 @@ pub(super) fn load_examples(
     let vocab = policy.config().vocab_size;
     // Pre-tokenized data needs no tokenizer; a tokenizer that is there but
     // broken is an error all the same.
-    let tokenizer = if spec.model.path.join("tokenizer.json").exists() {
+    let tokenizer = if TextTokenizer::present(&spec.model.path) {
         Some(TextTokenizer::from_dir(&spec.model.path)?)
     } else {
         None

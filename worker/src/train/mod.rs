@@ -492,7 +492,7 @@ impl Trainer {
         if !self.policy.is_sharded() {
             return Ok(());
         }
-        let files = model_io::TensorIndex::open(&self.spec.model.path)?;
+        let files = model_io::TensorIndex::open_causal_lm(&self.spec.model.path)?;
         let (world, rank) = (self.collective.world_size(), self.collective.rank());
         self.policy.shard_base(&files, world, rank)
     }

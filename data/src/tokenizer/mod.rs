@@ -1,4 +1,5 @@
-//! The model's tokenizer (`tokenizer.json`) with the special-token rules of
+//! The model's tokenizer (`tokenizer.json`, or the vocabulary files of older
+//! exports: see [`layout`]) with the special-token rules of
 //! `tokenizer_config.json`, applied the way TRL builds preference sequences:
 //! prompt and response are tokenized separately without special tokens, the prompt
 //! gets BOS once when the tokenizer asks for it, every response gets EOS.
@@ -6,10 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde_json::Value;
-
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
+
+pub mod layout;
 
 /// A tokenizer plus the special tokens sequences are built with.
 #[derive(Debug, Clone)]
@@ -20,6 +21,7 @@ pub struct TextTokenizer {
     eos_id: Option<u32>,
     add_bos: bool,
     pad_id: Option<u32>,
+    model_max_length: Option<usize>,
     chat: Option<Arc<ChatTemplate>>,
 }
 
@@ -33,44 +35,19 @@ pub struct Encoded {
     pub truncated: bool,
 }
 
-/// `"<s>"` or `{"content": "<s>", ...}` as tokenizer configs spell special tokens.
-fn special_token(config: &Value, key: &str) -> Option<String> {
-    match config.get(key)? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
-        _ => None,
-    }
-}
-
 impl TextTokenizer {
-    /// Loads `dir/tokenizer.json` and, when present, `dir/tokenizer_config.json`.
+    /// Loads the tokenizer of model directory `dir` from whichever layout it has
+    /// (see [`layout`]), with the special-token rules of `tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("tokenizer.json");
-        if !path.exists() {
-            return Err(Error::File {
-                path,
-                reason: "not found (text datasets need the model's tokenizer.json)".into(),
-            });
-        }
-        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::File {
-            path: path.clone(),
-            reason: format!("cannot load tokenizer: {e}"),
-        })?;
-        let config_path = dir.join("tokenizer_config.json");
-        let config: Value = if config_path.exists() {
-            let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-                path: config_path.clone(),
-                source,
-            })?;
-            serde_json::from_str(&text).map_err(|e| Error::File {
-                path: config_path.clone(),
-                reason: format!("invalid JSON: {e}"),
-            })?
-        } else {
-            Value::Null
-        };
+        let settings = layout::Settings::read(dir)?;
+        let layout::Backend {
+            tokenizer: inner,
+            source: path,
+            ..
+        } = layout::backend(dir, &settings)?;
+        let config_path = settings.config_path.clone();
         let id_of = |key: &str| -> Result<Option<u32>> {
-            let Some(token) = special_token(&config, key) else {
+            let Some(token) = settings.special(key) else {
                 return Ok(None);
             };
             inner
@@ -89,22 +66,20 @@ impl TextTokenizer {
         let pad_id = id_of("pad_token")?;
         let chat = ChatTemplate::from_dir(
             dir,
-            &config,
-            special_token(&config, "bos_token").as_deref(),
-            special_token(&config, "eos_token").as_deref(),
+            &settings.config,
+            settings.special("bos_token").as_deref(),
+            settings.special("eos_token").as_deref(),
         )?
         .map(Arc::new);
-        let add_bos = match config.get("add_bos_token").and_then(Value::as_bool) {
-            Some(flag) => flag && bos_id.is_some(),
-            // No explicit flag (Llama 3 style): BOS is wanted when the tokenizer's own
-            // post-processor puts it in front of a sequence.
-            None => match bos_id {
-                Some(bos) => inner
-                    .encode("a", true)
-                    .map(|e| e.get_ids().first() == Some(&bos))
-                    .unwrap_or(false),
-                None => false,
-            },
+        // BOS is wanted when the tokenizer itself puts it in front of a sequence
+        // (its post-processor, which the config's add_bos_token built for the
+        // vocabulary layouts): transformers' `tokenizer(prompt)`, as TRL uses it.
+        let add_bos = match bos_id {
+            Some(bos) => inner
+                .encode("a", true)
+                .map(|e| e.get_ids().first() == Some(&bos))
+                .unwrap_or(false),
+            None => false,
         };
         tracing::debug!(path = %path.display(), ?bos_id, ?eos_id, add_bos, "loaded tokenizer");
         Ok(TextTokenizer {
@@ -114,8 +89,29 @@ impl TextTokenizer {
             eos_id,
             add_bos,
             pad_id,
+            model_max_length: settings.model_max_length(),
             chat,
         })
+    }
+
+    /// Whether `dir` holds a tokenizer of a layout this crate reads.
+    pub fn present(dir: &Path) -> bool {
+        layout::present(dir)
+    }
+
+    /// `model_max_length` of `tokenizer_config.json` (absent when it is the
+    /// "no limit" sentinel transformers writes).
+    pub fn model_max_length(&self) -> Option<usize> {
+        self.model_max_length
+    }
+
+    /// Token ids of `text` with the tokenizer's special tokens around it (as
+    /// transformers' `tokenizer(text)["input_ids"]`), no truncation.
+    pub fn encode_plain_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode(text, true)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| self.failed(e))
     }
 
     pub fn bos_id(&self) -> Option<u32> {
