@@ -35,6 +35,8 @@ Layouts (each a quirk of real checkpoints):
   sentencepiece         a SentencePiece tokenizer.model and no tokenizer.json (refused)
   add-eos-token         tokenizer_config.json with add_bos_token and add_eos_token
   chat-template-file    the chat template in chat_template.jinja (decoder)
+  added-tokens          tokens declared only in added_tokens_decoder (decoder: special
+                        ChatML markers over tokenizer.json; encoder: vocab-txt-added-tokens)
   tied                  tie_word_embeddings (the clean decoder is untied)
   tied-with-equal-lm-head  tied, with a copy of the embedding as lm_head.weight in the file
   tied-with-other-lm-head  tied in config.json, with a different lm_head.weight in the file
@@ -45,6 +47,7 @@ Nothing here shares code with the Rust implementation.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -67,6 +70,7 @@ SENTENCES = [
     "emoji 🙂🚀 and ☃ here",
     "  extra   spaces\tand\ttabs  at the ends  ",
     "unknownword zxqvbj Supercalifragilistic QWERTY",
+    "<|im_start|>user tags <ent>Ann</ent> and <ENT> here<|im_end|>",
 ]
 
 WORDS = [
@@ -180,6 +184,28 @@ def vocab_txt_from_wordpiece(dir_: str, lower: bool) -> None:
     write_json(os.path.join(dir_, "tokenizer_config.json"), cfg)
 
 
+def add_tokens(dir_: str, model, tokens: list[tuple[str, bool]]) -> None:
+    """Declares new tokens in tokenizer_config.json's added_tokens_decoder (with
+    the flags transformers writes) at the next free ids, and saves `model` with
+    its embedding grown to hold them."""
+    cfg = read_json(os.path.join(dir_, "tokenizer_config.json"))
+    size = len(transformers.AutoTokenizer.from_pretrained(dir_))
+    decoder = cfg.setdefault("added_tokens_decoder", {})
+    for i, (content, special) in enumerate(tokens):
+        decoder[str(size + i)] = {
+            "content": content, "lstrip": False, "normalized": not special, "rstrip": False,
+            "single_word": False, "special": special,
+        }
+    write_json(os.path.join(dir_, "tokenizer_config.json"), cfg)
+    grown = copy.deepcopy(model)
+    torch.manual_seed(0)
+    grown.resize_token_embeddings(size + len(tokens), mean_resizing=False)
+    for name in os.listdir(dir_):
+        if name.endswith(".safetensors") or name == "config.json":
+            os.remove(os.path.join(dir_, name))
+    grown.save_pretrained(dir_)
+
+
 def sentencepiece_layout(dir_: str) -> None:
     """A Llama-style repository of the SentencePiece era: tokenizer.model only."""
     import sentencepiece as spm
@@ -232,6 +258,12 @@ def decoder_layouts(root: str) -> dict[str, str | None]:
 
     sentencepiece_layout(copy_layout(clean, os.path.join(root, "sentencepiece")))
     layouts["sentencepiece"] = "a SentencePiece model without tokenizer.json"
+
+    # Tokens a fine-tune added in tokenizer_config.json's added_tokens_decoder only
+    # (ChatML markers), the embedding grown to hold them.
+    added = copy_layout(clean, os.path.join(root, "added-tokens"))
+    add_tokens(added, model, [("<|im_start|>", True), ("<|im_end|>", True), ("<ent>", False)])
+    layouts["added-tokens"] = None
 
     eos = copy_layout(clean, os.path.join(root, "add-eos-token"))
     cfg = read_json(os.path.join(eos, "tokenizer_config.json"))
@@ -299,6 +331,10 @@ def encoder_layouts(root: str) -> dict[str, str | None]:
     layouts["vocab-files"] = None
     vocab_txt_from_wordpiece(copy_layout(clean, os.path.join(root, "vocab-txt-uncased")), lower=True)
     layouts["vocab-txt-uncased"] = None
+
+    added = copy_layout(os.path.join(root, "vocab-files"), os.path.join(root, "vocab-txt-added-tokens"))
+    add_tokens(added, model, [("<ent>", False), ("</ent>", False), ("[ENT]", True)])
+    layouts["vocab-txt-added-tokens"] = None
 
     roberta = os.path.join(root, "roberta-vocab-files")
     tiny_encoder.main(["--out", roberta, "--family", "roberta", "--head", "token", "--seed", "4", *common])

@@ -323,7 +323,7 @@ fn logged_once(path: &Path) -> bool {
 
 /// Builds the backend of `dir` from the first layout present (see the module
 /// header), with `settings`' added and special tokens registered.
-pub(super) fn backend(dir: &Path, settings: &Settings) -> Result<Backend> {
+pub(super) fn backend(dir: &Path, settings: &mut Settings) -> Result<Backend> {
     let json = dir.join(TOKENIZER_JSON);
     let mut backend = if json.is_file() {
         from_tokenizer_json(&json)?
@@ -400,10 +400,11 @@ fn path_str(path: &Path) -> Result<&str> {
 }
 
 /// `BertTokenizer` from `vocab.txt`, as transformers constructs it.
-fn word_piece(dir: &Path, settings: &Settings) -> Result<Backend> {
+fn word_piece(dir: &Path, settings: &mut Settings) -> Result<Backend> {
     let vocab = dir.join(VOCAB_TXT);
     check_size(&vocab)?;
-    let family = settings.family.unwrap_or(Family::Bert);
+    // A vocab.txt that names no class is BERT's (its defaults apply).
+    let family = *settings.family.get_or_insert(Family::Bert);
     if family != Family::Bert {
         return Err(unsupported_class(dir, &vocab, settings));
     }
@@ -595,4 +596,107 @@ fn set_post_processor(backend: &mut Backend, settings: &Settings) -> Result<()> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TextTokenizer;
+
+    fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        dir
+    }
+
+    const VOCAB: &str = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\nworld\n##s\ncafe\nHello\n";
+
+    #[test]
+    fn a_bert_vocab_txt_lowercases_strips_accents_and_adds_cls_sep() {
+        let dir = dir_with(&[("vocab.txt", VOCAB)]);
+        let tok = TextTokenizer::from_dir(dir.path()).expect("loads");
+        // do_lower_case defaults to true and strips accents with it.
+        assert_eq!(tok.encode("Hello worlds Café").expect("ids"), [5, 6, 7, 8]);
+        assert_eq!(
+            tok.encode_plain_with_special_tokens("hello").expect("ids"),
+            [2, 5, 3]
+        );
+        assert_eq!(tok.pad_id(), Some(0));
+        let cased = dir_with(&[
+            ("vocab.txt", VOCAB),
+            ("tokenizer_config.json", r#"{"do_lower_case": false}"#),
+        ]);
+        let tok = TextTokenizer::from_dir(cased.path()).expect("loads");
+        assert_eq!(tok.encode("Hello zzz").expect("ids"), [9, 1]);
+    }
+
+    #[test]
+    fn special_tokens_fall_back_to_special_tokens_map() {
+        let dir = dir_with(&[
+            ("vocab.txt", VOCAB),
+            (
+                "tokenizer_config.json",
+                r#"{"tokenizer_class": "BertTokenizer"}"#,
+            ),
+            (
+                "special_tokens_map.json",
+                r#"{"pad_token": {"content": "[MASK]"}}"#,
+            ),
+        ]);
+        let tok = TextTokenizer::from_dir(dir.path()).expect("loads");
+        assert_eq!(tok.pad_id(), Some(4));
+    }
+
+    #[test]
+    fn a_sentencepiece_model_alone_is_refused_with_the_command() {
+        let dir = dir_with(&[("tokenizer.model", "not read")]);
+        assert!(!present(dir.path()));
+        let err = TextTokenizer::from_dir(dir.path())
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("tokenizer.model"), "{err}");
+        assert!(err.contains("AutoTokenizer.from_pretrained("), "{err}");
+        let none = dir_with(&[]);
+        let err = TextTokenizer::from_dir(none.path())
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("no tokenizer"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_class_with_vocabulary_files_is_refused_by_name() {
+        let dir = dir_with(&[
+            ("vocab.json", r#"{"a": 0}"#),
+            ("merges.txt", "#version: 0.2\n"),
+            (
+                "tokenizer_config.json",
+                r#"{"tokenizer_class": "Qwen2Tokenizer"}"#,
+            ),
+        ]);
+        let err = TextTokenizer::from_dir(dir.path())
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("Qwen2Tokenizer"), "{err}");
+    }
+
+    #[test]
+    fn model_max_length_ignores_transformers_no_limit_sentinel() {
+        let dir = dir_with(&[
+            ("vocab.txt", VOCAB),
+            (
+                "tokenizer_config.json",
+                r#"{"model_max_length": 1000000000000000019884624838656}"#,
+            ),
+        ]);
+        let tok = TextTokenizer::from_dir(dir.path()).expect("loads");
+        assert_eq!(tok.model_max_length(), None);
+        let dir = dir_with(&[
+            ("vocab.txt", VOCAB),
+            ("tokenizer_config.json", r#"{"model_max_length": 512}"#),
+        ]);
+        let tok = TextTokenizer::from_dir(dir.path()).expect("loads");
+        assert_eq!(tok.model_max_length(), Some(512));
+    }
 }

@@ -39,12 +39,12 @@ impl TextTokenizer {
     /// Loads the tokenizer of model directory `dir` from whichever layout it has
     /// (see [`layout`]), with the special-token rules of `tokenizer_config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let settings = layout::Settings::read(dir)?;
+        let mut settings = layout::Settings::read(dir)?;
         let layout::Backend {
             tokenizer: inner,
             source: path,
             ..
-        } = layout::backend(dir, &settings)?;
+        } = layout::backend(dir, &mut settings)?;
         let config_path = settings.config_path.clone();
         let id_of = |key: &str| -> Result<Option<u32>> {
             let Some(token) = settings.special(key) else {
@@ -103,6 +103,22 @@ impl TextTokenizer {
     /// "no limit" sentinel transformers writes).
     pub fn model_max_length(&self) -> Option<usize> {
         self.model_max_length
+    }
+
+    /// Warns when sequences of `max_length` tokens (the spec's `data.max_length`)
+    /// may exceed the `model_max_length` the tokenizer declares, as transformers
+    /// warns about a longer input; training goes on (the model's own position
+    /// limit is checked where it matters).
+    pub fn warn_if_longer_than_model(&self, max_length: usize) {
+        if let Some(limit) = self.model_max_length.filter(|&m| max_length > m) {
+            tracing::warn!(
+                tokenizer = %self.path.display(),
+                data.max_length = max_length,
+                model_max_length = limit,
+                "data.max_length is larger than the tokenizer's model_max_length: sequences \
+                 longer than the model was trained on may be indexed wrongly"
+            );
+        }
     }
 
     /// Token ids of `text` with the tokenizer's special tokens around it (as

@@ -190,6 +190,7 @@ impl ClassifierTrainer {
     ) -> Result<Self> {
         check_model(&spec)?;
         let tokenizer = TextTokenizer::from_dir(&spec.model.path)?;
+        tokenizer.warn_if_longer_than_model(spec.data.max_length);
         let max_positions = data::max_positions(&spec.model.path)?;
         let data = data::load(&spec, &tokenizer, max_positions)?;
         let global = spec.train.global_batch_size;

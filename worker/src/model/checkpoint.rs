@@ -204,7 +204,7 @@ pub fn load_weights(model: &CausalLm, dir: &Path) -> Result<()> {
     for name in &wanted {
         let param = &params[*name];
         let Some(e) = index.entries.get(*name) else {
-            if name.as_str() == LM_HEAD {
+            if name.as_str() == LM_HEAD && index.base_model {
                 // A base model (`LlamaModel`) has no head: a new one, initialised as
                 // transformers' `_init_weights` does, seeded so that every rank
                 // and the reference model start from the same head.
@@ -490,6 +490,10 @@ pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
 #[derive(Debug)]
 pub struct TensorIndex {
     entries: HashMap<String, IndexEntry>,
+    /// A causal LM's base model saved alone (its names read under `model.`):
+    /// it has no head, and gets a new one. A `…ForCausalLM` checkpoint without
+    /// its head is an error instead (most likely a wrong `tie_word_embeddings`).
+    base_model: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -601,7 +605,10 @@ impl TensorIndex {
                 }
             }
         }
-        Ok(TensorIndex { entries })
+        Ok(TensorIndex {
+            entries,
+            base_model: false,
+        })
     }
 
     /// [`TensorIndex::open`] for a causal LM, with a base model's names
@@ -614,6 +621,7 @@ impl TensorIndex {
                 .entries
                 .keys()
                 .any(|n| n.starts_with("layers.") || n.starts_with("embed_tokens."));
+        index.base_model = base;
         if base {
             tracing::info!(dir = %dir.display(), "a base model checkpoint (no \"model.\" prefix)");
             index.entries = std::mem::take(&mut index.entries)

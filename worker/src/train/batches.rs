@@ -169,6 +169,9 @@ pub(super) fn load_examples(
         .filter_map(|&id| u32::try_from(id).ok())
         .collect();
     stop.extend(tokenizer.as_ref().and_then(TextTokenizer::eos_id));
+    if let Some(t) = &tokenizer {
+        t.warn_if_longer_than_model(spec.data.max_length);
+    }
     let sampling_model = reference_model.unwrap_or(policy);
     let mut rng = dpo_data::rng::SplitMix64::new(spec.data.seed ^ 0x706F_6C69_6379);
     let max_length = spec.data.max_length;
