@@ -28,6 +28,7 @@ Layouts (each a quirk of real checkpoints):
   pytorch-bin           pytorch_model.bin (torch.save's zip format)
   pytorch-bin-sharded   pytorch_model-0000N-of-0000M.bin + pytorch_model.bin.index.json
   pytorch-bin-legacy    the pre-1.6 torch.save format (refused)
+  pytorch-bin-hostile   a torch.save file whose pickle calls os.system (refused, nothing runs)
   base-model            LlamaModel / BertModel saved alone: no task prefix, no head
   vocab-files           no tokenizer.json: GPT-2's vocab.json + merges.txt (decoder),
                         BERT's vocab.txt (encoder, cased), RoBERTa's (roberta-vocab-files)
@@ -225,6 +226,16 @@ def sentencepiece_layout(dir_: str) -> None:
     write_json(os.path.join(dir_, "tokenizer_config.json"), cfg)
 
 
+class Payload:
+    """Unpickles as a call to os.system (writes a marker file)."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
 def decoder_layouts(root: str) -> dict[str, str | None]:
     """Layout name -> the refusal our loader must give (None: loaded and checked)."""
     clean = os.path.join(root, "clean")
@@ -247,6 +258,15 @@ def decoder_layouts(root: str) -> dict[str, str | None]:
     layouts["pytorch-bin-sharded"] = None
     to_torch_bin(copy_layout(clean, os.path.join(root, "pytorch-bin-legacy")), legacy=True)
     layouts["pytorch-bin-legacy"] = "legacy (PyTorch < 1.6) torch.save format"
+
+    # A weights file that runs code when unpickled (what weights_only=True and our
+    # loader exist for): it must be refused, and nothing may run.
+    hostile = copy_layout(clean, os.path.join(root, "pytorch-bin-hostile"))
+    to_torch_bin(hostile)
+    state = torch.load(os.path.join(hostile, "pytorch_model.bin"), weights_only=True)
+    state["model.norm.weight"] = Payload(os.path.join(hostile, "PWNED"))
+    torch.save(state, os.path.join(hostile, "pytorch_model.bin"))
+    layouts["pytorch-bin-hostile"] = "refusing to unpickle posix.system"
 
     base = os.path.join(root, "base-model")
     shutil.copytree(clean, base, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
