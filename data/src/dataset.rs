@@ -111,7 +111,11 @@ fn load_from(
     let need_tokenizer = || {
         tokenizer.ok_or_else(|| Error::Invalid {
             context: path.display().to_string(),
-            reason: "text data needs the model's tokenizer (tokenizer.json, vocab.txt, or vocab.json + merges.txt)".into(),
+            reason: "text data needs the model's tokenizer: tokenizer.json, vocab.txt, or \
+                     vocab.json + merges.txt (a SentencePiece tokenizer.model alone must be \
+                     converted once: python -c \"from transformers import AutoTokenizer; \
+                     AutoTokenizer.from_pretrained('DIR').save_pretrained('DIR')\")"
+                .into(),
         })
     };
     let mut examples: Vec<Example> = match format {

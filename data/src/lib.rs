@@ -5,6 +5,7 @@
 
 pub mod atomic;
 pub mod batches;
+pub mod bounded_json;
 pub mod chat;
 pub mod dataset;
 mod error;
@@ -12,6 +13,7 @@ pub mod examples;
 pub mod lines;
 pub mod metrics_log;
 pub mod pairs;
+pub mod parquet_check;
 pub mod records;
 pub mod refcache;
 pub mod rng;

@@ -27,7 +27,7 @@ use arrow_array::types::{
 };
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{ArrowError, DataType};
-use dpo_proto::FileFormat;
+use dpo_proto::{DataLimits, FileFormat};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
@@ -42,6 +42,8 @@ pub struct Layout {
     pub format: FileFormat,
     /// Record key → the file's column name.
     pub columns: BTreeMap<String, String>,
+    /// What reading may cost (`data.limits`).
+    pub limits: DataLimits,
 }
 
 impl Layout {
@@ -49,6 +51,7 @@ impl Layout {
         Layout {
             format: spec.file_format,
             columns: spec.columns.clone(),
+            limits: spec.limits.clone(),
         }
     }
 
@@ -283,6 +286,10 @@ pub struct Rows {
     offset: usize,
     current: Option<(PathBuf, Reader)>,
     done: bool,
+    /// Records returned, and bytes the columnar files decode to: the dataset's
+    /// budgets (`data.limits`).
+    records: u64,
+    decoded: u64,
 }
 
 /// Opens `path` (a file, glob or folder) for reading records.
@@ -301,6 +308,8 @@ pub fn open(path: &Path, layout: &Layout, keys: &[&str]) -> Result<Rows> {
         offset: 0,
         current: None,
         done: false,
+        records: 0,
+        decoded: 0,
     })
 }
 
@@ -317,8 +326,12 @@ impl Rows {
             }
             if self.current.is_none() {
                 let (path, format) = self.files.next()?;
-                match Reader::open(&path, format, &self.layout, &self.keys) {
-                    Ok(r) => self.current = Some((path, r)),
+                let budget = (self.records, self.decoded);
+                match Reader::open(&path, format, &self.layout, &self.keys, budget) {
+                    Ok((r, decoded)) => {
+                        self.decoded = decoded;
+                        self.current = Some((path, r));
+                    }
                     Err(e) => {
                         self.done = true;
                         return Some(Err(e));
@@ -328,6 +341,21 @@ impl Rows {
             let (path, reader) = self.current.as_mut()?;
             match reader.next(path, &self.layout) {
                 Some(Ok((at, value))) => {
+                    self.records += 1;
+                    if self.records > self.layout.limits.max_rows {
+                        self.done = true;
+                        return Some(Err(relabel(
+                            at_err(
+                                path,
+                                at,
+                                format!(
+                                    "more than data.limits.max_rows = {} records",
+                                    self.layout.limits.max_rows
+                                ),
+                            ),
+                            self.offset,
+                        )));
+                    }
                     return Some(Ok(Row {
                         at: self.offset + at,
                         value,
@@ -426,12 +454,23 @@ fn rename(mut o: Map<String, Value>, layout: &Layout) -> Map<String, Value> {
 }
 
 impl Reader {
-    fn open(path: &Path, format: FileFormat, layout: &Layout, keys: &[String]) -> Result<Reader> {
+    /// Opens one file of a dataset that has read `budget` = (records, decoded
+    /// bytes) so far; returns the reader and the decoded bytes with this file's.
+    fn open(
+        path: &Path,
+        format: FileFormat,
+        layout: &Layout,
+        keys: &[String],
+        budget: (u64, u64),
+    ) -> Result<(Reader, u64)> {
         // Not a device, a FIFO or a folder: reading one would block or never end.
         if !std::fs::metadata(path).map_err(io_err(path))?.is_file() {
             return Err(file_err(path, "not a regular file"));
         }
-        match format {
+        if format == FileFormat::Parquet {
+            return parquet_reader(path, layout, keys, budget);
+        }
+        let reader = match format {
             FileFormat::Auto | FileFormat::Jsonl | FileFormat::Conll => Ok(Reader::Lines {
                 lines: lines::open(path)?,
                 n: 0,
@@ -454,7 +493,7 @@ impl Reader {
                         n: 0,
                     }),
                     b'[' => Ok(Reader::Array {
-                        rx: json_array(path)?,
+                        rx: json_array(path, layout.limits.max_value_bytes)?,
                         n: 0,
                     }),
                     b => Err(file_err(
@@ -466,9 +505,10 @@ impl Reader {
                     )),
                 }
             }
-            FileFormat::Parquet => parquet_reader(path, layout, keys),
+            FileFormat::Parquet => unreachable!("opened above"),
             FileFormat::Arrow => arrow_reader(path, layout, keys),
-        }
+        };
+        Ok((reader?, budget.1))
     }
 
     /// How many positions the file used (lines or rows), once read through.
@@ -501,8 +541,7 @@ impl Reader {
                 if text.trim().is_empty() {
                     continue;
                 }
-                let value = serde_json::from_str::<Value>(&text)
-                    .map_err(|e| format!("invalid JSON: {e}"))
+                let value = crate::bounded_json::parse(&text, layout.limits.max_value_bytes)
                     .and_then(object)
                     .map(|o| rename(o, layout));
                 return Some(Ok((*n, value)));
@@ -549,9 +588,15 @@ impl Reader {
 }
 
 /// Parses a JSON array element by element on a thread; the channel yields each
-/// element, or why the array could not be read on.
-fn json_array(path: &Path) -> Result<Receiver<std::result::Result<Value, String>>> {
-    struct Each(SyncSender<std::result::Result<Value, String>>);
+/// element, or why the array could not be read on. An element may span and
+/// decode to `limit` bytes at most (see [`crate::bounded_json`]).
+fn json_array(path: &Path, limit: u64) -> Result<Receiver<std::result::Result<Value, String>>> {
+    use crate::bounded_json::{Bounded, Budget, Meter, Metered};
+    struct Each {
+        tx: SyncSender<std::result::Result<Value, String>>,
+        meter: Meter,
+        limit: u64,
+    }
     impl<'de> serde::de::Visitor<'de> for Each {
         type Value = ();
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
@@ -561,8 +606,12 @@ fn json_array(path: &Path) -> Result<Receiver<std::result::Result<Value, String>
             self,
             mut seq: A,
         ) -> std::result::Result<(), A::Error> {
-            while let Some(v) = seq.next_element::<Value>()? {
-                if self.0.send(Ok(v)).is_err() {
+            loop {
+                self.meter.reset();
+                let Some(v) = seq.next_element_seed(Bounded(Budget::new(self.limit)))? else {
+                    break;
+                };
+                if self.tx.send(Ok(v)).is_err() {
                     break; // nobody reads on
                 }
             }
@@ -575,12 +624,16 @@ fn json_array(path: &Path) -> Result<Receiver<std::result::Result<Value, String>
         .name("json-array".into())
         .spawn(move || {
             use serde::Deserializer as _;
-            let mut de = serde_json::Deserializer::from_reader(BufReader::new(file));
-            let result = (&mut de)
-                .deserialize_seq(Each(tx.clone()))
-                .and_then(|()| de.end());
+            let (reader, meter) = Metered::new(BufReader::new(file), limit);
+            let mut de = serde_json::Deserializer::from_reader(reader);
+            let each = Each {
+                tx: tx.clone(),
+                meter,
+                limit,
+            };
+            let result = (&mut de).deserialize_seq(each).and_then(|()| de.end());
             if let Err(e) = result {
-                let _ = tx.send(Err(format!("invalid JSON: {e}")));
+                let _ = tx.send(Err(crate::bounded_json::message(&e)));
             }
         })
         .map_err(io_err(path))?;
@@ -648,10 +701,19 @@ fn wanted(names: &[String], layout: &Layout, keys: &[String]) -> Vec<usize> {
         .collect()
 }
 
-fn parquet_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reader> {
+fn parquet_reader(
+    path: &Path,
+    layout: &Layout,
+    keys: &[String],
+    budget: (u64, u64),
+) -> Result<(Reader, u64)> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
-    let file = File::open(path).map_err(io_err(path))?;
+    let mut file = File::open(path).map_err(io_err(path))?;
+    // The parquet crate trusts the file: check it first (see parquet_check).
+    let roots: Vec<String> = keys.iter().map(|k| layout.source(k).to_string()).collect();
+    let checked =
+        crate::parquet_check::check(path, &mut file, &layout.limits, &roots, budget.0, budget.1)?;
     let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
         .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
     let names: Vec<String> = metadata
@@ -663,7 +725,7 @@ fn parquet_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reade
     let classes = features_of(metadata.schema().metadata(), path);
     let mask = ProjectionMask::roots(metadata.parquet_schema(), wanted(&names, layout, keys));
     let groups = metadata.metadata().num_row_groups();
-    Ok(Reader::Columns {
+    let reader = Reader::Columns {
         batches: Box::new(RowGroups {
             file,
             metadata,
@@ -676,7 +738,8 @@ fn parquet_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reade
         classes,
         row: 0,
         n: 0,
-    })
+    };
+    Ok((reader, checked.decoded))
 }
 
 /// A Parquet file's batches, one row group after another: a row group that
@@ -891,7 +954,7 @@ pub fn relocate(e: Error, dataset: &Path, layout: &Layout) -> Error {
     };
     let mut before = 0usize;
     for (file, format) in files {
-        let Ok(mut reader) = Reader::open(&file, format, layout, &[]) else {
+        let Ok((mut reader, _)) = Reader::open(&file, format, layout, &[], (0, 0)) else {
             break;
         };
         while let Some(Ok(_)) = reader.next(&file, layout) {}
@@ -949,6 +1012,7 @@ mod tests {
                 .into_iter()
                 .map(|(a, b)| (a.to_string(), b.to_string()))
                 .collect(),
+            ..Layout::default()
         };
         let from_lines = rows(&lines, &layout);
         assert_eq!(from_lines[1].0, 3, "lines are numbered as in the file");

@@ -195,6 +195,38 @@ pub struct DataSpec {
     /// Skip (and count) malformed lines instead of refusing the file.
     #[serde(default)]
     pub skip_bad_lines: bool,
+    /// What reading a dataset may cost at most (`[data.limits]`).
+    #[serde(default)]
+    pub limits: DataLimits,
+}
+
+/// Bounds on reading a dataset, so that a hostile or broken file is refused
+/// (naming the file, the row and the key that raises the bound) instead of
+/// exhausting the memory or the stack of the process that reads it. Each
+/// dataset (train, eval, negatives) has its own budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataLimits {
+    /// Records (lines, rows) of one dataset.
+    pub max_rows: u64,
+    /// Bytes one value may decode to: a JSON line or array element (counted
+    /// as its decoded size), a Parquet page.
+    pub max_value_bytes: u64,
+    /// Bytes a dataset's columnar files may decode to in all.
+    pub max_decoded_bytes: u64,
+    /// Levels of nesting in a columnar file's schema.
+    pub max_nesting: usize,
+}
+
+impl Default for DataLimits {
+    fn default() -> Self {
+        DataLimits {
+            max_rows: 5_000_000,
+            max_value_bytes: 64 << 20,
+            max_decoded_bytes: 16 << 30,
+            max_nesting: 32,
+        }
+    }
 }
 
 impl DataSpec {
@@ -786,6 +818,25 @@ impl RunSpec {
                 || format!("column {from:?} is renamed twice"),
             )?;
         }
+        let l = &d.limits;
+        check(l.max_rows > 0, "data.limits.max_rows", || {
+            "must be at least 1".into()
+        })?;
+        check(
+            l.max_value_bytes >= 1024,
+            "data.limits.max_value_bytes",
+            || "must be at least 1024".into(),
+        )?;
+        check(
+            l.max_decoded_bytes >= l.max_value_bytes,
+            "data.limits.max_decoded_bytes",
+            || "must be at least data.limits.max_value_bytes".into(),
+        )?;
+        check(
+            (1..=1024).contains(&l.max_nesting),
+            "data.limits.max_nesting",
+            || "must be between 1 and 1024".into(),
+        )?;
         check(d.max_length >= 2, "data.max_length", || {
             format!("must be >= 2, found {}", d.max_length)
         })?;
@@ -1251,6 +1302,38 @@ train = "train.jsonl"
                 format!("{MINIMAL}[train]\nreport_to = [\"wandb\"]\n"),
                 "train.report_to: \"wandb\": only \"tensorboard\"",
             ),
+        ];
+        each_refused(&cases);
+    }
+
+    #[test]
+    fn data_limits_are_read_and_checked_by_key() {
+        let spec = load(&format!(
+            "{MINIMAL}[data.limits]\nmax_rows = 100\nmax_value_bytes = 4096\n"
+        ))
+        .expect("valid");
+        assert_eq!(spec.data.limits.max_rows, 100);
+        assert_eq!(spec.data.limits.max_value_bytes, 4096);
+        assert_eq!(
+            spec.data.limits.max_nesting,
+            DataLimits::default().max_nesting
+        );
+        let with = |extra: &str| format!("{MINIMAL}[data.limits]\n{extra}\n");
+        let cases = [
+            (
+                with("max_rows = 0"),
+                "data.limits.max_rows: must be at least 1",
+            ),
+            (
+                with("max_value_bytes = 10"),
+                "data.limits.max_value_bytes: must be at least 1024",
+            ),
+            (
+                with("max_value_bytes = 4096\nmax_decoded_bytes = 2048"),
+                "data.limits.max_decoded_bytes",
+            ),
+            (with("max_nesting = 0"), "data.limits.max_nesting"),
+            (with("max_depth = 3"), "max_depth"),
         ];
         each_refused(&cases);
     }
