@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use dpo_e2e::{Case, coordinator, free_port};
+use dpo_e2e::{Case, bin, coordinator, free_port};
 use dpo_proto::client::{BearerToken, channel};
 use dpo_proto::v1::{self, run_service_client::RunServiceClient};
 
@@ -326,6 +326,20 @@ fn paths_a_client_names_are_confined_to_the_allowed_directories() {
             .collect();
         assert_eq!(dirs, [std::ffi::OsString::from(&first.id)]);
     });
+    // `dpoctl list | head -0`: stdout closed before dpoctl writes; it exits
+    // quietly instead of panicking on the broken pipe.
+    let mut child = std::process::Command::new(bin("dpoctl"))
+        .args(["--coordinator", &format!("http://127.0.0.1:{port}"), "list"])
+        .env_remove("DPO_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dpoctl");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("dpoctl ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// A tmpfs mounted for a test, unmounted when dropped.

@@ -15,6 +15,21 @@ use serde_json::{Value, json};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+/// `println!` that ends the process quietly when stdout is closed (`dpoctl list |
+/// head`), where `println!` would panic on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("dpoctl: writing to stdout: {e}");
+            std::process::exit(1);
+        }
+    }};
+}
+
 type Client = RunServiceClient<InterceptedService<Channel, BearerToken>>;
 
 #[derive(Parser, Debug)]
@@ -355,7 +370,7 @@ async fn watch(c: &mut Client, run: &str, json_out: bool) -> anyhow::Result<v1::
                 Some(v1::run_event::Event::Rollback(b)) => o["rollback"] = rollback_json(b),
                 _ => {}
             }
-            println!("{o}");
+            out!("{o}");
         } else {
             if run.state != last_state {
                 bar.println(format!(
@@ -416,10 +431,10 @@ fn print_summary(run: &v1::Run, seconds: Option<f64>, json_out: bool) {
         if let Some(s) = seconds {
             o["seconds"] = json!(s);
         }
-        println!("{o}");
+        out!("{o}");
         return;
     }
-    println!(
+    out!(
         "run {} ({}): {} — {}/{} steps, generation {}, {} workers",
         run.name,
         run.id,
@@ -430,13 +445,14 @@ fn print_summary(run: &v1::Run, seconds: Option<f64>, json_out: bool) {
         run.world_size
     );
     if run.reference_total > 0 {
-        println!(
+        out!(
             "  reference stage: {}/{} examples' reference log-probs cached",
-            run.reference_cached, run.reference_total
+            run.reference_cached,
+            run.reference_total
         );
     }
     if !run.error.is_empty() {
-        println!("  error: {}", run.error);
+        out!("  error: {}", run.error);
     }
     let pick = |m: &[v1::Metric], names: &[&str]| -> String {
         names
@@ -455,7 +471,7 @@ fn print_summary(run: &v1::Run, seconds: Option<f64>, json_out: bool) {
         ],
     );
     if !train.is_empty() {
-        println!("  last step: {train}");
+        out!("  last step: {train}");
     }
     let eval = pick(
         &run.last_eval,
@@ -466,15 +482,16 @@ fn print_summary(run: &v1::Run, seconds: Option<f64>, json_out: bool) {
         ],
     );
     if !eval.is_empty() {
-        println!("  eval: {eval}");
+        out!("  eval: {eval}");
     }
     if let Some(s) = seconds {
-        println!("  time: {s:.1} s");
+        out!("  time: {s:.1} s");
     }
     if run.state == RunState::Succeeded as i32 {
-        println!(
+        out!(
             "  model: {}/final   metrics: {}/metrics.jsonl",
-            run.output, run.output
+            run.output,
+            run.output
         );
     }
 }
@@ -722,11 +739,13 @@ async fn main() -> anyhow::Result<()> {
                 run.state == RunState::Succeeded as i32
             } else {
                 if json_out {
-                    println!("{}", run_json(&run));
+                    out!("{}", run_json(&run));
                 } else {
-                    println!(
+                    out!(
                         "submitted {} ({}): {} steps",
-                        run.name, run.id, run.total_steps
+                        run.name,
+                        run.id,
+                        run.total_steps
                     );
                 }
                 true
@@ -758,15 +777,19 @@ async fn main() -> anyhow::Result<()> {
                 .runs;
             if json_out {
                 for r in &runs {
-                    println!("{}", run_json(r));
+                    out!("{}", run_json(r));
                 }
             } else {
-                println!(
+                out!(
                     "{:<36}  {:<20}  {:<12}  {:<10}  {:>11}",
-                    "ID", "NAME", "OWNER", "STATE", "STEP"
+                    "ID",
+                    "NAME",
+                    "OWNER",
+                    "STATE",
+                    "STEP"
                 );
                 for r in &runs {
-                    println!(
+                    out!(
                         "{:<36}  {:<20}  {:<12}  {:<10}  {:>5}/{:<5}",
                         r.id,
                         r.name,
@@ -805,14 +828,14 @@ async fn main() -> anyhow::Result<()> {
                 .workers;
             for w in &workers {
                 if json_out {
-                    println!(
+                    out!(
                         "{}",
                         json!({"id": w.id, "hostname": w.hostname, "collective_addr": w.collective_addr, "device": w.device,
                                "run": w.run_id, "generation": w.generation, "rank": w.rank,
                                "last_seen_ms": w.last_seen_ms})
                     );
                 } else {
-                    println!(
+                    out!(
                         "{:<36}  {:<24}  {:<21}  {:<6}  run {:<8} gen {:<4} rank {:<3} seen {} ms ago",
                         w.id,
                         w.hostname,

@@ -305,7 +305,7 @@ impl Coordinator {
                 out.display()
             )));
         }
-        self.read(|e| e.check_output_free(&spec))?;
+        self.read(|e| e.check_output_free(&spec, owner))?;
         let shard_dir = self.settings.run_dir(&id);
         let spec2 = spec.clone();
         let dir2 = shard_dir.clone();

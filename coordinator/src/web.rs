@@ -275,6 +275,12 @@ async fn answer(c: &Coordinator, tokens: &Tokens, r: &Request) -> Response {
                 .unwrap_or(default)
         };
         let (after, eval_after) = (number("after", 0), number("eval_after", -1));
+        if after < 0 || eval_after < -1 {
+            return Response::error(
+                "400 Bad Request",
+                "after must be a step (0 or more), eval_after a step or -1",
+            );
+        }
         let out = std::path::PathBuf::from(&run.output);
         let read = tokio::task::spawn_blocking(move || {
             let (train, more_train) = lines_after(&out.join("metrics.jsonl"), after);
@@ -305,14 +311,15 @@ impl LineIndex {
     /// restarted coordinator trims lines it never recorded).
     fn update(&mut self, path: &Path) -> std::io::Result<()> {
         use std::io::{BufRead, Seek, SeekFrom};
-        let len = std::fs::metadata(path)?.len();
+        let file = open_own(path)?;
+        let len = file.metadata()?.len();
         if len < self.len {
             *self = LineIndex::default();
         }
         if len == self.len {
             return Ok(());
         }
-        let mut f = std::io::BufReader::new(std::fs::File::open(path)?);
+        let mut f = std::io::BufReader::new(file);
         f.seek(SeekFrom::Start(self.len))?;
         let mut line = Vec::new();
         loop {
@@ -326,6 +333,28 @@ impl LineIndex {
             self.len += n as u64;
         }
     }
+}
+
+/// Opens a run's own metrics file: a regular file, reached through no symbolic
+/// link (its output folder, or the file, swapped for a link after the submit
+/// would otherwise serve another owner's file).
+fn open_own(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let refused = |why: &str| std::io::Error::other(format!("{}: {why}", path.display()));
+    let parent = path.parent().ok_or_else(|| refused("no folder"))?;
+    if std::fs::canonicalize(parent)? != parent {
+        return Err(refused(
+            "the run's output is reached through a symbolic link",
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(refused("not a regular file"));
+    }
+    Ok(file)
 }
 
 /// The lines of a metrics file whose step is after `after` (at most
@@ -349,7 +378,7 @@ fn lines_after(path: &Path, after: i64) -> (Vec<Value>, bool) {
     };
     let take = wanted.len().min(MAX_LINES);
     let mut out = Vec::with_capacity(take);
-    let Ok(mut f) = std::fs::File::open(path).map(std::io::BufReader::new) else {
+    let Ok(mut f) = open_own(path).map(std::io::BufReader::new) else {
         return (Vec::new(), false);
     };
     if f.seek(SeekFrom::Start(offset)).is_err() {
@@ -430,6 +459,26 @@ mod tests {
         assert!(!p.contains("/*UPLOT_JS*/") && !p.contains("/*UPLOT_CSS*/"));
         assert!(p.contains("uPlot"));
         assert!(!p.contains("<script src"), "nothing fetched from elsewhere");
+    }
+
+    #[test]
+    fn a_metrics_file_or_output_swapped_for_a_link_is_not_served() -> std::io::Result<()> {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir()?;
+        let secret = dir.path().join("secret.jsonl");
+        std::fs::write(&secret, "{\"step\":1,\"secret\":true}\n")?;
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out)?;
+        symlink(&secret, out.join("metrics.jsonl"))?;
+        assert!(lines_after(&out.join("metrics.jsonl"), 0).0.is_empty());
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real)?;
+        std::fs::copy(&secret, real.join("metrics.jsonl"))?;
+        let linked = dir.path().join("linked");
+        symlink(&real, &linked)?;
+        assert!(lines_after(&linked.join("metrics.jsonl"), 0).0.is_empty());
+        assert_eq!(lines_after(&real.join("metrics.jsonl"), 0).0.len(), 1);
+        Ok(())
     }
 
     #[test]

@@ -362,18 +362,32 @@ impl Engine {
         Ok(())
     }
 
-    /// Refuses a second active run writing to the same output directory.
-    pub fn check_output_free(&self, spec: &RunSpec) -> Result<()> {
+    /// Refuses an output directory that is, or lies inside or above, the
+    /// output of an active run, or of any run of another owner (whose files
+    /// the new run could overwrite or, through its run page, read). A refusal
+    /// names the other run only to its own owner.
+    pub fn check_output_free(&self, spec: &RunSpec, owner: &str) -> Result<()> {
         let out = &spec.train.output;
-        match self
-            .runs
-            .values()
-            .find(|r| !r.state.terminal() && r.spec.train.output == *out)
-        {
-            Some(r) => Err(Refusal::Invalid(format!(
-                "train.output: run {} ({}) already writes to {}",
+        let clash = self.runs.values().find(|r| {
+            let theirs = &r.spec.train.output;
+            let overlaps = out.starts_with(theirs) || theirs.starts_with(out);
+            overlaps && (!r.state.terminal() || r.owner != owner)
+        });
+        match clash {
+            Some(r) if r.owner == owner => Err(Refusal::Invalid(format!(
+                "train.output: run {} ({}) already writes to {}{}",
                 r.id,
                 r.name,
+                r.spec.train.output.display(),
+                if r.spec.train.output == *out {
+                    String::new()
+                } else {
+                    format!(", which {} overlaps", out.display())
+                }
+            ))),
+            Some(_) => Err(Refusal::Invalid(format!(
+                "train.output: {} is, or lies inside or above, another run's output; choose \
+                 another directory",
                 out.display()
             ))),
             None => Ok(()),
@@ -382,7 +396,7 @@ impl Engine {
 
     /// Queues a prepared run, then forms its generation if workers are ready.
     pub fn add_run(&mut self, record: RunRecord, data: RunData, now: Now) -> Result<v1::Run> {
-        self.check_output_free(&record.spec)?;
+        self.check_output_free(&record.spec, &record.owner)?;
         let id = record.id.clone();
         let run = record.to_proto();
         self.runs.insert(id.clone(), record);

@@ -640,6 +640,30 @@ fn a_second_active_run_cannot_take_the_same_output() {
     );
     assert!(e.run("run-b").is_err());
     assert!(e.take_effects().is_empty());
+    // Inside or above it is refused too; another owner is not told whose it is.
+    let spec_of = |name: &str| self::spec(name, 1, 1, 10);
+    for (out, owner) in [
+        ("/out/a/inner", "alice"),
+        ("/out", "bob"),
+        ("/out/a/x", "bob"),
+    ] {
+        let mut s = spec_of("c");
+        s.train.output = out.into();
+        let err = e
+            .check_output_free(&s, owner)
+            .expect_err("overlaps")
+            .to_string();
+        if owner == "alice" {
+            assert!(err.contains("run-a"), "{err}");
+        } else {
+            assert!(!err.contains("run-a") && !err.contains("(a)"), "{err}");
+            assert!(err.contains("another run's output"), "{err}");
+        }
+    }
+    let mut s = spec_of("c");
+    s.train.output = "/out/ab".into();
+    e.check_output_free(&s, "bob")
+        .expect("a sibling with a longer name is free");
 }
 
 #[test]
