@@ -76,6 +76,19 @@ impl Engine {
         if req.worker_id.is_empty() || req.worker_id.len() > 128 {
             return Err(Refusal::Invalid("worker_id: 1 to 128 characters".into()));
         }
+        // What a worker says of itself is shown on pages and kept in records:
+        // bounded, like everything else it reports.
+        for (field, value, max) in [
+            ("hostname", &req.hostname, 255),
+            ("device", &req.device, 64),
+        ] {
+            if value.len() > max {
+                return Err(Refusal::Invalid(format!(
+                    "{field}: {} bytes; at most {max}",
+                    value.len()
+                )));
+            }
+        }
         if req.collective_addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(Refusal::Invalid(format!(
                 "collective_addr: {:?} is not host:port (an IP address)",

@@ -57,7 +57,36 @@ fn check_metrics(metrics: &[(String, f64)]) -> Result<()> {
             "metric {k} is {v}: metrics must be finite"
         )));
     }
+    if let Some((k, v)) = metrics.iter().find(|(_, v)| v.abs() > MAX_METRIC) {
+        return Err(Refusal::Invalid(format!(
+            "metric {k} is {v}: metrics lie within ±{MAX_METRIC:e}"
+        )));
+    }
     Ok(())
+}
+
+/// The largest magnitude a metric may have (peak bytes of the largest GPUs are
+/// about 1.5e11, token counts of long runs 1e13).
+const MAX_METRIC: f64 = 1e15;
+
+/// Most ranks a generation can have.
+const MAX_WORLD_SIZE: u32 = 1 << 16;
+
+/// `metrics` with `generation` and `world_size` as the engine checked them,
+/// not as the report wrote them.
+fn with_checked(
+    mut metrics: Vec<(String, f64)>,
+    generation: u64,
+    world: u32,
+) -> Vec<(String, f64)> {
+    for (k, v) in metrics.iter_mut() {
+        match k.as_str() {
+            "generation" => *v = generation as f64,
+            "world_size" => *v = f64::from(world),
+            _ => {}
+        }
+    }
+    metrics
 }
 
 fn metric(m: &[(String, f64)], name: &str) -> Option<f64> {
@@ -143,12 +172,18 @@ impl Engine {
         if report.trained_generation == 0
             || report.trained_generation > member.generation
             || report.trained_world_size == 0
+            || report.trained_world_size > MAX_WORLD_SIZE
         {
             return Err(Refusal::Invalid(format!(
                 "step {step}: trained in generation {} by {} ranks, reported in generation {}",
                 report.trained_generation, report.trained_world_size, member.generation
             )));
         }
+        let metrics = with_checked(
+            report.metrics,
+            report.trained_generation,
+            report.trained_world_size,
+        );
         let (epoch, start) = self.data.get(id).map_or((0, 0), |d| d.position(step - 1));
         let entry = LedgerEntry {
             step,
@@ -160,16 +195,16 @@ impl Engine {
         self.effects.push(Effect::AppendMetrics {
             run: id.to_string(),
             path: output.join("metrics.jsonl"),
-            metrics: report.metrics.clone(),
+            metrics: metrics.clone(),
             // This step and any after it in older files are orphans.
             events: events.map(|d| (d, step)),
         });
         let event = v1::run_event::Event::Step(v1::StepMetrics {
             step,
-            metrics: to_proto_metrics(&report.metrics),
+            metrics: to_proto_metrics(&metrics),
         });
         r.step = step;
-        r.last_metrics = report.metrics;
+        r.last_metrics = metrics;
         // One transaction: the record (fixed size) and this step's ledger entry.
         self.effects.push(Effect::Store {
             run: Some(id.to_string()),

@@ -579,6 +579,58 @@ fn an_earlier_versions_ledger_tail_moves_to_its_own_keys() {
 }
 
 #[test]
+fn a_registration_with_an_unbounded_hostname_or_device_is_refused() {
+    let ok = v1::RegisterRequest {
+        worker_id: "w".into(),
+        collective_addr: "127.0.0.1:9000".into(),
+        hostname: "h".repeat(255),
+        device: "cuda:0".into(),
+        ..Default::default()
+    };
+    Engine::check_registration(&ok).expect("within bounds");
+    for (host, device) in [
+        ("h".repeat(256), "cpu".to_string()),
+        ("h".into(), "d".repeat(65)),
+    ] {
+        let req = v1::RegisterRequest {
+            hostname: host,
+            device,
+            ..ok.clone()
+        };
+        assert!(matches!(
+            Engine::check_registration(&req),
+            Err(Refusal::Invalid(_))
+        ));
+    }
+}
+
+#[test]
+fn a_step_records_the_generation_and_world_size_the_engine_checked() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 10, t0);
+    join(&mut e, "w1", t0);
+    let me = member("w1", 1, 0);
+    let mut r = step_report(1);
+    r.trained_world_size = 1;
+    r.metrics.push(("generation".into(), 1e12));
+    r.metrics.push(("world_size".into(), -5.0));
+    e.report_step(&me, r).expect("recorded");
+    let written = e
+        .take_effects()
+        .into_iter()
+        .find_map(|eff| match eff {
+            Effect::AppendMetrics { metrics, .. } => Some(metrics),
+            _ => None,
+        })
+        .expect("a metrics line");
+    let get = |k: &str| written.iter().find(|(n, _)| n == k).map(|(_, v)| *v);
+    assert_eq!(
+        (get("generation"), get("world_size")),
+        (Some(1.0), Some(1.0))
+    );
+}
+
+#[test]
 fn bad_reports_are_refused_and_never_recorded() {
     let t0 = Now::system();
     let mut e = engine_with_run(1, 1, 10, t0);
@@ -595,6 +647,12 @@ fn bad_reports_are_refused_and_never_recorded() {
     let mut long_name = step_report(1);
     long_name.metrics.push(("x".repeat(65), 0.0));
     assert!(invalid(e.report_step(&me, long_name)));
+    let mut huge = step_report(1);
+    huge.metrics.push(("loss".into(), 1e308));
+    assert!(invalid(e.report_step(&me, huge)), "finite but not physical");
+    let mut crowd = step_report(1);
+    crowd.trained_world_size = u32::MAX;
+    assert!(invalid(e.report_step(&me, crowd)));
     let mut past = step_report(11);
     past.metrics[0].1 = 11.0;
     assert!(
