@@ -472,3 +472,87 @@ fn a_full_disk_fails_the_run_and_a_restart_finds_it_failed() {
     );
     assert!(data.join("store.reserve").is_file(), "the reserve is back");
 }
+
+/// `GET path` on an HTTP port: the status code and body, or `None` when the
+/// port did not answer within `wait`.
+fn http_get(port: u16, path: &str, wait: Duration) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(wait)).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+#[test]
+fn the_http_port_outlives_descriptor_exhaustion_and_metrics_name_no_run() {
+    let case = Case::new(24);
+    let port = free_port().expect("port");
+    let http = free_port().expect("port");
+    let listen = format!("127.0.0.1:{http}");
+    let data = case.path().join("coord");
+    let c = coordinator(
+        port,
+        &data,
+        &case.logs,
+        "coordinator",
+        &["--metrics-listen", &listen],
+        None,
+    )
+    .expect("coordinator");
+    // A waiting run (no workers): /metrics counts it, but does not name it.
+    let spec = case.write_spec("secret-project-name", "");
+    let out = dpo_e2e::dpoctl(port, &["submit", spec.to_str().expect("utf-8")]).expect("dpoctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (code, body) = http_get(http, "/metrics", Duration::from_secs(10)).expect("answers");
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("dpo_runs{state=\"RUN_STATE_WAITING\"} 1"),
+        "{body}"
+    );
+    assert!(!body.contains("secret-project-name"), "{body}");
+
+    // 64 descriptors for the whole process, and 200 connections held open.
+    let pid = c.child.id().to_string();
+    let limited = std::process::Command::new("prlimit")
+        .args(["--pid", &pid, "--nofile=64:64"])
+        .status()
+        .expect("prlimit");
+    assert!(limited.success());
+    let held: Vec<_> = (0..200)
+        .filter_map(|_| std::net::TcpStream::connect(("127.0.0.1", http)).ok())
+        .collect();
+    assert!(held.len() >= 100, "{} connections", held.len());
+    std::thread::sleep(Duration::from_secs(2));
+    drop(held);
+    // The port answers again once they are gone (the gRPC side throughout).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let answered = loop {
+        if let Some((200, body)) = http_get(http, "/metrics", Duration::from_secs(5)) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the HTTP port never answered again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(answered.contains("dpo_workers"), "{answered}");
+    let listed = dpo_e2e::dpoctl(port, &["list"]).expect("dpoctl");
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let log = std::fs::read_to_string(case.logs.join("coordinator.log")).unwrap_or_default();
+    assert!(
+        log.contains("accepting a connection failed") || log.contains("Too many open files"),
+        "descriptors ran out, as intended"
+    );
+}

@@ -587,8 +587,9 @@ pub async fn set_ready(reporter: &HealthReporter) {
     reporter.set_serving::<WorkerServiceServer<Api>>().await;
 }
 
-/// The Prometheus text of `/metrics` (served by [`crate::web`]).
-pub(crate) async fn prometheus_text(c: &Coordinator) -> String {
+/// The Prometheus text of `/metrics` (served by [`crate::web`]): run names
+/// only with `run_labels` (the endpoint needs no token).
+pub(crate) async fn prometheus_text(c: &Coordinator, run_labels: bool) -> String {
     let (counters, runs, workers, generation) = c.counters().await;
     let mut s = String::new();
     let mut metric = |name: &str, help: &str, kind: &str, lines: Vec<(String, f64)>| {
@@ -645,19 +646,35 @@ pub(crate) async fn prometheus_text(c: &Coordinator) -> String {
         "counter",
         vec![(String::new(), counters.workers_lost as f64)],
     );
-    metric(
-        "dpo_run_step",
-        "Steps completed by each run.",
-        "gauge",
-        runs.iter()
-            .map(|(name, state, step)| {
-                let state = state.to_proto().as_str_name();
-                (
-                    format!("{{run=\"{name}\",state=\"{state}\"}}"),
-                    *step as f64,
-                )
-            })
-            .collect(),
-    );
+    if run_labels {
+        metric(
+            "dpo_run_step",
+            "Steps completed by each run.",
+            "gauge",
+            runs.iter()
+                .map(|(name, state, step)| {
+                    let state = state.to_proto().as_str_name();
+                    (
+                        format!("{{run=\"{name}\",state=\"{state}\"}}"),
+                        *step as f64,
+                    )
+                })
+                .collect(),
+        );
+    } else {
+        let mut by_state: std::collections::BTreeMap<&str, u64> = Default::default();
+        for (_, state, _) in &runs {
+            *by_state.entry(state.to_proto().as_str_name()).or_default() += 1;
+        }
+        metric(
+            "dpo_runs",
+            "Runs by state (names with --metrics-run-labels).",
+            "gauge",
+            by_state
+                .into_iter()
+                .map(|(state, n)| (format!("{{state=\"{state}\"}}"), n as f64))
+                .collect(),
+        );
+    }
     s
 }

@@ -148,21 +148,41 @@ pub async fn serve_http(
     coordinator: Arc<Coordinator>,
     tokens: Arc<Tokens>,
     addr: SocketAddr,
+    options: HttpOptions,
 ) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving the run page at / and Prometheus metrics at /metrics");
+    // At most MAX_CONNECTIONS at once: the rest wait in the listen backlog
+    // rather than taking the descriptors the gRPC side and the store need.
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = ACCEPT_BACKOFF;
     loop {
-        let (mut socket, _) = listener.accept().await?;
+        let permit = permits.clone().acquire_owned().await?;
+        let mut socket = match listener.accept().await {
+            Ok((socket, _)) => {
+                backoff = ACCEPT_BACKOFF;
+                socket
+            }
+            // Out of descriptors (EMFILE), or a connection reset before it was
+            // taken: the port stays open; wait a little and take the next.
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "HTTP endpoint: accepting a connection failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
         let c = coordinator.clone();
         let tokens = tokens.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let head =
                 match tokio::time::timeout(Duration::from_secs(10), read_head(&mut socket)).await {
                     Ok(Some(h)) => h,
                     _ => return,
                 };
             let r = match parse(&head) {
-                Some(r) => answer(&c, &tokens, &r).await,
+                Some(r) => answer(&c, &tokens, &r, options).await,
                 None => Response::error("400 Bad Request", "not an HTTP request"),
             };
             let response = format!(
@@ -215,7 +235,20 @@ fn who(tokens: &Tokens, r: &Request) -> Result<Identity, Response> {
     }
 }
 
-async fn answer(c: &Coordinator, tokens: &Tokens, r: &Request) -> Response {
+/// What the HTTP port serves beyond its defaults.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HttpOptions {
+    /// `/metrics` (which needs no token) labels each run's step with its name
+    /// and state (`--metrics-run-labels`); otherwise it counts runs by state.
+    pub run_labels: bool,
+}
+
+/// Connections the HTTP port serves at once.
+const MAX_CONNECTIONS: usize = 128;
+/// The first wait after a failed accept (doubling up to a second).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+async fn answer(c: &Coordinator, tokens: &Tokens, r: &Request, options: HttpOptions) -> Response {
     if r.method != "GET" {
         return Response::error("405 Method Not Allowed", "only GET");
     }
@@ -223,7 +256,7 @@ async fn answer(c: &Coordinator, tokens: &Tokens, r: &Request) -> Response {
         return Response {
             status: "200 OK",
             kind: "text/plain; version=0.0.4",
-            body: crate::service::prometheus_text(c).await,
+            body: crate::service::prometheus_text(c, options.run_labels).await,
         };
     }
     if r.path == "/" {

@@ -65,6 +65,10 @@ struct Cli {
     /// and Prometheus metrics at http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    /// Label /metrics' per-run step gauge with each run's name and state.
+    /// /metrics needs no token, so by default it only counts runs by state.
+    #[arg(long)]
+    metrics_run_labels: bool,
     /// File holding the bearer token (instead of DPO_TOKEN): one admin identity.
     #[arg(long, conflicts_with = "tokens")]
     token_file: Option<PathBuf>,
@@ -328,8 +332,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(m) = cli.metrics_listen {
         let c = coordinator.clone();
         let t = tokens.clone();
+        let options = dpo_coordinator::web::HttpOptions {
+            run_labels: cli.metrics_run_labels,
+        };
         tokio::spawn(async move {
-            if let Err(e) = dpo_coordinator::web::serve_http(c, t, m).await {
+            if let Err(e) = dpo_coordinator::web::serve_http(c, t, m, options).await {
                 tracing::error!(error = %e, "HTTP endpoint (run page, /metrics)");
             }
         });
