@@ -196,6 +196,79 @@ fn a_worker_asked_to_stop_leaves_after_its_step_and_the_world_goes_on() {
 }
 
 #[test]
+fn a_coordinator_stopped_with_sigterm_exits_at_once_and_loses_nothing() {
+    let case = Case::new(48);
+    let steps = 60;
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1");
+    let (spec, out_dir) =
+        case.reference_and_spec("sigterm", &extra, "min_workers = 2\nmax_workers = 2");
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let mut c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coord");
+    let _w0 = worker(port, "w0", &case.logs).expect("w0");
+    let _w1 = worker(port, "w1", &case.logs).expect("w1");
+    case.submit_and_wait(port, &spec, &out_dir, 10);
+    // A client watching the run holds a stream open through the stop.
+    let _watch = Proc::spawn(
+        "watch",
+        std::process::Command::new(bin("dpoctl"))
+            .args(["--coordinator", &format!("http://127.0.0.1:{port}")])
+            .args(["watch", "sigterm"]),
+        &case.logs,
+    )
+    .expect("dpoctl watch");
+    std::thread::sleep(Duration::from_millis(500));
+    let took = c
+        .terminate(Duration::from_secs(20))
+        .expect("the coordinator exits after SIGTERM");
+    let at_stop = steps_done(&out_dir);
+    eprintln!("SIGTERM to exit: {took:?}, at step {at_stop}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert!(
+        at_stop < steps as usize,
+        "the stop came before the end ({at_stop})"
+    );
+    let _c2 = coordinator(port, &data, &case.logs, "coordinator-2", &[], None).expect("restart");
+    case.watch_succeeds(port, "sigterm");
+    every_step_once(&out_dir, steps);
+    // The workers kept their state: the weights are those of one process.
+    case.assert_same_weights(&out_dir, "a coordinator stopped with SIGTERM");
+}
+
+#[test]
+fn a_worker_asked_to_stop_while_its_coordinator_is_gone_exits_within_its_bound() {
+    let case = Case::new(48);
+    let extra = "max_steps = 400\nmicro_batch_size = 1";
+    let (spec, out_dir) = case.reference_and_spec("stranded", extra, "min_workers = 1");
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let mut c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coord");
+    let mut w = worker_with(port, "w0", &case.logs, &["--leave-timeout-s", "2"]).expect("w0");
+    case.submit_and_wait(port, &spec, &out_dir, 3);
+    c.kill(); // the coordinator is gone: no hand-off can come
+    let took = w
+        .terminate(Duration::from_secs(20))
+        .expect("the worker exits after SIGTERM");
+    eprintln!("SIGTERM to exit without a coordinator: {took:?}");
+    assert!(took < Duration::from_secs(6), "{took:?}");
+    // With a long bound, the first signal waits for a hand-off that cannot
+    // come; a second one stops it at once.
+    let mut c2 = coordinator(port, &data, &case.logs, "coordinator-2", &[], None).expect("again");
+    let mut w = worker_with(port, "w1", &case.logs, &["--leave-timeout-s", "600"]).expect("w1");
+    wait_for(Duration::from_secs(60), || Ok(steps_done(&out_dir) >= 6)).expect("trains on");
+    c2.kill();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &w.child.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!w.exited(), "the first signal waits for the hand-off");
+    let took = w
+        .terminate(Duration::from_secs(10))
+        .expect("a second SIGTERM stops it");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[test]
 fn a_restarted_coordinator_carries_on() {
     let case = Case::new(48);
     let steps = 60;

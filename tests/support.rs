@@ -143,6 +143,27 @@ impl Proc {
     pub fn exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))
     }
+
+    /// Sends SIGTERM and waits up to `limit` for the process to exit; the time
+    /// it took, or `None` (it is then killed).
+    pub fn terminate(&mut self, limit: Duration) -> Option<Duration> {
+        let start = std::time::Instant::now();
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !sent {
+            return None;
+        }
+        while start.elapsed() < limit {
+            if self.exited() {
+                return Some(start.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        None
+    }
 }
 
 impl Drop for Proc {

@@ -369,6 +369,12 @@ impl Coordinator {
         self.run(|e, now| e.cancel(what, owner, now)).await
     }
 
+    /// Ends every watch stream (the coordinator is stopping): each watcher's
+    /// stream closes cleanly instead of holding the shutdown open.
+    pub fn end_watches(&self) {
+        lock(&self.outside.watchers).clear();
+    }
+
     /// The run's current state, then its events.
     pub async fn watch(
         &self,

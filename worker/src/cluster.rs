@@ -54,6 +54,9 @@ pub struct JoinOptions {
     /// Fault injection for tests: under ZeRO, break this step between the
     /// update and the parameter gather, once (as a lost connection would).
     pub tear_at_step: Option<u64>,
+    /// How long a worker asked to stop may take to leave before it stops at
+    /// once (the coordinator may be unreachable, so the hand-off never comes).
+    pub leave_timeout: std::time::Duration,
 }
 
 /// What the gRPC side tells the training thread.
@@ -981,7 +984,11 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
     let shared = Arc::new(Shared::default());
     let (tx, rx) = mpsc::channel::<Command>();
     tracing::info!(worker = %opts.worker_id, collective = %addr, coordinator = %opts.coordinator, "worker starting");
-    rt.spawn(leave_on_signal(shared.clone(), tx.clone()));
+    rt.spawn(leave_on_signal(
+        shared.clone(),
+        tx.clone(),
+        opts.leave_timeout,
+    ));
     let nccl = match crate::collective::nccl::unavailable(opts.device) {
         None => true,
         Some(why) => {
@@ -1045,8 +1052,13 @@ pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
 }
 
 /// Waits for SIGTERM (what Kubernetes sends) or SIGINT, then asks the worker
-/// to leave after the step in hand.
-async fn leave_on_signal(shared: Arc<Shared>, tx: mpsc::Sender<Command>) {
+/// to leave after the step in hand; a second signal, or `timeout` without
+/// having left, stops the process at once (exit 143, as a SIGTERM would).
+async fn leave_on_signal(
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+    timeout: std::time::Duration,
+) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {
@@ -1058,9 +1070,21 @@ async fn leave_on_signal(shared: Arc<Shared>, tx: mpsc::Sender<Command>) {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
-    tracing::info!("asked to stop: leaving after the current step");
+    tracing::info!(
+        timeout_s = timeout.as_secs(),
+        "asked to stop: leaving after the current step (a second signal stops at once)"
+    );
     shared.leaving.store(true, Ordering::SeqCst);
     let _ = tx.send(Command::Leave);
+    tokio::select! {
+        _ = term.recv() => tracing::warn!("asked to stop again: stopping now"),
+        _ = tokio::signal::ctrl_c() => tracing::warn!("asked to stop again: stopping now"),
+        _ = tokio::time::sleep(timeout) => tracing::warn!(
+            timeout_s = timeout.as_secs(),
+            "could not leave in time (is the coordinator unreachable?): stopping now"
+        ),
+    }
+    std::process::exit(143);
 }
 
 /// Registers, keeps the lease, and forwards assignments; reconnects whenever the

@@ -128,9 +128,12 @@ impl Error {
         let reason = status.message().to_string();
         match status.code() {
             tonic::Code::FailedPrecondition => Error::Superseded { what, reason },
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded => {
-                Error::Unreachable { what, reason }
-            }
+            // Cancelled: the coordinator stopped (SIGTERM) with the request in
+            // flight; the restarted one answers it again.
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled => Error::Unreachable { what, reason },
             _ => Error::Refused { what, reason },
         }
     }
@@ -163,6 +166,7 @@ mod tests {
         let of = |code| Error::from_status("fetch batch", &status(code)).disposition();
         assert_eq!(of(tonic::Code::Unavailable), Disposition::Retry);
         assert_eq!(of(tonic::Code::DeadlineExceeded), Disposition::Retry);
+        assert_eq!(of(tonic::Code::Cancelled), Disposition::Retry);
         assert_eq!(
             of(tonic::Code::FailedPrecondition),
             Disposition::NextGeneration

@@ -341,18 +341,43 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    // SIGTERM (what Kubernetes sends) or SIGINT: stop serving, then make sure
-    // every decision taken so far has reached the store before exiting.
+    // SIGTERM (what Kubernetes sends) or SIGINT: stop taking requests, end the
+    // watch streams, give requests in flight SHUTDOWN_GRACE to finish (workers
+    // whose requests are cut retry them against the restarted coordinator and
+    // keep their state), then make sure every decision taken so far has reached
+    // the store, and exit.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
+    let c = coordinator.clone();
     let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        tracing::info!("shutting down");
+        tracing::info!(
+            grace_ms = SHUTDOWN_GRACE.as_millis() as u64,
+            "shutting down"
+        );
+        c.end_watches();
+        let _ = stopping_tx.send(());
     };
-    dpo_coordinator::service::serve(coordinator.clone(), listener, tokens, tls, shutdown).await?;
+    let serve =
+        dpo_coordinator::service::serve(coordinator.clone(), listener, tokens, tls, shutdown);
+    tokio::pin!(serve);
+    tokio::select! {
+        served = &mut serve => served?,
+        _ = async {
+            if stopping.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => tracing::warn!("requests still open after the grace period: cutting them"),
+    }
     coordinator.flush().await;
     tracing::info!("state persisted; exiting");
     Ok(())
 }
+
+/// How long a stopping coordinator waits for requests in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);

@@ -43,6 +43,10 @@ struct Cli {
     /// Set by --gpus/--devices for each rank it starts.
     #[arg(long, hide = true, default_value_t = 0)]
     local_rank: u32,
+    /// Seconds a worker asked to stop (SIGTERM, SIGINT) may take to finish its
+    /// step and leave; then, or at a second signal, it stops at once (exit 143).
+    #[arg(long, default_value_t = 60)]
+    leave_timeout_s: u64,
     /// Fault injection for tests: exit (86) after reporting this many chunks of
     /// a reference stage.
     #[arg(long, hide = true)]
@@ -207,6 +211,7 @@ fn main() -> anyhow::Result<()> {
             tls: dpo_proto::client::ClientTls::from_env().map_err(anyhow::Error::msg)?,
             halt_after_reference_chunks: cli.halt_after_reference_chunks,
             tear_at_step: cli.tear_at_step,
+            leave_timeout: std::time::Duration::from_secs(cli.leave_timeout_s),
         });
     };
     match command {
@@ -310,6 +315,7 @@ fn run_ranks(cli: &Cli, coordinator: String, devices: Vec<String>) -> anyhow::Re
     if let Some(ip) = cli.advertise {
         common.extend(["--advertise".into(), ip.to_string()]);
     }
+    common.extend(["--leave-timeout-s".into(), cli.leave_timeout_s.to_string()]);
     if let Some(n) = cli.halt_after_reference_chunks {
         common.extend(["--halt-after-reference-chunks".into(), n.to_string()]);
     }
