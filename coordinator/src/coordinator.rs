@@ -133,7 +133,9 @@ impl Coordinator {
             let data = load_shards(&record, &cache_root).map_err(|e| e.to_string());
             if data.is_ok() {
                 let metrics = record.spec.train.output.join("metrics.jsonl");
-                if let Err(e) = dpo_data::metrics_log::keep_through(&metrics, record.step) {
+                let trimmed = unmoved(&record.spec.train.output)
+                    .and_then(|()| dpo_data::metrics_log::keep_through(&metrics, record.step));
+                if let Err(e) = trimmed {
                     tracing::warn!(path = %metrics.display(), error = %e, "could not trim metrics.jsonl");
                 }
                 let output = &record.spec.train.output;
@@ -142,11 +144,14 @@ impl Coordinator {
                     .train
                     .tensorboard()
                     .then(|| dpo_data::tensorboard::run_dir(output, &record.spec.name));
-                if let Err(e) = dpo_data::metrics_log::settle_evaluations(
-                    output,
-                    record.eval_step,
-                    events.as_deref(),
-                ) {
+                let settled = unmoved(output).and_then(|()| {
+                    dpo_data::metrics_log::settle_evaluations(
+                        output,
+                        record.eval_step,
+                        events.as_deref(),
+                    )
+                });
+                if let Err(e) = settled {
                     tracing::warn!(output = %output.display(), error = %e, "could not settle eval.jsonl");
                 }
                 tracing::info!(run = %record.id, step = record.step, "resuming run from the store");
@@ -837,6 +842,7 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
             tokio::task::spawn_blocking(move || {
                 append_metrics(&path, &metrics).map_err(|e| format!("{shown}: {e}"))?;
                 if let Some((dir, first_step)) = events {
+                    unmoved(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
                     dpo_data::tensorboard::append(&dir, first_step, &metrics)
                         .map_err(|e| format!("{}: {e}", dir.display()))?;
                 }
@@ -898,13 +904,47 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
     }
 }
 
-/// Appends one line to a metrics file (created when missing).
+/// Appends one line to a metrics file (created when missing): a regular file
+/// (never through a symbolic link) in the folder the submit resolved.
 fn append_metrics(path: &Path, metrics: &[(String, f64)]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        unmoved(dir)?;
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
         .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     dpo_data::metrics_log::append(&mut f, metrics)
+}
+
+/// Checks that `dir` (or, while it does not exist yet, its nearest existing
+/// folder) is still the path the submit resolved: no part of it was replaced by
+/// a symbolic link since, which would lead the coordinator's writes out of the
+/// allowed directories.
+pub(crate) fn unmoved(dir: &Path) -> std::io::Result<()> {
+    let mut at = dir;
+    loop {
+        match std::fs::canonicalize(at) {
+            Ok(real) if real == at => return Ok(()),
+            Ok(real) => {
+                return Err(std::io::Error::other(format!(
+                    "{} now leads to {}: a part of the run's output was replaced by a symbolic link after it was submitted",
+                    at.display(),
+                    real.display()
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
+                Some(up) => at = up,
+                None => return Err(e),
+            },
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Writes every ledger entry under `prefix` to `path`, one JSON line each in
@@ -939,6 +979,9 @@ async fn write_ledger(
     for line in trailer {
         text.push_str(line);
         text.push('\n');
+    }
+    if let Some(dir) = path.parent() {
+        unmoved(dir)?;
     }
     dpo_data::atomic::write(path, text.as_bytes())?;
     Ok(())
@@ -1090,6 +1133,45 @@ mod tests {
         std::fs::create_dir_all(root.join("step-9"))?;
         assert!(!checkpoint_in(&root, &root.join("step-9")));
         assert!(!checkpoint_in(&root, &root.join("step-404")));
+        Ok(())
+    }
+
+    #[test]
+    fn metrics_are_never_written_through_a_link_swapped_in_after_submit() -> std::io::Result<()> {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().canonicalize()?;
+        let m = [("step".to_string(), 1.0)];
+        let out = root.join("out");
+        std::fs::create_dir(&out)?;
+        append_metrics(&out.join("metrics.jsonl"), &m)?;
+        assert_eq!(
+            std::fs::read_to_string(out.join("metrics.jsonl"))?
+                .lines()
+                .count(),
+            1
+        );
+        // The output folder replaced by a link to a folder outside.
+        let outside = root.join("outside");
+        std::fs::create_dir(&outside)?;
+        let swapped = root.join("swapped");
+        symlink(&outside, &swapped)?;
+        let err = append_metrics(&swapped.join("metrics.jsonl"), &m).expect_err("refused");
+        assert!(
+            err.to_string().contains("replaced by a symbolic link"),
+            "{err}"
+        );
+        assert!(!outside.join("metrics.jsonl").exists());
+        // Also when the output does not exist yet, below a swapped folder.
+        assert!(unmoved(&swapped.join("new/deeper")).is_err());
+        // metrics.jsonl itself a link to another file.
+        let victim = root.join("victim.jsonl");
+        std::fs::write(&victim, "private\n")?;
+        let out2 = root.join("out2");
+        std::fs::create_dir(&out2)?;
+        symlink(&victim, out2.join("metrics.jsonl"))?;
+        assert!(append_metrics(&out2.join("metrics.jsonl"), &m).is_err());
+        assert_eq!(std::fs::read_to_string(&victim)?, "private\n");
         Ok(())
     }
 }
