@@ -3,6 +3,7 @@
 //! tokenizer, truncation and data order — shared by the coordinator (which
 //! tokenizes once) and the worker (which scores and trains).
 
+pub mod arrow_check;
 pub mod atomic;
 pub mod batches;
 pub mod bounded_json;

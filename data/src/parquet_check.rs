@@ -460,18 +460,12 @@ fn inflated_size(codec: i32, payload: &[u8], cap: u64) -> std::result::Result<Op
     })
 }
 
-/// Checks the Parquet file at `path` against `limits` (see the module header):
-/// its schema, its rows, and every page of the top-level columns `roots` (all
-/// when empty). `rows_before` rows were read from earlier files of the dataset,
-/// and `decoded_before` bytes decoded: the budgets are per dataset.
-pub fn check(
-    path: &Path,
-    file: &mut File,
-    limits: &DataLimits,
-    roots: &[String],
-    rows_before: u64,
-    decoded_before: u64,
-) -> Result<Checked> {
+/// Checks the footer of the Parquet file at `path` against `limits` (see the
+/// module header): its size, its schema, its rows (`rows_before` came from the
+/// dataset's earlier files). The pages are checked a row group at a time, just
+/// before each is decoded ([`Plan::check_group`]), so the rows before a broken
+/// group are still read.
+pub fn check(path: &Path, file: &mut File, limits: &DataLimits, rows_before: u64) -> Result<Plan> {
     let len = file
         .metadata()
         .map_err(|source| Error::Io {
@@ -484,13 +478,13 @@ pub fn check(
         source,
     };
     if len < 12 {
-        return Err(bad(path, "not a Parquet file (too short)"));
+        return Err(bad(path, "not a readable Parquet file: too short"));
     }
     let mut tail = [0u8; 8];
     file.seek(SeekFrom::Start(len - 8)).map_err(io)?;
     file.read_exact(&mut tail).map_err(io)?;
     if &tail[4..] != b"PAR1" {
-        return Err(bad(path, "not a Parquet file (no PAR1 at its end)"));
+        return Err(bad(path, "not a readable Parquet file: no PAR1 at its end"));
     }
     let footer_len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
     if footer_len > MAX_FOOTER_BYTES || footer_len + 8 > len {
@@ -530,47 +524,62 @@ pub fn check(
             ),
         ));
     }
-    let mut decoded = decoded_before;
-    let mut first_row = 1u64;
-    for (g, (group_rows, chunks)) in footer.row_groups.iter().enumerate() {
+    Ok(Plan {
+        rows,
+        len,
+        limits: limits.clone(),
+        groups: footer
+            .row_groups
+            .into_iter()
+            .map(|(_, chunks)| chunks)
+            .collect(),
+    })
+}
+
+/// A Parquet file whose footer passed [`check`]: its row groups' pages are
+/// checked one group at a time.
+#[derive(Debug)]
+pub struct Plan {
+    /// Rows the footer declares.
+    pub rows: u64,
+    len: u64,
+    limits: DataLimits,
+    groups: Vec<Vec<Chunk>>,
+}
+
+impl Plan {
+    /// Checks every page of row group `g` in the top-level columns `roots`
+    /// (all when empty), adding what they decode to `decoded` (the dataset's
+    /// running total). The reason, without file and row (the reader adds them).
+    pub fn check_group(
+        &self,
+        file: &mut File,
+        g: usize,
+        roots: &[String],
+        decoded: &mut u64,
+    ) -> std::result::Result<(), String> {
+        let Some(chunks) = self.groups.get(g) else {
+            return Ok(());
+        };
         for chunk in chunks
             .iter()
             .filter(|c| roots.is_empty() || roots.contains(&c.root))
         {
-            check_chunk(path, file, len, limits, chunk, g, first_row, &mut decoded)?;
+            check_chunk(file, self.len, &self.limits, chunk, g, decoded)?;
         }
-        first_row += u64::try_from(*group_rows).unwrap_or(0);
+        Ok(())
     }
-    Ok(Checked { rows, decoded })
 }
 
-/// What a checked file adds to its dataset's budgets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Checked {
-    pub rows: u64,
-    /// Decoded bytes so far, this file's included.
-    pub decoded: u64,
-}
-
-#[allow(clippy::too_many_arguments)]
 fn check_chunk(
-    path: &Path,
     file: &mut File,
     len: u64,
     limits: &DataLimits,
     chunk: &Chunk,
     group: usize,
-    first_row: u64,
     decoded: &mut u64,
-) -> Result<()> {
-    let at = |reason: String| Error::Line {
-        path: path.to_path_buf(),
-        line: first_row as usize,
-        reason: format!(
-            "column {:?} of row group {group} (from this row on): {reason}",
-            chunk.root
-        ),
-    };
+) -> std::result::Result<(), String> {
+    let at = |reason: String| format!("column {:?} of row group {group}: {reason}", chunk.root);
     let start = match chunk.dictionary_page_offset {
         Some(d) if d > 0 && d < chunk.data_page_offset => d,
         _ => chunk.data_page_offset,
@@ -581,10 +590,7 @@ fn check_chunk(
             "pages at bytes {start}..{end} are outside the file of {len} bytes"
         )));
     }
-    let io = |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |e: std::io::Error| at(format!("reading the file: {e}"));
     let mut pos = start as u64;
     while pos < end as u64 {
         // The header: a small window first, larger ones if its statistics need it.
@@ -703,7 +709,7 @@ mod tests {
     fn a_schema_nested_past_any_stack_is_refused_by_its_depth() {
         let f = chain_file(90_000);
         let mut file = File::open(f.path()).expect("open");
-        let err = check(f.path(), &mut file, &DataLimits::default(), &[], 0, 0)
+        let err = check(f.path(), &mut file, &DataLimits::default(), 0)
             .expect_err("refused")
             .to_string();
         assert!(
@@ -712,7 +718,7 @@ mod tests {
         );
         let f = chain_file(3);
         let mut file = File::open(f.path()).expect("open");
-        let ok = check(f.path(), &mut file, &DataLimits::default(), &[], 0, 0).expect("shallow");
+        let ok = check(f.path(), &mut file, &DataLimits::default(), 0).expect("shallow");
         assert_eq!(ok.rows, 1);
     }
 

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
@@ -289,7 +289,24 @@ pub struct Rows {
     /// Records returned, and bytes the columnar files decode to: the dataset's
     /// budgets (`data.limits`).
     records: u64,
-    decoded: u64,
+    decoded: Decoded,
+}
+
+/// A dataset's decoded bytes: known when a file is opened (Arrow: checked
+/// whole), or counted on as its row groups are read (Parquet).
+#[derive(Debug, Clone)]
+enum Decoded {
+    Known(u64),
+    Shared(std::sync::Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Decoded {
+    fn get(&self) -> u64 {
+        match self {
+            Decoded::Known(n) => *n,
+            Decoded::Shared(n) => n.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
 }
 
 /// Opens `path` (a file, glob or folder) for reading records.
@@ -309,7 +326,7 @@ pub fn open(path: &Path, layout: &Layout, keys: &[&str]) -> Result<Rows> {
         current: None,
         done: false,
         records: 0,
-        decoded: 0,
+        decoded: Decoded::Known(0),
     })
 }
 
@@ -326,7 +343,7 @@ impl Rows {
             }
             if self.current.is_none() {
                 let (path, format) = self.files.next()?;
-                let budget = (self.records, self.decoded);
+                let budget = (self.records, self.decoded.get());
                 match Reader::open(&path, format, &self.layout, &self.keys, budget) {
                     Ok((r, decoded)) => {
                         self.decoded = decoded;
@@ -455,20 +472,23 @@ fn rename(mut o: Map<String, Value>, layout: &Layout) -> Map<String, Value> {
 
 impl Reader {
     /// Opens one file of a dataset that has read `budget` = (records, decoded
-    /// bytes) so far; returns the reader and the decoded bytes with this file's.
+    /// bytes) so far; returns the reader and the dataset's decoded bytes with
+    /// this file's.
     fn open(
         path: &Path,
         format: FileFormat,
         layout: &Layout,
         keys: &[String],
         budget: (u64, u64),
-    ) -> Result<(Reader, u64)> {
+    ) -> Result<(Reader, Decoded)> {
         // Not a device, a FIFO or a folder: reading one would block or never end.
         if !std::fs::metadata(path).map_err(io_err(path))?.is_file() {
             return Err(file_err(path, "not a regular file"));
         }
-        if format == FileFormat::Parquet {
-            return parquet_reader(path, layout, keys, budget);
+        match format {
+            FileFormat::Parquet => return parquet_reader(path, layout, keys, budget),
+            FileFormat::Arrow => return arrow_reader(path, layout, keys, budget),
+            _ => {}
         }
         let reader = match format {
             FileFormat::Auto | FileFormat::Jsonl | FileFormat::Conll => Ok(Reader::Lines {
@@ -505,10 +525,9 @@ impl Reader {
                     )),
                 }
             }
-            FileFormat::Parquet => unreachable!("opened above"),
-            FileFormat::Arrow => arrow_reader(path, layout, keys),
+            FileFormat::Parquet | FileFormat::Arrow => unreachable!("opened above"),
         };
-        Ok((reader?, budget.1))
+        Ok((reader?, Decoded::Known(budget.1)))
     }
 
     /// How many positions the file used (lines or rows), once read through.
@@ -706,14 +725,14 @@ fn parquet_reader(
     layout: &Layout,
     keys: &[String],
     budget: (u64, u64),
-) -> Result<(Reader, u64)> {
+) -> Result<(Reader, Decoded)> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
     let mut file = File::open(path).map_err(io_err(path))?;
-    // The parquet crate trusts the file: check it first (see parquet_check).
+    // The parquet crate trusts the file: its footer is checked here, each row
+    // group's pages before the group is decoded (see parquet_check).
     let roots: Vec<String> = keys.iter().map(|k| layout.source(k).to_string()).collect();
-    let checked =
-        crate::parquet_check::check(path, &mut file, &layout.limits, &roots, budget.0, budget.1)?;
+    let plan = crate::parquet_check::check(path, &mut file, &layout.limits, budget.0)?;
     let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
         .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
     let names: Vec<String> = metadata
@@ -725,6 +744,7 @@ fn parquet_reader(
     let classes = features_of(metadata.schema().metadata(), path);
     let mask = ProjectionMask::roots(metadata.parquet_schema(), wanted(&names, layout, keys));
     let groups = metadata.metadata().num_row_groups();
+    let decoded = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(budget.1));
     let reader = Reader::Columns {
         batches: Box::new(RowGroups {
             file,
@@ -733,13 +753,16 @@ fn parquet_reader(
             next: 0,
             groups,
             current: None,
+            plan,
+            roots,
+            decoded: decoded.clone(),
         }),
         batch: None,
         classes,
         row: 0,
         n: 0,
     };
-    Ok((reader, checked.decoded))
+    Ok((reader, Decoded::Shared(decoded)))
 }
 
 /// A Parquet file's batches, one row group after another: a row group that
@@ -751,6 +774,11 @@ struct RowGroups {
     next: usize,
     groups: usize,
     current: Option<parquet::arrow::arrow_reader::ParquetRecordBatchReader>,
+    /// The footer's check; each group's pages are checked before it is read.
+    plan: crate::parquet_check::Plan,
+    roots: Vec<String>,
+    /// The dataset's decoded bytes so far.
+    decoded: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Iterator for RowGroups {
@@ -770,10 +798,20 @@ impl Iterator for RowGroups {
             }
             let group = self.next;
             self.next += 1;
-            let file = match self.file.try_clone() {
+            let mut file = match self.file.try_clone() {
                 Ok(f) => f,
                 Err(e) => return Some(Err(ArrowError::ExternalError(Box::new(e)))),
             };
+            use std::sync::atomic::Ordering;
+            let mut decoded = self.decoded.load(Ordering::SeqCst);
+            let checked = self
+                .plan
+                .check_group(&mut file, group, &self.roots, &mut decoded);
+            self.decoded.store(decoded, Ordering::SeqCst);
+            if let Err(reason) = checked {
+                self.next = self.groups; // nothing after a refused group
+                return Some(Err(ArrowError::ParseError(reason)));
+            }
             let built =
                 ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
                     .with_row_groups(vec![group])
@@ -791,10 +829,19 @@ impl Iterator for RowGroups {
     }
 }
 
-fn arrow_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reader> {
+fn arrow_reader(
+    path: &Path,
+    layout: &Layout,
+    keys: &[String],
+    budget: (u64, u64),
+) -> Result<(Reader, Decoded)> {
     use arrow_ipc::reader::{FileReader, StreamReader};
     let mut magic = [0u8; 6];
     let mut f = File::open(path).map_err(io_err(path))?;
+    // arrow-ipc trusts the file: check it first (see arrow_check).
+    let checked = crate::arrow_check::check(path, &mut f, &layout.limits, budget.0, budget.1)?;
+    // The rows are counted as they are read, like every format's.
+    f.seek(std::io::SeekFrom::Start(0)).map_err(io_err(path))?;
     let n = f.read(&mut magic).map_err(io_err(path))?;
     let bad = |e: ArrowError| file_err(path, format!("not a readable Arrow file: {e}"));
     let file = File::open(path).map_err(io_err(path))?;
@@ -823,13 +870,14 @@ fn arrow_reader(path: &Path, layout: &Layout, keys: &[String]) -> Result<Reader>
         } else {
             Box::new(StreamReader::try_new(BufReader::new(file), projection).map_err(bad)?)
         };
-    Ok(Reader::Columns {
+    let reader = Reader::Columns {
         batches,
         batch: None,
         classes,
         row: 0,
         n: 0,
-    })
+    };
+    Ok((reader, Decoded::Known(checked.decoded)))
 }
 
 /// Row `i` of `batch` as a JSON object (renamed).

@@ -2,7 +2,8 @@
 //! the row and the `data.limits` key, and reading them costs this process
 //! little: a Parquet schema nested past the limit, a zstd page that inflates to
 //! 256 MiB from 9 KB (and the same page with a header that declares 4 KB), ten
-//! million rows in 83 KB, a JSON line of millions of tiny
+//! million rows in 83 KB, the same two as zstd-compressed Arrow IPC streams and
+//! one cut short, a JSON line of millions of tiny
 //! values, and a JSON array with a 100 MB element. One test per binary, so the
 //! peak memory it measures is its own.
 
@@ -71,7 +72,15 @@ size_at = start + 3
 assert [b & 0x80 for b in data[size_at:size_at + 5]] == [0x80] * 4 + [0], data[size_at:size_at + 5]
 data[size_at:size_at + 5] = bytes([0x80, 0xC0, 0x80, 0x80, 0x00])  # zigzag(4096)
 open(os.path.join(out, "bomb-lie.parquet"), "wb").write(data)
+import pyarrow.ipc as ipc
+def stream(name, table):
+    with ipc.new_stream(os.path.join(out, name), table.schema,
+                        options=ipc.IpcWriteOptions(compression="zstd")) as w:
+        w.write_table(table)
+stream("bomb.arrow", pa.table({"prompt": ["a" * (256 << 20)], "chosen": ["x"], "rejected": ["y"]}))
 n = 10_000_000
+stream("rows.arrow", pa.table({"prompt": pa.array([""] * n), "chosen": pa.array(["a"] * n),
+                               "rejected": pa.array(["b"] * n)}))
 pq.write_table(pa.table({"prompt": pa.array([""] * n), "chosen": pa.array(["a"] * n),
                          "rejected": pa.array(["b"] * n)}), os.path.join(out, "rows.parquet"), compression="zstd")
 "#;
@@ -155,6 +164,26 @@ pq.write_table(pa.table({"prompt": pa.array([""] * n), "chosen": pa.array(["a"] 
     assert!(
         rows.contains("10000000 rows") && rows.contains("data.limits.max_rows = 5000000"),
         "{rows}"
+    );
+    let arrow = refusal(&dir.path().join("bomb.arrow"), &layout);
+    assert!(
+        arrow.contains("bomb.arrow:1:")
+            && arrow.contains("more than data.limits.max_value_bytes = 67108864"),
+        "{arrow}"
+    );
+    let arrow_rows = refusal(&dir.path().join("rows.arrow"), &layout);
+    assert!(
+        arrow_rows.contains("rows.arrow") && arrow_rows.contains("data.limits.max_rows = 5000000"),
+        "{arrow_rows}"
+    );
+    // A stream cut short: its last message's body runs past the end.
+    let whole = std::fs::read(dir.path().join("bomb.arrow")).expect("read");
+    let cut = dir.path().join("cut.arrow");
+    std::fs::write(&cut, &whole[..whole.len() - 100]).expect("write");
+    let cut_err = refusal(&cut, &layout);
+    assert!(
+        cut_err.contains("past the end of the file") || cut_err.contains("outside the file"),
+        "{cut_err}"
     );
     let numbers = refusal(&line, &layout);
     assert!(numbers.contains("numbers.jsonl:1:"), "{numbers}");
