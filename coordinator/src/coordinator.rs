@@ -315,9 +315,16 @@ impl Coordinator {
         let spec2 = spec.clone();
         let dir2 = shard_dir.clone();
         let cache_root = self.settings.data_dir.join("reference");
-        let data = tokio::task::spawn_blocking(move || prepare(&spec2, &dir2, &cache_root))
-            .await
-            .map_err(|e| Refusal::Internal(e.to_string()))??;
+        // A client that goes away mid-submission (its request dropped) stops the
+        // reading of its datasets at the next record.
+        let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _on_drop = SetOnDrop(abandoned.clone());
+        let data = tokio::task::spawn_blocking(move || {
+            let _reading = dpo_data::records::stop_reading_when(abandoned);
+            prepare(&spec2, &dir2, &cache_root)
+        })
+        .await
+        .map_err(|e| Refusal::Internal(e.to_string()))??;
         std::fs::create_dir_all(&out).map_err(|e| {
             Refusal::Invalid(format!(
                 "train.output: cannot create {}: {e}",
@@ -901,6 +908,16 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
             }
             Ok(true)
         }
+    }
+}
+
+/// Sets its flag when dropped: a request's future dropped (its client gone)
+/// tells the blocking work it started.
+struct SetOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -33,6 +33,40 @@ use serde_json::{Map, Value};
 use crate::error::{Error, Result};
 use crate::lines::{self, LineError, Lines};
 
+thread_local! {
+    /// Set while this thread reads on behalf of someone who may go away (the
+    /// coordinator preparing a client's submission): once it is true, every
+    /// dataset read on this thread stops at its next record.
+    static CANCEL: std::cell::RefCell<Option<std::sync::Arc<std::sync::atomic::AtomicBool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Makes this thread's dataset reads stop (with an error) once `flag` is set,
+/// until the returned guard is dropped (also when the work panics: the thread
+/// may be a pool's, reused for other work).
+pub fn stop_reading_when(flag: std::sync::Arc<std::sync::atomic::AtomicBool>) -> StopGuard {
+    CANCEL.with(|c| *c.borrow_mut() = Some(flag));
+    StopGuard(())
+}
+
+/// Lifts [`stop_reading_when`] when dropped.
+#[derive(Debug)]
+pub struct StopGuard(());
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        CANCEL.with(|c| *c.borrow_mut() = None);
+    }
+}
+
+fn cancelled() -> bool {
+    CANCEL.with(|c| {
+        c.borrow()
+            .as_ref()
+            .is_some_and(|f| f.load(std::sync::atomic::Ordering::Relaxed))
+    })
+}
+
 /// Rows decoded at a time from a columnar file.
 const BATCH_ROWS: usize = 512;
 
@@ -340,6 +374,14 @@ impl Rows {
         loop {
             if self.done {
                 return None;
+            }
+            if cancelled() {
+                self.done = true;
+                let path = self.file().map(Path::to_path_buf).unwrap_or_default();
+                return Some(Err(file_err(
+                    &path,
+                    "reading stopped: the submission was abandoned (its client went away)",
+                )));
             }
             if self.current.is_none() {
                 let (path, format) = self.files.next()?;
@@ -1037,6 +1079,30 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn reading_stops_once_its_requester_is_gone() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("d.jsonl");
+        std::fs::write(&path, "{\"a\": 1}\n".repeat(10)).expect("write");
+        let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let guard = stop_reading_when(flag.clone());
+        let mut rows = open(&path, &Layout::default(), &[]).expect("opens");
+        assert!(rows.next().expect("a row").is_ok());
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        let err = rows
+            .next()
+            .expect("an error")
+            .expect_err("stopped")
+            .to_string();
+        assert!(err.contains("client went away"), "{err}");
+        assert!(rows.next().is_none());
+        drop(guard);
+        assert_eq!(
+            open(&path, &Layout::default(), &[]).expect("opens").count(),
+            10
+        );
     }
 
     #[test]
