@@ -556,3 +556,46 @@ fn the_http_port_outlives_descriptor_exhaustion_and_metrics_name_no_run() {
         "descriptors ran out, as intended"
     );
 }
+
+#[test]
+fn a_submission_abandoned_by_its_client_stops_being_read() {
+    let case = Case::new(24);
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    // Three million pre-tokenized pairs (~170 MB), named by path: seconds of reading.
+    let big = case.path().join("big.jsonl");
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&big).expect("create"));
+        let line =
+            b"{\"prompt_ids\": [1, 2, 3], \"chosen_ids\": [4, 5], \"rejected_ids\": [6, 7]}\n";
+        for _ in 0..3_000_000 {
+            f.write_all(line).expect("write");
+        }
+    }
+    let mut spec = dpo_proto::RunSpec::from_file(&case.write_spec("abandoned", "")).expect("spec");
+    spec.data.train = big;
+    runtime().block_on(async {
+        let mut client = runs_client(port);
+        let gone = tokio::time::timeout(
+            Duration::from_millis(1500),
+            client.submit(submission(&spec, Vec::new())),
+        )
+        .await;
+        assert!(gone.is_err(), "the submission was still being prepared");
+    });
+    let log = case.logs.join("coordinator.log");
+    dpo_e2e::wait_for(Duration::from_secs(30), || {
+        Ok(std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("client went away: stopped preparing"))
+    })
+    .expect("the coordinator stopped reading");
+    let listed = dpo_e2e::dpoctl(port, &["list"]).expect("dpoctl");
+    assert!(listed.status.success());
+    assert!(
+        !String::from_utf8_lossy(&listed.stdout).contains("abandoned"),
+        "no run was queued"
+    );
+}

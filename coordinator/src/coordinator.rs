@@ -319,9 +319,14 @@ impl Coordinator {
         // reading of its datasets at the next record.
         let abandoned = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let _on_drop = SetOnDrop(abandoned.clone());
+        let name = spec.name.clone();
         let data = tokio::task::spawn_blocking(move || {
-            let _reading = dpo_data::records::stop_reading_when(abandoned);
-            prepare(&spec2, &dir2, &cache_root)
+            let _reading = dpo_data::records::stop_reading_when(abandoned.clone());
+            let prepared = prepare(&spec2, &dir2, &cache_root);
+            if prepared.is_err() && abandoned.load(std::sync::atomic::Ordering::Relaxed) {
+                tracing::info!(run = %name, "a submission's client went away: stopped preparing it");
+            }
+            prepared
         })
         .await
         .map_err(|e| Refusal::Internal(e.to_string()))??;
