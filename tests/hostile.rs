@@ -599,3 +599,35 @@ fn a_submission_abandoned_by_its_client_stops_being_read() {
         "no run was queued"
     );
 }
+
+#[test]
+fn an_output_swapped_for_a_link_after_submit_is_never_written_through() {
+    let case = Case::new(24);
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let spec = case.write_spec("swapped", "max_steps = 4\n[cluster]\nmin_workers = 1");
+    let out = dpo_e2e::dpoctl(port, &["submit", spec.to_str().expect("utf-8")]).expect("dpoctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Queued (no worker yet): its output folder becomes a link to elsewhere.
+    let output = case.path().join("swapped");
+    let elsewhere = case.path().join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).expect("mkdir");
+    let _ = std::fs::remove_dir_all(&output);
+    std::os::unix::fs::symlink(&elsewhere, &output).expect("symlink");
+    let _w = dpo_e2e::worker(port, "w0", &case.logs).expect("worker");
+    let watched = dpo_e2e::dpoctl(port, &["watch", "swapped"]).expect("watch");
+    assert!(!watched.status.success(), "the run must fail");
+    let status = dpo_e2e::dpoctl(port, &["status", "swapped"]).expect("status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains("symbolic link"), "{text}");
+    let written: Vec<_> = std::fs::read_dir(&elsewhere)
+        .expect("read")
+        .filter_map(|e| e.ok().map(|e| e.file_name()))
+        .collect();
+    assert!(written.is_empty(), "written through the link: {written:?}");
+}

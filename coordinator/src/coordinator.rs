@@ -133,7 +133,7 @@ impl Coordinator {
             let data = load_shards(&record, &cache_root).map_err(|e| e.to_string());
             if data.is_ok() {
                 let metrics = record.spec.train.output.join("metrics.jsonl");
-                let trimmed = unmoved(&record.spec.train.output)
+                let trimmed = dpo_data::confined::unmoved(&record.spec.train.output)
                     .and_then(|()| dpo_data::metrics_log::keep_through(&metrics, record.step));
                 if let Err(e) = trimmed {
                     tracing::warn!(path = %metrics.display(), error = %e, "could not trim metrics.jsonl");
@@ -144,7 +144,7 @@ impl Coordinator {
                     .train
                     .tensorboard()
                     .then(|| dpo_data::tensorboard::run_dir(output, &record.spec.name));
-                let settled = unmoved(output).and_then(|()| {
+                let settled = dpo_data::confined::unmoved(output).and_then(|()| {
                     dpo_data::metrics_log::settle_evaluations(
                         output,
                         record.eval_step,
@@ -854,7 +854,8 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
             tokio::task::spawn_blocking(move || {
                 append_metrics(&path, &metrics).map_err(|e| format!("{shown}: {e}"))?;
                 if let Some((dir, first_step)) = events {
-                    unmoved(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                    dpo_data::confined::unmoved(&dir)
+                        .map_err(|e| format!("{}: {e}", dir.display()))?;
                     dpo_data::tensorboard::append(&dir, first_step, &metrics)
                         .map_err(|e| format!("{}: {e}", dir.display()))?;
                 }
@@ -931,7 +932,7 @@ impl Drop for SetOnDrop {
 fn append_metrics(path: &Path, metrics: &[(String, f64)]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
-        unmoved(dir)?;
+        dpo_data::confined::unmoved(dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -942,31 +943,6 @@ fn append_metrics(path: &Path, metrics: &[(String, f64)]) -> std::io::Result<()>
         return Err(std::io::Error::other("not a regular file"));
     }
     dpo_data::metrics_log::append(&mut f, metrics)
-}
-
-/// Checks that `dir` (or, while it does not exist yet, its nearest existing
-/// folder) is still the path the submit resolved: no part of it was replaced by
-/// a symbolic link since, which would lead the coordinator's writes out of the
-/// allowed directories.
-pub(crate) fn unmoved(dir: &Path) -> std::io::Result<()> {
-    let mut at = dir;
-    loop {
-        match std::fs::canonicalize(at) {
-            Ok(real) if real == at => return Ok(()),
-            Ok(real) => {
-                return Err(std::io::Error::other(format!(
-                    "{} now leads to {}: a part of the run's output was replaced by a symbolic link after it was submitted",
-                    at.display(),
-                    real.display()
-                )));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
-                Some(up) => at = up,
-                None => return Err(e),
-            },
-            Err(e) => return Err(e),
-        }
-    }
 }
 
 /// Writes every ledger entry under `prefix` to `path`, one JSON line each in
@@ -1003,7 +979,7 @@ async fn write_ledger(
         text.push('\n');
     }
     if let Some(dir) = path.parent() {
-        unmoved(dir)?;
+        dpo_data::confined::unmoved(dir)?;
     }
     dpo_data::atomic::write(path, text.as_bytes())?;
     Ok(())
@@ -1185,7 +1161,7 @@ mod tests {
         );
         assert!(!outside.join("metrics.jsonl").exists());
         // Also when the output does not exist yet, below a swapped folder.
-        assert!(unmoved(&swapped.join("new/deeper")).is_err());
+        assert!(dpo_data::confined::unmoved(&swapped.join("new/deeper")).is_err());
         // metrics.jsonl itself a link to another file.
         let victim = root.join("victim.jsonl");
         std::fs::write(&victim, "private\n")?;

@@ -8,6 +8,7 @@ pub mod atomic;
 pub mod batches;
 pub mod bounded_json;
 pub mod chat;
+pub mod confined;
 pub mod dataset;
 mod error;
 pub mod examples;

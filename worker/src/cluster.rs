@@ -357,7 +357,22 @@ impl RunTrainer {
         }
     }
 
+    /// The run's output, as the coordinator resolved it at submit, must still
+    /// be itself before anything is written there: a part of it replaced by a
+    /// symbolic link since would lead the writes out of the allowed folders.
+    fn check_output(&self) -> Result<()> {
+        let out = match self {
+            RunTrainer::Lm(t) => t.output(),
+            RunTrainer::Classifier(t) => t.output(),
+        };
+        dpo_data::confined::unmoved(out).map_err(|e| Error::Input {
+            context: "train.output".into(),
+            reason: e.to_string(),
+        })
+    }
+
     fn maybe_checkpoint(&mut self) -> Result<Option<std::path::PathBuf>> {
+        self.check_output()?;
         match self {
             RunTrainer::Lm(t) => t.maybe_checkpoint(),
             RunTrainer::Classifier(t) => t.maybe_checkpoint(),
@@ -396,6 +411,7 @@ impl RunTrainer {
     }
 
     fn save_final(&self) -> Result<()> {
+        self.check_output()?;
         match self {
             RunTrainer::Lm(t) => t.save_final().map(|_| ()),
             RunTrainer::Classifier(t) => t.save_final(),

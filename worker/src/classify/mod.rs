@@ -333,7 +333,7 @@ impl ClassifierTrainer {
         self.total_steps
     }
 
-    fn output(&self) -> &Path {
+    pub(crate) fn output(&self) -> &Path {
         &self.spec.train.output
     }
 

@@ -443,7 +443,7 @@ impl Trainer {
         Ok(())
     }
 
-    fn output(&self) -> &Path {
+    pub(crate) fn output(&self) -> &Path {
         &self.spec.train.output
     }
 
