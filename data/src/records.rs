@@ -67,6 +67,21 @@ fn cancelled() -> bool {
     })
 }
 
+/// Runs a call into a decoder crate (parquet, arrow-ipc), turning its panic
+/// into an error: they trust their input, and a damaged file makes some of
+/// their `unwrap`s fail (found by `tests/mutations.rs`). Stack overflows and
+/// allocations are bounded before these calls (parquet_check, arrow_check).
+fn guarded<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".into());
+        format!("the decoder failed on this file ({what})")
+    })
+}
+
 /// Rows decoded at a time from a columnar file.
 const BATCH_ROWS: usize = 512;
 
@@ -630,7 +645,11 @@ impl Reader {
                     *n += 1;
                     return Some(Ok((*n, row_object(b, i, classes, layout))));
                 }
-                match batches.next()? {
+                let next = match guarded(|| batches.next()) {
+                    Ok(next) => next?,
+                    Err(reason) => Err(ArrowError::ExternalError(reason.into())),
+                };
+                match next {
                     Ok(b) => {
                         *batch = Some(b);
                         *row = 0;
@@ -775,7 +794,8 @@ fn parquet_reader(
     // group's pages before the group is decoded (see parquet_check).
     let roots: Vec<String> = keys.iter().map(|k| layout.source(k).to_string()).collect();
     let plan = crate::parquet_check::check(path, &mut file, &layout.limits, budget.0)?;
-    let metadata = ArrowReaderMetadata::load(&file, ArrowReaderOptions::default())
+    let metadata = guarded(|| ArrowReaderMetadata::load(&file, ArrowReaderOptions::default()))
+        .map_err(|reason| file_err(path, format!("not a readable Parquet file: {reason}")))?
         .map_err(|e| file_err(path, format!("not a readable Parquet file: {e}")))?;
     let names: Vec<String> = metadata
         .schema()
@@ -854,17 +874,22 @@ impl Iterator for RowGroups {
                 self.next = self.groups; // nothing after a refused group
                 return Some(Err(ArrowError::ParseError(reason)));
             }
-            let built =
+            let built = guarded(|| {
                 ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
                     .with_row_groups(vec![group])
                     .with_projection(self.mask.clone())
                     .with_batch_size(BATCH_ROWS)
-                    .build();
+                    .build()
+            });
             match built {
-                Ok(r) => self.current = Some(r),
-                Err(e) => {
+                Ok(Ok(r)) => self.current = Some(r),
+                Ok(Err(e)) => {
                     self.next = self.groups; // nothing after a broken group
                     return Some(Err(ArrowError::ExternalError(Box::new(e))));
+                }
+                Err(reason) => {
+                    self.next = self.groups;
+                    return Some(Err(ArrowError::ExternalError(reason.into())));
                 }
             }
         }
@@ -888,19 +913,18 @@ fn arrow_reader(
     let bad = |e: ArrowError| file_err(path, format!("not a readable Arrow file: {e}"));
     let file = File::open(path).map_err(io_err(path))?;
     // Projection needs the schema first: open once to read it.
+    let panicked = |reason: String| file_err(path, format!("not a readable Arrow file: {reason}"));
     let (schema, is_file) = if &magic[..n] == b"ARROW1" {
-        let r = FileReader::try_new(
-            BufReader::new(File::open(path).map_err(io_err(path))?),
-            None,
-        )
-        .map_err(bad)?;
+        let f = BufReader::new(File::open(path).map_err(io_err(path))?);
+        let r = guarded(|| FileReader::try_new(f, None))
+            .map_err(panicked)?
+            .map_err(bad)?;
         (r.schema(), true)
     } else {
-        let r = StreamReader::try_new(
-            BufReader::new(File::open(path).map_err(io_err(path))?),
-            None,
-        )
-        .map_err(bad)?;
+        let f = BufReader::new(File::open(path).map_err(io_err(path))?);
+        let r = guarded(|| StreamReader::try_new(f, None))
+            .map_err(panicked)?
+            .map_err(bad)?;
         (r.schema(), false)
     };
     let names: Vec<String> = schema.fields().iter().map(|f| f.name().clone()).collect();
@@ -908,9 +932,19 @@ fn arrow_reader(
     let projection = Some(wanted(&names, layout, keys));
     let batches: Box<dyn Iterator<Item = std::result::Result<RecordBatch, ArrowError>> + Send> =
         if is_file {
-            Box::new(FileReader::try_new(BufReader::new(file), projection).map_err(bad)?)
+            let f = BufReader::new(file);
+            Box::new(
+                guarded(|| FileReader::try_new(f, projection))
+                    .map_err(panicked)?
+                    .map_err(bad)?,
+            )
         } else {
-            Box::new(StreamReader::try_new(BufReader::new(file), projection).map_err(bad)?)
+            let f = BufReader::new(file);
+            Box::new(
+                guarded(|| StreamReader::try_new(f, projection))
+                    .map_err(panicked)?
+                    .map_err(bad)?,
+            )
         };
     let reader = Reader::Columns {
         batches,
