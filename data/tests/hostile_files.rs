@@ -7,19 +7,11 @@
 //! values, and a JSON array with a 100 MB element. One test per binary, so the
 //! peak memory it measures is its own.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 
 use dpo_data::records::{self, Layout};
-
-fn python() -> PathBuf {
-    std::env::var_os("DPO_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            PathBuf::from(home).join(".cache/dpo-cluster/venv/bin/python")
-        })
-}
 
 /// This process's peak resident size in bytes.
 fn peak() -> u64 {
@@ -84,16 +76,7 @@ stream("rows.arrow", pa.table({"prompt": pa.array([""] * n), "chosen": pa.array(
 pq.write_table(pa.table({"prompt": pa.array([""] * n), "chosen": pa.array(["a"] * n),
                          "rejected": pa.array(["b"] * n)}), os.path.join(out, "rows.parquet"), compression="zstd")
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(dir.path())
-        .output()
-        .expect("python starts");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_script(script, dir.path(), &[]);
     // A 60 MiB JSON line of tiny numbers, and an array whose one element is a
     // 100 MB string: written a piece at a time, so this process never holds them.
     let write = |path: &Path, head: &str, piece: &str, times: usize, tail: &str| {

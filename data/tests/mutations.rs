@@ -6,20 +6,12 @@
 //! file or read garbage; it must never panic, hang or allocate without bound.
 //! A failing seed replays exactly (`MUTATION_SEED=N`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dpo_data::records::{self, Layout};
-
-fn python() -> PathBuf {
-    std::env::var_os("DPO_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            PathBuf::from(home).join(".cache/dpo-cluster/venv/bin/python")
-        })
-}
 
 /// xorshift64*: the seed decides every mutation.
 struct Rng(u64);
@@ -110,16 +102,7 @@ with open(os.path.join(out, "seed.jsonl"), "w") as f:
     for r in rows:
         f.write(json.dumps(r, ensure_ascii=False) + "\n")
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .arg(dir.path())
-        .output()
-        .expect("python starts");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::run_script(script, dir.path(), &[]);
     let only: Option<u64> = std::env::var("MUTATION_SEED")
         .ok()
         .and_then(|s| s.parse().ok());

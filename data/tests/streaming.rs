@@ -3,19 +3,11 @@
 //! records raises this process's peak memory by a small fraction of the file.
 //! One test per binary, so nothing else moves the peak.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
+
+use std::path::Path;
 
 use dpo_data::records::{self, Layout};
-
-fn python() -> PathBuf {
-    std::env::var_os("DPO_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            PathBuf::from(home).join(".cache/dpo-cluster/venv/bin/python")
-        })
-}
 
 /// A line of `/proc/self/status` in bytes (`VmHWM`: the peak resident size,
 /// `VmRSS`: the current one).
@@ -61,17 +53,7 @@ pq.write_table(pa.Table.from_pylist(recs), os.path.join(out, "big.parquet"), com
 with open(os.path.join(out, "big.json"), "w") as f:
     json.dump(recs, f)
 "#;
-    let made = Command::new(python())
-        .args(["-c", script])
-        .arg(dir.path())
-        .arg(rows.to_string())
-        .output()
-        .expect("python");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
+    common::run_script(script, dir.path(), &[&rows.to_string()]);
     let json = dir.path().join("big.json");
     let text_bytes = std::fs::metadata(&json).expect("json").len();
     assert!(text_bytes > 150 << 20, "a big file: {text_bytes} bytes");
