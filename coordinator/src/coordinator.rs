@@ -928,20 +928,16 @@ impl Drop for SetOnDrop {
 }
 
 /// Appends one line to a metrics file (created when missing): a regular file
-/// (never through a symbolic link) in the folder the submit resolved.
+/// in the folder the submit resolved, reached through no symbolic link
+/// ([`dpo_data::confined::open_beneath`]).
 fn append_metrics(path: &Path, metrics: &[(String, f64)]) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        dpo_data::confined::unmoved(dir)?;
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(std::io::Error::other(format!(
+            "{}: not a file path",
+            path.display()
+        )));
+    };
+    let mut f = dpo_data::confined::open_beneath(dir, name, dpo_data::confined::Access::Append)?;
     dpo_data::metrics_log::append(&mut f, metrics)
 }
 
@@ -1156,7 +1152,7 @@ mod tests {
         symlink(&outside, &swapped)?;
         let err = append_metrics(&swapped.join("metrics.jsonl"), &m).expect_err("refused");
         assert!(
-            err.to_string().contains("replaced by a symbolic link"),
+            err.to_string().contains("without following a link"),
             "{err}"
         );
         assert!(!outside.join("metrics.jsonl").exists());

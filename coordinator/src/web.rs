@@ -372,22 +372,13 @@ impl LineIndex {
 /// link (its output folder, or the file, swapped for a link after the submit
 /// would otherwise serve another owner's file).
 fn open_own(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let refused = |why: &str| std::io::Error::other(format!("{}: {why}", path.display()));
-    let parent = path.parent().ok_or_else(|| refused("no folder"))?;
-    if std::fs::canonicalize(parent)? != parent {
-        return Err(refused(
-            "the run's output is reached through a symbolic link",
-        ));
-    }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    if !file.metadata()?.is_file() {
-        return Err(refused("not a regular file"));
-    }
-    Ok(file)
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return Err(std::io::Error::other(format!(
+            "{}: not a file path",
+            path.display()
+        )));
+    };
+    dpo_data::confined::open_beneath(dir, name, dpo_data::confined::Access::Read)
 }
 
 /// The lines of a metrics file whose step is after `after` (at most
