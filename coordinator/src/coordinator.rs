@@ -931,13 +931,7 @@ impl Drop for SetOnDrop {
 /// in the folder the submit resolved, reached through no symbolic link
 /// ([`dpo_data::confined::open_beneath`]).
 fn append_metrics(path: &Path, metrics: &[(String, f64)]) -> std::io::Result<()> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Err(std::io::Error::other(format!(
-            "{}: not a file path",
-            path.display()
-        )));
-    };
-    let mut f = dpo_data::confined::open_beneath(dir, name, dpo_data::confined::Access::Append)?;
+    let mut f = dpo_data::confined::open_beneath(path, dpo_data::confined::Access::Append)?;
     dpo_data::metrics_log::append(&mut f, metrics)
 }
 

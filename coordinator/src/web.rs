@@ -372,13 +372,7 @@ impl LineIndex {
 /// link (its output folder, or the file, swapped for a link after the submit
 /// would otherwise serve another owner's file).
 fn open_own(path: &Path) -> std::io::Result<std::fs::File> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
-        return Err(std::io::Error::other(format!(
-            "{}: not a file path",
-            path.display()
-        )));
-    };
-    dpo_data::confined::open_beneath(dir, name, dpo_data::confined::Access::Read)
+    dpo_data::confined::open_beneath(path, dpo_data::confined::Access::Read)
 }
 
 /// The lines of a metrics file whose step is after `after` (at most

@@ -39,16 +39,22 @@ pub enum Access {
     Append,
 }
 
-/// Opens `dir/name` walking `dir` (absolute) one component at a time from `/`,
-/// each relative to the folder before it and none through a symbolic link, then
-/// `name` itself without following a link; it must be a regular file. Unlike a
-/// check before an open, nothing can be swapped in between.
-pub fn open_beneath(dir: &Path, name: &str, access: Access) -> std::io::Result<std::fs::File> {
+/// Opens the file at `path` (absolute) walking its folder one component at a
+/// time from `/`, each relative to the folder before it and none through a
+/// symbolic link, then the file itself without following a link; it must be a
+/// regular file. Unlike a check before an open, nothing can be swapped in
+/// between.
+pub fn open_beneath(path: &Path, access: Access) -> std::io::Result<std::fs::File> {
     use rustix::fs::{CWD, Mode, OFlags, openat};
     use std::path::Component;
-    let refused =
-        |why: String| std::io::Error::other(format!("{}: {why}", dir.join(name).display()));
-    if !dir.is_absolute() || name.is_empty() || name.contains('/') || name == ".." || name == "." {
+    let refused = |why: String| std::io::Error::other(format!("{}: {why}", path.display()));
+    let (Some(dir), Some(Component::Normal(name))) = (path.parent(), path.components().next_back())
+    else {
+        return Err(refused(
+            "not an absolute folder and a plain file name".into(),
+        ));
+    };
+    if !dir.is_absolute() {
         return Err(refused(
             "not an absolute folder and a plain file name".into(),
         ));
@@ -107,15 +113,15 @@ mod tests {
         let root = dir.path().canonicalize()?;
         let out = root.join("out");
         std::fs::create_dir(&out)?;
-        open_beneath(&out, "m.jsonl", Access::Append)?.write_all(b"a\n")?;
-        open_beneath(&out, "m.jsonl", Access::Append)?.write_all(b"b\n")?;
+        open_beneath(&out.join("m.jsonl"), Access::Append)?.write_all(b"a\n")?;
+        open_beneath(&out.join("m.jsonl"), Access::Append)?.write_all(b"b\n")?;
         let mut text = String::new();
-        open_beneath(&out, "m.jsonl", Access::Read)?.read_to_string(&mut text)?;
+        open_beneath(&out.join("m.jsonl"), Access::Read)?.read_to_string(&mut text)?;
         assert_eq!(text, "a\nb\n");
         // The folder a link: refused, nothing created where it leads.
         std::fs::create_dir(root.join("elsewhere"))?;
         std::os::unix::fs::symlink(root.join("elsewhere"), root.join("swapped"))?;
-        let err = open_beneath(&root.join("swapped"), "m.jsonl", Access::Append)
+        let err = open_beneath(&root.join("swapped/m.jsonl"), Access::Append)
             .expect_err("through a link");
         assert!(
             err.to_string().contains("without following a link"),
@@ -125,12 +131,12 @@ mod tests {
         // The file a link: refused, its target unchanged.
         std::fs::write(root.join("victim"), "private")?;
         std::os::unix::fs::symlink(root.join("victim"), out.join("linked.jsonl"))?;
-        assert!(open_beneath(&out, "linked.jsonl", Access::Append).is_err());
-        assert!(open_beneath(&out, "linked.jsonl", Access::Read).is_err());
+        assert!(open_beneath(&out.join("linked.jsonl"), Access::Append).is_err());
+        assert!(open_beneath(&out.join("linked.jsonl"), Access::Read).is_err());
         assert_eq!(std::fs::read_to_string(root.join("victim"))?, "private");
         // Not a plain name, not a resolved folder.
-        assert!(open_beneath(&out, "../victim", Access::Read).is_err());
-        assert!(open_beneath(&out.join("../out"), "m.jsonl", Access::Read).is_err());
+        assert!(open_beneath(&out.join("../victim"), Access::Read).is_err());
+        assert!(open_beneath(&out.join("../out/m.jsonl"), Access::Read).is_err());
         Ok(())
     }
 }

@@ -501,10 +501,13 @@ fn register_tokens(tokenizer: &mut Tokenizer, settings: &Settings) {
     }
 }
 
-fn token_id(
+/// The special token `key` names and its id; a named token the tokenizer
+/// (built from `source`) lacks is an error naming both files.
+pub(super) fn token_id(
     tokenizer: &Tokenizer,
     settings: &Settings,
     key: &str,
+    source: &Path,
 ) -> Result<Option<(String, u32)>> {
     let Some(token) = settings.special(key) else {
         return Ok(None);
@@ -513,7 +516,10 @@ fn token_id(
         Some(id) => Ok(Some((token, id))),
         None => Err(Error::File {
             path: settings.config_path.clone(),
-            reason: format!("{key} {token:?} is not in the tokenizer's vocabulary"),
+            reason: format!(
+                "{key} {token:?} is not in the vocabulary of {}",
+                source.display()
+            ),
         }),
     }
 }
@@ -527,10 +533,11 @@ fn set_post_processor(backend: &mut Backend, settings: &Settings) -> Result<()> 
         reason: format!("cannot build the post-processor: {e}"),
     };
     let tokenizer = &backend.tokenizer;
+    let source = backend.source.as_path();
     match backend.family {
         Some(Family::Bert) => {
-            let cls = token_id(tokenizer, settings, "cls_token")?;
-            let sep = token_id(tokenizer, settings, "sep_token")?;
+            let cls = token_id(tokenizer, settings, "cls_token", source)?;
+            let sep = token_id(tokenizer, settings, "sep_token", source)?;
             let (Some((cls, cls_id)), Some((sep, sep_id))) = (cls, sep) else {
                 return Err(bad("BertTokenizer needs cls_token and sep_token".into()));
             };
@@ -544,8 +551,8 @@ fn set_post_processor(backend: &mut Backend, settings: &Settings) -> Result<()> 
             backend.tokenizer.with_post_processor(Some(template));
         }
         Some(Family::Roberta) => {
-            let cls = token_id(tokenizer, settings, "cls_token")?;
-            let sep = token_id(tokenizer, settings, "sep_token")?;
+            let cls = token_id(tokenizer, settings, "cls_token", source)?;
+            let sep = token_id(tokenizer, settings, "sep_token", source)?;
             let (Some(cls), Some(sep)) = (cls, sep) else {
                 return Err(bad("RobertaTokenizer needs cls_token and sep_token".into()));
             };
@@ -561,7 +568,7 @@ fn set_post_processor(backend: &mut Backend, settings: &Settings) -> Result<()> 
             // A flag without its token is dropped, as transformers drops it.
             let wanted = |flag: &str, key: &str| -> Result<Option<(String, u32)>> {
                 if settings.flag(flag).unwrap_or(false) {
-                    token_id(tokenizer, settings, key)
+                    token_id(tokenizer, settings, key, source)
                 } else {
                     Ok(None)
                 }

@@ -45,21 +45,8 @@ impl TextTokenizer {
             source: path,
             ..
         } = layout::backend(dir, &mut settings)?;
-        let config_path = settings.config_path.clone();
         let id_of = |key: &str| -> Result<Option<u32>> {
-            let Some(token) = settings.special(key) else {
-                return Ok(None);
-            };
-            inner
-                .token_to_id(&token)
-                .map(Some)
-                .ok_or_else(|| Error::File {
-                    path: config_path.clone(),
-                    reason: format!(
-                        "{key} {token:?} is not in the vocabulary of {}",
-                        path.display()
-                    ),
-                })
+            Ok(layout::token_id(&inner, &settings, key, &path)?.map(|(_, id)| id))
         };
         let bos_id = id_of("bos_token")?;
         let eos_id = id_of("eos_token")?;
