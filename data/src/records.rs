@@ -59,7 +59,7 @@ impl Drop for StopGuard {
     }
 }
 
-fn cancelled() -> bool {
+pub(crate) fn cancelled() -> bool {
     CANCEL.with(|c| {
         c.borrow()
             .as_ref()
@@ -467,6 +467,27 @@ impl Iterator for Rows {
     }
 }
 
+/// The dataset's decoded bytes once a text file of `size` bytes is added to
+/// the `before` of its earlier files, or the refusal naming the limit.
+pub(crate) fn text_budget(path: &Path, size: u64, before: u64, limits: &DataLimits) -> Result<u64> {
+    let after = before.saturating_add(size);
+    if after > limits.max_decoded_bytes {
+        let earlier = if before > 0 {
+            format!(" (after {before} in earlier files)")
+        } else {
+            String::new()
+        };
+        return Err(file_err(
+            path,
+            format!(
+                "{size} bytes{earlier} pass data.limits.max_decoded_bytes = {}",
+                limits.max_decoded_bytes
+            ),
+        ));
+    }
+    Ok(after)
+}
+
 /// Reads one file.
 enum Reader {
     Lines {
@@ -539,7 +560,8 @@ impl Reader {
         budget: (u64, u64),
     ) -> Result<(Reader, Decoded)> {
         // Not a device, a FIFO or a folder: reading one would block or never end.
-        if !std::fs::metadata(path).map_err(io_err(path))?.is_file() {
+        let meta = std::fs::metadata(path).map_err(io_err(path))?;
+        if !meta.is_file() {
             return Err(file_err(path, "not a regular file"));
         }
         match format {
@@ -547,6 +569,8 @@ impl Reader {
             FileFormat::Arrow => return arrow_reader(path, layout, keys, budget),
             _ => {}
         }
+        // A text file decodes to about its own size: it counts in full.
+        let decoded = text_budget(path, meta.len(), budget.1, &layout.limits)?;
         let reader = match format {
             FileFormat::Auto | FileFormat::Jsonl | FileFormat::Conll => Ok(Reader::Lines {
                 lines: lines::open(path)?,
@@ -584,7 +608,7 @@ impl Reader {
             }
             FileFormat::Parquet | FileFormat::Arrow => unreachable!("opened above"),
         };
-        Ok((reader?, Decoded::Known(budget.1)))
+        Ok((reader?, Decoded::Known(decoded)))
     }
 
     /// How many positions the file used (lines or rows), once read through.

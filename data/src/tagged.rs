@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::lines::{self, LineError};
 use crate::records::{self, Layout};
 use crate::tokenizer::TextTokenizer;
-use dpo_proto::FileFormat;
+use dpo_proto::{DataLimits, FileFormat};
 
 /// The label vocabulary of a task, in id order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,7 +312,17 @@ fn read_records(path: &Path, task: Task, layout: &Layout) -> Result<Vec<RawRecor
     Ok(out)
 }
 
-fn read_conll(path: &Path) -> Result<Vec<RawRecord>> {
+/// Reads a CoNLL file within `data.limits`: its bytes count against
+/// `max_decoded_bytes`, its sentences against `max_rows`, and each line is at
+/// most `max_value_bytes` long.
+fn read_conll(path: &Path, limits: &DataLimits) -> Result<Vec<RawRecord>> {
+    let size = std::fs::metadata(path)
+        .map_err(|source| Error::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
+    records::text_budget(path, size, 0, limits)?;
     let mut out = Vec::new();
     let mut current: Option<RawRecord> = None;
     let finish = |r: Option<RawRecord>, out: &mut Vec<RawRecord>| {
@@ -323,7 +333,25 @@ fn read_conll(path: &Path) -> Result<Vec<RawRecord>> {
     };
     for (i, line) in lines::open(path)?.enumerate() {
         let n = i + 1;
+        if records::cancelled() {
+            return Err(Error::File {
+                path: path.to_path_buf(),
+                reason: "reading stopped: the submission was abandoned (its client went away)"
+                    .into(),
+            });
+        }
         let line = line.map_err(|e| read_err(path, n, e))?;
+        if line.len() as u64 > limits.max_value_bytes {
+            return Err(line_err(
+                path,
+                n,
+                format!(
+                    "a line of {} bytes, more than data.limits.max_value_bytes = {}",
+                    line.len(),
+                    limits.max_value_bytes
+                ),
+            ));
+        }
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.is_empty() {
             finish(current.take(), &mut out);
@@ -338,6 +366,16 @@ fn read_conll(path: &Path) -> Result<Vec<RawRecord>> {
                 path,
                 n,
                 format!("{:?} has no tag (a CoNLL line is `token … tag`)", fields[0]),
+            ));
+        }
+        if current.is_none() && out.len() as u64 >= limits.max_rows {
+            return Err(line_err(
+                path,
+                n,
+                format!(
+                    "more than data.limits.max_rows = {} sentences",
+                    limits.max_rows
+                ),
             ));
         }
         let r = current.get_or_insert_with(|| RawRecord {
@@ -386,7 +424,7 @@ impl RawFile {
     /// Arrow) otherwise.
     pub fn read(path: &Path, task: Task, layout: &Layout) -> Result<Self> {
         let records = if task == Task::Token && is_conll(path, layout) {
-            read_conll(path)?
+            read_conll(path, &layout.limits)?
         } else {
             read_records(path, task, layout)?
         };
@@ -993,5 +1031,78 @@ mod tests {
         assert_eq!(labels.inside_of(1), 2);
         assert_eq!(labels.inside_of(0), 0);
         assert!(Labels::new(vec!["a".into(), "a".into()]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    fn limits(rows: u64, value: u64, decoded: u64) -> Layout {
+        Layout {
+            limits: DataLimits {
+                max_rows: rows,
+                max_value_bytes: value,
+                max_decoded_bytes: decoded,
+                max_nesting: 32,
+            },
+            ..Layout::default()
+        }
+    }
+
+    #[test]
+    fn conll_files_are_read_within_data_limits_naming_line_and_key() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("train.conll");
+        std::fs::write(&path, "EU B-ORG\n\nPeter B-PER\n\nrejects O\n").expect("write");
+        let read = |layout: &Layout| {
+            RawFile::read(&path, Task::Token, layout)
+                .map(|f| f.len())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(read(&limits(3, 100, 1000)), Ok(3));
+        let rows = read(&limits(2, 100, 1000)).expect_err("three sentences");
+        assert!(
+            rows.contains("train.conll:5:") && rows.contains("data.limits.max_rows = 2"),
+            "{rows}"
+        );
+        let value = read(&limits(3, 8, 1000)).expect_err("an 11-byte line");
+        assert!(
+            value.contains("train.conll:3:") && value.contains("data.limits.max_value_bytes = 8"),
+            "{value}"
+        );
+        let bytes = read(&limits(3, 100, 20)).expect_err("33 bytes");
+        assert!(
+            bytes.contains("train.conll")
+                && bytes.contains("33 bytes pass")
+                && bytes.contains("data.limits.max_decoded_bytes = 20"),
+            "{bytes}"
+        );
+    }
+
+    #[test]
+    fn json_lines_files_count_their_bytes_against_the_decoded_budget() {
+        let dir = tempfile::tempdir().expect("tmp");
+        for (name, text) in [
+            ("a.jsonl", "{\"text\": \"x\", \"label\": \"A\"}\n"),
+            ("b.jsonl", "{\"text\": \"y\", \"label\": \"B\"}\n"),
+        ] {
+            std::fs::write(dir.path().join(name), text).expect("write");
+        }
+        let glob = dir.path().join("*.jsonl");
+        let read = |layout: &Layout| {
+            RawFile::read(&glob, Task::Sequence, layout)
+                .map(|f| f.len())
+                .map_err(|e| e.to_string())
+        };
+        // 28 bytes a file: both fit in 56, the second passes 55.
+        assert_eq!(read(&limits(10, 10_000, 56)), Ok(2));
+        let err = read(&limits(10, 10_000, 55)).expect_err("56 bytes");
+        assert!(
+            err.contains("b.jsonl")
+                && err.contains("after 28 in earlier files")
+                && err.contains("data.limits.max_decoded_bytes = 55"),
+            "{err}"
+        );
     }
 }
