@@ -6,20 +6,27 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A temporary name beside `path`, unique within this process and across
-/// processes (pid), hidden (leading dot) so directory listings skip it.
-fn temp_name(path: &Path) -> PathBuf {
+/// A temporary name for a file to be renamed to `name`, unique within this
+/// process and across processes (pid), hidden (leading dot) so directory
+/// listings skip it.
+pub(crate) fn temp_file_name(name: &str) -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!(".{name}.tmp-{}-{n}", std::process::id())
+}
+
+/// A temporary name beside `path` (see [`temp_file_name`]).
+fn temp_name(path: &Path) -> PathBuf {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    dir.join(format!(".{name}.tmp-{}-{n}", std::process::id()))
+    dir.join(temp_file_name(&name))
 }
 
 /// The directory `path` lies in (`.` for a bare file name).
@@ -51,7 +58,13 @@ pub fn write_with(
 ) -> std::io::Result<()> {
     let tmp = temp_name(path);
     let result = (|| {
-        let mut f = File::create(&tmp)?;
+        // Created exclusively and not through a link: a file or link planted
+        // under the temporary name is never written through.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+            .open(&tmp)?;
         fill(&mut f)?;
         f.sync_all()?;
         drop(f);

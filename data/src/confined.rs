@@ -31,62 +31,217 @@ pub fn unmoved(dir: &Path) -> std::io::Result<()> {
     }
 }
 
-/// How [`open_beneath`] opens the file.
+/// How a file beneath a [`Dir`] is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Read,
     /// Append, creating the file when missing.
     Append,
+    /// Write from the start, creating the file or emptying it.
+    Create,
 }
 
-/// Opens the file at `path` (absolute) walking its folder one component at a
+/// A folder opened by walking its absolute, resolved path one component at a
 /// time from `/`, each relative to the folder before it and none through a
-/// symbolic link, then the file itself without following a link; it must be a
-/// regular file. Unlike a check before an open, nothing can be swapped in
-/// between.
+/// symbolic link. Everything done through it (opening, creating, replacing,
+/// renaming files and folders within it) happens in that folder, whatever the
+/// path names later: nothing can be swapped in between.
+#[derive(Debug)]
+pub struct Dir {
+    fd: rustix::fd::OwnedFd,
+    path: std::path::PathBuf,
+}
+
+fn refused(path: &Path, why: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(format!("{}: {why}", path.display()))
+}
+
+/// `name` as one plain component (no `/`, `.` or `..`).
+fn plain(dir: &Path, name: &str) -> std::io::Result<()> {
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(refused(
+            &dir.join(name),
+            "not a plain name within its folder",
+        ));
+    }
+    Ok(())
+}
+
+impl Dir {
+    /// Opens the folder at `path` (absolute and resolved); with `create`,
+    /// missing folders on the way are made (mode 0755).
+    pub fn open(path: &Path, create: bool) -> std::io::Result<Dir> {
+        use rustix::fs::{CWD, Mode, OFlags, openat};
+        use std::path::Component;
+        if !path.is_absolute() {
+            return Err(refused(path, "not an absolute folder"));
+        }
+        let walk = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        let mut at = openat(CWD, "/", walk, Mode::empty())?;
+        for part in path.components() {
+            match part {
+                Component::RootDir => {}
+                Component::Normal(p) => {
+                    if create {
+                        match rustix::fs::mkdirat(&at, p, Mode::from_raw_mode(0o755)) {
+                            Ok(()) => {}
+                            Err(rustix::io::Errno::EXIST) => {}
+                            Err(e) => return Err(refused(path, format!("cannot be made ({e})"))),
+                        }
+                    }
+                    at = openat(&at, p, walk, Mode::empty()).map_err(|e| {
+                        refused(
+                            path,
+                            format!(
+                                "{} cannot be entered without following a link ({e})",
+                                p.to_string_lossy()
+                            ),
+                        )
+                    })?;
+                }
+                _ => return Err(refused(path, "the folder is not in its resolved form")),
+            }
+        }
+        // The folder itself, readable, so it can be listed and fsynced.
+        let fd = openat(
+            &at,
+            ".",
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        Ok(Dir {
+            fd,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The path it was opened by (for messages).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The folder `name` within this one, made first with `create`.
+    pub fn sub(&self, name: &str, create: bool) -> std::io::Result<Dir> {
+        use rustix::fs::{Mode, OFlags, openat};
+        plain(&self.path, name)?;
+        let path = self.path.join(name);
+        if create {
+            match rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(refused(&path, format!("cannot be made ({e})"))),
+            }
+        }
+        let fd = openat(
+            &self.fd,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| {
+            refused(
+                &path,
+                format!("cannot be entered without following a link ({e})"),
+            )
+        })?;
+        Ok(Dir { fd, path })
+    }
+
+    /// Opens the regular file `name` in this folder, never through a link.
+    pub fn file(&self, name: &str, access: Access) -> std::io::Result<std::fs::File> {
+        use rustix::fs::{Mode, OFlags, openat};
+        plain(&self.path, name)?;
+        let flags = match access {
+            Access::Read => OFlags::RDONLY,
+            Access::Append => OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE,
+            Access::Create => OFlags::WRONLY | OFlags::TRUNC | OFlags::CREATE,
+        } | OFlags::NOFOLLOW
+            | OFlags::NONBLOCK
+            | OFlags::CLOEXEC;
+        let fd = openat(&self.fd, name, flags, Mode::from_raw_mode(0o644))
+            .map_err(|e| refused(&self.path.join(name), e))?;
+        let file = std::fs::File::from(fd);
+        if !file.metadata()?.is_file() {
+            return Err(refused(&self.path.join(name), "not a regular file"));
+        }
+        Ok(file)
+    }
+
+    /// Replaces the file `name` in this folder with what `fill` writes: a new
+    /// temporary file beside it (created exclusively, so nothing planted under
+    /// its name is written through), fsynced, renamed over `name`, the folder
+    /// fsynced. A link at `name` is replaced, not followed.
+    pub fn replace(
+        &self,
+        name: &str,
+        fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        use rustix::fs::{Mode, OFlags, openat};
+        plain(&self.path, name)?;
+        let tmp = crate::atomic::temp_file_name(name);
+        let fd = openat(
+            &self.fd,
+            tmp.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )?;
+        let mut file = std::fs::File::from(fd);
+        let written = fill(&mut file).and_then(|()| file.sync_all());
+        drop(file);
+        let renamed = written.and_then(|()| {
+            rustix::fs::renameat(&self.fd, tmp.as_str(), &self.fd, name)?;
+            self.sync()
+        });
+        if renamed.is_err() {
+            let _ = rustix::fs::unlinkat(&self.fd, tmp.as_str(), rustix::fs::AtFlags::empty());
+        }
+        renamed
+    }
+
+    /// Renames `from` to `to`, both in this folder, and fsyncs the folder.
+    pub fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        plain(&self.path, from)?;
+        plain(&self.path, to)?;
+        rustix::fs::renameat(&self.fd, from, &self.fd, to)?;
+        self.sync()
+    }
+
+    /// Flushes the folder's entries to disk.
+    pub fn sync(&self) -> std::io::Result<()> {
+        rustix::fs::fsync(&self.fd)?;
+        Ok(())
+    }
+
+    /// A path that names this very folder for as long as the handle lives
+    /// (`/proc/self/fd/N`), for code that takes paths: what it opens below it
+    /// is found from this folder, not by its name.
+    pub fn pinned(&self) -> std::path::PathBuf {
+        use rustix::fd::AsRawFd;
+        std::path::PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+/// Opens the file at `path` (absolute, in a resolved folder) through a
+/// [`Dir`]: its folder walked from `/` through no link, the file itself opened
+/// without following one; it must be a regular file.
 pub fn open_beneath(path: &Path, access: Access) -> std::io::Result<std::fs::File> {
-    use rustix::fs::{CWD, Mode, OFlags, openat};
     use std::path::Component;
-    let refused = |why: String| std::io::Error::other(format!("{}: {why}", path.display()));
     let (Some(dir), Some(Component::Normal(name))) = (path.parent(), path.components().next_back())
     else {
         return Err(refused(
-            "not an absolute folder and a plain file name".into(),
+            path,
+            "not an absolute folder and a plain file name",
         ));
     };
     if !dir.is_absolute() {
         return Err(refused(
-            "not an absolute folder and a plain file name".into(),
+            path,
+            "not an absolute folder and a plain file name",
         ));
     }
-    let walk = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let mut at = openat(CWD, "/", walk, Mode::empty())?;
-    for part in dir.components() {
-        match part {
-            Component::RootDir => {}
-            Component::Normal(p) => {
-                at = openat(&at, p, walk, Mode::empty()).map_err(|e| {
-                    refused(format!(
-                        "{} cannot be entered without following a link ({e})",
-                        p.to_string_lossy()
-                    ))
-                })?;
-            }
-            _ => return Err(refused("the folder is not in its resolved form".into())),
-        }
-    }
-    let flags = match access {
-        Access::Read => OFlags::RDONLY,
-        Access::Append => OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE,
-    } | OFlags::NOFOLLOW
-        | OFlags::NONBLOCK
-        | OFlags::CLOEXEC;
-    let fd = openat(&at, name, flags, Mode::from_raw_mode(0o644))?;
-    let file = std::fs::File::from(fd);
-    if !file.metadata()?.is_file() {
-        return Err(refused("not a regular file".into()));
-    }
-    Ok(file)
+    let name = name
+        .to_str()
+        .ok_or_else(|| refused(path, "not a UTF-8 name"))?;
+    Dir::open(dir, false)?.file(name, access)
 }
 
 #[cfg(test)]
@@ -137,6 +292,74 @@ mod tests {
         // Not a plain name, not a resolved folder.
         assert!(open_beneath(&out.join("../victim"), Access::Read).is_err());
         assert!(open_beneath(&out.join("../out/m.jsonl"), Access::Read).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn a_dir_handle_keeps_writing_into_its_folder_after_the_path_is_swapped() -> std::io::Result<()>
+    {
+        use std::io::{Read, Write};
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().canonicalize()?;
+        let out = root.join("run/out");
+        let d = Dir::open(&out, true)?;
+        assert!(out.is_dir());
+        d.replace("ledger.jsonl", |f| f.write_all(b"one\n"))?;
+        // The client swaps the output for a link to someone else's folder.
+        std::fs::create_dir(root.join("victim"))?;
+        std::fs::write(root.join("victim/ledger.jsonl"), "private\n")?;
+        std::fs::rename(&out, root.join("run/moved"))?;
+        std::os::unix::fs::symlink(root.join("victim"), &out)?;
+        d.replace("ledger.jsonl", |f| f.write_all(b"two\n"))?;
+        d.file("metrics.jsonl", Access::Append)?.write_all(b"m\n")?;
+        let sub = d.sub("checkpoints", true)?;
+        sub.replace("state.json", |f| f.write_all(b"{}"))?;
+        assert_eq!(
+            std::fs::read_to_string(root.join("victim/ledger.jsonl"))?,
+            "private\n"
+        );
+        assert!(!root.join("victim/metrics.jsonl").exists());
+        assert!(!root.join("victim/checkpoints").exists());
+        assert_eq!(
+            std::fs::read_to_string(root.join("run/moved/ledger.jsonl"))?,
+            "two\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("run/moved/checkpoints/state.json"))?,
+            "{}"
+        );
+        // A pinned path finds the same folder.
+        let mut text = String::new();
+        std::fs::File::open(d.pinned().join("metrics.jsonl"))?.read_to_string(&mut text)?;
+        assert_eq!(text, "m\n");
+        // Opening by the swapped path now refuses, as does a linked sub-folder.
+        assert!(Dir::open(&out, false).is_err());
+        assert!(Dir::open(&out.join("deeper"), true).is_err());
+        assert!(!root.join("victim/deeper").exists());
+        let moved = Dir::open(&root.join("run/moved"), false)?;
+        std::os::unix::fs::symlink(root.join("victim"), root.join("run/moved/linked"))?;
+        assert!(moved.sub("linked", false).is_err());
+        assert!(moved.sub("linked", true).is_err());
+        // A link where a file is replaced is replaced, not written through.
+        std::os::unix::fs::symlink(
+            root.join("victim/ledger.jsonl"),
+            root.join("run/moved/l.jsonl"),
+        )?;
+        moved.replace("l.jsonl", |f| f.write_all(b"mine\n"))?;
+        assert_eq!(
+            std::fs::read_to_string(root.join("victim/ledger.jsonl"))?,
+            "private\n"
+        );
+        assert!(!std::fs::symlink_metadata(root.join("run/moved/l.jsonl"))?.is_symlink());
+        // Names are single plain components; no temporary file is left.
+        assert!(moved.file("../victim/ledger.jsonl", Access::Read).is_err());
+        assert!(moved.sub("..", false).is_err());
+        let left: Vec<_> = std::fs::read_dir(root.join("run/moved"))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with('.'))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
         Ok(())
     }
 }
