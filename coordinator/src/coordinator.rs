@@ -132,27 +132,29 @@ impl Coordinator {
             .and_then(|v| serde_json::from_str::<CheckpointRecord>(&v).ok());
             let data = load_shards(&record, &cache_root).map_err(|e| e.to_string());
             if data.is_ok() {
-                let metrics = record.spec.train.output.join("metrics.jsonl");
-                let trimmed = dpo_data::confined::unmoved(&record.spec.train.output)
-                    .and_then(|()| dpo_data::metrics_log::keep_through(&metrics, record.step));
-                if let Err(e) = trimmed {
-                    tracing::warn!(path = %metrics.display(), error = %e, "could not trim metrics.jsonl");
-                }
+                // Everything below the output is reached through a handle of
+                // the folder the submit resolved, through no link.
                 let output = &record.spec.train.output;
                 let events = record
                     .spec
                     .train
                     .tensorboard()
                     .then(|| dpo_data::tensorboard::run_dir(output, &record.spec.name));
-                let settled = dpo_data::confined::unmoved(output).and_then(|()| {
+                let settled = dpo_data::confined::Dir::open(output, false).and_then(|out| {
+                    dpo_data::metrics_log::keep_through_in(&out, "metrics.jsonl", record.step)?;
                     dpo_data::metrics_log::settle_evaluations(
-                        output,
+                        &out,
                         record.eval_step,
                         events.as_deref(),
                     )
                 });
-                if let Err(e) = settled {
-                    tracing::warn!(output = %output.display(), error = %e, "could not settle eval.jsonl");
+                match settled {
+                    Ok(()) => {}
+                    // Never started: nothing to trim.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        tracing::warn!(output = %output.display(), error = %e, "could not trim metrics.jsonl and eval.jsonl");
+                    }
                 }
                 tracing::info!(run = %record.id, step = record.step, "resuming run from the store");
             }
@@ -854,9 +856,8 @@ async fn apply(outside: &Outside, effect: Effect) -> Result<bool> {
             tokio::task::spawn_blocking(move || {
                 append_metrics(&path, &metrics).map_err(|e| format!("{shown}: {e}"))?;
                 if let Some((dir, first_step)) = events {
-                    dpo_data::confined::unmoved(&dir)
-                        .map_err(|e| format!("{}: {e}", dir.display()))?;
-                    dpo_data::tensorboard::append(&dir, first_step, &metrics)
+                    dpo_data::confined::Dir::open(&dir, true)
+                        .and_then(|d| dpo_data::tensorboard::append(&d, first_step, &metrics))
                         .map_err(|e| format!("{}: {e}", dir.display()))?;
                 }
                 Ok::<_, String>(())
@@ -968,10 +969,11 @@ async fn write_ledger(
         text.push_str(line);
         text.push('\n');
     }
-    if let Some(dir) = path.parent() {
-        dpo_data::confined::unmoved(dir)?;
-    }
-    dpo_data::atomic::write(path, text.as_bytes())?;
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        anyhow::bail!("{}: not a folder and a file name", path.display());
+    };
+    use std::io::Write;
+    dpo_data::confined::Dir::open(dir, true)?.replace(name, |f| f.write_all(text.as_bytes()))?;
     Ok(())
 }
 
@@ -1151,7 +1153,8 @@ mod tests {
         );
         assert!(!outside.join("metrics.jsonl").exists());
         // Also when the output does not exist yet, below a swapped folder.
-        assert!(dpo_data::confined::unmoved(&swapped.join("new/deeper")).is_err());
+        assert!(dpo_data::confined::Dir::open(&swapped.join("new/deeper"), true).is_err());
+        assert!(!outside.join("new").exists());
         // metrics.jsonl itself a link to another file.
         let victim = root.join("victim.jsonl");
         std::fs::write(&victim, "private\n")?;

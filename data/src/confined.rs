@@ -39,6 +39,8 @@ pub enum Access {
     Append,
     /// Write from the start, creating the file or emptying it.
     Create,
+    /// Write a new file; one already there is an error.
+    CreateNew,
 }
 
 /// A folder opened by walking its absolute, resolved path one component at a
@@ -54,6 +56,13 @@ pub struct Dir {
 
 fn refused(path: &Path, why: impl std::fmt::Display) -> std::io::Error {
     std::io::Error::other(format!("{}: {why}", path.display()))
+}
+
+/// `e` with `path` in its message and its kind kept (a missing file stays
+/// `NotFound`).
+fn failed(path: &Path, e: rustix::io::Errno) -> std::io::Error {
+    let e = std::io::Error::from(e);
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 /// `name` as one plain component (no `/`, `.` or `..`).
@@ -89,14 +98,15 @@ impl Dir {
                             Err(e) => return Err(refused(path, format!("cannot be made ({e})"))),
                         }
                     }
-                    at = openat(&at, p, walk, Mode::empty()).map_err(|e| {
-                        refused(
+                    at = openat(&at, p, walk, Mode::empty()).map_err(|e| match e {
+                        rustix::io::Errno::NOENT => failed(path, e),
+                        e => refused(
                             path,
                             format!(
                                 "{} cannot be entered without following a link ({e})",
                                 p.to_string_lossy()
                             ),
-                        )
+                        ),
                     })?;
                 }
                 _ => return Err(refused(path, "the folder is not in its resolved form")),
@@ -137,11 +147,12 @@ impl Dir {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| {
-            refused(
+        .map_err(|e| match e {
+            rustix::io::Errno::NOENT => failed(&path, e),
+            e => refused(
                 &path,
                 format!("cannot be entered without following a link ({e})"),
-            )
+            ),
         })?;
         Ok(Dir { fd, path })
     }
@@ -154,11 +165,12 @@ impl Dir {
             Access::Read => OFlags::RDONLY,
             Access::Append => OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE,
             Access::Create => OFlags::WRONLY | OFlags::TRUNC | OFlags::CREATE,
+            Access::CreateNew => OFlags::WRONLY | OFlags::APPEND | OFlags::CREATE | OFlags::EXCL,
         } | OFlags::NOFOLLOW
             | OFlags::NONBLOCK
             | OFlags::CLOEXEC;
         let fd = openat(&self.fd, name, flags, Mode::from_raw_mode(0o644))
-            .map_err(|e| refused(&self.path.join(name), e))?;
+            .map_err(|e| failed(&self.path.join(name), e))?;
         let file = std::fs::File::from(fd);
         if !file.metadata()?.is_file() {
             return Err(refused(&self.path.join(name), "not a regular file"));
@@ -203,6 +215,26 @@ impl Dir {
         plain(&self.path, to)?;
         rustix::fs::renameat(&self.fd, from, &self.fd, to)?;
         self.sync()
+    }
+
+    /// The text of the regular file `name` in this folder (`None`: there is
+    /// none), refused past `max` bytes.
+    pub fn read_text(&self, name: &str, max: u64) -> std::io::Result<Option<String>> {
+        use std::io::Read;
+        let file = match self.file(name, Access::Read) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut text = String::new();
+        file.take(max + 1).read_to_string(&mut text)?;
+        if text.len() as u64 > max {
+            return Err(refused(
+                &self.path.join(name),
+                format!("longer than {max} bytes"),
+            ));
+        }
+        Ok(Some(text))
     }
 
     /// Flushes the folder's entries to disk.

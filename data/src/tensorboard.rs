@@ -10,6 +10,8 @@
 //! crashed writer appended past the last recorded step is never shown twice.
 
 use std::fs::{File, OpenOptions};
+
+use crate::confined::{Access, Dir};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -235,37 +237,46 @@ impl EventWriter {
     }
 }
 
-/// This process's event file in `dir`, for a writer that opens it per write
-/// (the coordinator, for every run it records).
-fn process_file(dir: &Path) -> PathBuf {
+/// The name of this process's event file in a folder, for a writer that
+/// opens it per write (the coordinator, for every run it records).
+fn process_file() -> String {
     static STARTED: OnceLock<String> = OnceLock::new();
     let started = STARTED.get_or_init(stamp);
-    dir.join(format!(
+    format!(
         "events.out.tfevents.{started}.{}.{}.coordinator",
         host(),
         std::process::id()
-    ))
+    )
 }
 
-/// Appends `metrics` to this process's event file in `dir`, creating it first —
-/// with a START at `first_step` — when this process has not written there yet.
-pub fn append(dir: &Path, first_step: u64, metrics: &[(String, f64)]) -> std::io::Result<()> {
-    let path = process_file(dir);
-    let mut w = match OpenOptions::new().append(true).open(&path) {
-        Ok(file) => EventWriter { file, path },
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            EventWriter::create_at(path, first_step)?
-        }
-        Err(e) => return Err(e),
+/// Appends `metrics` to this process's event file in `dir` (a confined
+/// folder), creating it first — with a START at `first_step` — when this
+/// process has not written there yet.
+pub fn append(dir: &Dir, first_step: u64, metrics: &[(String, f64)]) -> std::io::Result<()> {
+    let name = process_file();
+    let file = dir.file(&name, Access::Append)?;
+    let fresh = file.metadata()?.len() == 0;
+    let mut w = EventWriter {
+        file,
+        path: dir.path().join(name),
     };
+    if fresh {
+        w.header(first_step)?;
+    }
     w.scalars(metrics)
 }
 
-/// Starts this process's event file in `dir` at `first_step` (TensorBoard drops
-/// older files' events from there on) and writes `lines` into it first: the
-/// recorded steps from `first_step` on that the START would drop with them.
-pub fn restart(dir: &Path, first_step: u64, lines: &[Vec<(String, f64)>]) -> std::io::Result<()> {
-    let mut w = EventWriter::create_at(process_file(dir), first_step)?;
+/// Starts this process's event file in `dir` (a confined folder) at
+/// `first_step` (TensorBoard drops older files' events from there on) and
+/// writes `lines` into it first: the recorded steps from `first_step` on that
+/// the START would drop with them.
+pub fn restart(dir: &Dir, first_step: u64, lines: &[Vec<(String, f64)>]) -> std::io::Result<()> {
+    let name = process_file();
+    let mut w = EventWriter {
+        file: dir.file(&name, Access::CreateNew)?,
+        path: dir.path().join(name),
+    };
+    w.header(first_step)?;
     for m in lines {
         w.scalars(m)?;
     }

@@ -162,14 +162,16 @@ fn an_evaluation_never_recorded_is_dropped_when_the_writer_restarts() {
     std::thread::sleep(std::time::Duration::from_millis(5));
 
     // The run's record says evaluations through step 4.
-    dpo_data::metrics_log::settle_evaluations(out, 4, Some(&events)).expect("settle");
+    let out_dir = dpo_data::confined::Dir::open(out, false).expect("output");
+    dpo_data::metrics_log::settle_evaluations(&out_dir, 4, Some(&events)).expect("settle");
     let kept: Vec<u64> = read_jsonl(&out.join("eval.jsonl"))
         .iter()
         .filter_map(|l| l["step"].as_u64())
         .collect();
     assert_eq!(kept, [2, 4]);
     // The evaluation of step 5 is reported again, once.
-    dpo_data::tensorboard::append(&events, 6, &line(5, "eval_loss", 0.4)).expect("append");
+    let events_dir = dpo_data::confined::Dir::open(&events, false).expect("events");
+    dpo_data::tensorboard::append(&events_dir, 6, &line(5, "eval_loss", 0.4)).expect("append");
     let got = scalars(&events, &out.join("scalars.json"));
     let steps = |tag: &str| got[tag].iter().map(|p| p.0).collect::<Vec<_>>();
     assert_eq!(steps("train/loss"), [1, 2, 3, 4, 5]);
@@ -177,6 +179,6 @@ fn an_evaluation_never_recorded_is_dropped_when_the_writer_restarts() {
     assert_eq!(got["eval/loss"][2].1, 0.4);
     // Nothing to settle: no new file.
     let files = std::fs::read_dir(&events).expect("dir").count();
-    dpo_data::metrics_log::settle_evaluations(out, 5, Some(&events)).expect("settle");
+    dpo_data::metrics_log::settle_evaluations(&out_dir, 5, Some(&events)).expect("settle");
     assert_eq!(std::fs::read_dir(&events).expect("dir").count(), files);
 }
