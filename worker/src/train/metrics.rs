@@ -61,8 +61,18 @@ pub(super) fn step_metrics(stats: &Stats, objective: &Objective, f: StepFacts) -
     m
 }
 
+/// Starts this process's peak resident size (`VmHWM`) again from its present
+/// resident size (Linux ≥ 4.0: `5` into `/proc/self/clear_refs`), so a run's
+/// `memory/peak_bytes` is its own and not an earlier run's on the same worker.
+pub(crate) fn reset_peak_resident() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        tracing::debug!(error = %e, "could not reset the peak resident size; memory/peak_bytes counts from the process's start");
+    }
+}
+
 /// This process's peak resident size (`VmHWM`), in bytes: the peak memory of
-/// a CPU rank. `None` where /proc does not say.
+/// a CPU rank since the run began ([`reset_peak_resident`]). `None` where
+/// /proc does not say.
 pub(super) fn peak_resident_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb = status
@@ -172,5 +182,29 @@ impl Reporter {
             f.write(m)?;
         }
         self.event(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker's second run, smaller than its first, reports its own peak.
+    #[test]
+    fn the_peak_resident_size_starts_again_at_each_run() {
+        reset_peak_resident();
+        let base = peak_resident_bytes().expect("VmHWM");
+        // An earlier run's peak: 256 MiB touched, then given back.
+        let big = vec![1u8; 256 << 20];
+        std::hint::black_box(&big);
+        drop(big);
+        let after_big = peak_resident_bytes().expect("VmHWM");
+        assert!(after_big >= base + (200 << 20), "{base} → {after_big}");
+        reset_peak_resident();
+        let fresh = peak_resident_bytes().expect("VmHWM");
+        assert!(
+            fresh < base + (64 << 20),
+            "the mark kept the earlier peak: {base} → {after_big} → {fresh}"
+        );
     }
 }

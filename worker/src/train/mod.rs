@@ -242,6 +242,7 @@ impl Trainer {
         opts: &TrainOptions,
         collective: Box<dyn Collective>,
     ) -> Result<Self> {
+        metrics::reset_peak_resident();
         let models = Models::load(&spec, opts.device, false)?;
         let (train, train_report, eval, eval_report) =
             load_examples(&spec, &models.policy, models.reference_model.as_ref())?;
@@ -287,6 +288,8 @@ impl Trainer {
                 reason: "\"policy\" negatives are sampled by `dpo-worker train` (standalone); the coordinator cannot sample them yet".into(),
             });
         }
+        // A worker serves run after run: this run's peak is its own.
+        metrics::reset_peak_resident();
         let staged = refcache::precomputes(&spec);
         let models = Models::load(&spec, opts.device, staged)?;
         let out = spec.train.output.clone();
