@@ -132,10 +132,10 @@ impl Store {
 
     pub async fn delete_prefix(&self, prefix: &str) -> Result<()> {
         match self {
-            Store::Embedded(s) => {
-                let mut state = s.state.lock().await;
-                s.commit(&mut state, LogOp::DeletePrefix(prefix.to_string()), false)
-            }
+            Store::Embedded(s) => s
+                .commit(None, LogOp::DeletePrefix(prefix.to_string()), false)
+                .await
+                .map(|_| ()),
             Store::Etcd(e) => e.delete_prefix(prefix).await,
         }
     }
@@ -154,20 +154,7 @@ impl Store {
         self.written()
             .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
         match self {
-            Store::Embedded(s) => {
-                let mut state = s.state.lock().await;
-                if let Some(g) = fence {
-                    let current = state
-                        .map
-                        .get(GENERATION_KEY)
-                        .and_then(|v| v.parse::<u64>().ok());
-                    if current != Some(g) {
-                        return Ok(false);
-                    }
-                }
-                s.commit(&mut state, LogOp::Writes(writes), false)?;
-                Ok(true)
-            }
+            Store::Embedded(s) => s.commit(fence, LogOp::Writes(writes), false).await,
             Store::Etcd(e) => e.apply(fence, writes).await,
         }
     }
@@ -177,11 +164,7 @@ impl Store {
     /// failed for lack of space is still recorded as failed.
     pub async fn record_end(&self, writes: Vec<(String, Option<String>)>) -> Result<bool> {
         match self {
-            Store::Embedded(s) => {
-                let mut state = s.state.lock().await;
-                s.commit(&mut state, LogOp::Writes(writes), true)?;
-                Ok(true)
-            }
+            Store::Embedded(s) => s.commit(None, LogOp::Writes(writes), true).await,
             Store::Etcd(_) => self.apply(None, writes).await,
         }
     }
@@ -518,7 +501,9 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 #[derive(Debug)]
 pub struct Embedded {
     dir: PathBuf,
-    state: Mutex<EmbeddedState>,
+    /// Shared with the blocking thread that writes and fsyncs a change (the
+    /// lock is held across it, so changes stay in order).
+    state: std::sync::Arc<Mutex<EmbeddedState>>,
     written: std::sync::atomic::AtomicU64,
 }
 
@@ -635,13 +620,13 @@ impl Embedded {
         log.set_len(whole as u64).map_err(io(&log_path))?;
         let store = Embedded {
             dir: dir.to_path_buf(),
-            state: Mutex::new(EmbeddedState {
+            state: std::sync::Arc::new(Mutex::new(EmbeddedState {
                 map,
                 log,
                 log_bytes: whole as u64,
                 snapshot_bytes,
                 compact_at: COMPACT_MIN_BYTES.max(snapshot_bytes),
-            }),
+            })),
             written: Default::default(),
         };
         store.keep_reserve();
@@ -665,12 +650,13 @@ impl Embedded {
         }
     }
 
-    /// Gives the reserve's space back to the file system; whether there was one.
-    fn release_reserve(&self) -> bool {
-        let path = self.dir.join("store.reserve");
+    /// Gives the reserve's space in `dir` back to the file system; whether
+    /// there was one.
+    fn release_reserve(dir: &Path) -> bool {
+        let path = dir.join("store.reserve");
         let released = std::fs::remove_file(&path).is_ok();
         if released {
-            tracing::error!(dir = %self.dir.display(), "the disk is full: released the store's reserve to record a run's end; free space and restart to restore it");
+            tracing::error!(dir = %dir.display(), "the disk is full: released the store's reserve to record a run's end; free space and restart to restore it");
         }
         released
     }
@@ -688,11 +674,36 @@ impl Embedded {
         written
     }
 
+    /// Applies `op` if the generation counter equals `fence` (when one is
+    /// given; returns whether it did): the log line is written and fsynced,
+    /// and the log compacted when due, on a blocking thread, never on the
+    /// runtime's, while the lock keeps changes in order.
+    async fn commit(&self, fence: Option<u64>, op: LogOp, reserve: bool) -> Result<bool> {
+        let mut state = self.state.clone().lock_owned().await;
+        if let Some(g) = fence {
+            let current = state
+                .map
+                .get(GENERATION_KEY)
+                .and_then(|v| v.parse::<u64>().ok());
+            if current != Some(g) {
+                return Ok(false);
+            }
+        }
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || Self::commit_now(&dir, &mut state, op, reserve))
+            .await
+            .map_err(|e| StoreError::Io {
+                path: self.dir.join("store.log"),
+                source: std::io::Error::other(format!("the store's writer stopped: {e}")),
+            })??;
+        Ok(true)
+    }
+
     /// Makes `op` durable (one fsynced log line), applies it, and compacts when
     /// due. On a full disk the write is refused, unless `reserve` lets it use
     /// the space of `store.reserve`.
-    fn commit(&self, state: &mut EmbeddedState, op: LogOp, reserve: bool) -> Result<()> {
-        let log_path = self.dir.join("store.log");
+    fn commit_now(dir: &Path, state: &mut EmbeddedState, op: LogOp, reserve: bool) -> Result<()> {
+        let log_path = dir.join("store.log");
         let io = |source| StoreError::Io {
             path: log_path.clone(),
             source,
@@ -704,7 +715,7 @@ impl Embedded {
         line.push(b'\n');
         match Self::append(state, &line) {
             Ok(()) => {}
-            Err(e) if is_full(&e) && reserve && self.release_reserve() => {
+            Err(e) if is_full(&e) && reserve && Self::release_reserve(dir) => {
                 Self::append(state, &line).map_err(io)?;
             }
             Err(e) => return Err(io(e)),
@@ -713,7 +724,7 @@ impl Embedded {
         op.apply_to(&mut state.map);
         if state.log_bytes > state.compact_at {
             // The change is durable in the log whatever compaction does.
-            if let Err(e) = self.compact(state) {
+            if let Err(e) = Self::compact(dir, state) {
                 state.compact_at = state.log_bytes + COMPACT_MIN_BYTES;
                 tracing::warn!(error = %e, "could not compact the store; the log keeps growing until it can");
             }
@@ -724,8 +735,8 @@ impl Embedded {
     /// Writes the map as the new snapshot, then empties the log. A crash between
     /// the two replays the log over the new snapshot, which changes nothing
     /// (every logged change is already in it).
-    fn compact(&self, state: &mut EmbeddedState) -> Result<()> {
-        let snapshot = self.dir.join("store.json");
+    fn compact(dir: &Path, state: &mut EmbeddedState) -> Result<()> {
+        let snapshot = dir.join("store.json");
         let bytes = serde_json::to_vec(&state.map).map_err(|e| StoreError::Corrupt {
             path: snapshot.clone(),
             reason: e.to_string(),
@@ -734,7 +745,7 @@ impl Embedded {
             path: snapshot.clone(),
             source,
         })?;
-        let log_path = self.dir.join("store.log");
+        let log_path = dir.join("store.log");
         state
             .log
             .set_len(0)

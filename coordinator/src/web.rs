@@ -337,6 +337,32 @@ struct LineIndex {
     len: u64,
     /// (step, byte offset) of each line, in file order.
     lines: Vec<(i64, u64)>,
+    /// When a poll last read it.
+    used: Option<std::time::Instant>,
+}
+
+/// An index no page has polled for this long is dropped (its run ended, or
+/// nobody watches it); a later poll indexes the file anew.
+const INDEX_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// At most this many files are indexed at once; past it the least recently
+/// polled goes.
+const MAX_INDEXES: usize = 256;
+
+/// Drops the indexes idle for [`INDEX_IDLE`] at `now`, and makes room for one
+/// more under [`MAX_INDEXES`] unless `wanted` is already indexed.
+fn evict(indexes: &mut HashMap<PathBuf, LineIndex>, now: std::time::Instant, wanted: &Path) {
+    indexes.retain(|_, i| i.used.is_some_and(|u| now.duration_since(u) < INDEX_IDLE));
+    while indexes.len() >= MAX_INDEXES && !indexes.contains_key(wanted) {
+        let oldest = indexes
+            .iter()
+            .min_by_key(|(_, i)| i.used)
+            .map(|(p, _)| p.clone());
+        match oldest {
+            Some(p) => indexes.remove(&p),
+            None => break,
+        };
+    }
 }
 
 impl LineIndex {
@@ -347,7 +373,10 @@ impl LineIndex {
         let file = open_own(path)?;
         let len = file.metadata()?.len();
         if len < self.len {
-            *self = LineIndex::default();
+            *self = LineIndex {
+                used: self.used,
+                ..LineIndex::default()
+            };
         }
         if len == self.len {
             return Ok(());
@@ -384,7 +413,10 @@ fn lines_after(path: &Path, after: i64) -> (Vec<Value>, bool) {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
     };
+    let now = std::time::Instant::now();
+    evict(&mut indexes, now, path);
     let index = indexes.entry(path.to_path_buf()).or_default();
+    index.used = Some(now);
     if index.update(path).is_err() {
         return (Vec::new(), false);
     }
@@ -536,5 +568,47 @@ mod tests {
         assert_eq!(lines.len(), 1);
         assert_eq!(lines[0]["loss"], 0.5);
         Ok(())
+    }
+
+    #[test]
+    fn metrics_indexes_are_dropped_when_idle_and_bounded_in_number() {
+        let t0 = std::time::Instant::now();
+        let mut indexes: HashMap<PathBuf, LineIndex> = HashMap::new();
+        let at = |secs: u64| t0 + std::time::Duration::from_secs(secs);
+        for n in 0..MAX_INDEXES {
+            indexes.insert(
+                PathBuf::from(format!("/runs/{n}/metrics.jsonl")),
+                LineIndex {
+                    used: Some(at(n as u64)),
+                    ..LineIndex::default()
+                },
+            );
+        }
+        // Full: a new file pushes out the least recently polled one.
+        evict(
+            &mut indexes,
+            at(MAX_INDEXES as u64),
+            Path::new("/runs/new/metrics.jsonl"),
+        );
+        assert_eq!(indexes.len(), MAX_INDEXES - 1);
+        assert!(!indexes.contains_key(Path::new("/runs/0/metrics.jsonl")));
+        // One already indexed needs no room.
+        let mut full = indexes.len();
+        evict(
+            &mut indexes,
+            at(MAX_INDEXES as u64),
+            Path::new("/runs/1/metrics.jsonl"),
+        );
+        assert_eq!(indexes.len(), full);
+        // Idle ones go, whatever the count.
+        full = indexes.len();
+        evict(&mut indexes, at(10 + INDEX_IDLE.as_secs()), Path::new("/x"));
+        assert_eq!(indexes.len(), full - 10, "indexes polled at 1..=10 s went");
+        evict(
+            &mut indexes,
+            at(1000 + INDEX_IDLE.as_secs()),
+            Path::new("/x"),
+        );
+        assert!(indexes.is_empty());
     }
 }
