@@ -2,8 +2,10 @@
 //! their datasets once, forms worker generations, serves batches, records every
 //! step exactly once, and commits checkpoints with the data ledger.
 //!
-//! `engine` decides (no I/O, time as an argument); `coordinator` runs it and
-//! applies its effects; `service` is the gRPC face; `store` keeps the state.
+//! `engine` decides (no I/O, time as an argument); `coordinator` runs it
+//! (`effects`: applying what it decided; `recovery`: loading it back at start;
+//! `data`: the data plane); `service` is the gRPC face; `web` the HTTP port;
+//! `store` keeps the state.
 
 pub mod auth;
 pub mod coordinator;
