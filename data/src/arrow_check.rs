@@ -236,13 +236,28 @@ pub fn check(
             .map(|b| (b.offset(), b.metaDataLength(), b.bodyLength()))
             .collect();
         for (offset, meta_len, body_len) in blocks {
-            let (Ok(offset), Ok(meta_len), Ok(_)) = (
+            let (Ok(offset), Ok(meta_len), Ok(block_body)) = (
                 u64::try_from(offset),
                 u64::try_from(meta_len),
                 u64::try_from(body_len),
             ) else {
                 return Err(bad(path, "a block with a negative offset or length"));
             };
+            // arrow-ipc allocates the block's metadata and body lengths as
+            // the footer declares them, before it reads a byte: the block must
+            // lie inside the file.
+            if offset
+                .checked_add(meta_len)
+                .and_then(|n| n.checked_add(block_body))
+                .is_none_or(|end| end > len)
+            {
+                return Err(bad(
+                    path,
+                    format!(
+                        "a block at byte {offset} of {meta_len} + {block_body} bytes runs past the end of the file"
+                    ),
+                ));
+            }
             let Some((meta, framed)) = walk.frame(offset)? else {
                 return Err(bad(path, format!("an empty block at byte {offset}")));
             };
@@ -252,7 +267,15 @@ pub fn check(
                     format!("a block's metadata overruns it at byte {offset}"),
                 ));
             }
-            walk.message(&meta, offset + meta_len)?;
+            let message_body = walk.message(&meta, offset + meta_len)?;
+            if message_body != block_body {
+                return Err(bad(
+                    path,
+                    format!(
+                        "the block at byte {offset} declares a body of {block_body} bytes, its message {message_body}"
+                    ),
+                ));
+            }
         }
     } else {
         let mut at = 0u64;

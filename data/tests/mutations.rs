@@ -1,6 +1,7 @@
 //! A stable-Rust mutation harness over every dataset reader (`cargo fuzz`
 //! needs a nightly toolchain): small valid files written by pyarrow and by hand
-//! (Parquet with row groups, nested and zstd columns; an Arrow IPC stream; a
+//! (Parquet with row groups, nested and zstd columns; a zstd Arrow IPC stream
+//! and an Arrow IPC file, each first read whole; a
 //! JSON array; JSON lines) are damaged by seeded byte changes, insertions and
 //! truncations, and each damaged file is read to its end. A reader may refuse a
 //! file or read garbage; it must never panic, hang or allocate without bound.
@@ -59,8 +60,9 @@ fn mutate(bytes: &[u8], seed: u64) -> Vec<u8> {
     v
 }
 
-/// Reads every record of `path`; panics propagate (they are the bug).
-fn read_all(path: &Path) {
+/// Reads every record of `path`; how many were objects (panics propagate:
+/// they are the bug).
+fn read_all(path: &Path) -> usize {
     let layout = Layout {
         limits: dpo_proto::DataLimits {
             max_rows: 100_000,
@@ -71,13 +73,16 @@ fn read_all(path: &Path) {
         ..Layout::default()
     };
     let Ok(rows) = records::open(path, &layout, &[]) else {
-        return;
+        return 0;
     };
+    let mut n = 0;
     for row in rows.take(200_000) {
-        if row.is_err() {
-            return;
+        match row {
+            Ok(r) => n += usize::from(r.value.is_ok()),
+            Err(_) => return n,
         }
     }
+    n
 }
 
 #[test]
@@ -95,6 +100,8 @@ pq.write_table(table, os.path.join(out, "seed-snappy.parquet"), row_group_size=2
                use_dictionary=False, data_page_version="2.0")
 with ipc.new_stream(os.path.join(out, "seed.arrow"), table.schema,
                     options=ipc.IpcWriteOptions(compression="zstd")) as w:
+    w.write_table(table, max_chunksize=16)
+with ipc.new_file(os.path.join(out, "seed-file.arrow"), table.schema) as w:
     w.write_table(table, max_chunksize=16)
 with open(os.path.join(out, "seed.json"), "w") as f:
     json.dump(rows, f, ensure_ascii=False)
@@ -115,11 +122,12 @@ with open(os.path.join(out, "seed.jsonl"), "w") as f:
         "seed.parquet",
         "seed-snappy.parquet",
         "seed.arrow",
+        "seed-file.arrow",
         "seed.json",
         "seed.jsonl",
     ] {
         let original = std::fs::read(dir.path().join(name)).expect("seed file");
-        read_all(&dir.path().join(name));
+        assert_eq!(read_all(&dir.path().join(name)), 40, "{name} read whole");
         let ext = name.rsplit('.').next().expect("extension");
         let case = dir.path().join(format!("case.{ext}"));
         let seeds: Vec<u64> = match only {
@@ -129,7 +137,9 @@ with open(os.path.join(out, "seed.jsonl"), "w") as f:
         for seed in seeds {
             std::fs::write(&case, mutate(&original, seed)).expect("write");
             let start = Instant::now();
-            let outcome = std::panic::catch_unwind(|| read_all(&case));
+            let outcome = std::panic::catch_unwind(|| {
+                read_all(&case);
+            });
             slowest = slowest.max(start.elapsed());
             assert!(
                 outcome.is_ok(),
