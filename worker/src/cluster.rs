@@ -25,7 +25,7 @@ use crate::classify::{ClassifierTrainer, ClusterShape, TaggedSource};
 use crate::collective::tcp::{TcpCollective, TcpOptions};
 use crate::collective::{AbortSignal, CollectiveError};
 use crate::error::{Disposition, Error, Result};
-use crate::train::{Batches, Metrics, RunShape, Slice, Synced, TrainOptions, Trainer};
+use crate::train::{Batches, Metrics, RunShape, Slice, TrainOptions, Trainer, TrainingRun};
 use dpo_data::tagged::Encoded;
 
 type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
@@ -278,156 +278,6 @@ impl TaggedSource for RemoteBatches {
     }
 }
 
-/// The trainer of the run a worker holds: a causal LM's, or a classifier's.
-enum RunTrainer {
-    Lm(Box<Trainer>),
-    Classifier(Box<ClassifierTrainer>),
-}
-
-impl RunTrainer {
-    fn step(&self) -> u64 {
-        match self {
-            RunTrainer::Lm(t) => t.step(),
-            RunTrainer::Classifier(t) => t.step(),
-        }
-    }
-
-    fn finished(&self) -> bool {
-        match self {
-            RunTrainer::Lm(t) => t.finished(),
-            RunTrainer::Classifier(t) => t.finished(),
-        }
-    }
-
-    fn stopped_early(&self) -> bool {
-        match self {
-            RunTrainer::Lm(t) => t.stopped_early(),
-            RunTrainer::Classifier(t) => t.stopped_early(),
-        }
-    }
-
-    fn set_collective(&mut self, c: Box<dyn crate::collective::Collective>, generation: u64) {
-        match self {
-            RunTrainer::Lm(t) => t.set_collective(c, generation),
-            RunTrainer::Classifier(t) => t.set_collective(c, generation),
-        }
-    }
-
-    fn restore_checkpoint(&mut self, dir: &std::path::Path) -> Result<()> {
-        match self {
-            RunTrainer::Lm(t) => t.restore_checkpoint(dir),
-            RunTrainer::Classifier(t) => t.restore_checkpoint(dir),
-        }
-    }
-
-    fn sync_world(&mut self, checkpoint: Option<(&std::path::Path, u64)>) -> Result<Synced> {
-        match self {
-            RunTrainer::Lm(t) => t.sync_world(checkpoint),
-            RunTrainer::Classifier(t) => Ok(Synced {
-                root: t.sync_world()?,
-                ..Synced::default()
-            }),
-        }
-    }
-
-    fn reference_staged(&self) -> bool {
-        match self {
-            RunTrainer::Lm(t) => t.reference_staged(),
-            RunTrainer::Classifier(_) => false,
-        }
-    }
-
-    fn set_leaving(&mut self, leaving: bool) {
-        if let RunTrainer::Lm(t) = self {
-            t.set_leaving(leaving);
-        }
-    }
-
-    fn train_step(&mut self) -> Result<Metrics> {
-        match self {
-            RunTrainer::Lm(t) => t.train_step(),
-            RunTrainer::Classifier(t) => t.train_step(),
-        }
-    }
-
-    fn maybe_evaluate(&mut self) -> Result<Option<Metrics>> {
-        match self {
-            RunTrainer::Lm(t) => t.maybe_evaluate(),
-            RunTrainer::Classifier(t) => t.maybe_evaluate(),
-        }
-    }
-
-    /// The run's output, as the coordinator resolved it at submit, must still
-    /// be itself before anything is written there: a part of it replaced by a
-    /// symbolic link since would lead the writes out of the allowed folders.
-    fn check_output(&self) -> Result<()> {
-        let out = match self {
-            RunTrainer::Lm(t) => t.output(),
-            RunTrainer::Classifier(t) => t.output(),
-        };
-        dpo_data::confined::unmoved(out).map_err(|e| Error::Input {
-            context: "train.output".into(),
-            reason: e.to_string(),
-        })
-    }
-
-    fn maybe_checkpoint(&mut self) -> Result<Option<std::path::PathBuf>> {
-        self.check_output()?;
-        match self {
-            RunTrainer::Lm(t) => t.maybe_checkpoint(),
-            RunTrainer::Classifier(t) => t.maybe_checkpoint(),
-        }
-    }
-
-    fn prune_checkpoints(&self) -> Result<()> {
-        match self {
-            RunTrainer::Lm(t) => t.prune_checkpoints().map(|_| ()),
-            RunTrainer::Classifier(t) => t.prune_checkpoints(),
-        }
-    }
-
-    /// The ranks leaving after this step (ZeRO hands their shares over).
-    fn leavers(&self) -> &[usize] {
-        match self {
-            RunTrainer::Lm(t) => t.leavers(),
-            RunTrainer::Classifier(_) => &[],
-        }
-    }
-
-    fn hand_off(&mut self) -> Result<bool> {
-        match self {
-            RunTrainer::Lm(t) => t.hand_off(),
-            RunTrainer::Classifier(_) => {
-                Err(Error::State("a classifier holds no shares to hand off"))
-            }
-        }
-    }
-
-    fn sharded(&self) -> bool {
-        match self {
-            RunTrainer::Lm(t) => t.sharded(),
-            RunTrainer::Classifier(_) => false,
-        }
-    }
-
-    fn save_final(&self) -> Result<()> {
-        self.check_output()?;
-        match self {
-            RunTrainer::Lm(t) => t.save_final().map(|_| ()),
-            RunTrainer::Classifier(t) => t.save_final(),
-        }
-    }
-
-    fn lm(&mut self) -> Result<&mut Trainer> {
-        match self {
-            RunTrainer::Lm(t) => Ok(t),
-            RunTrainer::Classifier(_) => {
-                Err(Error::State("a classification run has no reference stage"))
-            }
-        }
-    }
-}
-
 fn metrics_proto(m: &Metrics) -> Vec<v1::Metric> {
     m.iter()
         .map(|(name, value)| v1::Metric {
@@ -444,7 +294,8 @@ struct Worker {
     device: Device,
     listener: TcpListener,
     shared: Arc<Shared>,
-    trainer: Option<(String, RunTrainer)>,
+    /// The run this worker holds and its training (any task, one loop).
+    trainer: Option<(String, Box<dyn TrainingRun>)>,
     /// The trainer was made for its run but has not restored the run's
     /// committed checkpoint yet (that happens once it is in a world).
     restore_pending: bool,
@@ -646,7 +497,6 @@ impl Worker {
             let opts = TrainOptions {
                 resume: false,
                 device: self.device,
-                halt_after_step: None,
             };
             tracing::info!(run = %work.run_id, name = %spec.name, "loading the run's model");
             let trainer = if spec.task.kind.is_classification() {
@@ -655,16 +505,16 @@ impl Worker {
                     total_steps: shape.total_steps,
                     has_eval: shape.has_eval,
                 };
-                RunTrainer::Classifier(Box::new(ClassifierTrainer::for_cluster(
+                Box::new(ClassifierTrainer::for_cluster(
                     spec,
                     self.device,
                     Box::new(batches),
                     shape,
-                )?))
+                )?) as Box<dyn TrainingRun>
             } else {
                 let mut trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
                 trainer.set_tear_at_step(self.tear_at_step.take());
-                RunTrainer::Lm(Box::new(trainer))
+                Box::new(trainer)
             };
             self.trainer = Some((work.run_id.clone(), trainer));
             self.restore_pending = true;
@@ -799,7 +649,7 @@ impl Worker {
                     step,
                     generation: work.generation,
                     world_size: work.world_size,
-                    metrics: e,
+                    metrics: e.metrics,
                 };
                 self.report(signal, work, &record, true)?;
             }
@@ -890,7 +740,7 @@ impl Worker {
             let Some((_, trainer)) = self.trainer.as_mut() else {
                 return Err(Error::State("no trainer for the run"));
             };
-            let records = trainer.lm()?.score_reference(&examples)?;
+            let records = trainer.score_reference(&examples)?;
             scored += examples.len();
             let (keys, sums): (Vec<Vec<u8>>, Vec<f32>) =
                 records.into_iter().map(|(k, v)| (k.to_vec(), v)).unzip();
@@ -916,7 +766,7 @@ impl Worker {
         let Some((_, trainer)) = self.trainer.as_mut() else {
             return Err(Error::State("no trainer for the run"));
         };
-        trainer.lm()?.finish_reference_stage()?;
+        trainer.finish_reference_stage()?;
         tracing::info!(
             generation = work.generation,
             scored,

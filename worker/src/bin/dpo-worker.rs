@@ -404,42 +404,35 @@ fn train(
     halt_after_step: Option<u64>,
     collective: Box<dyn dpo_worker::collective::Collective>,
 ) -> anyhow::Result<()> {
-    use dpo_worker::train::{Event, TrainOptions, Trainer};
+    use dpo_worker::classify::{ClassifierTrainer, ClassifyOptions};
+    use dpo_worker::train::{Event, TrainOptions, Trainer, TrainingRun, run_loop};
 
     let spec = dpo_proto::RunSpec::from_file(config)?;
-    tracing::info!(run = %spec.name, loss = ?spec.objective.loss, output = %spec.train.output.display(), "starting");
-    if spec.task.kind.is_classification() {
-        let opts = dpo_worker::classify::ClassifyOptions {
-            device,
-            resume,
-            halt_after_step,
-        };
-        return train_classifier(config, spec, opts, json, collective);
-    }
-    let opts = TrainOptions {
-        resume,
-        device,
-        halt_after_step,
+    tracing::info!(run = %spec.name, task = ?spec.task.kind, loss = ?spec.objective.loss, output = %spec.train.output.display(), "starting");
+    let preparing = || format!("preparing run {}", config.display());
+    // Every task trains through the one loop; only what it trains differs.
+    let mut run: Box<dyn TrainingRun> = if spec.task.kind.is_classification() {
+        let opts = ClassifyOptions { device, resume };
+        Box::new(ClassifierTrainer::new(spec, opts, collective).with_context(preparing)?)
+    } else {
+        let opts = TrainOptions { resume, device };
+        Box::new(Trainer::new(spec, &opts, collective).with_context(preparing)?)
     };
-    let mut trainer = Trainer::new(spec, &opts, collective)
-        .with_context(|| format!("preparing run {}", config.display()))?;
-    let bar = progress_bar(0)?;
+    let bar = progress_bar(run.total_steps())?;
     let log_every = std::cell::Cell::new(1u64);
-    let result = trainer.run(&mut |event| match event {
-        Event::Started {
-            start_step,
-            total_steps,
-            train,
-            eval,
-        } => {
-            bar.set_length(total_steps);
-            bar.set_position(start_step);
-            log_every.set((total_steps / 20).max(1));
+    let result = run_loop::run(run.as_mut(), halt_after_step, &mut |event| match event {
+        Event::Started(s) => {
+            bar.set_length(s.total_steps);
+            bar.set_position(s.start_step);
+            log_every.set((s.total_steps / 20).max(1));
             tracing::info!(
-                examples = train.map_or(0, |t| t.examples),
-                eval_examples = eval.map_or(0, |e| e.examples),
-                start_step,
-                total_steps,
+                examples = s.train_examples.unwrap_or(0),
+                eval_examples = s.eval_examples.unwrap_or(0),
+                labelled = ?s.labelled,
+                negatives = ?s.negatives,
+                labels = ?s.labels,
+                start_step = s.start_step,
+                total_steps = s.total_steps,
                 "training"
             );
         }
@@ -455,9 +448,14 @@ fn train(
                 tracing::info!(step, loss, "step");
             }
         }
-        Event::Eval { step, metrics } => {
-            let loss = metric(metrics, "eval_loss").unwrap_or(f64::NAN);
-            bar.suspend(|| tracing::info!(step, eval_loss = loss, "eval"));
+        Event::Eval(e) => {
+            let loss = metric(&e.metrics, "eval_loss").unwrap_or(f64::NAN);
+            match e.report.as_ref() {
+                Some(r) => bar.suspend(|| {
+                    tracing::info!(step = e.step, eval_loss = loss, eval_f1 = r.f1(), "eval")
+                }),
+                None => bar.suspend(|| tracing::info!(step = e.step, eval_loss = loss, "eval")),
+            }
         }
         Event::Checkpoint { step, path } => {
             bar.suspend(|| tracing::info!(step, path = %path.display(), "checkpoint"));
@@ -471,6 +469,7 @@ fn train(
         }
         other => other?,
     };
+    let metrics_of = |e: &Option<run_loop::Evaluation>| e.as_ref().map(|e| as_obj(&e.metrics));
     if json {
         let line = serde_json::json!({
             "steps": summary.steps,
@@ -478,7 +477,10 @@ fn train(
             "stopped_early": summary.stopped_early,
             "output": summary.output,
             "last": as_obj(&summary.last),
-            "eval": summary.eval.as_deref().map(as_obj),
+            "eval": metrics_of(&summary.eval),
+            "initial_eval": metrics_of(&summary.initial_eval),
+            "best_eval": metrics_of(&summary.best_eval),
+            "best_step": summary.best_eval.as_ref().map(|e| e.step),
         });
         println!("{line}");
         return Ok(());
@@ -496,97 +498,27 @@ fn train(
             .collect::<Vec<_>>()
             .join("\n")
     };
-    println!("last step:\n{}", show(&summary.last));
-    if let Some(e) = &summary.eval {
-        println!("eval:\n{}", show(e));
-    }
-    if summary.stopped_early {
-        println!(
-            "stopped early: eval loss did not improve for train.early_stopping_patience evaluations"
-        );
-    }
-    Ok(())
-}
-
-/// `dpo-worker train` for a token- or sequence-classification run spec.
-fn train_classifier(
-    config: &std::path::Path,
-    spec: dpo_proto::RunSpec,
-    opts: dpo_worker::classify::ClassifyOptions,
-    json: bool,
-    collective: Box<dyn dpo_worker::collective::Collective>,
-) -> anyhow::Result<()> {
-    use dpo_worker::classify::{ClassifierTrainer, Event};
-
-    let mut trainer = ClassifierTrainer::new(spec, opts, collective)
-        .with_context(|| format!("preparing run {}", config.display()))?;
-    let bar = progress_bar(trainer.total_steps())?;
-    let log_every = std::cell::Cell::new(1u64);
-    let summary = trainer.run(&mut |event| match event {
-        Event::Started {
-            total_steps,
-            labels,
-            train,
-            eval,
-        } => {
-            log_every.set((total_steps / 20).max(1));
-            tracing::info!(
-                examples = train.examples,
-                labelled = train.labelled,
-                negatives = train.negatives,
-                eval_examples = eval.map_or(0, |e| e.examples),
-                ?labels,
-                total_steps,
-                "training"
-            );
-        }
-        Event::Step { step, metrics, .. } => {
-            bar.set_position(step);
-            let loss = metric(metrics, "loss").unwrap_or(f64::NAN);
-            bar.set_message(format!("loss {loss:.4}"));
-            if bar.is_hidden() && step % log_every.get() == 0 {
-                tracing::info!(step, loss, "step");
-            }
-        }
-        Event::Eval { step, report } => {
-            bar.suspend(|| {
-                tracing::info!(step, eval_loss = report.loss, eval_f1 = report.f1(), "eval")
-            });
-        }
-    });
-    let summary = match summary {
-        Err(dpo_worker::Error::Halted { step }) => {
-            eprintln!("halted after step {step} (fault injection)");
-            std::process::exit(86);
-        }
-        other => other?,
-    };
-    bar.finish_and_clear();
-    if json {
-        let line = serde_json::json!({
-            "steps": summary.steps,
-            "seconds": summary.seconds,
-            "stopped_early": summary.stopped_early,
-            "output": summary.output,
-            "best_step": summary.best_step,
-            "last": as_obj(&summary.last),
-            "initial_eval": summary.initial_eval.as_ref().map(|r| as_obj(&r.metrics(0))),
-            "best_eval": summary.best_eval.as_ref().map(|r| as_obj(&r.metrics(summary.best_step.unwrap_or(0)))),
-        });
-        println!("{line}");
-        return Ok(());
-    }
-    println!(
-        "trained {} steps in {:.1}s -> {}",
-        summary.steps,
-        summary.seconds,
-        summary.output.join("final").display()
-    );
-    if let Some(r) = &summary.initial_eval {
+    // A classification run's reports (per-label tables) before and at its
+    // best; a causal LM's last step and evaluation.
+    if let Some(r) = summary
+        .initial_eval
+        .as_ref()
+        .and_then(|e| e.report.as_ref())
+    {
         println!("\nbefore training:\n{}", r.render());
     }
-    if let (Some(r), Some(step)) = (&summary.best_eval, summary.best_step) {
-        println!("best (step {step}, kept in final/):\n{}", r.render());
+    match summary.best_eval.as_ref() {
+        Some(e) if e.report.is_some() => {
+            if let Some(r) = &e.report {
+                println!("best (step {}, kept in final/):\n{}", e.step, r.render());
+            }
+        }
+        _ => {
+            println!("last step:\n{}", show(&summary.last));
+            if let Some(e) = &summary.eval {
+                println!("eval:\n{}", show(&e.metrics));
+            }
+        }
     }
     if summary.stopped_early {
         println!(

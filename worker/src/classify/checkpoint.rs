@@ -21,10 +21,10 @@ use crate::train::verify_manifest;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     step: u64,
-    best_step: Option<u64>,
-    best_metric: Option<f64>,
-    bad_evals: u64,
-    stopped_early: bool,
+    /// Early stopping (checkpoints written before the one loop name its
+    /// fields `best_metric` and `bad_evals`; both are read).
+    #[serde(flatten)]
+    stopping: crate::train::EarlyStopping,
     /// The epoch whose mining weights `miner.safetensors` holds (adversarial).
     #[serde(default)]
     miner_epoch: Option<u64>,
@@ -34,7 +34,7 @@ const MINER: &str = "miner.safetensors";
 
 impl ClassifierTrainer {
     pub(super) fn checkpoints_dir(&self) -> PathBuf {
-        self.output().join("checkpoints")
+        self.out.checkpoints()
     }
 
     /// Writes `checkpoints/step-N` for the current step (rank 0).
@@ -60,10 +60,7 @@ impl ClassifierTrainer {
         }
         let state = State {
             step: self.step,
-            best_step: self.best.map(|b| b.0),
-            best_metric: self.best.map(|b| b.1),
-            bad_evals: self.bad_evals,
-            stopped_early: self.stopped_early,
+            stopping: self.stopping,
             miner_epoch: self.miner.as_ref().map(|m| m.epoch),
         };
         let value = serde_json::to_value(&state).map_err(|e| Error::Input {
@@ -147,9 +144,7 @@ impl ClassifierTrainer {
             None => None,
         };
         self.step = state.step;
-        self.best = state.best_step.zip(state.best_metric);
-        self.bad_evals = state.bad_evals;
-        self.stopped_early = state.stopped_early;
+        self.stopping = state.stopping;
         tracing::info!(step = self.step, dir = %dir.display(), "resumed from checkpoint");
         Ok(())
     }

@@ -12,7 +12,9 @@
 //!
 //! In parts: `data` (files, labels, generated negatives, tokens), `objective`
 //! (the combined loss), `evaluate` (predictions and reports), `checkpoint`
-//! (checkpoints and resume). This file is the step loop.
+//! (checkpoints and resume). This file is the task's step and evaluation; the
+//! loop around them, early stopping and the output folder are the causal
+//! LMs' too (`crate::train::run_loop`).
 
 mod checkpoint;
 pub use dpo_data::task_data as data;
@@ -30,13 +32,16 @@ use serde_json::json;
 use tch::Device;
 
 use crate::collective::{Collective, all_reduce_gradients};
-use crate::error::{Error, Result, TorchContext, io_err};
+use crate::error::{Error, Result, TorchContext};
 use crate::model::encoder::{Encoder, Head};
 use crate::model::{checkpoint as model_io, kind_of};
 use crate::optim::{Optimizer, learning_rate};
 use crate::train::checkpoint::{remove_if_exists, step_dirs, truncate_jsonl};
-use crate::train::metrics::Reporter;
-use crate::train::{Metrics, splitmix};
+use crate::train::run_loop::{checkpoint_due, eval_due};
+use crate::train::{
+    EarlyStopping, Evaluation, Metrics, OutputPath, RunOutput, Started, Synced, TrainingRun,
+    splitmix,
+};
 
 use data::TaskData;
 use evaluate::EvalReport;
@@ -72,9 +77,6 @@ pub struct ClassifyOptions {
     pub device: Device,
     /// Continue from the newest checkpoint under `train.output`.
     pub resume: bool,
-    /// Fault injection for tests: stop like a crash once this step and its
-    /// checkpoint are written.
-    pub halt_after_step: Option<u64>,
 }
 
 /// Where a cluster rank's batches come from (the coordinator, in `cluster`).
@@ -109,40 +111,6 @@ pub struct ClusterShape {
     pub has_eval: bool,
 }
 
-/// Progress reported to the caller.
-#[derive(Debug)]
-pub enum Event<'a> {
-    Started {
-        total_steps: u64,
-        labels: &'a [String],
-        train: &'a data::DataCounts,
-        eval: Option<&'a data::DataCounts>,
-    },
-    Step {
-        step: u64,
-        total_steps: u64,
-        metrics: &'a Metrics,
-    },
-    Eval {
-        step: u64,
-        report: &'a EvalReport,
-    },
-}
-
-/// The end of a classification run.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub steps: u64,
-    pub last: Metrics,
-    /// The first evaluation (before any step) and the best one.
-    pub initial_eval: Option<EvalReport>,
-    pub best_eval: Option<EvalReport>,
-    pub best_step: Option<u64>,
-    pub stopped_early: bool,
-    pub output: PathBuf,
-    pub seconds: f64,
-}
-
 /// A classification run being trained.
 pub struct ClassifierTrainer {
     spec: RunSpec,
@@ -162,13 +130,12 @@ pub struct ClassifierTrainer {
     /// The generation of the world (0 standalone; set by the coordinator).
     generation: u64,
     resume: bool,
-    halt_after_step: Option<u64>,
+    /// The output folder, held open for the run.
+    out: RunOutput,
     /// Adversarial negatives: the weights of the start of the current epoch,
     /// which every rank mines its share of each batch with.
     miner: Option<Miner>,
-    best: Option<(u64, f64)>,
-    bad_evals: u64,
-    stopped_early: bool,
+    stopping: EarlyStopping,
 }
 
 impl std::fmt::Debug for ClassifierTrainer {
@@ -217,6 +184,7 @@ impl ClassifierTrainer {
             );
         }
         let labels = data.labels.clone();
+        let out = RunOutput::open(&spec.train.output, OutputPath::Trusted)?;
         Self::assemble(
             spec,
             opts,
@@ -227,6 +195,7 @@ impl ClassifierTrainer {
                 plan,
             },
             shape,
+            out,
         )
     }
 
@@ -248,10 +217,8 @@ impl ClassifierTrainer {
         let opts = ClassifyOptions {
             device,
             resume: false,
-            halt_after_step: None,
         };
-        let out = spec.train.output.clone();
-        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        let out = RunOutput::open(&spec.train.output, OutputPath::Confined)?;
         Self::assemble(
             spec,
             opts,
@@ -259,6 +226,7 @@ impl ClassifierTrainer {
             labels,
             Feed::Remote(source),
             shape,
+            out,
         )
     }
 
@@ -269,6 +237,7 @@ impl ClassifierTrainer {
         labels: dpo_data::tagged::Labels,
         feed: Feed,
         shape: ClusterShape,
+        out: RunOutput,
     ) -> Result<Self> {
         let device = opts.device;
         crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
@@ -313,11 +282,9 @@ impl ClassifierTrainer {
             step: 0,
             generation: 0,
             resume: opts.resume,
-            halt_after_step: opts.halt_after_step,
+            out,
             miner: None,
-            best: None,
-            bad_evals: 0,
-            stopped_early: false,
+            stopping: EarlyStopping::default(),
         })
     }
 
@@ -327,14 +294,6 @@ impl ClassifierTrainer {
 
     pub fn labels(&self) -> &[String] {
         self.labels.names()
-    }
-
-    pub fn total_steps(&self) -> u64 {
-        self.total_steps
-    }
-
-    pub(crate) fn output(&self) -> &Path {
-        &self.spec.train.output
     }
 
     fn adversarial(&self) -> bool {
@@ -595,137 +554,49 @@ impl ClassifierTrainer {
         )))
     }
 
-    /// Whether `report` is the best so far (and the early-stopping count).
-    fn judge(&mut self, report: &EvalReport) -> Result<bool> {
-        let name = &self.spec.train.metric_for_best_model;
-        let value = report.metric(name).ok_or_else(|| Error::Input {
-            context: "train.metric_for_best_model".into(),
-            reason: format!(
-                "{name:?} is not among this task's eval metrics: {}",
-                report.metric_names().join(", ")
-            ),
-        })?;
-        let greater = self.spec.greater_is_better();
-        let better = match self.best {
-            None => true,
-            Some((_, b)) => {
-                if greater {
-                    value > b
-                } else {
-                    value < b
-                }
-            }
-        };
-        if better {
-            self.best = Some((self.step, value));
-            self.bad_evals = 0;
-        } else {
-            self.bad_evals += 1;
-        }
-        let patience = self.spec.train.early_stopping_patience;
-        if patience > 0 && self.bad_evals >= patience && self.step < self.total_steps {
-            tracing::info!(step = self.step, patience, best = ?self.best, metric = %name, "early stopping: the metric stopped improving");
-            self.stopped_early = true;
-        }
-        Ok(better)
-    }
-
-    fn eval_due(&self) -> bool {
-        let every = self.spec.train.eval_every;
-        let due = if every > 0 {
-            self.step % every == 0
-        } else {
-            self.step % self.steps_per_epoch.max(1) == 0
-        };
-        due || self.step == self.total_steps
-    }
-
-    /// Optimizer steps completed.
-    pub fn step(&self) -> u64 {
-        self.step
-    }
-
-    /// Whether the run has nothing left to train.
-    pub fn finished(&self) -> bool {
-        self.step >= self.total_steps || self.stopped_early
-    }
-
-    pub fn stopped_early(&self) -> bool {
-        self.stopped_early
-    }
-
-    /// Joins a new world (generation): later collectives go to `collective`.
-    pub fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
-        self.collective = collective;
-        self.generation = generation;
-    }
-
-    /// Loads the committed checkpoint `dir` (a cluster's resume point).
-    pub fn restore_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        self.restore(dir)
-    }
-
     /// Evaluates when the step calls for it (end of an epoch, `eval_every`, the
     /// last step) and judges the result; rank 0 keeps the best weights in
-    /// `best/`. Returns the report and whether it is the best so far.
-    fn evaluate_if_due(&mut self) -> Result<Option<(EvalReport, bool)>> {
-        if !self.eval_due() {
+    /// `best/`.
+    fn evaluate_if_due(&mut self) -> Result<Option<Evaluation>> {
+        if !eval_due(
+            &self.spec,
+            self.step,
+            self.steps_per_epoch,
+            self.total_steps,
+        ) {
             return Ok(None);
         }
         let Some(report) = self.evaluate()? else {
             return Ok(None);
         };
-        let better = self.judge(&report)?;
-        if better && self.collective.rank() == 0 {
+        let metrics = report.metrics(self.step);
+        let best = self
+            .stopping
+            .observe(&self.spec, self.step, self.total_steps, &metrics)?;
+        if best && self.collective.rank() == 0 {
             self.save_model("best")?;
         }
-        Ok(Some((report, better)))
-    }
-
-    /// [`Self::evaluate_if_due`]'s metrics (`eval_*`, with `step`), as a
-    /// cluster reports them.
-    pub fn maybe_evaluate(&mut self) -> Result<Option<Metrics>> {
-        Ok(self
-            .evaluate_if_due()?
-            .map(|(report, _)| report.metrics(self.step)))
+        Ok(Some(Evaluation {
+            step: self.step,
+            metrics,
+            report: Some(report),
+            best,
+        }))
     }
 
     /// Writes the checkpoint of this step when `train.checkpoint_every` calls
     /// for it (rank 0; not at the last step, which writes `final/`).
-    pub fn maybe_checkpoint(&mut self) -> Result<Option<PathBuf>> {
-        let every = self.spec.train.checkpoint_every;
-        let due = every > 0
-            && self.step % every == 0
-            && self.step < self.total_steps
-            && !self.stopped_early;
+    fn checkpoint_if_due(&mut self) -> Result<Option<PathBuf>> {
+        let due = checkpoint_due(
+            &self.spec,
+            self.step,
+            self.total_steps,
+            self.stopping.stopped_early,
+        );
         if !due || self.collective.rank() != 0 {
             return Ok(None);
         }
         self.write_checkpoint().map(Some)
-    }
-
-    /// `final/` (rank 0): the best evaluation's weights (`best/`), else the
-    /// current ones.
-    pub fn save_final(&self) -> Result<()> {
-        if self.collective.rank() != 0 {
-            return Ok(());
-        }
-        let out = self.output();
-        let final_dir = out.join("final");
-        if out.join("best").exists() {
-            let tmp = out.join(".final.tmp");
-            if tmp.exists() {
-                std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-            }
-            copy_dir(&out.join("best"), &tmp)?;
-            if final_dir.exists() {
-                std::fs::remove_dir_all(&final_dir).map_err(io_err(&final_dir))?;
-            }
-            std::fs::rename(&tmp, &final_dir).map_err(io_err(&final_dir))?;
-        } else {
-            self.save_model("final")?;
-        }
-        Ok(())
     }
 
     /// Brings every rank of a (new) world to the same state: the ranks compare
@@ -755,13 +626,11 @@ impl ClassifierTrainer {
         };
         let max = all.iter().map(|b| step_of(b)).max().unwrap_or(0);
         let root = all.iter().position(|b| step_of(b) == max).unwrap_or(0);
-        let state = json!({
-            "step": self.step,
-            "best_step": self.best.map(|b| b.0),
-            "best_metric": self.best.map(|b| b.1),
-            "bad_evals": self.bad_evals,
-            "stopped_early": self.stopped_early,
-        });
+        let mut state = serde_json::to_value(self.stopping).map_err(|e| Error::Input {
+            context: "training state".into(),
+            reason: e.to_string(),
+        })?;
+        state["step"] = json!(self.step);
         let got = self
             .collective
             .broadcast(state.to_string().as_bytes(), root)?;
@@ -769,15 +638,14 @@ impl ClassifierTrainer {
             context: format!("training state from rank {root}"),
             reason: e.to_string(),
         })?;
-        let number = |k: &str| state.get(k).and_then(serde_json::Value::as_u64);
-        self.step = number("step").unwrap_or(0);
-        self.best =
-            number("best_step").zip(state.get("best_metric").and_then(serde_json::Value::as_f64));
-        self.bad_evals = number("bad_evals").unwrap_or(0);
-        self.stopped_early = state
-            .get("stopped_early")
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(false);
+        self.step = state
+            .get("step")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        self.stopping = serde_json::from_value(state).map_err(|e| Error::Input {
+            context: format!("training state from rank {root}"),
+            reason: e.to_string(),
+        })?;
         let params: Vec<tch::Tensor> = self
             .optimizer
             .params()
@@ -816,28 +684,17 @@ impl ClassifierTrainer {
         Ok(Some(root))
     }
 
-    /// Saves the model as an HF directory, atomically (a temporary name, renamed).
+    /// Saves the model as an HF directory, whole or not at all.
     fn save_model(&self, name: &str) -> Result<PathBuf> {
-        let out = self.output().to_path_buf();
-        let dir = out.join(name);
-        let tmp = out.join(format!(".{name}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
-        }
-        self.model.save(&tmp, Some(&self.tokenizer_dir), 5 << 30)?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
-        Ok(dir)
+        self.out.publish(name, |dir| {
+            self.model.save(dir, Some(&self.tokenizer_dir), 5 << 30)
+        })
     }
 
-    /// Trains to the end (or early stop). Rank 0 writes `metrics.jsonl`,
-    /// `eval.jsonl`, `best/` and `final/` under `train.output`.
-    pub fn run(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
-        let started = Instant::now();
+    /// Standalone: resumes from the newest checkpoint (`--resume`), or makes
+    /// sure the output holds no other run, and writes `run.json` (rank 0).
+    fn prepare_output(&mut self) -> Result<()> {
         let writer = self.collective.rank() == 0;
-        let out = self.output().to_path_buf();
         let latest = step_dirs(&self.checkpoints_dir())?
             .into_iter()
             .max_by_key(|(n, _)| *n);
@@ -848,106 +705,154 @@ impl ClassifierTrainer {
                 tracing::info!("no checkpoint to resume from; starting at step 0");
             }
         }
-        if writer {
-            std::fs::create_dir_all(&out).map_err(io_err(&out))?;
-            let metrics = out.join("metrics.jsonl");
-            if self.resume {
-                for f in ["metrics.jsonl", "eval.jsonl"] {
-                    if latest.is_some() {
-                        truncate_jsonl(&out.join(f), self.step)?;
-                    } else {
-                        remove_if_exists(&out.join(f))?;
-                    }
+        if !writer {
+            return Ok(());
+        }
+        let out = self.out.io();
+        if self.resume {
+            for f in ["metrics.jsonl", "eval.jsonl"] {
+                if latest.is_some() {
+                    truncate_jsonl(&out.join(f), self.step)?;
+                } else {
+                    remove_if_exists(&out.join(f))?;
                 }
-            } else if metrics.exists() || out.join("final").exists() || latest.is_some() {
-                return Err(Error::Input {
-                    context: out.display().to_string(),
-                    reason: "this output directory already holds a run: pass --resume to continue it, or set train.output to a new directory".into(),
-                });
             }
-            let (train, eval) = match &self.feed {
-                Feed::Local { data, .. } => (
-                    Some(counts_json(&data.train.counts)),
-                    data.eval.as_ref().map(|e| counts_json(&e.counts)),
-                ),
-                Feed::Remote(_) => (None, None),
-            };
-            let run = json!({
-                "spec": serde_json::to_value(&self.spec).unwrap_or_default(),
-                "labels": self.labels.names(),
-                "data": {"train": train, "eval": eval},
-                "steps_per_epoch": self.steps_per_epoch,
-                "total_steps": self.total_steps,
-            });
-            model_io::write_json(&out.join("run.json"), &run)?;
-        }
-        if let Feed::Local { data, .. } = &self.feed {
-            on_event(Event::Started {
-                total_steps: self.total_steps,
-                labels: self.labels.names(),
-                train: &data.train.counts,
-                eval: data.eval.as_ref().map(|e| &e.counts),
+        } else if self.out.holds("metrics.jsonl") || self.out.holds("final") || latest.is_some() {
+            return Err(Error::Input {
+                context: self.out.named().display().to_string(),
+                reason: "this output directory already holds a run: pass --resume to continue it, or set train.output to a new directory".into(),
             });
         }
-        let mut reporter = if writer {
-            Some(Reporter::open(&out, &self.spec, self.has_eval, self.step)?)
-        } else {
-            None
+        let (train, eval) = match &self.feed {
+            Feed::Local { data, .. } => (
+                Some(counts_json(&data.train.counts)),
+                data.eval.as_ref().map(|e| counts_json(&e.counts)),
+            ),
+            Feed::Remote(_) => (None, None),
         };
-        // The model before training, for the before/after report.
-        let initial_eval = if self.step == 0 {
-            self.evaluate()?
-        } else {
-            None
+        let run = json!({
+            "spec": serde_json::to_value(&self.spec).unwrap_or_default(),
+            "labels": self.labels.names(),
+            "data": {"train": train, "eval": eval},
+            "steps_per_epoch": self.steps_per_epoch,
+            "total_steps": self.total_steps,
+        });
+        model_io::write_json(&out.join("run.json"), &run)
+    }
+}
+
+impl TrainingRun for ClassifierTrainer {
+    fn spec(&self) -> &RunSpec {
+        &self.spec
+    }
+
+    fn step(&self) -> u64 {
+        self.step
+    }
+
+    fn total_steps(&self) -> u64 {
+        self.total_steps
+    }
+
+    fn stopped_early(&self) -> bool {
+        self.stopping.stopped_early
+    }
+
+    fn output(&self) -> &RunOutput {
+        &self.out
+    }
+
+    fn has_eval(&self) -> bool {
+        self.has_eval
+    }
+
+    fn writes_metrics(&self) -> bool {
+        matches!(self.feed, Feed::Local { .. }) && self.collective.rank() == 0
+    }
+
+    fn begin(&mut self) -> Result<()> {
+        self.prepare_output()
+    }
+
+    fn started(&self) -> Started {
+        let (train, eval) = match &self.feed {
+            Feed::Local { data, .. } => (
+                Some(&data.train.counts),
+                data.eval.as_ref().map(|e| &e.counts),
+            ),
+            Feed::Remote(_) => (None, None),
         };
-        if let Some(r) = &initial_eval {
-            if let Some(rep) = reporter.as_mut() {
-                rep.eval(&r.metrics(0))?;
-            }
-            on_event(Event::Eval { step: 0, report: r });
+        Started {
+            start_step: self.step,
+            total_steps: self.total_steps,
+            train_examples: train.map(|c| c.examples),
+            eval_examples: eval.map(|c| c.examples),
+            labels: self.labels.names().to_vec(),
+            labelled: train.map(|c| c.labelled),
+            negatives: train.map(|c| c.negatives),
         }
-        let mut last = Metrics::new();
-        let mut best_eval = None;
-        while self.step < self.total_steps && !self.stopped_early {
-            last = self.train_step()?;
-            if let Some(r) = reporter.as_mut() {
-                r.step(&last)?;
-            }
-            on_event(Event::Step {
-                step: self.step,
-                total_steps: self.total_steps,
-                metrics: &last,
-            });
-            if let Some((report, better)) = self.evaluate_if_due()? {
-                if let Some(r) = reporter.as_mut() {
-                    r.eval(&report.metrics(self.step))?;
-                }
-                on_event(Event::Eval {
-                    step: self.step,
-                    report: &report,
-                });
-                if better {
-                    best_eval = Some(report);
-                }
-            }
-            if self.maybe_checkpoint()?.is_some() {
-                self.prune_checkpoints()?;
-            }
-            if self.halt_after_step == Some(self.step) {
-                return Err(Error::Halted { step: self.step });
-            }
+    }
+
+    /// The model before training, for the before/after report (not judged:
+    /// `best/` holds trained weights only).
+    fn initial_evaluation(&mut self) -> Result<Option<Evaluation>> {
+        if self.step != 0 {
+            return Ok(None);
         }
-        self.save_final()?;
-        Ok(Summary {
-            steps: self.step,
-            last,
-            initial_eval,
-            best_eval,
-            best_step: self.best.map(|(s, _)| s),
-            stopped_early: self.stopped_early,
-            output: out,
-            seconds: started.elapsed().as_secs_f64(),
+        Ok(self.evaluate()?.map(|report| Evaluation {
+            step: 0,
+            metrics: report.metrics(0),
+            report: Some(report),
+            best: false,
+        }))
+    }
+
+    fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
+        self.collective = collective;
+        self.generation = generation;
+    }
+
+    fn restore_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        // Read through the held output folder, not by the name.
+        let dir = self.out.resolve(dir);
+        self.restore(&dir)
+    }
+
+    fn sync_world(&mut self, _checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
+        Ok(Synced {
+            root: ClassifierTrainer::sync_world(self)?,
+            ..Synced::default()
         })
+    }
+
+    fn train_step(&mut self) -> Result<Metrics> {
+        ClassifierTrainer::train_step(self)
+    }
+
+    fn maybe_evaluate(&mut self) -> Result<Option<Evaluation>> {
+        self.evaluate_if_due()
+    }
+
+    fn maybe_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        Ok(self.checkpoint_if_due()?.map(|dir| self.out.named_of(&dir)))
+    }
+
+    fn prune_checkpoints(&self) -> Result<()> {
+        ClassifierTrainer::prune_checkpoints(self)
+    }
+
+    /// `final/` (rank 0): the best evaluation's weights (`best/`), else the
+    /// current ones.
+    fn save_final(&self) -> Result<()> {
+        if self.collective.rank() != 0 {
+            return Ok(());
+        }
+        if self.out.holds("best") {
+            self.out.publish_copy("best", "final")?;
+        } else {
+            self.save_model("final")?;
+        }
+        Ok(())
     }
 }
 
@@ -958,17 +863,4 @@ fn counts_json(c: &data::DataCounts) -> serde_json::Value {
         "negatives": c.negatives,
         "truncated": c.truncated,
     })
-}
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    std::fs::create_dir_all(to).map_err(io_err(to))?;
-    for entry in std::fs::read_dir(from).map_err(io_err(from))? {
-        let entry = entry.map_err(io_err(from))?;
-        let path = entry.path();
-        if path.is_file() {
-            let dest = to.join(entry.file_name());
-            std::fs::copy(&path, &dest).map_err(io_err(&dest))?;
-        }
-    }
-    Ok(())
 }

@@ -32,12 +32,12 @@ const MAX_SHARD_BYTES: u64 = 5 * 1024 * 1024 * 1024;
 
 impl Trainer {
     fn checkpoints_dir(&self) -> PathBuf {
-        self.output().join("checkpoints")
+        self.out.checkpoints()
     }
 
     /// Creates the output directory, refusing to mix two runs in one directory.
     pub(super) fn prepare_output(&mut self, resume: bool) -> Result<()> {
-        let out = self.output().to_path_buf();
+        let out = self.out.io();
         if self.collective.rank() != 0 {
             // Rank 0 owns the output directory; the others only read checkpoints.
             if resume && let Some((_, dir)) = latest_checkpoint(&self.checkpoints_dir())? {
@@ -45,7 +45,6 @@ impl Trainer {
             }
             return Ok(());
         }
-        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
         let latest = latest_checkpoint(&self.checkpoints_dir())?;
         let metrics = out.join("metrics.jsonl");
         if resume {
@@ -62,7 +61,7 @@ impl Trainer {
             }
         } else if latest.is_some() || metrics.exists() {
             return Err(Error::Input {
-                context: out.display().to_string(),
+                context: self.out.named().display().to_string(),
                 reason: "this output directory already holds a run: pass --resume to continue it, or set train.output to a new directory".into(),
             });
         }
@@ -167,7 +166,10 @@ impl Trainer {
     pub fn maybe_checkpoint(&mut self) -> Result<Option<PathBuf>> {
         let step = self.state.step;
         let ck = self.spec.train.checkpoint_every;
-        if !(ck > 0 && step % ck == 0 && step < self.shape.total_steps && !self.state.stopped_early)
+        if !(ck > 0
+            && step % ck == 0
+            && step < self.shape.total_steps
+            && !self.state.stopping.stopped_early)
         {
             return Ok(None);
         }
@@ -273,17 +275,17 @@ impl Trainer {
         Ok(removed)
     }
 
-    /// Rank 0 writes the final model under `train.output/final`.
+    /// Rank 0 writes the final model under `train.output/final` (whole or
+    /// not at all).
     pub fn save_final(&self) -> Result<Option<PathBuf>> {
         if self.collective.rank() != 0 {
             return Ok(None);
         }
-        let dir = self.output().join("final");
         let base = &self.spec.model.path;
-        match &self.spec.lora {
+        let dir = self.out.publish("final", |dir| match &self.spec.lora {
             Some(lora) if self.policy.adapters().is_some() => {
                 // PEFT's format; with `merge`, also the base with the adapters in.
-                crate::model::peft::save_adapter(&self.policy, &dir, base)?;
+                crate::model::peft::save_adapter(&self.policy, dir, base)?;
                 if lora.merge {
                     let merged = self.policy.merged_parameters()?;
                     checkpoint::save_tensors(
@@ -294,9 +296,10 @@ impl Trainer {
                         MAX_SHARD_BYTES,
                     )?;
                 }
+                Ok(())
             }
-            _ => checkpoint::save(&self.policy, &dir, Some(base), MAX_SHARD_BYTES)?,
-        }
+            _ => checkpoint::save(&self.policy, dir, Some(base), MAX_SHARD_BYTES),
+        })?;
         Ok(Some(dir))
     }
 

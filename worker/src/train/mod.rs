@@ -14,12 +14,17 @@
 //! `reference` (where reference log-probs come from: one `ReferenceSource` per
 //! mode), `sync` (the `TrainerState` ranks exchange and checkpoints store;
 //! keeping ranks identical), `checkpoint` (checkpoints, resume, the output
-//! directory), `metrics` (metric lines and files). This file is the step loop.
+//! directory), `metrics` (metric lines and files), `output` (the output
+//! folder, held open for the run), `run_loop` (the one loop every task trains
+//! through, and early stopping). This file is the causal-LM task: its models,
+//! its step and its evaluation.
 
 mod batches;
 pub(crate) mod checkpoint;
 pub(crate) mod metrics;
+pub mod output;
 mod reference;
+pub mod run_loop;
 mod stage2;
 pub(crate) mod sync;
 
@@ -32,7 +37,7 @@ use dpo_proto::{Loss, Negatives, ReferenceModel, RunSpec};
 use tch::{Device, Tensor};
 
 use crate::collective::{Collective, all_reduce_gradients};
-use crate::error::{Error, Result, TorchContext, io_err};
+use crate::error::{Error, Result, TorchContext};
 use crate::model::llama::LayerGrads;
 use crate::model::{CausalLm, checkpoint as model_io, kind_of};
 use crate::objective::{self, MicroBatch, Objective, Stats};
@@ -42,11 +47,13 @@ use crate::zero::Partition;
 pub use batches::{Batches, LocalBatches, Slice, Split};
 pub use checkpoint::{latest_checkpoint, read_optimizer_state, verify_manifest};
 pub use metrics::Metrics;
+pub use output::{OutputPath, RunOutput};
 pub use reference::{BatchPosition, ReferenceSource};
+pub use run_loop::{EarlyStopping, Evaluation, Event, Started, Summary, TrainingRun};
 pub use sync::{Rollback, Synced, TrainerState};
 
 use batches::load_examples;
-use metrics::{Reporter, StepFacts, eval_metrics, step_metrics};
+use metrics::{StepFacts, eval_metrics, step_metrics};
 use reference::{FrozenModel, NoReference, PolicyBase, Precomputed, Staged};
 use sync::PARAMETER_CHECK_EVERY;
 
@@ -64,44 +71,6 @@ pub struct TrainOptions {
     /// Continue from the newest checkpoint under `train.output`.
     pub resume: bool,
     pub device: Device,
-    /// Fault injection for tests: stop like a crash (no final model) once this step
-    /// and its checkpoint are written.
-    pub halt_after_step: Option<u64>,
-}
-
-/// Progress reported to the caller (progress bar, logs).
-#[derive(Debug)]
-pub enum Event<'a> {
-    Started {
-        start_step: u64,
-        total_steps: u64,
-        train: Option<&'a DataReport>,
-        eval: Option<&'a DataReport>,
-    },
-    Step {
-        step: u64,
-        total_steps: u64,
-        metrics: &'a Metrics,
-    },
-    Eval {
-        step: u64,
-        metrics: &'a Metrics,
-    },
-    Checkpoint {
-        step: u64,
-        path: &'a Path,
-    },
-}
-
-/// The end of a run.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub steps: u64,
-    pub last: Metrics,
-    pub eval: Option<Metrics>,
-    pub stopped_early: bool,
-    pub output: PathBuf,
-    pub seconds: f64,
 }
 
 /// The models of a run: the policy, and the reference when it is a separate directory.
@@ -187,10 +156,11 @@ pub struct Trainer {
     collective: Box<dyn Collective>,
     /// The generation of the world (0 standalone; set by the coordinator).
     generation: u64,
-    halt_after_step: Option<u64>,
     /// Whether rank 0 writes metrics.jsonl and eval.jsonl (standalone); in a
     /// cluster the coordinator writes them from the ranks' reports.
     writes_metrics: bool,
+    /// The output folder, held open for the run.
+    out: RunOutput,
     objective: Objective,
     policy: CausalLm,
     reference: Box<dyn ReferenceSource>,
@@ -255,6 +225,7 @@ impl Trainer {
             train_report: Some(train_report),
             eval_report,
         };
+        let out = RunOutput::open(&spec.train.output, OutputPath::Trusted)?;
         let mut trainer = Self::assemble(
             spec,
             opts,
@@ -263,6 +234,7 @@ impl Trainer {
             Box::new(local),
             shape,
             false,
+            out,
         )?;
         trainer.shard_base_for_world()?;
         trainer.writes_metrics = true;
@@ -292,8 +264,7 @@ impl Trainer {
         metrics::reset_peak_resident();
         let staged = refcache::precomputes(&spec);
         let models = Models::load(&spec, opts.device, staged)?;
-        let out = spec.train.output.clone();
-        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        let out = RunOutput::open(&spec.train.output, OutputPath::Confined)?;
         Self::assemble(
             spec,
             opts,
@@ -302,6 +273,7 @@ impl Trainer {
             batches,
             shape,
             staged,
+            out,
         )
     }
 
@@ -313,6 +285,7 @@ impl Trainer {
         batches: Box<dyn Batches>,
         shape: RunShape,
         staged: bool,
+        out: RunOutput,
     ) -> Result<Self> {
         let Models {
             objective,
@@ -389,8 +362,8 @@ impl Trainer {
             spec,
             collective,
             generation: 0,
-            halt_after_step: opts.halt_after_step,
             writes_metrics: false,
+            out,
             objective,
             policy,
             reference,
@@ -446,29 +419,6 @@ impl Trainer {
         Ok(())
     }
 
-    pub(crate) fn output(&self) -> &Path {
-        &self.spec.train.output
-    }
-
-    /// Optimizer steps completed.
-    pub fn step(&self) -> u64 {
-        self.state.step
-    }
-
-    pub fn total_steps(&self) -> u64 {
-        self.shape.total_steps
-    }
-
-    /// Whether early stopping ended the run.
-    pub fn stopped_early(&self) -> bool {
-        self.state.stopped_early
-    }
-
-    /// Whether the run has nothing left to train.
-    pub fn finished(&self) -> bool {
-        self.state.step >= self.shape.total_steps || self.state.stopped_early
-    }
-
     pub fn rank(&self) -> usize {
         self.collective.rank()
     }
@@ -516,12 +466,6 @@ impl Trainer {
         out
     }
 
-    /// Joins a new world (generation): later collectives go to `collective`.
-    pub fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
-        self.collective = collective;
-        self.generation = generation;
-    }
-
     /// Scores every train and eval example once with the frozen reference
     /// model (or takes the sums from the reference cache), then frees the model.
     fn precompute_reference(&mut self) -> Result<()> {
@@ -543,27 +487,6 @@ impl Trainer {
         let sums = Precomputed::compute(&self.spec, model, train_all, eval_all, self.packing())?;
         self.reference = Box::new(sums);
         Ok(())
-    }
-
-    /// Whether this trainer takes its reference sums from the coordinator's
-    /// reference stage.
-    pub fn reference_staged(&self) -> bool {
-        self.reference.staged()
-    }
-
-    /// The reference stage: scores `examples` (pairs) with the reference model,
-    /// loading it first if this worker holds none. Returns each sequence's cache
-    /// key and Σ log π_ref, chosen then rejected per example.
-    pub fn score_reference(&mut self, examples: &[Example]) -> Result<Vec<(refcache::Key, f32)>> {
-        let packing = self.packing();
-        self.reference.score_stage(examples, packing)
-    }
-
-    /// Ends this worker's part of the reference stage: frees the model and waits
-    /// for every rank (so nobody trains before every share is stored).
-    pub fn finish_reference_stage(&mut self) -> Result<()> {
-        self.reference.end_stage();
-        Ok(self.collective.barrier()?)
     }
 
     /// Row length for pair-aware packing, when the spec asks for it.
@@ -836,12 +759,16 @@ impl Trainer {
     }
 
     /// Evaluates when the step calls for it (`eval_every`, or the last step) and
-    /// updates the early-stopping state; returns the eval metrics (with `step`).
-    pub fn maybe_evaluate(&mut self) -> Result<Option<Metrics>> {
+    /// updates the early-stopping state.
+    fn evaluate_if_due(&mut self) -> Result<Option<Evaluation>> {
         let step = self.state.step;
-        let every = self.spec.train.eval_every;
         if !self.shape.has_eval
-            || !((every > 0 && step % every == 0) || step == self.shape.total_steps)
+            || !run_loop::eval_due(
+                &self.spec,
+                step,
+                self.shape.steps_per_epoch,
+                self.shape.total_steps,
+            )
         {
             return Ok(None);
         }
@@ -850,98 +777,127 @@ impl Trainer {
             return Ok(None);
         };
         let stats = self.run_slice(Split::Eval, &slice, false)?;
-        let e = eval_metrics(&stats, &self.objective, step);
-        // `train.metric_for_best_model` (eval_loss unless set), lower or higher
-        // being better as `greater_is_better` says.
-        let name = &self.spec.train.metric_for_best_model;
-        let Some(value) = e.iter().find(|(k, _)| k == name).map(|(_, v)| *v) else {
-            return Err(Error::Input {
-                context: "train.metric_for_best_model".into(),
-                reason: format!(
-                    "{name:?} is not among this run's eval metrics: {}",
-                    e.iter()
-                        .skip(1)
-                        .map(|(k, _)| k.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            });
-        };
-        let greater = self.spec.greater_is_better();
-        let better = self
-            .state
-            .best_eval
-            .is_none_or(|b| if greater { value > b } else { value < b });
-        if better {
-            self.state.best_eval = Some(value);
-            self.state.bad_evals = 0;
-        } else {
-            self.state.bad_evals += 1;
-        }
-        let patience = self.spec.train.early_stopping_patience;
-        if patience > 0 && self.state.bad_evals >= patience && step < self.shape.total_steps {
-            tracing::info!(step, patience, best = ?self.state.best_eval, metric = %name, "early stopping: the metric stopped improving");
-            self.state.stopped_early = true;
-        }
-        Ok(Some(e))
+        let metrics = eval_metrics(&stats, &self.objective, step);
+        let best =
+            self.state
+                .stopping
+                .observe(&self.spec, step, self.shape.total_steps, &metrics)?;
+        Ok(Some(Evaluation {
+            step,
+            metrics,
+            report: None,
+            best,
+        }))
+    }
+}
+
+impl TrainingRun for Trainer {
+    fn spec(&self) -> &RunSpec {
+        &self.spec
     }
 
-    /// Trains to the end (or early stop), reporting through `on_event`.
-    pub fn run(&mut self, on_event: &mut dyn FnMut(Event<'_>)) -> Result<Summary> {
-        let started = Instant::now();
+    fn step(&self) -> u64 {
+        self.state.step
+    }
+
+    fn total_steps(&self) -> u64 {
+        self.shape.total_steps
+    }
+
+    fn stopped_early(&self) -> bool {
+        self.state.stopping.stopped_early
+    }
+
+    fn output(&self) -> &RunOutput {
+        &self.out
+    }
+
+    fn has_eval(&self) -> bool {
+        self.shape.has_eval
+    }
+
+    fn writes_metrics(&self) -> bool {
+        self.writes_metrics && self.collective.rank() == 0
+    }
+
+    fn begin(&mut self) -> Result<()> {
         self.sync_from(0)?;
-        self.enter_zero()?;
-        on_event(Event::Started {
+        self.enter_zero()
+    }
+
+    fn started(&self) -> Started {
+        Started {
             start_step: self.state.step,
             total_steps: self.shape.total_steps,
-            train: self.shape.train_report.as_ref(),
-            eval: self.shape.eval_report.as_ref(),
-        });
-        let out = self.output().to_path_buf();
-        let writer = self.collective.rank() == 0 && self.writes_metrics;
-        let mut reporter = if writer {
-            Some(Reporter::open(&out, &self.spec, true, self.state.step)?)
-        } else {
-            None
-        };
-        let mut last: Metrics = Vec::new();
-        let mut last_eval = None;
-        let total_steps = self.shape.total_steps;
-        while !self.finished() {
-            let m = self.train_step()?;
-            let step = self.state.step;
-            if let Some(r) = reporter.as_mut() {
-                r.step(&m)?;
-            }
-            on_event(Event::Step {
-                step,
-                total_steps,
-                metrics: &m,
-            });
-            last = m;
-            if let Some(e) = self.maybe_evaluate()? {
-                if let Some(r) = reporter.as_mut() {
-                    r.eval(&e)?;
-                }
-                on_event(Event::Eval { step, metrics: &e });
-                last_eval = Some(e);
-            }
-            if let Some(dir) = self.maybe_checkpoint()? {
-                on_event(Event::Checkpoint { step, path: &dir });
-                self.prune_checkpoints()?;
-            }
-            if self.halt_after_step == Some(step) && !self.finished() {
-                return Err(Error::Halted { step });
-            }
+            train_examples: self.shape.train_report.as_ref().map(|r| r.examples),
+            eval_examples: self.shape.eval_report.as_ref().map(|r| r.examples),
+            ..Started::default()
         }
-        self.save_final()?;
-        Ok(Summary {
-            steps: self.state.step,
-            last,
-            eval: last_eval,
-            stopped_early: self.state.stopped_early,
-            output: out,
-            seconds: started.elapsed().as_secs_f64(),
-        })
+    }
+
+    fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
+        self.collective = collective;
+        self.generation = generation;
+    }
+
+    fn restore_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        // Read through the held output folder, not by the name.
+        let dir = self.out.resolve(dir);
+        Trainer::restore_checkpoint(self, &dir)
+    }
+
+    fn sync_world(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
+        let held = checkpoint.map(|(dir, step)| (self.out.resolve(dir), step));
+        Trainer::sync_world(self, held.as_ref().map(|(d, s)| (d.as_path(), *s)))
+    }
+
+    fn train_step(&mut self) -> Result<Metrics> {
+        Trainer::train_step(self)
+    }
+
+    fn maybe_evaluate(&mut self) -> Result<Option<Evaluation>> {
+        self.evaluate_if_due()
+    }
+
+    fn maybe_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        Ok(Trainer::maybe_checkpoint(self)?.map(|dir| self.out.named_of(&dir)))
+    }
+
+    fn prune_checkpoints(&self) -> Result<()> {
+        Trainer::prune_checkpoints(self).map(|_| ())
+    }
+
+    fn save_final(&self) -> Result<()> {
+        Trainer::save_final(self).map(|_| ())
+    }
+
+    fn set_leaving(&mut self, leaving: bool) {
+        Trainer::set_leaving(self, leaving);
+    }
+
+    fn leavers(&self) -> &[usize] {
+        Trainer::leavers(self)
+    }
+
+    fn hand_off(&mut self) -> Result<bool> {
+        Trainer::hand_off(self)
+    }
+
+    fn sharded(&self) -> bool {
+        Trainer::sharded(self)
+    }
+
+    fn reference_staged(&self) -> bool {
+        self.reference.staged()
+    }
+
+    fn score_reference(&mut self, examples: &[Example]) -> Result<Vec<(refcache::Key, f32)>> {
+        let packing = self.packing();
+        self.reference.score_stage(examples, packing)
+    }
+
+    fn finish_reference_stage(&mut self) -> Result<()> {
+        self.reference.end_stage();
+        Ok(self.collective.barrier()?)
     }
 }

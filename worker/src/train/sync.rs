@@ -24,14 +24,9 @@ pub struct TrainerState {
     /// Optimizer steps completed (this fixes the data cursor: the order is a
     /// function of the seed and the epoch).
     pub step: u64,
-    /// The best value of `train.metric_for_best_model` so far (the eval
-    /// loss by default; named `best_eval_loss` in checkpoints, as it always was).
-    #[serde(rename = "best_eval_loss")]
-    pub best_eval: Option<f64>,
-    #[serde(rename = "evals_without_improvement", default)]
-    pub bad_evals: u64,
-    #[serde(default)]
-    pub stopped_early: bool,
+    /// Early stopping on `train.metric_for_best_model`.
+    #[serde(flatten)]
+    pub stopping: super::EarlyStopping,
 }
 
 impl Trainer {
@@ -713,9 +708,12 @@ mod tests {
             s,
             TrainerState {
                 step: 12,
-                best_eval: Some(0.25),
-                bad_evals: 2,
-                stopped_early: false
+                stopping: crate::train::EarlyStopping {
+                    best: Some(0.25),
+                    best_step: None,
+                    bad_evals: 2,
+                    stopped_early: false
+                }
             }
         );
         let back: TrainerState =
