@@ -1,35 +1,12 @@
 //! Where a process writes into a folder that was checked once (a run's output,
-//! resolved and confined by the coordinator at submit), it checks again before
-//! writing that no part of the path has since been replaced by a symbolic link
-//! that would lead the write elsewhere (another owner's files, outside the
-//! allowed directories): [`open_beneath`] opens a file that way with nothing to
-//! swap in between; [`unmoved`] checks a folder before writes that go through a
-//! path (a temporary file renamed into place).
+//! resolved and confined by the coordinator at submit), nothing may lead the
+//! write elsewhere later — a part of the path replaced by a symbolic link to
+//! another owner's files or outside the allowed directories: a [`Dir`] is a
+//! folder opened by walking its path without following links and held, so
+//! everything done through it happens in that folder; [`open_beneath`] opens
+//! one file that way.
 
 use std::path::Path;
-
-/// Checks that `dir` (or, while it does not exist yet, its nearest existing
-/// folder) is still its own canonical path: no component is a symbolic link.
-pub fn unmoved(dir: &Path) -> std::io::Result<()> {
-    let mut at = dir;
-    loop {
-        match std::fs::canonicalize(at) {
-            Ok(real) if real == at => return Ok(()),
-            Ok(real) => {
-                return Err(std::io::Error::other(format!(
-                    "{} now leads to {}: a part of the run's output was replaced by a symbolic link after it was submitted",
-                    at.display(),
-                    real.display()
-                )));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
-                Some(up) => at = up,
-                None => return Err(e),
-            },
-            Err(e) => return Err(e),
-        }
-    }
-}
 
 /// How a file beneath a [`Dir`] is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +80,7 @@ impl Dir {
                         e => refused(
                             path,
                             format!(
-                                "{} cannot be entered without following a link ({e})",
+                                "{} cannot be entered without following a symbolic link ({e})",
                                 p.to_string_lossy()
                             ),
                         ),
@@ -151,7 +128,7 @@ impl Dir {
             rustix::io::Errno::NOENT => failed(&path, e),
             e => refused(
                 &path,
-                format!("cannot be entered without following a link ({e})"),
+                format!("cannot be entered without following a symbolic link ({e})"),
             ),
         })?;
         Ok(Dir { fd, path })
@@ -281,19 +258,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_folder_swapped_for_a_link_is_found_also_below_it() -> std::io::Result<()> {
-        let dir = tempfile::tempdir()?;
-        let root = dir.path().canonicalize()?;
-        std::fs::create_dir(root.join("real"))?;
-        unmoved(&root.join("real"))?;
-        unmoved(&root.join("real/not/yet"))?;
-        std::os::unix::fs::symlink(root.join("real"), root.join("link"))?;
-        assert!(unmoved(&root.join("link")).is_err());
-        assert!(unmoved(&root.join("link/not/yet")).is_err());
-        Ok(())
-    }
-
-    #[test]
     fn files_are_opened_beneath_their_folder_through_no_link() -> std::io::Result<()> {
         use std::io::{Read, Write};
         let dir = tempfile::tempdir()?;
@@ -311,7 +275,8 @@ mod tests {
         let err = open_beneath(&root.join("swapped/m.jsonl"), Access::Append)
             .expect_err("through a link");
         assert!(
-            err.to_string().contains("without following a link"),
+            err.to_string()
+                .contains("without following a symbolic link"),
             "{err}"
         );
         assert!(!root.join("elsewhere/m.jsonl").exists());

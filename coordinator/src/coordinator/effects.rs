@@ -248,7 +248,8 @@ mod tests {
         symlink(&outside, &swapped)?;
         let err = append_metrics(&swapped.join("metrics.jsonl"), &m).expect_err("refused");
         assert!(
-            err.to_string().contains("without following a link"),
+            err.to_string()
+                .contains("without following a symbolic link"),
             "{err}"
         );
         assert!(!outside.join("metrics.jsonl").exists());

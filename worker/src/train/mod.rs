@@ -226,16 +226,9 @@ impl Trainer {
             eval_report,
         };
         let out = RunOutput::open(&spec.train.output, OutputPath::Trusted)?;
-        let mut trainer = Self::assemble(
-            spec,
-            opts,
-            collective,
-            models,
-            Box::new(local),
-            shape,
-            false,
-            out,
-        )?;
+        let mut trainer =
+            Self::assemble(spec, opts, models, Box::new(local), shape, false, out)?;
+        trainer.collective = collective;
         trainer.shard_base_for_world()?;
         trainer.writes_metrics = true;
         trainer.prepare_output(opts.resume)?;
@@ -265,22 +258,13 @@ impl Trainer {
         let staged = refcache::precomputes(&spec);
         let models = Models::load(&spec, opts.device, staged)?;
         let out = RunOutput::open(&spec.train.output, OutputPath::Confined)?;
-        Self::assemble(
-            spec,
-            opts,
-            Box::new(crate::collective::Solo),
-            models,
-            batches,
-            shape,
-            staged,
-            out,
-        )
+        Self::assemble(spec, opts, models, batches, shape, staged, out)
     }
 
+    /// The trainer of a world of one (`set_collective` joins it to another).
     fn assemble(
         spec: RunSpec,
         opts: &TrainOptions,
-        collective: Box<dyn Collective>,
         models: Models,
         batches: Box<dyn Batches>,
         shape: RunShape,
@@ -360,7 +344,7 @@ impl Trainer {
         };
         Ok(Trainer {
             spec,
-            collective,
+            collective: Box::new(crate::collective::Solo),
             generation: 0,
             writes_metrics: false,
             out,
