@@ -330,8 +330,8 @@ impl Worker {
         use crate::collective::nccl;
         let rank = work.rank as usize;
         if work.backend == "nccl" {
-            if let Some(reason) = nccl::unavailable(self.device) {
-                return Err(Error::Backend { reason });
+            if let Some(e) = nccl::unavailable(self.device) {
+                return Err(Error::Nccl(e));
             }
             let Device::Cuda(device) = self.device else {
                 return Err(Error::State("nccl on a CPU device"));
@@ -339,9 +339,7 @@ impl Worker {
             let fence =
                 |reason: String| Error::Collective(CollectiveError::Protocol { rank, reason });
             let id = if rank == 0 {
-                let id = nccl::library()
-                    .and_then(|lib| lib.unique_id())
-                    .map_err(|reason| Error::Backend { reason })?;
+                let id = nccl::library().and_then(|lib| lib.unique_id())?;
                 let req = v1::Bootstrap {
                     run_id: work.run_id.clone(),
                     generation: work.generation,
@@ -365,7 +363,8 @@ impl Worker {
                     let r = req.clone();
                     async move { c.get_bootstrap(r).await }
                 })?;
-                nccl::decode_bootstrap(&got.data, work.generation).map_err(fence)?
+                nccl::decode_bootstrap(&got.data, work.generation)
+                    .map_err(|e| fence(e.to_string()))?
             };
             let opts = nccl::NcclOptions {
                 connect_timeout: Duration::from_secs(120),

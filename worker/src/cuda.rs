@@ -14,6 +14,55 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+/// Why CUDA cannot be used here, or a CUDA call failed. `Clone`: the
+/// libraries are resolved once and the outcome is kept for every caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CudaError {
+    /// A library libtorch should have mapped is not in this process.
+    #[error("{library} is not mapped into this process{hint}")]
+    NotMapped {
+        library: &'static str,
+        hint: &'static str,
+    },
+    #[error("{} does not exist (a CPU-only libtorch)", path.display())]
+    Missing { path: PathBuf },
+    #[error("loading {}: {reason}", path.display())]
+    Load { path: PathBuf, reason: String },
+    #[error("{}: {name}: {reason}", path.display())]
+    Symbol {
+        path: PathBuf,
+        name: &'static str,
+        reason: String,
+    },
+    /// A runtime call returned an error code.
+    #[error("{call}: CUDA error {code} ({text})")]
+    Call {
+        call: &'static str,
+        code: i32,
+        text: String,
+    },
+    /// The device asked for cannot be used: libtorch's CUDA half is missing.
+    #[error("cuda:{device}: libtorch's CUDA library: {source}")]
+    Unavailable {
+        device: usize,
+        #[source]
+        source: Box<CudaError>,
+    },
+    /// The device asked for is not among those libtorch sees.
+    #[error(
+        "cuda:{device}: libtorch sees {count} CUDA device{} on this machine{}",
+        if *count == 1 { "" } else { "s" },
+        if *count == 0 { " (no NVIDIA driver or GPU, or CUDA_VISIBLE_DEVICES hides them)" } else { "" }
+    )]
+    NoSuchDevice { device: usize, count: usize },
+    #[error("device {device} out of range")]
+    OutOfRange { device: usize },
+    #[error("memory sampler thread: {reason}")]
+    Thread { reason: String },
+}
+
+type CudaResult<T> = Result<T, CudaError>;
+
 /// A CUDA stream handle (`cudaStream_t`), as libtorch hands it out: only
 /// [`Runtime::current_stream`] makes one.
 #[repr(transparent)]
@@ -51,24 +100,25 @@ pub fn torch_lib_dir() -> Option<PathBuf> {
 /// Loads `libtorch_cuda.so` from libtorch's folder, once; afterwards
 /// `tch::Cuda` sees the machine's GPUs. Returns its path, or why it could not
 /// be loaded (a CPU-only libtorch, say).
-pub fn load_torch_cuda() -> Result<&'static Path, String> {
-    static LOADED: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+pub fn load_torch_cuda() -> CudaResult<&'static Path> {
+    static LOADED: OnceLock<CudaResult<PathBuf>> = OnceLock::new();
     LOADED
         .get_or_init(|| {
-            let dir = torch_lib_dir()
-                .ok_or_else(|| "libtorch_cpu.so is not mapped into this process".to_string())?;
+            let dir = torch_lib_dir().ok_or(CudaError::NotMapped {
+                library: "libtorch_cpu.so",
+                hint: "",
+            })?;
             let path = dir.join("libtorch_cuda.so");
             if !path.exists() {
-                return Err(format!(
-                    "{} does not exist (a CPU-only libtorch)",
-                    path.display()
-                ));
+                return Err(CudaError::Missing { path });
             }
             // SAFETY: loading runs libtorch_cuda's static initialisers, which
             // register its CUDA hooks with the libtorch already loaded; the
             // library is never unloaded (it is leaked on purpose).
-            let lib = unsafe { libloading::Library::new(&path) }
-                .map_err(|e| format!("loading {}: {e}", path.display()))?;
+            let lib = unsafe { libloading::Library::new(&path) }.map_err(|e| CudaError::Load {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
             std::mem::forget(lib);
             tracing::debug!(path = %path.display(), "loaded libtorch_cuda");
             Ok(path)
@@ -88,24 +138,19 @@ pub fn device_count() -> usize {
 
 /// Checks that `device` exists: `Ok` for the CPU, an error naming the cause
 /// for a CUDA device this process cannot use.
-pub fn check_device(device: tch::Device) -> Result<(), String> {
+pub fn check_device(device: tch::Device) -> CudaResult<()> {
     let tch::Device::Cuda(i) = device else {
         return Ok(());
     };
     if let Err(e) = load_torch_cuda() {
-        return Err(format!("cuda:{i}: libtorch's CUDA library: {e}"));
+        return Err(CudaError::Unavailable {
+            device: i,
+            source: Box::new(e),
+        });
     }
-    let n = device_count();
-    if i >= n {
-        return Err(format!(
-            "cuda:{i}: libtorch sees {n} CUDA device{} on this machine{}",
-            if n == 1 { "" } else { "s" },
-            if n == 0 {
-                " (no NVIDIA driver or GPU, or CUDA_VISIBLE_DEVICES hides them)"
-            } else {
-                ""
-            }
-        ));
+    let count = device_count();
+    if i >= count {
+        return Err(CudaError::NoSuchDevice { device: i, count });
     }
     Ok(())
 }
@@ -128,30 +173,40 @@ pub struct Runtime {
     pub cudart: PathBuf,
 }
 
-fn symbol<T: Copy>(lib: &libloading::Library, path: &Path, name: &str) -> Result<T, String> {
+fn symbol<T: Copy>(lib: &libloading::Library, path: &Path, name: &'static str) -> CudaResult<T> {
     // SAFETY: the caller names the symbol's C signature as `T`, as the CUDA
     // runtime's and libtorch's headers declare it; the library stays loaded
     // for the life of the process (it is leaked).
     unsafe { lib.get::<T>(name.as_bytes()) }
         .map(|s| *s)
-        .map_err(|e| format!("{}: {name}: {e}", path.display()))
+        .map_err(|e| CudaError::Symbol {
+            path: path.to_path_buf(),
+            name,
+            reason: e.to_string(),
+        })
 }
 
 /// Resolves the CUDA runtime, once.
-pub fn runtime() -> Result<&'static Runtime, String> {
-    static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+pub fn runtime() -> CudaResult<&'static Runtime> {
+    static RUNTIME: OnceLock<CudaResult<Runtime>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
             let torch_cuda = load_torch_cuda()?.to_path_buf();
-            let cudart = mapped_library("libcudart.so").ok_or_else(|| {
-                "libcudart is not mapped into this process (libtorch without CUDA?)".to_string()
+            let cudart = mapped_library("libcudart.so").ok_or(CudaError::NotMapped {
+                library: "libcudart",
+                hint: " (libtorch without CUDA?)",
             })?;
             // SAFETY: both libraries are already mapped (libtorch needs
             // them); this takes another reference, which is leaked.
-            let rt = unsafe { libloading::Library::new(&cudart) }
-                .map_err(|e| format!("{}: {e}", cudart.display()))?;
-            let tc = unsafe { libloading::Library::new(&torch_cuda) }
-                .map_err(|e| format!("{}: {e}", torch_cuda.display()))?;
+            let load = |path: &PathBuf| {
+                // SAFETY: as above.
+                unsafe { libloading::Library::new(path) }.map_err(|e| CudaError::Load {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })
+            };
+            let rt = load(&cudart)?;
+            let tc = load(&torch_cuda)?;
             let runtime = Runtime {
                 set_device: symbol(&rt, &cudart, "cudaSetDevice")?,
                 stream_query: symbol(&rt, &cudart, "cudaStreamQuery")?,
@@ -169,7 +224,7 @@ pub fn runtime() -> Result<&'static Runtime, String> {
 }
 
 impl Runtime {
-    fn check(&self, code: c_int, what: &str) -> Result<(), String> {
+    fn check(&self, code: c_int, call: &'static str) -> CudaResult<()> {
         if code == 0 {
             return Ok(());
         }
@@ -183,31 +238,35 @@ impl Runtime {
                 .to_string_lossy()
                 .into_owned()
         };
-        Err(format!("{what}: CUDA error {code} ({text})"))
+        Err(CudaError::Call { call, code, text })
     }
 
     /// Makes `device` this thread's current CUDA device.
-    pub fn set_device(&self, device: usize) -> Result<(), String> {
-        let d = c_int::try_from(device).map_err(|_| format!("device {device} out of range"))?;
+    pub fn set_device(&self, device: usize) -> CudaResult<()> {
+        let d = c_int::try_from(device).map_err(|_| CudaError::OutOfRange { device })?;
         // SAFETY: plain runtime call with a device ordinal.
         self.check(unsafe { (self.set_device)(d) }, "cudaSetDevice")
     }
 
     /// The stream libtorch's kernels on `device` are issued to (this thread's
     /// current stream: the default stream unless a guard changed it).
-    pub fn current_stream(&self, device: usize) -> Result<Stream, String> {
-        let d = i32::try_from(device).map_err(|_| format!("device {device} out of range"))?;
+    pub fn current_stream(&self, device: usize) -> CudaResult<Stream> {
+        let d = i32::try_from(device).map_err(|_| CudaError::OutOfRange { device })?;
         let mut stream: *mut c_void = std::ptr::null_mut();
         // SAFETY: writes one pointer through the out-parameter.
         let rc = unsafe { (self.current_stream)(d, &mut stream) };
         if rc != 0 {
-            return Err(format!("aoti_torch_get_current_cuda_stream: error {rc}"));
+            return Err(CudaError::Call {
+                call: "aoti_torch_get_current_cuda_stream",
+                code: rc,
+                text: String::new(),
+            });
         }
         Ok(Stream(stream))
     }
 
     /// Whether every operation queued on `stream` has finished.
-    pub fn stream_done(&self, stream: Stream) -> Result<bool, String> {
+    pub fn stream_done(&self, stream: Stream) -> CudaResult<bool> {
         // SAFETY: `stream` came from `current_stream` and lives as long as
         // libtorch's stream pool (the process).
         let rc = unsafe { (self.stream_query)(stream) };
@@ -218,7 +277,7 @@ impl Runtime {
     }
 
     /// `(free, total)` bytes of the current device.
-    pub fn mem_info(&self) -> Result<(u64, u64), String> {
+    pub fn mem_info(&self) -> CudaResult<(u64, u64)> {
         let (mut free, mut total) = (0usize, 0usize);
         // SAFETY: two out-parameters.
         self.check(
@@ -241,7 +300,7 @@ pub struct PeakSampler {
 }
 
 impl PeakSampler {
-    pub fn start(device: usize) -> Result<Self, String> {
+    pub fn start(device: usize) -> CudaResult<Self> {
         let rt = runtime()?;
         rt.set_device(device)?;
         let (free, total) = rt.mem_info()?;
@@ -261,7 +320,9 @@ impl PeakSampler {
                     std::thread::sleep(Duration::from_millis(2));
                 }
             })
-            .map_err(|e| format!("memory sampler thread: {e}"))?;
+            .map_err(|e| CudaError::Thread {
+                reason: e.to_string(),
+            })?;
         Ok(PeakSampler {
             peak,
             stop,
@@ -317,7 +378,17 @@ mod tests {
         assert!(check_device(tch::Device::Cpu).is_ok());
         let n = device_count();
         let err = check_device(tch::Device::Cuda(n)).expect_err("one past the last device");
-        assert!(err.contains(&format!("sees {n} CUDA device")), "{err}");
+        assert_eq!(
+            err,
+            CudaError::NoSuchDevice {
+                device: n,
+                count: n
+            }
+        );
+        assert!(
+            err.to_string().contains(&format!("sees {n} CUDA device")),
+            "{err}"
+        );
         // The runtime's symbols resolve here too (the calls then fail cleanly).
         let rt = runtime().expect("cudart symbols");
         if n == 0 {

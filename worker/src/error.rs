@@ -6,10 +6,12 @@ use std::path::PathBuf;
 /// Errors from loading, running and saving models.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The collective backend or device the run asks for cannot run here;
-    /// the reason names what is missing (no GPU, no NCCL library).
-    #[error("{reason}")]
-    Backend { reason: String },
+    /// The CUDA device the run asks for cannot be used, or a CUDA call failed.
+    #[error(transparent)]
+    Cuda(#[from] crate::cuda::CudaError),
+    /// The NCCL backend cannot run here, or an NCCL call failed.
+    #[error(transparent)]
+    Nccl(#[from] crate::collective::nccl::NcclError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

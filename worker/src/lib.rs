@@ -27,10 +27,19 @@ pub fn parse_kind(s: &str) -> std::result::Result<Kind, String> {
     s.parse::<dpo_proto::Dtype>().map(model::kind_of)
 }
 
+/// A `--device` that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("unknown device {given:?} (expected auto, cpu, cuda or cuda:N)")]
+    Unknown { given: String },
+    #[error(transparent)]
+    Cuda(#[from] cuda::CudaError),
+}
+
 /// Parses `auto`, `cpu`, `cuda` or `cuda:N`. `auto` is the first GPU when
 /// libtorch sees one, else the CPU; a CUDA device this machine does not have
 /// is refused with the cause (no GPU, no driver, a CPU-only libtorch).
-pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
+pub fn parse_device(s: &str) -> std::result::Result<Device, DeviceError> {
     let device = match s {
         "auto" => {
             return Ok(if cuda::device_count() > 0 {
@@ -45,8 +54,8 @@ pub fn parse_device(s: &str) -> std::result::Result<Device, String> {
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
             .map(Device::Cuda)
-            .ok_or_else(|| {
-                format!("unknown device {other:?} (expected auto, cpu, cuda or cuda:N)")
+            .ok_or_else(|| DeviceError::Unknown {
+                given: other.to_string(),
             })?,
     };
     cuda::check_device(device)?;

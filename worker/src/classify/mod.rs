@@ -240,7 +240,7 @@ impl ClassifierTrainer {
         out: RunOutput,
     ) -> Result<Self> {
         let device = opts.device;
-        crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
+        crate::cuda::check_device(device)?;
         let dir = spec.model.path.clone();
         let head = head_of(spec.task.kind);
         let (mut model, report) = Encoder::load(

@@ -137,9 +137,49 @@ pub fn candidates(
     out
 }
 
+/// Why the NCCL backend cannot run here, or an NCCL call failed. `Clone`:
+/// the library is resolved once and the outcome kept for every caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NcclError {
+    #[error(
+        "libnccl.so.2 not found (looked for {}); install nvidia-nccl-cu13 beside torch or set DPO_NCCL_LIBRARY",
+        tried.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    NotFound { tried: Vec<PathBuf> },
+    #[error("loading {}: {reason}", path.display())]
+    Load { path: PathBuf, reason: String },
+    #[error("{}: {name}: {reason}", path.display())]
+    Symbol {
+        path: PathBuf,
+        name: &'static str,
+        reason: String,
+    },
+    /// A call returned an error code; `text` is NCCL's description of it.
+    #[error("{call}: {text}")]
+    Call {
+        call: &'static str,
+        code: i32,
+        text: String,
+    },
+    #[error("bootstrap data of {len} bytes is not an NCCL id of this version")]
+    BadBootstrap { len: usize },
+    #[error("bootstrap data of generation {published}, expected {expected}")]
+    StaleBootstrap { published: u64, expected: u64 },
+    #[error(
+        "the nccl backend needs a CUDA device, and this worker runs on {device} (start it with --device cuda or --gpus N, or set cluster.backend = \"tcp\")"
+    )]
+    NotCuda { device: String },
+    #[error("the nccl backend needs a CUDA device: {0}")]
+    NoDevice(#[source] cuda::CudaError),
+    #[error("the nccl backend needs the CUDA runtime: {0}")]
+    NoRuntime(#[source] cuda::CudaError),
+    #[error("the nccl backend needs NCCL: {0}")]
+    NoLibrary(#[source] Box<NcclError>),
+}
+
 /// Loads libnccl (once per process): the first of [`candidates`] that exists.
-pub fn library() -> Result<&'static Library, String> {
-    static LIB: OnceLock<Result<Library, String>> = OnceLock::new();
+pub fn library() -> Result<&'static Library, NcclError> {
+    static LIB: OnceLock<Result<Library, NcclError>> = OnceLock::new();
     LIB.get_or_init(|| {
         let tried = candidates(
             std::env::var_os("DPO_NCCL_LIBRARY").as_deref(),
@@ -147,14 +187,7 @@ pub fn library() -> Result<&'static Library, String> {
             std::env::var_os("LD_LIBRARY_PATH").as_deref(),
         );
         let Some(path) = tried.iter().find(|p| p.is_file()) else {
-            return Err(format!(
-                "libnccl.so.2 not found (looked for {}); install nvidia-nccl-cu13 beside torch or set DPO_NCCL_LIBRARY",
-                tried
-                    .iter()
-                    .map(|p| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ));
+            return Err(NcclError::NotFound { tried });
         };
         load(path)
     })
@@ -162,24 +195,38 @@ pub fn library() -> Result<&'static Library, String> {
     .map_err(Clone::clone)
 }
 
-fn load(path: &Path) -> Result<Library, String> {
+fn load(path: &Path) -> Result<Library, NcclError> {
     // SAFETY: loading NCCL runs no code of ours; it is leaked (never unloaded)
     // so the function pointers below stay valid for the life of the process.
-    let lib = unsafe { libloading::Library::new(path) }
-        .map_err(|e| format!("loading {}: {e}", path.display()))?;
-    fn get<T: Copy>(lib: &libloading::Library, path: &Path, name: &str) -> Result<T, String> {
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| NcclError::Load {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    fn get<T: Copy>(
+        lib: &libloading::Library,
+        path: &Path,
+        name: &'static str,
+    ) -> Result<T, NcclError> {
         // SAFETY: `T` is the C signature nccl.h declares for `name`, in
         // cudarc's types.
         unsafe { lib.get::<T>(name.as_bytes()) }
             .map(|s| *s)
-            .map_err(|e| format!("{}: {name}: {e}", path.display()))
+            .map_err(|e| NcclError::Symbol {
+                path: path.to_path_buf(),
+                name,
+                reason: e.to_string(),
+            })
     }
     let get_version: GetVersion = get(&lib, path, "ncclGetVersion")?;
     let mut version: c_int = 0;
     // SAFETY: one out-parameter.
     let rc = unsafe { get_version(&mut version) };
     if rc != NCCL_SUCCESS {
-        return Err(format!("{}: ncclGetVersion failed ({rc})", path.display()));
+        return Err(NcclError::Call {
+            call: "ncclGetVersion",
+            code: rc,
+            text: format!("{} failed ({rc})", path.display()),
+        });
     }
     let out = Library {
         path: path.to_path_buf(),
@@ -230,38 +277,37 @@ impl Library {
     }
 
     /// A fresh unique id (rank 0 of a generation makes one).
-    pub fn unique_id(&self) -> Result<[u8; ID_LEN], String> {
+    pub fn unique_id(&self) -> Result<[u8; ID_LEN], NcclError> {
         let mut id = ncclUniqueId {
             internal: [0; ID_LEN],
         };
         // SAFETY: writes the id through the out-parameter.
         let rc = unsafe { (self.get_unique_id)(&mut id) };
         if rc != NCCL_SUCCESS {
-            return Err(format!(
-                "ncclGetUniqueId: {}",
-                self.describe(rc, std::ptr::null_mut())
-            ));
+            return Err(NcclError::Call {
+                call: "ncclGetUniqueId",
+                code: rc,
+                text: self.describe(rc, std::ptr::null_mut()),
+            });
         }
         Ok(id.internal.map(|c| c as u8))
     }
 }
 
 /// Why `backend = "nccl"` cannot run on `device` here, or `None` when it can.
-pub fn unavailable(device: Device) -> Option<String> {
+pub fn unavailable(device: Device) -> Option<NcclError> {
     let Device::Cuda(_) = device else {
-        return Some(format!(
-            "the nccl backend needs a CUDA device, and this worker runs on {device:?} (start it with --device cuda or --gpus N, or set cluster.backend = \"tcp\")"
-        ));
+        return Some(NcclError::NotCuda {
+            device: format!("{device:?}"),
+        });
     };
     if let Err(e) = cuda::check_device(device) {
-        return Some(format!("the nccl backend needs a CUDA device: {e}"));
+        return Some(NcclError::NoDevice(e));
     }
     if let Err(e) = cuda::runtime() {
-        return Some(format!("the nccl backend needs the CUDA runtime: {e}"));
+        return Some(NcclError::NoRuntime(e));
     }
-    library()
-        .err()
-        .map(|e| format!("the nccl backend needs NCCL: {e}"))
+    library().err().map(|e| NcclError::NoLibrary(Box::new(e)))
 }
 
 /// What rank 0 publishes through the coordinator for `generation`.
@@ -274,20 +320,18 @@ pub fn encode_bootstrap(generation: u64, id: &[u8; ID_LEN]) -> Vec<u8> {
 }
 
 /// The unique id in `data`, if it was published for `generation`.
-pub fn decode_bootstrap(data: &[u8], generation: u64) -> Result<[u8; ID_LEN], String> {
+pub fn decode_bootstrap(data: &[u8], generation: u64) -> Result<[u8; ID_LEN], NcclError> {
     if data.len() != 16 + ID_LEN || &data[..8] != BOOTSTRAP_MAGIC {
-        return Err(format!(
-            "bootstrap data of {} bytes is not an NCCL id of this version",
-            data.len()
-        ));
+        return Err(NcclError::BadBootstrap { len: data.len() });
     }
     let mut g = [0u8; 8];
     g.copy_from_slice(&data[8..16]);
     let published = u64::from_le_bytes(g);
     if published != generation {
-        return Err(format!(
-            "bootstrap data of generation {published}, expected {generation}"
-        ));
+        return Err(NcclError::StaleBootstrap {
+            published,
+            expected: generation,
+        });
     }
     let mut id = [0u8; ID_LEN];
     id.copy_from_slice(&data[16..]);
@@ -413,15 +457,15 @@ impl NcclCollective {
         opts: &NcclOptions,
     ) -> Result<Self, CollectiveError> {
         let fail = |reason: String| CollectiveError::Protocol { rank, reason };
-        if let Some(reason) = unavailable(Device::Cuda(device)) {
-            return Err(fail(reason));
+        if let Some(e) = unavailable(Device::Cuda(device)) {
+            return Err(fail(e.to_string()));
         }
-        let lib = library().map_err(fail)?;
-        let rt = cuda::runtime().map_err(fail)?;
+        let lib = library().map_err(|e| fail(e.to_string()))?;
+        let rt = cuda::runtime().map_err(|e| fail(e.to_string()))?;
         if rank >= world {
             return Err(fail(format!("rank {rank} outside a world of {world}")));
         }
-        rt.set_device(device).map_err(fail)?;
+        rt.set_device(device).map_err(|e| fail(e.to_string()))?;
         let mut config = ncclConfig_t {
             size: std::mem::size_of::<ncclConfig_t>(),
             magic: 0xcafe_beef,
@@ -506,8 +550,13 @@ impl NcclCollective {
             return Err(CollectiveError::Aborted);
         }
         let fail = |reason: String| CollectiveError::Protocol { rank, reason };
-        self.rt.set_device(self.device).map_err(fail)?;
-        let stream = self.rt.current_stream(self.device).map_err(fail)?;
+        self.rt
+            .set_device(self.device)
+            .map_err(|e| fail(e.to_string()))?;
+        let stream = self
+            .rt
+            .current_stream(self.device)
+            .map_err(|e| fail(e.to_string()))?;
         let rc = launch(self.comm, stream);
         if rc != NCCL_SUCCESS && rc != NCCL_IN_PROGRESS {
             let reason = format!("{what}: {}", self.lib.describe(rc, self.comm));
@@ -524,7 +573,7 @@ impl NcclCollective {
                 Poll::Ready => match rt.stream_done(stream) {
                     Ok(true) => Poll::Ready,
                     Ok(false) => Poll::Pending,
-                    Err(e) => Poll::Failed(e),
+                    Err(e) => Poll::Failed(e.to_string()),
                 },
                 other => other,
             },
@@ -895,7 +944,17 @@ mod tests {
         let data = encode_bootstrap(7, &id);
         assert_eq!(decode_bootstrap(&data, 7), Ok(id));
         let stale = decode_bootstrap(&data, 8).expect_err("another generation's id");
-        assert!(stale.contains("generation 7, expected 8"), "{stale}");
+        assert_eq!(
+            stale,
+            NcclError::StaleBootstrap {
+                published: 7,
+                expected: 8
+            }
+        );
+        assert!(
+            stale.to_string().contains("generation 7, expected 8"),
+            "{stale}"
+        );
         assert!(decode_bootstrap(&data[..100], 7).is_err());
         assert!(decode_bootstrap(&[0u8; 16 + ID_LEN], 7).is_err());
     }
@@ -1005,16 +1064,26 @@ mod tests {
                 assert!(lib.path.ends_with("libnccl.so.2") || lib.path.ends_with("libnccl.so"));
             }
             // A libtorch without the NCCL package: the error lists where it looked.
-            Err(e) => assert!(e.contains("libnccl.so.2 not found (looked for"), "{e}"),
+            Err(e) => {
+                assert!(matches!(e, NcclError::NotFound { .. }), "{e}");
+                assert!(
+                    e.to_string().contains("libnccl.so.2 not found (looked for"),
+                    "{e}"
+                );
+            }
         }
         let e = unavailable(Device::Cpu).expect("no NCCL on the CPU");
-        assert!(
-            e.contains("needs a CUDA device") && e.contains("Cpu"),
-            "{e}"
+        assert_eq!(
+            e,
+            NcclError::NotCuda {
+                device: "Cpu".into()
+            }
         );
+        assert!(e.to_string().contains("needs a CUDA device"), "{e}");
         if crate::cuda::device_count() == 0 {
             let e = unavailable(Device::Cuda(0)).expect("no GPU here");
-            assert!(e.contains("sees 0 CUDA devices"), "{e}");
+            assert!(matches!(e, NcclError::NoDevice(_)), "{e}");
+            assert!(e.to_string().contains("sees 0 CUDA devices"), "{e}");
             let err = NcclCollective::connect(0, 1, 0, &[0; ID_LEN], &NcclOptions::default())
                 .expect_err("no GPU here");
             assert!(err.to_string().contains("sees 0 CUDA devices"), "{err}");

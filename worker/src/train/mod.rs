@@ -87,7 +87,7 @@ impl Models {
     /// loads it on demand — not here.
     fn load(spec: &RunSpec, device: Device, staged: bool) -> Result<Self> {
         // Loads libtorch's CUDA half for a CUDA device, or names why it cannot.
-        crate::cuda::check_device(device).map_err(|reason| Error::Backend { reason })?;
+        crate::cuda::check_device(device)?;
         let model_type = crate::model::encoder::model_type(&spec.model.path)?;
         if crate::model::encoder::is_encoder(&model_type) {
             return Err(Error::Config {
@@ -226,8 +226,7 @@ impl Trainer {
             eval_report,
         };
         let out = RunOutput::open(&spec.train.output, OutputPath::Trusted)?;
-        let mut trainer =
-            Self::assemble(spec, opts, models, Box::new(local), shape, false, out)?;
+        let mut trainer = Self::assemble(spec, opts, models, Box::new(local), shape, false, out)?;
         trainer.collective = collective;
         trainer.shard_base_for_world()?;
         trainer.writes_metrics = true;
