@@ -5,10 +5,10 @@ pub mod client;
 pub mod spec;
 
 pub use spec::{
-    COLUMN_NAMES, ClusterSpec, DataFormat, DataLimits, DataSpec, Dtype, FileFormat, LINEAR_MODULES,
-    LoraInit, LoraSpec, Loss, ModelSpec, Negatives, ObjectiveSpec, OptimSpec, OptimizerName,
-    ReferenceCache, ReferenceModel, ReferenceSpec, RunSpec, Schedule, SpecError, TargetModules,
-    TaskSpec, TaskType, TrainSpec, Truncation,
+    COLUMN_NAMES, ClusterSpec, DataFormat, DataLimits, DataSpec, Dtype, FileFormat, InvalidKey,
+    LINEAR_MODULES, LoraInit, LoraSpec, Loss, ModelSpec, Negatives, ObjectiveSpec, OptimSpec,
+    OptimizerName, ReferenceCache, ReferenceModel, ReferenceSpec, RunSpec, Schedule, SpecError,
+    TargetModules, TaskSpec, TaskType, TrainSpec, Truncation,
 };
 
 /// The generated `dpo.v1` messages, clients and servers.

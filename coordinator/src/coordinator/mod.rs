@@ -161,8 +161,8 @@ impl Coordinator {
         streamed: &[String],
         owner: &str,
     ) -> Result<v1::Run> {
-        if let Err((key, reason)) = spec.validate() {
-            return Err(Refusal::Invalid(format!("{key}: {reason}")));
+        if let Err(invalid) = spec.validate() {
+            return Err(Refusal::Invalid(invalid.to_string()));
         }
         self.settings
             .confinement

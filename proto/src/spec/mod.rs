@@ -23,6 +23,14 @@ pub enum SpecError {
     },
 }
 
+/// A value of a run spec that is refused: the key (`section.name`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct InvalidKey {
+    pub key: &'static str,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Dtype {
@@ -647,7 +655,7 @@ impl RunSpec {
         let base = whole.parent().unwrap_or(Path::new("."));
         spec.resolve_paths(base);
         spec.validate()
-            .map_err(|(key, reason)| SpecError::Invalid {
+            .map_err(|InvalidKey { key, reason }| SpecError::Invalid {
                 path: path.to_path_buf(),
                 key,
                 reason,
@@ -735,13 +743,20 @@ impl RunSpec {
     }
 
     /// Checks every value; the error names the key.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    pub fn validate(&self) -> Result<(), InvalidKey> {
         fn check(
             ok: bool,
             key: &'static str,
             reason: impl FnOnce() -> String,
-        ) -> Result<(), (&'static str, String)> {
-            if ok { Ok(()) } else { Err((key, reason())) }
+        ) -> Result<(), InvalidKey> {
+            if ok {
+                Ok(())
+            } else {
+                Err(InvalidKey {
+                    key,
+                    reason: reason(),
+                })
+            }
         }
         let finite_pos = |x: f64| x.is_finite() && x > 0.0;
         let o = &self.objective;
@@ -978,10 +993,10 @@ impl RunSpec {
                 format!("entry {i} is empty")
             })?;
             if let Err(e) = regex::Regex::new(f) {
-                return Err((
-                    "train.freeze",
-                    format!("entry {i} ({f:?}) is not a regex: {e}"),
-                ));
+                return Err(InvalidKey {
+                    key: "train.freeze",
+                    reason: format!("entry {i} ({f:?}) is not a regex: {e}"),
+                });
             }
         }
         if let Some(l) = &self.lora {
@@ -1039,13 +1054,20 @@ impl RunSpec {
     }
 
     /// The `[task]` section and what it rules out.
-    fn validate_task(&self) -> Result<(), (&'static str, String)> {
+    fn validate_task(&self) -> Result<(), InvalidKey> {
         fn check(
             ok: bool,
             key: &'static str,
             reason: impl FnOnce() -> String,
-        ) -> Result<(), (&'static str, String)> {
-            if ok { Ok(()) } else { Err((key, reason())) }
+        ) -> Result<(), InvalidKey> {
+            if ok {
+                Ok(())
+            } else {
+                Err(InvalidKey {
+                    key,
+                    reason: reason(),
+                })
+            }
         }
         let task = &self.task;
         let t = &self.train;
