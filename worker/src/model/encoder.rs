@@ -20,14 +20,12 @@ use std::path::Path;
 
 use serde::Deserialize;
 use serde_json::Value;
-use tch::nn::{Path as VsPath, VarStore};
+use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{TensorIndex, copy_side_files, dtype_name, write_json, write_weight_files};
-use super::llama::grad_enabled;
+use super::layers::{LayerNorm, Linear, TchResult, grad_enabled, param};
 use crate::error::{Error, Result, TorchContext, io_err};
-
-type TchResult<T> = std::result::Result<T, tch::TchError>;
 
 /// The encoder families this crate implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,73 +319,6 @@ pub fn is_encoder(model_type: &str) -> bool {
     matches!(model_type, "bert" | "roberta")
 }
 
-/// Registers a zeroed parameter at `name` under `p` (dots in `name` are path
-/// levels, as in a state-dict name).
-fn zeros(p: &VsPath, name: &str, dims: &[i64], kind: Kind) -> TchResult<Tensor> {
-    let t = Tensor::f_zeros(dims, (kind, p.device()))?;
-    let mut parts: Vec<&str> = name.split('.').collect();
-    let leaf = parts.pop().unwrap_or(name);
-    let mut sub: Option<VsPath> = None;
-    for part in parts {
-        sub = Some(match &sub {
-            None => p.sub(part),
-            Some(s) => s.sub(part),
-        });
-    }
-    let at = sub.as_ref().unwrap_or(p);
-    Ok(at.add(leaf, t, true))
-}
-
-#[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    fn new(p: VsPath, in_dim: i64, out_dim: i64, kind: Kind) -> TchResult<Self> {
-        Ok(Linear {
-            weight: zeros(&p, "weight", &[out_dim, in_dim], kind)?,
-            bias: zeros(&p, "bias", &[out_dim], kind)?,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> TchResult<Tensor> {
-        x.f_linear(&self.weight, Some(&self.bias))
-    }
-}
-
-#[derive(Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-    dim: i64,
-}
-
-impl LayerNorm {
-    fn new(p: VsPath, dim: i64, eps: f64, kind: Kind) -> TchResult<Self> {
-        let weight = zeros(&p, "weight", &[dim], kind)?;
-        let bias = zeros(&p, "bias", &[dim], kind)?;
-        Ok(LayerNorm {
-            weight,
-            bias,
-            eps,
-            dim,
-        })
-    }
-
-    fn forward(&self, x: &Tensor) -> TchResult<Tensor> {
-        x.f_layer_norm(
-            [self.dim],
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            true,
-        )
-    }
-}
-
 #[derive(Debug)]
 struct Embeddings {
     word: Tensor,
@@ -468,14 +399,14 @@ impl Encoder {
         let build = || -> TchResult<(Embeddings, Vec<Layer>, Option<Linear>, Classifier)> {
             let e = base.sub("embeddings");
             let embeddings = Embeddings {
-                word: zeros(&e, "word_embeddings.weight", &[config.vocab_size, h], kind)?,
-                position: zeros(
+                word: param(&e, "word_embeddings.weight", &[config.vocab_size, h], kind)?,
+                position: param(
                     &e,
                     "position_embeddings.weight",
                     &[config.max_position_embeddings, h],
                     kind,
                 )?,
-                token_type: zeros(
+                token_type: param(
                     &e,
                     "token_type_embeddings.weight",
                     &[config.type_vocab_size, h],
@@ -488,18 +419,18 @@ impl Encoder {
                 let l = base.sub("encoder").sub("layer").sub(i.to_string());
                 let a = l.sub("attention");
                 layers.push(Layer {
-                    query: Linear::new(a.sub("self").sub("query"), h, h, kind)?,
-                    key: Linear::new(a.sub("self").sub("key"), h, h, kind)?,
-                    value: Linear::new(a.sub("self").sub("value"), h, h, kind)?,
-                    attention_out: Linear::new(a.sub("output").sub("dense"), h, h, kind)?,
+                    query: Linear::biased(a.sub("self").sub("query"), h, h, kind)?,
+                    key: Linear::biased(a.sub("self").sub("key"), h, h, kind)?,
+                    value: Linear::biased(a.sub("self").sub("value"), h, h, kind)?,
+                    attention_out: Linear::biased(a.sub("output").sub("dense"), h, h, kind)?,
                     attention_norm: LayerNorm::new(a.sub("output").sub("LayerNorm"), h, eps, kind)?,
-                    intermediate: Linear::new(
+                    intermediate: Linear::biased(
                         l.sub("intermediate").sub("dense"),
                         h,
                         config.intermediate_size,
                         kind,
                     )?,
-                    output: Linear::new(
+                    output: Linear::biased(
                         l.sub("output").sub("dense"),
                         config.intermediate_size,
                         h,
@@ -512,17 +443,17 @@ impl Encoder {
             let c = root.sub("classifier");
             let (pooler, classifier) = match (config.family, head) {
                 (Family::Bert, Head::Sequence) => (
-                    Some(Linear::new(base.sub("pooler").sub("dense"), h, h, kind)?),
-                    Classifier::Linear(Linear::new(c, h, n, kind)?),
+                    Some(Linear::biased(base.sub("pooler").sub("dense"), h, h, kind)?),
+                    Classifier::Linear(Linear::biased(c, h, n, kind)?),
                 ),
                 (Family::Roberta, Head::Sequence) => (
                     None,
                     Classifier::Roberta {
-                        dense: Linear::new(c.sub("dense"), h, h, kind)?,
-                        out_proj: Linear::new(c.sub("out_proj"), h, n, kind)?,
+                        dense: Linear::biased(c.sub("dense"), h, h, kind)?,
+                        out_proj: Linear::biased(c.sub("out_proj"), h, n, kind)?,
                     },
                 ),
-                (_, Head::Token) => (None, Classifier::Linear(Linear::new(c, h, n, kind)?)),
+                (_, Head::Token) => (None, Classifier::Linear(Linear::biased(c, h, n, kind)?)),
             };
             Ok((embeddings, layers, pooler, classifier))
         };

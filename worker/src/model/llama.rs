@@ -13,10 +13,11 @@ use tch::nn::{Path, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use super::config::ModelConfig;
+use super::layers::{self, Linear, RmsNorm, TchResult, param};
 use super::rope::{self, Rope};
 use crate::error::{Result, TorchContext};
 
-type TchResult<T> = std::result::Result<T, tch::TchError>;
+pub(crate) use super::layers::grad_enabled;
 
 /// Logs, once per kind of mask, which fused attention kernel libtorch picks
 /// on a GPU (`flash`, `efficient`, `cudnn`, or the slow `math` fallback): the
@@ -44,134 +45,6 @@ fn report_kernel(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) {
         Err(e) => format!("unknown ({e})"),
     };
     tracing::info!(mask = name, %kernel, dtype = ?q.kind(), "attention kernel");
-}
-
-/// Parameters registered empty, by name, with the shapes they will have.
-type Deferred = Option<Vec<(String, Vec<i64>)>>;
-
-thread_local! {
-    /// While building a model whose decoder layers are sharded (ZeRO stage 3),
-    /// their parameters are registered empty and their shapes noted here.
-    static DEFERRED: std::cell::RefCell<Deferred> = const { std::cell::RefCell::new(None) };
-}
-
-/// Registers a parameter of the given shape (zero-filled until a checkpoint is
-/// loaded; empty, its shape noted, while building sharded layers).
-fn param(p: &Path, name: &str, dims: &[i64], kind: Kind) -> TchResult<Tensor> {
-    let deferred = DEFERRED.with(|d| {
-        d.borrow_mut().as_mut().map(|list| {
-            list.push((p.path(name), dims.to_vec()));
-        })
-    });
-    let shape: &[i64] = if deferred.is_some() { &[0] } else { dims };
-    let t = Tensor::f_zeros(shape, (kind, p.device()))?;
-    Ok(p.add(name, t, true))
-}
-
-#[derive(Debug)]
-struct Linear {
-    weight: Tensor,
-    /// `(out, in)`: the weight's shape (also while it is sharded away).
-    shape: (i64, i64),
-    bias: Option<Tensor>,
-    /// A LoRA adapter on this layer, when one targets it.
-    lora: Option<Lora>,
-}
-
-/// A low-rank adapter (PEFT's LoRA): `x ↦ dropout(x) Aᵀ Bᵀ · alpha / r`, added
-/// to the frozen layer's output. Its weights are f32 whatever the base's dtype
-/// (PEFT's `autocast_adapter_dtype`): the input is cast to f32 and the result
-/// back.
-#[derive(Debug)]
-struct Lora {
-    /// `[r, in]`.
-    a: Tensor,
-    /// `[out, r]`.
-    b: Tensor,
-    scaling: f64,
-    dropout: f64,
-    /// The model's switch: off for the reference ("the base with adapters off").
-    on: Arc<AtomicBool>,
-}
-
-impl Linear {
-    fn new(p: Path, in_dim: i64, out_dim: i64, bias: bool, kind: Kind) -> TchResult<Self> {
-        Ok(Linear {
-            weight: param(&p, "weight", &[out_dim, in_dim], kind)?,
-            shape: (out_dim, in_dim),
-            bias: if bias {
-                Some(param(&p, "bias", &[out_dim], kind)?)
-            } else {
-                None
-            },
-            lora: None,
-        })
-    }
-
-    fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
-        let base = xs.f_linear(&self.weight, self.bias.as_ref())?;
-        let Some(l) = self.lora.as_ref().filter(|l| l.on.load(Ordering::Relaxed)) else {
-            return Ok(base);
-        };
-        let mut x = xs.f_to_kind(Kind::Float)?;
-        if l.dropout > 0.0 && grad_enabled() {
-            x = x.f_dropout(l.dropout, true)?;
-        }
-        let delta = x
-            .f_linear(&l.a, None::<&Tensor>)?
-            .f_linear(&l.b, None::<&Tensor>)?
-            .f_mul_scalar(l.scaling)?;
-        base.f_add(&delta.f_to_kind(base.kind())?)
-    }
-
-    /// `W + B A · scaling` (the adapter folded in), in the weight's dtype.
-    fn merged_weight(&self) -> TchResult<Option<Tensor>> {
-        let Some(l) = &self.lora else {
-            return Ok(None);
-        };
-        let _guard = tch::no_grad_guard();
-        let delta = l.b.f_matmul(&l.a)?.f_mul_scalar(l.scaling)?;
-        Ok(Some(
-            self.weight
-                .f_to_kind(Kind::Float)?
-                .f_add(&delta)?
-                .f_to_kind(self.weight.kind())?,
-        ))
-    }
-}
-
-/// Whether autograd records operations here (not under `no_grad`).
-pub(crate) fn grad_enabled() -> bool {
-    Tensor::f_ones([1], (Kind::Float, Device::Cpu))
-        .map(|t| t.set_requires_grad(true))
-        .and_then(|t| t.f_mul_scalar(1.0))
-        .is_ok_and(|t| t.requires_grad())
-}
-
-#[derive(Debug)]
-struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
-}
-
-impl RmsNorm {
-    fn new(p: Path, dim: i64, eps: f64, kind: Kind) -> TchResult<Self> {
-        Ok(RmsNorm {
-            weight: param(&p, "weight", &[dim], kind)?,
-            eps,
-        })
-    }
-
-    /// Normalises in f32 and casts back before scaling, as transformers does.
-    fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
-        let kind = xs.f_kind()?;
-        let x = xs.f_to_kind(Kind::Float)?;
-        let variance = x
-            .f_pow_tensor_scalar(2)?
-            .f_mean_dim(-1, true, Kind::Float)?;
-        let normed = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
-        self.weight.f_mul(&normed.f_to_kind(kind)?)
-    }
 }
 
 #[derive(Debug)]
@@ -669,7 +542,7 @@ impl CausalLm {
 
     fn build(config: ModelConfig, kind: Kind, device: Device, shard: bool) -> Result<Self> {
         let vs = VarStore::new(device);
-        let deferred_layers: std::cell::RefCell<Deferred> = std::cell::RefCell::new(None);
+        let deferred_layers: std::cell::RefCell<layers::Deferred> = std::cell::RefCell::new(None);
         let root = vs.root();
         let build = || -> TchResult<(Tensor, Vec<DecoderLayer>, RmsNorm, Tensor)> {
             let model = &root / "model";
@@ -680,13 +553,13 @@ impl CausalLm {
                 kind,
             )?;
             if shard {
-                DEFERRED.with(|d| *d.borrow_mut() = Some(Vec::new()));
+                layers::defer_parameters();
             }
             let layers = (0..config.num_hidden_layers as usize)
                 .map(|i| DecoderLayer::new(&model / "layers" / i, &config, i, kind))
                 .collect::<TchResult<Vec<_>>>();
             // Only the decoder layers are sharded.
-            *deferred_layers.borrow_mut() = DEFERRED.with(|d| d.borrow_mut().take());
+            *deferred_layers.borrow_mut() = layers::take_deferred();
             let layers = layers?;
             let norm = RmsNorm::new(
                 &model / "norm",
@@ -707,7 +580,7 @@ impl CausalLm {
             Ok((embed_tokens, layers, norm, lm_head))
         };
         let built = build();
-        DEFERRED.with(|d| d.borrow_mut().take());
+        layers::take_deferred();
         let deferred = deferred_layers.take();
         let (embed_tokens, layers, norm, lm_head) = built.op("allocating parameters")?;
         let sharded = match deferred {
@@ -974,35 +847,13 @@ impl CausalLm {
             if !targets.iter().any(|t| t == module) {
                 continue;
             }
-            let (out_dim, in_dim) = linear.shape;
             let mut path = root.clone();
             for part in prefix.split('.') {
                 path = &path / part;
             }
-            let f = || -> TchResult<Lora> {
-                let a = match spec.init {
-                    dpo_proto::LoraInit::Default => {
-                        // kaiming_uniform_(a = √5): bound = 1/√in.
-                        let bound = 1.0 / (in_dim as f64).sqrt();
-                        Tensor::f_rand([r, in_dim], (Kind::Float, device))?
-                            .f_mul_scalar(2.0 * bound)?
-                            .f_sub_scalar(bound)?
-                    }
-                    dpo_proto::LoraInit::Gaussian => {
-                        Tensor::f_randn([r, in_dim], (Kind::Float, device))?
-                            .f_mul_scalar(1.0 / r as f64)?
-                    }
-                };
-                let b = Tensor::f_zeros([out_dim, r], (Kind::Float, device))?;
-                Ok(Lora {
-                    a: (&path / "lora_A").add("weight", a, true),
-                    b: (&path / "lora_B").add("weight", b, true),
-                    scaling: spec.scaling(),
-                    dropout: spec.dropout,
-                    on: on.clone(),
-                })
-            };
-            linear.lora = Some(f().op("lora: adapter weights")?);
+            linear
+                .attach_lora(&path, spec, on.clone())
+                .op("lora: adapter weights")?;
             added += 1;
         }
         if added == 0 {

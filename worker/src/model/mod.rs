@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod encoder;
+pub(crate) mod layers;
 pub mod llama;
 pub mod peft;
 pub mod rope;
