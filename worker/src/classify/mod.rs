@@ -33,6 +33,7 @@ use tch::Device;
 
 use crate::collective::{Collective, all_reduce_gradients};
 use crate::error::{Error, Result, TorchContext};
+use crate::model::config::ModelType;
 use crate::model::encoder::{Encoder, Head};
 use crate::model::{checkpoint as model_io, kind_of};
 use crate::optim::{Optimizer, learning_rate};
@@ -50,14 +51,15 @@ use objective::{Batch, Norm, Sums, micro_batch_loss};
 /// Refuses a causal LM for a classification task, naming its config.
 fn check_model(spec: &RunSpec) -> Result<()> {
     let dir = &spec.model.path;
-    let model_type = crate::model::encoder::model_type(dir)?;
-    if crate::model::encoder::is_encoder(&model_type) {
+    let model_type = ModelType::of_dir(dir)?;
+    if model_type.is_encoder() {
         return Ok(());
     }
     Err(Error::Config {
         path: dir.join("config.json"),
         reason: format!(
-            "model_type {model_type:?} is a causal LM; task.type = {} needs an encoder (bert, roberta)",
+            "model_type {:?} is a causal LM; task.type = {} needs an encoder (bert, roberta)",
+            model_type.name(),
             serde_json::to_string(&spec.task.kind).unwrap_or_default()
         ),
     })

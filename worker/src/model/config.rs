@@ -29,6 +29,85 @@ impl Architecture {
     }
 }
 
+/// Every `model_type` this system trains: the one place that names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelType {
+    Llama,
+    Mistral,
+    Qwen2,
+    Bert,
+    Roberta,
+}
+
+impl ModelType {
+    pub const ALL: [ModelType; 5] = [
+        ModelType::Llama,
+        ModelType::Mistral,
+        ModelType::Qwen2,
+        ModelType::Bert,
+        ModelType::Roberta,
+    ];
+
+    /// `config.json`'s spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelType::Llama => "llama",
+            ModelType::Mistral => "mistral",
+            ModelType::Qwen2 => "qwen2",
+            ModelType::Bert => "bert",
+            ModelType::Roberta => "roberta",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// A bidirectional encoder (token and sequence classification), not a
+    /// causal LM.
+    pub fn is_encoder(self) -> bool {
+        matches!(self, ModelType::Bert | ModelType::Roberta)
+    }
+
+    /// The decoder architecture of a causal LM.
+    pub fn architecture(self) -> Option<Architecture> {
+        match self {
+            ModelType::Llama => Some(Architecture::Llama),
+            ModelType::Mistral => Some(Architecture::Mistral),
+            ModelType::Qwen2 => Some(Architecture::Qwen2),
+            ModelType::Bert | ModelType::Roberta => None,
+        }
+    }
+
+    /// `model_type` of `config.json`'s parsed body (`path` for messages):
+    /// missing is a config error naming the key, unknown names what is
+    /// supported.
+    pub fn of_json(raw: &Value, path: &Path) -> Result<Self> {
+        let name = raw
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::Config {
+                path: path.to_path_buf(),
+                reason: "missing key model_type".into(),
+            })?;
+        Self::parse(name).ok_or_else(|| Error::UnsupportedModel {
+            path: path.to_path_buf(),
+            model_type: name.to_string(),
+        })
+    }
+
+    /// The model type of the checkpoint in `dir` (its `config.json`).
+    pub fn of_dir(dir: &Path) -> Result<Self> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let raw: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
+            path: path.clone(),
+            source,
+        })?;
+        Self::of_json(&raw, &path)
+    }
+}
+
 /// How rotary frequencies are rescaled for long context.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -80,7 +159,6 @@ pub struct ModelConfig {
 
 #[derive(Deserialize)]
 struct RawConfig {
-    model_type: Option<String>,
     vocab_size: Option<i64>,
     hidden_size: Option<i64>,
     intermediate_size: Option<i64>,
@@ -129,21 +207,13 @@ impl ModelConfig {
             path: path.to_path_buf(),
             reason,
         };
-        let model_type = raw
-            .model_type
-            .clone()
-            .ok_or_else(|| bad("missing key model_type".into()))?;
-        let architecture = match model_type.as_str() {
-            "llama" => Architecture::Llama,
-            "mistral" => Architecture::Mistral,
-            "qwen2" => Architecture::Qwen2,
-            _ => {
-                return Err(Error::UnsupportedModel {
-                    path: path.to_path_buf(),
-                    model_type,
-                });
-            }
-        };
+        let model_type = ModelType::of_json(&raw_value, path)?;
+        let architecture = model_type
+            .architecture()
+            .ok_or_else(|| Error::UnsupportedModel {
+                path: path.to_path_buf(),
+                model_type: model_type.name().into(),
+            })?;
         let need = |v: Option<i64>, key: &str| -> Result<i64> {
             match v {
                 Some(v) if v > 0 => Ok(v),
@@ -414,6 +484,32 @@ mod tests {
         assert!(matches!(legacy.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
         assert_eq!(legacy.num_key_value_heads, 2, "defaults to the head count");
         assert_eq!(legacy.head_dim, 4);
+    }
+
+    #[test]
+    fn every_model_type_is_named_once_and_knows_what_it_is() {
+        for t in ModelType::ALL {
+            assert_eq!(ModelType::parse(t.name()), Some(t));
+            assert_eq!(t.is_encoder(), t.architecture().is_none(), "{t:?}");
+        }
+        assert_eq!(ModelType::parse("gpt2"), None);
+        let path = Path::new("m/config.json");
+        let missing = ModelType::of_json(&serde_json::json!({}), path).expect_err("no key");
+        assert!(
+            missing.to_string().contains("missing key model_type"),
+            "{missing}"
+        );
+        let unknown =
+            ModelType::of_json(&serde_json::json!({"model_type": "gpt2"}), path).expect_err("gpt2");
+        assert!(
+            matches!(unknown, Error::UnsupportedModel { .. }),
+            "{unknown}"
+        );
+        // An encoder's config is not a causal LM's.
+        let bert = r#"{"model_type": "bert", "vocab_size": 10, "hidden_size": 8,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16}"#;
+        let err = parse(bert).expect_err("bert is an encoder");
+        assert!(err.to_string().contains("bert"), "{err}");
     }
 
     #[test]

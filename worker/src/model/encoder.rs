@@ -24,6 +24,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{TensorIndex, copy_side_files, dtype_name, write_json, write_weight_files};
+use super::config::ModelType;
 use super::layers::{LayerNorm, Linear, TchResult, grad_enabled, param};
 use crate::error::{Error, Result, TorchContext, io_err};
 
@@ -103,7 +104,6 @@ impl Activation {
 
 #[derive(Debug, Deserialize)]
 struct RawEncoderConfig {
-    model_type: Option<String>,
     vocab_size: Option<i64>,
     hidden_size: Option<i64>,
     num_hidden_layers: Option<i64>,
@@ -170,17 +170,13 @@ impl EncoderConfig {
             path: path.to_path_buf(),
             reason,
         };
-        let model_type = c
-            .model_type
-            .clone()
-            .ok_or_else(|| bad("missing key model_type".into()))?;
-        let family = match model_type.as_str() {
-            "bert" => Family::Bert,
-            "roberta" => Family::Roberta,
-            _ => {
+        let family = match ModelType::of_json(&raw, path)? {
+            ModelType::Bert => Family::Bert,
+            ModelType::Roberta => Family::Roberta,
+            other => {
                 return Err(Error::UnsupportedModel {
                     path: path.to_path_buf(),
-                    model_type,
+                    model_type: other.name().into(),
                 });
             }
         };
@@ -294,29 +290,6 @@ impl EncoderConfig {
             Family::Roberta => self.max_position_embeddings - self.pad_token_id - 1,
         }
     }
-}
-
-/// `model_type` of the checkpoint in `dir`, to choose between the causal LMs
-/// and the encoders.
-pub fn model_type(dir: &Path) -> Result<String> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
-    let raw: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
-        path: path.clone(),
-        source,
-    })?;
-    raw.get("model_type")
-        .and_then(Value::as_str)
-        .map(str::to_string)
-        .ok_or_else(|| Error::Config {
-            path,
-            reason: "missing key model_type".into(),
-        })
-}
-
-/// Whether `model_type` names an encoder this module implements.
-pub fn is_encoder(model_type: &str) -> bool {
-    matches!(model_type, "bert" | "roberta")
 }
 
 #[derive(Debug)]

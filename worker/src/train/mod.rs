@@ -88,12 +88,13 @@ impl Models {
     fn load(spec: &RunSpec, device: Device, staged: bool) -> Result<Self> {
         // Loads libtorch's CUDA half for a CUDA device, or names why it cannot.
         crate::cuda::check_device(device)?;
-        let model_type = crate::model::encoder::model_type(&spec.model.path)?;
-        if crate::model::encoder::is_encoder(&model_type) {
+        let model_type = crate::model::config::ModelType::of_dir(&spec.model.path)?;
+        if model_type.is_encoder() {
             return Err(Error::Config {
                 path: spec.model.path.join("config.json"),
                 reason: format!(
-                    "model_type {model_type:?} is an encoder: set [task] type = \"token-classification\" or \"sequence-classification\""
+                    "model_type {:?} is an encoder: set [task] type = \"token-classification\" or \"sequence-classification\"",
+                    model_type.name()
                 ),
             });
         }
