@@ -518,6 +518,11 @@ pub enum TargetModules {
     Names(Vec<String>),
 }
 
+/// The encoders' linear modules adapters can target, by PEFT's names (the
+/// self-attention's projections; PEFT's default for BERT and RoBERTa is
+/// `query` and `value`).
+pub const ENCODER_LORA_MODULES: &[&str] = &["query", "key", "value"];
+
 /// The decoder's linear modules, by PEFT's names.
 pub const LINEAR_MODULES: &[&str] = &[
     "q_proj",
@@ -638,6 +643,7 @@ impl RunSpec {
             .build()
             .map_err(|e| read_err(e.to_string()))?;
         let loss_given = settings.get_string("objective.loss").is_ok();
+        let targets_given = settings.get::<config::Value>("lora.target_modules").is_ok();
         let length_given = settings.get_string("data.max_length").is_ok();
         let prompt_given = settings.get_string("data.max_prompt_length").is_ok();
         let mut spec: RunSpec = settings
@@ -647,6 +653,12 @@ impl RunSpec {
         // combined loss (cross-entropy alone where there are no negatives).
         if spec.task.kind.is_classification() && !loss_given {
             spec.objective.loss = Loss::Combined;
+        }
+        // And its LoRA targets PEFT's default for BERT and RoBERTa.
+        if spec.task.kind.is_classification() && !targets_given {
+            if let Some(l) = spec.lora.as_mut() {
+                l.target_modules = TargetModules::Names(vec!["query".into(), "value".into()]);
+            }
         }
         spec.data.derive_lengths(length_given, prompt_given);
         // Relative paths end absolute even when the spec's own path is relative
@@ -1009,27 +1021,35 @@ impl RunSpec {
             check((0.0..1.0).contains(&l.dropout), "lora.dropout", || {
                 format!("must be in [0, 1), found {}", l.dropout)
             })?;
+            let (modules, family) = if self.task.kind.is_classification() {
+                (ENCODER_LORA_MODULES, "an encoder")
+            } else {
+                (LINEAR_MODULES, "this model family")
+            };
             match &l.target_modules {
                 TargetModules::Keyword(k) => {
                     check(k == "all-linear", "lora.target_modules", || {
                         format!("must be \"all-linear\" or a list of module names, found {k:?}")
-                    })?
+                    })?;
+                    check(
+                        !self.task.kind.is_classification(),
+                        "lora.target_modules",
+                        || {
+                            format!(
+                                "\"all-linear\" is for the causal LMs; name an encoder's modules ({})",
+                                ENCODER_LORA_MODULES.join(", ")
+                            )
+                        },
+                    )?;
                 }
                 TargetModules::Names(names) => {
                     check(!names.is_empty(), "lora.target_modules", || {
                         "must name at least one module".into()
                     })?;
                     for n in names {
-                        check(
-                            LINEAR_MODULES.contains(&n.as_str()),
-                            "lora.target_modules",
-                            || {
-                                format!(
-                                    "unknown module {n:?} (this model family has {})",
-                                    LINEAR_MODULES.join(", ")
-                                )
-                            },
-                        )?;
+                        check(modules.contains(&n.as_str()), "lora.target_modules", || {
+                            format!("unknown module {n:?} ({family} has {})", modules.join(", "))
+                        })?;
                     }
                 }
             }
@@ -1159,10 +1179,6 @@ impl RunSpec {
                 "\"policy\" samples responses of a causal LM; a classification task takes \"random\", \"adversarial\", \"confusion\" or a file".into()
             },
         )?;
-        check(self.lora.is_none(), "lora", || {
-            "LoRA adapters are for the causal LMs; a classification task trains the whole encoder"
-                .into()
-        })?;
         check(t.zero_stage == 0, "train.zero_stage", || {
             "ZeRO is for the causal LMs; an encoder's optimizer state is small".into()
         })?;
@@ -1421,8 +1437,27 @@ train = "train.jsonl"
                 format!("{MINIMAL}[task]\nlabels = [\"a\"]\n"),
                 "task.labels: labels are for the classification tasks",
             ),
+            (
+                with("[lora]\ntarget_modules = [\"q_proj\"]\n"),
+                "lora.target_modules: unknown module \"q_proj\" (an encoder has query, key, value)",
+            ),
+            (
+                with("[lora]\ntarget_modules = \"all-linear\"\n"),
+                "lora.target_modules: \"all-linear\" is for the causal LMs",
+            ),
         ];
         each_refused(&cases);
+        // LoRA on an encoder targets PEFT's default (query, value) unless told.
+        let lora = load(&with("[lora]\nr = 4\n")).expect("valid");
+        let names = lora.lora.as_ref().map(|l| l.target_modules.names());
+        assert_eq!(names, Some(vec!["query".to_string(), "value".to_string()]));
+        let key = load(&with("[lora]\ntarget_modules = [\"key\"]\n")).expect("valid");
+        let names = key.lora.as_ref().map(|l| l.target_modules.names());
+        assert_eq!(names, Some(vec!["key".to_string()]));
+        // A causal LM keeps PEFT's Llama-family default.
+        let lm = load(&format!("{MINIMAL}[lora]\nr = 4\n")).expect("valid");
+        let names = lm.lora.as_ref().map(|l| l.target_modules.names());
+        assert_eq!(names, Some(vec!["q_proj".to_string(), "v_proj".to_string()]));
     }
 
     #[test]

@@ -45,8 +45,15 @@ impl ClassifierTrainer {
             std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        self.model
-            .save(&tmp.join("model"), Some(&self.tokenizer_dir), 5 << 30)?;
+        if self.model.adapters().is_some() {
+            // A LoRA run's checkpoint holds the adapters and the head; the
+            // frozen base is the model's.
+            self.model
+                .save_adapter(&tmp.join("adapter"), &self.spec.model.path)?;
+        } else {
+            self.model
+                .save(&tmp.join("model"), Some(&self.tokenizer_dir), 5 << 30)?;
+        }
         model_io::write_tensors(&tmp.join("optimizer.safetensors"), &self.optimizer.state())?;
         if let Some(miner) = &self.miner {
             let named: Vec<(String, Tensor)> = self
@@ -98,26 +105,30 @@ impl ClassifierTrainer {
             path: dir.join("trainer_state.json"),
             reason: e.to_string(),
         })?;
-        let weights = model_io::read_tensors(&dir.join("model").join("model.safetensors"))?;
         let device = self.model.device();
-        {
-            let _guard = tch::no_grad_guard();
-            for (name, var) in self.model.var_store().variables() {
-                let saved = weights.get(&name).ok_or_else(|| Error::MissingTensor {
-                    dir: dir.join("model"),
-                    name: name.clone(),
-                })?;
-                if saved.size() != var.size() {
-                    return Err(Error::TensorShape {
-                        path: dir.join("model/model.safetensors"),
-                        name,
-                        expected: var.size(),
-                        found: saved.size(),
-                    });
+        if self.model.adapters().is_some() {
+            self.model.load_adapter(&dir.join("adapter"))?;
+        } else {
+            let weights = model_io::read_tensors(&dir.join("model").join("model.safetensors"))?;
+            {
+                let _guard = tch::no_grad_guard();
+                for (name, var) in self.model.var_store().variables() {
+                    let saved = weights.get(&name).ok_or_else(|| Error::MissingTensor {
+                        dir: dir.join("model"),
+                        name: name.clone(),
+                    })?;
+                    if saved.size() != var.size() {
+                        return Err(Error::TensorShape {
+                            path: dir.join("model/model.safetensors"),
+                            name,
+                            expected: var.size(),
+                            found: saved.size(),
+                        });
+                    }
+                    var.shallow_clone()
+                        .f_copy_(saved)
+                        .op("restoring a parameter")?;
                 }
-                var.shallow_clone()
-                    .f_copy_(saved)
-                    .op("restoring a parameter")?;
             }
         }
         let optim: std::collections::BTreeMap<String, Tensor> =

@@ -261,10 +261,14 @@ impl ClassifierTrainer {
         let pad = TextTokenizer::from_dir(&dir)?
             .pad_id()
             .map_or(model.config().pad_token_id, i64::from);
-        let mut params: Vec<(String, tch::Tensor)> =
-            model.var_store().variables().into_iter().collect();
-        params.sort_by(|a, b| a.0.cmp(&b.0));
-        let optimizer = Optimizer::new(&spec.optim, params)?;
+        if let Some(lora) = &spec.lora {
+            // PEFT's LoRA for classification: adapters, and the head whole.
+            model.add_lora(lora, spec.data.seed)?;
+            if let Some(init) = &lora.init_from {
+                model.load_adapter(init)?;
+            }
+        }
+        let optimizer = Optimizer::new(&spec.optim, model.trainable_parameters())?;
         let weight = match spec.objective.loss {
             Loss::Combined => Some(spec.objective.negative_weight),
             _ => None,
@@ -560,9 +564,20 @@ impl ClassifierTrainer {
     }
 
     /// Saves the model as an HF directory, whole or not at all.
+    /// With LoRA: the adapter and head in PEFT's format, and with
+    /// `lora.merge` the merged model in `merged/`.
     fn save_model(&self, name: &str) -> Result<PathBuf> {
-        self.out.publish(name, |dir| {
-            self.model.save(dir, Some(&self.tokenizer_dir), 5 << 30)
+        let source = Some(self.tokenizer_dir.as_path());
+        self.out.publish(name, |dir| match &self.spec.lora {
+            Some(lora) => {
+                self.model.save_adapter(dir, &self.spec.model.path)?;
+                if lora.merge {
+                    self.model
+                        .save_merged(&dir.join("merged"), source, 5 << 30)?;
+                }
+                Ok(())
+            }
+            None => self.model.save(dir, source, 5 << 30),
         })
     }
 

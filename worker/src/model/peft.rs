@@ -25,47 +25,16 @@ const PREFIX: &str = "base_model.model.";
 /// files of `base` come along, as PEFT users save them.
 pub fn save_adapter(model: &CausalLm, dir: &Path, base: &Path) -> Result<()> {
     let Some((store, spec)) = model.adapters() else {
-        return Err(Error::Input {
-            context: "lora".into(),
-            reason: "this model has no adapters to save".into(),
-        });
+        return Err(no_adapters());
     };
-    std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
-    let mut tensors: Vec<(String, tch::Tensor)> = store
-        .variables()
-        .into_iter()
-        .map(|(n, t)| (format!("{PREFIX}{n}"), t))
-        .collect();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    checkpoint::write_tensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
-    let targets = spec.target_modules.names();
-    let config = json!({
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base.display().to_string(),
-        "r": spec.r,
-        "lora_alpha": spec.alpha,
-        "lora_dropout": spec.dropout,
-        "target_modules": targets,
-        "bias": "none",
-        "fan_in_fan_out": false,
-        "inference_mode": true,
-        "init_lora_weights": match spec.init {
-            dpo_proto::LoraInit::Default => json!(true),
-            dpo_proto::LoraInit::Gaussian => json!("gaussian"),
-        },
-        "modules_to_save": Value::Null,
-        "use_rslora": false,
-        "use_dora": false,
-        "layers_to_transform": Value::Null,
-        "layers_pattern": Value::Null,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "revision": Value::Null,
-    });
-    checkpoint::write_json(&dir.join(ADAPTER_CONFIG), &config)?;
-    checkpoint::copy_side_files(base, dir)?;
-    Ok(())
+    write_adapter(
+        dir,
+        base,
+        spec,
+        "CAUSAL_LM",
+        &[],
+        store.variables().into_iter().collect(),
+    )
 }
 
 /// Loads the PEFT adapter in `dir` into the model's adapters (made by
@@ -80,6 +49,77 @@ pub fn load_adapter(model: &CausalLm, dir: &Path, key: &str) -> Result<()> {
             reason: "the run has no [lora] section to load an adapter into".into(),
         });
     };
+    read_adapter_into(dir, spec, &store.variables())
+}
+
+fn no_adapters() -> Error {
+    Error::Input {
+        context: "lora".into(),
+        reason: "this model has no adapters to save".into(),
+    }
+}
+
+/// Writes `tensors` (named by their parameter paths: the adapters' and the
+/// whole modules in `modules_to_save`) to `dir` in PEFT's format for
+/// `task_type` (`CAUSAL_LM`, `TOKEN_CLS`, `SEQ_CLS`), with the tokenizer
+/// files of `base`.
+pub(crate) fn write_adapter(
+    dir: &Path,
+    base: &Path,
+    spec: &dpo_proto::LoraSpec,
+    task_type: &str,
+    modules_to_save: &[&str],
+    tensors: Vec<(String, tch::Tensor)>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(crate::error::io_err(dir))?;
+    let mut tensors: Vec<(String, tch::Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| (format!("{PREFIX}{n}"), t))
+        .collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    checkpoint::write_tensors(&dir.join(ADAPTER_WEIGHTS), &tensors)?;
+    let targets = spec.target_modules.names();
+    let config = json!({
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base.display().to_string(),
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "init_lora_weights": match spec.init {
+            dpo_proto::LoraInit::Default => json!(true),
+            dpo_proto::LoraInit::Gaussian => json!("gaussian"),
+        },
+        "modules_to_save": if modules_to_save.is_empty() {
+            Value::Null
+        } else {
+            json!(modules_to_save)
+        },
+        "use_rslora": false,
+        "use_dora": false,
+        "layers_to_transform": Value::Null,
+        "layers_pattern": Value::Null,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": Value::Null,
+    });
+    checkpoint::write_json(&dir.join(ADAPTER_CONFIG), &config)?;
+    checkpoint::copy_side_files(base, dir)?;
+    Ok(())
+}
+
+/// Reads the PEFT adapter in `dir` into `vars` (parameter path → tensor):
+/// its rank and alpha must be `spec`'s, and it must hold every one of `vars`
+/// with their shapes and nothing else.
+pub(crate) fn read_adapter_into(
+    dir: &Path,
+    spec: &dpo_proto::LoraSpec,
+    vars: &std::collections::HashMap<String, tch::Tensor>,
+) -> Result<()> {
     let config_path = dir.join(ADAPTER_CONFIG);
     let config = checkpoint::read_json(&config_path)?;
     let bad = |reason: String| Error::Config {
@@ -117,9 +157,8 @@ pub fn load_adapter(model: &CausalLm, dir: &Path, key: &str) -> Result<()> {
             (k, t)
         })
         .collect();
-    let vars = store.variables();
     let _guard = tch::no_grad_guard();
-    for (name, var) in &vars {
+    for (name, var) in vars {
         let Some(t) = saved.get(name) else {
             return Err(Error::MissingTensor {
                 dir: dir.to_path_buf(),

@@ -15,8 +15,12 @@
 //! new head initialised as transformers does: weights `N(0, initializer_range)`,
 //! biases zero.
 
+mod lora;
+
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -336,6 +340,10 @@ pub struct Encoder {
     /// Dropout on (training) or off (evaluation, and every forward without
     /// gradients).
     training: bool,
+    /// LoRA adapters (their own store) and the `[lora]` they were made by.
+    adapters: Option<(VarStore, dpo_proto::LoraSpec)>,
+    /// Every adapter's switch (off: the base alone).
+    adapters_on: Arc<AtomicBool>,
 }
 
 /// What loading found in the checkpoint, for the caller to report.
@@ -442,6 +450,8 @@ impl Encoder {
             pooler,
             classifier,
             training: false,
+            adapters: None,
+            adapters_on: Arc::new(AtomicBool::new(true)),
         })
     }
 
@@ -756,7 +766,27 @@ impl Encoder {
     /// architecture and `id2label`/`label2id`, the weights, and the tokenizer
     /// files of `source_dir`.
     pub fn save(&self, dir: &Path, source_dir: Option<&Path>, max_shard_bytes: u64) -> Result<()> {
-        let vars: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        self.save_weights(dir, source_dir, max_shard_bytes, BTreeMap::new())
+    }
+
+    /// [`Self::save`] with the tensors of `replaced` (by name) in place of
+    /// the parameters' own (the merged weights of LoRA layers).
+    fn save_weights(
+        &self,
+        dir: &Path,
+        source_dir: Option<&Path>,
+        max_shard_bytes: u64,
+        mut replaced: BTreeMap<String, Tensor>,
+    ) -> Result<()> {
+        let vars: Vec<(String, Tensor)> = self
+            .vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = replaced.remove(&n).unwrap_or(t);
+                (n, t)
+            })
+            .collect();
         let (files, bytes) = write_weight_files(&vars, dir, max_shard_bytes)?;
         write_json(&dir.join("config.json"), &self.config_json())?;
         if let Some(src) = source_dir {

@@ -1,0 +1,187 @@
+//! LoRA on the encoders, as PEFT does it for `TOKEN_CLS` and `SEQ_CLS`:
+//! adapters on the self-attention's `query`, `key`, `value` layers (PEFT's
+//! default for BERT and RoBERTa is `query` and `value`), every base parameter
+//! frozen except the classification head, which trains whole (PEFT's
+//! `modules_to_save`) and is saved with the adapters. `merge` writes the base
+//! with the adapters folded in, a plain transformers checkpoint.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use tch::Tensor;
+use tch::nn::VarStore;
+
+use super::Encoder;
+use crate::error::{Error, Result, TorchContext};
+use crate::model::layers::Linear;
+use crate::model::peft;
+
+/// The head PEFT trains whole for a classification task (`modules_to_save`).
+const HEAD: &str = "classifier";
+
+impl Encoder {
+    /// Every linear layer an adapter can sit on, with its module name (PEFT's)
+    /// and its parameter path prefix.
+    fn lora_sites_mut(&mut self) -> Vec<(&'static str, String, &mut Linear)> {
+        let base = self.config.family.name();
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let at = format!("{base}.encoder.layer.{i}.attention.self");
+            out.push(("query", format!("{at}.query"), &mut layer.query));
+            out.push(("key", format!("{at}.key"), &mut layer.key));
+            out.push(("value", format!("{at}.value"), &mut layer.value));
+        }
+        out
+    }
+
+    fn lora_sites(&self) -> Vec<(String, &Linear)> {
+        let base = self.config.family.name();
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let at = format!("{base}.encoder.layer.{i}.attention.self");
+            out.push((format!("{at}.query"), &layer.query));
+            out.push((format!("{at}.key"), &layer.key));
+            out.push((format!("{at}.value"), &layer.value));
+        }
+        out
+    }
+
+    /// Adds LoRA adapters to the layers `spec.target_modules` names and
+    /// freezes the base but for the classification head. New adapters start
+    /// as PEFT's `init_lora_weights` says (A random from `seed`, B zero).
+    pub fn add_lora(&mut self, spec: &dpo_proto::LoraSpec, seed: u64) -> Result<()> {
+        let store = VarStore::new(self.device());
+        let root = store.root();
+        let targets = spec.target_modules.names();
+        let on = self.adapters_on.clone();
+        tch::manual_seed(seed as i64);
+        let mut added = 0usize;
+        for (module, prefix, linear) in self.lora_sites_mut() {
+            if !targets.iter().any(|t| t == module) {
+                continue;
+            }
+            let mut path = root.clone();
+            for part in prefix.split('.') {
+                path = &path / part;
+            }
+            linear
+                .attach_lora(&path, spec, on.clone())
+                .op("lora: adapter weights")?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(Error::Input {
+                context: "lora.target_modules".into(),
+                reason: format!("no linear layer of this encoder is named {targets:?}"),
+            });
+        }
+        for (name, t) in self.vs.variables() {
+            let _ = t.set_requires_grad(is_head(&name));
+        }
+        tracing::info!(
+            adapters = added,
+            r = spec.r,
+            alpha = spec.alpha,
+            trainable = store.variables().values().map(|t| t.numel()).sum::<usize>()
+                + self
+                    .head_parameters()
+                    .values()
+                    .map(|t| t.numel())
+                    .sum::<usize>(),
+            "LoRA adapters added; the base is frozen but for the classification head"
+        );
+        self.adapters = Some((store, spec.clone()));
+        Ok(())
+    }
+
+    /// The adapters' store and spec, when the encoder has LoRA adapters.
+    pub fn adapters(&self) -> Option<(&VarStore, &dpo_proto::LoraSpec)> {
+        self.adapters.as_ref().map(|(v, s)| (v, s))
+    }
+
+    fn head_parameters(&self) -> HashMap<String, Tensor> {
+        self.vs
+            .variables()
+            .into_iter()
+            .filter(|(n, _)| is_head(n))
+            .collect()
+    }
+
+    /// What trains, by name in name order: with LoRA the adapters and the
+    /// classification head, else every parameter.
+    pub fn trainable_parameters(&self) -> Vec<(String, Tensor)> {
+        let mut params: Vec<(String, Tensor)> = match &self.adapters {
+            Some((store, _)) => store
+                .variables()
+                .into_iter()
+                .chain(self.head_parameters())
+                .collect(),
+            None => self.vs.variables().into_iter().collect(),
+        };
+        params.sort_by(|a, b| a.0.cmp(&b.0));
+        params
+    }
+
+    /// The adapters and the head, by parameter path: what a PEFT adapter of
+    /// this encoder holds.
+    fn adapter_tensors(&self) -> Result<(HashMap<String, Tensor>, &dpo_proto::LoraSpec)> {
+        let Some((store, spec)) = &self.adapters else {
+            return Err(Error::Input {
+                context: "lora".into(),
+                reason: "this encoder has no adapters".into(),
+            });
+        };
+        let mut all = store.variables();
+        all.extend(self.head_parameters());
+        Ok((all, spec))
+    }
+
+    /// PEFT's task type for this encoder's head.
+    fn task_type(&self) -> &'static str {
+        match self.head {
+            super::Head::Token => "TOKEN_CLS",
+            super::Head::Sequence => "SEQ_CLS",
+        }
+    }
+
+    /// Writes the adapters and the head to `dir` in PEFT's format, for
+    /// `PeftModel.from_pretrained(AutoModelFor…Classification(base), dir)`.
+    pub fn save_adapter(&self, dir: &Path, base: &Path) -> Result<()> {
+        let (tensors, spec) = self.adapter_tensors()?;
+        peft::write_adapter(
+            dir,
+            base,
+            spec,
+            self.task_type(),
+            &[HEAD],
+            tensors.into_iter().collect(),
+        )
+    }
+
+    /// Loads the PEFT adapter in `dir` (adapters and head) into this encoder.
+    pub fn load_adapter(&self, dir: &Path) -> Result<()> {
+        let (tensors, spec) = self.adapter_tensors()?;
+        peft::read_adapter_into(dir, spec, &tensors)
+    }
+
+    /// Writes the base with the adapters folded in (`W + B A · alpha/r`) and
+    /// the trained head: a plain transformers checkpoint.
+    pub fn save_merged(
+        &self,
+        dir: &Path,
+        source_dir: Option<&Path>,
+        max_shard_bytes: u64,
+    ) -> Result<()> {
+        let mut merged = BTreeMap::new();
+        for (prefix, linear) in self.lora_sites() {
+            if let Some(w) = linear.merged_weight().op("merging an adapter")? {
+                merged.insert(format!("{prefix}.weight"), w);
+            }
+        }
+        self.save_weights(dir, source_dir, max_shard_bytes, merged)
+    }
+}
+
+fn is_head(name: &str) -> bool {
+    name.starts_with("classifier.")
+}
