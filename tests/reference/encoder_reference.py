@@ -11,7 +11,19 @@
     encoder_reference.py train MODEL DATA SETTINGS.json OUT
         trains MODEL with transformers + the loss from its formula + torch's AdamW
         (or SGD: "optimizer"; "schedule" as transformers names it, default linear;
-        micro-batches summed into a global batch), writes the weights to OUT
+        micro-batches summed into a global batch), writes the weights to OUT;
+        with "lora_init", PEFT's model from that adapter trains instead (only
+        what PEFT trains) and its adapter is saved to OUT.adapter
+    encoder_reference.py lora-init MODEL OUT R ALPHA TARGETS
+        PEFT's LoRA for MODEL's task (TOKEN_CLS or SEQ_CLS; the head in
+        modules_to_save as PEFT adds it): get_peft_model with r, lora_alpha,
+        target_modules (comma-separated), no dropout; B given random values too
+        (PEFT starts it at zero); save_pretrained(OUT)
+    encoder_reference.py lora-check MODEL OURS REFERENCE OUT.json
+        loads OUR adapter (OURS, written by dpo-worker) into PEFT with
+        PeftModel.from_pretrained and writes the max |logit difference| against
+        the adapter PEFT trained (REFERENCE), and between PEFT's
+        merge_and_unload() of ours and our merged model (OURS/merged)
     encoder_reference.py scores IN.json
         seqeval's strict IOB2 entity report and scikit-learn's classification report
     encoder_reference.py pipeline MODEL TASK TEXT...
@@ -126,6 +138,9 @@ def train(model_dir: str, data: str, settings: str, out: str) -> None:
     token_task = cfg["task"] == "token-classification"
     auto = transformers.AutoModelForTokenClassification if token_task else transformers.AutoModelForSequenceClassification
     model = auto.from_pretrained(model_dir, attn_implementation="eager")
+    if cfg.get("lora_init"):
+        import peft
+        model = peft.PeftModel.from_pretrained(model, cfg["lora_init"], is_trainable=True)
     model.train()
     label2id = {v: int(k) for k, v in model.config.id2label.items()}
     examples = []
@@ -145,8 +160,9 @@ def train(model_dir: str, data: str, settings: str, out: str) -> None:
                 targets = [(0, label2id[rec["label"]])]
                 negatives = sorted({(0, label2id[n]) for n in rec.get("negatives", [])})
             examples.append((enc["input_ids"], targets, negatives))
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm.weight" in n]
-    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm.weight" in n)]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm.weight" in n]
+    decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm.weight" in n)]
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.get("optimizer", "adamw") == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg["lr"])
@@ -195,9 +211,62 @@ def train(model_dir: str, data: str, settings: str, out: str) -> None:
         opt.step()
         sched.step()
         losses.append(step_loss)
-    save_file({n: t.detach().contiguous() for n, t in model.state_dict().items()}, out)
+    if cfg.get("lora_init"):
+        model.save_pretrained(out + ".adapter")
+    else:
+        save_file({n: t.detach().contiguous() for n, t in model.state_dict().items()}, out)
     with open(out + ".json", "w") as f:
         json.dump({"losses": losses}, f)
+
+
+def peft_task(model_dir: str) -> str:
+    cls = model_class(model_dir)
+    return "TOKEN_CLS" if cls is transformers.AutoModelForTokenClassification else "SEQ_CLS"
+
+
+def lora_init(model_dir: str, out: str, r: str, alpha: str, targets: str) -> None:
+    import peft
+    torch.manual_seed(0)
+    model = model_class(model_dir).from_pretrained(model_dir, attn_implementation="eager")
+    config = peft.LoraConfig(r=int(r), lora_alpha=float(alpha), lora_dropout=0.0,
+                             task_type=peft_task(model_dir), target_modules=targets.split(","))
+    model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(out)
+
+
+def lora_check(model_dir: str, ours: str, reference: str, out: str) -> None:
+    import os
+
+    import peft
+
+    def base(path=model_dir):
+        return model_class(model_dir).from_pretrained(path, attn_implementation="eager").eval()
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+
+    def logits(model):
+        with torch.no_grad():
+            return [model(**tok(t, return_tensors="pt")).logits.float() for t in SENTENCES]
+
+    def worst(a, b):
+        return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+    mine = peft.PeftModel.from_pretrained(base(), ours).eval()
+    theirs = peft.PeftModel.from_pretrained(base(), reference).eval()
+    result = {
+        "peft_vs_reference": worst(logits(mine), logits(theirs)),
+        "reference_vs_base": worst(logits(theirs), logits(base())),
+    }
+    merged_dir = os.path.join(ours, "merged")
+    if os.path.isdir(merged_dir):
+        merged = base(merged_dir)
+        result["merged_vs_peft"] = worst(logits(merged), logits(mine.merge_and_unload().eval()))
+    with open(out, "w") as f:
+        json.dump(result, f)
 
 
 def main() -> None:
@@ -206,6 +275,10 @@ def main() -> None:
         logits(*args)
     elif cmd == "train":
         train(*args)
+    elif cmd == "lora-init":
+        lora_init(*args)
+    elif cmd == "lora-check":
+        lora_check(*args)
     elif cmd == "scores":
         scores(*args)
     elif cmd == "align":

@@ -9,7 +9,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{max_abs_diff, read_jsonl, read_tensors, run_python, tempdir};
+use common::{
+    NER_DATA, SENTIMENT_DATA, max_abs_diff, read_jsonl, read_tensors, run_python, tempdir,
+};
 
 const NER_LABELS: &str = "O,B-PER,I-PER,B-LOC,I-LOC";
 
@@ -39,26 +41,6 @@ fn tiny_encoder(out: &Path, args: &[&str]) {
     all.extend_from_slice(args);
     run_python("examples/tiny_encoder.py", &all);
 }
-
-const NER_DATA: &str = r#"{"tokens": ["Ann", "Lee", "lives", "in", "Oslo"], "tags": ["B-PER", "I-PER", "O", "O", "B-LOC"], "negatives": [{"position": 0, "tag": "B-LOC"}, {"position": 4, "tag": "I-LOC"}]}
-{"tokens": ["the", "cat", "sees", "Rome"], "tags": ["O", "O", "O", "B-LOC"], "negatives": [{"position": 3, "tag": "B-PER"}]}
-{"tokens": ["Bo", "visited", "New", "Varna", "today"], "tags": ["B-PER", "O", "B-LOC", "I-LOC", "O"]}
-{"tokens": ["Kiran", "Tuvalesco", "likes", "big", "red", "houses"], "tags": ["B-PER", "I-PER", "O", "O", "O", "O"], "negatives": [{"position": 1, "tag": "B-PER"}, {"position": 2, "tag": "B-LOC"}, {"position": 0, "tag": "O"}]}
-{"tokens": ["one", "two", "three"], "tags": ["O", "O", "O"], "negatives": [{"position": 1, "tag": "B-PER"}]}
-{"tokens": ["Lima", "is", "far", "from", "Ann"], "tags": ["B-LOC", "O", "O", "O", "B-PER"], "negatives": [{"position": 0, "tag": "B-PER"}]}
-{"tokens": ["a", "dog"], "tags": ["O", "O"]}
-{"tokens": ["Zed", "Quorn", "met", "Lee", "in", "East", "Ridge"], "tags": ["B-PER", "I-PER", "O", "B-PER", "O", "B-LOC", "I-LOC"], "negatives": [{"position": 5, "tag": "B-PER"}, {"position": 6, "tag": "B-LOC"}]}
-"#;
-
-const SENTIMENT_DATA: &str = r#"{"text": "the film was great and fun", "label": "pos", "negatives": ["neg"]}
-{"text": "a dull and boring book", "label": "neg", "negatives": ["pos", "neu"]}
-{"text": "a long french show", "label": "neu"}
-{"text": "i found this album superb, really moving", "label": "pos", "negatives": ["neu"]}
-{"text": "terrible. painful. that is the game", "label": "neg", "negatives": ["pos"]}
-{"text": "the second series was short", "label": "neu", "negatives": ["neg"]}
-{"text": "charming play, brilliant too", "label": "pos"}
-{"text": "tedious novel", "label": "neg", "negatives": ["neu"]}
-"#;
 
 /// Trains `model` on `data` for 4 steps of 4 examples in micro-batches of 2,
 /// with us and with the PyTorch reference, and compares losses and weights.
