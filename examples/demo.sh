@@ -9,7 +9,9 @@
 # scores the merged model.
 # Then (full mode) the founding document's worked example: a tiny BERT trained for
 # NER with confusion negatives (examples/runs/ner.toml), the entity report printed
-# before and after training, and the trained model evaluated on a CoNLL file.
+# before and after training, and the trained model evaluated on a CoNLL file;
+# then the same task with LoRA (examples/runs/ner-lora.toml): the fraction of
+# parameters trained and the entity report.
 # Run it through make, which sets up the venv and builds the binary.
 set -euo pipefail
 out=${1:-out/demo}
@@ -62,3 +64,7 @@ echo "==> dpo-worker train examples/runs/ner.toml: entity report before and afte
 echo "==> dpo-worker evaluate: the trained model (final/) on the CoNLL test split"
 "$bin" evaluate --model "$out/ner/final" --data "$out/tasks/ner/test.conll" --device cpu
 echo "==> outputs: $out/ner/{metrics.jsonl,eval.jsonl,best/,final/} (final/ loads in transformers.pipeline(\"token-classification\"))"
+rm -rf "${out:?}/ner-lora"
+echo "==> dpo-worker train examples/runs/ner-lora.toml: the same task with LoRA (adapters on query/key/value, the head whole)"
+"$bin" train --config "$root/examples/runs/ner-lora.toml" --device cpu
+echo "==> outputs: $out/ner-lora/final/ (a PEFT adapter: PeftModel.from_pretrained), final/merged/ (a plain transformers model)"

@@ -433,8 +433,13 @@ fn train(
                 labels = ?s.labels,
                 start_step = s.start_step,
                 total_steps = s.total_steps,
+                trained_parameters = s.trained_parameters,
+                total_parameters = s.total_parameters,
                 "training"
             );
+            if !json {
+                bar.suspend(|| println!("{}", s.parameters_line()));
+            }
         }
         Event::Step { step, metrics, .. } => {
             bar.set_position(step);

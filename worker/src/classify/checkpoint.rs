@@ -89,7 +89,7 @@ impl ClassifierTrainer {
         all.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
         for (_, old) in all.into_iter().skip(keep as usize) {
             std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-            tracing::info!(dir = %old.display(), keep, "removed an old checkpoint (train.save_total_limit)");
+            tracing::info!(dir = %self.out.named_of(&old).display(), keep, "removed an old checkpoint (train.save_total_limit)");
         }
         Ok(())
     }

@@ -680,6 +680,12 @@ impl TrainingRun for ClassifierTrainer {
             labels: self.labels.names().to_vec(),
             labelled: train.map(|c| c.labelled),
             negatives: train.map(|c| c.negatives),
+            trained_parameters: numel(self.model.trainable_parameters().iter().map(|(_, t)| t)),
+            total_parameters: numel(self.model.var_store().variables().values())
+                + self
+                    .model
+                    .adapters()
+                    .map_or(0, |(store, _)| numel(store.variables().values())),
         }
     }
 
@@ -744,6 +750,10 @@ impl TrainingRun for ClassifierTrainer {
         }
         Ok(())
     }
+}
+
+fn numel<'a>(tensors: impl Iterator<Item = &'a tch::Tensor>) -> u64 {
+    tensors.map(|t| t.numel() as u64).sum()
 }
 
 fn counts_json(c: &data::DataCounts) -> serde_json::Value {

@@ -517,6 +517,7 @@ impl Worker {
                 self.report(signal, work, &record, true)?;
             }
             if let Some(dir) = checkpoint {
+                tracing::info!(step, dir = %dir.display(), "checkpoint written");
                 let req = v1::ReportCheckpointRequest {
                     member: Some(self.member(work)),
                     step,

@@ -349,7 +349,7 @@ pub fn save_tensors(
     if let Some(src) = source_dir {
         copy_side_files(src, dir)?;
     }
-    tracing::info!(dir = %dir.display(), shards = n, bytes = total, "saved checkpoint");
+    tracing::debug!(dir = %dir.display(), shards = n, bytes = total, "saved model weights");
     Ok(())
 }
 

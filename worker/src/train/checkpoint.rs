@@ -269,7 +269,7 @@ impl Trainer {
         let mut removed = Vec::new();
         for (_, dir) in all.into_iter().skip(keep as usize) {
             std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
-            tracing::info!(dir = %dir.display(), keep, "removed an old checkpoint (train.save_total_limit)");
+            tracing::info!(dir = %self.out.named_of(&dir).display(), keep, "removed an old checkpoint (train.save_total_limit)");
             removed.push(dir);
         }
         Ok(removed)
@@ -357,7 +357,7 @@ pub(crate) fn seal_checkpoint(tmp: &Path, root: &Path, step: u64) -> Result<Path
         std::fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
     }
     dpo_data::atomic::rename(tmp, &dir).map_err(io_err(&dir))?;
-    tracing::info!(step, dir = %dir.display(), "checkpoint written");
+    tracing::debug!(step, dir = %dir.display(), "checkpoint sealed");
     Ok(dir)
 }
 

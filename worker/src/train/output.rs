@@ -135,6 +135,7 @@ impl RunOutput {
         if moved_aside {
             remove_tree(&io.join(&old))?;
         }
+        tracing::info!(dir = %named.display(), "saved");
         Ok(named)
     }
 

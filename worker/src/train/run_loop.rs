@@ -131,6 +131,35 @@ pub struct Started {
     pub labels: Vec<String>,
     pub labelled: Option<usize>,
     pub negatives: Option<usize>,
+    /// Parameters the optimizer trains, of all the model's (adapters
+    /// included): with LoRA or `train.freeze`, a small fraction.
+    pub trained_parameters: u64,
+    pub total_parameters: u64,
+}
+
+impl Started {
+    /// "trains 12,345 of 1,234,567 parameters (1.00%)".
+    pub fn parameters_line(&self) -> String {
+        let pct = 100.0 * self.trained_parameters as f64 / self.total_parameters.max(1) as f64;
+        format!(
+            "trains {} of {} parameters ({pct:.2}%)",
+            grouped(self.trained_parameters),
+            grouped(self.total_parameters)
+        )
+    }
+}
+
+/// `1234567` as `1,234,567`.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// Progress reported to the caller (progress bar, logs).
@@ -392,6 +421,22 @@ mod tests {
                 stopped_early: true
             }
         );
+    }
+
+    #[test]
+    fn the_parameter_line_says_what_fraction_trains() {
+        let s = Started {
+            trained_parameters: 12_345,
+            total_parameters: 1_234_567,
+            ..Started::default()
+        };
+        assert_eq!(
+            s.parameters_line(),
+            "trains 12,345 of 1,234,567 parameters (1.00%)"
+        );
+        assert_eq!(grouped(0), "0");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1000), "1,000");
     }
 
     #[test]

@@ -12,6 +12,10 @@ use super::{Evaluation, Metrics, RunOutput, Started, Synced, Trainer, TrainingRu
 use crate::collective::Collective;
 use crate::error::Result;
 
+fn numel(params: &[(String, tch::Tensor)]) -> u64 {
+    params.iter().map(|(_, t)| t.numel() as u64).sum()
+}
+
 impl TrainingRun for Trainer {
     fn spec(&self) -> &RunSpec {
         &self.spec
@@ -52,6 +56,12 @@ impl TrainingRun for Trainer {
             total_steps: self.shape.total_steps,
             train_examples: self.shape.train_report.as_ref().map(|r| r.examples),
             eval_examples: self.shape.eval_report.as_ref().map(|r| r.examples),
+            trained_parameters: numel(&self.policy.trainable_parameters()),
+            // The base from its config (a sharded base holds a share only).
+            total_parameters: self.policy.config().num_parameters().max(0) as u64
+                + self.policy.adapters().map_or(0, |(store, _)| {
+                    numel(&store.variables().into_iter().collect::<Vec<_>>())
+                }),
             ..Started::default()
         }
     }

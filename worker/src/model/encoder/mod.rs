@@ -792,7 +792,7 @@ impl Encoder {
         if let Some(src) = source_dir {
             copy_side_files(src, dir)?;
         }
-        tracing::info!(dir = %dir.display(), files, bytes, "saved encoder checkpoint");
+        tracing::debug!(dir = %dir.display(), files, bytes, "saved encoder weights");
         Ok(())
     }
 
