@@ -1457,7 +1457,10 @@ train = "train.jsonl"
         // A causal LM keeps PEFT's Llama-family default.
         let lm = load(&format!("{MINIMAL}[lora]\nr = 4\n")).expect("valid");
         let names = lm.lora.as_ref().map(|l| l.target_modules.names());
-        assert_eq!(names, Some(vec!["q_proj".to_string(), "v_proj".to_string()]));
+        assert_eq!(
+            names,
+            Some(vec!["q_proj".to_string(), "v_proj".to_string()])
+        );
     }
 
     #[test]
