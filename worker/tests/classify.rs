@@ -595,6 +595,23 @@ fn two_ranks_train_the_weights_of_one_process() {
 /// weights of each epoch's start (which the checkpoint carries).
 #[test]
 fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
+    killed_run_resumes("", "model.safetensors");
+}
+
+/// The same with LoRA (adapter dropout on): checkpoints hold the adapters
+/// and the head, and the resumed run ends with the uninterrupted one's.
+#[test]
+fn a_killed_lora_run_resumes_to_the_adapters_of_an_uninterrupted_one() {
+    killed_run_resumes(
+        "[lora]\nr = 4\ndropout = 0.1\ntarget_modules = [\"query\", \"key\", \"value\"]\n",
+        "adapter_model.safetensors",
+    );
+}
+
+/// Trains the NER fixture (dropout and adversarial negatives on) in one go,
+/// and again killed after step 3 and resumed; `extra` ends the spec, `file`
+/// is what `final/` holds.
+fn killed_run_resumes(extra: &str, file: &str) {
     let dir = ner_fixture("0.1", "4");
     let spec = |out: &str| {
         let path = dir.path().join(format!("{out}.toml"));
@@ -605,7 +622,7 @@ fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
                  negatives_per_label = 2\n[data]\ntrain = \"data.jsonl\"\neval = \"data.jsonl\"\n\
                  negatives = \"adversarial\"\nmax_length = 32\n[optim]\nlr = 0.01\n[train]\nepochs = 3\n\
                  global_batch_size = 4\nmicro_batch_size = 2\ncheckpoint_every = 1\nsave_total_limit = 1\n\
-                 metric_for_best_model = \"eval_f1\"\noutput = \"{out}\"\n"
+                 metric_for_best_model = \"eval_f1\"\noutput = \"{out}\"\n{extra}"
             ),
         )
         .expect("write spec");
@@ -654,8 +671,9 @@ fn a_killed_run_resumes_to_the_weights_of_an_uninterrupted_one() {
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
-    let a = read_tensors(&dir.path().join("whole/final/model.safetensors"));
-    let b = read_tensors(&dir.path().join("broken/final/model.safetensors"));
+    let a = read_tensors(&dir.path().join("whole/final").join(file));
+    let b = read_tensors(&dir.path().join("broken/final").join(file));
+    assert!(!a.is_empty());
     assert_eq!(
         common::max_weight_diff(&a, &b),
         0.0,
