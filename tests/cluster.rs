@@ -1236,3 +1236,56 @@ fn ner_through_the_coordinator_survives_a_killed_worker_and_equals_one_process()
     assert_eq!(config["architectures"][0], "BertForTokenClassification");
     assert_eq!(config["id2label"]["0"], "O");
 }
+
+/// The largest `memory/peak_bytes` a run's metrics report.
+fn peak_bytes(out: &Path) -> f64 {
+    jsonl(&out.join("metrics.jsonl"))
+        .iter()
+        .filter_map(|m| m["memory/peak_bytes"].as_f64())
+        .fold(0.0, f64::max)
+}
+
+/// One worker serves a large run, then a small one: the small run's
+/// `memory/peak_bytes` is its own, not the process's lifetime high-water
+/// mark (which the large run set).
+#[test]
+fn a_worker_reports_each_run_s_own_peak_memory() {
+    let case = Case::new(24);
+    // A model ~200 MB larger in memory than the fixture's.
+    let big = case.path().join("big-model");
+    let made = std::process::Command::new(python())
+        .current_dir(root())
+        .args(["examples/tiny_model.py", "--out"])
+        .arg(&big)
+        .args(["--hidden", "512", "--intermediate", "2048", "--layers", "4"])
+        .output()
+        .expect("python");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
+    let _w = worker(port, "w0", &case.logs).expect("w0");
+    let large = case.write_spec("large", "max_steps = 2\n[cluster]\nmin_workers = 1");
+    let text = std::fs::read_to_string(&large).expect("spec").replace(
+        &case.path().join("model").display().to_string(),
+        &big.display().to_string(),
+    );
+    std::fs::write(&large, text).expect("spec");
+    case.submit_watch_succeeds(port, &large);
+    let small = case.write_spec("small", "max_steps = 2\n[cluster]\nmin_workers = 1");
+    case.submit_watch_succeeds(port, &small);
+    let (l, s) = (
+        peak_bytes(&case.path().join("large")),
+        peak_bytes(&case.path().join("small")),
+    );
+    eprintln!("peak resident size: large run {l:.3e} B, small run after it {s:.3e} B");
+    assert!(l > 0.0 && s > 0.0, "both runs report a peak");
+    assert!(
+        s < l - 100e6,
+        "the small run's peak ({s:.3e}) is not its own: the large run's was {l:.3e}"
+    );
+}
