@@ -12,6 +12,17 @@ pub enum Error {
     /// The NCCL backend cannot run here, or an NCCL call failed.
     #[error(transparent)]
     Nccl(#[from] crate::collective::nccl::NcclError),
+    /// The operating system refused what starting the worker needs (a
+    /// runtime, a socket, a rank's process).
+    #[error("{what}: {source}")]
+    Os {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A rank of this worker kept crashing.
+    #[error("{reason}")]
+    RankFailed { reason: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

@@ -64,8 +64,8 @@ struct Rank {
 
 /// Runs the ranks until they have all exited after a stop signal, or one
 /// keeps crashing (an error naming it and its last exit status).
-pub fn supervise(cmd: &RankCommand, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let spawn = |i: usize| -> anyhow::Result<Child> {
+pub fn supervise(cmd: &RankCommand, stop: Arc<AtomicBool>) -> crate::Result<()> {
+    let spawn = |i: usize| -> crate::Result<Child> {
         use std::os::unix::process::CommandExt;
         let supervisor = std::process::id() as libc::pid_t;
         let mut command = Command::new(&cmd.program);
@@ -86,9 +86,10 @@ pub fn supervise(cmd: &RankCommand, stop: Arc<AtomicBool>) -> anyhow::Result<()>
                 Ok(())
             });
         }
-        let child = command
-            .spawn()
-            .map_err(|e| anyhow::anyhow!("starting rank {i} ({}): {e}", cmd.program.display()))?;
+        let child = command.spawn().map_err(|source| crate::Error::Os {
+            what: format!("starting rank {i} ({})", cmd.program.display()),
+            source,
+        })?;
         tracing::info!(local_rank = i, device = %cmd.devices[i], pid = child.id(), "rank started");
         Ok(child)
     };
@@ -114,7 +115,10 @@ pub fn supervise(cmd: &RankCommand, stop: Arc<AtomicBool>) -> anyhow::Result<()>
         }
         for (i, r) in ranks.iter_mut().enumerate() {
             let exited: Option<ExitStatus> = match r.child.as_mut() {
-                Some(c) => c.try_wait()?,
+                Some(c) => c.try_wait().map_err(|source| crate::Error::Os {
+                    what: format!("waiting for rank {i}"),
+                    source,
+                })?,
                 None => None,
             };
             if let Some(status) = exited {
@@ -157,7 +161,7 @@ pub fn supervise(cmd: &RankCommand, stop: Arc<AtomicBool>) -> anyhow::Result<()>
                 }
             }
             if ranks.iter().all(|r| r.child.is_none()) {
-                anyhow::bail!("{f}");
+                return Err(crate::Error::RankFailed { reason: f.clone() });
             }
         }
         let pending_restart = ranks.iter().any(|r| r.restart_at.is_some());

@@ -212,7 +212,8 @@ fn main() -> anyhow::Result<()> {
             halt_after_reference_chunks: cli.halt_after_reference_chunks,
             tear_at_step: cli.tear_at_step,
             leave_timeout: std::time::Duration::from_secs(cli.leave_timeout_s),
-        });
+        })
+        .map_err(anyhow::Error::from);
     };
     match command {
         Command::Train {
@@ -358,7 +359,7 @@ fn run_ranks(cli: &Cli, coordinator: String, devices: Vec<String>) -> anyhow::Re
         })
         .context("signal thread")?;
     tracing::info!(ranks = cmd.devices.len(), devices = ?cmd.devices, "starting one rank per device");
-    dpo_worker::ranks::supervise(&cmd, stop)
+    Ok(dpo_worker::ranks::supervise(&cmd, stop)?)
 }
 
 fn metric(m: &[(String, f64)], key: &str) -> Option<f64> {

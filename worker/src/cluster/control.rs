@@ -5,25 +5,33 @@
 use super::*;
 
 /// Joins the coordinator and works until the process is stopped.
-pub fn join(opts: JoinOptions) -> anyhow::Result<()> {
+pub fn join(opts: JoinOptions) -> Result<()> {
+    let os = |what: String| move |source| Error::Os { what, source };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?;
-    let listener = TcpListener::bind(opts.listen)?;
-    let mut addr = listener.local_addr()?;
+        .build()
+        .map_err(os("starting the gRPC runtime".into()))?;
+    let listener =
+        TcpListener::bind(opts.listen).map_err(os(format!("--listen {}", opts.listen)))?;
+    let mut addr = listener
+        .local_addr()
+        .map_err(os(format!("--listen {}", opts.listen)))?;
     if let Some(ip) = opts.advertise {
         addr.set_ip(ip);
     }
     if addr.ip().is_unspecified() {
-        anyhow::bail!(
-            "--listen {}: give --advertise (the address peers reach this worker at)",
-            opts.listen
-        );
+        return Err(Error::Input {
+            context: format!("--listen {}", opts.listen),
+            reason: "give --advertise (the address peers reach this worker at)".into(),
+        });
     }
     // The channel spawns its connection task on the runtime.
     let _guard = rt.enter();
-    let channel = channel(&opts.coordinator, &opts.tls).map_err(anyhow::Error::msg)?;
+    let channel = channel(&opts.coordinator, &opts.tls).map_err(|reason| Error::Input {
+        context: format!("--coordinator {}", opts.coordinator),
+        reason,
+    })?;
     let client: Client = WorkerServiceClient::with_interceptor(channel, opts.token.clone())
         .max_decoding_message_size(256 << 20);
     let shared = Arc::new(Shared::default());
