@@ -81,7 +81,7 @@ async fn list_runs(
     tls: &ClientTls,
     token: Option<&str>,
 ) -> Result<usize, tonic::Status> {
-    let ch = channel(url, tls).map_err(tonic::Status::internal)?;
+    let ch = channel(url, tls).map_err(|e| tonic::Status::internal(e.to_string()))?;
     let token = BearerToken::new(token.map(str::to_string)).expect("token");
     let mut c = RunServiceClient::with_interceptor(ch, token);
     Ok(c.list_runs(v1::ListRunsRequest {})

@@ -145,12 +145,12 @@ fn metric(m: &[v1::Metric], name: &str) -> Option<f64> {
 }
 
 fn client(url: &str) -> anyhow::Result<Client> {
-    client_with(url, &ClientTls::from_env().map_err(anyhow::Error::msg)?)
+    client_with(url, &ClientTls::from_env()?)
 }
 
 fn client_with(url: &str, tls: &ClientTls) -> anyhow::Result<Client> {
-    let token = BearerToken::from_env().map_err(anyhow::Error::msg)?;
-    let ch = channel(url, tls).map_err(anyhow::Error::msg)?;
+    let token = BearerToken::from_env()?;
+    let ch = channel(url, tls)?;
     Ok(RunServiceClient::with_interceptor(ch, token).max_decoding_message_size(64 << 20))
 }
 

@@ -7,6 +7,26 @@ use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+/// Why a client of the coordinator cannot be set up: the variable or address
+/// at fault, and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("DPO_TOKEN: not a valid header value")]
+    BadToken,
+    /// A `DPO_TLS_*` file that cannot be read or is not PEM.
+    #[error("{var}={path}: {reason}")]
+    Pem {
+        var: &'static str,
+        path: String,
+        reason: String,
+    },
+    #[error("DPO_TLS_CERT and DPO_TLS_KEY go together")]
+    HalfIdentity,
+    /// The coordinator's address, and what is wrong with it.
+    #[error("coordinator address {url}: {reason}")]
+    Address { url: String, reason: String },
+}
+
 /// Adds `authorization: Bearer <token>` to every request (nothing without a token).
 #[derive(Clone, Default)]
 pub struct BearerToken {
@@ -24,16 +44,16 @@ impl std::fmt::Debug for BearerToken {
 
 impl BearerToken {
     /// The token from `DPO_TOKEN`, if set.
-    pub fn from_env() -> Result<Self, String> {
+    pub fn from_env() -> Result<Self, ClientError> {
         Self::new(std::env::var("DPO_TOKEN").ok().filter(|t| !t.is_empty()))
     }
 
-    pub fn new(token: Option<String>) -> Result<Self, String> {
+    pub fn new(token: Option<String>) -> Result<Self, ClientError> {
         let header = token
             .map(|t| {
                 format!("Bearer {t}")
                     .parse::<MetadataValue<_>>()
-                    .map_err(|_| "DPO_TOKEN: not a valid header value".to_string())
+                    .map_err(|_| ClientError::BadToken)
             })
             .transpose()?;
         Ok(BearerToken { header })
@@ -76,16 +96,21 @@ impl std::fmt::Debug for ClientTls {
     }
 }
 
-fn read_pem(var: &str, path: &str) -> Result<Vec<u8>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("{var}={path}: {e}"))?;
+fn read_pem(var: &'static str, path: &str) -> Result<Vec<u8>, ClientError> {
+    let failed = |reason: String| ClientError::Pem {
+        var,
+        path: path.to_string(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| failed(e.to_string()))?;
     if !String::from_utf8_lossy(&bytes).contains("-----BEGIN ") {
-        return Err(format!("{var}={path}: not a PEM file"));
+        return Err(failed("not a PEM file".into()));
     }
     Ok(bytes)
 }
 
 impl ClientTls {
-    pub fn from_env() -> Result<Self, String> {
+    pub fn from_env() -> Result<Self, ClientError> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         Self::from_files(
             var("DPO_TLS_CA").as_deref(),
@@ -100,7 +125,7 @@ impl ClientTls {
         cert: Option<&str>,
         key: Option<&str>,
         domain: Option<String>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, ClientError> {
         let ca = ca
             .map(|p| read_pem("DPO_TLS_CA", p).map(Certificate::from_pem))
             .transpose()?;
@@ -110,7 +135,7 @@ impl ClientTls {
                 read_pem("DPO_TLS_KEY", k)?,
             )),
             (None, None) => None,
-            _ => return Err("DPO_TLS_CERT and DPO_TLS_KEY go together".to_string()),
+            _ => return Err(ClientError::HalfIdentity),
         };
         Ok(ClientTls {
             ca,
@@ -142,7 +167,7 @@ impl ClientTls {
 
 /// A lazily connecting channel to `url`: `https://host:port` (TLS),
 /// `http://host:port` (plain), or a bare `host:port` (TLS when `tls` is set).
-pub fn channel(url: &str, tls: &ClientTls) -> Result<Channel, String> {
+pub fn channel(url: &str, tls: &ClientTls) -> Result<Channel, ClientError> {
     let url = if url.contains("://") {
         url.to_string()
     } else if tls.is_set() {
@@ -152,12 +177,16 @@ pub fn channel(url: &str, tls: &ClientTls) -> Result<Channel, String> {
     };
     let secure = url.starts_with("https://");
     if !secure && tls.is_set() {
-        return Err(format!(
-            "coordinator address {url}: TLS is configured (DPO_TLS_*) but the address is not https://"
-        ));
+        return Err(ClientError::Address {
+            url,
+            reason: "TLS is configured (DPO_TLS_*) but the address is not https://".into(),
+        });
     }
     let mut endpoint = Endpoint::from_shared(url.clone())
-        .map_err(|e| format!("coordinator address {url:?}: {e}"))?
+        .map_err(|e| ClientError::Address {
+            url: format!("{url:?}"),
+            reason: e.to_string(),
+        })?
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
@@ -165,7 +194,46 @@ pub fn channel(url: &str, tls: &ClientTls) -> Result<Channel, String> {
     if secure {
         endpoint = endpoint
             .tls_config(tls.config())
-            .map_err(|e| format!("coordinator address {url}: TLS: {e}"))?;
+            .map_err(|e| ClientError::Address {
+                url: url.clone(),
+                reason: format!("TLS: {e}"),
+            })?;
     }
     Ok(endpoint.connect_lazy())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_set_up_errors_name_what_is_wrong() {
+        assert_eq!(
+            BearerToken::new(Some("two\nlines".into())).expect_err("header"),
+            ClientError::BadToken
+        );
+        assert!(BearerToken::new(None).is_ok());
+        assert_eq!(
+            ClientTls::from_files(None, Some("/c.pem"), None, None).expect_err("half"),
+            ClientError::HalfIdentity
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let not_pem = dir.path().join("ca.txt");
+        std::fs::write(&not_pem, "hello").expect("write");
+        let path = not_pem.display().to_string();
+        match ClientTls::from_files(Some(&path), None, None, None).expect_err("not PEM") {
+            ClientError::Pem { var, reason, .. } => {
+                assert_eq!(var, "DPO_TLS_CA");
+                assert_eq!(reason, "not a PEM file");
+            }
+            other => panic!("{other}"),
+        }
+        let tls = ClientTls {
+            domain: Some("coordinator".into()),
+            ..ClientTls::default()
+        };
+        let e = channel("http://127.0.0.1:1", &tls).expect_err("TLS on http");
+        assert!(matches!(e, ClientError::Address { .. }), "{e}");
+        assert!(e.to_string().contains("not https://"), "{e}");
+    }
 }

@@ -197,7 +197,7 @@ fn main() -> anyhow::Result<()> {
         if !devices.is_empty() {
             return run_ranks(&cli, coordinator, devices);
         }
-        let token = dpo_proto::client::BearerToken::from_env().map_err(anyhow::Error::msg)?;
+        let token = dpo_proto::client::BearerToken::from_env()?;
         return dpo_worker::cluster::join(dpo_worker::cluster::JoinOptions {
             coordinator,
             listen: cli.listen,
@@ -208,7 +208,7 @@ fn main() -> anyhow::Result<()> {
                 .worker_id
                 .unwrap_or_else(dpo_worker::cluster::new_worker_id),
             token,
-            tls: dpo_proto::client::ClientTls::from_env().map_err(anyhow::Error::msg)?,
+            tls: dpo_proto::client::ClientTls::from_env()?,
             halt_after_reference_chunks: cli.halt_after_reference_chunks,
             tear_at_step: cli.tear_at_step,
             leave_timeout: std::time::Duration::from_secs(cli.leave_timeout_s),

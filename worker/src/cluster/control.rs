@@ -28,9 +28,9 @@ pub fn join(opts: JoinOptions) -> Result<()> {
     }
     // The channel spawns its connection task on the runtime.
     let _guard = rt.enter();
-    let channel = channel(&opts.coordinator, &opts.tls).map_err(|reason| Error::Input {
-        context: format!("--coordinator {}", opts.coordinator),
-        reason,
+    let channel = channel(&opts.coordinator, &opts.tls).map_err(|e| Error::Input {
+        context: "--coordinator".into(),
+        reason: e.to_string(),
     })?;
     let client: Client = WorkerServiceClient::with_interceptor(channel, opts.token.clone())
         .max_decoding_message_size(256 << 20);
