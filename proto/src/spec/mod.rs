@@ -23,6 +23,18 @@ pub enum SpecError {
     },
 }
 
+/// `Ok` when `ok`, else the refusal of `key` for `reason()`.
+fn check(ok: bool, key: &'static str, reason: impl FnOnce() -> String) -> Result<(), InvalidKey> {
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidKey {
+            key,
+            reason: reason(),
+        })
+    }
+}
+
 /// A value of a run spec that is refused: the key (`section.name`) and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{key}: {reason}")]
@@ -756,20 +768,6 @@ impl RunSpec {
 
     /// Checks every value; the error names the key.
     pub fn validate(&self) -> Result<(), InvalidKey> {
-        fn check(
-            ok: bool,
-            key: &'static str,
-            reason: impl FnOnce() -> String,
-        ) -> Result<(), InvalidKey> {
-            if ok {
-                Ok(())
-            } else {
-                Err(InvalidKey {
-                    key,
-                    reason: reason(),
-                })
-            }
-        }
         let finite_pos = |x: f64| x.is_finite() && x > 0.0;
         let o = &self.objective;
         let t = &self.train;
@@ -1075,20 +1073,6 @@ impl RunSpec {
 
     /// The `[task]` section and what it rules out.
     fn validate_task(&self) -> Result<(), InvalidKey> {
-        fn check(
-            ok: bool,
-            key: &'static str,
-            reason: impl FnOnce() -> String,
-        ) -> Result<(), InvalidKey> {
-            if ok {
-                Ok(())
-            } else {
-                Err(InvalidKey {
-                    key,
-                    reason: reason(),
-                })
-            }
-        }
         let task = &self.task;
         let t = &self.train;
         for r in &t.report_to {

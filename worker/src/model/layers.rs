@@ -183,6 +183,31 @@ pub(crate) fn grad_enabled() -> bool {
         .is_ok_and(|t| t.requires_grad())
 }
 
+/// Gives a LoRA adapter (under `root`, at each site's parameter path) to
+/// every site whose module name `spec.target_modules` lists: the one loop
+/// both model families add their adapters with. Returns how many it added.
+pub(crate) fn attach_lora_to<'a>(
+    sites: impl IntoIterator<Item = (&'static str, String, &'a mut Linear)>,
+    root: &Path,
+    spec: &dpo_proto::LoraSpec,
+    on: &Arc<AtomicBool>,
+) -> TchResult<usize> {
+    let targets = spec.target_modules.names();
+    let mut added = 0usize;
+    for (module, prefix, linear) in sites {
+        if !targets.iter().any(|t| t == module) {
+            continue;
+        }
+        let mut path = root.clone();
+        for part in prefix.split('.') {
+            path = &path / part;
+        }
+        linear.attach_lora(&path, spec, on.clone())?;
+        added += 1;
+    }
+    Ok(added)
+}
+
 /// RMSNorm as the Llama family has it.
 #[derive(Debug)]
 pub(crate) struct RmsNorm {

@@ -55,20 +55,8 @@ impl Encoder {
         let targets = spec.target_modules.names();
         let on = self.adapters_on.clone();
         tch::manual_seed(seed as i64);
-        let mut added = 0usize;
-        for (module, prefix, linear) in self.lora_sites_mut() {
-            if !targets.iter().any(|t| t == module) {
-                continue;
-            }
-            let mut path = root.clone();
-            for part in prefix.split('.') {
-                path = &path / part;
-            }
-            linear
-                .attach_lora(&path, spec, on.clone())
-                .op("lora: adapter weights")?;
-            added += 1;
-        }
+        let added = crate::model::layers::attach_lora_to(self.lora_sites_mut(), &root, spec, &on)
+            .op("lora: adapter weights")?;
         if added == 0 {
             return Err(Error::Input {
                 context: "lora.target_modules".into(),
