@@ -37,14 +37,21 @@ impl ClassifierTrainer {
         self.out.checkpoints()
     }
 
-    /// Writes `checkpoints/step-N` for the current step (rank 0).
-    pub(super) fn write_checkpoint(&self) -> Result<PathBuf> {
+    /// Writes `checkpoints/step-N` for the current step (every rank calls
+    /// it: under ZeRO each writes its share of the optimizer state; rank 0
+    /// writes the rest and returns the directory).
+    pub(super) fn write_checkpoint(&mut self) -> Result<Option<PathBuf>> {
         let root = self.checkpoints_dir();
-        let tmp = root.join(format!(".step-{}.tmp", self.step));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let tmp = root.join(format!(".step-{}.tmp", self.world.state.step));
+        if self.world.rank() == 0 {
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+            }
+            std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
-        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        if !self.world.write_optimizer(&tmp)? {
+            return Ok(None);
+        }
         if self.model.adapters().is_some() {
             // A LoRA run's checkpoint holds the adapters and the head; the
             // frozen base is the model's.
@@ -54,9 +61,9 @@ impl ClassifierTrainer {
             self.model
                 .save(&tmp.join("model"), Some(&self.tokenizer_dir), 5 << 30)?;
         }
-        model_io::write_tensors(&tmp.join("optimizer.safetensors"), &self.optimizer.state())?;
         if let Some(miner) = &self.miner {
             let named: Vec<(String, Tensor)> = self
+                .world
                 .optimizer
                 .names()
                 .iter()
@@ -66,8 +73,8 @@ impl ClassifierTrainer {
             model_io::write_tensors(&tmp.join(MINER), &named)?;
         }
         let state = State {
-            step: self.step,
-            stopping: self.stopping,
+            step: self.world.state.step,
+            stopping: self.world.state.stopping,
             miner_epoch: self.miner.as_ref().map(|m| m.epoch),
         };
         let value = serde_json::to_value(&state).map_err(|e| Error::Input {
@@ -75,14 +82,14 @@ impl ClassifierTrainer {
             reason: e.to_string(),
         })?;
         model_io::write_json(&tmp.join("trainer_state.json"), &value)?;
-        seal_checkpoint(&tmp, &root, self.step)
+        seal_checkpoint(&tmp, &root, self.world.state.step).map(Some)
     }
 
     /// Keeps the newest `train.save_total_limit` checkpoints (rank 0); called
     /// once the newest is committed, so the one a restart resumes from stays.
     pub fn prune_checkpoints(&self) -> Result<()> {
         let keep = self.spec.train.save_total_limit;
-        if keep == 0 || self.collective.rank() != 0 {
+        if keep == 0 || self.world.collective.rank() != 0 {
             return Ok(());
         }
         let mut all = step_dirs(&self.checkpoints_dir())?;
@@ -131,19 +138,14 @@ impl ClassifierTrainer {
                 }
             }
         }
-        let optim: std::collections::BTreeMap<String, Tensor> =
-            model_io::read_tensors(&dir.join("optimizer.safetensors"))?
-                .into_iter()
-                .map(|(k, v)| v.f_to_device(device).map(|v| (k, v)))
-                .collect::<std::result::Result<_, _>>()
-                .op("optimizer state to the device")?;
-        self.optimizer.load_state(state.step, optim)?;
+        // Whatever share this rank held is replaced by the checkpoint's.
+        self.world.restore_optimizer(dir, state.step, device)?;
         self.miner = match state.miner_epoch {
             Some(epoch) => {
                 let path = dir.join(MINER);
                 let saved = model_io::read_tensors(&path)?;
                 let mut params = Vec::with_capacity(saved.len());
-                for name in self.optimizer.names() {
+                for name in self.world.optimizer.names() {
                     let t = saved.get(name).ok_or_else(|| Error::MissingTensor {
                         dir: path.clone(),
                         name: name.clone(),
@@ -154,9 +156,11 @@ impl ClassifierTrainer {
             }
             None => None,
         };
-        self.step = state.step;
-        self.stopping = state.stopping;
-        tracing::info!(step = self.step, dir = %dir.display(), "resumed from checkpoint");
+        self.world.set_state(crate::train::TrainerState {
+            step: state.step,
+            stopping: state.stopping,
+        });
+        tracing::info!(step = self.world.state.step, dir = %dir.display(), "resumed from checkpoint");
         Ok(())
     }
 }

@@ -32,17 +32,17 @@ use dpo_proto::{Loss, Negatives, RunSpec, TaskType};
 use serde_json::json;
 use tch::Device;
 
-use crate::collective::{Collective, all_reduce_gradients};
+use crate::collective::Collective;
 use crate::error::{Error, Result, TorchContext};
 use crate::model::config::ModelType;
 use crate::model::encoder::{Encoder, Head};
 use crate::model::{checkpoint as model_io, kind_of};
 use crate::optim::{Optimizer, learning_rate};
 use crate::train::checkpoint::{remove_if_exists, step_dirs, truncate_jsonl};
+use crate::train::rank_state::PARAMETER_CHECK_EVERY;
 use crate::train::run_loop::{checkpoint_due, eval_due};
 use crate::train::{
-    EarlyStopping, Evaluation, Metrics, OutputPath, RunOutput, Started, Synced, TrainingRun,
-    splitmix,
+    Evaluation, Metrics, OutputPath, RankState, RunOutput, Started, Synced, TrainingRun, splitmix,
 };
 
 use data::TaskData;
@@ -64,6 +64,36 @@ fn check_model(spec: &RunSpec) -> Result<()> {
             serde_json::to_string(&spec.task.kind).unwrap_or_default()
         ),
     })
+}
+
+/// The model a run starts from: the encoder with its head (a new head drawn
+/// from the seed) and, with `[lora]`, its adapters (drawn from the seed, or
+/// `lora.init_from`) — the same every time, so a rollback can draw it again.
+fn initial_model(
+    spec: &RunSpec,
+    labels: &dpo_data::tagged::Labels,
+    device: Device,
+) -> Result<Encoder> {
+    let (mut model, report) = Encoder::load(
+        &spec.model.path,
+        head_of(spec.task.kind),
+        Some(labels.names().to_vec()),
+        kind_of(spec.model.dtype),
+        device,
+        spec.data.seed,
+    )?;
+    if !report.initialised.is_empty() {
+        tracing::info!(new = ?report.initialised, labels = ?labels.names(), "a new classification head");
+    }
+    model.set_training(true);
+    if let Some(lora) = &spec.lora {
+        // PEFT's LoRA for classification: adapters, and the head whole.
+        model.add_lora(lora, spec.data.seed)?;
+        if let Some(init) = &lora.init_from {
+            model.load_adapter(init)?;
+        }
+    }
+    Ok(model)
 }
 
 /// The head a task needs.
@@ -117,19 +147,19 @@ pub struct ClusterShape {
 /// A classification run being trained.
 pub struct ClassifierTrainer {
     spec: RunSpec,
-    collective: Box<dyn Collective>,
+    /// This rank's share: its world, the optimizer, the step and early
+    /// stopping, ZeRO's share.
+    world: RankState,
     model: Encoder,
     tokenizer_dir: PathBuf,
     labels: dpo_data::tagged::Labels,
     feed: Feed,
     has_eval: bool,
-    optimizer: Optimizer,
     total_steps: u64,
     steps_per_epoch: u64,
     pad: i64,
     /// The negative term's weight (`None`: `sft`, cross-entropy only).
     weight: Option<f64>,
-    step: u64,
     /// The generation of the world (0 standalone; set by the coordinator).
     generation: u64,
     resume: bool,
@@ -138,14 +168,13 @@ pub struct ClassifierTrainer {
     /// Adversarial negatives: the weights of the start of the current epoch,
     /// which every rank mines its share of each batch with.
     miner: Option<Miner>,
-    stopping: EarlyStopping,
 }
 
 impl std::fmt::Debug for ClassifierTrainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClassifierTrainer")
             .field("run", &self.spec.name)
-            .field("step", &self.step)
+            .field("step", &self.world.state.step)
             .field("total_steps", &self.total_steps)
             .finish()
     }
@@ -245,53 +274,33 @@ impl ClassifierTrainer {
         let device = opts.device;
         crate::cuda::check_device(device)?;
         let dir = spec.model.path.clone();
-        let head = head_of(spec.task.kind);
-        let (mut model, report) = Encoder::load(
-            &dir,
-            head,
-            Some(labels.names().to_vec()),
-            kind_of(spec.model.dtype),
-            device,
-            spec.data.seed,
-        )?;
-        if !report.initialised.is_empty() {
-            tracing::info!(new = ?report.initialised, labels = ?labels.names(), "a new classification head");
-        }
-        model.set_training(true);
+        let model = initial_model(&spec, &labels, device)?;
         let pad = TextTokenizer::from_dir(&dir)?
             .pad_id()
             .map_or(model.config().pad_token_id, i64::from);
-        if let Some(lora) = &spec.lora {
-            // PEFT's LoRA for classification: adapters, and the head whole.
-            model.add_lora(lora, spec.data.seed)?;
-            if let Some(init) = &lora.init_from {
-                model.load_adapter(init)?;
-            }
-        }
         let optimizer = Optimizer::new(&spec.optim, model.trainable_parameters())?;
         let weight = match spec.objective.loss {
             Loss::Combined => Some(spec.objective.negative_weight),
             _ => None,
         };
+        let mut world = RankState::new(&spec, optimizer);
+        world.collective = collective;
         Ok(ClassifierTrainer {
             tokenizer_dir: dir,
+            world,
             spec,
-            collective,
             model,
             labels,
             feed,
             has_eval: shape.has_eval,
-            optimizer,
             total_steps: shape.total_steps,
             steps_per_epoch: shape.steps_per_epoch,
             pad,
             weight,
-            step: 0,
             generation: 0,
             resume: opts.resume,
             out,
             miner: None,
-            stopping: EarlyStopping::default(),
         })
     }
 
@@ -310,11 +319,11 @@ impl ClassifierTrainer {
     /// At the first step of an epoch, keeps the weights the epoch's adversarial
     /// negatives are mined with.
     fn snapshot_miner(&mut self) -> Result<()> {
-        let epoch = self.step / self.steps_per_epoch.max(1);
+        let epoch = self.world.state.step / self.steps_per_epoch.max(1);
         if !self.adversarial() || self.miner.as_ref().is_some_and(|m| m.epoch == epoch) {
             return Ok(());
         }
-        if self.step % self.steps_per_epoch.max(1) != 0 {
+        if self.world.state.step % self.steps_per_epoch.max(1) != 0 {
             return Err(Error::State(
                 "the weights of this epoch's adversarial mining are missing (a checkpoint without them?)",
             ));
@@ -327,7 +336,8 @@ impl ClassifierTrainer {
     /// A copy of the parameters that later steps do not touch.
     fn copy_of_parameters(&self) -> Result<Vec<tch::Tensor>> {
         let _guard = tch::no_grad_guard();
-        self.optimizer
+        self.world
+            .optimizer
             .params()
             .iter()
             .map(|p| p.f_detach().and_then(|t| t.f_mul_scalar(1.0)))
@@ -350,7 +360,7 @@ impl ClassifierTrainer {
             }
             Ok(())
         };
-        swap(&miner.params, self.optimizer.params())?;
+        swap(&miner.params, self.world.optimizer.params())?;
         let mined = evaluate::mine_adversarial(
             &mut self.model,
             examples,
@@ -358,7 +368,7 @@ impl ClassifierTrainer {
             self.spec.micro_batch_size(),
             self.spec.task.negatives_per_label,
         );
-        swap(&current, self.optimizer.params())?;
+        swap(&current, self.world.optimizer.params())?;
         self.model.set_training(true);
         let mut added = 0;
         for (e, extra) in examples.iter_mut().zip(mined?) {
@@ -371,11 +381,11 @@ impl ClassifierTrainer {
         Ok(added)
     }
 
-    /// This rank's share of the global batch of `self.step`, and the batch's
+    /// This rank's share of the global batch of `self.world.state.step`, and the batch's
     /// totals. With adversarial negatives each rank mines its share and the
     /// ranks add up how many they mined, so the totals are the whole batch's.
     fn share(&mut self, rank: usize, world: usize) -> Result<(Vec<Encoded>, Norm)> {
-        let step = self.step;
+        let step = self.world.state.step;
         self.snapshot_miner()?;
         let (mut mine, mut norm) = match &mut self.feed {
             Feed::Local { data, plan } => {
@@ -396,7 +406,8 @@ impl ClassifierTrainer {
             let total: u64 = if world == 1 {
                 added
             } else {
-                self.collective
+                self.world
+                    .collective
                     .all_gather(&added.to_le_bytes())?
                     .iter()
                     .map(|b| {
@@ -411,13 +422,16 @@ impl ClassifierTrainer {
         Ok((mine, norm))
     }
 
-    /// One optimizer step over the global batch of `self.step`.
+    /// One optimizer step over the global batch of `self.world.state.step`.
     pub fn train_step(&mut self) -> Result<Metrics> {
         let started = Instant::now();
-        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let (world, rank) = (
+            self.world.collective.world_size(),
+            self.world.collective.rank(),
+        );
         let (mine, norm) = self.share(rank, world)?;
         let mine: Vec<&Encoded> = mine.iter().collect();
-        self.optimizer.zero_grad()?;
+        self.world.optimizer.zero_grad()?;
         self.model.set_training(true);
         let mut sums = Sums::default();
         for (i, micro) in mine.chunks(self.spec.micro_batch_size().max(1)).enumerate() {
@@ -425,7 +439,7 @@ impl ClassifierTrainer {
             // micro-batch, so a resumed run draws the same ones.
             let seed = splitmix(
                 self.spec.data.seed
-                    ^ splitmix(self.step)
+                    ^ splitmix(self.world.state.step)
                     ^ splitmix((rank as u64) << 32 | i as u64),
             );
             tch::manual_seed(seed as i64);
@@ -434,27 +448,19 @@ impl ClassifierTrainer {
             loss.f_backward().op("backward")?;
             sums.add(&s);
         }
-        crate::collective::ensure_gradients(self.optimizer.params())?;
-        all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?;
+        crate::collective::ensure_gradients(self.world.optimizer.params())?;
+        self.world.reduce_gradients()?;
         let sums = self.sum_across_ranks(sums)?;
-        let grad_norm = self
-            .optimizer
-            .clip_grad_norm(self.spec.optim.max_grad_norm)?;
+        self.world.exchange_leavers()?;
+        let grad_norm = self.world.clip_gradient(self.spec.optim.max_grad_norm)?;
         let o = &self.spec.optim;
-        let lr = learning_rate(
-            o.schedule,
-            o.lr,
-            o.warmup_steps,
-            self.step,
-            self.total_steps,
-        );
-        self.optimizer.apply(lr)?;
-        self.step += 1;
+        let step = self.world.step();
+        let lr = learning_rate(o.schedule, o.lr, o.warmup_steps, step, self.total_steps);
         let mut m: Metrics = vec![
-            ("step".into(), self.step as f64),
+            ("step".into(), (step + 1) as f64),
             (
                 "epoch".into(),
-                self.step as f64 / self.steps_per_epoch.max(1) as f64,
+                (step + 1) as f64 / self.steps_per_epoch.max(1) as f64,
             ),
         ];
         m.extend(sums.metrics(self.weight, ""));
@@ -463,6 +469,11 @@ impl ClassifierTrainer {
         m.push(("generation".into(), self.generation as f64));
         m.push(("world_size".into(), world as f64));
         m.push(("step_seconds".into(), started.elapsed().as_secs_f64()));
+        self.world.apply(lr, || m.clone())?;
+        let step = self.world.step();
+        if step % PARAMETER_CHECK_EVERY == 0 || step == self.total_steps {
+            self.world.check_parameters_agree(step)?;
+        }
         Ok(m)
     }
 
@@ -472,7 +483,10 @@ impl ClassifierTrainer {
         if !self.has_eval {
             return Ok(None);
         }
-        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let (world, rank) = (
+            self.world.collective.world_size(),
+            self.world.collective.rank(),
+        );
         let mine = match &mut self.feed {
             Feed::Local { data, .. } => match &data.eval {
                 Some(eval) => {
@@ -498,7 +512,8 @@ impl ClassifierTrainer {
                 context: "evaluation".into(),
                 reason: e.to_string(),
             })?;
-            self.collective
+            self.world
+                .collective
                 .all_gather(&bytes)?
                 .into_iter()
                 .enumerate()
@@ -524,7 +539,7 @@ impl ClassifierTrainer {
     fn evaluate_if_due(&mut self) -> Result<Option<Evaluation>> {
         if !eval_due(
             &self.spec,
-            self.step,
+            self.world.state.step,
             self.steps_per_epoch,
             self.total_steps,
         ) {
@@ -533,15 +548,18 @@ impl ClassifierTrainer {
         let Some(report) = self.evaluate()? else {
             return Ok(None);
         };
-        let metrics = report.metrics(self.step);
-        let best = self
-            .stopping
-            .observe(&self.spec, self.step, self.total_steps, &metrics)?;
-        if best && self.collective.rank() == 0 {
+        let metrics = report.metrics(self.world.state.step);
+        let best = self.world.state.stopping.observe(
+            &self.spec,
+            self.world.state.step,
+            self.total_steps,
+            &metrics,
+        )?;
+        if best && self.world.collective.rank() == 0 {
             self.save_model("best")?;
         }
         Ok(Some(Evaluation {
-            step: self.step,
+            step: self.world.state.step,
             metrics,
             report: Some(report),
             best,
@@ -553,14 +571,15 @@ impl ClassifierTrainer {
     fn checkpoint_if_due(&mut self) -> Result<Option<PathBuf>> {
         let due = checkpoint_due(
             &self.spec,
-            self.step,
+            self.world.state.step,
             self.total_steps,
-            self.stopping.stopped_early,
+            self.world.state.stopping.stopped_early,
         );
-        if !due || self.collective.rank() != 0 {
+        if !due {
             return Ok(None);
         }
-        self.write_checkpoint().map(Some)
+        // Every rank: under ZeRO each writes its share of the optimizer state.
+        self.write_checkpoint()
     }
 
     /// Saves the model as an HF directory, whole or not at all.
@@ -584,7 +603,7 @@ impl ClassifierTrainer {
     /// Standalone: resumes from the newest checkpoint (`--resume`), or makes
     /// sure the output holds no other run, and writes `run.json` (rank 0).
     fn prepare_output(&mut self) -> Result<()> {
-        let writer = self.collective.rank() == 0;
+        let writer = self.world.collective.rank() == 0;
         let latest = step_dirs(&self.checkpoints_dir())?
             .into_iter()
             .max_by_key(|(n, _)| *n);
@@ -602,7 +621,7 @@ impl ClassifierTrainer {
         if self.resume {
             for f in ["metrics.jsonl", "eval.jsonl"] {
                 if latest.is_some() {
-                    truncate_jsonl(&out.join(f), self.step)?;
+                    truncate_jsonl(&out.join(f), self.world.state.step)?;
                 } else {
                     remove_if_exists(&out.join(f))?;
                 }
@@ -636,16 +655,16 @@ impl TrainingRun for ClassifierTrainer {
         &self.spec
     }
 
-    fn step(&self) -> u64 {
-        self.step
+    fn world(&self) -> &RankState {
+        &self.world
+    }
+
+    fn world_mut(&mut self) -> &mut RankState {
+        &mut self.world
     }
 
     fn total_steps(&self) -> u64 {
         self.total_steps
-    }
-
-    fn stopped_early(&self) -> bool {
-        self.stopping.stopped_early
     }
 
     fn output(&self) -> &RunOutput {
@@ -657,11 +676,12 @@ impl TrainingRun for ClassifierTrainer {
     }
 
     fn writes_metrics(&self) -> bool {
-        matches!(self.feed, Feed::Local { .. }) && self.collective.rank() == 0
+        matches!(self.feed, Feed::Local { .. }) && self.world.collective.rank() == 0
     }
 
     fn begin(&mut self) -> Result<()> {
-        self.prepare_output()
+        self.prepare_output()?;
+        self.world.enter_zero()
     }
 
     fn started(&self) -> Started {
@@ -673,7 +693,7 @@ impl TrainingRun for ClassifierTrainer {
             Feed::Remote(_) => (None, None),
         };
         Started {
-            start_step: self.step,
+            start_step: self.world.state.step,
             total_steps: self.total_steps,
             train_examples: train.map(|c| c.examples),
             eval_examples: eval.map(|c| c.examples),
@@ -692,7 +712,7 @@ impl TrainingRun for ClassifierTrainer {
     /// The model before training, for the before/after report (not judged:
     /// `best/` holds trained weights only).
     fn initial_evaluation(&mut self) -> Result<Option<Evaluation>> {
-        if self.step != 0 {
+        if self.world.state.step != 0 {
             return Ok(None);
         }
         Ok(self.evaluate()?.map(|report| Evaluation {
@@ -704,7 +724,7 @@ impl TrainingRun for ClassifierTrainer {
     }
 
     fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
-        self.collective = collective;
+        self.world.collective = collective;
         self.generation = generation;
     }
 
@@ -714,11 +734,14 @@ impl TrainingRun for ClassifierTrainer {
         self.restore(&dir)
     }
 
-    fn sync_world(&mut self, _checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
-        Ok(Synced {
-            root: ClassifierTrainer::sync_world(self)?,
-            ..Synced::default()
-        })
+    fn restore_initial(&mut self) -> Result<()> {
+        ClassifierTrainer::restore_initial(self)
+    }
+
+    fn sync_world(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
+        let synced = crate::train::run_loop::sync_world(self, checkpoint)?;
+        self.sync_miner(synced.root)?;
+        Ok(synced)
     }
 
     fn train_step(&mut self) -> Result<Metrics> {
@@ -740,7 +763,7 @@ impl TrainingRun for ClassifierTrainer {
     /// `final/` (rank 0): the best evaluation's weights (`best/`), else the
     /// current ones.
     fn save_final(&self) -> Result<()> {
-        if self.collective.rank() != 0 {
+        if self.world.collective.rank() != 0 {
             return Ok(());
         }
         if self.out.holds("best") {

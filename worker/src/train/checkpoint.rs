@@ -22,10 +22,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use super::Trainer;
-use super::sync::TrainerState;
+use super::rank_state::TrainerState;
 use crate::error::{Error, Result, TorchContext, io_err};
 use crate::model::checkpoint;
-use crate::zero::Partition;
 
 /// Shards above this size are split, as transformers does by default.
 const MAX_SHARD_BYTES: u64 = 5 * 1024 * 1024 * 1024;
@@ -38,7 +37,7 @@ impl Trainer {
     /// Creates the output directory, refusing to mix two runs in one directory.
     pub(super) fn prepare_output(&mut self, resume: bool) -> Result<()> {
         let out = self.out.io();
-        if self.collective.rank() != 0 {
+        if self.world.collective.rank() != 0 {
             // Rank 0 owns the output directory; the others only read checkpoints.
             if resume && let Some((_, dir)) = latest_checkpoint(&self.checkpoints_dir())? {
                 self.restore_checkpoint(&dir)?;
@@ -50,7 +49,7 @@ impl Trainer {
         if resume {
             if let Some((_, dir)) = latest {
                 self.restore_checkpoint(&dir)?;
-                let step = self.state.step;
+                let step = self.world.state.step;
                 truncate_jsonl(&metrics, step)?;
                 truncate_jsonl(&out.join("eval.jsonl"), step)?;
                 tracing::info!(step, dir = %dir.display(), "resumed from checkpoint");
@@ -95,93 +94,39 @@ impl Trainer {
             checkpoint::load_weights(&self.policy, &dir.join("model"))?;
         }
         // Whatever share this rank held is replaced by the checkpoint's.
-        if self.zero.take().is_some() {
-            self.optimizer.reset()?;
-        }
         let device = self.policy.device();
-        let partition = dir.join("optimizer").join(PARTITION_FILE);
-        if partition.exists() {
-            let sharded = ShardedState::open(&dir.join("optimizer"))?;
-            let world = self.collective.world_size();
-            if self.spec.train.zero_stage > 0 && world > 1 {
-                self.restore_shares(&sharded, state.step)?;
-            } else {
-                let whole = sharded.whole(self.optimizer.names(), self.optimizer.params())?;
-                let whole = to_device(whole, device)?;
-                self.optimizer.load_state(state.step, whole)?;
-            }
-        } else {
-            let optim_path = dir.join("optimizer.safetensors");
-            let tensors = to_device(checkpoint::read_tensors(&optim_path)?, device)?;
-            self.optimizer.load_state(state.step, tensors)?;
-        }
-        self.set_state(state);
-        Ok(())
-    }
-
-    /// This rank's share (and replica) under the partition of the current
-    /// world, read from a sharded checkpoint's files: only the pieces it owns.
-    fn restore_shares(&mut self, sharded: &ShardedState, step: u64) -> Result<()> {
-        let (world, rank) = (self.collective.world_size(), self.collective.rank());
-        let replicas = self.spec.train.zero_replicas > 1;
-        let params = self.optimizer.params();
-        let names = self.optimizer.names();
-        let partition = Partition::new(params, names, world, rank, replicas);
-        let pieces = partition.pieces(params);
-        let copies = partition.replica_pieces(params);
-        let own = sharded.pieces(names, params, &pieces)?;
-        let replica = sharded.pieces(names, params, &copies)?;
-        if self.spec.optim.name == dpo_proto::OptimizerName::Adamw && step > 0 {
-            for &(i, _, _) in pieces.iter().chain(&copies) {
-                for kind in ["exp_avg", "exp_avg_sq"] {
-                    let has = own
-                        .iter()
-                        .chain(&replica)
-                        .any(|(k, j, _)| *k == kind && *j == i);
-                    if !has {
-                        return Err(Error::Config {
-                            path: sharded.dir.join(PARTITION_FILE),
-                            reason: format!("no {kind} for parameter {}", names[i]),
-                        });
-                    }
-                }
-            }
-        }
-        self.optimizer
-            .install_pieces(&pieces, own, &copies, replica)?;
-        self.optimizer.step = step;
-        tracing::info!(
-            world,
-            rank,
-            from_world = sharded.world,
-            pieces = pieces.len(),
-            "restored this rank's share of a sharded checkpoint"
-        );
-        self.zero = Some(partition);
+        self.world.restore_optimizer(dir, state.step, device)?;
+        self.world.set_state(state);
         Ok(())
     }
 
     /// Rank 0 writes a checkpoint when `checkpoint_every` calls for one (every
     /// rank calls this: under ZeRO they all contribute their optimizer state).
     pub fn maybe_checkpoint(&mut self) -> Result<Option<PathBuf>> {
-        let step = self.state.step;
+        let step = self.world.state.step;
         let ck = self.spec.train.checkpoint_every;
         if !(ck > 0
             && step % ck == 0
             && step < self.shape.total_steps
-            && !self.state.stopping.stopped_early)
+            && !self.world.state.stopping.stopped_early)
         {
             return Ok(None);
         }
-        if self.zero.is_some() {
-            return self.write_sharded_checkpoint(step);
-        }
-        if self.collective.rank() != 0 {
+        // Under ZeRO every rank writes its share into rank 0's directory.
+        let tag = if self.world.zero.is_some() {
+            format!("zero-{}", self.generation)
+        } else {
+            std::process::id().to_string()
+        };
+        let tmp = if self.world.rank() == 0 {
+            self.checkpoint_tmp(step, &tag)?
+        } else {
+            self.checkpoints_dir()
+                .join(format!(".step-{step}.tmp-{tag}"))
+        };
+        if !self.world.write_optimizer(&tmp)? {
             return Ok(None);
         }
-        let optimizer_state = self.optimizer.state();
-        let tmp = self.checkpoint_tmp(step, &std::process::id().to_string())?;
-        checkpoint::write_tensors(&tmp.join("optimizer.safetensors"), &optimizer_state)?;
         self.commit_checkpoint(step, &tmp).map(Some)
     }
 
@@ -197,62 +142,6 @@ impl Trainer {
         Ok(tmp)
     }
 
-    /// Under ZeRO: rank 0 prepares the temporary directory, every rank writes
-    /// its own share into it, and once all have, rank 0 adds the model, the
-    /// partition and the manifest and renames it. Returns the directory on
-    /// rank 0.
-    fn write_sharded_checkpoint(&mut self, step: u64) -> Result<Option<PathBuf>> {
-        let Some(z) = &self.zero else {
-            return Ok(None);
-        };
-        let (world, rank) = (z.world(), z.rank());
-        let tag = format!("zero-{}", self.generation);
-        let tmp = self
-            .checkpoints_dir()
-            .join(format!(".step-{step}.tmp-{tag}"));
-        if rank == 0 {
-            self.checkpoint_tmp(step, &tag)?;
-            let shards = tmp.join("optimizer");
-            std::fs::create_dir_all(&shards).map_err(io_err(&shards))?;
-        }
-        self.collective.barrier()?;
-        let names = self.optimizer.names();
-        let mine: Vec<(String, tch::Tensor)> = self
-            .optimizer
-            .piece_states(false)
-            .into_iter()
-            .map(|(kind, i, _, t)| (format!("{kind}.{}", names[i]), t))
-            .collect();
-        checkpoint::write_tensors(&tmp.join("optimizer").join(shard_file(rank, world)), &mine)?;
-        drop(mine);
-        self.collective.barrier()?;
-        if rank != 0 {
-            return Ok(None);
-        }
-        let params = self.optimizer.params();
-        let ranks: Vec<Value> = (0..world)
-            .map(|r| {
-                let pieces: Vec<Value> = z
-                    .owners_pieces(params, r)
-                    .into_iter()
-                    .map(|(i, offset, len)| json!({"name": names[i], "offset": offset, "len": len}))
-                    .collect();
-                json!({"file": shard_file(r, world), "pieces": pieces})
-            })
-            .collect();
-        let sizes: serde_json::Map<String, Value> = names
-            .iter()
-            .zip(params)
-            .map(|(n, p)| (n.clone(), json!(p.numel())))
-            .collect();
-        checkpoint::write_json(
-            &tmp.join("optimizer").join(PARTITION_FILE),
-            &json!({"world": world, "stage": self.spec.train.zero_stage, "elements": sizes, "ranks": ranks}),
-        )?;
-        sync_dir(&tmp.join("optimizer"))?;
-        self.commit_checkpoint(step, &tmp).map(Some)
-    }
-
     /// Removes all but the newest `train.save_total_limit` checkpoints (none
     /// when it is 0). Call it once the newest is committed (standalone: once
     /// it is written; in a cluster: once the coordinator committed it), so
@@ -260,7 +149,7 @@ impl Trainer {
     /// Returns what was removed.
     pub fn prune_checkpoints(&self) -> Result<Vec<PathBuf>> {
         let keep = self.spec.train.save_total_limit;
-        if keep == 0 || self.collective.rank() != 0 {
+        if keep == 0 || self.world.collective.rank() != 0 {
             return Ok(Vec::new());
         }
         let root = self.checkpoints_dir();
@@ -278,7 +167,7 @@ impl Trainer {
     /// Rank 0 writes the final model under `train.output/final` (whole or
     /// not at all).
     pub fn save_final(&self) -> Result<Option<PathBuf>> {
-        if self.collective.rank() != 0 {
+        if self.world.collective.rank() != 0 {
             return Ok(None);
         }
         let base = &self.spec.model.path;
@@ -323,7 +212,7 @@ impl Trainer {
             )?;
         }
         let spe = self.shape.steps_per_epoch.max(1);
-        let mut state = serde_json::to_value(self.state()).map_err(|e| Error::Input {
+        let mut state = serde_json::to_value(self.world.state()).map_err(|e| Error::Input {
             context: "trainer state".into(),
             reason: e.to_string(),
         })?;
@@ -455,13 +344,13 @@ pub fn verify_manifest(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     dpo_data::atomic::sync_dir(dir).map_err(io_err(dir))
 }
 
 /// The file in a sharded checkpoint's `optimizer/` that says which pieces
 /// each rank's file holds.
-const PARTITION_FILE: &str = "partition.json";
+pub(crate) const PARTITION_FILE: &str = "partition.json";
 
 /// The optimizer state of checkpoint `dir` by name (`exp_avg.NAME`,
 /// `exp_avg_sq.NAME`, `master.NAME`): `optimizer.safetensors`, or a sharded
@@ -486,11 +375,11 @@ pub fn read_optimizer_state(dir: &Path) -> Result<BTreeMap<String, tch::Tensor>>
 }
 
 /// The name of rank `rank`'s share in a sharded checkpoint.
-fn shard_file(rank: usize, world: usize) -> String {
+pub(crate) fn shard_file(rank: usize, world: usize) -> String {
     format!("rank-{rank:05}-of-{world:05}.safetensors")
 }
 
-fn to_device(
+pub(crate) fn to_device(
     tensors: BTreeMap<String, tch::Tensor>,
     device: tch::Device,
 ) -> Result<BTreeMap<String, tch::Tensor>> {
@@ -503,10 +392,10 @@ fn to_device(
 
 /// A sharded checkpoint's optimizer state: which pieces each rank's file holds.
 #[derive(Debug)]
-pub(super) struct ShardedState {
-    dir: PathBuf,
+pub(crate) struct ShardedState {
+    pub(crate) dir: PathBuf,
     /// The world that wrote it.
-    world: usize,
+    pub(crate) world: usize,
     /// Elements of each parameter, by name (to refuse another model's state).
     elements: BTreeMap<String, u64>,
     /// Per rank: its file and its pieces `(parameter name, offset, len)`.
@@ -524,7 +413,7 @@ const KINDS: [&str; 3] = ["exp_avg", "exp_avg_sq", "master"];
 
 impl ShardedState {
     /// Reads `dir/partition.json`; errors name the file and what is wrong.
-    pub(super) fn open(dir: &Path) -> Result<Self> {
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(PARTITION_FILE);
         let bad = |reason: String| Error::Config {
             path: path.clone(),
@@ -597,7 +486,7 @@ impl ShardedState {
     /// every kind the checkpoint holds for the piece. Reads only the files
     /// whose pieces overlap `wanted`; every element of a kind it holds must
     /// be there.
-    pub(super) fn pieces(
+    pub(crate) fn pieces(
         &self,
         names: &[String],
         params: &[tch::Tensor],
@@ -695,7 +584,7 @@ impl ShardedState {
 
     /// Whole tensors (`KIND.NAME`, shaped like the parameters), for a rank
     /// that will not shard (a world of one, or ZeRO off).
-    pub(super) fn whole(
+    pub(crate) fn whole(
         &self,
         names: &[String],
         params: &[tch::Tensor],

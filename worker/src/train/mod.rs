@@ -23,10 +23,10 @@ mod batches;
 pub(crate) mod checkpoint;
 pub(crate) mod metrics;
 pub mod output;
+pub(crate) mod rank_state;
 mod reference;
 pub mod run_loop;
 mod stage2;
-pub(crate) mod sync;
 mod training_run;
 
 use std::time::Instant;
@@ -36,26 +36,25 @@ use dpo_data::{DataReport, Example};
 use dpo_proto::{Loss, Negatives, ReferenceModel, RunSpec};
 use tch::{Device, Tensor};
 
-use crate::collective::{Collective, all_reduce_gradients};
+use crate::collective::Collective;
 use crate::error::{Error, Result, TorchContext};
 use crate::model::llama::LayerGrads;
 use crate::model::{CausalLm, checkpoint as model_io, kind_of};
 use crate::objective::{self, MicroBatch, Objective, Stats};
 use crate::optim::{Optimizer, learning_rate};
-use crate::zero::Partition;
 
 pub use batches::{Batches, LocalBatches, Slice, Split};
 pub use checkpoint::{latest_checkpoint, read_optimizer_state, verify_manifest};
 pub use metrics::Metrics;
 pub use output::{OutputPath, RunOutput};
+pub use rank_state::{RankState, Rollback, Synced, TrainerState, WorldSync};
 pub use reference::{BatchPosition, ReferenceSource};
 pub use run_loop::{EarlyStopping, Evaluation, Event, Started, Summary, TrainingRun};
-pub use sync::{Rollback, Synced, TrainerState};
 
 use batches::load_examples;
 use metrics::{StepFacts, eval_metrics, step_metrics};
+use rank_state::PARAMETER_CHECK_EVERY;
 use reference::{FrozenModel, NoReference, PolicyBase, Precomputed, Staged};
-use sync::PARAMETER_CHECK_EVERY;
 
 /// SplitMix64's finaliser: mixes seeds into well-spread ones.
 pub(crate) fn splitmix(mut x: u64) -> u64 {
@@ -153,8 +152,8 @@ pub struct RunShape {
 /// A run being trained.
 pub struct Trainer {
     spec: RunSpec,
-    /// The ranks training this run together (a world of one standalone).
-    collective: Box<dyn Collective>,
+    /// This rank's share: its world, the optimizer, the step, ZeRO's share.
+    world: RankState,
     /// The generation of the world (0 standalone; set by the coordinator).
     generation: u64,
     /// Whether rank 0 writes metrics.jsonl and eval.jsonl (standalone); in a
@@ -165,29 +164,10 @@ pub struct Trainer {
     objective: Objective,
     policy: CausalLm,
     reference: Box<dyn ReferenceSource>,
-    optimizer: Optimizer,
     batches: Box<dyn Batches>,
     shape: RunShape,
-    /// Step and early-stopping state (what checkpoints and `sync_world` carry).
-    state: TrainerState,
-    /// ZeRO's partition of the optimizer state (and, stage 2, of the
-    /// gradients), once entered.
-    zero: Option<Partition>,
     /// Stage 2: the decoder layers' parameters, to reduce layer by layer.
     layer_map: Option<stage2::LayerMap>,
-    /// A ZeRO step failed between updating this rank's share and gathering
-    /// the parameters: its state is neither the old step's nor the new one's.
-    torn: bool,
-    /// This rank is asked to leave (a worker's SIGTERM): under ZeRO it says
-    /// so in its next step, and the world hands its share over first.
-    leaving: bool,
-    /// The ranks that said, in the last step, that they are leaving.
-    leavers: Vec<usize>,
-    /// The metrics of the step this rank is torn in (see `torn`).
-    torn_metrics: Option<Metrics>,
-    /// Fault injection for tests: fail like a broken connection between the
-    /// update and the parameter gather of this step (ZeRO), once.
-    tear_at_step: Option<u64>,
     /// The device's memory in use, sampled (CUDA ranks).
     cuda_memory: Option<crate::cuda::PeakSampler>,
     /// The LoRA adapters as the run started (for a rollback to the initial
@@ -199,7 +179,7 @@ impl std::fmt::Debug for Trainer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trainer")
             .field("run", &self.spec.name)
-            .field("step", &self.state.step)
+            .field("step", &self.world.state.step)
             .field("total_steps", &self.shape.total_steps)
             .finish()
     }
@@ -228,7 +208,7 @@ impl Trainer {
         };
         let out = RunOutput::open(&spec.train.output, OutputPath::Trusted)?;
         let mut trainer = Self::assemble(spec, opts, models, Box::new(local), shape, false, out)?;
-        trainer.collective = collective;
+        trainer.world.collective = collective;
         trainer.shard_base_for_world()?;
         trainer.writes_metrics = true;
         trainer.prepare_output(opts.resume)?;
@@ -343,68 +323,24 @@ impl Trainer {
             _ => None,
         };
         Ok(Trainer {
+            world: RankState::new(&spec, optimizer),
             spec,
-            collective: Box::new(crate::collective::Solo),
             generation: 0,
             writes_metrics: false,
             out,
             objective,
             policy,
             reference,
-            optimizer,
             batches,
             shape,
-            state: TrainerState::default(),
-            zero: None,
             layer_map,
-            torn: false,
-            leaving: false,
-            leavers: Vec::new(),
-            torn_metrics: None,
-            tear_at_step: None,
             cuda_memory,
             initial_adapters,
         })
     }
 
-    /// ZeRO (`train.zero_stage` 1 or 2) over this world: partitions the
-    /// optimizer state, each rank keeping its share only (stage 2: and the
-    /// layers' backward staged, to reduce each layer's gradients at once).
-    /// Called once the ranks agree on their state (`run` after `sync_from`);
-    /// a world of one keeps everything.
-    fn enter_zero(&mut self) -> Result<()> {
-        let world = self.collective.world_size();
-        if self.spec.train.zero_stage == 0 || world == 1 || self.zero.is_some() {
-            return Ok(());
-        }
-        let replicas = self.spec.train.zero_replicas > 1;
-        let partition = Partition::new(
-            self.optimizer.params(),
-            self.optimizer.names(),
-            world,
-            self.collective.rank(),
-            replicas,
-        );
-        let pieces = partition.pieces(self.optimizer.params());
-        let copies = partition.replica_pieces(self.optimizer.params());
-        self.optimizer.shard(&pieces, &copies)?;
-        let (parameters, bytes) = self.optimizer.state_bytes();
-        tracing::info!(
-            world,
-            rank = self.collective.rank(),
-            pieces = pieces.len(),
-            replica_pieces = copies.len(),
-            state_bytes = bytes,
-            parameters,
-            stage = self.spec.train.zero_stage,
-            "ZeRO: this rank holds its share of the optimizer state"
-        );
-        self.zero = Some(partition);
-        Ok(())
-    }
-
     pub fn rank(&self) -> usize {
-        self.collective.rank()
+        self.world.collective.rank()
     }
 
     /// Puts the LoRA adapters back to how the run started (a rollback to the
@@ -430,7 +366,10 @@ impl Trainer {
             return Ok(());
         }
         let files = model_io::TensorIndex::open_causal_lm(&self.spec.model.path)?;
-        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let (world, rank) = (
+            self.world.collective.world_size(),
+            self.world.collective.rank(),
+        );
         self.policy.shard_base(&files, world, rank)
     }
 
@@ -440,11 +379,14 @@ impl Trainer {
         if !self.policy.is_sharded() {
             return f(self);
         }
-        let c = std::mem::replace(&mut self.collective, Box::new(crate::collective::Solo));
+        let c = std::mem::replace(
+            &mut self.world.collective,
+            Box::new(crate::collective::Solo),
+        );
         self.policy.lend_collective(c);
         let out = f(self);
         match self.policy.take_collective() {
-            Some(c) => self.collective = c,
+            Some(c) => self.world.collective = c,
             None => return Err(Error::State("ZeRO stage 3: the lent collective was lost")),
         }
         out
@@ -505,10 +447,10 @@ impl Trainer {
         let refs: Vec<&Example> = slice.examples.iter().collect();
         // Stage 2 reduces every micro-batch: as many rounds as the rank with
         // the most micro-batches has.
-        let stage2 = backward && self.zero.is_some() && self.layer_map.is_some();
+        let stage2 = backward && self.world.zero.is_some() && self.layer_map.is_some();
         let rounds = if stage2 {
             let mine = refs.chunks(m).count() as u64;
-            let all = self.collective.all_gather(&mine.to_le_bytes())?;
+            let all = self.world.collective.all_gather(&mine.to_le_bytes())?;
             all.iter()
                 .map(|b| u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8])))
                 .max()
@@ -516,28 +458,27 @@ impl Trainer {
         } else {
             0
         };
-        let rank = self.collective.rank();
+        let rank = self.world.collective.rank();
         let (stats, done) =
             self.with_lent_collective(|t| t.micro_batches(split, slice, backward, stage2, rank))?;
-        if let (Some(map), Some(zero)) = (&self.layer_map, &self.zero) {
+        if let (Some(map), Some(zero)) = (&self.layer_map, &self.world.zero) {
             for _ in done..rounds {
-                map.reduce_zeros(zero, &mut self.optimizer, self.collective.as_mut())?;
+                map.reduce_zeros(
+                    zero,
+                    &mut self.world.optimizer,
+                    self.world.collective.as_mut(),
+                )?;
             }
         }
         if backward && !stage2 {
             let t = Instant::now();
-            match &self.zero {
-                Some(z) => {
-                    z.reduce_scatter_gradients(self.optimizer.params(), self.collective.as_mut())?
-                }
-                None => all_reduce_gradients(self.optimizer.params(), self.collective.as_mut())?,
-            }
+            self.world.reduce_gradients()?;
             tracing::debug!(
                 ms = t.elapsed().as_secs_f64() * 1e3,
                 "gradients all-reduced"
             );
         }
-        self.sum_across_ranks(&stats)
+        Ok(Stats::from_slice(&self.world.sum_across(&stats.to_vec())?))
     }
 
     /// The micro-batches of this rank's slice: forward, loss, and (with
@@ -578,7 +519,7 @@ impl Trainer {
             if backward && self.spec.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
                 // LoRA dropout: masks fixed by (seed, step, rank, micro-batch),
                 // so a resumed run draws the same ones.
-                let mix = [self.state.step, rank as u64, k as u64]
+                let mix = [self.world.state.step, rank as u64, k as u64]
                     .iter()
                     .fold(self.spec.data.seed, |h, &x| splitmix(h ^ x));
                 tch::manual_seed(mix as i64);
@@ -593,13 +534,13 @@ impl Trainer {
                 )?;
                 loss.f_backward().op("backward")?;
                 let deferred = std::mem::take(&mut scores.deferred);
-                match (&self.layer_map, &self.zero) {
+                match (&self.layer_map, &self.world.zero) {
                     (Some(map), Some(zero)) if stage2 => map.backward(
                         deferred,
                         &self.policy,
                         zero,
-                        &mut self.optimizer,
-                        self.collective.as_mut(),
+                        &mut self.world.optimizer,
+                        self.world.collective.as_mut(),
                     )?,
                     _ => deferred.backward(&self.policy, LayerGrads::Accumulate)?,
                 }
@@ -617,33 +558,22 @@ impl Trainer {
         Ok((stats, done))
     }
 
-    /// Trains one optimizer step (the global batch of step `self.state.step()`) and
+    /// Trains one optimizer step (the global batch of step `self.world.state.step()`) and
     /// returns its metrics. On an error nothing of the step is applied unless the
     /// optimizer already stepped (then `step()` says so).
     pub fn train_step(&mut self) -> Result<Metrics> {
         let t = Instant::now();
-        let step = self.state.step;
-        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let step = self.world.state.step;
+        let (rank, world) = (
+            self.world.collective.rank(),
+            self.world.collective.world_size(),
+        );
         let slice = self.batches.train(step, rank, world)?;
         tracing::debug!(step, ms = t.elapsed().as_secs_f64() * 1e3, "batch fetched");
-        self.optimizer.zero_grad()?;
+        self.world.optimizer.zero_grad()?;
         let stats = self.run_slice(Split::Train, &slice, true)?;
-        if self.zero.is_some() {
-            // Who is leaving after this step: the world hands their shares
-            // of the optimizer state over before they go (`hand_off`).
-            let flags = self.collective.all_gather(&[u8::from(self.leaving)])?;
-            self.leavers = (0..world).filter(|&r| flags[r] == [1]).collect();
-        }
-        let max_norm = self.spec.optim.max_grad_norm;
-        let grad_norm = match &self.zero {
-            // The norm of the whole gradient: every rank's share of squares.
-            Some(z) => {
-                let collective = self.collective.as_mut();
-                self.optimizer
-                    .clip_grad_norm_with(max_norm, &mut |x| z.sum_across(collective, x))?
-            }
-            None => self.optimizer.clip_grad_norm(max_norm)?,
-        };
+        self.world.exchange_leavers()?;
+        let grad_norm = self.world.clip_gradient(self.spec.optim.max_grad_norm)?;
         let o = &self.spec.optim;
         let lr = learning_rate(
             o.schedule,
@@ -665,33 +595,9 @@ impl Trainer {
             peak_bytes: trainer.peak_bytes(),
             state_bytes_per_parameter: trainer.state_bytes_per_parameter(step + 1, log),
         };
-        if self.zero.is_some() {
-            // From here until the parameters are whole again, this rank's
-            // share has moved on and the rest has not: a failure leaves it
-            // torn. The step's metrics are kept, for a world that completes
-            // the step from the shares (`sync_world`).
-            self.torn = true;
-            self.torn_metrics = Some(step_metrics(&stats, &self.objective, facts(self, false)));
-        }
-        self.optimizer.apply(lr)?;
-        if let Some(z) = &self.zero {
-            if self.tear_at_step == Some(step + 1) {
-                self.tear_at_step = None;
-                return Err(crate::collective::CollectiveError::Protocol {
-                    rank,
-                    reason: format!(
-                        "injected fault: step {} torn before the parameter gather",
-                        step + 1
-                    ),
-                }
-                .into());
-            }
-            z.all_gather_parameters(self.optimizer.params(), self.collective.as_mut())?;
-            self.torn = false;
-            self.torn_metrics = None;
-        }
-        self.state.step = step + 1;
-        let step = self.state.step;
+        let torn = step_metrics(&stats, &self.objective, facts(self, false));
+        self.world.apply(lr, || torn)?;
+        let step = self.world.state.step;
         if !stats.loss.is_finite() {
             return Err(Error::Input {
                 context: format!("step {step}"),
@@ -703,15 +609,9 @@ impl Trainer {
         }
         let m = step_metrics(&stats, &self.objective, facts(self, true));
         if step % PARAMETER_CHECK_EVERY == 0 || step == self.shape.total_steps {
-            self.check_parameters_agree(step)?;
+            self.world.check_parameters_agree(step)?;
         }
         Ok(m)
-    }
-
-    /// Fault injection for tests: under ZeRO, break step `step` between the
-    /// update and the parameter gather (once), as a lost connection would.
-    pub fn set_tear_at_step(&mut self, step: Option<u64>) {
-        self.tear_at_step = step;
     }
 
     /// The rank's peak memory: the peak resident size on CPU; on a GPU the
@@ -728,7 +628,7 @@ impl Trainer {
 
     /// Model-state bytes per trained parameter; logged at the first step.
     fn state_bytes_per_parameter(&self, step: u64, log: bool) -> f64 {
-        let (parameters, bytes) = self.optimizer.state_bytes();
+        let (parameters, bytes) = self.world.optimizer.state_bytes();
         let per = bytes as f64 / parameters.max(1) as f64;
         if log && step == 1 {
             tracing::info!(
@@ -745,7 +645,7 @@ impl Trainer {
     /// Evaluates when the step calls for it (`eval_every`, or the last step) and
     /// updates the early-stopping state.
     fn evaluate_if_due(&mut self) -> Result<Option<Evaluation>> {
-        let step = self.state.step;
+        let step = self.world.state.step;
         if !self.shape.has_eval
             || !run_loop::eval_due(
                 &self.spec,
@@ -756,16 +656,21 @@ impl Trainer {
         {
             return Ok(None);
         }
-        let (rank, world) = (self.collective.rank(), self.collective.world_size());
+        let (rank, world) = (
+            self.world.collective.rank(),
+            self.world.collective.world_size(),
+        );
         let Some(slice) = self.batches.eval(rank, world)? else {
             return Ok(None);
         };
         let stats = self.run_slice(Split::Eval, &slice, false)?;
         let metrics = eval_metrics(&stats, &self.objective, step);
-        let best =
-            self.state
-                .stopping
-                .observe(&self.spec, step, self.shape.total_steps, &metrics)?;
+        let best = self.world.state.stopping.observe(
+            &self.spec,
+            step,
+            self.shape.total_steps,
+            &metrics,
+        )?;
         Ok(Some(Evaluation {
             step,
             metrics,

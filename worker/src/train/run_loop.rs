@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::metrics::Reporter;
 use super::output::RunOutput;
-use super::{Metrics, Synced};
+use super::{Metrics, RankState, Synced, WorldSync};
 use crate::classify::evaluate::EvalReport;
 use crate::collective::Collective;
 use crate::error::{Error, Result};
@@ -193,14 +193,23 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-/// A run of any task, as the loop drives it. Methods a task has no use for
-/// (ZeRO's hand-over, the reference stage) keep their defaults.
+/// A run of any task, as the loop drives it. What every task shares — its
+/// world, optimizer, step and ZeRO share — is its [`RankState`], which the
+/// defaults below drive; methods a task has no use for (the reference stage)
+/// keep their defaults.
 pub trait TrainingRun {
     fn spec(&self) -> &RunSpec;
+    /// This rank's share of the run.
+    fn world(&self) -> &RankState;
+    fn world_mut(&mut self) -> &mut RankState;
     /// Optimizer steps completed.
-    fn step(&self) -> u64;
+    fn step(&self) -> u64 {
+        self.world().step()
+    }
     fn total_steps(&self) -> u64;
-    fn stopped_early(&self) -> bool;
+    fn stopped_early(&self) -> bool {
+        self.world().state.stopping.stopped_early
+    }
     /// Whether the run has nothing left to train.
     fn finished(&self) -> bool {
         self.step() >= self.total_steps() || self.stopped_early()
@@ -215,7 +224,8 @@ pub trait TrainingRun {
     /// Standalone: brings the ranks of the world to one state and into
     /// their ZeRO partition before the first step.
     fn begin(&mut self) -> Result<()> {
-        Ok(())
+        self.world_mut().sync_from(0)?;
+        self.world_mut().enter_zero()
     }
     fn started(&self) -> Started;
     /// The model before any step, for a before/after report (when the task
@@ -228,8 +238,19 @@ pub trait TrainingRun {
     fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64);
     /// Loads the committed checkpoint `dir` (a cluster's resume point).
     fn restore_checkpoint(&mut self, dir: &Path) -> Result<()>;
-    /// Brings every rank of a (new) world to the same state.
-    fn sync_world(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced>;
+    /// Back to the run's start: the initial weights (or adapters), fresh
+    /// optimizer state, step 0.
+    fn restore_initial(&mut self) -> Result<()>;
+    /// What a world's forming needs besides the shared state (ZeRO stage 3:
+    /// this rank's share of the frozen base).
+    fn prepare_world(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Brings every rank of a (new) world to the same state (see
+    /// [`sync_world`]).
+    fn sync_world(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
+        sync_world(self, checkpoint)
+    }
 
     /// One optimizer step over the global batch of `step()`.
     fn train_step(&mut self) -> Result<Metrics>;
@@ -245,20 +266,25 @@ pub trait TrainingRun {
     fn save_final(&self) -> Result<()>;
 
     /// ZeRO: this rank is asked to leave after the next step.
-    fn set_leaving(&mut self, _leaving: bool) {}
+    fn set_leaving(&mut self, leaving: bool) {
+        self.world_mut().set_leaving(leaving);
+    }
     /// ZeRO: the ranks that said in the last step that they are leaving.
     fn leavers(&self) -> &[usize] {
-        &[]
+        self.world().leavers()
     }
     /// ZeRO: hands the leavers' shares over; whether this rank stays.
     fn hand_off(&mut self) -> Result<bool> {
-        Err(Error::State(
-            "this run has no partitioned state to hand over",
-        ))
+        self.world_mut().hand_off()
     }
     /// ZeRO: whether this rank holds a share of the state only.
     fn sharded(&self) -> bool {
-        false
+        self.world().sharded()
+    }
+    /// Fault injection for tests: under ZeRO, break step `step` between the
+    /// update and the parameter gather (once), as a lost connection would.
+    fn set_tear_at_step(&mut self, step: Option<u64>) {
+        self.world_mut().set_tear_at_step(step);
     }
 
     /// Whether the reference log-probs come from the coordinator's reference stage.
@@ -272,6 +298,33 @@ pub trait TrainingRun {
     /// Ends this rank's part of the reference stage.
     fn finish_reference_stage(&mut self) -> Result<()> {
         Err(Error::State("this run has no reference stage"))
+    }
+}
+
+/// [`TrainingRun::sync_world`]'s shared part, for a task that adds its own:
+/// the shared state through [`RankState::sync_world`]; when a ZeRO share was
+/// lost, every rank back to `checkpoint` (the last committed one: directory
+/// and step; none: the initial weights) and the outcome says so.
+pub fn sync_world<R: TrainingRun + ?Sized>(
+    run: &mut R,
+    checkpoint: Option<(&Path, u64)>,
+) -> Result<Synced> {
+    run.prepare_world()?;
+    match run.world_mut().sync_world()? {
+        WorldSync::Synced(synced) => Ok(synced),
+        WorldSync::MustRollBack(lost) => {
+            let to_step = match checkpoint {
+                Some((dir, step)) => {
+                    run.restore_checkpoint(dir)?;
+                    step
+                }
+                None => {
+                    run.restore_initial()?;
+                    0
+                }
+            };
+            run.world_mut().rolled_back(lost, to_step)
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use dpo_data::Example;
 use dpo_data::refcache;
 use dpo_proto::RunSpec;
 
-use super::{Evaluation, Metrics, RunOutput, Started, Synced, Trainer, TrainingRun};
+use super::{Evaluation, Metrics, RankState, RunOutput, Started, Trainer, TrainingRun};
 use crate::collective::Collective;
 use crate::error::Result;
 
@@ -21,16 +21,16 @@ impl TrainingRun for Trainer {
         &self.spec
     }
 
-    fn step(&self) -> u64 {
-        self.state.step
+    fn world(&self) -> &RankState {
+        &self.world
+    }
+
+    fn world_mut(&mut self) -> &mut RankState {
+        &mut self.world
     }
 
     fn total_steps(&self) -> u64 {
         self.shape.total_steps
-    }
-
-    fn stopped_early(&self) -> bool {
-        self.state.stopping.stopped_early
     }
 
     fn output(&self) -> &RunOutput {
@@ -42,17 +42,12 @@ impl TrainingRun for Trainer {
     }
 
     fn writes_metrics(&self) -> bool {
-        self.writes_metrics && self.collective.rank() == 0
-    }
-
-    fn begin(&mut self) -> Result<()> {
-        self.sync_from(0)?;
-        self.enter_zero()
+        self.writes_metrics && self.world.collective.rank() == 0
     }
 
     fn started(&self) -> Started {
         Started {
-            start_step: self.state.step,
+            start_step: self.world.state.step,
             total_steps: self.shape.total_steps,
             train_examples: self.shape.train_report.as_ref().map(|r| r.examples),
             eval_examples: self.shape.eval_report.as_ref().map(|r| r.examples),
@@ -67,7 +62,7 @@ impl TrainingRun for Trainer {
     }
 
     fn set_collective(&mut self, collective: Box<dyn Collective>, generation: u64) {
-        self.collective = collective;
+        self.world.collective = collective;
         self.generation = generation;
     }
 
@@ -77,9 +72,16 @@ impl TrainingRun for Trainer {
         Trainer::restore_checkpoint(self, &dir)
     }
 
-    fn sync_world(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
-        let held = checkpoint.map(|(dir, step)| (self.out.resolve(dir), step));
-        Trainer::sync_world(self, held.as_ref().map(|(d, s)| (d.as_path(), *s)))
+    fn restore_initial(&mut self) -> Result<()> {
+        crate::model::checkpoint::load_weights(&self.policy, &self.spec.model.path)?;
+        self.reset_adapters()?;
+        self.world.set_state(super::TrainerState::default());
+        Ok(())
+    }
+
+    fn prepare_world(&mut self) -> Result<()> {
+        // ZeRO stage 3: this rank's share of the frozen base for this world.
+        self.shard_base_for_world()
     }
 
     fn train_step(&mut self) -> Result<Metrics> {
@@ -102,22 +104,6 @@ impl TrainingRun for Trainer {
         Trainer::save_final(self).map(|_| ())
     }
 
-    fn set_leaving(&mut self, leaving: bool) {
-        Trainer::set_leaving(self, leaving);
-    }
-
-    fn leavers(&self) -> &[usize] {
-        Trainer::leavers(self)
-    }
-
-    fn hand_off(&mut self) -> Result<bool> {
-        Trainer::hand_off(self)
-    }
-
-    fn sharded(&self) -> bool {
-        Trainer::sharded(self)
-    }
-
     fn reference_staged(&self) -> bool {
         self.reference.staged()
     }
@@ -129,6 +115,6 @@ impl TrainingRun for Trainer {
 
     fn finish_reference_stage(&mut self) -> Result<()> {
         self.reference.end_stage();
-        Ok(self.collective.barrier()?)
+        Ok(self.world.collective.barrier()?)
     }
 }

@@ -1,20 +1,33 @@
-//! Keeping the ranks of a world identical: the training state they exchange
-//! (`TrainerState`, the same value a checkpoint stores), metric sums added in
-//! rank order, parameter hashes compared, and `sync_world` — the furthest-ahead
-//! rank's state broadcast to the others when a world (re)forms.
+//! One rank's share of a run, whatever the task: its world (the collective),
+//! what trains (the optimizer, with its moments), where the run stands
+//! (`TrainerState`, the same value a checkpoint stores) and ZeRO's share of
+//! the optimizer state — and keeping the ranks of a world identical:
+//! parameter hashes compared, `sync_world` (the furthest-ahead rank's state
+//! broadcast to the others when a world (re)forms, ZeRO's shares
+//! re-partitioned, torn steps completed, lost shares rolled back), the
+//! hand-off of leaving ranks' shares, and a ZeRO step's gradient reduction,
+//! clipping, update and parameter gather. The causal-LM trainer and the
+//! classifier both hold one; what differs between them (models, batches,
+//! what a checkpoint holds besides the optimizer state) stays with them.
 
 use std::path::Path;
 
+use dpo_proto::RunSpec;
 use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
 use tch::Tensor;
 
-use super::Trainer;
+use super::Metrics;
+use crate::collective::{Collective, all_reduce_gradients};
 use crate::collective::{CollectiveError, broadcast_tensors};
-use crate::error::{Error, Result, TorchContext};
-use crate::objective::Stats;
+use crate::error::{Error, Result, TorchContext, io_err};
+use crate::model::checkpoint as model_io;
+use crate::optim::Optimizer;
+use crate::train::checkpoint::{PARTITION_FILE, ShardedState, shard_file, sync_dir, to_device};
+use crate::zero::Partition;
 
 /// How often (in steps) ranks compare parameter hashes.
-pub(super) const PARAMETER_CHECK_EVERY: u64 = 25;
+pub(crate) const PARAMETER_CHECK_EVERY: u64 = 25;
 
 /// Where a run stands, besides its tensors: what a checkpoint's
 /// `trainer_state.json` holds and what `sync_world` broadcasts. The optimizer's
@@ -29,38 +42,256 @@ pub struct TrainerState {
     pub stopping: super::EarlyStopping,
 }
 
-impl Trainer {
+/// One rank's share of a run (see the module's documentation).
+pub struct RankState {
+    /// The ranks training this run together (a world of one standalone).
+    pub(crate) collective: Box<dyn Collective>,
+    /// What trains, with its moments (under ZeRO: this rank's share of them).
+    pub(crate) optimizer: Optimizer,
+    /// Step and early-stopping state (what checkpoints and `sync_world` carry).
+    pub(crate) state: TrainerState,
+    /// `train.zero_stage` (0: every rank holds the whole optimizer state).
+    stage: u8,
+    /// `train.zero_replicas > 1`: each rank also keeps its predecessor's share.
+    replicas: bool,
+    /// AdamW (it has moments to move; SGD has none).
+    adamw: bool,
+    /// ZeRO's partition of the optimizer state (and, stage 2, of the
+    /// gradients), once entered.
+    pub(crate) zero: Option<Partition>,
+    /// A ZeRO step failed between updating this rank's share and gathering
+    /// the parameters: its state is neither the old step's nor the new one's.
+    torn: bool,
+    /// This rank is asked to leave (a worker's SIGTERM): under ZeRO it says
+    /// so in its next step, and the world hands its share over first.
+    leaving: bool,
+    /// The ranks that said, in the last step, that they are leaving.
+    leavers: Vec<usize>,
+    /// The metrics of the step this rank is torn in (see `torn`).
+    torn_metrics: Option<Metrics>,
+    /// Fault injection for tests: fail like a broken connection between the
+    /// update and the parameter gather of this step (ZeRO), once.
+    tear_at_step: Option<u64>,
+}
+
+impl std::fmt::Debug for RankState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RankState")
+            .field("rank", &self.collective.rank())
+            .field("world", &self.collective.world_size())
+            .field("step", &self.state.step)
+            .field("zero_stage", &self.stage)
+            .field("sharded", &self.zero.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a sharded world found when it formed: a share of the optimizer state
+/// is gone, so every rank must go back to the last committed checkpoint (or
+/// the initial weights). The caller restores those
+/// ([`RankState::sync_world`]'s `MustRollBack`), then calls
+/// [`RankState::rolled_back`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostShares {
+    from_step: u64,
+    missing: Vec<u64>,
+    ahead: Vec<u64>,
+    old_world: u64,
+    torn: bool,
+}
+
+/// What [`RankState::sync_world`] did, or needs done.
+#[derive(Debug)]
+pub enum WorldSync {
+    /// Every rank holds the same state now.
+    Synced(Synced),
+    /// Restore the last committed checkpoint (or the initial weights) on
+    /// every rank, then call [`RankState::rolled_back`]. The optimizer is
+    /// already reset and unsharded.
+    MustRollBack(LostShares),
+}
+
+impl RankState {
+    /// A world of one at step 0, training `optimizer`'s parameters under
+    /// `spec`'s ZeRO settings (entered once a world of more forms).
+    pub fn new(spec: &RunSpec, optimizer: Optimizer) -> Self {
+        RankState {
+            collective: Box::new(crate::collective::Solo),
+            optimizer,
+            state: TrainerState::default(),
+            stage: spec.train.zero_stage,
+            replicas: spec.train.zero_replicas > 1,
+            adamw: spec.optim.name == dpo_proto::OptimizerName::Adamw,
+            zero: None,
+            torn: false,
+            leaving: false,
+            leavers: Vec::new(),
+            torn_metrics: None,
+            tear_at_step: None,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.collective.world_size()
+    }
+
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+
     /// The state to checkpoint or send.
-    pub(super) fn state(&self) -> TrainerState {
+    pub fn state(&self) -> TrainerState {
         self.state.clone()
     }
 
     /// Takes `state` (the optimizer's step count with it).
-    pub(super) fn set_state(&mut self, state: TrainerState) {
+    pub fn set_state(&mut self, state: TrainerState) {
         self.optimizer.step = state.step;
         self.state = state;
     }
 
-    /// Adds every rank's metric sums, in rank order (so every rank gets the same bits).
-    pub(super) fn sum_across_ranks(&mut self, stats: &Stats) -> Result<Stats> {
-        if self.collective.world_size() == 1 {
-            return Ok(stats.clone());
+    /// ZeRO (`train.zero_stage` ≥ 1) over this world: partitions the
+    /// optimizer state, each rank keeping its share only. Called once the
+    /// ranks agree on their state; a world of one keeps everything.
+    pub fn enter_zero(&mut self) -> Result<()> {
+        let world = self.collective.world_size();
+        if self.stage == 0 || world == 1 || self.zero.is_some() {
+            return Ok(());
         }
-        let bytes: Vec<u8> = stats
-            .to_vec()
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect();
+        let partition = Partition::new(
+            self.optimizer.params(),
+            self.optimizer.names(),
+            world,
+            self.collective.rank(),
+            self.replicas,
+        );
+        let pieces = partition.pieces(self.optimizer.params());
+        let copies = partition.replica_pieces(self.optimizer.params());
+        self.optimizer.shard(&pieces, &copies)?;
+        let (parameters, bytes) = self.optimizer.state_bytes();
+        tracing::info!(
+            world,
+            rank = self.collective.rank(),
+            pieces = pieces.len(),
+            replica_pieces = copies.len(),
+            state_bytes = bytes,
+            parameters,
+            stage = self.stage,
+            "ZeRO: this rank holds its share of the optimizer state"
+        );
+        self.zero = Some(partition);
+        Ok(())
+    }
+
+    /// After the micro-batches' backward: the gradients summed over the
+    /// world (under ZeRO each rank keeps the sum of its share only).
+    pub fn reduce_gradients(&mut self) -> Result<()> {
+        match &self.zero {
+            Some(z) => {
+                z.reduce_scatter_gradients(self.optimizer.params(), self.collective.as_mut())
+            }
+            None => all_reduce_gradients(self.optimizer.params(), self.collective.as_mut()),
+        }
+    }
+
+    /// Under ZeRO, every step: who is leaving after it (the world hands their
+    /// shares of the optimizer state over before they go, `hand_off`).
+    pub fn exchange_leavers(&mut self) -> Result<()> {
+        if self.zero.is_some() {
+            let world = self.collective.world_size();
+            let flags = self.collective.all_gather(&[u8::from(self.leaving)])?;
+            self.leavers = (0..world).filter(|&r| flags[r] == [1]).collect();
+        }
+        Ok(())
+    }
+
+    /// Clips the gradient to `max_norm` (0: no clipping) and returns its norm
+    /// before clipping — under ZeRO the norm of the whole gradient, every
+    /// rank's share of squares added.
+    pub fn clip_gradient(&mut self, max_norm: f64) -> Result<f64> {
+        match &self.zero {
+            Some(z) => {
+                let collective = self.collective.as_mut();
+                self.optimizer
+                    .clip_grad_norm_with(max_norm, &mut |x| z.sum_across(collective, x))
+            }
+            None => self.optimizer.clip_grad_norm(max_norm),
+        }
+    }
+
+    /// The update of step `self.step()` at learning rate `lr`, and (ZeRO) the
+    /// gather of the updated parameters; then the step counts as done.
+    /// `metrics` are the step's, kept while the step is torn (see `torn`) for
+    /// a world that completes it from the shares.
+    pub fn apply(&mut self, lr: f64, metrics: impl FnOnce() -> Metrics) -> Result<()> {
+        let step = self.state.step;
+        if self.zero.is_some() {
+            // From here until the parameters are whole again, this rank's
+            // share has moved on and the rest has not: a failure leaves it
+            // torn. The step's metrics are kept, for a world that completes
+            // the step from the shares (`sync_world`).
+            self.torn = true;
+            self.torn_metrics = Some(metrics());
+        }
+        self.optimizer.apply(lr)?;
+        if let Some(z) = &self.zero {
+            if self.tear_at_step == Some(step + 1) {
+                self.tear_at_step = None;
+                return Err(CollectiveError::Protocol {
+                    rank: self.collective.rank(),
+                    reason: format!(
+                        "injected fault: step {} torn before the parameter gather",
+                        step + 1
+                    ),
+                }
+                .into());
+            }
+            z.all_gather_parameters(self.optimizer.params(), self.collective.as_mut())?;
+            self.torn = false;
+            self.torn_metrics = None;
+        }
+        self.state.step = step + 1;
+        Ok(())
+    }
+
+    /// Fault injection for tests: under ZeRO, break step `step` between the
+    /// update and the parameter gather (once), as a lost connection would.
+    pub fn set_tear_at_step(&mut self, step: Option<u64>) {
+        self.tear_at_step = step;
+    }
+
+    /// Every rank's `values` added, in rank order (so every rank gets the
+    /// same bits; the f64 values travel as bytes).
+    pub fn sum_across(&mut self, values: &[f64]) -> Result<Vec<f64>> {
+        if self.collective.world_size() == 1 {
+            return Ok(values.to_vec());
+        }
+        let bytes: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
         let blocks = self.collective.all_gather(&bytes)?;
-        let mut total = vec![0.0f64; stats.to_vec().len()];
-        for block in blocks {
+        let mut total = vec![0.0f64; values.len()];
+        for (r, block) in blocks.iter().enumerate() {
+            if block.len() != bytes.len() {
+                return Err(CollectiveError::Protocol {
+                    rank: r,
+                    reason: format!(
+                        "sent {} metric bytes, expected {}",
+                        block.len(),
+                        bytes.len()
+                    ),
+                }
+                .into());
+            }
             for (t, b) in total.iter_mut().zip(block.chunks_exact(8)) {
                 let mut a = [0u8; 8];
                 a.copy_from_slice(b);
                 *t += f64::from_le_bytes(a);
             }
         }
-        Ok(Stats::from_slice(&total))
+        Ok(total)
     }
 
     /// A cheap hash (FNV-1a) of every parameter's bytes.
@@ -70,7 +301,7 @@ impl Trainer {
 
     /// Fails loudly if the ranks' parameters are no longer identical (compared by a
     /// hash of their bytes).
-    pub(super) fn check_parameters_agree(&mut self, step: u64) -> Result<()> {
+    pub fn check_parameters_agree(&mut self, step: u64) -> Result<()> {
         if self.collective.world_size() == 1 {
             return Ok(());
         }
@@ -109,22 +340,19 @@ impl Trainer {
     /// furthest ahead sends its state to the others (a joiner, or a survivor that
     /// missed the last step of a broken generation). Returns that root.
     ///
-    /// Under ZeRO (`train.zero_stage = 1`) the optimizer state is re-partitioned
-    /// for the new world from the shares of the ranks furthest ahead; when one of
-    /// those shares is gone with its worker, every rank goes back to
-    /// `checkpoint` (the last committed one: directory and step; none: the
-    /// initial weights) and the outcome says so.
-    pub fn sync_world(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
-        // ZeRO stage 3: this rank's share of the frozen base for this world.
-        self.shard_base_for_world()?;
-        if self.spec.train.zero_stage > 0 {
-            return self.sync_world_sharded(checkpoint);
+    /// Under ZeRO (`train.zero_stage` ≥ 1) the optimizer state is
+    /// re-partitioned for the new world from the shares of the ranks furthest
+    /// ahead; when one of those shares is gone with its worker, every rank
+    /// must go back to the last committed checkpoint: `MustRollBack`.
+    pub fn sync_world(&mut self) -> Result<WorldSync> {
+        if self.stage > 0 {
+            return self.sync_world_sharded();
         }
-        Ok(Synced {
+        Ok(WorldSync::Synced(Synced {
             root: self.sync_world_whole()?,
             rollback: None,
             ..Default::default()
-        })
+        }))
     }
 
     fn sync_world_whole(&mut self) -> Result<Option<usize>> {
@@ -175,7 +403,7 @@ pub(crate) fn parameter_hash(params: &[Tensor]) -> Result<u64> {
     Ok(hash)
 }
 
-/// What [`Trainer::sync_world`] did.
+/// What [`RankState::sync_world`] did.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Synced {
     /// The rank whose state the others took, if they differed.
@@ -248,9 +476,9 @@ impl Summary {
     }
 }
 
-impl Trainer {
-    /// [`Trainer::sync_world`] under ZeRO stage 1.
-    fn sync_world_sharded(&mut self, checkpoint: Option<(&Path, u64)>) -> Result<Synced> {
+impl RankState {
+    /// [`RankState::sync_world`] under ZeRO.
+    fn sync_world_sharded(&mut self) -> Result<WorldSync> {
         let (world, rank) = (self.collective.world_size(), self.collective.rank());
         let mine = Summary {
             step: self.state.step,
@@ -272,15 +500,19 @@ impl Trainer {
             })?;
         if let Some(completed) = self.complete_torn_step(&all)? {
             // Those ranks are whole at the completed step now: the usual path.
-            let mut synced = self.sync_world_sharded(checkpoint)?;
-            synced.completed = synced.completed.or(completed);
-            return Ok(synced);
+            return Ok(match self.sync_world_sharded()? {
+                WorldSync::Synced(mut synced) => {
+                    synced.completed = synced.completed.or(completed);
+                    WorldSync::Synced(synced)
+                }
+                other => other,
+            });
         }
         // The state furthest ahead, among ranks whose state is whole.
         let sound = |s: &Summary| s.torn == 0;
         let Some(max) = all.iter().filter(|s| sound(s)).map(|s| s.step).max() else {
             let from = all.iter().map(|s| s.step).max().unwrap_or(0);
-            return self.roll_back(from, checkpoint, &[], &[], 0, true);
+            return self.must_roll_back(from, Vec::new(), Vec::new(), 0, true);
         };
         let root = all
             .iter()
@@ -294,7 +526,7 @@ impl Trainer {
                 && s.rank == r as u64
         });
         if same_world {
-            return Ok(Synced::default());
+            return Ok(WorldSync::Synced(Synced::default()));
         }
         if lead.world == 0 {
             // The state furthest ahead is whole (a start, or a checkpoint just
@@ -311,11 +543,11 @@ impl Trainer {
                 None
             };
             self.enter_zero()?;
-            return Ok(Synced {
+            return Ok(WorldSync::Synced(Synced {
                 root: synced,
                 rollback: None,
                 ..Default::default()
-            });
+            }));
         }
         // The shares of the ranks furthest ahead: who contributes each — the
         // lowest sound rank that owned it, else the one that kept its replica
@@ -368,7 +600,7 @@ impl Trainer {
                 })
                 .collect();
             let lost: Vec<u64> = missing.into_iter().filter(|k| !ahead.contains(k)).collect();
-            return self.roll_back(max, checkpoint, &lost, &ahead, w0, torn);
+            return self.must_roll_back(max, lost, ahead, w0, torn);
         }
         if !recovered.is_empty() {
             tracing::warn!(
@@ -394,15 +626,14 @@ impl Trainer {
                 _ => {}
             }
         }
-        let replicas = self.spec.train.zero_replicas > 1;
-        let new = crate::zero::Partition::new(
+        let new = Partition::new(
             self.optimizer.params(),
             self.optimizer.names(),
             world,
             rank,
-            replicas,
+            self.replicas,
         );
-        let moments = self.spec.optim.name == dpo_proto::OptimizerName::Adamw && max > 0;
+        let moments = self.adamw && max > 0;
         let moved = new.repartition(
             self.optimizer.params(),
             &contribution,
@@ -418,18 +649,18 @@ impl Trainer {
             step = self.state.step,
             "ZeRO: re-partitioned the optimizer state for the new world"
         );
-        Ok(Synced {
+        Ok(WorldSync::Synced(Synced {
             root: behind.then_some(root),
             rollback: None,
             ..Default::default()
-        })
+        }))
     }
 
     /// Makes `new` this rank's partition, its optimizer updating the pieces
     /// `new` gives it with the state `moved` brought them.
     fn install_partition(
         &mut self,
-        new: crate::zero::Partition,
+        new: Partition,
         moved: crate::zero::Repartitioned,
     ) -> Result<()> {
         let params = self.optimizer.params();
@@ -478,17 +709,15 @@ impl Trainer {
             return Ok(!leavers.contains(&rank));
         }
         let new_rank = staying.iter().position(|&r| r == rank);
-        let replicas = self.spec.train.zero_replicas > 1;
-        let new = crate::zero::Partition::new(
+        let new = Partition::new(
             self.optimizer.params(),
             self.optimizer.names(),
             staying.len(),
             new_rank.unwrap_or(0),
-            replicas,
+            self.replicas,
         );
         let contribution = self.optimizer.piece_states(false);
-        let moments =
-            self.spec.optim.name == dpo_proto::OptimizerName::Adamw && self.optimizer.step > 0;
+        let moments = self.adamw && self.optimizer.step > 0;
         // Until the exchange is complete this rank keeps its old share: a
         // world broken half-way finds the shares as they were.
         let moved = new.repartition(
@@ -530,7 +759,7 @@ impl Trainer {
     /// part; the others contribute nothing), the step counts as done on the
     /// torn ranks (its metrics, kept when it tore, are returned to report),
     /// and the usual path goes on from there. `None`: not the case.
-    fn complete_torn_step(&mut self, all: &[Summary]) -> Result<Option<Option<super::Metrics>>> {
+    fn complete_torn_step(&mut self, all: &[Summary]) -> Result<Option<Option<Metrics>>> {
         let rank = self.collective.rank();
         let torn = |s: &&Summary| s.torn == 1 && s.world > 0;
         let Some(kt) = all.iter().filter(torn).map(|s| s.step).max() else {
@@ -557,7 +786,7 @@ impl Trainer {
         if contributors.iter().any(Option::is_none) {
             return Ok(None);
         }
-        let old = crate::zero::Partition::new(
+        let old = Partition::new(
             self.optimizer.params(),
             self.optimizer.names(),
             w0 as usize,
@@ -585,32 +814,40 @@ impl Trainer {
         Ok(Some(self.torn_metrics.take()))
     }
 
-    /// Every rank back to `checkpoint` (or to the initial weights), whole,
-    /// then the new partition: a share of the optimizer state was lost.
-    fn roll_back(
+    /// A share of the optimizer state was lost: this rank drops its own
+    /// (whole again, nothing in it) so the caller can restore the last
+    /// committed checkpoint into it.
+    fn must_roll_back(
         &mut self,
         from_step: u64,
-        checkpoint: Option<(&Path, u64)>,
-        missing: &[u64],
-        ahead: &[u64],
+        missing: Vec<u64>,
+        ahead: Vec<u64>,
         old_world: u64,
         torn: bool,
-    ) -> Result<Synced> {
+    ) -> Result<WorldSync> {
         self.zero = None;
         self.torn = false;
         self.optimizer.reset()?;
-        let to_step = match checkpoint {
-            Some((dir, step)) => {
-                self.restore_checkpoint(dir)?;
-                step
-            }
-            None => {
-                crate::model::checkpoint::load_weights(&self.policy, &self.spec.model.path)?;
-                self.reset_adapters()?;
-                self.set_state(TrainerState::default());
-                0
-            }
-        };
+        Ok(WorldSync::MustRollBack(LostShares {
+            from_step,
+            missing,
+            ahead,
+            old_world,
+            torn,
+        }))
+    }
+
+    /// After a `MustRollBack`, once every rank restored the checkpoint of
+    /// `to_step` (0: the initial weights): the new partition, and what
+    /// happened, for people.
+    pub fn rolled_back(&mut self, lost: LostShares, to_step: u64) -> Result<Synced> {
+        let LostShares {
+            from_step,
+            missing,
+            ahead,
+            old_world,
+            torn,
+        } = lost;
         let back_to = if to_step > 0 {
             format!("the checkpoint of step {to_step}")
         } else {
@@ -631,13 +868,13 @@ impl Trainer {
         if !missing.is_empty() {
             parts.push(format!(
                 "the optimizer state of {} of {old_world} was lost with its worker",
-                ranks(missing)
+                ranks(&missing)
             ));
         }
         if !ahead.is_empty() {
             parts.push(format!(
                 "the optimizer state of {} of {old_world} had moved a step past the others' ({broke} on some ranks only)",
-                ranks(ahead)
+                ranks(&ahead)
             ));
         }
         let why = match (parts.is_empty(), torn) {
@@ -647,7 +884,7 @@ impl Trainer {
         };
         let reason = format!(
             "{why} (train.zero_stage = {}): back to {back_to}",
-            self.spec.train.zero_stage
+            self.stage
         );
         tracing::warn!(from_step, to_step, "{reason}");
         self.enter_zero()?;
@@ -691,6 +928,132 @@ impl Trainer {
             .map(Tensor::shallow_clone)
             .collect();
         broadcast_tensors(&params, root, self.collective.as_mut())
+    }
+}
+
+/// A checkpoint's optimizer state: whole (`optimizer.safetensors`) or, under
+/// ZeRO, one file per rank's share with a `partition.json`.
+impl RankState {
+    /// Loads the optimizer state of checkpoint `dir` at `step` (every rank):
+    /// under ZeRO in a world of more than one, only this rank's share under
+    /// the current world's partition (a sharded checkpoint of any world is
+    /// re-cut); otherwise whole. Whatever share this rank held is dropped.
+    pub fn restore_optimizer(&mut self, dir: &Path, step: u64, device: tch::Device) -> Result<()> {
+        if self.zero.take().is_some() {
+            self.optimizer.reset()?;
+        }
+        if dir.join("optimizer").join(PARTITION_FILE).exists() {
+            let sharded = ShardedState::open(&dir.join("optimizer"))?;
+            if self.stage > 0 && self.collective.world_size() > 1 {
+                return self.restore_shares(&sharded, step);
+            }
+            let whole = sharded.whole(self.optimizer.names(), self.optimizer.params())?;
+            self.optimizer.load_state(step, to_device(whole, device)?)
+        } else {
+            let path = dir.join("optimizer.safetensors");
+            let tensors = to_device(model_io::read_tensors(&path)?, device)?;
+            self.optimizer.load_state(step, tensors)
+        }
+    }
+
+    /// This rank's share (and replica) under the partition of the current
+    /// world, read from a sharded checkpoint's files: only the pieces it owns.
+    fn restore_shares(&mut self, sharded: &ShardedState, step: u64) -> Result<()> {
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        let params = self.optimizer.params();
+        let names = self.optimizer.names();
+        let partition = Partition::new(params, names, world, rank, self.replicas);
+        let pieces = partition.pieces(params);
+        let copies = partition.replica_pieces(params);
+        let own = sharded.pieces(names, params, &pieces)?;
+        let replica = sharded.pieces(names, params, &copies)?;
+        if self.adamw && step > 0 {
+            for &(i, _, _) in pieces.iter().chain(&copies) {
+                for kind in ["exp_avg", "exp_avg_sq"] {
+                    let has = own
+                        .iter()
+                        .chain(&replica)
+                        .any(|(k, j, _)| *k == kind && *j == i);
+                    if !has {
+                        return Err(Error::Config {
+                            path: sharded.dir.join(PARTITION_FILE),
+                            reason: format!("no {kind} for parameter {}", names[i]),
+                        });
+                    }
+                }
+            }
+        }
+        self.optimizer
+            .install_pieces(&pieces, own, &copies, replica)?;
+        self.optimizer.step = step;
+        tracing::info!(
+            world,
+            rank,
+            from_world = sharded.world,
+            pieces = pieces.len(),
+            "restored this rank's share of a sharded checkpoint"
+        );
+        self.zero = Some(partition);
+        Ok(())
+    }
+
+    /// Writes the optimizer state into the checkpoint being assembled in
+    /// `tmp` (every rank calls it; rank 0 made `tmp`). Whole: rank 0 writes
+    /// `optimizer.safetensors`. Under ZeRO: rank 0 makes `tmp/optimizer/`,
+    /// once every rank is past a barrier each writes its own share, and
+    /// after a second one rank 0 adds `partition.json`. Returns whether this
+    /// rank finishes the checkpoint (rank 0).
+    pub fn write_optimizer(&mut self, tmp: &Path) -> Result<bool> {
+        let Some(z) = &self.zero else {
+            if self.collective.rank() == 0 {
+                model_io::write_tensors(
+                    &tmp.join("optimizer.safetensors"),
+                    &self.optimizer.state(),
+                )?;
+            }
+            return Ok(self.collective.rank() == 0);
+        };
+        let (world, rank) = (z.world(), z.rank());
+        let shards = tmp.join("optimizer");
+        if rank == 0 {
+            std::fs::create_dir_all(&shards).map_err(io_err(&shards))?;
+        }
+        self.collective.barrier()?;
+        let names = self.optimizer.names();
+        let mine: Vec<(String, Tensor)> = self
+            .optimizer
+            .piece_states(false)
+            .into_iter()
+            .map(|(kind, i, _, t)| (format!("{kind}.{}", names[i]), t))
+            .collect();
+        model_io::write_tensors(&shards.join(shard_file(rank, world)), &mine)?;
+        drop(mine);
+        self.collective.barrier()?;
+        if rank != 0 {
+            return Ok(false);
+        }
+        let params = self.optimizer.params();
+        let ranks: Vec<Value> = (0..world)
+            .map(|r| {
+                let pieces: Vec<Value> = z
+                    .owners_pieces(params, r)
+                    .into_iter()
+                    .map(|(i, offset, len)| json!({"name": names[i], "offset": offset, "len": len}))
+                    .collect();
+                json!({"file": shard_file(r, world), "pieces": pieces})
+            })
+            .collect();
+        let sizes: serde_json::Map<String, Value> = names
+            .iter()
+            .zip(params)
+            .map(|(n, p)| (n.clone(), json!(p.numel())))
+            .collect();
+        model_io::write_json(
+            &shards.join(PARTITION_FILE),
+            &json!({"world": world, "stage": self.stage, "elements": sizes, "ranks": ranks}),
+        )?;
+        sync_dir(&shards)?;
+        Ok(true)
     }
 }
 
