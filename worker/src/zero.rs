@@ -392,11 +392,18 @@ impl Partition {
     }
 }
 
-/// The decoder layer a parameter belongs to, from its name
-/// (`model.layers.N.…`); `None` for the embedding, final norm and LM head.
+/// The layer of a stack (a decoder's, an encoder's) a parameter belongs to,
+/// from its name: the number after its first `layers` or `layer` component
+/// (`model.layers.N.…`, `bert.encoder.layer.N.…`); `None` for the
+/// embeddings, final norm, pooler and heads.
 pub fn layer_of(name: &str) -> Option<usize> {
-    let rest = name.strip_prefix("model.layers.")?;
-    rest.split('.').next()?.parse().ok()
+    let mut parts = name.split('.');
+    while let Some(part) = parts.next() {
+        if part == "layers" || part == "layer" {
+            return parts.next()?.parse().ok();
+        }
+    }
+    None
 }
 
 /// Consecutive parameters in buckets of at most [`crate::collective::BUCKET_ELEMENTS`] elements

@@ -1163,8 +1163,8 @@ impl RunSpec {
                 "\"policy\" samples responses of a causal LM; a classification task takes \"random\", \"adversarial\", \"confusion\" or a file".into()
             },
         )?;
-        check(t.zero_stage == 0, "train.zero_stage", || {
-            "ZeRO is for the causal LMs; an encoder's optimizer state is small".into()
+        check(t.zero_stage < 3, "train.zero_stage", || {
+            "3 shards a frozen causal-LM base; an encoder takes 1 (optimizer state partitioned) or 2 (and its gradients)".into()
         })?;
         check(!t.packing, "train.packing", || {
             "packing is for the causal LMs".into()
@@ -1405,8 +1405,8 @@ train = "train.jsonl"
                 "data.negatives: \"policy\"",
             ),
             (
-                with("[train]\nzero_stage = 1\n"),
-                "train.zero_stage: ZeRO is for the causal LMs",
+                with("[lora]\n[train]\nzero_stage = 3\ngradient_checkpointing = true\n"),
+                "train.zero_stage: 3 shards a frozen causal-LM base",
             ),
             (
                 with("[train]\nmetric_for_best_model = \"f1\"\n"),

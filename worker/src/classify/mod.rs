@@ -36,11 +36,13 @@ use crate::collective::Collective;
 use crate::error::{Error, Result, TorchContext};
 use crate::model::config::ModelType;
 use crate::model::encoder::{Encoder, Head};
+use crate::model::stack::LayerGrads;
 use crate::model::{checkpoint as model_io, kind_of};
 use crate::optim::{Optimizer, learning_rate};
 use crate::train::checkpoint::{remove_if_exists, step_dirs, truncate_jsonl};
 use crate::train::rank_state::PARAMETER_CHECK_EVERY;
 use crate::train::run_loop::{checkpoint_due, eval_due};
+use crate::train::stage2::LayerMap;
 use crate::train::{
     Evaluation, Metrics, OutputPath, RankState, RunOutput, Started, Synced, TrainingRun, splitmix,
 };
@@ -86,6 +88,7 @@ fn initial_model(
         tracing::info!(new = ?report.initialised, labels = ?labels.names(), "a new classification head");
     }
     model.set_training(true);
+    model.set_gradient_checkpointing(spec.train.gradient_checkpointing);
     if let Some(lora) = &spec.lora {
         // PEFT's LoRA for classification: adapters, and the head whole.
         model.add_lora(lora, spec.data.seed)?;
@@ -168,6 +171,8 @@ pub struct ClassifierTrainer {
     /// Adversarial negatives: the weights of the start of the current epoch,
     /// which every rank mines its share of each batch with.
     miner: Option<Miner>,
+    /// ZeRO stage 2: the encoder layers' parameters, to reduce layer by layer.
+    layer_map: Option<LayerMap>,
 }
 
 impl std::fmt::Debug for ClassifierTrainer {
@@ -274,11 +279,14 @@ impl ClassifierTrainer {
         let device = opts.device;
         crate::cuda::check_device(device)?;
         let dir = spec.model.path.clone();
-        let model = initial_model(&spec, &labels, device)?;
+        let mut model = initial_model(&spec, &labels, device)?;
         let pad = TextTokenizer::from_dir(&dir)?
             .pad_id()
             .map_or(model.config().pad_token_id, i64::from);
         let optimizer = Optimizer::new(&spec.optim, model.trainable_parameters())?;
+        let layers = model.config().num_hidden_layers as usize;
+        let layer_map = (spec.train.zero_stage == 2).then(|| LayerMap::new(&optimizer, layers));
+        model.set_staged_backward(layer_map.is_some());
         let weight = match spec.objective.loss {
             Loss::Combined => Some(spec.objective.negative_weight),
             _ => None,
@@ -301,6 +309,7 @@ impl ClassifierTrainer {
             resume: opts.resume,
             out,
             miner: None,
+            layer_map,
         })
     }
 
@@ -434,7 +443,22 @@ impl ClassifierTrainer {
         self.world.optimizer.zero_grad()?;
         self.model.set_training(true);
         let mut sums = Sums::default();
-        for (i, micro) in mine.chunks(self.spec.micro_batch_size().max(1)).enumerate() {
+        let m = self.spec.micro_batch_size().max(1);
+        // ZeRO stage 2 reduces every micro-batch into the shards: as many
+        // rounds as the rank with the most micro-batches has.
+        let stage2 = self.world.zero.is_some() && self.layer_map.is_some();
+        let rounds = if stage2 {
+            let n = mine.chunks(m).count() as u64;
+            let all = self.world.collective.all_gather(&n.to_le_bytes())?;
+            all.iter()
+                .map(|b| u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8])))
+                .max()
+                .unwrap_or(n)
+        } else {
+            0
+        };
+        let mut done = 0u64;
+        for (i, micro) in mine.chunks(m).enumerate() {
             // Dropout masks are a function of the seed, step, rank and
             // micro-batch, so a resumed run draws the same ones.
             let seed = splitmix(
@@ -444,12 +468,41 @@ impl ClassifierTrainer {
             );
             tch::manual_seed(seed as i64);
             let b = Batch::new(micro, self.pad, self.model.device());
-            let (loss, s) = micro_batch_loss(&self.model, &b, norm, self.weight)?;
+            let (loss, s, deferred) = micro_batch_loss(&self.model, &b, norm, self.weight)?;
             loss.f_backward().op("backward")?;
+            drop(loss);
+            match (&self.layer_map, &self.world.zero) {
+                (Some(map), Some(zero)) if stage2 => map.backward(
+                    |grads| match deferred {
+                        Some(d) => self.model.backward_deferred(d, grads).map(|()| true),
+                        None => Ok(false),
+                    },
+                    zero,
+                    &mut self.world.optimizer,
+                    self.world.collective.as_mut(),
+                )?,
+                _ => {
+                    if let Some(d) = deferred {
+                        self.model.backward_deferred(d, LayerGrads::Accumulate)?;
+                    }
+                }
+            }
+            done += 1;
             sums.add(&s);
         }
-        crate::collective::ensure_gradients(self.world.optimizer.params())?;
-        self.world.reduce_gradients()?;
+        if let (Some(map), Some(zero)) = (&self.layer_map, &self.world.zero) {
+            for _ in done..rounds {
+                map.reduce_zeros(
+                    zero,
+                    &mut self.world.optimizer,
+                    self.world.collective.as_mut(),
+                )?;
+            }
+        }
+        if !stage2 {
+            crate::collective::ensure_gradients(self.world.optimizer.params())?;
+            self.world.reduce_gradients()?;
+        }
         let sums = self.sum_across_ranks(sums)?;
         self.world.exchange_leavers()?;
         let grad_norm = self.world.clip_gradient(self.spec.optim.max_grad_norm)?;

@@ -13,7 +13,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Result, TorchContext};
-use crate::model::encoder::{Encoder, Head};
+use crate::model::encoder::{Deferred, Encoder, Head};
 use dpo_data::tagged::Encoded;
 
 /// Global-batch totals the two terms are divided by.
@@ -173,15 +173,18 @@ fn gather(
 
 /// The micro-batch's share of the global loss (a scalar with a graph when
 /// gradients are on) and its sums. `weight`: the negative term's weight
-/// (`None` for `sft`).
+/// (`None` for `sft`). With gradient checkpointing or ZeRO stage 2 the
+/// layers' backward is left to do after the loss's: the third value, for
+/// [`Encoder::backward_deferred`].
 pub fn micro_batch_loss(
     model: &Encoder,
     batch: &Batch,
     norm: Norm,
     weight: Option<f64>,
-) -> Result<(Tensor, Sums)> {
-    let logits = model.forward(&batch.input_ids, &batch.attention_mask, None)?;
-    loss_of_logits(&logits, model.head(), batch, norm, weight)
+) -> Result<(Tensor, Sums, Option<Deferred>)> {
+    let (logits, deferred) = model.forward_deferred(&batch.input_ids, &batch.attention_mask)?;
+    let (loss, sums) = loss_of_logits(&logits, model.head(), batch, norm, weight)?;
+    Ok((loss, sums, deferred))
 }
 
 /// [`micro_batch_loss`] from the model's logits of `batch`.

@@ -8,6 +8,7 @@ pub(crate) mod layers;
 pub mod llama;
 pub mod peft;
 pub mod rope;
+pub mod stack;
 pub mod torch_pickle;
 
 pub use config::{Architecture, ModelConfig, RopeScaling};

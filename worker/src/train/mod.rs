@@ -26,7 +26,7 @@ pub mod output;
 pub(crate) mod rank_state;
 mod reference;
 pub mod run_loop;
-mod stage2;
+pub(crate) mod stage2;
 mod training_run;
 
 use std::time::Instant;
@@ -536,8 +536,11 @@ impl Trainer {
                 let deferred = std::mem::take(&mut scores.deferred);
                 match (&self.layer_map, &self.world.zero) {
                     (Some(map), Some(zero)) if stage2 => map.backward(
-                        deferred,
-                        &self.policy,
+                        |grads| {
+                            let layered = deferred.layers.is_some();
+                            deferred.backward(&self.policy, grads)?;
+                            Ok(layered)
+                        },
                         zero,
                         &mut self.world.optimizer,
                         self.world.collective.as_mut(),

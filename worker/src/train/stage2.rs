@@ -1,8 +1,9 @@
 //! ZeRO stage 2 (`train.zero_stage = 2`): gradients partitioned during the
-//! backward.
+//! backward, for any model whose layers run as a stack
+//! ([`crate::model::stack`]: the decoder's, the encoder's).
 //!
-//! The decoder layers' backward runs one layer at a time from the top
-//! ([`crate::model::llama::LayerGrads::Hand`]); as soon as a layer's gradients
+//! The layers' backward runs one layer at a time from the top
+//! ([`LayerGrads::Hand`]); as soon as a layer's gradients
 //! exist they are reduce-scattered bucket by bucket, this rank adds its summed
 //! chunk to its optimizer pieces' gradients ([`Optimizer::add_to_gradient`]),
 //! and the full-size gradients are dropped. The parameters outside the layers
@@ -16,15 +17,13 @@ use tch::Tensor;
 
 use crate::collective::Collective;
 use crate::error::{Result, TorchContext};
-use crate::model::CausalLm;
-use crate::model::llama::LayerGrads;
-use crate::objective::Deferred;
+use crate::model::stack::LayerGrads;
 use crate::optim::Optimizer;
 use crate::zero::{Partition, layer_of};
 
-/// Which optimizer parameters belong to which decoder layer.
+/// Which optimizer parameters belong to which layer of the stack.
 #[derive(Debug)]
-pub(super) struct LayerMap {
+pub(crate) struct LayerMap {
     /// Per layer, its parameters (the optimizer's tensors) in `indices` order.
     params: Vec<Vec<Tensor>>,
     /// Per layer, the optimizer indices of its parameters.
@@ -36,7 +35,7 @@ pub(super) struct LayerMap {
 }
 
 impl LayerMap {
-    pub(super) fn new(optimizer: &Optimizer, layers: usize) -> Self {
+    pub(crate) fn new(optimizer: &Optimizer, layers: usize) -> Self {
         let mut map = LayerMap {
             params: (0..layers).map(|_| Vec::new()).collect(),
             indices: vec![Vec::new(); layers],
@@ -59,32 +58,30 @@ impl LayerMap {
         map
     }
 
-    /// Finishes one micro-batch's backward (`deferred`, after the loss's
-    /// backward) and reduces all of its gradients into the shards.
-    pub(super) fn backward(
+    /// Finishes one micro-batch's backward (after the loss's backward):
+    /// `layers` runs the stack's backward with the gradients it is given
+    /// (the model's deferred backward) and says whether there was a stack
+    /// to run; then all of the micro-batch's gradients are reduced into the
+    /// shards.
+    pub(crate) fn backward(
         &self,
-        deferred: Deferred,
-        model: &CausalLm,
+        layers: impl FnOnce(LayerGrads<'_>) -> Result<bool>,
         zero: &Partition,
         optimizer: &mut Optimizer,
         collective: &mut dyn Collective,
     ) -> Result<()> {
         let params = &self.all;
-        let layered = deferred.layers.is_some();
-        {
+        let layered = {
             let mut sink = |layer: usize, grads: Vec<Tensor>| -> Result<()> {
                 let pairs: Vec<(usize, Tensor)> =
                     self.indices[layer].iter().copied().zip(grads).collect();
                 reduce(zero, params, &pairs, optimizer, collective)
             };
-            deferred.backward(
-                model,
-                LayerGrads::Hand {
-                    params: &self.params,
-                    sink: &mut sink,
-                },
-            )?;
-        }
+            layers(LayerGrads::Hand {
+                params: &self.params,
+                sink: &mut sink,
+            })?
+        };
         if !layered {
             // The forward kept no per-layer graph (autograd was off for the
             // layers): their gradients, if any, are in `.grad`.
@@ -97,7 +94,7 @@ impl LayerMap {
 
     /// A micro-batch this rank does not have (another rank has more): zeros,
     /// in the order a real one reduces its buckets.
-    pub(super) fn reduce_zeros(
+    pub(crate) fn reduce_zeros(
         &self,
         zero: &Partition,
         optimizer: &mut Optimizer,

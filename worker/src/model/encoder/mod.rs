@@ -16,6 +16,8 @@
 //! biases zero.
 
 mod lora;
+mod stacked;
+pub use stacked::Deferred;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -30,6 +32,7 @@ use tch::{Device, Kind, Tensor};
 use super::checkpoint::{TensorIndex, copy_side_files, dtype_name, write_json, write_weight_files};
 use super::config::ModelType;
 use super::layers::{LayerNorm, Linear, TchResult, grad_enabled, param};
+use super::stack;
 use crate::error::{Error, Result, TorchContext, io_err};
 
 /// The encoder families this crate implements.
@@ -344,6 +347,9 @@ pub struct Encoder {
     adapters: Option<(VarStore, dpo_proto::LoraSpec)>,
     /// Every adapter's switch (off: the base alone).
     adapters_on: Arc<AtomicBool>,
+    /// How a training forward keeps what the layers' backward needs
+    /// (`stacked`: gradient checkpointing, ZeRO stage 2's staged backward).
+    keep: stack::Keep,
 }
 
 /// What loading found in the checkpoint, for the caller to report.
@@ -452,6 +458,7 @@ impl Encoder {
             training: false,
             adapters: None,
             adapters_on: Arc::new(AtomicBool::new(true)),
+            keep: stack::Keep::Everything,
         })
     }
 
@@ -661,6 +668,23 @@ impl Encoder {
         attention_mask: &Tensor,
         token_type_ids: Option<&Tensor>,
     ) -> TchResult<Tensor> {
+        let (mut x, attend) = self.embed(input_ids, attention_mask, token_type_ids)?;
+        let dropout = self.training && grad_enabled();
+        for i in 0..self.layers.len() {
+            x = self.layer_forward(i, &x, &attend, dropout)?;
+        }
+        Ok(x)
+    }
+
+    /// The embedding's output `[B, T, H]` (normalised, dropout applied) and
+    /// the attention mask the layers take: `[B, 1, T, T]`, every query
+    /// seeing the real keys of its sequence.
+    fn embed(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: &Tensor,
+        token_type_ids: Option<&Tensor>,
+    ) -> TchResult<(Tensor, Tensor)> {
         let (b, t) = input_ids.size2()?;
         let limit = self.config.max_sequence_length();
         if t > limit {
@@ -689,47 +713,66 @@ impl Encoder {
                 false,
                 false,
             )?)?;
-        let mut x = self.dropout(e.norm.forward(&x)?, self.config.hidden_dropout)?;
-        // [B, 1, 1, T]: every query sees the real keys of its sequence.
-        let keep = attention_mask
+        let x = self.dropout(e.norm.forward(&x)?, self.config.hidden_dropout)?;
+        let attend = attention_mask
             .f_ne(0)?
             .f_view([b, 1, 1, t])?
             .f_expand([b, 1, t, t], false)?;
+        Ok((x, attend))
+    }
+
+    /// Encoder layer `i` on `x` `[B, T, H]` with the attention mask `attend`;
+    /// `dropout`: draw the dropout masks (a training forward; also without
+    /// autograd, when a checkpointed layer runs first).
+    fn layer_forward(
+        &self,
+        i: usize,
+        x: &Tensor,
+        attend: &Tensor,
+        dropout: bool,
+    ) -> TchResult<Tensor> {
+        let (b, t, _) = x.size3()?;
         let heads = self.config.num_attention_heads;
         let d = self.config.hidden_size / heads;
         let split =
             |y: Tensor| -> TchResult<Tensor> { y.f_view([b, t, heads, d])?.f_transpose(1, 2) };
-        let p_attn = if self.training && grad_enabled() {
-            self.config.attention_dropout
+        let c = &self.config;
+        let (p_attn, p_hidden) = if dropout {
+            (c.attention_dropout, c.hidden_dropout)
         } else {
-            0.0
+            (0.0, 0.0)
         };
-        for layer in &self.layers {
-            let q = split(layer.query.forward(&x)?)?;
-            let k = split(layer.key.forward(&x)?)?;
-            let v = split(layer.value.forward(&x)?)?;
-            let a = Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                Some(&keep),
-                p_attn,
-                false,
-                None,
-                false,
-            )?
-            .f_transpose(1, 2)?
-            .f_reshape([b, t, self.config.hidden_size])?;
-            let a = self.dropout(layer.attention_out.forward(&a)?, self.config.hidden_dropout)?;
-            let h = layer.attention_norm.forward(&a.f_add(&x)?)?;
-            let inner = self
-                .config
-                .hidden_act
-                .apply(&layer.intermediate.forward(&h)?)?;
-            let o = self.dropout(layer.output.forward(&inner)?, self.config.hidden_dropout)?;
-            x = layer.output_norm.forward(&o.f_add(&h)?)?;
-        }
-        Ok(x)
+        let drop = |x: Tensor| {
+            if p_hidden > 0.0 {
+                x.f_dropout(p_hidden, true)
+            } else {
+                Ok(x)
+            }
+        };
+        let layer = &self.layers[i];
+        let q = split(layer.query.forward(x)?)?;
+        let k = split(layer.key.forward(x)?)?;
+        let v = split(layer.value.forward(x)?)?;
+        let a = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(attend),
+            p_attn,
+            false,
+            None,
+            false,
+        )?
+        .f_transpose(1, 2)?
+        .f_reshape([b, t, self.config.hidden_size])?;
+        let a = drop(layer.attention_out.forward(&a)?)?;
+        let h = layer.attention_norm.forward(&a.f_add(x)?)?;
+        let inner = self
+            .config
+            .hidden_act
+            .apply(&layer.intermediate.forward(&h)?)?;
+        let o = drop(layer.output.forward(&inner)?)?;
+        layer.output_norm.forward(&o.f_add(&h)?)
     }
 
     /// Logits: `[B, T, L]` for the token head, `[B, L]` for the sequence head.
@@ -739,27 +782,30 @@ impl Encoder {
         attention_mask: &Tensor,
         token_type_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let inner = || -> TchResult<Tensor> {
-            let x = self.hidden_inner(input_ids, attention_mask, token_type_ids)?;
-            let p = self.config.classifier_dropout;
-            match (&self.classifier, self.head) {
-                (Classifier::Linear(c), Head::Token) => c.forward(&self.dropout(x, p)?),
-                (Classifier::Linear(c), Head::Sequence) => {
-                    let first = x.f_select(1, 0)?;
-                    let pooled = match &self.pooler {
-                        Some(pooler) => pooler.forward(&first)?.f_tanh()?,
-                        None => first,
-                    };
-                    c.forward(&self.dropout(pooled, p)?)
-                }
-                (Classifier::Roberta { dense, out_proj }, _) => {
-                    let first = self.dropout(x.f_select(1, 0)?, p)?;
-                    let h = dense.forward(&first)?.f_tanh()?;
-                    out_proj.forward(&self.dropout(h, p)?)
-                }
+        self.hidden_inner(input_ids, attention_mask, token_type_ids)
+            .and_then(|x| self.logits_of(&x))
+            .op("encoder forward")
+    }
+
+    /// The head on the last hidden states `x`.
+    fn logits_of(&self, x: &Tensor) -> TchResult<Tensor> {
+        let p = self.config.classifier_dropout;
+        match (&self.classifier, self.head) {
+            (Classifier::Linear(c), Head::Token) => c.forward(&self.dropout(x.shallow_clone(), p)?),
+            (Classifier::Linear(c), Head::Sequence) => {
+                let first = x.f_select(1, 0)?;
+                let pooled = match &self.pooler {
+                    Some(pooler) => pooler.forward(&first)?.f_tanh()?,
+                    None => first,
+                };
+                c.forward(&self.dropout(pooled, p)?)
             }
-        };
-        inner().op("encoder forward")
+            (Classifier::Roberta { dense, out_proj }, _) => {
+                let first = self.dropout(x.f_select(1, 0)?, p)?;
+                let h = dense.forward(&first)?.f_tanh()?;
+                out_proj.forward(&self.dropout(h, p)?)
+            }
+        }
     }
 
     /// Saves an HF model directory: `config.json` with this head's

@@ -23,6 +23,7 @@ pub use staged::{Checkpointed, LayerGrads};
 use super::config::ModelConfig;
 use super::layers::{self, Linear, RmsNorm, TchResult, param};
 use super::rope::{self, Rope};
+use super::stack;
 use crate::error::{Result, TorchContext};
 
 pub(crate) use super::layers::grad_enabled;
@@ -620,39 +621,28 @@ impl CausalLm {
             let hidden = finish(self.norm.forward(&xs).op("norm")?)?;
             return Ok((hidden, None));
         }
-        let mut inputs = Vec::with_capacity(self.layers.len());
-        let mut outputs = Vec::new();
-        let top = {
-            // The embedding is run again in the backward (it is cheap).
-            let mut xs = {
-                let _guard = tch::no_grad_guard();
-                self.embed(input_ids)?
-            };
-            for i in 0..self.layers.len() {
-                if recompute {
-                    let _guard = tch::no_grad_guard();
-                    let out = self.layer_forward(i, &xs, &cos, &sin, &masks, None)?;
-                    inputs.push(xs);
-                    xs = out;
-                } else {
-                    let x = xs.f_detach().op("staged input")?.set_requires_grad(true);
-                    let out = self.layer_forward(i, &x, &cos, &sin, &masks, None)?;
-                    xs = out.f_detach().op("staged output")?;
-                    inputs.push(x);
-                    outputs.push(out);
-                }
-            }
-            xs
+        // The embedding is run again in the backward (it is cheap).
+        let xs = {
+            let _guard = tch::no_grad_guard();
+            self.embed(input_ids)?
         };
-        let top = top.set_requires_grad(true);
+        let keep = if recompute {
+            stack::Keep::Inputs
+        } else {
+            stack::Keep::Graphs
+        };
+        let (top, stacked) = stack::forward(self.layers.len(), xs, keep, false, &mut |i, x| {
+            self.layer_forward(i, x, &cos, &sin, &masks, None)
+        })?;
+        let Some(layers) = stacked else {
+            return Err(crate::error::Error::State("a stacked forward kept nothing"));
+        };
         let hidden = finish(self.norm.forward(&top).op("norm")?)?;
         Ok((
             hidden,
             Some(Checkpointed {
                 input_ids: input_ids.shallow_clone(),
-                inputs,
-                outputs,
-                top,
+                layers,
                 cos,
                 sin,
                 masks,
