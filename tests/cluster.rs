@@ -1183,6 +1183,18 @@ fn encoder_diff(a: &Path, b: &Path) -> f32 {
 /// model of the best one.
 #[test]
 fn ner_through_the_coordinator_survives_a_killed_worker_and_equals_one_process() {
+    ner_through_the_coordinator("");
+}
+
+/// The same under ZeRO stage 2 with replicas: the killed worker's share of
+/// the optimizer state is rebuilt from the copy its successor kept, so no
+/// step is lost or trained twice, and the weights are one process's.
+#[test]
+fn ner_under_zero_2_with_replicas_survives_a_killed_worker_and_equals_one_process() {
+    ner_through_the_coordinator("zero_stage = 2\nzero_replicas = 2");
+}
+
+fn ner_through_the_coordinator(zero: &str) {
     let case = Case::empty();
     ner_case(&case);
     let steps = 60;
@@ -1193,7 +1205,7 @@ fn ner_through_the_coordinator_survives_a_killed_worker_and_equals_one_process()
     let spec = ner_spec(
         &case,
         "ner",
-        &format!("{extra}\n[cluster]\nmin_workers = 2\nmax_workers = 2"),
+        &format!("{extra}\n{zero}\n[cluster]\nmin_workers = 2\nmax_workers = 2"),
     );
     let out_dir = case.path().join("ner");
     let port = free_port().expect("port");
@@ -1222,8 +1234,15 @@ fn ner_through_the_coordinator_survives_a_killed_worker_and_equals_one_process()
         "{evals:?}"
     );
     let d = encoder_diff(&case.path().join("solo/final"), &out_dir.join("final"));
-    eprintln!("NER in a cluster with a kill -9: max |Δw| vs one process: {d:e}");
+    eprintln!("NER in a cluster with a kill -9 ({zero:?}): max |Δw| vs one process: {d:e}");
     assert!(d <= 1e-5, "{d}{}", case.logs());
+    if !zero.is_empty() {
+        let logs = case.logs();
+        assert!(
+            logs.contains("ZeRO: this rank holds its share of the optimizer state"),
+            "the ranks partitioned the optimizer state: {logs}"
+        );
+    }
     let loss = |l: &serde_json::Value| l["loss"].as_f64().expect("loss");
     assert!(
         loss(&lines[steps as usize - 1]) < loss(&lines[0]) * 0.7,
