@@ -2,7 +2,6 @@
 //! log-probabilities, and the `score` pipeline. Training and cluster membership
 //! build on these.
 
-pub mod classify;
 pub mod cluster;
 pub mod collective;
 pub mod cuda;

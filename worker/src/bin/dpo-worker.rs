@@ -405,7 +405,7 @@ fn train(
     halt_after_step: Option<u64>,
     collective: Box<dyn dpo_worker::collective::Collective>,
 ) -> anyhow::Result<()> {
-    use dpo_worker::classify::{ClassifierTrainer, ClassifyOptions};
+    use dpo_worker::train::classify::{ClassifierTrainer, ClassifyOptions};
     use dpo_worker::train::{Event, TrainOptions, Trainer, TrainingRun, run_loop};
 
     let spec = dpo_proto::RunSpec::from_file(config)?;
@@ -543,8 +543,8 @@ fn evaluate(
     batch_size: usize,
     device: Device,
 ) -> anyhow::Result<()> {
-    use dpo_worker::classify::{data as task_data, evaluate};
     use dpo_worker::model::encoder::{Encoder, EncoderConfig, Head};
+    use dpo_worker::train::classify::{data as task_data, evaluate};
 
     let config = EncoderConfig::from_dir(model_dir)?;
     let architecture = config

@@ -20,11 +20,11 @@ use tch::Device;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use crate::classify::objective::Norm;
-use crate::classify::{ClassifierTrainer, ClusterShape, TaggedSource};
 use crate::collective::tcp::{TcpCollective, TcpOptions};
 use crate::collective::{AbortSignal, CollectiveError};
 use crate::error::{Disposition, Error, Result};
+use crate::train::classify::objective::Norm;
+use crate::train::classify::{ClassifierTrainer, ClusterShape, TaggedSource};
 use crate::train::{Batches, Metrics, RunShape, Slice, TrainOptions, Trainer, TrainingRun};
 use dpo_data::tagged::Encoded;
 

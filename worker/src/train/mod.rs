@@ -21,6 +21,7 @@
 
 mod batches;
 pub(crate) mod checkpoint;
+pub mod classify;
 pub(crate) mod metrics;
 pub mod output;
 pub(crate) mod rank_state;

@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 use super::metrics::Reporter;
 use super::output::RunOutput;
 use super::{Metrics, RankState, Synced, WorldSync};
-use crate::classify::evaluate::EvalReport;
 use crate::collective::Collective;
 use crate::error::{Error, Result};
+use crate::train::classify::evaluate::EvalReport;
 
 /// Early stopping on `train.metric_for_best_model`: the best value so far,
 /// when it was reached, and how many evaluations since did not beat it.
