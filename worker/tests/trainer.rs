@@ -703,3 +703,76 @@ fn the_reference_cache_is_reused_across_runs_and_changes_nothing() {
     );
     assert_eq!(cache_bytes(&cache), 12 * 2 * 20);
 }
+
+/// What a person and a log collector read: with `--log-format json` every
+/// step is a JSON log line (step, loss) and no progress bar is drawn; as text
+/// on a pipe (no terminal for the bar) a step line every twentieth of the run.
+#[test]
+fn json_logs_carry_every_step_and_text_logs_a_twentieth() {
+    let dir = tempdir();
+    let spec = dir.path().join("spec.toml");
+    let write = |out: &str| {
+        std::fs::write(
+            &spec,
+            format!(
+                "name = \"logs\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\n[optim]\nname = \"sgd\"\nlr = 0.1\n\
+                 [train]\nepochs = 5\nglobal_batch_size = 2\noutput = \"{}\"\n",
+                fixture("qwen2").display(),
+                fixtures().join("pairs_tokens.jsonl").display(),
+                dir.path().join(out).display()
+            ),
+        )
+        .expect("write");
+    };
+    let run = |format: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dpo-worker"))
+            .args([
+                "--log-format",
+                format,
+                "train",
+                "--device",
+                "cpu",
+                "--config",
+            ])
+            .arg(&spec)
+            .output()
+            .expect("starts");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    write("json");
+    let logs = run("json");
+    let steps = read_jsonl(&dir.path().join("json/metrics.jsonl")).len() as u64;
+    assert!(steps >= 20, "a run of {steps} steps");
+    let step_lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every line is JSON"))
+        .filter(|v| v["fields"]["message"] == "step")
+        .collect();
+    let logged: Vec<u64> = step_lines
+        .iter()
+        .map(|v| v["fields"]["step"].as_u64().expect("a step number"))
+        .collect();
+    assert_eq!(
+        logged,
+        (1..=steps).collect::<Vec<_>>(),
+        "every step, once, in order"
+    );
+    assert!(step_lines.iter().all(|v| v["fields"]["loss"].is_number()));
+    write("text");
+    let logs = run("text");
+    let text_steps = logs.lines().filter(|l| l.contains(" step ")).count() as u64;
+    assert_eq!(
+        text_steps,
+        steps / steps.div_ceil(20),
+        "step lines in a run of {steps}:\n{logs}"
+    );
+    assert!(
+        !logs.contains('\x1b'),
+        "no colour codes in a log that is not a terminal: {logs}"
+    );
+}

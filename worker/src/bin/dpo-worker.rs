@@ -171,8 +171,11 @@ enum LogFormat {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours for a person at a terminal only: a log file or collector gets
+    // plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == LogFormat::Json {
         builder.json().init();
@@ -226,7 +229,15 @@ fn main() -> anyhow::Result<()> {
             rank,
         } => {
             let collective = static_world(&peers, rank)?;
-            train(&config, resume, device, json, halt_after_step, collective)?
+            train(
+                &config,
+                resume,
+                device,
+                json,
+                cli.log_format,
+                halt_after_step,
+                collective,
+            )?
         }
         Command::Evaluate {
             model,
@@ -402,6 +413,7 @@ fn train(
     resume: bool,
     device: Device,
     json: bool,
+    log_format: LogFormat,
     halt_after_step: Option<u64>,
     collective: Box<dyn dpo_worker::collective::Collective>,
 ) -> anyhow::Result<()> {
@@ -419,13 +431,21 @@ fn train(
         let opts = TrainOptions { resume, device };
         Box::new(Trainer::new(spec, &opts, collective).with_context(preparing)?)
     };
-    let bar = progress_bar(run.total_steps())?;
+    // A terminal gets the progress bar and the reports; JSON logs (a log
+    // collector) get every step as a line and no bar.
+    let bar = match log_format {
+        LogFormat::Json => ProgressBar::hidden(),
+        LogFormat::Text => progress_bar(run.total_steps())?,
+    };
     let log_every = std::cell::Cell::new(1u64);
     let result = run_loop::run(run.as_mut(), halt_after_step, &mut |event| match event {
         Event::Started(s) => {
             bar.set_length(s.total_steps);
             bar.set_position(s.start_step);
-            log_every.set((s.total_steps / 20).max(1));
+            if log_format == LogFormat::Text {
+                // Text on a pipe: a line every twentieth of the run.
+                log_every.set(s.total_steps.div_ceil(20).max(1));
+            }
             tracing::info!(
                 examples = s.train_examples.unwrap_or(0),
                 eval_examples = s.eval_examples.unwrap_or(0),
@@ -451,7 +471,8 @@ fn train(
             };
             bar.set_message(msg);
             if bar.is_hidden() && step % log_every.get() == 0 {
-                tracing::info!(step, loss, "step");
+                let acc = metric(metrics, "rewards/accuracies");
+                tracing::info!(step, loss, accuracy = acc, "step");
             }
         }
         Event::Eval(e) => {
