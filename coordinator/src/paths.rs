@@ -78,7 +78,7 @@ impl Confinement {
     }
 
     /// `path` resolved, if a client may use it for `what`; else why not.
-    pub fn resolve(&self, path: &Path, what: Use) -> Result<PathBuf, String> {
+    pub fn resolve(&self, path: &Path, what: Use) -> Result<PathBuf, PathRefused> {
         if what == Use::ReadData
             && !path.exists()
             && path.to_string_lossy().contains(['*', '?', '['])
@@ -89,24 +89,12 @@ impl Confinement {
                 Some(name) if !parent.to_string_lossy().contains(['*', '?', '[']) => {
                     Ok(self.resolve(parent, Use::ReadDir)?.join(name))
                 }
-                _ => Err(format!(
-                    "{}: a glob may only be in the file name, not in its folders",
-                    path.display()
-                )),
+                _ => Err(PathRefused::GlobInFolder(path.to_path_buf())),
             };
         }
-        let denied = || {
-            format!(
-                "{}: not under a directory this coordinator allows (see its --allow-path)",
-                path.display()
-            )
-        };
+        let denied = || PathRefused::NotAllowed(path.to_path_buf());
         if !path.is_absolute() {
-            return Err(format!(
-                "{}: must be an absolute path as the coordinator sees it \
-                 (dpoctl resolves relative paths against the spec file's directory)",
-                path.display()
-            ));
+            return Err(PathRefused::Relative(path.to_path_buf()));
         }
         let written = normalize(path);
         if !self
@@ -122,41 +110,49 @@ impl Confinement {
             return Err(denied());
         }
         let meta = std::fs::metadata(&resolved);
+        let not = |expected: &'static str| PathRefused::NotA {
+            path: path.to_path_buf(),
+            expected,
+        };
         match (what, meta) {
             (Use::ReadFile, Ok(m)) if m.is_file() => Ok(resolved),
-            (Use::ReadFile, Ok(_)) => Err(format!("{}: not a regular file", path.display())),
+            (Use::ReadFile, Ok(_)) => Err(not("regular file")),
             (Use::ReadData, Ok(m)) if m.is_file() || m.is_dir() => Ok(resolved),
-            (Use::ReadData, Ok(_)) => Err(format!(
-                "{}: not a regular file or a folder",
-                path.display()
-            )),
+            (Use::ReadData, Ok(_)) => Err(not("regular file or a folder")),
             (Use::ReadDir, Ok(m)) if m.is_dir() => Ok(resolved),
-            (Use::ReadDir, Ok(_)) => Err(format!("{}: not a directory", path.display())),
+            (Use::ReadDir, Ok(_)) => Err(not("directory")),
             (Use::WriteDir, Ok(m)) if m.is_dir() => Ok(resolved),
-            (Use::WriteDir, Ok(_)) => Err(format!("{}: not a directory", path.display())),
+            (Use::WriteDir, Ok(_)) => Err(not("directory")),
             (Use::WriteDir, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(resolved),
             (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(format!("{}: no such file or directory", path.display()))
+                Err(PathRefused::Missing(path.to_path_buf()))
             }
-            (_, Err(e)) => Err(format!("{}: {e}", path.display())),
+            (_, Err(e)) => Err(PathRefused::Unreadable {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            }),
         }
     }
 
     /// Checks every path of `spec` a client named and replaces each by its
     /// resolved form; `streamed` keys hold the coordinator's own copies of
     /// uploaded files and are left alone. The error names the key.
-    pub fn confine(&self, spec: &mut RunSpec, streamed: &[String]) -> Result<(), String> {
+    pub fn confine(&self, spec: &mut RunSpec, streamed: &[String]) -> Result<(), KeyRefused> {
         let named = |key: &str| !streamed.iter().any(|s| s == key);
         let spec_format = spec.data.file_format;
-        let check = |key: &str, p: &mut PathBuf, what: Use| -> Result<(), String> {
-            *p = self.resolve(p, what).map_err(|e| format!("{key}: {e}"))?;
+        let check = |key: &'static str, p: &mut PathBuf, what: Use| -> Result<(), KeyRefused> {
+            let refused = |refused: PathRefused| KeyRefused { key, refused };
+            *p = self.resolve(p, what).map_err(refused)?;
             if what == Use::ReadData {
                 // Each file of a folder or glob: a link inside must not lead out.
-                let files =
-                    dpo_data::records::files(p, spec_format).map_err(|e| format!("{key}: {e}"))?;
+                let files = dpo_data::records::files(p, spec_format).map_err(|e| {
+                    refused(PathRefused::Unreadable {
+                        path: p.clone(),
+                        reason: e.to_string(),
+                    })
+                })?;
                 for (file, _) in files {
-                    self.resolve(&file, Use::ReadFile)
-                        .map_err(|e| format!("{key}: {e}"))?;
+                    self.resolve(&file, Use::ReadFile).map_err(refused)?;
                 }
             }
             Ok(())
@@ -184,6 +180,40 @@ impl Confinement {
         check("train.output", &mut spec.train.output, Use::WriteDir)?;
         Ok(())
     }
+}
+
+/// Why a client may not use a path (each message starts with the path).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PathRefused {
+    #[error("{}: a glob may only be in the file name, not in its folders", .0.display())]
+    GlobInFolder(PathBuf),
+    /// Outside every allowed root, a reserved folder, or a link that leads
+    /// there; the same answer whether or not it exists.
+    #[error("{}: not under a directory this coordinator allows (see its --allow-path)", .0.display())]
+    NotAllowed(PathBuf),
+    #[error(
+        "{}: must be an absolute path as the coordinator sees it \
+         (dpoctl resolves relative paths against the spec file's directory)",
+        .0.display()
+    )]
+    Relative(PathBuf),
+    #[error("{}: not a {expected}", path.display())]
+    NotA {
+        path: PathBuf,
+        expected: &'static str,
+    },
+    #[error("{}: no such file or directory", .0.display())]
+    Missing(PathBuf),
+    #[error("{}: {reason}", path.display())]
+    Unreadable { path: PathBuf, reason: String },
+}
+
+/// A path of a run spec refused, with the spec key that named it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {refused}")]
+pub struct KeyRefused {
+    pub key: &'static str,
+    pub refused: PathRefused,
 }
 
 /// `path` with every symlink resolved: the path itself when it exists, else
@@ -261,7 +291,10 @@ mod tests {
             PathBuf::from("/etc/no-such-file"),
         ];
         for p in &escapes {
-            let e = f.c.resolve(p, Use::ReadFile).expect_err("refused");
+            let e =
+                f.c.resolve(p, Use::ReadFile)
+                    .expect_err("refused")
+                    .to_string();
             assert_eq!(
                 e,
                 format!(
@@ -273,7 +306,8 @@ mod tests {
         // Relative paths mean nothing to a server.
         let e =
             f.c.resolve(Path::new("../../x"), Use::WriteDir)
-                .expect_err("refused");
+                .expect_err("refused")
+                .to_string();
         assert!(e.contains("must be an absolute path"), "{e}");
         // The coordinator's own files, another run's upload: refused.
         for p in [
@@ -297,6 +331,7 @@ mod tests {
         assert!(
             f.c.resolve(&link, Use::ReadFile)
                 .expect_err("refused")
+                .to_string()
                 .contains("allows")
         );
         let dir_link = f.allowed.join("out");
@@ -311,6 +346,7 @@ mod tests {
         assert!(
             f.c.resolve(&dangling, Use::WriteDir)
                 .expect_err("refused")
+                .to_string()
                 .contains("allows")
         );
         // A link that stays inside is fine, and the spec gets its target.
@@ -336,10 +372,15 @@ mod tests {
             f.c.resolve(&f.allowed.join("h*/train.jsonl"), Use::ReadData);
         assert!(
             e.expect_err("glob in a folder")
+                .to_string()
                 .contains("only be in the file name")
         );
         let e = f.c.resolve(&f.outside.join("*.jsonl"), Use::ReadData);
-        assert!(e.expect_err("outside").contains("not under a directory"));
+        assert!(
+            e.expect_err("outside")
+                .to_string()
+                .contains("not under a directory")
+        );
         // A shard that is a link to a file outside is refused by confine.
         std::fs::write(f.outside.join("secret.jsonl"), "{}\n")?;
         std::os::unix::fs::symlink(
@@ -357,7 +398,10 @@ mod tests {
             ),
         )?;
         let mut spec = RunSpec::from_file(&toml).expect("spec");
-        let e = f.c.confine(&mut spec, &[]).expect_err("link out");
+        let e =
+            f.c.confine(&mut spec, &[])
+                .expect_err("link out")
+                .to_string();
         assert!(
             e.starts_with("data.train: ") && e.contains("train-00001-of-00002.jsonl: not under"),
             "{e}"
@@ -368,20 +412,26 @@ mod tests {
     #[test]
     fn only_regular_files_are_read() -> std::io::Result<()> {
         let f = fixture()?;
-        let e = f.c.resolve(&f.allowed, Use::ReadFile).expect_err("refused");
+        let e =
+            f.c.resolve(&f.allowed, Use::ReadFile)
+                .expect_err("refused")
+                .to_string();
         assert!(e.ends_with("not a regular file"), "{e}");
         let c = Confinement::new(&[PathBuf::from("/dev")], &f.data)?;
         let e = c
             .resolve(Path::new("/dev/zero"), Use::ReadFile)
-            .expect_err("refused");
+            .expect_err("refused")
+            .to_string();
         assert!(e.ends_with("not a regular file"), "{e}");
         let e =
             f.c.resolve(&f.allowed.join("missing.jsonl"), Use::ReadFile)
-                .expect_err("refused");
+                .expect_err("refused")
+                .to_string();
         assert!(e.ends_with("no such file or directory"), "{e}");
         let e =
             f.c.resolve(&f.allowed.join("train.jsonl"), Use::WriteDir)
-                .expect_err("refused");
+                .expect_err("refused")
+                .to_string();
         assert!(e.ends_with("not a directory"), "{e}");
         Ok(())
     }

@@ -17,6 +17,8 @@ use std::rc::Rc;
 use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
+use crate::error::Refusal;
+
 /// What one value is charged besides its text: about what a `Value` and its
 /// slot in a `Vec` or map cost.
 pub const VALUE_COST: u64 = 64;
@@ -55,12 +57,13 @@ impl Budget {
 }
 
 /// Parses `text` into a value that costs at most `limit` bytes.
-pub fn parse(text: &str, limit: u64) -> Result<Value, String> {
+pub fn parse(text: &str, limit: u64) -> Result<Value, Refusal> {
     let mut de = serde_json::Deserializer::from_str(text);
     let v = Bounded(Budget::new(limit))
         .deserialize(&mut de)
-        .map_err(|e| format!("invalid JSON: {e}"))?;
-    de.end().map_err(|e| format!("invalid JSON: {e}"))?;
+        .map_err(|e| Refusal(format!("invalid JSON: {e}")))?;
+    de.end()
+        .map_err(|e| Refusal(format!("invalid JSON: {e}")))?;
     Ok(v)
 }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value as JinjaValue, context};
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 
 const NAME: &str = "chat";
 
@@ -94,8 +94,11 @@ impl ChatTemplate {
         &self,
         messages: &Value,
         add_generation_prompt: bool,
-    ) -> std::result::Result<String, String> {
-        let template = self.env.get_template(NAME).map_err(|e| e.to_string())?;
+    ) -> std::result::Result<String, Refusal> {
+        let template = self
+            .env
+            .get_template(NAME)
+            .map_err(|e| Refusal(e.to_string()))?;
         template
             .render(context! {
                 messages => JinjaValue::from_serialize(messages),
@@ -103,7 +106,7 @@ impl ChatTemplate {
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             })
-            .map_err(|e| format!("chat template of {}: {e}", self.source.display()))
+            .map_err(|e| Refusal(format!("chat template of {}: {e}", self.source.display())))
     }
 
     /// `(prompt_text, response_texts)` of a conversational example.
@@ -111,7 +114,7 @@ impl ChatTemplate {
         &self,
         prompt: &Value,
         responses: &[&Value],
-    ) -> std::result::Result<(String, Vec<String>), String> {
+    ) -> std::result::Result<(String, Vec<String>), Refusal> {
         let prompt_text = self.render(prompt, true)?;
         let mut out = Vec::with_capacity(responses.len());
         for response in responses {
@@ -119,11 +122,10 @@ impl ChatTemplate {
             all.extend(response.as_array().cloned().unwrap_or_default());
             let full = self.render(&Value::Array(all), false)?;
             let Some(rest) = full.strip_prefix(&prompt_text) else {
-                return Err(
+                return Err(Refusal::from(
                     "the chat template does not render the prompt (with its generation prompt) as the start of \
-                     the whole conversation, so the response cannot be separated from it"
-                        .into(),
-                );
+                     the whole conversation, so the response cannot be separated from it",
+                ));
             };
             out.push(rest.to_string());
         }
@@ -132,20 +134,22 @@ impl ChatTemplate {
 }
 
 /// Checks that `v` is a non-empty list of `{"role": str, "content": str}` messages.
-pub fn validate_messages(v: &Value, key: &str) -> std::result::Result<(), String> {
+pub fn validate_messages(v: &Value, key: &str) -> std::result::Result<(), Refusal> {
     let Value::Array(list) = v else {
-        return Err(format!("\"{key}\" must be a list of messages"));
+        return Err(Refusal::from(format!(
+            "\"{key}\" must be a list of messages"
+        )));
     };
     if list.is_empty() {
-        return Err(format!("\"{key}\" has no messages"));
+        return Err(Refusal::from(format!("\"{key}\" has no messages")));
     }
     for (i, m) in list.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str);
         let content = m.get("content").and_then(Value::as_str);
         if role.is_none() || content.is_none() {
-            return Err(format!(
+            return Err(Refusal::from(format!(
                 "\"{key}\"[{i}] must be an object with string \"role\" and \"content\""
-            ));
+            )));
         }
     }
     Ok(())

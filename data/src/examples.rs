@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::pairs::TokenizedPair;
 use crate::records::Layout;
 use crate::rng::SplitMix64;
@@ -113,7 +113,7 @@ pub fn read_labelled(
                 let e = Error::Line {
                     path: path.to_path_buf(),
                     line: n,
-                    reason,
+                    reason: reason.0,
                 };
                 crate::records::explain(e, layout)
             });
@@ -135,22 +135,22 @@ pub fn read_labelled(
 fn parse_labelled(
     obj: &serde_json::Map<String, Value>,
     n: usize,
-) -> std::result::Result<LabelledRecord, String> {
+) -> std::result::Result<LabelledRecord, Refusal> {
     let text = |key: &str| match obj.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(_) => Err(format!("\"{key}\" must be a string")),
-        None => Err(format!("missing key \"{key}\"")),
+        Some(_) => Err(Refusal::from(format!("\"{key}\" must be a string"))),
+        None => Err(Refusal::from(format!("missing key \"{key}\""))),
     };
     let id = match obj.get("id") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(Value::Number(x)) => Some(x.to_string()),
-        Some(_) => return Err("\"id\" must be a string or a number".into()),
+        Some(_) => return Err(Refusal::from("\"id\" must be a string or a number")),
     };
     let label = match obj.get("label") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(*b),
-        Some(_) => return Err("\"label\" must be true or false".into()),
+        Some(_) => return Err(Refusal::from("\"label\" must be true or false")),
     };
     Ok(LabelledRecord {
         line: n,

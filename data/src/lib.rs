@@ -27,7 +27,7 @@ pub mod tensorboard;
 pub mod tokenizer;
 
 pub use dataset::{DataReport, NegativeSampler, SamplerError, check_vocabulary};
-pub use error::{Error, Result};
+pub use error::{Error, Refusal, Result};
 pub use examples::{Example, LabelledRecord, Truncation};
 pub use pairs::{
     Pair, PairFormat, Record, TokenizedPair, read_pairs, read_pairs_skipping, tokenize_pairs,

@@ -8,7 +8,7 @@ use std::str::FromStr;
 
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::records::Layout;
 use crate::tokenizer::TextTokenizer;
 
@@ -25,16 +25,16 @@ pub enum PairFormat {
 }
 
 impl FromStr for PairFormat {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = Refusal;
+    fn from_str(s: &str) -> std::result::Result<Self, Refusal> {
         match s {
             "auto" => Ok(PairFormat::Auto),
             "text" => Ok(PairFormat::Text),
             "tokens" | "pretokenized" => Ok(PairFormat::Tokens),
             "conversational" | "chat" => Ok(PairFormat::Chat),
-            other => Err(format!(
+            other => Err(Refusal(format!(
                 "unknown pair format {other:?} (expected auto, text, conversational or tokens)"
-            )),
+            ))),
         }
     }
 }
@@ -85,7 +85,7 @@ fn line_err(path: &Path, line: usize, reason: impl Into<String>) -> Error {
     }
 }
 
-fn detect(obj: &Map<String, Value>) -> std::result::Result<PairFormat, String> {
+fn detect(obj: &Map<String, Value>) -> std::result::Result<PairFormat, Refusal> {
     if obj.contains_key("prompt_ids") || obj.contains_key("chosen_ids") {
         return Ok(PairFormat::Tokens);
     }
@@ -97,15 +97,14 @@ fn detect(obj: &Map<String, Value>) -> std::result::Result<PairFormat, String> {
         (Some(Value::String(_)) | None, Some(_)) | (Some(Value::String(_)), None) => {
             Ok(PairFormat::Text)
         }
-        (Some(other), _) => Err(format!(
+        (Some(other), _) => Err(Refusal::from(format!(
             "\"prompt\" must be a string, found {}",
             kind(other)
-        )),
-        (None, None) => Err(
+        ))),
+        (None, None) => Err(Refusal::from(
             "not a preference pair: expected keys prompt/chosen/rejected, chosen/rejected \
-             (the prompt their shared start), or prompt_ids/chosen_ids/rejected_ids"
-                .into(),
-        ),
+             (the prompt their shared start), or prompt_ids/chosen_ids/rejected_ids",
+        )),
     }
 }
 
@@ -118,13 +117,17 @@ pub fn implicit_prompt_len<T: PartialEq>(
     chosen: &[T],
     rejected: &[T],
     is_space: impl Fn(&T) -> bool,
-) -> std::result::Result<usize, String> {
+) -> std::result::Result<usize, Refusal> {
     let m = chosen.len().min(rejected.len());
     if m == 0 {
-        return Err("with no \"prompt\", chosen and rejected must both be non-empty (the prompt is their shared start)".into());
+        return Err(Refusal::from(
+            "with no \"prompt\", chosen and rejected must both be non-empty (the prompt is their shared start)",
+        ));
     }
     if chosen == rejected {
-        return Err("chosen and rejected are identical: nothing to prefer".into());
+        return Err(Refusal::from(
+            "chosen and rejected are identical: nothing to prefer",
+        ));
     }
     let mut idx = m - 1;
     if let Some(i) = (0..m).find(|&i| chosen[i] != rejected[i]) {
@@ -134,43 +137,50 @@ pub fn implicit_prompt_len<T: PartialEq>(
         }
     }
     if idx == 0 {
-        return Err("with no \"prompt\", chosen and rejected must start the same (the shared start is the prompt), and these differ from the first item".into());
+        return Err(Refusal::from(
+            "with no \"prompt\", chosen and rejected must start the same (the shared start is the prompt), and these differ from the first item",
+        ));
     }
     Ok(idx)
 }
 
 use crate::records::kind;
 
-fn text_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<String, String> {
+fn text_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<String, Refusal> {
     match obj.get(key) {
         Some(Value::String(s)) => Ok(s.clone()),
-        Some(other) => Err(format!("\"{key}\" must be a string, found {}", kind(other))),
-        None => Err(format!("missing key \"{key}\"")),
+        Some(other) => Err(Refusal::from(format!(
+            "\"{key}\" must be a string, found {}",
+            kind(other)
+        ))),
+        None => Err(Refusal::from(format!("missing key \"{key}\""))),
     }
 }
 
-fn ids_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<Vec<u32>, String> {
+fn ids_field(obj: &Map<String, Value>, key: &str) -> std::result::Result<Vec<u32>, Refusal> {
     let list = match obj.get(key) {
         Some(Value::Array(a)) => a,
         Some(other) => {
-            return Err(format!(
+            return Err(Refusal::from(format!(
                 "\"{key}\" must be a list of token ids, found {}",
                 kind(other)
-            ));
+            )));
         }
-        None => return Err(format!("missing key \"{key}\"")),
+        None => return Err(Refusal::from(format!("missing key \"{key}\""))),
     };
     list.iter()
         .enumerate()
         .map(|(i, v)| {
             v.as_u64()
                 .and_then(|id| u32::try_from(id).ok())
-                .ok_or_else(|| format!("\"{key}\"[{i}] is not a token id (found {v})"))
+                .ok_or_else(|| {
+                    Refusal::from(format!("\"{key}\"[{i}] is not a token id (found {v})"))
+                })
         })
         .collect()
 }
 
-fn parse_pair(obj: &Map<String, Value>, format: PairFormat) -> std::result::Result<Pair, String> {
+fn parse_pair(obj: &Map<String, Value>, format: PairFormat) -> std::result::Result<Pair, Refusal> {
     Ok(match format {
         PairFormat::Tokens => Pair::Tokens {
             prompt: ids_field(obj, "prompt_ids")?,
@@ -178,10 +188,10 @@ fn parse_pair(obj: &Map<String, Value>, format: PairFormat) -> std::result::Resu
             rejected: ids_field(obj, "rejected_ids")?,
         },
         PairFormat::Chat => {
-            let field = |key: &str| -> std::result::Result<Value, String> {
+            let field = |key: &str| -> std::result::Result<Value, Refusal> {
                 let v = obj
                     .get(key)
-                    .ok_or_else(|| format!("missing key \"{key}\""))?;
+                    .ok_or_else(|| Refusal::from(format!("missing key \"{key}\"")))?;
                 crate::chat::validate_messages(v, key)?;
                 Ok(v.clone())
             };
@@ -195,7 +205,7 @@ fn parse_pair(obj: &Map<String, Value>, format: PairFormat) -> std::result::Resu
                 _ => {
                     let (c, r) = match (chosen, rejected) {
                         (Value::Array(c), Value::Array(r)) => (c, r),
-                        _ => return Err("messages must be lists".into()),
+                        _ => return Err(Refusal::from("messages must be lists")),
                     };
                     let at = implicit_prompt_len(&c, &r, |_| false)?;
                     Pair::Chat {

@@ -18,7 +18,7 @@ use std::path::Path;
 
 use dpo_proto::DataLimits;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 
 /// The footer (file metadata) may not be larger than this.
 const MAX_FOOTER_BYTES: u64 = 64 << 20;
@@ -351,7 +351,7 @@ fn read_column_meta(t: &mut Thrift, chunk: &mut Chunk) -> TResult<()> {
 
 /// The depth of the schema tree whose elements have `children` children each
 /// (a flat, pre-order list, as Parquet stores it), computed without recursion.
-fn schema_depth(children: &[i32]) -> std::result::Result<usize, String> {
+fn schema_depth(children: &[i32]) -> std::result::Result<usize, Refusal> {
     let mut open: Vec<i64> = Vec::new();
     let mut depth = 0;
     for (i, &n) in children.iter().enumerate() {
@@ -365,7 +365,7 @@ fn schema_depth(children: &[i32]) -> std::result::Result<usize, String> {
             open.push(i64::from(n));
             depth = depth.max(open.len());
         } else if n < 0 {
-            return Err(format!("schema element {i} has {n} children"));
+            return Err(Refusal(format!("schema element {i} has {n} children")));
         }
         while open.last() == Some(&0) {
             open.pop();
@@ -436,14 +436,18 @@ const CODEC_ZSTD: i32 = 6;
 
 /// How many bytes `payload` inflates to under `codec`, counting at most
 /// `cap + 1` (so a bomb is measured, never held).
-fn inflated_size(codec: i32, payload: &[u8], cap: u64) -> std::result::Result<Option<u64>, String> {
-    let count = |mut r: Box<dyn Read + '_>| -> std::result::Result<u64, String> {
+fn inflated_size(
+    codec: i32,
+    payload: &[u8],
+    cap: u64,
+) -> std::result::Result<Option<u64>, Refusal> {
+    let count = |mut r: Box<dyn Read + '_>| -> std::result::Result<u64, Refusal> {
         std::io::copy(&mut (&mut r).take(cap + 1), &mut std::io::sink())
-            .map_err(|e| format!("cannot inflate: {e}"))
+            .map_err(|e| Refusal(format!("cannot inflate: {e}")))
     };
     Ok(match codec {
         CODEC_ZSTD => Some(count(Box::new(
-            zstd::stream::read::Decoder::new(payload).map_err(|e| format!("zstd: {e}"))?,
+            zstd::stream::read::Decoder::new(payload).map_err(|e| Refusal(format!("zstd: {e}")))?,
         ))?),
         CODEC_GZIP => Some(count(Box::new(flate2::read::MultiGzDecoder::new(payload)))?),
         CODEC_SNAPPY => {
@@ -451,7 +455,7 @@ fn inflated_size(codec: i32, payload: &[u8], cap: u64) -> std::result::Result<Op
             let mut t = Thrift::new(payload);
             Some(
                 t.varint()
-                    .map_err(|_| "a snappy page without its length".to_string())?,
+                    .map_err(|_| Refusal::from("a snappy page without its length"))?,
             )
         }
         // LZ4 pages are inflated into a buffer of the header's size; an
@@ -557,7 +561,7 @@ impl Plan {
         g: usize,
         roots: &[String],
         decoded: &mut u64,
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<(), Refusal> {
         let Some(chunks) = self.groups.get(g) else {
             return Ok(());
         };
@@ -578,8 +582,13 @@ fn check_chunk(
     chunk: &Chunk,
     group: usize,
     decoded: &mut u64,
-) -> std::result::Result<(), String> {
-    let at = |reason: String| format!("column {:?} of row group {group}: {reason}", chunk.root);
+) -> std::result::Result<(), Refusal> {
+    let at = |reason: String| {
+        Refusal(format!(
+            "column {:?} of row group {group}: {reason}",
+            chunk.root
+        ))
+    };
     let start = match chunk.dictionary_page_offset {
         Some(d) if d > 0 && d < chunk.data_page_offset => d,
         _ => chunk.data_page_offset,
@@ -653,7 +662,7 @@ fn check_chunk(
                     )));
                 }
                 Ok(_) => {}
-                Err(r) => return Err(at(r)),
+                Err(r) => return Err(at(r.0)),
             }
         }
         pos = next;

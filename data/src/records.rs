@@ -30,7 +30,7 @@ use arrow_schema::{ArrowError, DataType};
 use dpo_proto::{DataLimits, FileFormat};
 use serde_json::{Map, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::lines::{self, LineError, Lines};
 
 thread_local! {
@@ -71,14 +71,14 @@ pub(crate) fn cancelled() -> bool {
 /// into an error: they trust their input, and a damaged file makes some of
 /// their `unwrap`s fail (found by `tests/mutations.rs`). Stack overflows and
 /// allocations are bounded before these calls (parquet_check, arrow_check).
-fn guarded<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+fn guarded<T>(f: impl FnOnce() -> T) -> std::result::Result<T, Refusal> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic".into());
-        format!("the decoder failed on this file ({what})")
+        Refusal(format!("the decoder failed on this file ({what})"))
     })
 }
 
@@ -114,7 +114,7 @@ impl Layout {
 #[derive(Debug)]
 pub struct Row {
     pub at: usize,
-    pub value: std::result::Result<Map<String, Value>, String>,
+    pub value: std::result::Result<Map<String, Value>, Refusal>,
 }
 
 fn file_err(path: &Path, reason: impl Into<String>) -> Error {
@@ -495,7 +495,7 @@ enum Reader {
         n: usize,
     },
     Array {
-        rx: Receiver<std::result::Result<Value, String>>,
+        rx: Receiver<std::result::Result<Value, Refusal>>,
         n: usize,
     },
     Columns {
@@ -518,10 +518,13 @@ impl std::fmt::Debug for Reader {
     }
 }
 
-fn object(v: Value) -> std::result::Result<Map<String, Value>, String> {
+fn object(v: Value) -> std::result::Result<Map<String, Value>, Refusal> {
     match v {
         Value::Object(o) => Ok(o),
-        other => Err(format!("expected a JSON object, found {}", kind(&other))),
+        other => Err(Refusal::from(format!(
+            "expected a JSON object, found {}",
+            kind(&other)
+        ))),
     }
 }
 
@@ -623,7 +626,7 @@ impl Reader {
         &mut self,
         path: &Path,
         layout: &Layout,
-    ) -> Option<Result<(usize, std::result::Result<Map<String, Value>, String>)>> {
+    ) -> Option<Result<(usize, std::result::Result<Map<String, Value>, Refusal>)>> {
         match self {
             Reader::Lines { lines, n } => loop {
                 let line = lines.next()?;
@@ -694,10 +697,10 @@ impl Reader {
 /// Parses a JSON array element by element on a thread; the channel yields each
 /// element, or why the array could not be read on. An element may span and
 /// decode to `limit` bytes at most (see [`crate::bounded_json`]).
-fn json_array(path: &Path, limit: u64) -> Result<Receiver<std::result::Result<Value, String>>> {
+fn json_array(path: &Path, limit: u64) -> Result<Receiver<std::result::Result<Value, Refusal>>> {
     use crate::bounded_json::{Bounded, Budget, Meter, Metered};
     struct Each {
-        tx: SyncSender<std::result::Result<Value, String>>,
+        tx: SyncSender<std::result::Result<Value, Refusal>>,
         meter: Meter,
         limit: u64,
     }
@@ -737,7 +740,7 @@ fn json_array(path: &Path, limit: u64) -> Result<Receiver<std::result::Result<Va
             };
             let result = (&mut de).deserialize_seq(each).and_then(|()| de.end());
             if let Err(e) = result {
-                let _ = tx.send(Err(crate::bounded_json::message(&e)));
+                let _ = tx.send(Err(Refusal::from(crate::bounded_json::message(&e))));
             }
         })
         .map_err(io_err(path))?;
@@ -896,7 +899,7 @@ impl Iterator for RowGroups {
             self.decoded.store(decoded, Ordering::SeqCst);
             if let Err(reason) = checked {
                 self.next = self.groups; // nothing after a refused group
-                return Some(Err(ArrowError::ParseError(reason)));
+                return Some(Err(ArrowError::ParseError(reason.0)));
             }
             let built = guarded(|| {
                 ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
@@ -937,7 +940,7 @@ fn arrow_reader(
     let bad = |e: ArrowError| file_err(path, format!("not a readable Arrow file: {e}"));
     let file = File::open(path).map_err(io_err(path))?;
     // Projection needs the schema first: open once to read it.
-    let panicked = |reason: String| file_err(path, format!("not a readable Arrow file: {reason}"));
+    let panicked = |reason: Refusal| file_err(path, format!("not a readable Arrow file: {reason}"));
     let (schema, is_file) = if &magic[..n] == b"ARROW1" {
         let f = BufReader::new(File::open(path).map_err(io_err(path))?);
         let r = guarded(|| FileReader::try_new(f, None))
@@ -986,7 +989,7 @@ fn row_object(
     i: usize,
     classes: &HashMap<String, Vec<String>>,
     layout: &Layout,
-) -> std::result::Result<Map<String, Value>, String> {
+) -> std::result::Result<Map<String, Value>, Refusal> {
     let mut o = Map::new();
     for (field, column) in batch.schema().fields().iter().zip(batch.columns()) {
         let names = classes.get(field.name()).map(Vec::as_slice);
@@ -999,21 +1002,25 @@ fn row_object(
 
 /// One value of an Arrow array as JSON; integers become class names where the
 /// column is a `ClassLabel`.
-fn cell(a: &dyn Array, i: usize, classes: Option<&[String]>) -> std::result::Result<Value, String> {
+fn cell(
+    a: &dyn Array,
+    i: usize,
+    classes: Option<&[String]>,
+) -> std::result::Result<Value, Refusal> {
     if a.is_null(i) {
         return Ok(Value::Null);
     }
-    let int = |v: i128| -> std::result::Result<Value, String> {
+    let int = |v: i128| -> std::result::Result<Value, Refusal> {
         match classes {
             Some(names) => usize::try_from(v)
                 .ok()
                 .and_then(|k| names.get(k))
                 .map(|n| Value::String(n.clone()))
                 .ok_or_else(|| {
-                    format!(
+                    Refusal(format!(
                         "{v} is not one of the column's {} class labels",
                         names.len()
-                    )
+                    ))
                 }),
             None => Ok(i64::try_from(v)
                 .map(Value::from)
@@ -1023,7 +1030,7 @@ fn cell(a: &dyn Array, i: usize, classes: Option<&[String]>) -> std::result::Res
     let float = |v: f64| {
         serde_json::Number::from_f64(v)
             .map(Value::Number)
-            .ok_or_else(|| format!("{v} is not a finite number"))
+            .ok_or_else(|| Refusal::from(format!("{v} is not a finite number")))
     };
     Ok(match a.data_type() {
         DataType::Null => Value::Null,
@@ -1053,11 +1060,15 @@ fn cell(a: &dyn Array, i: usize, classes: Option<&[String]>) -> std::result::Res
             }
             Value::Object(o)
         }
-        other => return Err(format!("values of type {other} cannot be read")),
+        other => {
+            return Err(Refusal::from(format!(
+                "values of type {other} cannot be read"
+            )));
+        }
     })
 }
 
-fn list(a: &dyn Array, classes: Option<&[String]>) -> std::result::Result<Value, String> {
+fn list(a: &dyn Array, classes: Option<&[String]>) -> std::result::Result<Value, Refusal> {
     (0..a.len())
         .map(|j| cell(a, j, classes))
         .collect::<std::result::Result<Vec<_>, _>>()

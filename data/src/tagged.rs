@@ -31,7 +31,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Refusal, Result};
 use crate::lines::{self, LineError};
 use crate::records::{self, Layout};
 use crate::tokenizer::TextTokenizer;
@@ -46,17 +46,17 @@ pub struct Labels {
 
 impl Labels {
     /// Labels in the given order; duplicates are refused.
-    pub fn new(names: Vec<String>) -> std::result::Result<Self, String> {
+    pub fn new(names: Vec<String>) -> std::result::Result<Self, Refusal> {
         if names.is_empty() {
-            return Err("no labels".into());
+            return Err(Refusal::from("no labels"));
         }
         let mut index = HashMap::new();
         for (i, n) in names.iter().enumerate() {
             if n.is_empty() {
-                return Err(format!("label {i} is empty"));
+                return Err(Refusal::from(format!("label {i} is empty")));
             }
             if index.insert(n.clone(), i as u32).is_some() {
-                return Err(format!("label {n:?} appears twice"));
+                return Err(Refusal::from(format!("label {n:?} appears twice")));
             }
         }
         Ok(Labels { names, index })
@@ -164,30 +164,37 @@ fn read_err(path: &Path, line: usize, e: LineError) -> Error {
     }
 }
 
-fn raw_label(v: &Value, what: &str) -> std::result::Result<RawLabel, String> {
+fn raw_label(v: &Value, what: &str) -> std::result::Result<RawLabel, Refusal> {
     match v {
         Value::String(s) if !s.is_empty() => Ok(RawLabel::Name(s.clone())),
-        Value::Number(n) => n
-            .as_u64()
-            .map(RawLabel::Id)
-            .ok_or_else(|| format!("{what} {n} is not a label id (a non-negative integer)")),
-        other => Err(format!("{what} must be a label name or id, found {other}")),
+        Value::Number(n) => n.as_u64().map(RawLabel::Id).ok_or_else(|| {
+            Refusal::from(format!(
+                "{what} {n} is not a label id (a non-negative integer)"
+            ))
+        }),
+        other => Err(Refusal::from(format!(
+            "{what} must be a label name or id, found {other}"
+        ))),
     }
 }
 
-fn raw_id(v: Option<&Value>) -> std::result::Result<Option<String>, String> {
+fn raw_id(v: Option<&Value>) -> std::result::Result<Option<String>, Refusal> {
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(format!("\"id\" must be a string or number, found {other}")),
+        Some(other) => Err(Refusal::from(format!(
+            "\"id\" must be a string or number, found {other}"
+        ))),
     }
 }
 
 /// `negatives` of a record (or of a negatives-file line) for `task`.
-fn raw_negatives(v: &Value, task: Task) -> std::result::Result<Vec<RawNegative>, String> {
+fn raw_negatives(v: &Value, task: Task) -> std::result::Result<Vec<RawNegative>, Refusal> {
     let Value::Array(items) = v else {
-        return Err(format!("\"negatives\" must be a list, found {v}"));
+        return Err(Refusal::from(format!(
+            "\"negatives\" must be a list, found {v}"
+        )));
     };
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
@@ -198,22 +205,21 @@ fn raw_negatives(v: &Value, task: Task) -> std::result::Result<Vec<RawNegative>,
                     .collect::<std::result::Result<_, _>>()?,
             ),
             (Task::Token, Value::Object(o)) => {
-                let position = o
-                    .get("position")
-                    .and_then(Value::as_u64)
-                    .ok_or_else(|| format!("negatives[{i}] needs \"position\", a word index"))?;
+                let position = o.get("position").and_then(Value::as_u64).ok_or_else(|| {
+                    Refusal::from(format!("negatives[{i}] needs \"position\", a word index"))
+                })?;
                 let tag = o
                     .get("tag")
-                    .ok_or_else(|| format!("negatives[{i}] needs \"tag\""))?;
+                    .ok_or_else(|| Refusal::from(format!("negatives[{i}] needs \"tag\"")))?;
                 RawNegative::At(
                     Some(position as usize),
                     raw_label(tag, &format!("negatives[{i}].tag"))?,
                 )
             }
             (Task::Token, other) => {
-                return Err(format!(
+                return Err(Refusal::from(format!(
                     "negatives[{i}] must be a tag sequence or {{\"position\", \"tag\"}}, found {other}"
-                ));
+                )));
             }
             (Task::Sequence, label) => {
                 RawNegative::At(None, raw_label(label, &format!("negatives[{i}]"))?)
@@ -227,7 +233,7 @@ fn raw_negatives(v: &Value, task: Task) -> std::result::Result<Vec<RawNegative>,
 fn parse_json_record(
     o: &serde_json::Map<String, Value>,
     task: Task,
-) -> std::result::Result<RawRecord, String> {
+) -> std::result::Result<RawRecord, Refusal> {
     let id = raw_id(o.get("id"))?;
     let negatives = match o.get("negatives") {
         None | Some(Value::Null) => Vec::new(),
@@ -241,12 +247,18 @@ fn parse_json_record(
                     .enumerate()
                     .map(|(i, w)| match w {
                         Value::String(s) if !s.trim().is_empty() => Ok(s.clone()),
-                        Value::String(_) => Err(format!("tokens[{i}] is empty")),
-                        other => Err(format!("tokens[{i}] must be a string, found {other}")),
+                        Value::String(_) => Err(Refusal::from(format!("tokens[{i}] is empty"))),
+                        other => Err(Refusal::from(format!(
+                            "tokens[{i}] must be a string, found {other}"
+                        ))),
                     })
                     .collect::<std::result::Result<_, _>>()?,
-                Some(other) => return Err(format!("\"tokens\" must be a list, found {other}")),
-                None => return Err("missing \"tokens\"".into()),
+                Some(other) => {
+                    return Err(Refusal::from(format!(
+                        "\"tokens\" must be a list, found {other}"
+                    )));
+                }
+                None => return Err(Refusal::from("missing \"tokens\"")),
             };
             let gold: Vec<RawLabel> = match o.get("tags").or_else(|| o.get("ner_tags")) {
                 Some(Value::Array(ts)) => ts
@@ -254,8 +266,12 @@ fn parse_json_record(
                     .enumerate()
                     .map(|(i, t)| raw_label(t, &format!("tags[{i}]")))
                     .collect::<std::result::Result<_, _>>()?,
-                Some(other) => return Err(format!("\"tags\" must be a list, found {other}")),
-                None => return Err("missing \"tags\"".into()),
+                Some(other) => {
+                    return Err(Refusal::from(format!(
+                        "\"tags\" must be a list, found {other}"
+                    )));
+                }
+                None => return Err(Refusal::from("missing \"tags\"")),
             };
             Ok(RawRecord {
                 line: 0,
@@ -269,9 +285,13 @@ fn parse_json_record(
         Task::Sequence => {
             let text = match o.get("text") {
                 Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-                Some(Value::String(_)) => return Err("\"text\" is empty".into()),
-                Some(other) => return Err(format!("\"text\" must be a string, found {other}")),
-                None => return Err("missing \"text\"".into()),
+                Some(Value::String(_)) => return Err(Refusal::from("\"text\" is empty")),
+                Some(other) => {
+                    return Err(Refusal::from(format!(
+                        "\"text\" must be a string, found {other}"
+                    )));
+                }
+                None => return Err(Refusal::from("missing \"text\"")),
             };
             let label = o.get("label").ok_or("missing \"label\"")?;
             Ok(RawRecord {
@@ -462,7 +482,7 @@ impl RawFile {
         for row in records::open(path, layout, &["id", "negatives"])? {
             let row = row?;
             let n = row.at;
-            let parse = |o: serde_json::Map<String, Value>| -> std::result::Result<(String, Vec<RawNegative>), String> {
+            let parse = |o: serde_json::Map<String, Value>| -> std::result::Result<(String, Vec<RawNegative>), Refusal> {
                 let id = raw_id(o.get("id"))?.ok_or("missing \"id\"")?;
                 let negs = raw_negatives(
                     o.get("negatives").ok_or("missing \"negatives\"")?,

@@ -99,7 +99,7 @@ fn load_with(
             ),
         ));
     }
-    let labels = Labels::new(labels).map_err(|r| invalid("task.labels", r))?;
+    let labels = Labels::new(labels).map_err(|r| invalid("task.labels", r.0))?;
     if labels.len() < 2 {
         return Err(invalid(
             "task.labels",

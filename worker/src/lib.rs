@@ -22,8 +22,13 @@ pub use error::{Disposition, Error, Result};
 use tch::{Device, Kind};
 
 /// Parses a dtype name as run specs and flags spell it.
-pub fn parse_kind(s: &str) -> std::result::Result<Kind, String> {
-    s.parse::<dpo_proto::Dtype>().map(model::kind_of)
+pub fn parse_kind(s: &str) -> Result<Kind> {
+    s.parse::<dpo_proto::Dtype>()
+        .map(model::kind_of)
+        .map_err(|e| Error::Input {
+            context: "dtype".into(),
+            reason: e.to_string(),
+        })
 }
 
 /// A `--device` that cannot be used.

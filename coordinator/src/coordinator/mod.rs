@@ -167,7 +167,7 @@ impl Coordinator {
         self.settings
             .confinement
             .confine(&mut spec, streamed)
-            .map_err(Refusal::Invalid)?;
+            .map_err(|e| Refusal::Invalid(e.to_string()))?;
         let out = spec.train.output.clone();
         if out.join("metrics.jsonl").exists() || out.join("checkpoints").exists() {
             return Err(Refusal::Invalid(format!(

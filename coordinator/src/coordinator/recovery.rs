@@ -54,7 +54,8 @@ impl Coordinator {
                 store.get(&engine::checkpoint_key(&record.id)).await,
             )?
             .and_then(|v| serde_json::from_str::<CheckpointRecord>(&v).ok());
-            let data = load_shards(&record, &cache_root).map_err(|e| e.to_string());
+            let data = load_shards(&record, &cache_root)
+                .map_err(|e| crate::engine::DataGone(e.to_string()));
             if data.is_ok() {
                 // Everything below the output is reached through a handle of
                 // the folder the submit resolved, through no link.

@@ -30,7 +30,8 @@ use serde::Serialize;
 pub use membership::Member;
 pub use reports::StepReport;
 pub use runs::{
-    CheckpointRecord, LedgerEntry, RunData, RunRecord, RunState, TaggedData, read_ledger_value,
+    CheckpointRecord, DataGone, LedgerEntry, RunData, RunRecord, RunState, TaggedData,
+    read_ledger_value,
 };
 
 use crate::store::StoreError;

@@ -315,6 +315,12 @@ impl RunData {
     }
 }
 
+/// Why a restored run's tokenized data cannot be read back (its shards
+/// missing or damaged): the run fails with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DataGone(pub String);
+
 impl Engine {
     /// Takes back a run read from the store (with its data, unless it ended or
     /// its data is gone, which fails it).
@@ -322,7 +328,7 @@ impl Engine {
         &mut self,
         mut record: RunRecord,
         checkpoint: Option<CheckpointRecord>,
-        data: Option<std::result::Result<RunData, String>>,
+        data: Option<std::result::Result<RunData, DataGone>>,
     ) -> Result<()> {
         if let Some(c) = checkpoint
             && c.step > record.checkpoint_step

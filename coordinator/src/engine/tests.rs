@@ -535,8 +535,12 @@ fn a_restored_running_run_waits_for_a_new_generation_and_keeps_its_checkpoint() 
     let mut e = Engine::new(TTL, 0);
     let data = RunData::new(&spec, pairs(8), Vec::new()).expect("data");
     let record = RunRecord::queued("run-b".into(), spec, &data, "/s".into(), "alice".into(), t0);
-    e.restore(record, None, Some(Err("train.shard: missing".into())))
-        .expect("restored");
+    e.restore(
+        record,
+        None,
+        Some(Err(DataGone("train.shard: missing".into()))),
+    )
+    .expect("restored");
     let r = e.run("run-b").expect("kept");
     assert_eq!(r.state, RunState::Failed);
     assert!(r.error.contains("train.shard: missing"), "{}", r.error);

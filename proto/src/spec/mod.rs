@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 mod values;
-pub use values::{Negatives, ReferenceCache, ReferenceModel};
+pub use values::{Negatives, ReferenceCache, ReferenceModel, UnknownDtype};
 
 /// A run-spec problem, always naming the file and, where there is one, the key.
 #[derive(Debug, thiserror::Error)]

@@ -19,18 +19,21 @@ impl Dtype {
     }
 }
 
+/// A dtype name that is not one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown dtype {0:?} (expected f32, bf16 or f16)")]
+pub struct UnknownDtype(pub String);
+
 impl std::str::FromStr for Dtype {
-    type Err = String;
+    type Err = UnknownDtype;
 
     /// Run-spec spellings, and PyTorch's long names.
-    fn from_str(s: &str) -> Result<Self, String> {
+    fn from_str(s: &str) -> Result<Self, UnknownDtype> {
         match s {
             "f32" | "float32" => Ok(Dtype::F32),
             "bf16" | "bfloat16" => Ok(Dtype::Bf16),
             "f16" | "float16" => Ok(Dtype::F16),
-            other => Err(format!(
-                "unknown dtype {other:?} (expected f32, bf16 or f16)"
-            )),
+            other => Err(UnknownDtype(other.to_string())),
         }
     }
 }

@@ -500,7 +500,7 @@ pub struct TensorIndex {
 struct IndexEntry {
     file: PathBuf,
     /// `Err(dtype)`: a dtype this project cannot hold (refused when read).
-    kind: std::result::Result<Kind, String>,
+    kind: std::result::Result<Kind, UnsupportedDtype>,
     shape: Vec<i64>,
     /// Byte offset of the tensor's data in the file.
     start: u64,
@@ -536,7 +536,7 @@ fn safetensors_entries(file: &Path) -> Result<Vec<(String, IndexEntry)>> {
             Some("BF16") => Ok(Kind::BFloat16),
             Some("F16") => Ok(Kind::Half),
             Some("F64") => Ok(Kind::Double),
-            other => Err(format!("{other:?}")),
+            other => Err(UnsupportedDtype(format!("{other:?}"))),
         };
         let shape: Option<Vec<i64>> = info
             .get("shape")
@@ -564,13 +564,19 @@ fn safetensors_entries(file: &Path) -> Result<Vec<(String, IndexEntry)>> {
     Ok(out)
 }
 
+/// A stored tensor's dtype this project cannot hold, as the file names it
+/// (refused when the tensor is read, not when the index is).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unsupported dtype {0}")]
+pub struct UnsupportedDtype(pub String);
+
 fn torch_entries(file: &Path) -> Result<Vec<(String, IndexEntry)>> {
     Ok(torch_pickle::read_index(file)?
         .into_iter()
         .map(|t| {
             let kind = match t.kind {
                 Ok(k @ (Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double)) => Ok(k),
-                Ok(other) => Err(format!("{other:?}")),
+                Ok(other) => Err(UnsupportedDtype(format!("{other:?}"))),
                 Err(storage) => Err(storage),
             };
             let entry = IndexEntry {
@@ -655,7 +661,7 @@ impl TensorIndex {
         }
         let stored = e.kind.clone().map_err(|dtype| Error::Safetensors {
             path: e.file.clone(),
-            reason: format!("tensor {name}: unsupported dtype {dtype}"),
+            reason: format!("tensor {name}: {dtype}"),
         })?;
         let size = stored.elt_size_in_bytes() as u64;
         let read = |first: i64, count: i64| -> Result<Tensor> {

@@ -269,8 +269,8 @@ impl ModelConfig {
             raw.rope_theta,
             raw.rope_scaling.clone(),
             raw.rope_parameters.clone(),
-        )
-        .map_err(bad)?;
+            &bad,
+        )?;
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
@@ -350,7 +350,8 @@ fn parse_rope(
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
     rope_parameters: Option<Value>,
-) -> std::result::Result<(f64, RopeScaling), String> {
+    bad: &dyn Fn(String) -> Error,
+) -> Result<(f64, RopeScaling)> {
     // transformers 5 folds rope_theta into rope_parameters; older files keep them apart.
     let (params, key) = match (rope_parameters, rope_scaling) {
         (Some(p @ Value::Object(_)), _) => (Some(p), "rope_parameters"),
@@ -358,47 +359,52 @@ fn parse_rope(
         (_, Some(Value::Null)) | (_, None) => (None, "rope_scaling"),
         (Some(Value::Null), _) => (None, "rope_parameters"),
         (Some(other), _) | (None, Some(other)) => {
-            return Err(format!("rope settings must be an object, found {other}"));
+            return Err(bad(format!(
+                "rope settings must be an object, found {other}"
+            )));
         }
     };
     let get = |name: &str| params.as_ref().and_then(|p| p.get(name));
-    let num = |name: &str| -> std::result::Result<Option<f64>, String> {
+    let num = |name: &str| -> Result<Option<f64>> {
         match get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v
                 .as_f64()
                 .map(Some)
-                .ok_or_else(|| format!("{key}.{name} must be a number, found {v}")),
+                .ok_or_else(|| bad(format!("{key}.{name} must be a number, found {v}"))),
         }
     };
     let theta = num("rope_theta")?.or(rope_theta).unwrap_or(10000.0);
     if !positive(theta) {
-        return Err(format!("rope_theta must be positive, found {theta}"));
+        return Err(bad(format!("rope_theta must be positive, found {theta}")));
     }
     let kind = get("rope_type")
         .or_else(|| get("type"))
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let factor = || -> std::result::Result<f64, String> {
+    let factor = || -> Result<f64> {
         match num("factor")? {
             Some(f) if f > 0.0 => Ok(f),
-            Some(f) => Err(format!("{key}.factor must be positive, found {f}")),
-            None => Err(format!("{key}.factor is required for rope_type {kind:?}")),
+            Some(f) => Err(bad(format!("{key}.factor must be positive, found {f}"))),
+            None => Err(bad(format!(
+                "{key}.factor is required for rope_type {kind:?}"
+            ))),
         }
     };
     let scaling = match kind {
         "default" => RopeScaling::None,
         "linear" => RopeScaling::Linear { factor: factor()? },
         "llama3" => {
-            let field = |name: &str| -> std::result::Result<f64, String> {
-                num(name)?.ok_or_else(|| format!("{key}.{name} is required for rope_type llama3"))
+            let field = |name: &str| -> Result<f64> {
+                num(name)?
+                    .ok_or_else(|| bad(format!("{key}.{name} is required for rope_type llama3")))
             };
             let low = field("low_freq_factor")?;
             let high = field("high_freq_factor")?;
             if !positive(high - low) {
-                return Err(format!(
+                return Err(bad(format!(
                     "{key}: high_freq_factor ({high}) must exceed low_freq_factor ({low})"
-                ));
+                )));
             }
             RopeScaling::Llama3 {
                 factor: factor()?,
@@ -408,9 +414,9 @@ fn parse_rope(
             }
         }
         other => {
-            return Err(format!(
+            return Err(bad(format!(
                 "{key}: rope_type {other:?} is not supported (default, linear, llama3)"
-            ));
+            )));
         }
     };
     Ok((theta, scaling))

@@ -20,13 +20,14 @@ use std::path::Path;
 use tch::Kind;
 
 use crate::error::{Error, Result, io_err};
+use crate::model::checkpoint::UnsupportedDtype;
 
 /// One tensor of the state dict: where its elements lie in the archive.
 #[derive(Debug, Clone)]
 pub struct PickledTensor {
     pub name: String,
     /// `Err(type)`: a storage type this project cannot hold (refused when read).
-    pub kind: std::result::Result<Kind, String>,
+    pub kind: std::result::Result<Kind, UnsupportedDtype>,
     pub shape: Vec<i64>,
     /// `None` when the tensor is contiguous.
     pub strides: Option<Vec<i64>>,
@@ -191,7 +192,7 @@ fn contiguous_strides(shape: &[i64]) -> Vec<i64> {
 
 #[derive(Debug, Clone)]
 struct StorageRef {
-    kind: std::result::Result<Kind, String>,
+    kind: std::result::Result<Kind, UnsupportedDtype>,
     key: String,
 }
 
@@ -236,7 +237,7 @@ impl V {
     }
 }
 
-fn storage_kind(name: &str) -> std::result::Result<Kind, String> {
+fn storage_kind(name: &str) -> std::result::Result<Kind, UnsupportedDtype> {
     Ok(match name {
         "FloatStorage" => Kind::Float,
         "HalfStorage" => Kind::Half,
@@ -248,7 +249,7 @@ fn storage_kind(name: &str) -> std::result::Result<Kind, String> {
         "ByteStorage" => Kind::Uint8,
         "CharStorage" => Kind::Int8,
         "ShortStorage" => Kind::Int16,
-        other => return Err(other.to_string()),
+        other => return Err(UnsupportedDtype(other.to_string())),
     })
 }
 

@@ -247,7 +247,7 @@ impl ClassifierTrainer {
         let labels = dpo_data::tagged::Labels::new(spec.task.labels.clone()).map_err(|reason| {
             Error::Input {
                 context: "task.labels from the coordinator".into(),
-                reason,
+                reason: reason.0,
             }
         })?;
         let opts = ClassifyOptions {
