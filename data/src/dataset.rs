@@ -66,24 +66,23 @@ pub type SamplerError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Loads one dataset (`train` or `eval`: a file, a glob or a folder of
 /// shards, any format [`crate::records`] reads) of the run as examples.
-/// `sampler` provides the negatives when `data.negatives = "policy"`. A problem
-/// names the file and its line or row, also inside a dataset of several files.
+/// `layout` is the run's ([`Layout::of`], one for all its datasets, so
+/// `data.limits` bound the run). `sampler` provides the negatives when
+/// `data.negatives = "policy"`. A problem names the file and its line or
+/// row, also inside a dataset of several files.
 pub fn load(
     spec: &RunSpec,
+    layout: &Layout,
     path: &Path,
     tokenizer: Option<&TextTokenizer>,
     vocab_size: Option<i64>,
     is_train: bool,
     sampler: Option<&mut NegativeSampler<'_>>,
 ) -> Result<(Vec<Example>, DataReport)> {
-    let layout = Layout::of(&spec.data);
-    load_from(
-        spec, &layout, path, tokenizer, vocab_size, is_train, sampler,
-    )
-    .map_err(|e| {
-        let e = crate::records::relocate(e, path, &layout);
+    load_from(spec, layout, path, tokenizer, vocab_size, is_train, sampler).map_err(|e| {
+        let e = crate::records::relocate(e, path, layout);
         match spec.data.negatives.as_ref().and_then(|n| n.file()) {
-            Some(negatives) => crate::records::relocate(e, negatives, &layout),
+            Some(negatives) => crate::records::relocate(e, negatives, layout),
             None => e,
         }
     })

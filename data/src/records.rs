@@ -93,14 +93,53 @@ pub struct Layout {
     pub columns: BTreeMap<String, String>,
     /// What reading may cost (`data.limits`).
     pub limits: DataLimits,
+    /// What the run's datasets read so far (shared by the clones of one
+    /// layout): `data.limits.max_rows` and `max_decoded_bytes` hold for a
+    /// run's train, eval and negatives together, not for each.
+    pub spent: std::sync::Arc<Spent>,
+}
+
+/// Records and decoded bytes a run's datasets used, added as each dataset
+/// is read to its end.
+#[derive(Debug, Default)]
+pub struct Spent {
+    records: std::sync::atomic::AtomicU64,
+    decoded: std::sync::atomic::AtomicU64,
+}
+
+/// Equal when they hold the same totals.
+impl PartialEq for Spent {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for Spent {}
+
+impl Spent {
+    /// `(records, decoded bytes)` so far.
+    pub fn get(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (self.records.load(SeqCst), self.decoded.load(SeqCst))
+    }
+
+    /// A dataset read to its end leaves the run's totals at `records`, `decoded`.
+    pub(crate) fn set(&self, records: u64, decoded: u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.records.store(records, SeqCst);
+        self.decoded.store(decoded, SeqCst);
+    }
 }
 
 impl Layout {
+    /// The layout of one run's datasets: read them all through clones of
+    /// it, so the run's budgets are shared.
     pub fn of(spec: &dpo_proto::DataSpec) -> Self {
         Layout {
             format: spec.file_format,
             columns: spec.columns.clone(),
             limits: spec.limits.clone(),
+            spent: std::sync::Arc::default(),
         }
     }
 
@@ -335,10 +374,12 @@ pub struct Rows {
     offset: usize,
     current: Option<(PathBuf, Reader)>,
     done: bool,
-    /// Records returned, and bytes the columnar files decode to: the dataset's
-    /// budgets (`data.limits`).
+    /// Records returned, and bytes the files decode to, counted on from what
+    /// the run's earlier datasets used: the run's budgets (`data.limits`).
     records: u64,
     decoded: Decoded,
+    /// The run's records before this dataset (to say so in a refusal).
+    earlier: u64,
 }
 
 /// A dataset's decoded bytes: known when a file is opened (Arrow: checked
@@ -367,6 +408,7 @@ pub fn open(path: &Path, layout: &Layout, keys: &[&str]) -> Result<Rows> {
             "a CoNLL file holds NER sentences, not records of this kind",
         ));
     }
+    let (records, decoded) = layout.spent.get();
     Ok(Rows {
         files: files.into_iter(),
         layout: layout.clone(),
@@ -374,8 +416,9 @@ pub fn open(path: &Path, layout: &Layout, keys: &[&str]) -> Result<Rows> {
         offset: 0,
         current: None,
         done: false,
-        records: 0,
-        decoded: Decoded::Known(0),
+        records,
+        decoded: Decoded::Known(decoded),
+        earlier: records,
     })
 }
 
@@ -399,7 +442,12 @@ impl Rows {
                 )));
             }
             if self.current.is_none() {
-                let (path, format) = self.files.next()?;
+                let Some((path, format)) = self.files.next() else {
+                    // Read to its end: the run's later datasets count on.
+                    self.layout.spent.set(self.records, self.decoded.get());
+                    self.done = true;
+                    return None;
+                };
                 let budget = (self.records, self.decoded.get());
                 match Reader::open(&path, format, &self.layout, &self.keys, budget) {
                     Ok((r, decoded)) => {
@@ -418,12 +466,16 @@ impl Rows {
                     self.records += 1;
                     if self.records > self.layout.limits.max_rows {
                         self.done = true;
+                        let earlier = match self.earlier {
+                            0 => String::new(),
+                            n => format!(" (with the {n} of the run's earlier datasets)"),
+                        };
                         return Some(Err(relabel(
                             at_err(
                                 path,
                                 at,
                                 format!(
-                                    "more than data.limits.max_rows = {} records",
+                                    "more than data.limits.max_rows = {} records{earlier}",
                                     self.layout.limits.max_rows
                                 ),
                             ),
@@ -473,7 +525,7 @@ pub(crate) fn text_budget(path: &Path, size: u64, before: u64, limits: &DataLimi
     let after = before.saturating_add(size);
     if after > limits.max_decoded_bytes {
         let earlier = if before > 0 {
-            format!(" (after {before} in earlier files)")
+            format!(" (after {before} in earlier files of the run)")
         } else {
             String::new()
         };
@@ -1148,6 +1200,58 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    /// `data.limits` bound a run, not each of its datasets: train and eval
+    /// that each fit but together pass a limit are refused at the record or
+    /// file that passes it, saying the earlier datasets count; a dataset only
+    /// peeked at (its first record) counts nothing.
+    #[test]
+    fn the_limits_hold_for_the_run_s_datasets_together() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (train, eval) = (
+            dir.path().join("train.jsonl"),
+            dir.path().join("eval.jsonl"),
+        );
+        std::fs::write(&train, "{\"a\": 1}\n".repeat(3)).expect("write");
+        std::fs::write(&eval, "{\"a\": 2}\n".repeat(3)).expect("write");
+        let mut layout = Layout::default();
+        layout.limits.max_rows = 5;
+        // A peek (as format detection does) leaves the budget alone.
+        assert!(open(&train, &layout, &[]).expect("opens").next().is_some());
+        assert_eq!(layout.spent.get(), (0, 0));
+        assert_eq!(rows(&train, &layout).len(), 3);
+        assert_eq!(layout.spent.get(), (3, 27));
+        let read: Vec<Result<Row>> = open(&eval, &layout, &[]).expect("opens").collect();
+        assert_eq!(read.len(), 3, "two records, then the refusal");
+        let err = read[2]
+            .as_ref()
+            .expect_err("over the run's rows")
+            .to_string();
+        assert!(
+            err.contains("eval.jsonl:3: more than data.limits.max_rows = 5 records (with the 3 of the run's earlier datasets)"),
+            "{err}"
+        );
+        // Bytes: 27 + 27 pass 40 when the eval file is opened.
+        let mut layout = Layout::default();
+        layout.limits.max_decoded_bytes = 40;
+        assert_eq!(rows(&train, &layout).len(), 3);
+        let err = open(&eval, &layout, &[])
+            .expect("opens")
+            .next()
+            .expect("a result")
+            .expect_err("over the run's bytes")
+            .to_string();
+        assert!(
+            err.contains("27 bytes (after 27 in earlier files of the run) pass data.limits.max_decoded_bytes = 40"),
+            "{err}"
+        );
+        // Another run's layout starts from nothing.
+        let fresh = Layout {
+            limits: layout.limits.clone(),
+            ..Layout::default()
+        };
+        assert_eq!(rows(&eval, &fresh).len(), 3);
     }
 
     #[test]

@@ -35,7 +35,7 @@ use crate::error::{Error, Refusal, Result};
 use crate::lines::{self, LineError};
 use crate::records::{self, Layout};
 use crate::tokenizer::TextTokenizer;
-use dpo_proto::{DataLimits, FileFormat};
+use dpo_proto::FileFormat;
 
 /// The label vocabulary of a task, in id order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -335,14 +335,17 @@ fn read_records(path: &Path, task: Task, layout: &Layout) -> Result<Vec<RawRecor
 /// Reads a CoNLL file within `data.limits`: its bytes count against
 /// `max_decoded_bytes`, its sentences against `max_rows`, and each line is at
 /// most `max_value_bytes` long.
-fn read_conll(path: &Path, limits: &DataLimits) -> Result<Vec<RawRecord>> {
+fn read_conll(path: &Path, layout: &Layout) -> Result<Vec<RawRecord>> {
+    let limits = &layout.limits;
     let size = std::fs::metadata(path)
         .map_err(|source| Error::Io {
             path: path.to_path_buf(),
             source,
         })?
         .len();
-    records::text_budget(path, size, 0, limits)?;
+    // The run's earlier datasets count too.
+    let (earlier_rows, earlier_bytes) = layout.spent.get();
+    let decoded = records::text_budget(path, size, earlier_bytes, limits)?;
     let mut out = Vec::new();
     let mut current: Option<RawRecord> = None;
     let finish = |r: Option<RawRecord>, out: &mut Vec<RawRecord>| {
@@ -388,12 +391,16 @@ fn read_conll(path: &Path, limits: &DataLimits) -> Result<Vec<RawRecord>> {
                 format!("{:?} has no tag (a CoNLL line is `token … tag`)", fields[0]),
             ));
         }
-        if current.is_none() && out.len() as u64 >= limits.max_rows {
+        if current.is_none() && earlier_rows + out.len() as u64 >= limits.max_rows {
+            let earlier = match earlier_rows {
+                0 => String::new(),
+                n => format!(" (with the {n} of the run's earlier datasets)"),
+            };
             return Err(line_err(
                 path,
                 n,
                 format!(
-                    "more than data.limits.max_rows = {} sentences",
+                    "more than data.limits.max_rows = {} sentences{earlier}",
                     limits.max_rows
                 ),
             ));
@@ -411,6 +418,7 @@ fn read_conll(path: &Path, limits: &DataLimits) -> Result<Vec<RawRecord>> {
             .push(RawLabel::Name(fields[fields.len() - 1].to_string()));
     }
     finish(current.take(), &mut out);
+    layout.spent.set(earlier_rows + out.len() as u64, decoded);
     Ok(out)
 }
 
@@ -444,7 +452,7 @@ impl RawFile {
     /// Arrow) otherwise.
     pub fn read(path: &Path, task: Task, layout: &Layout) -> Result<Self> {
         let records = if task == Task::Token && is_conll(path, layout) {
-            read_conll(path, &layout.limits)?
+            read_conll(path, layout)?
         } else {
             read_records(path, task, layout)?
         };
@@ -1060,7 +1068,7 @@ mod limit_tests {
 
     fn limits(rows: u64, value: u64, decoded: u64) -> Layout {
         Layout {
-            limits: DataLimits {
+            limits: dpo_proto::DataLimits {
                 max_rows: rows,
                 max_value_bytes: value,
                 max_decoded_bytes: decoded,

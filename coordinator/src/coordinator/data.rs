@@ -154,8 +154,11 @@ pub(super) fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Re
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("vocab_size").and_then(serde_json::Value::as_i64));
     let invalid = |e: dpo_data::Error| Refusal::Invalid(e.to_string());
+    // One layout for the run's datasets: data.limits bound them together.
+    let layout = dpo_data::records::Layout::of(&spec.data);
     let (train, _) = dpo_data::dataset::load(
         spec,
+        &layout,
         &spec.data.train,
         tokenizer.as_ref(),
         vocab,
@@ -165,7 +168,7 @@ pub(super) fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Re
     .map_err(invalid)?;
     let eval = match &spec.data.eval {
         Some(path) => {
-            dpo_data::dataset::load(spec, path, tokenizer.as_ref(), vocab, false, None)
+            dpo_data::dataset::load(spec, &layout, path, tokenizer.as_ref(), vocab, false, None)
                 .map_err(invalid)?
                 .0
         }

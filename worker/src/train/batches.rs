@@ -198,8 +198,11 @@ pub(super) fn load_examples(
             }
             Ok(None)
         };
+    // One layout for the run's datasets: data.limits bound them together.
+    let layout = dpo_data::records::Layout::of(&spec.data);
     let (train, train_report) = dataset::load(
         spec,
+        &layout,
         &spec.data.train,
         tokenizer.as_ref(),
         Some(vocab),
@@ -210,6 +213,7 @@ pub(super) fn load_examples(
         Some(path) => {
             let (e, r) = dataset::load(
                 spec,
+                &layout,
                 path,
                 tokenizer.as_ref(),
                 Some(vocab),
