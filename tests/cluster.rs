@@ -1308,3 +1308,49 @@ fn a_worker_reports_each_run_s_own_peak_memory() {
         "the small run's peak ({s:.3e}) is not its own: the large run's was {l:.3e}"
     );
 }
+
+/// Ranks on one host share its cores: `dpoctl local --workers 2` with no
+/// thread setting in the environment — the coordinator tells each worker
+/// that 2 ranks of the generation share its host, and each takes half of the
+/// usable cores (at least one) for libtorch's intra-op threads, says so in
+/// its log, and every step's metrics line carries the count.
+#[test]
+fn two_workers_on_one_host_each_take_their_share_of_its_cores() {
+    let case = Case::new(24);
+    let spec = case.write_spec("shared", "max_steps = 3");
+    let data_dir = case.path().join("local");
+    let out = std::process::Command::new(bin("dpoctl"))
+        .args(["--output", "json", "local"])
+        .arg(&spec)
+        .args(["--workers", "2", "--data-dir"])
+        .arg(&data_dir)
+        .env_remove("OMP_NUM_THREADS")
+        .env_remove("MKL_NUM_THREADS")
+        .env_remove("DPO_THREADS")
+        .env_remove("DPO_CPUS")
+        .output()
+        .expect("dpoctl local");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let share = (cores / 2).max(1);
+    for w in 0..2 {
+        let log = std::fs::read_to_string(data_dir.join(format!("logs/worker-{w}.log")))
+            .expect("a worker log");
+        assert!(
+            log.contains(&format!(
+                "intra_op_threads={share} cores={cores} ranks_on_host=2 source=Shared"
+            )),
+            "worker {w}:\n{log}"
+        );
+    }
+    let lines = jsonl(&case.path().join("shared/metrics.jsonl"));
+    assert_eq!(lines.len(), 3);
+    assert!(
+        lines.iter().all(|l| l["threads"] == share as f64),
+        "{lines:?}"
+    );
+}

@@ -655,7 +655,7 @@ async fn local(
         let w = Process::new(sibling("dpo-worker"))
             .args(["--coordinator", &url, "--device", "cpu", "--worker-id"])
             .arg(format!("local-{i}"))
-            .env("OMP_NUM_THREADS", "1")
+            // Each worker takes its share of this host's cores by itself.
             .env_clear_tls()
             .stdout(Stdio::null())
             .stderr(log(&format!("worker-{i}"))?)

@@ -256,6 +256,9 @@ class Rendering(unittest.TestCase):
         self.assertNotIn("nvidia.com/gpu", res.get("limits", {}))
         self.assertNotIn("nvidia.com/gpu", res.get("requests", {}))
         self.assertTrue(env(w)["DPO_COORDINATOR"]["value"].startswith("http://"))
+        # The worker's ranks share the cores the pod requested, not the node's.
+        self.assertEqual(env(w)["DPO_CPUS"]["valueFrom"]["resourceFieldRef"],
+                         {"resource": "requests.cpu", "divisor": "1"})
         self.assertNotIn("DPO_TLS_CA", env(w))
         coord = find(docs, "StatefulSet", f"{FULL}-coordinator")
         self.assertFalse(any(x.startswith("--store") or x.startswith("--tls") for x in args(coord)))
@@ -439,7 +442,7 @@ class AgainstTheBinaries(unittest.TestCase):
             self.check_flags("dpo-worker", args(find(docs, "StatefulSet", f"{FULL}-worker")))
             # Environment the binaries read.
             known = {"DPO_TOKEN", "DPO_COORDINATOR", "DPO_ADVERTISE", "DPO_TLS_CA", "DPO_TLS_CERT", "DPO_TLS_KEY",
-                     "DPO_ETCD_USER", "DPO_ETCD_PASSWORD"}
+                     "DPO_ETCD_USER", "DPO_ETCD_PASSWORD", "DPO_CPUS"}
             sources = "".join(p.read_text() for p in (ROOT / "proto/src").glob("*.rs"))
             sources += "".join(p.read_text() for d in ("coordinator/src", "worker/src", "cli/src")
                                for p in (ROOT / d).rglob("*.rs"))

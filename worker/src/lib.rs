@@ -14,6 +14,7 @@ pub mod optim;
 pub mod packing;
 pub mod ranks;
 pub mod score;
+pub mod threads;
 pub mod train;
 pub mod zero;
 

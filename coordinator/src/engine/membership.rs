@@ -294,19 +294,21 @@ impl Engine {
         self.reconcile(now)
     }
 
+    /// The host a worker runs on: its hostname (its id when it gave none, so
+    /// workers that did not say are never taken for neighbours).
+    fn host_of(&self, id: &str) -> String {
+        match self.workers.get(id) {
+            Some(w) if !w.info.hostname.is_empty() => w.info.hostname.clone(),
+            _ => id.to_string(),
+        }
+    }
+
     /// The members in rank order: the ranks of one host next to each other
     /// (in local-rank order, so `dpo-worker --gpus N`'s GPUs are consecutive
     /// ranks, and a ring or NCCL's topology crosses hosts as rarely as it
     /// can), hosts in the order their first member joined.
     fn placed(&self, mut members: Vec<String>) -> Vec<String> {
-        let host = |id: &String| {
-            let info = &self.workers[id].info;
-            if info.hostname.is_empty() {
-                id.clone()
-            } else {
-                info.hostname.clone()
-            }
-        };
+        let host = |id: &String| self.host_of(id);
         let mut first: HashMap<String, u64> = HashMap::new();
         for id in &members {
             let seq = self.workers[id].seq;
@@ -424,7 +426,13 @@ impl Engine {
             resume_step: record.checkpoint_step,
             has_eval: record.eval_examples > 0,
             ring_key: secret(),
+            host_ranks: 0,
         };
+        // How many ranks share each host: each divides its cores among them.
+        let mut per_host: HashMap<String, u32> = HashMap::new();
+        for m in &members {
+            *per_host.entry(self.host_of(m)).or_default() += 1;
+        }
         tracing::info!(run = %run_id, generation = number, world_size = members.len(), "generation formed");
         for (rank, m) in members.iter().enumerate() {
             if let Some(w) = self.workers.get_mut(m) {
@@ -434,6 +442,7 @@ impl Engine {
             }
             let mut w = work.clone();
             w.rank = rank as u32;
+            w.host_ranks = per_host.get(&self.host_of(m)).copied().unwrap_or(1);
             self.send(m, v1::assignment::Kind::Work(w));
         }
         self.active = Some(Generation {

@@ -931,3 +931,34 @@ fn auto_picks_nccl_only_when_every_member_can_run_it() {
     let formed = join_rank(&mut e, "cpu", "h2", 0, false, t0);
     assert_eq!(backends(&formed), vec!["tcp"; 2]);
 }
+
+/// Each member learns how many ranks of its generation share its host, so
+/// it divides that host's cores among them: three on one host and one alone.
+#[test]
+fn each_member_is_told_how_many_ranks_share_its_host() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(4, 4, 10, t0);
+    join_rank(&mut e, "a-0", "host-a", 0, false, t0);
+    join_rank(&mut e, "a-1", "host-a", 1, false, t0);
+    join_rank(&mut e, "b-0", "host-b", 0, false, t0);
+    let formed = join_rank(&mut e, "a-2", "host-a", 2, false, t0);
+    let shared: Vec<(String, u32)> = formed
+        .iter()
+        .filter_map(|f| match f {
+            Effect::Send {
+                worker,
+                kind: v1::assignment::Kind::Work(w),
+            } => Some((worker.clone(), w.host_ranks)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        shared,
+        vec![
+            ("a-0".into(), 3),
+            ("a-1".into(), 3),
+            ("a-2".into(), 3),
+            ("b-0".into(), 1)
+        ]
+    );
+}

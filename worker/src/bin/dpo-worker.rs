@@ -43,6 +43,12 @@ struct Cli {
     /// Set by --gpus/--devices for each rank it starts.
     #[arg(long, hide = true, default_value_t = 0)]
     local_rank: u32,
+    /// Intra-op (OpenMP) threads for libtorch. Default: the cores this process
+    /// may use (its CPU set and container quota) divided by the ranks on this
+    /// host — the coordinator says how many share it; `train --peers` counts
+    /// its local peers — unless OMP_NUM_THREADS or MKL_NUM_THREADS is set.
+    #[arg(long, global = true, env = "DPO_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     /// Seconds a worker asked to stop (SIGTERM, SIGINT) may take to finish its
     /// step and leave; then, or at a second signal, it stops at once (exit 143).
     #[arg(long, default_value_t = 60)]
@@ -215,9 +221,15 @@ fn main() -> anyhow::Result<()> {
             halt_after_reference_chunks: cli.halt_after_reference_chunks,
             tear_at_step: cli.tear_at_step,
             leave_timeout: std::time::Duration::from_secs(cli.leave_timeout_s),
+            threads: cli.threads.map(usize::from),
         })
         .map_err(anyhow::Error::from);
     };
+    let explicit_threads = cli.threads.map(usize::from);
+    if !matches!(command, Command::Train { .. }) {
+        // One process on this host (evaluate, score, …).
+        dpo_worker::threads::apply(explicit_threads, 1);
+    }
     match command {
         Command::Train {
             config,
@@ -228,6 +240,12 @@ fn main() -> anyhow::Result<()> {
             peers,
             rank,
         } => {
+            // The ranks of a --peers world on this host share its cores.
+            let on_host = match rank {
+                Some(_) => dpo_worker::threads::local_peers(&peers),
+                None => 1,
+            };
+            dpo_worker::threads::apply(explicit_threads, on_host);
             let collective = static_world(&peers, rank)?;
             train(
                 &config,
@@ -328,6 +346,9 @@ fn run_ranks(cli: &Cli, coordinator: String, devices: Vec<String>) -> anyhow::Re
         common.extend(["--advertise".into(), ip.to_string()]);
     }
     common.extend(["--leave-timeout-s".into(), cli.leave_timeout_s.to_string()]);
+    if let Some(n) = cli.threads {
+        common.extend(["--threads".into(), n.to_string()]);
+    }
     if let Some(n) = cli.halt_after_reference_chunks {
         common.extend(["--halt-after-reference-chunks".into(), n.to_string()]);
     }

@@ -74,6 +74,7 @@ pub fn join(opts: JoinOptions) -> Result<()> {
         halt_after_reference_chunks: opts.halt_after_reference_chunks,
         tear_at_step: opts.tear_at_step,
         reference_chunks_reported: 0,
+        threads: opts.threads,
     };
     while let Ok(mut cmd) = rx.recv() {
         // Only the newest instruction matters.
@@ -165,7 +166,13 @@ async fn control_loop(
         nccl,
         local_rank,
     } = me;
-    let hostname = std::env::var("HOSTNAME").unwrap_or_default();
+    // The host this worker shares with others (the coordinator tells each
+    // rank how many of its generation run here, to divide the cores).
+    let hostname = std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(crate::threads::hostname)
+        .unwrap_or_default();
     // The secret the coordinator gave this process: it proves later requests
     // are ours (nobody else can re-register our id while our lease is live).
     let mut session: Vec<u8> = Vec::new();

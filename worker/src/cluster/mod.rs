@@ -63,6 +63,9 @@ pub struct JoinOptions {
     /// How long a worker asked to stop may take to leave before it stops at
     /// once (the coordinator may be unreachable, so the hand-off never comes).
     pub leave_timeout: std::time::Duration,
+    /// Intra-op threads (`--threads`); none: the host's cores shared among
+    /// the generation's ranks on it ([`crate::threads`]).
+    pub threads: Option<usize>,
 }
 
 /// What the gRPC side tells the training thread.
@@ -169,6 +172,8 @@ struct Worker {
     halt_after_reference_chunks: Option<u64>,
     reference_chunks_reported: u64,
     tear_at_step: Option<u64>,
+    /// `--threads` (none: shared among the ranks on this host).
+    threads: Option<usize>,
 }
 
 /// A completed step (or an evaluation at a step) as it is reported: its
@@ -485,6 +490,7 @@ impl Worker {
                 Some(m) => m,
                 None => trainer.train_step()?,
             };
+            let m = crate::train::run_loop::with_threads(m);
             let trained = started.elapsed();
             let eval = trainer.maybe_evaluate()?;
             let checkpoint = trainer.maybe_checkpoint()?;
@@ -656,6 +662,8 @@ impl Worker {
         if self.shared.aborted_up_to.load(Ordering::SeqCst) >= work.generation {
             return;
         }
+        // This host's cores, shared among the generation's ranks on it.
+        crate::threads::apply(self.threads, work.host_ranks.max(1) as usize);
         match self.run_generation(work, &signal) {
             Ok(()) => tracing::info!(run = %work.run_id, "run complete on this worker"),
             Err(Error::HandedOff { step }) => {

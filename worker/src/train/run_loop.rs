@@ -301,6 +301,15 @@ pub trait TrainingRun {
     }
 }
 
+/// A step's metrics with the intra-op thread count it ran with (`threads`):
+/// ranks sharing a host should show their share of its cores, not all.
+pub fn with_threads(mut m: Metrics) -> Metrics {
+    if !m.iter().any(|(k, _)| k == "threads") {
+        m.push(("threads".into(), crate::threads::current() as f64));
+    }
+    m
+}
+
 /// [`TrainingRun::sync_world`]'s shared part, for a task that adds its own:
 /// the shared state through [`RankState::sync_world`]; when a ZeRO share was
 /// lost, every rank back to `checkpoint` (the last committed one: directory
@@ -364,7 +373,7 @@ pub fn run(
     let mut last_eval = None;
     let total_steps = run.total_steps();
     while !run.finished() {
-        last = run.train_step()?;
+        last = with_threads(run.train_step()?);
         let step = run.step();
         if let Some(r) = reporter.as_mut() {
             r.step(&last)?;
