@@ -125,21 +125,20 @@ fn load_from(
                 DataFormat::Conversational => PairFormat::Chat,
                 _ => PairFormat::Auto,
             };
-            let (records, skipped) = crate::read_pairs_skipping(path, layout, forced, skip)?;
+            // Each pair is tokenized as it is read: the dataset's text is
+            // never held, only its token ids.
+            let mut examples = Vec::new();
+            let skipped = crate::pairs::for_each_pair(path, layout, forced, skip, &mut |r| {
+                let tok = match r.value {
+                    crate::Pair::Tokens { .. } => None,
+                    _ => Some(need_tokenizer()?),
+                };
+                examples.push(Example::from(crate::pairs::tokenize_pair(path, r, tok)?));
+                Ok(())
+            })?;
             log_skipped(&skipped);
             report.skipped_lines = skipped.len();
-            let has_text = records
-                .iter()
-                .any(|r| !matches!(r.value, crate::Pair::Tokens { .. }));
-            let tok = if has_text {
-                Some(need_tokenizer()?)
-            } else {
-                None
-            };
-            crate::tokenize_pairs(path, records, tok)?
-                .into_iter()
-                .map(Example::from)
-                .collect()
+            examples
         }
         DataFormat::Labelled => {
             let tok = need_tokenizer()?;

@@ -30,6 +30,7 @@ pub use dataset::{DataReport, NegativeSampler, SamplerError, check_vocabulary};
 pub use error::{Error, Refusal, Result};
 pub use examples::{Example, LabelledRecord, Truncation};
 pub use pairs::{
-    Pair, PairFormat, Record, TokenizedPair, read_pairs, read_pairs_skipping, tokenize_pairs,
+    Pair, PairFormat, Record, TokenizedPair, for_each_pair, read_pairs, read_pairs_skipping,
+    tokenize_pair, tokenize_pairs,
 };
 pub use tokenizer::TextTokenizer;

@@ -264,9 +264,29 @@ pub fn read_pairs_skipping(
     format: PairFormat,
     skip_bad: bool,
 ) -> Result<(Vec<Record<Pair>>, Vec<Error>)> {
+    let mut out = Vec::new();
+    let skipped = for_each_pair(path, layout, format, skip_bad, &mut |r| {
+        out.push(r);
+        Ok(())
+    })?;
+    Ok((out, skipped))
+}
+
+/// Reads `path`'s pairs one at a time into `each`, which may refuse one (the
+/// read ends with its error): a record `each` does not keep is dropped as soon
+/// as it returns, so a caller that tokenizes as it goes never holds the
+/// dataset's text. With `skip_bad`, malformed records are returned as errors
+/// instead of failing the read.
+pub fn for_each_pair(
+    path: &Path,
+    layout: &Layout,
+    format: PairFormat,
+    skip_bad: bool,
+    each: &mut dyn FnMut(Record<Pair>) -> Result<()>,
+) -> Result<Vec<Error>> {
     let mut format = format;
     let mut format_line = 0usize;
-    let mut out = Vec::new();
+    let mut read = 0usize;
     let mut skipped = Vec::new();
     for row in crate::records::open(path, layout, PAIR_KEYS)? {
         let row = row?;
@@ -277,21 +297,24 @@ pub fn read_pairs_skipping(
             .and_then(|obj| parse_record(path, n, &obj, &mut format, &mut format_line))
             .map_err(|e| crate::records::explain(e, layout));
         match parsed {
-            Ok(pair) => out.push(Record {
-                line: n,
-                value: pair,
-            }),
+            Ok(pair) => {
+                read += 1;
+                each(Record {
+                    line: n,
+                    value: pair,
+                })?;
+            }
             Err(e) if skip_bad => skipped.push(e),
             Err(e) => return Err(e),
         }
     }
-    if out.is_empty() {
+    if read == 0 {
         return Err(Error::File {
             path: path.to_path_buf(),
             reason: "no pairs in file".into(),
         });
     }
-    Ok((out, skipped))
+    Ok(skipped)
 }
 
 fn parse_record(
@@ -341,24 +364,34 @@ pub fn tokenize_pairs(
     records: Vec<Record<Pair>>,
     tokenizer: Option<&TextTokenizer>,
 ) -> Result<Vec<TokenizedPair>> {
-    let path: PathBuf = path.to_path_buf();
     records
         .into_iter()
-        .map(|Record { line, value }| {
-            let (prompt, chosen, rejected) = match value {
-                Pair::Tokens {
-                    prompt,
-                    chosen,
-                    rejected,
-                } => (prompt, chosen, rejected),
-                Pair::Chat {
-                    prompt,
-                    chosen,
-                    rejected,
-                } => {
-                    let tok = tokenizer
-                        .ok_or_else(|| line_err(&path, line, "a conversational pair needs a tokenizer"))?;
-                    let template = tok.chat_template().ok_or_else(|| {
+        .map(|r| tokenize_pair(path, r, tokenizer))
+        .collect()
+}
+
+/// One pair as token ids (see [`tokenize_pairs`]).
+pub fn tokenize_pair(
+    path: &Path,
+    record: Record<Pair>,
+    tokenizer: Option<&TextTokenizer>,
+) -> Result<TokenizedPair> {
+    let path: PathBuf = path.to_path_buf();
+    let Record { line, value } = record;
+    let (prompt, chosen, rejected) = match value {
+        Pair::Tokens {
+            prompt,
+            chosen,
+            rejected,
+        } => (prompt, chosen, rejected),
+        Pair::Chat {
+            prompt,
+            chosen,
+            rejected,
+        } => {
+            let tok = tokenizer
+                .ok_or_else(|| line_err(&path, line, "a conversational pair needs a tokenizer"))?;
+            let template = tok.chat_template().ok_or_else(|| {
                         line_err(
                             &path,
                             line,
@@ -366,52 +399,53 @@ pub fn tokenize_pairs(
                              chat_template in tokenizer_config.json), and this model has none",
                         )
                     })?;
-                    let (p, r) = template
-                        .render_pair(&prompt, &[&chosen, &rejected])
-                        .map_err(|reason| line_err(&path, line, reason))?;
-                    let at_line = |e: Error| line_err(&path, line, e.to_string());
-                    (
-                        tok.encode_prompt(&p).map_err(at_line)?,
-                        tok.encode_chat_response(&r[0]).map_err(at_line)?,
-                        tok.encode_chat_response(&r[1]).map_err(at_line)?,
-                    )
-                }
-                Pair::Text {
-                    prompt,
-                    chosen,
-                    rejected,
-                } => {
-                    let tok = tokenizer.ok_or_else(|| {
-                        line_err(&path, line, "a text pair needs a tokenizer")
-                    })?;
-                    let at_line = |e: Error| line_err(&path, line, e.to_string());
-                    (
-                        tok.encode_prompt(&prompt).map_err(at_line)?,
-                        tok.encode_response(&chosen).map_err(at_line)?,
-                        tok.encode_response(&rejected).map_err(at_line)?,
-                    )
-                }
-            };
-            if prompt.is_empty() {
-                return Err(line_err(
-                    &path,
-                    line,
-                    "the prompt has no tokens, so the first response token has nothing to be predicted from",
-                ));
-            }
-            for (name, ids) in [("chosen", &chosen), ("rejected", &rejected)] {
-                if ids.is_empty() {
-                    return Err(line_err(&path, line, format!("the {name} response has no tokens")));
-                }
-            }
-            Ok(TokenizedPair {
+            let (p, r) = template
+                .render_pair(&prompt, &[&chosen, &rejected])
+                .map_err(|reason| line_err(&path, line, reason))?;
+            let at_line = |e: Error| line_err(&path, line, e.to_string());
+            (
+                tok.encode_prompt(&p).map_err(at_line)?,
+                tok.encode_chat_response(&r[0]).map_err(at_line)?,
+                tok.encode_chat_response(&r[1]).map_err(at_line)?,
+            )
+        }
+        Pair::Text {
+            prompt,
+            chosen,
+            rejected,
+        } => {
+            let tok =
+                tokenizer.ok_or_else(|| line_err(&path, line, "a text pair needs a tokenizer"))?;
+            let at_line = |e: Error| line_err(&path, line, e.to_string());
+            (
+                tok.encode_prompt(&prompt).map_err(at_line)?,
+                tok.encode_response(&chosen).map_err(at_line)?,
+                tok.encode_response(&rejected).map_err(at_line)?,
+            )
+        }
+    };
+    if prompt.is_empty() {
+        return Err(line_err(
+            &path,
+            line,
+            "the prompt has no tokens, so the first response token has nothing to be predicted from",
+        ));
+    }
+    for (name, ids) in [("chosen", &chosen), ("rejected", &rejected)] {
+        if ids.is_empty() {
+            return Err(line_err(
+                &path,
                 line,
-                prompt,
-                chosen,
-                rejected,
-            })
-        })
-        .collect()
+                format!("the {name} response has no tokens"),
+            ));
+        }
+    }
+    Ok(TokenizedPair {
+        line,
+        prompt,
+        chosen,
+        rejected,
+    })
 }
 
 #[cfg(test)]
@@ -433,6 +467,50 @@ mod tests {
         let prefix = format!("{}:", f.path().display());
         assert!(e.starts_with(&prefix), "error names the file: {e}");
         e[prefix.len()..].to_string()
+    }
+
+    /// Pairs reach the caller one at a time as they are read (a bad record
+    /// further on has not been read yet), and the caller's refusal ends the
+    /// read at once.
+    #[test]
+    fn pairs_stream_to_the_caller_one_at_a_time() {
+        let f = file(concat!(
+            "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\"}\n",
+            "{\"prompt\": \"d\", \"chosen\": \"e\", \"rejected\": \"f\"}\n",
+            "{\"prompt\": 7}\n",
+        ));
+        let mut seen = Vec::new();
+        let e = for_each_pair(
+            f.path(),
+            &Layout::default(),
+            PairFormat::Auto,
+            false,
+            &mut |r| {
+                seen.push(r.line);
+                Ok(())
+            },
+        )
+        .expect_err("line 3 is no pair");
+        assert_eq!(
+            seen,
+            vec![1, 2],
+            "each pair handed over before the next is read"
+        );
+        assert!(e.to_string().contains(":3:"), "{e}");
+        let mut calls = 0;
+        let e = for_each_pair(
+            f.path(),
+            &Layout::default(),
+            PairFormat::Auto,
+            false,
+            &mut |r| {
+                calls += 1;
+                Err(line_err(f.path(), r.line, "refused by the caller"))
+            },
+        )
+        .expect_err("refused");
+        assert_eq!(calls, 1);
+        assert!(e.to_string().ends_with(":1: refused by the caller"), "{e}");
     }
 
     #[test]
