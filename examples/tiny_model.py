@@ -37,6 +37,7 @@ ARCH_TOKENS = {
     "llama": ("<s>", "</s>", "<pad>", [], True),
     "mistral": ("<s>", "</s>", "<pad>", [], True),
     "qwen2": (None, "<|endoftext|>", "<|endoftext|>", ["<|im_start|>", "<|im_end|>"], False),
+    "qwen3": (None, "<|endoftext|>", "<|endoftext|>", ["<|im_start|>", "<|im_end|>"], False),
 }
 
 
@@ -114,6 +115,11 @@ def build_config(arch: str, vocab: int, args, tok_ids: dict):
         return transformers.MistralConfig(**common, rope_parameters=rope, sliding_window=args.sliding_window)
     if arch == "qwen2":
         return transformers.Qwen2Config(**common, rope_parameters=rope)
+    if arch == "qwen3":
+        # As the real ones: head_dim independent of hidden/heads (here twice
+        # it), q/k norms, no attention bias.
+        return transformers.Qwen3Config(**common, rope_parameters=rope,
+                                        head_dim=2 * args.hidden // args.heads)
     raise SystemExit(f"unknown arch {arch}")
 
 

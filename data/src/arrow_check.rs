@@ -93,7 +93,7 @@ impl Walk<'_> {
 
     /// Checks one message whose body starts at `body`; returns the body length.
     fn message(&mut self, meta: &[u8], body: u64) -> Result<u64> {
-        let m = parse(meta)
+        let m = arrow_ipc::root_as_message(meta)
             .map_err(|e| bad(self.path, format!("an invalid message at byte {body}: {e}")))?;
         let body_len = u64::try_from(m.bodyLength())
             .map_err(|_| bad(self.path, format!("a negative body length at byte {body}")))?;
@@ -183,10 +183,6 @@ pub struct Checked {
     pub rows: u64,
     /// Decoded bytes so far, this file's included.
     pub decoded: u64,
-}
-
-fn parse(meta: &[u8]) -> std::result::Result<arrow_ipc::Message<'_>, String> {
-    arrow_ipc::root_as_message(meta).map_err(|e| e.to_string())
 }
 
 /// Checks the Arrow IPC file or stream at `path` (see the module header).

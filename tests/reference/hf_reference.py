@@ -39,6 +39,9 @@ FIXTURES = {
     "mistral": dict(arch="mistral", kv_heads=1, sliding_window=6, rope_scaling="linear"),
     # Qwen2 with the same shapes and other weights.
     "qwen2-other": dict(arch="qwen2", tie=True, seed=5),
+    # Qwen3: per-head q/k RMSNorm, no attention bias, head_dim twice hidden/heads,
+    # GQA, tied embeddings (as the small Qwen3 checkpoints).
+    "qwen3": dict(arch="qwen3", tie=True, kv_heads=2, seed=3),
     # bf16 weights, attention biases, tied embeddings.
     "llama-bf16": dict(arch="llama", dtype="bfloat16", attention_bias=True, tie=True, seed=2),
 }

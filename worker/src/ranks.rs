@@ -185,16 +185,20 @@ fn terminate(child: &Child) {
 
 /// The devices of `--gpus N`: `cuda:0` … `cuda:N-1`, refused with the cause
 /// when this machine has fewer.
-pub fn gpus(n: usize) -> Result<Vec<String>, String> {
+pub fn gpus(n: usize) -> crate::Result<Vec<String>> {
+    let refuse = |reason: String| crate::Error::Input {
+        context: format!("--gpus {n}"),
+        reason,
+    };
     if n == 0 {
-        return Err("--gpus 0: give at least one".into());
+        return Err(refuse("give at least one".into()));
     }
     let have = crate::cuda::device_count();
     if have < n {
-        return Err(format!(
-            "--gpus {n}: libtorch sees {have} CUDA device{} on this machine",
+        return Err(refuse(format!(
+            "libtorch sees {have} CUDA device{} on this machine",
             if have == 1 { "" } else { "s" }
-        ));
+        )));
     }
     Ok((0..n).map(|i| format!("cuda:{i}")).collect())
 }
@@ -229,7 +233,7 @@ mod tests {
     #[test]
     fn more_gpus_than_the_machine_has_are_refused() {
         let have = crate::cuda::device_count();
-        let e = gpus(have + 1).expect_err("too many");
+        let e = gpus(have + 1).expect_err("too many").to_string();
         assert!(e.contains(&format!("sees {have} CUDA device")), "{e}");
         assert!(gpus(0).is_err());
     }

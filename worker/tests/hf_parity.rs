@@ -80,6 +80,13 @@ fn qwen2_logits_match_transformers() {
 }
 
 #[test]
+fn qwen3_logits_match_transformers() {
+    // Per-head q/k RMSNorm before rotary, head_dim independent of hidden/heads,
+    // no attention bias, GQA, tied embeddings.
+    check_logits("qwen3", Kind::Float, 1e-4);
+}
+
+#[test]
 fn mistral_logits_match_transformers() {
     // Multi-query attention, linear rope scaling, a sliding window shorter than the inputs.
     check_logits("mistral", Kind::Float, 1e-4);
@@ -301,7 +308,7 @@ fn cached_generation_matches_full_forward_and_transformers_greedy() {
     let _guard = tch::no_grad_guard();
     // Mistral's window (6) is shorter than the prompt (13): prefill and decoding
     // both have to apply it.
-    for name in ["llama", "qwen2", "mistral"] {
+    for name in ["llama", "qwen2", "qwen3", "mistral"] {
         let model = checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).expect("loads");
         let want: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixtures().join(format!("ref/{name}.greedy.json")))

@@ -119,6 +119,47 @@ output = "{out}"
     path
 }
 
+/// DPO on a Qwen3 (per-head q/k norms, head_dim apart from hidden/heads,
+/// no attention bias): 3 SGD steps equal PyTorch's on transformers' model.
+#[test]
+fn qwen3_dpo_matches_the_pytorch_reference() {
+    let model = fixture("qwen3");
+    let data = fixtures().join("pairs_tokens.jsonl");
+    let dir = tempdir();
+    let c = Case {
+        name: "qwen3-dpo",
+        ..BASE
+    };
+    train_ok(&write_spec(dir.path(), &model, &data, &c), &[]);
+    let theirs = dir.path().join("qwen3-dpo.reference.safetensors");
+    let cases_json = dir.path().join("cases.json");
+    std::fs::write(
+        &cases_json,
+        json!({"model": model, "data": data, "cases": [{
+            "name": c.name, "loss": c.loss, "beta": c.beta, "label_smoothing": 0.0,
+            "nll_weight": 0.0, "negative_weight": 0.5, "optimizer": c.optimizer, "lr": c.lr,
+            "weight_decay": 0.0, "max_grad_norm": 0.0, "warmup_steps": 0,
+            "schedule": "constant_with_warmup", "steps": STEPS, "global_batch_size": GLOBAL,
+            "reference_free": false, "out": theirs,
+        }]})
+        .to_string(),
+    )
+    .expect("write");
+    run_python("tests/reference/dpo_reference.py", &[&cases_json]);
+    let initial = read_tensors(&model.join("model.safetensors")).expect("initial weights");
+    let ours = read_tensors(&dir.path().join(c.name).join("final/model.safetensors"))
+        .expect("our weights");
+    let theirs = read_tensors(&theirs).expect("reference");
+    let (moved, diff) = (
+        max_weight_diff(&ours, &initial),
+        max_weight_diff(&ours, &theirs),
+    );
+    eprintln!("qwen3 dpo: weights moved {moved:.2e}, max |ours - pytorch| {diff:.2e}");
+    assert!(moved > 1e-3, "training moved the weights: {moved}");
+    assert!(diff <= 1e-5, "max weight difference {diff} > 1e-5");
+    assert!(ours.keys().any(|k| k.ends_with("self_attn.q_norm.weight")));
+}
+
 #[test]
 fn every_loss_matches_the_pytorch_reference() {
     let model = fixture("qwen2"); // biases (no weight decay) and tied embeddings

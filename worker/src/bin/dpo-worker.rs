@@ -200,7 +200,7 @@ fn main() -> anyhow::Result<()> {
             );
         };
         let devices = match cli.gpus {
-            Some(n) => dpo_worker::ranks::gpus(n).map_err(anyhow::Error::msg)?,
+            Some(n) => dpo_worker::ranks::gpus(n)?,
             None => cli.devices.clone(),
         };
         if !devices.is_empty() {

@@ -17,6 +17,9 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2's decoder without QKV biases, with a per-head RMSNorm on q and
+    /// k before rotary (`q_norm`, `k_norm`).
+    Qwen3,
 }
 
 impl Architecture {
@@ -25,6 +28,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
         }
     }
 }
@@ -35,15 +39,17 @@ pub enum ModelType {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
     Bert,
     Roberta,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 5] = [
+    pub const ALL: [ModelType; 6] = [
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
+        ModelType::Qwen3,
         ModelType::Bert,
         ModelType::Roberta,
     ];
@@ -54,6 +60,7 @@ impl ModelType {
             ModelType::Llama => "llama",
             ModelType::Mistral => "mistral",
             ModelType::Qwen2 => "qwen2",
+            ModelType::Qwen3 => "qwen3",
             ModelType::Bert => "bert",
             ModelType::Roberta => "roberta",
         }
@@ -75,6 +82,7 @@ impl ModelType {
             ModelType::Llama => Some(Architecture::Llama),
             ModelType::Mistral => Some(Architecture::Mistral),
             ModelType::Qwen2 => Some(Architecture::Qwen2),
+            ModelType::Qwen3 => Some(Architecture::Qwen3),
             ModelType::Bert | ModelType::Roberta => None,
         }
     }
@@ -145,6 +153,8 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// Bias on the output projection (Llama's `attention_bias` covers it too).
     pub o_bias: bool,
+    /// A per-head RMSNorm on q and k before rotary (Qwen3).
+    pub qk_norm: bool,
     pub mlp_bias: bool,
     /// Per layer: `Some(w)` when that layer attends to the last `w` positions only.
     pub sliding_windows: Vec<Option<i64>>,
@@ -276,10 +286,11 @@ impl ModelConfig {
         let (qkv_bias, o_bias) = match architecture {
             // Qwen2 always has q/k/v biases and never an output bias.
             Architecture::Qwen2 => (true, false),
-            Architecture::Llama | Architecture::Mistral => (attention_bias, attention_bias),
+            Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 => {
+                (attention_bias, attention_bias)
+            }
         };
-        let sliding_windows =
-            sliding_windows(architecture, &raw, num_hidden_layers).map_err(bad)?;
+        let sliding_windows = sliding_windows(architecture, &raw, num_hidden_layers, &bad)?;
 
         Ok(ModelConfig {
             architecture,
@@ -297,6 +308,7 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             o_bias,
+            qk_norm: architecture == Architecture::Qwen3,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_windows,
             bos_token_id: raw.bos_token_id.as_ref().and_then(Value::as_i64),
@@ -426,36 +438,39 @@ fn sliding_windows(
     arch: Architecture,
     raw: &RawConfig,
     layers: i64,
-) -> std::result::Result<Vec<Option<i64>>, String> {
+    bad: &dyn Fn(String) -> Error,
+) -> Result<Vec<Option<i64>>> {
     let n = layers as usize;
     if let Some(types) = &raw.layer_types {
         if types.len() != n {
-            return Err(format!(
+            return Err(bad(format!(
                 "layer_types has {} entries, num_hidden_layers is {layers}",
                 types.len()
-            ));
+            )));
         }
         return types
             .iter()
             .map(|t| match t.as_str() {
                 "full_attention" => Ok(None),
                 "sliding_attention" => raw.sliding_window.map(Some).ok_or_else(|| {
-                    "layer_types names sliding_attention but sliding_window is null".to_string()
+                    bad("layer_types names sliding_attention but sliding_window is null".into())
                 }),
-                other => Err(format!("layer_types: unsupported layer type {other:?}")),
+                other => Err(bad(format!(
+                    "layer_types: unsupported layer type {other:?}"
+                ))),
             })
             .collect();
     }
     Ok(match arch {
         Architecture::Mistral => vec![raw.sliding_window; n],
-        Architecture::Qwen2 if raw.use_sliding_window.unwrap_or(false) => {
+        Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window.unwrap_or(false) => {
             // Older Qwen2 configs: layers from max_window_layers on use the window.
             let first = raw.max_window_layers.unwrap_or(layers);
             (0..layers)
                 .map(|i| if i >= first { raw.sliding_window } else { None })
                 .collect()
         }
-        Architecture::Qwen2 | Architecture::Llama => vec![None; n],
+        Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Llama => vec![None; n],
     })
 }
 

@@ -64,6 +64,9 @@ struct Attention {
     k_proj: Linear,
     v_proj: Linear,
     o_proj: Linear,
+    /// Qwen3: RMSNorm over each head's q and k, before rotary.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
     num_heads: i64,
     num_kv_heads: i64,
     head_dim: i64,
@@ -79,6 +82,14 @@ impl Attention {
             k_proj: Linear::new(&p / "k_proj", h, kv_dim, cfg.qkv_bias, kind)?,
             v_proj: Linear::new(&p / "v_proj", h, kv_dim, cfg.qkv_bias, kind)?,
             o_proj: Linear::new(&p / "o_proj", q_dim, h, cfg.o_bias, kind)?,
+            q_norm: match cfg.qk_norm {
+                true => Some(RmsNorm::new(&p / "q_norm", d, cfg.rms_norm_eps, kind)?),
+                false => None,
+            },
+            k_norm: match cfg.qk_norm {
+                true => Some(RmsNorm::new(&p / "k_norm", d, cfg.rms_norm_eps, kind)?),
+                false => None,
+            },
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
@@ -102,16 +113,31 @@ impl Attention {
                 (b, l)
             }
         };
-        let heads = |t: TchResult<Tensor>, n: i64| -> TchResult<Tensor> {
+        let heads = |t: TchResult<Tensor>, n: i64, norm: Option<&RmsNorm>| -> TchResult<Tensor> {
             let t = match unpadded {
                 Some(u) => u.pad(&t?)?,
                 None => t?,
             };
-            t.f_view([b, l, n, self.head_dim])?.f_transpose(1, 2)
+            let t = t.f_view([b, l, n, self.head_dim])?;
+            let t = match norm {
+                Some(norm) => norm.forward(&t)?,
+                None => t,
+            };
+            t.f_transpose(1, 2)
         };
-        let q = heads(self.q_proj.forward(xs), self.num_heads).op("attention: q")?;
-        let k = heads(self.k_proj.forward(xs), self.num_kv_heads).op("attention: k")?;
-        let v = heads(self.v_proj.forward(xs), self.num_kv_heads).op("attention: v")?;
+        let q = heads(
+            self.q_proj.forward(xs),
+            self.num_heads,
+            self.q_norm.as_ref(),
+        )
+        .op("attention: q")?;
+        let k = heads(
+            self.k_proj.forward(xs),
+            self.num_kv_heads,
+            self.k_norm.as_ref(),
+        )
+        .op("attention: k")?;
+        let v = heads(self.v_proj.forward(xs), self.num_kv_heads, None).op("attention: v")?;
         let q = rope::apply(&q, cos, sin)?;
         let mut k = rope::apply(&k, cos, sin)?;
         let mut v = v;
