@@ -38,7 +38,8 @@ pub enum Error {
     #[error("{path}: {reason}")]
     Config { path: PathBuf, reason: String },
     #[error(
-        "{path}: unsupported model_type {model_type:?} (supported: llama, mistral, qwen2, bert, roberta)"
+        "{path}: unsupported model_type {model_type:?} (supported: {})",
+        crate::model::config::ModelType::supported()
     )]
     UnsupportedModel { path: PathBuf, model_type: String },
     #[error("{path}: tensor {name}: expected shape {expected:?}, found {found:?}")]

@@ -70,6 +70,11 @@ impl ModelType {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }
 
+    /// Every supported `model_type`, for messages: `llama, mistral, …`.
+    pub fn supported() -> String {
+        Self::ALL.map(ModelType::name).join(", ")
+    }
+
     /// A bidirectional encoder (token and sequence classification), not a
     /// causal LM.
     pub fn is_encoder(self) -> bool {
