@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Writes a tiny random BERT or RoBERTa checkpoint in Hugging Face format.
+"""Writes a tiny random BERT, RoBERTa or XLM-RoBERTa checkpoint in Hugging Face format.
 
 The tokenizer is made on the spot from a synthetic corpus plus any text files given
 (WordPiece for BERT, its vocabulary chosen deterministically; byte-level BPE for
-RoBERTa), and the weights are random, so nothing is downloaded. What this writes is what transformers' `save_pretrained`
+RoBERTa; a SentencePiece-style Unigram with `▁`-prefixed pieces for XLM-RoBERTa,
+as its real tokenizer.json has), and the weights are random, so nothing is downloaded. What this writes is what transformers' `save_pretrained`
 writes, which is exactly what dpo-cluster must read.
 
     python examples/tiny_encoder.py --out /tmp/bert --family bert --head token \
@@ -60,8 +61,38 @@ def wordpiece_vocab(texts: list[str], size: int, specials: list[str]) -> dict:
     return {t: i for i, t in enumerate(vocab)}
 
 
+def unigram_vocab(texts: list[str], size: int, specials: list[str]) -> list[tuple[str, float]]:
+    """A SentencePiece-style Unigram vocabulary chosen deterministically (the
+    tokenizers trainer breaks ties differently from run to run): the special
+    tokens, `▁` and every character alone, then the most frequent pieces of 2-8
+    characters of the `▁`-prefixed words (ties by the piece), each scored by the
+    log of its frequency."""
+    import collections
+    import math
+
+    words = collections.Counter("\u2581" + w for t in texts for w in t.split())
+    counts = collections.Counter()
+    for w, n in words.items():
+        for i in range(len(w)):
+            for k in range(1, 9):
+                if i + k <= len(w):
+                    counts[w[i:i + k]] += n
+    total = sum(counts.values())
+    chars = sorted({p for p in counts if len(p) == 1})
+    chosen = list(chars)
+    taken = set(chosen)
+    for piece, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(specials) + len(chosen) >= size:
+            break
+        if piece not in taken:
+            chosen.append(piece)
+            taken.add(piece)
+    return [(s, 0.0) for s in specials] + [(p, math.log(counts[p] / total)) for p in chosen]
+
+
 def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    import transformers
     from transformers import PreTrainedTokenizerFast
 
     if family == "bert":
@@ -76,6 +107,22 @@ def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
         )
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+        )
+    elif family == "xlm-roberta":
+        # XLM-R's layout: <s>=0, <pad>=1, </s>=2, <unk>=3, pieces, <mask> last.
+        specials = ["<s>", "<pad>", "</s>", "<unk>"]
+        tok = Tokenizer(models.Unigram(unigram_vocab(texts, vocab_size - 1, specials), unk_id=3))
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+        tok.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+        bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+        )
+        fast = transformers.XLMRobertaTokenizerFast(
+            tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+            cls_token="<s>", sep_token="</s>", mask_token="<mask>",
         )
     else:
         specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
@@ -99,7 +146,7 @@ def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--family", choices=["bert", "roberta"], default="bert")
+    p.add_argument("--family", choices=["bert", "roberta", "xlm-roberta"], default="bert")
     p.add_argument("--head", choices=["none", "token", "sequence"], default="none")
     p.add_argument("--labels", default="", help="comma-separated labels of the head (id order)")
     p.add_argument("--seed", type=int, default=0)
@@ -140,6 +187,14 @@ def main(argv=None) -> None:
         config = transformers.BertConfig(max_position_embeddings=args.max_positions, type_vocab_size=2, **common)
         classes = {"none": transformers.BertModel, "token": transformers.BertForTokenClassification,
                    "sequence": transformers.BertForSequenceClassification}
+    elif args.family == "xlm-roberta":
+        # RoBERTa's architecture (positions after padding_idx too).
+        config = transformers.XLMRobertaConfig(
+            max_position_embeddings=args.max_positions + fast.pad_token_id + 1, type_vocab_size=1,
+            bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, **common
+        )
+        classes = {"none": transformers.XLMRobertaModel, "token": transformers.XLMRobertaForTokenClassification,
+                   "sequence": transformers.XLMRobertaForSequenceClassification}
     else:
         # RoBERTa's positions start after padding_idx: two more rows than usable positions.
         config = transformers.RobertaConfig(

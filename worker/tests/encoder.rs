@@ -25,7 +25,7 @@ fn fixtures() -> &'static Path {
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("encoder-fixtures");
         let _ = std::fs::remove_dir_all(&dir);
-        for family in ["bert", "roberta"] {
+        for family in ["bert", "roberta", "xlm-roberta"] {
             for head in ["none", "token", "sequence"] {
                 let out = dir.join(format!("{family}-{head}"));
                 let out = out.to_str().expect("utf-8 path");
@@ -144,6 +144,12 @@ fn roberta_sequence_classification_logits_equal_transformers() {
     check_logits("roberta-sequence", Head::Sequence);
 }
 
+#[test]
+fn xlm_roberta_token_and_sequence_classification_logits_equal_transformers() {
+    check_logits("xlm-roberta-token", Head::Token);
+    check_logits("xlm-roberta-sequence", Head::Sequence);
+}
+
 /// A plain `BertModel` checkpoint: its encoder is read as-is (names without the
 /// `bert.` prefix), its pooler ignored by the token head, and the head is new,
 /// initialised as transformers does (normal weights, zero biases).
@@ -218,6 +224,8 @@ fn a_saved_encoder_runs_in_transformers_pipelines() {
     for (name, head, task) in [
         ("bert-none", Head::Token, "token-classification"),
         ("roberta-none", Head::Sequence, "text-classification"),
+        // Saved as XLMRobertaForTokenClassification, model_type xlm-roberta.
+        ("xlm-roberta-none", Head::Token, "token-classification"),
     ] {
         let src = fixtures().join(name);
         let (model, _) =
@@ -304,7 +312,7 @@ fn word_labels_align_with_tokens_as_transformers_does() {
     )
     .expect("write");
     let labels = Labels::new(labels()).expect("labels");
-    for name in ["bert-token", "roberta-token"] {
+    for name in ["bert-token", "roberta-token", "xlm-roberta-token"] {
         let model = fixtures().join(name);
         let tokenizer = TextTokenizer::from_dir(&model).expect("tokenizer");
         let records = RawFile::read(&data, Task::Token, &Default::default())

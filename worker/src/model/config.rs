@@ -42,16 +42,20 @@ pub enum ModelType {
     Qwen3,
     Bert,
     Roberta,
+    /// XLM-RoBERTa: RoBERTa's architecture (and state-dict prefix) with a
+    /// SentencePiece Unigram vocabulary.
+    XlmRoberta,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 6] = [
+    pub const ALL: [ModelType; 7] = [
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
         ModelType::Qwen3,
         ModelType::Bert,
         ModelType::Roberta,
+        ModelType::XlmRoberta,
     ];
 
     /// `config.json`'s spelling.
@@ -63,6 +67,7 @@ impl ModelType {
             ModelType::Qwen3 => "qwen3",
             ModelType::Bert => "bert",
             ModelType::Roberta => "roberta",
+            ModelType::XlmRoberta => "xlm-roberta",
         }
     }
 
@@ -78,7 +83,10 @@ impl ModelType {
     /// A bidirectional encoder (token and sequence classification), not a
     /// causal LM.
     pub fn is_encoder(self) -> bool {
-        matches!(self, ModelType::Bert | ModelType::Roberta)
+        matches!(
+            self,
+            ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta
+        )
     }
 
     /// The decoder architecture of a causal LM.
@@ -88,7 +96,7 @@ impl ModelType {
             ModelType::Mistral => Some(Architecture::Mistral),
             ModelType::Qwen2 => Some(Architecture::Qwen2),
             ModelType::Qwen3 => Some(Architecture::Qwen3),
-            ModelType::Bert | ModelType::Roberta => None,
+            ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta => None,
         }
     }
 

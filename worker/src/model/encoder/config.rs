@@ -109,7 +109,10 @@ struct RawEncoderConfig {
 /// A validated encoder `config.json`.
 #[derive(Debug, Clone)]
 pub struct EncoderConfig {
+    /// The architecture (XLM-RoBERTa is RoBERTa's).
     pub family: Family,
+    /// `config.json`'s `model_type` (what the saved model is called).
+    pub model_type: ModelType,
     pub vocab_size: i64,
     pub hidden_size: i64,
     pub num_hidden_layers: i64,
@@ -154,9 +157,10 @@ impl EncoderConfig {
             path: path.to_path_buf(),
             reason,
         };
-        let family = match ModelType::of_json(&raw, path)? {
+        let model_type = ModelType::of_json(&raw, path)?;
+        let family = match model_type {
             ModelType::Bert => Family::Bert,
-            ModelType::Roberta => Family::Roberta,
+            ModelType::Roberta | ModelType::XlmRoberta => Family::Roberta,
             other => {
                 return Err(Error::UnsupportedModel {
                     path: path.to_path_buf(),
@@ -247,6 +251,7 @@ impl EncoderConfig {
         }
         Ok(EncoderConfig {
             family,
+            model_type,
             vocab_size,
             hidden_size,
             num_hidden_layers: need(c.num_hidden_layers, "num_hidden_layers")?,

@@ -32,6 +32,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use super::checkpoint::{TensorIndex, copy_side_files, dtype_name, write_json, write_weight_files};
+use super::config::ModelType;
 use super::layers::{LayerNorm, Linear, TchResult, grad_enabled, param};
 use super::stack;
 use crate::error::{Error, Result, TorchContext};
@@ -583,11 +584,11 @@ impl Encoder {
     pub fn config_json(&self) -> Value {
         let mut config = self.config.raw.clone();
         if let Some(obj) = config.as_object_mut() {
-            let arch = format!(
-                "{}{}",
-                self.config.family.class_prefix(),
-                self.head.class_suffix()
-            );
+            let prefix = match self.config.model_type {
+                ModelType::XlmRoberta => "XLMRoberta",
+                _ => self.config.family.class_prefix(),
+            };
+            let arch = format!("{prefix}{}", self.head.class_suffix());
             obj.insert("architectures".into(), Value::from(vec![arch]));
             let id2label: serde_json::Map<String, Value> = self
                 .labels
