@@ -57,6 +57,26 @@ use metrics::{StepFacts, eval_metrics, step_metrics};
 use rank_state::PARAMETER_CHECK_EVERY;
 use reference::{FrozenModel, NoReference, PolicyBase, Precomputed, Staged};
 
+/// ZeRO stage 3's [`LayerGather`](crate::model::llama::LayerGather): a
+/// layer's shares all-gathered over the world's collective.
+struct WorldGather(Box<dyn Collective>);
+
+impl crate::model::llama::LayerGather for WorldGather {
+    fn gather(&mut self, n: usize, start: usize, share: &[f32]) -> Result<Vec<f32>> {
+        let mut values = vec![0.0f32; n];
+        values
+            .get_mut(start..start + share.len())
+            .ok_or(Error::State("ZeRO stage 3: a share outside its layer"))?
+            .copy_from_slice(share);
+        self.0.all_gather_chunks(&mut values)?;
+        Ok(values)
+    }
+
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any> {
+        self
+    }
+}
+
 /// SplitMix64's finaliser: mixes seeds into well-spread ones.
 pub(crate) fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -374,8 +394,9 @@ impl Trainer {
         self.policy.shard_base(&files, world, rank)
     }
 
-    /// Runs `f` with the world's collective lent to the policy (ZeRO stage 3
-    /// gathers each layer through it), and takes it back whatever happens.
+    /// Runs `f` with the world's all-gather lent to the policy (ZeRO stage 3
+    /// makes each layer whole through it), and takes the collective back
+    /// whatever happens.
     fn with_lent_collective<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
         if !self.policy.is_sharded() {
             return f(self);
@@ -384,10 +405,14 @@ impl Trainer {
             &mut self.world.collective,
             Box::new(crate::collective::Solo),
         );
-        self.policy.lend_collective(c);
+        self.policy.lend_gather(Box::new(WorldGather(c)));
         let out = f(self);
-        match self.policy.take_collective() {
-            Some(c) => self.world.collective = c,
+        let back = self
+            .policy
+            .take_gather()
+            .and_then(|g| g.into_any().downcast::<WorldGather>().ok());
+        match back {
+            Some(g) => self.world.collective = g.0,
             None => return Err(Error::State("ZeRO stage 3: the lent collective was lost")),
         }
         out

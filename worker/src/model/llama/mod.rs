@@ -19,6 +19,7 @@ mod staged;
 
 pub use adapters::AdaptersOff;
 use masks::{AttentionMask, Masks, Unpadded};
+pub use sharded::LayerGather;
 use sharded::ShardedBase;
 pub use staged::{Checkpointed, LayerGrads};
 

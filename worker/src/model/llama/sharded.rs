@@ -1,6 +1,7 @@
 //! ZeRO stage 3's sharded frozen base: each rank holds its share of the decoder
 //! layers' weights, read from the model's files, and a layer's weights are
-//! all-gathered through the lent collective just before they are used.
+//! made whole just before they are used by a [`LayerGather`] the training side
+//! lends the model while it runs (the model knows no collective).
 
 use super::*;
 
@@ -15,8 +16,20 @@ pub(super) struct ShardedBase {
     pub(super) shards: Vec<Option<Tensor>>,
     pub(super) world: usize,
     pub(super) rank: usize,
-    /// The world's collective, lent by the trainer while the model runs.
-    pub(super) lent: std::sync::Mutex<Option<Box<dyn crate::collective::Collective>>>,
+    /// Where the other shares come from, lent by the trainer while the model runs.
+    pub(super) lent: std::sync::Mutex<Option<Box<dyn LayerGather>>>,
+}
+
+/// A sharded layer's whole weights, from this rank's share and the others'
+/// (ZeRO stage 3: the training side all-gathers them over its world). Lent
+/// to the model while it runs ([`CausalLm::lend_gather`]); the model asks
+/// for each layer it is about to run and never sees how shares travel.
+pub trait LayerGather: Send + std::any::Any {
+    /// The `n` elements of a layer's flattened weights, given this rank's
+    /// `share` of them (elements `start..start + share.len()`).
+    fn gather(&mut self, n: usize, start: usize, share: &[f32]) -> Result<Vec<f32>>;
+    /// Back to the lender's own type.
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any>;
 }
 
 impl ShardedBase {
@@ -38,7 +51,6 @@ impl ShardedBase {
             shard.shallow_clone()
         } else {
             let (start, len) = crate::collective::chunk(n, self.world, self.rank);
-            let mut values = vec![0.0f32; n];
             let mine = Vec::<f32>::try_from(
                 &shard
                     .f_to_kind(Kind::Float)
@@ -46,17 +58,26 @@ impl ShardedBase {
                     .op("stage 3: share")?,
             )
             .op("stage 3: share")?;
-            values[start..start + len].copy_from_slice(&mine);
+            if mine.len() != len {
+                return Err(crate::error::Error::State(
+                    "ZeRO stage 3: this rank's share has another size than its chunk",
+                ));
+            }
             let mut lent = self
                 .lent
                 .lock()
-                .map_err(|_| crate::error::Error::State("ZeRO stage 3: collective lock"))?;
-            let Some(c) = lent.as_mut() else {
+                .map_err(|_| crate::error::Error::State("ZeRO stage 3: gather lock"))?;
+            let Some(source) = lent.as_mut() else {
                 return Err(crate::error::Error::State(
-                    "ZeRO stage 3: no collective lent to gather a layer",
+                    "ZeRO stage 3: nothing lent to gather a layer with",
                 ));
             };
-            c.all_gather_chunks(&mut values)?;
+            let values = source.gather(n, start, &mine)?;
+            if values.len() != n {
+                return Err(crate::error::Error::State(
+                    "ZeRO stage 3: a gathered layer has another size than the layer",
+                ));
+            }
             Tensor::f_from_slice(&values)
                 .and_then(|t| t.f_to_kind(kind))
                 .and_then(|t| t.f_to_device(device))
@@ -177,18 +198,18 @@ impl CausalLm {
         Ok(())
     }
 
-    /// Lends the world's collective to the model while it runs (ZeRO stage 3
-    /// gathers each layer through it); [`CausalLm::take_collective`] returns it.
-    pub fn lend_collective(&self, c: Box<dyn crate::collective::Collective>) {
+    /// Lends the model what makes its sharded layers whole while it runs
+    /// (ZeRO stage 3); [`CausalLm::take_gather`] returns it.
+    pub fn lend_gather(&self, source: Box<dyn LayerGather>) {
         if let Some(sh) = &self.sharded
             && let Ok(mut l) = sh.lent.lock()
         {
-            *l = Some(c);
+            *l = Some(source);
         }
     }
 
-    /// The collective lent by [`CausalLm::lend_collective`].
-    pub fn take_collective(&self) -> Option<Box<dyn crate::collective::Collective>> {
+    /// What [`CausalLm::lend_gather`] lent.
+    pub fn take_gather(&self) -> Option<Box<dyn LayerGather>> {
         self.sharded
             .as_ref()
             .and_then(|sh| sh.lent.lock().ok().and_then(|mut l| l.take()))
