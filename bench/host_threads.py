@@ -32,7 +32,7 @@ PY = sys.executable
 WARMUP = 5
 
 
-def spec(work: Path, name: str, steps: int) -> Path:
+def spec(work: Path, name: str, steps: int, extra: str = "") -> Path:
     path = work / f"{name}.toml"
     path.write_text(f"""name = "{name}"
 [model]
@@ -53,6 +53,7 @@ global_batch_size = 16
 micro_batch_size = 4
 checkpoint_every = 0
 output = "{work / name}"
+{extra}
 """)
     return path
 
@@ -103,6 +104,12 @@ def main() -> None:
             rates[name] = timed([BIN / "dpoctl", "local", spec(work, name, k), "--workers", str(n),
                                  "--data-dir", work / f"{name}-coordinator"],
                                 work / name / "metrics.jsonl", k, env)
+    # The issue's third row: ZeRO stage 1 with replicas, 4 workers.
+    for label, env, k in (("shared", base, steps), ("every-core", every, 25)):
+        name = f"4-workers-zero1-replicas-{label}"
+        rates[name] = timed([BIN / "dpoctl", "local", spec(work, name, k, "zero_stage = 1\nzero_replicas = 2"),
+                             "--workers", "4", "--data-dir", work / f"{name}-coordinator"],
+                            work / name / "metrics.jsonl", k, env)
     one = rates["one-process"]
     result["ratio_to_one_process"] = {k: round(v / one, 3) for k, v in rates.items()}
     result["steps_per_second"] = {k: round(v, 2) for k, v in rates.items()}
