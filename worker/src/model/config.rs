@@ -217,15 +217,7 @@ impl ModelConfig {
 
     /// Parses a `config.json` body; `path` is only used in error messages.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let raw_value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let raw: RawConfig =
-            serde_json::from_value(raw_value.clone()).map_err(|e| Error::Config {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let (raw_value, raw): (Value, RawConfig) = parse_config(text, path)?;
         let bad = |reason: String| Error::Config {
             path: path.to_path_buf(),
             reason,
@@ -356,6 +348,23 @@ impl ModelConfig {
         let head = if self.tie_word_embeddings { 0 } else { embed };
         embed + self.num_hidden_layers * layer + h + head
     }
+}
+
+/// A `config.json` body as JSON and as the typed keys a model reads (`T`);
+/// `path` names the file in errors. Every model family's reader starts here.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(
+    text: &str,
+    path: &Path,
+) -> Result<(Value, T)> {
+    let raw: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let typed = serde_json::from_value(raw.clone()).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok((raw, typed))
 }
 
 /// True for finite numbers above zero (false for NaN).

@@ -475,12 +475,8 @@ impl Trainer {
         // the most micro-batches has.
         let stage2 = backward && self.world.zero.is_some() && self.layer_map.is_some();
         let rounds = if stage2 {
-            let mine = refs.chunks(m).count() as u64;
-            let all = self.world.collective.all_gather(&mine.to_le_bytes())?;
-            all.iter()
-                .map(|b| u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8])))
-                .max()
-                .unwrap_or(mine)
+            self.world
+                .most_micro_batches(refs.chunks(m).count() as u64)?
         } else {
             0
         };

@@ -144,15 +144,7 @@ impl EncoderConfig {
 
     /// Parses a `config.json` body; `path` names the file in errors.
     pub fn from_json(text: &str, path: &Path) -> Result<Self> {
-        let raw: Value = serde_json::from_str(text).map_err(|source| Error::Json {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let c: RawEncoderConfig =
-            serde_json::from_value(raw.clone()).map_err(|e| Error::Config {
-                path: path.to_path_buf(),
-                reason: e.to_string(),
-            })?;
+        let (raw, c): (Value, RawEncoderConfig) = crate::model::config::parse_config(text, path)?;
         let bad = |reason: String| Error::Config {
             path: path.to_path_buf(),
             reason,

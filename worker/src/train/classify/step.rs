@@ -140,12 +140,8 @@ impl ClassifierTrainer {
         // rounds as the rank with the most micro-batches has.
         let stage2 = self.world.zero.is_some() && self.layer_map.is_some();
         let rounds = if stage2 {
-            let n = mine.chunks(m).count() as u64;
-            let all = self.world.collective.all_gather(&n.to_le_bytes())?;
-            all.iter()
-                .map(|b| u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8])))
-                .max()
-                .unwrap_or(n)
+            self.world
+                .most_micro_batches(mine.chunks(m).count() as u64)?
         } else {
             0
         };

@@ -254,6 +254,18 @@ impl RankState {
         self.tear_at_step = step;
     }
 
+    /// ZeRO stage 2 reduces every micro-batch into the shards, so every rank
+    /// runs as many rounds as the rank with the most micro-batches this step
+    /// (`mine`: this rank's count).
+    pub fn most_micro_batches(&mut self, mine: u64) -> Result<u64> {
+        let all = self.collective.all_gather(&mine.to_le_bytes())?;
+        Ok(all
+            .iter()
+            .map(|b| u64::from_le_bytes(b.as_slice().try_into().unwrap_or([0; 8])))
+            .max()
+            .unwrap_or(mine))
+    }
+
     /// Every rank's `values` added, in rank order (so every rank gets the
     /// same bits; the f64 values travel as bytes).
     pub fn sum_across(&mut self, values: &[f64]) -> Result<Vec<f64>> {
