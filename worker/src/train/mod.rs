@@ -10,14 +10,16 @@
 //! and epoch) and early-stopping state, with a checksummed manifest, written under a
 //! temporary name, fsynced and renamed.
 //!
-//! In parts: `batches` (where a rank's share of a global batch comes from),
+//! In parts: `run_loop` (the one loop every task trains through, and early
+//! stopping), `rank_state` (what every task's rank holds alike: its world, the
+//! optimizer, the `TrainerState` ranks exchange and checkpoints store, ZeRO's
+//! share — and keeping ranks identical), `stage2` (ZeRO stage 2 over any layer
+//! stack), `output` (the output folder, held open for the run), `metrics`
+//! (metric lines and files), `classify` (the classification task); for the
+//! causal LM, `batches` (where a rank's share of a global batch comes from),
 //! `reference` (where reference log-probs come from: one `ReferenceSource` per
-//! mode), `sync` (the `TrainerState` ranks exchange and checkpoints store;
-//! keeping ranks identical), `checkpoint` (checkpoints, resume, the output
-//! directory), `metrics` (metric lines and files), `output` (the output
-//! folder, held open for the run), `run_loop` (the one loop every task trains
-//! through, and early stopping). This file is the causal-LM task: its models,
-//! its step and its evaluation.
+//! mode) and `checkpoint` (checkpoints, resume, the output directory). This
+//! file is the causal-LM task: its models, its step and its evaluation.
 
 mod batches;
 pub(crate) mod checkpoint;
