@@ -64,7 +64,17 @@ pub(super) fn step_metrics(stats: &Stats, objective: &Objective, f: StepFacts) -
 /// Starts this process's peak resident size (`VmHWM`) again from its present
 /// resident size (Linux ≥ 4.0: `5` into `/proc/self/clear_refs`), so a run's
 /// `memory/peak_bytes` is its own and not an earlier run's on the same worker.
+/// The heap an earlier run freed is given back to the system first (glibc
+/// keeps it otherwise), so it is neither held by this worker nor counted in
+/// the new run's peak.
 pub(crate) fn reset_peak_resident() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: malloc_trim only releases free memory of the allocator's
+    // arenas; it touches no live allocation.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
         tracing::debug!(error = %e, "could not reset the peak resident size; memory/peak_bytes counts from the process's start");
     }
