@@ -485,14 +485,8 @@ impl Trainer {
         let rank = self.world.collective.rank();
         let (stats, done) =
             self.with_lent_collective(|t| t.micro_batches(split, slice, backward, stage2, rank))?;
-        if let (Some(map), Some(zero)) = (&self.layer_map, &self.world.zero) {
-            for _ in done..rounds {
-                map.reduce_zeros(
-                    zero,
-                    &mut self.world.optimizer,
-                    self.world.collective.as_mut(),
-                )?;
-            }
+        if let Some(map) = &self.layer_map {
+            map.reduce_missing(done, rounds, &mut self.world)?;
         }
         if backward && !stage2 {
             let t = Instant::now();

@@ -92,9 +92,28 @@ impl LayerMap {
         self.reduce_from_grad(&self.rest, params, zero, optimizer, collective)
     }
 
+    /// After this rank's `done` micro-batches of a step in which the rank
+    /// with the most had `rounds`: zeros for each one missing, so every rank
+    /// reduces the same buckets the same number of times (nothing before the
+    /// world enters ZeRO).
+    pub(crate) fn reduce_missing(
+        &self,
+        done: u64,
+        rounds: u64,
+        world: &mut crate::train::RankState,
+    ) -> Result<()> {
+        let Some(zero) = &world.zero else {
+            return Ok(());
+        };
+        for _ in done..rounds {
+            self.reduce_zeros(zero, &mut world.optimizer, world.collective.as_mut())?;
+        }
+        Ok(())
+    }
+
     /// A micro-batch this rank does not have (another rank has more): zeros,
     /// in the order a real one reduces its buckets.
-    pub(crate) fn reduce_zeros(
+    fn reduce_zeros(
         &self,
         zero: &Partition,
         optimizer: &mut Optimizer,

@@ -178,14 +178,8 @@ impl ClassifierTrainer {
             done += 1;
             sums.add(&s);
         }
-        if let (Some(map), Some(zero)) = (&self.layer_map, &self.world.zero) {
-            for _ in done..rounds {
-                map.reduce_zeros(
-                    zero,
-                    &mut self.world.optimizer,
-                    self.world.collective.as_mut(),
-                )?;
-            }
+        if let Some(map) = &self.layer_map {
+            map.reduce_missing(done, rounds, &mut self.world)?;
         }
         if !stage2 {
             crate::collective::ensure_gradients(self.world.optimizer.params())?;
