@@ -1176,25 +1176,30 @@ fn encoder_diff(a: &Path, b: &Path) -> f32 {
 }
 
 /// NER with adversarial negatives through the coordinator (each rank mines its
-/// share with the weights of the epoch's start): two workers, one killed with
-/// kill -9 mid-run and a third joining, train every step exactly once and end
-/// with the weights of one `dpo-worker train` process; the coordinator writes
-/// the entity scores of each evaluation to eval.jsonl, and final/ is the HF
-/// model of the best one.
+/// share with the weights of the epoch's start), through two faults at fixed
+/// points: right after step 20 — the end of the first epoch — one worker
+/// exits like a crash and the other's connection breaks, both before any
+/// report of the step, its evaluation or the next epoch's mining; a joiner
+/// takes the crashed one's place; later one is killed with kill -9 mid-epoch
+/// and another joins. Every step is trained exactly once, the evaluations are
+/// one process's, and the weights those of one `dpo-worker train` process; the
+/// coordinator writes the entity scores of each evaluation to eval.jsonl, and
+/// final/ is the HF model of the best one.
 #[test]
 fn ner_through_the_coordinator_survives_a_killed_worker_and_equals_one_process() {
-    ner_through_the_coordinator("");
+    ner_through_the_coordinator("", &["--tear-at-step", "20"]);
 }
 
-/// The same under ZeRO stage 2 with replicas: the killed worker's share of
-/// the optimizer state is rebuilt from the copy its successor kept, so no
-/// step is lost or trained twice, and the weights are one process's.
+/// The same under ZeRO stage 2 with replicas: a lost worker's share of the
+/// optimizer state is rebuilt from the copy its successor kept, so no step is
+/// lost or trained twice, and the weights are one process's.
 #[test]
 fn ner_under_zero_2_with_replicas_survives_a_killed_worker_and_equals_one_process() {
-    ner_through_the_coordinator("zero_stage = 2\nzero_replicas = 2");
+    ner_through_the_coordinator("zero_stage = 2\nzero_replicas = 2", &[]);
 }
 
-fn ner_through_the_coordinator(zero: &str) {
+/// `w1_faults`: the second worker's fault-injection arguments.
+fn ner_through_the_coordinator(zero: &str, w1_faults: &[&str]) {
     let case = Case::empty();
     ner_case(&case);
     let steps = 60;
@@ -1211,13 +1216,23 @@ fn ner_through_the_coordinator(zero: &str) {
     let port = free_port().expect("port");
     let data = case.path().join("coord");
     let _c = coordinator(port, &data, &case.logs, "coordinator", &[], None).expect("coordinator");
-    let mut w0 = worker(port, "w0", &case.logs).expect("w0");
-    let _w1 = worker(port, "w1", &case.logs).expect("w1");
+    // 120 examples, 6 a step: an epoch is 20 steps.
+    let _w0 = worker_with(port, "w0", &case.logs, &["--halt-after-step", "20"]).expect("w0");
+    let mut w1 = worker_with(port, "w1", &case.logs, w1_faults).expect("w1");
     wait_for_workers(port, 2);
-    case.submit_and_wait(port, &spec, &out_dir, 20);
-    w0.kill(); // kill -9, mid-run
+    case.submit_and_wait(port, &spec, &out_dir, 19);
     let _w2 = worker(port, "w2", &case.logs).expect("w2");
+    wait_for(Duration::from_secs(120), || Ok(steps_done(&out_dir) >= 30))
+        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    w1.kill(); // kill -9, mid-epoch
+    let _w3 = worker(port, "w3", &case.logs).expect("w3");
     case.watch_succeeds(port, "ner");
+    let logs = case.logs();
+    assert!(logs.contains("halted after step 20"), "{logs}");
+    assert!(
+        w1_faults.is_empty() || logs.contains("injected fault"),
+        "{logs}"
+    );
     let lines = every_step_once(&out_dir, steps);
     assert!(lines.iter().all(|l| l["world_size"] == 2), "{lines:?}");
     let gens: Vec<u64> = lines
@@ -1233,6 +1248,23 @@ fn ner_through_the_coordinator(zero: &str) {
         !evals.is_empty() && evals.iter().all(|e| e["eval_f1"].is_number()),
         "{evals:?}"
     );
+    // The evaluation the broken world owed (step 20) was made by the next.
+    let eval_steps = |evals: &[serde_json::Value]| -> Vec<u64> {
+        evals.iter().filter_map(|e| e["step"].as_u64()).collect()
+    };
+    // (One process also scores the model before training, at step 0.)
+    let solo_evals: Vec<serde_json::Value> = jsonl(&case.path().join("solo/eval.jsonl"))
+        .into_iter()
+        .filter(|e| e["step"].as_u64() != Some(0))
+        .collect();
+    assert_eq!(eval_steps(&evals), eval_steps(&solo_evals), "{evals:?}");
+    for (a, b) in evals.iter().zip(&solo_evals) {
+        let (a, b) = (a["eval_f1"].as_f64(), b["eval_f1"].as_f64());
+        assert!(
+            matches!((a, b), (Some(a), Some(b)) if (a - b).abs() < 1e-9),
+            "{a:?} vs {b:?}"
+        );
+    }
     let d = encoder_diff(&case.path().join("solo/final"), &out_dir.join("final"));
     eprintln!("NER in a cluster with a kill -9 ({zero:?}): max |Δw| vs one process: {d:e}");
     assert!(d <= 1e-5, "{d}{}", case.logs());

@@ -57,10 +57,15 @@ struct Cli {
     /// a reference stage.
     #[arg(long, hide = true)]
     halt_after_reference_chunks: Option<u64>,
-    /// Fault injection for tests: under ZeRO, break this step between the
-    /// update and the parameter gather, once.
+    /// Fault injection for tests: break this step once, as a lost connection
+    /// would: under ZeRO between the update and the parameter gather, else
+    /// right after the update.
     #[arg(long, hide = true)]
     tear_at_step: Option<u64>,
+    /// Fault injection for tests: exit like a crash right after this step's
+    /// update, before it is reported.
+    #[arg(long, hide = true)]
+    halt_after_step: Option<u64>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -220,6 +225,7 @@ fn main() -> anyhow::Result<()> {
             tls: dpo_proto::client::ClientTls::from_env()?,
             halt_after_reference_chunks: cli.halt_after_reference_chunks,
             tear_at_step: cli.tear_at_step,
+            halt_after_step: cli.halt_after_step,
             leave_timeout: std::time::Duration::from_secs(cli.leave_timeout_s),
             threads: cli.threads.map(usize::from),
         })
@@ -354,6 +360,9 @@ fn run_ranks(cli: &Cli, coordinator: String, devices: Vec<String>) -> anyhow::Re
     }
     if let Some(n) = cli.tear_at_step {
         common.extend(["--tear-at-step".into(), n.to_string()]);
+    }
+    if let Some(n) = cli.halt_after_step {
+        common.extend(["--halt-after-step".into(), n.to_string()]);
     }
     let cmd = dpo_worker::ranks::RankCommand {
         program: std::env::current_exe().context("locating this binary")?,

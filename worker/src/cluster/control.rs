@@ -73,6 +73,7 @@ pub fn join(opts: JoinOptions) -> Result<()> {
         last: None,
         halt_after_reference_chunks: opts.halt_after_reference_chunks,
         tear_at_step: opts.tear_at_step,
+        halt_after_step: opts.halt_after_step,
         reference_chunks_reported: 0,
         threads: opts.threads,
     };

@@ -25,7 +25,9 @@ use crate::collective::{AbortSignal, CollectiveError};
 use crate::error::{Disposition, Error, Result};
 use crate::train::classify::objective::Norm;
 use crate::train::classify::{ClassifierTrainer, ClusterShape, TaggedSource};
-use crate::train::{Batches, Metrics, RunShape, Slice, TrainOptions, Trainer, TrainingRun};
+use crate::train::{
+    Batches, Metrics, RunShape, Slice, TrainOptions, Trainer, TrainingRun, run_loop,
+};
 use dpo_data::tagged::Encoded;
 
 mod control;
@@ -57,9 +59,13 @@ pub struct JoinOptions {
     /// Fault injection for tests: exit like a crash once this many reference-stage
     /// chunks are reported.
     pub halt_after_reference_chunks: Option<u64>,
-    /// Fault injection for tests: under ZeRO, break this step between the
-    /// update and the parameter gather, once (as a lost connection would).
+    /// Fault injection for tests: break this step once, as a lost connection
+    /// would: under ZeRO between the update and the parameter gather, else
+    /// right after the update.
     pub tear_at_step: Option<u64>,
+    /// Fault injection for tests: exit like a crash right after this step's
+    /// update, before it is reported.
+    pub halt_after_step: Option<u64>,
     /// How long a worker asked to stop may take to leave before it stops at
     /// once (the coordinator may be unreachable, so the hand-off never comes).
     pub leave_timeout: std::time::Duration,
@@ -172,6 +178,7 @@ struct Worker {
     halt_after_reference_chunks: Option<u64>,
     reference_chunks_reported: u64,
     tear_at_step: Option<u64>,
+    halt_after_step: Option<u64>,
     /// `--threads` (none: shared among the ranks on this host).
     threads: Option<usize>,
 }
@@ -184,6 +191,25 @@ struct StepRecord {
     generation: u64,
     world_size: u32,
     metrics: Metrics,
+}
+
+impl StepRecord {
+    /// Step `step`'s record from its metrics, which name the world that
+    /// trained it.
+    fn of(step: u64, metrics: Metrics) -> StepRecord {
+        let value = |name: &str| {
+            metrics
+                .iter()
+                .find(|(k, _)| k == name)
+                .map_or(0.0, |(_, v)| *v)
+        };
+        StepRecord {
+            step,
+            generation: value("generation") as u64,
+            world_size: value("world_size") as u32,
+            metrics,
+        }
+    }
 }
 
 impl Worker {
@@ -367,7 +393,7 @@ impl Worker {
                 device: self.device,
             };
             tracing::info!(run = %work.run_id, name = %spec.name, "loading the run's model");
-            let trainer = if spec.task.kind.is_classification() {
+            let mut trainer = if spec.task.kind.is_classification() {
                 let shape = ClusterShape {
                     steps_per_epoch: shape.steps_per_epoch,
                     total_steps: shape.total_steps,
@@ -380,10 +406,10 @@ impl Worker {
                     shape,
                 )?) as Box<dyn TrainingRun>
             } else {
-                let mut trainer = Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?;
-                trainer.set_tear_at_step(self.tear_at_step.take());
-                Box::new(trainer)
+                Box::new(Trainer::for_cluster(spec, &opts, Box::new(batches), shape)?)
+                    as Box<dyn TrainingRun>
             };
+            trainer.set_tear_at_step(self.tear_at_step.take());
             self.trainer = Some((work.run_id.clone(), trainer));
             self.restore_pending = true;
         }
@@ -469,13 +495,24 @@ impl Worker {
             step = trainer.step(),
             "training"
         );
-        // Re-report the newest step, in case the old generation broke before any
-        // rank's report of it arrived (the coordinator keeps the first report).
+        // The step the world stands at may be unfinished: the old world broke
+        // before any rank's report of it arrived (it is re-reported, from the
+        // metrics of a rank that trained it; the coordinator keeps the first
+        // report), or before its evaluation or checkpoint: those are done now.
         let step = trainer.step();
-        if let Some(last) = self.last.clone()
-            && last.step == step
-        {
-            self.report(signal, work, &last, false)?;
+        if completed.is_none() && step > 0 {
+            if self.last.as_ref().is_none_or(|l| l.step != step)
+                && let Some(m) = trainer.world().applied()
+            {
+                self.last = Some(StepRecord::of(step, run_loop::with_threads(m.clone())));
+            }
+            if let Some(last) = self.last.clone()
+                && last.step == step
+            {
+                self.report(signal, work, &last, false)?;
+            }
+            // A checkpoint of this step committed in an earlier world stays.
+            self.finish_step(work, signal, work.resume_step < step)?;
         }
         loop {
             let Some((_, trainer)) = self.trainer.as_mut() else {
@@ -490,12 +527,13 @@ impl Worker {
                 Some(m) => m,
                 None => trainer.train_step()?,
             };
-            let m = crate::train::run_loop::with_threads(m);
+            let m = run_loop::with_threads(m);
             let trained = started.elapsed();
-            let eval = trainer.maybe_evaluate()?;
-            let checkpoint = trainer.maybe_checkpoint()?;
             let step = trainer.step();
-            let computed = started.elapsed();
+            if self.halt_after_step == Some(step) {
+                eprintln!("halted after step {step} (fault injection)");
+                std::process::exit(86);
+            }
             if step % 10 == 0 || step == 1 {
                 let loss = m
                     .iter()
@@ -509,43 +547,21 @@ impl Worker {
                 world_size: work.world_size,
                 metrics: m,
             };
-            // Kept before reporting: if the report fails with the generation,
-            // the next generation re-reports it.
+            // Reported before the step's evaluation and checkpoint, which
+            // talk to the other ranks: a world that breaks in them has the
+            // step on record, and the next one finishes it. Kept, so that
+            // a report lost with the generation is made again.
             self.last = Some(record.clone());
             self.report(signal, work, &record, false)?;
-            if let Some(e) = eval {
-                let record = StepRecord {
-                    step,
-                    generation: work.generation,
-                    world_size: work.world_size,
-                    metrics: e.metrics,
-                };
-                self.report(signal, work, &record, true)?;
-            }
-            if let Some(dir) = checkpoint {
-                tracing::info!(step, dir = %dir.display(), "checkpoint written");
-                let req = v1::ReportCheckpointRequest {
-                    member: Some(self.member(work)),
-                    step,
-                    path: dir.display().to_string(),
-                };
-                call(&self.rt, signal, "report checkpoint", || {
-                    let mut c = self.client.clone();
-                    let r = req.clone();
-                    async move { c.report_checkpoint(r).await }
-                })?;
-                // Committed: older checkpoints beyond the limit can go.
-                if let Some((_, trainer)) = self.trainer.as_ref() {
-                    trainer.prune_checkpoints()?;
-                }
-            }
+            let reported = started.elapsed();
+            self.finish_step(work, signal, true)?;
             // Where each step's wall time goes (RUST_LOG=dpo_worker=debug): the
-            // step itself, eval + checkpoint, and the coordinator's answers.
+            // step itself, the coordinator's answer, eval + checkpoint.
             tracing::debug!(
                 step,
                 train_ms = trained.as_secs_f64() * 1e3,
-                eval_checkpoint_ms = (computed - trained).as_secs_f64() * 1e3,
-                report_ms = (started.elapsed() - computed).as_secs_f64() * 1e3,
+                report_ms = (reported - trained).as_secs_f64() * 1e3,
+                eval_checkpoint_ms = (started.elapsed() - reported).as_secs_f64() * 1e3,
                 "step timings"
             );
             // Asked to stop: this step is done and reported; leave before the
@@ -580,6 +596,55 @@ impl Worker {
             let stopped = trainer.stopped_early();
             trainer.save_final()?;
             self.report_done(work, step, String::new(), stopped);
+        }
+        Ok(())
+    }
+
+    /// What follows a reported step: its evaluation when due (reported to
+    /// the coordinator) and, when `checkpoint` allows, its checkpoint
+    /// (committed through the coordinator, then older ones pruned).
+    fn finish_step(
+        &mut self,
+        work: &v1::Work,
+        signal: &AbortSignal,
+        checkpoint: bool,
+    ) -> Result<()> {
+        let Some((_, trainer)) = self.trainer.as_mut() else {
+            return Err(Error::State("no trainer for the run"));
+        };
+        let step = trainer.step();
+        if let Some(e) = trainer.maybe_evaluate()? {
+            let record = StepRecord {
+                step,
+                generation: work.generation,
+                world_size: work.world_size,
+                metrics: e.metrics,
+            };
+            self.report(signal, work, &record, true)?;
+        }
+        if !checkpoint {
+            return Ok(());
+        }
+        let Some((_, trainer)) = self.trainer.as_mut() else {
+            return Err(Error::State("no trainer for the run"));
+        };
+        let Some(dir) = trainer.maybe_checkpoint()? else {
+            return Ok(());
+        };
+        tracing::info!(step, dir = %dir.display(), "checkpoint written");
+        let req = v1::ReportCheckpointRequest {
+            member: Some(self.member(work)),
+            step,
+            path: dir.display().to_string(),
+        };
+        call(&self.rt, signal, "report checkpoint", || {
+            let mut c = self.client.clone();
+            let r = req.clone();
+            async move { c.report_checkpoint(r).await }
+        })?;
+        // Committed: older checkpoints beyond the limit can go.
+        if let Some((_, trainer)) = self.trainer.as_ref() {
+            trainer.prune_checkpoints()?;
         }
         Ok(())
     }

@@ -96,7 +96,7 @@ impl Trainer {
         // Whatever share this rank held is replaced by the checkpoint's.
         let device = self.policy.device();
         self.world.restore_optimizer(dir, state.step, device)?;
-        self.world.set_state(state);
+        self.world.restore_state(state);
         Ok(())
     }
 

@@ -617,7 +617,7 @@ impl Trainer {
             state_bytes_per_parameter: trainer.state_bytes_per_parameter(step + 1, log),
         };
         let torn = step_metrics(&stats, &self.objective, facts(self, false));
-        self.world.apply(lr, || torn)?;
+        self.world.apply(lr, torn)?;
         let step = self.world.state.step;
         if !stats.loss.is_finite() {
             return Err(Error::Input {
@@ -668,6 +668,7 @@ impl Trainer {
     fn evaluate_if_due(&mut self) -> Result<Option<Evaluation>> {
         let step = self.world.state.step;
         if !self.shape.has_eval
+            || !self.world.evaluation_pending()
             || !run_loop::eval_due(
                 &self.spec,
                 step,
@@ -692,6 +693,7 @@ impl Trainer {
             self.shape.total_steps,
             &metrics,
         )?;
+        self.world.evaluated();
         Ok(Some(Evaluation {
             step,
             metrics,

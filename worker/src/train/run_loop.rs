@@ -281,8 +281,8 @@ pub trait TrainingRun {
     fn sharded(&self) -> bool {
         self.world().sharded()
     }
-    /// Fault injection for tests: under ZeRO, break step `step` between the
-    /// update and the parameter gather (once), as a lost connection would.
+    /// Fault injection for tests: break step `step` once, as a lost
+    /// connection would (see [`RankState::set_tear_at_step`]).
     fn set_tear_at_step(&mut self, step: Option<u64>) {
         self.world_mut().set_tear_at_step(step);
     }

@@ -156,9 +156,10 @@ impl ClassifierTrainer {
             }
             None => None,
         };
-        self.world.set_state(crate::train::TrainerState {
+        self.world.restore_state(crate::train::TrainerState {
             step: state.step,
             stopping: state.stopping,
+            evaluated_step: state.step,
         });
         tracing::info!(step = self.world.state.step, dir = %dir.display(), "resumed from checkpoint");
         Ok(())

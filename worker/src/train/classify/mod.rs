@@ -384,12 +384,14 @@ impl ClassifierTrainer {
     /// last step) and judges the result; rank 0 keeps the best weights in
     /// `best/`.
     fn evaluate_if_due(&mut self) -> Result<Option<Evaluation>> {
-        if !eval_due(
-            &self.spec,
-            self.world.state.step,
-            self.steps_per_epoch,
-            self.total_steps,
-        ) {
+        if !self.world.evaluation_pending()
+            || !eval_due(
+                &self.spec,
+                self.world.state.step,
+                self.steps_per_epoch,
+                self.total_steps,
+            )
+        {
             return Ok(None);
         }
         let Some(report) = self.evaluate()? else {
@@ -405,6 +407,7 @@ impl ClassifierTrainer {
         if best && self.world.collective.rank() == 0 {
             self.save_model("best")?;
         }
+        self.world.evaluated();
         Ok(Some(Evaluation {
             step: self.world.state.step,
             metrics,

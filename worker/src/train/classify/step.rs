@@ -204,7 +204,7 @@ impl ClassifierTrainer {
         m.push(("generation".into(), self.generation as f64));
         m.push(("world_size".into(), world as f64));
         m.push(("step_seconds".into(), started.elapsed().as_secs_f64()));
-        self.world.apply(lr, || m.clone())?;
+        self.world.apply(lr, m.clone())?;
         let step = self.world.step();
         if step % PARAMETER_CHECK_EVERY == 0 || step == self.total_steps {
             self.world.check_parameters_agree(step)?;

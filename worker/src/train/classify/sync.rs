@@ -34,29 +34,44 @@ impl ClassifierTrainer {
     /// After [`crate::train::run_loop::sync_world`] made `root`'s state
     /// every rank's: adversarial negatives also take the epoch's mining
     /// weights from it, so a rank that joins mid-epoch mines with the same
-    /// ones.
+    /// ones. At an epoch's boundary no rank holds them yet: the epoch's first
+    /// step takes them from the weights every rank now shares.
     pub(super) fn sync_miner(&mut self, root: Option<usize>) -> Result<()> {
         let Some(root) = root else {
             return Ok(());
         };
-        if self.adversarial() {
-            // The epoch's mining weights: a rank that joins mid-epoch mines
-            // with the same ones.
-            let epoch = self.world.state.step / self.steps_per_epoch.max(1);
-            let params = match self.miner.take() {
-                Some(m) if m.epoch == epoch => m.params,
-                _ => self
-                    .world
-                    .optimizer
-                    .params()
-                    .iter()
-                    .map(|p| p.f_zeros_like())
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .op("room for the mining weights")?,
-            };
-            crate::collective::broadcast_tensors(&params, root, self.world.collective.as_mut())?;
-            self.miner = Some(Miner { epoch, params });
+        if !self.adversarial() {
+            return Ok(());
         }
+        let per_epoch = self.steps_per_epoch.max(1);
+        let (step, epoch) = (self.world.state.step, self.world.state.step / per_epoch);
+        if step % per_epoch == 0 {
+            self.miner = None;
+            return Ok(());
+        }
+        // Mid-epoch the root mined this epoch's earlier steps, so it holds
+        // their weights; every rank learns whether it does before any
+        // tensor moves, and a world without them stops by name.
+        let held = self.miner.as_ref().is_some_and(|m| m.epoch == epoch);
+        let said = self.world.collective.broadcast(&[u8::from(held)], root)?;
+        if said.first() != Some(&1) {
+            return Err(Error::State(
+                "the weights of this epoch's adversarial mining are missing on the rank the world takes its state from",
+            ));
+        }
+        let params = match self.miner.take() {
+            Some(m) if m.epoch == epoch => m.params,
+            _ => self
+                .world
+                .optimizer
+                .params()
+                .iter()
+                .map(|p| p.f_zeros_like())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .op("room for the mining weights")?,
+        };
+        crate::collective::broadcast_tensors(&params, root, self.world.collective.as_mut())?;
+        self.miner = Some(Miner { epoch, params });
         Ok(())
     }
 

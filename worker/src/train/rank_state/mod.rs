@@ -44,6 +44,12 @@ pub struct TrainerState {
     /// Early stopping on `train.metric_for_best_model`.
     #[serde(flatten)]
     pub stopping: super::EarlyStopping,
+    /// The last step whose evaluation is done (and in `stopping`): a world
+    /// that broke in the evaluation of step `step` runs it again, once. A
+    /// checkpoint is written after its step's evaluation, so one restored
+    /// counts as evaluated at its step.
+    #[serde(default)]
+    pub evaluated_step: u64,
 }
 
 /// One rank's share of a run (see the module's documentation).
@@ -73,8 +79,13 @@ pub struct RankState {
     leavers: Vec<usize>,
     /// The metrics of the step this rank is torn in (see `torn`).
     torn_metrics: Option<Metrics>,
-    /// Fault injection for tests: fail like a broken connection between the
-    /// update and the parameter gather of this step (ZeRO), once.
+    /// The metrics of step `state.step` as this rank trained it (until its
+    /// state comes from elsewhere): a world that broke before any rank
+    /// reported that step reports it from these.
+    applied: Option<Metrics>,
+    /// Fault injection for tests: fail like a broken connection in this
+    /// step, once: under ZeRO between the update and the parameter gather,
+    /// else right after the update.
     tear_at_step: Option<u64>,
 }
 
@@ -117,6 +128,7 @@ impl RankState {
             leaving: false,
             leavers: Vec::new(),
             torn_metrics: None,
+            applied: None,
             tear_at_step: None,
         }
     }
@@ -140,8 +152,33 @@ impl RankState {
 
     /// Takes `state` (the optimizer's step count with it).
     pub fn set_state(&mut self, state: TrainerState) {
+        if state.step != self.state.step {
+            self.applied = None;
+        }
         self.optimizer.step = state.step;
         self.state = state;
+    }
+
+    /// Takes the state a checkpoint of its step stored: that step's
+    /// evaluation, if one was due, came before the checkpoint.
+    pub fn restore_state(&mut self, mut state: TrainerState) {
+        state.evaluated_step = state.evaluated_step.max(state.step);
+        self.set_state(state);
+    }
+
+    /// The metrics of the last step, as this rank trained it (see `applied`).
+    pub fn applied(&self) -> Option<&Metrics> {
+        self.applied.as_ref()
+    }
+
+    /// Whether the evaluation of the current step is still to do.
+    pub fn evaluation_pending(&self) -> bool {
+        self.state.evaluated_step < self.state.step
+    }
+
+    /// The current step's evaluation is done (and in `state.stopping`).
+    pub fn evaluated(&mut self) {
+        self.state.evaluated_step = self.state.step;
     }
 
     /// ZeRO (`train.zero_stage` ≥ 1) over this world: partitions the
@@ -217,7 +254,7 @@ impl RankState {
     /// gather of the updated parameters; then the step counts as done.
     /// `metrics` are the step's, kept while the step is torn (see `torn`) for
     /// a world that completes it from the shares.
-    pub fn apply(&mut self, lr: f64, metrics: impl FnOnce() -> Metrics) -> Result<()> {
+    pub fn apply(&mut self, lr: f64, metrics: Metrics) -> Result<()> {
         let step = self.state.step;
         if self.zero.is_some() {
             // From here until the parameters are whole again, this rank's
@@ -225,7 +262,7 @@ impl RankState {
             // torn. The step's metrics are kept, for a world that completes
             // the step from the shares (`sync_world`).
             self.torn = true;
-            self.torn_metrics = Some(metrics());
+            self.torn_metrics = Some(metrics.clone());
         }
         self.optimizer.apply(lr)?;
         if let Some(z) = &self.zero {
@@ -245,11 +282,21 @@ impl RankState {
             self.torn_metrics = None;
         }
         self.state.step = step + 1;
+        self.applied = Some(metrics);
+        if self.tear_at_step == Some(step + 1) {
+            self.tear_at_step = None;
+            return Err(CollectiveError::Protocol {
+                rank: self.collective.rank(),
+                reason: format!("injected fault: connection lost after step {}", step + 1),
+            }
+            .into());
+        }
         Ok(())
     }
 
-    /// Fault injection for tests: under ZeRO, break step `step` between the
-    /// update and the parameter gather (once), as a lost connection would.
+    /// Fault injection for tests: break step `step` (once) as a lost
+    /// connection would — under ZeRO between the update and the parameter
+    /// gather, else right after the update, before anything is reported.
     pub fn set_tear_at_step(&mut self, step: Option<u64>) {
         self.tear_at_step = step;
     }
@@ -347,14 +394,54 @@ impl RankState {
     /// ahead; when one of those shares is gone with its worker, every rank
     /// must go back to the last committed checkpoint: `MustRollBack`.
     pub fn sync_world(&mut self) -> Result<WorldSync> {
-        if self.stage > 0 {
-            return self.sync_world_sharded();
+        let outcome = if self.stage > 0 {
+            self.sync_world_sharded()?
+        } else {
+            WorldSync::Synced(Synced {
+                root: self.sync_world_whole()?,
+                rollback: None,
+                ..Default::default()
+            })
+        };
+        if matches!(outcome, WorldSync::Synced(_)) {
+            self.agree_on_evaluation()?;
         }
-        Ok(WorldSync::Synced(Synced {
-            root: self.sync_world_whole()?,
-            rollback: None,
-            ..Default::default()
-        }))
+        Ok(outcome)
+    }
+
+    /// Ranks at the same step may differ in whether its evaluation is done
+    /// (their world broke within it, after some ranks had scored it): the
+    /// state of the lowest rank furthest on becomes every rank's, so all run
+    /// what is left of the step, or none does.
+    fn agree_on_evaluation(&mut self) -> Result<()> {
+        if self.collective.world_size() == 1 {
+            return Ok(());
+        }
+        let rank = self.collective.rank();
+        let all = self
+            .collective
+            .all_gather(&self.state.evaluated_step.to_le_bytes())?;
+        let evaluated = all
+            .iter()
+            .map(|b| b.as_slice().try_into().ok().map(u64::from_le_bytes))
+            .collect::<Option<Vec<u64>>>()
+            .ok_or_else(|| CollectiveError::Protocol {
+                rank,
+                reason: "malformed evaluation step from a peer".into(),
+            })?;
+        let furthest = evaluated.iter().copied().max().unwrap_or(0);
+        if evaluated.iter().all(|&e| e == furthest) {
+            return Ok(());
+        }
+        let root = evaluated.iter().position(|&e| e == furthest).unwrap_or(0);
+        self.take_state(root)?;
+        tracing::info!(
+            rank,
+            root,
+            step = self.state.step,
+            "took the evaluation of this step from rank {root}"
+        );
+        Ok(())
     }
 
     fn sync_world_whole(&mut self) -> Result<Option<usize>> {
@@ -460,6 +547,20 @@ impl RankState {
 
     /// Takes rank `root`'s [`TrainerState`] and parameters (every rank calls it).
     pub(super) fn take_state_and_parameters(&mut self, root: usize) -> Result<()> {
+        self.take_state(root)?;
+        let params: Vec<Tensor> = self
+            .optimizer
+            .params()
+            .iter()
+            .map(Tensor::shallow_clone)
+            .collect();
+        broadcast_tensors(&params, root, self.collective.as_mut())
+    }
+}
+
+impl RankState {
+    /// Takes rank `root`'s [`TrainerState`] (every rank calls it).
+    fn take_state(&mut self, root: usize) -> Result<()> {
         let mine = serde_json::to_vec(&self.state()).map_err(|e| CollectiveError::Protocol {
             rank: self.collective.rank(),
             reason: format!("encoding the training state: {e}"),
@@ -471,13 +572,7 @@ impl RankState {
                 reason: format!("state from rank {root}: {e}"),
             })?;
         self.set_state(state);
-        let params: Vec<Tensor> = self
-            .optimizer
-            .params()
-            .iter()
-            .map(Tensor::shallow_clone)
-            .collect();
-        broadcast_tensors(&params, root, self.collective.as_mut())
+        Ok(())
     }
 }
 
@@ -500,7 +595,8 @@ mod tests {
                     best_step: None,
                     bad_evals: 2,
                     stopped_early: false
-                }
+                },
+                evaluated_step: 0,
             }
         );
         let back: TrainerState =
