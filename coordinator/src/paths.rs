@@ -157,9 +157,20 @@ impl Confinement {
             }
             Ok(())
         };
-        check("model.path", &mut spec.model.path, Use::ReadDir)?;
+        // A model folder's files may be links within its Hugging Face cache
+        // repository (the readers follow them no further): that is read too.
+        let model = |key: &'static str, p: &mut PathBuf| -> Result<(), KeyRefused> {
+            check(key, p, Use::ReadDir)?;
+            let root = dpo_data::confined::link_root(p).to_path_buf();
+            if root != *p {
+                self.resolve(&root, Use::ReadDir)
+                    .map_err(|refused| KeyRefused { key, refused })?;
+            }
+            Ok(())
+        };
+        model("model.path", &mut spec.model.path)?;
         if let ReferenceModel::Dir(d) = &mut spec.reference.path {
-            check("reference.path", d, Use::ReadDir)?;
+            model("reference.path", d)?;
         }
         if let ReferenceCache::Dir(d) = &mut spec.reference.cache {
             check("reference.cache", d, Use::WriteDir)?;
@@ -406,6 +417,44 @@ mod tests {
             e.starts_with("data.train: ") && e.contains("train-00001-of-00002.jsonl: not under"),
             "{e}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn a_cache_snapshot_is_a_model_only_where_its_repository_is_allowed() -> std::io::Result<()> {
+        let f = fixture()?;
+        // The operator allowed one snapshot folder; its files link into the
+        // repository's blobs/, above it.
+        let repo = f.outside.join("hub/models--org--m");
+        let snapshot = repo.join("snapshots/abc");
+        std::fs::create_dir_all(repo.join("blobs"))?;
+        std::fs::create_dir_all(&snapshot)?;
+        let toml = f.allowed.join("spec.toml");
+        let spec_text = |model: &Path| {
+            format!(
+                "name = \"x\"\n[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\n[train]\noutput = \"{}\"\n",
+                model.display(),
+                f.allowed.join("train.jsonl").display(),
+                f.allowed.join("out").display()
+            )
+        };
+        std::fs::write(&toml, spec_text(&snapshot))?;
+        let c = Confinement::new(&[f.allowed.clone(), snapshot.clone()], &f.data)?;
+        let mut spec = RunSpec::from_file(&toml).expect("spec");
+        let e = c
+            .confine(&mut spec, &[])
+            .expect_err("repository outside")
+            .to_string();
+        assert!(
+            e.starts_with("model.path: ") && e.contains("models--org--m: not under"),
+            "{e}"
+        );
+        // Allowed with its repository: accepted.
+        let c = Confinement::new(&[f.allowed.clone(), repo.clone()], &f.data)?;
+        let mut spec = RunSpec::from_file(&toml).expect("spec");
+        c.confine(&mut spec, &[])
+            .expect("the repository is allowed");
+        assert_eq!(spec.model.path, snapshot.canonicalize()?);
         Ok(())
     }
 

@@ -5,6 +5,13 @@
 //! folder opened by walking its path without following links and held, so
 //! everything done through it happens in that folder; [`open_beneath`] opens
 //! one file that way.
+//!
+//! Files a run reads (its model, tokenizer and datasets) are opened by
+//! [`open_read`]: their folders walked the same way, and the file's own name
+//! followed through links only while they stay inside its folder — or inside
+//! the Hugging Face cache repository holding it, whose `snapshots/<rev>/`
+//! files are links to `../../blobs/<sha>`. A link swapped in after submit, an
+//! absolute link, or one that climbs out is refused by name.
 
 use std::path::Path;
 
@@ -253,6 +260,182 @@ pub fn open_beneath(path: &Path, access: Access) -> std::io::Result<std::fs::Fil
     Dir::open(dir, false)?.file(name, access)
 }
 
+/// How many links one [`open_read`] follows at most (as the kernel's
+/// `ELOOP` bound).
+const MAX_LINKS: usize = 40;
+
+/// The folder links in `folder` may lead within: the Hugging Face cache
+/// repository holding it (`…/models--org--name` above `…/snapshots/<rev>/…`,
+/// beside its `blobs/`), else `folder` itself.
+pub fn link_root(folder: &Path) -> &Path {
+    folder
+        .ancestors()
+        .find(|a| {
+            a.file_name().is_some_and(|n| n == "snapshots")
+                && a.parent().is_some_and(|repo| repo.join("blobs").is_dir())
+        })
+        .and_then(Path::parent)
+        .unwrap_or(folder)
+}
+
+/// Opens the regular file at `path` (absolute, in a resolved folder) for
+/// reading: the folders down to its [`link_root`] are entered without
+/// following a link; below it, links are followed only while they are
+/// relative and stay beneath that root (at most 40 of them). A folder pinned
+/// by this process (`/proc/self/fd/N`, see [`Dir::pinned`]) is a start of
+/// its own.
+pub fn open_read(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::path::Component;
+    let (Some(folder), Some(Component::Normal(_))) = (path.parent(), path.components().next_back())
+    else {
+        return Err(refused(path, "not an absolute folder and a file name"));
+    };
+    let (root, below) = match pinned_start(folder) {
+        Some((fd, rest)) => (
+            Dir {
+                fd,
+                path: folder.to_path_buf(),
+            },
+            rest.join(path.file_name().unwrap_or_default()),
+        ),
+        None => {
+            let root = link_root(folder);
+            let below = path
+                .strip_prefix(root)
+                .map_err(|_| refused(path, "not beneath its folder"))?
+                .to_path_buf();
+            (Dir::open(root, false)?, below)
+        }
+    };
+    root.open_following(&below, path)
+}
+
+/// `/proc/self/fd/N/rest` (a folder this process holds open): that folder
+/// and `rest`.
+fn pinned_start(folder: &Path) -> Option<(rustix::fd::OwnedFd, std::path::PathBuf)> {
+    use rustix::fs::{CWD, Mode, OFlags, openat};
+    let rest = folder.strip_prefix("/proc/self/fd").ok()?;
+    let mut parts = rest.components();
+    let fd = parts.next()?.as_os_str().to_str()?;
+    if fd.is_empty() || !fd.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let held = openat(
+        CWD,
+        Path::new("/proc/self/fd").join(fd),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    Some((held, parts.as_path().to_path_buf()))
+}
+
+impl Dir {
+    /// The regular file at `below` (relative) beneath this folder, read-only,
+    /// following links only while they stay beneath it; `whole` names it in
+    /// errors.
+    fn open_following(&self, below: &Path, whole: &Path) -> std::io::Result<std::fs::File> {
+        use rustix::fd::{AsFd, OwnedFd};
+        use rustix::fs::{FileType, Mode, OFlags, fstat, openat, readlinkat};
+        use std::collections::VecDeque;
+        use std::os::unix::ffi::OsStrExt;
+        use std::path::Component;
+        let escape = |why: &str| {
+            refused(
+                whole,
+                format!(
+                    "{why}; a model or dataset may link only within its own folder (or its Hugging Face cache repository)"
+                ),
+            )
+        };
+        let mut todo: VecDeque<std::ffi::OsString> = VecDeque::new();
+        for c in below.components() {
+            match c {
+                Component::Normal(n) => todo.push_back(n.to_os_string()),
+                _ => return Err(refused(whole, "not a plain path below its folder")),
+            }
+        }
+        // The folders entered below the root, innermost last.
+        let mut entered: Vec<OwnedFd> = Vec::new();
+        let mut links = 0usize;
+        while let Some(name) = todo.pop_front() {
+            let name = name.as_os_str();
+            if name.is_empty() || name == "." {
+                continue;
+            }
+            if name == ".." {
+                if entered.pop().is_none() {
+                    return Err(escape("a link leads above its folder"));
+                }
+                continue;
+            }
+            let at = entered.last().map_or(self.fd.as_fd(), |f| f.as_fd());
+            let found = openat(
+                at,
+                name,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| failed(whole, e))?;
+            let kind =
+                FileType::from_raw_mode(fstat(&found).map_err(|e| failed(whole, e))?.st_mode);
+            match kind {
+                FileType::Symlink => {
+                    links += 1;
+                    if links > MAX_LINKS {
+                        return Err(refused(whole, "too many levels of symbolic links"));
+                    }
+                    let target =
+                        readlinkat(&found, "", Vec::new()).map_err(|e| failed(whole, e))?;
+                    let target = Path::new(std::ffi::OsStr::from_bytes(target.as_bytes()));
+                    if target.is_absolute() {
+                        return Err(escape(&format!("an absolute link ({})", target.display())));
+                    }
+                    for c in target.components().rev() {
+                        todo.push_front(c.as_os_str().to_os_string());
+                    }
+                }
+                FileType::Directory if !todo.is_empty() => entered.push(found),
+                FileType::RegularFile if todo.is_empty() => {
+                    // The same entry, now readable; NONBLOCK so that one
+                    // swapped for a FIFO meanwhile cannot hang the open.
+                    let fd = openat(
+                        at,
+                        name,
+                        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .map_err(|e| failed(whole, e))?;
+                    let (a, b) = (fstat(&found), fstat(&fd));
+                    let same = matches!((a, b), (Ok(a), Ok(b)) if a.st_dev == b.st_dev && a.st_ino == b.st_ino);
+                    if !same {
+                        return Err(refused(whole, "changed while it was opened"));
+                    }
+                    return Ok(std::fs::File::from(fd));
+                }
+                _ => return Err(refused(whole, "not a regular file")),
+            }
+        }
+        Err(refused(whole, "not a regular file"))
+    }
+}
+
+/// The bytes of the file at `path`, opened by [`open_read`].
+pub fn read(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    open_read(path)?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The text of the file at `path`, opened by [`open_read`].
+pub fn read_to_string(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    open_read(path)?.read_to_string(&mut text)?;
+    Ok(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +472,68 @@ mod tests {
         // Not a plain name, not a resolved folder.
         assert!(open_beneath(&out.join("../victim"), Access::Read).is_err());
         assert!(open_beneath(&out.join("../out/m.jsonl"), Access::Read).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn model_files_follow_links_only_within_their_folder_or_cache_repository() -> std::io::Result<()>
+    {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().canonicalize()?;
+        std::fs::write(root.join("secret"), "another tenant's")?;
+        // The Hub cache: snapshot files are relative links into blobs/.
+        let repo = root.join("hub/models--org--tiny");
+        let snap = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(repo.join("blobs"))?;
+        std::fs::create_dir_all(snap.join("1_Pooling"))?;
+        std::fs::write(repo.join("blobs/9f1"), "{\"model_type\": \"bert\"}")?;
+        std::fs::write(repo.join("blobs/9f2"), "pooling")?;
+        symlink("../../blobs/9f1", snap.join("config.json"))?;
+        symlink("../../../blobs/9f2", snap.join("1_Pooling/config.json"))?;
+        assert_eq!(link_root(&snap), repo.as_path());
+        assert_eq!(
+            read_to_string(&snap.join("config.json"))?,
+            "{\"model_type\": \"bert\"}"
+        );
+        assert_eq!(
+            read_to_string(&snap.join("1_Pooling/config.json"))?,
+            "pooling"
+        );
+        // Out of the repository: relative or absolute, refused by name.
+        symlink("../../../../secret", snap.join("tokenizer.json"))?;
+        symlink(root.join("secret"), snap.join("vocab.txt"))?;
+        for name in ["tokenizer.json", "vocab.txt"] {
+            let err = read(&snap.join(name)).expect_err("leads out");
+            assert!(err.to_string().contains(name), "{err}");
+            assert!(err.to_string().contains("link"), "{err}");
+        }
+        // A plain model folder: links within it are followed, out of it not.
+        let plain = root.join("models/bert");
+        std::fs::create_dir_all(&plain)?;
+        std::fs::write(plain.join("real.json"), "real")?;
+        symlink("real.json", plain.join("config.json"))?;
+        symlink("../../secret", plain.join("vocab.txt"))?;
+        assert_eq!(link_root(&plain), plain.as_path());
+        assert_eq!(read_to_string(&plain.join("config.json"))?, "real");
+        assert!(read(&plain.join("vocab.txt")).is_err());
+        // A folder on the way swapped for a link after submit: refused.
+        std::fs::create_dir_all(root.join("elsewhere"))?;
+        std::fs::write(root.join("elsewhere/config.json"), "elsewhere")?;
+        std::fs::rename(&plain, root.join("models/moved"))?;
+        symlink(root.join("elsewhere"), &plain)?;
+        let err = read(&plain.join("config.json")).expect_err("swapped folder");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        // A missing file stays NotFound (callers look for alternatives).
+        let err = read(&snap.join("model.safetensors")).expect_err("missing");
+        assert_eq!(err.kind(), std::io::ErrorKind::NotFound);
+        // A link loop ends.
+        symlink("loop", snap.join("loop"))?;
+        assert!(read(&snap.join("loop")).is_err());
+        // Through a folder this process pinned.
+        let held = Dir::open(&repo, false)?;
+        let text = read_to_string(&held.pinned().join("snapshots/abc123/config.json"))?;
+        assert_eq!(text, "{\"model_type\": \"bert\"}");
         Ok(())
     }
 

@@ -204,7 +204,7 @@ fn format_of(path: &Path, forced: FileFormat) -> FileFormat {
     // Only a regular file is looked into (a FIFO would block); the reader
     // refuses anything else.
     let n = if path.is_file() {
-        File::open(path)
+        crate::confined::open_read(path)
             .and_then(|mut f| f.read(&mut magic))
             .unwrap_or(0)
     } else {
@@ -254,7 +254,7 @@ pub fn files(path: &Path, forced: FileFormat) -> Result<Vec<(PathBuf, FileFormat
         }
         let state = path.join("state.json");
         if state.is_file() {
-            let text = std::fs::read_to_string(&state).map_err(io_err(&state))?;
+            let text = crate::confined::read_to_string(&state).map_err(io_err(&state))?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| file_err(&state, format!("invalid JSON: {e}")))?;
             let listed = v
@@ -634,7 +634,7 @@ impl Reader {
             FileFormat::Json => {
                 // `datasets`' `to_json` writes JSON lines under `.json`: look.
                 let mut first = [0u8; 1];
-                let mut f = BufReader::new(File::open(path).map_err(io_err(path))?);
+                let mut f = BufReader::new(crate::confined::open_read(path).map_err(io_err(path))?);
                 loop {
                     if f.read(&mut first).map_err(io_err(path))? == 0 {
                         return Err(file_err(path, "empty file"));
@@ -777,7 +777,7 @@ fn json_array(path: &Path, limit: u64) -> Result<Receiver<std::result::Result<Va
             Ok(())
         }
     }
-    let file = File::open(path).map_err(io_err(path))?;
+    let file = crate::confined::open_read(path).map_err(io_err(path))?;
     let (tx, rx) = sync_channel(256);
     std::thread::Builder::new()
         .name("json-array".into())
@@ -839,7 +839,7 @@ fn features_of(schema_meta: &HashMap<String, String>, path: &Path) -> HashMap<St
         .and_then(|v| v.get("info")?.get("features").cloned());
     let from_info = || {
         let info = path.parent()?.join("dataset_info.json");
-        let v: Value = serde_json::from_str(&std::fs::read_to_string(info).ok()?).ok()?;
+        let v: Value = serde_json::from_str(&crate::confined::read_to_string(&info).ok()?).ok()?;
         v.get("features").cloned()
     };
     from_meta
@@ -868,7 +868,7 @@ fn parquet_reader(
 ) -> Result<(Reader, Decoded)> {
     use parquet::arrow::ProjectionMask;
     use parquet::arrow::arrow_reader::{ArrowReaderMetadata, ArrowReaderOptions};
-    let mut file = File::open(path).map_err(io_err(path))?;
+    let mut file = crate::confined::open_read(path).map_err(io_err(path))?;
     // The parquet crate trusts the file: its footer is checked here, each row
     // group's pages before the group is decoded (see parquet_check).
     let roots: Vec<String> = keys.iter().map(|k| layout.source(k).to_string()).collect();
@@ -983,24 +983,24 @@ fn arrow_reader(
 ) -> Result<(Reader, Decoded)> {
     use arrow_ipc::reader::{FileReader, StreamReader};
     let mut magic = [0u8; 6];
-    let mut f = File::open(path).map_err(io_err(path))?;
+    let mut f = crate::confined::open_read(path).map_err(io_err(path))?;
     // arrow-ipc trusts the file: check it first (see arrow_check).
     let checked = crate::arrow_check::check(path, &mut f, &layout.limits, budget.0, budget.1)?;
     // The rows are counted as they are read, like every format's.
     f.seek(std::io::SeekFrom::Start(0)).map_err(io_err(path))?;
     let n = f.read(&mut magic).map_err(io_err(path))?;
     let bad = |e: ArrowError| file_err(path, format!("not a readable Arrow file: {e}"));
-    let file = File::open(path).map_err(io_err(path))?;
+    let file = crate::confined::open_read(path).map_err(io_err(path))?;
     // Projection needs the schema first: open once to read it.
     let panicked = |reason: Refusal| file_err(path, format!("not a readable Arrow file: {reason}"));
     let (schema, is_file) = if &magic[..n] == b"ARROW1" {
-        let f = BufReader::new(File::open(path).map_err(io_err(path))?);
+        let f = BufReader::new(crate::confined::open_read(path).map_err(io_err(path))?);
         let r = guarded(|| FileReader::try_new(f, None))
             .map_err(panicked)?
             .map_err(bad)?;
         (r.schema(), true)
     } else {
-        let f = BufReader::new(File::open(path).map_err(io_err(path))?);
+        let f = BufReader::new(crate::confined::open_read(path).map_err(io_err(path))?);
         let r = guarded(|| StreamReader::try_new(f, None))
             .map_err(panicked)?
             .map_err(bad)?;

@@ -231,7 +231,7 @@ pub fn confusion_negatives(records: &mut [Record], labels: &Labels, k: usize, se
 /// `config.json` (RoBERTa's first `pad_token_id + 1` rows are not positions).
 pub fn max_positions(model_dir: &Path) -> Result<usize> {
     let path = model_dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+    let text = crate::confined::read_to_string(&path).map_err(|source| Error::Io {
         path: path.clone(),
         source,
     })?;

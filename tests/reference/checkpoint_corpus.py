@@ -49,6 +49,7 @@ Nothing here shares code with the Rust implementation.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import random
@@ -108,6 +109,40 @@ def read_json(path: str):
 def copy_layout(src: str, dst: str) -> str:
     shutil.copytree(src, dst)
     return dst
+
+
+def hub_cache_layout(src: str, root: str, repo: str, rev: str, escape: str | None = None) -> str:
+    """`src` as huggingface_hub's cache holds a download: every file a blob named
+    by its sha256 under `models--org--<repo>/blobs/`, and the snapshot folder
+    `snapshots/<rev>/` of relative links to them (`../../blobs/<sha>`, one `../`
+    more per subfolder). With `escape`, that file of the snapshot links to a
+    copy outside the repository instead (absolute), as a hostile one would.
+    Returns the layout's name: the snapshot folder, below `root`."""
+    repo_dir = os.path.join(root, "hub-cache", f"models--org--{repo}")
+    snapshot = os.path.join(repo_dir, "snapshots", rev)
+    os.makedirs(os.path.join(repo_dir, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+    with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
+        f.write(rev)
+    for folder, _, files in os.walk(src):
+        rel_folder = os.path.relpath(folder, src)
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read()
+            sha = hashlib.sha256(data).hexdigest()
+            with open(os.path.join(repo_dir, "blobs", sha), "wb") as f:
+                f.write(data)
+            link = os.path.normpath(os.path.join(snapshot, rel_folder, name))
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            rel = os.path.relpath(link, snapshot)
+            if escape is not None and rel == escape:
+                outside = os.path.join(root, f"outside-{repo}-{name}")
+                with open(outside, "wb") as f:
+                    f.write(data)
+                os.symlink(os.path.abspath(outside), link)
+            else:
+                os.symlink(os.path.relpath(os.path.join(repo_dir, "blobs", sha), os.path.dirname(link)), link)
+    return os.path.relpath(snapshot, root)
 
 
 def pad_tokenizer_json(path: str, pad_id: int, pad_token: str) -> None:
@@ -251,6 +286,9 @@ def decoder_layouts(root: str) -> dict[str, str | None]:
     shutil.copytree(clean, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
     model.save_pretrained(sharded, max_shard_size="40KB")
     layouts["sharded"] = None
+    # Downloaded with huggingface_hub: the cache's links into blobs/.
+    layouts[hub_cache_layout(sharded, root, "tiny-llama", "5d1c0ffee0ddba11")] = None
+    layouts[hub_cache_layout(clean, root, "escape", "e5ca9e", escape="tokenizer.json")] = "may link only within"
 
     to_torch_bin(copy_layout(clean, os.path.join(root, "pytorch-bin")))
     layouts["pytorch-bin"] = None
@@ -338,6 +376,7 @@ def encoder_layouts(root: str) -> dict[str, str | None]:
     shutil.copytree(clean, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
     model.save_pretrained(sharded, max_shard_size="30KB")
     layouts["sharded"] = None
+    layouts[hub_cache_layout(padded, root, "tiny-bert", "a11ce5bee5")] = None
 
     to_torch_bin(copy_layout(clean, os.path.join(root, "pytorch-bin")))
     layouts["pytorch-bin"] = None

@@ -149,7 +149,7 @@ pub(super) fn prepare(spec: &RunSpec, shard_dir: &Path, cache_root: &Path) -> Re
     } else {
         None
     };
-    let vocab = std::fs::read(spec.model.path.join("config.json"))
+    let vocab = dpo_data::confined::read(&spec.model.path.join("config.json"))
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("vocab_size").and_then(serde_json::Value::as_i64));

@@ -259,7 +259,7 @@ fn read_json_if_present(path: &Path) -> Result<Value> {
 
 fn read_bounded(path: &Path) -> Result<String> {
     check_size(path)?;
-    std::fs::read_to_string(path).map_err(|source| Error::Io {
+    crate::confined::read_to_string(path).map_err(|source| Error::Io {
         path: path.to_path_buf(),
         source,
     })

@@ -450,7 +450,9 @@ fn train(
     use dpo_worker::train::classify::{ClassifierTrainer, ClassifyOptions};
     use dpo_worker::train::{Event, TrainOptions, Trainer, TrainingRun, run_loop};
 
-    let spec = dpo_proto::RunSpec::from_file(config)?;
+    let mut spec = dpo_proto::RunSpec::from_file(config)?;
+    // This process trusts its spec: links in its paths are resolved once.
+    spec.resolve_links();
     tracing::info!(run = %spec.name, task = ?spec.task.kind, loss = ?spec.objective.loss, output = %spec.train.output.display(), "starting");
     let preparing = || format!("preparing run {}", config.display());
     // Every task trains through the one loop; only what it trains differs.

@@ -424,7 +424,7 @@ pub fn copy_side_files(src: &Path, dir: &Path) -> Result<()> {
     for name in SIDE_FILES.iter().chain(tokenizer_files) {
         let from = src.join(name);
         if from.exists() && src != dir {
-            let bytes = std::fs::read(&from).map_err(io_err(&from))?;
+            let bytes = dpo_data::confined::read(&from).map_err(io_err(&from))?;
             write_atomically(&dir.join(name), &bytes)?;
         }
     }
@@ -448,7 +448,7 @@ pub fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
 
 /// Reads every tensor of a safetensors file.
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let bytes = dpo_data::confined::read(path).map_err(io_err(path))?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| Error::Safetensors {
         path: path.to_path_buf(),
         reason: e.to_string(),
@@ -468,7 +468,7 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 
 /// Reads and parses a JSON file; errors name the file.
 pub(crate) fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let text = dpo_data::confined::read_to_string(path).map_err(io_err(path))?;
     serde_json::from_str(&text).map_err(|source| Error::Json {
         path: path.to_path_buf(),
         source,
@@ -515,7 +515,7 @@ fn safetensors_entries(file: &Path) -> Result<Vec<(String, IndexEntry)>> {
         path: file.to_path_buf(),
         reason,
     };
-    let mut f = std::fs::File::open(file).map_err(io_err(file))?;
+    let mut f = dpo_data::confined::open_read(file).map_err(io_err(file))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len).map_err(io_err(file))?;
     let n = u64::from_le_bytes(len);
@@ -665,7 +665,7 @@ impl TensorIndex {
         })?;
         let size = stored.elt_size_in_bytes() as u64;
         let read = |first: i64, count: i64| -> Result<Tensor> {
-            let mut f = std::fs::File::open(&e.file).map_err(io_err(&e.file))?;
+            let mut f = dpo_data::confined::open_read(&e.file).map_err(io_err(&e.file))?;
             f.seek(SeekFrom::Start(e.start + first as u64 * size))
                 .map_err(io_err(&e.file))?;
             let mut bytes = vec![0u8; (count as u64 * size) as usize];

@@ -120,7 +120,7 @@ impl ModelType {
     /// The model type of the checkpoint in `dir` (its `config.json`).
     pub fn of_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let text = dpo_data::confined::read_to_string(&path).map_err(io_err(&path))?;
         let raw: Value = serde_json::from_str(&text).map_err(|source| Error::Json {
             path: path.clone(),
             source,
@@ -211,7 +211,7 @@ impl ModelConfig {
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let text = dpo_data::confined::read_to_string(&path).map_err(io_err(&path))?;
         Self::from_json(&text, &path)
     }
 

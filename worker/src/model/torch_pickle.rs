@@ -61,7 +61,7 @@ pub fn is_torch_file(path: &Path) -> bool {
 
 /// The tensors of a `torch.save` state dict at `path`.
 pub fn read_index(path: &Path) -> Result<Vec<PickledTensor>> {
-    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut file = dpo_data::confined::open_read(path).map_err(io_err(path))?;
     let mut magic = [0u8; 4];
     let n = file.read(&mut magic).map_err(io_err(path))?;
     if n < 4 || &magic != ZIP_MAGIC {
@@ -73,7 +73,7 @@ pub fn read_index(path: &Path) -> Result<Vec<PickledTensor>> {
              or convert it to safetensors",
         ));
     }
-    let file = std::fs::File::open(path).map_err(io_err(path))?;
+    let file = dpo_data::confined::open_read(path).map_err(io_err(path))?;
     let mut archive =
         zip::ZipArchive::new(file).map_err(|e| bad(path, format!("bad zip archive: {e}")))?;
     let pickle_name = archive

@@ -138,7 +138,7 @@ pub struct EncoderConfig {
 impl EncoderConfig {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let text = dpo_data::confined::read_to_string(&path).map_err(io_err(&path))?;
         Self::from_json(&text, &path)
     }
 
