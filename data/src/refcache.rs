@@ -112,7 +112,7 @@ fn digest_file(path: &Path, memo: Option<&mut Fingerprints>) -> Result<(u64, Str
     {
         return Ok((f.len, f.sha256.clone()));
     }
-    let mut f = File::open(path).map_err(io(path))?;
+    let mut f = crate::confined::open_read(path).map_err(io(path))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut len = 0u64;
     let mut content = Sha256::new();
