@@ -317,8 +317,13 @@ const TASK_KEYS: &[&str] = &[
     "negatives",
 ];
 
-fn read_records(path: &Path, task: Task, layout: &Layout) -> Result<Vec<RawRecord>> {
-    let mut out = Vec::new();
+fn read_records(
+    path: &Path,
+    task: Task,
+    layout: &Layout,
+    each: &mut dyn FnMut(RawRecord) -> Result<()>,
+) -> Result<usize> {
+    let mut count = 0;
     for row in records::open(path, layout, TASK_KEYS)? {
         let row = row?;
         let n = row.at;
@@ -327,15 +332,20 @@ fn read_records(path: &Path, task: Task, layout: &Layout) -> Result<Vec<RawRecor
             .and_then(|o| parse_json_record(&o, task))
             .map_err(|reason| records::explain(line_err(path, n, reason), layout))?;
         r.line = n;
-        out.push(r);
+        each(r)?;
+        count += 1;
     }
-    Ok(out)
+    Ok(count)
 }
 
 /// Reads a CoNLL file within `data.limits`: its bytes count against
 /// `max_decoded_bytes`, its sentences against `max_rows`, and each line is at
 /// most `max_value_bytes` long.
-fn read_conll(path: &Path, layout: &Layout) -> Result<Vec<RawRecord>> {
+fn read_conll(
+    path: &Path,
+    layout: &Layout,
+    each: &mut dyn FnMut(RawRecord) -> Result<()>,
+) -> Result<usize> {
     let limits = &layout.limits;
     let size = std::fs::metadata(path)
         .map_err(|source| Error::Io {
@@ -346,13 +356,15 @@ fn read_conll(path: &Path, layout: &Layout) -> Result<Vec<RawRecord>> {
     // The run's earlier datasets count too.
     let (earlier_rows, earlier_bytes) = layout.spent.get();
     let decoded = records::text_budget(path, size, earlier_bytes, limits)?;
-    let mut out = Vec::new();
+    let mut count = 0usize;
     let mut current: Option<RawRecord> = None;
-    let finish = |r: Option<RawRecord>, out: &mut Vec<RawRecord>| {
+    let mut finish = |r: Option<RawRecord>, count: &mut usize| -> Result<()> {
         if let Some(mut r) = r {
-            r.id = Some(out.len().to_string());
-            out.push(r);
+            r.id = Some(count.to_string());
+            *count += 1;
+            each(r)?;
         }
+        Ok(())
     };
     for (i, line) in lines::open(path)?.enumerate() {
         let n = i + 1;
@@ -376,12 +388,8 @@ fn read_conll(path: &Path, layout: &Layout) -> Result<Vec<RawRecord>> {
             ));
         }
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.is_empty() {
-            finish(current.take(), &mut out);
-            continue;
-        }
-        if fields[0] == "-DOCSTART-" {
-            finish(current.take(), &mut out);
+        if fields.is_empty() || fields[0] == "-DOCSTART-" {
+            finish(current.take(), &mut count)?;
             continue;
         }
         if fields.len() < 2 {
@@ -391,7 +399,7 @@ fn read_conll(path: &Path, layout: &Layout) -> Result<Vec<RawRecord>> {
                 format!("{:?} has no tag (a CoNLL line is `token … tag`)", fields[0]),
             ));
         }
-        if current.is_none() && earlier_rows + out.len() as u64 >= limits.max_rows {
+        if current.is_none() && earlier_rows + count as u64 >= limits.max_rows {
             let earlier = match earlier_rows {
                 0 => String::new(),
                 n => format!(" (with the {n} of the run's earlier datasets)"),
@@ -417,9 +425,33 @@ fn read_conll(path: &Path, layout: &Layout) -> Result<Vec<RawRecord>> {
         r.gold
             .push(RawLabel::Name(fields[fields.len() - 1].to_string()));
     }
-    finish(current.take(), &mut out);
-    layout.spent.set(earlier_rows + out.len() as u64, decoded);
-    Ok(out)
+    finish(current.take(), &mut count)?;
+    layout.spent.set(earlier_rows + count as u64, decoded);
+    Ok(count)
+}
+
+/// Streams the records of `path` (a file, glob or folder) for `task` to
+/// `each`, labels still as written: CoNLL for NER by extension or
+/// `data.file_format`, records (JSON lines, JSON, Parquet, Arrow) otherwise.
+/// A dataset without any is refused.
+fn each_raw(
+    path: &Path,
+    task: Task,
+    layout: &Layout,
+    each: &mut dyn FnMut(RawRecord) -> Result<()>,
+) -> Result<usize> {
+    let count = if task == Task::Token && is_conll(path, layout) {
+        read_conll(path, layout, each)?
+    } else {
+        read_records(path, task, layout, each)?
+    };
+    if count == 0 {
+        return Err(Error::File {
+            path: path.to_path_buf(),
+            reason: "no examples".into(),
+        });
+    }
+    Ok(count)
 }
 
 /// Whether `path` is read as CoNLL (`data.file_format`, else by its
@@ -438,7 +470,8 @@ pub fn is_conll(path: &Path, layout: &Layout) -> bool {
     }
 }
 
-/// A dataset file as read, labels still as written.
+/// A dataset file as read and held, labels still as written (for tools and
+/// tests; a run streams its files: [`for_each_record`]).
 #[derive(Debug, Clone)]
 pub struct RawFile {
     path: PathBuf,
@@ -447,21 +480,13 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    /// Reads `path` (a file, glob or folder) for `task`: CoNLL for NER by
-    /// extension or `data.file_format`, records (JSON lines, JSON, Parquet,
-    /// Arrow) otherwise.
+    /// Reads `path` (a file, glob or folder) for `task` (see [`each_raw`]).
     pub fn read(path: &Path, task: Task, layout: &Layout) -> Result<Self> {
-        let records = if task == Task::Token && is_conll(path, layout) {
-            read_conll(path, layout)?
-        } else {
-            read_records(path, task, layout)?
-        };
-        if records.is_empty() {
-            return Err(Error::File {
-                path: path.to_path_buf(),
-                reason: "no examples".into(),
-            });
-        }
+        let mut records = Vec::new();
+        each_raw(path, task, layout, &mut |r| {
+            records.push(r);
+            Ok(())
+        })?;
         Ok(RawFile {
             path: path.to_path_buf(),
             task,
@@ -477,187 +502,305 @@ impl RawFile {
         self.records.is_empty()
     }
 
-    /// Joins a negatives file (`{"id": ..., "negatives": ...}` per line) to the
-    /// records by `id`.
-    pub fn join_negatives(&mut self, path: &Path, layout: &Layout) -> Result<usize> {
-        let mut by_id: HashMap<String, usize> = HashMap::new();
-        for (i, r) in self.records.iter().enumerate() {
-            if let Some(id) = &r.id {
-                by_id.insert(id.clone(), i);
-            }
-        }
-        let mut joined = 0;
+    /// Resolves labels against `labels` and checks every record.
+    pub fn resolve(&self, labels: &Labels) -> Result<Vec<Record>> {
+        let mut ids = HashMap::new();
+        self.records
+            .iter()
+            .map(|r| resolve_one(&self.path, self.task, r.clone(), labels, &mut ids))
+            .collect()
+    }
+}
+
+/// A negatives file (`{"id": ..., "negatives": ...}` per line), held by id
+/// (with the line that named it) until the examples it joins are read.
+#[derive(Debug)]
+pub struct JoinedNegatives {
+    path: PathBuf,
+    by_id: HashMap<String, (usize, Vec<RawNegative>)>,
+    count: usize,
+}
+
+impl JoinedNegatives {
+    /// Reads `path` for `task`'s examples.
+    pub fn read(path: &Path, task: Task, layout: &Layout) -> Result<Self> {
+        let mut by_id: HashMap<String, (usize, Vec<RawNegative>)> = HashMap::new();
+        let mut count = 0;
         for row in records::open(path, layout, &["id", "negatives"])? {
             let row = row?;
             let n = row.at;
             let parse = |o: serde_json::Map<String, Value>| -> std::result::Result<(String, Vec<RawNegative>), Refusal> {
                 let id = raw_id(o.get("id"))?.ok_or("missing \"id\"")?;
-                let negs = raw_negatives(
-                    o.get("negatives").ok_or("missing \"negatives\"")?,
-                    self.task,
-                )?;
+                let negs = raw_negatives(o.get("negatives").ok_or("missing \"negatives\"")?, task)?;
                 Ok((id, negs))
             };
             let (id, negs) = row
                 .value
                 .and_then(parse)
                 .map_err(|reason| records::explain(line_err(path, n, reason), layout))?;
-            let Some(&at) = by_id.get(&id) else {
-                return Err(line_err(
-                    path,
-                    n,
-                    format!("no example with id {id:?} in {}", self.path.display()),
-                ));
-            };
-            joined += negs.len();
-            self.records[at].negatives.extend(negs);
+            count += negs.len();
+            by_id.entry(id).or_insert_with(|| (n, Vec::new())).1.extend(negs);
         }
-        Ok(joined)
+        Ok(JoinedNegatives {
+            path: path.to_path_buf(),
+            by_id,
+            count,
+        })
     }
 
-    /// Label names in first-seen order (gold, then negatives), for a run that
-    /// does not list its labels; NER puts `O` first.
-    pub fn seen_labels(files: &[&RawFile]) -> Vec<String> {
-        let mut seen: Vec<String> = Vec::new();
-        let mut set: BTreeSet<String> = BTreeSet::new();
-        let token = files.iter().any(|f| f.task == Task::Token);
-        if token {
-            seen.push("O".into());
-            set.insert("O".into());
+    /// How many negatives the file holds.
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The negatives held for `r`'s id.
+    fn of(&self, r: &RawRecord) -> &[RawNegative] {
+        r.id
+            .as_ref()
+            .and_then(|id| self.by_id.get(id))
+            .map_or(&[], |(_, n)| n.as_slice())
+    }
+
+    /// Moves the negatives held for `r`'s id into it.
+    fn attach(&mut self, r: &mut RawRecord) {
+        if let Some((_, negs)) = r.id.as_ref().and_then(|id| self.by_id.remove(id)) {
+            r.negatives.extend(negs);
         }
-        let mut add = |l: &RawLabel| {
-            if let RawLabel::Name(n) = l
-                && set.insert(n.clone())
-            {
-                seen.push(n.clone());
-            }
+    }
+
+    /// After every example of `data` was read: an id it did not have is
+    /// refused at the line that named it (the first such line).
+    fn all_joined(&self, data: &Path) -> Result<()> {
+        match self.by_id.iter().min_by_key(|(_, (line, _))| *line) {
+            None => Ok(()),
+            Some((id, (line, _))) => Err(line_err(
+                &self.path,
+                *line,
+                format!("no example with id {id:?} in {}", data.display()),
+            )),
+        }
+    }
+}
+
+/// Label names in first-seen order (gold, then negatives), for a run that
+/// does not list its labels; NER puts `O` first. Gathered record by record.
+#[derive(Debug)]
+pub struct SeenLabels {
+    gold: Vec<String>,
+    negatives: Vec<String>,
+    seen: BTreeSet<String>,
+    seen_negative: BTreeSet<String>,
+}
+
+impl SeenLabels {
+    pub fn new(task: Task) -> Self {
+        let mut s = SeenLabels {
+            gold: Vec::new(),
+            negatives: Vec::new(),
+            seen: BTreeSet::new(),
+            seen_negative: BTreeSet::new(),
         };
-        for f in files {
-            for r in &f.records {
-                r.gold.iter().for_each(&mut add);
-            }
+        if task == Task::Token {
+            s.gold.push("O".into());
+            s.seen.insert("O".into());
         }
-        for f in files {
-            for r in &f.records {
-                for neg in &r.negatives {
-                    match neg {
-                        RawNegative::Sequence(tags) => tags.iter().for_each(&mut add),
-                        RawNegative::At(_, l) => add(l),
-                    }
-                }
-            }
-        }
-        seen
+        s
     }
 
-    /// Resolves labels against `labels` and checks every record.
-    pub fn resolve(&self, labels: &Labels) -> Result<Vec<Record>> {
-        let path = &self.path;
-        let mut out = Vec::with_capacity(self.records.len());
-        let mut ids: HashMap<&str, usize> = HashMap::new();
-        for r in &self.records {
-            let bad = |reason: String| line_err(path, r.line, reason);
-            if let Some(id) = &r.id
-                && let Some(first) = ids.insert(id, r.line)
-            {
-                return Err(bad(format!("id {id:?} was already used at line {first}")));
-            }
-            let resolve = |l: &RawLabel, what: &str| -> Result<u32> {
-                match l {
-                    RawLabel::Name(n) => labels.id(n).ok_or_else(|| {
-                        bad(format!(
-                            "{what} {n:?} is not one of the labels {:?}",
-                            labels.names()
-                        ))
-                    }),
-                    RawLabel::Id(i) if (*i as usize) < labels.len() => Ok(*i as u32),
-                    RawLabel::Id(i) => Err(bad(format!(
-                        "{what} id {i} is out of range: there are {} labels",
-                        labels.len()
-                    ))),
-                }
-            };
-            let gold: Vec<u32> = match self.task {
-                Task::Token => {
-                    if r.words.is_empty() {
-                        return Err(bad("empty sentence (no tokens)".into()));
-                    }
-                    if r.words.len() != r.gold.len() {
-                        return Err(bad(format!(
-                            "{} tokens but {} tags",
-                            r.words.len(),
-                            r.gold.len()
-                        )));
-                    }
-                    r.gold
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| resolve(t, &format!("tag {i}")))
-                        .collect::<Result<_>>()?
-                }
-                Task::Sequence => vec![resolve(&r.gold[0], "label")?],
-            };
-            let mut negatives: BTreeSet<(u32, u32)> = BTreeSet::new();
-            for (k, neg) in r.negatives.iter().enumerate() {
-                match neg {
-                    RawNegative::Sequence(tags) => {
-                        if tags.len() != gold.len() {
-                            return Err(bad(format!(
-                                "negative {k} has {} tags for {} tokens",
-                                tags.len(),
-                                gold.len()
-                            )));
-                        }
-                        let mut differs = false;
-                        for (w, t) in tags.iter().enumerate() {
-                            let t = resolve(t, &format!("negative {k} tag {w}"))?;
-                            if t != gold[w] {
-                                negatives.insert((w as u32, t));
-                                differs = true;
-                            }
-                        }
-                        if !differs {
-                            return Err(bad(format!(
-                                "negative {k} equals the gold tags: a negative must be wrong somewhere"
-                            )));
-                        }
-                    }
-                    RawNegative::At(position, label) => {
-                        let w = position.unwrap_or(0);
-                        if w >= gold.len() {
-                            return Err(bad(format!(
-                                "negative {k} is at word {w}, the sentence has {} words",
-                                gold.len()
-                            )));
-                        }
-                        let t = resolve(label, &format!("negative {k}"))?;
-                        if t == gold[w] {
-                            let name = labels.name(t).unwrap_or("?");
-                            return Err(bad(match self.task {
-                                Task::Token => format!(
-                                    "negative {k} ({name:?} at word {w}) equals the gold tag"
-                                ),
-                                Task::Sequence => {
-                                    format!("negative {k} ({name:?}) equals the gold label")
-                                }
-                            }));
-                        }
-                        negatives.insert((w as u32, t));
-                    }
-                }
-            }
-            out.push(Record {
-                path: path.clone(),
-                line: r.line,
-                id: r.id.clone(),
-                words: r.words.clone(),
-                text: r.text.clone(),
-                gold,
-                negatives: negatives.into_iter().collect(),
-            });
-        }
-        Ok(out)
+    /// Reads `path`'s labels (and those of the negatives `joined` holds for
+    /// its examples), without holding its records.
+    pub fn scan(
+        &mut self,
+        path: &Path,
+        task: Task,
+        layout: &Layout,
+        joined: Option<&JoinedNegatives>,
+    ) -> Result<()> {
+        each_raw(path, task, layout, &mut |r| {
+            self.add(&r, joined);
+            Ok(())
+        })
+        .map(|_| ())
     }
+
+    fn add(&mut self, r: &RawRecord, joined: Option<&JoinedNegatives>) {
+        for l in &r.gold {
+            if let RawLabel::Name(n) = l
+                && self.seen.insert(n.clone())
+            {
+                self.gold.push(n.clone());
+            }
+        }
+        let negatives = r
+            .negatives
+            .iter()
+            .chain(joined.map_or(&[][..], |j| j.of(r)));
+        for neg in negatives {
+            let labels: &[RawLabel] = match neg {
+                RawNegative::Sequence(tags) => tags,
+                RawNegative::At(_, l) => std::slice::from_ref(l),
+            };
+            for l in labels {
+                if let RawLabel::Name(n) = l
+                    && self.seen_negative.insert(n.clone())
+                {
+                    self.negatives.push(n.clone());
+                }
+            }
+        }
+    }
+
+    /// The names: every gold label in the order first seen, then the
+    /// labels only negatives used.
+    pub fn names(self) -> Vec<String> {
+        let SeenLabels {
+            mut gold,
+            negatives,
+            seen,
+            ..
+        } = self;
+        gold.extend(negatives.into_iter().filter(|n| !seen.contains(n)));
+        gold
+    }
+}
+
+/// Streams the examples of `path` (see [`each_raw`]) to `each`, one at a
+/// time, with their index: each resolved against `labels` and checked, the
+/// negatives `joined` holds for its id added. Ids must be unique; every id
+/// of `joined` must be found. Returns how many there were.
+pub fn for_each_record(
+    path: &Path,
+    task: Task,
+    layout: &Layout,
+    labels: &Labels,
+    mut joined: Option<&mut JoinedNegatives>,
+    mut each: impl FnMut(usize, Record) -> Result<()>,
+) -> Result<usize> {
+    let mut ids = HashMap::new();
+    let mut i = 0;
+    each_raw(path, task, layout, &mut |mut r| {
+        if let Some(j) = joined.as_deref_mut() {
+            j.attach(&mut r);
+        }
+        let record = resolve_one(path, task, r, labels, &mut ids)?;
+        each(i, record)?;
+        i += 1;
+        Ok(())
+    })?;
+    if let Some(j) = joined {
+        j.all_joined(path)?;
+    }
+    Ok(i)
+}
+
+/// One record of `path` resolved against `labels` and checked (`ids`: the
+/// ids seen so far in its file, with their lines).
+fn resolve_one(
+    path: &Path,
+    task: Task,
+    r: RawRecord,
+    labels: &Labels,
+    ids: &mut HashMap<String, usize>,
+) -> Result<Record> {
+    let bad = |reason: String| line_err(path, r.line, reason);
+    if let Some(id) = &r.id
+        && let Some(first) = ids.insert(id.clone(), r.line)
+    {
+        return Err(bad(format!("id {id:?} was already used at line {first}")));
+    }
+    let resolve = |l: &RawLabel, what: &str| -> Result<u32> {
+        match l {
+            RawLabel::Name(n) => labels.id(n).ok_or_else(|| {
+                bad(format!(
+                    "{what} {n:?} is not one of the labels {:?}",
+                    labels.names()
+                ))
+            }),
+            RawLabel::Id(i) if (*i as usize) < labels.len() => Ok(*i as u32),
+            RawLabel::Id(i) => Err(bad(format!(
+                "{what} id {i} is out of range: there are {} labels",
+                labels.len()
+            ))),
+        }
+    };
+    let gold: Vec<u32> = match task {
+        Task::Token => {
+            if r.words.is_empty() {
+                return Err(bad("empty sentence (no tokens)".into()));
+            }
+            if r.words.len() != r.gold.len() {
+                return Err(bad(format!(
+                    "{} tokens but {} tags",
+                    r.words.len(),
+                    r.gold.len()
+                )));
+            }
+            r.gold
+                .iter()
+                .enumerate()
+                .map(|(i, t)| resolve(t, &format!("tag {i}")))
+                .collect::<Result<_>>()?
+        }
+        Task::Sequence => vec![resolve(&r.gold[0], "label")?],
+    };
+    let mut negatives: BTreeSet<(u32, u32)> = BTreeSet::new();
+    for (k, neg) in r.negatives.iter().enumerate() {
+        match neg {
+            RawNegative::Sequence(tags) => {
+                if tags.len() != gold.len() {
+                    return Err(bad(format!(
+                        "negative {k} has {} tags for {} tokens",
+                        tags.len(),
+                        gold.len()
+                    )));
+                }
+                let mut differs = false;
+                for (w, t) in tags.iter().enumerate() {
+                    let t = resolve(t, &format!("negative {k} tag {w}"))?;
+                    if t != gold[w] {
+                        negatives.insert((w as u32, t));
+                        differs = true;
+                    }
+                }
+                if !differs {
+                    return Err(bad(format!(
+                        "negative {k} equals the gold tags: a negative must be wrong somewhere"
+                    )));
+                }
+            }
+            RawNegative::At(position, label) => {
+                let w = position.unwrap_or(0);
+                if w >= gold.len() {
+                    return Err(bad(format!(
+                        "negative {k} is at word {w}, the sentence has {} words",
+                        gold.len()
+                    )));
+                }
+                let t = resolve(label, &format!("negative {k}"))?;
+                if t == gold[w] {
+                    let name = labels.name(t).unwrap_or("?");
+                    return Err(bad(match task {
+                        Task::Token => {
+                            format!("negative {k} ({name:?} at word {w}) equals the gold tag")
+                        }
+                        Task::Sequence => {
+                            format!("negative {k} ({name:?}) equals the gold label")
+                        }
+                    }));
+                }
+                negatives.insert((w as u32, t));
+            }
+        }
+    }
+    Ok(Record {
+        path: path.to_path_buf(),
+        line: r.line,
+        id: r.id,
+        words: r.words,
+        text: r.text,
+        gold,
+        negatives: negatives.into_iter().collect(),
+    })
 }
 
 /// The tokens `Record`s become, for either task.
@@ -700,77 +843,88 @@ pub fn encode(
     let mut out = Vec::with_capacity(records.len());
     let mut truncated = 0;
     for r in records {
-        let bad = |reason: String| line_err(&r.path, r.line, reason);
-        if r.words.is_empty() {
-            let ids = tokenizer.encode_with_special_tokens(&r.text, how.max_length)?;
-            if ids.truncated {
-                truncated += 1;
-            }
-            out.push(Encoded {
+        let (e, cut) = encode_one(r, tokenizer, labels, how)?;
+        truncated += usize::from(cut);
+        out.push(e);
+    }
+    Ok((out, truncated))
+}
+
+/// One record's tokens (see [`encode`]), and whether `max_length` cut it.
+pub fn encode_one(
+    r: &Record,
+    tokenizer: &TextTokenizer,
+    labels: &Labels,
+    how: Encoding,
+) -> Result<(Encoded, bool)> {
+    let bad = |reason: String| line_err(&r.path, r.line, reason);
+    if r.words.is_empty() {
+        let ids = tokenizer.encode_with_special_tokens(&r.text, how.max_length)?;
+        return Ok((
+            Encoded {
                 line: r.line,
                 input_ids: ids.ids,
                 targets: vec![(0, r.gold[0])],
                 negatives: r.negatives.iter().map(|&(_, l)| (0, l)).collect(),
                 word_starts: Vec::new(),
                 gold: r.gold.clone(),
-            });
-            continue;
-        }
-        let enc = tokenizer.encode_words(&r.words, how.max_length)?;
-        if enc.truncated {
-            truncated += 1;
-        }
-        // First token of every word, and every token's word.
-        let mut starts: Vec<Option<u32>> = vec![None; r.words.len()];
-        let mut targets = Vec::new();
-        for (pos, w) in enc.word_ids.iter().enumerate() {
-            let Some(w) = *w else { continue };
-            let w = w as usize;
-            let Some(slot) = starts.get_mut(w) else {
-                return Err(bad(format!(
-                    "the tokenizer reported word {w} of {}",
-                    r.words.len()
-                )));
-            };
-            if slot.is_none() {
-                *slot = Some(pos as u32);
-                targets.push((pos as u32, r.gold[w]));
-            } else if how.label_all_tokens {
-                targets.push((pos as u32, labels.inside_of(r.gold[w])));
-            }
-        }
-        let kept = starts.iter().take_while(|s| s.is_some()).count();
-        if kept == 0 {
+            },
+            ids.truncated,
+        ));
+    }
+    let enc = tokenizer.encode_words(&r.words, how.max_length)?;
+    // First token of every word, and every token's word.
+    let mut starts: Vec<Option<u32>> = vec![None; r.words.len()];
+    let mut targets = Vec::new();
+    for (pos, w) in enc.word_ids.iter().enumerate() {
+        let Some(w) = *w else { continue };
+        let w = w as usize;
+        let Some(slot) = starts.get_mut(w) else {
             return Err(bad(format!(
-                "no word fits in max_length {} tokens",
-                how.max_length
+                "the tokenizer reported word {w} of {}",
+                r.words.len()
             )));
+        };
+        if slot.is_none() {
+            *slot = Some(pos as u32);
+            targets.push((pos as u32, r.gold[w]));
+        } else if how.label_all_tokens {
+            targets.push((pos as u32, labels.inside_of(r.gold[w])));
         }
-        // Words past `kept` were cut by max_length, unless a later word still
-        // has tokens: then word `kept` itself gave none (the tokenizer dropped it).
-        if starts[kept..].iter().any(Option::is_some) {
-            return Err(bad(format!(
-                "word {kept} ({:?}) gives no tokens with this tokenizer",
-                r.words.get(kept).map_or("", String::as_str)
-            )));
-        }
-        let word_starts: Vec<u32> = starts[..kept].iter().flatten().copied().collect();
-        let negatives = r
-            .negatives
-            .iter()
-            .filter(|(w, _)| (*w as usize) < kept)
-            .map(|&(w, l)| (word_starts[w as usize], l))
-            .collect();
-        out.push(Encoded {
+    }
+    let kept = starts.iter().take_while(|s| s.is_some()).count();
+    if kept == 0 {
+        return Err(bad(format!(
+            "no word fits in max_length {} tokens",
+            how.max_length
+        )));
+    }
+    // Words past `kept` were cut by max_length, unless a later word still
+    // has tokens: then word `kept` itself gave none (the tokenizer dropped it).
+    if starts[kept..].iter().any(Option::is_some) {
+        return Err(bad(format!(
+            "word {kept} ({:?}) gives no tokens with this tokenizer",
+            r.words.get(kept).map_or("", String::as_str)
+        )));
+    }
+    let word_starts: Vec<u32> = starts[..kept].iter().flatten().copied().collect();
+    let negatives = r
+        .negatives
+        .iter()
+        .filter(|(w, _)| (*w as usize) < kept)
+        .map(|&(w, l)| (word_starts[w as usize], l))
+        .collect();
+    Ok((
+        Encoded {
             line: r.line,
             input_ids: enc.ids,
             targets,
             negatives,
             word_starts,
             gold: r.gold[..kept].to_vec(),
-        });
-    }
-    Ok((out, truncated))
+        },
+        enc.truncated,
+    ))
 }
 
 /// A classification run's encoded data as the coordinator stores it: one JSON
@@ -999,23 +1153,63 @@ mod tests {
             "n.jsonl",
             "{\"id\": \"1\", \"negatives\": [{\"position\": 0, \"tag\": \"B-LOC\"}]}\n",
         );
-        let mut raw = RawFile::read(&data, Task::Token, &Layout::default()).expect("reads");
-        assert_eq!(
-            raw.join_negatives(&negs, &Layout::default())
-                .expect("joins"),
-            1
-        );
-        let rs = raw.resolve(&ner_labels()).expect("resolves");
+        let read = |negs: &Path| -> Result<Vec<Record>> {
+            let layout = Layout::default();
+            let mut joined = JoinedNegatives::read(negs, Task::Token, &layout)?;
+            let mut out = Vec::new();
+            for_each_record(&data, Task::Token, &layout, &ner_labels(), Some(&mut joined), |_, r| {
+                out.push(r);
+                Ok(())
+            })?;
+            Ok(out)
+        };
+        let rs = read(&negs).expect("joins");
         assert_eq!(rs[0].negatives, vec![(0, 3)]);
+        assert!(rs[1].negatives.is_empty());
         let bad = file(&dir, "m.jsonl", "\n{\"id\": \"zz\", \"negatives\": []}\n");
-        let msg = raw
-            .join_negatives(&bad, &Layout::default())
-            .expect_err("unknown id")
-            .to_string();
+        let msg = read(&bad).expect_err("unknown id").to_string();
         assert!(
             msg.contains("m.jsonl:2: no example with id \"zz\""),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn examples_stream_to_the_caller_one_at_a_time() {
+        // A run's examples are handed over as they are read (it keeps their
+        // tokens only): the records before a bad line come first, NER in
+        // CoNLL and classification in JSON lines alike.
+        let dir = tempfile::tempdir().expect("tmp");
+        let cases = [
+            (
+                Task::Token,
+                file(&dir, "a.conll", "Ann B-PER\n\nRome B-LOC\n\nBo\n"),
+                ner_labels(),
+                ":5:",
+            ),
+            (
+                Task::Sequence,
+                file(
+                    &dir,
+                    "c.jsonl",
+                    "{\"text\": \"good\", \"label\": \"pos\"}\n{\"text\": \"bad\", \"label\": \"neg\"}\n{\"text\": 3}\n",
+                ),
+                Labels::new(vec!["neg".into(), "pos".into()]).expect("labels"),
+                ":3:",
+            ),
+        ];
+        for (task, path, labels, at) in cases {
+            let mut seen = Vec::new();
+            let e = for_each_record(&path, task, &Layout::default(), &labels, None, |i, r| {
+                seen.push((i, r.line));
+                Ok(())
+            })
+            .expect_err("a bad record last");
+            assert_eq!(seen.len(), 2, "{seen:?}");
+            assert_eq!(seen[0].0, 0);
+            assert_eq!(seen[1].0, 1);
+            assert!(e.to_string().contains(at), "{e}");
+        }
     }
 
     #[test]
@@ -1050,10 +1244,24 @@ mod tests {
     fn labels_seen_in_data_come_in_first_seen_order_with_o_first() {
         let dir = tempfile::tempdir().expect("tmp");
         let p = file(&dir, "a.conll", "Ann B-PER\nin O\nRome B-LOC\n\nBo I-PER\n");
-        let raw = RawFile::read(&p, Task::Token, &Layout::default()).expect("reads");
+        let mut seen = SeenLabels::new(Task::Token);
+        seen.scan(&p, Task::Token, &Layout::default(), None)
+            .expect("reads");
+        assert_eq!(seen.names(), vec!["O", "B-PER", "B-LOC", "I-PER"]);
+        // Gold labels first (of every file), then those only negatives use.
+        let q = file(
+            &dir,
+            "b.jsonl",
+            "{\"tokens\": [\"x\"], \"tags\": [\"B-ORG\"], \"negatives\": [[\"B-MISC\"]]}\n{\"tokens\": [\"y\"], \"tags\": [\"B-LOC\"]}\n",
+        );
+        let mut seen = SeenLabels::new(Task::Token);
+        seen.scan(&q, Task::Token, &Layout::default(), None)
+            .expect("reads");
+        seen.scan(&p, Task::Token, &Layout::default(), None)
+            .expect("reads");
         assert_eq!(
-            RawFile::seen_labels(&[&raw]),
-            vec!["O", "B-PER", "B-LOC", "I-PER"]
+            seen.names(),
+            vec!["O", "B-ORG", "B-LOC", "B-PER", "I-PER", "B-MISC"]
         );
         let labels = ner_labels();
         assert_eq!(labels.inside_of(1), 2);

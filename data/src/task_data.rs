@@ -10,7 +10,7 @@ use crate::TextTokenizer;
 use crate::error::{Error, Result};
 use crate::records::{self, Layout};
 use crate::rng::SplitMix64;
-use crate::tagged::{self, Encoded, Encoding, Labels, RawFile, Record, Task};
+use crate::tagged::{self, Encoded, Encoding, JoinedNegatives, Labels, Record, SeenLabels, Task};
 
 /// The task of a run spec, for the data layer.
 pub fn task_of(spec: &RunSpec) -> Task {
@@ -73,19 +73,30 @@ fn load_with(
     max_positions: usize,
 ) -> Result<TaskData> {
     let task = task_of(spec);
-    let mut train = RawFile::read(&spec.data.train, task, layout)?;
-    let mut eval = match &spec.data.eval {
-        Some(p) => Some(RawFile::read(p, task, layout)?),
-        None => None,
+    // The files are streamed: an example is held as its tokens only, never
+    // as the words or text it was read as. A negatives file is held by id
+    // until its examples come by.
+    let mut joined = match &spec.data.negatives {
+        Some(Negatives::File(file)) => {
+            let j = JoinedNegatives::read(file, task, layout)?;
+            tracing::info!(file = %file.display(), negatives = j.count(), "negatives to join by id");
+            Some(j)
+        }
+        _ => None,
     };
-    if let Some(Negatives::File(file)) = &spec.data.negatives {
-        let joined = train.join_negatives(file, layout)?;
-        tracing::info!(file = %file.display(), joined, "negatives joined by id");
-    }
     let labels = if spec.task.labels.is_empty() {
-        let mut files = vec![&train];
-        files.extend(eval.as_ref());
-        RawFile::seen_labels(&files)
+        // A first pass for the label names. It has a budget of its own (the
+        // same limits): the run's is spent by the pass that encodes.
+        let scan = Layout {
+            spent: Default::default(),
+            ..layout.clone()
+        };
+        let mut seen = SeenLabels::new(task);
+        seen.scan(&spec.data.train, task, &scan, joined.as_ref())?;
+        if let Some(eval) = &spec.data.eval {
+            seen.scan(eval, task, &scan, None)?;
+        }
+        seen.names()
     } else {
         spec.task.labels.clone()
     };
@@ -109,33 +120,86 @@ fn load_with(
             ),
         ));
     }
-    let mut train_records = train.resolve(&labels)?;
-    let eval_records = match eval.as_mut() {
-        Some(e) => Some(e.resolve(&labels)?),
-        None => None,
-    };
-    let k = spec.task.negatives_per_label;
-    match spec.data.negatives {
-        Some(Negatives::Random) => random_negatives(&mut train_records, &labels, k, spec.data.seed),
-        Some(Negatives::Confusion) => {
-            confusion_negatives(&mut train_records, &labels, k, spec.data.seed)
-        }
-        _ => {}
-    }
     let how = Encoding {
         max_length: spec.data.max_length.min(max_positions),
         label_all_tokens: spec.task.label_all_tokens,
     };
-    let train = encode_split(&train_records, tokenizer, &labels, how)?;
-    let eval = match eval_records {
-        Some(r) => Some(encode_split(&r, tokenizer, &labels, how)?),
+    let k = spec.task.negatives_per_label;
+    let (negatives, seed) = (spec.data.negatives.clone(), spec.data.seed);
+    let mut train = SplitBuilder::default();
+    tagged::for_each_record(
+        &spec.data.train,
+        task,
+        layout,
+        &labels,
+        joined.as_mut(),
+        |i, mut r| {
+            match negatives {
+                Some(Negatives::Random) => random_negatives_of(&mut r, i, &labels, k, seed),
+                Some(Negatives::Confusion) => confusion_negatives_of(&mut r, i, &labels, k, seed),
+                _ => {}
+            }
+            train.add(&r, tokenizer, &labels, how)
+        },
+    )?;
+    let eval = match &spec.data.eval {
+        Some(path) => {
+            let mut eval = SplitBuilder::default();
+            tagged::for_each_record(path, task, layout, &labels, None, |_, r| {
+                eval.add(&r, tokenizer, &labels, how)
+            })?;
+            Some(eval.finish(how))
+        }
         None => None,
     };
     Ok(TaskData {
         labels,
-        train,
+        train: train.finish(how),
         eval,
     })
+}
+
+/// A split's examples, encoded one record at a time.
+#[derive(Debug, Default)]
+struct SplitBuilder {
+    examples: Vec<Encoded>,
+    truncated: usize,
+}
+
+impl SplitBuilder {
+    fn add(
+        &mut self,
+        r: &Record,
+        tokenizer: &TextTokenizer,
+        labels: &Labels,
+        how: Encoding,
+    ) -> Result<()> {
+        let (e, cut) = tagged::encode_one(r, tokenizer, labels, how)?;
+        self.truncated += usize::from(cut);
+        self.examples.push(e);
+        Ok(())
+    }
+
+    fn finish(self, how: Encoding) -> Split {
+        let SplitBuilder {
+            examples,
+            truncated,
+        } = self;
+        let counts = DataCounts {
+            examples: examples.len(),
+            labelled: examples.iter().map(|e| e.gold.len()).sum(),
+            negatives: examples.iter().map(|e| e.negatives.len()).sum(),
+            truncated,
+        };
+        if truncated > 0 {
+            tracing::warn!(
+                truncated,
+                max_length = how.max_length,
+                "examples were cut to max_length: the words past it are neither trained nor scored"
+            );
+        }
+        Split { examples, counts }
+    }
 }
 
 /// Encodes the records of a split.
@@ -145,21 +209,11 @@ pub fn encode_split(
     labels: &Labels,
     how: Encoding,
 ) -> Result<Split> {
-    let (examples, truncated) = tagged::encode(records, tokenizer, labels, how)?;
-    let counts = DataCounts {
-        examples: examples.len(),
-        labelled: examples.iter().map(|e| e.gold.len()).sum(),
-        negatives: examples.iter().map(|e| e.negatives.len()).sum(),
-        truncated,
-    };
-    if truncated > 0 {
-        tracing::warn!(
-            truncated,
-            max_length = how.max_length,
-            "examples were cut to max_length: the words past it are neither trained nor scored"
-        );
+    let mut split = SplitBuilder::default();
+    for r in records {
+        split.add(r, tokenizer, labels, how)?;
     }
-    Ok(Split { examples, counts })
+    Ok(split.finish(how))
 }
 
 /// Up to `k` distinct labels out of `candidates`, chosen by `rng`.
@@ -175,56 +229,66 @@ fn pick(candidates: &mut Vec<u32>, k: usize, rng: &mut SplitMix64) -> Vec<u32> {
 /// `random`: `k` wrong labels per text (classification) or per entity word (NER:
 /// words whose gold tag is not `O`), uniformly among the wrong ones, seeded.
 pub fn random_negatives(records: &mut [Record], labels: &Labels, k: usize, seed: u64) {
-    let outside = labels.id("O");
     for (i, r) in records.iter_mut().enumerate() {
-        let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        for (w, &gold) in r.gold.iter().enumerate() {
-            if !r.words.is_empty() && Some(gold) == outside {
-                continue;
-            }
-            let mut wrong: Vec<u32> = (0..labels.len() as u32).filter(|&l| l != gold).collect();
-            for l in pick(&mut wrong, k, &mut rng) {
-                r.negatives.push((w as u32, l));
-            }
-        }
-        r.negatives.sort_unstable();
-        r.negatives.dedup();
+        random_negatives_of(r, i, labels, k, seed);
     }
+}
+
+/// [`random_negatives`] of record `i`.
+pub fn random_negatives_of(r: &mut Record, i: usize, labels: &Labels, k: usize, seed: u64) {
+    let outside = labels.id("O");
+    let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    for (w, &gold) in r.gold.iter().enumerate() {
+        if !r.words.is_empty() && Some(gold) == outside {
+            continue;
+        }
+        let mut wrong: Vec<u32> = (0..labels.len() as u32).filter(|&l| l != gold).collect();
+        for l in pick(&mut wrong, k, &mut rng) {
+            r.negatives.push((w as u32, l));
+        }
+    }
+    r.negatives.sort_unstable();
+    r.negatives.dedup();
 }
 
 /// `confusion` (NER): for every entity word, the tag of the other boundary of
 /// its type (`B-X`↔`I-X`) and up to `k` tags of the same boundary with another
 /// type (the same span called something else).
 pub fn confusion_negatives(records: &mut [Record], labels: &Labels, k: usize, seed: u64) {
-    let names = labels.names().to_vec();
     for (i, r) in records.iter_mut().enumerate() {
-        let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9));
-        for (w, &gold) in r.gold.iter().enumerate() {
-            let Some(name) = labels.name(gold) else {
-                continue;
-            };
-            let (prefix, kind) = match name.split_once('-') {
-                Some((p @ ("B" | "I"), kind)) => (p, kind),
-                _ => continue,
-            };
-            let flipped = if prefix == "B" { "I" } else { "B" };
-            if let Some(l) = labels.id(&format!("{flipped}-{kind}")) {
-                r.negatives.push((w as u32, l));
-            }
-            let mut swaps: Vec<u32> = names
-                .iter()
-                .filter_map(|n| {
-                    let (p, t) = n.split_once('-')?;
-                    (p == prefix && t != kind).then(|| labels.id(n)).flatten()
-                })
-                .collect();
-            for l in pick(&mut swaps, k, &mut rng) {
-                r.negatives.push((w as u32, l));
-            }
-        }
-        r.negatives.sort_unstable();
-        r.negatives.dedup();
+        confusion_negatives_of(r, i, labels, k, seed);
     }
+}
+
+/// [`confusion_negatives`] of record `i`.
+pub fn confusion_negatives_of(r: &mut Record, i: usize, labels: &Labels, k: usize, seed: u64) {
+    let names = labels.names();
+    let mut rng = SplitMix64::new(seed ^ (i as u64).wrapping_mul(0xBF58_476D_1CE4_E5B9));
+    for (w, &gold) in r.gold.iter().enumerate() {
+        let Some(name) = labels.name(gold) else {
+            continue;
+        };
+        let (prefix, kind) = match name.split_once('-') {
+            Some((p @ ("B" | "I"), kind)) => (p, kind),
+            _ => continue,
+        };
+        let flipped = if prefix == "B" { "I" } else { "B" };
+        if let Some(l) = labels.id(&format!("{flipped}-{kind}")) {
+            r.negatives.push((w as u32, l));
+        }
+        let mut swaps: Vec<u32> = names
+            .iter()
+            .filter_map(|n| {
+                let (p, t) = n.split_once('-')?;
+                (p == prefix && t != kind).then(|| labels.id(n)).flatten()
+            })
+            .collect();
+        for l in pick(&mut swaps, k, &mut rng) {
+            r.negatives.push((w as u32, l));
+        }
+    }
+    r.negatives.sort_unstable();
+    r.negatives.dedup();
 }
 
 /// The longest sequence an encoder checkpoint's position table holds, from its
@@ -270,8 +334,11 @@ pub fn load_eval_file(
 ) -> Result<Split> {
     let layout = Layout::default();
     let read = || -> Result<Split> {
-        let records = RawFile::read(path, task, &layout)?.resolve(labels)?;
-        encode_split(&records, tokenizer, labels, how)
+        let mut split = SplitBuilder::default();
+        tagged::for_each_record(path, task, &layout, labels, None, |_, r| {
+            split.add(&r, tokenizer, labels, how)
+        })?;
+        Ok(split.finish(how))
     };
     read().map_err(|e| records::relocate(e, path, &layout))
 }
