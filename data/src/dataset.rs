@@ -142,37 +142,30 @@ fn load_from(
         }
         DataFormat::Labelled => {
             let tok = need_tokenizer()?;
-            let (records, skipped) = examples::read_labelled(path, layout, skip)?;
+            if let Some(Negatives::Adversarial | Negatives::Confusion) = &spec.data.negatives {
+                // Refused by the spec's validation for a causal LM.
+                return Err(Error::Invalid {
+                    context: "data.negatives".into(),
+                    reason: "\"adversarial\" and \"confusion\" negatives are for the classification tasks".into(),
+                });
+            }
+            // Each record is tokenized and joined as it is read: the text is
+            // never held, only token ids ("policy" negatives are sampled
+            // below, once the labelled examples are token ids).
+            let random = spec.data.negatives == Some(Negatives::Random);
+            let mut join = examples::LabelledJoin::new(tok, random);
+            let skipped =
+                examples::for_each_labelled(path, layout, skip, &mut |r| join.labelled(path, r))?;
             log_skipped(&skipped);
             report.skipped_lines = skipped.len();
-            let mixed = records.iter().any(|r| r.label.is_some());
-            let (labelled, mut negatives) = if mixed {
-                examples::split_by_label(path, records)?
-            } else {
-                (records, Vec::new())
-            };
-            match &spec.data.negatives {
-                None => {}
-                Some(Negatives::Random) => {
-                    negatives.extend(examples::random_negatives(&labelled, spec.data.seed))
-                }
-                // Sampled below, once labelled examples are token ids.
-                Some(Negatives::Policy) => {}
-                // Refused by the spec's validation for a causal LM.
-                Some(Negatives::Adversarial | Negatives::Confusion) => {
-                    return Err(Error::Invalid {
-                        context: "data.negatives".into(),
-                        reason: "\"adversarial\" and \"confusion\" negatives are for the classification tasks".into(),
-                    });
-                }
-                Some(Negatives::File(file)) => {
-                    let (neg, skipped) = examples::read_labelled(file, layout, skip)?;
-                    log_skipped(&skipped);
-                    report.skipped_lines += skipped.len();
-                    negatives.extend(neg);
-                }
+            if let Some(Negatives::File(file)) = &spec.data.negatives {
+                let skipped = examples::for_each_labelled(file, layout, skip, &mut |r| {
+                    join.negative(file, r)
+                })?;
+                log_skipped(&skipped);
+                report.skipped_lines += skipped.len();
             }
-            let mut joined = examples::join_labelled(path, &labelled, &negatives, tok)?;
+            let mut joined = join.finish(path, spec.data.seed)?;
             if spec.data.negatives == Some(Negatives::Policy) {
                 let sampler = sampler.ok_or_else(|| Error::Invalid {
                     context: "data.negatives".into(),

@@ -93,14 +93,16 @@ pub struct LabelledRecord {
 }
 
 /// Reads `{"prompt": str, "completion": str, "id"?: str|int, "label"?: bool}`
-/// records (any file format [`crate::records`] reads). With `skip_bad`,
-/// malformed records are skipped and returned as errors instead.
-pub fn read_labelled(
+/// records (any file format [`crate::records`] reads), handing each to `each`
+/// as it is read. With `skip_bad`, malformed records are skipped and returned
+/// as errors instead. A file without any is refused.
+pub fn for_each_labelled(
     path: &Path,
     layout: &Layout,
     skip_bad: bool,
-) -> Result<(Vec<LabelledRecord>, Vec<Error>)> {
-    let mut out = Vec::new();
+    each: &mut dyn FnMut(LabelledRecord) -> Result<()>,
+) -> Result<Vec<Error>> {
+    let mut read = 0usize;
     let mut skipped = Vec::new();
     let keys = ["prompt", "completion", "id", "label"];
     for row in crate::records::open(path, layout, &keys)? {
@@ -118,17 +120,34 @@ pub fn read_labelled(
                 crate::records::explain(e, layout)
             });
         match parsed {
-            Ok(r) => out.push(r),
+            Ok(r) => {
+                read += 1;
+                each(r)?;
+            }
             Err(e) if skip_bad => skipped.push(e),
             Err(e) => return Err(e),
         }
     }
-    if out.is_empty() {
+    if read == 0 {
         return Err(Error::File {
             path: path.to_path_buf(),
             reason: "no examples in file".into(),
         });
     }
+    Ok(skipped)
+}
+
+/// [`for_each_labelled`], held: the records and the skipped lines.
+pub fn read_labelled(
+    path: &Path,
+    layout: &Layout,
+    skip_bad: bool,
+) -> Result<(Vec<LabelledRecord>, Vec<Error>)> {
+    let mut out = Vec::new();
+    let skipped = for_each_labelled(path, layout, skip_bad, &mut |r| {
+        out.push(r);
+        Ok(())
+    })?;
     Ok((out, skipped))
 }
 
@@ -161,122 +180,235 @@ fn parse_labelled(
     })
 }
 
-/// How labelled examples and negatives find each other.
-fn join_key(r: &LabelledRecord) -> String {
+/// How labelled examples and negatives find each other (`id`, else the
+/// prompt), as a digest: the join holds 32 bytes per key, not the text.
+fn join_key(r: &LabelledRecord) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
     match &r.id {
-        Some(id) => format!("id:{id}"),
-        None => format!("prompt:{}", r.prompt),
+        Some(id) => {
+            h.update(b"id:");
+            h.update(id.as_bytes());
+        }
+        None => {
+            h.update(b"prompt:");
+            h.update(r.prompt.as_bytes());
+        }
+    }
+    h.finalize().into()
+}
+
+/// A negative read before (or without) a labelled example of its key.
+#[derive(Debug)]
+struct Waiting {
+    line: usize,
+    key: [u8; 32],
+    prompt: Vec<u32>,
+    response: Vec<u32>,
+}
+
+/// Labelled examples joined with their negatives (same `id`, or the same
+/// prompt when there is no id) as they are read, tokenized on the way: only
+/// token ids are held (and, for `random` negatives, the distinct
+/// completions they are drawn from). Several labelled answers for one prompt
+/// are separate examples; negatives join the first of them. Order: labelled
+/// examples in file order, then the negatives no labelled example matched,
+/// in the order read (those of one key together, at the first).
+pub struct LabelledJoin<'t> {
+    tokenizer: &'t TextTokenizer,
+    examples: Vec<Example>,
+    /// Key → the first labelled example with it.
+    by_key: HashMap<[u8; 32], usize>,
+    /// Negatives whose key no labelled example had yet, in the order read.
+    waiting: Vec<Option<Waiting>>,
+    waiting_by_key: HashMap<[u8; 32], Vec<usize>>,
+    /// `random` negatives: the distinct completions, and for each labelled
+    /// example (in order) its completion's index and the example its
+    /// negative joins.
+    random: Option<RandomDraw>,
+    /// A mixed file (`"label"` on some records): the first record without one.
+    unlabelled: Option<usize>,
+    mixed: bool,
+}
+
+impl std::fmt::Debug for LabelledJoin<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LabelledJoin")
+            .field("examples", &self.examples.len())
+            .field("waiting", &self.waiting.iter().flatten().count())
+            .finish_non_exhaustive()
     }
 }
 
-/// Joins labelled examples with their negatives (same `id`, or same prompt when
-/// there is no id) into examples, tokenizing on the way. Negatives with no labelled
-/// partner become examples of their own (no chosen response). Order: labelled
-/// examples in file order, then unmatched negatives in file order.
-pub fn join_labelled(
-    path: &Path,
-    labelled: &[LabelledRecord],
-    negatives: &[LabelledRecord],
-    tokenizer: &TextTokenizer,
-) -> Result<Vec<Example>> {
-    let at = |line: usize| {
-        let path = path.to_path_buf();
-        move |e: Error| Error::Line {
-            path,
+#[derive(Debug, Default)]
+struct RandomDraw {
+    index: HashMap<String, usize>,
+    completions: Vec<String>,
+    labelled: Vec<(usize, usize, usize)>,
+}
+
+impl<'t> LabelledJoin<'t> {
+    /// A join; `random` keeps what `random` negatives are drawn from.
+    pub fn new(tokenizer: &'t TextTokenizer, random: bool) -> Self {
+        LabelledJoin {
+            tokenizer,
+            examples: Vec::new(),
+            by_key: HashMap::new(),
+            waiting: Vec::new(),
+            waiting_by_key: HashMap::new(),
+            random: random.then(RandomDraw::default),
+            unlabelled: None,
+            mixed: false,
+        }
+    }
+
+    fn tokens(&self, path: &Path, line: usize, text: &str, prompt: bool) -> Result<Vec<u32>> {
+        let encoded = if prompt {
+            self.tokenizer.encode_prompt(text)
+        } else {
+            self.tokenizer.encode_response(text)
+        };
+        encoded.map_err(|e| Error::Line {
+            path: path.to_path_buf(),
             line,
             reason: e.to_string(),
-        }
-    };
-    let mut by_key: HashMap<String, usize> = HashMap::new();
-    let mut out: Vec<Example> = Vec::with_capacity(labelled.len());
-    for r in labelled {
-        // Several labelled answers for one prompt are separate examples; negatives
-        // join the first of them.
-        by_key.entry(join_key(r)).or_insert(out.len());
-        out.push(Example {
-            line: r.line,
-            prompt: tokenizer.encode_prompt(&r.prompt).map_err(at(r.line))?,
-            chosen: Some(
-                tokenizer
-                    .encode_response(&r.completion)
-                    .map_err(at(r.line))?,
-            ),
-            rejected: Vec::new(),
-        });
+        })
     }
-    for r in negatives {
-        let response = tokenizer
-            .encode_response(&r.completion)
-            .map_err(at(r.line))?;
-        let key = join_key(r);
-        match by_key.get(&key) {
-            Some(&i) => out[i].rejected.push(response),
-            None => {
-                by_key.insert(key, out.len());
-                out.push(Example {
-                    line: r.line,
-                    prompt: tokenizer.encode_prompt(&r.prompt).map_err(at(r.line))?,
-                    chosen: None,
-                    rejected: vec![response],
-                });
-            }
-        }
-    }
-    Ok(out)
-}
 
-/// Splits one mixed file (`"label": true|false`) into labelled and negatives.
-pub fn split_by_label(
-    path: &Path,
-    records: Vec<LabelledRecord>,
-) -> Result<(Vec<LabelledRecord>, Vec<LabelledRecord>)> {
-    let mut pos = Vec::new();
-    let mut neg = Vec::new();
-    for r in records {
+    /// A record of the labelled file (of `path`): a labelled example, or in
+    /// a mixed file (`"label": false`) a negative.
+    pub fn labelled(&mut self, path: &Path, r: LabelledRecord) -> Result<()> {
         match r.label {
-            Some(true) => pos.push(r),
-            Some(false) => neg.push(r),
+            Some(false) => {
+                self.mixed = true;
+                return self.negative(path, r);
+            }
+            Some(true) => self.mixed = true,
             None => {
-                return Err(Error::Line {
-                    path: path.to_path_buf(),
-                    line: r.line,
-                    reason: "missing key \"label\": a file that mixes labelled and negative examples marks each with \"label\": true|false".into(),
-                });
+                self.unlabelled.get_or_insert(r.line);
             }
         }
-    }
-    Ok((pos, neg))
-}
-
-/// Random negatives: for each labelled example, another example's completion that
-/// differs from its own. When the completions form a small label set (classification)
-/// this picks a wrong label uniformly. Examples whose completion is the only one in
-/// the data get no negative.
-pub fn random_negatives(labelled: &[LabelledRecord], seed: u64) -> Vec<LabelledRecord> {
-    let mut distinct: Vec<&str> = labelled.iter().map(|r| r.completion.as_str()).collect();
-    distinct.sort_unstable();
-    distinct.dedup();
-    let mut rng = SplitMix64::new(seed ^ 0x6E65_6761_7469_7665);
-    let mut out = Vec::with_capacity(labelled.len());
-    for r in labelled {
-        if distinct.len() < 2 {
-            break;
+        let key = join_key(&r);
+        let index = self.examples.len();
+        let target = *self.by_key.entry(key).or_insert(index);
+        let prompt = self.tokens(path, r.line, &r.prompt, true)?;
+        let chosen = self.tokens(path, r.line, &r.completion, false)?;
+        let mut rejected = Vec::new();
+        if target == index {
+            // Negatives read before it join it now, in the order read.
+            for w in self.waiting_by_key.remove(&key).unwrap_or_default() {
+                if let Some(w) = self.waiting[w].take() {
+                    rejected.push(w.response);
+                }
+            }
         }
-        // Draw from the other labels: index into distinct without r's own completion.
-        let own = distinct.binary_search(&r.completion.as_str()).unwrap_or(0);
-        let mut k = rng.below(distinct.len() - 1);
-        if k >= own {
-            k += 1;
+        if let Some(draw) = self.random.as_mut() {
+            let next = draw.completions.len();
+            let c = *draw.index.entry(r.completion.clone()).or_insert(next);
+            if c == next {
+                draw.completions.push(r.completion);
+            }
+            draw.labelled.push((r.line, c, target));
         }
-        out.push(LabelledRecord {
+        self.examples.push(Example {
             line: r.line,
-            id: r.id.clone(),
-            prompt: r.prompt.clone(),
-            completion: distinct[k].to_string(),
-            label: Some(false),
+            prompt,
+            chosen: Some(chosen),
+            rejected,
         });
+        Ok(())
     }
-    out
+
+    /// A negative (of `path`): joins its labelled example, or waits for one.
+    pub fn negative(&mut self, path: &Path, r: LabelledRecord) -> Result<()> {
+        let response = self.tokens(path, r.line, &r.completion, false)?;
+        let key = join_key(&r);
+        if let Some(&i) = self.by_key.get(&key) {
+            self.examples[i].rejected.push(response);
+            return Ok(());
+        }
+        let prompt = match self.waiting_by_key.get(&key).and_then(|w| w.first()) {
+            // The prompt of the first negative of its key stands for all.
+            Some(_) => Vec::new(),
+            None => self.tokens(path, r.line, &r.prompt, true)?,
+        };
+        self.waiting_by_key
+            .entry(key)
+            .or_default()
+            .push(self.waiting.len());
+        self.waiting.push(Some(Waiting {
+            line: r.line,
+            key,
+            prompt,
+            response,
+        }));
+        Ok(())
+    }
+
+    /// The examples (of the labelled file `path`): `random` negatives drawn
+    /// (seeded: for each labelled example another example's completion that
+    /// differs from its own, so with a small label set a wrong label
+    /// uniformly; none when the data has one completion only), then the
+    /// negatives no labelled example matched, as examples of their own.
+    pub fn finish(mut self, path: &Path, seed: u64) -> Result<Vec<Example>> {
+        if self.mixed
+            && let Some(line) = self.unlabelled
+        {
+            return Err(Error::Line {
+                path: path.to_path_buf(),
+                line,
+                reason: "missing key \"label\": a file that mixes labelled and negative examples marks each with \"label\": true|false".into(),
+            });
+        }
+        if let Some(draw) = self.random.take() {
+            let mut order: Vec<usize> = (0..draw.completions.len()).collect();
+            order.sort_unstable_by(|&a, &b| draw.completions[a].cmp(&draw.completions[b]));
+            let mut rank = vec![0usize; order.len()];
+            for (r, &c) in order.iter().enumerate() {
+                rank[c] = r;
+            }
+            let mut tokens: Vec<Option<Vec<u32>>> = vec![None; order.len()];
+            let mut rng = SplitMix64::new(seed ^ 0x6E65_6761_7469_7665);
+            let distinct = order.len();
+            for &(line, c, target) in &draw.labelled {
+                if distinct < 2 {
+                    break;
+                }
+                // Draw from the other completions: a rank that skips its own.
+                let own = rank[c];
+                let mut k = rng.below(distinct - 1);
+                if k >= own {
+                    k += 1;
+                }
+                let chosen = order[k];
+                if tokens[chosen].is_none() {
+                    tokens[chosen] =
+                        Some(self.tokens(path, line, &draw.completions[chosen], false)?);
+                }
+                if let Some(t) = &tokens[chosen] {
+                    self.examples[target].rejected.push(t.clone());
+                }
+            }
+        }
+        // The negatives no labelled example matched: one example per key, at
+        // its first negative.
+        let mut own: HashMap<[u8; 32], usize> = HashMap::new();
+        for w in self.waiting.into_iter().flatten() {
+            match own.get(&w.key) {
+                Some(&i) => self.examples[i].rejected.push(w.response),
+                None => {
+                    own.insert(w.key, self.examples.len());
+                    self.examples.push(Example {
+                        line: w.line,
+                        prompt: w.prompt,
+                        chosen: None,
+                        rejected: vec![w.response],
+                    });
+                }
+            }
+        }
+        Ok(self.examples)
+    }
 }
 
 /// Expands examples into preference pairs (one per negative) for pairwise losses.
@@ -380,38 +512,127 @@ mod tests {
         assert_eq!(e.prompt, vec![0, 1, 2, 3]);
     }
 
-    fn rec(line: usize, id: Option<&str>, prompt: &str, completion: &str) -> LabelledRecord {
+    fn record(
+        line: usize,
+        id: Option<&str>,
+        prompt: &str,
+        completion: &str,
+        label: Option<bool>,
+    ) -> LabelledRecord {
         LabelledRecord {
             line,
             id: id.map(str::to_string),
             prompt: prompt.into(),
             completion: completion.into(),
-            label: None,
+            label,
         }
+    }
+
+    /// A tokenizer of one id per byte (bytes as their own vocabulary), `</s>`
+    /// its end of sequence.
+    fn byte_tokenizer(dir: &Path) -> TextTokenizer {
+        let vocab: serde_json::Map<String, Value> = (0u32..256)
+            .map(|b| (format!("<0x{b:02X}>"), Value::from(b)))
+            .collect();
+        let json = serde_json::json!({
+            "version": "1.0",
+            "model": {"type": "BPE", "vocab": vocab, "merges": [], "byte_fallback": true, "unk_token": null},
+            "pre_tokenizer": null,
+            "normalizer": null,
+            "decoder": {"type": "ByteFallback"},
+            "added_tokens": [{"id": 256, "content": "</s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}]
+        });
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).expect("write");
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"eos_token": "</s>"}"#,
+        )
+        .expect("write");
+        TextTokenizer::from_dir(dir).expect("tokenizer")
+    }
+
+    #[test]
+    fn labelled_records_join_their_negatives_as_they_come() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let tok = byte_tokenizer(dir.path());
+        let path = Path::new("d.jsonl");
+        let ids = |s: &str| tok.encode_response(s).expect("encode");
+        let mut join = LabelledJoin::new(&tok, false);
+        // A negative before its labelled example, one after, one without any,
+        // two labelled answers of one prompt, and one joined by id.
+        join.labelled(path, record(1, None, "p", "x", Some(false)))
+            .expect("join");
+        join.labelled(path, record(2, None, "p", "good", Some(true)))
+            .expect("join");
+        join.labelled(path, record(3, None, "p", "also good", Some(true)))
+            .expect("join");
+        join.labelled(path, record(4, None, "p", "y", Some(false)))
+            .expect("join");
+        join.labelled(path, record(5, None, "q", "lonely", Some(false)))
+            .expect("join");
+        join.labelled(path, record(6, Some("7"), "r", "fine", Some(true)))
+            .expect("join");
+        join.negative(
+            Path::new("n.jsonl"),
+            record(1, Some("7"), "other", "bad", None),
+        )
+        .expect("join");
+        join.labelled(path, record(7, None, "q", "lonelier", Some(false)))
+            .expect("join");
+        let out = join.finish(path, 1).expect("finish");
+        let lines: Vec<usize> = out.iter().map(|e| e.line).collect();
+        assert_eq!(lines, vec![2, 3, 6, 5]);
+        assert_eq!(out[0].rejected, vec![ids("x"), ids("y")]);
+        assert!(
+            out[1].rejected.is_empty(),
+            "negatives join the first answer"
+        );
+        assert_eq!(out[2].rejected, vec![ids("bad")]);
+        assert_eq!(out[3].chosen, None);
+        assert_eq!(out[3].rejected, vec![ids("lonely"), ids("lonelier")]);
+        // A mixed file with an unmarked record: refused at its line.
+        let mut join = LabelledJoin::new(&tok, false);
+        join.labelled(path, record(1, None, "p", "a", None))
+            .expect("join");
+        join.labelled(path, record(2, None, "p", "b", Some(false)))
+            .expect("join");
+        let e = join.finish(path, 1).expect_err("unmarked").to_string();
+        assert!(e.contains("d.jsonl:1: missing key \"label\""), "{e}");
     }
 
     #[test]
     fn random_negatives_are_other_labels() {
-        let labelled: Vec<_> = (0..200)
-            .map(|i| {
-                rec(
-                    i + 1,
-                    None,
-                    &format!("q{i}"),
-                    ["pos", "neg", "neutral"][i % 3],
+        let dir = tempfile::tempdir().expect("tmp");
+        let tok = byte_tokenizer(dir.path());
+        let path = Path::new("d.jsonl");
+        let labels = ["pos", "neg", "neutral"];
+        let draw = |seed: u64| {
+            let mut join = LabelledJoin::new(&tok, true);
+            for i in 0..200 {
+                join.labelled(
+                    path,
+                    record(i + 1, None, &format!("q{i}"), labels[i % 3], None),
                 )
-            })
-            .collect();
-        let negs = random_negatives(&labelled, 3);
-        assert_eq!(negs.len(), 200);
+                .expect("join");
+            }
+            join.finish(path, seed).expect("finish")
+        };
+        let out = draw(3);
+        assert_eq!(out.len(), 200);
         let mut seen = std::collections::HashSet::new();
-        for (l, n) in labelled.iter().zip(&negs) {
-            assert_ne!(l.completion, n.completion, "a negative is never the label");
-            assert_eq!(l.prompt, n.prompt);
-            seen.insert(n.completion.clone());
+        for e in &out {
+            assert_eq!(e.rejected.len(), 1);
+            assert_ne!(
+                e.chosen.as_ref(),
+                Some(&e.rejected[0]),
+                "a negative is never the label"
+            );
+            seen.insert(e.rejected[0].clone());
         }
         assert_eq!(seen.len(), 3, "every other label gets drawn");
-        assert_eq!(negs, random_negatives(&labelled, 3), "seeded");
+        assert_eq!(out, draw(3), "seeded");
+        assert_ne!(out, draw(4));
     }
 
     #[test]

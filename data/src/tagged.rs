@@ -539,7 +539,11 @@ impl JoinedNegatives {
                 .and_then(parse)
                 .map_err(|reason| records::explain(line_err(path, n, reason), layout))?;
             count += negs.len();
-            by_id.entry(id).or_insert_with(|| (n, Vec::new())).1.extend(negs);
+            by_id
+                .entry(id)
+                .or_insert_with(|| (n, Vec::new()))
+                .1
+                .extend(negs);
         }
         Ok(JoinedNegatives {
             path: path.to_path_buf(),
@@ -555,8 +559,7 @@ impl JoinedNegatives {
 
     /// The negatives held for `r`'s id.
     fn of(&self, r: &RawRecord) -> &[RawNegative] {
-        r.id
-            .as_ref()
+        r.id.as_ref()
             .and_then(|id| self.by_id.get(id))
             .map_or(&[], |(_, n)| n.as_slice())
     }
@@ -1157,10 +1160,17 @@ mod tests {
             let layout = Layout::default();
             let mut joined = JoinedNegatives::read(negs, Task::Token, &layout)?;
             let mut out = Vec::new();
-            for_each_record(&data, Task::Token, &layout, &ner_labels(), Some(&mut joined), |_, r| {
-                out.push(r);
-                Ok(())
-            })?;
+            for_each_record(
+                &data,
+                Task::Token,
+                &layout,
+                &ner_labels(),
+                Some(&mut joined),
+                |_, r| {
+                    out.push(r);
+                    Ok(())
+                },
+            )?;
             Ok(out)
         };
         let rs = read(&negs).expect("joins");
