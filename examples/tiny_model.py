@@ -38,6 +38,7 @@ ARCH_TOKENS = {
     "mistral": ("<s>", "</s>", "<pad>", [], True),
     "qwen2": (None, "<|endoftext|>", "<|endoftext|>", ["<|im_start|>", "<|im_end|>"], False),
     "qwen3": (None, "<|endoftext|>", "<|endoftext|>", ["<|im_start|>", "<|im_end|>"], False),
+    "phi3": ("<s>", "<|endoftext|>", "<|endoftext|>", ["<|user|>", "<|assistant|>", "<|end|>"], False),
 }
 
 
@@ -109,6 +110,20 @@ def build_config(arch: str, vocab: int, args, tok_ids: dict):
         }
     elif args.rope_scaling == "linear":
         rope = {"rope_type": "linear", "rope_theta": args.rope_theta, "factor": 2.0}
+    elif args.rope_scaling == "longrope":
+        # Phi-3 / Phi-4-mini's LongRoPE: a factor per rotary frequency, short
+        # within the original context and long past it (here 16 positions,
+        # so the test inputs cross it).
+        rotary = int(args.hidden // args.heads * args.partial_rotary)
+        rope = {
+            "rope_type": "longrope",
+            "rope_theta": args.rope_theta,
+            "short_factor": [1.0 + 0.1 * i for i in range(rotary // 2)],
+            "long_factor": [1.5 + 0.7 * i for i in range(rotary // 2)],
+            "original_max_position_embeddings": 16,
+        }
+    if args.partial_rotary != 1.0:
+        rope["partial_rotary_factor"] = args.partial_rotary
     if arch == "llama":
         return transformers.LlamaConfig(**common, rope_parameters=rope, attention_bias=args.attention_bias)
     if arch == "mistral":
@@ -120,6 +135,14 @@ def build_config(arch: str, vocab: int, args, tok_ids: dict):
         # it), q/k norms, no attention bias.
         return transformers.Qwen3Config(**common, rope_parameters=rope,
                                         head_dim=2 * args.hidden // args.heads)
+    if arch == "phi3":
+        # Fused qkv_proj and gate_up_proj; Phi-4-mini's partial rotary and
+        # LongRoPE when asked.
+        extra = {}
+        if args.rope_scaling == "longrope":
+            extra["original_max_position_embeddings"] = 16
+        return transformers.Phi3Config(**common, rope_parameters=rope, sliding_window=args.sliding_window,
+                                       **extra)
     raise SystemExit(f"unknown arch {arch}")
 
 
@@ -173,7 +196,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--max-positions", type=int, default=256)
     p.add_argument("--rope-theta", type=float, default=10000.0)
-    p.add_argument("--rope-scaling", choices=["none", "llama3", "linear"], default="none")
+    p.add_argument("--rope-scaling", choices=["none", "llama3", "linear", "longrope"], default="none")
+    p.add_argument("--partial-rotary", type=float, default=1.0, help="partial_rotary_factor (Phi-4-mini: 0.75)")
     p.add_argument("--sliding-window", type=int, default=None)
     p.add_argument("--attention-bias", action="store_true")
     p.add_argument("--tie", action="store_true", help="tie input and output embeddings")

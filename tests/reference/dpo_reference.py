@@ -55,8 +55,26 @@ def batch(pairs, key):
 DEVICE = torch.device("cpu")
 
 
+PER_SEQUENCE = False
+
+
+def forward_logits(model, ids, attn):
+    """The batch's logits; with PER_SEQUENCE, each sequence's from a forward of
+    it alone (LongRoPE chooses its factors by the length a forward reaches:
+    alone, that is the sequence's own, as the worker chooses them)."""
+    if not PER_SEQUENCE:
+        return model(input_ids=ids, attention_mask=attn).logits
+    rows = []
+    for i in range(ids.shape[0]):
+        n = int(attn[i].sum())
+        row = model(input_ids=ids[i : i + 1, :n]).logits[0]
+        pad = torch.zeros(ids.shape[1] - n, row.shape[-1], dtype=row.dtype, device=row.device)
+        rows.append(torch.cat([row, pad], 0))
+    return torch.stack(rows)
+
+
 def token_logps(model, ids, attn, resp):
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    logits = forward_logits(model, ids, attn)[:, :-1].float()
     lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
     mask = resp[:, 1:].float()
     return lp * mask, mask
@@ -146,8 +164,9 @@ def main() -> None:
             return [json.loads(line) for line in f if line.strip()]
 
     torch.set_num_threads(2)
-    global DEVICE
+    global DEVICE, PER_SEQUENCE
     DEVICE = torch.device(spec.get("device", "cpu"))
+    PER_SEQUENCE = bool(spec.get("per_sequence", False))
     for c in spec["cases"]:
         # A case may name its own model and data.
         run_case(c, c.get("model", spec.get("model")), pairs_of(c.get("data", spec.get("data"))))

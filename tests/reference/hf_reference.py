@@ -42,6 +42,9 @@ FIXTURES = {
     # Qwen3: per-head q/k RMSNorm, no attention bias, head_dim twice hidden/heads,
     # GQA, tied embeddings (as the small Qwen3 checkpoints).
     "qwen3": dict(arch="qwen3", tie=True, kv_heads=2, seed=3),
+    # Phi-4-mini's shape of Phi-3: fused qkv_proj / gate_up_proj, rotary on
+    # 3/4 of each head, LongRoPE past 16 positions (the longest input has 20).
+    "phi3": dict(arch="phi3", rope_scaling="longrope", partial_rotary=0.75, seed=4),
     # bf16 weights, attention biases, tied embeddings.
     "llama-bf16": dict(arch="llama", dtype="bfloat16", attention_bias=True, tie=True, seed=2),
 }

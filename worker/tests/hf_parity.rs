@@ -87,6 +87,14 @@ fn qwen3_logits_match_transformers() {
 }
 
 #[test]
+fn phi3_logits_match_transformers() {
+    // Fused qkv_proj and gate_up_proj, rotary on 3/4 of each head, LongRoPE:
+    // the short factors for the inputs of 7 and 13 tokens, the long ones
+    // for the 20 past its original 16 positions, cos/sin scaled by √2.
+    check_logits("phi3", Kind::Float, 1e-4);
+}
+
+#[test]
 fn mistral_logits_match_transformers() {
     // Multi-query attention, linear rope scaling, a sliding window shorter than the inputs.
     check_logits("mistral", Kind::Float, 1e-4);
@@ -308,7 +316,7 @@ fn cached_generation_matches_full_forward_and_transformers_greedy() {
     let _guard = tch::no_grad_guard();
     // Mistral's window (6) is shorter than the prompt (13): prefill and decoding
     // both have to apply it.
-    for name in ["llama", "qwen2", "qwen3", "mistral"] {
+    for name in ["llama", "qwen2", "qwen3", "phi3", "mistral"] {
         let model = checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).expect("loads");
         let want: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixtures().join(format!("ref/{name}.greedy.json")))
@@ -339,32 +347,33 @@ fn cached_generation_matches_full_forward_and_transformers_greedy() {
             "{name}: greedy tokens differ from transformers"
         );
 
-        // Step by step, the cached logits equal a full forward over the sequence.
+        // Step by step, the cached logits equal a full forward over the
+        // sequence so far (LongRoPE: a sequence's factors follow its length,
+        // so a prefix is the sequence to compare with, not the whole).
         let all: Vec<i64> = prompt
             .iter()
             .chain(&tokens)
             .map(|&t| i64::from(t))
             .collect();
-        let full = model
-            .forward(&Tensor::from_slice(&all).unsqueeze(0), None)
-            .expect("forward")
-            .squeeze_dim(0);
+        let full = |n: usize| {
+            model
+                .forward(&Tensor::from_slice(&all[..n]).unsqueeze(0), None)
+                .expect("forward")
+                .squeeze_dim(0)
+        };
         let mut cache = model.new_cache();
-        let p = prompt.len() as i64;
+        let p = prompt.len();
         let first = model
-            .forward_cached(
-                &Tensor::from_slice(&all[..prompt.len()]).unsqueeze(0),
-                &mut cache,
-            )
+            .forward_cached(&Tensor::from_slice(&all[..p]).unsqueeze(0), &mut cache)
             .expect("prefill")
             .squeeze_dim(0);
-        let mut worst = max_abs_diff(&first, &full.narrow(0, 0, p));
-        for (i, &t) in all.iter().enumerate().skip(prompt.len()) {
+        let mut worst = max_abs_diff(&first, &full(p));
+        for (i, &t) in all.iter().enumerate().skip(p) {
             let step = model
                 .forward_cached(&Tensor::from_slice(&[t]).unsqueeze(0), &mut cache)
                 .expect("decode")
                 .squeeze_dim(0);
-            worst = worst.max(max_abs_diff(&step, &full.narrow(0, i as i64, 1)));
+            worst = worst.max(max_abs_diff(&step, &full(i + 1).narrow(0, i as i64, 1)));
         }
         assert!(worst <= 1e-4, "{name}: cached logits differ by {worst}");
     }

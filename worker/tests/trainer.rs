@@ -119,23 +119,21 @@ output = "{out}"
     path
 }
 
-/// DPO on a Qwen3 (per-head q/k norms, head_dim apart from hidden/heads,
-/// no attention bias): 3 SGD steps equal PyTorch's on transformers' model.
-#[test]
-fn qwen3_dpo_matches_the_pytorch_reference() {
-    let model = fixture("qwen3");
+/// DPO on fixture `family` (the run named `name`): 3 SGD steps equal
+/// PyTorch's on transformers' model, which scores each sequence alone (as
+/// the worker's log-probs of a sequence do not depend on its batch); `has`
+/// names a parameter only that family's checkpoint holds.
+fn dpo_matches_the_pytorch_reference(family: &str, name: &'static str, has: &str) {
+    let model = fixture(family);
     let data = fixtures().join("pairs_tokens.jsonl");
     let dir = tempdir();
-    let c = Case {
-        name: "qwen3-dpo",
-        ..BASE
-    };
+    let c = Case { name, ..BASE };
     train_ok(&write_spec(dir.path(), &model, &data, &c), &[]);
-    let theirs = dir.path().join("qwen3-dpo.reference.safetensors");
+    let theirs = dir.path().join(format!("{name}.reference.safetensors"));
     let cases_json = dir.path().join("cases.json");
     std::fs::write(
         &cases_json,
-        json!({"model": model, "data": data, "cases": [{
+        json!({"model": model, "data": data, "per_sequence": true, "cases": [{
             "name": c.name, "loss": c.loss, "beta": c.beta, "label_smoothing": 0.0,
             "nll_weight": 0.0, "negative_weight": 0.5, "optimizer": c.optimizer, "lr": c.lr,
             "weight_decay": 0.0, "max_grad_norm": 0.0, "warmup_steps": 0,
@@ -154,10 +152,24 @@ fn qwen3_dpo_matches_the_pytorch_reference() {
         max_weight_diff(&ours, &initial),
         max_weight_diff(&ours, &theirs),
     );
-    eprintln!("qwen3 dpo: weights moved {moved:.2e}, max |ours - pytorch| {diff:.2e}");
+    eprintln!("{family} dpo: weights moved {moved:.2e}, max |ours - pytorch| {diff:.2e}");
     assert!(moved > 1e-3, "training moved the weights: {moved}");
     assert!(diff <= 1e-5, "max weight difference {diff} > 1e-5");
-    assert!(ours.keys().any(|k| k.ends_with("self_attn.q_norm.weight")));
+    assert!(ours.keys().any(|k| k.ends_with(has)), "{:?}", ours.keys());
+}
+
+/// Qwen3: per-head q/k norms, head_dim apart from hidden/heads, no
+/// attention bias.
+#[test]
+fn qwen3_dpo_matches_the_pytorch_reference() {
+    dpo_matches_the_pytorch_reference("qwen3", "qwen3-dpo", "self_attn.q_norm.weight");
+}
+
+/// Phi-3 (as Phi-4-mini): fused qkv_proj and gate_up_proj, rotary on 3/4
+/// of each head, LongRoPE (the pairs pass its original context of 16).
+#[test]
+fn phi3_dpo_matches_the_pytorch_reference() {
+    dpo_matches_the_pytorch_reference("phi3", "phi3-dpo", "mlp.gate_up_proj.weight");
 }
 
 #[test]

@@ -535,14 +535,17 @@ pub enum TargetModules {
 /// `query` and `value`).
 pub const ENCODER_LORA_MODULES: &[&str] = &["query", "key", "value"];
 
-/// The decoder's linear modules, by PEFT's names.
+/// The decoders' linear modules, by PEFT's names (Phi-3 fuses q, k and v
+/// into `qkv_proj` and gate and up into `gate_up_proj`).
 pub const LINEAR_MODULES: &[&str] = &[
     "q_proj",
     "k_proj",
     "v_proj",
+    "qkv_proj",
     "o_proj",
     "gate_proj",
     "up_proj",
+    "gate_up_proj",
     "down_proj",
 ];
 

@@ -20,6 +20,11 @@ pub enum Architecture {
     /// Qwen2's decoder without QKV biases, with a per-head RMSNorm on q and
     /// k before rotary (`q_norm`, `k_norm`).
     Qwen3,
+    /// Llama's decoder with q, k and v in one projection (`qkv_proj`) and the
+    /// MLP's gate and up in one (`gate_up_proj`); rotary on a fraction of
+    /// each head (`partial_rotary_factor`) and LongRoPE scaling (Phi-3,
+    /// Phi-3.5, Phi-4-mini).
+    Phi3,
 }
 
 impl Architecture {
@@ -29,6 +34,7 @@ impl Architecture {
             Architecture::Mistral => "mistral",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Phi3 => "phi3",
         }
     }
 }
@@ -40,6 +46,7 @@ pub enum ModelType {
     Mistral,
     Qwen2,
     Qwen3,
+    Phi3,
     Bert,
     Roberta,
     /// XLM-RoBERTa: RoBERTa's architecture (and state-dict prefix) with a
@@ -48,11 +55,12 @@ pub enum ModelType {
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 7] = [
+    pub const ALL: [ModelType; 8] = [
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
         ModelType::Qwen3,
+        ModelType::Phi3,
         ModelType::Bert,
         ModelType::Roberta,
         ModelType::XlmRoberta,
@@ -65,6 +73,7 @@ impl ModelType {
             ModelType::Mistral => "mistral",
             ModelType::Qwen2 => "qwen2",
             ModelType::Qwen3 => "qwen3",
+            ModelType::Phi3 => "phi3",
             ModelType::Bert => "bert",
             ModelType::Roberta => "roberta",
             ModelType::XlmRoberta => "xlm-roberta",
@@ -96,6 +105,7 @@ impl ModelType {
             ModelType::Mistral => Some(Architecture::Mistral),
             ModelType::Qwen2 => Some(Architecture::Qwen2),
             ModelType::Qwen3 => Some(Architecture::Qwen3),
+            ModelType::Phi3 => Some(Architecture::Phi3),
             ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta => None,
         }
     }
@@ -144,6 +154,16 @@ pub enum RopeScaling {
         high_freq_factor: f64,
         original_max_position_embeddings: f64,
     },
+    /// LongRoPE (Phi-3's `longrope`, once `su`): each frequency divided by
+    /// its `short_factor`, or its `long_factor` in a forward whose positions
+    /// pass `original_max_position_embeddings`; `cos` and `sin` scaled by
+    /// `attention_factor`.
+    LongRope {
+        short_factor: Vec<f64>,
+        long_factor: Vec<f64>,
+        original_max_position_embeddings: f64,
+        attention_factor: f64,
+    },
 }
 
 /// A validated model configuration.
@@ -157,6 +177,9 @@ pub struct ModelConfig {
     pub num_attention_heads: i64,
     pub num_key_value_heads: i64,
     pub head_dim: i64,
+    /// The leading dimensions of each head that rotary embeddings turn
+    /// (`head_dim × partial_rotary_factor`; all of them by default).
+    pub rotary_dim: i64,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
@@ -168,6 +191,10 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// A per-head RMSNorm on q and k before rotary (Qwen3).
     pub qk_norm: bool,
+    /// q, k and v as one projection, `qkv_proj` (Phi-3).
+    pub fused_qkv: bool,
+    /// The MLP's gate and up as one projection, `gate_up_proj` (Phi-3).
+    pub fused_gate_up: bool,
     pub mlp_bias: bool,
     /// Per layer: `Some(w)` when that layer attends to the last `w` positions only.
     pub sliding_windows: Vec<Option<i64>>,
@@ -202,6 +229,11 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<i64>,
     layer_types: Option<Vec<String>>,
+    partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<f64>,
+    attention_dropout: Option<f64>,
+    resid_pdrop: Option<f64>,
+    embd_pdrop: Option<f64>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     pad_token_id: Option<Value>,
@@ -280,12 +312,56 @@ impl ModelConfig {
             )));
         }
 
-        let (rope_theta, rope_scaling) = parse_rope(
-            raw.rope_theta,
-            raw.rope_scaling.clone(),
-            raw.rope_parameters.clone(),
-            &bad,
-        )?;
+        let max_position_embeddings = raw.max_position_embeddings.unwrap_or(2048);
+        let rope = parse_rope(&raw, max_position_embeddings, &bad)?;
+        let rotary_dim = match rope.partial_rotary_factor {
+            None => head_dim,
+            Some(f) if f > 0.0 && f <= 1.0 => {
+                // transformers: int(head_dim * partial_rotary_factor).
+                let dim = (head_dim as f64 * f) as i64;
+                if dim < 2 || dim % 2 != 0 {
+                    return Err(bad(format!(
+                        "partial_rotary_factor {f} of head_dim {head_dim} gives {dim} rotary dimensions: they must be even and at least 2"
+                    )));
+                }
+                dim
+            }
+            Some(f) => {
+                return Err(bad(format!(
+                    "partial_rotary_factor must be in (0, 1], found {f}"
+                )));
+            }
+        };
+        let (rope_theta, rope_scaling) = (rope.theta, rope.scaling);
+        if let RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+            ..
+        } = &rope_scaling
+        {
+            let want = (rotary_dim / 2) as usize;
+            for (name, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if f.len() != want {
+                    return Err(bad(format!(
+                        "rope longrope: {name} has {} entries, the {rotary_dim} rotary dimensions need {want}",
+                        f.len()
+                    )));
+                }
+            }
+        }
+        // Dropout in the decoder is not implemented: a checkpoint that
+        // trains with it is refused by the key, not trained without it.
+        for (key, p) in [
+            ("attention_dropout", raw.attention_dropout),
+            ("resid_pdrop", raw.resid_pdrop),
+            ("embd_pdrop", raw.embd_pdrop),
+        ] {
+            if let Some(p) = p.filter(|&p| p != 0.0) {
+                return Err(bad(format!(
+                    "{key} = {p} is not supported: the decoder trains without dropout (set it to 0.0)"
+                )));
+            }
+        }
 
         let attention_bias = raw.attention_bias.unwrap_or(false);
         let (qkv_bias, o_bias) = match architecture {
@@ -294,6 +370,8 @@ impl ModelConfig {
             Architecture::Llama | Architecture::Mistral | Architecture::Qwen3 => {
                 (attention_bias, attention_bias)
             }
+            // Phi-3's projections have no biases.
+            Architecture::Phi3 => (false, false),
         };
         let sliding_windows = sliding_windows(architecture, &raw, num_hidden_layers, &bad)?;
 
@@ -306,14 +384,17 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
+            rotary_dim,
             rms_norm_eps,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias,
             o_bias,
             qk_norm: architecture == Architecture::Qwen3,
+            fused_qkv: architecture == Architecture::Phi3,
+            fused_gate_up: architecture == Architecture::Phi3,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_windows,
             bos_token_id: raw.bos_token_id.as_ref().and_then(Value::as_i64),
@@ -380,14 +461,21 @@ fn token_ids(v: Option<&Value>) -> Vec<i64> {
     }
 }
 
+/// The rotary settings of a `config.json`.
+struct RopeSettings {
+    theta: f64,
+    scaling: RopeScaling,
+    partial_rotary_factor: Option<f64>,
+}
+
 fn parse_rope(
-    rope_theta: Option<f64>,
-    rope_scaling: Option<Value>,
-    rope_parameters: Option<Value>,
+    raw: &RawConfig,
+    max_position_embeddings: i64,
     bad: &dyn Fn(String) -> Error,
-) -> Result<(f64, RopeScaling)> {
+) -> Result<RopeSettings> {
+    let rope_theta = raw.rope_theta;
     // transformers 5 folds rope_theta into rope_parameters; older files keep them apart.
-    let (params, key) = match (rope_parameters, rope_scaling) {
+    let (params, key) = match (raw.rope_parameters.clone(), raw.rope_scaling.clone()) {
         (Some(p @ Value::Object(_)), _) => (Some(p), "rope_parameters"),
         (_, Some(s @ Value::Object(_))) => (Some(s), "rope_scaling"),
         (_, Some(Value::Null)) | (_, None) => (None, "rope_scaling"),
@@ -425,8 +513,48 @@ fn parse_rope(
             ))),
         }
     };
+    let factors = |name: &str| -> Result<Vec<f64>> {
+        let list = get(name).and_then(Value::as_array).ok_or_else(|| {
+            bad(format!(
+                "{key}.{name} is required for rope_type longrope (a list of numbers)"
+            ))
+        })?;
+        list.iter()
+            .map(|v| match v.as_f64() {
+                Some(f) if positive(f) => Ok(f),
+                _ => Err(bad(format!("{key}.{name}: {v} is not a positive number"))),
+            })
+            .collect()
+    };
     let scaling = match kind {
         "default" => RopeScaling::None,
+        "longrope" | "su" => {
+            let original = num("original_max_position_embeddings")?
+                .or(raw.original_max_position_embeddings)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "{key}: rope_type longrope needs original_max_position_embeddings"
+                    ))
+                })?;
+            if !positive(original) {
+                return Err(bad(format!(
+                    "original_max_position_embeddings must be positive, found {original}"
+                )));
+            }
+            // As transformers: the factor is the context's growth unless given.
+            let factor = num("factor")?.unwrap_or(max_position_embeddings as f64 / original);
+            let attention_factor = match num("attention_factor")? {
+                Some(a) => a,
+                None if factor <= 1.0 => 1.0,
+                None => (1.0 + factor.ln() / original.ln()).sqrt(),
+            };
+            RopeScaling::LongRope {
+                short_factor: factors("short_factor")?,
+                long_factor: factors("long_factor")?,
+                original_max_position_embeddings: original,
+                attention_factor,
+            }
+        }
         "linear" => RopeScaling::Linear { factor: factor()? },
         "llama3" => {
             let field = |name: &str| -> Result<f64> {
@@ -449,11 +577,15 @@ fn parse_rope(
         }
         other => {
             return Err(bad(format!(
-                "{key}: rope_type {other:?} is not supported (default, linear, llama3)"
+                "{key}: rope_type {other:?} is not supported (default, linear, llama3, longrope)"
             )));
         }
     };
-    Ok((theta, scaling))
+    Ok(RopeSettings {
+        theta,
+        scaling,
+        partial_rotary_factor: num("partial_rotary_factor")?.or(raw.partial_rotary_factor),
+    })
 }
 
 fn sliding_windows(
@@ -484,7 +616,8 @@ fn sliding_windows(
             .collect();
     }
     Ok(match arch {
-        Architecture::Mistral => vec![raw.sliding_window; n],
+        // Phi-3: every layer, when the config has a window.
+        Architecture::Mistral | Architecture::Phi3 => vec![raw.sliding_window; n],
         Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window.unwrap_or(false) => {
             // Older Qwen2 configs: layers from max_window_layers on use the window.
             let first = raw.max_window_layers.unwrap_or(layers);
@@ -602,6 +735,62 @@ mod tests {
         .expect("qwen2 parses");
         assert!(c.qkv_bias && !c.o_bias);
         assert_eq!(c.sliding_windows, vec![None, Some(4)]);
+    }
+
+    #[test]
+    fn phi3_fuses_projections_and_reads_longrope_and_partial_rotary() {
+        let factors = |n: usize, x: f64| format!("[{}]", vec![x.to_string(); n].join(", "));
+        let phi3 = |rope: &str, extra: &str| {
+            parse(&format!(
+                r#"{{"model_type": "phi3", "vocab_size": 10, "hidden_size": 64,
+                "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "max_position_embeddings": 256, "original_max_position_embeddings": 16,
+                "rope_scaling": {rope}{extra}}}"#
+            ))
+        };
+        let c = phi3(
+            &format!(
+                r#"{{"type": "longrope", "short_factor": {}, "long_factor": {}}}"#,
+                factors(6, 1.0),
+                factors(6, 2.0)
+            ),
+            r#", "partial_rotary_factor": 0.75"#,
+        )
+        .expect("phi3 parses");
+        assert!(c.fused_qkv && c.fused_gate_up && !c.qkv_bias);
+        assert_eq!((c.head_dim, c.rotary_dim), (16, 12));
+        match &c.rope_scaling {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                attention_factor,
+                ..
+            } => {
+                assert_eq!(*original_max_position_embeddings, 16.0);
+                // As transformers: sqrt(1 + ln(256/16) / ln 16).
+                assert!((attention_factor - 2f64.sqrt()).abs() < 1e-12);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Factors that do not fit the rotary dimensions, dropout: by key.
+        let err = phi3(
+            &format!(
+                r#"{{"type": "longrope", "short_factor": {}, "long_factor": {}}}"#,
+                factors(8, 1.0),
+                factors(8, 2.0)
+            ),
+            r#", "partial_rotary_factor": 0.75"#,
+        )
+        .expect_err("8 factors for 12 dimensions")
+        .to_string();
+        assert!(err.contains("short_factor has 8 entries"), "{err}");
+        let err = phi3("null", r#", "resid_pdrop": 0.1"#)
+            .expect_err("dropout")
+            .to_string();
+        assert!(err.contains("resid_pdrop = 0.1 is not supported"), "{err}");
+        let err = phi3(r#"{"type": "longrope", "short_factor": [1.0]}"#, "")
+            .expect_err("no long factors")
+            .to_string();
+        assert!(err.contains("long_factor is required"), "{err}");
     }
 
     #[test]

@@ -22,16 +22,9 @@ impl CausalLm {
     fn linears_mut(&mut self) -> Vec<(&'static str, String, &mut Linear)> {
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let at = format!("model.layers.{i}");
-            let a = &mut layer.self_attn;
-            let m = &mut layer.mlp;
-            out.push(("q_proj", format!("{at}.self_attn.q_proj"), &mut a.q_proj));
-            out.push(("k_proj", format!("{at}.self_attn.k_proj"), &mut a.k_proj));
-            out.push(("v_proj", format!("{at}.self_attn.v_proj"), &mut a.v_proj));
-            out.push(("o_proj", format!("{at}.self_attn.o_proj"), &mut a.o_proj));
-            out.push(("gate_proj", format!("{at}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push(("up_proj", format!("{at}.mlp.up_proj"), &mut m.up_proj));
-            out.push(("down_proj", format!("{at}.mlp.down_proj"), &mut m.down_proj));
+            for (module, path, linear) in layer.linears_mut() {
+                out.push((module, format!("model.layers.{i}.{path}"), linear));
+            }
         }
         out
     }
@@ -51,9 +44,18 @@ impl CausalLm {
         let added = crate::model::layers::attach_lora_to(self.linears_mut(), &root, spec, &on)
             .op("lora: adapter weights")?;
         if added == 0 {
+            let names: Vec<&str> = self
+                .layers
+                .first()
+                .map(|l| l.linears().into_iter().map(|(m, _, _)| m).collect())
+                .unwrap_or_default();
             return Err(crate::error::Error::Input {
                 context: "lora.target_modules".into(),
-                reason: format!("no linear layer of this model is named {targets:?}"),
+                reason: format!(
+                    "no linear layer of this model is named {targets:?}: a {} layer has {}",
+                    self.config.architecture.name(),
+                    names.join(", ")
+                ),
             });
         }
         for (_, t) in self.vs.variables() {
@@ -145,17 +147,7 @@ impl CausalLm {
         }
         let mut merged = std::collections::HashMap::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            let linears = [
-                ("self_attn.q_proj", &a.q_proj),
-                ("self_attn.k_proj", &a.k_proj),
-                ("self_attn.v_proj", &a.v_proj),
-                ("self_attn.o_proj", &a.o_proj),
-                ("mlp.gate_proj", &m.gate_proj),
-                ("mlp.up_proj", &m.up_proj),
-                ("mlp.down_proj", &m.down_proj),
-            ];
-            for (name, linear) in linears {
+            for (_, name, linear) in layer.linears() {
                 if let Some(w) = linear.merged_weight().op("lora: merge")? {
                     merged.insert(format!("model.layers.{i}.{name}.weight"), w);
                 }

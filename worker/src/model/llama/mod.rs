@@ -59,11 +59,21 @@ fn report_kernel(q: &Tensor, k: &Tensor, v: &Tensor, mask: &AttentionMask) {
     tracing::info!(mask = name, %kernel, dtype = ?q.kind(), "attention kernel");
 }
 
+/// q, k and v: three projections, or one (`qkv_proj`, Phi-3) whose output
+/// is q, k and v side by side.
+#[derive(Debug)]
+enum Qkv {
+    Separate {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    Fused(Linear),
+}
+
 #[derive(Debug)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     /// Qwen3: RMSNorm over each head's q and k, before rotary.
     q_norm: Option<RmsNorm>,
@@ -78,10 +88,23 @@ impl Attention {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let q_dim = cfg.num_attention_heads * d;
         let kv_dim = cfg.num_key_value_heads * d;
+        let qkv = if cfg.fused_qkv {
+            Qkv::Fused(Linear::new(
+                &p / "qkv_proj",
+                h,
+                q_dim + 2 * kv_dim,
+                cfg.qkv_bias,
+                kind,
+            )?)
+        } else {
+            Qkv::Separate {
+                q_proj: Linear::new(&p / "q_proj", h, q_dim, cfg.qkv_bias, kind)?,
+                k_proj: Linear::new(&p / "k_proj", h, kv_dim, cfg.qkv_bias, kind)?,
+                v_proj: Linear::new(&p / "v_proj", h, kv_dim, cfg.qkv_bias, kind)?,
+            }
+        };
         Ok(Attention {
-            q_proj: Linear::new(&p / "q_proj", h, q_dim, cfg.qkv_bias, kind)?,
-            k_proj: Linear::new(&p / "k_proj", h, kv_dim, cfg.qkv_bias, kind)?,
-            v_proj: Linear::new(&p / "v_proj", h, kv_dim, cfg.qkv_bias, kind)?,
+            qkv,
             o_proj: Linear::new(&p / "o_proj", q_dim, h, cfg.o_bias, kind)?,
             q_norm: match cfg.qk_norm {
                 true => Some(RmsNorm::new(&p / "q_norm", d, cfg.rms_norm_eps, kind)?),
@@ -126,19 +149,26 @@ impl Attention {
             };
             t.f_transpose(1, 2)
         };
-        let q = heads(
-            self.q_proj.forward(xs),
-            self.num_heads,
-            self.q_norm.as_ref(),
-        )
-        .op("attention: q")?;
-        let k = heads(
-            self.k_proj.forward(xs),
-            self.num_kv_heads,
-            self.k_norm.as_ref(),
-        )
-        .op("attention: k")?;
-        let v = heads(self.v_proj.forward(xs), self.num_kv_heads, None).op("attention: v")?;
+        let (q, k, v) = match &self.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (q_proj.forward(xs), k_proj.forward(xs), v_proj.forward(xs)),
+            Qkv::Fused(qkv_proj) => {
+                let q_dim = self.num_heads * self.head_dim;
+                let kv_dim = self.num_kv_heads * self.head_dim;
+                let all = qkv_proj.forward(xs).op("attention: qkv_proj")?;
+                (
+                    all.f_narrow(-1, 0, q_dim),
+                    all.f_narrow(-1, q_dim, kv_dim),
+                    all.f_narrow(-1, q_dim + kv_dim, kv_dim),
+                )
+            }
+        };
+        let q = heads(q, self.num_heads, self.q_norm.as_ref()).op("attention: q")?;
+        let k = heads(k, self.num_kv_heads, self.k_norm.as_ref()).op("attention: k")?;
+        let v = heads(v, self.num_kv_heads, None).op("attention: v")?;
         let q = rope::apply(&q, cos, sin)?;
         let mut k = rope::apply(&k, cos, sin)?;
         let mut v = v;
@@ -208,27 +238,112 @@ impl Attention {
     }
 }
 
+/// The MLP's gate and up: two projections, or one (`gate_up_proj`, Phi-3)
+/// whose output is the gate, then up.
+#[derive(Debug)]
+enum GateUp {
+    Separate { gate_proj: Linear, up_proj: Linear },
+    Fused(Linear),
+}
+
 #[derive(Debug)]
 struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
+    gate_up: GateUp,
     down_proj: Linear,
+    intermediate: i64,
 }
 
 impl Mlp {
     fn new(p: Path, cfg: &ModelConfig, kind: Kind) -> TchResult<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        let gate_up = if cfg.fused_gate_up {
+            GateUp::Fused(Linear::new(&p / "gate_up_proj", h, 2 * i, bias, kind)?)
+        } else {
+            GateUp::Separate {
+                gate_proj: Linear::new(&p / "gate_proj", h, i, bias, kind)?,
+                up_proj: Linear::new(&p / "up_proj", h, i, bias, kind)?,
+            }
+        };
         Ok(Mlp {
-            gate_proj: Linear::new(&p / "gate_proj", h, i, bias, kind)?,
-            up_proj: Linear::new(&p / "up_proj", h, i, bias, kind)?,
+            gate_up,
             down_proj: Linear::new(&p / "down_proj", i, h, bias, kind)?,
+            intermediate: i,
         })
     }
 
     fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
-        let gate = self.gate_proj.forward(xs)?.f_silu()?;
-        self.down_proj
-            .forward(&gate.f_mul(&self.up_proj.forward(xs)?)?)
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                (gate_proj.forward(xs)?, up_proj.forward(xs)?)
+            }
+            GateUp::Fused(gate_up_proj) => {
+                let both = gate_up_proj.forward(xs)?;
+                (
+                    both.f_narrow(-1, 0, self.intermediate)?,
+                    both.f_narrow(-1, self.intermediate, self.intermediate)?,
+                )
+            }
+        };
+        self.down_proj.forward(&gate.f_silu()?.f_mul(&up)?)
+    }
+}
+
+impl DecoderLayer {
+    /// The layer's linear layers: PEFT's module name, the path below the
+    /// layer, the layer.
+    fn linears(&self) -> Vec<(&'static str, &'static str, &Linear)> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        let mut out = Vec::with_capacity(7);
+        match &a.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => {
+                out.push(("q_proj", "self_attn.q_proj", q_proj));
+                out.push(("k_proj", "self_attn.k_proj", k_proj));
+                out.push(("v_proj", "self_attn.v_proj", v_proj));
+            }
+            Qkv::Fused(l) => out.push(("qkv_proj", "self_attn.qkv_proj", l)),
+        }
+        out.push(("o_proj", "self_attn.o_proj", &a.o_proj));
+        match &m.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                out.push(("gate_proj", "mlp.gate_proj", gate_proj));
+                out.push(("up_proj", "mlp.up_proj", up_proj));
+            }
+            GateUp::Fused(l) => out.push(("gate_up_proj", "mlp.gate_up_proj", l)),
+        }
+        out.push(("down_proj", "mlp.down_proj", &m.down_proj));
+        out
+    }
+
+    /// [`DecoderLayer::linears`], to change.
+    fn linears_mut(&mut self) -> Vec<(&'static str, &'static str, &mut Linear)> {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let mut out = Vec::with_capacity(7);
+        match &mut a.qkv {
+            Qkv::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => {
+                out.push(("q_proj", "self_attn.q_proj", q_proj));
+                out.push(("k_proj", "self_attn.k_proj", k_proj));
+                out.push(("v_proj", "self_attn.v_proj", v_proj));
+            }
+            Qkv::Fused(l) => out.push(("qkv_proj", "self_attn.qkv_proj", l)),
+        }
+        out.push(("o_proj", "self_attn.o_proj", &mut a.o_proj));
+        match &mut m.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => {
+                out.push(("gate_proj", "mlp.gate_proj", gate_proj));
+                out.push(("up_proj", "mlp.up_proj", up_proj));
+            }
+            GateUp::Fused(l) => out.push(("gate_up_proj", "mlp.gate_up_proj", l)),
+        }
+        out.push(("down_proj", "mlp.down_proj", &mut m.down_proj));
+        out
     }
 }
 
@@ -306,6 +421,8 @@ pub struct KvCache {
     layers: Vec<LayerCache>,
     /// Positions already in the cache.
     pub len: i64,
+    /// Their tokens (to turn them again when LongRoPE's factors change).
+    tokens: Vec<i64>,
 }
 
 /// A causal language model of the Llama family.
@@ -424,7 +541,7 @@ impl CausalLm {
             None => None,
         };
         let rope = Rope::new(
-            config.head_dim,
+            config.rotary_dim,
             config.rope_theta,
             &config.rope_scaling,
             device,
@@ -690,6 +807,7 @@ impl CausalLm {
         KvCache {
             layers: self.layers.iter().map(|_| LayerCache::default()).collect(),
             len: 0,
+            tokens: Vec::new(),
         }
     }
 
@@ -707,6 +825,31 @@ impl CausalLm {
                     cache.len
                 ),
             });
+        }
+        if cache.len > 0 && self.rope.is_long(cache.len + n) && !self.rope.is_long(cache.len) {
+            // LongRoPE: the sequence just grew past the original context, so
+            // every position now turns with the long factors — the cached
+            // keys too. Run the whole sequence again, as a forward of it
+            // would.
+            let mut all = std::mem::take(&mut cache.tokens);
+            let new = Vec::<i64>::try_from(
+                &input_ids
+                    .f_to_device(Device::Cpu)
+                    .and_then(|t| t.f_view([-1]))
+                    .op("forward_cached: tokens")?,
+            )
+            .op("forward_cached: tokens")?;
+            all.extend(new);
+            let whole = Tensor::f_from_slice(&all)
+                .and_then(|t| t.f_view([1, -1]))
+                .and_then(|t| t.f_to_device(self.device()))
+                .op("forward_cached: the sequence again")?;
+            *cache = self.new_cache();
+            let logits = self.forward_cached(&whole, cache)?;
+            let total = logits.size()[1];
+            return logits
+                .f_narrow(1, total - n, n)
+                .op("forward_cached: the new positions");
         }
         let positions =
             Tensor::f_arange_start(cache.len, cache.len + n, (Kind::Int64, self.device()))
@@ -729,6 +872,18 @@ impl CausalLm {
             xs = self.layer_forward(i, &xs, &cos, &sin, &masks, Some(lc))?;
         }
         cache.len += n;
+        if self.rope.is_long(1 << 40) && !self.rope.is_long(cache.len) {
+            // LongRoPE, still within the original context: keep the tokens,
+            // in case the sequence grows past it.
+            let ids = Vec::<i64>::try_from(
+                &input_ids
+                    .f_to_device(Device::Cpu)
+                    .and_then(|t| t.f_view([-1]))
+                    .op("forward_cached: tokens")?,
+            )
+            .op("forward_cached: tokens")?;
+            cache.tokens.extend(ids);
+        }
         let hidden = self.norm.forward(&xs).op("norm")?;
         self.lm_head(&hidden)
     }
