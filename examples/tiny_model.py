@@ -39,6 +39,8 @@ ARCH_TOKENS = {
     "qwen2": (None, "<|endoftext|>", "<|endoftext|>", ["<|im_start|>", "<|im_end|>"], False),
     "qwen3": (None, "<|endoftext|>", "<|endoftext|>", ["<|im_start|>", "<|im_end|>"], False),
     "phi3": ("<s>", "<|endoftext|>", "<|endoftext|>", ["<|user|>", "<|assistant|>", "<|end|>"], False),
+    "gemma2": ("<bos>", "<eos>", "<pad>", ["<start_of_turn>", "<end_of_turn>"], True),
+    "gemma3_text": ("<bos>", "<eos>", "<pad>", ["<start_of_turn>", "<end_of_turn>"], True),
 }
 
 
@@ -143,6 +145,24 @@ def build_config(arch: str, vocab: int, args, tok_ids: dict):
             extra["original_max_position_embeddings"] = 16
         return transformers.Phi3Config(**common, rope_parameters=rope, sliding_window=args.sliding_window,
                                        **extra)
+    if arch in ("gemma2", "gemma3_text"):
+        # As the real ones: head_dim apart from hidden/heads, a
+        # query_pre_attn_scalar that is not head_dim, sliding layers (here
+        # with a window shorter than the inputs) alternating with global
+        # ones. Gemma 2's soft-caps are set low enough to bite.
+        gemma = dict(head_dim=2 * args.hidden // args.heads, query_pre_attn_scalar=24,
+                     sliding_window=args.sliding_window or 6,
+                     layer_types=["sliding_attention" if (i + 1) % 2 else "full_attention"
+                                  for i in range(args.layers)])
+        if arch == "gemma2":
+            return transformers.Gemma2Config(**common, **gemma, rope_parameters=rope,
+                                             attn_logit_softcapping=2.0, final_logit_softcapping=5.0)
+        # Gemma 3: a rotary base per layer type, linear scaling on the global one.
+        per_type = {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "rope_theta": 1000000.0, "factor": 2.0},
+        }
+        return transformers.Gemma3TextConfig(**common, **gemma, rope_parameters=per_type)
     raise SystemExit(f"unknown arch {arch}")
 
 

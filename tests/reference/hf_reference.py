@@ -45,6 +45,13 @@ FIXTURES = {
     # Phi-4-mini's shape of Phi-3: fused qkv_proj / gate_up_proj, rotary on
     # 3/4 of each head, LongRoPE past 16 positions (the longest input has 20).
     "phi3": dict(arch="phi3", rope_scaling="longrope", partial_rotary=0.75, seed=4),
+    # Gemma 2: (1 + w) norms, √hidden embeddings, GeGLU, four norms a layer,
+    # attention and final logit soft-caps (low enough to bite), a sliding
+    # layer (window 6) and a global one, query_pre_attn_scalar ≠ head_dim.
+    "gemma2": dict(arch="gemma2", tie=True, seed=6),
+    # Gemma 3 (text): q/k norms, no soft-caps, a rotary base per layer type
+    # (linear scaling on the global one).
+    "gemma3": dict(arch="gemma3_text", tie=True, seed=7),
     # bf16 weights, attention biases, tied embeddings.
     "llama-bf16": dict(arch="llama", dtype="bfloat16", attention_bias=True, tie=True, seed=2),
 }

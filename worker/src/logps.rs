@@ -70,6 +70,25 @@ pub struct HeadGrad {
     targets: Tensor,
     weight: Tensor,
     chunk: i64,
+    softcap: Option<f64>,
+}
+
+/// `c · tanh(z / c)`: logits soft-capped to (−c, c) (Gemma 2), in their dtype.
+pub fn softcap(logits: &Tensor, cap: f64) -> std::result::Result<Tensor, tch::TchError> {
+    logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)
+}
+
+/// The head's logits of `rows`, soft-capped when the model caps them.
+fn head_logits(
+    rows: &Tensor,
+    weight: &Tensor,
+    cap: Option<f64>,
+) -> std::result::Result<Tensor, tch::TchError> {
+    let logits = rows.f_linear(weight, None::<&Tensor>)?;
+    match cap {
+        Some(c) => softcap(&logits, c),
+        None => Ok(logits),
+    }
 }
 
 impl HeadGrad {
@@ -84,10 +103,11 @@ impl HeadGrad {
             let mut start = 0;
             while start < n {
                 let len = self.chunk.min(n - start);
-                let logits = self
-                    .leaf
-                    .f_narrow(0, start, len)?
-                    .f_linear(&self.weight, None::<&Tensor>)?;
+                let logits = head_logits(
+                    &self.leaf.f_narrow(0, start, len)?,
+                    &self.weight,
+                    self.softcap,
+                )?;
                 let lp = picked_logps(&logits, &self.targets.f_narrow(0, start, len)?)?;
                 lp.f_mul(&grad.f_narrow(0, start, len)?)?
                     .f_sum(Kind::Float)?
@@ -128,11 +148,12 @@ pub fn head_logps(
     weight: &Tensor,
     targets: &Tensor,
     chunk: i64,
+    softcap: Option<f64>,
 ) -> Result<(Tensor, Option<HeadGrad>)> {
     let f = || -> std::result::Result<(Tensor, Option<HeadGrad>), tch::TchError> {
         let n = rows.size().first().copied().unwrap_or(0);
         if chunk <= 0 || n <= chunk {
-            let logits = rows.f_linear(weight, None::<&Tensor>)?;
+            let logits = head_logits(rows, weight, softcap)?;
             return Ok((picked_logps(&logits, targets)?, None));
         }
         let values = {
@@ -141,9 +162,7 @@ pub fn head_logps(
             let mut start = 0;
             while start < n {
                 let len = chunk.min(n - start);
-                let logits = rows
-                    .f_narrow(0, start, len)?
-                    .f_linear(weight, None::<&Tensor>)?;
+                let logits = head_logits(&rows.f_narrow(0, start, len)?, weight, softcap)?;
                 parts.push(picked_logps(&logits, &targets.f_narrow(0, start, len)?)?);
                 start += len;
             }
@@ -162,6 +181,7 @@ pub fn head_logps(
             targets: targets.shallow_clone(),
             weight: weight.shallow_clone(),
             chunk,
+            softcap,
         };
         Ok((logps, Some(head)))
     };

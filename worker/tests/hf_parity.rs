@@ -95,6 +95,21 @@ fn phi3_logits_match_transformers() {
 }
 
 #[test]
+fn gemma2_logits_match_transformers() {
+    // (1 + w) RMSNorms, √hidden embeddings, GeGLU, norms before and after
+    // attention and MLP, soft-capped attention scores and logits, a
+    // sliding-window layer and a global one, query_pre_attn_scalar.
+    check_logits("gemma2", Kind::Float, 1e-4);
+}
+
+#[test]
+fn gemma3_logits_match_transformers() {
+    // Gemma 2's layer without soft-caps, with (1 + w) q/k norms and a rotary
+    // base per layer type (linear scaling on the global layers).
+    check_logits("gemma3", Kind::Float, 1e-4);
+}
+
+#[test]
 fn mistral_logits_match_transformers() {
     // Multi-query attention, linear rope scaling, a sliding window shorter than the inputs.
     check_logits("mistral", Kind::Float, 1e-4);
@@ -316,7 +331,9 @@ fn cached_generation_matches_full_forward_and_transformers_greedy() {
     let _guard = tch::no_grad_guard();
     // Mistral's window (6) is shorter than the prompt (13): prefill and decoding
     // both have to apply it.
-    for name in ["llama", "qwen2", "qwen3", "phi3", "mistral"] {
+    for name in [
+        "llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "mistral",
+    ] {
         let model = checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).expect("loads");
         let want: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(fixtures().join(format!("ref/{name}.greedy.json")))

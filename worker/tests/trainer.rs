@@ -119,15 +119,15 @@ output = "{out}"
     path
 }
 
-/// DPO on fixture `family` (the run named `name`): 3 SGD steps equal
+/// DPO on fixture `family` (the run named `name`): 3 SGD steps (at `lr`) equal
 /// PyTorch's on transformers' model, which scores each sequence alone (as
 /// the worker's log-probs of a sequence do not depend on its batch); `has`
 /// names a parameter only that family's checkpoint holds.
-fn dpo_matches_the_pytorch_reference(family: &str, name: &'static str, has: &str) {
+fn dpo_matches_the_pytorch_reference(family: &str, name: &'static str, has: &str, lr: f64) {
     let model = fixture(family);
     let data = fixtures().join("pairs_tokens.jsonl");
     let dir = tempdir();
-    let c = Case { name, ..BASE };
+    let c = Case { name, lr, ..BASE };
     train_ok(&write_spec(dir.path(), &model, &data, &c), &[]);
     let theirs = dir.path().join(format!("{name}.reference.safetensors"));
     let cases_json = dir.path().join("cases.json");
@@ -162,14 +162,36 @@ fn dpo_matches_the_pytorch_reference(family: &str, name: &'static str, has: &str
 /// attention bias.
 #[test]
 fn qwen3_dpo_matches_the_pytorch_reference() {
-    dpo_matches_the_pytorch_reference("qwen3", "qwen3-dpo", "self_attn.q_norm.weight");
+    dpo_matches_the_pytorch_reference("qwen3", "qwen3-dpo", "self_attn.q_norm.weight", BASE.lr);
 }
 
 /// Phi-3 (as Phi-4-mini): fused qkv_proj and gate_up_proj, rotary on 3/4
 /// of each head, LongRoPE (the pairs pass its original context of 16).
 #[test]
 fn phi3_dpo_matches_the_pytorch_reference() {
-    dpo_matches_the_pytorch_reference("phi3", "phi3-dpo", "mlp.gate_up_proj.weight");
+    dpo_matches_the_pytorch_reference("phi3", "phi3-dpo", "mlp.gate_up_proj.weight", BASE.lr);
+}
+
+/// Gemma 2: soft-capped attention scores and logits (their gradients
+/// through tanh), (1 + w) norms, four norms a layer, √hidden embeddings,
+/// a sliding-window layer.
+#[test]
+fn gemma2_dpo_matches_the_pytorch_reference() {
+    dpo_matches_the_pytorch_reference(
+        "gemma2",
+        "gemma2-dpo",
+        "pre_feedforward_layernorm.weight",
+        1.0,
+    );
+}
+
+/// Gemma 3 (text): (1 + w) q/k norms, a rotary base per layer type.
+#[test]
+fn gemma3_dpo_matches_the_pytorch_reference() {
+    // At lr 2 this model's three steps move the weights by 18 and rounding
+    // differences grow with them (9.9e-3 apart); at 0.1 they move by 0.08
+    // and agree to 1.2e-6.
+    dpo_matches_the_pytorch_reference("gemma3", "gemma3-dpo", "self_attn.q_norm.weight", 0.1);
 }
 
 #[test]

@@ -25,6 +25,14 @@ pub enum Architecture {
     /// each head (`partial_rotary_factor`) and LongRoPE scaling (Phi-3,
     /// Phi-3.5, Phi-4-mini).
     Phi3,
+    /// Gemma 2: RMSNorm scaling by `1 + weight`, embeddings scaled by
+    /// √hidden, GeGLU (tanh GELU), norms before and after attention and MLP,
+    /// attention and final logit soft-capping, `query_pre_attn_scalar`,
+    /// sliding-window layers alternating with global ones.
+    Gemma2,
+    /// Gemma 3 (text): Gemma 2 without soft-capping, with per-head q/k
+    /// norms and a rotary base of its own for the sliding-window layers.
+    Gemma3,
 }
 
 impl Architecture {
@@ -35,6 +43,8 @@ impl Architecture {
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
             Architecture::Phi3 => "phi3",
+            Architecture::Gemma2 => "gemma2",
+            Architecture::Gemma3 => "gemma3_text",
         }
     }
 }
@@ -47,6 +57,10 @@ pub enum ModelType {
     Qwen2,
     Qwen3,
     Phi3,
+    Gemma2,
+    /// Gemma 3's text model (`Gemma3ForCausalLM`; the multimodal checkpoints'
+    /// `gemma3` is not read).
+    Gemma3Text,
     Bert,
     Roberta,
     /// XLM-RoBERTa: RoBERTa's architecture (and state-dict prefix) with a
@@ -55,12 +69,14 @@ pub enum ModelType {
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 8] = [
+    pub const ALL: [ModelType; 10] = [
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
         ModelType::Qwen3,
         ModelType::Phi3,
+        ModelType::Gemma2,
+        ModelType::Gemma3Text,
         ModelType::Bert,
         ModelType::Roberta,
         ModelType::XlmRoberta,
@@ -74,6 +90,8 @@ impl ModelType {
             ModelType::Qwen2 => "qwen2",
             ModelType::Qwen3 => "qwen3",
             ModelType::Phi3 => "phi3",
+            ModelType::Gemma2 => "gemma2",
+            ModelType::Gemma3Text => "gemma3_text",
             ModelType::Bert => "bert",
             ModelType::Roberta => "roberta",
             ModelType::XlmRoberta => "xlm-roberta",
@@ -106,6 +124,8 @@ impl ModelType {
             ModelType::Qwen2 => Some(Architecture::Qwen2),
             ModelType::Qwen3 => Some(Architecture::Qwen3),
             ModelType::Phi3 => Some(Architecture::Phi3),
+            ModelType::Gemma2 => Some(Architecture::Gemma2),
+            ModelType::Gemma3Text => Some(Architecture::Gemma3),
             ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta => None,
         }
     }
@@ -166,6 +186,15 @@ pub enum RopeScaling {
     },
 }
 
+/// The MLP's gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu` (Llama, Mistral, Qwen, Phi-3).
+    Silu,
+    /// `gelu_pytorch_tanh`: GELU's tanh approximation (Gemma).
+    GeluTanh,
+}
+
 /// A validated model configuration.
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -195,6 +224,25 @@ pub struct ModelConfig {
     pub fused_qkv: bool,
     /// The MLP's gate and up as one projection, `gate_up_proj` (Phi-3).
     pub fused_gate_up: bool,
+    pub activation: Activation,
+    /// RMSNorm scales by `1 + weight`, computed in f32 (Gemma).
+    pub norm_offset: bool,
+    /// Embeddings multiplied by √hidden (Gemma).
+    pub embed_scale: bool,
+    /// A norm after attention and around the MLP too (Gemma's
+    /// `post_attention_layernorm`, `pre_feedforward_layernorm`,
+    /// `post_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// Attention scores soft-capped: `c·tanh(s/c)` (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// Final logits soft-capped: `c·tanh(z/c)` (Gemma 2).
+    pub final_softcap: Option<f64>,
+    /// The attention's scale when not `1/√head_dim` (Gemma's
+    /// `query_pre_attn_scalar^-½`).
+    pub attn_scale: Option<f64>,
+    /// The rotary base and scaling of sliding-window layers when they have
+    /// their own (Gemma 3's local base).
+    pub local_rope: Option<(f64, RopeScaling)>,
     pub mlp_bias: bool,
     /// Per layer: `Some(w)` when that layer attends to the last `w` positions only.
     pub sliding_windows: Vec<Option<i64>>,
@@ -231,6 +279,12 @@ struct RawConfig {
     layer_types: Option<Vec<String>>,
     partial_rotary_factor: Option<f64>,
     original_max_position_embeddings: Option<f64>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
+    rope_local_base_freq: Option<f64>,
+    use_bidirectional_attention: Option<bool>,
     attention_dropout: Option<f64>,
     resid_pdrop: Option<f64>,
     embd_pdrop: Option<f64>,
@@ -298,13 +352,51 @@ impl ModelConfig {
                 "head_dim must be even for rotary embeddings, found {head_dim}"
             )));
         }
-        if let Some(act) = raw.hidden_act.as_deref()
-            && act != "silu"
-        {
-            return Err(bad(format!(
-                "hidden_act {act:?} is not supported (only silu)"
-            )));
+        let gemma = matches!(architecture, Architecture::Gemma2 | Architecture::Gemma3);
+        // Gemma names it hidden_activation (its hidden_act is a leftover).
+        let (act_key, act) = match (&raw.hidden_activation, &raw.hidden_act) {
+            (Some(a), _) if gemma => ("hidden_activation", Some(a.as_str())),
+            (_, a) => ("hidden_act", a.as_deref()),
+        };
+        let activation = match act {
+            None if gemma => Activation::GeluTanh,
+            None | Some("silu") => Activation::Silu,
+            Some("gelu_pytorch_tanh") => Activation::GeluTanh,
+            Some(other) => {
+                return Err(bad(format!(
+                    "{act_key} {other:?} is not supported (silu, gelu_pytorch_tanh)"
+                )));
+            }
+        };
+        if raw.use_bidirectional_attention == Some(true) {
+            return Err(bad(
+                "use_bidirectional_attention = true is not supported: this is a causal LM".into(),
+            ));
         }
+        let softcap = |key: &str, v: Option<f64>| -> Result<Option<f64>> {
+            match v {
+                None => Ok(None),
+                Some(c) if positive(c) => Ok(Some(c)),
+                Some(c) => Err(bad(format!("{key} must be positive or null, found {c}"))),
+            }
+        };
+        let (attn_softcap, final_softcap) = if gemma {
+            (
+                softcap("attn_logit_softcapping", raw.attn_logit_softcapping)?,
+                softcap("final_logit_softcapping", raw.final_logit_softcapping)?,
+            )
+        } else {
+            (None, None)
+        };
+        let attn_scale = match raw.query_pre_attn_scalar {
+            Some(q) if gemma && positive(q) => Some(q.powf(-0.5)),
+            Some(q) if gemma => {
+                return Err(bad(format!(
+                    "query_pre_attn_scalar must be positive, found {q}"
+                )));
+            }
+            _ => None,
+        };
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
         if !positive(rms_norm_eps) {
             return Err(bad(format!(
@@ -313,7 +405,8 @@ impl ModelConfig {
         }
 
         let max_position_embeddings = raw.max_position_embeddings.unwrap_or(2048);
-        let rope = parse_rope(&raw, max_position_embeddings, &bad)?;
+        let (rope, local_rope) =
+            rope_by_layer_type(&raw, architecture, max_position_embeddings, &bad)?;
         let rotary_dim = match rope.partial_rotary_factor {
             None => head_dim,
             Some(f) if f > 0.0 && f <= 1.0 => {
@@ -372,6 +465,7 @@ impl ModelConfig {
             }
             // Phi-3's projections have no biases.
             Architecture::Phi3 => (false, false),
+            Architecture::Gemma2 | Architecture::Gemma3 => (attention_bias, attention_bias),
         };
         let sliding_windows = sliding_windows(architecture, &raw, num_hidden_layers, &bad)?;
 
@@ -389,12 +483,20 @@ impl ModelConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
             qkv_bias,
             o_bias,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
             fused_qkv: architecture == Architecture::Phi3,
             fused_gate_up: architecture == Architecture::Phi3,
+            activation,
+            norm_offset: gemma,
+            embed_scale: gemma,
+            sandwich_norms: gemma,
+            attn_softcap,
+            final_softcap,
+            attn_scale,
+            local_rope,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_windows,
             bos_token_id: raw.bos_token_id.as_ref().and_then(Value::as_i64),
@@ -468,12 +570,44 @@ struct RopeSettings {
     partial_rotary_factor: Option<f64>,
 }
 
-fn parse_rope(
+/// The rotary settings of the global layers, and of the sliding-window ones
+/// when they differ: transformers 5 writes Gemma 3's as `rope_parameters`
+/// keyed by layer type; earlier files give the local base apart
+/// (`rope_local_base_freq`).
+fn rope_by_layer_type(
     raw: &RawConfig,
+    arch: Architecture,
     max_position_embeddings: i64,
     bad: &dyn Fn(String) -> Error,
-) -> Result<RopeSettings> {
-    let rope_theta = raw.rope_theta;
+) -> Result<(RopeSettings, Option<(f64, RopeScaling)>)> {
+    let by_type = raw
+        .rope_parameters
+        .as_ref()
+        .and_then(Value::as_object)
+        .filter(|o| o.get("full_attention").is_some_and(Value::is_object));
+    if let Some(o) = by_type {
+        let global = parse_rope(
+            o.get("full_attention").cloned(),
+            "rope_parameters.full_attention",
+            raw,
+            max_position_embeddings,
+            bad,
+        )?;
+        let local = match o.get("sliding_attention") {
+            Some(v @ Value::Object(_)) => {
+                let l = parse_rope(
+                    Some(v.clone()),
+                    "rope_parameters.sliding_attention",
+                    raw,
+                    max_position_embeddings,
+                    bad,
+                )?;
+                Some((l.theta, l.scaling))
+            }
+            _ => None,
+        };
+        return Ok((global, local));
+    }
     // transformers 5 folds rope_theta into rope_parameters; older files keep them apart.
     let (params, key) = match (raw.rope_parameters.clone(), raw.rope_scaling.clone()) {
         (Some(p @ Value::Object(_)), _) => (Some(p), "rope_parameters"),
@@ -486,6 +620,30 @@ fn parse_rope(
             )));
         }
     };
+    let global = parse_rope(params, key, raw, max_position_embeddings, bad)?;
+    let local = match (arch, raw.rope_local_base_freq) {
+        (Architecture::Gemma3, base) => {
+            let base = base.unwrap_or(10000.0);
+            if !positive(base) {
+                return Err(bad(format!(
+                    "rope_local_base_freq must be positive, found {base}"
+                )));
+            }
+            Some((base, RopeScaling::None))
+        }
+        _ => None,
+    };
+    Ok((global, local))
+}
+
+fn parse_rope(
+    params: Option<Value>,
+    key: &str,
+    raw: &RawConfig,
+    max_position_embeddings: i64,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<RopeSettings> {
+    let rope_theta = raw.rope_theta;
     let get = |name: &str| params.as_ref().and_then(|p| p.get(name));
     let num = |name: &str| -> Result<Option<f64>> {
         match get(name) {
@@ -626,6 +784,20 @@ fn sliding_windows(
                 .collect()
         }
         Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Llama => vec![None; n],
+        // Older Gemma 2 files: even layers slide, odd ones are global.
+        Architecture::Gemma2 => (0..n)
+            .map(|i| if i % 2 == 0 { raw.sliding_window } else { None })
+            .collect(),
+        // Older Gemma 3 files: five sliding layers, then a global one.
+        Architecture::Gemma3 => (0..n)
+            .map(|i| {
+                if (i + 1) % 6 != 0 {
+                    raw.sliding_window
+                } else {
+                    None
+                }
+            })
+            .collect(),
     })
 }
 

@@ -213,6 +213,8 @@ pub(crate) fn attach_lora_to<'a>(
 pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// Gemma's: scales by `1 + weight`, in f32, and casts after.
+    offset: bool,
 }
 
 impl RmsNorm {
@@ -220,10 +222,26 @@ impl RmsNorm {
         Ok(RmsNorm {
             weight: param(&p, "weight", &[dim], kind)?,
             eps,
+            offset: false,
         })
     }
 
-    /// Normalises in f32 and casts back before scaling, as transformers does.
+    /// The RMSNorm a decoder's config asks for (Gemma's scales by
+    /// `1 + weight`).
+    pub(crate) fn of(
+        p: Path,
+        dim: i64,
+        cfg: &crate::model::config::ModelConfig,
+        kind: Kind,
+    ) -> TchResult<Self> {
+        let mut norm = Self::new(p, dim, cfg.rms_norm_eps, kind)?;
+        norm.offset = cfg.norm_offset;
+        Ok(norm)
+    }
+
+    /// Normalises in f32 as transformers does: Llama's casts back before
+    /// scaling by the weight; Gemma's scales by `1 + weight` in f32, then
+    /// casts.
     pub(crate) fn forward(&self, xs: &Tensor) -> TchResult<Tensor> {
         let kind = xs.f_kind()?;
         let x = xs.f_to_kind(Kind::Float)?;
@@ -231,6 +249,10 @@ impl RmsNorm {
             .f_pow_tensor_scalar(2)?
             .f_mean_dim(-1, true, Kind::Float)?;
         let normed = x.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        if self.offset {
+            let scale = self.weight.f_to_kind(Kind::Float)?.f_add_scalar(1.0)?;
+            return normed.f_mul(&scale)?.f_to_kind(kind);
+        }
         self.weight.f_mul(&normed.f_to_kind(kind)?)
     }
 }

@@ -62,6 +62,30 @@ pub(super) struct Attention {
     pub(super) num_heads: i64,
     pub(super) num_kv_heads: i64,
     pub(super) head_dim: i64,
+    /// The scores' scale when not `1/√head_dim` (Gemma).
+    pub(super) scale: Option<f64>,
+    /// Scores soft-capped, `c·tanh(s/c)`, before the mask (Gemma 2): no
+    /// fused kernel does that, so the product is written out.
+    pub(super) softcap: Option<f64>,
+}
+
+/// The rotary angles of a forward: the global layers', and the
+/// sliding-window layers' when they have a base of their own (Gemma 3).
+#[derive(Debug)]
+pub(super) struct Angles {
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    pub(super) local: Option<(Tensor, Tensor)>,
+}
+
+impl Angles {
+    /// The angles a layer turns q and k by.
+    pub(super) fn of(&self, sliding: bool) -> (&Tensor, &Tensor) {
+        match (&self.local, sliding) {
+            (Some((cos, sin)), true) => (cos, sin),
+            _ => (&self.cos, &self.sin),
+        }
+    }
 }
 
 impl Attention {
@@ -88,16 +112,18 @@ impl Attention {
             qkv,
             o_proj: Linear::new(&p / "o_proj", q_dim, h, cfg.o_bias, kind)?,
             q_norm: match cfg.qk_norm {
-                true => Some(RmsNorm::new(&p / "q_norm", d, cfg.rms_norm_eps, kind)?),
+                true => Some(RmsNorm::of(&p / "q_norm", d, cfg, kind)?),
                 false => None,
             },
             k_norm: match cfg.qk_norm {
-                true => Some(RmsNorm::new(&p / "k_norm", d, cfg.rms_norm_eps, kind)?),
+                true => Some(RmsNorm::of(&p / "k_norm", d, cfg, kind)?),
                 false => None,
             },
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: d,
+            scale: cfg.attn_scale,
+            softcap: cfg.attn_softcap,
         })
     }
 
@@ -180,30 +206,21 @@ impl Attention {
         };
         let k = repeat(k).op("attention: repeat kv")?;
         let v = repeat(v).op("attention: repeat kv")?;
-        report_kernel(&q, &k, &v, mask);
-        let out = match mask {
-            AttentionMask::All => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<&Tensor>,
-                0.0,
-                false,
-                None,
-                false,
-            ),
-            AttentionMask::Causal => Tensor::f_scaled_dot_product_attention(
-                &q,
-                &k,
-                &v,
-                None::<&Tensor>,
-                0.0,
-                true,
-                None,
-                false,
-            ),
-            AttentionMask::Explicit(m) => {
-                Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(m), 0.0, false, None, false)
+        let out = match self.softcap {
+            Some(cap) => {
+                let scale = self.scale.unwrap_or(1.0 / (self.head_dim as f64).sqrt());
+                softcapped_attention(&q, &k, &v, mask, scale, cap)
+            }
+            None => {
+                report_kernel(&q, &k, &v, mask);
+                let (m, causal) = match mask {
+                    AttentionMask::All => (None, false),
+                    AttentionMask::Causal => (None, true),
+                    AttentionMask::Explicit(m) => (Some(m), false),
+                };
+                Tensor::f_scaled_dot_product_attention(
+                    &q, &k, &v, m, 0.0, causal, self.scale, false,
+                )
             }
         }
         .op("attention: scaled_dot_product_attention")?;
@@ -217,6 +234,46 @@ impl Attention {
             .op("attention: merge heads")?;
         self.o_proj.forward(&out).op("attention: o_proj")
     }
+}
+
+/// Attention with soft-capped scores, written out as transformers' eager
+/// path does (Gemma 2): `s = q·kᵀ × scale`, `s = c·tanh(s/c)`, masked
+/// positions set to the dtype's lowest value, softmax in f32, cast back,
+/// `× v`.
+fn softcapped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &AttentionMask,
+    scale: f64,
+    cap: f64,
+) -> TchResult<Tensor> {
+    let kind = q.kind();
+    let scores = q.f_matmul(&k.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+    let scores = crate::logps::softcap(&scores, cap)?;
+    let lowest = match kind {
+        Kind::BFloat16 => -3.389_531_389_251_535_5e38,
+        Kind::Half => -65504.0,
+        _ => f32::MIN as f64,
+    };
+    let (lq, lk) = (q.size()[2], k.size()[2]);
+    let allowed = match mask {
+        AttentionMask::All => None,
+        // Causal with the queries at the end of the keys (a cached prefill
+        // has as many of each).
+        AttentionMask::Causal => {
+            Some(Tensor::f_ones([lq, lk], (Kind::Bool, q.device()))?.f_tril(lk - lq)?)
+        }
+        AttentionMask::Explicit(m) => Some(m.shallow_clone()),
+    };
+    let scores = match allowed {
+        Some(a) => scores.f_masked_fill(&a.f_logical_not()?, lowest)?,
+        None => scores,
+    };
+    scores
+        .f_softmax(-1, Kind::Float)?
+        .f_to_kind(kind)?
+        .f_matmul(v)
 }
 
 /// Keys and values of the positions generated so far, for one layer.

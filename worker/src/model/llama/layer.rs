@@ -3,10 +3,10 @@
 use tch::nn::Path;
 use tch::{Kind, Tensor};
 
-use super::attention::{Attention, LayerCache, Qkv};
+use super::attention::{Angles, Attention, LayerCache, Qkv};
 use super::masks::Masks;
 use crate::error::{Result, TorchContext};
-use crate::model::config::ModelConfig;
+use crate::model::config::{Activation, ModelConfig};
 use crate::model::layers::{Linear, RmsNorm, TchResult};
 
 /// The MLP's gate and up: two projections, or one (`gate_up_proj`, Phi-3)
@@ -22,6 +22,7 @@ pub(super) struct Mlp {
     gate_up: GateUp,
     down_proj: Linear,
     intermediate: i64,
+    activation: Activation,
 }
 
 impl Mlp {
@@ -39,6 +40,7 @@ impl Mlp {
             gate_up,
             down_proj: Linear::new(&p / "down_proj", i, h, bias, kind)?,
             intermediate: i,
+            activation: cfg.activation,
         })
     }
 
@@ -55,7 +57,11 @@ impl Mlp {
                 )
             }
         };
-        self.down_proj.forward(&gate.f_silu()?.f_mul(&up)?)
+        let gate = match self.activation {
+            Activation::Silu => gate.f_silu()?,
+            Activation::GeluTanh => gate.f_gelu("tanh")?,
+        };
+        self.down_proj.forward(&gate.f_mul(&up)?)
     }
 }
 
@@ -118,32 +124,52 @@ impl DecoderLayer {
     }
 }
 
+/// Gemma's extra norms: after attention (before its residual), before
+/// and after the MLP. (Its `post_attention_layernorm` is the first of these;
+/// a Llama's is the norm before the MLP.)
+#[derive(Debug)]
+pub(super) struct Sandwich {
+    pub(super) pre_feedforward_layernorm: RmsNorm,
+    pub(super) post_feedforward_layernorm: RmsNorm,
+}
+
 #[derive(Debug)]
 pub(super) struct DecoderLayer {
     pub(super) self_attn: Attention,
     pub(super) mlp: Mlp,
     pub(super) input_layernorm: RmsNorm,
     pub(super) post_attention_layernorm: RmsNorm,
+    pub(super) sandwich: Option<Sandwich>,
     pub(super) sliding_window: Option<i64>,
 }
 
 impl DecoderLayer {
     pub(super) fn new(p: Path, cfg: &ModelConfig, index: usize, kind: Kind) -> TchResult<Self> {
+        let h = cfg.hidden_size;
+        let sandwich = if cfg.sandwich_norms {
+            Some(Sandwich {
+                pre_feedforward_layernorm: RmsNorm::of(
+                    &p / "pre_feedforward_layernorm",
+                    h,
+                    cfg,
+                    kind,
+                )?,
+                post_feedforward_layernorm: RmsNorm::of(
+                    &p / "post_feedforward_layernorm",
+                    h,
+                    cfg,
+                    kind,
+                )?,
+            })
+        } else {
+            None
+        };
         Ok(DecoderLayer {
             self_attn: Attention::new(&p / "self_attn", cfg, kind)?,
             mlp: Mlp::new(&p / "mlp", cfg, kind)?,
-            input_layernorm: RmsNorm::new(
-                &p / "input_layernorm",
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                kind,
-            )?,
-            post_attention_layernorm: RmsNorm::new(
-                &p / "post_attention_layernorm",
-                cfg.hidden_size,
-                cfg.rms_norm_eps,
-                kind,
-            )?,
+            input_layernorm: RmsNorm::of(&p / "input_layernorm", h, cfg, kind)?,
+            post_attention_layernorm: RmsNorm::of(&p / "post_attention_layernorm", h, cfg, kind)?,
+            sandwich,
             sliding_window: cfg.sliding_windows.get(index).copied().flatten(),
         })
     }
@@ -151,30 +177,49 @@ impl DecoderLayer {
     pub(super) fn forward(
         &self,
         xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        angles: &Angles,
         masks: &Masks,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let mask = match self.sliding_window {
-            Some(_) => &masks.windowed,
-            None => &masks.full,
+        let sliding = self.sliding_window.is_some();
+        let mask = if sliding {
+            &masks.windowed
+        } else {
+            &masks.full
         };
         let normed = self.input_layernorm.forward(xs).op("input_layernorm")?;
         let attn = self.self_attn.forward(
             &normed,
-            (cos, sin),
+            angles.of(sliding),
             mask,
             cache,
             self.sliding_window,
             masks.unpadded.as_ref(),
         )?;
-        let h = xs.f_add(&attn).op("attention residual")?;
-        let normed = self
+        let Some(sandwich) = &self.sandwich else {
+            let h = xs.f_add(&attn).op("attention residual")?;
+            let normed = self
+                .post_attention_layernorm
+                .forward(&h)
+                .op("post_attention_layernorm")?;
+            return h
+                .f_add(&self.mlp.forward(&normed).op("mlp")?)
+                .op("mlp residual");
+        };
+        let attn = self
             .post_attention_layernorm
-            .forward(&h)
+            .forward(&attn)
             .op("post_attention_layernorm")?;
-        h.f_add(&self.mlp.forward(&normed).op("mlp")?)
-            .op("mlp residual")
+        let h = xs.f_add(&attn).op("attention residual")?;
+        let normed = sandwich
+            .pre_feedforward_layernorm
+            .forward(&h)
+            .op("pre_feedforward_layernorm")?;
+        let out = self.mlp.forward(&normed).op("mlp")?;
+        let out = sandwich
+            .post_feedforward_layernorm
+            .forward(&out)
+            .op("post_feedforward_layernorm")?;
+        h.f_add(&out).op("mlp residual")
     }
 }

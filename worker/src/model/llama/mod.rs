@@ -20,6 +20,7 @@ mod sharded;
 mod staged;
 
 pub use adapters::AdaptersOff;
+use attention::Angles;
 pub use attention::{KvCache, LayerCache};
 use layer::DecoderLayer;
 use masks::{AttentionMask, Masks, Unpadded};
@@ -46,6 +47,8 @@ pub struct CausalLm {
     norm: RmsNorm,
     lm_head: Tensor,
     rope: Rope,
+    /// The sliding-window layers' own rotary base (Gemma 3).
+    local_rope: Option<Rope>,
     /// Positions whose logits exist at once when scoring ([`CausalLm::head_logps`]).
     head_chunk: i64,
     /// Keep only each layer's input in a training forward; recompute in the
@@ -103,12 +106,7 @@ impl CausalLm {
             // Only the decoder layers are sharded.
             *deferred_layers.borrow_mut() = layers::take_deferred();
             let layers = layers?;
-            let norm = RmsNorm::new(
-                &model / "norm",
-                config.hidden_size,
-                config.rms_norm_eps,
-                kind,
-            )?;
+            let norm = RmsNorm::of(&model / "norm", config.hidden_size, &config, kind)?;
             let lm_head = if config.tie_word_embeddings {
                 embed_tokens.shallow_clone()
             } else {
@@ -156,6 +154,10 @@ impl CausalLm {
             &config.rope_scaling,
             device,
         )?;
+        let local_rope = match &config.local_rope {
+            Some((theta, scaling)) => Some(Rope::new(config.rotary_dim, *theta, scaling, device)?),
+            None => None,
+        };
         Ok(CausalLm {
             config,
             kind,
@@ -165,6 +167,7 @@ impl CausalLm {
             norm,
             lm_head,
             rope,
+            local_rope,
             head_chunk: DEFAULT_HEAD_CHUNK,
             gradient_checkpointing: false,
             staged: false,
@@ -188,7 +191,13 @@ impl CausalLm {
         rows: &Tensor,
         targets: &Tensor,
     ) -> Result<(Tensor, Option<crate::logps::HeadGrad>)> {
-        crate::logps::head_logps(rows, &self.lm_head, targets, self.head_chunk)
+        crate::logps::head_logps(
+            rows,
+            &self.lm_head,
+            targets,
+            self.head_chunk,
+            self.config.final_softcap,
+        )
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -265,8 +274,29 @@ impl CausalLm {
 
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let padding_idx = self.config.pad_token_id.unwrap_or(-1);
-        Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
-            .op("embed_tokens")
+        let xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
+            .op("embed_tokens")?;
+        if !self.config.embed_scale {
+            return Ok(xs);
+        }
+        // Gemma: × √hidden, the factor rounded to the weights' dtype first
+        // (as transformers does: 55.4256 is 55.5 in bf16).
+        let scale = Tensor::from((self.config.hidden_size as f64).sqrt() as f32)
+            .f_to_kind(self.kind)
+            .and_then(|s| s.f_to_device(xs.device()))
+            .op("embedding scale")?;
+        xs.f_mul(&scale).op("embedding scale")
+    }
+
+    /// The rotary angles at `positions`: the global layers', and the
+    /// sliding-window layers' when they have a base of their own.
+    fn angles(&self, positions: &Tensor) -> Result<Angles> {
+        let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
+        let local = match &self.local_rope {
+            Some(r) => Some(r.cos_sin(positions, self.kind)?),
+            None => None,
+        };
+        Ok(Angles { cos, sin, local })
     }
 
     /// Embedding, every decoder layer and the final norm, at RoPE `positions`.
@@ -283,7 +313,7 @@ impl CausalLm {
         masks: Masks,
         deferred: bool,
     ) -> Result<(Tensor, Option<Checkpointed>)> {
-        let (cos, sin) = self.rope.cos_sin(positions, self.kind)?;
+        let angles = self.angles(positions)?;
         let autograd = grad_enabled();
         let recompute = self.gradient_checkpointing;
         // Unpadded, the layers see only the real tokens; the final hidden
@@ -302,7 +332,7 @@ impl CausalLm {
         if !(deferred && autograd && (recompute || self.staged)) {
             let mut xs = self.embed(input_ids)?;
             for i in 0..self.layers.len() {
-                xs = self.layer_forward(i, &xs, &cos, &sin, &masks, None)?;
+                xs = self.layer_forward(i, &xs, &angles, &masks, None)?;
             }
             let hidden = finish(self.norm.forward(&xs).op("norm")?)?;
             return Ok((hidden, None));
@@ -318,7 +348,7 @@ impl CausalLm {
             stack::Keep::Graphs
         };
         let (top, stacked) = stack::forward(self.layers.len(), xs, keep, false, &mut |i, x| {
-            self.layer_forward(i, x, &cos, &sin, &masks, None)
+            self.layer_forward(i, x, &angles, &masks, None)
         })?;
         let Some(layers) = stacked else {
             return Err(crate::error::Error::State("a stacked forward kept nothing"));
@@ -329,8 +359,7 @@ impl CausalLm {
             Some(Checkpointed {
                 input_ids: input_ids.shallow_clone(),
                 layers,
-                cos,
-                sin,
+                angles,
                 masks,
             }),
         ))
@@ -348,16 +377,15 @@ impl CausalLm {
         &self,
         i: usize,
         xs: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        angles: &Angles,
         masks: &Masks,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
         let Some(sh) = &self.sharded else {
-            return self.layers[i].forward(xs, cos, sin, masks, cache);
+            return self.layers[i].forward(xs, angles, masks, cache);
         };
         sh.gather(i)?;
-        let out = self.layers[i].forward(xs, cos, sin, masks, cache);
+        let out = self.layers[i].forward(xs, angles, masks, cache);
         sh.release(i)?;
         out
     }
@@ -407,9 +435,13 @@ impl CausalLm {
 
     /// Logits of final hidden states (`[..., hidden]` → `[..., vocab]`).
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        hidden
+        let logits = hidden
             .f_linear(&self.lm_head, None::<&Tensor>)
-            .op("lm_head")
+            .op("lm_head")?;
+        match self.config.final_softcap {
+            Some(cap) => crate::logps::softcap(&logits, cap).op("final logit soft-capping"),
+            None => Ok(logits),
+        }
     }
 
     /// An empty KV cache for [`CausalLm::forward_cached`].
@@ -474,12 +506,10 @@ impl CausalLm {
                 unpadded: None,
             }
         };
-        let (cos, sin) = self.rope.cos_sin(&positions, self.kind)?;
-        let padding_idx = self.config.pad_token_id.unwrap_or(-1);
-        let mut xs = Tensor::f_embedding(&self.embed_tokens, input_ids, padding_idx, false, false)
-            .op("embed_tokens")?;
+        let angles = self.angles(&positions)?;
+        let mut xs = self.embed(input_ids)?;
         for (i, lc) in cache.layers.iter_mut().enumerate() {
-            xs = self.layer_forward(i, &xs, &cos, &sin, &masks, Some(lc))?;
+            xs = self.layer_forward(i, &xs, &angles, &masks, Some(lc))?;
         }
         cache.len += n;
         if self.rope.is_long(1 << 40) && !self.rope.is_long(cache.len) {

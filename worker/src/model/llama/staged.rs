@@ -14,8 +14,7 @@ pub use crate::model::stack::LayerGrads;
 pub struct Checkpointed {
     pub(super) input_ids: Tensor,
     pub(super) layers: stack::Stacked,
-    pub(super) cos: Tensor,
-    pub(super) sin: Tensor,
+    pub(super) angles: Angles,
     pub(super) masks: Masks,
 }
 
@@ -35,8 +34,7 @@ impl CausalLm {
         let Checkpointed {
             input_ids,
             layers,
-            cos,
-            sin,
+            angles,
             masks,
         } = c;
         let grad = stack::backward(
@@ -47,7 +45,7 @@ impl CausalLm {
                 if let Some(sh) = &self.sharded {
                     sh.gather(i)?;
                 }
-                self.layers[i].forward(x, &cos, &sin, &masks, None)
+                self.layers[i].forward(x, &angles, &masks, None)
             },
             &mut |i| match &self.sharded {
                 Some(sh) => sh.release(i),
