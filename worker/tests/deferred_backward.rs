@@ -3,7 +3,9 @@
 //! both), for per-token log-probs, sums and the gradient of every parameter (of
 //! a loss over sums and per-token terms, as the combined loss uses them) to
 //! 1e-6 relative in f32 — on Llama, Qwen2 (tied embeddings: the head's gradient
-//! lands on the embedding) and Mistral (a sliding window), padded and packed.
+//! lands on the embedding), Mistral (a sliding window), Phi-3 (LongRoPE chosen
+//! per packed sequence) and Gemma 2 (soft-capped scores and logits: the
+//! chunked head recomputes the cap), padded and packed.
 //! With chunks of 3 positions every micro-batch here spans many chunks, so the
 //! deferred backward ([`dpo_worker::objective::Deferred`]) does all of the
 //! head's and the layers' work. The padded path runs the layers on the real
@@ -69,7 +71,7 @@ fn run_with(
 
 #[test]
 fn the_chunked_head_and_checkpointed_layers_give_the_plain_log_probs_and_gradients() {
-    for name in ["llama", "qwen2", "mistral"] {
+    for name in ["llama", "qwen2", "mistral", "phi3", "gemma2"] {
         let mut model = checkpoint::load(&fixture(name), Kind::Float, Device::Cpu).expect("model");
         let vocab = model.config().vocab_size as u32;
         let exs = random_examples(vocab, 6, 1);
