@@ -67,6 +67,8 @@ def check(case_path):
         c = json.load(f)
     with open(c["data"]) as f:
         pairs = [json.loads(line) for line in f if line.strip()]
+    # Each sequence scored alone, as the worker scores it (LongRoPE).
+    dpo_reference.PER_SEQUENCE = bool(c.get("per_sequence", False))
     torch.manual_seed(0)
     model = peft.PeftModel.from_pretrained(base(c["model"]), c["init"], is_trainable=True)
     model.train()

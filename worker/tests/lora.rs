@@ -146,6 +146,87 @@ fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
     }
 }
 
+/// Phi-3's fused projections as PEFT targets them (`qkv_proj`,
+/// `gate_up_proj`): PEFT makes the adapter, we train it 3 DPO steps, PEFT
+/// trains it the same way (each sequence scored alone: LongRoPE), the
+/// adapters agree and ours loads into PEFT with PEFT's logits.
+#[test]
+fn lora_on_phi3_s_fused_projections_equals_peft() {
+    let dir = tempdir();
+    let init = dir.path().join("init");
+    let model = fixture("phi3");
+    run_python(
+        "tests/reference/peft_reference.py",
+        &[
+            "init",
+            model.to_str().expect("utf-8"),
+            init.to_str().expect("utf-8"),
+            "4",
+            "8",
+            "qkv_proj,gate_up_proj",
+        ],
+    );
+    let path = spec(
+        dir.path(),
+        "phi3-lora",
+        &format!(
+            "[lora]\nr = 4\nalpha = 8.0\ntarget_modules = [\"qkv_proj\", \"gate_up_proj\"]\ninit_from = \"{}\"",
+            init.display()
+        ),
+    );
+    let text = std::fs::read_to_string(&path).expect("spec");
+    let text = text.replace(
+        &fixture("qwen2").display().to_string(),
+        &model.display().to_string(),
+    );
+    std::fs::write(&path, text).expect("spec");
+    train_ok(&path);
+    let ours = dir.path().join("phi3-lora").join("final");
+    let out = dir.path().join("peft-phi3");
+    let case = dir.path().join("phi3.json");
+    std::fs::write(
+        &case,
+        serde_json::json!({
+            "model": model, "data": fixtures().join("pairs_tokens.jsonl"), "init": init,
+            "ours": ours, "steps": STEPS, "global_batch_size": GLOBAL, "lr": LR, "beta": BETA,
+            "loss": "sigmoid", "out": out, "per_sequence": true,
+        })
+        .to_string(),
+    )
+    .expect("case");
+    run_python(
+        "tests/reference/peft_reference.py",
+        &["check", case.to_str().expect("utf-8")],
+    );
+    let file = "adapter_model.safetensors";
+    let start = read_tensors(&init.join(file)).expect("initial adapter");
+    let theirs = read_tensors(&out.join("reference").join(file)).expect("PEFT's");
+    let mine = read_tensors(&ours.join(file)).expect("ours");
+    assert!(
+        mine.keys().any(|k| k.contains("qkv_proj.lora_A"))
+            && mine.keys().any(|k| k.contains("gate_up_proj.lora_B")),
+        "{:?}",
+        mine.keys()
+    );
+    let (moved, diff) = (
+        max_weight_diff(&mine, &start),
+        max_weight_diff(&mine, &theirs),
+    );
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results"))
+            .expect("json");
+    let logits = results["adapter_logits"].as_f64().unwrap_or(f64::NAN);
+    eprintln!(
+        "Phi-3 LoRA on qkv_proj + gate_up_proj: adapters moved {moved:.2e}, max |ours − PEFT| {diff:.2e}; logits in PEFT {logits:.2e}"
+    );
+    assert!(moved > 1e-3, "training moves the adapters: {moved}");
+    assert!(diff <= 1e-5, "adapters differ from PEFT's by {diff}");
+    assert!(
+        logits <= 1e-5,
+        "our adapter in PEFT: logits differ by {logits}"
+    );
+}
+
 #[test]
 fn frozen_parameters_stay_bit_identical_and_the_rest_train_as_in_pytorch() {
     let dir = tempdir();
