@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """Forward+backward tokens/s of dpo-cluster's model against PyTorch eager (transformers).
 
+`--arch` picks the family (Llama by default; Qwen3, Phi-3, Gemma 2 and 3 too: Gemma 2
+runs transformers' eager attention on both sides, as its soft-capping requires).
+
 Same checkpoint (written here by examples/tiny_model.py), same batch of random token
 ids, same loss (next-token cross-entropy), same thread count, f32 on CPU. Each side
 runs `--repeats` times, alternating, and the median is reported with the ratio
@@ -22,12 +25,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torch_step_seconds(model_dir: str, batch: int, seq: int, steps: int, warmup: int, threads: int) -> float:
+def torch_step_seconds(model_dir: str, batch: int, seq: int, steps: int, warmup: int, threads: int,
+                       attn: str = "sdpa") -> float:
     code = f"""
 import json, time, torch, transformers
 torch.set_num_threads({threads})
 torch.manual_seed(0)
-m = transformers.AutoModelForCausalLM.from_pretrained({model_dir!r}, dtype=torch.float32, attn_implementation="sdpa")
+m = transformers.AutoModelForCausalLM.from_pretrained({model_dir!r}, dtype=torch.float32, attn_implementation={attn!r})
 m.train()
 ids = torch.randint(m.config.vocab_size, ({batch}, {seq}))
 def step():
@@ -56,6 +60,8 @@ def ours_step_seconds(binary: str, model_dir: str, batch: int, seq: int, steps: 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "examples", "fwd_bwd"))
+    p.add_argument("--arch", default="llama",
+                   help="any examples/tiny_model.py architecture: llama, qwen3, phi3, gemma2, gemma3_text, …")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)
@@ -75,7 +81,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = os.path.join(tmp, "model")
         subprocess.run(
-            [sys.executable, os.path.join(ROOT, "examples", "tiny_model.py"), "--out", model_dir, "--arch", "llama",
+            [sys.executable, os.path.join(ROOT, "examples", "tiny_model.py"), "--out", model_dir, "--arch", args.arch,
              "--hidden", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
              "--kv-heads", str(args.kv_heads), "--intermediate", str(args.intermediate),
              "--model-vocab", str(args.model_vocab), "--init-std", "0.02"],
@@ -83,11 +89,14 @@ def main() -> None:
         )
         torch_s, ours_s = [], []
         for _ in range(args.repeats):
-            torch_s.append(torch_step_seconds(model_dir, args.batch, args.seq, args.steps, args.warmup, args.threads))
+            # Gemma 2's soft-capping has no fused kernel: transformers' eager path.
+            attn = "eager" if args.arch == "gemma2" else "sdpa"
+            torch_s.append(torch_step_seconds(model_dir, args.batch, args.seq, args.steps, args.warmup, args.threads,
+                                              attn))
             ours_s.append(ours_step_seconds(args.binary, model_dir, args.batch, args.seq, args.steps, args.warmup, args.threads))
     tokens = args.batch * args.seq
     t, o = statistics.median(torch_s), statistics.median(ours_s)
-    print(f"model: llama hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
+    print(f"model: {args.arch} hidden={args.hidden} layers={args.layers} heads={args.heads}/{args.kv_heads} "
           f"intermediate={args.intermediate} vocab={args.model_vocab}; batch {args.batch} x {args.seq} tokens; "
           f"{args.threads} threads; f32 CPU; median of {args.repeats} x {args.steps} steps")
     print(f"pytorch eager : {tokens / t:10.0f} tokens/s  ({t * 1000:.1f} ms/step)  runs {[round(x * 1000, 1) for x in torch_s]}")
