@@ -286,6 +286,15 @@ pub fn link_root(folder: &Path) -> &Path {
 /// its own.
 pub fn open_read(path: &Path) -> std::io::Result<std::fs::File> {
     use std::path::Component;
+    // A relative path (a person's, on a command line: clients' paths are
+    // absolute) is taken from the working folder.
+    let absolute;
+    let path = if path.is_relative() {
+        absolute = std::path::absolute(path)?;
+        absolute.as_path()
+    } else {
+        path
+    };
     let (Some(folder), Some(Component::Normal(_))) = (path.parent(), path.components().next_back())
     else {
         return Err(refused(path, "not an absolute folder and a file name"));
@@ -308,6 +317,26 @@ pub fn open_read(path: &Path) -> std::io::Result<std::fs::File> {
         }
     };
     root.open_following(&below, path)
+}
+
+/// `path` with its links resolved, for paths a process trusts (its own
+/// command line, a standalone run's spec): the path itself, or for one that
+/// does not exist (a glob, a file to come) its folder's; as given when
+/// neither resolves, for the reader to name.
+pub fn resolved(path: &Path) -> std::path::PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            dir
+        })
+        .map(|d| d.join(name))
+        .unwrap_or_else(|_| path.to_path_buf()),
+        _ => path.to_path_buf(),
+    }
 }
 
 /// `/proc/self/fd/N/rest` (a folder this process holds open): that folder
@@ -530,6 +559,17 @@ mod tests {
         // A link loop ends.
         symlink("loop", snap.join("loop"))?;
         assert!(read(&snap.join("loop")).is_err());
+        // A trusted path (a command line's) through a link: resolved once,
+        // then read; a glob keeps its name under the resolved folder.
+        std::os::unix::fs::symlink(root.join("models/moved"), root.join("mine"))?;
+        assert!(read(&root.join("mine/config.json")).is_err());
+        let r = resolved(&root.join("mine/config.json"));
+        assert_eq!(r, root.join("models/moved/real.json"));
+        assert_eq!(read_to_string(&r)?, "real");
+        assert_eq!(
+            resolved(&root.join("mine/*.json")),
+            root.join("models/moved/*.json")
+        );
         // Through a folder this process pinned.
         let held = Dir::open(&repo, false)?;
         let text = read_to_string(&held.pinned().join("snapshots/abc123/config.json"))?;

@@ -53,11 +53,9 @@ fn spec(dir: &Path, name: &str, extra: &str) -> std::path::PathBuf {
     path
 }
 
-#[test]
-fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
-    let dir = tempdir();
-    let init = dir.path().join("init");
-    let model = fixture("qwen2");
+/// PEFT makes a rank-4 (alpha 8) adapter of `model` on `targets` (comma
+/// separated) in `init`, its B matrices drawn too.
+fn peft_init(model: &Path, init: &Path, targets: &str) {
     run_python(
         "tests/reference/peft_reference.py",
         &[
@@ -66,8 +64,20 @@ fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
             init.to_str().expect("utf-8"),
             "4",
             "8",
-            "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+            targets,
         ],
+    );
+}
+
+#[test]
+fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
+    let dir = tempdir();
+    let init = dir.path().join("init");
+    let model = fixture("qwen2");
+    peft_init(
+        &model,
+        &init,
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
     );
     // (loss, learning rate): DPO, IPO and the combined objective (labelled
     // chosen responses, rejected ones as negatives).
@@ -155,17 +165,7 @@ fn lora_on_phi3_s_fused_projections_equals_peft() {
     let dir = tempdir();
     let init = dir.path().join("init");
     let model = fixture("phi3");
-    run_python(
-        "tests/reference/peft_reference.py",
-        &[
-            "init",
-            model.to_str().expect("utf-8"),
-            init.to_str().expect("utf-8"),
-            "4",
-            "8",
-            "qkv_proj,gate_up_proj",
-        ],
-    );
+    peft_init(&model, &init, "qkv_proj,gate_up_proj");
     let path = spec(
         dir.path(),
         "phi3-lora",

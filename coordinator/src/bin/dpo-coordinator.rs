@@ -311,7 +311,11 @@ async fn main() -> anyhow::Result<()> {
     let confinement = Confinement::new(&cli.allow_path, &cli.data_dir).context("--allow-path")?;
     tracing::info!(allowed = ?confinement.roots().collect::<Vec<_>>(), "paths run specs may name");
     let settings = Settings {
-        data_dir: std::path::absolute(&cli.data_dir)?,
+        // Resolved once (the operator's own folder): the files the
+        // coordinator keeps in it are opened by walking this path through
+        // no link.
+        data_dir: std::fs::canonicalize(&cli.data_dir)
+            .with_context(|| format!("--data-dir {}", cli.data_dir.display()))?,
         lease_ttl: Duration::from_millis(cli.lease_ttl_ms.max(200)),
         max_upload_bytes: cli.max_upload_bytes,
         confinement,

@@ -271,8 +271,8 @@ fn main() -> anyhow::Result<()> {
             batch_size,
             device,
         } => evaluate(
-            &model,
-            &data,
+            &dpo_data::confined::resolved(&model),
+            &dpo_data::confined::resolved(&data),
             output,
             max_length,
             batch_size as usize,
@@ -289,10 +289,12 @@ fn main() -> anyhow::Result<()> {
             dtype,
             device,
         } => {
+            // This process's own command line: links resolved once.
+            let resolved = |p: PathBuf| dpo_data::confined::resolved(&p);
             let req = ScoreRequest {
-                model,
-                reference,
-                data,
+                model: resolved(model),
+                reference: reference.map(resolved),
+                data: resolved(data),
                 out,
                 format,
                 batch_size: batch_size as usize,
