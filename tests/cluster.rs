@@ -479,9 +479,9 @@ fn on_etcd_a_run_survives_an_etcd_restart_and_a_standby_takes_over() {
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 10");
     let (spec, out_dir) =
         case.reference_and_spec("etcd", &extra, "min_workers = 2\nmax_workers = 2");
-    let etcd_port = free_port().expect("port");
     let etcd_dir = case.path().join("etcd-data");
-    let mut e = etcd(etcd_port, &etcd_dir, &case.logs, "etcd", None).expect("etcd");
+    let (mut e, etcd_port) =
+        etcd_on_a_free_port(&etcd_dir, &case.logs, "etcd", None, &[]).expect("etcd");
     let endpoint = format!("http://127.0.0.1:{etcd_port}");
     let store = ["--store", "etcd", "--etcd", endpoint.as_str()];
     let port = free_port().expect("port");

@@ -259,13 +259,12 @@ fn a_non_loopback_listen_needs_a_token_unless_insecure() {
 fn the_etcd_store_over_tls_with_a_client_certificate() {
     let case = Case::new(24);
     let pki = pki(&case.path().join("pki")).expect("pki");
-    let etcd_port = free_port().expect("port");
-    let _e = etcd(
-        etcd_port,
+    let (_e, etcd_port) = etcd_on_a_free_port(
         &case.path().join("etcd-data"),
         &case.logs,
         "etcd",
         Some(&pki),
+        &[],
     )
     .expect("etcd");
     let endpoint = format!("https://127.0.0.1:{etcd_port}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use dpo_coordinator::{Confinement, Coordinator, Embedded, Etcd, EtcdSecurity, Settings, Store};
-use dpo_e2e::{Case, Proc, etcd_with, free_port};
+use dpo_e2e::{Case, Proc, etcd_on_a_free_port};
 use dpo_proto::v1::{self, assignment::Kind};
 
 const STEPS: u64 = 3000;
@@ -268,15 +268,8 @@ async fn a_long_run_costs_the_embedded_store_the_same_at_every_step() -> anyhow:
 
 /// A fresh etcd process under `case` (with `flags`) and the store on it.
 async fn etcd_store(case: &Case, flags: &[&str]) -> anyhow::Result<(Proc, Store)> {
-    let port = free_port()?;
-    let process = etcd_with(
-        port,
-        &case.path().join("etcd"),
-        case.path(),
-        "etcd",
-        None,
-        flags,
-    )?;
+    let (process, port) =
+        etcd_on_a_free_port(&case.path().join("etcd"), case.path(), "etcd", None, flags)?;
     let etcd = Etcd::connect(
         &[format!("http://127.0.0.1:{port}")],
         EtcdSecurity::default(),

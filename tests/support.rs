@@ -357,7 +357,37 @@ pub fn etcd(
     etcd_with(port, data_dir, logs, name, tls, &[])
 }
 
-/// [`etcd`] with more flags (limits such as `--quota-backend-bytes`).
+/// [`etcd_with`] on a free client port (returned): a port another process
+/// took between [`free_port`] and etcd's bind is replaced by another.
+pub fn etcd_on_a_free_port(
+    data_dir: &Path,
+    logs: &Path,
+    name: &str,
+    tls: Option<&Pki>,
+    extra: &[&str],
+) -> anyhow::Result<(Proc, u16)> {
+    let mut attempt = 0;
+    loop {
+        let port = free_port()?;
+        match etcd_with(port, data_dir, logs, name, tls, extra) {
+            Ok(p) => return Ok((p, port)),
+            Err(e) if attempt < 5 && bind_lost(logs, name, port) => {
+                attempt += 1;
+                eprintln!("etcd: port {port} was taken meanwhile ({e}); another");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether etcd's log `name` says `port` was taken before it could bind it.
+fn bind_lost(logs: &Path, name: &str, port: u16) -> bool {
+    std::fs::read_to_string(logs.join(format!("{name}.log")))
+        .is_ok_and(|log| log.contains(&format!("127.0.0.1:{port}: bind: address already in use")))
+}
+
+/// [`etcd`] with more flags (limits such as `--quota-backend-bytes`). Its
+/// peer port is chosen here, again if another process takes it first.
 pub fn etcd_with(
     port: u16,
     data_dir: &Path,
@@ -366,9 +396,30 @@ pub fn etcd_with(
     tls: Option<&Pki>,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
+    let mut attempt = 0;
+    loop {
+        let peer_port = free_port()?;
+        match etcd_once(port, peer_port, data_dir, logs, name, tls, extra) {
+            Err(e) if attempt < 5 && bind_lost(logs, name, peer_port) => {
+                attempt += 1;
+                eprintln!("etcd: peer port {peer_port} was taken meanwhile ({e}); another");
+            }
+            other => return other,
+        }
+    }
+}
+
+fn etcd_once(
+    port: u16,
+    peer_port: u16,
+    data_dir: &Path,
+    logs: &Path,
+    name: &str,
+    tls: Option<&Pki>,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let client = format!("{scheme}://127.0.0.1:{port}");
-    let peer_port = free_port()?;
     let etcd = ["/usr/bin/etcd", "/usr/local/bin/etcd"]
         .into_iter()
         .map(PathBuf::from)
