@@ -720,36 +720,27 @@ impl RunSpec {
         }
     }
 
-    /// Resolves the symbolic links in the paths this run reads (model,
-    /// reference, adapters to start from, datasets), as a coordinator does
-    /// for a client's spec at submit: for a process that trusts its own spec
-    /// (a standalone `dpo-worker train`). The readers then walk each path
-    /// through no link and follow links inside a model folder only within it
-    /// (`dpo_data::confined`). A path that does not exist stays as written,
-    /// for the reader to name; a glob keeps its last component.
-    pub fn resolve_links(&mut self) {
-        let resolve = |p: &mut PathBuf| {
-            if let Ok(r) = std::fs::canonicalize(&*p) {
-                *p = r;
-            } else if let (Some(dir), Some(name)) = (p.parent(), p.file_name())
-                && let Ok(d) = std::fs::canonicalize(dir)
-            {
-                *p = d.join(name);
-            }
-        };
-        resolve(&mut self.model.path);
+    /// Replaces each path this run reads (model, reference, adapters to start
+    /// from, datasets) by `resolve`'s form of it — for a process that trusts
+    /// its own spec (a standalone `dpo-worker train`), its links resolved once
+    /// as a coordinator resolves a client's at submit
+    /// (`dpo_data::confined::resolved`). The readers then walk each path
+    /// through no link and follow links inside a model folder only within it.
+    pub fn resolve_links(&mut self, resolve: impl Fn(&Path) -> PathBuf) {
+        let set = |p: &mut PathBuf| *p = resolve(p);
+        set(&mut self.model.path);
         if let ReferenceModel::Dir(d) = &mut self.reference.path {
-            resolve(d);
+            set(d);
         }
         if let Some(dir) = self.lora.as_mut().and_then(|l| l.init_from.as_mut()) {
-            resolve(dir);
+            set(dir);
         }
-        resolve(&mut self.data.train);
+        set(&mut self.data.train);
         if let Some(e) = self.data.eval.as_mut() {
-            resolve(e);
+            set(e);
         }
         if let Some(Negatives::File(f)) = &mut self.data.negatives {
-            resolve(f);
+            set(f);
         }
     }
 

@@ -454,7 +454,7 @@ fn train(
 
     let mut spec = dpo_proto::RunSpec::from_file(config)?;
     // This process trusts its spec: links in its paths are resolved once.
-    spec.resolve_links();
+    spec.resolve_links(dpo_data::confined::resolved);
     tracing::info!(run = %spec.name, task = ?spec.task.kind, loss = ?spec.objective.loss, output = %spec.train.output.display(), "starting");
     let preparing = || format!("preparing run {}", config.display());
     // Every task trains through the one loop; only what it trains differs.
