@@ -148,6 +148,11 @@ impl Rope {
 }
 
 impl Rope {
+    /// Whether the factors change with a sequence's length (LongRoPE).
+    pub fn has_long_factors(&self) -> bool {
+        self.long.is_some()
+    }
+
     /// LongRoPE: whether a sequence of `len` positions turns with the long
     /// factors (false for every other rotary kind).
     pub fn is_long(&self, len: i64) -> bool {

@@ -512,7 +512,7 @@ impl CausalLm {
             xs = self.layer_forward(i, &xs, &angles, &masks, Some(lc))?;
         }
         cache.len += n;
-        if self.rope.is_long(1 << 40) && !self.rope.is_long(cache.len) {
+        if self.rope.has_long_factors() && !self.rope.is_long(cache.len) {
             // LongRoPE, still within the original context: keep the tokens,
             // in case the sequence grows past it.
             let ids = Vec::<i64>::try_from(
