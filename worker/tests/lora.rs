@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use common::{fixture, fixtures, max_weight_diff, read_jsonl, run_python, tempdir};
@@ -69,6 +70,38 @@ fn peft_init(model: &Path, init: &Path, targets: &str) {
     );
 }
 
+/// PEFT's side of a comparison: `case` (written to `dir/name.json`) trains
+/// the adapter in `init` with PEFT and loads ours (`ours`) into PEFT; returns
+/// our adapter, how far it moved from `init`, its largest difference from
+/// PEFT's, and PEFT's `results.json` (logit differences) from `out`.
+fn compare_with_peft(
+    dir: &Path,
+    name: &str,
+    case: serde_json::Value,
+    init: &Path,
+    ours: &Path,
+    out: &Path,
+) -> (BTreeMap<String, tch::Tensor>, f64, f64, serde_json::Value) {
+    let path = dir.join(format!("{name}.json"));
+    std::fs::write(&path, case.to_string()).expect("case");
+    run_python(
+        "tests/reference/peft_reference.py",
+        &["check", path.to_str().expect("utf-8")],
+    );
+    let file = "adapter_model.safetensors";
+    let start = read_tensors(&init.join(file)).expect("initial adapter");
+    let theirs = read_tensors(&out.join("reference").join(file)).expect("PEFT's");
+    let mine = read_tensors(&ours.join(file)).expect("ours");
+    let (moved, diff) = (
+        max_weight_diff(&mine, &start),
+        max_weight_diff(&mine, &theirs),
+    );
+    let results =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results"))
+            .expect("json");
+    (mine, moved, diff, results)
+}
+
 #[test]
 fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
     let dir = tempdir();
@@ -106,31 +139,13 @@ fn lora_dpo_equals_peft_and_what_we_write_loads_into_peft() {
             "a LoRA run writes its adapter, not the whole model"
         );
         let out = dir.path().join(format!("peft-{loss}"));
-        let case = dir.path().join(format!("{loss}.json"));
-        std::fs::write(
-            &case,
-            serde_json::json!({
-                "model": model, "data": fixtures().join("pairs_tokens.jsonl"), "init": init,
-                "ours": ours, "steps": STEPS, "global_batch_size": GLOBAL, "lr": lr, "beta": BETA,
-                "loss": loss, "negative_weight": 0.5, "out": out,
-            })
-            .to_string(),
-        )
-        .expect("case");
-        run_python(
-            "tests/reference/peft_reference.py",
-            &["check", case.to_str().expect("utf-8")],
-        );
-        let file = "adapter_model.safetensors";
-        let start = read_tensors(&init.join(file)).expect("initial adapter");
-        let theirs = read_tensors(&out.join("reference").join(file)).expect("PEFT's");
-        let mine = read_tensors(&ours.join(file)).expect("ours");
-        let moved = max_weight_diff(&mine, &start);
-        let diff = max_weight_diff(&mine, &theirs);
-        let results: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(out.join("results.json")).expect("results"),
-        )
-        .expect("json");
+        let case = serde_json::json!({
+            "model": model, "data": fixtures().join("pairs_tokens.jsonl"), "init": init,
+            "ours": ours, "steps": STEPS, "global_batch_size": GLOBAL, "lr": lr, "beta": BETA,
+            "loss": loss, "negative_weight": 0.5, "out": out,
+        });
+        let (_, moved, diff, results) =
+            compare_with_peft(dir.path(), loss, case, &init, &ours, &out);
         let value = |k: &str| results[k].as_f64().unwrap_or(f64::NAN);
         eprintln!(
             "LoRA {loss}, 3 SGD steps: adapters moved {moved:.2e}, max |ours − PEFT| {diff:.2e}; \
@@ -183,38 +198,19 @@ fn lora_on_phi3_s_fused_projections_equals_peft() {
     train_ok(&path);
     let ours = dir.path().join("phi3-lora").join("final");
     let out = dir.path().join("peft-phi3");
-    let case = dir.path().join("phi3.json");
-    std::fs::write(
-        &case,
-        serde_json::json!({
-            "model": model, "data": fixtures().join("pairs_tokens.jsonl"), "init": init,
-            "ours": ours, "steps": STEPS, "global_batch_size": GLOBAL, "lr": LR, "beta": BETA,
-            "loss": "sigmoid", "out": out, "per_sequence": true,
-        })
-        .to_string(),
-    )
-    .expect("case");
-    run_python(
-        "tests/reference/peft_reference.py",
-        &["check", case.to_str().expect("utf-8")],
-    );
-    let file = "adapter_model.safetensors";
-    let start = read_tensors(&init.join(file)).expect("initial adapter");
-    let theirs = read_tensors(&out.join("reference").join(file)).expect("PEFT's");
-    let mine = read_tensors(&ours.join(file)).expect("ours");
+    let case = serde_json::json!({
+        "model": model, "data": fixtures().join("pairs_tokens.jsonl"), "init": init,
+        "ours": ours, "steps": STEPS, "global_batch_size": GLOBAL, "lr": LR, "beta": BETA,
+        "loss": "sigmoid", "out": out, "per_sequence": true,
+    });
+    let (mine, moved, diff, results) =
+        compare_with_peft(dir.path(), "phi3", case, &init, &ours, &out);
     assert!(
         mine.keys().any(|k| k.contains("qkv_proj.lora_A"))
             && mine.keys().any(|k| k.contains("gate_up_proj.lora_B")),
         "{:?}",
         mine.keys()
     );
-    let (moved, diff) = (
-        max_weight_diff(&mine, &start),
-        max_weight_diff(&mine, &theirs),
-    );
-    let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results"))
-            .expect("json");
     let logits = results["adapter_logits"].as_f64().unwrap_or(f64::NAN);
     eprintln!(
         "Phi-3 LoRA on qkv_proj + gate_up_proj: adapters moved {moved:.2e}, max |ours − PEFT| {diff:.2e}; logits in PEFT {logits:.2e}"
