@@ -474,14 +474,7 @@ impl CausalLm {
             // keys too. Run the whole sequence again, as a forward of it
             // would.
             let mut all = std::mem::take(&mut cache.tokens);
-            let new = Vec::<i64>::try_from(
-                &input_ids
-                    .f_to_device(Device::Cpu)
-                    .and_then(|t| t.f_view([-1]))
-                    .op("forward_cached: tokens")?,
-            )
-            .op("forward_cached: tokens")?;
-            all.extend(new);
+            all.extend(token_ids(input_ids)?);
             let whole = Tensor::f_from_slice(&all)
                 .and_then(|t| t.f_view([1, -1]))
                 .and_then(|t| t.f_to_device(self.device()))
@@ -515,16 +508,18 @@ impl CausalLm {
         if self.rope.has_long_factors() && !self.rope.is_long(cache.len) {
             // LongRoPE, still within the original context: keep the tokens,
             // in case the sequence grows past it.
-            let ids = Vec::<i64>::try_from(
-                &input_ids
-                    .f_to_device(Device::Cpu)
-                    .and_then(|t| t.f_view([-1]))
-                    .op("forward_cached: tokens")?,
-            )
-            .op("forward_cached: tokens")?;
-            cache.tokens.extend(ids);
+            cache.tokens.extend(token_ids(input_ids)?);
         }
         let hidden = self.norm.forward(&xs).op("norm")?;
         self.lm_head(&hidden)
     }
+}
+
+/// The token ids of `input_ids` (`[1, n]`), on the host.
+fn token_ids(input_ids: &Tensor) -> Result<Vec<i64>> {
+    input_ids
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_view([-1]))
+        .and_then(|t| Vec::<i64>::try_from(&t))
+        .op("forward_cached: tokens")
 }
