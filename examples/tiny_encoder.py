@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Writes a tiny random BERT, RoBERTa or XLM-RoBERTa checkpoint in Hugging Face format.
+"""Writes a tiny random BERT, RoBERTa, XLM-RoBERTa or DeBERTa-v2/v3 checkpoint in Hugging Face format.
 
 The tokenizer is made on the spot from a synthetic corpus plus any text files given
 (WordPiece for BERT, its vocabulary chosen deterministically; byte-level BPE for
-RoBERTa; a SentencePiece-style Unigram with `▁`-prefixed pieces for XLM-RoBERTa,
-as its real tokenizer.json has), and the weights are random, so nothing is downloaded. What this writes is what transformers' `save_pretrained`
+RoBERTa; a SentencePiece-style Unigram with `▁`-prefixed pieces for XLM-RoBERTa
+and DeBERTa, as their real tokenizer.json files have, DeBERTa's built by
+transformers' own `DebertaV2Tokenizer` with DeBERTa-v3's `[PAD] [CLS] [SEP] [UNK]`
+layout), and the weights are random, so nothing is downloaded. What this writes is what transformers' `save_pretrained`
 writes, which is exactly what dpo-cluster must read.
 
     python examples/tiny_encoder.py --out /tmp/bert --family bert --head token \
@@ -108,6 +110,11 @@ def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
         )
+    elif family == "deberta-v2":
+        # DeBERTa-v3's layout: [PAD]=0, [CLS]=1, [SEP]=2, [UNK]=3, pieces, [MASK] last.
+        specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
+        vocab = unigram_vocab(texts, vocab_size - 1, specials) + [("[MASK]", 0.0)]
+        fast = transformers.DebertaV2Tokenizer(vocab=vocab, unk_id=3)
     elif family == "xlm-roberta":
         # XLM-R's layout: <s>=0, <pad>=1, </s>=2, <unk>=3, pieces, <mask> last.
         specials = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -146,7 +153,11 @@ def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--family", choices=["bert", "roberta", "xlm-roberta"], default="bert")
+    p.add_argument("--family", choices=["bert", "roberta", "xlm-roberta", "deberta-v2"], default="bert")
+    p.add_argument("--deberta", choices=["v3", "v2"], default="v3",
+                   help="v3: shared attention keys, log-bucketed positions, normed table, no absolute positions "
+                        "(DeBERTa-v3's config); v2: position projections of their own, clamped distances, "
+                        "absolute positions and token types too, embeddings narrower than the hidden size")
     p.add_argument("--head", choices=["none", "token", "sequence"], default="none")
     p.add_argument("--labels", default="", help="comma-separated labels of the head (id order)")
     p.add_argument("--seed", type=int, default=0)
@@ -183,7 +194,23 @@ def main(argv=None) -> None:
     if labels:
         common["id2label"] = dict(enumerate(labels))
         common["label2id"] = {label: i for i, label in enumerate(labels)}
-    if args.family == "bert":
+    if args.family == "deberta-v2":
+        if args.deberta == "v3":
+            # microsoft/deberta-v3-base's settings, at this size (16 buckets:
+            # the test sentences reach the log-bucketed distances).
+            extra = dict(relative_attention=True, position_buckets=16, max_relative_positions=-1,
+                         norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type="p2c|c2p",
+                         position_biased_input=False, type_vocab_size=0)
+        else:
+            extra = dict(relative_attention=True, position_buckets=-1, max_relative_positions=6,
+                         norm_rel_ebd="none", share_att_key=False, pos_att_type=["c2p", "p2c"],
+                         position_biased_input=True, type_vocab_size=2, embedding_size=args.hidden // 2,
+                         pooler_hidden_act="tanh", cls_dropout=0.0)
+        config = transformers.DebertaV2Config(max_position_embeddings=args.max_positions, layer_norm_eps=1e-7,
+                                              **extra, **common)
+        classes = {"none": transformers.DebertaV2Model, "token": transformers.DebertaV2ForTokenClassification,
+                   "sequence": transformers.DebertaV2ForSequenceClassification}
+    elif args.family == "bert":
         config = transformers.BertConfig(max_position_embeddings=args.max_positions, type_vocab_size=2, **common)
         classes = {"none": transformers.BertModel, "token": transformers.BertForTokenClassification,
                    "sequence": transformers.BertForSequenceClassification}

@@ -18,16 +18,26 @@ fn labels() -> Vec<String> {
     LABELS.split(',').map(str::to_string).collect()
 }
 
-/// `{bert,roberta}-{none,token,sequence}`, built once per test binary, with
+/// `{bert,roberta,xlm-roberta,deberta-v3,deberta-v2}-{none,token,sequence}`, built once per test binary, with
 /// transformers' logits for the head models.
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("encoder-fixtures");
         let _ = std::fs::remove_dir_all(&dir);
-        for family in ["bert", "roberta", "xlm-roberta"] {
+        // DeBERTa twice: v3's settings (shared keys, log buckets, normed
+        // table, no absolute positions) and v2's older ones (position
+        // projections of their own, clamped distances, absolute positions,
+        // token types, narrower embeddings).
+        for (name, family, deberta) in [
+            ("bert", "bert", "v3"),
+            ("roberta", "roberta", "v3"),
+            ("xlm-roberta", "xlm-roberta", "v3"),
+            ("deberta-v3", "deberta-v2", "v3"),
+            ("deberta-v2", "deberta-v2", "v2"),
+        ] {
             for head in ["none", "token", "sequence"] {
-                let out = dir.join(format!("{family}-{head}"));
+                let out = dir.join(format!("{name}-{head}"));
                 let out = out.to_str().expect("utf-8 path");
                 // A larger init range than BERT's 0.02, so that logits are O(1)
                 // and a wrong layer shows.
@@ -38,6 +48,8 @@ fn fixtures() -> &'static Path {
                         out,
                         "--family",
                         family,
+                        "--deberta",
+                        deberta,
                         "--head",
                         head,
                         "--labels",
@@ -150,6 +162,18 @@ fn xlm_roberta_token_and_sequence_classification_logits_equal_transformers() {
     check_logits("xlm-roberta-sequence", Head::Sequence);
 }
 
+#[test]
+fn deberta_v3_token_and_sequence_classification_logits_equal_transformers() {
+    check_logits("deberta-v3-token", Head::Token);
+    check_logits("deberta-v3-sequence", Head::Sequence);
+}
+
+#[test]
+fn deberta_v2_token_and_sequence_classification_logits_equal_transformers() {
+    check_logits("deberta-v2-token", Head::Token);
+    check_logits("deberta-v2-sequence", Head::Sequence);
+}
+
 /// A plain `BertModel` checkpoint: its encoder is read as-is (names without the
 /// `bert.` prefix), its pooler ignored by the token head, and the head is new,
 /// initialised as transformers does (normal weights, zero biases).
@@ -171,23 +195,40 @@ fn a_checkpoint_without_a_head_gets_a_new_one() {
                 "classifier.out_proj.weight",
             ],
         ),
+        // DeBERTa's pooler sits beside its base, part of the new head.
+        (
+            "deberta-v3",
+            Head::Sequence,
+            vec![
+                "classifier.bias",
+                "classifier.weight",
+                "pooler.dense.bias",
+                "pooler.dense.weight",
+            ],
+        ),
     ] {
         let dir = fixtures().join(format!("{family}-none"));
         let (model, report) =
             Encoder::load(&dir, head, Some(labels()), Kind::Float, Device::Cpu, 7).expect("loads");
         assert_eq!(report.initialised, new_params, "{family}");
-        assert!(
-            report.ignored.iter().any(|n| n.starts_with("pooler.")),
-            "{family}: the base's pooler is not used: {:?}",
-            report.ignored
-        );
+        let prefix = model.config().family.name();
+        if prefix != "deberta" {
+            assert!(
+                report.ignored.iter().any(|n| n.starts_with("pooler.")),
+                "{family}: the base's pooler is not used: {:?}",
+                report.ignored
+            );
+        }
         let file = read_tensors(&dir.join("model.safetensors"));
         let vars = model.var_store().variables();
+        let mut read = 0;
         for (name, value) in &file {
-            if let Some(ours) = vars.get(&format!("{family}.{name}")) {
+            if let Some(ours) = vars.get(&format!("{prefix}.{name}")) {
                 assert_eq!(max_abs_diff(ours, value), 0.0, "{name}");
+                read += 1;
             }
         }
+        assert!(read > 10, "{family}: only {read} tensors compared");
         let range = model.config().initializer_range;
         for name in &new_params {
             let t = &vars[*name];
@@ -226,6 +267,9 @@ fn a_saved_encoder_runs_in_transformers_pipelines() {
         ("roberta-none", Head::Sequence, "text-classification"),
         // Saved as XLMRobertaForTokenClassification, model_type xlm-roberta.
         ("xlm-roberta-none", Head::Token, "token-classification"),
+        // Saved as DebertaV2For…Classification, model_type deberta-v2.
+        ("deberta-v3-none", Head::Token, "token-classification"),
+        ("deberta-v2-none", Head::Sequence, "text-classification"),
     ] {
         let src = fixtures().join(name);
         let (model, _) =
@@ -312,7 +356,12 @@ fn word_labels_align_with_tokens_as_transformers_does() {
     )
     .expect("write");
     let labels = Labels::new(labels()).expect("labels");
-    for name in ["bert-token", "roberta-token", "xlm-roberta-token"] {
+    for name in [
+        "bert-token",
+        "roberta-token",
+        "xlm-roberta-token",
+        "deberta-v3-token",
+    ] {
         let model = fixtures().join(name);
         let tokenizer = TextTokenizer::from_dir(&model).expect("tokenizer");
         let records = RawFile::read(&data, Task::Token, &Default::default())

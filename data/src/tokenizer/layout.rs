@@ -9,7 +9,7 @@
 //! 3. GPT-2's and RoBERTa's byte-level BPE `vocab.json` + `merges.txt`, with
 //!    `add_prefix_space`;
 //! 4. a SentencePiece model alone (`tokenizer.model`, `spiece.model`,
-//!    `sentencepiece.bpe.model`) is refused, naming the transformers command that
+//!    `sentencepiece.bpe.model`, DeBERTa-v3's `spm.model`) is refused, naming the transformers command that
 //!    writes a `tokenizer.json` beside it: its conversion differs per tokenizer class
 //!    (normaliser, prefix space, byte fallback) and is not reproduced here.
 //!
@@ -40,7 +40,12 @@ const SPECIAL_TOKENS_MAP: &str = "special_tokens_map.json";
 const VOCAB_TXT: &str = "vocab.txt";
 const VOCAB_JSON: &str = "vocab.json";
 const MERGES_TXT: &str = "merges.txt";
-const SENTENCEPIECE: &[&str] = &["tokenizer.model", "spiece.model", "sentencepiece.bpe.model"];
+const SENTENCEPIECE: &[&str] = &[
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "spm.model",
+];
 
 /// Every file a tokenizer of any layout may be read from (what a checkpoint
 /// carries along, and what keys the reference cache).
@@ -54,6 +59,7 @@ pub const FILES: &[&str] = &[
     "tokenizer.model",
     "spiece.model",
     "sentencepiece.bpe.model",
+    "spm.model",
     "chat_template.jinja",
 ];
 
@@ -81,6 +87,8 @@ pub(super) enum Family {
     Roberta,
     /// `GPT2Tokenizer`: byte-level BPE, no special tokens around a sequence.
     Gpt2,
+    /// `DebertaV2Tokenizer`: SentencePiece with BERT's `[CLS] … [SEP]`.
+    Deberta,
 }
 
 impl Family {
@@ -98,6 +106,11 @@ impl Family {
             (Family::Roberta, "pad_token") => Some("<pad>"),
             (Family::Roberta, "mask_token") => Some("<mask>"),
             (Family::Gpt2, "bos_token" | "eos_token" | "unk_token") => Some("<|endoftext|>"),
+            (Family::Deberta, "bos_token" | "cls_token") => Some("[CLS]"),
+            (Family::Deberta, "eos_token" | "sep_token") => Some("[SEP]"),
+            (Family::Deberta, "unk_token") => Some("[UNK]"),
+            (Family::Deberta, "pad_token") => Some("[PAD]"),
+            (Family::Deberta, "mask_token") => Some("[MASK]"),
             _ => None,
         }
     }
@@ -111,6 +124,7 @@ impl Family {
                 "BertTokenizer" | "DistilBertTokenizer" | "ElectraTokenizer" => Some(Family::Bert),
                 "RobertaTokenizer" => Some(Family::Roberta),
                 "GPT2Tokenizer" => Some(Family::Gpt2),
+                "DebertaV2Tokenizer" => Some(Family::Deberta),
                 _ => None,
             };
         }
@@ -118,6 +132,7 @@ impl Family {
             "bert" | "distilbert" | "electra" => Some(Family::Bert),
             "roberta" => Some(Family::Roberta),
             "gpt2" => Some(Family::Gpt2),
+            "deberta-v2" => Some(Family::Deberta),
             _ => None,
         }
     }
@@ -562,8 +577,9 @@ fn set_post_processor(backend: &mut Backend, settings: &Settings) -> Result<()> 
             backend.tokenizer.with_post_processor(Some(processor));
         }
         // A tokenizer.json's own post-processor decides: transformers drops
-        // add_bos_token / add_eos_token when it loads one.
-        None => {}
+        // add_bos_token / add_eos_token when it loads one. (DeBERTa's is only
+        // ever read from one.)
+        None | Some(Family::Deberta) => {}
         Some(Family::Gpt2) => {
             // A flag without its token is dropped, as transformers drops it.
             let wanted = |flag: &str, key: &str| -> Result<Option<(String, u32)>> {

@@ -531,9 +531,18 @@ pub enum TargetModules {
 }
 
 /// The encoders' linear modules adapters can target, by PEFT's names (the
-/// self-attention's projections; PEFT's default for BERT and RoBERTa is
-/// `query` and `value`).
-pub const ENCODER_LORA_MODULES: &[&str] = &["query", "key", "value"];
+/// self-attention's projections: BERT's and RoBERTa's `query`, `key`,
+/// `value` — PEFT's default is `query` and `value` — and DeBERTa's
+/// `query_proj`, `key_proj`, `value_proj`). Which of them a model has is
+/// the model's to say.
+pub const ENCODER_LORA_MODULES: &[&str] = &[
+    "query",
+    "key",
+    "value",
+    "query_proj",
+    "key_proj",
+    "value_proj",
+];
 
 /// The decoders' linear modules, by PEFT's names (Phi-3 fuses q, k and v
 /// into `qkv_proj` and gate and up into `gate_up_proj`).
@@ -1450,7 +1459,7 @@ train = "train.jsonl"
             ),
             (
                 with("[lora]\ntarget_modules = [\"q_proj\"]\n"),
-                "lora.target_modules: unknown module \"q_proj\" (an encoder has query, key, value)",
+                "lora.target_modules: unknown module \"q_proj\" (an encoder has query, key, value, query_proj, key_proj, value_proj)",
             ),
             (
                 with("[lora]\ntarget_modules = \"all-linear\"\n"),

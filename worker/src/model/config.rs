@@ -66,10 +66,12 @@ pub enum ModelType {
     /// XLM-RoBERTa: RoBERTa's architecture (and state-dict prefix) with a
     /// SentencePiece Unigram vocabulary.
     XlmRoberta,
+    /// DeBERTa-v2 and v3: disentangled attention over relative positions.
+    DebertaV2,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 10] = [
+    pub const ALL: [ModelType; 11] = [
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
@@ -80,6 +82,7 @@ impl ModelType {
         ModelType::Bert,
         ModelType::Roberta,
         ModelType::XlmRoberta,
+        ModelType::DebertaV2,
     ];
 
     /// `config.json`'s spelling.
@@ -95,6 +98,7 @@ impl ModelType {
             ModelType::Bert => "bert",
             ModelType::Roberta => "roberta",
             ModelType::XlmRoberta => "xlm-roberta",
+            ModelType::DebertaV2 => "deberta-v2",
         }
     }
 
@@ -112,7 +116,7 @@ impl ModelType {
     pub fn is_encoder(self) -> bool {
         matches!(
             self,
-            ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta
+            ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta | ModelType::DebertaV2
         )
     }
 
@@ -126,7 +130,9 @@ impl ModelType {
             ModelType::Phi3 => Some(Architecture::Phi3),
             ModelType::Gemma2 => Some(Architecture::Gemma2),
             ModelType::Gemma3Text => Some(Architecture::Gemma3),
-            ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta => None,
+            ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta | ModelType::DebertaV2 => {
+                None
+            }
         }
     }
 

@@ -137,9 +137,25 @@ pub fn backward(
     s: Stacked,
     rerun: &mut dyn FnMut(usize, &Tensor) -> Result<Tensor>,
     done: &mut dyn FnMut(usize) -> Result<()>,
-    mut grads: LayerGrads<'_>,
+    grads: LayerGrads<'_>,
 ) -> Result<Tensor> {
+    Ok(backward_sharing(s, &[], rerun, done, grads)?.0)
+}
+
+/// [`backward`] for layers that also read `shared` tensors (leaves that
+/// require a gradient, made outside the stack: DeBERTa's relative-position
+/// table): returns besides the input's gradient each shared tensor's,
+/// summed over the layers (undefined where none reached it), for the caller
+/// to carry on into what made them.
+pub fn backward_sharing(
+    s: Stacked,
+    shared: &[Tensor],
+    rerun: &mut dyn FnMut(usize, &Tensor) -> Result<Tensor>,
+    done: &mut dyn FnMut(usize) -> Result<()>,
+    mut grads: LayerGrads<'_>,
+) -> Result<(Tensor, Vec<Tensor>)> {
     let mut grad = s.top.grad();
+    let mut sums: Vec<Tensor> = shared.iter().map(|_| Tensor::new()).collect();
     let n = s.inputs.len();
     for i in (0..n).rev() {
         if !grad.defined() {
@@ -150,7 +166,7 @@ pub fn backward(
                     sink(j, none)?;
                 }
             }
-            return Ok(grad);
+            break;
         }
         let (x, out) = match s.outputs.get(i) {
             Some(out) => (s.inputs[i].shallow_clone(), Ok(out.shallow_clone())),
@@ -166,11 +182,15 @@ pub fn backward(
                 (x, out)
             }
         };
-        let result = layer_backward(i, &x, out, &mut grad, &mut grads);
+        let result = layer_backward(i, &x, shared, &mut sums, out, &mut grad, &mut grads);
         done(i)?;
         result?;
     }
-    Ok(grad)
+    if matches!(grads, LayerGrads::Accumulate) {
+        // Autograd accumulated them in the leaves.
+        sums = shared.iter().map(Tensor::grad).collect();
+    }
+    Ok((grad, sums))
 }
 
 /// The backward of layer `i` whose output `out` was computed from the leaf
@@ -179,6 +199,8 @@ pub fn backward(
 fn layer_backward(
     i: usize,
     x: &Tensor,
+    shared: &[Tensor],
+    sums: &mut [Tensor],
     out: Result<Tensor>,
     grad: &mut Tensor,
     grads: &mut LayerGrads<'_>,
@@ -194,11 +216,25 @@ fn layer_backward(
         }
         LayerGrads::Hand { params, sink } => {
             let trained: Vec<&Tensor> = params[i].iter().filter(|p| p.requires_grad()).collect();
-            let wanted: Vec<&Tensor> = std::iter::once(x).chain(trained).collect();
+            let wanted: Vec<&Tensor> = std::iter::once(x)
+                .chain(shared.iter())
+                .chain(trained)
+                .collect();
             let mut got = Tensor::f_run_backward(&[&seed], &wanted, false, false)
                 .op("staged backward")?
                 .into_iter();
             *grad = got.next().unwrap_or_default();
+            for sum in sums.iter_mut() {
+                let g = got.next().unwrap_or_default();
+                if !g.defined() {
+                    continue;
+                }
+                *sum = if sum.defined() {
+                    sum.f_add(&g).op("a shared tensor's gradient")?
+                } else {
+                    g
+                };
+            }
             let layer: Vec<Tensor> = params[i]
                 .iter()
                 .map(|p| {

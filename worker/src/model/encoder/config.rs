@@ -1,5 +1,6 @@
-//! An encoder's `config.json`: the family (BERT, RoBERTa), the head, the
-//! activation and the sizes, every error naming the file and the key.
+//! An encoder's `config.json`: the family (BERT, RoBERTa, DeBERTa-v2/v3), the
+//! head, the activation, the sizes and DeBERTa's relative attention, every
+//! error naming the file and the key.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,14 +18,19 @@ use crate::model::layers::TchResult;
 pub enum Family {
     Bert,
     Roberta,
+    /// DeBERTa-v2 and v3 (`deberta-v2`): BERT's post-norm layers with
+    /// disentangled attention over relative positions.
+    Deberta,
 }
 
 impl Family {
-    /// `config.json`'s `model_type`, and the state-dict prefix of the base model.
+    /// The state-dict prefix of the base model (`bert.`, `roberta.`,
+    /// `deberta.`).
     pub fn name(self) -> &'static str {
         match self {
             Family::Bert => "bert",
             Family::Roberta => "roberta",
+            Family::Deberta => "deberta",
         }
     }
 
@@ -32,6 +38,7 @@ impl Family {
         match self {
             Family::Bert => "Bert",
             Family::Roberta => "Roberta",
+            Family::Deberta => "DebertaV2",
         }
     }
 }
@@ -63,6 +70,8 @@ pub enum Activation {
     GeluTanh,
     Relu,
     Silu,
+    /// BERT's pooler.
+    Tanh,
 }
 
 impl Activation {
@@ -72,6 +81,7 @@ impl Activation {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Activation::GeluTanh,
             "relu" => Activation::Relu,
             "silu" | "swish" => Activation::Silu,
+            "tanh" => Activation::Tanh,
             _ => return None,
         })
     }
@@ -82,6 +92,7 @@ impl Activation {
             Activation::GeluTanh => x.f_gelu("tanh"),
             Activation::Relu => x.f_relu(),
             Activation::Silu => x.f_silu(),
+            Activation::Tanh => x.f_tanh(),
         }
     }
 }
@@ -104,6 +115,48 @@ struct RawEncoderConfig {
     classifier_dropout: Option<f64>,
     position_embedding_type: Option<String>,
     id2label: Option<BTreeMap<String, String>>,
+    // DeBERTa-v2/v3.
+    relative_attention: Option<bool>,
+    max_relative_positions: Option<i64>,
+    position_buckets: Option<i64>,
+    pos_att_type: Option<Value>,
+    share_att_key: Option<bool>,
+    norm_rel_ebd: Option<String>,
+    position_biased_input: Option<bool>,
+    embedding_size: Option<i64>,
+    attention_head_size: Option<i64>,
+    pooler_hidden_size: Option<i64>,
+    pooler_hidden_act: Option<String>,
+    pooler_dropout: Option<f64>,
+    cls_dropout: Option<f64>,
+    conv_kernel_size: Option<i64>,
+}
+
+/// DeBERTa's disentangled attention: besides content to content, content to
+/// position (`c2p`) and position to content (`p2c`) scores, from a table of
+/// relative-position embeddings every layer shares.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Relative {
+    /// Half the table's rows: relative positions (or buckets) `-span..span`.
+    pub span: i64,
+    /// `(position_buckets, max_relative_positions)`: distances beyond half
+    /// the buckets share log-spaced buckets up to the maximum.
+    pub buckets: Option<(i64, i64)>,
+    pub c2p: bool,
+    pub p2c: bool,
+    /// The positions are projected by the layer's own query and key
+    /// projections (DeBERTa-v3), not `pos_query_proj`/`pos_key_proj`.
+    pub share_att_key: bool,
+    /// The table passes through `encoder.LayerNorm` first (`norm_rel_ebd =
+    /// "layer_norm"`).
+    pub layer_norm: bool,
+}
+
+impl Relative {
+    /// How many terms the attention's scale divides among (`√(d · factor)`).
+    pub fn scale_factor(&self) -> i64 {
+        1 + i64::from(self.c2p) + i64::from(self.p2c)
+    }
 }
 
 /// A validated encoder `config.json`.
@@ -126,8 +179,25 @@ pub struct EncoderConfig {
     pub initializer_range: f64,
     pub hidden_dropout: f64,
     pub attention_dropout: f64,
-    /// The head's dropout (`classifier_dropout`, else `hidden_dropout_prob`).
+    /// The sequence head's dropout before its classifier (`classifier_dropout`,
+    /// DeBERTa's `cls_dropout`, else `hidden_dropout_prob`).
     pub classifier_dropout: f64,
+    /// The token head's dropout (BERT's is `classifier_dropout`, DeBERTa's
+    /// `hidden_dropout_prob`).
+    pub token_classifier_dropout: f64,
+    /// Absolute position embeddings added to the tokens' (DeBERTa-v3 has
+    /// none: `position_biased_input = false`).
+    pub position_biased_input: bool,
+    /// The embeddings' width; projected to `hidden_size` when it differs
+    /// (DeBERTa's `embedding_size`, `embed_proj`).
+    pub embedding_size: i64,
+    /// DeBERTa's relative attention, when `relative_attention` is on.
+    pub relative: Option<Relative>,
+    /// The sequence head's pooler activation (BERT: tanh; DeBERTa:
+    /// `pooler_hidden_act`) and the dropout before it (DeBERTa's
+    /// `pooler_dropout`).
+    pub pooler_act: Activation,
+    pub pooler_dropout: f64,
     /// `id2label` in id order, as the checkpoint declares it (transformers
     /// writes `LABEL_0, LABEL_1` for a model that was never given labels).
     pub labels: Vec<String>,
@@ -153,6 +223,7 @@ impl EncoderConfig {
         let family = match model_type {
             ModelType::Bert => Family::Bert,
             ModelType::Roberta | ModelType::XlmRoberta => Family::Roberta,
+            ModelType::DebertaV2 => Family::Deberta,
             other => {
                 return Err(Error::UnsupportedModel {
                     path: path.to_path_buf(),
@@ -201,8 +272,14 @@ impl EncoderConfig {
             "attention_probs_dropout_prob",
             0.1,
         )?;
-        let classifier_dropout =
-            probability(c.classifier_dropout, "classifier_dropout", hidden_dropout)?;
+        let deberta = family == Family::Deberta;
+        let (classifier_dropout, token_classifier_dropout) = if deberta {
+            let cls = probability(c.cls_dropout, "cls_dropout", hidden_dropout)?;
+            (cls, hidden_dropout)
+        } else {
+            let cls = probability(c.classifier_dropout, "classifier_dropout", hidden_dropout)?;
+            (cls, cls)
+        };
         let layer_norm_eps = c.layer_norm_eps.unwrap_or(1e-12);
         if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
             return Err(bad(format!(
@@ -232,10 +309,43 @@ impl EncoderConfig {
             }
         };
         let pad_token_id = c.pad_token_id.unwrap_or(match family {
-            Family::Bert => 0,
+            Family::Bert | Family::Deberta => 0,
             Family::Roberta => 1,
         });
         let vocab_size = need(c.vocab_size, "vocab_size")?;
+        let max_position_embeddings = need(c.max_position_embeddings, "max_position_embeddings")?;
+        let deberta_keys = if deberta {
+            Some(deberta_settings(
+                &c,
+                hidden_size,
+                num_attention_heads,
+                max_position_embeddings,
+                &bad,
+            )?)
+        } else {
+            None
+        };
+        // DeBERTa's default is no token types; BERT's two.
+        let type_vocab_size = c.type_vocab_size.unwrap_or(if deberta { 0 } else { 2 });
+        if type_vocab_size < 0 || (!deberta && type_vocab_size == 0) {
+            return Err(bad(format!(
+                "type_vocab_size must be positive, found {type_vocab_size}"
+            )));
+        }
+        let pooler_dropout = probability(c.pooler_dropout, "pooler_dropout", 0.0)?;
+        let pooler_act = match (deberta, c.pooler_hidden_act.as_deref()) {
+            (false, _) => Activation::Tanh,
+            (true, name) => {
+                let name = name.unwrap_or("gelu");
+                Activation::parse(name).ok_or_else(|| {
+                    bad(format!(
+                        "pooler_hidden_act {name:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu, tanh)"
+                    ))
+                })?
+            }
+        };
+        let (position_biased_input, embedding_size, relative) =
+            deberta_keys.unwrap_or((true, hidden_size, None));
         if pad_token_id < 0 || pad_token_id >= vocab_size {
             return Err(bad(format!(
                 "pad_token_id {pad_token_id} is outside the vocabulary (vocab_size {vocab_size})"
@@ -250,14 +360,20 @@ impl EncoderConfig {
             num_attention_heads,
             intermediate_size: need(c.intermediate_size, "intermediate_size")?,
             hidden_act,
-            max_position_embeddings: need(c.max_position_embeddings, "max_position_embeddings")?,
-            type_vocab_size: need(c.type_vocab_size.or(Some(2)), "type_vocab_size")?,
+            max_position_embeddings,
+            type_vocab_size,
             layer_norm_eps,
             pad_token_id,
             initializer_range: c.initializer_range.unwrap_or(0.02),
             hidden_dropout,
             attention_dropout,
             classifier_dropout,
+            token_classifier_dropout,
+            position_biased_input,
+            embedding_size,
+            relative,
+            pooler_act,
+            pooler_dropout,
             labels,
             raw,
         })
@@ -267,8 +383,118 @@ impl EncoderConfig {
     /// `padding_idx + 1` rows are never used as positions).
     pub fn max_sequence_length(&self) -> i64 {
         match self.family {
-            Family::Bert => self.max_position_embeddings,
+            Family::Bert | Family::Deberta => self.max_position_embeddings,
             Family::Roberta => self.max_position_embeddings - self.pad_token_id - 1,
         }
     }
+}
+
+/// DeBERTa's own keys: whether absolute positions are added, the embedding
+/// width, and the relative attention. What this implementation does not
+/// compute (the convolution of DeBERTa-v2-xlarge's first layer, a head size
+/// of its own, a pooler width other than the hidden size) is refused by key.
+fn deberta_settings(
+    c: &RawEncoderConfig,
+    hidden_size: i64,
+    heads: i64,
+    max_position_embeddings: i64,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<(bool, i64, Option<Relative>)> {
+    if let Some(k) = c.conv_kernel_size
+        && k > 0
+    {
+        return Err(bad(format!(
+            "conv_kernel_size {k} is not supported (DeBERTa's convolution layer; 0 or absent)"
+        )));
+    }
+    if let Some(d) = c.attention_head_size
+        && d != hidden_size / heads
+    {
+        return Err(bad(format!(
+            "attention_head_size {d} is not supported (only hidden_size / num_attention_heads = {})",
+            hidden_size / heads
+        )));
+    }
+    if let Some(p) = c.pooler_hidden_size
+        && p != hidden_size
+    {
+        return Err(bad(format!(
+            "pooler_hidden_size {p} is not supported (only hidden_size, {hidden_size})"
+        )));
+    }
+    let embedding_size = c.embedding_size.unwrap_or(hidden_size);
+    if embedding_size <= 0 {
+        return Err(bad(format!(
+            "embedding_size must be positive, found {embedding_size}"
+        )));
+    }
+    let position_biased_input = c.position_biased_input.unwrap_or(true);
+    if !c.relative_attention.unwrap_or(false) {
+        return Ok((position_biased_input, embedding_size, None));
+    }
+    let kinds: Vec<String> = match &c.pos_att_type {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => s
+            .to_lowercase()
+            .split('|')
+            .map(|x| x.trim().to_string())
+            .collect(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map(|s| s.trim().to_lowercase()))
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| bad("pos_att_type must be a string or a list of strings".into()))?,
+        Some(other) => {
+            return Err(bad(format!(
+                "pos_att_type must be a string or a list of strings, found {other}"
+            )));
+        }
+    };
+    for k in &kinds {
+        if !matches!(k.as_str(), "c2p" | "p2c" | "") {
+            return Err(bad(format!(
+                "pos_att_type {k:?} is not supported (c2p, p2c)"
+            )));
+        }
+    }
+    let norm: Vec<String> = c
+        .norm_rel_ebd
+        .as_deref()
+        .unwrap_or("none")
+        .to_lowercase()
+        .split('|')
+        .map(|x| x.trim().to_string())
+        .collect();
+    if let Some(k) = norm
+        .iter()
+        .find(|k| !matches!(k.as_str(), "none" | "layer_norm"))
+    {
+        return Err(bad(format!(
+            "norm_rel_ebd {k:?} is not supported (none, layer_norm)"
+        )));
+    }
+    let max_relative = match c.max_relative_positions {
+        Some(m) if m >= 1 => m,
+        _ => max_position_embeddings,
+    };
+    let buckets = c.position_buckets.filter(|&b| b > 0);
+    if let Some(b) = buckets
+        && b < 2
+    {
+        return Err(bad(format!(
+            "position_buckets must be at least 2 (or -1: none), found {b}"
+        )));
+    }
+    Ok((
+        position_biased_input,
+        embedding_size,
+        Some(Relative {
+            span: buckets.unwrap_or(max_relative),
+            buckets: buckets.map(|b| (b, max_relative)),
+            c2p: kinds.iter().any(|k| k == "c2p"),
+            p2c: kinds.iter().any(|k| k == "p2c"),
+            share_att_key: c.share_att_key.unwrap_or(false),
+            layer_norm: norm.iter().any(|k| k == "layer_norm"),
+        }),
+    ))
 }

@@ -1,6 +1,7 @@
 //! LoRA on the encoders, as PEFT does it for `TOKEN_CLS` and `SEQ_CLS`:
 //! adapters on the self-attention's `query`, `key`, `value` layers (PEFT's
-//! default for BERT and RoBERTa is `query` and `value`), every base parameter
+//! default for BERT and RoBERTa is `query` and `value`; DeBERTa's are
+//! `query_proj`, `key_proj`, `value_proj`), every base parameter
 //! frozen except the classification head, which trains whole (PEFT's
 //! `modules_to_save`) and is saved with the adapters. `merge` writes the base
 //! with the adapters folded in, a plain transformers checkpoint.
@@ -20,28 +21,41 @@ use crate::model::peft;
 const HEAD: &str = "classifier";
 
 impl Encoder {
+    /// The self-attention's projections by PEFT's module names: BERT's and
+    /// RoBERTa's `query`, `key`, `value`; DeBERTa's `query_proj`, `key_proj`,
+    /// `value_proj` (with `share_att_key`, the adapters on the query and key
+    /// projections also turn the relative positions, as in PEFT).
+    fn module_names(&self) -> [&'static str; 3] {
+        match self.config.family {
+            super::Family::Deberta => ["query_proj", "key_proj", "value_proj"],
+            _ => ["query", "key", "value"],
+        }
+    }
+
     /// Every linear layer an adapter can sit on, with its module name (PEFT's)
     /// and its parameter path prefix.
     fn lora_sites_mut(&mut self) -> Vec<(&'static str, String, &mut Linear)> {
         let base = self.config.family.name();
+        let [q, k, v] = self.module_names();
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let at = format!("{base}.encoder.layer.{i}.attention.self");
-            out.push(("query", format!("{at}.query"), &mut layer.query));
-            out.push(("key", format!("{at}.key"), &mut layer.key));
-            out.push(("value", format!("{at}.value"), &mut layer.value));
+            out.push((q, format!("{at}.{q}"), &mut layer.query));
+            out.push((k, format!("{at}.{k}"), &mut layer.key));
+            out.push((v, format!("{at}.{v}"), &mut layer.value));
         }
         out
     }
 
     fn lora_sites(&self) -> Vec<(String, &Linear)> {
         let base = self.config.family.name();
+        let [q, k, v] = self.module_names();
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             let at = format!("{base}.encoder.layer.{i}.attention.self");
-            out.push((format!("{at}.query"), &layer.query));
-            out.push((format!("{at}.key"), &layer.key));
-            out.push((format!("{at}.value"), &layer.value));
+            out.push((format!("{at}.{q}"), &layer.query));
+            out.push((format!("{at}.{k}"), &layer.key));
+            out.push((format!("{at}.{v}"), &layer.value));
         }
         out
     }
@@ -49,7 +63,23 @@ impl Encoder {
     /// Adds LoRA adapters to the layers `spec.target_modules` names and
     /// freezes the base but for the classification head. New adapters start
     /// as PEFT's `init_lora_weights` says (A random from `seed`, B zero).
+    /// BERT's names stand for DeBERTa's projections (`query` is
+    /// `query_proj`): the spec's default (PEFT's `query`, `value`) and a spec
+    /// written for one encoder family fit another. The adapters are written
+    /// with the model's own names, as PEFT writes them.
     pub fn add_lora(&mut self, spec: &dpo_proto::LoraSpec, seed: u64) -> Result<()> {
+        let own = self.module_names();
+        let mut spec = spec.clone();
+        if let dpo_proto::TargetModules::Names(names) = &mut spec.target_modules {
+            for name in names.iter_mut() {
+                if let Some(i) = ["query", "key", "value"].iter().position(|b| b == name) {
+                    *name = own[i].to_string();
+                }
+            }
+            let mut seen = std::collections::HashSet::new();
+            names.retain(|n| seen.insert(n.clone()));
+        }
+        let spec = &spec;
         let store = VarStore::new(self.device());
         let root = store.root();
         let targets = spec.target_modules.names();

@@ -17,9 +17,10 @@
 
 mod config;
 mod lora;
+mod relative;
 mod stacked;
 
-pub use config::{Activation, EncoderConfig, Family, Head};
+pub use config::{Activation, EncoderConfig, Family, Head, Relative};
 pub use stacked::Deferred;
 
 use std::collections::BTreeMap;
@@ -40,8 +41,13 @@ use crate::error::{Error, Result, TorchContext};
 #[derive(Debug)]
 struct Embeddings {
     word: Tensor,
-    position: Tensor,
-    token_type: Tensor,
+    /// Absolute positions (DeBERTa-v3 has none).
+    position: Option<Tensor>,
+    /// Token types (DeBERTa's `type_vocab_size` is 0).
+    token_type: Option<Tensor>,
+    /// DeBERTa's `embed_proj`, when the embeddings are narrower than the
+    /// hidden size.
+    project: Option<Linear>,
     norm: LayerNorm,
 }
 
@@ -50,11 +56,23 @@ struct Layer {
     query: Linear,
     key: Linear,
     value: Linear,
+    /// DeBERTa's own projections of the relative positions (when they do
+    /// not share the layer's key and query ones).
+    pos_key: Option<Linear>,
+    pos_query: Option<Linear>,
     attention_out: Linear,
     attention_norm: LayerNorm,
     intermediate: Linear,
     output: Linear,
     output_norm: LayerNorm,
+}
+
+/// DeBERTa's relative-position embeddings, shared by every layer, and the
+/// norm they pass through first.
+#[derive(Debug)]
+struct RelativeTable {
+    weight: Tensor,
+    norm: Option<LayerNorm>,
 }
 
 #[derive(Debug)]
@@ -75,7 +93,9 @@ pub struct Encoder {
     vs: VarStore,
     embeddings: Embeddings,
     layers: Vec<Layer>,
-    /// BERT's pooler (sequence head only).
+    relative: Option<RelativeTable>,
+    /// The sequence head's pooler (BERT's `bert.pooler`, DeBERTa's
+    /// `pooler`): `act(dense(h₀))`.
     pooler: Option<Linear>,
     classifier: Classifier,
     /// Dropout on (training) or off (evaluation, and every forward without
@@ -88,6 +108,15 @@ pub struct Encoder {
     /// How a training forward keeps what the layers' backward needs
     /// (`stacked`: gradient checkpointing, ZeRO stage 2's staged backward).
     keep: stack::Keep,
+}
+
+/// What every layer's attention takes besides its input.
+#[derive(Debug)]
+struct Attend {
+    /// `[B, 1, T, T]`: which keys each query sees.
+    mask: Tensor,
+    /// DeBERTa: the relative positions and their (normalised) embeddings.
+    relative: Option<relative::Positions>,
 }
 
 /// What loading found in the checkpoint, for the caller to report.
@@ -121,32 +150,78 @@ impl Encoder {
         let base = root.sub(config.family.name());
         let h = config.hidden_size;
         let eps = config.layer_norm_eps;
-        let build = || -> TchResult<(Embeddings, Vec<Layer>, Option<Linear>, Classifier)> {
+        type Parts = (
+            Embeddings,
+            Vec<Layer>,
+            Option<RelativeTable>,
+            Option<Linear>,
+            Classifier,
+        );
+        let deberta = config.family == Family::Deberta;
+        // DeBERTa's projections are `query_proj`, `key_proj`, `value_proj`.
+        let proj = |name: &str| {
+            if deberta {
+                format!("{name}_proj")
+            } else {
+                name.to_string()
+            }
+        };
+        let build = || -> TchResult<Parts> {
             let e = base.sub("embeddings");
+            let width = config.embedding_size;
             let embeddings = Embeddings {
-                word: param(&e, "word_embeddings.weight", &[config.vocab_size, h], kind)?,
-                position: param(
+                word: param(
                     &e,
-                    "position_embeddings.weight",
-                    &[config.max_position_embeddings, h],
+                    "word_embeddings.weight",
+                    &[config.vocab_size, width],
                     kind,
                 )?,
-                token_type: param(
-                    &e,
-                    "token_type_embeddings.weight",
-                    &[config.type_vocab_size, h],
-                    kind,
-                )?,
+                position: if config.position_biased_input {
+                    Some(param(
+                        &e,
+                        "position_embeddings.weight",
+                        &[config.max_position_embeddings, width],
+                        kind,
+                    )?)
+                } else {
+                    None
+                },
+                token_type: if config.type_vocab_size > 0 {
+                    Some(param(
+                        &e,
+                        "token_type_embeddings.weight",
+                        &[config.type_vocab_size, width],
+                        kind,
+                    )?)
+                } else {
+                    None
+                },
+                project: if width != h {
+                    Some(Linear::new(e.sub("embed_proj"), width, h, false, kind)?)
+                } else {
+                    None
+                },
                 norm: LayerNorm::new(e.sub("LayerNorm"), h, eps, kind)?,
             };
+            let rel = config.relative.as_ref();
+            let own_positions = rel.filter(|r| !r.share_att_key);
             let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
             for i in 0..config.num_hidden_layers {
                 let l = base.sub("encoder").sub("layer").sub(i.to_string());
                 let a = l.sub("attention");
+                let at = a.sub("self");
                 layers.push(Layer {
-                    query: Linear::biased(a.sub("self").sub("query"), h, h, kind)?,
-                    key: Linear::biased(a.sub("self").sub("key"), h, h, kind)?,
-                    value: Linear::biased(a.sub("self").sub("value"), h, h, kind)?,
+                    query: Linear::biased(at.sub(proj("query")), h, h, kind)?,
+                    key: Linear::biased(at.sub(proj("key")), h, h, kind)?,
+                    value: Linear::biased(at.sub(proj("value")), h, h, kind)?,
+                    pos_key: match own_positions.filter(|r| r.c2p) {
+                        Some(_) => Some(Linear::biased(at.sub("pos_key_proj"), h, h, kind)?),
+                        None => None,
+                    },
+                    pos_query: match own_positions.filter(|r| r.p2c) {
+                        Some(_) => Some(Linear::biased(at.sub("pos_query_proj"), h, h, kind)?),
+                        None => None,
+                    },
                     attention_out: Linear::biased(a.sub("output").sub("dense"), h, h, kind)?,
                     attention_norm: LayerNorm::new(a.sub("output").sub("LayerNorm"), h, eps, kind)?,
                     intermediate: Linear::biased(
@@ -164,11 +239,29 @@ impl Encoder {
                     output_norm: LayerNorm::new(l.sub("output").sub("LayerNorm"), h, eps, kind)?,
                 });
             }
+            let relative = match rel {
+                Some(r) => {
+                    let enc = base.sub("encoder");
+                    Some(RelativeTable {
+                        weight: param(&enc, "rel_embeddings.weight", &[2 * r.span, h], kind)?,
+                        norm: if r.layer_norm {
+                            Some(LayerNorm::new(enc.sub("LayerNorm"), h, eps, kind)?)
+                        } else {
+                            None
+                        },
+                    })
+                }
+                None => None,
+            };
             let n = labels.len() as i64;
             let c = root.sub("classifier");
             let (pooler, classifier) = match (config.family, head) {
                 (Family::Bert, Head::Sequence) => (
                     Some(Linear::biased(base.sub("pooler").sub("dense"), h, h, kind)?),
+                    Classifier::Linear(Linear::biased(c, h, n, kind)?),
+                ),
+                (Family::Deberta, Head::Sequence) => (
+                    Some(Linear::biased(root.sub("pooler").sub("dense"), h, h, kind)?),
                     Classifier::Linear(Linear::biased(c, h, n, kind)?),
                 ),
                 (Family::Roberta, Head::Sequence) => (
@@ -180,9 +273,10 @@ impl Encoder {
                 ),
                 (_, Head::Token) => (None, Classifier::Linear(Linear::biased(c, h, n, kind)?)),
             };
-            Ok((embeddings, layers, pooler, classifier))
+            Ok((embeddings, layers, relative, pooler, classifier))
         };
-        let (embeddings, layers, pooler, classifier) = build().op("building the encoder")?;
+        let (embeddings, layers, relative, pooler, classifier) =
+            build().op("building the encoder")?;
         Ok(Encoder {
             config,
             head,
@@ -191,6 +285,7 @@ impl Encoder {
             vs,
             embeddings,
             layers,
+            relative,
             pooler,
             classifier,
             training: false,
@@ -262,7 +357,9 @@ impl Encoder {
         let mut names: Vec<&String> = index.names().collect();
         names.sort();
         for name in names {
-            let ours = if prefixed || name.starts_with("classifier.") {
+            let top_level = name.starts_with("classifier.")
+                || (self.config.family == Family::Deberta && name.starts_with("pooler."));
+            let ours = if prefixed || top_level {
                 name.clone()
             } else {
                 format!("{family}.{name}")
@@ -271,10 +368,19 @@ impl Encoder {
                 found.insert(ours, name.clone());
                 continue;
             }
+            // Masked-LM heads (BERT's `cls.`, RoBERTa's `lm_head.`, DeBERTa's
+            // `lm_predictions.` and its legacy `cls.`, and the
+            // `mask_predictions.` of its pre-training), a pooler the head
+            // does not use, and the absolute positions DeBERTa-v3 checkpoints
+            // carry without using (`position_biased_input = false`).
             let ignorable = name.ends_with("position_ids")
                 || name.starts_with("cls.")
                 || name.starts_with("lm_head.")
-                || ours.starts_with(&format!("{family}.pooler."));
+                || name.starts_with("lm_predictions.")
+                || name.starts_with("mask_predictions.")
+                || ours.starts_with(&self.pooler_prefix())
+                || (!self.config.position_biased_input
+                    && ours == format!("{family}.embeddings.position_embeddings.weight"));
             if !ignorable {
                 return Err(Error::UnexpectedTensor {
                     path: index.file(name).map(Path::to_path_buf).unwrap_or_default(),
@@ -292,8 +398,8 @@ impl Encoder {
             let param = &params[ours];
             let Some(name) = found.get(ours) else {
                 // Only a head (and BERT's pooler, which belongs to it) may be new.
-                let is_head = ours.starts_with("classifier.")
-                    || ours.starts_with(&format!("{family}.pooler."));
+                let is_head =
+                    ours.starts_with("classifier.") || ours.starts_with(&self.pooler_prefix());
                 if !is_head {
                     return Err(Error::MissingTensor {
                         dir: dir.to_path_buf(),
@@ -330,6 +436,15 @@ impl Encoder {
             );
         }
         Ok(report)
+    }
+
+    /// Where the sequence head's pooler sits: inside the base model
+    /// (`bert.pooler.`), or beside it (DeBERTa's `pooler.`).
+    fn pooler_prefix(&self) -> String {
+        match self.config.family {
+            Family::Deberta => "pooler.".into(),
+            family => format!("{}.pooler.", family.name()),
+        }
     }
 
     pub fn config(&self) -> &EncoderConfig {
@@ -370,14 +485,16 @@ impl Encoder {
         }
     }
 
-    /// Position ids: `0..T` for BERT; RoBERTa counts non-padding tokens from
-    /// `padding_idx + 1` and gives padding `padding_idx`.
+    /// Position ids: `0..T` for BERT and DeBERTa; RoBERTa counts non-padding
+    /// tokens from `padding_idx + 1` and gives padding `padding_idx`.
     fn position_ids(&self, input_ids: &Tensor) -> TchResult<Tensor> {
         let (b, t) = input_ids.size2()?;
         match self.config.family {
-            Family::Bert => Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?
-                .f_unsqueeze(0)?
-                .f_expand([b, t], false),
+            Family::Bert | Family::Deberta => {
+                Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?
+                    .f_unsqueeze(0)?
+                    .f_expand([b, t], false)
+            }
             Family::Roberta => {
                 let pad = self.config.pad_token_id;
                 let mask = input_ids.f_ne(pad)?.f_to_kind(Kind::Int64)?;
@@ -415,14 +532,13 @@ impl Encoder {
     }
 
     /// The embedding's output `[B, T, H]` (normalised, dropout applied) and
-    /// the attention mask the layers take: `[B, 1, T, T]`, every query
-    /// seeing the real keys of its sequence.
+    /// what the layers' attention takes besides it.
     fn embed(
         &self,
         input_ids: &Tensor,
         attention_mask: &Tensor,
         token_type_ids: Option<&Tensor>,
-    ) -> TchResult<(Tensor, Tensor)> {
+    ) -> TchResult<(Tensor, Attend)> {
         let (b, t) = input_ids.size2()?;
         let limit = self.config.max_sequence_length();
         if t > limit {
@@ -431,42 +547,78 @@ impl Encoder {
             )));
         }
         let e = &self.embeddings;
-        let positions = self.position_ids(input_ids)?;
-        let types = match token_type_ids {
-            Some(tt) => tt.shallow_clone(),
-            None => Tensor::f_zeros([b, t], (Kind::Int64, input_ids.device()))?,
+        let lookup =
+            |table: &Tensor, ids: &Tensor| Tensor::f_embedding(table, ids, -1, false, false);
+        let positions = match &e.position {
+            Some(table) => Some(lookup(table, &self.position_ids(input_ids)?)?),
+            None => None,
         };
-        let x = Tensor::f_embedding(&e.word, input_ids, -1, false, false)?
-            .f_add(&Tensor::f_embedding(
-                &e.token_type,
-                &types,
-                -1,
-                false,
-                false,
-            )?)?
-            .f_add(&Tensor::f_embedding(
-                &e.position,
-                &positions,
-                -1,
-                false,
-                false,
-            )?)?;
-        let x = self.dropout(e.norm.forward(&x)?, self.config.hidden_dropout)?;
-        let attend = attention_mask
-            .f_ne(0)?
-            .f_view([b, 1, 1, t])?
-            .f_expand([b, 1, t, t], false)?;
+        let types = match &e.token_type {
+            Some(table) => {
+                let ids = match token_type_ids {
+                    Some(tt) => tt.shallow_clone(),
+                    None => Tensor::f_zeros([b, t], (Kind::Int64, input_ids.device()))?,
+                };
+                Some(lookup(table, &ids)?)
+            }
+            None => None,
+        };
+        let mut x = lookup(&e.word, input_ids)?;
+        // Each family's order of the sum: BERT's types then positions,
+        // DeBERTa's positions then types.
+        let parts = match self.config.family {
+            Family::Deberta => [positions, types],
+            _ => [types, positions],
+        };
+        for part in parts.into_iter().flatten() {
+            x = x.f_add(&part)?;
+        }
+        if let Some(project) = &e.project {
+            x = project.forward(&x)?;
+        }
+        let mut x = e.norm.forward(&x)?;
+        let keys = attention_mask.f_ne(0)?;
+        if self.config.family == Family::Deberta {
+            // DeBERTa zeroes the padding's embeddings.
+            x = x.f_mul(&keys.f_unsqueeze(-1)?.f_to_kind(x.kind())?)?;
+        }
+        let x = self.dropout(x, self.config.hidden_dropout)?;
+        let attend = match (&self.config.relative, &self.relative) {
+            (Some(r), Some(table)) => {
+                // DeBERTa's mask: a query and a key both real (a padding
+                // query's row is all masked and attends evenly).
+                let keys = keys.f_view([b, 1, 1, t])?;
+                let mask = keys.f_logical_and(&keys.f_transpose(-1, -2)?)?;
+                let table_rows = match &table.norm {
+                    Some(norm) => norm.forward(&table.weight)?,
+                    None => table.weight.shallow_clone(),
+                };
+                Attend {
+                    mask,
+                    relative: Some(relative::Positions::new(
+                        r,
+                        t,
+                        table_rows,
+                        input_ids.device(),
+                    )?),
+                }
+            }
+            _ => Attend {
+                mask: keys.f_view([b, 1, 1, t])?.f_expand([b, 1, t, t], false)?,
+                relative: None,
+            },
+        };
         Ok((x, attend))
     }
 
-    /// Encoder layer `i` on `x` `[B, T, H]` with the attention mask `attend`;
+    /// Encoder layer `i` on `x` `[B, T, H]` with what `attend` holds;
     /// `dropout`: draw the dropout masks (a training forward; also without
     /// autograd, when a checkpointed layer runs first).
     fn layer_forward(
         &self,
         i: usize,
         x: &Tensor,
-        attend: &Tensor,
+        attend: &Attend,
         dropout: bool,
     ) -> TchResult<Tensor> {
         let (b, t, _) = x.size3()?;
@@ -491,16 +643,32 @@ impl Encoder {
         let q = split(layer.query.forward(x)?)?;
         let k = split(layer.key.forward(x)?)?;
         let v = split(layer.value.forward(x)?)?;
-        let a = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(attend),
-            p_attn,
-            false,
-            None,
-            false,
-        )?
+        let a = match (&attend.relative, &c.relative) {
+            (Some(positions), Some(r)) => {
+                let projections = relative::Projections {
+                    query: layer.pos_query.as_ref().unwrap_or(&layer.query),
+                    key: layer.pos_key.as_ref().unwrap_or(&layer.key),
+                };
+                relative::attention(
+                    r,
+                    positions,
+                    projections,
+                    (&q, &k, &v),
+                    &attend.mask,
+                    (p_attn, p_hidden),
+                )?
+            }
+            _ => Tensor::f_scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(&attend.mask),
+                p_attn,
+                false,
+                None,
+                false,
+            )?,
+        }
         .f_transpose(1, 2)?
         .f_reshape([b, t, self.config.hidden_size])?;
         let a = drop(layer.attention_out.forward(&a)?)?;
@@ -527,18 +695,24 @@ impl Encoder {
 
     /// The head on the last hidden states `x`.
     fn logits_of(&self, x: &Tensor) -> TchResult<Tensor> {
-        let p = self.config.classifier_dropout;
+        let c = &self.config;
         match (&self.classifier, self.head) {
-            (Classifier::Linear(c), Head::Token) => c.forward(&self.dropout(x.shallow_clone(), p)?),
-            (Classifier::Linear(c), Head::Sequence) => {
+            (Classifier::Linear(linear), Head::Token) => {
+                linear.forward(&self.dropout(x.shallow_clone(), c.token_classifier_dropout)?)
+            }
+            (Classifier::Linear(linear), Head::Sequence) => {
                 let first = x.f_select(1, 0)?;
                 let pooled = match &self.pooler {
-                    Some(pooler) => pooler.forward(&first)?.f_tanh()?,
+                    Some(pooler) => {
+                        let first = self.dropout(first, c.pooler_dropout)?;
+                        c.pooler_act.apply(&pooler.forward(&first)?)?
+                    }
                     None => first,
                 };
-                c.forward(&self.dropout(pooled, p)?)
+                linear.forward(&self.dropout(pooled, c.classifier_dropout)?)
             }
             (Classifier::Roberta { dense, out_proj }, _) => {
+                let p = c.classifier_dropout;
                 let first = self.dropout(x.f_select(1, 0)?, p)?;
                 let h = dense.forward(&first)?.f_tanh()?;
                 out_proj.forward(&self.dropout(h, p)?)

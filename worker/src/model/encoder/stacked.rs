@@ -5,7 +5,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::Encoder;
+use super::{Attend, Encoder};
 use crate::error::{Result, TorchContext};
 use crate::model::layers::grad_enabled;
 use crate::model::stack::{self, Keep, LayerGrads, Stacked};
@@ -16,8 +16,12 @@ use crate::model::stack::{self, Keep, LayerGrads, Stacked};
 pub struct Deferred {
     /// The embedding's output, with its graph (the stack ran on a copy).
     embedded: Tensor,
-    /// The attention mask the layers took.
-    attend: Tensor,
+    /// What the layers' attention took.
+    attend: Attend,
+    /// DeBERTa's relative-position table with its graph, when it trains:
+    /// the layers read a leaf copy of it (in `attend`), whose gradient is
+    /// summed over them and carried on into the table once.
+    table: Option<Tensor>,
     layers: Stacked,
 }
 
@@ -55,9 +59,22 @@ impl Encoder {
         if self.keep == Keep::Everything || !grad_enabled() {
             return Ok((self.forward(input_ids, attention_mask, None)?, None));
         }
-        let (embedded, attend) = self
+        let (embedded, mut attend) = self
             .embed(input_ids, attention_mask, None)
             .op("encoder forward")?;
+        // The layers share the table: each reads a leaf of it, so that one
+        // layer's backward does not run through the others' graph.
+        let mut table = None;
+        if let Some(positions) = &mut attend.relative
+            && positions.table.requires_grad()
+        {
+            let leaf = positions
+                .table
+                .f_detach()
+                .op("relative positions")?
+                .set_requires_grad(true);
+            table = Some(std::mem::replace(&mut positions.table, leaf));
+        }
         let c = &self.config;
         let random = self.training && (c.hidden_dropout > 0.0 || c.attention_dropout > 0.0);
         let (top, layers) = stack::forward(
@@ -76,6 +93,7 @@ impl Encoder {
             layers.map(|layers| Deferred {
                 embedded,
                 attend,
+                table,
                 layers,
             }),
         ))
@@ -88,10 +106,16 @@ impl Encoder {
         let Deferred {
             embedded,
             attend,
+            table,
             layers,
         } = d;
-        let grad = stack::backward(
+        let leaves: Vec<Tensor> = match (&table, &attend.relative) {
+            (Some(_), Some(positions)) => vec![positions.table.shallow_clone()],
+            _ => Vec::new(),
+        };
+        let (grad, shared) = stack::backward_sharing(
             layers,
+            &leaves,
             &mut |i, x| {
                 self.layer_forward(i, x, &attend, self.training)
                     .op("encoder layer")
@@ -99,6 +123,15 @@ impl Encoder {
             &mut |_| Ok(()),
             grads,
         )?;
+        if let (Some(table), Some(g)) = (table, shared.first())
+            && g.defined()
+        {
+            table
+                .f_mul(g)
+                .and_then(|t| t.f_sum(Kind::Float))
+                .and_then(|t| t.f_backward())
+                .op("relative positions backward")?;
+        }
         if grad.defined() && embedded.requires_grad() {
             embedded
                 .f_mul(&grad)
