@@ -52,12 +52,20 @@ fn check_against_reference(family: &str, task: &str, labels: &str, data: &str, l
     } else {
         "sequence"
     };
+    // `deberta-v3`/`deberta-v2`: DeBERTa with those versions' settings.
+    let (family, deberta) = match family {
+        "deberta-v3" => ("deberta-v2", "v3"),
+        "deberta-v2" => ("deberta-v2", "v2"),
+        other => (other, "v3"),
+    };
     // Dropout off: the reference cannot draw our dropout masks.
     tiny_encoder(
         &model,
         &[
             "--family",
             family,
+            "--deberta",
+            deberta,
             "--head",
             head,
             "--labels",
@@ -173,9 +181,10 @@ output = "out"
         if d > 1e-5 {
             eprintln!("{name}: {d:.2e}");
         }
-        if name.ends_with("attention.self.key.bias") {
+        if name.ends_with("attention.self.key.bias") || name.ends_with("key_proj.bias") {
             // Its gradient is zero in exact arithmetic (a key bias adds the same
-            // q·b to every score of a query, which softmax ignores), so what
+            // q·b to every score of a query, which softmax ignores — DeBERTa's
+            // projected positions' keys too), so what
             // AdamW applies is rounding noise divided by its own size: both
             // sides move it by up to lr per step, in directions of noise.
             assert!(d <= 2.0 * 0.01 * 4.0, "{name}: {d}");
@@ -211,6 +220,28 @@ fn xlm_roberta_ner_training_equals_pytorch() {
         "token-classification",
         NER_LABELS,
         NER_DATA,
+        "combined",
+    );
+}
+
+/// DeBERTa-v3 (shared keys, log-bucketed relative positions, no absolute
+/// positions, a Unigram tokenizer) for NER with negatives, and DeBERTa-v2's
+/// older settings (position projections of their own, absolute positions,
+/// narrower embeddings, its pooler) for sequence classification.
+#[test]
+fn deberta_training_equals_pytorch() {
+    check_against_reference(
+        "deberta-v3",
+        "token-classification",
+        NER_LABELS,
+        NER_DATA,
+        "combined",
+    );
+    check_against_reference(
+        "deberta-v2",
+        "sequence-classification",
+        "neg,neu,pos",
+        SENTIMENT_DATA,
         "combined",
     );
 }
