@@ -4,7 +4,8 @@
 //! metrics and optimizer state of one process; a checkpointed (recomputed)
 //! run ends with the weights of a plain one — with dropout on, since every
 //! layer's recomputation draws the masks its forward drew — and a ZeRO
-//! checkpoint written by 3 ranks resumes on 2.
+//! checkpoint written by 3 ranks resumes on 2. DeBERTa's relative-position
+//! table, which every layer reads, trains the same layer by layer.
 
 mod common;
 
@@ -22,23 +23,18 @@ fn dpo_worker() -> Command {
 /// A directory with a tiny BERT (no head; `dropout`) as `model/` and the
 /// NER data as `data.jsonl`.
 fn fixture(dropout: &str) -> tempfile::TempDir {
+    fixture_of(&["--family", "bert"], dropout)
+}
+
+/// [`fixture`] with the model `tiny_encoder.py` makes with `family` (its
+/// flags).
+fn fixture_of(family: &[&str], dropout: &str) -> tempfile::TempDir {
     let dir = tempdir();
     let model = dir.path().join("model");
-    run_python(
-        "examples/tiny_encoder.py",
-        &[
-            "--out",
-            model.to_str().expect("utf-8"),
-            "--family",
-            "bert",
-            "--head",
-            "none",
-            "--dropout",
-            dropout,
-            "--seed",
-            "5",
-        ],
-    );
+    let mut args = vec!["--out", model.to_str().expect("utf-8")];
+    args.extend_from_slice(family);
+    args.extend_from_slice(&["--head", "none", "--dropout", dropout, "--seed", "5"]);
+    run_python("examples/tiny_encoder.py", &args);
     std::fs::write(dir.path().join("data.jsonl"), NER_DATA).expect("write data");
     dir
 }
@@ -179,6 +175,38 @@ fn gradient_checkpointing_recomputes_each_layer_with_the_dropout_its_forward_dre
     // And dropout is on: the plain run's masks are drawn otherwise.
     let (apart, _) = weight_diff(d, "checkpointed", "plain");
     assert!(apart > 1e-4, "dropout drew nothing: {apart}");
+}
+
+/// DeBERTa's layers share one table of relative-position embeddings (and
+/// its norm): when the layers' backward goes one layer at a time
+/// (checkpointed, or ZeRO stage 2's staged backward on two ranks), the
+/// table's gradient is summed over the layers and must reach it as plain
+/// autograd's does.
+#[test]
+fn deberta_s_shared_position_table_trains_the_same_layer_by_layer() {
+    for version in ["v3", "v2"] {
+        let dir = fixture_of(&["--family", "deberta-v2", "--deberta", version], "0");
+        let d = dir.path();
+        train(&spec(d, "plain", ""), 1, &[], 0);
+        train(
+            &spec(d, "checkpointed", "gradient_checkpointing = true\n"),
+            1,
+            &[],
+            0,
+        );
+        train(&spec(d, "zero2", "zero_stage = 2\n"), 2, &[], 0);
+        let table = "deberta.encoder.rel_embeddings.weight";
+        let before = read_tensors(&d.join("model/model.safetensors"));
+        let after = read_tensors(&d.join("plain/final/model.safetensors"));
+        let moved = max_abs_diff(&after[table], &before["encoder.rel_embeddings.weight"]);
+        assert!(moved > 1e-4, "{version}: the table did not train ({moved})");
+        let (worst, at) = weight_diff(d, "plain", "checkpointed");
+        eprintln!("DeBERTa {version} checkpointed vs plain: max |Δ| {worst:.2e} ({at})");
+        assert!(worst < 1e-6, "{version}: {worst} in {at}");
+        let (worst, at) = weight_diff(d, "plain", "zero2");
+        eprintln!("DeBERTa {version} ZeRO-2 on 2 ranks vs plain: max |Δ| {worst:.2e} ({at})");
+        assert!(worst < 2e-5, "{version}: {worst} in {at}");
+    }
 }
 
 #[test]
