@@ -41,8 +41,15 @@ fn check_against_peft(
     data: &str,
     loss: &str,
     targets: &[&str],
+    spec_targets: &[&str],
 ) {
     let dir = tempdir();
+    // `deberta-v3`/`deberta-v2`: DeBERTa with those versions' settings.
+    let (family, deberta) = match family {
+        "deberta-v3" => ("deberta-v2", "v3"),
+        "deberta-v2" => ("deberta-v2", "v2"),
+        other => (other, "v3"),
+    };
     let model = dir.path().join("model");
     let head = if task == "token-classification" {
         "token"
@@ -57,6 +64,8 @@ fn check_against_peft(
             model.to_str().expect("utf-8"),
             "--family",
             family,
+            "--deberta",
+            deberta,
             "--head",
             head,
             "--labels",
@@ -121,7 +130,7 @@ init_from = "init"
 merge = true
 "#,
             quoted(&label_list),
-            quoted(targets),
+            quoted(spec_targets),
         ),
     )
     .expect("write spec");
@@ -241,6 +250,7 @@ fn bert_ner_lora_equals_peft_and_peft_loads_it() {
         NER_DATA,
         "sft",
         &["query", "value"],
+        &["query", "value"],
     );
 }
 
@@ -253,5 +263,32 @@ fn roberta_sequence_classification_lora_equals_peft_and_peft_loads_it() {
         SENTIMENT_DATA,
         "combined",
         &["query", "key", "value"],
+        &["query", "key", "value"],
+    );
+}
+
+/// DeBERTa-v3's projections are `query_proj`, `key_proj`, `value_proj`; with
+/// shared attention keys the adapters on the query and key projections also
+/// turn the relative positions, in PEFT as here. A spec's BERT names (the
+/// default `query`, `value`) stand for them; the adapter carries DeBERTa's.
+#[test]
+fn deberta_lora_equals_peft_and_peft_loads_it() {
+    check_against_peft(
+        "token-classification",
+        "deberta-v3",
+        "O,B-PER,I-PER,B-LOC,I-LOC",
+        NER_DATA,
+        "combined",
+        &["query_proj", "key_proj", "value_proj"],
+        &["query_proj", "key", "value_proj"],
+    );
+    check_against_peft(
+        "sequence-classification",
+        "deberta-v2",
+        "neg,neu,pos",
+        SENTIMENT_DATA,
+        "combined",
+        &["query_proj", "value_proj"],
+        &["query", "value"],
     );
 }
