@@ -115,6 +115,28 @@ def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
         specials = ["[PAD]", "[CLS]", "[SEP]", "[UNK]"]
         vocab = unigram_vocab(texts, vocab_size - 1, specials) + [("[MASK]", 0.0)]
         fast = transformers.DebertaV2Tokenizer(vocab=vocab, unk_id=3)
+    elif family == "modernbert":
+        # ModernBERT's layout (OLMo's byte-level BPE): the pieces first, the
+        # specials added after them ([UNK] [CLS] [SEP] [PAD] [MASK] at the end
+        # of the vocabulary), no prefix space — each word of a pre-split
+        # sentence is encoded as if it began the text, as transformers does
+        # for this tokenizer —, `[CLS] $A [SEP]`.
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size - 5, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer)
+        tok.add_special_tokens(["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+            mask_token="[MASK]",
+        )
     elif family == "xlm-roberta":
         # XLM-R's layout: <s>=0, <pad>=1, </s>=2, <unk>=3, pieces, <mask> last.
         specials = ["<s>", "<pad>", "</s>", "<unk>"]
@@ -153,12 +175,17 @@ def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--family", choices=["bert", "roberta", "xlm-roberta", "deberta-v2"], default="bert")
+    p.add_argument("--family", choices=["bert", "roberta", "xlm-roberta", "deberta-v2", "modernbert"], default="bert")
     p.add_argument("--deberta", choices=["v3", "v2"], default="v3",
                    help="v3: shared attention keys, log-bucketed positions, normed table, no absolute positions "
                         "(DeBERTa-v3's config); v2: position projections of their own, clamped distances, "
                         "absolute positions and token types too, embeddings narrower than the hidden size")
-    p.add_argument("--head", choices=["none", "token", "sequence"], default="none")
+    p.add_argument("--head", choices=["none", "token", "sequence", "mlm"], default="none",
+                   help="mlm: ModernBERT's masked-LM checkpoint, as the base model is published")
+    p.add_argument("--global-every", type=int, default=3, help="ModernBERT: a global layer every N")
+    p.add_argument("--local-attention", type=int, default=8, help="ModernBERT: the local layers' window")
+    p.add_argument("--pooling", choices=["cls", "mean"], default="mean", help="ModernBERT's sequence head")
+    p.add_argument("--biases", action="store_true", help="ModernBERT: biases in norms and linear layers")
     p.add_argument("--labels", default="", help="comma-separated labels of the head (id order)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vocab", type=int, default=400)
@@ -194,7 +221,30 @@ def main(argv=None) -> None:
     if labels:
         common["id2label"] = dict(enumerate(labels))
         common["label2id"] = {label: i for i, label in enumerate(labels)}
-    if args.family == "deberta-v2":
+    if args.family == "modernbert":
+        # ModernBERT's own key names and settings (answerdotai/ModernBERT-base's,
+        # at this size): a global layer every `--global-every`, the others
+        # attending within `--local-attention` positions, no biases, mean
+        # pooling for the sequence head when asked.
+        config = transformers.ModernBertConfig(
+            vocab_size=len(fast), hidden_size=args.hidden, num_hidden_layers=args.layers,
+            num_attention_heads=args.heads, intermediate_size=args.intermediate, hidden_activation=args.act,
+            max_position_embeddings=args.max_positions, initializer_range=args.init_range,
+            embedding_dropout=args.dropout, attention_dropout=args.dropout, mlp_dropout=args.dropout,
+            classifier_dropout=args.dropout, pad_token_id=fast.pad_token_id, cls_token_id=fast.cls_token_id,
+            sep_token_id=fast.sep_token_id, bos_token_id=fast.cls_token_id, eos_token_id=fast.sep_token_id,
+            global_attn_every_n_layers=args.global_every, local_attention=args.local_attention,
+            classifier_pooling=args.pooling, norm_bias=args.biases, attention_bias=args.biases,
+            mlp_bias=args.biases, classifier_bias=args.biases,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 160000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+            **({"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+               if labels else {}),
+        )
+        classes = {"none": transformers.ModernBertModel, "token": transformers.ModernBertForTokenClassification,
+                   "sequence": transformers.ModernBertForSequenceClassification,
+                   "mlm": transformers.ModernBertForMaskedLM}
+    elif args.family == "deberta-v2":
         if args.deberta == "v3":
             # microsoft/deberta-v3-base's settings, at this size (16 buckets:
             # the test sentences reach the log-bucketed distances).

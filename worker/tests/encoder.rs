@@ -1,4 +1,4 @@
-//! BERT and RoBERTa against transformers: logits of both heads alone and in padded
+//! BERT, RoBERTa, XLM-RoBERTa and DeBERTa-v2/v3 against transformers: logits of both heads alone and in padded
 //! batches, a new head on a checkpoint without one, and a saved model that
 //! transformers' pipelines load and agree with.
 
@@ -18,8 +18,8 @@ fn labels() -> Vec<String> {
     LABELS.split(',').map(str::to_string).collect()
 }
 
-/// `{bert,roberta,xlm-roberta,deberta-v3,deberta-v2}-{none,token,sequence}`, built once per test binary, with
-/// transformers' logits for the head models.
+/// `{bert,roberta,xlm-roberta,deberta-v3,deberta-v2,modernbert,modernbert-b}-{none,token,sequence}`,
+/// built once per test binary, with transformers' logits for the head models.
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -29,37 +29,54 @@ fn fixtures() -> &'static Path {
         // table, no absolute positions) and v2's older ones (position
         // projections of their own, clamped distances, absolute positions,
         // token types, narrower embeddings).
-        for (name, family, deberta) in [
-            ("bert", "bert", "v3"),
-            ("roberta", "roberta", "v3"),
-            ("xlm-roberta", "xlm-roberta", "v3"),
-            ("deberta-v3", "deberta-v2", "v3"),
-            ("deberta-v2", "deberta-v2", "v2"),
+        // ModernBERT twice: as published (no biases, a global layer every
+        // third, mean pooling for the sequence head) and with biases, a
+        // global layer every second and the first token pooled; both with a
+        // window of 8 (4 either side), shorter than the test sentences.
+        let deberta_v3: &[&str] = &["--deberta", "v3"];
+        let deberta_v2: &[&str] = &["--deberta", "v2"];
+        let modern: &[&str] = &["--layers", "4", "--local-attention", "8"];
+        let modern_b: &[&str] = &[
+            "--layers",
+            "4",
+            "--local-attention",
+            "8",
+            "--biases",
+            "--global-every",
+            "2",
+            "--pooling",
+            "cls",
+        ];
+        for (name, family, extra) in [
+            ("bert", "bert", &[][..]),
+            ("roberta", "roberta", &[]),
+            ("xlm-roberta", "xlm-roberta", &[]),
+            ("deberta-v3", "deberta-v2", deberta_v3),
+            ("deberta-v2", "deberta-v2", deberta_v2),
+            ("modernbert", "modernbert", modern),
+            ("modernbert-b", "modernbert", modern_b),
         ] {
             for head in ["none", "token", "sequence"] {
                 let out = dir.join(format!("{name}-{head}"));
                 let out = out.to_str().expect("utf-8 path");
                 // A larger init range than BERT's 0.02, so that logits are O(1)
                 // and a wrong layer shows.
-                run_python(
-                    "examples/tiny_encoder.py",
-                    &[
-                        "--out",
-                        out,
-                        "--family",
-                        family,
-                        "--deberta",
-                        deberta,
-                        "--head",
-                        head,
-                        "--labels",
-                        LABELS,
-                        "--init-range",
-                        "0.2",
-                        "--seed",
-                        "3",
-                    ],
-                );
+                let mut args = vec![
+                    "--out",
+                    out,
+                    "--family",
+                    family,
+                    "--head",
+                    head,
+                    "--labels",
+                    LABELS,
+                    "--init-range",
+                    "0.2",
+                    "--seed",
+                    "3",
+                ];
+                args.extend_from_slice(extra);
+                run_python("examples/tiny_encoder.py", &args);
                 if head != "none" {
                     run_python(
                         "tests/reference/encoder_reference.py",
@@ -172,6 +189,14 @@ fn deberta_v3_token_and_sequence_classification_logits_equal_transformers() {
 fn deberta_v2_token_and_sequence_classification_logits_equal_transformers() {
     check_logits("deberta-v2-token", Head::Token);
     check_logits("deberta-v2-sequence", Head::Sequence);
+}
+
+#[test]
+fn modernbert_token_and_sequence_classification_logits_equal_transformers() {
+    check_logits("modernbert-token", Head::Token);
+    check_logits("modernbert-sequence", Head::Sequence);
+    check_logits("modernbert-b-token", Head::Token);
+    check_logits("modernbert-b-sequence", Head::Sequence);
 }
 
 /// A plain `BertModel` checkpoint: its encoder is read as-is (names without the

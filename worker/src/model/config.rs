@@ -68,10 +68,13 @@ pub enum ModelType {
     XlmRoberta,
     /// DeBERTa-v2 and v3: disentangled attention over relative positions.
     DebertaV2,
+    /// ModernBERT: pre-norm layers with rotary positions, GeGLU, and local
+    /// attention alternating with global.
+    ModernBert,
 }
 
 impl ModelType {
-    pub const ALL: [ModelType; 11] = [
+    pub const ALL: [ModelType; 12] = [
         ModelType::Llama,
         ModelType::Mistral,
         ModelType::Qwen2,
@@ -83,6 +86,7 @@ impl ModelType {
         ModelType::Roberta,
         ModelType::XlmRoberta,
         ModelType::DebertaV2,
+        ModelType::ModernBert,
     ];
 
     /// `config.json`'s spelling.
@@ -99,6 +103,7 @@ impl ModelType {
             ModelType::Roberta => "roberta",
             ModelType::XlmRoberta => "xlm-roberta",
             ModelType::DebertaV2 => "deberta-v2",
+            ModelType::ModernBert => "modernbert",
         }
     }
 
@@ -116,7 +121,11 @@ impl ModelType {
     pub fn is_encoder(self) -> bool {
         matches!(
             self,
-            ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta | ModelType::DebertaV2
+            ModelType::Bert
+                | ModelType::Roberta
+                | ModelType::XlmRoberta
+                | ModelType::DebertaV2
+                | ModelType::ModernBert
         )
     }
 
@@ -130,9 +139,11 @@ impl ModelType {
             ModelType::Phi3 => Some(Architecture::Phi3),
             ModelType::Gemma2 => Some(Architecture::Gemma2),
             ModelType::Gemma3Text => Some(Architecture::Gemma3),
-            ModelType::Bert | ModelType::Roberta | ModelType::XlmRoberta | ModelType::DebertaV2 => {
-                None
-            }
+            ModelType::Bert
+            | ModelType::Roberta
+            | ModelType::XlmRoberta
+            | ModelType::DebertaV2
+            | ModelType::ModernBert => None,
         }
     }
 

@@ -261,15 +261,30 @@ impl RmsNorm {
 #[derive(Debug)]
 pub(crate) struct LayerNorm {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
     eps: f64,
     dim: i64,
 }
 
 impl LayerNorm {
     pub(crate) fn new(p: Path, dim: i64, eps: f64, kind: Kind) -> TchResult<Self> {
+        Self::with_bias(p, dim, eps, true, kind)
+    }
+
+    /// A LayerNorm with or without its bias (ModernBERT's `norm_bias`).
+    pub(crate) fn with_bias(
+        p: Path,
+        dim: i64,
+        eps: f64,
+        bias: bool,
+        kind: Kind,
+    ) -> TchResult<Self> {
         let weight = param(&p, "weight", &[dim], kind)?;
-        let bias = param(&p, "bias", &[dim], kind)?;
+        let bias = if bias {
+            Some(param(&p, "bias", &[dim], kind)?)
+        } else {
+            None
+        };
         Ok(LayerNorm {
             weight,
             bias,
@@ -282,7 +297,7 @@ impl LayerNorm {
         x.f_layer_norm(
             [self.dim],
             Some(&self.weight),
-            Some(&self.bias),
+            self.bias.as_ref(),
             self.eps,
             true,
         )

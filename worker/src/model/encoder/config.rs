@@ -1,6 +1,7 @@
-//! An encoder's `config.json`: the family (BERT, RoBERTa, DeBERTa-v2/v3), the
-//! head, the activation, the sizes and DeBERTa's relative attention, every
-//! error naming the file and the key.
+//! An encoder's `config.json`: the family (BERT, RoBERTa, DeBERTa-v2/v3,
+//! ModernBERT), the head, the activation, the sizes, DeBERTa's relative
+//! attention and ModernBERT's rotary and local attention, every error naming
+//! the file and the key.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,16 +22,20 @@ pub enum Family {
     /// DeBERTa-v2 and v3 (`deberta-v2`): BERT's post-norm layers with
     /// disentangled attention over relative positions.
     Deberta,
+    /// ModernBERT (`modernbert`): pre-norm layers, rotary positions, GeGLU,
+    /// local attention alternating with global, no biases.
+    ModernBert,
 }
 
 impl Family {
     /// The state-dict prefix of the base model (`bert.`, `roberta.`,
-    /// `deberta.`).
+    /// `deberta.`, ModernBERT's `model.`).
     pub fn name(self) -> &'static str {
         match self {
             Family::Bert => "bert",
             Family::Roberta => "roberta",
             Family::Deberta => "deberta",
+            Family::ModernBert => "model",
         }
     }
 
@@ -39,6 +44,7 @@ impl Family {
             Family::Bert => "Bert",
             Family::Roberta => "Roberta",
             Family::Deberta => "DebertaV2",
+            Family::ModernBert => "ModernBert",
         }
     }
 }
@@ -130,6 +136,56 @@ struct RawEncoderConfig {
     pooler_dropout: Option<f64>,
     cls_dropout: Option<f64>,
     conv_kernel_size: Option<i64>,
+    // ModernBERT.
+    hidden_activation: Option<String>,
+    norm_eps: Option<f64>,
+    norm_bias: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    classifier_bias: Option<bool>,
+    classifier_activation: Option<String>,
+    classifier_pooling: Option<String>,
+    embedding_dropout: Option<f64>,
+    attention_dropout: Option<f64>,
+    mlp_dropout: Option<f64>,
+    local_attention: Option<i64>,
+    global_attn_every_n_layers: Option<i64>,
+    global_rope_theta: Option<f64>,
+    local_rope_theta: Option<f64>,
+    layer_types: Option<Vec<String>>,
+    rope_parameters: Option<Value>,
+    rope_scaling: Option<Value>,
+    initializer_cutoff_factor: Option<f64>,
+}
+
+/// ModernBERT's own settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Modern {
+    /// Per layer: attends to every position (`full_attention`), else within
+    /// `window` positions either side (`sliding_attention`).
+    pub global: Vec<bool>,
+    /// The rotary base of the global layers and of the local ones.
+    pub global_theta: f64,
+    pub local_theta: f64,
+    /// Half of `local_attention`: a local layer's query sees the keys at
+    /// most this far away.
+    pub window: i64,
+    /// Biases of the norms, of the attention's and the MLP's linear layers,
+    /// and of the head's dense layer.
+    pub norm_bias: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub classifier_bias: bool,
+    /// The head's activation (`classifier_activation`).
+    pub classifier_act: Activation,
+    /// The sequence head pools the mean of the real tokens (`"mean"`), else
+    /// the first token (`"cls"`).
+    pub mean_pooling: bool,
+    /// Dropout on the embeddings' output (`embedding_dropout`).
+    pub embedding_dropout: f64,
+    /// A new head's weights are drawn from a normal cut at this many
+    /// standard deviations (`initializer_cutoff_factor`).
+    pub cutoff: f64,
 }
 
 /// DeBERTa's disentangled attention: besides content to content, content to
@@ -198,6 +254,8 @@ pub struct EncoderConfig {
     /// `pooler_dropout`).
     pub pooler_act: Activation,
     pub pooler_dropout: f64,
+    /// ModernBERT's settings.
+    pub modern: Option<Modern>,
     /// `id2label` in id order, as the checkpoint declares it (transformers
     /// writes `LABEL_0, LABEL_1` for a model that was never given labels).
     pub labels: Vec<String>,
@@ -224,6 +282,7 @@ impl EncoderConfig {
             ModelType::Bert => Family::Bert,
             ModelType::Roberta | ModelType::XlmRoberta => Family::Roberta,
             ModelType::DebertaV2 => Family::Deberta,
+            ModelType::ModernBert => Family::ModernBert,
             other => {
                 return Err(Error::UnsupportedModel {
                     path: path.to_path_buf(),
@@ -245,14 +304,23 @@ impl EncoderConfig {
                 "hidden_size ({hidden_size}) is not a multiple of num_attention_heads ({num_attention_heads})"
             )));
         }
-        let act_name = c.hidden_act.as_deref().unwrap_or("gelu");
+        let modern_family = family == Family::ModernBert;
+        let (act_key, act_name) = if modern_family {
+            ("hidden_activation", c.hidden_activation.as_deref())
+        } else {
+            ("hidden_act", c.hidden_act.as_deref())
+        };
+        let act_name = act_name.unwrap_or("gelu");
         let hidden_act = Activation::parse(act_name).ok_or_else(|| {
             bad(format!(
-                "hidden_act {act_name:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"
+                "{act_key} {act_name:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu)"
             ))
         })?;
+        // ModernBERT's checkpoints carry BERT's `position_embedding_type`
+        // without using it.
         if let Some(kind) = c.position_embedding_type.as_deref()
             && kind != "absolute"
+            && !modern_family
         {
             return Err(bad(format!(
                 "position_embedding_type {kind:?} is not supported (only absolute)"
@@ -266,24 +334,42 @@ impl EncoderConfig {
                 Err(bad(format!("{key} must be in [0, 1), found {v}")))
             }
         };
-        let hidden_dropout = probability(c.hidden_dropout_prob, "hidden_dropout_prob", 0.1)?;
-        let attention_dropout = probability(
-            c.attention_probs_dropout_prob,
-            "attention_probs_dropout_prob",
-            0.1,
-        )?;
+        // ModernBERT: `mlp_dropout` inside the MLP (where BERT drops the
+        // layer's outputs), `attention_dropout` on the probabilities and the
+        // attention's output.
+        let hidden_dropout = if modern_family {
+            probability(c.mlp_dropout, "mlp_dropout", 0.0)?
+        } else {
+            probability(c.hidden_dropout_prob, "hidden_dropout_prob", 0.1)?
+        };
+        let attention_dropout = if modern_family {
+            probability(c.attention_dropout, "attention_dropout", 0.0)?
+        } else {
+            probability(
+                c.attention_probs_dropout_prob,
+                "attention_probs_dropout_prob",
+                0.1,
+            )?
+        };
         let deberta = family == Family::Deberta;
-        let (classifier_dropout, token_classifier_dropout) = if deberta {
+        let (classifier_dropout, token_classifier_dropout) = if modern_family {
+            let cls = probability(c.classifier_dropout, "classifier_dropout", 0.0)?;
+            (cls, cls)
+        } else if deberta {
             let cls = probability(c.cls_dropout, "cls_dropout", hidden_dropout)?;
             (cls, hidden_dropout)
         } else {
             let cls = probability(c.classifier_dropout, "classifier_dropout", hidden_dropout)?;
             (cls, cls)
         };
-        let layer_norm_eps = c.layer_norm_eps.unwrap_or(1e-12);
+        let (eps_key, layer_norm_eps) = if modern_family {
+            ("norm_eps", c.norm_eps.unwrap_or(1e-5))
+        } else {
+            ("layer_norm_eps", c.layer_norm_eps.unwrap_or(1e-12))
+        };
         if !(layer_norm_eps.is_finite() && layer_norm_eps > 0.0) {
             return Err(bad(format!(
-                "layer_norm_eps must be positive, found {layer_norm_eps}"
+                "{eps_key} must be positive, found {layer_norm_eps}"
             )));
         }
         let labels = match &c.id2label {
@@ -311,6 +397,7 @@ impl EncoderConfig {
         let pad_token_id = c.pad_token_id.unwrap_or(match family {
             Family::Bert | Family::Deberta => 0,
             Family::Roberta => 1,
+            Family::ModernBert => 50283,
         });
         let vocab_size = need(c.vocab_size, "vocab_size")?;
         let max_position_embeddings = need(c.max_position_embeddings, "max_position_embeddings")?;
@@ -325,9 +412,19 @@ impl EncoderConfig {
         } else {
             None
         };
-        // DeBERTa's default is no token types; BERT's two.
-        let type_vocab_size = c.type_vocab_size.unwrap_or(if deberta { 0 } else { 2 });
-        if type_vocab_size < 0 || (!deberta && type_vocab_size == 0) {
+        let num_hidden_layers = need(c.num_hidden_layers, "num_hidden_layers")?;
+        let modern = if modern_family {
+            Some(modern_settings(&c, num_hidden_layers, &bad)?)
+        } else {
+            None
+        };
+        // DeBERTa's default is no token types; BERT's two; ModernBERT has none.
+        let type_vocab_size = if modern_family {
+            0
+        } else {
+            c.type_vocab_size.unwrap_or(if deberta { 0 } else { 2 })
+        };
+        if type_vocab_size < 0 || (!deberta && !modern_family && type_vocab_size == 0) {
             return Err(bad(format!(
                 "type_vocab_size must be positive, found {type_vocab_size}"
             )));
@@ -345,7 +442,7 @@ impl EncoderConfig {
             }
         };
         let (position_biased_input, embedding_size, relative) =
-            deberta_keys.unwrap_or((true, hidden_size, None));
+            deberta_keys.unwrap_or((!modern_family, hidden_size, None));
         if pad_token_id < 0 || pad_token_id >= vocab_size {
             return Err(bad(format!(
                 "pad_token_id {pad_token_id} is outside the vocabulary (vocab_size {vocab_size})"
@@ -356,7 +453,7 @@ impl EncoderConfig {
             model_type,
             vocab_size,
             hidden_size,
-            num_hidden_layers: need(c.num_hidden_layers, "num_hidden_layers")?,
+            num_hidden_layers,
             num_attention_heads,
             intermediate_size: need(c.intermediate_size, "intermediate_size")?,
             hidden_act,
@@ -374,6 +471,7 @@ impl EncoderConfig {
             relative,
             pooler_act,
             pooler_dropout,
+            modern,
             labels,
             raw,
         })
@@ -383,10 +481,146 @@ impl EncoderConfig {
     /// `padding_idx + 1` rows are never used as positions).
     pub fn max_sequence_length(&self) -> i64 {
         match self.family {
-            Family::Bert | Family::Deberta => self.max_position_embeddings,
+            Family::Bert | Family::Deberta | Family::ModernBert => self.max_position_embeddings,
             Family::Roberta => self.max_position_embeddings - self.pad_token_id - 1,
         }
     }
+}
+
+/// ModernBERT's keys, in both the form the published checkpoints have
+/// (`global_attn_every_n_layers`, `global_rope_theta`, `local_rope_theta`)
+/// and the one transformers 5 writes (`layer_types`, `rope_parameters` per
+/// layer type). A rotary scaling is refused by its key: ModernBERT is
+/// trained without one, and an approximation would change every logit.
+fn modern_settings(
+    c: &RawEncoderConfig,
+    layers: i64,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<Modern> {
+    let global = match &c.layer_types {
+        Some(types) => {
+            if types.len() as i64 != layers {
+                return Err(bad(format!(
+                    "layer_types has {} entries for {layers} layers",
+                    types.len()
+                )));
+            }
+            types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "full_attention" => Ok(true),
+                    "sliding_attention" => Ok(false),
+                    other => Err(bad(format!(
+                        "layer_types entry {other:?} is not supported (full_attention, sliding_attention)"
+                    ))),
+                })
+                .collect::<Result<Vec<bool>>>()?
+        }
+        None => {
+            let every = c.global_attn_every_n_layers.unwrap_or(3);
+            if every < 1 {
+                return Err(bad(format!(
+                    "global_attn_every_n_layers must be positive, found {every}"
+                )));
+            }
+            (0..layers).map(|i| i % every == 0).collect()
+        }
+    };
+    if let Some(v) = &c.rope_scaling
+        && !v.is_null()
+    {
+        return Err(bad(format!(
+            "rope_scaling {v} is not supported (ModernBERT's rotary is unscaled)"
+        )));
+    }
+    let mut theta = [
+        c.global_rope_theta.unwrap_or(160_000.0),
+        c.local_rope_theta.unwrap_or(10_000.0),
+    ];
+    if let Some(params) = c.rope_parameters.as_ref().filter(|v| !v.is_null()) {
+        let Some(map) = params.as_object() else {
+            return Err(bad(format!(
+                "rope_parameters must map full_attention and sliding_attention to their settings, found {params}"
+            )));
+        };
+        for (key, entry) in map {
+            let slot = match key.as_str() {
+                "full_attention" => 0,
+                "sliding_attention" => 1,
+                other => {
+                    return Err(bad(format!(
+                        "rope_parameters.{other} is not a layer type (full_attention, sliding_attention)"
+                    )));
+                }
+            };
+            if let Some(kind) = entry.get("rope_type").and_then(Value::as_str)
+                && kind != "default"
+            {
+                return Err(bad(format!(
+                    "rope_parameters.{key}.rope_type {kind:?} is not supported (only default)"
+                )));
+            }
+            if let Some(t) = entry.get("rope_theta") {
+                theta[slot] = t.as_f64().ok_or_else(|| {
+                    bad(format!(
+                        "rope_parameters.{key}.rope_theta must be a number, found {t}"
+                    ))
+                })?;
+            }
+        }
+    }
+    for (t, key) in theta.iter().zip(["global_rope_theta", "local_rope_theta"]) {
+        if !(t.is_finite() && *t > 0.0) {
+            return Err(bad(format!("{key} must be positive, found {t}")));
+        }
+    }
+    let local = c.local_attention.unwrap_or(128);
+    if local < 2 {
+        return Err(bad(format!(
+            "local_attention must be at least 2, found {local}"
+        )));
+    }
+    let act_name = c.classifier_activation.as_deref().unwrap_or("gelu");
+    let classifier_act = Activation::parse(act_name).ok_or_else(|| {
+        bad(format!(
+            "classifier_activation {act_name:?} is not supported (gelu, gelu_new, gelu_pytorch_tanh, relu, silu, tanh)"
+        ))
+    })?;
+    let mean_pooling = match c.classifier_pooling.as_deref().unwrap_or("cls") {
+        "cls" => false,
+        "mean" => true,
+        other => {
+            return Err(bad(format!(
+                "classifier_pooling {other:?} is not supported (cls, mean)"
+            )));
+        }
+    };
+    let embedding_dropout = c.embedding_dropout.unwrap_or(0.0);
+    if !(0.0..1.0).contains(&embedding_dropout) {
+        return Err(bad(format!(
+            "embedding_dropout must be in [0, 1), found {embedding_dropout}"
+        )));
+    }
+    let cutoff = c.initializer_cutoff_factor.unwrap_or(2.0);
+    if !(cutoff.is_finite() && cutoff > 0.0) {
+        return Err(bad(format!(
+            "initializer_cutoff_factor must be positive, found {cutoff}"
+        )));
+    }
+    Ok(Modern {
+        global,
+        global_theta: theta[0],
+        local_theta: theta[1],
+        window: local / 2,
+        norm_bias: c.norm_bias.unwrap_or(false),
+        attention_bias: c.attention_bias.unwrap_or(false),
+        mlp_bias: c.mlp_bias.unwrap_or(false),
+        classifier_bias: c.classifier_bias.unwrap_or(false),
+        classifier_act,
+        mean_pooling,
+        embedding_dropout,
+        cutoff,
+    })
 }
 
 /// DeBERTa's own keys: whether absolute positions are added, the embedding

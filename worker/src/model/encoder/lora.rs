@@ -12,7 +12,7 @@ use std::path::Path;
 use tch::Tensor;
 use tch::nn::VarStore;
 
-use super::Encoder;
+use super::{Block, Encoder};
 use crate::error::{Error, Result, TorchContext};
 use crate::model::layers::Linear;
 use crate::model::peft;
@@ -28,6 +28,8 @@ impl Encoder {
     fn module_names(&self) -> [&'static str; 3] {
         match self.config.family {
             super::Family::Deberta => ["query_proj", "key_proj", "value_proj"],
+            // ModernBERT's projections are one fused `Wqkv`.
+            super::Family::ModernBert => ["Wqkv", "Wqkv", "Wqkv"],
             _ => ["query", "key", "value"],
         }
     }
@@ -39,10 +41,21 @@ impl Encoder {
         let [q, k, v] = self.module_names();
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter_mut().enumerate() {
-            let at = format!("{base}.encoder.layer.{i}.attention.self");
-            out.push((q, format!("{at}.{q}"), &mut layer.query));
-            out.push((k, format!("{at}.{k}"), &mut layer.key));
-            out.push((v, format!("{at}.{v}"), &mut layer.value));
+            match layer {
+                Block::Post(layer) => {
+                    let at = format!("{base}.encoder.layer.{i}.attention.self");
+                    out.push((q, format!("{at}.{q}"), &mut layer.query));
+                    out.push((k, format!("{at}.{k}"), &mut layer.key));
+                    out.push((v, format!("{at}.{v}"), &mut layer.value));
+                }
+                Block::Pre(layer) => {
+                    let at = format!("{base}.layers.{i}");
+                    out.push(("Wqkv", format!("{at}.attn.Wqkv"), &mut layer.wqkv));
+                    out.push(("Wo", format!("{at}.attn.Wo"), &mut layer.attn_out));
+                    out.push(("Wi", format!("{at}.mlp.Wi"), &mut layer.wi));
+                    out.push(("Wo", format!("{at}.mlp.Wo"), &mut layer.mlp_out));
+                }
+            }
         }
         out
     }
@@ -52,10 +65,21 @@ impl Encoder {
         let [q, k, v] = self.module_names();
         let mut out = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
-            let at = format!("{base}.encoder.layer.{i}.attention.self");
-            out.push((format!("{at}.{q}"), &layer.query));
-            out.push((format!("{at}.{k}"), &layer.key));
-            out.push((format!("{at}.{v}"), &layer.value));
+            match layer {
+                Block::Post(layer) => {
+                    let at = format!("{base}.encoder.layer.{i}.attention.self");
+                    out.push((format!("{at}.{q}"), &layer.query));
+                    out.push((format!("{at}.{k}"), &layer.key));
+                    out.push((format!("{at}.{v}"), &layer.value));
+                }
+                Block::Pre(layer) => {
+                    let at = format!("{base}.layers.{i}");
+                    out.push((format!("{at}.attn.Wqkv"), &layer.wqkv));
+                    out.push((format!("{at}.attn.Wo"), &layer.attn_out));
+                    out.push((format!("{at}.mlp.Wi"), &layer.wi));
+                    out.push((format!("{at}.mlp.Wo"), &layer.mlp_out));
+                }
+            }
         }
         out
     }

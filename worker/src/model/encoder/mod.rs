@@ -1,15 +1,20 @@
-//! Encoder models for token and sequence classification: BERT and RoBERTa on
-//! libtorch, read from and written to Hugging Face checkpoints.
+//! Encoder models for token and sequence classification: BERT, RoBERTa,
+//! XLM-RoBERTa and DeBERTa-v2/v3 on libtorch, read from and written to Hugging
+//! Face checkpoints.
 //!
-//! The two differ in the embeddings only: BERT numbers positions `0..T`, RoBERTa
-//! from `padding_idx + 1` over the non-padding tokens, and RoBERTa's
+//! BERT and RoBERTa differ in the embeddings only: BERT numbers positions `0..T`,
+//! RoBERTa from `padding_idx + 1` over the non-padding tokens, and RoBERTa's
 //! sequence head is a two-layer `classifier.dense`/`classifier.out_proj` on the
 //! first token where BERT's is the pooler (`tanh(dense(h₀))`) then `classifier`.
-//! Both are post-LayerNorm transformers with biases everywhere. Parameter paths
-//! equal transformers' state-dict names of `BertForTokenClassification`,
-//! `BertForSequenceClassification` and the RoBERTa pair, so a checkpoint those
-//! write loads here and what this writes loads there
-//! (`transformers.pipeline("token-classification")` included).
+//! DeBERTa adds disentangled attention over relative positions (`relative.rs`:
+//! content-to-position and position-to-content scores from one table shared by
+//! every layer), makes absolute positions and token types optional, and pools with
+//! its own `pooler.dense` and activation. All are post-LayerNorm transformers with
+//! biases everywhere. Parameter paths equal transformers' state-dict names of
+//! `BertForTokenClassification`, `BertForSequenceClassification` and the RoBERTa,
+//! XLM-RoBERTa and DeBERTa-v2 pairs, so a checkpoint those write loads here and
+//! what this writes loads there (`transformers.pipeline("token-classification")`
+//! included).
 //!
 //! A checkpoint without a head (a plain `BertModel`, or a masked-LM one) gets a
 //! new head initialised as transformers does: weights `N(0, initializer_range)`,
@@ -17,6 +22,7 @@
 
 mod config;
 mod lora;
+mod modern;
 mod relative;
 mod stacked;
 
@@ -51,6 +57,15 @@ struct Embeddings {
     norm: LayerNorm,
 }
 
+/// A layer of either shape.
+#[derive(Debug)]
+enum Block {
+    /// BERT's post-norm layer (BERT, RoBERTa, DeBERTa).
+    Post(Layer),
+    /// ModernBERT's pre-norm layer.
+    Pre(modern::Layer),
+}
+
 #[derive(Debug)]
 struct Layer {
     query: Linear,
@@ -81,6 +96,9 @@ enum Classifier {
     Linear(Linear),
     /// RoBERTa's sequence head: `out_proj(dropout(tanh(dense(dropout(h₀)))))`.
     Roberta { dense: Linear, out_proj: Linear },
+    /// ModernBERT's: `classifier(dropout(norm(act(dense(h)))))` on every
+    /// token, or on the first token or the real tokens' mean.
+    Modern { head: modern::Head, out: Linear },
 }
 
 /// An encoder with a classification head.
@@ -92,8 +110,11 @@ pub struct Encoder {
     kind: Kind,
     vs: VarStore,
     embeddings: Embeddings,
-    layers: Vec<Layer>,
+    layers: Vec<Block>,
     relative: Option<RelativeTable>,
+    /// ModernBERT's rotary tables and the norm after its last layer.
+    rotary: Option<modern::Rotary>,
+    final_norm: Option<LayerNorm>,
     /// The sequence head's pooler (BERT's `bert.pooler`, DeBERTa's
     /// `pooler`): `act(dense(h₀))`.
     pooler: Option<Linear>,
@@ -117,6 +138,27 @@ struct Attend {
     mask: Tensor,
     /// DeBERTa: the relative positions and their (normalised) embeddings.
     relative: Option<relative::Positions>,
+    /// ModernBERT: the rotary angles and the local layers' mask.
+    modern: Option<modern::Attend>,
+}
+
+/// Fills `param` from a normal of `std` cut at `cutoff` standard deviations
+/// (PyTorch's `trunc_normal_`: the inverse CDF of a uniform draw between the
+/// cut points).
+fn truncated_normal(param: &Tensor, std: f64, cutoff: f64) -> TchResult<Tensor> {
+    // Φ(±cutoff) = (1 + erf(±cutoff/√2)) / 2, so the uniform's bounds are
+    // 2Φ - 1 = erf(±cutoff/√2).
+    let z = cutoff / std::f64::consts::SQRT_2;
+    let bounds = Vec::<f64>::try_from(&Tensor::f_from_slice(&[-z, z])?.f_erf()?)?;
+    let [lo, hi] = bounds.as_slice() else {
+        return Err(tch::TchError::Shape("erf of two values".into()));
+    };
+    param
+        .shallow_clone()
+        .f_uniform_(*lo, *hi)?
+        .f_erfinv_()?
+        .f_mul_scalar_(std * std::f64::consts::SQRT_2)?
+        .f_clamp_(-cutoff * std, cutoff * std)
 }
 
 /// What loading found in the checkpoint, for the caller to report.
@@ -152,10 +194,11 @@ impl Encoder {
         let eps = config.layer_norm_eps;
         type Parts = (
             Embeddings,
-            Vec<Layer>,
+            Vec<Block>,
             Option<RelativeTable>,
             Option<Linear>,
             Classifier,
+            Option<LayerNorm>,
         );
         let deberta = config.family == Family::Deberta;
         // DeBERTa's projections are `query_proj`, `key_proj`, `value_proj`.
@@ -166,13 +209,20 @@ impl Encoder {
                 name.to_string()
             }
         };
+        let modern = config.modern.as_ref();
+        // ModernBERT's norms may go without bias (`norm_bias`).
+        let norm_bias = modern.is_none_or(|m| m.norm_bias);
         let build = || -> TchResult<Parts> {
             let e = base.sub("embeddings");
             let width = config.embedding_size;
             let embeddings = Embeddings {
                 word: param(
                     &e,
-                    "word_embeddings.weight",
+                    if modern.is_some() {
+                        "tok_embeddings.weight"
+                    } else {
+                        "word_embeddings.weight"
+                    },
                     &[config.vocab_size, width],
                     kind,
                 )?,
@@ -201,16 +251,31 @@ impl Encoder {
                 } else {
                     None
                 },
-                norm: LayerNorm::new(e.sub("LayerNorm"), h, eps, kind)?,
+                norm: LayerNorm::with_bias(
+                    e.sub(if modern.is_some() {
+                        "norm"
+                    } else {
+                        "LayerNorm"
+                    }),
+                    h,
+                    eps,
+                    norm_bias,
+                    kind,
+                )?,
             };
             let rel = config.relative.as_ref();
             let own_positions = rel.filter(|r| !r.share_att_key);
             let mut layers = Vec::with_capacity(config.num_hidden_layers as usize);
             for i in 0..config.num_hidden_layers {
+                if let Some(m) = modern {
+                    let l = base.sub("layers").sub(i.to_string());
+                    layers.push(Block::Pre(modern::Layer::new(&l, i, &config, m, kind)?));
+                    continue;
+                }
                 let l = base.sub("encoder").sub("layer").sub(i.to_string());
                 let a = l.sub("attention");
                 let at = a.sub("self");
-                layers.push(Layer {
+                layers.push(Block::Post(Layer {
                     query: Linear::biased(at.sub(proj("query")), h, h, kind)?,
                     key: Linear::biased(at.sub(proj("key")), h, h, kind)?,
                     value: Linear::biased(at.sub(proj("value")), h, h, kind)?,
@@ -237,7 +302,7 @@ impl Encoder {
                         kind,
                     )?,
                     output_norm: LayerNorm::new(l.sub("output").sub("LayerNorm"), h, eps, kind)?,
-                });
+                }));
             }
             let relative = match rel {
                 Some(r) => {
@@ -256,6 +321,26 @@ impl Encoder {
             let n = labels.len() as i64;
             let c = root.sub("classifier");
             let (pooler, classifier) = match (config.family, head) {
+                (Family::ModernBert, _) => {
+                    let bias = modern.is_some_and(|m| m.classifier_bias);
+                    let head_path = root.sub("head");
+                    (
+                        None,
+                        Classifier::Modern {
+                            head: modern::Head {
+                                dense: Linear::new(head_path.sub("dense"), h, h, bias, kind)?,
+                                norm: LayerNorm::with_bias(
+                                    head_path.sub("norm"),
+                                    h,
+                                    eps,
+                                    norm_bias,
+                                    kind,
+                                )?,
+                            },
+                            out: Linear::biased(c, h, n, kind)?,
+                        },
+                    )
+                }
                 (Family::Bert, Head::Sequence) => (
                     Some(Linear::biased(base.sub("pooler").sub("dense"), h, h, kind)?),
                     Classifier::Linear(Linear::biased(c, h, n, kind)?),
@@ -273,10 +358,24 @@ impl Encoder {
                 ),
                 (_, Head::Token) => (None, Classifier::Linear(Linear::biased(c, h, n, kind)?)),
             };
-            Ok((embeddings, layers, relative, pooler, classifier))
+            let final_norm = match modern {
+                Some(_) => Some(LayerNorm::with_bias(
+                    base.sub("final_norm"),
+                    h,
+                    eps,
+                    norm_bias,
+                    kind,
+                )?),
+                None => None,
+            };
+            Ok((embeddings, layers, relative, pooler, classifier, final_norm))
         };
-        let (embeddings, layers, relative, pooler, classifier) =
+        let (embeddings, layers, relative, pooler, classifier, final_norm) =
             build().op("building the encoder")?;
+        let rotary = match &config.modern {
+            Some(m) => Some(modern::Rotary::new(&config, m, device)?),
+            None => None,
+        };
         Ok(Encoder {
             config,
             head,
@@ -286,6 +385,8 @@ impl Encoder {
             embeddings,
             layers,
             relative,
+            rotary,
+            final_norm,
             pooler,
             classifier,
             training: false,
@@ -358,7 +459,9 @@ impl Encoder {
         names.sort();
         for name in names {
             let top_level = name.starts_with("classifier.")
-                || (self.config.family == Family::Deberta && name.starts_with("pooler."));
+                || (self.config.family == Family::Deberta && name.starts_with("pooler."))
+                || (self.config.family == Family::ModernBert
+                    && (name.starts_with("head.") || name.starts_with("decoder.")));
             let ours = if prefixed || top_level {
                 name.clone()
             } else {
@@ -370,10 +473,12 @@ impl Encoder {
             }
             // Masked-LM heads (BERT's `cls.`, RoBERTa's `lm_head.`, DeBERTa's
             // `lm_predictions.` and its legacy `cls.`, and the
-            // `mask_predictions.` of its pre-training), a pooler the head
-            // does not use, and the absolute positions DeBERTa-v3 checkpoints
-            // carry without using (`position_biased_input = false`).
+            // `mask_predictions.` of its pre-training, ModernBERT's
+            // `decoder.` — its `head.` is the classifiers' too), a pooler the
+            // head does not use, and the absolute positions DeBERTa-v3
+            // checkpoints carry without using (`position_biased_input = false`).
             let ignorable = name.ends_with("position_ids")
+                || (self.config.family == Family::ModernBert && name.starts_with("decoder."))
                 || name.starts_with("cls.")
                 || name.starts_with("lm_head.")
                 || name.starts_with("lm_predictions.")
@@ -406,12 +511,12 @@ impl Encoder {
                         name: ours.clone(),
                     });
                 }
-                let fresh = if ours.ends_with(".bias") {
-                    param.shallow_clone().f_zero_()
-                } else {
-                    param
+                let fresh = match &self.config.modern {
+                    Some(m) => self.modern_fresh(ours, param, m),
+                    None if ours.ends_with(".bias") => param.shallow_clone().f_zero_(),
+                    None => param
                         .shallow_clone()
-                        .f_normal_(0.0, self.config.initializer_range)
+                        .f_normal_(0.0, self.config.initializer_range),
                 };
                 let _fresh = fresh.op("initialising the head")?;
                 report.initialised.push(ours.clone());
@@ -438,11 +543,33 @@ impl Encoder {
         Ok(report)
     }
 
+    /// A new ModernBERT head as transformers draws it: the weights from a
+    /// normal cut at `cutoff` standard deviations (the classifier's of
+    /// 1/√hidden, `head.dense`'s of `initializer_range / √(2 · layers)`),
+    /// biases zero, the norm's weight one.
+    fn modern_fresh(&self, name: &str, param: &Tensor, m: &config::Modern) -> TchResult<Tensor> {
+        let c = &self.config;
+        if name.ends_with(".bias") {
+            return param.shallow_clone().f_zero_();
+        }
+        if name.starts_with("head.norm.") {
+            return param.shallow_clone().f_fill_(1.0);
+        }
+        let std = if name.starts_with("classifier.") {
+            (c.hidden_size as f64).powf(-0.5)
+        } else {
+            c.initializer_range / (2.0 * c.num_hidden_layers as f64).sqrt()
+        };
+        truncated_normal(param, std, m.cutoff)
+    }
+
     /// Where the sequence head's pooler sits: inside the base model
-    /// (`bert.pooler.`), or beside it (DeBERTa's `pooler.`).
+    /// (`bert.pooler.`), or beside it (DeBERTa's `pooler.`); ModernBERT's
+    /// head (`head.`) is both heads'.
     fn pooler_prefix(&self) -> String {
         match self.config.family {
             Family::Deberta => "pooler.".into(),
+            Family::ModernBert => "head.".into(),
             family => format!("{}.pooler.", family.name()),
         }
     }
@@ -490,7 +617,7 @@ impl Encoder {
     fn position_ids(&self, input_ids: &Tensor) -> TchResult<Tensor> {
         let (b, t) = input_ids.size2()?;
         match self.config.family {
-            Family::Bert | Family::Deberta => {
+            Family::Bert | Family::Deberta | Family::ModernBert => {
                 Tensor::f_arange(t, (Kind::Int64, input_ids.device()))?
                     .f_unsqueeze(0)?
                     .f_expand([b, t], false)
@@ -528,7 +655,15 @@ impl Encoder {
         for i in 0..self.layers.len() {
             x = self.layer_forward(i, &x, &attend, dropout)?;
         }
-        Ok(x)
+        self.final_norm(x)
+    }
+
+    /// ModernBERT's norm after the last layer (the others have none).
+    fn final_norm(&self, x: Tensor) -> TchResult<Tensor> {
+        match &self.final_norm {
+            Some(norm) => norm.forward(&x),
+            None => Ok(x),
+        }
     }
 
     /// The embedding's output `[B, T, H]` (normalised, dropout applied) and
@@ -578,6 +713,17 @@ impl Encoder {
         }
         let mut x = e.norm.forward(&x)?;
         let keys = attention_mask.f_ne(0)?;
+        if let (Some(m), Some(rotary)) = (&self.config.modern, &self.rotary) {
+            let x = self.dropout(x, m.embedding_dropout)?;
+            let modern = modern::Attend::new(rotary, &keys, m.window, x.kind())
+                .map_err(|e| tch::TchError::Torch(e.to_string()))?;
+            let attend = Attend {
+                mask: keys.f_view([b, 1, 1, t])?.f_expand([b, 1, t, t], false)?,
+                relative: None,
+                modern: Some(modern),
+            };
+            return Ok((x, attend));
+        }
         if self.config.family == Family::Deberta {
             // DeBERTa zeroes the padding's embeddings.
             x = x.f_mul(&keys.f_unsqueeze(-1)?.f_to_kind(x.kind())?)?;
@@ -601,11 +747,13 @@ impl Encoder {
                         table_rows,
                         input_ids.device(),
                     )?),
+                    modern: None,
                 }
             }
             _ => Attend {
                 mask: keys.f_view([b, 1, 1, t])?.f_expand([b, 1, t, t], false)?,
                 relative: None,
+                modern: None,
             },
         };
         Ok((x, attend))
@@ -639,7 +787,17 @@ impl Encoder {
                 Ok(x)
             }
         };
-        let layer = &self.layers[i];
+        let layer = match &self.layers[i] {
+            Block::Post(layer) => layer,
+            Block::Pre(layer) => {
+                let Some(modern) = &attend.modern else {
+                    return Err(tch::TchError::Shape(
+                        "a ModernBERT layer without its rotary angles".into(),
+                    ));
+                };
+                return layer.forward(x, c, &attend.mask, modern, (p_attn, p_hidden));
+            }
+        };
         let q = split(layer.query.forward(x)?)?;
         let k = split(layer.key.forward(x)?)?;
         let v = split(layer.value.forward(x)?)?;
@@ -689,14 +847,33 @@ impl Encoder {
         token_type_ids: Option<&Tensor>,
     ) -> Result<Tensor> {
         self.hidden_inner(input_ids, attention_mask, token_type_ids)
-            .and_then(|x| self.logits_of(&x))
+            .and_then(|x| self.logits_of(&x, attention_mask))
             .op("encoder forward")
     }
 
-    /// The head on the last hidden states `x`.
-    fn logits_of(&self, x: &Tensor) -> TchResult<Tensor> {
+    /// The head on the last hidden states `x` (`attention_mask` for a
+    /// head that pools the real tokens' mean).
+    fn logits_of(&self, x: &Tensor, attention_mask: &Tensor) -> TchResult<Tensor> {
         let c = &self.config;
         match (&self.classifier, self.head) {
+            (Classifier::Modern { head, out }, which) => {
+                let mean = c.modern.as_ref().is_some_and(|m| m.mean_pooling);
+                let act = c
+                    .modern
+                    .as_ref()
+                    .map_or(Activation::Gelu, |m| m.classifier_act);
+                let h = match which {
+                    Head::Token => x.shallow_clone(),
+                    Head::Sequence if mean => {
+                        let real = attention_mask.f_to_kind(x.kind())?.f_unsqueeze(-1)?;
+                        let sum = x.f_mul(&real)?.f_sum_dim_intlist(1, false, x.kind())?;
+                        sum.f_div(&real.f_sum_dim_intlist(1, false, x.kind())?)?
+                    }
+                    Head::Sequence => x.f_select(1, 0)?,
+                };
+                let h = head.norm.forward(&act.apply(&head.dense.forward(&h)?)?)?;
+                out.forward(&self.dropout(h, c.classifier_dropout)?)
+            }
             (Classifier::Linear(linear), Head::Token) => {
                 linear.forward(&self.dropout(x.shallow_clone(), c.token_classifier_dropout)?)
             }

@@ -76,6 +76,7 @@ impl Encoder {
             table = Some(std::mem::replace(&mut positions.table, leaf));
         }
         let c = &self.config;
+        // Dropout in the layers (ModernBERT's `mlp_dropout` is `hidden_dropout`).
         let random = self.training && (c.hidden_dropout > 0.0 || c.attention_dropout > 0.0);
         let (top, layers) = stack::forward(
             self.layers.len(),
@@ -87,7 +88,10 @@ impl Encoder {
                     .op("encoder layer")
             },
         )?;
-        let logits = self.logits_of(&top).op("encoder head")?;
+        let logits = self
+            .final_norm(top)
+            .and_then(|top| self.logits_of(&top, attention_mask))
+            .op("encoder head")?;
         Ok((
             logits,
             layers.map(|layers| Deferred {

@@ -60,9 +60,15 @@ fn check_model(spec: &RunSpec) -> Result<()> {
     Err(Error::Config {
         path: dir.join("config.json"),
         reason: format!(
-            "model_type {:?} is a causal LM; task.type = {} needs an encoder (bert, roberta)",
+            "model_type {:?} is a causal LM; task.type = {} needs an encoder ({})",
             model_type.name(),
-            serde_json::to_string(&spec.task.kind).unwrap_or_default()
+            serde_json::to_string(&spec.task.kind).unwrap_or_default(),
+            ModelType::ALL
+                .into_iter()
+                .filter(|t| t.is_encoder())
+                .map(ModelType::name)
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     })
 }
