@@ -246,6 +246,27 @@ fn deberta_training_equals_pytorch() {
     );
 }
 
+/// ModernBERT (pre-norm, rotary, a local layer after a global one, GeGLU,
+/// no biases, a byte-level BPE without a prefix space) for NER with
+/// negatives, and sequence classification over the real tokens' mean.
+#[test]
+fn modernbert_training_equals_pytorch() {
+    check_against_reference(
+        "modernbert",
+        "token-classification",
+        NER_LABELS,
+        NER_DATA,
+        "combined",
+    );
+    check_against_reference(
+        "modernbert",
+        "sequence-classification",
+        "neg,neu,pos",
+        SENTIMENT_DATA,
+        "combined",
+    );
+}
+
 #[test]
 fn ner_combined_training_equals_pytorch() {
     check_against_reference(

@@ -77,6 +77,18 @@ fn fixtures() -> &'static Path {
                 ];
                 args.extend_from_slice(extra);
                 run_python("examples/tiny_encoder.py", &args);
+                if name == "modernbert-b" && head == "token" {
+                    // The same model with the config.json the published
+                    // checkpoints have (transformers 4.48's keys).
+                    let hub = dir.join("modernbert-hub-token");
+                    copy_dir(Path::new(out), &hub);
+                    hub_modernbert_config(&hub.join("config.json"));
+                    let hub = hub.to_str().expect("utf-8 path");
+                    run_python(
+                        "tests/reference/encoder_reference.py",
+                        &["logits", hub, &format!("{hub}.ref.safetensors")],
+                    );
+                }
                 if head != "none" {
                     run_python(
                         "tests/reference/encoder_reference.py",
@@ -85,8 +97,68 @@ fn fixtures() -> &'static Path {
                 }
             }
         }
+        // ModernBERT's base as it is published: its masked-LM model, whose
+        // `head.` the classification heads share.
+        run_python(
+            "examples/tiny_encoder.py",
+            &[
+                "--out",
+                dir.join("modernbert-mlm").to_str().expect("utf-8 path"),
+                "--family",
+                "modernbert",
+                "--head",
+                "mlm",
+                "--layers",
+                "4",
+                "--init-range",
+                "0.2",
+                "--seed",
+                "3",
+            ],
+        );
         dir
     })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy");
+    }
+}
+
+/// Rewrites a ModernBERT `config.json` as transformers 4.48 wrote it (the
+/// published checkpoints' form): the layer pattern as
+/// `global_attn_every_n_layers`, the rotary bases as `global_rope_theta` and
+/// `local_rope_theta`, BERT's unused `position_embedding_type`, no
+/// `layer_types` or `rope_parameters`.
+fn hub_modernbert_config(path: &Path) {
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("config")).expect("json");
+    let obj = config.as_object_mut().expect("object");
+    let types = obj.remove("layer_types").expect("layer_types");
+    let every = types
+        .as_array()
+        .expect("list")
+        .iter()
+        .skip(1)
+        .position(|t| t == "full_attention")
+        .expect("a second global layer")
+        + 1;
+    obj.insert("global_attn_every_n_layers".into(), every.into());
+    let rope = obj.remove("rope_parameters").expect("rope_parameters");
+    obj.insert(
+        "global_rope_theta".into(),
+        rope["full_attention"]["rope_theta"].clone(),
+    );
+    obj.insert(
+        "local_rope_theta".into(),
+        rope["sliding_attention"]["rope_theta"].clone(),
+    );
+    obj.insert("position_embedding_type".into(), "absolute".into());
+    obj.insert("transformers_version".into(), "4.48.0".into());
+    std::fs::write(path, serde_json::to_string_pretty(&config).expect("json")).expect("write");
 }
 
 /// A right-padded batch of `seqs` with `pad`: (ids, mask).
@@ -199,6 +271,94 @@ fn modernbert_token_and_sequence_classification_logits_equal_transformers() {
     check_logits("modernbert-b-sequence", Head::Sequence);
 }
 
+/// The `config.json` of the published ModernBERT checkpoints (transformers
+/// 4.48's keys) means the same model: logits equal transformers' on it.
+#[test]
+fn modernbert_config_as_published_reads_the_same() {
+    check_logits("modernbert-hub-token", Head::Token);
+}
+
+/// ModernBERT's new head: from its published masked-LM checkpoint only the
+/// classifier is new (`head.dense` and `head.norm` are the MLM's, its
+/// `decoder.` ignored); from a bare `ModernBertModel` the whole head is,
+/// drawn as transformers draws it — normals cut at `initializer_cutoff_factor`
+/// standard deviations (1/√hidden for the classifier, `initializer_range /
+/// √(2 · layers)` for `head.dense`), the norm's weight one.
+#[test]
+fn modernbert_new_head_is_drawn_as_transformers_draws_it() {
+    let mlm = fixtures().join("modernbert-mlm");
+    let (model, report) = Encoder::load(
+        &mlm,
+        Head::Token,
+        Some(labels()),
+        Kind::Float,
+        Device::Cpu,
+        7,
+    )
+    .expect("loads");
+    assert_eq!(report.initialised, ["classifier.bias", "classifier.weight"]);
+    assert!(
+        report.ignored.iter().any(|n| n.starts_with("decoder.")),
+        "{:?}",
+        report.ignored
+    );
+    let file = read_tensors(&mlm.join("model.safetensors"));
+    let vars = model.var_store().variables();
+    assert_eq!(
+        max_abs_diff(&vars["head.dense.weight"], &file["head.dense.weight"]),
+        0.0
+    );
+
+    let (model, report) = Encoder::load(
+        &fixtures().join("modernbert-none"),
+        Head::Sequence,
+        Some(labels()),
+        Kind::Float,
+        Device::Cpu,
+        7,
+    )
+    .expect("loads");
+    assert_eq!(
+        report.initialised,
+        [
+            "classifier.bias",
+            "classifier.weight",
+            "head.dense.weight",
+            "head.norm.weight"
+        ]
+    );
+    let vars = model.var_store().variables();
+    let c = model.config();
+    let h = c.hidden_size as f64;
+    let layers = c.num_hidden_layers as f64;
+    // A normal cut at ±2σ keeps 0.880σ of its spread.
+    for (name, sigma) in [
+        ("classifier.weight", h.powf(-0.5)),
+        (
+            "head.dense.weight",
+            c.initializer_range / (2.0 * layers).sqrt(),
+        ),
+    ] {
+        let t = &vars[name];
+        let std = t.std(true).double_value(&[]);
+        let max = t.abs().max().double_value(&[]);
+        assert!(
+            (std - 0.880 * sigma).abs() < 0.12 * sigma,
+            "{name}: std {std}, want {}",
+            0.880 * sigma
+        );
+        assert!(
+            max <= 2.0 * sigma + 1e-7,
+            "{name}: {max} beyond the cut {}",
+            2.0 * sigma
+        );
+        assert!(max > 1.5 * sigma, "{name}: {max}: the tails are drawn");
+    }
+    assert_eq!(vars["head.norm.weight"].min().double_value(&[]), 1.0);
+    assert_eq!(vars["head.norm.weight"].max().double_value(&[]), 1.0);
+    assert_eq!(vars["classifier.bias"].abs().max().double_value(&[]), 0.0);
+}
+
 /// A plain `BertModel` checkpoint: its encoder is read as-is (names without the
 /// `bert.` prefix), its pooler ignored by the token head, and the head is new,
 /// initialised as transformers does (normal weights, zero biases).
@@ -237,7 +397,7 @@ fn a_checkpoint_without_a_head_gets_a_new_one() {
             Encoder::load(&dir, head, Some(labels()), Kind::Float, Device::Cpu, 7).expect("loads");
         assert_eq!(report.initialised, new_params, "{family}");
         let prefix = model.config().family.name();
-        if prefix != "deberta" {
+        if prefix == "bert" || prefix == "roberta" {
             assert!(
                 report.ignored.iter().any(|n| n.starts_with("pooler.")),
                 "{family}: the base's pooler is not used: {:?}",
@@ -295,6 +455,9 @@ fn a_saved_encoder_runs_in_transformers_pipelines() {
         // Saved as DebertaV2For…Classification, model_type deberta-v2.
         ("deberta-v3-none", Head::Token, "token-classification"),
         ("deberta-v2-none", Head::Sequence, "text-classification"),
+        // ModernBertFor…Classification, its new head's dense layer and norm included.
+        ("modernbert-none", Head::Token, "token-classification"),
+        ("modernbert-b-none", Head::Sequence, "text-classification"),
     ] {
         let src = fixtures().join(name);
         let (model, _) =
@@ -386,6 +549,9 @@ fn word_labels_align_with_tokens_as_transformers_does() {
         "roberta-token",
         "xlm-roberta-token",
         "deberta-v3-token",
+        // Byte-level BPE without a prefix space: each word encoded as if
+        // it began the text.
+        "modernbert-token",
     ] {
         let model = fixtures().join(name);
         let tokenizer = TextTokenizer::from_dir(&model).expect("tokenizer");
