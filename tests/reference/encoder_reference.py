@@ -161,8 +161,10 @@ def train(model_dir: str, data: str, settings: str, out: str) -> None:
                 negatives = sorted({(0, label2id[n]) for n in rec.get("negatives", [])})
             examples.append((enc["input_ids"], targets, negatives))
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    no_decay = [p for n, p in params if n.endswith("bias") or "LayerNorm.weight" in n]
-    decay = [p for n, p in params if not (n.endswith("bias") or "LayerNorm.weight" in n)]
+    # The Trainer's own rule: no decay on LayerNorm modules' parameters and biases.
+    decays = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    no_decay = [p for n, p in params if n not in decays]
+    decay = [p for n, p in params if n in decays]
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.get("optimizer", "adamw") == "sgd":
         opt = torch.optim.SGD(groups, lr=cfg["lr"])
