@@ -292,3 +292,68 @@ fn deberta_lora_equals_peft_and_peft_loads_it() {
         &["query", "value"],
     );
 }
+
+/// ModernBERT: adapters on its fused `Wqkv`, both `Wo` (the attention's and
+/// the MLP's, one name in PEFT as here) and `Wi`, for NER; the spec's
+/// `query`/`value` standing for `Wqkv` for mean-pooled sequence
+/// classification.
+#[test]
+fn modernbert_lora_equals_peft_and_peft_loads_it() {
+    check_against_peft(
+        "token-classification",
+        "modernbert",
+        "O,B-PER,I-PER,B-LOC,I-LOC",
+        NER_DATA,
+        "combined",
+        &["Wqkv", "Wo", "Wi"],
+        &["Wqkv", "Wo", "Wi"],
+    );
+    check_against_peft(
+        "sequence-classification",
+        "modernbert",
+        "neg,neu,pos",
+        SENTIMENT_DATA,
+        "combined",
+        &["Wqkv"],
+        &["query", "value"],
+    );
+}
+
+/// A module the model does not have is refused by name, not skipped.
+#[test]
+fn a_lora_target_the_encoder_lacks_is_refused() {
+    let dir = tempdir();
+    let model = dir.path().join("model");
+    run_python(
+        "examples/tiny_encoder.py",
+        &[
+            "--out",
+            model.to_str().expect("utf-8"),
+            "--family",
+            "bert",
+            "--head",
+            "token",
+            "--labels",
+            "O,B-PER,I-PER",
+        ],
+    );
+    let (mut encoder, _) = dpo_worker::model::encoder::Encoder::load(
+        &model,
+        dpo_worker::model::encoder::Head::Token,
+        None,
+        tch::Kind::Float,
+        tch::Device::Cpu,
+        0,
+    )
+    .expect("loads");
+    let spec = dpo_proto::LoraSpec {
+        target_modules: dpo_proto::TargetModules::Names(vec!["query".into(), "Wqkv".into()]),
+        ..Default::default()
+    };
+    let err = encoder.add_lora(&spec, 0).expect_err("Wqkv is ModernBERT's");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("lora.target_modules") && msg.contains("\"Wqkv\"") && msg.contains("query, value"),
+        "{msg}"
+    );
+}

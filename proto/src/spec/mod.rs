@@ -532,9 +532,10 @@ pub enum TargetModules {
 
 /// The encoders' linear modules adapters can target, by PEFT's names (the
 /// self-attention's projections: BERT's and RoBERTa's `query`, `key`,
-/// `value` — PEFT's default is `query` and `value` — and DeBERTa's
-/// `query_proj`, `key_proj`, `value_proj`). Which of them a model has is
-/// the model's to say.
+/// `value` — PEFT's default is `query` and `value` —, DeBERTa's
+/// `query_proj`, `key_proj`, `value_proj`, and ModernBERT's fused `Wqkv`, its
+/// attention's and MLP's output `Wo` and its MLP's `Wi`). Which of them a
+/// model has is the model's to say.
 pub const ENCODER_LORA_MODULES: &[&str] = &[
     "query",
     "key",
@@ -542,6 +543,9 @@ pub const ENCODER_LORA_MODULES: &[&str] = &[
     "query_proj",
     "key_proj",
     "value_proj",
+    "Wqkv",
+    "Wo",
+    "Wi",
 ];
 
 /// The decoders' linear modules, by PEFT's names (Phi-3 fuses q, k and v
@@ -1459,7 +1463,7 @@ train = "train.jsonl"
             ),
             (
                 with("[lora]\ntarget_modules = [\"q_proj\"]\n"),
-                "lora.target_modules: unknown module \"q_proj\" (an encoder has query, key, value, query_proj, key_proj, value_proj)",
+                "lora.target_modules: unknown module \"q_proj\" (an encoder has query, key, value, query_proj, key_proj, value_proj, Wqkv, Wo, Wi)",
             ),
             (
                 with("[lora]\ntarget_modules = \"all-linear\"\n"),

@@ -1,7 +1,8 @@
 //! LoRA on the encoders, as PEFT does it for `TOKEN_CLS` and `SEQ_CLS`:
 //! adapters on the self-attention's `query`, `key`, `value` layers (PEFT's
 //! default for BERT and RoBERTa is `query` and `value`; DeBERTa's are
-//! `query_proj`, `key_proj`, `value_proj`), every base parameter
+//! `query_proj`, `key_proj`, `value_proj`; ModernBERT's linear layers are
+//! `Wqkv`, `Wo` — the attention's and the MLP's — and `Wi`), every base parameter
 //! frozen except the classification head, which trains whole (PEFT's
 //! `modules_to_save`) and is saved with the adapters. `merge` writes the base
 //! with the adapters folded in, a plain transformers checkpoint.
@@ -107,6 +108,25 @@ impl Encoder {
         let store = VarStore::new(self.device());
         let root = store.root();
         let targets = spec.target_modules.names();
+        // A name this family does not have is refused, not skipped: the
+        // adapters it asked for would silently not exist.
+        let has: std::collections::HashSet<&'static str> = self
+            .lora_sites_mut()
+            .into_iter()
+            .map(|(module, _, _)| module)
+            .collect();
+        if let Some(missing) = targets.iter().find(|t| !has.contains(t.as_str())) {
+            let mut names: Vec<&str> = has.into_iter().collect();
+            names.sort();
+            return Err(Error::Input {
+                context: "lora.target_modules".into(),
+                reason: format!(
+                    "this {} encoder has no module {missing:?} (its modules: {})",
+                    self.config.model_type.name(),
+                    names.join(", ")
+                ),
+            });
+        }
         let on = self.adapters_on.clone();
         tch::manual_seed(seed as i64);
         let added = crate::model::layers::attach_lora_to(self.lora_sites_mut(), &root, spec, &on)
