@@ -209,6 +209,55 @@ fn deberta_s_shared_position_table_trains_the_same_layer_by_layer() {
     }
 }
 
+/// ModernBERT's pre-norm layers (rotary, a local window, GeGLU, a final
+/// norm after the stack) go layer by layer too: checkpointed and ZeRO stage 2
+/// on two ranks equal plain autograd; with its dropouts on (embedding,
+/// attention, MLP), a checkpointed layer's recomputation draws the masks its
+/// forward drew, as the staged backward that keeps them shows.
+#[test]
+fn modernbert_trains_the_same_layer_by_layer() {
+    let family = [
+        "--family",
+        "modernbert",
+        "--layers",
+        "3",
+        "--local-attention",
+        "4",
+    ];
+    let dir = fixture_of(&family, "0");
+    let d = dir.path();
+    train(&spec(d, "plain", ""), 1, &[], 0);
+    train(
+        &spec(d, "checkpointed", "gradient_checkpointing = true\n"),
+        1,
+        &[],
+        0,
+    );
+    train(&spec(d, "zero2", "zero_stage = 2\n"), 2, &[], 0);
+    let (worst, at) = weight_diff(d, "plain", "checkpointed");
+    eprintln!("ModernBERT checkpointed vs plain: max |Δ| {worst:.2e} ({at})");
+    assert!(worst < 1e-6, "{worst} in {at}");
+    let (worst, at) = weight_diff(d, "plain", "zero2");
+    eprintln!("ModernBERT ZeRO-2 on 2 ranks vs plain: max |Δ| {worst:.2e} ({at})");
+    assert!(worst < 2e-5, "{worst} in {at}");
+
+    let dropout = fixture_of(&family, "0.2");
+    let d = dropout.path();
+    train(
+        &spec(d, "checkpointed", "gradient_checkpointing = true\n"),
+        1,
+        &[],
+        0,
+    );
+    train(&spec(d, "staged", "zero_stage = 2\n"), 1, &[], 0);
+    train(&spec(d, "plain", ""), 1, &[], 0);
+    let (worst, at) = weight_diff(d, "checkpointed", "staged");
+    eprintln!("ModernBERT checkpointed vs staged (dropout 0.2): max |Δ| {worst:.2e} ({at})");
+    assert!(worst < 1e-6, "{worst} in {at}");
+    let (apart, _) = weight_diff(d, "checkpointed", "plain");
+    assert!(apart > 1e-4, "dropout drew nothing: {apart}");
+}
+
 #[test]
 fn an_encoder_zero_checkpoint_of_three_ranks_resumes_on_two() {
     let dir = fixture("0");
