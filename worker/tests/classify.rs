@@ -203,6 +203,48 @@ output = "out"
         worst <= 1e-5,
         "{task} {loss}: weights differ from the reference by {worst:.3e}"
     );
+    loads_back_in_transformers(&dir.path().join("out/final"));
+}
+
+/// What `dpo-worker train` wrote in `dir` is a model transformers loads
+/// (`AutoModelFor…Classification`, its tokenizer beside it) and whose logits
+/// equal ours on the reference sentences.
+fn loads_back_in_transformers(dir: &Path) {
+    use dpo_worker::model::encoder::{Encoder, Head};
+    let reference = dir.with_extension("ref.safetensors");
+    run_python(
+        "tests/reference/encoder_reference.py",
+        &[
+            "logits",
+            dir.to_str().expect("utf-8"),
+            reference.to_str().expect("utf-8"),
+        ],
+    );
+    let theirs = read_tensors(&reference);
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("json");
+    let head = match config["architectures"][0].as_str() {
+        Some(a) if a.ends_with("ForTokenClassification") => Head::Token,
+        _ => Head::Sequence,
+    };
+    let _guard = tch::no_grad_guard();
+    let (model, _) = Encoder::load(dir, head, None, tch::Kind::Float, tch::Device::Cpu, 0)
+        .expect("the trained model loads");
+    let mut worst = 0.0f64;
+    for i in 0..theirs.len() / 2 {
+        let ids = theirs[&format!("input_ids.{i}")].unsqueeze(0);
+        let ours = model
+            .forward(&ids, &ids.ones_like(), None)
+            .expect("forward")
+            .squeeze_dim(0);
+        worst = worst.max(max_abs_diff(&ours, &theirs[&format!("logits.{i}")]));
+    }
+    eprintln!(
+        "{}: transformers' logits of the trained model within {worst:.2e} of ours",
+        dir.display()
+    );
+    assert!(worst <= 1e-4, "trained model: logits differ by {worst:.3e}");
 }
 
 #[test]

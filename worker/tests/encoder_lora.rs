@@ -350,10 +350,14 @@ fn a_lora_target_the_encoder_lacks_is_refused() {
         target_modules: dpo_proto::TargetModules::Names(vec!["query".into(), "Wqkv".into()]),
         ..Default::default()
     };
-    let err = encoder.add_lora(&spec, 0).expect_err("Wqkv is ModernBERT's");
+    let err = encoder
+        .add_lora(&spec, 0)
+        .expect_err("Wqkv is ModernBERT's");
     let msg = err.to_string();
     assert!(
-        msg.contains("lora.target_modules") && msg.contains("\"Wqkv\"") && msg.contains("query, value"),
+        msg.contains("lora.target_modules")
+            && msg.contains("\"Wqkv\"")
+            && msg.contains("query, value"),
         "{msg}"
     );
 }
