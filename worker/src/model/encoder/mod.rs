@@ -61,9 +61,9 @@ struct Embeddings {
 #[derive(Debug)]
 enum Block {
     /// BERT's post-norm layer (BERT, RoBERTa, DeBERTa).
-    Post(Layer),
+    Post(Box<Layer>),
     /// ModernBERT's pre-norm layer.
-    Pre(modern::Layer),
+    Pre(Box<modern::Layer>),
 }
 
 #[derive(Debug)]
@@ -269,13 +269,15 @@ impl Encoder {
             for i in 0..config.num_hidden_layers {
                 if let Some(m) = modern {
                     let l = base.sub("layers").sub(i.to_string());
-                    layers.push(Block::Pre(modern::Layer::new(&l, i, &config, m, kind)?));
+                    layers.push(Block::Pre(Box::new(modern::Layer::new(
+                        &l, i, &config, m, kind,
+                    )?)));
                     continue;
                 }
                 let l = base.sub("encoder").sub("layer").sub(i.to_string());
                 let a = l.sub("attention");
                 let at = a.sub("self");
-                layers.push(Block::Post(Layer {
+                layers.push(Block::Post(Box::new(Layer {
                     query: Linear::biased(at.sub(proj("query")), h, h, kind)?,
                     key: Linear::biased(at.sub(proj("key")), h, h, kind)?,
                     value: Linear::biased(at.sub(proj("value")), h, h, kind)?,
@@ -302,7 +304,7 @@ impl Encoder {
                         kind,
                     )?,
                     output_norm: LayerNorm::new(l.sub("output").sub("LayerNorm"), h, eps, kind)?,
-                }));
+                })));
             }
             let relative = match rel {
                 Some(r) => {
