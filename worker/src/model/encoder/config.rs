@@ -732,3 +732,131 @@ fn deberta_settings(
         }),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str, model_type: &str) -> Result<EncoderConfig> {
+        let text = format!(
+            r#"{{"model_type": "{model_type}", "vocab_size": 100, "hidden_size": 32,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64,
+                "max_position_embeddings": 64, "pad_token_id": 0 {extra}}}"#
+        );
+        EncoderConfig::from_json(&text, Path::new("m/config.json"))
+    }
+
+    /// The error of `extra` names the file and `key`.
+    fn refused(extra: &str, model_type: &str, key: &str) {
+        let err = parse(extra, model_type).expect_err(extra).to_string();
+        assert!(
+            err.contains("m/config.json") && err.contains(key),
+            "{extra}: {err}"
+        );
+    }
+
+    #[test]
+    fn deberta_options_it_does_not_compute_are_refused_by_key() {
+        refused(r#", "conv_kernel_size": 3"#, "deberta-v2", "conv_kernel_size");
+        refused(r#", "attention_head_size": 16"#, "deberta-v2", "attention_head_size");
+        refused(r#", "pooler_hidden_size": 16"#, "deberta-v2", "pooler_hidden_size");
+        refused(
+            r#", "relative_attention": true, "pos_att_type": "p2c|c2q""#,
+            "deberta-v2",
+            "pos_att_type",
+        );
+        refused(
+            r#", "relative_attention": true, "norm_rel_ebd": "batch_norm""#,
+            "deberta-v2",
+            "norm_rel_ebd",
+        );
+        refused(
+            r#", "relative_attention": true, "position_buckets": 1"#,
+            "deberta-v2",
+            "position_buckets",
+        );
+        // 0 means no convolution, as transformers reads it.
+        assert!(parse(r#", "conv_kernel_size": 0"#, "deberta-v2").is_ok());
+    }
+
+    /// DeBERTa's `pos_att_type` as the published v3 configs spell it (one
+    /// string) and as transformers writes it (a list) mean the same.
+    #[test]
+    fn deberta_pos_att_type_is_read_in_both_spellings() {
+        let rel = |spelling: &str| {
+            parse(
+                &format!(r#", "relative_attention": true, "pos_att_type": {spelling}"#),
+                "deberta-v2",
+            )
+            .expect("parses")
+            .relative
+            .expect("relative")
+        };
+        let a = rel(r#""p2c|c2p""#);
+        let b = rel(r#"["c2p", "p2c"]"#);
+        assert_eq!(a, b);
+        assert!(a.c2p && a.p2c);
+        assert!(!rel(r#"["c2p"]"#).p2c);
+    }
+
+    #[test]
+    fn modernbert_is_read_in_both_config_forms() {
+        let hub = parse(
+            r#", "global_attn_every_n_layers": 2, "global_rope_theta": 160000.0,
+                "local_rope_theta": 10000.0, "local_attention": 8,
+                "position_embedding_type": "absolute""#,
+            "modernbert",
+        )
+        .expect("the published form");
+        let new = parse(
+            r#", "layer_types": ["full_attention", "sliding_attention", "full_attention",
+                "sliding_attention"], "local_attention": 8,
+                "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 160000.0},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}"#,
+            "modernbert",
+        )
+        .expect("transformers 5's form");
+        assert_eq!(hub.modern, new.modern);
+        let m = hub.modern.expect("modern");
+        assert_eq!(m.global, [true, false, true, false]);
+        assert_eq!((m.global_theta, m.local_theta, m.window), (160000.0, 10000.0, 4));
+        // Defaults as transformers': a global layer every third, no biases,
+        // the first token pooled, norm_eps 1e-5.
+        let d = parse("", "modernbert").expect("defaults");
+        let m = d.modern.expect("modern");
+        assert_eq!(m.global, [true, false, false, true]);
+        assert!(!m.norm_bias && !m.attention_bias && !m.mlp_bias && !m.mean_pooling);
+        assert_eq!(d.layer_norm_eps, 1e-5);
+        assert_eq!(d.type_vocab_size, 0);
+        assert!(!d.position_biased_input);
+    }
+
+    #[test]
+    fn modernbert_options_it_does_not_compute_are_refused_by_key() {
+        refused(
+            r#", "rope_scaling": {"rope_type": "linear", "factor": 2.0}"#,
+            "modernbert",
+            "rope_scaling",
+        );
+        refused(
+            r#", "rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 2.0}}"#,
+            "modernbert",
+            "rope_parameters.full_attention.rope_type",
+        );
+        refused(
+            r#", "layer_types": ["full_attention", "chunked_attention", "full_attention", "full_attention"]"#,
+            "modernbert",
+            "layer_types",
+        );
+        refused(
+            r#", "layer_types": ["full_attention"]"#,
+            "modernbert",
+            "layer_types",
+        );
+        refused(r#", "classifier_pooling": "max""#, "modernbert", "classifier_pooling");
+        refused(r#", "hidden_activation": "mish""#, "modernbert", "hidden_activation");
+        refused(r#", "local_attention": 1"#, "modernbert", "local_attention");
+        refused(r#", "mlp_dropout": 1.5"#, "modernbert", "mlp_dropout");
+        refused(r#", "norm_eps": 0"#, "modernbert", "norm_eps");
+    }
+}
