@@ -278,6 +278,79 @@ fn modernbert_config_as_published_reads_the_same() {
     check_logits("modernbert-hub-token", Head::Token);
 }
 
+/// A fine-tuned DeBERTa-v3 as such checkpoints are published: a
+/// `pytorch_model.bin` (torch.save's zip, read by our restricted unpickler)
+/// still holding the pre-training heads (`lm_predictions.`,
+/// `mask_predictions.`) and the absolute position table v3 never adds
+/// (`position_biased_input = false`), and `pos_att_type` as one string. The
+/// extras are ignored, by name, and the logits are transformers'.
+#[test]
+fn deberta_v3_as_published_reads_the_same() {
+    let src = fixtures().join("deberta-v3-token");
+    let name = "deberta-v3-published-token";
+    let dir = fixtures().join(name);
+    copy_dir(&src, &dir);
+    std::fs::copy(
+        fixtures().join("deberta-v3-token.ref.safetensors"),
+        fixtures().join(format!("{name}.ref.safetensors")),
+    )
+    .expect("copy reference");
+    let code = r#"
+import json, sys, torch
+from safetensors.torch import load_file
+d = sys.argv[1]
+state = load_file(f"{d}/model.safetensors")
+h = state["deberta.embeddings.word_embeddings.weight"].shape[1]
+g = torch.Generator().manual_seed(0)
+extra = {
+    "deberta.embeddings.position_embeddings.weight": (64, h),
+    "lm_predictions.lm_head.dense.weight": (h, h),
+    "lm_predictions.lm_head.dense.bias": (h,),
+    "lm_predictions.lm_head.LayerNorm.weight": (h,),
+    "lm_predictions.lm_head.LayerNorm.bias": (h,),
+    "lm_predictions.lm_head.bias": (state["deberta.embeddings.word_embeddings.weight"].shape[0],),
+    "mask_predictions.dense.weight": (h, h),
+    "mask_predictions.dense.bias": (h,),
+    "mask_predictions.LayerNorm.weight": (h,),
+    "mask_predictions.LayerNorm.bias": (h,),
+    "mask_predictions.classifier.weight": (1, h),
+    "mask_predictions.classifier.bias": (1,),
+}
+for k, shape in extra.items():
+    state[k] = torch.randn(shape, generator=g)
+torch.save(state, f"{d}/pytorch_model.bin")
+import os
+os.remove(f"{d}/model.safetensors")
+with open(f"{d}/config.json") as f:
+    config = json.load(f)
+config["pos_att_type"] = "p2c|c2p"
+with open(f"{d}/config.json", "w") as f:
+    json.dump(config, f, indent=2)
+"#;
+    let out = Command::new(python())
+        .args(["-c", code, dir.to_str().expect("utf-8")])
+        .output()
+        .expect("python starts");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dir.join("model.safetensors").exists());
+    let (_, report) =
+        Encoder::load(&dir, Head::Token, None, Kind::Float, Device::Cpu, 0).expect("loads");
+    assert_eq!(report.ignored.len(), 12, "{:?}", report.ignored);
+    assert!(
+        report
+            .ignored
+            .iter()
+            .any(|n| n == "deberta.embeddings.position_embeddings.weight"),
+        "{:?}",
+        report.ignored
+    );
+    check_logits(name, Head::Token);
+}
+
 /// ModernBERT's new head: from its published masked-LM checkpoint only the
 /// classifier is new (`head.dense` and `head.norm` are the MLM's, its
 /// `decoder.` ignored); from a bare `ModernBertModel` the whole head is,

@@ -757,9 +757,21 @@ mod tests {
 
     #[test]
     fn deberta_options_it_does_not_compute_are_refused_by_key() {
-        refused(r#", "conv_kernel_size": 3"#, "deberta-v2", "conv_kernel_size");
-        refused(r#", "attention_head_size": 16"#, "deberta-v2", "attention_head_size");
-        refused(r#", "pooler_hidden_size": 16"#, "deberta-v2", "pooler_hidden_size");
+        refused(
+            r#", "conv_kernel_size": 3"#,
+            "deberta-v2",
+            "conv_kernel_size",
+        );
+        refused(
+            r#", "attention_head_size": 16"#,
+            "deberta-v2",
+            "attention_head_size",
+        );
+        refused(
+            r#", "pooler_hidden_size": 16"#,
+            "deberta-v2",
+            "pooler_hidden_size",
+        );
         refused(
             r#", "relative_attention": true, "pos_att_type": "p2c|c2q""#,
             "deberta-v2",
@@ -819,7 +831,10 @@ mod tests {
         assert_eq!(hub.modern, new.modern);
         let m = hub.modern.expect("modern");
         assert_eq!(m.global, [true, false, true, false]);
-        assert_eq!((m.global_theta, m.local_theta, m.window), (160000.0, 10000.0, 4));
+        assert_eq!(
+            (m.global_theta, m.local_theta, m.window),
+            (160000.0, 10000.0, 4)
+        );
         // Defaults as transformers': a global layer every third, no biases,
         // the first token pooled, norm_eps 1e-5.
         let d = parse("", "modernbert").expect("defaults");
@@ -853,8 +868,16 @@ mod tests {
             "modernbert",
             "layer_types",
         );
-        refused(r#", "classifier_pooling": "max""#, "modernbert", "classifier_pooling");
-        refused(r#", "hidden_activation": "mish""#, "modernbert", "hidden_activation");
+        refused(
+            r#", "classifier_pooling": "max""#,
+            "modernbert",
+            "classifier_pooling",
+        );
+        refused(
+            r#", "hidden_activation": "mish""#,
+            "modernbert",
+            "hidden_activation",
+        );
         refused(r#", "local_attention": 1"#, "modernbert", "local_attention");
         refused(r#", "mlp_dropout": 1.5"#, "modernbert", "mlp_dropout");
         refused(r#", "norm_eps": 0"#, "modernbert", "norm_eps");
