@@ -3,7 +3,8 @@
 
 `--arch` picks the family (Llama by default; Qwen3, Phi-3, Gemma 2 and 3 too: Gemma 2
 runs transformers' eager attention on both sides, as its soft-capping requires). An
-encoder family (bert, roberta, xlm-roberta, deberta-v2 — DeBERTa-v3's settings) is
+encoder family (bert, roberta, xlm-roberta, deberta-v2 — DeBERTa-v3's settings —,
+modernbert — its published settings: a global layer every third, a window of 128) is
 written by examples/tiny_encoder.py with a token head of `--labels` classes and timed
 as NER trains it: token-classification cross-entropy against random labels
 (transformers has no SDPA path for DeBERTa: its eager attention).
@@ -29,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2")
+ENCODERS = ("bert", "roberta", "xlm-roberta", "deberta-v2", "modernbert")
 
 
 def torch_step_seconds(model_dir: str, batch: int, seq: int, steps: int, warmup: int, threads: int,
@@ -105,7 +106,8 @@ def main() -> None:
                 [sys.executable, os.path.join(ROOT, "examples", "tiny_encoder.py"), "--out", model_dir,
                  "--family", args.arch, "--head", "token", "--labels", labels, "--hidden", str(args.hidden),
                  "--layers", str(args.layers), "--heads", str(args.heads), "--intermediate", str(args.intermediate),
-                 "--max-positions", str(max(512, args.seq))],
+                 "--max-positions", str(max(512, args.seq))]
+                + (["--local-attention", "128"] if args.arch == "modernbert" else []),
                 check=True, capture_output=True,
             )
         else:

@@ -142,8 +142,18 @@ fn zero_stages_1_and_2_on_two_and_three_ranks_train_the_weights_of_one_process()
 
 #[test]
 fn gradient_checkpointing_recomputes_each_layer_with_the_dropout_its_forward_drew() {
-    // Dropout off: a checkpointed run equals a plain one.
-    let plain = fixture("0");
+    layer_by_layer_equals_plain("BERT", &["--family", "bert"], false);
+}
+
+/// Checkpointed training of the encoder `tiny_encoder.py` makes with
+/// `family` equals plain autograd with dropout off (and so does ZeRO stage 2
+/// on two ranks, with `zero2`); with dropout on, the recomputation must draw
+/// the forward's masks: the staged backward (ZeRO stage 2's, in a world of
+/// one) keeps each layer's graph instead of recomputing it, under the same
+/// per-layer seeds, so the two agree only if the recomputed masks are the
+/// same — and a plain run, whose masks are drawn otherwise, differs.
+fn layer_by_layer_equals_plain(name: &str, family: &[&str], zero2: bool) {
+    let plain = fixture_of(family, "0");
     let d = plain.path();
     train(&spec(d, "plain", ""), 1, &[], 0);
     train(
@@ -153,13 +163,15 @@ fn gradient_checkpointing_recomputes_each_layer_with_the_dropout_its_forward_dre
         0,
     );
     let (worst, at) = weight_diff(d, "plain", "checkpointed");
-    eprintln!("checkpointed vs plain (no dropout): max |Δ| {worst:.2e} ({at})");
-    assert!(worst < 1e-6, "{worst} in {at}");
-    // Dropout on: the recomputation must draw the forward's masks. The
-    // staged backward (ZeRO stage 2's, here in a world of one) keeps each
-    // layer's graph instead of recomputing it, under the same per-layer
-    // seeds: the two runs agree only if the recomputed masks are the same.
-    let dropout = fixture("0.2");
+    eprintln!("{name} checkpointed vs plain (no dropout): max |Δ| {worst:.2e} ({at})");
+    assert!(worst < 1e-6, "{name}: {worst} in {at}");
+    if zero2 {
+        train(&spec(d, "zero2", "zero_stage = 2\n"), 2, &[], 0);
+        let (worst, at) = weight_diff(d, "plain", "zero2");
+        eprintln!("{name} ZeRO-2 on 2 ranks vs plain: max |Δ| {worst:.2e} ({at})");
+        assert!(worst < 2e-5, "{name}: {worst} in {at}");
+    }
+    let dropout = fixture_of(family, "0.2");
     let d = dropout.path();
     train(
         &spec(d, "checkpointed", "gradient_checkpointing = true\n"),
@@ -170,11 +182,10 @@ fn gradient_checkpointing_recomputes_each_layer_with_the_dropout_its_forward_dre
     train(&spec(d, "staged", "zero_stage = 2\n"), 1, &[], 0);
     train(&spec(d, "plain", ""), 1, &[], 0);
     let (worst, at) = weight_diff(d, "checkpointed", "staged");
-    eprintln!("checkpointed vs staged (dropout 0.2): max |Δ| {worst:.2e} ({at})");
-    assert!(worst < 1e-6, "{worst} in {at}");
-    // And dropout is on: the plain run's masks are drawn otherwise.
+    eprintln!("{name} checkpointed vs staged (dropout 0.2): max |Δ| {worst:.2e} ({at})");
+    assert!(worst < 1e-6, "{name}: {worst} in {at}");
     let (apart, _) = weight_diff(d, "checkpointed", "plain");
-    assert!(apart > 1e-4, "dropout drew nothing: {apart}");
+    assert!(apart > 1e-4, "{name}: dropout drew nothing: {apart}");
 }
 
 /// DeBERTa's layers share one table of relative-position embeddings (and
@@ -210,52 +221,22 @@ fn deberta_s_shared_position_table_trains_the_same_layer_by_layer() {
 }
 
 /// ModernBERT's pre-norm layers (rotary, a local window, GeGLU, a final
-/// norm after the stack) go layer by layer too: checkpointed and ZeRO stage 2
-/// on two ranks equal plain autograd; with its dropouts on (embedding,
-/// attention, MLP), a checkpointed layer's recomputation draws the masks its
-/// forward drew, as the staged backward that keeps them shows.
+/// norm after the stack, dropout on the embeddings, attention and MLP) go
+/// layer by layer as plain autograd does.
 #[test]
 fn modernbert_trains_the_same_layer_by_layer() {
-    let family = [
-        "--family",
-        "modernbert",
-        "--layers",
-        "3",
-        "--local-attention",
-        "4",
-    ];
-    let dir = fixture_of(&family, "0");
-    let d = dir.path();
-    train(&spec(d, "plain", ""), 1, &[], 0);
-    train(
-        &spec(d, "checkpointed", "gradient_checkpointing = true\n"),
-        1,
-        &[],
-        0,
+    layer_by_layer_equals_plain(
+        "ModernBERT",
+        &[
+            "--family",
+            "modernbert",
+            "--layers",
+            "3",
+            "--local-attention",
+            "4",
+        ],
+        true,
     );
-    train(&spec(d, "zero2", "zero_stage = 2\n"), 2, &[], 0);
-    let (worst, at) = weight_diff(d, "plain", "checkpointed");
-    eprintln!("ModernBERT checkpointed vs plain: max |Δ| {worst:.2e} ({at})");
-    assert!(worst < 1e-6, "{worst} in {at}");
-    let (worst, at) = weight_diff(d, "plain", "zero2");
-    eprintln!("ModernBERT ZeRO-2 on 2 ranks vs plain: max |Δ| {worst:.2e} ({at})");
-    assert!(worst < 2e-5, "{worst} in {at}");
-
-    let dropout = fixture_of(&family, "0.2");
-    let d = dropout.path();
-    train(
-        &spec(d, "checkpointed", "gradient_checkpointing = true\n"),
-        1,
-        &[],
-        0,
-    );
-    train(&spec(d, "staged", "zero_stage = 2\n"), 1, &[], 0);
-    train(&spec(d, "plain", ""), 1, &[], 0);
-    let (worst, at) = weight_diff(d, "checkpointed", "staged");
-    eprintln!("ModernBERT checkpointed vs staged (dropout 0.2): max |Δ| {worst:.2e} ({at})");
-    assert!(worst < 1e-6, "{worst} in {at}");
-    let (apart, _) = weight_diff(d, "checkpointed", "plain");
-    assert!(apart > 1e-4, "dropout drew nothing: {apart}");
 }
 
 #[test]
