@@ -9,82 +9,50 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 
 use super::{Coordinator, Outside, Settings, apply_effects, load_shards, lock, store_read};
-use crate::engine::{self, CheckpointRecord, Engine, Now, RunRecord};
+use crate::engine::{self, Engine, Now};
 use crate::store::{GENERATION_KEY, Store};
 
 impl Coordinator {
     /// Opens the coordinator on `store`, reloading unfinished runs and their shards.
     pub async fn open(store: Store, settings: Settings) -> anyhow::Result<Arc<Self>> {
-        let generation = store_read("the generation", store.get(GENERATION_KEY).await)?
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        let mut engine = Engine::new(settings.lease_ttl, generation);
-        let mut stored = store_read("run history", store.list(engine::HISTORY_PREFIX).await)?;
-        let ended: std::collections::HashSet<String> = stored
-            .iter()
-            .filter_map(|(k, _)| k.strip_prefix(engine::HISTORY_PREFIX))
-            .map(str::to_string)
-            .collect();
-        // A run in the history has ended, whatever an older record says (one
-        // written before its end was recorded as one write).
-        stored.extend(
-            store_read("runs", store.list(engine::RUN_PREFIX).await)?
-                .into_iter()
-                .filter(|(k, _)| {
-                    k.strip_prefix(engine::RUN_PREFIX)
-                        .and_then(|rest| rest.strip_suffix("/record"))
-                        .is_some_and(|id| !ended.contains(id))
-                }),
-        );
-        let cache_root = settings.data_dir.join("reference");
-        for (key, value) in stored {
-            let record: RunRecord = match serde_json::from_str(&value) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::error!(key, error = %e, "skipping an unreadable run record");
-                    continue;
-                }
-            };
-            if record.state.terminal() {
-                engine.restore(record, None, None)?;
-                continue;
-            }
-            let checkpoint = store_read(
-                "a checkpoint",
-                store.get(&engine::checkpoint_key(&record.id)).await,
-            )?
-            .and_then(|v| serde_json::from_str::<CheckpointRecord>(&v).ok());
-            let data = load_shards(&record, &cache_root)
-                .map_err(|e| crate::engine::DataGone(e.to_string()));
-            if data.is_ok() {
-                // Everything below the output is reached through a handle of
-                // the folder the submit resolved, through no link.
-                let output = &record.spec.train.output;
-                let events = record
-                    .spec
-                    .train
-                    .tensorboard()
-                    .then(|| dpo_data::tensorboard::run_dir(output, &record.spec.name));
-                let settled = dpo_data::confined::Dir::open(output, false).and_then(|out| {
-                    dpo_data::metrics_log::keep_through_in(&out, "metrics.jsonl", record.step)?;
-                    dpo_data::metrics_log::settle_evaluations(
-                        &out,
-                        record.eval_step,
-                        events.as_deref(),
-                    )
-                });
-                match settled {
-                    Ok(()) => {}
-                    // Never started: nothing to trim.
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::warn!(output = %output.display(), error = %e, "could not trim metrics.jsonl and eval.jsonl");
-                    }
-                }
-                tracing::info!(run = %record.id, step = record.step, "resuming run from the store");
-            }
-            engine.restore(record, checkpoint, Some(data))?;
+        // What the engine is rebuilt from: the generation, the history and
+        // every key of the unfinished runs.
+        let mut stored = std::collections::BTreeMap::new();
+        if let Some(g) = store_read("the generation", store.get(GENERATION_KEY).await)? {
+            stored.insert(GENERATION_KEY.to_string(), g);
         }
+        stored.extend(store_read(
+            "run history",
+            store.list(engine::HISTORY_PREFIX).await,
+        )?);
+        stored.extend(store_read("runs", store.list(engine::RUN_PREFIX).await)?);
+        let cache_root = settings.data_dir.join("reference");
+        let engine = Engine::recover(settings.lease_ttl, &stored, |record| {
+            let data = load_shards(record, &cache_root)
+                .map_err(|e| crate::engine::DataGone(e.to_string()))?;
+            // Everything below the output is reached through a handle of
+            // the folder the submit resolved, through no link.
+            let output = &record.spec.train.output;
+            let events = record
+                .spec
+                .train
+                .tensorboard()
+                .then(|| dpo_data::tensorboard::run_dir(output, &record.spec.name));
+            let settled = dpo_data::confined::Dir::open(output, false).and_then(|out| {
+                dpo_data::metrics_log::keep_through_in(&out, "metrics.jsonl", record.step)?;
+                dpo_data::metrics_log::settle_evaluations(&out, record.eval_step, events.as_deref())
+            });
+            match settled {
+                Ok(()) => {}
+                // Never started: nothing to trim.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(output = %output.display(), error = %e, "could not trim metrics.jsonl and eval.jsonl");
+                }
+            }
+            tracing::info!(run = %record.id, step = record.step, "resuming run from the store");
+            Ok(data)
+        })?;
         let (queue, rx) = mpsc::unbounded_channel();
         let outside = Arc::new(Outside {
             store,

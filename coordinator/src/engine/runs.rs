@@ -587,3 +587,59 @@ impl Engine {
         Ok(())
     }
 }
+
+impl Engine {
+    /// The engine a coordinator starts with, from what the store holds
+    /// (`stored`: the generation key and every key under the history and
+    /// run prefixes). A run in the history has ended, whatever an older
+    /// record says (one written before its end was recorded as one write); an
+    /// unfinished run takes its newest committed checkpoint and its data from
+    /// `data_of` (a run whose data is gone fails). An unreadable record is
+    /// skipped and logged. The real coordinator and the simulator both start
+    /// here, so what a restart rebuilds is the same code in both.
+    pub fn recover(
+        lease_ttl: std::time::Duration,
+        stored: &std::collections::BTreeMap<String, String>,
+        mut data_of: impl FnMut(&RunRecord) -> std::result::Result<RunData, DataGone>,
+    ) -> Result<Engine> {
+        let generation = stored
+            .get(crate::store::GENERATION_KEY)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        let mut engine = Engine::new(lease_ttl, generation);
+        let history = stored
+            .range(super::HISTORY_PREFIX.to_string()..)
+            .take_while(|(k, _)| k.starts_with(super::HISTORY_PREFIX));
+        let ended: std::collections::HashSet<&str> = history
+            .clone()
+            .filter_map(|(k, _)| k.strip_prefix(super::HISTORY_PREFIX))
+            .collect();
+        let active = stored
+            .range(super::RUN_PREFIX.to_string()..)
+            .take_while(|(k, _)| k.starts_with(super::RUN_PREFIX))
+            .filter(|(k, _)| {
+                k.strip_prefix(super::RUN_PREFIX)
+                    .and_then(|rest| rest.strip_suffix("/record"))
+                    .is_some_and(|id| !ended.contains(id))
+            });
+        for (key, value) in history.chain(active) {
+            let record: RunRecord = match serde_json::from_str(value) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(key, error = %e, "skipping an unreadable run record");
+                    continue;
+                }
+            };
+            if record.state.terminal() {
+                engine.restore(record, None, None)?;
+                continue;
+            }
+            let checkpoint = stored
+                .get(&super::checkpoint_key(&record.id))
+                .and_then(|v| serde_json::from_str::<CheckpointRecord>(v).ok());
+            let data = data_of(&record);
+            engine.restore(record, checkpoint, Some(data))?;
+        }
+        Ok(engine)
+    }
+}

@@ -1,0 +1,1181 @@
+//! Deterministic simulation of a cluster around the real engine.
+//!
+//! One seed decides everything: the simulated workers (registering, beating,
+//! training in lock-step rings, reporting every step from every rank,
+//! committing checkpoints, finishing), their step times and stragglers, the
+//! network's delays and duplicated reports, and the faults — a worker killed
+//! (`kill -9`: its stream closes, it comes back as a new process), paused
+//! (`SIGSTOP`) for shorter or longer than its lease, a coordinator killed
+//! with effects it decided but had not applied, then started again from what
+//! the store holds ([`Engine::recover`], the code a real coordinator starts
+//! with). Time is virtual: the engine gets [`Now`] values the simulator
+//! chooses, so hours of a cluster run in milliseconds.
+//!
+//! After every event the invariants are checked ([`Sim::check`]), each with
+//! its own message: every step recorded once in the ledger and never
+//! rewritten, the ledger contiguous and walking the epoch's examples batch by
+//! batch, the record's step and the generation never going back, the
+//! checkpoint never ahead of the record, a fenced (stale) member's report
+//! never changing anything, the run record bounded, and — once faults stop —
+//! the run ending within a bound. A failure names the seed, the one command
+//! that replays it, and the last events.
+//!
+//! What is modelled of the store: keys and values, transactions, the
+//! generation fence of checkpoint commits. Not yet: leases, revisions,
+//! compaction, write failures, a full store, partitions, clock jumps.
+
+mod rng;
+#[cfg(test)]
+mod tests;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use dpo_data::Example;
+use dpo_proto::{RunSpec, v1};
+
+use crate::engine::{self, Effect, Engine, LedgerEntry, Member, Now, RunData, RunRecord, RunState};
+use crate::store::GENERATION_KEY;
+pub use rng::Rng;
+
+/// The id of the simulated run.
+const RUN: &str = "run-sim";
+
+/// What one simulation does.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub seed: u64,
+    /// Worker slots (each a process that may die and come back).
+    pub workers: usize,
+    pub min_workers: usize,
+    pub max_workers: usize,
+    /// Optimizer steps of the run.
+    pub steps: u64,
+    /// Examples a step takes (the global batch).
+    pub batch: usize,
+    /// Training examples (an epoch is `examples / batch` steps).
+    pub examples: usize,
+    /// Rank 0 commits a checkpoint every this many steps.
+    pub checkpoint_every: u64,
+    pub lease: Duration,
+    /// A step's time on a worker: uniform in `[step_time / 2, 3 · step_time / 2]`,
+    /// and one draw in 20 a straggler at 4×; the ring waits for its slowest.
+    pub step_time: Duration,
+    /// A collective that waits this long for a dead or paused member breaks,
+    /// and its live members report the fault.
+    pub collective_timeout: Duration,
+    /// One fault, on average, this often (none: `Duration::ZERO`).
+    pub fault_every: Duration,
+    /// Faults happen only before this virtual time; after it the run must
+    /// end within `settle`.
+    pub faults_until: Duration,
+    pub settle: Duration,
+    /// Network delay of a message: uniform in `[0, max_delay]`.
+    pub max_delay: Duration,
+    /// Events kept for a failure's trace.
+    pub trace: usize,
+}
+
+impl Config {
+    /// A small world with faults: what `make test` runs many seeds of.
+    pub fn small(seed: u64) -> Self {
+        let mut r = Rng::new(seed ^ 0x5eed);
+        let workers = 2 + r.below(5) as usize;
+        let min_workers = 1 + r.below(2) as usize;
+        Config {
+            seed,
+            workers,
+            min_workers,
+            max_workers: (workers - r.below(2) as usize).max(min_workers),
+            steps: 40 + r.below(40),
+            batch: 4,
+            examples: 48,
+            checkpoint_every: 1 + r.below(8),
+            lease: Duration::from_secs(4),
+            step_time: Duration::from_millis(500),
+            collective_timeout: Duration::from_secs(6),
+            fault_every: Duration::from_secs(3 + r.below(12)),
+            faults_until: Duration::from_secs(60),
+            settle: Duration::from_secs(600),
+            max_delay: Duration::from_millis(200),
+            trace: 40,
+        }
+    }
+
+    /// The command that runs this configuration again.
+    pub fn replay_command(&self) -> String {
+        format!(
+            "cargo run -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --checkpoint-every {} --fault-every-ms {}",
+            self.seed,
+            self.workers,
+            self.min_workers,
+            self.max_workers,
+            self.steps,
+            self.checkpoint_every,
+            self.fault_every.as_millis()
+        )
+    }
+}
+
+/// How a simulation ended.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub state: Option<RunState>,
+    pub steps: u64,
+    pub generations: u64,
+    pub faults: u64,
+    pub coordinator_restarts: u64,
+    /// Requests of members whose generation had been superseded (each one
+    /// checked to change nothing).
+    pub stale_requests: u64,
+    pub events: u64,
+    /// Engine calls and the effects they decided (the messages of the run).
+    pub engine_calls: u64,
+    pub effects: u64,
+    /// Real time spent inside the engine (its own cost, measured while
+    /// simulating).
+    pub engine_time: Duration,
+    pub virtual_time: Duration,
+    /// Per step: the generation and world size that trained it (the ledger).
+    pub ledger: Vec<(u64, u64, u64)>,
+}
+
+/// A broken invariant: its message, the configuration that replays it, and
+/// the last events.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    pub message: String,
+    pub config: Config,
+    pub at: Duration,
+    pub trace: Vec<String>,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "seed {}: {} (at {:.3} s of virtual time)",
+            self.config.seed,
+            self.message,
+            self.at.as_secs_f64()
+        )?;
+        writeln!(f, "replay: {}", self.config.replay_command())?;
+        writeln!(f, "last events:")?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What happens next.
+#[derive(Debug, Clone)]
+enum Event {
+    /// A worker process starts (first, or after a crash) or registers
+    /// again; the number is its loop's (a stale loop's event is dropped).
+    Start(usize, u64),
+    Heartbeat(usize, u64),
+    /// The coordinator's periodic reconcile (leases).
+    Reconcile,
+    /// The coordinator applies the effects its calls decided.
+    Apply,
+    /// An assignment reaches a worker on stream `stream`.
+    Deliver {
+        worker: usize,
+        stream: u64,
+        kind: v1::assignment::Kind,
+    },
+    /// A ring of generation `generation` finishes its next step (or checks
+    /// on a missing member); `tick` is the ring's, an older one is dropped.
+    RingStep {
+        generation: u64,
+        tick: u64,
+    },
+    /// A member's request reaches the coordinator.
+    Request {
+        worker: usize,
+        request: Request,
+    },
+    /// A fault fires.
+    Fault,
+    /// A paused worker continues.
+    Resume(usize),
+    /// The coordinator comes back after a crash.
+    CoordinatorUp,
+}
+
+#[derive(Debug, Clone)]
+enum Request {
+    Step {
+        member: Member,
+        step: u64,
+        trained: (u64, u32),
+    },
+    Checkpoint {
+        member: Member,
+        step: u64,
+    },
+    Done {
+        member: Member,
+        step: u64,
+    },
+    Fault {
+        member: Member,
+    },
+}
+
+#[derive(Debug, Clone, Default)]
+struct Worker {
+    up: bool,
+    /// Its registration loop and heartbeat loop: an event of an older one is
+    /// dropped, so that one process has one of each.
+    loop_id: u64,
+    session: Vec<u8>,
+    stream: Option<u64>,
+    paused: bool,
+    /// The generation it trains in: (member, world size).
+    work: Option<(Member, u32)>,
+    /// A report in flight arrives no earlier than this (per-worker order).
+    outbox_at: Duration,
+}
+
+#[derive(Debug, Clone)]
+struct Ring {
+    members: Vec<usize>,
+    /// Members it needs (until all have their assignment, it waits).
+    world: usize,
+    /// The last step its members finished.
+    step: u64,
+    total: u64,
+    /// Waiting for a member since (to break after the collective timeout).
+    stalled_since: Option<Duration>,
+    /// The ring's pending RingStep event.
+    tick: u64,
+}
+
+/// The store as the simulator keeps it.
+#[derive(Debug, Default)]
+struct Store {
+    kv: BTreeMap<String, String>,
+}
+
+/// The simulation.
+#[derive(Debug)]
+pub struct Sim {
+    config: Config,
+    rng: Rng,
+    base: Now,
+    t: Duration,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    events: Vec<Option<Event>>,
+    engine: Option<Engine>,
+    pending: Vec<Effect>,
+    store: Store,
+    workers: Vec<Worker>,
+    rings: BTreeMap<u64, Ring>,
+    /// The newest generation any Work assignment named.
+    newest_generation: u64,
+    /// Every ledger write seen, by step (kept after the run's keys go).
+    ledger: BTreeMap<u64, String>,
+    record_step: u64,
+    checkpoint_step: u64,
+    trace: VecDeque<String>,
+    outcome: Outcome,
+    ended: Option<RunState>,
+    failure: Option<String>,
+}
+
+fn spec(config: &Config) -> Result<RunSpec, String> {
+    let v = serde_json::json!({
+        "name": "sim",
+        "model": {"path": "/models/sim"},
+        "data": {"train": "/data/sim.jsonl", "shuffle": false},
+        "train": {"global_batch_size": config.batch, "max_steps": config.steps, "output": "/out/sim"},
+        "cluster": {"min_workers": config.min_workers, "max_workers": config.max_workers},
+    });
+    serde_json::from_value(v).map_err(|e| format!("the simulated run's spec: {e}"))
+}
+
+fn examples(n: usize) -> Vec<Example> {
+    (0..n)
+        .map(|i| Example {
+            line: i + 1,
+            prompt: vec![1, 2, i as u32],
+            chosen: Some(vec![3, 4]),
+            rejected: vec![vec![5]],
+        })
+        .collect()
+}
+
+impl Sim {
+    pub fn new(config: Config) -> Self {
+        let rng = Rng::new(config.seed);
+        let workers = vec![Worker::default(); config.workers];
+        Sim {
+            rng,
+            base: Now {
+                instant: Instant::now(),
+                unix_ms: 1_800_000_000_000,
+            },
+            t: Duration::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: Vec::new(),
+            engine: None,
+            pending: Vec::new(),
+            store: Store::default(),
+            workers,
+            rings: BTreeMap::new(),
+            newest_generation: 0,
+            ledger: BTreeMap::new(),
+            record_step: 0,
+            checkpoint_step: 0,
+            trace: VecDeque::new(),
+            outcome: Outcome::default(),
+            ended: None,
+            failure: None,
+            config,
+        }
+    }
+
+    fn now(&self) -> Now {
+        self.base.after(self.t)
+    }
+
+    fn at(&mut self, after: Duration, event: Event) {
+        self.seq += 1;
+        self.events.push(Some(event));
+        self.queue
+            .push(Reverse((self.t + after, self.seq, self.events.len() - 1)));
+    }
+
+    fn delay(&mut self) -> Duration {
+        let max = self.config.max_delay.as_micros() as u64;
+        Duration::from_micros(self.rng.below(max + 1))
+    }
+
+    fn log(&mut self, line: String) {
+        if self.trace.len() == self.config.trace {
+            self.trace.pop_front();
+        }
+        self.trace
+            .push_back(format!("{:>10.3} s  {line}", self.t.as_secs_f64()));
+    }
+
+    fn fail(&mut self, message: String) {
+        if self.failure.is_none() {
+            self.failure = Some(message);
+        }
+    }
+
+    /// Calls the engine (when the coordinator is up), timing it, and queues
+    /// what it decided for the effects runner.
+    fn call<T>(&mut self, f: impl FnOnce(&mut Engine, Now) -> T) -> Option<T> {
+        let now = self.now();
+        let engine = self.engine.as_mut()?;
+        let started = Instant::now();
+        let out = f(engine, now);
+        let effects = engine.take_effects();
+        self.outcome.engine_time += started.elapsed();
+        self.outcome.engine_calls += 1;
+        self.outcome.effects += effects.len() as u64;
+        if !effects.is_empty() {
+            let first = self.pending.is_empty();
+            self.pending.extend(effects);
+            if first {
+                self.at(Duration::from_micros(50), Event::Apply);
+            }
+        }
+        Some(out)
+    }
+
+    /// Runs the simulation to its end: `Ok` with what happened, or the first
+    /// broken invariant.
+    pub fn run(mut self) -> Result<Outcome, Box<Failure>> {
+        self.boot_coordinator();
+        for w in 0..self.config.workers {
+            let after = Duration::from_millis(self.rng.below(2000));
+            self.at(after, Event::Start(w, 0));
+        }
+        self.at(self.config.lease / 4, Event::Reconcile);
+        if !self.config.fault_every.is_zero() {
+            let first = self.exp(self.config.fault_every);
+            self.at(first, Event::Fault);
+        }
+        let limit = self.config.faults_until + self.config.settle;
+        while let Some(Reverse((t, _, index))) = self.queue.pop() {
+            if self.ended.is_some() || t > limit {
+                break;
+            }
+            self.t = t;
+            let Some(event) = self.events.get_mut(index).and_then(Option::take) else {
+                continue;
+            };
+            self.outcome.events += 1;
+            self.handle(event);
+            self.check();
+            if let Some(message) = self.failure.take() {
+                return Err(self.failure_of(message));
+            }
+        }
+        if self.ended != Some(RunState::Succeeded) {
+            let message = match self.ended {
+                Some(state) => format!(
+                    "the run ended {state:?}, not succeeded, though every fault is one it must survive"
+                ),
+                None => format!(
+                    "liveness: the run did not end within {:.0} s of the last fault (recorded step {} of {})",
+                    self.config.settle.as_secs_f64(),
+                    self.record_step,
+                    self.config.steps
+                ),
+            };
+            return Err(self.failure_of(message));
+        }
+        self.outcome.state = self.ended;
+        self.outcome.steps = self.record_step;
+        self.outcome.virtual_time = self.t;
+        self.outcome.generations = self.newest_generation;
+        self.outcome.ledger = self
+            .ledger
+            .iter()
+            .filter_map(|(step, v)| {
+                let e: LedgerEntry = serde_json::from_str(v).ok()?;
+                Some((*step, e.generation, e.world_size))
+            })
+            .collect();
+        Ok(self.outcome)
+    }
+
+    fn failure_of(&self, message: String) -> Box<Failure> {
+        Box::new(Failure {
+            message,
+            config: self.config.clone(),
+            at: self.t,
+            trace: self.trace.iter().cloned().collect(),
+        })
+    }
+
+    /// An exponential draw of mean `mean`.
+    fn exp(&mut self, mean: Duration) -> Duration {
+        let u = self.rng.unit().max(1e-12);
+        mean.mul_f64(-u.ln())
+    }
+
+    fn boot_coordinator(&mut self) {
+        let config = self.config.clone();
+        let spec = match spec(&config) {
+            Ok(s) => s,
+            Err(e) => {
+                self.fail(e);
+                return;
+            }
+        };
+        let data = |spec: &RunSpec| RunData::new(spec, examples(config.examples), Vec::new());
+        let engine = Engine::recover(config.lease, &self.store.kv, |record| {
+            data(&record.spec).ok_or_else(|| engine::DataGone("too few examples".into()))
+        });
+        let mut engine = match engine {
+            Ok(e) => e,
+            Err(e) => {
+                self.fail(format!("the coordinator cannot start from the store: {e}"));
+                return;
+            }
+        };
+        let fresh = engine.run(RUN).is_err();
+        if fresh {
+            let Some(d) = data(&spec) else {
+                self.fail("the simulated run has too few examples".into());
+                return;
+            };
+            let record = RunRecord::queued(
+                RUN.into(),
+                spec,
+                &d,
+                "/shards/sim".into(),
+                "sim".into(),
+                self.now(),
+            );
+            if let Err(e) = engine.add_run(record, d, self.now()) {
+                self.fail(format!("the run is refused: {e}"));
+                return;
+            }
+        }
+        self.engine = Some(engine);
+        // Effects of the recovery itself (and of the new run) go out as usual.
+        let _ = self.call(|_, _| ());
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Start(w, id) if self.workers[w].loop_id == id => self.start(w),
+            Event::Heartbeat(w, id) if self.workers[w].loop_id == id => self.heartbeat(w),
+            Event::Start(..) | Event::Heartbeat(..) => {}
+            Event::Reconcile => {
+                let _ = self.call(|e, now| e.reconcile(now));
+                self.at(self.config.lease / 4, Event::Reconcile);
+            }
+            Event::Apply => self.apply(),
+            Event::Deliver {
+                worker,
+                stream,
+                kind,
+            } => self.deliver(worker, stream, kind),
+            Event::RingStep { generation, tick } => {
+                if self.rings.get(&generation).is_some_and(|r| r.tick == tick) {
+                    self.ring_step(generation);
+                }
+            }
+            Event::Request { worker, request } => self.request(worker, request),
+            Event::Fault => self.fault(),
+            Event::Resume(w) => {
+                self.log(format!("worker {w} continues"));
+                self.workers[w].paused = false;
+                let id = self.workers[w].loop_id;
+                self.at(Duration::ZERO, Event::Heartbeat(w, id));
+            }
+            Event::CoordinatorUp => {
+                self.log("coordinator starts from the store".into());
+                self.boot_coordinator();
+            }
+        }
+    }
+
+    fn worker_id(w: usize) -> String {
+        format!("w{w:04}")
+    }
+
+    /// Schedules worker `w`'s next registration attempt in a new loop
+    /// (ending its heartbeats).
+    fn restart_loop(&mut self, w: usize, after: Duration) {
+        self.workers[w].loop_id += 1;
+        let id = self.workers[w].loop_id;
+        self.at(after, Event::Start(w, id));
+    }
+
+    /// A worker process registers and opens its stream.
+    fn start(&mut self, w: usize) {
+        let loop_id = self.workers[w].loop_id;
+        if self.engine.is_none() {
+            // The coordinator is down: try again later.
+            self.at(Duration::from_millis(500), Event::Start(w, loop_id));
+            return;
+        }
+        let id = Self::worker_id(w);
+        let req = v1::RegisterRequest {
+            worker_id: id.clone(),
+            collective_addr: format!("10.0.{}.{}:9000", w / 250, w % 250),
+            session: self.workers[w].session.clone(),
+            ..Default::default()
+        };
+        let registered = self.call(|e, now| {
+            let resp = e.register(req, None, now)?;
+            let stream = e.open_stream(&id, &resp.session, now)?;
+            Ok::<_, engine::Refusal>((resp.session, stream))
+        });
+        match registered {
+            Some(Ok((session, stream))) => {
+                self.log(format!("worker {w} registered (stream {stream})"));
+                let worker = &mut self.workers[w];
+                worker.up = true;
+                worker.session = session;
+                worker.stream = Some(stream);
+                worker.work = None;
+                let beat = self.config.lease / 4;
+                self.at(beat, Event::Heartbeat(w, loop_id));
+            }
+            // Its old lease is live (a restarted process without the old
+            // session): wait for the lease to lapse, as a real worker's
+            // retries do.
+            Some(Err(_)) | None => self.at(Duration::from_millis(500), Event::Start(w, loop_id)),
+        }
+    }
+
+    fn heartbeat(&mut self, w: usize) {
+        let worker = &self.workers[w];
+        if !worker.up || worker.paused {
+            return;
+        }
+        let loop_id = worker.loop_id;
+        let id = Self::worker_id(w);
+        let session = worker.session.clone();
+        match self.call(|e, now| e.heartbeat(&id, &session, now)) {
+            Some(Some(_)) => {
+                let beat = self.config.lease / 4;
+                self.at(beat, Event::Heartbeat(w, loop_id));
+            }
+            // Unknown to the coordinator (dropped, or a new coordinator):
+            // register again, keeping nothing of the old generation.
+            Some(None) | None => {
+                self.log(format!("worker {w} must register again"));
+                let worker = &mut self.workers[w];
+                worker.stream = None;
+                worker.work = None;
+                if self.engine.is_none() {
+                    worker.session.clear();
+                }
+                self.restart_loop(w, Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// The effects runner: the store writes (fenced ones only while the
+    /// generation key holds their fence), assignments to the workers'
+    /// streams; a committed checkpoint is reported back to the engine.
+    fn apply(&mut self) {
+        let effects = std::mem::take(&mut self.pending);
+        for effect in effects {
+            match effect {
+                Effect::Store { fence, writes, .. } => {
+                    if let Some(f) = fence
+                        && self.store.kv.get(GENERATION_KEY).map(String::as_str)
+                            != Some(&f.to_string())
+                    {
+                        self.log(format!("store refused a write fenced by generation {f}"));
+                        continue;
+                    }
+                    let checkpoint = writes.iter().find_map(|(k, v)| {
+                        (k == &engine::checkpoint_key(RUN))
+                            .then(|| v.clone())
+                            .flatten()
+                    });
+                    for (k, v) in writes {
+                        self.write(k, v);
+                    }
+                    if let Some(v) = checkpoint
+                        && let Ok(c) = serde_json::from_str::<engine::CheckpointRecord>(&v)
+                    {
+                        let _ = self.call(|e, _| e.checkpoint_committed(RUN, c.step, &c.path));
+                    }
+                }
+                Effect::RecordEnd {
+                    writes,
+                    then_delete,
+                    ..
+                } => {
+                    for (k, v) in writes {
+                        self.write(k, v);
+                    }
+                    let doomed: Vec<String> = self
+                        .store
+                        .kv
+                        .range(then_delete.clone()..)
+                        .take_while(|(k, _)| k.starts_with(&then_delete))
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    for k in doomed {
+                        self.store.kv.remove(&k);
+                    }
+                }
+                Effect::Send { worker, kind } => {
+                    let Some(w) = worker
+                        .strip_prefix('w')
+                        .and_then(|n| n.parse::<usize>().ok())
+                    else {
+                        continue;
+                    };
+                    let Some(stream) = self.workers.get(w).and_then(|x| x.stream) else {
+                        continue;
+                    };
+                    let d = self.delay();
+                    self.at(
+                        d,
+                        Event::Deliver {
+                            worker: w,
+                            stream,
+                            kind,
+                        },
+                    );
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// One key written, with the store-side invariants: generations only
+    /// grow, a ledger entry is never rewritten, the record's step never
+    /// goes back.
+    fn write(&mut self, key: String, value: Option<String>) {
+        if key == GENERATION_KEY {
+            let old = self
+                .store
+                .kv
+                .get(GENERATION_KEY)
+                .and_then(|v| v.parse::<u64>().ok());
+            let new = value.as_deref().and_then(|v| v.parse::<u64>().ok());
+            if let (Some(o), Some(n)) = (old, new)
+                && n <= o
+            {
+                self.fail(format!(
+                    "generation {n} written over {o}: generations must only grow"
+                ));
+            }
+        }
+        if let Some(step) = key
+            .strip_prefix(&engine::ledger_prefix(RUN))
+            .and_then(|s| s.parse::<u64>().ok())
+            && let Some(v) = &value
+        {
+            match self.ledger.get(&step) {
+                Some(old) if old != v => {
+                    self.fail(format!("step {step} recorded twice: {old} then {v}"));
+                }
+                _ => {
+                    self.ledger.insert(step, v.clone());
+                }
+            }
+        }
+        if key == engine::run_key(RUN)
+            && let Some(v) = &value
+        {
+            if v.len() > 64 * 1024 {
+                self.fail(format!("the run record grew to {} bytes", v.len()));
+            }
+            if let Ok(r) = serde_json::from_str::<RunRecord>(v) {
+                if r.step < self.record_step {
+                    self.fail(format!(
+                        "the stored record went back from step {} to {}",
+                        self.record_step, r.step
+                    ));
+                }
+                self.record_step = r.step;
+            }
+        }
+        if key.starts_with(engine::HISTORY_PREFIX)
+            && let Some(v) = &value
+            && let Ok(r) = serde_json::from_str::<RunRecord>(v)
+        {
+            self.record_step = self.record_step.max(r.step);
+            self.ended = Some(r.state);
+            self.log(format!("run ended {:?} at step {}", r.state, r.step));
+        }
+        if key == engine::checkpoint_key(RUN)
+            && let Some(v) = &value
+            && let Ok(c) = serde_json::from_str::<engine::CheckpointRecord>(v)
+        {
+            if c.step < self.checkpoint_step {
+                self.fail(format!(
+                    "the committed checkpoint went back from step {} to {}",
+                    self.checkpoint_step, c.step
+                ));
+            }
+            self.checkpoint_step = c.step;
+        }
+        match value {
+            Some(v) => self.store.kv.insert(key, v),
+            None => self.store.kv.remove(&key),
+        };
+    }
+
+    fn deliver(&mut self, w: usize, stream: u64, kind: v1::assignment::Kind) {
+        let worker = &self.workers[w];
+        if worker.stream != Some(stream) || !worker.up {
+            return; // the stream it was sent on is gone
+        }
+        if worker.paused {
+            // Read once the process continues.
+            self.at(
+                Duration::from_millis(500),
+                Event::Deliver {
+                    worker: w,
+                    stream,
+                    kind,
+                },
+            );
+            return;
+        }
+        match kind {
+            v1::assignment::Kind::Work(work) => {
+                self.log(format!(
+                    "worker {w} joins generation {} as rank {} of {} from step {}",
+                    work.generation, work.rank, work.world_size, work.resume_step
+                ));
+                self.newest_generation = self.newest_generation.max(work.generation);
+                let member = Member {
+                    worker: Self::worker_id(w),
+                    run: work.run_id.clone(),
+                    generation: work.generation,
+                    rank: work.rank,
+                };
+                self.workers[w].work = Some((member, work.world_size));
+                let now = self.t;
+                let ring = self.rings.entry(work.generation).or_insert(Ring {
+                    members: Vec::new(),
+                    world: work.world_size as usize,
+                    step: work.resume_step,
+                    total: work.total_steps,
+                    // The ring forms when every member has its assignment;
+                    // a member that never gets one times the others out.
+                    stalled_since: Some(now),
+                    tick: 0,
+                });
+                ring.members.push(w);
+                if ring.members.len() == ring.world {
+                    ring.stalled_since = None;
+                    let t = self.step_time(work.world_size as usize);
+                    self.ring_after(work.generation, t);
+                } else if ring.members.len() == 1 {
+                    let timeout = self.config.collective_timeout;
+                    self.ring_after(work.generation, timeout);
+                }
+            }
+            v1::assignment::Kind::Abort(a) => {
+                if self.workers[w]
+                    .work
+                    .as_ref()
+                    .is_some_and(|(m, _)| m.generation == a.generation)
+                {
+                    self.workers[w].work = None;
+                }
+                self.rings.remove(&a.generation);
+            }
+            v1::assignment::Kind::Idle(_) => {}
+        }
+    }
+
+    /// The ring of `generation` acts again after `after` (its earlier
+    /// pending event is dropped).
+    fn ring_after(&mut self, generation: u64, after: Duration) {
+        let Some(ring) = self.rings.get_mut(&generation) else {
+            return;
+        };
+        ring.tick += 1;
+        let tick = ring.tick;
+        self.at(after, Event::RingStep { generation, tick });
+    }
+
+    /// The slowest of `n` members' step times.
+    fn step_time(&mut self, n: usize) -> Duration {
+        let base = self.config.step_time;
+        let mut worst = Duration::ZERO;
+        for _ in 0..n.min(64) {
+            let mut t = base.mul_f64(0.5 + self.rng.unit());
+            if self.rng.below(20) == 0 {
+                t *= 4;
+            }
+            worst = worst.max(t);
+        }
+        worst
+    }
+
+    /// A ring's step: every member alive and in the generation finishes it
+    /// and reports it; a missing member stalls the ring, which breaks after
+    /// the collective timeout and its live members report the fault.
+    fn ring_step(&mut self, generation: u64) {
+        let Some(ring) = self.rings.get(&generation).cloned() else {
+            return;
+        };
+        let in_it = |s: &Self, w: usize| {
+            let x = &s.workers[w];
+            x.up && !x.paused
+                && x.work
+                    .as_ref()
+                    .is_some_and(|(m, _)| m.generation == generation)
+        };
+        let formed = ring.members.len() == ring.world;
+        if !formed || !ring.members.iter().all(|&w| in_it(self, w)) {
+            let since = ring.stalled_since.unwrap_or(self.t);
+            if self.t.saturating_sub(since) >= self.config.collective_timeout {
+                self.rings.remove(&generation);
+                let live: Vec<usize> = ring
+                    .members
+                    .iter()
+                    .copied()
+                    .filter(|&w| in_it(self, w))
+                    .collect();
+                for w in live {
+                    if let Some((member, _)) = self.workers[w].work.clone() {
+                        self.send_request(w, Request::Fault { member });
+                    }
+                }
+                return;
+            }
+            if let Some(r) = self.rings.get_mut(&generation) {
+                r.stalled_since = Some(since);
+            }
+            self.ring_after(generation, Duration::from_millis(500));
+            return;
+        }
+        if ring.step >= ring.total {
+            // Resumed at the last step (its Done was lost with the world
+            // that trained it): nothing left to train, rank 0 says done.
+            for &w in &ring.members {
+                if let Some((member, _)) = self.workers[w].work.clone()
+                    && member.rank == 0
+                {
+                    let step = ring.step;
+                    self.send_request(w, Request::Done { member, step });
+                }
+            }
+            return;
+        }
+        let step = ring.step + 1;
+        let world = ring.members.len() as u32;
+        for &w in &ring.members {
+            let Some((member, _)) = self.workers[w].work.clone() else {
+                continue;
+            };
+            self.send_request(
+                w,
+                Request::Step {
+                    member: member.clone(),
+                    step,
+                    trained: (generation, world),
+                },
+            );
+            // A duplicated report, now and then.
+            if self.rng.below(50) == 0 {
+                self.send_request(
+                    w,
+                    Request::Step {
+                        member: member.clone(),
+                        step,
+                        trained: (generation, world),
+                    },
+                );
+            }
+            if member.rank == 0 {
+                if step % self.config.checkpoint_every == 0 || step == ring.total {
+                    self.send_request(
+                        w,
+                        Request::Checkpoint {
+                            member: member.clone(),
+                            step,
+                        },
+                    );
+                }
+                if step == ring.total {
+                    self.send_request(w, Request::Done { member, step });
+                }
+            }
+        }
+        if let Some(r) = self.rings.get_mut(&generation) {
+            r.step = step;
+            r.stalled_since = None;
+            if step < r.total {
+                let t = self.step_time(ring.members.len());
+                self.ring_after(generation, t);
+            }
+        }
+    }
+
+    /// A request from worker `w`, in order after its earlier ones.
+    fn send_request(&mut self, w: usize, request: Request) {
+        let d = self.delay();
+        let at = (self.t + d).max(self.workers[w].outbox_at);
+        self.workers[w].outbox_at = at;
+        let after = at - self.t;
+        self.at(after, Event::Request { worker: w, request });
+    }
+
+    fn request(&mut self, w: usize, request: Request) {
+        let worker = &self.workers[w];
+        if !worker.up || worker.paused {
+            // A paused process sends nothing; its request goes when it
+            // continues (it was already on the wire otherwise).
+            if worker.up && worker.paused {
+                self.at(
+                    Duration::from_millis(500),
+                    Event::Request { worker: w, request },
+                );
+            }
+            return;
+        }
+        if self.engine.is_none() {
+            // The coordinator is down: the worker's retries reach the next one.
+            self.at(
+                Duration::from_millis(500),
+                Event::Request { worker: w, request },
+            );
+            return;
+        }
+        let member = match &request {
+            Request::Step { member, .. }
+            | Request::Checkpoint { member, .. }
+            | Request::Done { member, .. }
+            | Request::Fault { member } => member.clone(),
+        };
+        let current = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.run(RUN).ok())
+            .map(|r| r.generation);
+        let stale = current.is_some_and(|g| member.generation < g);
+        if stale {
+            self.outcome.stale_requests += 1;
+        }
+        let before = self.pending.len();
+        let result = self.call(|e, now| match &request {
+            Request::Step {
+                member,
+                step,
+                trained,
+            } => e.report_step(
+                member,
+                engine::StepReport {
+                    step: *step,
+                    metrics: vec![("step".into(), *step as f64), ("loss".into(), 0.5)],
+                    eval: false,
+                    trained_generation: trained.0,
+                    trained_world_size: trained.1,
+                },
+            ),
+            Request::Checkpoint { member, step } => e.commit_checkpoint(
+                member,
+                *step,
+                &format!("/out/sim/checkpoints/step-{step}"),
+                true,
+            ),
+            Request::Done { member, step } => e.report_done(member, *step, "", false, now),
+            Request::Fault { member } => e.fault(member, "the collective timed out", now),
+        });
+        let changed = self.pending.len() > before;
+        if stale && changed {
+            self.fail(format!(
+                "a stale member ({} of generation {}, current {:?}) changed the state with {request:?}",
+                member.worker, member.generation, current
+            ));
+        }
+        if let Some(Err(e)) = result {
+            self.log(format!("worker {w}: {request:?} refused: {e}"));
+        }
+    }
+
+    fn fault(&mut self) {
+        if self.t < self.config.faults_until {
+            let next = self.exp(self.config.fault_every);
+            self.at(next, Event::Fault);
+        } else {
+            return;
+        }
+        self.outcome.faults += 1;
+        let w = self.rng.below(self.config.workers as u64) as usize;
+        match self.rng.below(10) {
+            // kill -9 of a worker: its stream closes, the process comes back.
+            0..=3 => {
+                if !self.workers[w].up {
+                    return;
+                }
+                self.log(format!("fault: worker {w} killed"));
+                let stream = self.workers[w].stream;
+                let loop_id = self.workers[w].loop_id;
+                self.workers[w] = Worker {
+                    loop_id,
+                    ..Worker::default()
+                };
+                if let Some(s) = stream {
+                    let id = Self::worker_id(w);
+                    let _ = self.call(|e, now| e.stream_closed(&id, s, now));
+                }
+                let back = Duration::from_millis(500 + self.rng.below(5000));
+                self.restart_loop(w, back);
+            }
+            // SIGSTOP, shorter or longer than the lease.
+            4..=6 => {
+                if !self.workers[w].up || self.workers[w].paused {
+                    return;
+                }
+                let pause = self.config.lease.mul_f64(0.25 + 2.0 * self.rng.unit());
+                self.log(format!(
+                    "fault: worker {w} paused for {:.1} s",
+                    pause.as_secs_f64()
+                ));
+                self.workers[w].paused = true;
+                self.at(pause, Event::Resume(w));
+            }
+            // The coordinator killed: effects it had not applied are lost,
+            // every stream breaks; it starts again from the store.
+            7 => {
+                if self.engine.is_none() {
+                    return;
+                }
+                self.log(format!(
+                    "fault: coordinator killed ({} effects unapplied)",
+                    self.pending.len()
+                ));
+                self.outcome.coordinator_restarts += 1;
+                self.engine = None;
+                self.pending.clear();
+                for x in &mut self.workers {
+                    x.stream = None;
+                    x.work = None;
+                }
+                self.rings.clear();
+                let down = Duration::from_millis(200 + self.rng.below(3000));
+                self.at(down, Event::CoordinatorUp);
+            }
+            // A graceful leave: the worker closes its stream and exits; it
+            // comes back later as a new process.
+            _ => {
+                if !self.workers[w].up {
+                    return;
+                }
+                self.log(format!("fault: worker {w} leaves"));
+                let stream = self.workers[w].stream;
+                let loop_id = self.workers[w].loop_id;
+                self.workers[w] = Worker {
+                    loop_id,
+                    ..Worker::default()
+                };
+                if let Some(s) = stream {
+                    let id = Self::worker_id(w);
+                    let _ = self.call(|e, now| e.stream_closed(&id, s, now));
+                }
+                let back = Duration::from_millis(1000 + self.rng.below(10_000));
+                self.restart_loop(w, back);
+            }
+        }
+    }
+
+    /// The invariants that are not checked as writes happen: the ledger is
+    /// contiguous up to the recorded step and walks the epochs batch by
+    /// batch, and the checkpoint is never ahead of the record.
+    fn check(&mut self) {
+        if self.checkpoint_step > self.record_step {
+            self.fail(format!(
+                "the committed checkpoint (step {}) is ahead of the recorded step {}",
+                self.checkpoint_step, self.record_step
+            ));
+        }
+        let n = self.ledger.len() as u64;
+        if n != self.record_step && self.ended.is_none() {
+            // The record and its step's entry are one transaction.
+            self.fail(format!(
+                "{} ledger entries for {} recorded steps",
+                n, self.record_step
+            ));
+        }
+        if let Some((&last, _)) = self.ledger.iter().next_back()
+            && last != n
+        {
+            self.fail(format!(
+                "the ledger has a gap: {n} entries up to step {last}"
+            ));
+        }
+        let per_epoch = (self.config.examples / self.config.batch) as u64;
+        let batch = self.config.batch as u64;
+        let mut previous: Option<(u64, u64)> = None;
+        for (step, v) in &self.ledger {
+            let Ok(e) = serde_json::from_str::<LedgerEntry>(v) else {
+                self.fail(format!("ledger entry {step} is unreadable: {v}"));
+                return;
+            };
+            let want = ((step - 1) / per_epoch, ((step - 1) % per_epoch) * batch);
+            let got = (e.epoch, e.start as u64);
+            if got != want {
+                let mut m = String::new();
+                let _ = write!(
+                    m,
+                    "step {step} took epoch {} from example {} (after {previous:?}); each epoch's examples go batch by batch: want epoch {} from {}",
+                    got.0, got.1, want.0, want.1
+                );
+                self.fail(m);
+                return;
+            }
+            previous = Some(got);
+        }
+    }
+}
