@@ -14,7 +14,7 @@ export DPO_PYTHON := $(DPO_VENV)/bin/python
 CARGO ?= cargo
 DEMO_DIR ?= out/demo
 
-.PHONY: setup build test chart-test lint demo demo-lora bench gpu-bundle clean
+.PHONY: setup build test chart-test lint demo demo-lora bench sim gpu-bundle clean
 
 setup:
 	@bash scripts/setup.sh
@@ -29,6 +29,11 @@ lint: setup
 test: build lint
 	$(CARGO) test --workspace --no-fail-fast
 	$(DPO_PYTHON) -m unittest discover -s deploy/tests -v
+
+# More seeds of the coordinator's simulation than `make test` runs (SEEDS=N).
+SEEDS ?= 10000
+sim: setup
+	$(CARGO) run --release -p dpo-coordinator --bin dpo-sim -- --seeds $(SEEDS)
 
 # The Helm chart and Dockerfiles alone (render, validate, lint; needs built binaries).
 chart-test: setup

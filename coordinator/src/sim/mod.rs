@@ -107,14 +107,22 @@ impl Config {
     /// The command that runs this configuration again.
     pub fn replay_command(&self) -> String {
         format!(
-            "cargo run -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --checkpoint-every {} --fault-every-ms {}",
+            "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {}",
             self.seed,
             self.workers,
             self.min_workers,
             self.max_workers,
             self.steps,
+            self.batch,
+            self.examples,
             self.checkpoint_every,
-            self.fault_every.as_millis()
+            self.lease.as_millis(),
+            self.step_time.as_millis(),
+            self.collective_timeout.as_millis(),
+            self.fault_every.as_millis(),
+            self.faults_until.as_secs(),
+            self.settle.as_secs(),
+            self.max_delay.as_millis(),
         )
     }
 }
