@@ -90,3 +90,73 @@ fn the_same_seed_replays_the_same_run() {
     );
     assert!(a.faults > 0);
 }
+
+/// The checker itself: each store-side invariant fails on the write that
+/// breaks it, with its own message.
+#[test]
+fn each_broken_invariant_is_caught_by_its_own_message() {
+    let ledger = |step: u64| format!("{}{step:020}", engine::ledger_prefix(RUN));
+    let entry = |step: u64, generation: u64| {
+        serde_json::json!({"step": step, "epoch": 0, "start": (step - 1) * 4, "generation": generation, "world_size": 2})
+            .to_string()
+    };
+    let caught = |writes: Vec<(String, String)>, want: &str| {
+        let mut sim = Sim::new(Config::small(0));
+        for (k, v) in writes {
+            sim.write(k, Some(v));
+        }
+        sim.check();
+        let got = sim.failure.take().unwrap_or_default();
+        assert!(got.contains(want), "want {want:?}, got {got:?}");
+    };
+    caught(
+        vec![
+            (GENERATION_KEY.into(), "3".into()),
+            (GENERATION_KEY.into(), "2".into()),
+        ],
+        "generations must only grow",
+    );
+    caught(
+        vec![(ledger(1), entry(1, 1)), (ledger(1), entry(1, 2))],
+        "step 1 recorded twice",
+    );
+    // The engine's own record of the queued run, at other steps.
+    let mut sim = Sim::new(Config::small(0));
+    sim.boot_coordinator();
+    let real = sim
+        .store
+        .kv
+        .get(&engine::run_key(RUN))
+        .cloned()
+        .or_else(|| {
+            sim.apply();
+            sim.store.kv.get(&engine::run_key(RUN)).cloned()
+        })
+        .expect("the queued run's record");
+    let at = |step: u64| {
+        let mut v: serde_json::Value = serde_json::from_str(&real).expect("json");
+        v["step"] = step.into();
+        v.to_string()
+    };
+    caught(
+        vec![
+            (engine::run_key(RUN), at(2)),
+            (ledger(1), entry(1, 1)),
+            (ledger(2), entry(2, 1)),
+            (engine::run_key(RUN), at(1)),
+        ],
+        "went back from step 2 to 1",
+    );
+    caught(
+        vec![(engine::run_key(RUN), at(2)), (ledger(2), entry(2, 1))],
+        "1 ledger entries for 2 recorded steps",
+    );
+    caught(
+        vec![
+            (engine::run_key(RUN), at(2)),
+            (ledger(1), entry(1, 1)),
+            (ledger(2), entry(3, 1)),
+        ],
+        "each epoch's examples go batch by batch",
+    );
+}
