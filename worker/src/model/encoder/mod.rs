@@ -1,6 +1,6 @@
 //! Encoder models for token and sequence classification: BERT, RoBERTa,
-//! XLM-RoBERTa and DeBERTa-v2/v3 on libtorch, read from and written to Hugging
-//! Face checkpoints.
+//! XLM-RoBERTa, DeBERTa-v2/v3 and ModernBERT on libtorch, read from and written
+//! to Hugging Face checkpoints.
 //!
 //! BERT and RoBERTa differ in the embeddings only: BERT numbers positions `0..T`,
 //! RoBERTa from `padding_idx + 1` over the non-padding tokens, and RoBERTa's
@@ -9,12 +9,14 @@
 //! DeBERTa adds disentangled attention over relative positions (`relative.rs`:
 //! content-to-position and position-to-content scores from one table shared by
 //! every layer), makes absolute positions and token types optional, and pools with
-//! its own `pooler.dense` and activation. All are post-LayerNorm transformers with
-//! biases everywhere. Parameter paths equal transformers' state-dict names of
-//! `BertForTokenClassification`, `BertForSequenceClassification` and the RoBERTa,
-//! XLM-RoBERTa and DeBERTa-v2 pairs, so a checkpoint those write loads here and
-//! what this writes loads there (`transformers.pipeline("token-classification")`
-//! included).
+//! its own `pooler.dense` and activation. These are post-LayerNorm transformers
+//! with biases everywhere; ModernBERT (`modern.rs`) is pre-norm, rotary, GeGLU,
+//! local attention alternating with global, biases optional, with a final norm
+//! and a `head.` both classifiers share. Parameter paths equal transformers'
+//! state-dict names of `BertForTokenClassification`,
+//! `BertForSequenceClassification` and the RoBERTa, XLM-RoBERTa, DeBERTa-v2 and
+//! ModernBERT pairs, so a checkpoint those write loads here and what this writes
+//! loads there (`transformers.pipeline("token-classification")` included).
 //!
 //! A checkpoint without a head (a plain `BertModel`, or a masked-LM one) gets a
 //! new head initialised as transformers does: weights `N(0, initializer_range)`,
