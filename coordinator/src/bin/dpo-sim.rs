@@ -54,6 +54,9 @@ struct Args {
     settle_s: Option<u64>,
     #[arg(long)]
     max_delay_ms: Option<u64>,
+    /// One store transaction in N fails (0: never).
+    #[arg(long)]
+    store_fail_one_in: Option<u64>,
 }
 
 impl Args {
@@ -82,6 +85,7 @@ impl Args {
         c.faults_until = self.faults_until_s.map_or(c.faults_until, s);
         c.settle = self.settle_s.map_or(c.settle, s);
         c.max_delay = self.max_delay_ms.map_or(c.max_delay, ms);
+        c.store_fail_one_in = self.store_fail_one_in.unwrap_or(c.store_fail_one_in);
         c
     }
 }

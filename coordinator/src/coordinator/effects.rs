@@ -13,9 +13,11 @@ use crate::engine::{self, Effect, Engine, Now, Refusal, Result};
 use crate::store::Store;
 
 /// Applies batches of effects in the order they were queued. A write the store
-/// refuses for good (too large, over quota, not permitted) fails its run with
-/// the store's reason instead of being retried forever: the engine decides
-/// the failure, and its effects join the queue.
+/// did not take for now is tried again before anything after it (the
+/// simulator's store-failure seeds found that catching up afterwards lost
+/// ledger entries); a write it refuses for good (too large, over quota, not
+/// permitted) fails its run with the store's reason instead of being retried
+/// forever: the engine decides the failure, and its effects join the queue.
 pub(super) async fn apply_effects(
     outside: Arc<Outside>,
     mut rx: mpsc::UnboundedReceiver<Batch>,
@@ -34,7 +36,29 @@ pub(super) async fn apply_effects(
                 Effect::AppendMetrics { run, .. } => (Some(run.clone()), true),
                 _ => (None, false),
             };
-            match apply(&outside, effect).await {
+            let result = if matches!(effect, Effect::Store { .. } | Effect::RecordEnd { .. }) {
+                // A write the store did not take (unreachable past its own
+                // retries) is tried again, and nothing decided after it is
+                // applied first: the store only ever holds a prefix of the
+                // engine's decisions (a record never counts a step whose
+                // ledger entry a failed write lost; a checkpoint never
+                // commits ahead of the record). The coordinator's leader
+                // lease bounds how long this can wait.
+                let mut wait = std::time::Duration::from_millis(250);
+                loop {
+                    match apply(&outside, effect.clone()).await {
+                        Err(Refusal::Store(se)) if !se.is_permanent() => {
+                            tracing::warn!(error = %se, "the state store did not take a write; trying it again before anything decided after it");
+                            tokio::time::sleep(wait).await;
+                            wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                        }
+                        other => break other,
+                    }
+                }
+            } else {
+                apply(&outside, effect).await
+            };
+            match result {
                 Ok(c) => committed &= c,
                 Err(e) => {
                     tracing::error!(error = %e, "applying the coordinator's decision");

@@ -74,6 +74,10 @@ pub struct Config {
     pub settle: Duration,
     /// Network delay of a message: uniform in `[0, max_delay]`.
     pub max_delay: Duration,
+    /// One store transaction in this many fails for a while (etcd
+    /// unreachable); the runner tries it again, and applies nothing decided
+    /// after it first, as the real one does (0: never).
+    pub store_fail_one_in: u64,
     /// Events kept for a failure's trace.
     pub trace: usize,
 }
@@ -100,6 +104,7 @@ impl Config {
             faults_until: Duration::from_secs(60),
             settle: Duration::from_secs(600),
             max_delay: Duration::from_millis(200),
+            store_fail_one_in: 100,
             trace: 40,
         }
     }
@@ -107,7 +112,7 @@ impl Config {
     /// The command that runs this configuration again.
     pub fn replay_command(&self) -> String {
         format!(
-            "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {}",
+            "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {} --store-fail-one-in {}",
             self.seed,
             self.workers,
             self.min_workers,
@@ -123,6 +128,7 @@ impl Config {
             self.faults_until.as_secs(),
             self.settle.as_secs(),
             self.max_delay.as_millis(),
+            self.store_fail_one_in,
         )
     }
 }
@@ -138,6 +144,8 @@ pub struct Outcome {
     /// Requests of members whose generation had been superseded (each one
     /// checked to change nothing).
     pub stale_requests: u64,
+    /// Store transactions that failed (and were caught up).
+    pub store_failures: u64,
     pub events: u64,
     /// Engine calls and the effects they decided (the messages of the run).
     pub engine_calls: u64,
@@ -634,8 +642,24 @@ impl Sim {
     /// generation key holds their fence), assignments to the workers'
     /// streams; a committed checkpoint is reported back to the engine.
     fn apply(&mut self) {
-        let effects = std::mem::take(&mut self.pending);
-        for effect in effects {
+        let mut effects = std::mem::take(&mut self.pending).into_iter();
+        while let Some(effect) = effects.next() {
+            let n = self.config.store_fail_one_in;
+            if matches!(effect, Effect::Store { .. } | Effect::RecordEnd { .. })
+                && n > 0
+                && self.rng.below(n) == 0
+            {
+                // The store did not take it: it is tried again after a
+                // while, and everything decided after it waits.
+                self.log("store: a transaction failed; it and what follows wait".into());
+                self.outcome.store_failures += 1;
+                let mut rest = vec![effect];
+                rest.extend(effects);
+                rest.append(&mut self.pending);
+                self.pending = rest;
+                self.at(Duration::from_millis(200), Event::Apply);
+                return;
+            }
             match effect {
                 Effect::Store { fence, writes, .. } => {
                     if let Some(f) = fence
@@ -714,8 +738,9 @@ impl Sim {
                 .get(GENERATION_KEY)
                 .and_then(|v| v.parse::<u64>().ok());
             let new = value.as_deref().and_then(|v| v.parse::<u64>().ok());
+            // Equal is a rewrite (the runner's catch-up after a failed write).
             if let (Some(o), Some(n)) = (old, new)
-                && n <= o
+                && n < o
             {
                 self.fail(format!(
                     "generation {n} written over {o}: generations must only grow"
