@@ -156,6 +156,63 @@ fn dpo_matches_the_pytorch_reference(family: &str, name: &'static str, has: &str
     assert!(moved > 1e-3, "training moved the weights: {moved}");
     assert!(diff <= 1e-5, "max weight difference {diff} > 1e-5");
     assert!(ours.keys().any(|k| k.ends_with(has)), "{:?}", ours.keys());
+    loads_back_in_transformers(family, &dir.path().join(c.name).join("final"));
+}
+
+/// What `dpo-worker train` wrote in `final` is a model transformers loads
+/// (`AutoModelForCausalLM`), whose logits equal ours on two sequences.
+fn loads_back_in_transformers(family: &str, final_dir: &Path) {
+    use tch::{Device, Kind, Tensor};
+    let _guard = tch::no_grad_guard();
+    let model = dpo_worker::model::checkpoint::load(final_dir, Kind::Float, Device::Cpu)
+        .expect("the trained model loads");
+    let vocab = model.config().vocab_size;
+    let seqs: Vec<Tensor> = (0..2i64)
+        .map(|i| {
+            let ids: Vec<i64> = (1..=12i64).map(|t| (t * 7 + i * 3) % vocab).collect();
+            Tensor::from_slice(&ids)
+        })
+        .collect();
+    let scratch = tempdir();
+    let inputs = scratch.path().join("inputs.safetensors");
+    let named: Vec<(String, &Tensor)> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (format!("input_ids.{i}"), t))
+        .collect();
+    Tensor::write_safetensors(&named, &inputs).expect("write inputs");
+    let out = scratch.path().join("logits.safetensors");
+    run_python(
+        "tests/reference/hf_reference.py",
+        &[
+            "logits",
+            final_dir.to_str().expect("utf-8"),
+            inputs.to_str().expect("utf-8"),
+            out.to_str().expect("utf-8"),
+        ],
+    );
+    let theirs = read_tensors(&out).expect("transformers' logits");
+    let mut worst = 0.0f64;
+    for (i, ids) in seqs.iter().enumerate() {
+        let ours = model
+            .forward(&ids.unsqueeze(0), None)
+            .expect("forward")
+            .squeeze_dim(0);
+        let want = &theirs[&format!("logits.{i}")];
+        assert_eq!(ours.size(), want.size(), "{family}: logits' shape");
+        let d = (&ours - want).abs().max().double_value(&[]);
+        let scale = want.abs().max().double_value(&[]);
+        assert!(
+            d.is_finite() && scale > 1e-3,
+            "{family}: logits {d} at scale {scale}"
+        );
+        worst = worst.max(d);
+    }
+    eprintln!("{family}: transformers' logits of the trained model within {worst:.2e} of ours");
+    assert!(
+        worst <= 1e-4,
+        "{family}: trained model's logits differ by {worst:.3e}"
+    );
 }
 
 /// Qwen3: per-head q/k norms, head_dim apart from hidden/heads, no
