@@ -21,8 +21,9 @@
 //! that replays it, and the last events.
 //!
 //! What is modelled of the store: keys and values, transactions, the
-//! generation fence of checkpoint commits. Not yet: leases, revisions,
-//! compaction, write failures, a full store, partitions, clock jumps.
+//! generation fence of checkpoint commits, transactions that fail for a
+//! while (tried again in order, as the real runner does). Not yet: leases,
+//! revisions, compaction, a full store, partitions, clock jumps.
 
 mod rng;
 #[cfg(test)]
