@@ -13,7 +13,8 @@ writes, which is exactly what dpo-cluster must read.
         --labels O,B-PER,I-PER
     python examples/tiny_encoder.py --out /tmp/base --family bert --head none
 
-`--head none` saves the plain `BertModel`/`RobertaModel` (no classification head,
+`--batch JOBS.json` builds every model of a JSON list of argument lists in one
+process. `--head none` saves the plain `BertModel`/`RobertaModel` (no classification head,
 state-dict names without the `bert.` prefix), as a pretrained base is published.
 """
 
@@ -173,6 +174,15 @@ def train_tokenizer(family: str, vocab_size: int, texts: list[str], out: str):
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--batch"] and len(argv) == 2:
+        # A JSON list of argument lists: every model built in this one process.
+        import json
+
+        with open(argv[1]) as f:
+            for job in json.load(f):
+                main(job)
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--family", choices=["bert", "roberta", "xlm-roberta", "deberta-v2", "modernbert"], default="bert")

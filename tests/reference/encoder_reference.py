@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Independent reference numbers for dpo-cluster's encoder tests, from transformers.
 
-    encoder_reference.py logits MODEL OUT
+    encoder_reference.py logits MODEL OUT [MODEL OUT ...]
         tokenizes SENTENCES with MODEL's tokenizer (transformers' AutoTokenizer) and
         writes, per sentence alone (no padding), input_ids.N and logits.N computed by
         AutoModelFor{Token,Sequence}Classification in eval mode, to OUT (safetensors)
@@ -12,6 +12,7 @@
         trains MODEL with transformers + the loss from its formula + torch's AdamW
         (or SGD: "optimizer"; "schedule" as transformers names it, default linear;
         micro-batches summed into a global batch), writes the weights to OUT;
+        with "logits_of": [MODEL2, OUT2], also what `logits MODEL2 OUT2` writes;
         with "lora_init", PEFT's model from that adapter trains instead (only
         what PEFT trains) and its adapter is saved to OUT.adapter
     encoder_reference.py lora-init MODEL OUT R ALPHA TARGETS
@@ -68,6 +69,10 @@ def logits(model_dir: str, out: str) -> None:
             tensors[f"input_ids.{i}"] = enc["input_ids"][0].contiguous()
             tensors[f"logits.{i}"] = model(**enc).logits[0].float().contiguous()
     save_file(tensors, out)
+
+
+# `train` has a local named `logits`.
+write_logits = logits
 
 
 def pipeline(model_dir: str, task: str, texts: list[str]) -> None:
@@ -219,6 +224,9 @@ def train(model_dir: str, data: str, settings: str, out: str) -> None:
         save_file({n: t.detach().contiguous() for n, t in model.state_dict().items()}, out)
     with open(out + ".json", "w") as f:
         json.dump({"losses": losses}, f)
+    if cfg.get("logits_of"):
+        # Another saved model's logits, in this process (one import of torch).
+        write_logits(*cfg["logits_of"])
 
 
 def peft_task(model_dir: str) -> str:
@@ -274,7 +282,11 @@ def lora_check(model_dir: str, ours: str, reference: str, out: str) -> None:
 def main() -> None:
     cmd, *args = sys.argv[1:]
     if cmd == "logits":
-        logits(*args)
+        # MODEL OUT, or several pairs in one process (one import of torch).
+        if len(args) < 2 or len(args) % 2:
+            sys.exit("logits takes MODEL OUT pairs")
+        for model_dir, out in zip(args[::2], args[1::2]):
+            logits(model_dir, out)
     elif cmd == "train":
         train(*args)
     elif cmd == "lora-init":

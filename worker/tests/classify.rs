@@ -119,12 +119,16 @@ output = "out"
     let summary = train(&spec);
     assert_eq!(summary["steps"], 4);
     let settings = dir.path().join("settings.json");
+    // transformers' logits of what we trained, computed by the same process.
+    let final_dir = dir.path().join("out/final");
+    let final_logits = dir.path().join("final.ref.safetensors");
     std::fs::write(
         &settings,
         serde_json::json!({
             "task": task, "loss": loss, "negative_weight": 0.7, "lr": 0.01, "weight_decay": 0.05,
             "betas": [0.9, 0.999], "eps": 1e-8, "max_grad_norm": 1.0, "warmup": 2, "steps": 4,
             "global_batch": 4, "micro_batch": 2, "max_length": 32,
+            "logits_of": [final_dir, final_logits],
         })
         .to_string(),
     )
@@ -203,24 +207,16 @@ output = "out"
         worst <= 1e-5,
         "{task} {loss}: weights differ from the reference by {worst:.3e}"
     );
-    loads_back_in_transformers(&dir.path().join("out/final"));
+    loads_back_in_transformers(&final_dir, &final_logits);
 }
 
 /// What `dpo-worker train` wrote in `dir` is a model transformers loads
 /// (`AutoModelFor…Classification`, its tokenizer beside it) and whose logits
-/// equal ours on the reference sentences.
-fn loads_back_in_transformers(dir: &Path) {
+/// (`reference`, written by transformers) equal ours on the reference
+/// sentences.
+fn loads_back_in_transformers(dir: &Path, reference: &Path) {
     use dpo_worker::model::encoder::{Encoder, Head};
-    let reference = dir.with_extension("ref.safetensors");
-    run_python(
-        "tests/reference/encoder_reference.py",
-        &[
-            "logits",
-            dir.to_str().expect("utf-8"),
-            reference.to_str().expect("utf-8"),
-        ],
-    );
-    let theirs = read_tensors(&reference);
+    let theirs = read_tensors(reference);
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
             .expect("json");
@@ -238,8 +234,14 @@ fn loads_back_in_transformers(dir: &Path) {
             .forward(&ids, &ids.ones_like(), None)
             .expect("forward")
             .squeeze_dim(0);
-        worst = worst.max(max_abs_diff(&ours, &theirs[&format!("logits.{i}")]));
+        let d = max_abs_diff(&ours, &theirs[&format!("logits.{i}")]);
+        assert!(d.is_finite(), "logits of sequence {i}: {d}");
+        worst = worst.max(d);
     }
+    assert!(
+        theirs.len() >= 4,
+        "transformers' logits of the trained model"
+    );
     eprintln!(
         "{}: transformers' logits of the trained model within {worst:.2e} of ours",
         dir.display()

@@ -47,6 +47,10 @@ fn fixtures() -> &'static Path {
             "--pooling",
             "cls",
         ];
+        // Every model in one Python process, then every reference in one more
+        // (each process pays for importing torch and transformers).
+        let mut jobs: Vec<Vec<String>> = Vec::new();
+        let mut heads: Vec<PathBuf> = Vec::new();
         for (name, family, extra) in [
             ("bert", "bert", &[][..]),
             ("roberta", "roberta", &[]),
@@ -58,12 +62,11 @@ fn fixtures() -> &'static Path {
         ] {
             for head in ["none", "token", "sequence"] {
                 let out = dir.join(format!("{name}-{head}"));
-                let out = out.to_str().expect("utf-8 path");
                 // A larger init range than BERT's 0.02, so that logits are O(1)
                 // and a wrong layer shows.
-                let mut args = vec![
+                let mut args: Vec<String> = [
                     "--out",
-                    out,
+                    out.to_str().expect("utf-8 path"),
                     "--family",
                     family,
                     "--head",
@@ -74,34 +77,21 @@ fn fixtures() -> &'static Path {
                     "0.2",
                     "--seed",
                     "3",
-                ];
-                args.extend_from_slice(extra);
-                run_python("examples/tiny_encoder.py", &args);
-                if name == "modernbert-b" && head == "token" {
-                    // The same model with the config.json the published
-                    // checkpoints have (transformers 4.48's keys).
-                    let hub = dir.join("modernbert-hub-token");
-                    copy_dir(Path::new(out), &hub);
-                    hub_modernbert_config(&hub.join("config.json"));
-                    let hub = hub.to_str().expect("utf-8 path");
-                    run_python(
-                        "tests/reference/encoder_reference.py",
-                        &["logits", hub, &format!("{hub}.ref.safetensors")],
-                    );
-                }
+                ]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+                args.extend(extra.iter().map(|s| s.to_string()));
+                jobs.push(args);
                 if head != "none" {
-                    run_python(
-                        "tests/reference/encoder_reference.py",
-                        &["logits", out, &format!("{out}.ref.safetensors")],
-                    );
+                    heads.push(out);
                 }
             }
         }
         // ModernBERT's base as it is published: its masked-LM model, whose
         // `head.` the classification heads share.
-        run_python(
-            "examples/tiny_encoder.py",
-            &[
+        jobs.push(
+            [
                 "--out",
                 dir.join("modernbert-mlm").to_str().expect("utf-8 path"),
                 "--family",
@@ -114,8 +104,31 @@ fn fixtures() -> &'static Path {
                 "0.2",
                 "--seed",
                 "3",
-            ],
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         );
+        std::fs::create_dir_all(&dir).expect("fixture dir");
+        let list = dir.join("jobs.json");
+        std::fs::write(&list, serde_json::to_string(&jobs).expect("json")).expect("write jobs");
+        run_python(
+            "examples/tiny_encoder.py",
+            &["--batch", list.to_str().expect("utf-8 path")],
+        );
+        // The same model with the config.json the published ModernBERT
+        // checkpoints have (transformers 4.48's keys).
+        let hub = dir.join("modernbert-hub-token");
+        copy_dir(&dir.join("modernbert-b-token"), &hub);
+        hub_modernbert_config(&hub.join("config.json"));
+        heads.push(hub);
+        let mut pairs: Vec<String> = vec!["logits".into()];
+        for h in &heads {
+            let h = h.to_str().expect("utf-8 path");
+            pairs.push(h.to_string());
+            pairs.push(format!("{h}.ref.safetensors"));
+        }
+        run_python("tests/reference/encoder_reference.py", &pairs);
         dir
     })
 }
