@@ -33,7 +33,7 @@ fn pick(logits: &Tensor, sampling: Sampling, rng: &mut SplitMix64) -> Result<u32
                 .op("generate: softmax")?;
             let probs = Vec::<f64>::try_from(&probs).op("generate: probabilities")?;
             // Inverse-CDF draw with 53 random bits.
-            let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            let u = rng.unit();
             let mut acc = 0.0;
             let mut chosen = probs.len().saturating_sub(1);
             for (i, p) in probs.iter().enumerate() {

@@ -25,7 +25,6 @@
 //! while (tried again in order, as the real runner does). Not yet: leases,
 //! revisions, compaction, a full store, partitions, clock jumps.
 
-mod rng;
 #[cfg(test)]
 mod tests;
 
@@ -39,7 +38,7 @@ use dpo_proto::{RunSpec, v1};
 
 use crate::engine::{self, Effect, Engine, LedgerEntry, Member, Now, RunData, RunRecord, RunState};
 use crate::store::GENERATION_KEY;
-pub use rng::Rng;
+use dpo_data::rng::SplitMix64;
 
 /// The id of the simulated run.
 const RUN: &str = "run-sim";
@@ -86,22 +85,22 @@ pub struct Config {
 impl Config {
     /// A small world with faults: what `make test` runs many seeds of.
     pub fn small(seed: u64) -> Self {
-        let mut r = Rng::new(seed ^ 0x5eed);
-        let workers = 2 + r.below(5) as usize;
-        let min_workers = 1 + r.below(2) as usize;
+        let mut r = SplitMix64::new(seed ^ 0x5eed);
+        let workers = 2 + r.below(5);
+        let min_workers = 1 + r.below(2);
         Config {
             seed,
             workers,
             min_workers,
-            max_workers: (workers - r.below(2) as usize).max(min_workers),
-            steps: 40 + r.below(40),
+            max_workers: (workers - r.below(2)).max(min_workers),
+            steps: 40 + r.below(40) as u64,
             batch: 4,
             examples: 48,
-            checkpoint_every: 1 + r.below(8),
+            checkpoint_every: 1 + r.below(8) as u64,
             lease: Duration::from_secs(4),
             step_time: Duration::from_millis(500),
             collective_timeout: Duration::from_secs(6),
-            fault_every: Duration::from_secs(3 + r.below(12)),
+            fault_every: Duration::from_secs(3 + r.below(12) as u64),
             faults_until: Duration::from_secs(60),
             settle: Duration::from_secs(600),
             max_delay: Duration::from_millis(200),
@@ -282,7 +281,7 @@ struct Store {
 #[derive(Debug)]
 pub struct Sim {
     config: Config,
-    rng: Rng,
+    rng: SplitMix64,
     base: Now,
     t: Duration,
     seq: u64,
@@ -329,7 +328,7 @@ fn examples(n: usize) -> Vec<Example> {
 
 impl Sim {
     pub fn new(config: Config) -> Self {
-        let rng = Rng::new(config.seed);
+        let rng = SplitMix64::new(config.seed);
         let workers = vec![Worker::default(); config.workers];
         Sim {
             rng,
@@ -371,7 +370,7 @@ impl Sim {
 
     fn delay(&mut self) -> Duration {
         let max = self.config.max_delay.as_micros() as u64;
-        Duration::from_micros(self.rng.below(max + 1))
+        Duration::from_micros(self.rng.below(max as usize + 1) as u64)
     }
 
     fn log(&mut self, line: String) {
@@ -414,7 +413,7 @@ impl Sim {
     pub fn run(mut self) -> Result<Outcome, Box<Failure>> {
         self.boot_coordinator();
         for w in 0..self.config.workers {
-            let after = Duration::from_millis(self.rng.below(2000));
+            let after = Duration::from_millis(self.rng.below(2000) as u64);
             self.at(after, Event::Start(w, 0));
         }
         self.at(self.config.lease / 4, Event::Reconcile);
@@ -648,7 +647,7 @@ impl Sim {
             let n = self.config.store_fail_one_in;
             if matches!(effect, Effect::Store { .. } | Effect::RecordEnd { .. })
                 && n > 0
-                && self.rng.below(n) == 0
+                && self.rng.below(n as usize) == 0
             {
                 // The store did not take it: it is tried again after a
                 // while, and everything decided after it waits.
@@ -1086,26 +1085,12 @@ impl Sim {
             return;
         }
         self.outcome.faults += 1;
-        let w = self.rng.below(self.config.workers as u64) as usize;
+        let w = self.rng.below(self.config.workers);
         match self.rng.below(10) {
             // kill -9 of a worker: its stream closes, the process comes back.
             0..=3 => {
-                if !self.workers[w].up {
-                    return;
-                }
-                self.log(format!("fault: worker {w} killed"));
-                let stream = self.workers[w].stream;
-                let loop_id = self.workers[w].loop_id;
-                self.workers[w] = Worker {
-                    loop_id,
-                    ..Worker::default()
-                };
-                if let Some(s) = stream {
-                    let id = Self::worker_id(w);
-                    let _ = self.call(|e, now| e.stream_closed(&id, s, now));
-                }
-                let back = Duration::from_millis(500 + self.rng.below(5000));
-                self.restart_loop(w, back);
+                let back = Duration::from_millis(500 + self.rng.below(5000) as u64);
+                self.stop_worker(w, "killed", back);
             }
             // SIGSTOP, shorter or longer than the lease.
             4..=6 => {
@@ -1138,30 +1123,37 @@ impl Sim {
                     x.work = None;
                 }
                 self.rings.clear();
-                let down = Duration::from_millis(200 + self.rng.below(3000));
+                let down = Duration::from_millis(200 + self.rng.below(3000) as u64);
                 self.at(down, Event::CoordinatorUp);
             }
             // A graceful leave: the worker closes its stream and exits; it
             // comes back later as a new process.
             _ => {
-                if !self.workers[w].up {
-                    return;
-                }
-                self.log(format!("fault: worker {w} leaves"));
-                let stream = self.workers[w].stream;
-                let loop_id = self.workers[w].loop_id;
-                self.workers[w] = Worker {
-                    loop_id,
-                    ..Worker::default()
-                };
-                if let Some(s) = stream {
-                    let id = Self::worker_id(w);
-                    let _ = self.call(|e, now| e.stream_closed(&id, s, now));
-                }
-                let back = Duration::from_millis(1000 + self.rng.below(10_000));
-                self.restart_loop(w, back);
+                let back = Duration::from_millis(1000 + self.rng.below(10_000) as u64);
+                self.stop_worker(w, "leaves", back);
             }
         }
+    }
+
+    /// Worker `w`'s process ends (`how`: killed, or leaving): its stream
+    /// closes, the coordinator hears of it, and a new process starts after
+    /// `back`. Nothing happens to a worker that is not up.
+    fn stop_worker(&mut self, w: usize, how: &str, back: Duration) {
+        if !self.workers[w].up {
+            return;
+        }
+        self.log(format!("fault: worker {w} {how}"));
+        let stream = self.workers[w].stream;
+        let loop_id = self.workers[w].loop_id;
+        self.workers[w] = Worker {
+            loop_id,
+            ..Worker::default()
+        };
+        if let Some(s) = stream {
+            let id = Self::worker_id(w);
+            let _ = self.call(|e, now| e.stream_closed(&id, s, now));
+        }
+        self.restart_loop(w, back);
     }
 
     /// The invariants that are not checked as writes happen: the ledger is

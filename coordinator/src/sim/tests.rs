@@ -65,10 +65,10 @@ fn seeds_with_faults_keep_every_invariant() {
 
 #[test]
 fn the_same_seed_replays_the_same_run() {
-    let a = Sim::new(Config::small(17))
+    let a = Sim::new(Config::small(18))
         .run()
         .unwrap_or_else(|f| panic!("{f}"));
-    let b = Sim::new(Config::small(17))
+    let b = Sim::new(Config::small(18))
         .run()
         .unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(a.ledger, b.ledger);
