@@ -28,8 +28,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use dpo_data::Example;
@@ -284,8 +283,8 @@ pub struct Sim {
     base: Now,
     t: Duration,
     seq: u64,
-    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
-    events: Vec<Option<Event>>,
+    /// What happens next, by time and then by the order it was decided.
+    queue: BTreeMap<(Duration, u64), Event>,
     engine: Option<Engine>,
     pending: Vec<Effect>,
     store: Store,
@@ -337,8 +336,7 @@ impl Sim {
             },
             t: Duration::ZERO,
             seq: 0,
-            queue: BinaryHeap::new(),
-            events: Vec::new(),
+            queue: BTreeMap::new(),
             engine: None,
             pending: Vec::new(),
             store: Store::default(),
@@ -362,9 +360,7 @@ impl Sim {
 
     fn at(&mut self, after: Duration, event: Event) {
         self.seq += 1;
-        self.events.push(Some(event));
-        self.queue
-            .push(Reverse((self.t + after, self.seq, self.events.len() - 1)));
+        self.queue.insert((self.t + after, self.seq), event);
     }
 
     fn delay(&mut self) -> Duration {
@@ -421,14 +417,11 @@ impl Sim {
             self.at(first, Event::Fault);
         }
         let limit = self.config.faults_until + self.config.settle;
-        while let Some(Reverse((t, _, index))) = self.queue.pop() {
+        while let Some(((t, _), event)) = self.queue.pop_first() {
             if self.ended.is_some() || t > limit {
                 break;
             }
             self.t = t;
-            let Some(event) = self.events.get_mut(index).and_then(Option::take) else {
-                continue;
-            };
             self.outcome.events += 1;
             self.handle(event);
             self.check();
