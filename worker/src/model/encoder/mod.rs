@@ -717,22 +717,24 @@ impl Encoder {
         }
         let mut x = e.norm.forward(&x)?;
         let keys = attention_mask.f_ne(0)?;
-        if let (Some(m), Some(rotary)) = (&self.config.modern, &self.rotary) {
-            let x = self.dropout(x, m.embedding_dropout)?;
-            let modern = modern::Attend::new(rotary, &keys, m.window, x.kind())
-                .map_err(|e| tch::TchError::Torch(e.to_string()))?;
-            let attend = Attend {
-                mask: keys.f_view([b, 1, 1, t])?.f_expand([b, 1, t, t], false)?,
-                relative: None,
-                modern: Some(modern),
-            };
-            return Ok((x, attend));
-        }
         if self.config.family == Family::Deberta {
             // DeBERTa zeroes the padding's embeddings.
             x = x.f_mul(&keys.f_unsqueeze(-1)?.f_to_kind(x.kind())?)?;
         }
-        let x = self.dropout(x, self.config.hidden_dropout)?;
+        // ModernBERT's embeddings have a dropout of their own.
+        let p = self
+            .config
+            .modern
+            .as_ref()
+            .map_or(self.config.hidden_dropout, |m| m.embedding_dropout);
+        let x = self.dropout(x, p)?;
+        let modern = match (&self.config.modern, &self.rotary) {
+            (Some(m), Some(rotary)) => Some(
+                modern::Attend::new(rotary, &keys, m.window, x.kind())
+                    .map_err(|e| tch::TchError::Torch(e.to_string()))?,
+            ),
+            _ => None,
+        };
         let attend = match (&self.config.relative, &self.relative) {
             (Some(r), Some(table)) => {
                 // DeBERTa's mask: a query and a key both real (a padding
@@ -757,7 +759,7 @@ impl Encoder {
             _ => Attend {
                 mask: keys.f_view([b, 1, 1, t])?.f_expand([b, 1, t, t], false)?,
                 relative: None,
-                modern: None,
+                modern,
             },
         };
         Ok((x, attend))
