@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use dpo_proto::v1;
 
@@ -22,6 +22,8 @@ pub(super) struct Worker {
     last_seen: Instant,
     /// Its open assignment stream (`None` until it opens one).
     stream: Option<u64>,
+    /// When it opened that stream: from then on it is ready to train.
+    ready_since: Instant,
     /// Its etcd lease (etcd store).
     lease: Option<i64>,
     /// The secret it was given at registration: what proves a later request
@@ -177,6 +179,7 @@ impl Engine {
                         seq,
                         last_seen: now.instant,
                         stream: None,
+                        ready_since: now.instant,
                         lease,
                         session: session.clone(),
                     },
@@ -220,6 +223,7 @@ impl Engine {
         }
         w.stream = Some(id);
         w.last_seen = now.instant;
+        w.ready_since = now.instant;
         self.reconcile(now)?;
         Ok(id)
     }
@@ -324,8 +328,34 @@ impl Engine {
         members
     }
 
+    /// How long no worker may have become ready before a world forms or grows
+    /// with those that did: a cold start of hundreds of workers forms one
+    /// world, not one per joiner.
+    pub fn join_settle(&self) -> Duration {
+        self.lease_ttl / 5
+    }
+
+    /// Whether the joiners (`ready` workers not in `members`) have settled:
+    /// none became ready within the settling window, or one of them has
+    /// already waited a whole lease (a worker restarting in a loop cannot
+    /// hold the others back for ever).
+    fn joiners_settled(&self, ready: &[String], members: &[String], now: Now) -> bool {
+        let waited: Vec<Duration> = ready
+            .iter()
+            .filter(|id| !members.contains(id))
+            .filter_map(|id| self.workers.get(id))
+            .map(|w| now.instant.saturating_duration_since(w.ready_since))
+            .collect();
+        let (Some(newest), Some(oldest)) = (waited.iter().min(), waited.iter().max()) else {
+            return true;
+        };
+        *newest >= self.join_settle() || *oldest >= self.lease_ttl
+    }
+
     /// Expires lapsed leases, picks the run to train (FIFO), and forms, repairs or
-    /// grows its generation.
+    /// grows its generation. A world grows, or forms below `max_workers`, only
+    /// once its joiners have settled ([`Engine::join_settle`]); the periodic
+    /// call does it then.
     pub fn reconcile(&mut self, now: Now) -> Result<()> {
         let ttl = self.lease_ttl;
         let lapsed: Vec<String> = self
@@ -368,7 +398,9 @@ impl Engine {
         if let Some(g) = self.active.clone() {
             let whole = g.run_id == run_id && g.members.iter().all(|m| ready.contains(m));
             let can_grow = g.members.len() < max && ready.len() > g.members.len();
-            if whole && !can_grow {
+            // Joiners enough to fill the world need not wait for more.
+            let grow_now = ready.len() >= max || self.joiners_settled(&ready, &g.members, now);
+            if whole && !(can_grow && grow_now) {
                 return Ok(());
             }
             let reason = if whole {
@@ -384,6 +416,10 @@ impl Engine {
             if self.runs[&run_id].state != RunState::Waiting {
                 tracing::info!(run = %run_id, ready = ready.len(), min, "waiting for workers");
             }
+            return self.set_state(&run_id, RunState::Waiting);
+        }
+        if ready.len() < max && !self.joiners_settled(&ready, &[], now) {
+            tracing::debug!(run = %run_id, ready = ready.len(), "waiting for joiners to settle");
             return self.set_state(&run_id, RunState::Waiting);
         }
         let members = self.placed(ready.into_iter().take(max).collect());

@@ -67,6 +67,15 @@ fn join(e: &mut Engine, worker: &str, now: Now) -> Vec<Effect> {
     join_with_session(e, worker, now).0
 }
 
+/// Joins `worker` and lets the settling window pass (the periodic reconcile
+/// at `now` + the window): the effects of both.
+fn join_settled(e: &mut Engine, worker: &str, now: Now) -> Vec<Effect> {
+    let mut fx = join(e, worker, now);
+    e.reconcile(now.after(e.join_settle())).expect("reconcile");
+    fx.extend(e.take_effects());
+    fx
+}
+
 /// The Work assignments among `effects`: `(worker, generation, rank, world)`.
 fn works(effects: &[Effect]) -> Vec<(String, u64, u32, u32)> {
     effects
@@ -123,7 +132,18 @@ fn a_generation_forms_once_enough_workers_are_ready_with_the_fence_first() {
         e.run("run-a").map(|r| r.state).ok(),
         Some(RunState::Waiting)
     );
-    let second = join(&mut e, "w2", t0);
+    // Below max_workers a world forms only once no worker has joined for
+    // the settling window (the periodic reconcile forms it).
+    let t1 = t0.after(Duration::from_millis(300));
+    assert!(works(&join(&mut e, "w2", t1)).is_empty());
+    e.reconcile(t1.after(e.join_settle() - Duration::from_millis(1)))
+        .expect("reconcile");
+    assert!(
+        works(&e.take_effects()).is_empty(),
+        "w2 joined too recently"
+    );
+    e.reconcile(t1.after(e.join_settle())).expect("reconcile");
+    let second = e.take_effects();
     assert_eq!(
         works(&second),
         vec![("w1".into(), 1, 0, 2), ("w2".into(), 1, 1, 2)],
@@ -145,7 +165,11 @@ fn a_generation_forms_once_enough_workers_are_ready_with_the_fence_first() {
 fn the_world_grows_up_to_max_workers_and_no_further() {
     let t0 = Now::system();
     let mut e = engine_with_run(1, 2, 10, t0);
-    assert_eq!(works(&join(&mut e, "w1", t0)), vec![("w1".into(), 1, 0, 1)]);
+    assert_eq!(
+        works(&join_settled(&mut e, "w1", t0)),
+        vec![("w1".into(), 1, 0, 1)]
+    );
+    // A joiner that fills the world to max_workers does not wait.
     let grow = join(&mut e, "w2", t0);
     assert_eq!(aborts(&grow), vec![("w1".into(), 1)]);
     assert_eq!(
@@ -178,8 +202,8 @@ fn a_lapsed_lease_shrinks_the_world_and_heartbeats_keep_it() {
     e.reconcile(t1.after(TTL + Duration::from_millis(1)))
         .expect("reconcile");
     let fx = e.take_effects();
-    assert_eq!(aborts(&fx), vec![("w1".into(), 2), ("w2".into(), 2)]);
-    assert_eq!(works(&fx), vec![("w1".into(), 3, 0, 1)]);
+    assert_eq!(aborts(&fx), vec![("w1".into(), 1), ("w2".into(), 1)]);
+    assert_eq!(works(&fx), vec![("w1".into(), 2, 0, 1)]);
     assert!(
         e.heartbeat("w2", &s2, t2).is_none(),
         "a dropped worker must register again"
@@ -191,7 +215,7 @@ fn a_lapsed_lease_shrinks_the_world_and_heartbeats_keep_it() {
 fn requests_of_a_stale_generation_or_a_stranger_are_refused() {
     let t0 = Now::system();
     let mut e = engine_with_run(1, 2, 10, t0);
-    join(&mut e, "w1", t0);
+    join_settled(&mut e, "w1", t0); // generation 1
     join(&mut e, "w2", t0); // generation 2
     let stale = |r: Result<()>| matches!(r, Err(Refusal::Stale(_)));
     assert!(stale(e.report_step(&member("w1", 1, 0), step_report(1))));
@@ -961,4 +985,58 @@ fn each_member_is_told_how_many_ranks_share_its_host() {
             ("b-0".into(), 1)
         ]
     );
+}
+
+#[test]
+fn a_cold_start_forms_one_world_and_a_stream_of_joiners_waits_at_most_a_lease() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 64, 10, t0);
+    let settle = e.join_settle();
+    let tick = Duration::from_millis(100);
+    let mut sessions: Vec<(String, Vec<u8>)> = Vec::new();
+    // The periodic reconcile, every worker having beaten: its effects.
+    let beat_and_reconcile = |e: &mut Engine, sessions: &[(String, Vec<u8>)], t: Now| {
+        for (w, s) in sessions {
+            assert!(e.heartbeat(w, s, t).is_some());
+        }
+        e.reconcile(t).expect("reconcile");
+        e.take_effects()
+    };
+    // Ten workers join 100 ms apart (closer than the settling window), with
+    // the periodic reconcile between them: no world until they settle.
+    let mut now = t0;
+    for i in 0..10 {
+        now = t0.after(tick * i);
+        let (fx, session) = join_with_session(&mut e, &format!("w{i:02}"), now);
+        sessions.push((format!("w{i:02}"), session));
+        assert!(works(&fx).is_empty());
+        assert!(works(&beat_and_reconcile(&mut e, &sessions, now)).is_empty());
+    }
+    let formed = works(&beat_and_reconcile(&mut e, &sessions, now.after(settle)));
+    assert_eq!(formed.len(), 10, "{formed:?}");
+    assert!(
+        formed
+            .iter()
+            .all(|(_, g, _, world)| *g == 1 && *world == 10)
+    );
+    // Joiners now arrive every half a settling window for ever: the world
+    // keeps training until the first of them has waited a whole lease.
+    let start = now.after(settle);
+    let mut grown_at = None;
+    for k in 1..=((TTL.as_millis() / tick.as_millis()) as u32 + 10) {
+        let t = start.after(tick * k);
+        let mut fx = Vec::new();
+        if k % 4 == 0 {
+            let (joined, session) = join_with_session(&mut e, &format!("j{k:03}"), t);
+            sessions.push((format!("j{k:03}"), session));
+            fx = joined;
+        }
+        fx.extend(beat_and_reconcile(&mut e, &sessions, t));
+        if grown_at.is_none() && !works(&fx).is_empty() {
+            grown_at = Some(tick * k);
+            assert!(works(&fx).iter().all(|(_, g, _, _)| *g == 2), "{fx:?}");
+        }
+    }
+    // The first joiner came at 4 ticks; it has waited a lease at 4 ticks + TTL.
+    assert_eq!(grown_at, Some(tick * 4 + TTL));
 }
