@@ -73,24 +73,55 @@ fn cost(e: &Example) -> usize {
 }
 
 /// The rank of each of `lengths`' elements: longest first, each to the rank with
-/// the fewest tokens so far (ties: the lower rank) — every rank's forward costs
-/// about the same, so no rank waits for a straggler at the all-reduce. With at
-/// least `world` elements every rank gets one.
+/// the fewest tokens so far (ties: the fewest examples, then the lower rank) —
+/// every rank's forward costs about the same, so no rank waits for a straggler
+/// at the all-reduce. With at least `world` elements every rank gets one.
+/// O(n log n + n log world): the least-loaded rank comes off a heap.
 pub fn balance(lengths: &[usize], world: usize) -> Vec<usize> {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
     let world = world.max(1);
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
-    let mut load = vec![(0usize, 0usize); world]; // (tokens, examples)
+    // (tokens, examples, rank), least first.
+    let mut load: BinaryHeap<Reverse<(usize, usize, usize)>> =
+        (0..world).map(|r| Reverse((0, 0, r))).collect();
     let mut rank_of = vec![0; lengths.len()];
     for i in order {
-        let r = (0..world)
-            .min_by_key(|&r| (load[r].0, load[r].1, r))
-            .unwrap_or(0);
-        load[r].0 += lengths[i];
-        load[r].1 += 1;
+        let Some(Reverse((tokens, examples, r))) = load.pop() else {
+            break;
+        };
         rank_of[i] = r;
+        load.push(Reverse((tokens + lengths[i], examples + 1, r)));
     }
     rank_of
+}
+
+/// How a global batch is split among `world` ranks: each rank's examples
+/// (positions in the pool, in batch order) and the whole batch's totals.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shares {
+    pub by_rank: Vec<Vec<usize>>,
+    pub norm: Normalizer,
+}
+
+/// The split of the examples `idx` of `pool` among `world` ranks
+/// (length-balanced by [`balance`]): computed once per step, however many
+/// ranks ask for their share.
+pub fn shares(pool: &[Example], idx: &[usize], count_negatives: bool, world: usize) -> Shares {
+    let picked: Vec<(usize, &Example)> = idx
+        .iter()
+        .filter_map(|&i| pool.get(i).map(|e| (i, e)))
+        .collect();
+    let all: Vec<&Example> = picked.iter().map(|(_, e)| *e).collect();
+    let norm = Normalizer::of(&all, count_negatives);
+    let lengths: Vec<usize> = all.iter().map(|e| cost(e)).collect();
+    let ranks = balance(&lengths, world);
+    let mut by_rank = vec![Vec::new(); world.max(1)];
+    for ((i, _), r) in picked.iter().zip(&ranks) {
+        by_rank[*r].push(*i);
+    }
+    Shares { by_rank, norm }
 }
 
 /// Rank `rank`'s share of the examples `idx` of `pool` (length-balanced across
@@ -104,21 +135,13 @@ pub fn rank_share(
     rank: usize,
     world: usize,
 ) -> (Vec<Example>, Vec<usize>, Normalizer) {
-    let picked: Vec<(usize, &Example)> = idx
+    let s = shares(pool, idx, count_negatives, world);
+    let indices = s.by_rank.get(rank).cloned().unwrap_or_default();
+    let examples = indices
         .iter()
-        .filter_map(|&i| pool.get(i).map(|e| (i, e)))
+        .filter_map(|&i| pool.get(i).cloned())
         .collect();
-    let all: Vec<&Example> = picked.iter().map(|(_, e)| *e).collect();
-    let norm = Normalizer::of(&all, count_negatives);
-    let lengths: Vec<usize> = all.iter().map(|e| cost(e)).collect();
-    let ranks = balance(&lengths, world);
-    let (examples, indices) = picked
-        .iter()
-        .zip(&ranks)
-        .filter(|(_, r)| **r == rank)
-        .map(|((i, e), _)| ((*e).clone(), *i))
-        .unzip();
-    (examples, indices, norm)
+    (examples, indices, s.norm)
 }
 
 #[cfg(test)]
@@ -168,6 +191,39 @@ mod tests {
         first.sort_unstable();
         assert_eq!(first, (0..12).collect::<Vec<_>>());
         assert!(EpochPlan::new(2, 3, 1, true).is_none());
+    }
+
+    /// The definition `balance` must keep: each element, longest first, to
+    /// the rank least loaded by (tokens, examples, rank), found by a scan.
+    fn balance_by_scan(lengths: &[usize], world: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..lengths.len()).collect();
+        order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+        let mut load = vec![(0usize, 0usize); world];
+        let mut rank_of = vec![0; lengths.len()];
+        for i in order {
+            let r = (0..world)
+                .min_by_key(|&r| (load[r].0, load[r].1, r))
+                .unwrap_or(0);
+            load[r].0 += lengths[i];
+            load[r].1 += 1;
+            rank_of[i] = r;
+        }
+        rank_of
+    }
+
+    #[test]
+    fn the_heap_balances_exactly_as_the_scan_did() {
+        let mut rng = crate::rng::SplitMix64::new(5);
+        for world in [1, 2, 3, 7, 64] {
+            for n in [0, 1, 5, 64, 300] {
+                let lengths: Vec<usize> = (0..n).map(|_| 1 + rng.below(40)).collect();
+                assert_eq!(
+                    balance(&lengths, world),
+                    balance_by_scan(&lengths, world),
+                    "world {world}, {n} elements"
+                );
+            }
+        }
     }
 
     #[test]

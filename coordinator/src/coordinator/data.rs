@@ -3,6 +3,10 @@
 //! reopened after a restart, and each rank's share of a batch cut from them.
 
 use std::path::Path;
+use std::sync::Arc;
+
+use dpo_data::Example;
+use dpo_data::batches::{Shares, shares};
 
 use dpo_proto::{RunSpec, v1};
 
@@ -20,38 +24,31 @@ pub(super) fn stage_of<'a>(data: &'a RunData, run: &str) -> Result<&'a Reference
 
 /// The rank's share of a global batch (train) or of the eval set, with the
 /// reference sums when the stage has them all.
-pub(super) fn batch_of(
+pub(crate) fn batch_of(
     data: &RunData,
     req: &v1::FetchBatchRequest,
     rank: usize,
     world: usize,
     total: u64,
 ) -> Result<v1::Batch> {
-    use dpo_data::batches::rank_share;
     if let Some(tagged) = &data.tagged {
         return tagged_batch_of(data, tagged, req, rank, world, total);
     }
-    let (examples, indices, norm, epoch) = if req.split == v1::Split::Eval as i32 {
-        let idx: Vec<usize> = (0..data.eval.len()).collect();
-        let (e, i, n) = rank_share(&data.eval, &idx, data.count_negatives, rank, world);
-        (e, i, n, 0)
-    } else {
-        if req.step >= total {
-            return Err(Refusal::Invalid(format!(
-                "step {} is past the run's {total} steps",
-                req.step
-            )));
-        }
-        let (idx, epoch) = {
-            let mut plan = data
-                .plan
-                .lock()
-                .map_err(|_| Refusal::Internal("poisoned plan".into()))?;
-            (plan.indices(req.step), plan.position(req.step).0)
-        };
-        let (e, i, n) = rank_share(&data.train, &idx, data.count_negatives, rank, world);
-        (e, i, n, epoch)
-    };
+    let eval = req.split == v1::Split::Eval as i32;
+    if !eval && req.step >= total {
+        return Err(Refusal::Invalid(format!(
+            "step {} is past the run's {total} steps",
+            req.step
+        )));
+    }
+    let pool = if eval { &data.eval } else { &data.train };
+    let (split, epoch) = split_of(data, eval, req.step, world)?;
+    let indices = split.by_rank.get(rank).cloned().unwrap_or_default();
+    let examples: Vec<Example> = indices
+        .iter()
+        .filter_map(|&i| pool.get(i).cloned())
+        .collect();
+    let norm = split.norm;
     let (mut reference_chosen, mut reference_rejected) = (Vec::new(), Vec::new());
     if let Some(stage) = &data.reference
         && let Some(sums) = stage.sums_of(&examples)?
@@ -70,6 +67,36 @@ pub(super) fn batch_of(
         epoch,
         ..Default::default()
     })
+}
+
+/// The split among `world` ranks of step `step`'s global batch (or of the
+/// eval set), with the step's epoch: the run's last split when it is that
+/// one, else made (once: the ranks of a step ask in turn) and kept.
+fn split_of(data: &RunData, eval: bool, step: u64, world: usize) -> Result<(Arc<Shares>, u64)> {
+    let plan = || {
+        data.plan
+            .lock()
+            .map_err(|_| Refusal::Internal("poisoned plan".into()))
+    };
+    let key = (i32::from(eval), if eval { 0 } else { step }, world);
+    let mut memo = data
+        .shares
+        .lock()
+        .map_err(|_| Refusal::Internal("poisoned shares".into()))?;
+    let epoch = if eval { 0 } else { plan()?.position(step).0 };
+    if let Some((k, split)) = memo.as_ref()
+        && *k == key
+    {
+        return Ok((split.clone(), epoch));
+    }
+    let (pool, idx) = if eval {
+        (&data.eval, (0..data.eval.len()).collect())
+    } else {
+        (&data.train, plan()?.indices(step))
+    };
+    let split = Arc::new(shares(pool, &idx, data.count_negatives, world));
+    *memo = Some((key, split.clone()));
+    Ok((split, epoch))
 }
 
 /// A classification run's batch: this rank's contiguous share of the global

@@ -19,7 +19,7 @@ use crate::store::Store;
 
 pub use crate::engine::Counters;
 
-mod data;
+pub(crate) mod data;
 mod effects;
 mod recovery;
 

@@ -245,6 +245,10 @@ pub struct RunData {
     pub count_negatives: bool,
     /// The reference stage's cache (runs with `reference.precompute`).
     pub reference: Option<ReferenceStage>,
+    /// The last split of a batch among ranks, by (split, step, world): each
+    /// of a step's ranks takes its share of the one split instead of
+    /// splitting the batch again.
+    pub shares: std::sync::Mutex<Option<((i32, u64, usize), Arc<dpo_data::batches::Shares>)>>,
 }
 
 /// A classification run's encoded data.
@@ -273,6 +277,7 @@ impl RunData {
             plan: std::sync::Mutex::new(plan),
             count_negatives: true,
             reference: None,
+            shares: std::sync::Mutex::new(None),
         })
     }
 
@@ -306,6 +311,7 @@ impl RunData {
             plan: std::sync::Mutex::new(plan),
             count_negatives: spec.objective.loss == Loss::Combined,
             reference: None,
+            shares: std::sync::Mutex::new(None),
         })
     }
 
@@ -467,6 +473,11 @@ impl Engine {
     /// Every run's record (for the sweep of ended runs' files).
     pub fn records(&self) -> impl Iterator<Item = &RunRecord> {
         self.runs.values()
+    }
+
+    /// A run's data (shared), while the run has it.
+    pub fn run_data(&self, id: &str) -> Option<Arc<RunData>> {
+        self.data.get(id).cloned()
     }
 
     /// Cancels a run of `owner` (`None`: anyone's).
