@@ -3,15 +3,62 @@
 //!
 //!     dpo-sim --seeds 1000                 # seeds 0..1000, small worlds with faults
 //!     dpo-sim --seed 154 --workers 4 …     # one seed, as a failure's replay line says
+//!     dpo-sim --scale 8,64,512,2048         # the scale figures (docs/BENCHMARKS.md)
 //!
 //! Flags not given take the values `Config::small(seed)` draws for the seed.
 //! Exits 1 on the first broken invariant, printing its replay command and the
 //! last events.
 
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Parser;
-use dpo_coordinator::sim::{Config, Sim};
+use dpo_coordinator::sim::{Config, Outcome, Scripted, ScriptedFault, Sim};
+
+/// The system allocator, counting the bytes live: what `--scale` measures
+/// the coordinator's heap with.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed to the system allocator unchanged; only the
+// count of live bytes is kept beside it.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+            LIVE.fetch_add(new_size, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live_bytes() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -57,10 +104,48 @@ struct Args {
     /// One store transaction in N fails (0: never).
     #[arg(long)]
     store_fail_one_in: Option<u64>,
+    /// A scripted kill -9: `AFTER_STEP:DELAY_MS:RANK:0` (repeatable).
+    #[arg(long)]
+    kill: Vec<String>,
+    /// A scripted freeze: `AFTER_STEP:DELAY_MS:RANK:FOR_MS` (repeatable).
+    #[arg(long)]
+    freeze: Vec<String>,
+    /// Measure the coordinator's heap at this recorded step (a restart).
+    #[arg(long)]
+    heap_at_step: Option<u64>,
+    /// Instead of seeds: the scale figures for these world sizes
+    /// (comma-separated), printed as Markdown tables.
+    #[arg(long, value_delimiter = ',')]
+    scale: Vec<usize>,
+}
+
+/// `AFTER_STEP:DELAY_MS:RANK:MS` of `--kill`/`--freeze`.
+fn scripted(text: &str, freeze: bool) -> anyhow::Result<Scripted> {
+    let parts: Vec<u64> = text
+        .split(':')
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{text:?}: AFTER_STEP:DELAY_MS:RANK:MS, all numbers"))?;
+    let [after_step, delay, rank, ms] = parts[..] else {
+        anyhow::bail!("{text:?}: AFTER_STEP:DELAY_MS:RANK:MS");
+    };
+    let rank = u32::try_from(rank).context("rank")?;
+    Ok(Scripted {
+        after_step,
+        delay: Duration::from_millis(delay),
+        fault: if freeze {
+            ScriptedFault::Freeze {
+                rank,
+                for_: Duration::from_millis(ms),
+            }
+        } else {
+            ScriptedFault::Kill { rank }
+        },
+    })
 }
 
 impl Args {
-    fn config(&self, seed: u64) -> Config {
+    fn config(&self, seed: u64) -> anyhow::Result<Config> {
         let mut c = Config::small(seed);
         let ms = Duration::from_millis;
         let s = Duration::from_secs;
@@ -86,18 +171,116 @@ impl Args {
         c.settle = self.settle_s.map_or(c.settle, s);
         c.max_delay = self.max_delay_ms.map_or(c.max_delay, ms);
         c.store_fail_one_in = self.store_fail_one_in.unwrap_or(c.store_fail_one_in);
-        c
+        for k in &self.kill {
+            c.script.push(scripted(k, false)?);
+        }
+        for f in &self.freeze {
+            c.script.push(scripted(f, true)?);
+        }
+        c.heap_at_step = self.heap_at_step;
+        Ok(c)
+    }
+}
+
+/// Runs one scale configuration, exiting on a broken invariant.
+fn run_scale(config: Config) -> Outcome {
+    match Sim::new(config).with_heap_probe(live_bytes).run() {
+        Ok(o) => o,
+        Err(failure) => {
+            eprintln!("{failure}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The costs between the marks of steps `from` and `to`, per step:
+/// (engine µs, data plane µs, engine calls, effects).
+fn per_step(o: &Outcome, from: u64, to: u64) -> Option<(f64, f64, f64, f64)> {
+    let a = o.marks.iter().find(|m| m.step == from)?;
+    let b = o.marks.iter().find(|m| m.step == to)?;
+    let n = (to - from) as f64;
+    Some((
+        (b.engine_time - a.engine_time).as_secs_f64() * 1e6 / n,
+        (b.data_time - a.data_time).as_secs_f64() * 1e6 / n,
+        (b.engine_calls - a.engine_calls) as f64 / n,
+        (b.effects - a.effects) as f64 / n,
+    ))
+}
+
+/// From the scripted fault to the next generation's first assignment and
+/// to the next recorded step, in virtual seconds.
+fn recovery(o: &Outcome) -> Option<(f64, f64)> {
+    let at = *o.scripted_at.first()?;
+    let formed = o.formed.iter().find(|(_, t)| *t > at)?.1;
+    let step = o.marks.iter().find(|m| m.at > at)?.at;
+    Some(((formed - at).as_secs_f64(), (step - at).as_secs_f64()))
+}
+
+fn scale(worlds: &[usize]) {
+    println!(
+        "| workers | engine per step | data plane per step | engine calls per step | effects per step | coordinator heap | heap per worker | simulated in |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for &w in worlds {
+        let mut c = Config::scale(w, Duration::from_secs(5), 60);
+        c.heap_at_step = Some(55);
+        let started = Instant::now();
+        let o = run_scale(c);
+        let wall = started.elapsed().as_secs_f64();
+        let (engine, data, calls, effects) = per_step(&o, 10, 50).unwrap_or_default();
+        let heap = o.heap_bytes.unwrap_or(0);
+        println!(
+            "| {w} | {engine:.0} µs | {data:.0} µs | {calls:.0} | {effects:.0} | {:.2} MiB | {:.0} B | {wall:.1} s |",
+            heap as f64 / (1 << 20) as f64,
+            heap as f64 / w as f64
+        );
+    }
+    println!();
+    println!(
+        "| workers | lease | kill -9 → new generation | kill -9 → next step | freeze → new generation | freeze → next step |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for &w in worlds {
+        for lease_s in [2u64, 5, 10] {
+            let lease = Duration::from_secs(lease_s);
+            let mut row = Vec::new();
+            for freeze in [false, true] {
+                let mut c = Config::scale(w, lease, 40);
+                c.min_workers = 1;
+                let rank = (w / 2) as u32;
+                c.script.push(Scripted {
+                    after_step: 20,
+                    delay: Duration::from_millis(300),
+                    fault: if freeze {
+                        ScriptedFault::Freeze {
+                            rank,
+                            for_: lease * 3,
+                        }
+                    } else {
+                        ScriptedFault::Kill { rank }
+                    },
+                });
+                let o = run_scale(c);
+                let (formed, step) = recovery(&o).unwrap_or((f64::NAN, f64::NAN));
+                row.push(format!("{formed:.2} s | {step:.2} s"));
+            }
+            println!("| {w} | {lease_s} s | {} | {} |", row[0], row[1]);
+        }
     }
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.scale.is_empty() {
+        scale(&args.scale);
+        return Ok(());
+    }
     let started = Instant::now();
     let (mut faults, mut restarts, mut steps, mut generations, mut stale) = (0, 0, 0, 0, 0);
     let mut engine_time = Duration::ZERO;
     let mut calls = 0u64;
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
-        let config = args.config(seed);
+        let config = args.config(seed)?;
         match Sim::new(config).run() {
             Ok(o) => {
                 if args.seeds == 1 {

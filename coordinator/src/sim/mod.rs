@@ -34,6 +34,7 @@ use std::time::{Duration, Instant};
 use dpo_data::Example;
 use dpo_proto::{RunSpec, v1};
 
+use crate::coordinator::data::batch_of;
 use crate::engine::{self, Effect, Engine, LedgerEntry, Member, Now, RunData, RunRecord, RunState};
 use crate::store::GENERATION_KEY;
 use dpo_data::rng::SplitMix64;
@@ -78,6 +79,30 @@ pub struct Config {
     pub store_fail_one_in: u64,
     /// Events kept for a failure's trace.
     pub trace: usize,
+    /// Faults at set points besides the drawn ones (the scale figures'
+    /// crash-to-next-step times).
+    pub script: Vec<Scripted>,
+    /// At this recorded step the coordinator's heap is measured (with the
+    /// probe given to [`Sim::with_heap_probe`]): the engine is dropped, which
+    /// is a coordinator crash, and started again from the store at once.
+    pub heap_at_step: Option<u64>,
+}
+
+/// A fault at a set point: `delay` after step `after_step` is recorded.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scripted {
+    pub after_step: u64,
+    pub delay: Duration,
+    pub fault: ScriptedFault,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ScriptedFault {
+    /// `kill -9` of the worker at this rank: its stream closes at once.
+    Kill { rank: u32 },
+    /// The worker at this rank stops answering (a frozen process, a cut
+    /// network) for `for_`, longer than the lease: only the lease tells.
+    Freeze { rank: u32, for_: Duration },
 }
 
 impl Config {
@@ -104,13 +129,57 @@ impl Config {
             max_delay: Duration::from_millis(200),
             store_fail_one_in: 100,
             trace: 40,
+            script: Vec::new(),
+            heap_at_step: None,
+        }
+    }
+
+    /// A fault-free world of `workers` training `steps` steps of a fixed
+    /// global batch of 4,096 examples (8 steps an epoch), every worker a
+    /// member: what the scale figures measure.
+    pub fn scale(workers: usize, lease: Duration, steps: u64) -> Self {
+        Config {
+            seed: 1,
+            workers,
+            min_workers: workers,
+            max_workers: workers,
+            steps,
+            batch: 4096,
+            examples: 4096 * 8,
+            checkpoint_every: 50,
+            lease,
+            step_time: Duration::from_millis(1000),
+            collective_timeout: Duration::from_secs(30),
+            fault_every: Duration::ZERO,
+            faults_until: Duration::ZERO,
+            settle: Duration::from_secs(3600),
+            max_delay: Duration::from_millis(20),
+            store_fail_one_in: 0,
+            trace: 40,
+            script: Vec::new(),
+            heap_at_step: None,
         }
     }
 
     /// The command that runs this configuration again.
     pub fn replay_command(&self) -> String {
+        let mut extra = String::new();
+        for s in &self.script {
+            let (flag, rank, ms) = match s.fault {
+                ScriptedFault::Kill { rank } => ("kill", rank, 0),
+                ScriptedFault::Freeze { rank, for_ } => ("freeze", rank, for_.as_millis()),
+            };
+            extra += &format!(
+                " --{flag} {}:{}:{rank}:{ms}",
+                s.after_step,
+                s.delay.as_millis()
+            );
+        }
+        if let Some(step) = self.heap_at_step {
+            extra += &format!(" --heap-at-step {step}");
+        }
         format!(
-            "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {} --store-fail-one-in {}",
+            "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {} --store-fail-one-in {}{extra}",
             self.seed,
             self.workers,
             self.min_workers,
@@ -151,9 +220,33 @@ pub struct Outcome {
     /// Real time spent inside the engine (its own cost, measured while
     /// simulating).
     pub engine_time: Duration,
+    /// Real time spent cutting the ranks' shares of batches (the data
+    /// plane, outside the engine's lock in the real coordinator).
+    pub data_time: Duration,
+    /// Batches served.
+    pub fetches: u64,
+    /// The moment each step was first recorded, with the costs so far.
+    pub marks: Vec<StepMark>,
+    /// When each scripted fault fired (virtual time).
+    pub scripted_at: Vec<Duration>,
+    /// When each generation's first assignment reached a worker.
+    pub formed: Vec<(u64, Duration)>,
+    /// The coordinator's heap at `heap_at_step`, without the run's dataset.
+    pub heap_bytes: Option<u64>,
     pub virtual_time: Duration,
     /// Per step: the generation and world size that trained it (the ledger).
     pub ledger: Vec<(u64, u64, u64)>,
+}
+
+/// When a step was first recorded and what the coordinator had spent by then.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepMark {
+    pub step: u64,
+    pub at: Duration,
+    pub engine_time: Duration,
+    pub data_time: Duration,
+    pub engine_calls: u64,
+    pub effects: u64,
 }
 
 /// A broken invariant: its message, the configuration that replays it, and
@@ -207,15 +300,21 @@ enum Event {
         generation: u64,
         tick: u64,
     },
-    /// A member's request reaches the coordinator.
+    /// A member's request reaches the coordinator (`process`: the
+    /// incarnation of the worker that sent it).
     Request {
         worker: usize,
+        process: u64,
         request: Request,
     },
     /// A fault fires.
     Fault,
     /// A paused worker continues.
     Resume(usize),
+    /// A scripted fault fires (its index in the script).
+    Scripted(usize),
+    /// The coordinator's heap is measured (`Config::heap_at_step`).
+    HeapProbe,
     /// The coordinator comes back after a crash.
     CoordinatorUp,
 }
@@ -253,6 +352,17 @@ struct Worker {
     work: Option<(Member, u32)>,
     /// A report in flight arrives no earlier than this (per-worker order).
     outbox_at: Duration,
+    /// The last step this process trained, with the generation and world
+    /// that trained it: what it brings to its next generation (the world
+    /// takes the state of its furthest rank). A new process has none.
+    done: Option<(u64, (u64, u32))>,
+    /// Its requests not answered yet: the coordinator answers once what the
+    /// request decided is applied, and a worker trains no further step
+    /// before its reports are answered (so the world is at most one step
+    /// ahead of the stored record).
+    unanswered: u32,
+    /// Its incarnation: a new process after each crash or leave.
+    process: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -267,6 +377,11 @@ struct Ring {
     stalled_since: Option<Duration>,
     /// The ring's pending RingStep event.
     tick: u64,
+    /// Formed, but its members have not yet synchronised (re-reported the
+    /// step the world stands at).
+    fresh: bool,
+    /// The committed checkpoint's step its assignment named.
+    checkpoint: u64,
 }
 
 /// The store as the simulator keeps it.
@@ -300,6 +415,10 @@ pub struct Sim {
     outcome: Outcome,
     ended: Option<RunState>,
     failure: Option<String>,
+    heap_probe: Option<fn() -> usize>,
+    /// Requests whose decisions wait in `pending`: answered once applied,
+    /// sent again (the worker's retry) if the coordinator dies first.
+    awaiting: Vec<(usize, u64, Request)>,
 }
 
 fn spec(config: &Config) -> Result<RunSpec, String> {
@@ -350,8 +469,17 @@ impl Sim {
             outcome: Outcome::default(),
             ended: None,
             failure: None,
+            heap_probe: None,
+            awaiting: Vec::new(),
             config,
         }
+    }
+
+    /// Measures the coordinator's heap at `Config::heap_at_step` with `probe`
+    /// (live heap bytes of the process: a counting allocator's).
+    pub fn with_heap_probe(mut self, probe: fn() -> usize) -> Self {
+        self.heap_probe = Some(probe);
+        self
     }
 
     fn now(&self) -> Now {
@@ -537,7 +665,11 @@ impl Sim {
                     self.ring_step(generation);
                 }
             }
-            Event::Request { worker, request } => self.request(worker, request),
+            Event::Request {
+                worker,
+                process,
+                request,
+            } => self.request(worker, process, request),
             Event::Fault => self.fault(),
             Event::Resume(w) => {
                 self.log(format!("worker {w} continues"));
@@ -549,7 +681,60 @@ impl Sim {
                 self.log("coordinator starts from the store".into());
                 self.boot_coordinator();
             }
+            Event::Scripted(i) => self.scripted(i),
+            Event::HeapProbe => self.heap_probe(),
         }
+    }
+
+    /// A scripted fault: to the worker holding its rank in the current
+    /// generation (none holding it: nothing happens).
+    fn scripted(&mut self, i: usize) {
+        let Some(s) = self.config.script.get(i).copied() else {
+            return;
+        };
+        let rank = match s.fault {
+            ScriptedFault::Kill { rank } | ScriptedFault::Freeze { rank, .. } => rank,
+        };
+        let Some(w) = (0..self.workers.len()).find(|&w| {
+            self.workers[w]
+                .work
+                .as_ref()
+                .is_some_and(|(m, _)| m.rank == rank && m.generation == self.newest_generation)
+        }) else {
+            self.log(format!("scripted fault {i}: no worker holds rank {rank}"));
+            return;
+        };
+        self.outcome.scripted_at.push(self.t);
+        self.outcome.faults += 1;
+        match s.fault {
+            ScriptedFault::Kill { .. } => {
+                self.stop_worker(w, "killed (scripted)", Duration::from_secs(3600))
+            }
+            ScriptedFault::Freeze { for_, .. } => self.pause(w, for_),
+        }
+    }
+
+    /// Drops the engine, measuring the heap it held (without the run's
+    /// dataset, which the simulator keeps), then starts the coordinator
+    /// again from the store at once: a coordinator crash.
+    fn heap_probe(&mut self) {
+        let Some(probe) = self.heap_probe else {
+            return;
+        };
+        let Some(engine) = self.engine.take() else {
+            return;
+        };
+        let data = engine.run_data(RUN);
+        let before = probe();
+        drop(engine);
+        let after = probe();
+        drop(data);
+        self.outcome.heap_bytes = Some(before.saturating_sub(after) as u64);
+        self.log(format!(
+            "coordinator heap measured: {} bytes; it starts again",
+            before.saturating_sub(after)
+        ));
+        self.kill_coordinator(Duration::ZERO);
     }
 
     fn worker_id(w: usize) -> String {
@@ -634,6 +819,8 @@ impl Sim {
     /// generation key holds their fence), assignments to the workers'
     /// streams; a committed checkpoint is reported back to the engine.
     fn apply(&mut self) {
+        // The requests whose decisions these are: answered once all applied.
+        let answering = self.awaiting.len();
         let mut effects = std::mem::take(&mut self.pending).into_iter();
         while let Some(effect) = effects.next() {
             let n = self.config.store_fail_one_in;
@@ -717,6 +904,10 @@ impl Sim {
                 _ => {}
             }
         }
+        let answered: Vec<(usize, u64, Request)> = self.awaiting.drain(..answering).collect();
+        for (w, process, _) in answered {
+            self.answered(w, process);
+        }
     }
 
     /// One key written, with the store-side invariants: generations only
@@ -752,6 +943,7 @@ impl Sim {
                 None => {
                     self.check_entry(step, v);
                     self.ledger.insert(step, v.clone());
+                    self.step_recorded(step);
                 }
             }
         }
@@ -820,6 +1012,9 @@ impl Sim {
                     "worker {w} joins generation {} as rank {} of {} from step {}",
                     work.generation, work.rank, work.world_size, work.resume_step
                 ));
+                if work.generation > self.newest_generation {
+                    self.outcome.formed.push((work.generation, self.t));
+                }
                 self.newest_generation = self.newest_generation.max(work.generation);
                 let member = Member {
                     worker: Self::worker_id(w),
@@ -838,11 +1033,25 @@ impl Sim {
                     // a member that never gets one times the others out.
                     stalled_since: Some(now),
                     tick: 0,
+                    fresh: true,
+                    checkpoint: work.resume_step,
                 });
                 ring.members.push(w);
                 if ring.members.len() == ring.world {
                     ring.stalled_since = None;
-                    let t = self.step_time(work.world_size as usize);
+                    // The world takes the state of its furthest rank (or
+                    // the committed checkpoint): weights sent, a quarter of
+                    // a step.
+                    let members = ring.members.clone();
+                    let furthest = members
+                        .iter()
+                        .filter_map(|&m| self.workers[m].done.map(|d| d.0))
+                        .max()
+                        .unwrap_or(0);
+                    if let Some(r) = self.rings.get_mut(&work.generation) {
+                        r.step = r.step.max(furthest);
+                    }
+                    let t = self.config.step_time / 4;
                     self.ring_after(work.generation, t);
                 } else if ring.members.len() == 1 {
                     let timeout = self.config.collective_timeout;
@@ -926,21 +1135,19 @@ impl Sim {
             self.ring_after(generation, Duration::from_millis(500));
             return;
         }
-        if ring.step >= ring.total {
-            // Resumed at the last step (its Done was lost with the world
-            // that trained it): nothing left to train, rank 0 says done.
-            for &w in &ring.members {
-                if let Some((member, _)) = self.workers[w].work.clone()
-                    && member.rank == 0
-                {
-                    let step = ring.step;
-                    self.send_request(w, Request::Done { member, step });
-                }
-            }
+        // A member whose earlier requests are unanswered is still waiting
+        // for the coordinator (retrying), not in the next collective.
+        if ring.members.iter().any(|&w| self.workers[w].unanswered > 0) {
+            self.ring_after(generation, Duration::from_millis(20));
+            return;
+        }
+        if ring.fresh {
+            self.synchronised(generation, &ring);
             return;
         }
         let step = ring.step + 1;
         let world = ring.members.len() as u32;
+        self.fetch_batches(&ring.members, step);
         for &w in &ring.members {
             let Some((member, _)) = self.workers[w].work.clone() else {
                 continue;
@@ -979,6 +1186,9 @@ impl Sim {
                 }
             }
         }
+        for &w in &ring.members {
+            self.workers[w].done = Some((step, (generation, world)));
+        }
         if let Some(r) = self.rings.get_mut(&generation) {
             r.step = step;
             r.stalled_since = None;
@@ -989,16 +1199,140 @@ impl Sim {
         }
     }
 
+    /// A new world stands at its furthest rank's step: the step may be
+    /// unfinished (the old world broke before its report, checkpoint or end
+    /// was answered), so the ranks that trained it report it again (the
+    /// coordinator keeps the first report), rank 0 commits its checkpoint
+    /// if one is due after the committed one, and says done at the last
+    /// step — as `dpo-worker` does after `sync_world`.
+    fn synchronised(&mut self, generation: u64, ring: &Ring) {
+        if let Some(r) = self.rings.get_mut(&generation) {
+            r.fresh = false;
+        }
+        let step = ring.step;
+        let resumed = ring.checkpoint;
+        for &w in &ring.members {
+            let Some((member, _)) = self.workers[w].work.clone() else {
+                continue;
+            };
+            if step > 0
+                && let Some((done, trained)) = self.workers[w].done
+                && done == step
+            {
+                self.send_request(
+                    w,
+                    Request::Step {
+                        member: member.clone(),
+                        step,
+                        trained,
+                    },
+                );
+            }
+            if member.rank == 0 {
+                if step > resumed
+                    && (step % self.config.checkpoint_every == 0 || step == ring.total)
+                {
+                    self.send_request(
+                        w,
+                        Request::Checkpoint {
+                            member: member.clone(),
+                            step,
+                        },
+                    );
+                }
+                if step >= ring.total {
+                    self.send_request(w, Request::Done { member, step });
+                }
+            }
+        }
+        if step < ring.total {
+            let t = self.step_time(ring.members.len());
+            self.ring_after(generation, t);
+        }
+    }
+
+    /// Each member fetches its share of step `step`'s batch, as `dpo-worker`
+    /// does before training it: the engine checks the member, the data plane
+    /// cuts the share (timed apart: the real coordinator does it outside the
+    /// engine's lock). The shares must cover the step's batch — the next
+    /// `batch` examples of its epoch — each example once.
+    fn fetch_batches(&mut self, members: &[usize], step: u64) {
+        let mut seen: Vec<u64> = Vec::new();
+        let mut served = 0;
+        for &w in members {
+            let Some((member, _)) = self.workers[w].work.clone() else {
+                continue;
+            };
+            let req = v1::FetchBatchRequest {
+                member: Some(v1::Member {
+                    worker_id: member.worker.clone(),
+                    run_id: member.run.clone(),
+                    generation: member.generation,
+                    rank: member.rank,
+                }),
+                step: step - 1,
+                split: v1::Split::Train as i32,
+            };
+            let Some(Ok((data, world, total, _))) = self.call(|e, _| e.member_view(&member)) else {
+                continue;
+            };
+            let started = Instant::now();
+            let batch = batch_of(&data, &req, member.rank as usize, world, total);
+            let took = started.elapsed();
+            self.outcome.data_time += took;
+            self.outcome.fetches += 1;
+            match batch {
+                Ok(b) => {
+                    served += 1;
+                    let n = b.examples.len();
+                    seen.extend(b.indices);
+                    let _ = self.call(|e, _| e.batch_served(n, took));
+                }
+                Err(e) => self.fail(format!("worker {w}: step {step}'s batch refused: {e}")),
+            }
+        }
+        if served < members.len() {
+            return; // a member was superseded: this ring will not finish the step
+        }
+        seen.sort_unstable();
+        let per_epoch = (self.config.examples / self.config.batch) as u64;
+        let start = ((step - 1) % per_epoch) * self.config.batch as u64;
+        let want = start..start + self.config.batch as u64;
+        if seen.len() != self.config.batch || !seen.iter().copied().eq(want.clone()) {
+            self.fail(format!(
+                "step {step}: the ranks' shares hold {} examples, not each of {want:?} once",
+                seen.len()
+            ));
+        }
+    }
+
     /// A request from worker `w`, in order after its earlier ones.
     fn send_request(&mut self, w: usize, request: Request) {
         let d = self.delay();
         let at = (self.t + d).max(self.workers[w].outbox_at);
         self.workers[w].outbox_at = at;
         let after = at - self.t;
-        self.at(after, Event::Request { worker: w, request });
+        self.workers[w].unanswered += 1;
+        let process = self.workers[w].process;
+        self.at(
+            after,
+            Event::Request {
+                worker: w,
+                process,
+                request,
+            },
+        );
     }
 
-    fn request(&mut self, w: usize, request: Request) {
+    /// Worker `w`'s incarnation `process` has the answer to one request.
+    fn answered(&mut self, w: usize, process: u64) {
+        let worker = &mut self.workers[w];
+        if worker.process == process {
+            worker.unanswered = worker.unanswered.saturating_sub(1);
+        }
+    }
+
+    fn request(&mut self, w: usize, process: u64, request: Request) {
         let worker = &self.workers[w];
         if !worker.up || worker.paused {
             // A paused process sends nothing; its request goes when it
@@ -1006,7 +1340,11 @@ impl Sim {
             if worker.up && worker.paused {
                 self.at(
                     Duration::from_millis(500),
-                    Event::Request { worker: w, request },
+                    Event::Request {
+                        worker: w,
+                        process,
+                        request,
+                    },
                 );
             }
             return;
@@ -1015,7 +1353,11 @@ impl Sim {
             // The coordinator is down: the worker's retries reach the next one.
             self.at(
                 Duration::from_millis(500),
-                Event::Request { worker: w, request },
+                Event::Request {
+                    worker: w,
+                    process,
+                    request,
+                },
             );
             return;
         }
@@ -1060,6 +1402,11 @@ impl Sim {
             Request::Fault { member } => e.fault(member, "the collective timed out", now),
         });
         let changed = self.pending.len() > before;
+        if changed {
+            self.awaiting.push((w, process, request.clone()));
+        } else {
+            self.answered(w, process);
+        }
         if stale && changed {
             self.fail(format!(
                 "a stale member ({} of generation {}, current {:?}) changed the state with {request:?}",
@@ -1092,33 +1439,16 @@ impl Sim {
                     return;
                 }
                 let pause = self.config.lease.mul_f64(0.25 + 2.0 * self.rng.unit());
-                self.log(format!(
-                    "fault: worker {w} paused for {:.1} s",
-                    pause.as_secs_f64()
-                ));
-                self.workers[w].paused = true;
-                self.at(pause, Event::Resume(w));
+                self.pause(w, pause);
             }
             // The coordinator killed: effects it had not applied are lost,
             // every stream breaks; it starts again from the store.
             7 => {
-                if self.engine.is_none() {
+                if self.engine.take().is_none() {
                     return;
                 }
-                self.log(format!(
-                    "fault: coordinator killed ({} effects unapplied)",
-                    self.pending.len()
-                ));
-                self.outcome.coordinator_restarts += 1;
-                self.engine = None;
-                self.pending.clear();
-                for x in &mut self.workers {
-                    x.stream = None;
-                    x.work = None;
-                }
-                self.rings.clear();
                 let down = Duration::from_millis(200 + self.rng.below(3000) as u64);
-                self.at(down, Event::CoordinatorUp);
+                self.kill_coordinator(down);
             }
             // A graceful leave: the worker closes its stream and exits; it
             // comes back later as a new process.
@@ -1127,6 +1457,48 @@ impl Sim {
                 self.stop_worker(w, "leaves", back);
             }
         }
+    }
+
+    /// Worker `w` stops (`SIGSTOP`, or its network cut) for `pause`.
+    fn pause(&mut self, w: usize, pause: Duration) {
+        if !self.workers[w].up || self.workers[w].paused {
+            return;
+        }
+        self.log(format!(
+            "fault: worker {w} paused for {:.1} s",
+            pause.as_secs_f64()
+        ));
+        self.workers[w].paused = true;
+        self.at(pause, Event::Resume(w));
+    }
+
+    /// The coordinator (its engine already gone) lost the effects it had not
+    /// applied and every stream; it starts again from the store after `down`.
+    fn kill_coordinator(&mut self, down: Duration) {
+        self.log(format!(
+            "fault: coordinator killed ({} effects unapplied)",
+            self.pending.len()
+        ));
+        self.outcome.coordinator_restarts += 1;
+        self.engine = None;
+        self.pending.clear();
+        // Requests it took but never answered: each worker asks again.
+        for (w, process, request) in std::mem::take(&mut self.awaiting) {
+            self.at(
+                Duration::from_millis(500),
+                Event::Request {
+                    worker: w,
+                    process,
+                    request,
+                },
+            );
+        }
+        for x in &mut self.workers {
+            x.stream = None;
+            x.work = None;
+        }
+        self.rings.clear();
+        self.at(down, Event::CoordinatorUp);
     }
 
     /// Worker `w`'s process ends (`how`: killed, or leaving): its stream
@@ -1139,8 +1511,10 @@ impl Sim {
         self.log(format!("fault: worker {w} {how}"));
         let stream = self.workers[w].stream;
         let loop_id = self.workers[w].loop_id;
+        let process = self.workers[w].process + 1;
         self.workers[w] = Worker {
             loop_id,
+            process,
             ..Worker::default()
         };
         if let Some(s) = stream {
@@ -1174,6 +1548,33 @@ impl Sim {
             self.fail(format!(
                 "the ledger has a gap: {n} entries up to step {last}"
             ));
+        }
+    }
+
+    /// A step was recorded for the first time: its mark, and what is set to
+    /// happen after it.
+    fn step_recorded(&mut self, step: u64) {
+        self.outcome.marks.push(StepMark {
+            step,
+            at: self.t,
+            engine_time: self.outcome.engine_time,
+            data_time: self.outcome.data_time,
+            engine_calls: self.outcome.engine_calls,
+            effects: self.outcome.effects,
+        });
+        let due: Vec<(usize, Duration)> = self
+            .config
+            .script
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.after_step == step)
+            .map(|(i, s)| (i, s.delay))
+            .collect();
+        for (i, delay) in due {
+            self.at(delay, Event::Scripted(i));
+        }
+        if self.config.heap_at_step == Some(step) {
+            self.at(Duration::ZERO, Event::HeapProbe);
         }
     }
 
