@@ -38,6 +38,16 @@ pub(super) struct Generation {
     pub(super) number: u64,
     /// Worker ids in rank order.
     pub(super) members: Vec<String>,
+    /// Each member's rank (every member request is checked against it: a
+    /// lookup, not a walk of the world).
+    pub(super) rank_of: HashMap<String, u32>,
+}
+
+/// What [`Engine::census`] counts.
+struct Census {
+    ready: usize,
+    ready_members: usize,
+    settled: bool,
 }
 
 /// Who sends a request about a generation: a worker, as rank `rank` of
@@ -335,48 +345,57 @@ impl Engine {
         self.lease_ttl / 5
     }
 
-    /// Whether the joiners (`ready` workers not in `members`) have settled:
+    /// One pass over the workers, without copying any: how many are ready,
+    /// how many of them are members of `world` (a member's info names its
+    /// generation), and whether the others — the joiners — have settled:
     /// none became ready within the settling window, or one of them has
     /// already waited a whole lease (a worker restarting in a loop cannot
     /// hold the others back for ever).
-    fn joiners_settled(&self, ready: &[String], members: &[String], now: Now) -> bool {
-        let waited: Vec<Duration> = ready
-            .iter()
-            .filter(|id| !members.contains(id))
-            .filter_map(|id| self.workers.get(id))
-            .map(|w| now.instant.saturating_duration_since(w.ready_since))
-            .collect();
-        let (Some(newest), Some(oldest)) = (waited.iter().min(), waited.iter().max()) else {
-            return true;
+    fn census(&self, world: Option<&Generation>, now: Now) -> Census {
+        let mut c = Census {
+            ready: 0,
+            ready_members: 0,
+            settled: true,
         };
-        *newest >= self.join_settle() || *oldest >= self.lease_ttl
+        let (mut newest, mut oldest): (Option<Duration>, Option<Duration>) = (None, None);
+        for w in self.workers.values().filter(|w| w.stream.is_some()) {
+            c.ready += 1;
+            let member = world.is_some_and(|g| {
+                w.info.generation == g.number && w.info.run_id == g.run_id && w.info.rank >= 0
+            });
+            if member {
+                c.ready_members += 1;
+            } else {
+                let waited = now.instant.saturating_duration_since(w.ready_since);
+                newest = Some(newest.map_or(waited, |n| n.min(waited)));
+                oldest = Some(oldest.map_or(waited, |o| o.max(waited)));
+            }
+        }
+        if let (Some(newest), Some(oldest)) = (newest, oldest) {
+            c.settled = newest >= self.join_settle() || oldest >= self.lease_ttl;
+        }
+        c
     }
 
     /// Expires lapsed leases, picks the run to train (FIFO), and forms, repairs or
     /// grows its generation. A world grows, or forms below `max_workers`, only
     /// once its joiners have settled ([`Engine::join_settle`]); the periodic
-    /// call does it then.
+    /// call does it then. A whole world that need not change costs one pass
+    /// over the workers, copying nothing.
     pub fn reconcile(&mut self, now: Now) -> Result<()> {
         let ttl = self.lease_ttl;
-        let lapsed: Vec<String> = self
+        let mut lapsed: Vec<(u64, String)> = self
             .workers
             .iter()
             .filter(|(_, w)| now.instant.saturating_duration_since(w.last_seen) > ttl)
-            .map(|(id, _)| id.clone())
+            .map(|(id, w)| (w.seq, id.clone()))
             .collect();
-        for id in lapsed {
+        // In join order, whatever the map's: the same inputs decide the same effects.
+        lapsed.sort_unstable();
+        for (_, id) in lapsed {
             tracing::warn!(worker = %id, ttl_ms = ttl.as_millis() as u64, "worker lease lapsed");
             self.drop_worker(&id);
         }
-        let ready: Vec<String> = {
-            let mut v: Vec<(&String, &Worker)> = self
-                .workers
-                .iter()
-                .filter(|(_, w)| w.stream.is_some())
-                .collect();
-            v.sort_by_key(|(_, w)| w.seq);
-            v.into_iter().map(|(id, _)| id.clone()).collect()
-        };
         // The run to train: the oldest that has not ended.
         let Some(run_id) = self
             .runs
@@ -395,12 +414,14 @@ impl Engine {
             )
         };
         // Is the current generation still whole, and is it as big as it may be?
-        if let Some(g) = self.active.clone() {
-            let whole = g.run_id == run_id && g.members.iter().all(|m| ready.contains(m));
-            let can_grow = g.members.len() < max && ready.len() > g.members.len();
+        if let Some(g) = self.active.take() {
+            let c = self.census(Some(&g), now);
+            let whole = g.run_id == run_id && c.ready_members == g.members.len();
+            let can_grow = g.members.len() < max && c.ready > g.members.len();
             // Joiners enough to fill the world need not wait for more.
-            let grow_now = ready.len() >= max || self.joiners_settled(&ready, &g.members, now);
+            let grow_now = c.ready >= max || c.settled;
             if whole && !(can_grow && grow_now) {
+                self.active = Some(g);
                 return Ok(());
             }
             let reason = if whole {
@@ -410,15 +431,23 @@ impl Engine {
             };
             tracing::info!(run = %run_id, generation = g.number, reason, "ending generation");
             self.abort_generation(&g, reason);
-            self.active = None;
         }
+        let ready: Vec<String> = {
+            let mut v: Vec<(&String, &Worker)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.stream.is_some())
+                .collect();
+            v.sort_by_key(|(_, w)| w.seq);
+            v.into_iter().map(|(id, _)| id.clone()).collect()
+        };
         if ready.len() < min {
             if self.runs[&run_id].state != RunState::Waiting {
                 tracing::info!(run = %run_id, ready = ready.len(), min, "waiting for workers");
             }
             return self.set_state(&run_id, RunState::Waiting);
         }
-        if ready.len() < max && !self.joiners_settled(&ready, &[], now) {
+        if ready.len() < max && !self.census(None, now).settled {
             tracing::debug!(run = %run_id, ready = ready.len(), "waiting for joiners to settle");
             return self.set_state(&run_id, RunState::Waiting);
         }
@@ -481,10 +510,16 @@ impl Engine {
             w.host_ranks = per_host.get(&self.host_of(m)).copied().unwrap_or(1);
             self.send(m, v1::assignment::Kind::Work(w));
         }
+        let rank_of = members
+            .iter()
+            .enumerate()
+            .map(|(r, m)| (m.clone(), r as u32))
+            .collect();
         self.active = Some(Generation {
             run_id: run_id.clone(),
             number,
             members,
+            rank_of,
         });
         let was_running = self.runs[&run_id].state == RunState::Running;
         self.set_state(&run_id, RunState::Running)?;
@@ -511,13 +546,13 @@ impl Engine {
                 g.number, g.run_id
             )));
         }
-        let Some(p) = g.members.iter().position(|m| m == worker) else {
+        let Some(&p) = g.rank_of.get(worker) else {
             return Err(Refusal::Stale(format!(
                 "worker {worker} is not a member of generation {generation}"
             )));
         };
         let want = if rank0 { 0 } else { member.rank };
-        if p as u32 != member.rank || p as u32 != want {
+        if p != member.rank || p != want {
             return Err(Refusal::Stale(format!(
                 "worker {worker} is rank {p} of generation {generation}, not {want}"
             )));

@@ -211,7 +211,8 @@ pub struct Engine {
     lease_ttl: Duration,
     runs: BTreeMap<String, RunRecord>,
     data: HashMap<String, Arc<RunData>>,
-    workers: BTreeMap<String, Worker>,
+    /// By id (a hash map: every heartbeat, report and fetch looks one up).
+    workers: HashMap<String, Worker>,
     next_seq: u64,
     next_stream: u64,
     /// The last generation number handed out (persisted under the generation key).
@@ -229,7 +230,7 @@ impl Engine {
             lease_ttl,
             runs: BTreeMap::new(),
             data: HashMap::new(),
-            workers: BTreeMap::new(),
+            workers: HashMap::new(),
             next_seq: 0,
             next_stream: 0,
             generation,

@@ -121,12 +121,6 @@ impl Engine {
         let Some(r) = self.runs.get_mut(id) else {
             return Err(Refusal::NotFound(format!("no run {id}")));
         };
-        let output = r.spec.train.output.clone();
-        let events = r
-            .spec
-            .train
-            .tensorboard()
-            .then(|| dpo_data::tensorboard::run_dir(&output, &r.spec.name));
         let step = report.step;
         if step == 0 || step > r.total_steps {
             return Err(Refusal::Invalid(format!(
@@ -134,10 +128,23 @@ impl Engine {
                 r.total_steps
             )));
         }
+        // Every rank reports every step; all but the first report of it are
+        // acknowledged and ignored, before anything is copied.
+        let seen = if report.eval {
+            step <= r.eval_step || step > r.step
+        } else {
+            step <= r.step
+        };
+        if seen {
+            return Ok(());
+        }
+        let output = r.spec.train.output.clone();
+        let events = r
+            .spec
+            .train
+            .tensorboard()
+            .then(|| dpo_data::tensorboard::run_dir(&output, &r.spec.name));
         if report.eval {
-            if step <= r.eval_step || step > r.step {
-                return Ok(());
-            }
             self.effects.push(Effect::AppendMetrics {
                 run: id.to_string(),
                 path: output.join("eval.jsonl"),
@@ -153,9 +160,6 @@ impl Engine {
             r.last_eval = report.metrics;
             self.persist_run(id)?;
             self.emit(id, Some(event));
-            return Ok(());
-        }
-        if step <= r.step {
             return Ok(());
         }
         if step != r.step + 1 {

@@ -248,8 +248,11 @@ pub struct RunData {
     /// The last split of a batch among ranks, by (split, step, world): each
     /// of a step's ranks takes its share of the one split instead of
     /// splitting the batch again.
-    pub shares: std::sync::Mutex<Option<((i32, u64, usize), Arc<dpo_data::batches::Shares>)>>,
+    pub shares: std::sync::Mutex<Option<KeptSplit>>,
 }
+
+/// A split kept by (split, step, world) (see [`RunData::shares`]).
+pub type KeptSplit = ((i32, u64, usize), Arc<dpo_data::batches::Shares>);
 
 /// A classification run's encoded data.
 #[derive(Debug)]
