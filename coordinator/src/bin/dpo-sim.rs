@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use dpo_coordinator::sim::{Config, Outcome, Scripted, ScriptedFault, Sim};
+use dpo_coordinator::sim::{Call, Config, Outcome, Scripted, ScriptedFault, Sim};
 
 /// The system allocator, counting the bytes live: what `--scale` measures
 /// the coordinator's heap with.
@@ -207,6 +207,19 @@ fn per_step(o: &Outcome, from: u64, to: u64) -> Option<(f64, f64, f64, f64)> {
     ))
 }
 
+/// The median time between consecutive steps up to step `upto`, in
+/// virtual seconds.
+fn median_step(o: &Outcome, upto: u64) -> f64 {
+    let mut gaps: Vec<f64> = o
+        .marks
+        .windows(2)
+        .filter(|p| p[1].step <= upto && p[1].step == p[0].step + 1)
+        .map(|p| (p[1].at - p[0].at).as_secs_f64())
+        .collect();
+    gaps.sort_by(f64::total_cmp);
+    gaps.get(gaps.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
 /// From the scripted fault to the next generation's first assignment and
 /// to the next recorded step, in virtual seconds.
 fn recovery(o: &Outcome) -> Option<(f64, f64)> {
@@ -221,11 +234,13 @@ fn scale(worlds: &[usize]) {
         "| workers | engine per step | data plane per step | engine calls per step | effects per step | coordinator heap | heap per worker | simulated in |"
     );
     println!("|---|---|---|---|---|---|---|---|");
+    let mut kinds = Vec::new();
     for &w in worlds {
         let mut c = Config::scale(w, Duration::from_secs(5), 60);
         c.heap_at_step = Some(55);
         let started = Instant::now();
         let o = run_scale(c);
+        kinds.push((w, o.by_call, o.steps));
         let wall = started.elapsed().as_secs_f64();
         let (engine, data, calls, effects) = per_step(&o, 10, 50).unwrap_or_default();
         let heap = o.heap_bytes.unwrap_or(0);
@@ -236,10 +251,29 @@ fn scale(worlds: &[usize]) {
         );
     }
     println!();
+    print!("| workers |");
+    for k in Call::ALL {
+        print!(" {} |", k.name());
+    }
+    println!("\n|---|---|---|---|---|---|");
+    for (w, by_call, steps) in kinds {
+        print!("| {w} |");
+        for (calls, time) in by_call {
+            let steps = steps.max(1) as f64;
+            print!(
+                " {:.0} × {:.0} ns = {:.0} µs |",
+                calls as f64 / steps,
+                time.as_secs_f64() * 1e9 / calls.max(1) as f64,
+                time.as_secs_f64() * 1e6 / steps
+            );
+        }
+        println!();
+    }
+    println!();
     println!(
-        "| workers | lease | kill -9 → new generation | kill -9 → next step | freeze → new generation | freeze → next step |"
+        "| workers | lease | median step before | kill -9 → new world | kill -9 → next step | freeze → new world | freeze → next step |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for &w in worlds {
         for lease_s in [2u64, 5, 10] {
             let lease = Duration::from_secs(lease_s);
@@ -252,9 +286,11 @@ fn scale(worlds: &[usize]) {
                     after_step: 20,
                     delay: Duration::from_millis(300),
                     fault: if freeze {
+                        // A host lost for good (it does not come back
+                        // within the measurement): only its lease tells.
                         ScriptedFault::Freeze {
                             rank,
-                            for_: lease * 3,
+                            for_: Duration::from_secs(3600),
                         }
                     } else {
                         ScriptedFault::Kill { rank }
@@ -262,9 +298,15 @@ fn scale(worlds: &[usize]) {
                 });
                 let o = run_scale(c);
                 let (formed, step) = recovery(&o).unwrap_or((f64::NAN, f64::NAN));
-                row.push(format!("{formed:.2} s | {step:.2} s"));
+                row.push(format!("{:.0} ms | {step:.2} s", formed * 1e3));
+                if !freeze {
+                    row.push(format!("{:.2} s", median_step(&o, 20)));
+                }
             }
-            println!("| {w} | {lease_s} s | {} | {} |", row[0], row[1]);
+            println!(
+                "| {w} | {lease_s} s | {} | {} | {} |",
+                row[1], row[0], row[2]
+            );
         }
     }
 }

@@ -229,13 +229,50 @@ pub struct Outcome {
     pub marks: Vec<StepMark>,
     /// When each scripted fault fired (virtual time).
     pub scripted_at: Vec<Duration>,
-    /// When each generation's first assignment reached a worker.
+    /// When each generation's world formed (its last member's assignment
+    /// arrived).
     pub formed: Vec<(u64, Duration)>,
     /// The coordinator's heap at `heap_at_step`, without the run's dataset.
     pub heap_bytes: Option<u64>,
+    /// Engine calls and their time by kind ([`Call`] as the index).
+    pub by_call: [(u64, Duration); 5],
     pub virtual_time: Duration,
     /// Per step: the generation and world size that trained it (the ledger).
     pub ledger: Vec<(u64, u64, u64)>,
+}
+
+/// What an engine call was, for the cost by kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Heartbeat,
+    /// A rank's step report.
+    Report,
+    /// A rank's batch fetch (the member check, and the count of it served).
+    Fetch,
+    /// The periodic reconcile.
+    Reconcile,
+    /// Registrations, streams, checkpoints, faults, the end.
+    Other,
+}
+
+impl Call {
+    pub const ALL: [Call; 5] = [
+        Call::Heartbeat,
+        Call::Report,
+        Call::Fetch,
+        Call::Reconcile,
+        Call::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Call::Heartbeat => "heartbeat",
+            Call::Report => "step report",
+            Call::Fetch => "batch fetch",
+            Call::Reconcile => "reconcile",
+            Call::Other => "other",
+        }
+    }
 }
 
 /// When a step was first recorded and what the coordinator had spent by then.
@@ -512,14 +549,18 @@ impl Sim {
 
     /// Calls the engine (when the coordinator is up), timing it, and queues
     /// what it decided for the effects runner.
-    fn call<T>(&mut self, f: impl FnOnce(&mut Engine, Now) -> T) -> Option<T> {
+    fn call<T>(&mut self, kind: Call, f: impl FnOnce(&mut Engine, Now) -> T) -> Option<T> {
         let now = self.now();
         let engine = self.engine.as_mut()?;
         let started = Instant::now();
         let out = f(engine, now);
         let effects = engine.take_effects();
-        self.outcome.engine_time += started.elapsed();
+        let took = started.elapsed();
+        self.outcome.engine_time += took;
         self.outcome.engine_calls += 1;
+        let k = &mut self.outcome.by_call[kind as usize];
+        k.0 += 1;
+        k.1 += took;
         self.outcome.effects += effects.len() as u64;
         if !effects.is_empty() {
             let first = self.pending.is_empty();
@@ -642,7 +683,7 @@ impl Sim {
         }
         self.engine = Some(engine);
         // Effects of the recovery itself (and of the new run) go out as usual.
-        let _ = self.call(|_, _| ());
+        let _ = self.call(Call::Other, |_, _| ());
     }
 
     fn handle(&mut self, event: Event) {
@@ -651,7 +692,7 @@ impl Sim {
             Event::Heartbeat(w, id) if self.workers[w].loop_id == id => self.heartbeat(w),
             Event::Start(..) | Event::Heartbeat(..) => {}
             Event::Reconcile => {
-                let _ = self.call(|e, now| e.reconcile(now));
+                let _ = self.call(Call::Reconcile, |e, now| e.reconcile(now));
                 self.at(self.config.lease / 4, Event::Reconcile);
             }
             Event::Apply => self.apply(),
@@ -764,7 +805,7 @@ impl Sim {
             session: self.workers[w].session.clone(),
             ..Default::default()
         };
-        let registered = self.call(|e, now| {
+        let registered = self.call(Call::Other, |e, now| {
             let resp = e.register(req, None, now)?;
             let stream = e.open_stream(&id, &resp.session, now)?;
             Ok::<_, engine::Refusal>((resp.session, stream))
@@ -795,7 +836,7 @@ impl Sim {
         let loop_id = worker.loop_id;
         let id = Self::worker_id(w);
         let session = worker.session.clone();
-        match self.call(|e, now| e.heartbeat(&id, &session, now)) {
+        match self.call(Call::Heartbeat, |e, now| e.heartbeat(&id, &session, now)) {
             Some(Some(_)) => {
                 let beat = self.config.lease / 4;
                 self.at(beat, Event::Heartbeat(w, loop_id));
@@ -859,7 +900,9 @@ impl Sim {
                     if let Some(v) = checkpoint
                         && let Ok(c) = serde_json::from_str::<engine::CheckpointRecord>(&v)
                     {
-                        let _ = self.call(|e, _| e.checkpoint_committed(RUN, c.step, &c.path));
+                        let _ = self.call(Call::Other, |e, _| {
+                            e.checkpoint_committed(RUN, c.step, &c.path)
+                        });
                     }
                 }
                 Effect::RecordEnd {
@@ -1012,9 +1055,6 @@ impl Sim {
                     "worker {w} joins generation {} as rank {} of {} from step {}",
                     work.generation, work.rank, work.world_size, work.resume_step
                 ));
-                if work.generation > self.newest_generation {
-                    self.outcome.formed.push((work.generation, self.t));
-                }
                 self.newest_generation = self.newest_generation.max(work.generation);
                 let member = Member {
                     worker: Self::worker_id(w),
@@ -1039,6 +1079,7 @@ impl Sim {
                 ring.members.push(w);
                 if ring.members.len() == ring.world {
                     ring.stalled_since = None;
+                    self.outcome.formed.push((work.generation, now));
                     // The world takes the state of its furthest rank (or
                     // the committed checkpoint): weights sent, a quarter of
                     // a step.
@@ -1273,7 +1314,9 @@ impl Sim {
                 step: step - 1,
                 split: v1::Split::Train as i32,
             };
-            let Some(Ok((data, world, total, _))) = self.call(|e, _| e.member_view(&member)) else {
+            let Some(Ok((data, world, total, _))) =
+                self.call(Call::Fetch, |e, _| e.member_view(&member))
+            else {
                 continue;
             };
             let started = Instant::now();
@@ -1286,7 +1329,7 @@ impl Sim {
                     served += 1;
                     let n = b.examples.len();
                     seen.extend(b.indices);
-                    let _ = self.call(|e, _| e.batch_served(n, took));
+                    let _ = self.call(Call::Fetch, |e, _| e.batch_served(n, took));
                 }
                 Err(e) => self.fail(format!("worker {w}: step {step}'s batch refused: {e}")),
             }
@@ -1377,7 +1420,12 @@ impl Sim {
             self.outcome.stale_requests += 1;
         }
         let before = self.pending.len();
-        let result = self.call(|e, now| match &request {
+        let kind = if matches!(request, Request::Step { .. }) {
+            Call::Report
+        } else {
+            Call::Other
+        };
+        let result = self.call(kind, |e, now| match &request {
             Request::Step {
                 member,
                 step,
@@ -1519,7 +1567,7 @@ impl Sim {
         };
         if let Some(s) = stream {
             let id = Self::worker_id(w);
-            let _ = self.call(|e, now| e.stream_closed(&id, s, now));
+            let _ = self.call(Call::Other, |e, now| e.stream_closed(&id, s, now));
         }
         self.restart_loop(w, back);
     }

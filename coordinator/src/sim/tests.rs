@@ -181,3 +181,78 @@ fn a_failed_store_write_never_leaves_a_step_without_its_ledger_entry() {
         assert_eq!(o.ledger.len() as u64, o.steps);
     }
 }
+
+#[test]
+fn a_cold_start_of_512_workers_forms_one_world_and_each_step_costs_a_few_calls_per_worker() {
+    let workers = 512;
+    let mut c = Config::scale(workers, Duration::from_secs(5), 12);
+    c.min_workers = 1;
+    let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(o.state, Some(RunState::Succeeded));
+    // All 512 start within 2 s: one world, not one per joiner.
+    assert_eq!(o.generations, 1, "{:?}", o.formed);
+    assert!(
+        o.ledger
+            .iter()
+            .all(|(_, g, world)| (*g, *world) == (1, 512))
+    );
+    // Per step, steady: each rank's report and fetch (member check, count
+    // served), and the heartbeats of a step's time — a handful of calls
+    // per worker, however large the world (the count is exact: virtual time).
+    let (a, b) = (o.marks[2], o.marks[11]);
+    let per_worker_step =
+        (b.engine_calls - a.engine_calls) as f64 / (b.step - a.step) as f64 / workers as f64;
+    let step_s = (b.at - a.at).as_secs_f64() / (b.step - a.step) as f64;
+    let heartbeats = step_s / 1.25;
+    assert!(
+        per_worker_step < 3.0 + heartbeats + 0.1,
+        "{per_worker_step:.2} calls per worker per step ({heartbeats:.2} heartbeats)"
+    );
+}
+
+#[test]
+fn a_killed_member_is_replaced_at_once_and_a_frozen_one_after_its_lease() {
+    for (lease, freeze) in [(2, false), (2, true), (8, true)] {
+        let lease = Duration::from_secs(lease);
+        let mut c = Config::scale(16, lease, 30);
+        c.min_workers = 1;
+        c.script.push(Scripted {
+            after_step: 10,
+            delay: Duration::from_millis(300),
+            fault: if freeze {
+                ScriptedFault::Freeze {
+                    rank: 5,
+                    for_: Duration::from_secs(3600),
+                }
+            } else {
+                ScriptedFault::Kill { rank: 5 }
+            },
+        });
+        let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
+        let at = o.scripted_at[0];
+        let (generation, formed) = *o.formed.iter().find(|(_, t)| *t > at).expect("a new world");
+        let took = formed - at;
+        // A closed stream is noticed at once (the new world waits only for
+        // its assignments, at most one network delay); a silent member
+        // when its lease lapses, found by the reconcile every quarter lease.
+        let bound = if freeze {
+            lease + lease / 4 + Duration::from_millis(50)
+        } else {
+            Duration::from_millis(50)
+        };
+        assert!(
+            took <= bound && (!freeze || took >= lease - lease / 4),
+            "lease {lease:?}, freeze {freeze}: new world after {took:?}"
+        );
+        // The 15 survivors train every later step, and no step twice.
+        assert!(
+            o.ledger
+                .iter()
+                .filter(|(s, _, _)| *s > 11)
+                .all(|(_, g, w)| *g >= generation && *w == 15),
+            "{:?}",
+            o.ledger
+        );
+        assert_eq!(o.ledger.len(), 30);
+    }
+}
