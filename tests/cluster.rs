@@ -53,6 +53,23 @@ fn two_workers_train_the_weights_of_one_process() {
     let moved = max_diff(&case.path().join("model"), &case.path().join("solo/final")).expect("w");
     assert!(moved > 1e-3, "training moved the weights by {moved}");
     case.assert_same_weights(&out_dir, "2 workers");
+    // The simulator's fault-free run of the same shape (2 workers, 8 steps of
+    // 12 of the 48 pairs) records the same ledger, step for step: each step's
+    // epoch, first example, generation and world.
+    let mut config = dpo_coordinator::sim::Config::small(0);
+    (config.workers, config.min_workers, config.max_workers) = (2, 2, 2);
+    (config.steps, config.batch, config.examples) = (8, 12, 48);
+    config.fault_every = Duration::ZERO;
+    config.store_fail_one_in = 0;
+    let simulated = dpo_coordinator::sim::Sim::new(config)
+        .run()
+        .unwrap_or_else(|f| panic!("{f}"));
+    let simulated: Vec<serde_json::Value> = simulated
+        .ledger
+        .iter()
+        .map(|e| serde_json::to_value(e).expect("an entry"))
+        .collect();
+    assert_eq!(jsonl(&out_dir.join("ledger.jsonl")), simulated);
 }
 
 /// Waits (up to 30 s) until `n` workers are registered, as `dpoctl workers` lists them.
@@ -1385,4 +1402,135 @@ fn two_workers_on_one_host_each_take_their_share_of_its_cores() {
         lines.iter().all(|l| l["threads"] == share as f64),
         "{lines:?}"
     );
+}
+
+/// The chaos soak: 4 worker slots on etcd training with ZeRO-1 and replicas
+/// while, for about a minute, a fault comes every 1–3 s (a seeded schedule):
+/// a worker killed (`kill -9`) and started again as a new process, a worker
+/// stopped (`SIGSTOP`) for longer than its lease and then continued, and the
+/// coordinator killed (`kill -9`) twice and started again on the same etcd.
+/// Every step is recorded once, and the weights are one process's.
+#[test]
+fn chaos_soak_every_step_once_and_the_weights_of_one_process() {
+    let case = Case::new(96);
+    let steps: u64 = 200;
+    let adamw = |text: String| {
+        text.replace(
+            "name = \"sgd\"\nlr = 0.5",
+            "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
+        )
+    };
+    let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
+    let solo = case.path().join("solo.toml");
+    std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec_path = case.path().join("chaos.toml");
+    let text = adamw(spec(
+        case.path(),
+        "chaos",
+        &format!(
+            "{extra}\nzero_stage = 1\nzero_replicas = 2\n[cluster]\nmin_workers = 1\nmax_workers = 4"
+        ),
+    ));
+    assert!(text.contains("adamw"), "{text}");
+    std::fs::write(&spec_path, text).expect("spec");
+    let out_dir = case.path().join("chaos");
+    let etcd_dir = case.path().join("etcd-data");
+    let (_etcd, etcd_port) =
+        etcd_on_a_free_port(&etcd_dir, &case.logs, "etcd", None, &[]).expect("etcd");
+    let endpoint = format!("http://127.0.0.1:{etcd_port}");
+    let store = ["--store", "etcd", "--etcd", endpoint.as_str()];
+    let port = free_port().expect("port");
+    let data = case.path().join("coord");
+    let mut c = coordinator(port, &data, &case.logs, "coordinator-0", &store, None)
+        .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+    let mut slots: Vec<Proc> = (0..4)
+        .map(|s| worker(port, &format!("s{s}-0"), &case.logs).expect("worker"))
+        .collect();
+    let mut incarnation = [0u32; 4];
+    case.submit_and_wait(port, &spec_path, &out_dir, 10);
+
+    // A seeded schedule (xorshift): the same faults in the same order each run.
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut draw = |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let lease = Duration::from_millis(4000); // the coordinator's --lease-ttl-ms in tests
+    let start = std::time::Instant::now();
+    let mut stopped: Vec<(usize, std::time::Instant)> = Vec::new();
+    let (mut kills, mut stops, mut coordinator_kills) = (0, 0, 0);
+    let signal = |p: &Proc, sig: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([format!("-{sig}"), p.child.id().to_string()])
+            .status();
+    };
+    while start.elapsed() < Duration::from_secs(60) && (steps_done(&out_dir) as u64) < steps - 20
+    {
+        std::thread::sleep(Duration::from_millis(1000 + 500 * draw(5)));
+        // Stopped workers continue once stopped past their lease.
+        stopped.retain(|&(s, at)| {
+            let due = at.elapsed() > lease + Duration::from_secs(1);
+            if due {
+                signal(&slots[s], "CONT");
+            }
+            !due
+        });
+        let elapsed = start.elapsed();
+        if (coordinator_kills == 0 && elapsed > Duration::from_secs(15))
+            || (coordinator_kills == 1 && elapsed > Duration::from_secs(35))
+        {
+            c.kill();
+            coordinator_kills += 1;
+            eprintln!("chaos {:.1} s: coordinator killed", elapsed.as_secs_f64());
+            std::thread::sleep(Duration::from_millis(300));
+            c = coordinator(
+                port,
+                &data,
+                &case.logs,
+                &format!("coordinator-{coordinator_kills}"),
+                &store,
+                None,
+            )
+            .unwrap_or_else(|e| panic!("{e}{}", case.logs()));
+            continue;
+        }
+        let s = draw(4) as usize;
+        if stopped.iter().any(|&(x, _)| x == s) {
+            continue;
+        }
+        if draw(2) == 0 {
+            slots[s].kill();
+            incarnation[s] += 1;
+            kills += 1;
+            eprintln!("chaos {:.1} s: slot {s} killed", elapsed.as_secs_f64());
+            slots[s] = worker(port, &format!("s{s}-{}", incarnation[s]), &case.logs)
+                .expect("worker");
+        } else {
+            signal(&slots[s], "STOP");
+            stops += 1;
+            eprintln!("chaos {:.1} s: slot {s} stopped", elapsed.as_secs_f64());
+            stopped.push((s, std::time::Instant::now()));
+        }
+    }
+    for (s, _) in stopped {
+        signal(&slots[s], "CONT");
+    }
+    eprintln!(
+        "chaos: {kills} kills, {stops} stops, {coordinator_kills} coordinator kills in {:.0} s, at step {}",
+        start.elapsed().as_secs_f64(),
+        steps_done(&out_dir)
+    );
+    assert_eq!(coordinator_kills, 2, "the run ended before both coordinator kills");
+    assert!(kills + stops >= 10, "{kills} kills, {stops} stops");
+    case.watch_succeeds(port, "chaos");
+    let lines = every_step_once(&out_dir, steps);
+    let generations = lines
+        .last()
+        .and_then(|l| l["generation"].as_u64())
+        .unwrap_or(0);
+    eprintln!("chaos: {generations} generations");
+    case.assert_same_weights(&out_dir, "chaos soak");
 }

@@ -237,8 +237,8 @@ pub struct Outcome {
     /// Engine calls and their time by kind ([`Call`] as the index).
     pub by_call: [(u64, Duration); 5],
     pub virtual_time: Duration,
-    /// Per step: the generation and world size that trained it (the ledger).
-    pub ledger: Vec<(u64, u64, u64)>,
+    /// The ledger: per step, its examples and the world that trained it.
+    pub ledger: Vec<LedgerEntry>,
 }
 
 /// What an engine call was, for the cost by kind.
@@ -618,11 +618,8 @@ impl Sim {
         self.outcome.generations = self.newest_generation;
         self.outcome.ledger = self
             .ledger
-            .iter()
-            .filter_map(|(step, v)| {
-                let e: LedgerEntry = serde_json::from_str(v).ok()?;
-                Some((*step, e.generation, e.world_size))
-            })
+            .values()
+            .filter_map(|v| serde_json::from_str::<LedgerEntry>(v).ok())
             .collect();
         Ok(self.outcome)
     }

@@ -22,11 +22,12 @@ fn a_fault_free_run_trains_every_step_once_in_its_one_generation() {
     assert_eq!(o.steps, steps);
     assert_eq!(o.faults, 0);
     assert_eq!(o.ledger.len() as u64, steps);
-    for (i, (step, generation, world)) in o.ledger.iter().enumerate() {
+    for (i, e) in o.ledger.iter().enumerate() {
         assert_eq!(
-            (*step, *generation, *world),
+            (e.step, e.generation, e.world_size),
             (i as u64 + 1, 1, 2),
-            "step {step}"
+            "step {}",
+            e.step
         );
     }
 }
@@ -194,7 +195,7 @@ fn a_cold_start_of_512_workers_forms_one_world_and_each_step_costs_a_few_calls_p
     assert!(
         o.ledger
             .iter()
-            .all(|(_, g, world)| (*g, *world) == (1, 512))
+            .all(|e| (e.generation, e.world_size) == (1, 512))
     );
     // Per step, steady: each rank's report and fetch (member check, count
     // served), and the heartbeats of a step's time — a handful of calls
@@ -248,8 +249,8 @@ fn a_killed_member_is_replaced_at_once_and_a_frozen_one_after_its_lease() {
         assert!(
             o.ledger
                 .iter()
-                .filter(|(s, _, _)| *s > 11)
-                .all(|(_, g, w)| *g >= generation && *w == 15),
+                .filter(|e| e.step > 11)
+                .all(|e| e.generation >= generation && e.world_size == 15),
             "{:?}",
             o.ledger
         );
