@@ -231,9 +231,22 @@ impl Engine {
                 "worker {worker}: the assignment stream needs the worker's session"
             )));
         }
-        w.stream = Some(id);
+        let replaced = w.stream.replace(id).is_some();
         w.last_seen = now.instant;
         w.ready_since = now.instant;
+        // A member on a new stream may have lost what was sent on the old one
+        // (its assignment, an abort): the coordinator cannot know what it
+        // holds, so its world forms again, with it.
+        if replaced
+            && self
+                .active
+                .as_ref()
+                .is_some_and(|g| g.rank_of.contains_key(worker))
+            && let Some(g) = self.active.take()
+        {
+            tracing::warn!(worker = %worker, generation = g.number, "a member opened a new assignment stream; forming its world again");
+            self.abort_generation(&g, "a member reconnected");
+        }
         self.reconcile(now)?;
         Ok(id)
     }

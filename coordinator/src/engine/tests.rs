@@ -429,6 +429,21 @@ fn a_replaced_stream_closing_changes_nothing() {
 }
 
 #[test]
+fn a_member_on_a_new_stream_has_its_world_formed_again() {
+    let t0 = Now::system();
+    let mut e = engine_with_run(1, 1, 10, t0);
+    let (fx, session) = join_with_session(&mut e, "w1", t0);
+    assert_eq!(works(&fx), vec![("w1".into(), 1, 0, 1)]);
+    // Its stream broke (the assignment may have been lost with it); it opens
+    // another with its session: the world forms again and it is told.
+    e.open_stream("w1", &session, t0.after(Duration::from_secs(1)))
+        .expect("reopened");
+    let fx = e.take_effects();
+    assert_eq!(aborts(&fx), vec![("w1".into(), 1)]);
+    assert_eq!(works(&fx), vec![("w1".into(), 2, 0, 1)]);
+}
+
+#[test]
 fn success_needs_rank_0_and_every_step_then_the_run_ends_cleanly() {
     let t0 = Now::system();
     let mut e = engine_with_run(2, 2, 2, t0);
