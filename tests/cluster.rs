@@ -1413,7 +1413,7 @@ fn two_workers_on_one_host_each_take_their_share_of_its_cores() {
 #[test]
 fn chaos_soak_every_step_once_and_the_weights_of_one_process() {
     let case = Case::new(96);
-    let steps: u64 = 200;
+    let steps: u64 = 240;
     let adamw = |text: String| {
         text.replace(
             "name = \"sgd\"\nlr = 0.5",
@@ -1467,8 +1467,7 @@ fn chaos_soak_every_step_once_and_the_weights_of_one_process() {
             .args([format!("-{sig}"), p.child.id().to_string()])
             .status();
     };
-    while start.elapsed() < Duration::from_secs(60) && (steps_done(&out_dir) as u64) < steps - 20
-    {
+    while start.elapsed() < Duration::from_secs(60) && (steps_done(&out_dir) as u64) < steps - 20 {
         std::thread::sleep(Duration::from_millis(1000 + 500 * draw(5)));
         // Stopped workers continue once stopped past their lease.
         stopped.retain(|&(s, at)| {
@@ -1479,8 +1478,12 @@ fn chaos_soak_every_step_once_and_the_weights_of_one_process() {
             !due
         });
         let elapsed = start.elapsed();
-        if (coordinator_kills == 0 && elapsed > Duration::from_secs(15))
-            || (coordinator_kills == 1 && elapsed > Duration::from_secs(35))
+        // The coordinator at 15 s and 35 s, or a third and two thirds into
+        // the run if it goes faster.
+        let done = steps_done(&out_dir) as u64;
+        if (coordinator_kills == 0 && (elapsed > Duration::from_secs(15) || done > steps / 3))
+            || (coordinator_kills == 1
+                && (elapsed > Duration::from_secs(35) || done > 2 * steps / 3))
         {
             c.kill();
             coordinator_kills += 1;
@@ -1506,8 +1509,8 @@ fn chaos_soak_every_step_once_and_the_weights_of_one_process() {
             incarnation[s] += 1;
             kills += 1;
             eprintln!("chaos {:.1} s: slot {s} killed", elapsed.as_secs_f64());
-            slots[s] = worker(port, &format!("s{s}-{}", incarnation[s]), &case.logs)
-                .expect("worker");
+            slots[s] =
+                worker(port, &format!("s{s}-{}", incarnation[s]), &case.logs).expect("worker");
         } else {
             signal(&slots[s], "STOP");
             stops += 1;
@@ -1523,7 +1526,10 @@ fn chaos_soak_every_step_once_and_the_weights_of_one_process() {
         start.elapsed().as_secs_f64(),
         steps_done(&out_dir)
     );
-    assert_eq!(coordinator_kills, 2, "the run ended before both coordinator kills");
+    assert_eq!(
+        coordinator_kills, 2,
+        "the run ended before both coordinator kills"
+    );
     assert!(kills + stops >= 10, "{kills} kills, {stops} stops");
     case.watch_succeeds(port, "chaos");
     let lines = every_step_once(&out_dir, steps);

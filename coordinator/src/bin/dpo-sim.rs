@@ -110,6 +110,9 @@ struct Args {
     /// A scripted freeze: `AFTER_STEP:DELAY_MS:RANK:FOR_MS` (repeatable).
     #[arg(long)]
     freeze: Vec<String>,
+    /// Events kept for a failure's trace.
+    #[arg(long)]
+    trace: Option<usize>,
     /// Measure the coordinator's heap at this recorded step (a restart).
     #[arg(long)]
     heap_at_step: Option<u64>,
@@ -178,6 +181,7 @@ impl Args {
             c.script.push(scripted(f, true)?);
         }
         c.heap_at_step = self.heap_at_step;
+        c.trace = self.trace.unwrap_or(c.trace);
         Ok(c)
     }
 }

@@ -348,6 +348,8 @@ enum Event {
     Fault,
     /// A paused worker continues.
     Resume(usize),
+    /// A worker's network to the coordinator heals.
+    Heal(usize),
     /// A scripted fault fires (its index in the script).
     Scripted(usize),
     /// The coordinator's heap is measured (`Config::heap_at_step`).
@@ -389,6 +391,9 @@ struct Worker {
     work: Option<(Member, u32)>,
     /// A report in flight arrives no earlier than this (per-worker order).
     outbox_at: Duration,
+    /// An assignment in flight arrives no earlier than this (its stream's
+    /// order).
+    inbox_at: Duration,
     /// The last step this process trained, with the generation and world
     /// that trained it: what it brings to its next generation (the world
     /// takes the state of its furthest rank). A new process has none.
@@ -400,6 +405,13 @@ struct Worker {
     unanswered: u32,
     /// Its incarnation: a new process after each crash or leave.
     process: u64,
+    /// Cut off from the coordinator (not from its peers) until this virtual
+    /// time: its heartbeats and requests are lost (it tries again), and an
+    /// assignment sent meanwhile breaks its stream.
+    cut_until: Duration,
+    /// Its stream broke while it was cut off: it registers again when the
+    /// network heals.
+    stream_broken: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -709,6 +721,16 @@ impl Sim {
                 request,
             } => self.request(worker, process, request),
             Event::Fault => self.fault(),
+            Event::Heal(w) => {
+                self.log(format!("worker {w} reaches the coordinator again"));
+                if std::mem::take(&mut self.workers[w].stream_broken) && self.workers[w].up {
+                    // Its stream ended with an error: it registers again
+                    // with its session, as dpo-worker's control loop does.
+                    self.workers[w].stream = None;
+                    self.workers[w].work = None;
+                    self.restart_loop(w, Duration::ZERO);
+                }
+            }
             Event::Resume(w) => {
                 self.log(format!("worker {w} continues"));
                 self.workers[w].paused = false;
@@ -790,8 +812,8 @@ impl Sim {
     /// A worker process registers and opens its stream.
     fn start(&mut self, w: usize) {
         let loop_id = self.workers[w].loop_id;
-        if self.engine.is_none() {
-            // The coordinator is down: try again later.
+        if self.engine.is_none() || self.t < self.workers[w].cut_until {
+            // The coordinator is down or out of reach: try again later.
             self.at(Duration::from_millis(500), Event::Start(w, loop_id));
             return;
         }
@@ -831,6 +853,12 @@ impl Sim {
             return;
         }
         let loop_id = worker.loop_id;
+        if self.t < worker.cut_until {
+            // Lost on the way: the next beat tries again.
+            let beat = self.config.lease / 4;
+            self.at(beat, Event::Heartbeat(w, loop_id));
+            return;
+        }
         let id = Self::worker_id(w);
         let session = worker.session.clone();
         match self.call(Call::Heartbeat, |e, now| e.heartbeat(&id, &session, now)) {
@@ -931,9 +959,13 @@ impl Sim {
                     let Some(stream) = self.workers.get(w).and_then(|x| x.stream) else {
                         continue;
                     };
+                    // One stream is one ordered connection: an assignment
+                    // arrives after those sent before it.
                     let d = self.delay();
+                    let at = (self.t + d).max(self.workers[w].inbox_at);
+                    self.workers[w].inbox_at = at;
                     self.at(
-                        d,
+                        at - self.t,
                         Event::Deliver {
                             worker: w,
                             stream,
@@ -1033,6 +1065,12 @@ impl Sim {
         let worker = &self.workers[w];
         if worker.stream != Some(stream) || !worker.up {
             return; // the stream it was sent on is gone
+        }
+        if self.t < worker.cut_until {
+            // Lost with the connection: the stream is broken.
+            self.log(format!("worker {w}: an assignment lost on a cut network"));
+            self.workers[w].stream_broken = true;
+            return;
         }
         if worker.paused {
             // Read once the process continues.
@@ -1389,8 +1427,9 @@ impl Sim {
             }
             return;
         }
-        if self.engine.is_none() {
-            // The coordinator is down: the worker's retries reach the next one.
+        if self.engine.is_none() || self.t < worker.cut_until {
+            // The coordinator is down, or the worker's network to it cut:
+            // the worker's retries reach it later.
             self.at(
                 Duration::from_millis(500),
                 Event::Request {
@@ -1460,6 +1499,17 @@ impl Sim {
         }
         if let Some(Err(e)) = result {
             self.log(format!("worker {w}: {request:?} refused: {e}"));
+            // Superseded: dpo-worker leaves that generation and waits for
+            // the next (its world stalls without it and breaks).
+            let left = matches!(e, engine::Refusal::Stale(_))
+                && self.workers[w].process == process
+                && self.workers[w]
+                    .work
+                    .as_ref()
+                    .is_some_and(|(m, _)| m.generation == member.generation);
+            if left {
+                self.workers[w].work = None;
+            }
         }
     }
 
@@ -1494,6 +1544,20 @@ impl Sim {
                 }
                 let down = Duration::from_millis(200 + self.rng.below(3000) as u64);
                 self.kill_coordinator(down);
+            }
+            // The worker's network to the coordinator cut (its peers still
+            // reach it), for shorter or longer than its lease.
+            9 => {
+                if !self.workers[w].up || self.t < self.workers[w].cut_until {
+                    return;
+                }
+                let cut = self.config.lease.mul_f64(0.25 + 2.0 * self.rng.unit());
+                self.log(format!(
+                    "fault: worker {w} cut off from the coordinator for {:.1} s",
+                    cut.as_secs_f64()
+                ));
+                self.workers[w].cut_until = self.t + cut;
+                self.at(cut, Event::Heal(w));
             }
             // A graceful leave: the worker closes its stream and exits; it
             // comes back later as a new process.

@@ -257,3 +257,16 @@ fn a_killed_member_is_replaced_at_once_and_a_frozen_one_after_its_lease() {
         assert_eq!(o.ledger.len(), 30);
     }
 }
+
+/// Seed 609 (found when network cuts were added): the only member's stream
+/// broke on a cut network with its assignment in it; it registered again
+/// with its session and the coordinator, counting it a member still, never
+/// told it to train — the run hung. A member on a new stream now has its
+/// world formed again.
+#[test]
+fn a_member_whose_assignment_was_lost_with_its_stream_is_assigned_again() {
+    let o = Sim::new(Config::small(609))
+        .run()
+        .unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(o.state, Some(RunState::Succeeded));
+}
