@@ -48,6 +48,8 @@ struct Census {
     ready: usize,
     ready_members: usize,
     settled: bool,
+    /// Workers whose lease lapsed, with their join order.
+    lapsed: Vec<(u64, String)>,
 }
 
 /// Who sends a request about a generation: a worker, as rank `rank` of
@@ -358,7 +360,8 @@ impl Engine {
         self.lease_ttl / 5
     }
 
-    /// One pass over the workers, without copying any: how many are ready,
+    /// One pass over the workers, copying only the ids of lapsed ones (in
+    /// `lapsed`, counted as gone): how many are ready,
     /// how many of them are members of `world` (a member's info names its
     /// generation), and whether the others — the joiners — have settled:
     /// none became ready within the settling window, or one of them has
@@ -369,9 +372,18 @@ impl Engine {
             ready: 0,
             ready_members: 0,
             settled: true,
+            lapsed: Vec::new(),
         };
         let (mut newest, mut oldest): (Option<Duration>, Option<Duration>) = (None, None);
-        for w in self.workers.values().filter(|w| w.stream.is_some()) {
+        for (id, w) in &self.workers {
+            if now.instant.saturating_duration_since(w.last_seen) > self.lease_ttl {
+                // Counted as gone (the caller drops it).
+                c.lapsed.push((w.seq, id.clone()));
+                continue;
+            }
+            if w.stream.is_none() {
+                continue;
+            }
             c.ready += 1;
             let member = world.is_some_and(|g| {
                 w.info.generation == g.number && w.info.run_id == g.run_id && w.info.rank >= 0
@@ -397,15 +409,11 @@ impl Engine {
     /// over the workers, copying nothing.
     pub fn reconcile(&mut self, now: Now) -> Result<()> {
         let ttl = self.lease_ttl;
-        let mut lapsed: Vec<(u64, String)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| now.instant.saturating_duration_since(w.last_seen) > ttl)
-            .map(|(id, w)| (w.seq, id.clone()))
-            .collect();
+        // One pass: the lapsed, and how the current world stands without them.
+        let mut census = self.census(self.active.as_ref(), now);
         // In join order, whatever the map's: the same inputs decide the same effects.
-        lapsed.sort_unstable();
-        for (_, id) in lapsed {
+        census.lapsed.sort_unstable();
+        for (_, id) in std::mem::take(&mut census.lapsed) {
             tracing::warn!(worker = %id, ttl_ms = ttl.as_millis() as u64, "worker lease lapsed");
             self.drop_worker(&id);
         }
@@ -428,7 +436,7 @@ impl Engine {
         };
         // Is the current generation still whole, and is it as big as it may be?
         if let Some(g) = self.active.take() {
-            let c = self.census(Some(&g), now);
+            let c = census;
             let whole = g.run_id == run_id && c.ready_members == g.members.len();
             let can_grow = g.members.len() < max && c.ready > g.members.len();
             // Joiners enough to fill the world need not wait for more.
