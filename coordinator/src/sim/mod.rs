@@ -1,29 +1,37 @@
 //! Deterministic simulation of a cluster around the real engine.
 //!
 //! One seed decides everything: the simulated workers (registering, beating,
-//! training in lock-step rings, reporting every step from every rank,
-//! committing checkpoints, finishing), their step times and stragglers, the
-//! network's delays and duplicated reports, and the faults — a worker killed
+//! training in lock-step rings, fetching their share of every batch through
+//! the real data plane, reporting every step from every rank, committing
+//! checkpoints, finishing), their step times and stragglers, the network's
+//! delays and duplicated reports, and the faults — a worker killed
 //! (`kill -9`: its stream closes, it comes back as a new process), paused
-//! (`SIGSTOP`) for shorter or longer than its lease, a coordinator killed
-//! with effects it decided but had not applied, then started again from what
-//! the store holds ([`Engine::recover`], the code a real coordinator starts
-//! with). Time is virtual: the engine gets [`Now`] values the simulator
-//! chooses, so hours of a cluster run in milliseconds.
+//! (`SIGSTOP`) or cut off from the coordinator for shorter or longer than its
+//! lease, leaving, a coordinator killed with effects it decided but had not
+//! applied, then started again from what the store holds
+//! ([`Engine::recover`], the code a real coordinator starts with). A request
+//! is answered once what it decided is applied, and a worker trains no
+//! further step before its report is answered, as `dpo-worker` does. Time is
+//! virtual: the engine gets [`Now`] values the simulator chooses, so hours of
+//! a cluster run in milliseconds.
 //!
 //! After every event the invariants are checked ([`Sim::check`]), each with
 //! its own message: every step recorded once in the ledger and never
 //! rewritten, the ledger contiguous and walking the epoch's examples batch by
-//! batch, the record's step and the generation never going back, the
-//! checkpoint never ahead of the record, a fenced (stale) member's report
-//! never changing anything, the run record bounded, and — once faults stop —
-//! the run ending within a bound. A failure names the seed, the one command
-//! that replays it, and the last events.
+//! batch, the ranks' shares covering each step's batch once, the record's
+//! step and the generation never going back, the checkpoint never ahead of
+//! the record, a fenced (stale) member's report never changing anything, the
+//! run record bounded, and — once faults stop — the run ending within a
+//! bound. A failure names the seed, the one command that replays it, and the
+//! last events.
 //!
 //! What is modelled of the store: keys and values, transactions, the
 //! generation fence of checkpoint commits, transactions that fail for a
 //! while (tried again in order, as the real runner does). Not yet: leases,
-//! revisions, compaction, a full store, partitions, clock jumps.
+//! revisions, compaction, a full store, clock jumps, cancels, ZeRO shares.
+//!
+//! [`Config::scale`] with scripted faults and a heap probe gives the scale
+//! figures (`dpo-sim --scale`).
 
 #[cfg(test)]
 mod tests;
