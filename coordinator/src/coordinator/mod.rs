@@ -115,11 +115,32 @@ impl Coordinator {
         &self,
         f: impl FnOnce(&mut Engine, Now) -> Result<T>,
     ) -> Result<(T, bool)> {
+        self.decide(f, false).await
+    }
+
+    /// [`Self::run_fenced`] for a member's report: its answer also waits for
+    /// every decision queued before it, even when it decided nothing itself.
+    /// A rank whose report of a step was a duplicate is thus answered only
+    /// once the first report's write is applied — or refused for good, which
+    /// fails the run first — so it cannot go on to finish a run whose last
+    /// step the store never took (the simulator's full-store seeds found it).
+    async fn run_reported<T>(
+        &self,
+        f: impl FnOnce(&mut Engine, Now) -> Result<T>,
+    ) -> Result<(T, bool)> {
+        self.decide(f, true).await
+    }
+
+    async fn decide<T>(
+        &self,
+        f: impl FnOnce(&mut Engine, Now) -> Result<T>,
+        after_queued: bool,
+    ) -> Result<(T, bool)> {
         let (answer, done) = {
             let mut engine = lock(&self.engine);
             let answer = f(&mut engine, Now::system());
             let effects = engine.take_effects();
-            let done = if effects.is_empty() {
+            let done = if effects.is_empty() && !after_queued {
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
@@ -436,7 +457,9 @@ impl Coordinator {
             trained_generation: req.trained_generation,
             trained_world_size: req.trained_world_size,
         };
-        self.run(|e, _| e.report_step(&member, report)).await
+        self.run_reported(|e, _| e.report_step(&member, report))
+            .await
+            .map(|(t, _)| t)
     }
 
     /// Commits a checkpoint written by rank 0, fenced by the generation.
@@ -445,7 +468,7 @@ impl Coordinator {
         let output = self.read(|e| e.run(&member.run).map(|r| r.spec.train.output.clone()))?;
         let path_ok = checkpoint_in(&output.join("checkpoints"), Path::new(&req.path));
         let ((), committed) = self
-            .run_fenced(|e, _| e.commit_checkpoint(&member, req.step, &req.path, path_ok))
+            .run_reported(|e, _| e.commit_checkpoint(&member, req.step, &req.path, path_ok))
             .await?;
         if !committed {
             return Err(Refusal::Stale(format!(
@@ -459,8 +482,11 @@ impl Coordinator {
 
     pub async fn report_done(&self, req: &v1::ReportDoneRequest) -> Result<()> {
         let member = Member::from_proto(req.member.as_ref())?;
-        self.run(|e, now| e.report_done(&member, req.step, &req.error, req.stopped_early, now))
-            .await
+        self.run_reported(|e, now| {
+            e.report_done(&member, req.step, &req.error, req.stopped_early, now)
+        })
+        .await
+        .map(|(t, _)| t)
     }
 
     /// A member's generation went back to the last committed checkpoint.
