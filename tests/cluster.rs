@@ -61,6 +61,7 @@ fn two_workers_train_the_weights_of_one_process() {
     (config.steps, config.batch, config.examples) = (8, 12, 48);
     config.fault_every = Duration::ZERO;
     config.store_fail_one_in = 0;
+    config.store_full_at = None;
     let simulated = dpo_coordinator::sim::Sim::new(config)
         .run()
         .unwrap_or_else(|f| panic!("{f}"));

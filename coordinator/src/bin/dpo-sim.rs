@@ -110,6 +110,12 @@ struct Args {
     /// A scripted freeze: `AFTER_STEP:DELAY_MS:RANK:FOR_MS` (repeatable).
     #[arg(long)]
     freeze: Vec<String>,
+    /// The store fills at this virtual time, in ms (0: never).
+    #[arg(long)]
+    store_full_at_ms: Option<u64>,
+    /// How long the store takes to apply a batch, in µs.
+    #[arg(long)]
+    store_latency_us: Option<u64>,
     /// Events kept for a failure's trace.
     #[arg(long)]
     trace: Option<usize>,
@@ -182,6 +188,12 @@ impl Args {
         }
         c.heap_at_step = self.heap_at_step;
         c.trace = self.trace.unwrap_or(c.trace);
+        if let Some(us) = self.store_latency_us {
+            c.store_latency = Duration::from_micros(us);
+        }
+        if let Some(ms) = self.store_full_at_ms {
+            c.store_full_at = (ms > 0).then(|| Duration::from_millis(ms));
+        }
         Ok(c)
     }
 }

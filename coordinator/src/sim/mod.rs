@@ -64,7 +64,8 @@ pub struct Config {
     pub batch: usize,
     /// Training examples (an epoch is `examples / batch` steps).
     pub examples: usize,
-    /// Rank 0 commits a checkpoint every this many steps.
+    /// Rank 0 commits a checkpoint every this many steps (not at the last:
+    /// the final weights are written instead, as `dpo-worker` does).
     pub checkpoint_every: u64,
     pub lease: Duration,
     /// A step's time on a worker: uniform in `[step_time / 2, 3 · step_time / 2]`,
@@ -85,6 +86,13 @@ pub struct Config {
     /// unreachable); the runner tries it again, and applies nothing decided
     /// after it first, as the real one does (0: never).
     pub store_fail_one_in: u64,
+    /// The store fills at this virtual time: from then it refuses every
+    /// transaction for good (a quota), except the record of a run's end (the
+    /// embedded store's reserve). The run must then end failed, naming the
+    /// store.
+    pub store_full_at: Option<Duration>,
+    /// How long the store takes to apply a batch of decisions.
+    pub store_latency: Duration,
     /// Events kept for a failure's trace.
     pub trace: usize,
     /// Faults at set points besides the drawn ones (the scale figures'
@@ -139,6 +147,9 @@ impl Config {
             trace: 40,
             script: Vec::new(),
             heap_at_step: None,
+            // One seed in ten fills its store, some time in the first minute.
+            store_full_at: (r.below(10) == 0).then(|| Duration::from_secs(5 + r.below(55) as u64)),
+            store_latency: Duration::from_micros(50),
         }
     }
 
@@ -166,6 +177,8 @@ impl Config {
             trace: 40,
             script: Vec::new(),
             heap_at_step: None,
+            store_full_at: None,
+            store_latency: Duration::from_micros(50),
         }
     }
 
@@ -186,6 +199,11 @@ impl Config {
         if let Some(step) = self.heap_at_step {
             extra += &format!(" --heap-at-step {step}");
         }
+        extra += &format!(
+            " --store-full-at-ms {} --store-latency-us {}",
+            self.store_full_at.map_or(0, |t| t.as_millis()),
+            self.store_latency.as_micros()
+        );
         format!(
             "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {} --store-fail-one-in {}{extra}",
             self.seed,
@@ -472,6 +490,8 @@ pub struct Sim {
     outcome: Outcome,
     ended: Option<RunState>,
     failure: Option<String>,
+    /// Why the run ended (its record's error).
+    end_reason: String,
     heap_probe: Option<fn() -> usize>,
     /// Requests whose decisions wait in `pending`: answered once applied,
     /// sent again (the worker's retry) if the coordinator dies first.
@@ -526,6 +546,7 @@ impl Sim {
             outcome: Outcome::default(),
             ended: None,
             failure: None,
+            end_reason: String::new(),
             heap_probe: None,
             awaiting: Vec::new(),
             config,
@@ -541,6 +562,11 @@ impl Sim {
 
     fn now(&self) -> Now {
         self.base.after(self.t)
+    }
+
+    /// Whether the store has filled (`Config::store_full_at`).
+    fn store_is_full(&self) -> bool {
+        self.config.store_full_at.is_some_and(|at| self.t >= at)
     }
 
     fn at(&mut self, after: Duration, event: Event) {
@@ -586,7 +612,7 @@ impl Sim {
             let first = self.pending.is_empty();
             self.pending.extend(effects);
             if first {
-                self.at(Duration::from_micros(50), Event::Apply);
+                self.at(self.config.store_latency, Event::Apply);
             }
         }
         Some(out)
@@ -618,10 +644,27 @@ impl Sim {
                 return Err(self.failure_of(message));
             }
         }
+        // What ends committed holds every step, each once.
+        if self.ended == Some(RunState::Succeeded) && self.ledger.len() as u64 != self.config.steps
+        {
+            let message = format!(
+                "the run succeeded with {} of its {} steps in the ledger",
+                self.ledger.len(),
+                self.config.steps
+            );
+            return Err(self.failure_of(message));
+        }
         if self.ended != Some(RunState::Succeeded) {
             let message = match self.ended {
+                // A full store must fail the run, naming the store.
+                Some(RunState::Failed)
+                    if self.store_is_full() && self.end_reason.contains("state store") =>
+                {
+                    String::new()
+                }
                 Some(state) => format!(
-                    "the run ended {state:?}, not succeeded, though every fault is one it must survive"
+                    "the run ended {state:?} ({:?}), not succeeded, though every fault is one it must survive",
+                    self.end_reason
                 ),
                 None => format!(
                     "liveness: the run did not end within {:.0} s of the last fault (recorded step {} of {})",
@@ -630,7 +673,9 @@ impl Sim {
                     self.config.steps
                 ),
             };
-            return Err(self.failure_of(message));
+            if !message.is_empty() {
+                return Err(self.failure_of(message));
+            }
         }
         self.outcome.state = self.ended;
         self.outcome.steps = self.record_step;
@@ -895,6 +940,7 @@ impl Sim {
     fn apply(&mut self) {
         // The requests whose decisions these are: answered once all applied.
         let answering = self.awaiting.len();
+        let mut refused = false;
         let mut effects = std::mem::take(&mut self.pending).into_iter();
         while let Some(effect) = effects.next() {
             let n = self.config.store_fail_one_in;
@@ -914,6 +960,12 @@ impl Sim {
                 return;
             }
             match effect {
+                Effect::Store { .. } if self.store_is_full() => {
+                    // Refused for good: the runner fails the run with the
+                    // store's reason once this batch is applied.
+                    self.log("store: full; a transaction refused for good".into());
+                    refused = true;
+                }
                 Effect::Store { fence, writes, .. } => {
                     if let Some(f) = fence
                         && self.store.kv.get(GENERATION_KEY).map(String::as_str)
@@ -988,6 +1040,16 @@ impl Sim {
         for (w, process, _) in answered {
             self.answered(w, process);
         }
+        if refused {
+            // What the real runner does with a write refused for good.
+            let _ = self.call(Call::Other, |e, now| {
+                e.fail_run(
+                    RUN,
+                    "the state store refused the run's state: quota exceeded".into(),
+                    now,
+                )
+            });
+        }
     }
 
     /// One key written, with the store-side invariants: generations only
@@ -1049,6 +1111,7 @@ impl Sim {
         {
             self.record_step = self.record_step.max(r.step);
             self.ended = Some(r.state);
+            self.end_reason = r.error.clone();
             self.log(format!("run ended {:?} at step {}", r.state, r.step));
         }
         if key == engine::checkpoint_key(RUN)
@@ -1219,6 +1282,15 @@ impl Sim {
             self.ring_after(generation, Duration::from_millis(500));
             return;
         }
+        // After the last step there is no collective: rank 0 says done as
+        // soon as its own requests are answered, whatever the others'.
+        if !ring.fresh && ring.step >= ring.total {
+            if self.say_done(&ring) {
+                return;
+            }
+            self.ring_after(generation, Duration::from_millis(20));
+            return;
+        }
         // A member whose earlier requests are unanswered is still waiting
         // for the coordinator (retrying), not in the next collective.
         if ring.members.iter().any(|&w| self.workers[w].unanswered > 0) {
@@ -1256,7 +1328,7 @@ impl Sim {
                 );
             }
             if member.rank == 0 {
-                if step % self.config.checkpoint_every == 0 || step == ring.total {
+                if step % self.config.checkpoint_every == 0 && step < ring.total {
                     self.send_request(
                         w,
                         Request::Checkpoint {
@@ -1264,9 +1336,6 @@ impl Sim {
                             step,
                         },
                     );
-                }
-                if step == ring.total {
-                    self.send_request(w, Request::Done { member, step });
                 }
             }
         }
@@ -1276,11 +1345,32 @@ impl Sim {
         if let Some(r) = self.rings.get_mut(&generation) {
             r.step = step;
             r.stalled_since = None;
-            if step < r.total {
-                let t = self.step_time(ring.members.len());
-                self.ring_after(generation, t);
+            // After the last step, rank 0 says done once its report and
+            // checkpoint are answered (the next tick).
+            let t = if step < r.total {
+                self.step_time(ring.members.len())
+            } else {
+                Duration::from_millis(20)
+            };
+            self.ring_after(generation, t);
+        }
+    }
+
+    /// The world has trained every step: rank 0 says done once its own
+    /// requests are answered. Whether it did (or has no rank 0 left).
+    fn say_done(&mut self, ring: &Ring) -> bool {
+        for &w in &ring.members {
+            if let Some((member, _)) = self.workers[w].work.clone()
+                && member.rank == 0
+            {
+                if self.workers[w].unanswered > 0 {
+                    return false;
+                }
+                let step = ring.step;
+                self.send_request(w, Request::Done { member, step });
             }
         }
+        true
     }
 
     /// A new world stands at its furthest rank's step: the step may be
@@ -1313,9 +1403,7 @@ impl Sim {
                 );
             }
             if member.rank == 0 {
-                if step > resumed
-                    && (step % self.config.checkpoint_every == 0 || step == ring.total)
-                {
+                if step > resumed && step % self.config.checkpoint_every == 0 && step < ring.total {
                     self.send_request(
                         w,
                         Request::Checkpoint {
@@ -1324,15 +1412,15 @@ impl Sim {
                         },
                     );
                 }
-                if step >= ring.total {
-                    self.send_request(w, Request::Done { member, step });
-                }
             }
         }
-        if step < ring.total {
-            let t = self.step_time(ring.members.len());
-            self.ring_after(generation, t);
-        }
+        // The next step, or (at the end) done once these are answered.
+        let t = if step < ring.total {
+            self.step_time(ring.members.len())
+        } else {
+            Duration::from_millis(20)
+        };
+        self.ring_after(generation, t);
     }
 
     /// Each member fetches its share of step `step`'s batch, as `dpo-worker`
@@ -1494,7 +1582,10 @@ impl Sim {
             Request::Fault { member } => e.fault(member, "the collective timed out", now),
         });
         let changed = self.pending.len() > before;
-        if changed {
+        // A report's answer waits for every decision queued before it (the
+        // coordinator's `run_reported`); other requests only for their own.
+        let report = !matches!(request, Request::Fault { .. });
+        if changed || (report && !self.pending.is_empty()) {
             self.awaiting.push((w, process, request.clone()));
         } else {
             self.answered(w, process);

@@ -13,6 +13,7 @@ const SEEDS: u64 = 200;
 fn a_fault_free_run_trains_every_step_once_in_its_one_generation() {
     let mut c = Config::small(1);
     c.fault_every = Duration::ZERO;
+    c.store_full_at = None;
     c.workers = 2;
     c.min_workers = 2;
     c.max_workers = 2;
@@ -35,10 +36,14 @@ fn a_fault_free_run_trains_every_step_once_in_its_one_generation() {
 #[test]
 fn seeds_with_faults_keep_every_invariant() {
     let mut total = Outcome::default();
+    let mut full_store_failures = 0;
     for seed in 0..SEEDS {
         let o = Sim::new(Config::small(seed))
             .run()
             .unwrap_or_else(|f| panic!("{f}"));
+        // The only way a seed may end failed (checked by the simulator: with
+        // its store full, and saying so).
+        full_store_failures += u64::from(o.state == Some(RunState::Failed));
         total.faults += o.faults;
         total.coordinator_restarts += o.coordinator_restarts;
         total.stale_requests += o.stale_requests;
@@ -46,13 +51,14 @@ fn seeds_with_faults_keep_every_invariant() {
         total.steps += o.steps;
     }
     eprintln!(
-        "{SEEDS} seeds: {} faults, {} coordinator restarts, {} stale requests refused, {} generations, {} steps",
+        "{SEEDS} seeds: {} faults, {} coordinator restarts, {} stale requests refused, {} generations, {} steps, {full_store_failures} runs failed by a full store",
         total.faults,
         total.coordinator_restarts,
         total.stale_requests,
         total.generations,
         total.steps
     );
+    assert!(full_store_failures > 0, "no seed filled its store mid-run");
     // The seeds exercise what they claim to.
     assert!(total.faults > 5 * SEEDS, "{} faults", total.faults);
     assert!(
@@ -173,6 +179,7 @@ fn a_failed_store_write_never_leaves_a_step_without_its_ledger_entry() {
     for seed in [0, 1] {
         let mut c = Config::small(seed);
         c.store_fail_one_in = 10;
+        c.store_full_at = None;
         let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
         assert!(
             o.store_failures > 5,
@@ -265,8 +272,43 @@ fn a_killed_member_is_replaced_at_once_and_a_frozen_one_after_its_lease() {
 /// world formed again.
 #[test]
 fn a_member_whose_assignment_was_lost_with_its_stream_is_assigned_again() {
-    let o = Sim::new(Config::small(609))
-        .run()
-        .unwrap_or_else(|f| panic!("{f}"));
+    let mut c = Config::small(609);
+    c.store_full_at = None;
+    let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(o.state, Some(RunState::Succeeded));
+}
+
+/// A full store must fail the run, never let it succeed without its last
+/// steps: with a slow store (300 ms a batch), the first report of the last
+/// step may still be in the store when rank 0's duplicate report of it is
+/// answered. The coordinator answers a report only after everything queued
+/// before it (`run_reported`), so rank 0 says done only once the store has
+/// taken that step, or refused it for good and the run has failed.
+#[test]
+fn a_full_store_fails_the_run_even_when_it_fills_during_the_last_step() {
+    let mut failed = 0;
+    for seed in 0..40 {
+        let mut c = Config::small(seed);
+        c.fault_every = Duration::ZERO;
+        c.store_fail_one_in = 0;
+        c.store_latency = Duration::from_millis(300);
+        // The store fills while the last step is being recorded.
+        let last = Sim::new({
+            let mut probe = c.clone();
+            probe.store_full_at = None;
+            probe
+        })
+        .run()
+        .unwrap_or_else(|f| panic!("{f}"))
+        .marks
+        .last()
+        .map_or(Duration::ZERO, |m| m.at);
+        c.store_full_at = Some(last - Duration::from_millis(150 + 5 * seed));
+        let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
+        failed += u64::from(o.state == Some(RunState::Failed));
+    }
+    assert!(
+        failed > 20,
+        "{failed} of 40 runs failed by their full store"
+    );
 }
