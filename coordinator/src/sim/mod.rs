@@ -1327,16 +1327,14 @@ impl Sim {
                     },
                 );
             }
-            if member.rank == 0 {
-                if step % self.config.checkpoint_every == 0 && step < ring.total {
-                    self.send_request(
-                        w,
-                        Request::Checkpoint {
-                            member: member.clone(),
-                            step,
-                        },
-                    );
-                }
+            if member.rank == 0 && step % self.config.checkpoint_every == 0 && step < ring.total {
+                self.send_request(
+                    w,
+                    Request::Checkpoint {
+                        member: member.clone(),
+                        step,
+                    },
+                );
             }
         }
         for &w in &ring.members {
@@ -1402,16 +1400,18 @@ impl Sim {
                     },
                 );
             }
-            if member.rank == 0 {
-                if step > resumed && step % self.config.checkpoint_every == 0 && step < ring.total {
-                    self.send_request(
-                        w,
-                        Request::Checkpoint {
-                            member: member.clone(),
-                            step,
-                        },
-                    );
-                }
+            if member.rank == 0
+                && step > resumed
+                && step % self.config.checkpoint_every == 0
+                && step < ring.total
+            {
+                self.send_request(
+                    w,
+                    Request::Checkpoint {
+                        member: member.clone(),
+                        step,
+                    },
+                );
             }
         }
         // The next step, or (at the end) done once these are answered.
