@@ -27,8 +27,9 @@
 //!
 //! What is modelled of the store: keys and values, transactions, the
 //! generation fence of checkpoint commits, transactions that fail for a
-//! while (tried again in order, as the real runner does). Not yet: leases,
-//! revisions, compaction, a full store, clock jumps, cancels, ZeRO shares.
+//! while (tried again in order, as the real runner does), a store that
+//! fills up for good. Not yet: leases, revisions, compaction, clock jumps,
+//! cancels, ZeRO shares.
 //!
 //! [`Config::scale`] with scripted faults and a heap probe gives the scale
 //! figures (`dpo-sim --scale`).
