@@ -73,6 +73,16 @@ fn two_workers_train_the_weights_of_one_process() {
     assert_eq!(jsonl(&out_dir.join("ledger.jsonl")), simulated);
 }
 
+/// `text` (a spec from [`spec`]) with AdamW instead of SGD, so there are
+/// moments to shard; ε = 1e-3 so that steps trained again in another world
+/// (another summation order) stay within 1e-5.
+fn adamw(text: String) -> String {
+    text.replace(
+        "name = \"sgd\"\nlr = 0.5",
+        "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
+    )
+}
+
 /// Waits (up to 30 s) until `n` workers are registered, as `dpoctl workers` lists them.
 fn wait_for_workers(port: u16, n: usize) {
     wait_for(Duration::from_secs(30), || {
@@ -802,14 +812,6 @@ fn zero_stop_and_join_every(
     checkpoint_every: u64,
 ) -> (serde_json::Value, Vec<serde_json::Value>, String) {
     let steps = 150;
-    // AdamW, so there are moments to shard; ε = 1e-3 so that the steps trained
-    // again in another world (another summation order) stay within 1e-5.
-    let adamw = |text: String| {
-        text.replace(
-            "name = \"sgd\"\nlr = 0.5",
-            "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
-        )
-    };
     let extra =
         format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = {checkpoint_every}");
     let solo = case.path().join("solo.toml");
@@ -920,12 +922,6 @@ fn zero_a_graceful_leave_hands_its_share_over_without_going_back() {
 fn zero_a_step_torn_on_every_rank_is_completed_from_the_shares() {
     let case = Case::new(96);
     let steps = 40;
-    let adamw = |text: String| {
-        text.replace(
-            "name = \"sgd\"\nlr = 0.5",
-            "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
-        )
-    };
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 10");
     let solo = case.path().join("solo.toml");
     std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
@@ -1415,12 +1411,6 @@ fn two_workers_on_one_host_each_take_their_share_of_its_cores() {
 fn chaos_soak_every_step_once_and_the_weights_of_one_process() {
     let case = Case::new(96);
     let steps: u64 = 240;
-    let adamw = |text: String| {
-        text.replace(
-            "name = \"sgd\"\nlr = 0.5",
-            "name = \"adamw\"\nlr = 0.01\neps = 1e-3\nmax_grad_norm = 1.0",
-        )
-    };
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
     let solo = case.path().join("solo.toml");
     std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");

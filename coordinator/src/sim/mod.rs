@@ -1507,34 +1507,33 @@ impl Sim {
         }
     }
 
+    /// Worker `w` (incarnation `process`) sends `request` again half a
+    /// second later (its client's retry).
+    fn retry(&mut self, w: usize, process: u64, request: Request) {
+        self.at(
+            Duration::from_millis(500),
+            Event::Request {
+                worker: w,
+                process,
+                request,
+            },
+        );
+    }
+
     fn request(&mut self, w: usize, process: u64, request: Request) {
         let worker = &self.workers[w];
         if !worker.up || worker.paused {
             // A paused process sends nothing; its request goes when it
             // continues (it was already on the wire otherwise).
             if worker.up && worker.paused {
-                self.at(
-                    Duration::from_millis(500),
-                    Event::Request {
-                        worker: w,
-                        process,
-                        request,
-                    },
-                );
+                self.retry(w, process, request);
             }
             return;
         }
         if self.engine.is_none() || self.t < worker.cut_until {
             // The coordinator is down, or the worker's network to it cut:
             // the worker's retries reach it later.
-            self.at(
-                Duration::from_millis(500),
-                Event::Request {
-                    worker: w,
-                    process,
-                    request,
-                },
-            );
+            self.retry(w, process, request);
             return;
         }
         let member = match &request {
@@ -1693,14 +1692,7 @@ impl Sim {
         self.pending.clear();
         // Requests it took but never answered: each worker asks again.
         for (w, process, request) in std::mem::take(&mut self.awaiting) {
-            self.at(
-                Duration::from_millis(500),
-                Event::Request {
-                    worker: w,
-                    process,
-                    request,
-                },
-            );
+            self.retry(w, process, request);
         }
         for x in &mut self.workers {
             x.stream = None;
