@@ -390,7 +390,13 @@ impl RankState {
             step = self.state.step,
             "ZeRO: a step broke in the parameter gather on every rank that ran it; completed it from the updated shares, no step is lost"
         );
-        Ok(Some(self.torn_metrics.take()))
+        // The completed step's metrics are this rank's last applied ones: if
+        // this world breaks before they are reported, the next one reports
+        // them (the chaos soak saw the step before's metrics re-reported as
+        // this step's, which the coordinator refused, failing the run).
+        let metrics = self.torn_metrics.take();
+        self.applied = metrics.clone();
+        Ok(Some(metrics))
     }
 
     /// A share of the optimizer state was lost: this rank drops its own
