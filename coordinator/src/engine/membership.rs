@@ -166,6 +166,7 @@ impl Engine {
                 // New, or its lease lapsed before the coordinator noticed: a
                 // fresh registration (the old one's lease and stream go).
                 if let Some(old) = self.workers.remove(&req.worker_id) {
+                    self.streams -= usize::from(old.stream.is_some());
                     if let Some(l) = old.lease {
                         self.effects.push(Effect::RevokeLease(l));
                     }
@@ -236,20 +237,38 @@ impl Engine {
         let replaced = w.stream.replace(id).is_some();
         w.last_seen = now.instant;
         w.ready_since = now.instant;
+        if !replaced {
+            self.streams += 1;
+        }
         // A member on a new stream may have lost what was sent on the old one
         // (its assignment, an abort): the coordinator cannot know what it
         // holds, so its world forms again, with it.
+        let member = self
+            .active
+            .as_ref()
+            .is_some_and(|g| g.rank_of.contains_key(worker));
         if replaced
-            && self
-                .active
-                .as_ref()
-                .is_some_and(|g| g.rank_of.contains_key(worker))
+            && member
             && let Some(g) = self.active.take()
         {
             tracing::warn!(worker = %worker, generation = g.number, "a member opened a new assignment stream; forming its world again");
             self.abort_generation(&g, "a member reconnected");
         }
-        self.reconcile(now)?;
+        // A new ready worker changes the world at once only when the ready
+        // ones fill it to max_workers (below that, the periodic reconcile
+        // forms or grows it once joiners settle), or when the run to train
+        // has not been told it waits yet: a cold start of W workers costs W
+        // lookups, not W passes over W workers.
+        let now_matters = self.next_run().is_some_and(|(id, _, max)| {
+            self.streams >= max
+                || !matches!(
+                    self.runs.get(&id).map(|r| r.state),
+                    Some(RunState::Waiting | RunState::Running)
+                )
+        });
+        if (replaced && member) || now_matters {
+            self.reconcile(now)?;
+        }
         Ok(id)
     }
 
@@ -272,6 +291,7 @@ impl Engine {
     /// Drops a worker (and its etcd lease).
     fn drop_worker(&mut self, id: &str) {
         if let Some(w) = self.workers.remove(id) {
+            self.streams -= usize::from(w.stream.is_some());
             self.counters.workers_lost += 1;
             if let Some(lease) = w.lease {
                 self.effects.push(Effect::RevokeLease(lease));
@@ -353,6 +373,22 @@ impl Engine {
         members
     }
 
+    /// The run to train — the oldest that has not ended — with its least and
+    /// most workers.
+    fn next_run(&self) -> Option<(String, usize, usize)> {
+        let r = self
+            .runs
+            .values()
+            .filter(|r| !r.state.terminal())
+            .min_by_key(|r| r.submitted_ms)?;
+        let c = &r.spec.cluster;
+        Some((
+            r.id.clone(),
+            c.min_workers.max(1),
+            c.max_workers.max(c.min_workers).max(1),
+        ))
+    }
+
     /// How long no worker may have become ready before a world forms or grows
     /// with those that did: a cold start of hundreds of workers forms one
     /// world, not one per joiner.
@@ -375,6 +411,11 @@ impl Engine {
             lapsed: Vec::new(),
         };
         let (mut newest, mut oldest): (Option<Duration>, Option<Duration>) = (None, None);
+        debug_assert_eq!(
+            self.workers.values().filter(|w| w.stream.is_some()).count(),
+            self.streams,
+            "the count of open streams drifted"
+        );
         for (id, w) in &self.workers {
             if now.instant.saturating_duration_since(w.last_seen) > self.lease_ttl {
                 // Counted as gone (the caller drops it).
@@ -417,22 +458,8 @@ impl Engine {
             tracing::warn!(worker = %id, ttl_ms = ttl.as_millis() as u64, "worker lease lapsed");
             self.drop_worker(&id);
         }
-        // The run to train: the oldest that has not ended.
-        let Some(run_id) = self
-            .runs
-            .values()
-            .filter(|r| !r.state.terminal())
-            .min_by_key(|r| r.submitted_ms)
-            .map(|r| r.id.clone())
-        else {
+        let Some((run_id, min, max)) = self.next_run() else {
             return Ok(());
-        };
-        let (min, max) = {
-            let c = &self.runs[&run_id].spec.cluster;
-            (
-                c.min_workers.max(1),
-                c.max_workers.max(c.min_workers).max(1),
-            )
         };
         // Is the current generation still whole, and is it as big as it may be?
         if let Some(g) = self.active.take() {

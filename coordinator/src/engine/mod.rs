@@ -213,6 +213,9 @@ pub struct Engine {
     data: HashMap<String, Arc<RunData>>,
     /// By id (a hash map: every heartbeat, report and fetch looks one up).
     workers: HashMap<String, Worker>,
+    /// How many of them have an open assignment stream (kept as streams
+    /// open and workers go, so a new stream need not count them).
+    streams: usize,
     next_seq: u64,
     next_stream: u64,
     /// The last generation number handed out (persisted under the generation key).
@@ -231,6 +234,7 @@ impl Engine {
             runs: BTreeMap::new(),
             data: HashMap::new(),
             workers: HashMap::new(),
+            streams: 0,
             next_seq: 0,
             next_stream: 0,
             generation,
