@@ -1328,7 +1328,7 @@ impl Sim {
                     },
                 );
             }
-            if member.rank == 0 && step % self.config.checkpoint_every == 0 && step < ring.total {
+            if member.rank == 0 && self.checkpoint_due(step, ring.total) {
                 self.send_request(
                     w,
                     Request::Checkpoint {
@@ -1401,11 +1401,7 @@ impl Sim {
                     },
                 );
             }
-            if member.rank == 0
-                && step > resumed
-                && step % self.config.checkpoint_every == 0
-                && step < ring.total
-            {
+            if member.rank == 0 && step > resumed && self.checkpoint_due(step, ring.total) {
                 self.send_request(
                     w,
                     Request::Checkpoint {
@@ -1470,8 +1466,7 @@ impl Sim {
             return; // a member was superseded: this ring will not finish the step
         }
         seen.sort_unstable();
-        let per_epoch = (self.config.examples / self.config.batch) as u64;
-        let start = ((step - 1) % per_epoch) * self.config.batch as u64;
+        let (_, start) = self.batch_of_step(step);
         let want = start..start + self.config.batch as u64;
         if seen.len() != self.config.batch || !seen.iter().copied().eq(want.clone()) {
             self.fail(format!(
@@ -1779,6 +1774,22 @@ impl Sim {
         }
     }
 
+    /// Step `step`'s batch (1-based steps): its epoch and its first example
+    /// in that epoch's order, the epochs walked batch by batch.
+    fn batch_of_step(&self, step: u64) -> (u64, u64) {
+        let per_epoch = (self.config.examples / self.config.batch) as u64;
+        (
+            (step - 1) / per_epoch,
+            ((step - 1) % per_epoch) * self.config.batch as u64,
+        )
+    }
+
+    /// Whether rank 0 commits a checkpoint after `step` of `total` (not
+    /// after the last: the final weights are written instead).
+    fn checkpoint_due(&self, step: u64, total: u64) -> bool {
+        step % self.config.checkpoint_every == 0 && step < total
+    }
+
     /// A new ledger entry takes the next batch of its epoch's examples:
     /// epoch and start walk the epochs batch by batch (checked once, when
     /// the entry is first written, as entries never change).
@@ -1787,9 +1798,7 @@ impl Sim {
             self.fail(format!("ledger entry {step} is unreadable: {value}"));
             return;
         };
-        let per_epoch = (self.config.examples / self.config.batch) as u64;
-        let batch = self.config.batch as u64;
-        let want = ((step - 1) / per_epoch, ((step - 1) % per_epoch) * batch);
+        let want = self.batch_of_step(step);
         let got = (e.epoch, e.start as u64);
         if got != want {
             self.fail(format!(
