@@ -83,6 +83,25 @@ fn adamw(text: String) -> String {
     )
 }
 
+/// Trains the one-process AdamW reference on `solo_extra` (into `solo/`) and
+/// writes the cluster's AdamW spec `name.toml` with `cluster_extra`: the
+/// spec's path.
+fn adamw_reference_and_spec(
+    case: &Case,
+    name: &str,
+    solo_extra: &str,
+    cluster_extra: &str,
+) -> std::path::PathBuf {
+    let solo = case.path().join("solo.toml");
+    std::fs::write(&solo, adamw(spec(case.path(), "solo", solo_extra))).expect("spec");
+    train_standalone(&solo, &case.logs).expect("standalone");
+    let spec_path = case.path().join(format!("{name}.toml"));
+    let text = adamw(spec(case.path(), name, cluster_extra));
+    assert!(text.contains("adamw"), "{text}");
+    std::fs::write(&spec_path, text).expect("spec");
+    spec_path
+}
+
 /// Waits (up to 30 s) until `n` workers are registered, as `dpoctl workers` lists them.
 fn wait_for_workers(port: u16, n: usize) {
     wait_for(Duration::from_secs(30), || {
@@ -814,21 +833,12 @@ fn zero_stop_and_join_every(
     let steps = 150;
     let extra =
         format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = {checkpoint_every}");
-    let solo = case.path().join("solo.toml");
-    std::fs::write(
-        &solo,
-        adamw(spec(case.path(), "solo", &format!("{extra}\n{sections}"))),
-    )
-    .expect("spec");
-    train_standalone(&solo, &case.logs).expect("standalone");
-    let spec_path = case.path().join(format!("{name}.toml"));
-    let text = adamw(spec(
-        case.path(),
+    let spec_path = adamw_reference_and_spec(
+        case,
         name,
+        &format!("{extra}\n{sections}"),
         &format!("{extra}\n{zero}\n[cluster]\nmin_workers = 2\nmax_workers = 3\n{sections}"),
-    ));
-    assert!(text.contains("adamw"), "{text}");
-    std::fs::write(&spec_path, text).expect("spec");
+    );
     let out_dir = case.path().join(name);
     let port = free_port().expect("port");
     let data = case.path().join("coord");
@@ -923,16 +933,12 @@ fn zero_a_step_torn_on_every_rank_is_completed_from_the_shares() {
     let case = Case::new(96);
     let steps = 40;
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 10");
-    let solo = case.path().join("solo.toml");
-    std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
-    train_standalone(&solo, &case.logs).expect("standalone");
-    let spec_path = case.path().join("torn.toml");
-    let text = adamw(spec(
-        case.path(),
+    let spec_path = adamw_reference_and_spec(
+        &case,
         "torn",
+        &extra,
         &format!("{extra}\nzero_stage = 1\n[cluster]\nmin_workers = 2\nmax_workers = 2"),
-    ));
-    std::fs::write(&spec_path, text).expect("spec");
+    );
     let out_dir = case.path().join("torn");
     let port = free_port().expect("port");
     let data = case.path().join("coord");
@@ -1412,19 +1418,14 @@ fn chaos_soak_every_step_once_and_the_weights_of_one_process() {
     let case = Case::new(96);
     let steps: u64 = 240;
     let extra = format!("max_steps = {steps}\nmicro_batch_size = 1\ncheckpoint_every = 20");
-    let solo = case.path().join("solo.toml");
-    std::fs::write(&solo, adamw(spec(case.path(), "solo", &extra))).expect("spec");
-    train_standalone(&solo, &case.logs).expect("standalone");
-    let spec_path = case.path().join("chaos.toml");
-    let text = adamw(spec(
-        case.path(),
+    let spec_path = adamw_reference_and_spec(
+        &case,
         "chaos",
+        &extra,
         &format!(
             "{extra}\nzero_stage = 1\nzero_replicas = 2\n[cluster]\nmin_workers = 1\nmax_workers = 4"
         ),
-    ));
-    assert!(text.contains("adamw"), "{text}");
-    std::fs::write(&spec_path, text).expect("spec");
+    );
     let out_dir = case.path().join("chaos");
     let etcd_dir = case.path().join("etcd-data");
     let (_etcd, etcd_port) =
