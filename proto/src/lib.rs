@@ -3,6 +3,7 @@
 
 pub mod client;
 pub mod spec;
+pub mod zero;
 
 pub use spec::{
     COLUMN_NAMES, ClusterSpec, DataFormat, DataLimits, DataSpec, Dtype, FileFormat, InvalidKey,

@@ -9,6 +9,7 @@ use super::{Metrics, RankState, Rollback, Synced, WorldSync};
 use crate::collective::CollectiveError;
 use crate::error::Result;
 use crate::zero::Partition;
+use dpo_proto::zero::{self, Plan, Summary};
 
 /// What a sharded world found when it formed: a share of the optimizer state
 /// is gone, so every rank must go back to the last committed checkpoint (or
@@ -24,57 +25,10 @@ pub struct LostShares {
     torn: bool,
 }
 
-/// One rank's summary when a sharded world forms: step, parameter hash, and the
-/// partition of the optimizer state it holds (world 0: it holds it whole).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Summary {
-    step: u64,
-    hash: u64,
-    world: u64,
-    rank: u64,
-    /// 1: a step broke between the share's update and the parameters' gather.
-    torn: u64,
-    /// 1: it also holds a replica of its predecessor's share (rank − 1).
-    replica: u64,
-}
-
-impl Summary {
-    fn to_bytes(self) -> Vec<u8> {
-        [
-            self.step,
-            self.hash,
-            self.world,
-            self.rank,
-            self.torn,
-            self.replica,
-        ]
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect()
-    }
-
-    fn from_bytes(b: &[u8]) -> Option<Summary> {
-        if b.len() != 48 {
-            return None;
-        }
-        let at = |i: usize| {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[i * 8..i * 8 + 8]);
-            u64::from_le_bytes(a)
-        };
-        Some(Summary {
-            step: at(0),
-            hash: at(1),
-            world: at(2),
-            rank: at(3),
-            torn: at(4),
-            replica: at(5),
-        })
-    }
-}
-
 impl RankState {
-    /// [`RankState::sync_world`] under ZeRO.
+    /// [`RankState::sync_world`] under ZeRO: the ranks' summaries gathered,
+    /// the plan they give ([`zero::plan`], the same on every rank) carried
+    /// out.
     pub(super) fn sync_world_sharded(&mut self) -> Result<WorldSync> {
         let (world, rank) = (self.collective.world_size(), self.collective.rank());
         let mine = Summary {
@@ -95,132 +49,70 @@ impl RankState {
                 rank,
                 reason: "malformed state summary from a peer".into(),
             })?;
-        if let Some(completed) = self.complete_torn_step(&all)? {
-            // Those ranks are whole at the completed step now: the usual path.
-            return Ok(match self.sync_world_sharded()? {
-                WorldSync::Synced(mut synced) => {
-                    synced.completed = synced.completed.or(completed);
-                    WorldSync::Synced(synced)
-                }
-                other => other,
-            });
-        }
-        // The state furthest ahead, among ranks whose state is whole.
-        let sound = |s: &Summary| s.torn == 0;
-        let Some(max) = all.iter().filter(|s| sound(s)).map(|s| s.step).max() else {
-            let from = all.iter().map(|s| s.step).max().unwrap_or(0);
-            return self.must_roll_back(from, Vec::new(), Vec::new(), 0, true);
-        };
-        let root = all
-            .iter()
-            .position(|s| sound(s) && s.step == max)
-            .unwrap_or(0);
-        let lead = all[root];
-        // The same partition on the same ranks as before: nothing moves.
-        let same_world = all.iter().enumerate().all(|(r, s)| {
-            (s.step, s.hash) == (lead.step, lead.hash)
-                && s.world == world as u64
-                && s.rank == r as u64
-        });
-        if same_world {
-            return Ok(WorldSync::Synced(Synced::default()));
-        }
-        if lead.world == 0 {
-            // The state furthest ahead is whole (a start, or a checkpoint just
-            // restored): the plain broadcast, then the new partition.
-            self.unshard()?;
-            let synced = if world > 1
-                && !all
-                    .iter()
-                    .all(|s| (s.step, s.hash) == (lead.step, lead.hash))
-            {
-                self.sync_from(root)?;
-                Some(root)
-            } else {
-                None
-            };
-            self.enter_zero()?;
-            return Ok(WorldSync::Synced(Synced {
-                root: synced,
-                rollback: None,
-                ..Default::default()
-            }));
-        }
-        // The shares of the ranks furthest ahead: who contributes each — the
-        // lowest sound rank that owned it, else the one that kept its replica
-        // (the owner's successor) — and is any missing?
-        // A rank torn in the lead's last step updated its shares for that
-        // step before its parameter gather broke: its shares are the lead's
-        // step's (its parameters come from the lead like any rank behind).
-        let same = |s: &Summary| {
-            s.world == lead.world
-                && if sound(s) {
-                    (s.step, s.hash) == (lead.step, lead.hash)
-                } else {
-                    s.step + 1 == lead.step
-                }
-        };
-        let w0 = lead.world;
-        let mut contributors: Vec<Option<(usize, bool)>> = (0..w0)
-            .map(|k| {
-                all.iter()
-                    .position(|s| same(s) && s.rank == k)
-                    .map(|r| (r, false))
-            })
-            .collect();
-        let mut recovered = Vec::new();
-        for k in 0..w0 {
-            if contributors[k as usize].is_none() {
-                let next = (k + 1) % w0;
-                let copy = all
-                    .iter()
-                    .position(|s| same(s) && s.rank == next && s.replica == 1 && w0 > 1);
-                if let Some(r) = copy {
-                    contributors[k as usize] = Some((r, true));
-                    recovered.push(k);
-                }
+        let (root, contributors, recovered, lead) = match zero::plan(&all) {
+            Plan::CompleteTorn {
+                step,
+                world: w0,
+                replica,
+                contributors,
+            } => {
+                let completed = self.complete_torn_step(&all, step, w0, replica, &contributors)?;
+                // Those ranks are whole at the completed step now: the
+                // usual path.
+                return Ok(match self.sync_world_sharded()? {
+                    WorldSync::Synced(mut synced) => {
+                        synced.completed = synced.completed.or(completed);
+                        WorldSync::Synced(synced)
+                    }
+                    other => other,
+                });
             }
-        }
-        let missing: Vec<u64> = (0..w0)
-            .filter(|k| contributors[*k as usize].is_none())
-            .collect();
-        if !missing.is_empty() {
-            let torn = all.iter().any(|s| !sound(s));
-            // A missing share may still be here, but a step ahead: its rank
-            // updated it and then broke (its peers did not get that far).
-            let ahead: Vec<u64> = missing
-                .iter()
-                .copied()
-                .filter(|&k| {
-                    all.iter()
-                        .any(|s| !sound(s) && s.world == w0 && s.rank == k)
-                })
-                .collect();
-            let lost: Vec<u64> = missing.into_iter().filter(|k| !ahead.contains(k)).collect();
-            return self.must_roll_back(max, lost, ahead, w0, torn);
-        }
+            Plan::Same => return Ok(WorldSync::Synced(Synced::default())),
+            Plan::Whole { root } => {
+                // The plain broadcast, then the new partition.
+                self.unshard()?;
+                if let Some(root) = root {
+                    self.sync_from(root)?;
+                }
+                self.enter_zero()?;
+                return Ok(WorldSync::Synced(Synced {
+                    root,
+                    rollback: None,
+                    ..Default::default()
+                }));
+            }
+            Plan::RollBack {
+                from_step,
+                lost,
+                ahead,
+                old_world,
+                torn,
+            } => return self.must_roll_back(from_step, lost, ahead, old_world, torn),
+            Plan::Repartition {
+                root,
+                behind,
+                contributors,
+                recovered,
+            } => {
+                // Parameters and position from the root where they differ.
+                if behind {
+                    self.take_state_and_parameters(root)?;
+                }
+                (behind.then_some(root), contributors, recovered, all[root])
+            }
+        };
         if !recovered.is_empty() {
             tracing::warn!(
                 shares = ?recovered,
                 "ZeRO: rebuilt lost shares of the optimizer state from their replicas; no step is lost"
             );
         }
-        // Parameters and position from the root where they differ.
-        let behind = all
-            .iter()
-            .any(|s| (s.step, s.hash) != (lead.step, lead.hash));
-        if behind {
-            self.take_state_and_parameters(root)?;
-        }
         // The optimizer state: each element from its one contributor, to its
         // new owner (and its new replica).
         let mut contribution = Vec::new();
-        for c in &contributors {
-            match c {
-                Some((r, replica)) if *r == rank => {
-                    contribution.extend(self.optimizer.piece_states(*replica));
-                }
-                _ => {}
+        for &(r, replica) in &contributors {
+            if r == rank {
+                contribution.extend(self.optimizer.piece_states(replica));
             }
         }
         let new = Partition::new(
@@ -230,7 +122,7 @@ impl RankState {
             rank,
             self.replicas,
         );
-        let moments = self.adamw && max > 0;
+        let moments = self.adamw && lead.step > 0;
         let moved = new.repartition(
             self.optimizer.params(),
             &contribution,
@@ -247,7 +139,7 @@ impl RankState {
             "ZeRO: re-partitioned the optimizer state for the new world"
         );
         Ok(WorldSync::Synced(Synced {
-            root: behind.then_some(root),
+            root,
             rollback: None,
             ..Default::default()
         }))
@@ -329,60 +221,38 @@ impl RankState {
         Ok(new_rank.is_some())
     }
 
-    /// Ranks torn in the same step (each updated its shares, the parameter
-    /// gather broke) that no sound rank has gone past — every rank of a broken
-    /// world, say, with a joiner restored from an older checkpoint beside
-    /// them: when every share of that step survives among them (its owner,
-    /// or the replica its successor keeps), the updated pieces of the
-    /// parameters are gathered from them (every rank of this world takes
-    /// part; the others contribute nothing), the step counts as done on the
-    /// torn ranks (its metrics, kept when it tore, are returned to report),
-    /// and the usual path goes on from there. `None`: not the case.
-    fn complete_torn_step(&mut self, all: &[Summary]) -> Result<Option<Option<Metrics>>> {
+    /// A [`Plan::CompleteTorn`]: the updated pieces of the parameters of
+    /// torn step `step` (of a partition over `w0` ranks) gathered from
+    /// `contributors` (every rank of this world takes part; the others
+    /// contribute nothing); on a torn rank the step counts as done and its
+    /// metrics, kept when it tore, are returned to report.
+    fn complete_torn_step(
+        &mut self,
+        all: &[Summary],
+        step: u64,
+        w0: u64,
+        replica: bool,
+        contributors: &[usize],
+    ) -> Result<Option<Metrics>> {
         let rank = self.collective.rank();
-        let torn = |s: &&Summary| s.torn == 1 && s.world > 0;
-        let Some(kt) = all.iter().filter(torn).map(|s| s.step).max() else {
-            return Ok(None);
-        };
-        let sound_max = all.iter().filter(|s| s.torn == 0).map(|s| s.step).max();
-        if sound_max.is_some_and(|m| m > kt) {
-            // Sound ranks finished that step: the torn ranks' shares count as
-            // theirs in the usual path.
-            return Ok(None);
-        }
-        let Some(lead) = all.iter().find(|s| torn(s) && s.step == kt).copied() else {
-            return Ok(None);
-        };
-        let w0 = lead.world;
-        let member = |s: &Summary| s.torn == 1 && s.step == kt && s.world == w0;
-        let holder = |k: u64, replica: bool| {
-            all.iter()
-                .position(|s| member(s) && s.rank == k && (!replica || (s.replica == 1 && w0 > 1)))
-        };
-        let contributors: Vec<Option<usize>> = (0..w0)
-            .map(|k| holder(k, false).or_else(|| holder((k + 1) % w0, true)))
-            .collect();
-        if contributors.iter().any(Option::is_none) {
-            return Ok(None);
-        }
         let old = Partition::new(
             self.optimizer.params(),
             self.optimizer.names(),
             w0 as usize,
             0,
-            lead.replica == 1,
+            replica,
         );
         let params = self.optimizer.params();
         let mut mine = Vec::new();
         for (k, c) in contributors.iter().enumerate() {
-            if *c == Some(rank) {
+            if *c == rank {
                 mine.extend(old.owners_pieces(params, k));
             }
         }
         old.assemble_parameters(params, &mine, self.collective.as_mut())?;
-        if !member(&all[rank]) {
+        if !zero::completes(&all[rank], step, w0) {
             // Not torn in that step: this rank takes the state it lacks next.
-            return Ok(Some(None));
+            return Ok(None);
         }
         self.state.step += 1;
         self.torn = false;
@@ -396,7 +266,7 @@ impl RankState {
         // this step's, which the coordinator refused, failing the run).
         let metrics = self.torn_metrics.take();
         self.applied = metrics.clone();
-        Ok(Some(metrics))
+        Ok(metrics)
     }
 
     /// A share of the optimizer state was lost: this rank drops its own
