@@ -105,7 +105,8 @@ pub enum Plan {
     /// A share of the optimizer state is gone: every rank goes back to the
     /// last committed checkpoint. `lost`: shares no rank holds; `ahead`:
     /// shares whose rank updated them a step past the others (torn on some
-    /// ranks only); `from_step`: the step the world stood at.
+    /// ranks only); `from_step`: the furthest step a rank stood at (the
+    /// checkpoint may be past it: the ranks that reached it are gone).
     RollBack {
         from_step: u64,
         lost: Vec<u64>,
@@ -131,26 +132,69 @@ pub fn plan(all: &[Summary]) -> Plan {
             torn: true,
         };
     };
-    let root = all
-        .iter()
-        .position(|s| s.sound() && s.step == max)
-        .unwrap_or(0);
+    let leads: Vec<usize> = (0..all.len())
+        .filter(|&i| all[i].sound() && all[i].step == max)
+        .collect();
+    let root = leads[0];
     let lead = all[root];
     let world = all.len() as u64;
+    // Every rank whole (not torn: a torn rank's share is a step ahead of its
+    // parameters — the simulator found a world that kept such a share and
+    // applied its step's update twice).
     let same_world = all.iter().enumerate().all(|(r, s)| {
-        (s.step, s.hash) == (lead.step, lead.hash) && s.world == world && s.rank == r as u64
+        s.sound()
+            && (s.step, s.hash) == (lead.step, lead.hash)
+            && s.world == world
+            && s.rank == r as u64
     });
     if same_world {
         return Plan::Same;
     }
-    if lead.world == 0 {
+    // Every rank drops the share it holds and takes the whole state from
+    // `root` — unless each already holds that state whole (a rank that held
+    // a share at the same step keeps no optimizer state once it drops it:
+    // the simulator found a world taking such a rank's empty moments).
+    let whole = |root: usize| {
+        let lead = all[root];
         let differ = !all
             .iter()
-            .all(|s| (s.step, s.hash) == (lead.step, lead.hash));
-        return Plan::Whole {
+            .all(|s| (s.step, s.hash) == (lead.step, lead.hash) && s.world == 0);
+        Plan::Whole {
             root: (world > 1 && differ).then_some(root),
-        };
+        }
+    };
+    if lead.world == 0 {
+        return whole(root);
     }
+    let first = match shares_of(all, root) {
+        Ok(plan) => return plan,
+        Err(rollback) => rollback,
+    };
+    // The first rank furthest ahead cannot rebuild its partition, but
+    // another rank at that step may hold the state whole (a process that
+    // just restored the checkpoint of that very step) or a partition of
+    // another world whose shares are all here: go on from it, losing no
+    // step (the simulator found worlds going back to a checkpoint of the
+    // step they stood at).
+    if let Some(&r) = leads.iter().find(|&&r| all[r].world == 0) {
+        return whole(r);
+    }
+    for &r in &leads[1..] {
+        if all[r].world != lead.world
+            && let Ok(plan) = shares_of(all, r)
+        {
+            return plan;
+        }
+    }
+    first
+}
+
+/// The shares of the partition `all[root]` holds, re-partitioned
+/// ([`Plan::Repartition`]), or — one of them missing — the way back
+/// ([`Plan::RollBack`]).
+fn shares_of(all: &[Summary], root: usize) -> Result<Plan, Plan> {
+    let lead = all[root];
+    let max = lead.step;
     // Who contributes each of the lead's shares — the lowest rank that owned
     // it, else the one that kept its replica (the owner's successor) — and is
     // any missing? A rank torn in the lead's last step updated its shares for
@@ -201,23 +245,24 @@ pub fn plan(all: &[Summary]) -> Plan {
             })
             .collect();
         let lost = missing.into_iter().filter(|k| !ahead.contains(k)).collect();
-        return Plan::RollBack {
-            from_step: max,
+        return Err(Plan::RollBack {
+            // The furthest any rank stood (a torn rank's parameters too).
+            from_step: all.iter().map(|s| s.step).max().unwrap_or(max),
             lost,
             ahead,
             old_world: w0,
             torn,
-        };
+        });
     }
     let behind = all
         .iter()
         .any(|s| (s.step, s.hash) != (lead.step, lead.hash));
-    Plan::Repartition {
+    Ok(Plan::Repartition {
         root,
         behind,
         contributors: contributors.into_iter().flatten().collect(),
         recovered,
-    }
+    })
 }
 
 /// Ranks torn in the same step (each updated its shares, the parameter
@@ -346,6 +391,11 @@ mod tests {
             plan(&one),
             Plan::Repartition { contributors, .. } if contributors == vec![(0, false), (1, false)]
         ));
+        // Rank 0 tore in step 5, rank 1 (paused) did not update its share:
+        // the same ranks at the same step, but rank 0's share is a step
+        // ahead — not the same world: back to the checkpoint.
+        let kept = [s(4, 2, 0, 1, 0), s(4, 2, 1, 0, 0)];
+        assert!(matches!(plan(&kept), Plan::RollBack { ref ahead, .. } if ahead == &vec![0]));
         // Rank 1 tore in step 5 while rank 0 (and rank 2) are still at 4
         // and rank 1's partner share is gone: a step ahead, back to the
         // checkpoint.

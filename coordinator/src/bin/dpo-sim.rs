@@ -116,6 +116,9 @@ struct Args {
     /// How long the store takes to apply a batch, in µs.
     #[arg(long)]
     store_latency_us: Option<u64>,
+    /// ZeRO: 0 off, 1 shares of the optimizer state, 2 shares with replicas.
+    #[arg(long)]
+    zero: Option<u8>,
     /// Events kept for a failure's trace.
     #[arg(long)]
     trace: Option<usize>,
@@ -188,6 +191,13 @@ impl Args {
         }
         c.heap_at_step = self.heap_at_step;
         c.trace = self.trace.unwrap_or(c.trace);
+        if let Some(z) = self.zero {
+            anyhow::ensure!(
+                z <= 2,
+                "--zero {z}: 0 (off), 1 (shares) or 2 (shares with replicas)"
+            );
+            c.zero = z;
+        }
         if let Some(us) = self.store_latency_us {
             c.store_latency = Duration::from_micros(us);
         }

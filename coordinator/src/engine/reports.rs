@@ -238,7 +238,15 @@ impl Engine {
         let Some(r) = self.runs.get(&member.run) else {
             return Err(Refusal::NotFound(format!("no run {}", member.run)));
         };
-        if step > r.step || step <= r.checkpoint_step {
+        if step <= r.checkpoint_step && step <= r.step {
+            // A newer checkpoint stands (a world that stood behind it, from a
+            // survivor's older state, trains these steps again): nothing to
+            // commit. Refusing it as stale would send the world to the next
+            // generation for nothing (the simulator found a world of one
+            // doing so for good).
+            return Ok(());
+        }
+        if step > r.step {
             return Err(Refusal::Stale(format!(
                 "checkpoint at step {step} (recorded steps {}, last checkpoint {})",
                 r.step, r.checkpoint_step
@@ -285,7 +293,9 @@ impl Engine {
     /// A member's generation went back to the last committed checkpoint (a
     /// share of the ZeRO optimizer state was lost): recorded once per
     /// generation, told to the run's watchers. The steps after the checkpoint
-    /// are trained again; their first reports stand.
+    /// are trained again; their first reports stand. `to_step` may be past
+    /// `from_step`: the ranks that reached the checkpoint's step are gone and
+    /// the others' state is older, so the world went forward to it.
     pub fn report_rollback(
         &mut self,
         member: &Member,
@@ -298,7 +308,7 @@ impl Engine {
             .runs
             .get_mut(&member.run)
             .ok_or_else(|| Refusal::NotFound(format!("no run {:?}", member.run)))?;
-        if to_step > from_step || from_step > r.step + 1 || to_step != r.checkpoint_step {
+        if from_step > r.step + 1 || to_step != r.checkpoint_step {
             return Err(Refusal::Invalid(format!(
                 "rollback from step {from_step} to {to_step}: the last committed checkpoint is step {}",
                 r.checkpoint_step

@@ -41,6 +41,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use dpo_data::Example;
+use dpo_proto::zero::{self, Plan, Summary};
 use dpo_proto::{RunSpec, v1};
 
 use crate::coordinator::data::batch_of;
@@ -99,6 +100,13 @@ pub struct Config {
     /// Faults at set points besides the drawn ones (the scale figures'
     /// crash-to-next-step times).
     pub script: Vec<Scripted>,
+    /// ZeRO (`train.zero_stage` ≥ 1): 0 off; 1 each rank holds one share of
+    /// the optimizer state; 2 also a replica of its predecessor's
+    /// (`train.zero_replicas = 2`). A forming world carries out
+    /// [`dpo_proto::zero::plan`] as `dpo-worker` does, and the simulator
+    /// checks each plan against its own record of which share each process
+    /// holds, at which step.
+    pub zero: u8,
     /// At this recorded step the coordinator's heap is measured (with the
     /// probe given to [`Sim::with_heap_probe`]): the engine is dropped, which
     /// is a coordinator crash, and started again from the store at once.
@@ -151,6 +159,9 @@ impl Config {
             // One seed in ten fills its store, some time in the first minute.
             store_full_at: (r.below(10) == 0).then(|| Duration::from_secs(5 + r.below(55) as u64)),
             store_latency: Duration::from_micros(50),
+            // A third of the seeds without ZeRO, a third with shares, a
+            // third with shares and replicas.
+            zero: r.below(3) as u8,
         }
     }
 
@@ -180,6 +191,7 @@ impl Config {
             heap_at_step: None,
             store_full_at: None,
             store_latency: Duration::from_micros(50),
+            zero: 0,
         }
     }
 
@@ -201,9 +213,10 @@ impl Config {
             extra += &format!(" --heap-at-step {step}");
         }
         extra += &format!(
-            " --store-full-at-ms {} --store-latency-us {}",
+            " --store-full-at-ms {} --store-latency-us {} --zero {}",
             self.store_full_at.map_or(0, |t| t.as_millis()),
-            self.store_latency.as_micros()
+            self.store_latency.as_micros(),
+            self.zero
         );
         format!(
             "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {} --store-fail-one-in {}{extra}",
@@ -261,6 +274,13 @@ pub struct Outcome {
     pub formed: Vec<(u64, Duration)>,
     /// The coordinator's heap at `heap_at_step`, without the run's dataset.
     pub heap_bytes: Option<u64>,
+    /// ZeRO: worlds that went back to a checkpoint, steps torn on every
+    /// rank and completed from the shares, shares rebuilt from replicas,
+    /// and ranks left torn by a broken step.
+    pub rollbacks: u64,
+    pub torn_completed: u64,
+    pub recovered_shares: u64,
+    pub torn_ranks: u64,
     /// Engine calls and their time by kind ([`Call`] as the index).
     pub by_call: [(u64, Duration); 5],
     pub virtual_time: Duration,
@@ -403,6 +423,13 @@ enum Request {
     Fault {
         member: Member,
     },
+    /// The world went back to the checkpoint of `to_step` (a ZeRO share
+    /// was lost).
+    Rollback {
+        member: Member,
+        from_step: u64,
+        to_step: u64,
+    },
 }
 
 #[derive(Debug, Clone, Default)]
@@ -439,11 +466,86 @@ struct Worker {
     /// Its stream broke while it was cut off: it registers again when the
     /// network heals.
     stream_broken: bool,
+    /// Its training state (none: a new process, which restores the
+    /// checkpoint its first assignment names).
+    held: Option<Held>,
 }
+
+/// A process's training state as the simulator records it: its parameters
+/// (a fingerprint of the steps applied to them, in order) and, under ZeRO,
+/// the share of the optimizer state it holds and the step that share's
+/// update reflects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Held {
+    /// The step its parameters stand at.
+    step: u64,
+    /// [`weights_after`] of the steps applied since the initial weights.
+    weights: u64,
+    /// The partition it holds a share of (0: whole, or no ZeRO) and its
+    /// rank in it.
+    world: u64,
+    rank: u64,
+    /// The step its share (and replica) reflects: `step`, or `step + 1`
+    /// when a step broke after updating the share and before gathering the
+    /// parameters (torn).
+    share: u64,
+    /// It keeps a replica of its predecessor's share (rank − 1).
+    replica: bool,
+}
+
+impl Held {
+    fn whole(step: u64, weights: u64) -> Self {
+        Held {
+            step,
+            weights,
+            world: 0,
+            rank: 0,
+            share: step,
+            replica: false,
+        }
+    }
+
+    fn torn(&self) -> bool {
+        self.share != self.step
+    }
+
+    /// What `dpo-worker` tells its world of itself.
+    fn summary(&self) -> Summary {
+        Summary {
+            step: self.step,
+            hash: self.weights,
+            world: self.world,
+            rank: self.rank,
+            torn: u64::from(self.torn()),
+            replica: u64::from(self.replica),
+        }
+    }
+
+    /// Whether it holds share `k` of a partition over `world` ranks as it
+    /// stood after step `step` (its own, or the replica of its
+    /// predecessor's).
+    fn holds(&self, world: u64, k: u64, step: u64) -> bool {
+        self.world == world
+            && world > 0
+            && self.share == step
+            && (self.rank == k || (self.replica && world > 1 && self.rank == (k + 1) % world))
+    }
+}
+
+/// The parameters' fingerprint after step `step` is applied to `weights`.
+fn weights_after(weights: u64, step: u64) -> u64 {
+    SplitMix64::new(weights ^ step.wrapping_mul(0x9e37_79b9_7f4a_7c15)).next_u64()
+}
+
+/// The initial weights' fingerprint.
+const INITIAL_WEIGHTS: u64 = 0x1d1e;
 
 #[derive(Debug, Clone)]
 struct Ring {
     members: Vec<usize>,
+    /// The incarnation of each member's process (a member killed and
+    /// started again is not this ring's any more).
+    processes: Vec<u64>,
     /// Members it needs (until all have their assignment, it waits).
     world: usize,
     /// The last step its members finished.
@@ -458,6 +560,9 @@ struct Ring {
     fresh: bool,
     /// The committed checkpoint's step its assignment named.
     checkpoint: u64,
+    /// Its members wait for answers before the next step: it has not begun
+    /// (a collective step needs every rank, so none can have torn in it).
+    waiting: bool,
 }
 
 /// The store as the simulator keeps it.
@@ -497,6 +602,13 @@ pub struct Sim {
     /// Requests whose decisions wait in `pending`: answered once applied,
     /// sent again (the worker's retry) if the coordinator dies first.
     awaiting: Vec<(usize, u64, Request)>,
+    /// The weights rank 0 wrote as each step's checkpoint (before asking
+    /// for its commit), and the steps whose commit the store took.
+    checkpoint_weights: BTreeMap<u64, u64>,
+    committed: std::collections::BTreeSet<u64>,
+    /// The weights of one uninterrupted run after each step (index 0: the
+    /// initial ones), which every rank must hold when it stands at a step.
+    canonical: Vec<u64>,
 }
 
 fn spec(config: &Config) -> Result<RunSpec, String> {
@@ -550,6 +662,12 @@ impl Sim {
             end_reason: String::new(),
             heap_probe: None,
             awaiting: Vec::new(),
+            checkpoint_weights: BTreeMap::new(),
+            committed: std::collections::BTreeSet::new(),
+            canonical: (1..=config.steps).fold(vec![INITIAL_WEIGHTS], |mut c, step| {
+                c.push(weights_after(c[c.len() - 1], step));
+                c
+            }),
             config,
         }
     }
@@ -675,6 +793,9 @@ impl Sim {
                 ),
             };
             if !message.is_empty() {
+                if self.ended.is_none() {
+                    self.dump_state();
+                }
                 return Err(self.failure_of(message));
             }
         }
@@ -688,6 +809,44 @@ impl Sim {
             .filter_map(|v| serde_json::from_str::<LedgerEntry>(v).ok())
             .collect();
         Ok(self.outcome)
+    }
+
+    /// Every worker's and ring's state, into the trace (a run that did not
+    /// end: where it stands).
+    fn dump_state(&mut self) {
+        let record = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.run(RUN).ok())
+            .map(|r| (r.state, r.step, r.generation, r.checkpoint_step));
+        self.log(format!("state: record {record:?}"));
+        for w in 0..self.workers.len() {
+            let x = &self.workers[w];
+            let line = format!(
+                "state: worker {w} up {} paused {} stream {:?} work {:?} unanswered {} done {:?} held {:?}",
+                x.up,
+                x.paused,
+                x.stream,
+                x.work.as_ref().map(|(m, n)| (m.generation, m.rank, *n)),
+                x.unanswered,
+                x.done,
+                x.held
+            );
+            self.log(line);
+        }
+        let rings: Vec<String> = self
+            .rings
+            .iter()
+            .map(|(g, r)| {
+                format!(
+                    "state: ring {g} members {:?} of {} step {} fresh {} waiting {} stalled {:?}",
+                    r.members, r.world, r.step, r.fresh, r.waiting, r.stalled_since
+                )
+            })
+            .collect();
+        for line in rings {
+            self.log(line);
+        }
     }
 
     fn failure_of(&self, message: String) -> Box<Failure> {
@@ -1126,6 +1285,7 @@ impl Sim {
                 ));
             }
             self.checkpoint_step = c.step;
+            self.committed.insert(c.step);
         }
         match value {
             Some(v) => self.store.kv.insert(key, v),
@@ -1173,6 +1333,7 @@ impl Sim {
                 let now = self.t;
                 let ring = self.rings.entry(work.generation).or_insert(Ring {
                     members: Vec::new(),
+                    processes: Vec::new(),
                     world: work.world_size as usize,
                     step: work.resume_step,
                     total: work.total_steps,
@@ -1182,23 +1343,15 @@ impl Sim {
                     tick: 0,
                     fresh: true,
                     checkpoint: work.resume_step,
+                    waiting: false,
                 });
                 ring.members.push(w);
+                ring.processes.push(self.workers[w].process);
                 if ring.members.len() == ring.world {
                     ring.stalled_since = None;
                     self.outcome.formed.push((work.generation, now));
-                    // The world takes the state of its furthest rank (or
-                    // the committed checkpoint): weights sent, a quarter of
-                    // a step.
-                    let members = ring.members.clone();
-                    let furthest = members
-                        .iter()
-                        .filter_map(|&m| self.workers[m].done.map(|d| d.0))
-                        .max()
-                        .unwrap_or(0);
-                    if let Some(r) = self.rings.get_mut(&work.generation) {
-                        r.step = r.step.max(furthest);
-                    }
+                    // The world synchronises (`synchronised`): state sent,
+                    // a quarter of a step.
                     let t = self.config.step_time / 4;
                     self.ring_after(work.generation, t);
                 } else if ring.members.len() == 1 {
@@ -1207,6 +1360,9 @@ impl Sim {
                 }
             }
             v1::assignment::Kind::Abort(a) => {
+                if let Some(ring) = self.rings.remove(&a.generation) {
+                    self.broke(a.generation, &ring);
+                }
                 if self.workers[w]
                     .work
                     .as_ref()
@@ -1214,7 +1370,6 @@ impl Sim {
                 {
                     self.workers[w].work = None;
                 }
-                self.rings.remove(&a.generation);
             }
             v1::assignment::Kind::Idle(_) => {}
         }
@@ -1263,6 +1418,7 @@ impl Sim {
         if !formed || !ring.members.iter().all(|&w| in_it(self, w)) {
             let since = ring.stalled_since.unwrap_or(self.t);
             if self.t.saturating_sub(since) >= self.config.collective_timeout {
+                self.broke(generation, &ring);
                 self.rings.remove(&generation);
                 let live: Vec<usize> = ring
                     .members
@@ -1295,8 +1451,14 @@ impl Sim {
         // A member whose earlier requests are unanswered is still waiting
         // for the coordinator (retrying), not in the next collective.
         if ring.members.iter().any(|&w| self.workers[w].unanswered > 0) {
+            if let Some(r) = self.rings.get_mut(&generation) {
+                r.waiting = true;
+            }
             self.ring_after(generation, Duration::from_millis(20));
             return;
+        }
+        if let Some(r) = self.rings.get_mut(&generation) {
+            r.waiting = false;
         }
         if ring.fresh {
             self.synchronised(generation, &ring);
@@ -1304,7 +1466,15 @@ impl Sim {
         }
         let step = ring.step + 1;
         let world = ring.members.len() as u32;
+        self.check_before_step(&ring);
         self.fetch_batches(&ring.members, step);
+        for &w in &ring.members {
+            if let Some(h) = self.workers[w].held.as_mut() {
+                h.step = step;
+                h.weights = weights_after(h.weights, step);
+                h.share = step;
+            }
+        }
         for &w in &ring.members {
             let Some((member, _)) = self.workers[w].work.clone() else {
                 continue;
@@ -1355,6 +1525,37 @@ impl Sim {
         }
     }
 
+    /// Before a ring trains its next step, every member stands at the
+    /// ring's step with the weights of one uninterrupted run, its state
+    /// whole (not torn) and, under ZeRO, its own share of the ring's
+    /// partition: every share has an owner.
+    fn check_before_step(&mut self, ring: &Ring) {
+        let n = ring.members.len() as u64;
+        let want = self.canonical.get(ring.step as usize).copied();
+        for &w in &ring.members {
+            let h = self.held(w);
+            let rank = self.workers[w]
+                .work
+                .as_ref()
+                .map_or(0, |(m, _)| u64::from(m.rank));
+            if h.step != ring.step || Some(h.weights) != want || h.torn() {
+                self.fail(format!(
+                    "worker {w} trains step {} from {h:?}, not the weights of step {} whole",
+                    ring.step + 1,
+                    ring.step
+                ));
+            }
+            if self.config.zero > 0 && (h.world != n || h.rank != rank) {
+                self.fail(format!(
+                    "ZeRO: rank {rank} of {n} trains step {} holding share {} of a world of {}",
+                    ring.step + 1,
+                    h.rank,
+                    h.world
+                ));
+            }
+        }
+    }
+
     /// The world has trained every step: rank 0 says done once its own
     /// requests are answered. Whether it did (or has no rank 0 left).
     fn say_done(&mut self, ring: &Ring) -> bool {
@@ -1366,6 +1567,13 @@ impl Sim {
                     return false;
                 }
                 let step = ring.step;
+                let h = self.held(w);
+                if h.step != step || self.canonical.get(step as usize) != Some(&h.weights) {
+                    self.fail(format!(
+                        "rank 0 ends at step {step} with weights {:x} (at step {}), not those of steps 1 to {step} applied once each in order",
+                        h.weights, h.step
+                    ));
+                }
                 self.send_request(w, Request::Done { member, step });
             }
         }
@@ -1379,11 +1587,24 @@ impl Sim {
     /// if one is due after the committed one, and says done at the last
     /// step — as `dpo-worker` does after `sync_world`.
     fn synchronised(&mut self, generation: u64, ring: &Ring) {
+        let resumed = ring.checkpoint;
+        let mut members = ring.members.clone();
+        members.sort_by_key(|&w| self.workers[w].work.as_ref().map(|(m, _)| m.rank));
+        // A new process restores the checkpoint its assignment names.
+        for &w in &members {
+            if self.workers[w].held.is_none() {
+                self.workers[w].held = self.restored(resumed);
+            }
+        }
+        let step = if self.config.zero > 0 {
+            self.sync_sharded(generation, &members, resumed)
+        } else {
+            self.sync_whole(&members)
+        };
         if let Some(r) = self.rings.get_mut(&generation) {
             r.fresh = false;
+            r.step = step;
         }
-        let step = ring.step;
-        let resumed = ring.checkpoint;
         for &w in &ring.members {
             let Some((member, _)) = self.workers[w].work.clone() else {
                 continue;
@@ -1418,6 +1639,302 @@ impl Sim {
             Duration::from_millis(20)
         };
         self.ring_after(generation, t);
+    }
+
+    /// The state a process restores from the checkpoint of `step` (0: the
+    /// initial weights), which rank 0 must have written.
+    fn restored(&mut self, step: u64) -> Option<Held> {
+        if step == 0 {
+            return Some(Held::whole(0, INITIAL_WEIGHTS));
+        }
+        match self.checkpoint_weights.get(&step) {
+            Some(&w) => Some(Held::whole(step, w)),
+            None => {
+                self.fail(format!(
+                    "a process restores the checkpoint of step {step}, which rank 0 never wrote"
+                ));
+                None
+            }
+        }
+    }
+
+    /// Without ZeRO: every rank takes the state of the furthest (the plain
+    /// broadcast). Returns the step the world stands at.
+    fn sync_whole(&mut self, members: &[usize]) -> u64 {
+        let states: Vec<Held> = members
+            .iter()
+            .filter_map(|&w| self.workers[w].held)
+            .collect();
+        let Some(max) = states.iter().map(|h| h.step).max() else {
+            return 0;
+        };
+        let Some(root) = members
+            .iter()
+            .copied()
+            .find(|&w| self.workers[w].held.is_some_and(|h| h.step == max))
+        else {
+            return 0;
+        };
+        let lead = self.held(root);
+        self.take_state(members, lead.step, lead.weights, Some(root));
+        lead.step
+    }
+
+    /// Every member takes parameters `weights` at `step` and, under ZeRO,
+    /// its share of a new partition over the members in rank order. With a
+    /// `root` (a broadcast from it), a member that did not train that step
+    /// takes the root's metrics of it, to report it if need be (as
+    /// `dpo-worker`'s `take_state`).
+    fn take_state(&mut self, members: &[usize], step: u64, weights: u64, root: Option<usize>) {
+        let n = members.len() as u64;
+        let zero = self.config.zero;
+        let handed = root
+            .and_then(|r| self.workers[r].done)
+            .filter(|d| d.0 == step);
+        for (rank, &w) in members.iter().enumerate() {
+            if self.workers[w].done.is_none_or(|d| d.0 != step) {
+                self.workers[w].done = handed;
+            }
+            self.workers[w].held = Some(if zero > 0 {
+                Held {
+                    step,
+                    weights,
+                    world: n,
+                    rank: rank as u64,
+                    share: step,
+                    replica: zero == 2 && n > 1,
+                }
+            } else {
+                Held::whole(step, weights)
+            });
+        }
+    }
+
+    fn held(&self, w: usize) -> Held {
+        self.workers[w]
+            .held
+            .unwrap_or_else(|| Held::whole(0, INITIAL_WEIGHTS))
+    }
+
+    /// A ZeRO plan takes share `k` of a partition over `world` ranks, as it
+    /// stood after step `step`, from worker `w`: it must hold it.
+    fn check_share(&mut self, w: usize, world: u64, k: u64, step: u64, plan: &str) {
+        let h = self.held(w);
+        if !h.holds(world, k, step) {
+            self.fail(format!(
+                "ZeRO ({plan}): share {k} of the world of {world} after step {step} taken from worker {w}, which holds {h:?}"
+            ));
+        }
+    }
+
+    /// Under ZeRO: the plan every rank derives from the summaries
+    /// ([`zero::plan`], the code `dpo-worker` runs), carried out, each of its
+    /// decisions checked against what the processes hold. Returns the step
+    /// the world stands at.
+    fn sync_sharded(&mut self, generation: u64, members: &[usize], checkpoint: u64) -> u64 {
+        let world = members.len() as u32;
+        loop {
+            let all: Vec<Summary> = members.iter().map(|&w| self.held(w).summary()).collect();
+            match zero::plan(&all) {
+                Plan::CompleteTorn {
+                    step,
+                    world: w0,
+                    contributors,
+                    ..
+                } => {
+                    if contributors.len() as u64 != w0 {
+                        self.fail(format!(
+                            "ZeRO: {} contributors for the {w0} shares of a torn step",
+                            contributors.len()
+                        ));
+                        return step;
+                    }
+                    for (k, &r) in contributors.iter().enumerate() {
+                        self.check_share(
+                            members[r],
+                            w0,
+                            k as u64,
+                            step + 1,
+                            "a torn step completed",
+                        );
+                    }
+                    self.log(format!(
+                        "ZeRO: step {} torn on every rank, completed from the shares",
+                        step + 1
+                    ));
+                    self.outcome.torn_completed += 1;
+                    for (i, &w) in members.iter().enumerate() {
+                        if zero::completes(&all[i], step, w0) {
+                            if let Some(h) = self.workers[w].held.as_mut() {
+                                h.step += 1;
+                                h.weights = weights_after(h.weights, h.step);
+                            }
+                            // Reported from this world, as dpo-worker does.
+                            self.workers[w].done = Some((step + 1, (generation, world)));
+                        }
+                    }
+                    if self.failure.is_some() {
+                        return step;
+                    }
+                }
+                Plan::Same => return all[0].step,
+                Plan::Whole { root } => {
+                    // Every rank drops the share it held (`unshard`), then
+                    // takes the whole state from `root`, or keeps its own:
+                    // which it must then hold whole, at the lead's step.
+                    let lead = match root {
+                        Some(r) => all[r],
+                        None => {
+                            for (i, s) in all.iter().enumerate() {
+                                if s.world != 0 {
+                                    self.fail(format!(
+                                        "ZeRO (whole state, no broadcast): rank {i} dropped its share of the world of {} and keeps no optimizer state for the new partition",
+                                        s.world
+                                    ));
+                                }
+                            }
+                            all[0]
+                        }
+                    };
+                    self.take_state(members, lead.step, lead.hash, root.map(|r| members[r]));
+                    return lead.step;
+                }
+                Plan::Repartition {
+                    root,
+                    behind,
+                    contributors,
+                    recovered,
+                } => {
+                    let lead = all[root];
+                    if contributors.len() as u64 != lead.world {
+                        self.fail(format!(
+                            "ZeRO: {} contributors for the {} shares of step {}",
+                            contributors.len(),
+                            lead.world,
+                            lead.step
+                        ));
+                    }
+                    for (k, &(r, _)) in contributors.iter().enumerate() {
+                        self.check_share(
+                            members[r],
+                            lead.world,
+                            k as u64,
+                            lead.step,
+                            "re-partition",
+                        );
+                    }
+                    if !recovered.is_empty() {
+                        self.log(format!("ZeRO: shares {recovered:?} rebuilt from replicas"));
+                    }
+                    self.outcome.recovered_shares += recovered.len() as u64;
+                    self.take_state(members, lead.step, lead.hash, behind.then(|| members[root]));
+                    return lead.step;
+                }
+                Plan::RollBack { from_step, .. } => {
+                    self.needless_rollback(members, &all);
+                    if checkpoint > 0 && !self.committed.contains(&checkpoint) {
+                        self.fail(format!(
+                            "ZeRO: a rollback from step {from_step} to {checkpoint}, which is not a committed checkpoint"
+                        ));
+                    }
+                    self.log(format!("ZeRO: a share lost; back from step {from_step} to the checkpoint of step {checkpoint}"));
+                    self.outcome.rollbacks += 1;
+                    let Some(h) = self.restored(checkpoint) else {
+                        return checkpoint;
+                    };
+                    self.take_state(members, h.step, h.weights, None);
+                    for &w in members {
+                        // The steps after the checkpoint are trained again;
+                        // the coordinator keeps their first reports.
+                        self.workers[w].done = None;
+                        if let Some((member, _)) = self.workers[w].work.clone() {
+                            self.send_request(
+                                w,
+                                Request::Rollback {
+                                    member,
+                                    from_step,
+                                    to_step: checkpoint,
+                                },
+                            );
+                        }
+                    }
+                    return checkpoint;
+                }
+            }
+        }
+    }
+
+    /// A ZeRO world went back to a checkpoint: none of the partitions its
+    /// sound ranks furthest ahead hold may have had every share among them
+    /// (nor may one of them hold the state whole).
+    fn needless_rollback(&mut self, members: &[usize], all: &[Summary]) {
+        let Some(max) = all.iter().filter(|s| s.torn == 0).map(|s| s.step).max() else {
+            return; // every rank torn: nothing whole to go on from
+        };
+        let mut worlds: Vec<u64> = all
+            .iter()
+            .filter(|s| s.torn == 0 && s.step == max)
+            .map(|s| s.world)
+            .collect();
+        worlds.dedup();
+        for w0 in worlds {
+            let whole =
+                w0 == 0 || (0..w0).all(|k| members.iter().any(|&w| self.held(w).holds(w0, k, max)));
+            if whole {
+                self.fail(format!(
+                    "ZeRO: the world went back to a checkpoint though every share of the partition over {w0} ranks after step {max} was held"
+                ));
+                return;
+            }
+        }
+    }
+
+    /// A ring broke in the middle of its next step: under ZeRO, each of its
+    /// members may have updated its share (and replica) before the
+    /// parameter gather broke — torn: none, all, or some, as drawn.
+    fn broke(&mut self, generation: u64, ring: &Ring) {
+        let begun = !ring.fresh
+            && !ring.waiting
+            && ring.members.len() == ring.world
+            && ring.step < ring.total;
+        // A member still waiting for an answer never began the step.
+        let answered = ring
+            .members
+            .iter()
+            .zip(&ring.processes)
+            .all(|(&w, &p)| self.workers[w].process != p || self.workers[w].unanswered == 0);
+        if self.config.zero == 0 || !begun || !answered {
+            return;
+        }
+        let how = self.rng.below(3);
+        for (&w, &process) in ring.members.iter().zip(&ring.processes) {
+            let torn = match how {
+                0 => false,
+                1 => true,
+                _ => self.rng.below(2) == 0,
+            };
+            let worker = &mut self.workers[w];
+            // Only a process in this ring's next step: the same process,
+            // still in this generation, not waiting for an answer (a rank
+            // starts no step before its reports are answered).
+            let in_step = worker.process == process
+                && worker.unanswered == 0
+                && worker
+                    .work
+                    .as_ref()
+                    .is_some_and(|(m, _)| m.generation == generation);
+            if !torn || !in_step {
+                continue;
+            }
+            if let Some(h) = worker.held.as_mut()
+                && h.step == ring.step
+                && h.world == ring.world as u64
+                && !h.torn()
+            {
+                h.share = h.step + 1;
+                self.outcome.torn_ranks += 1;
+            }
+        }
     }
 
     /// Each member fetches its share of step `step`'s batch, as `dpo-worker`
@@ -1478,6 +1995,16 @@ impl Sim {
 
     /// A request from worker `w`, in order after its earlier ones.
     fn send_request(&mut self, w: usize, request: Request) {
+        if let Request::Checkpoint { step, .. } = &request {
+            // Rank 0 writes its checkpoint before asking for its commit.
+            let h = self.held(w);
+            if h.step != *step || self.canonical.get(*step as usize) != Some(&h.weights) {
+                self.fail(format!(
+                    "rank 0 writes the checkpoint of step {step} with the weights of {h:?}"
+                ));
+            }
+            self.checkpoint_weights.insert(*step, h.weights);
+        }
         let d = self.delay();
         let at = (self.t + d).max(self.workers[w].outbox_at);
         self.workers[w].outbox_at = at;
@@ -1535,7 +2062,8 @@ impl Sim {
             Request::Step { member, .. }
             | Request::Checkpoint { member, .. }
             | Request::Done { member, .. }
-            | Request::Fault { member } => member.clone(),
+            | Request::Fault { member }
+            | Request::Rollback { member, .. } => member.clone(),
         };
         let current = self
             .engine
@@ -1543,6 +2071,11 @@ impl Sim {
             .and_then(|e| e.run(RUN).ok())
             .map(|r| r.generation);
         let stale = current.is_some_and(|g| member.generation < g);
+        let checkpoint = self
+            .engine
+            .as_ref()
+            .and_then(|e| e.run(RUN).ok())
+            .map(|r| r.checkpoint_step);
         if stale {
             self.outcome.stale_requests += 1;
         }
@@ -1575,6 +2108,16 @@ impl Sim {
             ),
             Request::Done { member, step } => e.report_done(member, *step, "", false, now),
             Request::Fault { member } => e.fault(member, "the collective timed out", now),
+            Request::Rollback {
+                member,
+                from_step,
+                to_step,
+            } => e.report_rollback(
+                member,
+                *from_step,
+                *to_step,
+                "a share of the optimizer state was lost",
+            ),
         });
         let changed = self.pending.len() > before;
         // A report's answer waits for every decision queued before it (the
@@ -1591,10 +2134,19 @@ impl Sim {
                 member.worker, member.generation, current
             ));
         }
+        if let Some(Err(e)) = &result
+            && let Request::Rollback { to_step, .. } = &request
+            && matches!(e, engine::Refusal::Invalid(_))
+            && checkpoint == Some(*to_step)
+        {
+            self.fail(format!(
+                "the record of a rollback to the committed checkpoint was refused: {e}"
+            ));
+        }
         if let Some(Err(e)) = result {
             self.log(format!("worker {w}: {request:?} refused: {e}"));
-            // Superseded: dpo-worker leaves that generation and waits for
-            // the next (its world stalls without it and breaks).
+            // Superseded: dpo-worker leaves that generation, reports the
+            // fault and waits for the next.
             let left = matches!(e, engine::Refusal::Stale(_))
                 && self.workers[w].process == process
                 && self.workers[w]
@@ -1602,7 +2154,11 @@ impl Sim {
                     .as_ref()
                     .is_some_and(|(m, _)| m.generation == member.generation);
             if left {
+                // It reports the fault (dpo-worker's `report_fault`): a
+                // stale member's changes nothing, a current one's ends the
+                // generation.
                 self.workers[w].work = None;
+                self.send_request(w, Request::Fault { member });
             }
         }
     }

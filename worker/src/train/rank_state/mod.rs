@@ -558,20 +558,45 @@ impl RankState {
     }
 }
 
+/// What a rank hands the others with its parameters: its [`TrainerState`]
+/// and the metrics of the step it stands at, as it trained it (each value's
+/// bits: exact, and NaN survives JSON).
+#[derive(Debug, Serialize, Deserialize)]
+struct Handed {
+    state: TrainerState,
+    applied: Option<Vec<(String, u64)>>,
+}
+
 impl RankState {
-    /// Takes rank `root`'s [`TrainerState`] (every rank calls it).
+    /// Takes rank `root`'s [`TrainerState`] (every rank calls it), and the
+    /// metrics it trained that step with: a rank that takes the state of a
+    /// step can report it if the rank that trained it is gone before it was
+    /// recorded (the simulator found runs stuck for good: a world standing
+    /// at a step nobody in it could report, every later step refused).
     fn take_state(&mut self, root: usize) -> Result<()> {
-        let mine = serde_json::to_vec(&self.state()).map_err(|e| CollectiveError::Protocol {
+        let mine = Handed {
+            state: self.state(),
+            applied: self
+                .applied
+                .as_ref()
+                .map(|m| m.iter().map(|(k, v)| (k.clone(), v.to_bits())).collect()),
+        };
+        let mine = serde_json::to_vec(&mine).map_err(|e| CollectiveError::Protocol {
             rank: self.collective.rank(),
             reason: format!("encoding the training state: {e}"),
         })?;
         let got = self.collective.broadcast(&mine, root)?;
-        let state: TrainerState =
+        let handed: Handed =
             serde_json::from_slice(&got).map_err(|e| CollectiveError::Protocol {
                 rank: self.collective.rank(),
                 reason: format!("state from rank {root}: {e}"),
             })?;
-        self.set_state(state);
+        self.set_state(handed.state);
+        if self.applied.is_none() {
+            self.applied = handed
+                .applied
+                .map(|m| m.into_iter().map(|(k, v)| (k, f64::from_bits(v))).collect());
+        }
         Ok(())
     }
 }
