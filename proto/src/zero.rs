@@ -181,6 +181,7 @@ pub fn plan(all: &[Summary]) -> Plan {
     }
     for &r in &leads[1..] {
         if all[r].world != lead.world
+            && all[r].world > 0
             && let Ok(plan) = shares_of(all, r)
         {
             return plan;
@@ -367,6 +368,38 @@ mod tests {
                 old_world: 3,
                 torn: false,
             }
+        );
+    }
+
+    #[test]
+    fn a_partition_that_cannot_be_rebuilt_gives_way_to_another_rank_at_that_step() {
+        // Rank 0 holds a share of a world of 2 whose other share is gone;
+        // rank 1 restored the checkpoint of that very step: go on from it,
+        // every rank taking its whole state (rank 0 dropped its share).
+        assert_eq!(
+            plan(&[s(21, 2, 0, 0, 0), s(21, 0, 0, 0, 0)]),
+            Plan::Whole { root: Some(1) }
+        );
+        // Or another partition at that step, whole among the others.
+        assert_eq!(
+            plan(&[
+                s(8, 2, 0, 0, 0),
+                s(8, 3, 0, 0, 0),
+                s(8, 3, 1, 0, 0),
+                s(8, 3, 2, 0, 0)
+            ]),
+            Plan::Repartition {
+                root: 1,
+                behind: false,
+                contributors: vec![(1, false), (2, false), (3, false)],
+                recovered: vec![],
+            }
+        );
+        // A whole state first in rank order, a share of the same step beside
+        // it: the sharded rank drops its share, so the whole state is sent.
+        assert_eq!(
+            plan(&[s(21, 0, 0, 0, 0), s(21, 2, 1, 0, 0)]),
+            Plan::Whole { root: Some(0) }
         );
     }
 

@@ -345,6 +345,8 @@ fn main() -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let (mut faults, mut restarts, mut steps, mut generations, mut stale) = (0, 0, 0, 0, 0);
+    // ZeRO: rollbacks, torn steps completed, shares rebuilt, torn ranks.
+    let mut zero = [0u64; 4];
     let mut engine_time = Duration::ZERO;
     let mut calls = 0u64;
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
@@ -374,6 +376,14 @@ fn main() -> anyhow::Result<()> {
                 stale += o.stale_requests;
                 engine_time += o.engine_time;
                 calls += o.engine_calls;
+                for (z, n) in zero.iter_mut().zip([
+                    o.rollbacks,
+                    o.torn_completed,
+                    o.recovered_shares,
+                    o.torn_ranks,
+                ]) {
+                    *z += n;
+                }
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -383,9 +393,13 @@ fn main() -> anyhow::Result<()> {
     }
     if args.seeds > 1 {
         println!(
-            "{} seeds passed in {:.1} s: {steps} steps, {generations} generations, {faults} faults, {restarts} coordinator restarts, {stale} stale requests refused; {calls} engine calls in {:.1} ms of engine time",
+            "{} seeds passed in {:.1} s: {steps} steps, {generations} generations, {faults} faults, {restarts} coordinator restarts, {stale} stale requests refused; ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks; {calls} engine calls in {:.1} ms of engine time",
             args.seeds,
             started.elapsed().as_secs_f64(),
+            zero[3],
+            zero[1],
+            zero[2],
+            zero[0],
             engine_time.as_secs_f64() * 1e3
         );
     }

@@ -397,6 +397,15 @@ fn a_checkpoint_commit_is_fenced_and_counts_only_once_committed() {
     e.checkpoint_committed("run-a", 2, "/ck/2")
         .expect("committed");
     assert_eq!(e.run("run-a").map(|r| r.checkpoint_step).ok(), Some(2));
+    // The same or an older checkpoint again (a world retraining steps from
+    // a survivor's older state): acknowledged, nothing decided — not
+    // refused as stale, which would end the generation for nothing.
+    e.take_effects();
+    for step in [1, 2] {
+        e.commit_checkpoint(&member("w1", 1, 0), step, "/ck/old", true)
+            .expect("acknowledged");
+    }
+    assert_eq!(e.take_effects(), Vec::new());
     // A new generation resumes from it.
     join(&mut e, "w2", t0);
     e.stream_closed("w1", 1, t0).expect("gone");

@@ -1806,9 +1806,9 @@ impl Sim {
                     recovered,
                 } => {
                     let lead = all[root];
-                    if contributors.len() as u64 != lead.world {
+                    if lead.world == 0 || contributors.len() as u64 != lead.world {
                         self.fail(format!(
-                            "ZeRO: {} contributors for the {} shares of step {}",
+                            "ZeRO: a re-partition of step {2} takes {0} contributors for the {1} shares of the lead's partition (none: the lead holds it whole, its moments would be lost)",
                             contributors.len(),
                             lead.world,
                             lead.step
