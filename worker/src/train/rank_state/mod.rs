@@ -605,6 +605,91 @@ impl RankState {
 mod tests {
     use super::*;
 
+    /// A rank that takes another's state takes the metrics it trained that
+    /// step with (exact, NaN included), so that it can report the step if
+    /// the rank that trained it is gone before the coordinator recorded it;
+    /// a rank that trained the step itself keeps its own.
+    #[test]
+    fn a_rank_taking_the_state_of_a_step_takes_its_metrics() {
+        use crate::collective::tcp::{TcpCollective, TcpOptions};
+        use std::net::{SocketAddr, TcpListener};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            "name = \"t\"\n[model]\npath = \"m\"\n[data]\ntrain = \"d.jsonl\"\n",
+        )
+        .expect("write");
+        let spec = RunSpec::from_file(&path).expect("spec");
+        let trained = |step: u64| -> Metrics {
+            vec![
+                ("step".into(), step as f64),
+                ("loss".into(), f64::NAN),
+                ("generation".into(), 3.0),
+            ]
+        };
+        let listeners: Vec<TcpListener> = (0..3)
+            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+            .collect();
+        let peers: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("addr"))
+            .collect();
+        let ranks: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (peers, spec) = (peers.clone(), spec.clone());
+                std::thread::spawn(move || {
+                    let w = Tensor::from_slice(&[1.0f32, 2.0]);
+                    let optim = Optimizer::new(&spec.optim, vec![("w.weight".into(), w)])
+                        .expect("optimizer");
+                    let mut r = RankState::new(&spec, optim);
+                    r.collective = Box::new(
+                        TcpCollective::connect(rank, &peers, l, 1, &TcpOptions::default())
+                            .expect("connects"),
+                    );
+                    // Rank 0 trained step 5; rank 1 trained step 3; rank 2
+                    // also trained step 5 (with its own metrics).
+                    let (step, metrics) = match rank {
+                        0 => (5, trained(5)),
+                        1 => (3, trained(3)),
+                        _ => (5, vec![("step".into(), 5.0), ("loss".into(), 0.25)]),
+                    };
+                    r.set_state(TrainerState {
+                        step,
+                        ..TrainerState::default()
+                    });
+                    r.applied = Some(metrics);
+                    r.take_state_and_parameters(0)
+                        .expect("takes rank 0's state");
+                    (r.step(), r.applied.clone())
+                })
+            })
+            .collect();
+        let got: Vec<(u64, Option<Metrics>)> =
+            ranks.into_iter().map(|h| h.join().expect("rank")).collect();
+        let bits = |m: &Option<Metrics>| {
+            m.as_ref().map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.to_bits()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        assert_eq!(got[1].0, 5);
+        assert_eq!(
+            bits(&got[1].1),
+            bits(&Some(trained(5))),
+            "rank 1 took rank 0's metrics"
+        );
+        assert_eq!(bits(&got[0].1), bits(&Some(trained(5))));
+        assert_eq!(
+            got[2].1,
+            Some(vec![("step".into(), 5.0), ("loss".into(), 0.25)]),
+            "rank 2 trained step 5 itself and keeps its own"
+        );
+    }
+
     #[test]
     fn the_state_reads_checkpoints_of_earlier_versions_and_round_trips() {
         // trainer_state.json as earlier versions wrote it (no stopped_early).
