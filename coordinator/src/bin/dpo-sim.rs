@@ -119,6 +119,13 @@ struct Args {
     /// ZeRO: 0 off, 1 shares of the optimizer state, 2 shares with replicas.
     #[arg(long)]
     zero: Option<u8>,
+    /// The client cancels the run at this virtual time, in ms, and submits
+    /// it again (0: never).
+    #[arg(long)]
+    cancel_at_ms: Option<u64>,
+    /// The wall clock jumps now and then (1) or never (0).
+    #[arg(long)]
+    clock_jumps: Option<u8>,
     /// Events kept for a failure's trace.
     #[arg(long)]
     trace: Option<usize>,
@@ -191,6 +198,12 @@ impl Args {
         }
         c.heap_at_step = self.heap_at_step;
         c.trace = self.trace.unwrap_or(c.trace);
+        if let Some(ms) = self.cancel_at_ms {
+            c.cancel_at = (ms > 0).then(|| Duration::from_millis(ms));
+        }
+        if let Some(j) = self.clock_jumps {
+            c.clock_jumps = j > 0;
+        }
         if let Some(z) = self.zero {
             anyhow::ensure!(
                 z <= 2,
@@ -347,6 +360,7 @@ fn main() -> anyhow::Result<()> {
     let (mut faults, mut restarts, mut steps, mut generations, mut stale) = (0, 0, 0, 0, 0);
     // ZeRO: rollbacks, torn steps completed, shares rebuilt, torn ranks.
     let mut zero = [0u64; 4];
+    let (mut cancels, mut jumps) = (0, 0);
     let mut engine_time = Duration::ZERO;
     let mut calls = 0u64;
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
@@ -355,7 +369,7 @@ fn main() -> anyhow::Result<()> {
             Ok(o) => {
                 if args.seeds == 1 {
                     println!(
-                        "seed {seed}: {:?} after {} steps in {:.1} s of virtual time; {} generations, {} faults, {} coordinator restarts, {} stale requests refused; {} events, {} engine calls deciding {} effects in {:.1} ms of engine time",
+                        "seed {seed}: {:?} after {} steps in {:.1} s of virtual time; {} generations, {} faults, {} coordinator restarts, {} stale requests refused, {} cancels, {} wall-clock jumps, {} ZeRO rollbacks; {} events, {} engine calls deciding {} effects in {:.1} ms of engine time",
                         o.state,
                         o.steps,
                         o.virtual_time.as_secs_f64(),
@@ -363,6 +377,9 @@ fn main() -> anyhow::Result<()> {
                         o.faults,
                         o.coordinator_restarts,
                         o.stale_requests,
+                        o.cancels,
+                        o.clock_jumps,
+                        o.rollbacks,
                         o.events,
                         o.engine_calls,
                         o.effects,
@@ -376,6 +393,8 @@ fn main() -> anyhow::Result<()> {
                 stale += o.stale_requests;
                 engine_time += o.engine_time;
                 calls += o.engine_calls;
+                cancels += o.cancels;
+                jumps += o.clock_jumps;
                 for (z, n) in zero.iter_mut().zip([
                     o.rollbacks,
                     o.torn_completed,
@@ -393,7 +412,7 @@ fn main() -> anyhow::Result<()> {
     }
     if args.seeds > 1 {
         println!(
-            "{} seeds passed in {:.1} s: {steps} steps, {generations} generations, {faults} faults, {restarts} coordinator restarts, {stale} stale requests refused; ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks; {calls} engine calls in {:.1} ms of engine time",
+            "{} seeds passed in {:.1} s: {steps} steps, {generations} generations, {faults} faults, {restarts} coordinator restarts, {stale} stale requests refused, {cancels} runs cancelled and submitted again, {jumps} wall-clock jumps; ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks; {calls} engine calls in {:.1} ms of engine time",
             args.seeds,
             started.elapsed().as_secs_f64(),
             zero[3],

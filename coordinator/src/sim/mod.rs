@@ -49,7 +49,8 @@ use crate::engine::{self, Effect, Engine, LedgerEntry, Member, Now, RunData, Run
 use crate::store::GENERATION_KEY;
 use dpo_data::rng::SplitMix64;
 
-/// The id of the simulated run.
+/// The id of the simulated run (a resubmission after a cancel is
+/// `run-sim-2`).
 const RUN: &str = "run-sim";
 
 /// What one simulation does.
@@ -100,6 +101,15 @@ pub struct Config {
     /// Faults at set points besides the drawn ones (the scale figures'
     /// crash-to-next-step times).
     pub script: Vec<Scripted>,
+    /// The client cancels the run at this virtual time and, once it has
+    /// ended cancelled, submits the same spec again as a new run, which must
+    /// succeed (its own draw: the other draws of the seed are the same
+    /// without it).
+    pub cancel_at: Option<Duration>,
+    /// The wall clock jumps (forwards and back, up to an hour) every few
+    /// seconds: leases are timed on the monotonic clock, so no decision may
+    /// change (its own draws too).
+    pub clock_jumps: bool,
     /// ZeRO (`train.zero_stage` ≥ 1): 0 off; 1 each rank holds one share of
     /// the optimizer state; 2 also a replica of its predecessor's
     /// (`train.zero_replicas = 2`). A forming world carries out
@@ -162,6 +172,14 @@ impl Config {
             // A third of the seeds without ZeRO, a third with shares, a
             // third with shares and replicas.
             zero: r.below(3) as u8,
+            // One seed in eight is cancelled in its first minute and
+            // submitted again (drawn apart, so that the seed's other draws
+            // stay what they were).
+            cancel_at: {
+                let mut c = SplitMix64::new(seed ^ 0xca9ce1);
+                (c.below(8) == 0).then(|| Duration::from_millis(3000 + c.below(50_000) as u64))
+            },
+            clock_jumps: true,
         }
     }
 
@@ -192,6 +210,8 @@ impl Config {
             store_full_at: None,
             store_latency: Duration::from_micros(50),
             zero: 0,
+            cancel_at: None,
+            clock_jumps: false,
         }
     }
 
@@ -213,10 +233,12 @@ impl Config {
             extra += &format!(" --heap-at-step {step}");
         }
         extra += &format!(
-            " --store-full-at-ms {} --store-latency-us {} --zero {}",
+            " --store-full-at-ms {} --store-latency-us {} --zero {} --cancel-at-ms {} --clock-jumps {}",
             self.store_full_at.map_or(0, |t| t.as_millis()),
             self.store_latency.as_micros(),
-            self.zero
+            self.zero,
+            self.cancel_at.map_or(0, |t| t.as_millis()),
+            u8::from(self.clock_jumps)
         );
         format!(
             "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {} --store-fail-one-in {}{extra}",
@@ -274,6 +296,10 @@ pub struct Outcome {
     pub formed: Vec<(u64, Duration)>,
     /// The coordinator's heap at `heap_at_step`, without the run's dataset.
     pub heap_bytes: Option<u64>,
+    /// Runs cancelled by the client (and submitted again), and wall-clock
+    /// jumps.
+    pub cancels: u64,
+    pub clock_jumps: u64,
     /// ZeRO: worlds that went back to a checkpoint, steps torn on every
     /// rank and completed from the shares, shares rebuilt from replicas,
     /// and ranks left torn by a broken step.
@@ -403,6 +429,13 @@ enum Event {
     HeapProbe,
     /// The coordinator comes back after a crash.
     CoordinatorUp,
+    /// The client cancels the run (again, if the coordinator died before
+    /// the cancel was recorded).
+    Cancel,
+    /// The client submits the cancelled run's spec again.
+    Resubmit,
+    /// The wall clock jumps.
+    ClockJump,
 }
 
 #[derive(Debug, Clone)]
@@ -467,8 +500,9 @@ struct Worker {
     /// network heals.
     stream_broken: bool,
     /// Its training state (none: a new process, which restores the
-    /// checkpoint its first assignment names).
+    /// checkpoint its first assignment names), and the run it belongs to.
     held: Option<Held>,
+    trainer_run: String,
 }
 
 /// A process's training state as the simulator records it: its parameters
@@ -609,6 +643,16 @@ pub struct Sim {
     /// The weights of one uninterrupted run after each step (index 0: the
     /// initial ones), which every rank must hold when it stands at a step.
     canonical: Vec<u64>,
+    /// The run the simulator follows (its ledger, record, checkpoints).
+    run: String,
+    /// The run the client cancelled, once it did, and whether its end is
+    /// recorded (after which nothing of it may be written).
+    cancelled: Option<String>,
+    cancelled_ended: bool,
+    /// The client's and the wall clock's own draws.
+    client_rng: SplitMix64,
+    clock_rng: SplitMix64,
+    wall_offset_ms: i64,
 }
 
 fn spec(config: &Config) -> Result<RunSpec, String> {
@@ -668,6 +712,12 @@ impl Sim {
                 c.push(weights_after(c[c.len() - 1], step));
                 c
             }),
+            run: RUN.to_string(),
+            cancelled: None,
+            cancelled_ended: false,
+            client_rng: SplitMix64::new(config.seed ^ 0xc11e),
+            clock_rng: SplitMix64::new(config.seed ^ 0xc10c),
+            wall_offset_ms: 0,
             config,
         }
     }
@@ -680,7 +730,9 @@ impl Sim {
     }
 
     fn now(&self) -> Now {
-        self.base.after(self.t)
+        let mut now = self.base.after(self.t);
+        now.unix_ms += self.wall_offset_ms;
+        now
     }
 
     /// Whether the store has filled (`Config::store_full_at`).
@@ -750,6 +802,13 @@ impl Sim {
             let first = self.exp(self.config.fault_every);
             self.at(first, Event::Fault);
         }
+        if let Some(at) = self.config.cancel_at {
+            self.at(at, Event::Cancel);
+        }
+        if self.config.clock_jumps {
+            let first = Duration::from_millis(self.clock_rng.below(5000) as u64);
+            self.at(first, Event::ClockJump);
+        }
         let limit = self.config.faults_until + self.config.settle;
         while let Some(((t, _), event)) = self.queue.pop_first() {
             if self.ended.is_some() || t > limit {
@@ -817,7 +876,7 @@ impl Sim {
         let record = self
             .engine
             .as_ref()
-            .and_then(|e| e.run(RUN).ok())
+            .and_then(|e| e.run(&self.run).ok())
             .map(|r| (r.state, r.step, r.generation, r.checkpoint_step));
         self.log(format!("state: record {record:?}"));
         for w in 0..self.workers.len() {
@@ -866,6 +925,36 @@ impl Sim {
 
     fn boot_coordinator(&mut self) {
         let config = self.config.clone();
+        let engine = Engine::recover(config.lease, &self.store.kv, |record| {
+            RunData::new(&record.spec, examples(config.examples), Vec::new())
+                .ok_or_else(|| engine::DataGone("too few examples".into()))
+        });
+        let engine = match engine {
+            Ok(e) => e,
+            Err(e) => {
+                self.fail(format!("the coordinator cannot start from the store: {e}"));
+                return;
+            }
+        };
+        self.engine = Some(engine);
+        // Effects of the recovery itself go out as usual.
+        let _ = self.call(Call::Other, |_, _| ());
+        if self.cancelled.is_some() && !self.cancelled_ended {
+            // The cancel was lost with the old coordinator: the client,
+            // not answered, asks again.
+            self.at(Duration::from_millis(300), Event::Cancel);
+        }
+        self.add_run();
+    }
+
+    /// Submits the run the simulator follows, unless the coordinator has it
+    /// (the client's submission, again after a crash lost it; not once the
+    /// run was cancelled).
+    fn add_run(&mut self) {
+        if self.cancelled.as_deref() == Some(self.run.as_str()) {
+            return;
+        }
+        let config = self.config.clone();
         let spec = match spec(&config) {
             Ok(s) => s,
             Err(e) => {
@@ -873,39 +962,24 @@ impl Sim {
                 return;
             }
         };
-        let data = |spec: &RunSpec| RunData::new(spec, examples(config.examples), Vec::new());
-        let engine = Engine::recover(config.lease, &self.store.kv, |record| {
-            data(&record.spec).ok_or_else(|| engine::DataGone("too few examples".into()))
-        });
-        let mut engine = match engine {
-            Ok(e) => e,
-            Err(e) => {
-                self.fail(format!("the coordinator cannot start from the store: {e}"));
-                return;
+        let now = self.now();
+        let run = self.run.clone();
+        let added = self.call(Call::Other, |engine, _| {
+            if engine.run(&run).is_ok() {
+                return Ok(());
             }
-        };
-        let fresh = engine.run(RUN).is_err();
-        if fresh {
-            let Some(d) = data(&spec) else {
-                self.fail("the simulated run has too few examples".into());
-                return;
+            let Some(d) = RunData::new(&spec, examples(config.examples), Vec::new()) else {
+                return Err("the simulated run has too few examples".to_string());
             };
-            let record = RunRecord::queued(
-                RUN.into(),
-                spec,
-                &d,
-                "/shards/sim".into(),
-                "sim".into(),
-                self.now(),
-            );
-            if let Err(e) = engine.add_run(record, d, self.now()) {
-                self.fail(format!("the run is refused: {e}"));
-                return;
-            }
+            let record = RunRecord::queued(run, spec, &d, "/shards/sim".into(), "sim".into(), now);
+            engine
+                .add_run(record, d, now)
+                .map(|_| ())
+                .map_err(|e| format!("the run is refused: {e}"))
+        });
+        if let Some(Err(e)) = added {
+            self.fail(e);
         }
-        self.engine = Some(engine);
-        // Effects of the recovery itself (and of the new run) go out as usual.
-        let _ = self.call(Call::Other, |_, _| ());
     }
 
     fn handle(&mut self, event: Event) {
@@ -956,7 +1030,56 @@ impl Sim {
             }
             Event::Scripted(i) => self.scripted(i),
             Event::HeapProbe => self.heap_probe(),
+            Event::Cancel => self.cancel(),
+            Event::Resubmit => self.resubmit(),
+            Event::ClockJump => {
+                let jump = self.clock_rng.below(7_200_001) as i64 - 3_600_000;
+                self.wall_offset_ms += jump;
+                self.outcome.clock_jumps += 1;
+                self.log(format!("the wall clock jumps {:+.1} s", jump as f64 / 1e3));
+                let next = Duration::from_millis(1000 + self.clock_rng.below(9000) as u64);
+                self.at(next, Event::ClockJump);
+            }
         }
+    }
+
+    /// The client cancels the run (while the coordinator is down, or again
+    /// after it lost the cancel with its unapplied effects: its retries).
+    fn cancel(&mut self) {
+        if self.cancelled_ended || self.ended.is_some() {
+            return;
+        }
+        let run = self.run.clone();
+        match self.call(Call::Other, |e, now| e.cancel(&run, None, now)) {
+            Some(Ok(_)) => {
+                if self.cancelled.is_none() {
+                    self.log(format!("the client cancels {run}"));
+                    self.outcome.cancels += 1;
+                }
+                self.cancelled = Some(run);
+            }
+            // Ended already (it finished first): nothing to cancel.
+            Some(Err(e)) => self.log(format!("the client's cancel refused: {e}")),
+            None => self.at(Duration::from_millis(500), Event::Cancel),
+        }
+    }
+
+    /// The client submits the cancelled run's spec again: a new run, which
+    /// the simulator follows from now on (its ledger, record and
+    /// checkpoints start afresh).
+    fn resubmit(&mut self) {
+        if self.engine.is_none() {
+            self.at(Duration::from_millis(500), Event::Resubmit);
+            return;
+        }
+        self.run = format!("{RUN}-2");
+        self.log(format!("the client submits the run again as {}", self.run));
+        self.ledger.clear();
+        self.record_step = 0;
+        self.checkpoint_step = 0;
+        self.checkpoint_weights.clear();
+        self.committed.clear();
+        self.add_run();
     }
 
     /// A scripted fault: to the worker holding its rank in the current
@@ -997,7 +1120,7 @@ impl Sim {
         let Some(engine) = self.engine.take() else {
             return;
         };
-        let data = engine.run_data(RUN);
+        let data = engine.run_data(&self.run);
         let before = probe();
         drop(engine);
         let after = probe();
@@ -1134,19 +1257,19 @@ impl Sim {
                         self.log(format!("store refused a write fenced by generation {f}"));
                         continue;
                     }
-                    let checkpoint = writes.iter().find_map(|(k, v)| {
-                        (k == &engine::checkpoint_key(RUN))
-                            .then(|| v.clone())
-                            .flatten()
-                    });
+                    let key = engine::checkpoint_key(&self.run);
+                    let checkpoint = writes
+                        .iter()
+                        .find_map(|(k, v)| (k == &key).then(|| v.clone()).flatten());
                     for (k, v) in writes {
                         self.write(k, v);
                     }
                     if let Some(v) = checkpoint
                         && let Ok(c) = serde_json::from_str::<engine::CheckpointRecord>(&v)
                     {
+                        let run = self.run.clone();
                         let _ = self.call(Call::Other, |e, _| {
-                            e.checkpoint_committed(RUN, c.step, &c.path)
+                            e.checkpoint_committed(&run, c.step, &c.path)
                         });
                     }
                 }
@@ -1202,9 +1325,10 @@ impl Sim {
         }
         if refused {
             // What the real runner does with a write refused for good.
+            let run = self.run.clone();
             let _ = self.call(Call::Other, |e, now| {
                 e.fail_run(
-                    RUN,
+                    &run,
                     "the state store refused the run's state: quota exceeded".into(),
                     now,
                 )
@@ -1233,7 +1357,7 @@ impl Sim {
             }
         }
         if let Some(step) = key
-            .strip_prefix(&engine::ledger_prefix(RUN))
+            .strip_prefix(&engine::ledger_prefix(&self.run))
             .and_then(|s| s.parse::<u64>().ok())
             && let Some(v) = &value
         {
@@ -1249,7 +1373,7 @@ impl Sim {
                 }
             }
         }
-        if key == engine::run_key(RUN)
+        if key == engine::run_key(&self.run)
             && let Some(v) = &value
         {
             if v.len() > 64 * 1024 {
@@ -1265,16 +1389,48 @@ impl Sim {
                 self.record_step = r.step;
             }
         }
+        if let Some(old) = self.cancelled.clone()
+            && self.cancelled_ended
+            && key.starts_with(&engine::ledger_prefix(&old))
+            && value.is_some()
+        {
+            self.fail(format!("{key} written after its run ended cancelled"));
+        }
         if key.starts_with(engine::HISTORY_PREFIX)
             && let Some(v) = &value
             && let Ok(r) = serde_json::from_str::<RunRecord>(v)
         {
-            self.record_step = self.record_step.max(r.step);
-            self.ended = Some(r.state);
-            self.end_reason = r.error.clone();
-            self.log(format!("run ended {:?} at step {}", r.state, r.step));
+            if r.id == self.run && self.cancelled.as_deref() != Some(r.id.as_str()) {
+                self.record_step = self.record_step.max(r.step);
+                self.ended = Some(r.state);
+                self.end_reason = r.error.clone();
+                self.log(format!(
+                    "run {} ended {:?} at step {}",
+                    r.id, r.state, r.step
+                ));
+            } else if self.cancelled.as_deref() == Some(r.id.as_str()) && !self.cancelled_ended {
+                self.log(format!(
+                    "run {} ended {:?} at step {}",
+                    r.id, r.state, r.step
+                ));
+                self.cancelled_ended = true;
+                match r.state {
+                    // The client submits it again.
+                    RunState::Cancelled => {
+                        let after = Duration::from_millis(200 + self.client_rng.below(2000) as u64);
+                        self.at(after, Event::Resubmit);
+                    }
+                    // It ended before the cancel got in: it is the run.
+                    _ => {
+                        self.cancelled = None;
+                        self.record_step = self.record_step.max(r.step);
+                        self.ended = Some(r.state);
+                        self.end_reason = r.error.clone();
+                    }
+                }
+            }
         }
-        if key == engine::checkpoint_key(RUN)
+        if key == engine::checkpoint_key(&self.run)
             && let Some(v) = &value
             && let Ok(c) = serde_json::from_str::<engine::CheckpointRecord>(v)
         {
@@ -1323,6 +1479,13 @@ impl Sim {
                     work.generation, work.rank, work.world_size, work.resume_step
                 ));
                 self.newest_generation = self.newest_generation.max(work.generation);
+                if self.workers[w].trainer_run != work.run_id {
+                    // Another run: a new trainer, from that run's start.
+                    let x = &mut self.workers[w];
+                    x.trainer_run = work.run_id.clone();
+                    x.held = None;
+                    x.done = None;
+                }
                 let member = Member {
                     worker: Self::worker_id(w),
                     run: work.run_id.clone(),
@@ -2068,13 +2231,17 @@ impl Sim {
         let current = self
             .engine
             .as_ref()
-            .and_then(|e| e.run(RUN).ok())
+            .and_then(|e| e.run(&self.run).ok())
             .map(|r| r.generation);
-        let stale = current.is_some_and(|g| member.generation < g);
+        // A member of another run (the cancelled one) is stale too.
+        let stale = member.run != self.run
+            || self.cancelled.as_deref() == Some(member.run.as_str())
+            || current.is_some_and(|g| member.generation < g);
         let checkpoint = self
             .engine
             .as_ref()
-            .and_then(|e| e.run(RUN).ok())
+            .and_then(|e| e.run(&self.run).ok())
+            .filter(|_| member.run == self.run)
             .map(|r| r.checkpoint_step);
         if stale {
             self.outcome.stale_requests += 1;

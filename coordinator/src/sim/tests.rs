@@ -9,9 +9,17 @@ use super::*;
 /// Seeds `make test` runs (a few seconds in a debug build).
 const SEEDS: u64 = 200;
 
+/// Seed `seed`'s configuration without a client cancel: a regression seed
+/// replays the run that found its bug (cancels came later, drawn apart).
+fn uncancelled(seed: u64) -> Config {
+    let mut c = Config::small(seed);
+    c.cancel_at = None;
+    c
+}
+
 #[test]
 fn a_fault_free_run_trains_every_step_once_in_its_one_generation() {
-    let mut c = Config::small(1);
+    let mut c = uncancelled(1);
     c.fault_every = Duration::ZERO;
     c.store_full_at = None;
     c.workers = 2;
@@ -53,6 +61,8 @@ fn seeds_with_faults_keep_every_invariant() {
         total.torn_completed += o.torn_completed;
         total.recovered_shares += o.recovered_shares;
         total.torn_ranks += o.torn_ranks;
+        total.cancels += o.cancels;
+        total.clock_jumps += o.clock_jumps;
     }
     eprintln!(
         "{SEEDS} seeds: {} faults, {} coordinator restarts, {} stale requests refused, {} generations, {} steps, {full_store_failures} runs failed by a full store",
@@ -85,6 +95,73 @@ fn seeds_with_faults_keep_every_invariant() {
         total.recovered_shares
     );
     assert!(total.rollbacks > SEEDS / 4, "{}", total.rollbacks);
+    // Runs cancelled by their client and submitted again (one seed in
+    // eight draws it; a run may end before its cancel), the wall clock
+    // jumping in every seed.
+    eprintln!(
+        "{} runs cancelled and submitted again, {} wall-clock jumps",
+        total.cancels, total.clock_jumps
+    );
+    assert!(total.cancels > SEEDS / 20, "{}", total.cancels);
+    assert!(total.clock_jumps > 10 * SEEDS, "{}", total.clock_jumps);
+}
+
+/// The engine times leases on the monotonic clock only: the same seed with
+/// the wall clock jumping (forwards and back by up to an hour, every few
+/// seconds) and without decides exactly the same.
+#[test]
+fn wall_clock_jumps_change_no_decision() {
+    for seed in [2, 5, 11] {
+        let mut c = Config::small(seed);
+        c.clock_jumps = false;
+        let still = Sim::new(c.clone()).run().unwrap_or_else(|f| panic!("{f}"));
+        c.clock_jumps = true;
+        let jumping = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
+        assert!(jumping.clock_jumps > 5, "seed {seed}");
+        assert_eq!(still.ledger, jumping.ledger, "seed {seed}");
+        assert_eq!(
+            (
+                still.engine_calls,
+                still.effects,
+                still.generations,
+                still.virtual_time
+            ),
+            (
+                jumping.engine_calls,
+                jumping.effects,
+                jumping.generations,
+                jumping.virtual_time
+            ),
+            "seed {seed}"
+        );
+    }
+}
+
+/// A run cancelled by its client ends cancelled with nothing of it written
+/// after (checked on every write), and the same spec submitted again trains
+/// every step — the workers of the cancelled run's generation, their
+/// reports in flight and state of the old run, included.
+#[test]
+fn a_cancelled_run_ends_cancelled_and_its_resubmission_trains_every_step() {
+    let mut cancelled = 0;
+    for seed in 0..30 {
+        let mut c = Config::small(seed);
+        c.store_full_at = None;
+        c.cancel_at = Some(Duration::from_millis(2500 + 1000 * seed));
+        let steps = c.steps;
+        let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(o.state, Some(RunState::Succeeded), "seed {seed}");
+        cancelled += o.cancels;
+        if o.cancels > 0 {
+            // The resubmitted run's own ledger, from its first step.
+            assert_eq!(o.ledger.len() as u64, steps, "seed {seed}");
+            assert_eq!(o.ledger.first().map(|e| e.step), Some(1), "seed {seed}");
+        }
+    }
+    assert!(
+        cancelled > 20,
+        "{cancelled} of 30 runs cancelled before they ended"
+    );
 }
 
 /// Seeds that found bugs once ZeRO was modelled, each kept: the run must
@@ -110,7 +187,7 @@ fn seeds_with_faults_keep_every_invariant() {
 #[test]
 fn zero_seeds_that_found_bugs_succeed() {
     for seed in [59, 8, 24, 716, 3210] {
-        let c = Config::small(seed);
+        let c = uncancelled(seed);
         assert!(c.zero > 0, "seed {seed} runs ZeRO");
         let full = c.store_full_at.is_some();
         let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
@@ -230,7 +307,7 @@ fn each_broken_invariant_is_caught_by_its_own_message() {
 #[test]
 fn a_failed_store_write_never_leaves_a_step_without_its_ledger_entry() {
     for seed in [0, 1] {
-        let mut c = Config::small(seed);
+        let mut c = uncancelled(seed);
         c.store_fail_one_in = 10;
         c.store_full_at = None;
         let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
@@ -325,7 +402,7 @@ fn a_killed_member_is_replaced_at_once_and_a_frozen_one_after_its_lease() {
 /// world formed again.
 #[test]
 fn a_member_whose_assignment_was_lost_with_its_stream_is_assigned_again() {
-    let mut c = Config::small(609);
+    let mut c = uncancelled(609);
     c.store_full_at = None;
     let o = Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(o.state, Some(RunState::Succeeded));
@@ -341,7 +418,7 @@ fn a_member_whose_assignment_was_lost_with_its_stream_is_assigned_again() {
 fn a_full_store_fails_the_run_even_when_it_fills_during_the_last_step() {
     let mut failed = 0;
     for seed in 0..40 {
-        let mut c = Config::small(seed);
+        let mut c = uncancelled(seed);
         c.fault_every = Duration::ZERO;
         c.store_fail_one_in = 0;
         c.store_latency = Duration::from_millis(300);
