@@ -110,6 +110,10 @@ struct Args {
     /// A scripted freeze: `AFTER_STEP:DELAY_MS:RANK:FOR_MS` (repeatable).
     #[arg(long)]
     freeze: Vec<String>,
+    /// A scripted graceful leave (SIGTERM): `AFTER_STEP:DELAY_MS:RANK:0`
+    /// (repeatable).
+    #[arg(long)]
+    leave: Vec<String>,
     /// The store fills at this virtual time, in ms (0: never).
     #[arg(long)]
     store_full_at_ms: Option<u64>,
@@ -138,8 +142,8 @@ struct Args {
     scale: Vec<usize>,
 }
 
-/// `AFTER_STEP:DELAY_MS:RANK:MS` of `--kill`/`--freeze`.
-fn scripted(text: &str, freeze: bool) -> anyhow::Result<Scripted> {
+/// `AFTER_STEP:DELAY_MS:RANK:MS` of `--kill`/`--freeze`/`--leave`.
+fn scripted(text: &str, kind: &str) -> anyhow::Result<Scripted> {
     let parts: Vec<u64> = text
         .split(':')
         .map(str::parse)
@@ -152,13 +156,13 @@ fn scripted(text: &str, freeze: bool) -> anyhow::Result<Scripted> {
     Ok(Scripted {
         after_step,
         delay: Duration::from_millis(delay),
-        fault: if freeze {
-            ScriptedFault::Freeze {
+        fault: match kind {
+            "freeze" => ScriptedFault::Freeze {
                 rank,
                 for_: Duration::from_millis(ms),
-            }
-        } else {
-            ScriptedFault::Kill { rank }
+            },
+            "leave" => ScriptedFault::Leave { rank },
+            _ => ScriptedFault::Kill { rank },
         },
     })
 }
@@ -191,10 +195,13 @@ impl Args {
         c.max_delay = self.max_delay_ms.map_or(c.max_delay, ms);
         c.store_fail_one_in = self.store_fail_one_in.unwrap_or(c.store_fail_one_in);
         for k in &self.kill {
-            c.script.push(scripted(k, false)?);
+            c.script.push(scripted(k, "kill")?);
         }
         for f in &self.freeze {
-            c.script.push(scripted(f, true)?);
+            c.script.push(scripted(f, "freeze")?);
+        }
+        for l in &self.leave {
+            c.script.push(scripted(l, "leave")?);
         }
         c.heap_at_step = self.heap_at_step;
         c.trace = self.trace.unwrap_or(c.trace);
@@ -359,7 +366,7 @@ fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let (mut faults, mut restarts, mut steps, mut generations, mut stale) = (0, 0, 0, 0, 0);
     // ZeRO: rollbacks, torn steps completed, shares rebuilt, torn ranks.
-    let mut zero = [0u64; 4];
+    let mut zero = [0u64; 5];
     let (mut cancels, mut jumps) = (0, 0);
     let mut engine_time = Duration::ZERO;
     let mut calls = 0u64;
@@ -400,6 +407,7 @@ fn main() -> anyhow::Result<()> {
                     o.torn_completed,
                     o.recovered_shares,
                     o.torn_ranks,
+                    o.hand_offs,
                 ]) {
                     *z += n;
                 }
@@ -412,13 +420,14 @@ fn main() -> anyhow::Result<()> {
     }
     if args.seeds > 1 {
         println!(
-            "{} seeds passed in {:.1} s: {steps} steps, {generations} generations, {faults} faults, {restarts} coordinator restarts, {stale} stale requests refused, {cancels} runs cancelled and submitted again, {jumps} wall-clock jumps; ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks; {calls} engine calls in {:.1} ms of engine time",
+            "{} seeds passed in {:.1} s: {steps} steps, {generations} generations, {faults} faults, {restarts} coordinator restarts, {stale} stale requests refused, {cancels} runs cancelled and submitted again, {jumps} wall-clock jumps; ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks, {} hand-offs of leaving ranks' shares; {calls} engine calls in {:.1} ms of engine time",
             args.seeds,
             started.elapsed().as_secs_f64(),
             zero[3],
             zero[1],
             zero[2],
             zero[0],
+            zero[4],
             engine_time.as_secs_f64() * 1e3
         );
     }

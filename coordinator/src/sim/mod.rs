@@ -135,6 +135,9 @@ pub struct Scripted {
 pub enum ScriptedFault {
     /// `kill -9` of the worker at this rank: its stream closes at once.
     Kill { rank: u32 },
+    /// The worker at this rank is asked to leave (SIGTERM): under ZeRO its
+    /// share is handed over first.
+    Leave { rank: u32 },
     /// The worker at this rank stops answering (a frozen process, a cut
     /// network) for `for_`, longer than the lease: only the lease tells.
     Freeze { rank: u32, for_: Duration },
@@ -221,6 +224,7 @@ impl Config {
         for s in &self.script {
             let (flag, rank, ms) = match s.fault {
                 ScriptedFault::Kill { rank } => ("kill", rank, 0),
+                ScriptedFault::Leave { rank } => ("leave", rank, 0),
                 ScriptedFault::Freeze { rank, for_ } => ("freeze", rank, for_.as_millis()),
             };
             extra += &format!(
@@ -296,6 +300,8 @@ pub struct Outcome {
     pub formed: Vec<(u64, Duration)>,
     /// The coordinator's heap at `heap_at_step`, without the run's dataset.
     pub heap_bytes: Option<u64>,
+    /// ZeRO worlds that handed leaving ranks' shares over.
+    pub hand_offs: u64,
     /// Runs cancelled by the client (and submitted again), and wall-clock
     /// jumps.
     pub cancels: u64,
@@ -503,6 +509,11 @@ struct Worker {
     /// checkpoint its first assignment names), and the run it belongs to.
     held: Option<Held>,
     trainer_run: String,
+    /// Asked to leave (SIGTERM) under ZeRO: it says so in its world's next
+    /// step, after which the world hands its share over and it goes (its
+    /// next process starting `back_after` later).
+    leaving: bool,
+    back_after: Duration,
 }
 
 /// A process's training state as the simulator records it: its parameters
@@ -1089,7 +1100,9 @@ impl Sim {
             return;
         };
         let rank = match s.fault {
-            ScriptedFault::Kill { rank } | ScriptedFault::Freeze { rank, .. } => rank,
+            ScriptedFault::Kill { rank }
+            | ScriptedFault::Leave { rank }
+            | ScriptedFault::Freeze { rank, .. } => rank,
         };
         let Some(w) = (0..self.workers.len()).find(|&w| {
             self.workers[w]
@@ -1107,6 +1120,7 @@ impl Sim {
                 self.stop_worker(w, "killed (scripted)", Duration::from_secs(3600))
             }
             ScriptedFault::Freeze { for_, .. } => self.pause(w, for_),
+            ScriptedFault::Leave { .. } => self.leave(w, Duration::from_secs(3600)),
         }
     }
 
@@ -1473,6 +1487,11 @@ impl Sim {
             return;
         }
         match kind {
+            v1::assignment::Kind::Work(_) if self.workers[w].leaving => {
+                // Its world ended before the hand-off: it just goes.
+                let back = self.workers[w].back_after;
+                self.stop_worker(w, "leaves", back);
+            }
             v1::assignment::Kind::Work(work) => {
                 self.log(format!(
                     "worker {w} joins generation {} as rank {} of {} from step {}",
@@ -1583,6 +1602,12 @@ impl Sim {
             if self.t.saturating_sub(since) >= self.config.collective_timeout {
                 self.broke(generation, &ring);
                 self.rings.remove(&generation);
+                for &w in &ring.members {
+                    if self.workers[w].leaving {
+                        let back = self.workers[w].back_after;
+                        self.stop_worker(w, "leaves", back);
+                    }
+                }
                 let live: Vec<usize> = ring
                     .members
                     .iter()
@@ -1674,6 +1699,10 @@ impl Sim {
         for &w in &ring.members {
             self.workers[w].done = Some((step, (generation, world)));
         }
+        if step < ring.total && ring.members.iter().any(|&w| self.workers[w].leaving) {
+            self.hand_off(generation, &ring, step);
+            return;
+        }
         if let Some(r) = self.rings.get_mut(&generation) {
             r.step = step;
             r.stalled_since = None;
@@ -1716,6 +1745,66 @@ impl Sim {
                     h.world
                 ));
             }
+        }
+    }
+
+    /// Worker `w` is asked to leave (SIGTERM); its next process starts
+    /// `back` later. Under ZeRO, in a world that is training, it first tells
+    /// the world in its next step and hands its share over (`hand_off`).
+    fn leave(&mut self, w: usize, back: Duration) {
+        if self.config.zero > 0 && self.in_training_ring(w) && !self.workers[w].leaving {
+            self.log(format!("fault: worker {w} asked to leave"));
+            self.workers[w].leaving = true;
+            self.workers[w].back_after = back;
+        } else {
+            self.stop_worker(w, "leaves", back);
+        }
+    }
+
+    /// Whether worker `w` is a member of a formed world that trains.
+    fn in_training_ring(&self, w: usize) -> bool {
+        let Some((m, _)) = &self.workers[w].work else {
+            return false;
+        };
+        self.rings.get(&m.generation).is_some_and(|r| {
+            !r.fresh && r.members.len() == r.world && r.members.contains(&w) && r.step < r.total
+        })
+    }
+
+    /// Under ZeRO, after step `step` in which ranks said they are leaving:
+    /// the optimizer state is re-partitioned among the ranks that stay, in
+    /// rank order (the leavers contribute their shares and take none), the
+    /// leavers go, and the world trains no further — the staying ranks wait
+    /// for the next generation, whose plan must find every share (as
+    /// `dpo-worker`'s `hand_off`).
+    fn hand_off(&mut self, generation: u64, ring: &Ring, step: u64) {
+        let mut members = ring.members.clone();
+        members.sort_by_key(|&w| self.workers[w].work.as_ref().map(|(m, _)| m.rank));
+        let (leavers, staying): (Vec<usize>, Vec<usize>) =
+            members.into_iter().partition(|&w| self.workers[w].leaving);
+        self.rings.remove(&generation);
+        if !staying.is_empty() {
+            let n = staying.len() as u64;
+            let replica = self.config.zero == 2 && n > 1;
+            for (rank, &w) in staying.iter().enumerate() {
+                if let Some(h) = self.workers[w].held.as_mut() {
+                    *h = Held {
+                        world: n,
+                        rank: rank as u64,
+                        share: h.step,
+                        replica,
+                        ..*h
+                    };
+                }
+            }
+            self.outcome.hand_offs += 1;
+            self.log(format!(
+                "ZeRO: workers {leavers:?} hand their shares over to {staying:?} after step {step}"
+            ));
+        }
+        for w in leavers {
+            let back = self.workers[w].back_after;
+            self.stop_worker(w, "leaves", back);
         }
     }
 
@@ -2377,10 +2466,12 @@ impl Sim {
                 self.at(cut, Event::Heal(w));
             }
             // A graceful leave: the worker closes its stream and exits; it
-            // comes back later as a new process.
+            // comes back later as a new process. Under ZeRO, in a world
+            // that is training, it first tells the world in its next step
+            // and hands its share over (`hand_off`).
             _ => {
                 let back = Duration::from_millis(1000 + self.rng.below(10_000) as u64);
-                self.stop_worker(w, "leaves", back);
+                self.leave(w, back);
             }
         }
     }

@@ -61,6 +61,7 @@ fn seeds_with_faults_keep_every_invariant() {
         total.torn_completed += o.torn_completed;
         total.recovered_shares += o.recovered_shares;
         total.torn_ranks += o.torn_ranks;
+        total.hand_offs += o.hand_offs;
         total.cancels += o.cancels;
         total.clock_jumps += o.clock_jumps;
     }
@@ -84,9 +85,14 @@ fn seeds_with_faults_keep_every_invariant() {
     assert!(total.generations > 3 * SEEDS, "{}", total.generations);
     // ZeRO (two seeds in three): every way a forming world goes on.
     eprintln!(
-        "ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks",
-        total.torn_ranks, total.torn_completed, total.recovered_shares, total.rollbacks
+        "ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks, {} hand-offs of leaving ranks' shares",
+        total.torn_ranks,
+        total.torn_completed,
+        total.recovered_shares,
+        total.rollbacks,
+        total.hand_offs
     );
+    assert!(total.hand_offs > SEEDS / 10, "{}", total.hand_offs);
     assert!(total.torn_ranks > SEEDS, "{}", total.torn_ranks);
     assert!(total.torn_completed > SEEDS / 4, "{}", total.torn_completed);
     assert!(
@@ -441,4 +447,32 @@ fn a_full_store_fails_the_run_even_when_it_fills_during_the_last_step() {
         failed > 20,
         "{failed} of 40 runs failed by their full store"
     );
+}
+
+/// Under ZeRO without replicas, a graceful leave (SIGTERM) hands the
+/// leaver's share over to the ranks that stay: the next world goes on from
+/// them without going back; a kill -9 at the same point loses the share
+/// and the world goes back to the checkpoint.
+#[test]
+fn a_graceful_leave_under_zero_hands_its_share_over_and_a_kill_rolls_back() {
+    let run = |fault: ScriptedFault| {
+        let mut c = uncancelled(4);
+        c.fault_every = Duration::ZERO;
+        c.store_full_at = None;
+        c.zero = 1;
+        (c.workers, c.min_workers, c.max_workers) = (3, 2, 3);
+        c.checkpoint_every = 4;
+        c.script.push(Scripted {
+            after_step: 10,
+            delay: Duration::from_millis(100),
+            fault,
+        });
+        Sim::new(c).run().unwrap_or_else(|f| panic!("{f}"))
+    };
+    let left = run(ScriptedFault::Leave { rank: 1 });
+    assert_eq!(left.state, Some(RunState::Succeeded));
+    assert_eq!((left.hand_offs, left.rollbacks), (1, 0));
+    let killed = run(ScriptedFault::Kill { rank: 1 });
+    assert_eq!(killed.state, Some(RunState::Succeeded));
+    assert_eq!((killed.hand_offs, killed.rollbacks), (0, 1));
 }
