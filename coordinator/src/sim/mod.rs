@@ -9,9 +9,13 @@
 //! (`SIGSTOP`) or cut off from the coordinator for shorter or longer than its
 //! lease, leaving, a coordinator killed with effects it decided but had not
 //! applied, then started again from what the store holds
-//! ([`Engine::recover`], the code a real coordinator starts with). A request
-//! is answered once what it decided is applied, and a worker trains no
-//! further step before its report is answered, as `dpo-worker` does. Time is
+//! ([`Engine::recover`], the code a real coordinator starts with), a client
+//! cancelling the run and submitting it again, the wall clock jumping. Each
+//! process carries its parameters (a fingerprint of the steps applied) and,
+//! under ZeRO, its share of the optimizer state; a forming world carries out
+//! [`dpo_proto::zero::plan`], the code `dpo-worker` runs. A request is
+//! answered once what it decided is applied, and a worker trains no further
+//! step before its report is answered, as `dpo-worker` does. Time is
 //! virtual: the engine gets [`Now`] values the simulator chooses, so hours of
 //! a cluster run in milliseconds.
 //!
@@ -20,16 +24,19 @@
 //! rewritten, the ledger contiguous and walking the epoch's examples batch by
 //! batch, the ranks' shares covering each step's batch once, the record's
 //! step and the generation never going back, the checkpoint never ahead of
-//! the record, a fenced (stale) member's report never changing anything, the
-//! run record bounded, and — once faults stop — the run ending within a
-//! bound. A failure names the seed, the one command that replays it, and the
-//! last events.
+//! the record, a fenced (stale) member's report never changing anything,
+//! every rank training from the weights of one uninterrupted run, every ZeRO
+//! share a plan takes held where it takes it from, rollbacks only to
+//! committed checkpoints and only when a share is gone, the run record
+//! bounded, and — once faults stop — the run ending within a bound. A
+//! failure names the seed, the one command that replays it, and the last
+//! events.
 //!
 //! What is modelled of the store: keys and values, transactions, the
 //! generation fence of checkpoint commits, transactions that fail for a
 //! while (tried again in order, as the real runner does), a store that
-//! fills up for good. Not yet: leases, revisions, compaction, clock jumps,
-//! cancels, ZeRO shares.
+//! fills up for good. Not etcd's leases, revisions or compaction: the engine
+//! reads none of them.
 //!
 //! [`Config::scale`] with scripted faults and a heap probe gives the scale
 //! figures (`dpo-sim --scale`).
