@@ -423,34 +423,36 @@ impl Collective for TcpCollective {
     }
 }
 
+/// Starts a ring of `world` ranks on loopback (for tests), connected by one
+/// thread each; rank `r` is element `r`.
+#[cfg(test)]
+pub(crate) fn test_ring(world: usize, generation: u64) -> Vec<TcpCollective> {
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let peers: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr"))
+        .collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let peers = peers.clone();
+            std::thread::spawn(move || {
+                TcpCollective::connect(rank, &peers, l, generation, &TcpOptions::default())
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("thread").expect("connects"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Starts a ring of `world` ranks on loopback, one thread each.
-    fn ring(world: usize, generation: u64) -> Vec<TcpCollective> {
-        let listeners: Vec<TcpListener> = (0..world)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let peers: Vec<SocketAddr> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("addr"))
-            .collect();
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let peers = peers.clone();
-                std::thread::spawn(move || {
-                    TcpCollective::connect(rank, &peers, l, generation, &TcpOptions::default())
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("thread").expect("connects"))
-            .collect()
-    }
 
     fn on_all<T: Send + 'static>(
         ranks: Vec<TcpCollective>,
@@ -476,7 +478,7 @@ mod tests {
     fn all_reduce_sums_and_leaves_identical_bits() {
         for world in [1, 2, 3, 4] {
             for n in [0, 1, 2, 3, 7, 1000, 100_003] {
-                let results = on_all(ring(world, 1), move |c| {
+                let results = on_all(test_ring(world, 1), move |c| {
                     let mut v = data(c.rank(), n);
                     c.all_reduce_sum(&mut v).expect("all-reduce");
                     v
@@ -505,7 +507,7 @@ mod tests {
     fn reduce_scatter_leaves_each_rank_its_summed_chunk_and_all_gather_spreads_them() {
         for world in [1, 2, 3, 4] {
             for n in [0, 1, 2, 5, 1000, 10_007] {
-                let results = on_all(ring(world, 2), move |c| {
+                let results = on_all(test_ring(world, 2), move |c| {
                     let mut v = data(c.rank(), n);
                     c.reduce_scatter_sum(&mut v).expect("reduce-scatter");
                     let (start, len) = chunk(n, c.world_size(), c.rank());
@@ -575,8 +577,10 @@ mod tests {
     fn the_default_reduce_scatter_and_all_gather_agree_with_the_ring() {
         for world in [1, 3] {
             let n = 1001;
-            let pairs: Vec<(TcpCollective, TcpCollective)> =
-                ring(world, 3).into_iter().zip(ring(world, 4)).collect();
+            let pairs: Vec<(TcpCollective, TcpCollective)> = test_ring(world, 3)
+                .into_iter()
+                .zip(test_ring(world, 4))
+                .collect();
             let handles: Vec<_> = pairs
                 .into_iter()
                 .map(|(mut c, other)| {
@@ -618,7 +622,7 @@ mod tests {
     #[test]
     fn shift_hands_each_rank_its_predecessors_bytes() {
         for world in [1, 2, 3, 4] {
-            let results = on_all(ring(world, 5), |c| {
+            let results = on_all(test_ring(world, 5), |c| {
                 let mine = vec![c.rank() as u8; c.rank() + 2];
                 let ring_got = c.shift(&mine).expect("shift");
                 (c.rank(), ring_got)
@@ -632,7 +636,7 @@ mod tests {
 
     #[test]
     fn all_gather_returns_every_rank_block() {
-        let results = on_all(ring(3, 7), |c| {
+        let results = on_all(test_ring(3, 7), |c| {
             let mine = vec![c.rank() as u8; c.rank() * 3 + 1];
             c.all_gather(&mine).expect("gather")
         });
@@ -646,7 +650,7 @@ mod tests {
     #[test]
     fn broadcast_delivers_the_root_bytes_everywhere() {
         for root in 0..3 {
-            let results = on_all(ring(3, 11), move |c| {
+            let results = on_all(test_ring(3, 11), move |c| {
                 let mine = vec![c.rank() as u8 + 1; 100_000 + c.rank()];
                 c.broadcast(&mine, root).expect("broadcast")
             });
@@ -658,7 +662,7 @@ mod tests {
 
     #[test]
     fn abort_unblocks_peers_instead_of_hanging() {
-        let mut ranks = ring(3, 2);
+        let mut ranks = test_ring(3, 2);
         let victim = ranks.remove(2);
         let t = Instant::now();
         // Rank 2 never joins the all-reduce; it aborts, and ranks 0 and 1 must fail

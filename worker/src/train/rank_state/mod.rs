@@ -611,8 +611,6 @@ mod tests {
     /// a rank that trained the step itself keeps its own.
     #[test]
     fn a_rank_taking_the_state_of_a_step_takes_its_metrics() {
-        use crate::collective::tcp::{TcpCollective, TcpOptions};
-        use std::net::{SocketAddr, TcpListener};
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("run.toml");
         std::fs::write(
@@ -628,27 +626,17 @@ mod tests {
                 ("generation".into(), 3.0),
             ]
         };
-        let listeners: Vec<TcpListener> = (0..3)
-            .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-            .collect();
-        let peers: Vec<SocketAddr> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("addr"))
-            .collect();
-        let ranks: Vec<_> = listeners
+        let ranks: Vec<_> = crate::collective::tcp::test_ring(3, 1)
             .into_iter()
             .enumerate()
-            .map(|(rank, l)| {
-                let (peers, spec) = (peers.clone(), spec.clone());
+            .map(|(rank, collective)| {
+                let spec = spec.clone();
                 std::thread::spawn(move || {
                     let w = Tensor::from_slice(&[1.0f32, 2.0]);
                     let optim = Optimizer::new(&spec.optim, vec![("w.weight".into(), w)])
                         .expect("optimizer");
                     let mut r = RankState::new(&spec, optim);
-                    r.collective = Box::new(
-                        TcpCollective::connect(rank, &peers, l, 1, &TcpOptions::default())
-                            .expect("connects"),
-                    );
+                    r.collective = Box::new(collective);
                     // Rank 0 trained step 5; rank 1 trained step 3; rank 2
                     // also trained step 5 (with its own metrics).
                     let (step, metrics) = match rank {
