@@ -130,6 +130,9 @@ struct Args {
     /// The wall clock jumps now and then (1) or never (0).
     #[arg(long)]
     clock_jumps: Option<u8>,
+    /// The workers can run NCCL (1) or form TCP rings (0).
+    #[arg(long)]
+    nccl: Option<u8>,
     /// Events kept for a failure's trace.
     #[arg(long)]
     trace: Option<usize>,
@@ -210,6 +213,9 @@ impl Args {
         }
         if let Some(j) = self.clock_jumps {
             c.clock_jumps = j > 0;
+        }
+        if let Some(n) = self.nccl {
+            c.nccl = n > 0;
         }
         if let Some(z) = self.zero {
             anyhow::ensure!(

@@ -509,22 +509,31 @@ impl Engine {
         });
         self.generation = number;
         self.counters.generations_formed += 1;
-        let peers: Vec<String> = members
-            .iter()
-            .map(|m| self.workers[m].info.collective_addr.clone())
-            .collect();
+        let all_nccl = members.iter().all(|m| self.workers[m].info.nccl);
+        let backend = match self.runs[&run_id].spec.cluster.backend {
+            dpo_proto::spec::Backend::Nccl => "nccl",
+            dpo_proto::spec::Backend::Auto if all_nccl => "nccl",
+            _ => "tcp",
+        };
+        // Every rank's collective address, in rank order: what a TCP ring
+        // connects to. NCCL finds its peers through rank 0's bootstrap id and
+        // reads none, so its assignments carry none — W addresses in each of
+        // W assignments would make forming a world quadratic (~64 MB on the
+        // wire for 2,048 ranks).
+        let peers: Vec<String> = if backend == "tcp" {
+            members
+                .iter()
+                .map(|m| self.workers[m].info.collective_addr.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         let record = self
             .runs
             .get_mut(&run_id)
             .ok_or_else(|| Refusal::Internal("run vanished".into()))?;
         record.generation = number;
         record.world_size = members.len() as u32;
-        let all_nccl = members.iter().all(|m| self.workers[m].info.nccl);
-        let backend = match record.spec.cluster.backend {
-            dpo_proto::spec::Backend::Nccl => "nccl",
-            dpo_proto::spec::Backend::Auto if all_nccl => "nccl",
-            _ => "tcp",
-        };
         let work = v1::Work {
             run_id: run_id.clone(),
             spec_json: to_json(&record.spec)?,

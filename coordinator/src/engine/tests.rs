@@ -931,15 +931,16 @@ fn join_rank(
     e.take_effects()
 }
 
-/// The backend of each Work assignment among `effects`.
-fn backends(effects: &[Effect]) -> Vec<String> {
+/// The backend of each Work assignment among `effects`, with the number of
+/// peer addresses it carries.
+fn backends(effects: &[Effect]) -> Vec<(String, usize)> {
     effects
         .iter()
         .filter_map(|f| match f {
             Effect::Send {
                 kind: v1::assignment::Kind::Work(w),
                 ..
-            } => Some(w.backend.clone()),
+            } => Some((w.backend.clone(), w.peers.len())),
             _ => None,
         })
         .collect()
@@ -966,8 +967,8 @@ fn the_ranks_of_one_host_are_placed_together_in_local_rank_order() {
     );
     assert_eq!(
         backends(&formed),
-        vec!["nccl"; 4],
-        "auto: every member can run NCCL"
+        vec![("nccl".to_string(), 0); 4],
+        "auto: every member can run NCCL; an NCCL world reads no peer addresses"
     );
 }
 
@@ -977,7 +978,11 @@ fn auto_picks_nccl_only_when_every_member_can_run_it() {
     let mut e = engine_with_run(2, 2, 10, t0);
     join_rank(&mut e, "gpu", "h1", 0, true, t0);
     let formed = join_rank(&mut e, "cpu", "h2", 0, false, t0);
-    assert_eq!(backends(&formed), vec!["tcp"; 2]);
+    assert_eq!(
+        backends(&formed),
+        vec![("tcp".to_string(), 2); 2],
+        "a TCP ring: every rank's address"
+    );
 }
 
 /// Each member learns how many ranks of its generation share its host, so

@@ -108,6 +108,9 @@ pub struct Config {
     /// Faults at set points besides the drawn ones (the scale figures'
     /// crash-to-next-step times).
     pub script: Vec<Scripted>,
+    /// The workers can run NCCL (a GPU cluster: `cluster.backend = "auto"`
+    /// picks it, and assignments carry no peer addresses); else a TCP ring.
+    pub nccl: bool,
     /// The client cancels the run at this virtual time and, once it has
     /// ended cancelled, submits the same spec again as a new run, which must
     /// succeed (its own draw: the other draws of the seed are the same
@@ -190,12 +193,13 @@ impl Config {
                 (c.below(8) == 0).then(|| Duration::from_millis(3000 + c.below(50_000) as u64))
             },
             clock_jumps: true,
+            nccl: false,
         }
     }
 
-    /// A fault-free world of `workers` training `steps` steps of a fixed
-    /// global batch of 4,096 examples (8 steps an epoch), every worker a
-    /// member: what the scale figures measure.
+    /// A fault-free world of `workers` GPU workers (NCCL) training `steps`
+    /// steps of a fixed global batch of 4,096 examples (8 steps an epoch),
+    /// every worker a member: what the scale figures measure.
     pub fn scale(workers: usize, lease: Duration, steps: u64) -> Self {
         Config {
             seed: 1,
@@ -222,6 +226,8 @@ impl Config {
             zero: 0,
             cancel_at: None,
             clock_jumps: false,
+            // What a cluster of 2,048 is: GPUs.
+            nccl: true,
         }
     }
 
@@ -244,12 +250,13 @@ impl Config {
             extra += &format!(" --heap-at-step {step}");
         }
         extra += &format!(
-            " --store-full-at-ms {} --store-latency-us {} --zero {} --cancel-at-ms {} --clock-jumps {}",
+            " --store-full-at-ms {} --store-latency-us {} --zero {} --cancel-at-ms {} --clock-jumps {} --nccl {}",
             self.store_full_at.map_or(0, |t| t.as_millis()),
             self.store_latency.as_micros(),
             self.zero,
             self.cancel_at.map_or(0, |t| t.as_millis()),
-            u8::from(self.clock_jumps)
+            u8::from(self.clock_jumps),
+            u8::from(self.nccl)
         );
         format!(
             "cargo run --release -p dpo-coordinator --bin dpo-sim -- --seed {} --workers {} --min-workers {} --max-workers {} --steps {} --batch {} --examples {} --checkpoint-every {} --lease-ms {} --step-ms {} --collective-timeout-ms {} --fault-every-ms {} --faults-until-s {} --settle-s {} --max-delay-ms {} --store-fail-one-in {}{extra}",
@@ -1178,6 +1185,7 @@ impl Sim {
         let req = v1::RegisterRequest {
             worker_id: id.clone(),
             collective_addr: format!("10.0.{}.{}:9000", w / 250, w % 250),
+            nccl: self.config.nccl,
             session: self.workers[w].session.clone(),
             ..Default::default()
         };
