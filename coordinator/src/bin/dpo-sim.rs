@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use dpo_coordinator::sim::{Call, Config, Outcome, Scripted, ScriptedFault, Sim};
+use dpo_coordinator::sim::{Call, Config, Failure, Outcome, Scripted, ScriptedFault, Sim, shrink};
 
 /// The system allocator, counting the bytes live: what `--scale` measures
 /// the coordinator's heap with.
@@ -133,6 +133,13 @@ struct Args {
     /// The workers can run NCCL (1) or form TCP rings (0).
     #[arg(long)]
     nccl: Option<u8>,
+    /// Drawn faults (1-based, comma-separated) not to apply.
+    #[arg(long, value_delimiter = ',')]
+    skip_faults: Vec<u64>,
+    /// On a failure, drop every drawn fault it does not need and print the
+    /// shrunk failure and its replay command.
+    #[arg(long)]
+    shrink: bool,
     /// Events kept for a failure's trace.
     #[arg(long)]
     trace: Option<usize>,
@@ -143,6 +150,31 @@ struct Args {
     /// (comma-separated), printed as Markdown tables.
     #[arg(long, value_delimiter = ',')]
     scale: Vec<usize>,
+}
+
+/// Shrinks `failure` and prints what is left of it.
+fn shrunk(failure: &Failure) {
+    let run = |c: &Config| {
+        Sim::new(c.clone())
+            .run()
+            .map(|_| ())
+            .map_err(|f| (f.message.clone(), f.faults))
+    };
+    let Some(s) = shrink(&failure.config, run) else {
+        eprintln!("shrink: the failure did not come back");
+        return;
+    };
+    let kept: Vec<String> = s.kept.iter().map(|n| format!("#{n}")).collect();
+    eprintln!(
+        "\nshrunk to {} of {} drawn faults ({}) in {} runs:",
+        s.kept.len(),
+        failure.faults,
+        kept.join(", "),
+        s.runs
+    );
+    if let Err(f) = Sim::new(s.config).run() {
+        eprintln!("{f}");
+    }
 }
 
 /// `AFTER_STEP:DELAY_MS:RANK:MS` of `--kill`/`--freeze`/`--leave`.
@@ -217,6 +249,7 @@ impl Args {
         if let Some(n) = self.nccl {
             c.nccl = n > 0;
         }
+        c.skip_faults = self.skip_faults.clone();
         if let Some(z) = self.zero {
             anyhow::ensure!(
                 z <= 2,
@@ -420,6 +453,9 @@ fn main() -> anyhow::Result<()> {
             }
             Err(failure) => {
                 eprintln!("{failure}");
+                if args.shrink {
+                    shrunk(&failure);
+                }
                 std::process::exit(1);
             }
         }

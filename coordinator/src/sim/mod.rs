@@ -108,6 +108,9 @@ pub struct Config {
     /// Faults at set points besides the drawn ones (the scale figures'
     /// crash-to-next-step times).
     pub script: Vec<Scripted>,
+    /// Drawn faults (1-based, in the order drawn) that are drawn but not
+    /// applied: what the shrinker drops.
+    pub skip_faults: Vec<u64>,
     /// The workers can run NCCL (a GPU cluster: `cluster.backend = "auto"`
     /// picks it, and assignments carry no peer addresses); else a TCP ring.
     pub nccl: bool,
@@ -194,6 +197,7 @@ impl Config {
             },
             clock_jumps: true,
             nccl: false,
+            skip_faults: Vec::new(),
         }
     }
 
@@ -228,6 +232,7 @@ impl Config {
             clock_jumps: false,
             // What a cluster of 2,048 is: GPUs.
             nccl: true,
+            skip_faults: Vec::new(),
         }
     }
 
@@ -248,6 +253,10 @@ impl Config {
         }
         if let Some(step) = self.heap_at_step {
             extra += &format!(" --heap-at-step {step}");
+        }
+        if !self.skip_faults.is_empty() {
+            let list: Vec<String> = self.skip_faults.iter().map(u64::to_string).collect();
+            extra += &format!(" --skip-faults {}", list.join(","));
         }
         extra += &format!(
             " --store-full-at-ms {} --store-latency-us {} --zero {} --cancel-at-ms {} --clock-jumps {} --nccl {}",
@@ -387,6 +396,8 @@ pub struct Failure {
     pub config: Config,
     pub at: Duration,
     pub trace: Vec<String>,
+    /// Faults drawn before it failed (see [`Config::skip_faults`]).
+    pub faults: u64,
 }
 
 impl std::fmt::Display for Failure {
@@ -405,6 +416,69 @@ impl std::fmt::Display for Failure {
         }
         Ok(())
     }
+}
+
+/// A failing configuration with as few of its drawn faults as still fail it
+/// the same way ([`shrink`]).
+#[derive(Debug, Clone)]
+pub struct Shrunk {
+    pub config: Config,
+    /// The drawn faults kept (1-based, in the order drawn).
+    pub kept: Vec<u64>,
+    /// Simulations run to find it.
+    pub runs: u32,
+}
+
+/// What a failure says, without its numbers: failures with the same
+/// signature are taken for the same bug.
+pub fn signature(message: &str) -> String {
+    message.chars().filter(|c| !c.is_ascii_digit()).collect()
+}
+
+/// Drops drawn faults from `config` — one at a time, in passes until none
+/// can go — while `run` still fails it with the same [`signature`]. `run`
+/// gives a failure's message and how many faults were drawn before it;
+/// `None` when `config` does not fail. A dropped fault is still drawn
+/// ([`Config::skip_faults`]), so the faults before it stay the same; what
+/// follows it may change, as it would.
+pub fn shrink(
+    config: &Config,
+    mut run: impl FnMut(&Config) -> Result<(), (String, u64)>,
+) -> Option<Shrunk> {
+    let (message, mut drawn) = run(config).err()?;
+    let want = signature(&message);
+    let mut best = config.clone();
+    let mut runs = 1;
+    loop {
+        let mut dropped = false;
+        for n in 1..=drawn {
+            if best.skip_faults.contains(&n) {
+                continue;
+            }
+            let mut c = best.clone();
+            c.skip_faults.push(n);
+            c.skip_faults.sort_unstable();
+            runs += 1;
+            if let Err((m, d)) = run(&c)
+                && signature(&m) == want
+            {
+                best = c;
+                drawn = d;
+                dropped = true;
+            }
+        }
+        if !dropped {
+            break;
+        }
+    }
+    let kept = (1..=drawn)
+        .filter(|n| !best.skip_faults.contains(n))
+        .collect();
+    Some(Shrunk {
+        config: best,
+        kept,
+        runs,
+    })
 }
 
 /// What happens next.
@@ -939,6 +1013,7 @@ impl Sim {
             config: self.config.clone(),
             at: self.t,
             trace: self.trace.iter().cloned().collect(),
+            faults: self.outcome.faults,
         })
     }
 
@@ -2442,12 +2517,17 @@ impl Sim {
             return;
         }
         self.outcome.faults += 1;
+        // Drawn, but not applied (the shrinker's): the draws stay the same.
+        let n = self.outcome.faults;
+        let skip = self.config.skip_faults.contains(&n);
         let w = self.rng.below(self.config.workers);
         match self.rng.below(10) {
             // kill -9 of a worker: its stream closes, the process comes back.
             0..=3 => {
                 let back = Duration::from_millis(500 + self.rng.below(5000) as u64);
-                self.stop_worker(w, "killed", back);
+                if !self.skipped(n, skip) {
+                    self.stop_worker(w, "killed", back);
+                }
             }
             // SIGSTOP, shorter or longer than the lease.
             4..=6 => {
@@ -2455,16 +2535,20 @@ impl Sim {
                     return;
                 }
                 let pause = self.config.lease.mul_f64(0.25 + 2.0 * self.rng.unit());
-                self.pause(w, pause);
+                if !self.skipped(n, skip) {
+                    self.pause(w, pause);
+                }
             }
             // The coordinator killed: effects it had not applied are lost,
             // every stream breaks; it starts again from the store.
             7 => {
-                if self.engine.take().is_none() {
+                if self.engine.is_none() {
                     return;
                 }
                 let down = Duration::from_millis(200 + self.rng.below(3000) as u64);
-                self.kill_coordinator(down);
+                if !self.skipped(n, skip) {
+                    self.kill_coordinator(down);
+                }
             }
             // The worker's network to the coordinator cut (its peers still
             // reach it), for shorter or longer than its lease.
@@ -2473,6 +2557,9 @@ impl Sim {
                     return;
                 }
                 let cut = self.config.lease.mul_f64(0.25 + 2.0 * self.rng.unit());
+                if self.skipped(n, skip) {
+                    return;
+                }
                 self.log(format!(
                     "fault: worker {w} cut off from the coordinator for {:.1} s",
                     cut.as_secs_f64()
@@ -2486,9 +2573,19 @@ impl Sim {
             // and hands its share over (`hand_off`).
             _ => {
                 let back = Duration::from_millis(1000 + self.rng.below(10_000) as u64);
-                self.leave(w, back);
+                if !self.skipped(n, skip) {
+                    self.leave(w, back);
+                }
             }
         }
+    }
+
+    /// Whether drawn fault `n` is one to skip (logged when it is).
+    fn skipped(&mut self, n: u64, skip: bool) -> bool {
+        if skip {
+            self.log(format!("fault #{n} skipped"));
+        }
+        skip
     }
 
     /// Worker `w` stops (`SIGSTOP`, or its network cut) for `pause`.

@@ -476,3 +476,64 @@ fn a_graceful_leave_under_zero_hands_its_share_over_and_a_kill_rolls_back() {
     assert_eq!(killed.state, Some(RunState::Succeeded));
     assert_eq!((killed.hand_offs, killed.rollbacks), (0, 1));
 }
+
+/// The shrinker keeps exactly the faults a failure needs: here a planted
+/// failure that needs drawn faults 3 and 7 of 10 (and is the same failure,
+/// by its signature, whatever the numbers in its message).
+#[test]
+fn the_shrinker_keeps_only_the_faults_a_failure_needs() {
+    let mut tries = 0;
+    let planted = |c: &Config| -> Result<(), (String, u64)> {
+        let has = |n: u64| !c.skip_faults.contains(&n);
+        if has(3) && has(7) {
+            Err((format!("step {} recorded twice", c.skip_faults.len()), 10))
+        } else if has(3) {
+            Err(("another failure".into(), 10))
+        } else {
+            Ok(())
+        }
+    };
+    let shrunk = shrink(&Config::small(1), |c| {
+        tries += 1;
+        planted(c)
+    })
+    .expect("the planted failure fails");
+    assert_eq!(shrunk.kept, vec![3, 7]);
+    assert_eq!(shrunk.config.skip_faults, vec![1, 2, 4, 5, 6, 8, 9, 10]);
+    assert_eq!(shrunk.runs, tries);
+    assert!(
+        shrunk
+            .config
+            .replay_command()
+            .contains("--skip-faults 1,2,4,5,6,8,9,10"),
+        "{}",
+        shrunk.config.replay_command()
+    );
+    // A configuration that does not fail has nothing to shrink.
+    assert!(shrink(&Config::small(1), |_| Ok(())).is_none());
+}
+
+/// A skipped fault is still drawn: skipping none replays the seed exactly,
+/// and skipping one leaves the run the same up to it.
+#[test]
+fn a_skipped_fault_is_drawn_but_not_applied() {
+    let c = uncancelled(18);
+    let all = Sim::new(c.clone()).run().unwrap_or_else(|f| panic!("{f}"));
+    let mut none = c.clone();
+    none.skip_faults = vec![];
+    let again = Sim::new(none).run().unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!((all.ledger, all.events), (again.ledger, again.events));
+    assert!(all.faults > 3);
+    let mut skip = c;
+    skip.skip_faults = (1..=10_000).collect();
+    let quiet = Sim::new(skip).run().unwrap_or_else(|f| panic!("{f}"));
+    // Every fault drawn, none applied: one world from start to end.
+    assert_eq!(quiet.state, Some(RunState::Succeeded));
+    assert!(quiet.faults > 3, "drawn all the same");
+    assert!(
+        quiet
+            .ledger
+            .iter()
+            .all(|e| e.generation == quiet.ledger[0].generation)
+    );
+}
