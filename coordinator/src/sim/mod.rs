@@ -435,8 +435,8 @@ pub fn signature(message: &str) -> String {
     message.chars().filter(|c| !c.is_ascii_digit()).collect()
 }
 
-/// Drops drawn faults from `config` — one at a time, in passes until none
-/// can go — while `run` still fails it with the same [`signature`]. `run`
+/// Drops drawn faults from `config` — one at a time, until none can go —
+/// while `run` still fails it with the same [`signature`]. `run`
 /// gives a failure's message and how many faults were drawn before it;
 /// `None` when `config` does not fail. A dropped fault is still drawn
 /// ([`Config::skip_faults`]), so the faults before it stay the same; what
@@ -449,8 +449,9 @@ pub fn shrink(
     let want = signature(&message);
     let mut best = config.clone();
     let mut runs = 1;
-    loop {
-        let mut dropped = false;
+    // After each fault dropped, from the first again (the run after it has
+    // changed, and with it how many faults are drawn).
+    'passes: loop {
         for n in 1..=drawn {
             if best.skip_faults.contains(&n) {
                 continue;
@@ -464,12 +465,10 @@ pub fn shrink(
             {
                 best = c;
                 drawn = d;
-                dropped = true;
+                continue 'passes;
             }
         }
-        if !dropped {
-            break;
-        }
+        break;
     }
     let kept = (1..=drawn)
         .filter(|n| !best.skip_faults.contains(n))
