@@ -451,24 +451,23 @@ pub fn shrink(
     let mut runs = 1;
     // After each fault dropped, from the first again (the run after it has
     // changed, and with it how many faults are drawn).
-    'passes: loop {
-        for n in 1..=drawn {
-            if best.skip_faults.contains(&n) {
-                continue;
-            }
-            let mut c = best.clone();
-            c.skip_faults.push(n);
-            c.skip_faults.sort_unstable();
-            runs += 1;
-            if let Err((m, d)) = run(&c)
-                && signature(&m) == want
-            {
-                best = c;
-                drawn = d;
-                continue 'passes;
-            }
+    loop {
+        let dropped = (1..=drawn)
+            .filter(|n| !best.skip_faults.contains(n))
+            .find_map(|n| {
+                let mut c = best.clone();
+                c.skip_faults.push(n);
+                c.skip_faults.sort_unstable();
+                runs += 1;
+                match run(&c) {
+                    Err((m, d)) if signature(&m) == want => Some((c, d)),
+                    _ => None,
+                }
+            });
+        match dropped {
+            Some((c, d)) => (best, drawn) = (c, d),
+            None => break,
         }
-        break;
     }
     let kept = (1..=drawn)
         .filter(|n| !best.skip_faults.contains(n))
