@@ -1438,10 +1438,16 @@ impl Sim {
         }
     }
 
-    /// One key written, with the store-side invariants: generations only
-    /// grow, a ledger entry is never rewritten, the record's step never
-    /// goes back.
+    /// One key written, with the store-side invariants: every value bounded,
+    /// generations only grow, a ledger entry is never rewritten, the
+    /// record's step never goes back.
     fn write(&mut self, key: String, value: Option<String>) {
+        // Every key stays bounded: its size does not grow with the steps.
+        if let Some(v) = &value
+            && v.len() > 64 * 1024
+        {
+            self.fail(format!("{key} grew to {} bytes", v.len()));
+        }
         if key == GENERATION_KEY {
             let old = self
                 .store
@@ -1478,9 +1484,6 @@ impl Sim {
         if key == engine::run_key(&self.run)
             && let Some(v) = &value
         {
-            if v.len() > 64 * 1024 {
-                self.fail(format!("the run record grew to {} bytes", v.len()));
-            }
             if let Ok(r) = serde_json::from_str::<RunRecord>(v) {
                 if r.step < self.record_step {
                     self.fail(format!(

@@ -302,6 +302,23 @@ fn each_broken_invariant_is_caught_by_its_own_message() {
         ],
         "each epoch's examples go batch by batch",
     );
+    caught(
+        vec![(
+            "dpo/runs/run-sim/anything".into(),
+            "x".repeat(64 * 1024 + 1),
+        )],
+        "dpo/runs/run-sim/anything grew to 65537 bytes",
+    );
+    // Nothing of a cancelled run is written after its end.
+    let mut sim = Sim::new(Config::small(0));
+    sim.cancelled = Some(RUN.into());
+    sim.cancelled_ended = true;
+    sim.write(ledger(3), Some(entry(3, 1)));
+    let got = sim.failure.take().unwrap_or_default();
+    assert!(
+        got.contains("written after its run ended cancelled"),
+        "{got:?}"
+    );
 }
 
 /// Regression (seeds 0 and 1 with store failures, found by the simulator): a
