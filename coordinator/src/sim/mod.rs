@@ -573,9 +573,10 @@ struct Worker {
     /// An assignment in flight arrives no earlier than this (its stream's
     /// order).
     inbox_at: Duration,
-    /// The last step this process trained, with the generation and world
-    /// that trained it: what it brings to its next generation (the world
-    /// takes the state of its furthest rank). A new process has none.
+    /// The metrics it holds of the step its state stands at: that step and
+    /// the generation and world that trained it (its own, or handed over
+    /// with the state it took), to report that step again if need be. A new
+    /// process, or one that went back to a checkpoint, has none.
     done: Option<(u64, (u64, u32))>,
     /// Its requests not answered yet: the coordinator answers once what the
     /// request decided is applied, and a worker trains no further step
@@ -1923,12 +1924,14 @@ impl Sim {
         true
     }
 
-    /// A new world stands at its furthest rank's step: the step may be
-    /// unfinished (the old world broke before its report, checkpoint or end
-    /// was answered), so the ranks that trained it report it again (the
-    /// coordinator keeps the first report), rank 0 commits its checkpoint
-    /// if one is due after the committed one, and says done at the last
-    /// step — as `dpo-worker` does after `sync_world`.
+    /// A new world synchronises (without ZeRO every rank takes the furthest
+    /// rank's state; with it, the plan every rank derives) and stands at a
+    /// step that may be unfinished (the old world broke before its report,
+    /// checkpoint or end was answered), so the ranks holding its metrics
+    /// report it again (the coordinator keeps the first report), rank 0
+    /// commits its checkpoint if one is due after the committed one, and
+    /// says done at the last step — as `dpo-worker` does after
+    /// `sync_world`.
     fn synchronised(&mut self, generation: u64, ring: &Ring) {
         let resumed = ring.checkpoint;
         let mut members = ring.members.clone();
