@@ -281,7 +281,7 @@ fn complete_torn(all: &[Summary]) -> Option<Plan> {
     }
     let lead = all.iter().find(|s| torn(s) && s.step == kt).copied()?;
     let w0 = lead.world;
-    let member = |s: &Summary| s.torn == 1 && s.step == kt && s.world == w0;
+    let member = |s: &Summary| completes(s, kt, w0);
     let holder = |k: u64, replica: bool| {
         all.iter()
             .position(|s| member(s) && s.rank == k && (!replica || (s.replica == 1 && w0 > 1)))

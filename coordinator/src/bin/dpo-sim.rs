@@ -403,12 +403,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    let (mut faults, mut restarts, mut steps, mut generations, mut stale) = (0, 0, 0, 0, 0);
-    // ZeRO: rollbacks, torn steps completed, shares rebuilt, torn ranks.
-    let mut zero = [0u64; 5];
-    let (mut cancels, mut jumps) = (0, 0);
-    let mut engine_time = Duration::ZERO;
-    let mut calls = 0u64;
+    let mut t = Outcome::default();
     for seed in args.seed..args.seed.saturating_add(args.seeds) {
         let config = args.config(seed)?;
         match Sim::new(config).run() {
@@ -432,24 +427,7 @@ fn main() -> anyhow::Result<()> {
                         o.engine_time.as_secs_f64() * 1e3
                     );
                 }
-                faults += o.faults;
-                restarts += o.coordinator_restarts;
-                steps += o.steps;
-                generations += o.generations;
-                stale += o.stale_requests;
-                engine_time += o.engine_time;
-                calls += o.engine_calls;
-                cancels += o.cancels;
-                jumps += o.clock_jumps;
-                for (z, n) in zero.iter_mut().zip([
-                    o.rollbacks,
-                    o.torn_completed,
-                    o.recovered_shares,
-                    o.torn_ranks,
-                    o.hand_offs,
-                ]) {
-                    *z += n;
-                }
+                t.add(&o);
             }
             Err(failure) => {
                 eprintln!("{failure}");
@@ -462,15 +440,23 @@ fn main() -> anyhow::Result<()> {
     }
     if args.seeds > 1 {
         println!(
-            "{} seeds passed in {:.1} s: {steps} steps, {generations} generations, {faults} faults, {restarts} coordinator restarts, {stale} stale requests refused, {cancels} runs cancelled and submitted again, {jumps} wall-clock jumps; ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks, {} hand-offs of leaving ranks' shares; {calls} engine calls in {:.1} ms of engine time",
+            "{} seeds passed in {:.1} s: {} steps, {} generations, {} faults, {} coordinator restarts, {} stale requests refused, {} runs cancelled and submitted again, {} wall-clock jumps; ZeRO: {} ranks torn by a broken step, {} torn steps completed from the shares, {} shares rebuilt from replicas, {} rollbacks, {} hand-offs of leaving ranks' shares; {} engine calls in {:.1} ms of engine time",
             args.seeds,
             started.elapsed().as_secs_f64(),
-            zero[3],
-            zero[1],
-            zero[2],
-            zero[0],
-            zero[4],
-            engine_time.as_secs_f64() * 1e3
+            t.steps,
+            t.generations,
+            t.faults,
+            t.coordinator_restarts,
+            t.stale_requests,
+            t.cancels,
+            t.clock_jumps,
+            t.torn_ranks,
+            t.torn_completed,
+            t.recovered_shares,
+            t.rollbacks,
+            t.hand_offs,
+            t.engine_calls,
+            t.engine_time.as_secs_f64() * 1e3
         );
     }
     Ok(())

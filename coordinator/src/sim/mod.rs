@@ -343,6 +343,31 @@ pub struct Outcome {
     pub ledger: Vec<LedgerEntry>,
 }
 
+impl Outcome {
+    /// Adds `o`'s counts to these (the totals over many seeds).
+    pub fn add(&mut self, o: &Outcome) {
+        self.steps += o.steps;
+        self.generations += o.generations;
+        self.faults += o.faults;
+        self.coordinator_restarts += o.coordinator_restarts;
+        self.stale_requests += o.stale_requests;
+        self.store_failures += o.store_failures;
+        self.events += o.events;
+        self.engine_calls += o.engine_calls;
+        self.effects += o.effects;
+        self.engine_time += o.engine_time;
+        self.data_time += o.data_time;
+        self.fetches += o.fetches;
+        self.hand_offs += o.hand_offs;
+        self.cancels += o.cancels;
+        self.clock_jumps += o.clock_jumps;
+        self.rollbacks += o.rollbacks;
+        self.torn_completed += o.torn_completed;
+        self.recovered_shares += o.recovered_shares;
+        self.torn_ranks += o.torn_ranks;
+    }
+}
+
 /// What an engine call was, for the cost by kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
@@ -1506,6 +1531,21 @@ impl Sim {
             && let Some(v) = &value
             && let Ok(r) = serde_json::from_str::<RunRecord>(v)
         {
+            if self.cancelled.as_deref() == Some(r.id.as_str()) && !self.cancelled_ended {
+                self.cancelled_ended = true;
+                if r.state == RunState::Cancelled {
+                    // The client submits it again.
+                    self.log(format!(
+                        "run {} ended {:?} at step {}",
+                        r.id, r.state, r.step
+                    ));
+                    let after = Duration::from_millis(200 + self.client_rng.below(2000) as u64);
+                    self.at(after, Event::Resubmit);
+                } else {
+                    // It ended before the cancel got in: it is the run.
+                    self.cancelled = None;
+                }
+            }
             if r.id == self.run && self.cancelled.as_deref() != Some(r.id.as_str()) {
                 self.record_step = self.record_step.max(r.step);
                 self.ended = Some(r.state);
@@ -1514,26 +1554,6 @@ impl Sim {
                     "run {} ended {:?} at step {}",
                     r.id, r.state, r.step
                 ));
-            } else if self.cancelled.as_deref() == Some(r.id.as_str()) && !self.cancelled_ended {
-                self.log(format!(
-                    "run {} ended {:?} at step {}",
-                    r.id, r.state, r.step
-                ));
-                self.cancelled_ended = true;
-                match r.state {
-                    // The client submits it again.
-                    RunState::Cancelled => {
-                        let after = Duration::from_millis(200 + self.client_rng.below(2000) as u64);
-                        self.at(after, Event::Resubmit);
-                    }
-                    // It ended before the cancel got in: it is the run.
-                    _ => {
-                        self.cancelled = None;
-                        self.record_step = self.record_step.max(r.step);
-                        self.ended = Some(r.state);
-                        self.end_reason = r.error.clone();
-                    }
-                }
             }
         }
         if key == engine::checkpoint_key(&self.run)
@@ -1815,14 +1835,13 @@ impl Sim {
     /// partition: every share has an owner.
     fn check_before_step(&mut self, ring: &Ring) {
         let n = ring.members.len() as u64;
-        let want = self.canonical.get(ring.step as usize).copied();
         for &w in &ring.members {
             let h = self.held(w);
             let rank = self.workers[w]
                 .work
                 .as_ref()
                 .map_or(0, |(m, _)| u64::from(m.rank));
-            if h.step != ring.step || Some(h.weights) != want || h.torn() {
+            if !self.uninterrupted(&h, ring.step) || h.torn() {
                 self.fail(format!(
                     "worker {w} trains step {} from {h:?}, not the weights of step {} whole",
                     ring.step + 1,
@@ -1870,23 +1889,16 @@ impl Sim {
     /// for the next generation, whose plan must find every share (as
     /// `dpo-worker`'s `hand_off`).
     fn hand_off(&mut self, generation: u64, ring: &Ring, step: u64) {
-        let mut members = ring.members.clone();
-        members.sort_by_key(|&w| self.workers[w].work.as_ref().map(|(m, _)| m.rank));
-        let (leavers, staying): (Vec<usize>, Vec<usize>) =
-            members.into_iter().partition(|&w| self.workers[w].leaving);
+        let (leavers, staying): (Vec<usize>, Vec<usize>) = self
+            .in_rank_order(&ring.members)
+            .into_iter()
+            .partition(|&w| self.workers[w].leaving);
         self.rings.remove(&generation);
         if !staying.is_empty() {
             let n = staying.len() as u64;
-            let replica = self.config.zero == 2 && n > 1;
             for (rank, &w) in staying.iter().enumerate() {
-                if let Some(h) = self.workers[w].held.as_mut() {
-                    *h = Held {
-                        world: n,
-                        rank: rank as u64,
-                        share: h.step,
-                        replica,
-                        ..*h
-                    };
+                if let Some(h) = self.workers[w].held {
+                    self.workers[w].held = Some(self.partitioned(h.step, h.weights, n, rank));
                 }
             }
             self.outcome.hand_offs += 1;
@@ -1912,7 +1924,7 @@ impl Sim {
                 }
                 let step = ring.step;
                 let h = self.held(w);
-                if h.step != step || self.canonical.get(step as usize) != Some(&h.weights) {
+                if !self.uninterrupted(&h, step) {
                     self.fail(format!(
                         "rank 0 ends at step {step} with weights {:x} (at step {}), not those of steps 1 to {step} applied once each in order",
                         h.weights, h.step
@@ -1934,8 +1946,7 @@ impl Sim {
     /// `sync_world`.
     fn synchronised(&mut self, generation: u64, ring: &Ring) {
         let resumed = ring.checkpoint;
-        let mut members = ring.members.clone();
-        members.sort_by_key(|&w| self.workers[w].work.as_ref().map(|(m, _)| m.rank));
+        let members = self.in_rank_order(&ring.members);
         // A new process restores the checkpoint its assignment names.
         for &w in &members {
             if self.workers[w].held.is_none() {
@@ -2007,11 +2018,12 @@ impl Sim {
     /// Without ZeRO: every rank takes the state of the furthest (the plain
     /// broadcast). Returns the step the world stands at.
     fn sync_whole(&mut self, members: &[usize]) -> u64 {
-        let states: Vec<Held> = members
+        let Some(max) = members
             .iter()
             .filter_map(|&w| self.workers[w].held)
-            .collect();
-        let Some(max) = states.iter().map(|h| h.step).max() else {
+            .map(|h| h.step)
+            .max()
+        else {
             return 0;
         };
         let Some(root) = members
@@ -2033,7 +2045,6 @@ impl Sim {
     /// `dpo-worker`'s `take_state`).
     fn take_state(&mut self, members: &[usize], step: u64, weights: u64, root: Option<usize>) {
         let n = members.len() as u64;
-        let zero = self.config.zero;
         let handed = root
             .and_then(|r| self.workers[r].done)
             .filter(|d| d.0 == step);
@@ -2041,19 +2052,39 @@ impl Sim {
             if self.workers[w].done.is_none_or(|d| d.0 != step) {
                 self.workers[w].done = handed;
             }
-            self.workers[w].held = Some(if zero > 0 {
-                Held {
-                    step,
-                    weights,
-                    world: n,
-                    rank: rank as u64,
-                    share: step,
-                    replica: zero == 2 && n > 1,
-                }
+            self.workers[w].held = Some(if self.config.zero > 0 {
+                self.partitioned(step, weights, n, rank)
             } else {
                 Held::whole(step, weights)
             });
         }
+    }
+
+    /// Parameters `weights` at `step` and share `rank` of a new partition
+    /// over `n` ranks (with a replica of its predecessor's under
+    /// `zero_replicas = 2`).
+    fn partitioned(&self, step: u64, weights: u64, n: u64, rank: usize) -> Held {
+        Held {
+            step,
+            weights,
+            world: n,
+            rank: rank as u64,
+            share: step,
+            replica: self.config.zero == 2 && n > 1,
+        }
+    }
+
+    /// `members` in the order of their ranks in the generation.
+    fn in_rank_order(&self, members: &[usize]) -> Vec<usize> {
+        let mut v = members.to_vec();
+        v.sort_by_key(|&w| self.workers[w].work.as_ref().map(|(m, _)| m.rank));
+        v
+    }
+
+    /// Whether `h` stands at `step` with the weights one uninterrupted run
+    /// has there.
+    fn uninterrupted(&self, h: &Held, step: u64) -> bool {
+        h.step == step && self.canonical.get(step as usize) == Some(&h.weights)
     }
 
     fn held(&self, w: usize) -> Held {
@@ -2260,11 +2291,9 @@ impl Sim {
                 _ => self.rng.below(2) == 0,
             };
             let worker = &mut self.workers[w];
-            // Only a process in this ring's next step: the same process,
-            // still in this generation, not waiting for an answer (a rank
-            // starts no step before its reports are answered).
+            // Only a process in this ring's next step: the same process
+            // (answered, as checked above), still in this generation.
             let in_step = worker.process == process
-                && worker.unanswered == 0
                 && worker
                     .work
                     .as_ref()
@@ -2344,7 +2373,7 @@ impl Sim {
         if let Request::Checkpoint { step, .. } = &request {
             // Rank 0 writes its checkpoint before asking for its commit.
             let h = self.held(w);
-            if h.step != *step || self.canonical.get(*step as usize) != Some(&h.weights) {
+            if !self.uninterrupted(&h, *step) {
                 self.fail(format!(
                     "rank 0 writes the checkpoint of step {step} with the weights of {h:?}"
                 ));

@@ -52,18 +52,7 @@ fn seeds_with_faults_keep_every_invariant() {
         // The only way a seed may end failed (checked by the simulator: with
         // its store full, and saying so).
         full_store_failures += u64::from(o.state == Some(RunState::Failed));
-        total.faults += o.faults;
-        total.coordinator_restarts += o.coordinator_restarts;
-        total.stale_requests += o.stale_requests;
-        total.generations += o.generations;
-        total.steps += o.steps;
-        total.rollbacks += o.rollbacks;
-        total.torn_completed += o.torn_completed;
-        total.recovered_shares += o.recovered_shares;
-        total.torn_ranks += o.torn_ranks;
-        total.hand_offs += o.hand_offs;
-        total.cancels += o.cancels;
-        total.clock_jumps += o.clock_jumps;
+        total.add(&o);
     }
     eprintln!(
         "{SEEDS} seeds: {} faults, {} coordinator restarts, {} stale requests refused, {} generations, {} steps, {full_store_failures} runs failed by a full store",
